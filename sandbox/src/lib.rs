@@ -1,0 +1,2 @@
+//! Hatchery's sandbox runtime.
+pub mod seccomp;
