@@ -1,0 +1,121 @@
+//! The cgroup v1 half of [`SandboxCgroup`](super::SandboxCgroup): the memory + memsw pair,
+//! `freezer.state`, and counters spread over `cpuacct`, `memory` and `pids`.
+
+use std::time::{Duration, Instant};
+
+use cgroups_rs::fs::memory::MemController;
+
+use super::{
+    read_keyed, read_trimmed, read_u64, write_file, CgroupError, Result, SandboxCgroup, Usage,
+};
+
+const STATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Best-effort defaults for a fresh cgroup: never swap a sandbox's memory out.
+pub(super) fn prepare(cg: &SandboxCgroup) -> Result<()> {
+    write_file(&cg.dir("memory").join("memory.swappiness"), "0")
+}
+
+/// Sets `memory.limit_in_bytes` and, where swap accounting exists, `memory.memsw.limit_in_bytes`
+/// to the same value, so the limit covers memory + swap (no swap). The kernel requires
+/// limit ≤ memsw at every moment, so the order of the two writes depends on the direction.
+pub(super) fn set_memory(
+    cg: &SandboxCgroup,
+    mem: &MemController,
+    bytes: Option<u64>,
+) -> Result<()> {
+    let value = bytes.map(|b| b as i64).unwrap_or(-1);
+    let memsw = cg.dir("memory").join("memory.memsw.limit_in_bytes");
+    let has_memsw = memsw.exists();
+    let set_limit = || {
+        mem.set_limit(value).map_err(|source| CgroupError::Limit {
+            what: "memory.limit_in_bytes",
+            path: cg.name().to_string(),
+            source,
+        })
+    };
+    if !has_memsw {
+        return set_limit();
+    }
+    let set_memsw = || write_file(&memsw, &value.to_string());
+    // Lowering (or setting from unlimited): limit first. Raising: memsw first.
+    if set_limit().is_ok() {
+        set_memsw()
+    } else {
+        set_memsw()?;
+        set_limit()
+    }
+}
+
+pub(super) fn freeze(cg: &SandboxCgroup) -> Result<()> {
+    set_freezer_state(cg, "FROZEN")
+}
+
+pub(super) fn thaw(cg: &SandboxCgroup) -> Result<()> {
+    set_freezer_state(cg, "THAWED")
+}
+
+/// Writes `state` and waits until `freezer.state` reads it back. While the kernel reports
+/// `FREEZING` (a task could not be frozen yet) the write is repeated, as youki does.
+fn set_freezer_state(cg: &SandboxCgroup, state: &'static str) -> Result<()> {
+    let file = cg.dir("freezer").join("freezer.state");
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    let mut pause = Duration::from_micros(20);
+    loop {
+        write_file(&file, state)?;
+        if read_trimmed(&file)? == state {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CgroupError::Timeout {
+                path: file,
+                state,
+                timeout: STATE_TIMEOUT,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+/// v1 has no `cgroup.kill`: freeze so nothing can fork, SIGKILL every member, thaw so the
+/// signals are delivered, then wait for the cgroup to empty.
+pub(super) fn kill_all(cg: &SandboxCgroup) -> Result<()> {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let frozen = freeze(cg).is_ok();
+        for pid in cg.procs() {
+            // SAFETY: kill(2) with a pid read from this cgroup's procs file; the process is
+            // frozen, so the pid cannot be recycled before the signal is queued.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if frozen {
+            thaw(cg)?;
+        }
+        let wait_until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < wait_until {
+            if cg.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if Instant::now() >= deadline {
+            return Err(CgroupError::NotEmpty {
+                path: cg.dir("pids").to_path_buf(),
+            });
+        }
+    }
+}
+
+pub(super) fn usage(cg: &SandboxCgroup) -> Usage {
+    let acct = cg.dir("cpuacct");
+    let mem = cg.dir("memory");
+    Usage {
+        user_cpu_ns: read_u64(&acct.join("cpuacct.usage_user")).unwrap_or(0),
+        system_cpu_ns: read_u64(&acct.join("cpuacct.usage_sys")).unwrap_or(0),
+        memory_current_bytes: read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0),
+        memory_peak_bytes: read_u64(&mem.join("memory.max_usage_in_bytes")).unwrap_or(0),
+        oom_kills: read_keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
+        pids_current: read_u64(&cg.dir("pids").join("pids.current")).unwrap_or(0),
+    }
+}

@@ -1,0 +1,121 @@
+//! The cgroup v2 half of [`SandboxCgroup`](super::SandboxCgroup): `memory.swap.max`,
+//! `cgroup.freeze` confirmed through `cgroup.events`, `cgroup.kill`, and the directory fd
+//! used by `clone3(CLONE_INTO_CGROUP)`.
+
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{open, OFlag};
+use nix::sys::stat::Mode;
+
+use super::{io_err, read_keyed, read_u64, write_file, CgroupError, Result, SandboxCgroup, Usage};
+
+const STATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `memory.swap.max`: `Some(0)` forbids swap, `None` resets it to `max`. Absent on kernels
+/// built without swap accounting, where there is nothing to limit.
+pub(super) fn set_swap_max(cg: &SandboxCgroup, bytes: Option<u64>) -> Result<()> {
+    let file = cg.dir("memory").join("memory.swap.max");
+    if !file.exists() {
+        return Ok(());
+    }
+    let value = bytes.map(|b| b.to_string()).unwrap_or_else(|| "max".into());
+    write_file(&file, &value)
+}
+
+pub(super) fn freeze(cg: &SandboxCgroup) -> Result<()> {
+    set_frozen(cg, true)
+}
+
+pub(super) fn thaw(cg: &SandboxCgroup) -> Result<()> {
+    set_frozen(cg, false)
+}
+
+/// Writes `cgroup.freeze` and waits for `cgroup.events` to report `frozen 1` (or `0`): the
+/// write only requests the change; the kernel confirms it once every task has stopped.
+fn set_frozen(cg: &SandboxCgroup, frozen: bool) -> Result<()> {
+    let dir = cg.dir("freezer");
+    write_file(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+    let events = dir.join("cgroup.events");
+    let want = u64::from(frozen);
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    let mut pause = Duration::from_micros(20);
+    loop {
+        match read_keyed(&events, "frozen") {
+            Some(v) if v == want => return Ok(()),
+            Some(_) => {}
+            None => {
+                return Err(io_err(
+                    "read frozen from",
+                    &events,
+                    std::io::Error::other("no frozen key"),
+                ))
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(CgroupError::Timeout {
+                path: events,
+                state: if frozen { "frozen" } else { "thawed" },
+                timeout: STATE_TIMEOUT,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+/// `cgroup.kill` (Linux 5.14+) kills every process in the subtree atomically, so nothing
+/// can escape by forking during the kill; then waits for `populated 0`.
+pub(super) fn kill_all(cg: &SandboxCgroup) -> Result<()> {
+    let dir = cg.dir("pids");
+    let kill = dir.join("cgroup.kill");
+    if kill.exists() {
+        write_file(&kill, "1")?;
+    } else {
+        // Older kernels: freeze, signal, thaw, as on v1.
+        let frozen = freeze(cg).is_ok();
+        for pid in cg.procs() {
+            // SAFETY: kill(2) with a pid read from this (frozen) cgroup's procs file.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if frozen {
+            thaw(cg)?;
+        }
+    }
+    let events = dir.join("cgroup.events");
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while read_keyed(&events, "populated").unwrap_or(0) != 0 {
+        if Instant::now() >= deadline {
+            return Err(CgroupError::NotEmpty {
+                path: dir.to_path_buf(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+pub(super) fn usage(cg: &SandboxCgroup) -> Usage {
+    let dir = cg.dir("memory");
+    let current = read_u64(&dir.join("memory.current")).unwrap_or(0);
+    Usage {
+        user_cpu_ns: read_keyed(&dir.join("cpu.stat"), "user_usec").unwrap_or(0) * 1000,
+        system_cpu_ns: read_keyed(&dir.join("cpu.stat"), "system_usec").unwrap_or(0) * 1000,
+        memory_current_bytes: current,
+        // memory.peak exists from Linux 5.19.
+        memory_peak_bytes: read_u64(&dir.join("memory.peak")).unwrap_or(current),
+        oom_kills: read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
+        pids_current: read_u64(&dir.join("pids.current")).unwrap_or(0),
+    }
+}
+
+/// An `O_PATH` directory fd of the cgroup, for `clone3(CLONE_INTO_CGROUP)`.
+pub fn dir_fd(cg: &SandboxCgroup) -> Result<OwnedFd> {
+    let dir = cg.dir("pids");
+    open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("open", dir, e.into()))
+}

@@ -1,0 +1,346 @@
+//! The sandbox's filesystem view, built inside its own mount namespace.
+//!
+//! Order (each step's "why" next to it in [`enter_root`]):
+//! 1. make every mount private, so nothing propagates back to the host;
+//! 2. an overlay of the read-only image with a small tmpfs upper layer, so mount points
+//!    can be created without ever writing to the image;
+//! 3. fresh `/proc` (masked and read-only paths), read-only `/sys`, a minimal `/dev`,
+//!    size-capped tmpfs `/tmp` and work directory, read-only binds;
+//! 4. `pivot_root` and detach the old root;
+//! 5. remount `/` and `/dev` read-only.
+//!
+//! All of it lives and dies with the mount namespace: nothing is mounted on the host.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::unistd;
+
+use crate::container::{step, StepError};
+use crate::spec::SandboxSpec;
+
+/// An empty directory on the host that each sandbox mounts its private staging tmpfs on
+/// (inside its own mount namespace only). Created by the supervisor.
+pub const STAGING_DIR: &str = "/run/hatchery/stage";
+
+/// Device nodes bound from the host into the sandbox's `/dev`.
+pub const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
+
+/// `/proc` files hidden behind `/dev/null` (kernel memory, keys, timing side channels).
+pub const MASKED_FILES: [&str; 6] = [
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/kmsg",
+];
+
+/// Directories hidden behind an empty read-only tmpfs.
+pub const MASKED_DIRS: [&str; 4] = ["/proc/acpi", "/proc/scsi", "/sys/firmware", "/proc/asound"];
+
+/// `/proc` entries that stay visible but read-only (`sysrq-trigger` read-only rather than
+/// masked, so a write fails loudly instead of vanishing into `/dev/null`).
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+];
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// Builds the root filesystem for `spec` and pivots into it.
+pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
+    // 1. Private propagation: our mounts never reach the host, the host's never reach us.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("make mounts private"))?;
+
+    // 2. Staging tmpfs (holds the overlay's upper layer), then the overlay root.
+    let stage = Path::new(STAGING_DIR);
+    mount(
+        Some("tmpfs"),
+        stage,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=4m,mode=0755"),
+    )
+    .map_err(step("mount staging tmpfs"))?;
+    for d in ["upper", "work", "root"] {
+        mkdir(&stage.join(d), 0o755).map_err(step("create staging directories"))?;
+    }
+    let root = stage.join("root");
+    let lower = spec.rootfs.to_string_lossy();
+    let mut opts = format!(
+        "lowerdir={lower},upperdir={}/upper,workdir={}/work",
+        STAGING_DIR, STAGING_DIR
+    );
+    if spec.userns_base.is_some() {
+        // Inside a user namespace overlayfs cannot use trusted.* xattrs on the upper layer.
+        opts.push_str(",userxattr");
+    }
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(step("mount the root overlay"))?;
+
+    // 3. Pseudo filesystems and scratch space.
+    for d in ["proc", "sys", "dev", "tmp", "work"] {
+        mkdir_all(&root.join(d)).map_err(step("create mount points"))?;
+    }
+    mount(
+        Some("proc"),
+        &root.join("proc"),
+        Some("proc"),
+        NOSUID_NODEV_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step("mount /proc"))?;
+    mount(
+        Some("sysfs"),
+        &root.join("sys"),
+        Some("sysfs"),
+        NOSUID_NODEV_NOEXEC | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(step("mount /sys"))?;
+    setup_dev(&root, spec)?;
+    mount(
+        Some("tmpfs"),
+        &root.join("tmp"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("size={},mode=1777", spec.tmp_size.max(4096)).as_str()),
+    )
+    .map_err(step("mount /tmp"))?;
+    mount(
+        Some("tmpfs"),
+        &root.join("work"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(
+            format!(
+                "size={},mode=0755,uid={},gid={}",
+                spec.work_size.max(4096),
+                spec.uid,
+                spec.gid
+            )
+            .as_str(),
+        ),
+    )
+    .map_err(step("mount the work directory"))?;
+    for bind in &spec.binds {
+        bind_readonly(&bind.source, &inside(&root, &bind.target))
+            .map_err(step("bind-mount a host path"))?;
+    }
+    mask_paths(&root)?;
+
+    // 4. pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
+    // nothing of the host reachable (runc's trick: no directory for the old root needed).
+    unistd::chdir(&root).map_err(step("enter the new root"))?;
+    unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
+    unistd::chdir("/").map_err(step("chdir to /"))?;
+
+    // 5. Read-only root; the overlay's upper layer is never writable by the command.
+    remount_readonly(Path::new("/"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV)
+        .map_err(step("remount / read-only"))?;
+    remount_readonly(Path::new("/dev"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)
+        .map_err(step("remount /dev read-only"))?;
+    Ok(())
+}
+
+/// A minimal `/dev`: the five harmless character devices, bound from the host (mknod is
+/// impossible in a user namespace, binding works in both modes), the usual symlinks, and a
+/// size-capped `/dev/shm`.
+fn setup_dev(root: &Path, spec: &SandboxSpec) -> Result<(), StepError> {
+    let dev = root.join("dev");
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .map_err(step("mount /dev"))?;
+    for name in DEVICES {
+        let target = dev.join(name);
+        fs::File::create(&target).map_err(step("create device mount point"))?;
+        mount(
+            Some(Path::new("/dev").join(name).as_path()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(step("bind a device"))?;
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(to, dev.join(link)).map_err(step("create /dev symlinks"))?;
+    }
+    mkdir(&dev.join("shm"), 0o1777).map_err(step("create /dev/shm"))?;
+    mount(
+        Some("tmpfs"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        NOSUID_NODEV_NOEXEC,
+        Some(format!("size={},mode=1777", spec.tmp_size.max(4096)).as_str()),
+    )
+    .map_err(step("mount /dev/shm"))?;
+    Ok(())
+}
+
+fn mask_paths(root: &Path) -> Result<(), StepError> {
+    let null = root.join("dev/null");
+    for file in MASKED_FILES {
+        let target = inside(root, Path::new(file));
+        if target.exists() {
+            mount(
+                Some(null.as_path()),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(step("mask a /proc file"))?;
+        }
+    }
+    for dir in MASKED_DIRS {
+        let target = inside(root, Path::new(dir));
+        if target.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                NOSUID_NODEV_NOEXEC | MsFlags::MS_RDONLY,
+                Some("size=0,mode=0555"),
+            )
+            .map_err(step("mask a directory"))?;
+        }
+    }
+    for path in READONLY_PATHS {
+        let target = inside(root, Path::new(path));
+        if target.exists() {
+            bind_readonly(&target, &target).map_err(step("make a /proc path read-only"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds `source` at `target` (creating the mount point in the overlay if needed), then
+/// remounts the bind read-only, nosuid, nodev.
+fn bind_readonly(source: &Path, target: &Path) -> std::io::Result<()> {
+    let meta = fs::metadata(source)?;
+    if !crate::container::exists(target) {
+        if let Some(parent) = target.parent() {
+            mkdir_all(parent)?;
+        }
+        if meta.is_dir() {
+            mkdir_all(target)?;
+        } else {
+            fs::File::create(target)?;
+        }
+    }
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    remount_readonly(target, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+    Ok(())
+}
+
+fn remount_readonly(target: &Path, extra: MsFlags) -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | extra,
+        None::<&str>,
+    )
+}
+
+/// `path` (absolute, as the sandbox sees it) under `root`, with `..` components refused by
+/// construction: only normal components are kept.
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    let mut out = root.to_path_buf();
+    for c in path.components() {
+        if let std::path::Component::Normal(part) = c {
+            out.push(part);
+        }
+    }
+    out
+}
+
+fn mkdir(path: &Path, mode: u32) -> std::io::Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    // The umask may have cleared bits (sticky /dev/shm).
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+fn mkdir_all(path: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+}
+
+/// Checks that a root filesystem path can be used as an overlay lower layer.
+pub fn check_rootfs(rootfs: &Path) -> Result<(), String> {
+    let s = rootfs.to_string_lossy();
+    if s.contains([',', ':', '\n']) {
+        return Err(format!(
+            "root filesystem path {s:?} contains ',' or ':', which overlayfs cannot take"
+        ));
+    }
+    if !rootfs.join("bin").exists() && !rootfs.join("usr/bin").exists() {
+        return Err(format!(
+            "{s} does not look like a root filesystem (no bin/ or usr/bin/)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_drops_parent_components() {
+        let r = Path::new("/stage/root");
+        assert_eq!(
+            inside(r, Path::new("/usr/../../etc")),
+            PathBuf::from("/stage/root/usr/etc")
+        );
+        assert_eq!(
+            inside(r, Path::new("/a/b")),
+            PathBuf::from("/stage/root/a/b")
+        );
+    }
+}
