@@ -81,6 +81,25 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
         mkdir(&stage.join(d), 0o755).map_err(step("create staging directories"))?;
     }
     let root = stage.join("root");
+    // Mount points are created in the upper layer *before* the overlay exists: the image's
+    // directories belong to the host's root, which a user namespace cannot write to, and
+    // the image itself must never be written. Paths are resolved through the image's
+    // symlinks (Debian's /bin -> usr/bin) and mounted on the resolved path, so no mount
+    // can follow a symlink out of the new root.
+    let upper = stage.join("upper");
+    let mut bind_targets = Vec::with_capacity(spec.binds.len());
+    for d in ["/proc", "/sys", "/dev", "/tmp", "/work"] {
+        ensure_mount_point(&spec.rootfs, &upper, Path::new(d), true)
+            .map_err(step("create mount points"))?;
+    }
+    for bind in &spec.binds {
+        let is_dir = fs::metadata(&bind.source)
+            .map_err(step("inspect a bind source"))?
+            .is_dir();
+        let resolved = ensure_mount_point(&spec.rootfs, &upper, &bind.target, is_dir)
+            .map_err(step("create a bind mount point"))?;
+        bind_targets.push(resolved);
+    }
     let lower = spec.rootfs.to_string_lossy();
     let mut opts = format!(
         "lowerdir={lower},upperdir={}/upper,workdir={}/work",
@@ -100,9 +119,6 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
     .map_err(step("mount the root overlay"))?;
 
     // 3. Pseudo filesystems and scratch space.
-    for d in ["proc", "sys", "dev", "tmp", "work"] {
-        mkdir_all(&root.join(d)).map_err(step("create mount points"))?;
-    }
     mount(
         Some("proc"),
         &root.join("proc"),
@@ -144,9 +160,8 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
         ),
     )
     .map_err(step("mount the work directory"))?;
-    for bind in &spec.binds {
-        bind_readonly(&bind.source, &inside(&root, &bind.target))
-            .map_err(step("bind-mount a host path"))?;
+    for (bind, target) in spec.binds.iter().zip(&bind_targets) {
+        bind_readonly(&bind.source, &root.join(target)).map_err(step("bind-mount a host path"))?;
     }
     mask_paths(&root)?;
 
@@ -247,20 +262,9 @@ fn mask_paths(root: &Path) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Binds `source` at `target` (creating the mount point in the overlay if needed), then
-/// remounts the bind read-only, nosuid, nodev.
+/// Binds `source` at `target` (an existing mount point), then remounts the bind
+/// read-only, nosuid, nodev.
 fn bind_readonly(source: &Path, target: &Path) -> std::io::Result<()> {
-    let meta = fs::metadata(source)?;
-    if !crate::container::exists(target) {
-        if let Some(parent) = target.parent() {
-            mkdir_all(parent)?;
-        }
-        if meta.is_dir() {
-            mkdir_all(target)?;
-        } else {
-            fs::File::create(target)?;
-        }
-    }
     mount(
         Some(source),
         target,
@@ -292,6 +296,84 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Resolves `path` (absolute, as the sandbox will see it) inside the image `rootfs` as the
+/// kernel would after `pivot_root`: symlinks are followed relative to the image's root,
+/// `..` never climbs above it. Returns the resolved path relative to the root, free of
+/// symlinks for every component that exists in the image.
+pub fn resolve_in_root(rootfs: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut resolved = PathBuf::new();
+    let mut pending: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&part);
+        match fs::symlink_metadata(rootfs.join(&candidate)) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let link = fs::read_link(rootfs.join(&candidate))?;
+                if link.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for c in link.components().rev() {
+                    match c {
+                        Component::Normal(p) => pending.push(p.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved = candidate,
+        }
+    }
+    Ok(resolved)
+}
+
+/// Makes sure `target` exists in the merged view of `rootfs` + `upper`, creating what is
+/// missing (parents as directories, the last component as a directory or an empty file)
+/// in `upper`. Returns the resolved path relative to the root.
+fn ensure_mount_point(
+    rootfs: &Path,
+    upper: &Path,
+    target: &Path,
+    dir: bool,
+) -> std::io::Result<PathBuf> {
+    let resolved = resolve_in_root(rootfs, target)?;
+    if resolved.as_os_str().is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("cannot mount over the root ({})", target.display()),
+        ));
+    }
+    if crate::container::exists(&rootfs.join(&resolved)) {
+        return Ok(resolved);
+    }
+    let in_upper = upper.join(&resolved);
+    if let Some(parent) = in_upper.parent() {
+        mkdir_all(parent)?;
+    }
+    if dir {
+        mkdir_all(&in_upper)?;
+    } else if !crate::container::exists(&in_upper) {
+        fs::File::create(&in_upper)?;
+    }
+    Ok(resolved)
 }
 
 fn mkdir(path: &Path, mode: u32) -> std::io::Result<()> {
@@ -330,6 +412,39 @@ pub fn check_rootfs(rootfs: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolution_follows_image_symlinks_and_stays_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        fs::create_dir_all(r.join("usr/bin")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
+        std::os::unix::fs::symlink("/usr", r.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../../etc", r.join("usr/up")).unwrap();
+        let res = |p: &str| resolve_in_root(r, Path::new(p)).unwrap();
+        assert_eq!(res("/bin/probe"), PathBuf::from("usr/bin/probe"));
+        assert_eq!(res("/abs/bin/x"), PathBuf::from("usr/bin/x"));
+        assert_eq!(res("/usr/up/passwd"), PathBuf::from("etc/passwd"));
+        assert_eq!(res("/../../tmp"), PathBuf::from("tmp"));
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        assert!(resolve_in_root(r, Path::new("/loop/x")).is_err());
+    }
+
+    #[test]
+    fn mount_points_are_created_in_the_upper_layer_only() {
+        let lower = tempfile::tempdir().unwrap();
+        let upper = tempfile::tempdir().unwrap();
+        fs::create_dir_all(lower.path().join("usr/bin")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", lower.path().join("bin")).unwrap();
+        let p =
+            ensure_mount_point(lower.path(), upper.path(), Path::new("/bin/probe"), false).unwrap();
+        assert_eq!(p, PathBuf::from("usr/bin/probe"));
+        assert!(upper.path().join("usr/bin/probe").is_file());
+        assert!(!lower.path().join("usr/bin/probe").exists());
+        let p = ensure_mount_point(lower.path(), upper.path(), Path::new("/usr"), true).unwrap();
+        assert_eq!(p, PathBuf::from("usr"));
+        assert!(ensure_mount_point(lower.path(), upper.path(), Path::new("/"), true).is_err());
+    }
 
     #[test]
     fn inside_drops_parent_components() {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, as root, on a fresh Debian 12 machine or a
+# development one. Installs what it needs (idempotently), builds the root filesystem
+# (cached), then:
+#   1. cargo test --workspace — unit tests, the sandbox behaviour and escape suites and
+#      the cgroup backend on this host (v1/hybrid on our machines),
+#   2. scripts/vm-test.sh — the cgroup v2 backend, inside a VM booted with a pure-v2
+#      kernel (skip with HATCHERY_SKIP_VM=1 when iterating locally).
+#
+#   sudo scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+start=$(date +%s)
+echo "==> root filesystem (cached after the first build)" >&2
+cargo build --quiet -p rootfs-builder
+target/debug/rootfs-builder build rootfs-builder/manifests/r.toml >/dev/null
+
+echo "==> building the workspace and its tests" >&2
+cargo build --quiet --workspace --all-targets
+
+echo "==> cargo test --workspace (cgroup $(target/debug/sandbox info | grep -o '"v[12]"'))" >&2
+cargo test --workspace "$@"
+
+if [[ -z ${HATCHERY_SKIP_VM:-} && -x scripts/vm-test.sh ]]; then
+    echo "==> cgroup v2 backend inside a VM (scripts/vm-test.sh)" >&2
+    scripts/vm-test.sh
+fi
+echo "==> all tests passed in $(( $(date +%s) - start )) s" >&2
