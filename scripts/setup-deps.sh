@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Installs the host packages the whole Hatchery project needs (Debian 12,
+# bookworm) and checks for a Rust toolchain.
+#
+#   sudo scripts/setup-deps.sh
+#
+# Idempotent: prints nothing and runs no apt command when everything is
+# present; runs `apt-get update` only when something is missing. Packages come
+# from the machine's configured apt sources. Recommends are installed as apt
+# does by default (that is how the development machines were set up: e.g.
+# r-base-core brings r-recommended, so the host's R has Matrix, MASS, ...).
+set -euo pipefail
+
+PACKAGES=(
+    # rootfs-builder: debootstrap, Debian's signing keys, wget for Release files
+    debootstrap debian-archive-keyring wget
+    # sandbox: libseccomp (linked by the libseccomp crate), user-namespace id
+    # maps, network namespaces, bubblewrap as a reference sandbox in tests
+    libseccomp-dev pkg-config uidmap iproute2 bubblewrap
+    # the R interpreter on the host (the zygote embeds libR)
+    r-base-core
+    # VM test harness: a cgroup-v2-only guest booted with qemu from Debian's
+    # kernel and a busybox initramfs
+    qemu-system-x86 linux-image-amd64 busybox-static cpio
+)
+MIN_RUST=1.80
+
+say() { echo "setup-deps: $*" >&2; }
+
+if [[ ${EUID:-$(id -u)} -ne 0 ]]; then
+    say "must run as root (it installs apt packages): sudo $0"
+    exit 1
+fi
+if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+    say "this script needs a Debian-based system (dpkg and apt-get)"
+    exit 1
+fi
+
+missing() {
+    local p status
+    for p in "${PACKAGES[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
+        [[ $status == ii* ]] || echo "$p"
+    done
+}
+
+mapfile -t todo < <(missing)
+if ((${#todo[@]} > 0)); then
+    say "installing: ${todo[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${todo[@]}"
+    mapfile -t still < <(missing)
+    if ((${#still[@]} > 0)); then
+        say "still not installed after apt-get install: ${still[*]}"
+        exit 1
+    fi
+    say "done"
+fi
+
+# Rust: sudo's secure_path usually hides ~/.cargo/bin, so also look in the
+# invoking user's home.
+cargo=$(command -v cargo || true)
+if [[ -z $cargo ]]; then
+    for home in "${HOME:-/root}" "$(getent passwd "${SUDO_USER:-}" 2>/dev/null | cut -d: -f6)"; do
+        if [[ -n $home && -x $home/.cargo/bin/cargo ]]; then
+            cargo=$home/.cargo/bin/cargo
+            break
+        fi
+    done
+fi
+if [[ -z $cargo ]]; then
+    say "cargo not found: install Rust (stable, >= $MIN_RUST) with rustup:"
+    say "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh"
+    exit 1
+fi
+version=$("$cargo" --version 2>/dev/null | awk '{print $2}')
+if [[ -n $version ]] && [[ $(printf '%s\n%s\n' "$MIN_RUST" "$version" | sort -V | head -n1) != "$MIN_RUST" ]]; then
+    say "cargo $version is older than $MIN_RUST: run \`rustup update stable\`"
+    exit 1
+fi
