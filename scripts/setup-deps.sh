@@ -21,7 +21,7 @@ PACKAGES=(
     r-base-core
     # VM test harness: a cgroup-v2-only guest booted with qemu from Debian's
     # kernel and a busybox initramfs
-    qemu-system-x86 linux-image-amd64 busybox-static cpio
+    qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils jq
 )
 MIN_RUST=1.80
 

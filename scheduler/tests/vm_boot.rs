@@ -1,0 +1,83 @@
+//! Boots a real VM (about 10 s under TCG) and checks that the guest is a pure cgroup v2
+//! host that runs the host's own binaries, and that the command's exit status and output
+//! come back. Needs qemu-system-x86, linux-image-amd64 and busybox-static
+//! (`scripts/vm-test.sh` installs them).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use hatchery_scheduler::vm::guest::CGROUP_CHECK_SCRIPT;
+use hatchery_scheduler::vm::{run_in_guest, CgroupCheck, GuestCommand, GuestExit, GuestOptions};
+
+/// Whether this process still has children (qemu must have been reaped).
+fn children_of_this_process() -> Vec<String> {
+    let mut children = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+                children.extend(list.split_whitespace().map(str::to_owned));
+            }
+        }
+    }
+    children
+}
+
+#[test]
+fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
+    let cwd = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The host's dash and coreutils run the probe: dynamically linked host binaries work.
+    let script =
+        format!("{CGROUP_CHECK_SCRIPT}\necho \"cwd: $PWD env: $HATCHERY_VM_TEST\"\nexit 3\n");
+    let command = GuestCommand {
+        argv: vec!["/bin/sh".into(), "-c".into(), script],
+        cwd: cwd.clone(),
+        env: vec![("HATCHERY_VM_TEST".into(), "it's here".into())],
+    };
+    let mut options = GuestOptions {
+        timeout: Duration::from_secs(300),
+        ..GuestOptions::default()
+    };
+    if let Ok(accel) = std::env::var("HATCHERY_VM_ACCEL") {
+        options.accel = accel
+            .parse()
+            .expect("HATCHERY_VM_ACCEL is auto, kvm or tcg");
+    }
+
+    let outcome = run_in_guest(&command, &options, &AtomicBool::new(false), &mut |_| {})
+        .unwrap_or_else(|e| {
+            panic!(
+                "the vm did not run: {e} (it needs qemu-system-x86, linux-image-amd64 and \
+                 busybox-static; scripts/vm-test.sh installs them)"
+            )
+        });
+    eprintln!(
+        "accel {} ({:?}), boot to init {:?}, vm {:?}, total {:?}",
+        outcome.accel, outcome.why_not_kvm, outcome.boot_to_init, outcome.vm_time, outcome.total
+    );
+    assert_eq!(
+        outcome.exit,
+        GuestExit::Exited(3),
+        "console tail:\n{}",
+        outcome.log_tail
+    );
+
+    let output = String::from_utf8_lossy(&outcome.output);
+    let check = CgroupCheck::parse(&output);
+    assert_eq!(
+        check.problems(),
+        Vec::<String>::new(),
+        "guest output:\n{output}"
+    );
+    assert!(
+        output.contains(&format!("cwd: {} env: it's here", cwd.display())),
+        "guest output:\n{output}"
+    );
+    assert_eq!(outcome.root.as_deref(), Some("overlay"));
+    assert!(outcome.boot_to_init.is_some());
+    assert_eq!(
+        children_of_this_process(),
+        Vec::<String>::new(),
+        "qemu was reaped"
+    );
+}

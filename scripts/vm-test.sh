@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Run Hatchery's cgroup-dependent tests inside a qemu VM whose kernel has a pure cgroup v2
+# hierarchy (cgroup_no_v1=all), so that the v2 backend is tested on hosts that are hybrid.
+#
+# Usage: scripts/vm-test.sh [TARGET [FILTER]]...
+#   Each argument is one test binary: "PACKAGE:TARGET" optionally followed by a space and
+#   a libtest filter, e.g. 'hatchery-tests:cgroups' (the integration test target
+#   tests/tests/cgroups.rs) or 'hatchery-sandbox:lib cgroup' (the library's unit tests
+#   whose names contain "cgroup"). "lib" stands for the package's library target.
+#   Default: 'hatchery-tests:cgroups' 'hatchery-sandbox:lib cgroup' 'hatchery-tests:behaviour'
+#   (the cgroup backend directly, then the whole runtime on top of it).
+#
+# All binaries run in one VM, as root, each in its package directory (as cargo runs
+# them), with HATCHERY_REQUIRE_CGROUP_V2=1. The guest sees the host's / read-only with a
+# tmpfs overlay, and fresh /tmp, /run and /dev; it has no network.
+#
+# Environment:
+#   VM_TEST_TIMEOUT   time limit of the VM, boot included (default 540s)
+#   VM_TEST_MEMORY    guest memory in MiB (default 1024)
+#   VM_TEST_CPUS      guest CPUs (default 2)
+#   VM_TEST_ARGS      extra arguments for every test binary (e.g. --test-threads=1)
+#   VM_TEST_LOG       where the guest console log is kept (default target/vm-test/console.log)
+#   VM_TEST_NO_DEPS=1 do not install packages
+#   HATCHERY_VM_ACCEL auto (default: kvm, else tcg), kvm or tcg
+#
+# Exit status: 0 when every test binary passed (or was skipped as not yet written),
+# 1 when a test failed in the guest, 124 when the VM hit its time limit, 125 when the VM
+# could not run the tests, 2 on a usage or build error.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+script_start=$(date +%s.%N)
+
+say() { printf 'vm-test: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 2; }
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- dependencies (idempotent) ---------------------------------------------------------
+install_deps() {
+    local wanted=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils jq)
+    local missing=() pkg
+    for pkg in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    say "installing ${missing[*]}"
+    "${sudo[@]}" apt-get update -qq
+    # linux-image-amd64 only puts a kernel in /boot and modules in /lib/modules for the
+    # guest; the host keeps running its own kernel.
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+}
+if [ "${VM_TEST_NO_DEPS:-}" != 1 ]; then
+    install_deps
+fi
+command -v cargo >/dev/null || die "cargo is not installed"
+
+# --- build -----------------------------------------------------------------------------
+out_dir=target/vm-test
+mkdir -p "$out_dir"
+log=${VM_TEST_LOG:-$out_dir/console.log}
+
+say "building hatchery-vm and the workspace's tests"
+cargo build --quiet -p hatchery-scheduler --bin hatchery-vm || die "cannot build hatchery-vm"
+vm=target/debug/hatchery-vm
+cargo test --workspace --no-run --message-format=json-render-diagnostics >"$out_dir/artifacts.json" \
+    || die "the workspace's tests do not build"
+cargo metadata --no-deps --format-version 1 >"$out_dir/metadata.json"
+
+# TSV of every test executable: package, target name, kinds, executable, package dir.
+artifacts=$(jq -r --slurpfile meta "$out_dir/metadata.json" '
+    ($meta[0].packages | map({key: .manifest_path, value: .name}) | from_entries) as $names
+    | select(.reason == "compiler-artifact" and .profile.test and .executable != null)
+    | [$names[.manifest_path], .target.name, (.target.kind | join(",")), .executable,
+       (.manifest_path | rtrimstr("/Cargo.toml"))]
+    | @tsv' "$out_dir/artifacts.json")
+
+# --- select the test binaries ------------------------------------------------------------
+if (($# == 0)); then
+    set -- 'hatchery-tests:cgroups' 'hatchery-sandbox:lib cgroup' 'hatchery-tests:behaviour'
+fi
+extra_args=${VM_TEST_ARGS:-}
+guest_script='failed=0'
+selected=0
+for spec in "$@"; do
+    target_spec=${spec%% *}
+    filter=
+    [ "$target_spec" = "$spec" ] || filter=${spec#* }
+    package=${target_spec%%:*}
+    target=${target_spec#*:}
+    [ -n "$package" ] && [ -n "$target" ] && [ "$package" != "$target_spec" ] \
+        || die "bad test binary '$spec' (want PACKAGE:TARGET [FILTER])"
+    match=$(awk -F'\t' -v p="$package" -v t="$target" '
+        $1 == p && ($2 == t || (t == "lib" && $3 ~ /(^|,)(lib|rlib|cdylib|staticlib|proc-macro)(,|$)/)) { print; exit }
+    ' <<<"$artifacts")
+    if [ -z "$match" ]; then
+        die "package $package has no test target '$target'"
+    fi
+    IFS=$'\t' read -r _ _ _ exe dir <<<"$match"
+    label="$target_spec${filter:+ [$filter]}"
+    # shellcheck disable=SC2086 # extra_args is split on purpose
+    run=$(printf '%q ' env "CARGO_MANIFEST_DIR=$dir" "$exe" ${filter:+"$filter"} $extra_args)
+    guest_script+="
+echo $(printf '%q' "vm-test: ==== $label ($exe)")
+cd $(printf '%q' "$dir") && $run
+rc=\$?
+echo $(printf '%q' "vm-test: ==== $label: exit") \$rc
+[ \$rc -eq 0 ] || failed=\$((failed + 1))"
+    selected=$((selected + 1))
+done
+guest_script+='
+exit $((failed > 0 ? 1 : 0))'
+
+vm_args=(--timeout "${VM_TEST_TIMEOUT:-540s}" --memory "${VM_TEST_MEMORY:-1024}"
+    --cpus "${VM_TEST_CPUS:-2}" --log "$log")
+
+# --- run ---------------------------------------------------------------------------------
+vm_start=$(date +%s.%N)
+set +e
+if ((selected == 0)); then
+    say "no test binary to run yet; checking that the VM boots with pure cgroup v2 instead"
+    "$vm" check "${vm_args[@]}"
+else
+    say "running $selected test binaries in the VM"
+    "$vm" run "${vm_args[@]}" --cwd "$PWD" \
+        --env HATCHERY_REQUIRE_CGROUP_V2=1 --env RUST_BACKTRACE=1 \
+        -- /bin/bash -c "$guest_script"
+fi
+status=$?
+set -e
+say "the VM run took $(elapsed "$vm_start") s (boot included); the whole script $(elapsed "$script_start") s"
+
+case $status in
+0) say "PASS (guest console log: $log)" ;;
+124) say "FAILED: the VM hit its time limit (${VM_TEST_TIMEOUT:-540s}); guest console log: $log" ;;
+125) say "FAILED: the VM could not run the tests; guest console log: $log" ;;
+*)
+    say "FAILED: a test failed inside the VM; guest console log: $log"
+    status=1
+    ;;
+esac
+exit "$status"
