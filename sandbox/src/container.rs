@@ -35,7 +35,8 @@ use crate::spec::SandboxSpec;
 /// What the child needs, prepared by the supervisor before `clone3`.
 pub(crate) struct ChildContext<'a> {
     pub spec: &'a SandboxSpec,
-    pub filter: &'a Filter,
+    /// The seccomp filter, loaded last; `None` only for the zygote (see `userns_root`).
+    pub filter: Option<&'a Filter>,
     /// Read end of the supervisor's "go" pipe.
     pub sync_read: OwnedFd,
     /// Write end of the message channel.
@@ -119,6 +120,10 @@ fn init_setup(ctx: &ChildContext<'_>) -> Result<Option<Pid>, StepError> {
     match unsafe { unistd::fork() }.map_err(step("fork the worker"))? {
         ForkResult::Child => worker_main(ctx),
         ForkResult::Parent { child } => {
+            // The passed descriptors belong to the command alone.
+            for fd in &spec.pass_fds {
+                let _ = unistd::close(*fd);
+            }
             drop_init_privileges().map_err(step("drop init privileges"))?;
             Ok(Some(child))
         }
@@ -219,34 +224,47 @@ fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
     let nofile = spec.rlimits.open_files;
     setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(step("set RLIMIT_NOFILE"))?;
 
-    // The bounding set can only shrink while we still hold CAP_SETPCAP, i.e. before the uid
-    // change; the uid change then empties the permitted and effective sets.
-    for cap in caps::all() {
-        caps::drop(None, caps::CapSet::Bounding, cap).map_err(step("drop bounding set"))?;
-    }
-    unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
-    let gid = Gid::from_raw(spec.gid);
-    let uid = Uid::from_raw(spec.uid);
-    unistd::setresgid(gid, gid, gid).map_err(step("set gid"))?;
-    unistd::setresuid(uid, uid, uid).map_err(step("set uid"))?;
-    for set in [
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-        caps::CapSet::Inheritable,
-        caps::CapSet::Ambient,
-    ] {
-        caps::clear(None, set).map_err(step("clear capabilities"))?;
-    }
-    if !caps::read(None, caps::CapSet::Permitted)
-        .map_err(step("read capabilities"))?
-        .is_empty()
-    {
-        return Err(step("verify capabilities")("permitted set is not empty"));
+    if spec.userns_root {
+        // Root of the user namespace (host uid userns_base): capabilities stay, but only
+        // over this sandbox's own namespaces.
+        if spec.userns_base.is_none() {
+            return Err(step("check userns_root")("requires a user namespace"));
+        }
+    } else {
+        // The bounding set can only shrink while we still hold CAP_SETPCAP, i.e. before the uid
+        // change; the uid change then empties the permitted and effective sets.
+        for cap in caps::all() {
+            caps::drop(None, caps::CapSet::Bounding, cap).map_err(step("drop bounding set"))?;
+        }
+        unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
+        let gid = Gid::from_raw(spec.gid);
+        let uid = Uid::from_raw(spec.uid);
+        unistd::setresgid(gid, gid, gid).map_err(step("set gid"))?;
+        unistd::setresuid(uid, uid, uid).map_err(step("set uid"))?;
+        for set in [
+            caps::CapSet::Effective,
+            caps::CapSet::Permitted,
+            caps::CapSet::Inheritable,
+            caps::CapSet::Ambient,
+        ] {
+            caps::clear(None, set).map_err(step("clear capabilities"))?;
+        }
+        if !caps::read(None, caps::CapSet::Permitted)
+            .map_err(step("read capabilities"))?
+            .is_empty()
+        {
+            return Err(step("verify capabilities")("permitted set is not empty"));
+        }
     }
 
     // CVE-2024-21626: no descriptor of the supervisor or the init may reach the command.
     // Close-on-exec rather than close, so the channel can still report an exec failure.
     close_range_cloexec(3).map_err(step("mark descriptors close-on-exec"))?;
+    for fd in &spec.pass_fds {
+        // SAFETY: fcntl on a descriptor number the caller asked us to keep open.
+        Errno::result(unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) })
+            .map_err(step("keep a passed descriptor"))?;
+    }
 
     // SAFETY: prctl with integer arguments only.
     if unsafe {
@@ -278,7 +296,9 @@ fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
 
     ChildMessage::Confined.send(ctx.status_write.as_fd());
     // Seccomp last: from here on only the allow-listed syscalls work, execve among them.
-    ctx.filter.load().map_err(step("load seccomp filter"))?;
+    if let Some(filter) = ctx.filter {
+        filter.load().map_err(step("load seccomp filter"))?;
+    }
 
     let mut errno = Errno::ENOENT;
     for path in &candidates {
@@ -314,9 +334,27 @@ fn resolve_command(cmd: &str, env: &[(String, String)]) -> Vec<CString> {
 }
 
 /// dup2(2): `newfd` becomes a copy of `oldfd` (without close-on-exec).
-fn dup_onto(oldfd: RawFd, newfd: RawFd) -> Result<(), Errno> {
+pub(crate) fn dup_onto(oldfd: RawFd, newfd: RawFd) -> Result<(), Errno> {
     // SAFETY: dup2 on descriptors this process owns; newfd is one of 0, 1, 2.
     Errno::result(unsafe { libc::dup2(oldfd, newfd) }).map(drop)
+}
+
+/// close_range(2): closes every descriptor in `first..=last` (nothing when first > last).
+pub(crate) fn close_range(first: RawFd, last: RawFd) -> Result<(), Errno> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: closes only descriptors of this process, none of which is borrowed elsewhere
+    // (callers pass the ranges around the descriptors they keep).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0 as libc::c_uint,
+        )
+    };
+    Errno::result(r).map(drop)
 }
 
 fn close_range_cloexec(first: RawFd) -> Result<(), Errno> {
@@ -333,7 +371,7 @@ fn close_range_cloexec(first: RawFd) -> Result<(), Errno> {
 }
 
 /// `ip link set lo up`, with one ioctl pair.
-fn loopback_up() -> Result<(), Errno> {
+pub(crate) fn loopback_up() -> Result<(), Errno> {
     // SAFETY: plain socket(2) call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     let fd = Errno::result(fd)?;

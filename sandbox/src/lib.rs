@@ -19,13 +19,17 @@
 pub mod cgroup;
 pub mod channel;
 pub mod container;
+pub mod frame;
 pub mod gc;
 pub mod limits;
 pub mod mounts;
+pub mod pool;
+pub mod r;
 pub mod report;
 pub mod run;
 pub mod seccomp;
 pub mod spec;
+pub mod zygote;
 
 pub use limits::Limits;
 pub use report::{Report, Status};

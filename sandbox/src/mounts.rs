@@ -225,7 +225,7 @@ fn setup_dev(root: &Path, spec: &SandboxSpec) -> Result<(), StepError> {
     Ok(())
 }
 
-fn mask_paths(root: &Path) -> Result<(), StepError> {
+pub(crate) fn mask_paths(root: &Path) -> Result<(), StepError> {
     let null = root.join("dev/null");
     for file in MASKED_FILES {
         let target = inside(root, Path::new(file));

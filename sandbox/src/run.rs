@@ -89,7 +89,7 @@ fn sys(op: &'static str) -> impl FnOnce(Errno) -> RunError {
 /// Never fails: a sandbox that cannot be set up is reported with status `setup_error`.
 pub fn run(
     spec: &SandboxSpec,
-    filter: &Filter,
+    filter: Option<&Filter>,
     opts: &RunOptions,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -169,18 +169,18 @@ enum KillReason {
 /// The pieces of the clone3 ABI we use (struct clone_args, up to `cgroup`).
 #[repr(C)]
 #[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
 }
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -193,7 +193,7 @@ impl<'a> Supervisor<'a> {
     fn start(
         id: String,
         spec: &SandboxSpec,
-        filter: &Filter,
+        filter: Option<&Filter>,
         opts: &'a RunOptions,
     ) -> Result<Supervisor<'a>, (RunError, Option<CgroupVersion>)> {
         let root = CgroupRoot::detect(&opts.cgroup_parent).map_err(|e| (e.into(), None))?;
@@ -204,7 +204,7 @@ impl<'a> Supervisor<'a> {
     fn start_in(
         id: String,
         spec: &SandboxSpec,
-        filter: &Filter,
+        filter: Option<&Filter>,
         opts: &'a RunOptions,
         root: &CgroupRoot,
     ) -> Result<Supervisor<'a>, RunError> {

@@ -78,6 +78,13 @@ pub struct SandboxSpec {
     pub tmp_size: u64,
     pub work_size: u64,
     pub rlimits: Rlimits,
+    /// With a user namespace: run the command as root *of that namespace*, keeping its
+    /// capabilities there (none on the host). Used by the zygote, which must create
+    /// namespaces for the sandboxes it forks; never for user code.
+    pub userns_root: bool,
+    /// Descriptors inherited from the caller that the command keeps, at the same numbers
+    /// (everything else above 2 is closed on exec).
+    pub pass_fds: Vec<i32>,
 }
 
 impl SandboxSpec {
@@ -94,6 +101,8 @@ impl SandboxSpec {
             tmp_size: 64 << 20,
             work_size: 64 << 20,
             rlimits: Rlimits::default(),
+            userns_root: false,
+            pass_fds: Vec::new(),
         }
     }
 

@@ -13,10 +13,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hatchery_sandbox::cgroup::CgroupRoot;
 use hatchery_sandbox::limits::{parse_cpus, parse_duration, parse_size};
+use hatchery_sandbox::pool::{Canceller, Event, ExecRequest, ExecStatus, Pool, PoolConfig};
 use hatchery_sandbox::report::exit_codes;
 use hatchery_sandbox::run::DEFAULT_CGROUP_PARENT;
 use hatchery_sandbox::seccomp::Profile;
 use hatchery_sandbox::spec::{Bind, Rlimits, DEFAULT_USERNS_BASE};
+use hatchery_sandbox::zygote::server::Language;
 use hatchery_sandbox::{gc, Limits, RunOptions, SandboxSpec, DEFAULT_ROOTFS};
 
 #[derive(Parser)]
@@ -35,6 +37,19 @@ enum Command {
     /// its output passed --output-limit; 127 when the command was not found, 126 when it
     /// could not be executed; 125 when the sandbox could not be set up.
     Run(Box<RunArgs>),
+    /// Run code through a warm pool (a zygote forks a contained sandbox; R by default).
+    ///
+    /// Exit code: 0 succeeded; 1 the code failed (error, non-zero exit); 137 killed at
+    /// the memory limit; 124 timed out; 122 output limit; 125 the pool could not start.
+    #[command(alias = "r")]
+    Eval(Box<EvalArgs>),
+    /// Serve a warm pool: one JSON request per line on stdin, JSON events on stdout.
+    ///
+    /// Request: {"id": "a", "code": "sum(1:10)", "memory": "256M", "cpus": 0.5,
+    /// "pids": 64, "timeout_ms": 10000}; cancel: {"cancel": "a"}. Each event is a line
+    /// {"id": "a", "event": "stdout" | "stderr" | "progress" | "usage" | "started" |
+    /// "finished", ...}.
+    Serve(Box<ServeArgs>),
     /// Remove sandbox cgroups (and any process still in them) whose supervisor is gone.
     Gc(GcArgs),
     /// Print the detected cgroup setup and defaults as JSON.
@@ -49,6 +64,16 @@ struct RunArgs {
     /// Also create a user namespace: root inside maps to an unprivileged host uid range.
     #[arg(long)]
     userns: bool,
+    /// Run the command as root of its user namespace, keeping capabilities there (none on
+    /// the host) and without seccomp unless --seccomp is given. For trusted helpers such
+    /// as the zygote, which creates namespaces for the sandboxes it forks; never for
+    /// untrusted code.
+    #[arg(long, requires = "userns")]
+    userns_root: bool,
+    /// Keep this inherited file descriptor open for the command, at the same number
+    /// (repeatable). Every other descriptor above 2 is closed.
+    #[arg(long = "pass-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
+    pass_fds: Vec<i32>,
     /// First host uid/gid of the range the user namespace maps 0..65536 to.
     #[arg(long, default_value_t = DEFAULT_USERNS_BASE, requires = "userns")]
     userns_base: u32,
@@ -108,6 +133,64 @@ struct RunArgs {
     command: Vec<String>,
 }
 
+#[derive(Args, Clone)]
+struct PoolArgs {
+    /// Root filesystem image. Default: the image built by rootfs-builder.
+    #[arg(long, env = "HATCHERY_ROOTFS", default_value = DEFAULT_ROOTFS)]
+    rootfs: PathBuf,
+    /// `r` (zygote with embedded R), or a fork-exec language: `bash`, `sh`, `python3`.
+    #[arg(long, default_value = "r")]
+    language: String,
+    /// R packages the zygote preloads (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "stats,MASS,Matrix")]
+    packages: Vec<String>,
+    /// Frozen sandboxes kept ready.
+    #[arg(long, default_value_t = 2)]
+    pool_size: usize,
+    /// Size of each sandbox's private /tmp (and /dev/shm) and /work.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    tmp_size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    work_size: u64,
+    #[arg(long, default_value = DEFAULT_CGROUP_PARENT)]
+    cgroup_parent: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// The code to run ("-" reads it from stdin).
+    #[arg(short = 'e', long = "expr", value_name = "CODE")]
+    code: String,
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    #[arg(long, value_parser = parse_cpus)]
+    cpus: Option<f64>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pids: Option<u64>,
+    /// Time limit, counted from the moment the sandbox is claimed.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    output_limit: u64,
+    /// Print every event as a JSON line on stdout instead of passing output through.
+    #[arg(long)]
+    json: bool,
+    /// Write the result (status, value, error, warnings, timings, usage) as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// How often usage events are sampled.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    usage_interval: Duration,
+}
+
 #[derive(Args)]
 struct GcArgs {
     #[arg(long, default_value = DEFAULT_CGROUP_PARENT)]
@@ -119,6 +202,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cmd_run(*args),
         Command::Gc(args) => cmd_gc(args),
+        Command::Eval(args) => cmd_eval(*args),
+        Command::Serve(args) => cmd_serve(*args),
         Command::Info(args) => cmd_info(args),
     };
     match result {
@@ -150,13 +235,25 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
         bail!("root filesystem {} does not exist", args.rootfs.display());
     }
     let profile = match &args.seccomp {
-        Some(path) => Profile::from_file(path)
-            .with_context(|| format!("cannot load seccomp profile {}", path.display()))?,
-        None => Profile::default_profile().context("cannot load the default seccomp profile")?,
+        Some(path) => Some(
+            Profile::from_file(path)
+                .with_context(|| format!("cannot load seccomp profile {}", path.display()))?,
+        ),
+        None if args.userns_root => None,
+        None => {
+            Some(Profile::default_profile().context("cannot load the default seccomp profile")?)
+        }
     };
     let filter = profile
-        .compile()
+        .map(|p| p.compile())
+        .transpose()
         .context("cannot compile the seccomp profile")?;
+    for fd in &args.pass_fds {
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+            bail!("--pass-fd {fd}: no such open descriptor");
+        }
+    }
 
     let mut spec = SandboxSpec::new(args.rootfs.clone(), args.command.clone());
     for kv in &args.env {
@@ -173,6 +270,8 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
     spec.uid = args.uid;
     spec.gid = args.gid;
     spec.userns_base = args.userns.then_some(args.userns_base);
+    spec.userns_root = args.userns_root;
+    spec.pass_fds = args.pass_fds.clone();
     spec.tmp_size = args.tmp_size;
     spec.work_size = args.work_size;
     spec.rlimits = Rlimits {
@@ -194,7 +293,7 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
     let stderr = std::io::stderr();
     let report = hatchery_sandbox::run(
         &spec,
-        &filter,
+        filter.as_ref(),
         &opts,
         &mut stdout.lock(),
         &mut stderr.lock(),
@@ -265,5 +364,242 @@ fn cmd_info(args: GcArgs) -> Result<i32> {
         "sandboxes": root.children(),
     });
     println!("{}", serde_json::to_string_pretty(&info)?);
+    Ok(0)
+}
+
+fn pool_config(args: &PoolArgs) -> Result<PoolConfig> {
+    if !args.rootfs.exists() {
+        bail!(
+            "no root filesystem at {}: build it with \
+             `cargo run --release -p rootfs-builder -- build rootfs-builder/manifests/r.toml`",
+            args.rootfs.display()
+        );
+    }
+    let language = match args.language.as_str() {
+        "r" => Language::R {
+            packages: args
+                .packages
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect(),
+        },
+        "bash" | "sh" | "python3" => Language::Exec {
+            name: args.language.clone(),
+            argv: vec![args.language.clone(), "-c".into()],
+        },
+        other => bail!("unknown language {other:?}: expected r, bash, sh or python3"),
+    };
+    let mut cfg = PoolConfig::new(language, args.rootfs.clone());
+    cfg.size = args.pool_size.max(1);
+    cfg.tmp_size = args.tmp_size;
+    cfg.work_size = args.work_size;
+    cfg.cgroup_parent = args.cgroup_parent.clone();
+    Ok(cfg)
+}
+
+fn exec_exit_code(status: ExecStatus) -> i32 {
+    match status {
+        ExecStatus::Succeeded => 0,
+        ExecStatus::Failed => 1,
+        ExecStatus::OomKilled => exit_codes::OOM_KILLED,
+        ExecStatus::TimedOut => exit_codes::TIMED_OUT,
+        ExecStatus::OutputLimit => exit_codes::OUTPUT_LIMIT,
+        ExecStatus::Cancelled => 130,
+    }
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<i32> {
+    require_root()?;
+    let code = if args.code == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        args.code.clone()
+    };
+    let mut cfg = pool_config(&args.pool)?;
+    cfg.size = 1;
+    let pool = Pool::start(cfg).context("cannot start the pool")?;
+    pool.wait_ready(1, Duration::from_secs(120))
+        .context("the pool did not become ready")?;
+    let mut req = ExecRequest::new(code);
+    req.limits = Limits {
+        memory_bytes: args.memory,
+        cpus: args.cpus,
+        pids: args.pids,
+    };
+    req.timeout = args.timeout;
+    req.output_limit = args.output_limit;
+    let exec = pool.claim(req).context("cannot claim a sandbox")?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let mut result = None;
+    for event in exec.events().iter() {
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&event)?)?;
+            out.flush()?;
+        } else {
+            match &event {
+                Event::Stdout { data } => {
+                    out.write_all(data)?;
+                    out.flush()?;
+                }
+                Event::Stderr { data } => {
+                    err.write_all(data)?;
+                }
+                Event::Progress { fraction, message } => {
+                    writeln!(err, "[progress {:>3.0}%] {message}", fraction * 100.0)?;
+                }
+                _ => {}
+            }
+        }
+        if let Event::Finished(r) = event {
+            result = Some(*r);
+        }
+    }
+    let result = result.context("the execution ended without a result")?;
+    if !args.json {
+        if let Some(e) = &result.outcome.error {
+            writeln!(err, "Error: {}", e.message)?;
+        }
+        for w in &result.outcome.warnings {
+            writeln!(err, "Warning: {w}")?;
+        }
+        if let Some(e) = &result.error {
+            writeln!(err, "sandbox: {e}")?;
+        }
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    Ok(exec_exit_code(result.status))
+}
+
+#[derive(serde::Deserialize)]
+struct ServeRequest {
+    id: Option<String>,
+    code: Option<String>,
+    cancel: Option<String>,
+    memory: Option<String>,
+    cpus: Option<f64>,
+    pids: Option<u64>,
+    timeout_ms: Option<u64>,
+    output_limit: Option<String>,
+}
+
+fn cmd_serve(args: ServeArgs) -> Result<i32> {
+    use std::collections::HashMap;
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+    require_root()?;
+    let cfg = pool_config(&args.pool)?;
+    let size = cfg.size;
+    let pool = Arc::new(Pool::start(cfg).context("cannot start the pool")?);
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let emit = {
+        let out = Arc::clone(&out);
+        move |value: serde_json::Value| {
+            let mut o = out.lock().unwrap();
+            let _ = writeln!(o, "{value}");
+            let _ = o.flush();
+        }
+    };
+    let ready = pool.wait_ready(size, Duration::from_secs(120));
+    emit(serde_json::json!({
+        "event": "pool_ready",
+        "ok": ready.is_ok(),
+        "error": ready.err().map(|e| e.to_string()),
+        "stats": pool.stats(),
+    }));
+    let cancels: Arc<Mutex<HashMap<String, Canceller>>> = Arc::default();
+    let mut next = 0u64;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: ServeRequest = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                emit(
+                    serde_json::json!({"event": "error", "code": "bad_request", "message": e.to_string()}),
+                );
+                continue;
+            }
+        };
+        if let Some(id) = req.cancel {
+            match cancels.lock().unwrap().get(&id) {
+                Some(c) => c.cancel(),
+                None => emit(
+                    serde_json::json!({"id": id, "event": "error", "code": "unknown_id", "message": "no running execution with this id"}),
+                ),
+            }
+            continue;
+        }
+        next += 1;
+        let id = req.id.unwrap_or_else(|| format!("exec-{next}"));
+        let Some(code) = req.code else {
+            emit(
+                serde_json::json!({"id": id, "event": "error", "code": "missing_code", "message": "a request needs \"code\" (or \"cancel\")"}),
+            );
+            continue;
+        };
+        let parsed = (|| -> Result<ExecRequest> {
+            let mut r = ExecRequest::new(code);
+            r.limits = Limits {
+                memory_bytes: req.memory.as_deref().map(parse_size).transpose()?,
+                cpus: req.cpus.map(|c| parse_cpus(&c.to_string())).transpose()?,
+                pids: req.pids,
+            };
+            r.timeout = req.timeout_ms.map(Duration::from_millis);
+            r.usage_interval = args.usage_interval;
+            if let Some(o) = &req.output_limit {
+                r.output_limit = parse_size(o)?;
+            }
+            Ok(r)
+        })();
+        let exec_req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                emit(
+                    serde_json::json!({"id": id, "event": "error", "code": "bad_limits", "message": e.to_string()}),
+                );
+                continue;
+            }
+        };
+        let pool = Arc::clone(&pool);
+        let cancels = Arc::clone(&cancels);
+        let emit = emit.clone();
+        std::thread::spawn(move || {
+            emit(serde_json::json!({"id": id, "event": "queued"}));
+            let exec = match pool.claim(exec_req) {
+                Ok(e) => e,
+                Err(e) => {
+                    emit(
+                        serde_json::json!({"id": id, "event": "error", "code": "claim_failed", "message": e.to_string()}),
+                    );
+                    return;
+                }
+            };
+            cancels.lock().unwrap().insert(id.clone(), exec.canceller());
+            for event in exec.events().iter() {
+                let mut v = serde_json::to_value(&event).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("id".into(), serde_json::Value::String(id.clone()));
+                }
+                emit(v);
+            }
+            cancels.lock().unwrap().remove(&id);
+        });
+    }
+    // stdin closed: let running executions finish, then stop the pool.
+    loop {
+        if cancels.lock().unwrap().is_empty() && Arc::strong_count(&pool) == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(0)
 }

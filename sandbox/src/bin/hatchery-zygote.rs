@@ -1,0 +1,78 @@
+//! `hatchery-zygote`: the zygote process. Started by a [`Pool`](hatchery_sandbox::pool::Pool)
+//! inside a sandbox of its own (`sandbox run --userns --userns-root --pass-fd 3 ...`);
+//! not meant to be run by hand.
+
+use clap::Parser;
+use hatchery_sandbox::limits::parse_size;
+use hatchery_sandbox::spec::Rlimits;
+use hatchery_sandbox::zygote::server::{serve, Language, SandboxShape, ZygoteConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "hatchery-zygote",
+    about = "Hatchery's zygote (started by a pool)"
+)]
+struct Args {
+    /// Control socket inherited from the pool owner.
+    #[arg(long, default_value_t = 3)]
+    ctl_fd: i32,
+    /// `r`, or the name of a fork-exec language (with --exec-arg).
+    #[arg(long, default_value = "r")]
+    language: String,
+    /// R packages to preload, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    packages: Vec<String>,
+    /// Interpreter argv for fork-exec languages; the code is appended (repeatable).
+    #[arg(long = "exec-arg")]
+    exec_args: Vec<String>,
+    #[arg(long, default_value_t = hatchery_sandbox::spec::DEFAULT_UID)]
+    uid: u32,
+    #[arg(long, default_value_t = hatchery_sandbox::spec::DEFAULT_GID)]
+    gid: u32,
+    #[arg(long, default_value = "sandbox")]
+    hostname: String,
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    tmp_size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    work_size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    file_size_limit: u64,
+    #[arg(long, default_value_t = 1024)]
+    open_files: u64,
+}
+
+fn main() {
+    let args = Args::parse();
+    let language = if args.language == "r" {
+        Language::R {
+            packages: args.packages,
+        }
+    } else {
+        if args.exec_args.is_empty() {
+            eprintln!(
+                "hatchery-zygote: --language {} needs --exec-arg",
+                args.language
+            );
+            std::process::exit(2);
+        }
+        Language::Exec {
+            name: args.language,
+            argv: args.exec_args,
+        }
+    };
+    serve(ZygoteConfig {
+        language,
+        shape: SandboxShape {
+            uid: args.uid,
+            gid: args.gid,
+            hostname: args.hostname,
+            tmp_size: args.tmp_size,
+            work_size: args.work_size,
+            rlimits: Rlimits {
+                file_size: args.file_size_limit,
+                open_files: args.open_files,
+            },
+        },
+        ctl_fd: args.ctl_fd,
+    })
+}

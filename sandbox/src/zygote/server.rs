@@ -1,0 +1,514 @@
+//! The zygote: runs inside a sandbox of its own (read-only root, no network, root only of
+//! its user namespace), initialises the language runtime once, and forks single-use
+//! sandboxes on request.
+//!
+//! Each fork gets fresh pid, mount, network, ipc and uts namespaces and then, in
+//! [`sandbox_main`], finishes its containment in a fixed order before it may receive code:
+//! wait for the agent to place it in its cgroup → cgroup namespace, hostname, `lo` →
+//! private mounts: fresh `/proc` (masked again), tmpfs `/tmp`, `/work`, `/dev/shm` →
+//! stdio → rlimits → drop to the unprivileged uid with no capabilities → every other
+//! descriptor closed → `no_new_privs` → seccomp → language fork-safety (R: fresh RNG state
+//! and temp dir) → `Ready`. The agent freezes it there.
+//!
+//! The zygote itself is single-threaded (BLAS/OpenMP pinned to one thread) and never runs
+//! user code. Forked children are reaped by the kernel (SIGCHLD ignored); the agent
+//! follows them through pidfds.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::unistd::{self, Gid, Uid};
+
+use crate::container::{step, StepError};
+use crate::frame::FrameError;
+use crate::seccomp::Filter;
+use crate::spec::Rlimits;
+use crate::zygote::protocol::{
+    ErrorInfo, FromSandbox, FromZygote, Outcome, SandboxEnd, ToZygote, ZygoteEnd,
+};
+
+/// What the zygote runs.
+#[derive(Debug, Clone)]
+pub enum Language {
+    /// Embedded R with these packages preloaded.
+    R { packages: Vec<String> },
+    /// No zygote runtime: each sandbox execs `argv + [code]` when claimed (e.g.
+    /// `["python3", "-c"]`, `["bash", "-c"]`).
+    Exec { name: String, argv: Vec<String> },
+}
+
+impl Language {
+    pub fn name(&self) -> &str {
+        match self {
+            Language::R { .. } => "r",
+            Language::Exec { name, .. } => name,
+        }
+    }
+}
+
+/// How the zygote's sandboxes are confined (the parts that do not depend on the claim).
+#[derive(Debug, Clone)]
+pub struct SandboxShape {
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    pub tmp_size: u64,
+    pub work_size: u64,
+    pub rlimits: Rlimits,
+}
+
+/// The zygote's configuration, from its command line.
+#[derive(Debug, Clone)]
+pub struct ZygoteConfig {
+    pub language: Language,
+    pub shape: SandboxShape,
+    /// Control socket inherited from the agent.
+    pub ctl_fd: RawFd,
+}
+
+/// The agent's end of a sandbox's channel, for the progress hook of the R runtime.
+static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
+
+fn send_progress(fraction: f64, message: &str) {
+    let fd = CHANNEL_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: the fd is this sandbox's channel, open for the life of the process.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = crate::frame::send(
+            sock,
+            &FromSandbox::Progress {
+                fraction,
+                message: message.to_string(),
+            },
+            &[],
+        );
+    }
+}
+
+enum Runtime {
+    R(crate::r::REngine),
+    Exec(Vec<String>),
+}
+
+/// Runs the zygote until the agent closes the control channel or asks it to stop.
+pub fn serve(config: ZygoteConfig) -> ! {
+    // SAFETY: the agent passed this descriptor number explicitly (`--pass-fd`).
+    let ctl = ZygoteEnd {
+        sock: unsafe { OwnedFd::from_raw_fd(config.ctl_fd) },
+    };
+    let fatal = |ctl: &ZygoteEnd, error: String| -> ! {
+        let _ = ctl.send(&FromZygote::Fatal { error }, &[]);
+        std::process::exit(1)
+    };
+    // Children are reaped by the kernel; the agent watches them through pidfds.
+    // SAFETY: setting a signal disposition to SIG_IGN.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+
+    let filter = match crate::seccomp::Profile::default_profile().and_then(|p| p.compile()) {
+        Ok(f) => f,
+        Err(e) => fatal(&ctl, format!("seccomp: {e}")),
+    };
+    let started = Instant::now();
+    let (runtime, packages, init_ms, preload_ms) = match &config.language {
+        Language::R { packages } => {
+            let opts = crate::r::REngineOptions {
+                packages: Vec::new(),
+                ..Default::default()
+            };
+            let engine = match crate::r::REngine::init(&opts) {
+                Ok(e) => e,
+                Err(e) => fatal(&ctl, format!("R start-up: {e}")),
+            };
+            let init_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let t = Instant::now();
+            if let Err(e) = engine.preload(packages) {
+                fatal(&ctl, format!("preload: {e}"));
+            }
+            engine.full_gc();
+            let preload_ms = t.elapsed().as_secs_f64() * 1000.0;
+            crate::r::set_progress_hook(Some(send_progress));
+            (Runtime::R(engine), packages.clone(), init_ms, preload_ms)
+        }
+        Language::Exec { argv, .. } => (Runtime::Exec(argv.clone()), Vec::new(), 0.0, 0.0),
+    };
+    let ready = FromZygote::Ready {
+        language: config.language.name().to_string(),
+        packages,
+        init_ms,
+        preload_ms,
+    };
+    if ctl.send(&ready, &[]).is_err() {
+        std::process::exit(0);
+    }
+    loop {
+        match ctl.recv() {
+            Ok(ToZygote::Fork { slot }) => {
+                let reply = fork_sandbox(&config, &ctl, &filter, &runtime);
+                let sent = match reply {
+                    Ok(fds) => {
+                        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                        ctl.send(&FromZygote::Forked { slot }, &raw)
+                    }
+                    Err(e) => ctl.send(
+                        &FromZygote::ForkFailed {
+                            slot,
+                            error: e.to_string(),
+                        },
+                        &[],
+                    ),
+                };
+                if sent.is_err() {
+                    std::process::exit(0);
+                }
+            }
+            Ok(ToZygote::Shutdown) | Err(FrameError::Closed) => std::process::exit(0),
+            Err(e) => fatal(&ctl, format!("control channel: {e}")),
+        }
+    }
+}
+
+/// Forks one sandbox. Returns the descriptors for the agent: pidfd, channel, stdout and
+/// stderr read ends.
+fn fork_sandbox(
+    config: &ZygoteConfig,
+    ctl: &ZygoteEnd,
+    filter: &Filter,
+    runtime: &Runtime,
+) -> Result<[OwnedFd; 4], Errno> {
+    let (agent_sock, child_sock) = crate::frame::socketpair()?;
+    let (out_r, out_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let flags = (libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_PIDFD) as u64;
+    let mut pidfd: RawFd = -1;
+    let mut args = crate::run::CloneArgs {
+        flags,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: fork-like clone3 (no CLONE_VM, no stack) of this single-threaded process.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut crate::run::CloneArgs,
+            std::mem::size_of::<crate::run::CloneArgs>(),
+        )
+    };
+    let pid = Errno::result(ret)?;
+    if pid == 0 {
+        drop((agent_sock, out_r, err_r));
+        let _ = unistd::close(ctl.sock.as_raw_fd());
+        let end = SandboxEnd { sock: child_sock };
+        sandbox_main(config, end, out_w, err_w, filter, runtime);
+    }
+    // SAFETY: CLONE_PIDFD stored a fresh descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok([pidfd, agent_sock, out_r, err_r])
+}
+
+/// The forked sandbox: finish containment, wait for code, run it once, exit.
+fn sandbox_main(
+    config: &ZygoteConfig,
+    end: SandboxEnd,
+    out_w: OwnedFd,
+    err_w: OwnedFd,
+    filter: &Filter,
+    runtime: &Runtime,
+) -> ! {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    // The zygote ignores SIGCHLD (auto-reaping); the sandbox's own code must be able to
+    // wait for its children (R's system(), the fork-exec interpreter).
+    // SAFETY: restoring the default disposition of a signal.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    if end.wait_for_placement().is_err() {
+        crate::container::exit(0);
+    }
+    CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
+    if let Err(e) = contain(config, &end, out_w, err_w, filter) {
+        let _ = end.send(&FromSandbox::SetupError {
+            stage: e.stage.to_string(),
+            message: e.message,
+        });
+        crate::container::exit(125);
+    }
+    if let Runtime::R(engine) = runtime {
+        if let Err(e) = engine.prepare_child(Path::new("/tmp/R")) {
+            let _ = end.send(&FromSandbox::SetupError {
+                stage: "prepare the R runtime".into(),
+                message: e.to_string(),
+            });
+            crate::container::exit(125);
+        }
+    }
+    if end.send(&FromSandbox::Ready).is_err() {
+        crate::container::exit(0);
+    }
+    // Frozen here until claimed.
+    let code = match end.wait_for_code() {
+        Ok(c) => c,
+        Err(_) => crate::container::exit(0),
+    };
+    let _ = end.send(&FromSandbox::Started {
+        monotonic_ns: monotonic_ns(),
+    });
+    let outcome = match runtime {
+        Runtime::R(engine) => {
+            let o = engine.eval(&code);
+            Outcome {
+                ok: o.ok,
+                value_json: o.value_json,
+                value_class: o.value_class,
+                error: o.error.map(|e| ErrorInfo {
+                    message: e.message,
+                    call: e.call,
+                    kind: match e.kind {
+                        crate::r::ErrorKind::Parse => "parse".into(),
+                        crate::r::ErrorKind::Runtime => "runtime".into(),
+                    },
+                }),
+                warnings: o.warnings,
+                exit_code: None,
+                signal: None,
+            }
+        }
+        Runtime::Exec(argv) => exec_code(argv, &code),
+    };
+    let _ = end.send(&FromSandbox::Finished(outcome));
+    match runtime {
+        Runtime::R(_) => crate::r::exit_child(0),
+        Runtime::Exec(_) => crate::container::exit(0),
+    }
+}
+
+/// Fork-exec languages: this process (pid 1 of the sandbox) forks the interpreter, waits
+/// for it, and reports its exit.
+fn exec_code(argv: &[String], code: &str) -> Outcome {
+    let mut args: Vec<CString> = argv
+        .iter()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
+    let Ok(code_c) = CString::new(code) else {
+        return Outcome {
+            ok: false,
+            error: Some(ErrorInfo {
+                message: "code contains a NUL byte".into(),
+                call: None,
+                kind: "parse".into(),
+            }),
+            ..Default::default()
+        };
+    };
+    args.push(code_c);
+    let env: Vec<CString> = crate::spec::default_env()
+        .iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    let path = resolve(&argv[0]);
+    // SAFETY: single-threaded process; the child only calls execve and _exit.
+    match unsafe { unistd::fork() } {
+        Ok(unistd::ForkResult::Child) => {
+            let _ = unistd::execve(&path, &args, &env);
+            crate::container::exit(127)
+        }
+        Ok(unistd::ForkResult::Parent { child }) => loop {
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                    return Outcome {
+                        ok: code == 0,
+                        exit_code: Some(code),
+                        ..Default::default()
+                    }
+                }
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                    return Outcome {
+                        ok: false,
+                        signal: Some(sig as i32),
+                        ..Default::default()
+                    }
+                }
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    return Outcome {
+                        ok: false,
+                        error: Some(ErrorInfo {
+                            message: format!("waitpid: {e}"),
+                            call: None,
+                            kind: "runtime".into(),
+                        }),
+                        ..Default::default()
+                    }
+                }
+            }
+        },
+        Err(e) => Outcome {
+            ok: false,
+            error: Some(ErrorInfo {
+                message: format!("fork: {e}"),
+                call: None,
+                kind: "runtime".into(),
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+fn resolve(cmd: &str) -> CString {
+    if !cmd.contains('/') {
+        for dir in crate::spec::DEFAULT_PATH.split(':') {
+            let p = PathBuf::from(dir).join(cmd);
+            if p.exists() {
+                return CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default();
+            }
+        }
+    }
+    CString::new(cmd).unwrap_or_default()
+}
+
+use crate::pool::monotonic_ns;
+
+/// The containment steps of a forked sandbox, in order (see the module docs).
+fn contain(
+    config: &ZygoteConfig,
+    end: &SandboxEnd,
+    out_w: OwnedFd,
+    err_w: OwnedFd,
+    filter: &Filter,
+) -> Result<(), StepError> {
+    let shape = &config.shape;
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare the cgroup namespace"))?;
+    unistd::sethostname(&shape.hostname).map_err(step("set hostname"))?;
+    crate::container::loopback_up().map_err(step("bring up loopback"))?;
+
+    // Mounts: nothing of one sandbox is visible to another, or to the zygote.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("make mounts private"))?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step("mount /proc"))?;
+    crate::mounts::mask_paths(Path::new("/"))?;
+    let tmpfs = |target: &str, opts: String, stage: &'static str| {
+        mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(opts.as_str()),
+        )
+        .map_err(step(stage))
+    };
+    tmpfs(
+        "/tmp",
+        format!("size={},mode=1777", shape.tmp_size.max(4096)),
+        "mount /tmp",
+    )?;
+    tmpfs(
+        "/work",
+        format!(
+            "size={},mode=0755,uid={},gid={}",
+            shape.work_size.max(4096),
+            shape.uid,
+            shape.gid
+        ),
+        "mount the work directory",
+    )?;
+    tmpfs(
+        "/dev/shm",
+        format!("size={},mode=1777", shape.tmp_size.max(4096)),
+        "mount /dev/shm",
+    )?;
+
+    // Stdio: output goes to the agent's pipes; no terminal, no input.
+    unistd::setsid().map_err(step("setsid"))?;
+    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty())
+        .map_err(step("open /dev/null"))?;
+    crate::container::dup_onto(devnull.as_raw_fd(), 0).map_err(step("set up stdin"))?;
+    crate::container::dup_onto(out_w.as_raw_fd(), 1).map_err(step("set up stdout"))?;
+    crate::container::dup_onto(err_w.as_raw_fd(), 2).map_err(step("set up stderr"))?;
+    drop((devnull, out_w, err_w));
+    unistd::chdir(crate::spec::WORK_DIR).map_err(step("chdir to the work directory"))?;
+    let _ = std::fs::write("/proc/self/oom_score_adj", "500");
+
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("set RLIMIT_CORE"))?;
+    let fsize = shape.rlimits.file_size;
+    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(step("set RLIMIT_FSIZE"))?;
+    let nofile = shape.rlimits.open_files;
+    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(step("set RLIMIT_NOFILE"))?;
+
+    for cap in caps::all() {
+        caps::drop(None, caps::CapSet::Bounding, cap).map_err(step("drop bounding set"))?;
+    }
+    unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
+    let gid = Gid::from_raw(shape.gid);
+    let uid = Uid::from_raw(shape.uid);
+    unistd::setresgid(gid, gid, gid).map_err(step("set gid"))?;
+    unistd::setresuid(uid, uid, uid).map_err(step("set uid"))?;
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+    ] {
+        caps::clear(None, set).map_err(step("clear capabilities"))?;
+    }
+    if !caps::read(None, caps::CapSet::Permitted)
+        .map_err(step("read capabilities"))?
+        .is_empty()
+    {
+        return Err(step("verify capabilities")("permitted set is not empty"));
+    }
+
+    // Only stdio and the channel stay open; the channel is close-on-exec.
+    let chan = end.sock.as_fd().as_raw_fd();
+    crate::container::close_range(3, chan - 1).map_err(step("close descriptors"))?;
+    crate::container::close_range(chan + 1, libc::c_uint::MAX as i32)
+        .map_err(step("close descriptors"))?;
+
+    // SAFETY: prctl with integer arguments only.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    } != 0
+    {
+        return Err(step("set no_new_privs")(Errno::last()));
+    }
+    filter.load().map_err(step("load seccomp filter"))?;
+    Ok(())
+}
