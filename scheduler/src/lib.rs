@@ -1,12 +1,15 @@
-//! Hatchery's cluster scheduler.
-//!
-//! This crate will own the wire types, policy resolution, admission, placement,
-//! host-group autoscaling and the per-host agent (see ARCHITECTURE.md). Nothing is
-//! implemented yet: it exists so that the workspace has the agreed shape and the
-//! dependency direction `sandbox` ← `scheduler` ← `api` is fixed from the start.
+//! Hatchery's scheduler side of the platform: the wire types ([`model`]), the store and
+//! bus interfaces with their embedded backends, policy resolution and admission, the
+//! platform front door the API calls ([`platform`]), encrypted objects, placement, and the
+//! per-host agent that drives the `sandbox` runtime's warm pools.
 //!
 //! [`vm`] boots Linux VMs under qemu (pure cgroup v2 guests running host binaries); the
 //! `hatchery-vm` binary uses it to test the v2 cgroup backend, and the local cluster
 //! simulation will use it for its hosts.
 
+pub mod bus;
+pub mod model;
+pub mod objects;
+pub mod platform;
+pub mod store;
 pub mod vm;

@@ -1,0 +1,76 @@
+//! The bus: how the roles talk without sharing memory. Live event fan-out (agent → api),
+//! the work queue (api → scheduler → agent), cancellations (api → agent) and host status
+//! (agent → scheduler, admin monitor). One trait, two backends: in-process channels here,
+//! Redis streams and pub/sub later.
+//!
+//! Delivery of work is at-least-once: a consumer acknowledges an item only after it has
+//! acted on it (the store's state transitions make repeats harmless: `mark_running` of an
+//! execution that is no longer queued fails).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::model::{ExecEvent, Millis, Usage};
+
+/// A message to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentCommand {
+    /// Run this (queued) execution.
+    Run { execution_id: String },
+    /// Cancel this execution if it runs here.
+    Cancel { execution_id: String },
+}
+
+/// What an agent reports about its host, periodically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub agent: String,
+    pub at: Millis,
+    /// Executions it can run at once, and runs now.
+    pub capacity: u32,
+    pub running: u32,
+    pub draining: bool,
+    /// Frozen sandboxes per language.
+    pub warm: Vec<(String, u32)>,
+    /// Live usage of every running sandbox (R13).
+    pub sandboxes: Vec<SandboxUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxUsage {
+    pub execution_id: String,
+    pub org: String,
+    pub user: String,
+    pub usage: Usage,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus closed")]
+    Closed,
+    #[error("bus i/o: {0}")]
+    Io(String),
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Live events for subscribers (the store holds the durable copy).
+    async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError>;
+    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent>;
+
+    /// api → scheduler: an execution was admitted.
+    async fn submit(&self, execution_id: &str) -> Result<(), BusError>;
+    /// scheduler: the next admitted execution (waits).
+    async fn next_submitted(&self) -> Result<String, BusError>;
+
+    /// scheduler/api → one agent.
+    async fn send_to_agent(&self, agent: &str, command: AgentCommand) -> Result<(), BusError>;
+    /// agent: its next command (waits).
+    async fn next_for_agent(&self, agent: &str) -> Result<AgentCommand, BusError>;
+
+    /// agent → everyone: host status (also the admin monitor's source).
+    async fn publish_status(&self, status: HostStatus) -> Result<(), BusError>;
+    fn subscribe_status(&self) -> broadcast::Receiver<HostStatus>;
+}

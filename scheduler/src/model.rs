@@ -1,0 +1,291 @@
+//! Wire types shared by the api, the scheduler and the agents: who asks, what they may
+//! use, what an execution is, and what it reports. Everything here is plain data
+//! (serde), the same in the embedded single-process mode and over Redis.
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    OrgAdmin,
+    Superadmin,
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub org: String,
+    pub user: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// May this caller read or cancel an execution owned by `org`/`user`? Owners, admins
+    /// of the owner's org, and superadmins may.
+    pub fn may_access(&self, org: &str, user: &str) -> bool {
+        match self.role {
+            Role::Superadmin => true,
+            Role::OrgAdmin => self.org == org,
+            Role::User => self.org == org && self.user == user,
+        }
+    }
+
+    /// May this caller read or change the policies of `org`?
+    pub fn may_administer(&self, org: &str) -> bool {
+        match self.role {
+            Role::Superadmin => true,
+            Role::OrgAdmin => self.org == org,
+            Role::User => false,
+        }
+    }
+}
+
+/// Resource policy. Every field is optional: a user override ▷ org policy ▷ platform
+/// default, field by field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    pub time_limit_ms: Option<u64>,
+    /// Executions of one user that may be active (queued or running) at once.
+    pub max_parallel: Option<u32>,
+    /// Frozen sandboxes kept warm for this org / user.
+    pub warm_pool_size: Option<u32>,
+}
+
+/// A policy with every field resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EffectivePolicy {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub pids: u64,
+    pub time_limit_ms: u64,
+    pub max_parallel: u32,
+    pub warm_pool_size: u32,
+}
+
+impl Default for EffectivePolicy {
+    /// The platform default.
+    fn default() -> Self {
+        EffectivePolicy {
+            memory_bytes: 512 << 20,
+            cpus: 1.0,
+            pids: 128,
+            time_limit_ms: 60_000,
+            max_parallel: 2,
+            warm_pool_size: 2,
+        }
+    }
+}
+
+/// Limits asked for in a request (each at most the caller's effective policy).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestedLimits {
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    pub time_limit_ms: Option<u64>,
+}
+
+/// The limits an execution runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub pids: u64,
+    pub time_limit_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    OomKilled,
+    TimedOut,
+    Cancelled,
+    /// Its agent died while running it; its sandbox was reaped.
+    Lost,
+}
+
+impl ExecState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, ExecState::Queued | ExecState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecState::Queued => "queued",
+            ExecState::Running => "running",
+            ExecState::Succeeded => "succeeded",
+            ExecState::Failed => "failed",
+            ExecState::OomKilled => "oom_killed",
+            ExecState::TimedOut => "timed_out",
+            ExecState::Cancelled => "cancelled",
+            ExecState::Lost => "lost",
+        }
+    }
+}
+
+/// Why an execution was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// The owner (or an admin) asked.
+    Requested,
+    /// A newer execution from the same tab replaced it (R10).
+    SupersededByTab,
+    /// The user went over their parallelism cap; the oldest goes (R11).
+    ParallelismCap,
+}
+
+/// One execution, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionRecord {
+    pub id: String,
+    pub org: String,
+    pub user: String,
+    pub language: String,
+    pub tab_id: Option<String>,
+    pub model_id: Option<String>,
+    pub state: ExecState,
+    pub limits: Limits,
+    /// Object-store key of the (encrypted) code.
+    pub code_key: String,
+    /// Object-store key of the (encrypted) result, once finished.
+    pub result_key: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// The agent (host) running it.
+    pub agent: Option<String>,
+    /// Set when a cancel was decided; the agent acts on it.
+    pub cancel: Option<CancelReason>,
+    /// A short reason for failures the runtime decided (timeout, lost, ...).
+    pub error: Option<String>,
+    /// Sequence number of the last event.
+    pub last_seq: u64,
+}
+
+/// What an execution reports; stored in order with a per-execution sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecEvent {
+    pub execution_id: String,
+    /// 1, 2, 3, ... per execution, without gaps.
+    pub seq: u64,
+    pub at: Millis,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    Queued,
+    Started {
+        agent: String,
+        /// Claim → first user statement, in ms.
+        start_ms: Option<f64>,
+    },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    Progress {
+        fraction: f64,
+        message: String,
+    },
+    Usage(Usage),
+    Finished(ResultSummary),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub cpu_ms: f64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+}
+
+/// The result of a finished execution (also stored, encrypted, in the object store).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultSummary {
+    pub state: ExecState,
+    pub value_json: Option<String>,
+    pub error: Option<String>,
+    pub warnings: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub usage: Usage,
+    /// Claim → first user statement (ms).
+    pub start_ms: Option<f64>,
+    /// Claim → end (ms).
+    pub duration_ms: f64,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_rules() {
+        let u = Principal {
+            org: "a".into(),
+            user: "u".into(),
+            role: Role::User,
+        };
+        assert!(u.may_access("a", "u"));
+        assert!(!u.may_access("a", "v"));
+        assert!(!u.may_access("b", "u"));
+        assert!(!u.may_administer("a"));
+        let admin = Principal {
+            role: Role::OrgAdmin,
+            ..u.clone()
+        };
+        assert!(admin.may_access("a", "v"));
+        assert!(!admin.may_access("b", "v"));
+        assert!(admin.may_administer("a") && !admin.may_administer("b"));
+        let root = Principal {
+            role: Role::Superadmin,
+            ..u
+        };
+        assert!(root.may_access("b", "x") && root.may_administer("z"));
+    }
+
+    #[test]
+    fn events_serialise_flat_with_a_type() {
+        let e = ExecEvent {
+            execution_id: "x".into(),
+            seq: 3,
+            at: 1,
+            body: EventBody::Progress {
+                fraction: 0.5,
+                message: "half".into(),
+            },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "progress");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["fraction"], 0.5);
+        let back: ExecEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,24 @@
+//! Code and results at rest: an object store (the `object_store` crate: local filesystem
+//! in the embedded mode, S3 later) with every object sealed by AES-256-GCM under the
+//! platform key (R15). The key never leaves the process; object names carry no user
+//! data beyond ids.
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("object {0} failed authentication (wrong key or tampered)")]
+    Tampered(String),
+    #[error("object store: {0}")]
+    Io(String),
+}
+
+/// Encrypted blobs by key (e.g. `code/<execution id>`, `results/<execution id>`).
+#[async_trait]
+pub trait Objects: Send + Sync + 'static {
+    async fn put(&self, key: &str, plaintext: Vec<u8>) -> Result<(), ObjectError>;
+    async fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError>;
+    async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+}

@@ -1,0 +1,121 @@
+//! The store: execution records, policies, the per-execution event log, and the atomic
+//! admission decision. One trait, two backends: the embedded one here (in-process,
+//! durable on local disk) and, later, Redis (the same decisions in a Lua script).
+//!
+//! Every method is one atomic step: no caller ever reads-modifies-writes a record across
+//! two calls, so several API nodes may share one store without races.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store i/o: {0}")]
+    Io(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("execution {0} does not exist")]
+    NotFound(String),
+    #[error("illegal state change of {id}: {from:?} -> {to:?}")]
+    IllegalTransition {
+        id: String,
+        from: ExecState,
+        to: ExecState,
+    },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Filters for listing executions (all optional, ANDed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListFilter {
+    pub org: Option<String>,
+    pub user: Option<String>,
+    pub tab_id: Option<String>,
+    pub state: Option<ExecState>,
+    /// Only queued or running ones.
+    pub active_only: bool,
+    /// Newest first, at most this many.
+    pub limit: Option<usize>,
+}
+
+/// What admission decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Admission {
+    /// The record was stored as `queued`; these executions must now be cancelled (their
+    /// `cancel` field is already set in the store).
+    Admitted {
+        cancelled: Vec<(String, CancelReason)>,
+    },
+    /// The platform's queue is full: nothing was stored.
+    QueueFull { queued: usize },
+}
+
+/// Limits of one admission decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionRules {
+    /// Active (queued or running, not cancel-requested) executions one user may have,
+    /// the new one included (R11).
+    pub max_parallel: u32,
+    /// Queued executions the whole platform holds before answering 503.
+    pub max_queued: usize,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>>;
+    async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()>;
+    async fn get_user_policy(&self, org: &str, user: &str) -> StoreResult<Option<Policy>>;
+    async fn put_user_policy(&self, org: &str, user: &str, policy: Policy) -> StoreResult<()>;
+
+    /// Atomically: unless the queue is full, store `record` (state `queued`) and its
+    /// `queued` event (seq 1); cancel the same tab's active executions
+    /// (`SupersededByTab`, R10); then, if the user has more than `max_parallel` active
+    /// executions, cancel the oldest ones (`ParallelismCap`, R11) until exactly
+    /// `max_parallel` remain. Cancelling follows [`Store::request_cancel`]'s rules;
+    /// cancel-requested executions no longer count as active.
+    async fn admit(&self, record: ExecutionRecord, rules: AdmissionRules)
+        -> StoreResult<Admission>;
+
+    async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>>;
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>>;
+
+    /// Cancels an execution: a queued one becomes `cancelled` at once (terminal, with its
+    /// `finished` event appended); a running one is marked cancel-requested (its agent
+    /// kills it and marks it finished); a finished one is left as it is. Returns the
+    /// record after the change, or `None` if it does not exist.
+    async fn request_cancel(
+        &self,
+        id: &str,
+        reason: CancelReason,
+    ) -> StoreResult<Option<ExecutionRecord>>;
+
+    /// `queued` → `running` on `agent` (fails if the execution is no longer queued, e.g.
+    /// cancelled meanwhile: the caller must not run it).
+    async fn mark_running(&self, id: &str, agent: &str, at: Millis)
+        -> StoreResult<ExecutionRecord>;
+
+    /// Active → a terminal state, with the result's object key and an error note.
+    async fn mark_finished(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        error: Option<String>,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord>;
+
+    /// Appends an event with the next sequence number of its execution.
+    async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent>;
+
+    /// Events of `id` with `seq > after`, in order.
+    async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>>;
+
+    /// Deletes finished executions (records and events) finished before `before`; returns
+    /// them so their objects can be deleted too.
+    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>>;
+}
