@@ -29,14 +29,14 @@ use nix::unistd::{self, ForkResult, Gid, Pid, Uid};
 
 use crate::channel::ChildMessage;
 use crate::mounts;
-use crate::seccomp::Filter;
+use crate::seccomp::BpfProgram;
 use crate::spec::SandboxSpec;
 
 /// What the child needs, prepared by the supervisor before `clone3`.
 pub(crate) struct ChildContext<'a> {
     pub spec: &'a SandboxSpec,
     /// The seccomp filter, loaded last; `None` only for the zygote (see `userns_root`).
-    pub filter: Option<&'a Filter>,
+    pub filter: Option<&'a BpfProgram>,
     /// Read end of the supervisor's "go" pipe.
     pub sync_read: OwnedFd,
     /// Write end of the message channel.
@@ -296,8 +296,9 @@ fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
 
     ChildMessage::Confined.send(ctx.status_write.as_fd());
     // Seccomp last: from here on only the allow-listed syscalls work, execve among them.
-    if let Some(filter) = ctx.filter {
-        filter.load().map_err(step("load seccomp filter"))?;
+    if let Some(bpf) = ctx.filter {
+        // Compiled to BPF by the supervisor: loading is one seccomp(2) call.
+        bpf.load().map_err(step("load seccomp filter"))?;
     }
 
     let mut errno = Errno::ENOENT;

@@ -79,6 +79,8 @@ pub enum RunError {
     },
     #[error("the command is empty")]
     EmptyCommand,
+    #[error("seccomp: {0}")]
+    Seccomp(String),
 }
 
 fn sys(op: &'static str) -> impl FnOnce(Errno) -> RunError {
@@ -237,6 +239,12 @@ impl<'a> Supervisor<'a> {
             source: e,
         })?;
 
+        // The filter's BPF is generated here, before the clone: inside, loading it is a
+        // single system call.
+        let bpf = filter
+            .map(|f| f.export_bpf())
+            .transpose()
+            .map_err(|e| RunError::Seccomp(e.to_string()))?;
         let cgroup = CgroupGuard(Some(root.create(&id)?));
         cgroup.get().apply(&opts.limits)?;
 
@@ -287,7 +295,7 @@ impl<'a> Supervisor<'a> {
             drop((sync_write, status_read, stdout_read, stderr_read, cgroup_fd));
             let ctx = ChildContext {
                 spec: &spec,
-                filter,
+                filter: bpf.as_ref(),
                 sync_read,
                 status_write,
                 stdout_write,

@@ -29,7 +29,7 @@ use nix::unistd::{self, Gid, Uid};
 
 use crate::container::{step, StepError};
 use crate::frame::FrameError;
-use crate::seccomp::Filter;
+use crate::seccomp::BpfProgram;
 use crate::spec::Rlimits;
 use crate::zygote::protocol::{
     ErrorInfo, FromSandbox, FromZygote, Outcome, SandboxEnd, ToZygote, ZygoteEnd,
@@ -112,7 +112,11 @@ pub fn serve(config: ZygoteConfig) -> ! {
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
 
-    let filter = match crate::seccomp::Profile::default_profile().and_then(|p| p.compile()) {
+    // Compiled and exported once: each sandbox loads the ready BPF with one system call.
+    let filter = match crate::seccomp::Profile::default_profile()
+        .and_then(|p| p.compile())
+        .and_then(|f| f.export_bpf())
+    {
         Ok(f) => f,
         Err(e) => fatal(&ctl, format!("seccomp: {e}")),
     };
@@ -180,7 +184,7 @@ pub fn serve(config: ZygoteConfig) -> ! {
 fn fork_sandbox(
     config: &ZygoteConfig,
     ctl: &ZygoteEnd,
-    filter: &Filter,
+    filter: &BpfProgram,
     runtime: &Runtime,
 ) -> Result<[OwnedFd; 4], Errno> {
     let (agent_sock, child_sock) = crate::frame::socketpair()?;
@@ -225,7 +229,7 @@ fn sandbox_main(
     end: SandboxEnd,
     out_w: OwnedFd,
     err_w: OwnedFd,
-    filter: &Filter,
+    filter: &BpfProgram,
     runtime: &Runtime,
 ) -> ! {
     // SAFETY: prctl with integer arguments only.
@@ -394,7 +398,7 @@ fn contain(
     end: &SandboxEnd,
     out_w: OwnedFd,
     err_w: OwnedFd,
-    filter: &Filter,
+    filter: &BpfProgram,
 ) -> Result<(), StepError> {
     let shape = &config.shape;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare the cgroup namespace"))?;
