@@ -28,8 +28,13 @@ impl Owner {
         }
     }
 
+    /// The process exists, is the same one (start time), and is not a zombie (a dead
+    /// owner whose parent has not reaped it yet is dead for us).
     pub fn is_alive(&self) -> bool {
-        process_start_time(self.pid) == Some(self.start_time)
+        match process_stat(self.pid) {
+            Some((state, start)) => start == self.start_time && state != 'Z' && state != 'X',
+            None => false,
+        }
     }
 }
 
@@ -57,10 +62,18 @@ pub fn owner_of(name: &str) -> Option<Owner> {
 
 /// Field 22 of `/proc/<pid>/stat`.
 pub fn process_start_time(pid: i32) -> Option<u64> {
+    process_stat(pid).map(|(_, start)| start)
+}
+
+/// State (field 3) and start time (field 22) of `/proc/<pid>/stat`.
+fn process_stat(pid: i32) -> Option<(char, u64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may contain spaces: parse after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
 }
 
 /// What a collection found and did.
@@ -74,7 +87,11 @@ pub struct GcSummary {
 /// Removes every sandbox cgroup under `root` whose owner is dead.
 pub fn collect(root: &CgroupRoot) -> GcSummary {
     let mut summary = GcSummary::default();
-    for name in root.children() {
+    // Pooled sandboxes (`sb-`) before everything else: a zygote's pid namespace cannot end
+    // while a (frozen) sandbox forked from it still exists.
+    let mut names = root.children();
+    names.sort_by_key(|n| !n.starts_with("sb-"));
+    for name in names {
         match owner_of(&name) {
             Some(owner) if !owner.is_alive() => match root.open(&name).and_then(|c| c.destroy()) {
                 Ok(()) => summary.removed.push(name),
@@ -84,6 +101,34 @@ pub fn collect(root: &CgroupRoot) -> GcSummary {
         }
     }
     summary
+}
+
+/// Waits until process `pid` is gone, then collects its leftovers (and every other
+/// orphan). `sandbox reap-after` runs this for a pool owner that might be killed.
+pub fn reap_after(pid: i32, root: &CgroupRoot) -> std::io::Result<GcSummary> {
+    // SAFETY: pidfd_open with a pid and no flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        let mut pfd = libc::pollfd {
+            fd: fd as i32,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd we own; infinite timeout.
+            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if r > 0
+                || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
+            {
+                break;
+            }
+        }
+        // SAFETY: closing the pidfd we opened.
+        unsafe { libc::close(fd as i32) };
+    } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(collect(root))
 }
 
 #[cfg(test)]
@@ -98,6 +143,24 @@ mod tests {
         assert!(owner.is_alive());
         assert!(owner_of("stranger").is_none());
         assert!(owner_of("run-1-2").is_none());
+    }
+
+    #[test]
+    fn a_zombie_owner_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let owner = Owner {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+        };
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_stat(pid).map(|s| s.0) != Some('Z') {
+            assert!(std::time::Instant::now() < deadline, "child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!owner.is_alive());
+        child.wait().unwrap();
     }
 
     #[test]

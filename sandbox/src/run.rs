@@ -310,6 +310,11 @@ impl<'a> Supervisor<'a> {
             stderr_write,
             cgroup_fd,
         ));
+        // The passed descriptors belong to the sandbox now: holding them here would keep
+        // their peers from ever seeing the sandbox's end close.
+        for fd in &spec.pass_fds {
+            let _ = unistd::close(*fd);
+        }
         let init = Pid::from_raw(child as i32);
         // SAFETY: CLONE_PIDFD stored a fresh pidfd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };

@@ -52,6 +52,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Remove sandbox cgroups (and any process still in them) whose supervisor is gone.
     Gc(GcArgs),
+    /// Wait for process PID to end, then remove what it left (started by a pool as its
+    /// watchdog: frozen sandboxes of a killed pool owner are thawed and killed).
+    #[command(hide = true)]
+    ReapAfter {
+        pid: i32,
+        #[arg(long, default_value = DEFAULT_CGROUP_PARENT)]
+        cgroup_parent: String,
+    },
     /// Print the detected cgroup setup and defaults as JSON.
     Info(GcArgs),
 }
@@ -202,6 +210,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cmd_run(*args),
         Command::Gc(args) => cmd_gc(args),
+        Command::ReapAfter { pid, cgroup_parent } => {
+            // Our stdout/stderr may be a pipe whose reader dies with the process we wait
+            // for: a write would kill us with SIGPIPE before the cleanup.
+            // SAFETY: setting a signal disposition to SIG_IGN.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+            CgroupRoot::detect(&cgroup_parent)
+                .map_err(anyhow::Error::from)
+                .and_then(|root| Ok(gc::reap_after(pid, &root)?))
+                .map(|s| if s.failed.is_empty() { 0 } else { 1 })
+        }
         Command::Eval(args) => cmd_eval(*args),
         Command::Serve(args) => cmd_serve(*args),
         Command::Info(args) => cmd_info(args),

@@ -45,6 +45,9 @@ use state::{Lifecycle, SandboxEvent};
 /// maintainer keeps retrying with a back-off).
 pub const ZYGOTE_START_ATTEMPTS: u32 = 3;
 
+/// Code up to this size is handed over before the thaw (it fits the socket buffer).
+const SEND_BEFORE_THAW_MAX: usize = 64 << 10;
+
 /// Where the zygote binary appears inside its sandbox.
 pub const ZYGOTE_PATH_INSIDE: &str = "/hatchery/zygote";
 
@@ -286,6 +289,9 @@ impl Shared {
 pub struct Pool {
     shared: Arc<Shared>,
     maintainer: Option<JoinHandle<()>>,
+    /// `sandbox reap-after <our pid>`: outlives us if we are killed, and then reaps our
+    /// sandboxes (thawing frozen ones, which nothing else would).
+    watchdog: Option<Child>,
 }
 
 impl Pool {
@@ -318,6 +324,17 @@ impl Pool {
             stats: Mutex::new(PoolStats::default()),
             next_exec: AtomicU64::new(1),
         });
+        let watchdog = Command::new(&shared.config.sandbox_bin)
+            .arg("reap-after")
+            .arg(std::process::id().to_string())
+            .arg("--cgroup-parent")
+            .arg(&shared.config.cgroup_parent)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| PoolError::Io(format!("cannot start the watchdog: {e}")))?;
         let s = Arc::clone(&shared);
         let maintainer = std::thread::Builder::new()
             .name("pool-maintainer".into())
@@ -326,6 +343,7 @@ impl Pool {
         Ok(Pool {
             shared,
             maintainer: Some(maintainer),
+            watchdog: Some(watchdog),
         })
     }
 
@@ -393,12 +411,27 @@ impl Pool {
             .lifecycle
             .advance(SandboxEvent::Claimed)
             .map_err(|e| PoolError::Io(e.to_string()))?;
+        // Small code is sent while the sandbox is still frozen (the socket buffers it, and
+        // the sandbox finds it the moment it thaws); large code after the thaw, so the
+        // send cannot block on a frozen reader.
+        let early = req.code.len() <= SEND_BEFORE_THAW_MAX;
         let handed_over = sandbox
             .cgroup
             .apply(&req.limits)
             .map_err(PoolError::from)
+            .and_then(|_| {
+                if early {
+                    sandbox.channel.run(&req.code)?;
+                }
+                Ok(())
+            })
             .and_then(|_| sandbox.cgroup.thaw().map_err(PoolError::from))
-            .and_then(|_| sandbox.channel.run(&req.code).map_err(PoolError::from));
+            .and_then(|_| {
+                if !early {
+                    sandbox.channel.run(&req.code)?;
+                }
+                Ok(())
+            });
         if let Err(e) = handed_over {
             let _ = sandbox.lifecycle.advance(SandboxEvent::Ended);
             sandbox.reap();
@@ -462,7 +495,7 @@ impl Pool {
         }
     }
 
-    /// Stops the maintainer and the zygote and reaps every frozen sandbox. Running
+    /// Stops the maintainer, reaps every frozen sandbox, then stops the zygote. Running
     /// executions are killed with the zygote (they are in its pid namespace).
     pub fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -474,6 +507,10 @@ impl Pool {
         let drained: Vec<Pooled> = self.shared.queue.lock().unwrap().drain(..).collect();
         for s in drained {
             s.reap();
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
         }
     }
 }
@@ -589,9 +626,13 @@ impl Watcher {
         let mut ended_at: Option<Instant> = None;
         let mut drain_until: Option<Instant> = None;
         let mut setup_error: Option<String> = None;
+        let mut finished = false;
 
         loop {
-            if exited && !streams[0].open && !streams[1].open {
+            if finished {
+                break;
+            }
+            if exited && !streams[0].open && !streams[1].open && !chan_open {
                 break;
             }
             if drain_until.is_some_and(|d| Instant::now() >= d) {
@@ -655,37 +696,68 @@ impl Watcher {
                     self.kill();
                 }
             }
-            // Output first: whatever the sandbox wrote before a message is delivered
-            // before that message (it wrote the pipe, then the channel).
+            // The channel first, every message that is there, in order. Runtime output
+            // travels on it too, so it stays in order with progress and the result;
+            // what child processes wrote to the pipes before a progress report or the
+            // result is drained just before that message.
+            let chan_ready = |c: &SandboxChannel| c.has_pending() || readable(c.fd());
+            if chan_open && (ready.contains(&2) || chan_ready(&self.sandbox.channel)) {
+                while chan_open && chan_ready(&self.sandbox.channel) {
+                    let msg = self.sandbox.channel.recv();
+                    let mut crossed = false;
+                    match msg {
+                        Ok(FromSandbox::Started { monotonic_ns }) => {
+                            let after = monotonic_ns.saturating_sub(self.claimed_mono) as f64 / 1e6;
+                            self.timings.start_ms = Some(after);
+                            let _ = self.tx.send(Event::Started {
+                                after_claim_ms: after,
+                            });
+                        }
+                        Ok(FromSandbox::Output { stream, data }) => {
+                            // Consecutive pieces of one stream become one event (R prints a
+                            // vector in many small writes).
+                            let w = if stream == 2 { 1 } else { 0 };
+                            let mut data = data.into_bytes();
+                            while let Some(more) = self.sandbox.channel.peek_output(w) {
+                                data.extend_from_slice(more.as_bytes());
+                            }
+                            crossed = self.forward(w, data, &mut streams[w as usize]);
+                        }
+                        Ok(FromSandbox::Progress { fraction, message }) => {
+                            crossed = self.drain_pipes(&mut streams);
+                            let _ = self.tx.send(Event::Progress { fraction, message });
+                        }
+                        Ok(FromSandbox::Finished(o)) => {
+                            crossed = self.drain_pipes(&mut streams);
+                            ended_at.get_or_insert_with(Instant::now);
+                            outcome = Some(o);
+                            // The result does not wait for the process to exit (unmapping a
+                            // large copy-on-write heap takes milliseconds): report now,
+                            // kill and reap after.
+                            finished = true;
+                        }
+                        Ok(FromSandbox::SetupError { stage, message }) => {
+                            setup_error = Some(format!("{stage}: {message}"));
+                        }
+                        Ok(FromSandbox::Ready) => {}
+                        Err(_) => chan_open = false,
+                    }
+                    if crossed && stop.is_none() {
+                        stop = Some(Stop::OutputLimit);
+                        ended_at.get_or_insert(now);
+                        self.kill();
+                    }
+                }
+            }
             for w in [0u8, 1] {
-                let wanted = ready.contains(&w) || (ready.contains(&2) && streams[w as usize].open);
-                if wanted && self.pump(w, &mut streams[w as usize]) && stop.is_none() {
+                if ready.contains(&w)
+                    && streams[w as usize].open
+                    && self.pump(w, &mut streams[w as usize])
+                    && stop.is_none()
+                {
                     stop = Some(Stop::OutputLimit);
                     ended_at.get_or_insert(now);
                     self.kill();
-                }
-            }
-            if ready.contains(&2) {
-                match self.sandbox.channel.recv() {
-                    Ok(FromSandbox::Started { monotonic_ns }) => {
-                        let after = monotonic_ns.saturating_sub(self.claimed_mono) as f64 / 1e6;
-                        self.timings.start_ms = Some(after);
-                        let _ = self.tx.send(Event::Started {
-                            after_claim_ms: after,
-                        });
-                    }
-                    Ok(FromSandbox::Progress { fraction, message }) => {
-                        let _ = self.tx.send(Event::Progress { fraction, message });
-                    }
-                    Ok(FromSandbox::Finished(o)) => {
-                        ended_at.get_or_insert_with(Instant::now);
-                        outcome = Some(o);
-                    }
-                    Ok(FromSandbox::SetupError { stage, message }) => {
-                        setup_error = Some(format!("{stage}: {message}"));
-                    }
-                    Ok(FromSandbox::Ready) => {}
-                    Err(_) => chan_open = false,
                 }
             }
             if ready.contains(&3) {
@@ -749,6 +821,34 @@ impl Watcher {
         let _ = self.sandbox.cgroup.kill_all();
     }
 
+    /// Pumps both pipes until they are empty; true when the output limit was crossed.
+    fn drain_pipes(&self, streams: &mut [OutStream; 2]) -> bool {
+        let a = streams[0].open && self.pump(0, &mut streams[0]);
+        let b = streams[1].open && self.pump(1, &mut streams[1]);
+        a || b
+    }
+
+    /// Sends `data` as an output event, up to the output limit; true when this crossed it.
+    fn forward(&self, which: u8, mut data: Vec<u8>, stream: &mut OutStream) -> bool {
+        let n = data.len();
+        let room = self.req.output_limit.saturating_sub(stream.total) as usize;
+        stream.total += n as u64;
+        if room > 0 && n > 0 {
+            data.truncate(n.min(room));
+            let e = if which == 0 {
+                Event::Stdout { data }
+            } else {
+                Event::Stderr { data }
+            };
+            let _ = self.tx.send(e);
+        }
+        if n > room && !stream.truncated {
+            stream.truncated = true;
+            return true;
+        }
+        false
+    }
+
     /// Forwards what is readable now; returns true when this crossed the output limit.
     fn pump(&self, which: u8, stream: &mut OutStream) -> bool {
         let fd = if which == 0 {
@@ -768,21 +868,8 @@ impl Watcher {
                     return crossed;
                 }
                 Ok(n) => {
-                    let room = self.req.output_limit.saturating_sub(stream.total) as usize;
-                    stream.total += n as u64;
-                    if room > 0 {
-                        buf.truncate(n.min(room));
-                        let e = if which == 0 {
-                            Event::Stdout { data: buf }
-                        } else {
-                            Event::Stderr { data: buf }
-                        };
-                        let _ = self.tx.send(e);
-                    }
-                    if n > room && !stream.truncated {
-                        stream.truncated = true;
-                        crossed = true;
-                    }
+                    buf.truncate(n);
+                    crossed |= self.forward(which, buf, stream);
                 }
                 Err(Errno::EINTR) => {}
                 Err(_) => {
@@ -889,6 +976,9 @@ impl Maintainer {
             let _ = nix::unistd::read(&self.shared.wake, &mut counter);
             if ctl_ready {
                 // The zygote only speaks when asked: this is its death (EOF) or a fatal error.
+                // Its frozen sandboxes go first: on cgroup v1 a frozen process cannot die
+                // until thawed, and the zygote's pid namespace cannot end before they do.
+                self.reap_frozen();
                 let z = self.zygote.take().unwrap();
                 match z.ctl.recv() {
                     Ok((FromZygote::Fatal { error }, _)) => {
@@ -901,7 +991,17 @@ impl Maintainer {
                 drop(z);
             }
         }
+        self.reap_frozen();
         self.zygote = None;
+    }
+
+    /// Thaws, kills and removes every frozen sandbox in the pool.
+    fn reap_frozen(&self) {
+        let frozen: Vec<Pooled> = self.shared.queue.lock().unwrap().drain(..).collect();
+        for mut p in frozen {
+            let _ = p.lifecycle.advance(SandboxEvent::Failed);
+            p.reap();
+        }
     }
 
     fn sleep(&self, d: Duration) {

@@ -68,6 +68,11 @@ pub enum FromSandbox {
     Started { monotonic_ns: u64 },
     /// The user's code called `progress(fraction, message)`.
     Progress { fraction: f64, message: String },
+    /// Console output of the language runtime itself (R's `print`, `cat`, `message`).
+    /// It travels on the channel, not the pipes, so that it stays in order with progress
+    /// and the result; the pipes carry what child processes write. `stream` 1 is stdout,
+    /// 2 stderr.
+    Output { stream: u8, data: String },
     /// The evaluation ended (the sandbox exits right after).
     Finished(Outcome),
 }
@@ -156,11 +161,46 @@ impl ZygoteEnd {
 /// The agent's view of one sandbox's channel.
 pub struct SandboxChannel {
     sock: OwnedFd,
+    /// A message read ahead by [`SandboxChannel::peek_output`] and not consumed.
+    pending: std::cell::RefCell<Option<FromSandbox>>,
 }
 
 impl SandboxChannel {
     pub fn new(sock: OwnedFd) -> SandboxChannel {
-        SandboxChannel { sock }
+        SandboxChannel {
+            sock,
+            pending: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Whether a message was read ahead and waits for [`SandboxChannel::recv`].
+    pub fn has_pending(&self) -> bool {
+        self.pending.borrow().is_some()
+    }
+
+    /// If the next message is already readable and is output of `stream` (0 stdout, 1
+    /// stderr), returns its data; any other message is kept for the next `recv`.
+    pub fn peek_output(&self, stream: u8) -> Option<String> {
+        if self.has_pending() {
+            return None;
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            self.sock.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if !matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0) {
+            return None;
+        }
+        match frame::recv::<FromSandbox>(self.sock.as_fd()) {
+            Ok((FromSandbox::Output { stream: s, data }, _)) if (s == 2) == (stream == 1) => {
+                Some(data)
+            }
+            Ok((other, _)) => {
+                *self.pending.borrow_mut() = Some(other);
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -182,6 +222,9 @@ impl SandboxChannel {
     }
 
     pub fn recv(&self) -> Result<FromSandbox, FrameError> {
+        if let Some(m) = self.pending.borrow_mut().take() {
+            return Ok(m);
+        }
         Ok(frame::recv(self.sock.as_fd())?.0)
     }
 

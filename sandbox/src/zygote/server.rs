@@ -77,6 +77,30 @@ pub struct ZygoteConfig {
 /// The agent's end of a sandbox's channel, for the progress hook of the R runtime.
 static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
 
+/// R's console output: on the channel once a sandbox has one (in order with progress and
+/// the result), on fd 1/2 before (the zygote's own start-up messages).
+fn send_output(stream: crate::r::OutputStream, data: &[u8]) {
+    let fd = CHANNEL_FD.load(Ordering::Relaxed);
+    let n = match stream {
+        crate::r::OutputStream::Stdout => 1,
+        crate::r::OutputStream::Stderr => 2,
+    };
+    if fd < 0 {
+        crate::r::write_fd(n as i32, data);
+        return;
+    }
+    // SAFETY: the fd is this sandbox's channel, open for the life of the process.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = crate::frame::send(
+        sock,
+        &FromSandbox::Output {
+            stream: n,
+            data: String::from_utf8_lossy(data).into_owned(),
+        },
+        &[],
+    );
+}
+
 fn send_progress(fraction: f64, message: &str) {
     let fd = CHANNEL_FD.load(Ordering::Relaxed);
     if fd >= 0 {
@@ -91,6 +115,24 @@ fn send_progress(fraction: f64, message: &str) {
             &[],
         );
     }
+}
+
+/// Runs the evaluation path (printing, JSON encoding of common values, warnings,
+/// errors) once in the zygote, so that method caches and lazily-loaded code are filled in
+/// memory every sandbox shares, instead of being copied on write in each of them.
+fn warm_up(engine: &crate::r::REngine) {
+    fn discard(_: crate::r::OutputStream, _: &[u8]) {}
+    crate::r::set_output_hook(Some(discard));
+    for code in [
+        "1L; 2.5; c(a = 1.5, b = 2); \"x\"; TRUE; NULL; list(a = 1, b = \"x\")",
+        "head(cars); summary(c(1, 2, 3)); matrix(1:4, 2); factor(c(\"a\", \"b\"))",
+        "x <- lm(dist ~ speed, cars); coef(x)",
+        "warning(\"w\"); 1",
+        "stop(\"e\")",
+    ] {
+        let _ = engine.eval(code);
+    }
+    crate::r::set_output_hook(None);
 }
 
 enum Runtime {
@@ -136,9 +178,11 @@ pub fn serve(config: ZygoteConfig) -> ! {
             if let Err(e) = engine.preload(packages) {
                 fatal(&ctl, format!("preload: {e}"));
             }
+            warm_up(&engine);
             engine.full_gc();
             let preload_ms = t.elapsed().as_secs_f64() * 1000.0;
             crate::r::set_progress_hook(Some(send_progress));
+            crate::r::set_output_hook(Some(send_output));
             (Runtime::R(engine), packages.clone(), init_ms, preload_ms)
         }
         Language::Exec { argv, .. } => (Runtime::Exec(argv.clone()), Vec::new(), 0.0, 0.0),
