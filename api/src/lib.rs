@@ -1,5 +1,27 @@
-//! Hatchery's HTTP + WebSocket API.
+//! Hatchery's HTTP + WebSocket API and the pieces of the `hatchery` binary.
 //!
-//! This crate will own the hyper API, auth, the OpenAPI document, the web console,
-//! the object store and the `hatchery` binary with its roles. Nothing is implemented
-//! yet: it exists so that the workspace has the agreed shape.
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | settings (defaults ▷ TOML file ▷ `HATCHERY_*` environment) and the platform's keys |
+//! | [`auth`] | HS256 bearer tokens: minting and verifying |
+//! | [`routes`] | the route table, as data (router, metrics labels and the OpenAPI test read it) |
+//! | [`server`] | the hyper server: connections, routing, auth, panics, logs, graceful shutdown |
+//! | [`handlers`] | the HTTP handlers over the platform front door |
+//! | [`ws`] | the WebSocket streams: events of one execution, of a caller, the admin monitor |
+//! | [`error`] | JSON errors with stable codes |
+//! | [`metrics`] | the Prometheus registry |
+//!
+//! The API holds no platform state: everything goes through
+//! [`hatchery_scheduler::platform::Platform`], so several API nodes can serve one
+//! platform once the store and bus are shared (Redis).
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod ws;
+
+pub use server::{ApiServer, ServerOptions};

@@ -7,9 +7,15 @@
 //! `hatchery-vm` binary uses it to test the v2 cgroup backend, and the local cluster
 //! simulation will use it for its hosts.
 
+pub mod agent;
 pub mod bus;
+pub mod embedded;
+pub mod encrypted;
 pub mod model;
+pub mod node;
 pub mod objects;
+pub mod placement;
 pub mod platform;
+pub mod policy;
 pub mod store;
 pub mod vm;

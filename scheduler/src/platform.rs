@@ -10,13 +10,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::bus::{Bus, HostStatus};
+use crate::bus::{AgentCommand, Bus, HostStatus};
 use crate::model::{
-    EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy, Principal, RequestedLimits,
-    ResultSummary,
+    now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
+    Principal, RequestedLimits, ResultSummary, Role,
 };
-use crate::objects::Objects;
-use crate::store::{ListFilter, Store};
+use crate::objects::{ObjectError, Objects};
+use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
 
 /// Languages the platform runs, and the largest code it accepts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,26 +131,391 @@ pub struct EventFollow {
     pub live: broadcast::Receiver<ExecEvent>,
 }
 
-/// Method signatures (implemented in `platform_impl.rs`):
-///
-/// * `submit(&self, who: &Principal, req: SubmitRequest) -> Result<ExecutionRecord, PlatformError>`
-/// * `get(&self, who, id) -> Result<ExecutionView, PlatformError>`
-/// * `list(&self, who, q: &ListQuery) -> Result<Vec<ExecutionRecord>, PlatformError>`
-/// * `cancel(&self, who, id) -> Result<ExecutionRecord, PlatformError>`
-/// * `follow(&self, who, id, after_seq) -> Result<EventFollow, PlatformError>` — subscribe
-///   first, then read the backlog, so nothing falls between the two.
-/// * `follow_all(&self, who, after: &[(String, u64)]) -> Result<EventFollow, PlatformError>`
-/// * `effective_policy(&self, org, user) -> Result<EffectivePolicy, PlatformError>`
-/// * `get_org_policy / put_org_policy / get_user_policy / put_user_policy` (admin checks)
-/// * `running(&self, who) -> Result<Vec<ExecutionRecord>, PlatformError>` (admin)
-/// * `monitor(&self, who) -> Result<broadcast::Receiver<HostStatus>, PlatformError>` (admin)
-/// * `expire_old(&self) -> Result<usize, PlatformError>` (retention)
-pub type _Signatures = (
-    Principal,
-    Policy,
-    ListFilter,
-    HostStatus,
-    EventFollow,
-    ListQuery,
-    ExecutionView,
-);
+
+fn internal(e: impl std::fmt::Display) -> PlatformError {
+    PlatformError::Internal(e.to_string())
+}
+
+impl From<StoreError> for PlatformError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => PlatformError::NotFound,
+            StoreError::InvalidName(n) => PlatformError::Invalid(format!("invalid name: {n}")),
+            other => internal(other),
+        }
+    }
+}
+
+impl From<ObjectError> for PlatformError {
+    fn from(e: ObjectError) -> Self {
+        internal(e)
+    }
+}
+
+/// Longest `tab_id` / `model_id` accepted.
+pub const MAX_TAG_LEN: usize = 128;
+
+fn check_tag(name: &str, value: &Option<String>) -> Result<(), PlatformError> {
+    if let Some(v) = value {
+        if v.is_empty() || v.len() > MAX_TAG_LEN || v.chars().any(|c| c.is_control()) {
+            return Err(PlatformError::Invalid(format!(
+                "{name} must be 1 to {MAX_TAG_LEN} printable characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Default and largest page of `list`.
+pub const DEFAULT_LIST_LIMIT: usize = 50;
+pub const MAX_LIST_LIMIT: usize = 500;
+
+impl Platform {
+    /// User override ▷ org policy ▷ platform default.
+    pub async fn effective_policy(
+        &self,
+        org: &str,
+        user: &str,
+    ) -> Result<EffectivePolicy, PlatformError> {
+        let o = self.store.get_org_policy(org).await?;
+        let u = self.store.get_user_policy(org, user).await?;
+        Ok(crate::policy::resolve(
+            &self.config.default_policy,
+            o.as_ref(),
+            u.as_ref(),
+        ))
+    }
+
+    /// Validates, stores the code (encrypted), and runs admission: the new execution is
+    /// queued, the tab's previous one and any beyond the user's parallelism cap are
+    /// cancelled, and the scheduler is told.
+    pub async fn submit(
+        &self,
+        who: &Principal,
+        req: SubmitRequest,
+    ) -> Result<ExecutionRecord, PlatformError> {
+        if !self.config.languages.contains(&req.language) {
+            return Err(PlatformError::UnknownLanguage(req.language));
+        }
+        if req.code.len() > self.config.max_code_bytes {
+            return Err(PlatformError::CodeTooLarge {
+                size: req.code.len(),
+                limit: self.config.max_code_bytes,
+            });
+        }
+        check_tag("tab_id", &req.tab_id)?;
+        check_tag("model_id", &req.model_id)?;
+        let policy = self.effective_policy(&who.org, &who.user).await?;
+        let limits = crate::policy::limits_for(&policy, req.limits.as_ref())
+            .map_err(PlatformError::InvalidLimits)?;
+
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let code_key = format!("code/{id}");
+        self.objects.put(&code_key, req.code.into_bytes()).await?;
+        let record = ExecutionRecord {
+            id: id.clone(),
+            org: who.org.clone(),
+            user: who.user.clone(),
+            language: req.language,
+            tab_id: req.tab_id,
+            model_id: req.model_id,
+            state: ExecState::Queued,
+            limits,
+            code_key: code_key.clone(),
+            result_key: None,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            agent: None,
+            cancel: None,
+            error: None,
+            last_seq: 0,
+        };
+        let rules = AdmissionRules {
+            max_parallel: policy.max_parallel,
+            max_queued: self.config.max_queued,
+        };
+        match self.store.admit(record, rules).await? {
+            Admission::QueueFull { .. } => {
+                let _ = self.objects.delete(&code_key).await;
+                Err(PlatformError::QueueFull)
+            }
+            Admission::Admitted { cancelled } => {
+                // Under a race the new execution itself may be the oldest over the cap:
+                // then it is already cancelled (with its events) and is not submitted.
+                let self_cancelled = cancelled.iter().any(|(c, _)| *c == id);
+                for (other, _reason) in cancelled.iter().filter(|(c, _)| *c != id) {
+                    self.propagate_cancel(other).await;
+                }
+                self.publish_new_events(&id, 0).await;
+                if !self_cancelled {
+                    self.bus.submit(&id).await.map_err(internal)?;
+                }
+                self.store.get(&id).await?.ok_or(PlatformError::NotFound)
+            }
+        }
+    }
+
+    /// After the store decided a cancel: a queued execution is already `cancelled` (its
+    /// `finished` event is in the store: publish it); a running one must be killed by
+    /// its agent.
+    async fn propagate_cancel(&self, id: &str) {
+        let Ok(Some(rec)) = self.store.get(id).await else {
+            return;
+        };
+        match rec.state {
+            ExecState::Running => {
+                if let Some(agent) = &rec.agent {
+                    let _ = self
+                        .bus
+                        .send_to_agent(
+                            agent,
+                            AgentCommand::Cancel {
+                                execution_id: id.to_string(),
+                            },
+                        )
+                        .await;
+                }
+            }
+            ExecState::Cancelled => {
+                let from = rec.last_seq.saturating_sub(1);
+                self.publish_new_events(id, from).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn publish_new_events(&self, id: &str, after: u64) {
+        if let Ok(events) = self.store.events_after(id, after).await {
+            for e in events {
+                let _ = self.bus.publish_event(e).await;
+            }
+        }
+    }
+
+    /// The record, if `who` may see it (otherwise `NotFound`: no existence leak).
+    async fn visible(&self, who: &Principal, id: &str) -> Result<ExecutionRecord, PlatformError> {
+        match self.store.get(id).await? {
+            Some(r) if who.may_access(&r.org, &r.user) => Ok(r),
+            _ => Err(PlatformError::NotFound),
+        }
+    }
+
+    pub async fn get(&self, who: &Principal, id: &str) -> Result<ExecutionView, PlatformError> {
+        let record = self.visible(who, id).await?;
+        let result = match &record.result_key {
+            Some(key) => match self.objects.get(key).await {
+                Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(internal)?),
+                Err(ObjectError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        Ok(ExecutionView { record, result })
+    }
+
+    /// The caller's own executions, newest first.
+    pub async fn list(
+        &self,
+        who: &Principal,
+        q: &ListQuery,
+    ) -> Result<Vec<ExecutionRecord>, PlatformError> {
+        let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+        if limit == 0 || limit > MAX_LIST_LIMIT {
+            return Err(PlatformError::Invalid(format!(
+                "limit must be between 1 and {MAX_LIST_LIMIT}"
+            )));
+        }
+        let filter = ListFilter {
+            org: Some(who.org.clone()),
+            user: Some(who.user.clone()),
+            tab_id: q.tab_id.clone(),
+            state: q.state,
+            active_only: false,
+            limit: Some(limit),
+        };
+        Ok(self.store.list(&filter).await?)
+    }
+
+    /// Cancels an execution the caller may see (a finished one is returned unchanged).
+    pub async fn cancel(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<ExecutionRecord, PlatformError> {
+        self.visible(who, id).await?;
+        self.store
+            .request_cancel(id, CancelReason::Requested)
+            .await?
+            .ok_or(PlatformError::NotFound)?;
+        self.propagate_cancel(id).await;
+        self.store.get(id).await?.ok_or(PlatformError::NotFound)
+    }
+
+    /// Events of one execution after `after_seq`: subscribes first, then reads the
+    /// backlog, so an event is in the backlog, in the live stream, or both (the caller
+    /// drops `seq`s it has already sent) — never in neither.
+    pub async fn follow(
+        &self,
+        who: &Principal,
+        id: &str,
+        after_seq: u64,
+    ) -> Result<EventFollow, PlatformError> {
+        self.visible(who, id).await?;
+        let live = self.bus.subscribe_events();
+        let backlog = self.store.events_after(id, after_seq).await?;
+        Ok(EventFollow { backlog, live })
+    }
+
+    /// Events of all of the caller's executions: for each `(id, seq)` in `after`, the
+    /// backlog after it; for the caller's active executions not named there, their whole
+    /// backlog; then everything live (the caller filters live events by owner with
+    /// [`Platform::owns_event`]).
+    pub async fn follow_all(
+        &self,
+        who: &Principal,
+        after: &[(String, u64)],
+    ) -> Result<EventFollow, PlatformError> {
+        let live = self.bus.subscribe_events();
+        let mut backlog = Vec::new();
+        for (id, seq) in after {
+            if self.visible(who, id).await.is_ok() {
+                backlog.extend(self.store.events_after(id, *seq).await?);
+            }
+        }
+        let active = self
+            .store
+            .list(&ListFilter {
+                org: Some(who.org.clone()),
+                user: Some(who.user.clone()),
+                active_only: true,
+                ..Default::default()
+            })
+            .await?;
+        for rec in active {
+            if !after.iter().any(|(id, _)| *id == rec.id) {
+                backlog.extend(self.store.events_after(&rec.id, 0).await?);
+            }
+        }
+        Ok(EventFollow { backlog, live })
+    }
+
+    /// Whether a live event belongs to one of `who`'s own executions.
+    pub async fn owns_event(&self, who: &Principal, event: &ExecEvent) -> bool {
+        matches!(
+            self.store.get(&event.execution_id).await,
+            Ok(Some(r)) if r.org == who.org && r.user == who.user
+        )
+    }
+
+    fn require_admin(&self, who: &Principal, org: &str) -> Result<(), PlatformError> {
+        if who.may_administer(org) {
+            Ok(())
+        } else {
+            Err(PlatformError::Forbidden(format!(
+                "administering org {org:?} needs the org_admin role in it, or superadmin"
+            )))
+        }
+    }
+
+    pub async fn get_org_policy(
+        &self,
+        who: &Principal,
+        org: &str,
+    ) -> Result<Policy, PlatformError> {
+        self.require_admin(who, org)?;
+        Ok(self.store.get_org_policy(org).await?.unwrap_or_default())
+    }
+
+    pub async fn put_org_policy(
+        &self,
+        who: &Principal,
+        org: &str,
+        policy: Policy,
+    ) -> Result<Policy, PlatformError> {
+        self.require_admin(who, org)?;
+        crate::policy::validate_policy(&policy).map_err(PlatformError::InvalidLimits)?;
+        self.store.put_org_policy(org, policy.clone()).await?;
+        Ok(policy)
+    }
+
+    pub async fn get_user_policy(
+        &self,
+        who: &Principal,
+        org: &str,
+        user: &str,
+    ) -> Result<Policy, PlatformError> {
+        self.require_admin(who, org)?;
+        Ok(self.store.get_user_policy(org, user).await?.unwrap_or_default())
+    }
+
+    pub async fn put_user_policy(
+        &self,
+        who: &Principal,
+        org: &str,
+        user: &str,
+        policy: Policy,
+    ) -> Result<Policy, PlatformError> {
+        self.require_admin(who, org)?;
+        crate::policy::validate_policy(&policy).map_err(PlatformError::InvalidLimits)?;
+        self.store.put_user_policy(org, user, policy.clone()).await?;
+        Ok(policy)
+    }
+
+    /// Active executions: all of them for a superadmin, the org's for an org admin.
+    pub async fn running(&self, who: &Principal) -> Result<Vec<ExecutionRecord>, PlatformError> {
+        let org = match who.role {
+            Role::Superadmin => None,
+            Role::OrgAdmin => Some(who.org.clone()),
+            Role::User => {
+                return Err(PlatformError::Forbidden(
+                    "listing every execution needs an admin role".into(),
+                ))
+            }
+        };
+        Ok(self
+            .store
+            .list(&ListFilter {
+                org,
+                active_only: true,
+                limit: Some(MAX_LIST_LIMIT),
+                ..Default::default()
+            })
+            .await?)
+    }
+
+    /// Live host status (usage of every running sandbox) for admins (R13). An org admin
+    /// should only be shown its org's sandboxes: filter with [`Platform::visible_status`].
+    pub async fn monitor(
+        &self,
+        who: &Principal,
+    ) -> Result<broadcast::Receiver<HostStatus>, PlatformError> {
+        match who.role {
+            Role::Superadmin | Role::OrgAdmin => Ok(self.bus.subscribe_status()),
+            Role::User => Err(PlatformError::Forbidden(
+                "the monitor needs an admin role".into(),
+            )),
+        }
+    }
+
+    /// `status` as `who` may see it (an org admin sees only its org's sandboxes).
+    pub fn visible_status(&self, who: &Principal, mut status: HostStatus) -> HostStatus {
+        if who.role != Role::Superadmin {
+            status.sandboxes.retain(|s| s.org == who.org);
+        }
+        status
+    }
+
+    /// Deletes finished executions older than the retention period, with their objects.
+    pub async fn expire_old(&self) -> Result<usize, PlatformError> {
+        let cut = now_ms().saturating_sub(self.config.retention_ms);
+        let gone = self.store.expire(cut).await?;
+        for r in &gone {
+            let _ = self.objects.delete(&r.code_key).await;
+            if let Some(k) = &r.result_key {
+                let _ = self.objects.delete(k).await;
+            }
+        }
+        Ok(gone.len())
+    }
+}

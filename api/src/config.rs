@@ -1,0 +1,564 @@
+//! Configuration of the `hatchery` binary: embedded defaults, overridden by a TOML file
+//! (`--config FILE`, else `./hatchery.toml` when present), overridden by `HATCHERY_*`
+//! environment variables. Also the platform's secrets (`<data_dir>/keys.toml`): the
+//! token signing key and the object encryption key, generated on first use.
+//!
+//! This module only reads and validates settings; it starts nothing.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use hatchery_scheduler::model::{EffectivePolicy, Policy};
+use hatchery_scheduler::platform::PlatformConfig;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+/// The config file looked for in the working directory when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "hatchery.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?}: {message}")]
+    Env {
+        var: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("keys file {path}: {message}")]
+    Keys { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Everything the binary needs to start (secrets excluded: see [`Keys`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP API (`HATCHERY_LISTEN`). Port 0 picks a free port; the
+    /// chosen one is printed.
+    pub listen: String,
+    /// Records, events, objects and keys (`HATCHERY_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// Read-only root filesystem of the sandboxes (`HATCHERY_ROOTFS`).
+    pub rootfs: PathBuf,
+    /// `human` or `json` (`HATCHERY_LOG_FORMAT`); the filter is `RUST_LOG`.
+    pub log_format: LogFormat,
+    /// Largest request body the API reads (`HATCHERY_BODY_LIMIT`).
+    pub body_limit_bytes: usize,
+    /// Lifetime of the tokens `hatchery up` prints.
+    pub token_ttl: String,
+    pub agent: AgentSection,
+    pub platform: PlatformSection,
+}
+
+/// The embedded agent (the per-host runtime daemon of this machine).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// Name of this host in statuses and records (`HATCHERY_AGENT_NAME`).
+    pub name: String,
+    /// Frozen sandboxes kept warm per language (`HATCHERY_POOL_SIZE`).
+    pub pool_size: usize,
+    /// Executions this host runs at once (`HATCHERY_CAPACITY`); the rest queue.
+    pub capacity: u32,
+    /// R packages preloaded in the R zygote (e.g. `["MASS", "Matrix"]`).
+    pub r_packages: Vec<String>,
+    /// On shutdown, how long running executions may still finish before they are
+    /// killed and recorded `lost`, e.g. `5s` (`0s`: at once).
+    pub shutdown_grace: String,
+    /// The `sandbox` and `hatchery-zygote` binaries; default: next to `hatchery`.
+    pub sandbox_bin: Option<PathBuf>,
+    pub zygote_bin: Option<PathBuf>,
+    /// Hatchery's parent cgroup on this host (`HATCHERY_CGROUP_PARENT`); default
+    /// `hatchery`.
+    pub cgroup_parent: Option<String>,
+}
+
+/// Platform rules: languages, sizes, the queue, retention and the default policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformSection {
+    pub languages: Vec<String>,
+    /// Largest `code` accepted (`HATCHERY_MAX_CODE_BYTES`).
+    pub max_code_bytes: usize,
+    /// Queued executions held before answering 503 (`HATCHERY_MAX_QUEUED`).
+    pub max_queued: usize,
+    /// How long finished executions are kept, e.g. `7d` (`HATCHERY_RETENTION`).
+    pub retention: String,
+    /// The platform default policy; unset fields keep the built-in defaults
+    /// (`HATCHERY_MAX_PARALLEL` sets `max_parallel`).
+    pub default_policy: Policy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("/var/lib/hatchery/data"),
+            rootfs: PathBuf::from("/var/lib/hatchery/rootfs/r"),
+            log_format: LogFormat::Human,
+            body_limit_bytes: 2 << 20,
+            token_ttl: "30d".into(),
+            agent: AgentSection::default(),
+            platform: PlatformSection::default(),
+        }
+    }
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            name: "local".into(),
+            pool_size: 2,
+            capacity: 4,
+            r_packages: Vec::new(),
+            shutdown_grace: "5s".into(),
+            sandbox_bin: None,
+            zygote_bin: None,
+            cgroup_parent: None,
+        }
+    }
+}
+
+impl Default for PlatformSection {
+    fn default() -> Self {
+        let p = PlatformConfig::default();
+        PlatformSection {
+            languages: p.languages,
+            max_code_bytes: p.max_code_bytes,
+            max_queued: p.max_queued,
+            retention: "7d".into(),
+            default_policy: Policy::default(),
+        }
+    }
+}
+
+/// The environment variables read, and the config key each one sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("HATCHERY_LISTEN", "listen"),
+    ("HATCHERY_DATA_DIR", "data_dir"),
+    ("HATCHERY_ROOTFS", "rootfs"),
+    ("HATCHERY_LOG_FORMAT", "log_format"),
+    ("HATCHERY_BODY_LIMIT", "body_limit_bytes"),
+    ("HATCHERY_TOKEN_TTL", "token_ttl"),
+    ("HATCHERY_AGENT_NAME", "agent.name"),
+    ("HATCHERY_POOL_SIZE", "agent.pool_size"),
+    ("HATCHERY_CAPACITY", "agent.capacity"),
+    ("HATCHERY_SHUTDOWN_GRACE", "agent.shutdown_grace"),
+    ("HATCHERY_SANDBOX_BIN", "agent.sandbox_bin"),
+    ("HATCHERY_ZYGOTE_BIN", "agent.zygote_bin"),
+    ("HATCHERY_CGROUP_PARENT", "agent.cgroup_parent"),
+    ("HATCHERY_MAX_CODE_BYTES", "platform.max_code_bytes"),
+    ("HATCHERY_MAX_QUEUED", "platform.max_queued"),
+    ("HATCHERY_RETENTION", "platform.retention"),
+    (
+        "HATCHERY_MAX_PARALLEL",
+        "platform.default_policy.max_parallel",
+    ),
+];
+
+impl Config {
+    /// Defaults ▷ file ▷ environment. `file` is `--config`; without it
+    /// `./hatchery.toml` is read when it exists.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let path = match file {
+            Some(p) => Some(p.to_path_buf()),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                p.exists().then_some(p)
+            }
+        };
+        let mut table = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (var, key) in ENV_VARS {
+            if let Some(value) = env.get(*var) {
+                let v = env_value(key, value).map_err(|message| ConfigError::Env {
+                    var,
+                    value: value.clone(),
+                    message,
+                })?;
+                set_path(&mut table, key, v);
+            }
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("<environment>")),
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        parse_duration(&self.token_ttl)
+            .map_err(|e| ConfigError::Invalid(format!("token_ttl: {e}")))?;
+        parse_duration_or_zero(&self.agent.shutdown_grace)
+            .map_err(|e| ConfigError::Invalid(format!("agent.shutdown_grace: {e}")))?;
+        parse_duration(&self.platform.retention)
+            .map_err(|e| ConfigError::Invalid(format!("platform.retention: {e}")))?;
+        if self.body_limit_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "body_limit_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.agent.pool_size == 0 || self.agent.capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "agent.pool_size and agent.capacity must be at least 1".into(),
+            ));
+        }
+        if self.platform.languages.is_empty() {
+            return Err(ConfigError::Invalid(
+                "platform.languages must name at least one language".into(),
+            ));
+        }
+        if self.agent.name.is_empty() {
+            return Err(ConfigError::Invalid("agent.name must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("listen {:?}: {e}", self.listen)))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        parse_duration_or_zero(&self.agent.shutdown_grace).unwrap_or_default()
+    }
+
+    pub fn token_ttl(&self) -> Duration {
+        parse_duration(&self.token_ttl).unwrap_or(Duration::from_secs(30 * 86400))
+    }
+
+    /// The platform rules, the default policy resolved over the built-in one.
+    pub fn platform_config(&self) -> PlatformConfig {
+        let d = EffectivePolicy::default();
+        let p = &self.platform.default_policy;
+        PlatformConfig {
+            default_policy: EffectivePolicy {
+                memory_bytes: p.memory_bytes.unwrap_or(d.memory_bytes),
+                cpus: p.cpus.unwrap_or(d.cpus),
+                pids: p.pids.unwrap_or(d.pids),
+                time_limit_ms: p.time_limit_ms.unwrap_or(d.time_limit_ms),
+                max_parallel: p.max_parallel.unwrap_or(d.max_parallel),
+                warm_pool_size: p.warm_pool_size.unwrap_or(d.warm_pool_size),
+            },
+            languages: self.platform.languages.clone(),
+            max_code_bytes: self.platform.max_code_bytes,
+            max_queued: self.platform.max_queued,
+            retention_ms: parse_duration(&self.platform.retention)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(7 * 86_400_000),
+        }
+    }
+
+    pub fn keys_path(&self) -> PathBuf {
+        self.data_dir.join("keys.toml")
+    }
+}
+
+/// Types an environment value the way the config key expects it.
+fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
+    const NUMERIC: &[&str] = &[
+        "body_limit_bytes",
+        "agent.pool_size",
+        "agent.capacity",
+        "platform.max_code_bytes",
+        "platform.max_queued",
+        "platform.default_policy.max_parallel",
+    ];
+    if NUMERIC.contains(&key) {
+        value
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|e| format!("expected a whole number: {e}"))
+    } else {
+        Ok(toml::Value::String(value.to_string()))
+    }
+}
+
+fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().expect("non-empty key");
+    let mut t = table;
+    for p in parts {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.to_string(), value);
+}
+
+/// `500ms`, `45s`, `15m`, `12h`, `30d`, or a number of seconds; longer than zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(d)
+}
+
+/// [`parse_duration`], zero allowed.
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30d, 12h, 15m, 45s or 500ms"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        other => return Err(format!("unknown unit {other:?} in {s:?} (ms, s, m, h, d)")),
+    };
+    let ms = ms.ok_or_else(|| format!("{s:?} is too long"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// The platform's secrets: the HS256 key signing API tokens and the AES-256-GCM key of
+/// the object store. Stored in `<data_dir>/keys.toml` (mode 0600).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub signing_key: Vec<u8>,
+    pub object_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys { .. }")
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    signing_key: String,
+    object_key: String,
+}
+
+impl Keys {
+    fn generate() -> Keys {
+        let mut signing_key = vec![0u8; 32];
+        let mut object_key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut signing_key);
+        rand::rngs::OsRng.fill_bytes(&mut object_key);
+        Keys {
+            signing_key,
+            object_key,
+        }
+    }
+
+    /// Reads `path`, or creates it with fresh random keys when it does not exist. Two
+    /// processes racing to create it agree: the file appears atomically (hard link of
+    /// a complete temporary file) and the loser reads the winner's keys.
+    pub fn load_or_create(path: &Path) -> Result<Keys, ConfigError> {
+        let err = |message: String| ConfigError::Keys {
+            path: path.to_path_buf(),
+            message,
+        };
+        if path.exists() {
+            return Self::read(path);
+        }
+        let dir = path
+            .parent()
+            .ok_or_else(|| err("has no parent directory".into()))?;
+        // Private when we create it: the store under it holds who ran what.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+        let keys = Self::generate();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let text = format!(
+            "# Hatchery's secrets, generated on first start. Keep this file private:\n\
+             # signing_key signs API tokens; object_key encrypts code and results at rest.\n\
+             {}",
+            toml::to_string(&KeysFile {
+                signing_key: b64.encode(&keys.signing_key),
+                object_key: b64.encode(keys.object_key),
+            })
+            .map_err(|e| err(e.to_string()))?
+        );
+        let tmp = dir.join(format!(".keys.toml.{}", uuid::Uuid::new_v4().simple()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(|e| err(format!("writing {}: {e}", tmp.display())))?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(keys),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::read(path),
+            Err(e) => Err(err(format!("creating: {e}"))),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Keys, ConfigError> {
+        let err = |message: String| ConfigError::Keys {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let file: KeysFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let signing_key = b64
+            .decode(file.signing_key.trim())
+            .map_err(|e| err(format!("signing_key is not base64: {e}")))?;
+        if signing_key.len() < 32 {
+            return Err(err("signing_key must be at least 32 bytes".into()));
+        }
+        let object_key: [u8; 32] = b64
+            .decode(file.object_key.trim())
+            .map_err(|e| err(format!("object_key is not base64: {e}")))?
+            .try_into()
+            .map_err(|_| err("object_key must be exactly 32 bytes".into()))?;
+        Ok(Keys {
+            signing_key,
+            object_key,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_duration_or_zero("0s").unwrap(), Duration::ZERO);
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn defaults_file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\n[agent]\npool_size = 1\n\
+             [platform.default_policy]\nmemory_bytes = 1000000\n",
+        )
+        .unwrap();
+        let mut env = BTreeMap::new();
+        env.insert("HATCHERY_LISTEN".to_string(), "127.0.0.1:9001".to_string());
+        env.insert("HATCHERY_MAX_PARALLEL".to_string(), "3".to_string());
+        let c = Config::load_from(Some(&file), &env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9001");
+        assert_eq!(c.agent.pool_size, 1);
+        assert_eq!(c.agent.capacity, AgentSection::default().capacity);
+        let p = c.platform_config();
+        assert_eq!(p.default_policy.memory_bytes, 1_000_000);
+        assert_eq!(p.default_policy.max_parallel, 3);
+        assert_eq!(p.default_policy.cpus, EffectivePolicy::default().cpus);
+
+        std::fs::write(&file, "listn = \"x\"\n").unwrap();
+        assert!(Config::load_from(Some(&file), &BTreeMap::new()).is_err());
+        env.insert("HATCHERY_POOL_SIZE".to_string(), "two".to_string());
+        assert!(matches!(
+            Config::load_from(None, &env),
+            Err(ConfigError::Env { .. })
+        ));
+    }
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("hatchery.example.toml");
+        let c = Config::load_from(Some(&path), &BTreeMap::new()).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            c.platform_config().default_policy,
+            EffectivePolicy::default()
+        );
+        assert_eq!(
+            Config {
+                platform: PlatformSection {
+                    default_policy: Policy::default(),
+                    ..c.platform.clone()
+                },
+                ..c
+            },
+            d
+        );
+    }
+
+    #[test]
+    fn keys_are_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/keys.toml");
+        let a = Keys::load_or_create(&path).unwrap();
+        let b = Keys::load_or_create(&path).unwrap();
+        assert_eq!(a, b);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,310 @@
+//! `hatchery`: the platform's binary, one subcommand per role.
+//!
+//! * `hatchery up` — the whole platform in one process on this machine: the embedded
+//!   node (store, bus, encrypted objects, scheduler, one agent with its warm pools) and
+//!   the HTTP + WebSocket API.
+//! * `hatchery token create` — prints a bearer token signed with the platform's key.
+//! * `hatchery api | scheduler | agent` — the roles as separate processes; they need the
+//!   Redis backend of the next issue and say so.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hatchery_api::auth::{parse_role, Auth};
+use hatchery_api::config::{parse_duration, Config, Keys, LogFormat};
+use hatchery_api::{ApiServer, ServerOptions};
+use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
+use hatchery_scheduler::model::Role;
+use hatchery_scheduler::node::{EmbeddedNode, NodeConfig};
+
+const SPLIT_ROLE: &str =
+    "needs the Redis backend (next issue); use `hatchery up` to run every role in one process";
+
+#[derive(Parser)]
+#[command(
+    name = "hatchery",
+    version,
+    about = "Hatchery: runs untrusted code (R first) in warm, single-use sandboxes",
+    after_help = "Configuration: defaults, overridden by the TOML file (--config, else ./hatchery.toml \
+                  when present), overridden by HATCHERY_* environment variables \
+                  (HATCHERY_LISTEN, HATCHERY_DATA_DIR, HATCHERY_ROOTFS, HATCHERY_LOG_FORMAT, \
+                  HATCHERY_POOL_SIZE, HATCHERY_CAPACITY, HATCHERY_MAX_PARALLEL, ...). Logs go to \
+                  stderr (RUST_LOG filters them; HATCHERY_LOG_FORMAT=json for JSON)."
+)]
+struct Cli {
+    /// TOML configuration file (default: ./hatchery.toml if it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the whole platform on this machine (API, scheduler, one agent with warm
+    /// pools; embedded store, bus and encrypted object store) and print tokens to try it.
+    Up,
+    /// Manage bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Run only the HTTP API role. Not available yet: it needs the Redis backend (next
+    /// issue); use `hatchery up`.
+    Api,
+    /// Run only the scheduler role. Not available yet: it needs the Redis backend (next
+    /// issue); use `hatchery up`.
+    Scheduler,
+    /// Run only the per-host agent role. Not available yet: it needs the Redis backend
+    /// (next issue); use `hatchery up`.
+    Agent,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a token signed with the platform's key (<data_dir>/keys.toml, created if
+    /// absent).
+    Create {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        user: String,
+        /// user, org_admin or superadmin.
+        #[arg(long, default_value = "user", value_parser = parse_role)]
+        role: Role,
+        /// Lifetime, e.g. 30d, 12h, 15m.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up => up(cli.config.as_deref()),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    org,
+                    user,
+                    role,
+                    ttl,
+                },
+        } => token_create(cli.config.as_deref(), &org, &user, role, ttl),
+        Command::Api | Command::Scheduler | Command::Agent => {
+            eprintln!("hatchery: this role {SPLIT_ROLE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hatchery: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token_create(
+    config: Option<&Path>,
+    org: &str,
+    user: &str,
+    role: Role,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    let keys = Keys::load_or_create(&cfg.keys_path())?;
+    let token = Auth::new(&keys.signing_key)
+        .mint(org, user, role, ttl)
+        .map_err(anyhow::Error::msg)?;
+    println!("{token}");
+    Ok(())
+}
+
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn agent_config(cfg: &Config) -> AgentConfig {
+    let mut a = AgentConfig::new(cfg.agent.name.clone());
+    a.capacity = cfg.agent.capacity;
+    a.rootfs = cfg.rootfs.clone();
+    a.languages = cfg
+        .platform
+        .languages
+        .iter()
+        .map(|name| LanguageConfig {
+            name: name.clone(),
+            packages: if name == "r" {
+                cfg.agent.r_packages.clone()
+            } else {
+                Vec::new()
+            },
+            pool_size: cfg.agent.pool_size,
+        })
+        .collect();
+    if let Some(c) = &cfg.agent.cgroup_parent {
+        a.cgroup_parent = c.clone();
+    }
+    if let Some(p) = &cfg.agent.sandbox_bin {
+        a.sandbox_bin = p.clone();
+    }
+    if let Some(p) = &cfg.agent.zygote_bin {
+        a.zygote_bin = p.clone();
+    }
+    a.shutdown_grace = cfg.shutdown_grace();
+    a
+}
+
+/// What `up` needs before it starts anything, with the fix for each.
+fn preflight(cfg: &Config, agent: &AgentConfig) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`hatchery up` creates cgroups and namespaces: run it as root");
+    }
+    if !cfg.rootfs.is_dir() {
+        bail!(
+            "the sandbox root filesystem {} does not exist: build it with `scripts/up.sh` \
+             (or rootfs-builder), or point HATCHERY_ROOTFS at one",
+            cfg.rootfs.display()
+        );
+    }
+    for bin in [&agent.sandbox_bin, &agent.zygote_bin] {
+        if !bin.is_file() {
+            bail!(
+                "{} does not exist: build it with `cargo build -p hatchery-sandbox` (same \
+                 profile as hatchery), or set agent.sandbox_bin / agent.zygote_bin",
+                bin.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn up(config: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    init_logs(cfg.log_format);
+    let agent = agent_config(&cfg);
+    preflight(&cfg, &agent)?;
+    let keys = Keys::load_or_create(&cfg.keys_path())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_up(cfg, agent, keys))
+}
+
+async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen_addr()?)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let node = EmbeddedNode::start(NodeConfig {
+        data_dir: cfg.data_dir.clone(),
+        agent,
+        platform: cfg.platform_config(),
+        object_key: keys.object_key,
+    })
+    .await
+    .context("starting the platform")?;
+    let auth = Auth::new(&keys.signing_key);
+    print_banner(&cfg, addr, &auth)?;
+
+    let server = ApiServer::new(
+        node.platform(),
+        auth,
+        ServerOptions {
+            body_limit: cfg.body_limit_bytes,
+            ..ServerOptions::default()
+        },
+    );
+    let serve = server.run(listener, shutdown_signal());
+    tokio::pin!(serve);
+    let ready = node.wait_ready(Duration::from_secs(300));
+    let served = tokio::select! {
+        r = &mut serve => r,
+        r = ready => {
+            match r {
+                Ok(()) => tracing::info!("ready: every warm pool has a frozen sandbox"),
+                Err(e) => {
+                    tracing::error!(error = %e, "the warm pools could not start; shutting down");
+                    node.shutdown().await;
+                    bail!("the warm pools could not start: {e}");
+                }
+            }
+            serve.await
+        }
+    };
+    tracing::info!("stopping the platform");
+    node.shutdown().await;
+    tracing::info!("stopped");
+    served.context("serving the API")
+}
+
+fn print_banner(cfg: &Config, addr: std::net::SocketAddr, auth: &Auth) -> anyhow::Result<()> {
+    let ttl = cfg.token_ttl();
+    let admin = auth
+        .mint("hatchery", "admin", Role::Superadmin, ttl)
+        .map_err(anyhow::Error::msg)?;
+    let user = auth
+        .mint("demo", "demo", Role::User, ttl)
+        .map_err(anyhow::Error::msg)?;
+    let url = format!("http://{addr}");
+    let ws = format!("ws://{addr}");
+    println!(
+        "hatchery: listening on {url}\n\
+         \n\
+         Hatchery is up (data in {data}; the warm pools fill in the background:\n\
+         GET {url}/readyz answers 200 once they are ready).\n\
+         \n\
+         superadmin token (org hatchery, user admin, valid {ttl_s}):\n  {admin}\n\
+         user token (org demo, user demo, valid {ttl_s}):\n  {user}\n\
+         \n\
+         Try it:\n\
+         \x20 TOKEN={user}\n\
+         \x20 curl -s -H \"Authorization: Bearer $TOKEN\" -d '{{\"language\":\"r\",\"code\":\"cat(sum(1:10))\"}}' {url}/v1/executions\n\
+         \x20 # → {{\"id\":\"<id>\",\"state\":\"queued\"}}; then follow its events (any WebSocket client):\n\
+         \x20 websocat \"{ws}/v1/executions/<id>/events?token=$TOKEN\"\n\
+         \x20 curl -s -H \"Authorization: Bearer $TOKEN\" {url}/v1/executions/<id>\n\
+         \n\
+         API reference: {url}/v1/openapi.json   metrics: {url}/metrics\n\
+         More tokens: hatchery token create --org ORG --user USER --role user|org_admin|superadmin\n",
+        data = cfg.data_dir.display(),
+        ttl_s = cfg.token_ttl,
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,175 @@
+//! A small Prometheus registry for what this API node sees: requests by route and
+//! status, executions submitted and finished by state, open WebSockets. Gauges about
+//! the platform (queue length, running, warm sandboxes) are read from the store and the
+//! host statuses at scrape time and passed to [`Metrics::render`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    submitted: AtomicU64,
+    finished: Mutex<BTreeMap<&'static str, u64>>,
+    websockets: AtomicI64,
+}
+
+/// Platform gauges read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Gauges {
+    pub queued: u64,
+    pub running: u64,
+    /// (agent, language, frozen sandboxes).
+    pub warm: Vec<(String, String, u32)>,
+    pub agents: u64,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, method: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((route, method.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn submitted(&self) {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn finished(&self, state: &'static str) {
+        let mut m = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(state).or_default() += 1;
+    }
+
+    pub fn websocket_opened(&self) {
+        self.websockets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn websocket_closed(&self) {
+        self.websockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition format (0.0.4).
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP hatchery_http_requests_total HTTP requests answered, by route template, method and status.\n\
+             # TYPE hatchery_http_requests_total counter\n",
+        );
+        for ((route, method, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "hatchery_http_requests_total{{route=\"{}\",method=\"{}\",status=\"{}\"}} {}",
+                escape(route),
+                escape(method),
+                status,
+                n
+            );
+        }
+        out.push_str(
+            "# HELP hatchery_executions_submitted_total Executions admitted through this API node.\n\
+             # TYPE hatchery_executions_submitted_total counter\n",
+        );
+        let _ = writeln!(
+            out,
+            "hatchery_executions_submitted_total {}",
+            self.submitted.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP hatchery_executions_finished_total Executions seen finishing, by final state.\n\
+             # TYPE hatchery_executions_finished_total counter\n",
+        );
+        for (state, n) in self
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "hatchery_executions_finished_total{{state=\"{state}\"}} {n}"
+            );
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            );
+        };
+        gauge(
+            &mut out,
+            "hatchery_queue_length",
+            "Executions queued, waiting for a sandbox.",
+            g.queued,
+        );
+        gauge(
+            &mut out,
+            "hatchery_executions_running",
+            "Executions running now.",
+            g.running,
+        );
+        gauge(
+            &mut out,
+            "hatchery_agents",
+            "Agents that reported their status recently.",
+            g.agents,
+        );
+        gauge(
+            &mut out,
+            "hatchery_websockets_open",
+            "WebSocket connections open on this API node.",
+            self.websockets.load(Ordering::Relaxed).max(0) as u64,
+        );
+        out.push_str(
+            "# HELP hatchery_warm_sandboxes Frozen sandboxes ready to be claimed, by agent and language.\n\
+             # TYPE hatchery_warm_sandboxes gauge\n",
+        );
+        for (agent, lang, n) in &g.warm {
+            let _ = writeln!(
+                out,
+                "hatchery_warm_sandboxes{{agent=\"{}\",language=\"{}\"}} {}",
+                escape(agent),
+                escape(lang),
+                n
+            );
+        }
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_gauges() {
+        let m = Metrics::default();
+        m.request("/v1/executions", "POST", 202);
+        m.request("/v1/executions", "POST", 202);
+        m.submitted();
+        m.finished("succeeded");
+        let text = m.render(&Gauges {
+            queued: 3,
+            running: 1,
+            warm: vec![("local".into(), "r".into(), 2)],
+            agents: 1,
+        });
+        assert!(text.contains(
+            "hatchery_http_requests_total{route=\"/v1/executions\",method=\"POST\",status=\"202\"} 2"
+        ));
+        assert!(text.contains("hatchery_executions_finished_total{state=\"succeeded\"} 1"));
+        assert!(text.contains("hatchery_queue_length 3"));
+        assert!(text.contains("hatchery_warm_sandboxes{agent=\"local\",language=\"r\"} 2"));
+    }
+}

@@ -1,0 +1,552 @@
+//! The WebSocket routes: one execution's events, all of the caller's events, and the
+//! admin monitor. Everything that can fail (auth, access, bad query) is checked before
+//! the upgrade, so it is answered as a plain JSON error.
+//!
+//! Event streams never lose an event: the platform subscribes before it reads the
+//! backlog, the stream sends each `(execution, seq)` once and in order, and whenever the
+//! live feed skips (a gap in `seq`, or the subscriber lagged behind the bus) it reads the
+//! missing events back from the store. A client that reconnects with `after=<last seq>`
+//! gets exactly what follows. One execution's stream closes (code 1000) after its
+//! `finished` event.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hatchery_scheduler::model::{EventBody, ExecEvent, Principal};
+use hatchery_scheduler::platform::EventFollow;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
+};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::error::ApiError;
+use crate::handlers::{allow_params, query_value};
+use crate::server::{ApiState, Body, Query};
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Most `(id, seq)` pairs `GET /v1/events?after=` takes.
+pub const MAX_AFTER_PAIRS: usize = 1000;
+
+/// `GET /v1/executions/{id}/events?after=<seq>`
+pub async fn execution_events(
+    st: Arc<ApiState>,
+    who: Principal,
+    id: String,
+    query: &Query,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    allow_params(query, &["after", "token"])?;
+    let after = match query_value(query, "after") {
+        Some(a) => a.parse::<u64>().map_err(|_| {
+            ApiError::invalid(format!("after {a:?} must be the sequence number last seen"))
+        })?,
+        None => 0,
+    };
+    let accept = handshake(&req)?;
+    // One event before `after` too: if that is `finished`, the stream is complete.
+    let follow = st
+        .platform
+        .follow(&who, &id, after.saturating_sub(1))
+        .await?;
+    Ok(upgrade(st, req, accept, move |st, ws| {
+        stream_execution(st, who, id, after, follow, ws)
+    }))
+}
+
+/// `GET /v1/events?after=<id>:<seq>,...`
+pub async fn all_events(
+    st: Arc<ApiState>,
+    who: Principal,
+    query: &Query,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    allow_params(query, &["after", "token"])?;
+    let after = match query_value(query, "after") {
+        Some(a) => parse_after_pairs(a)?,
+        None => Vec::new(),
+    };
+    let accept = handshake(&req)?;
+    let follow = st.platform.follow_all(&who, &after).await?;
+    Ok(upgrade(st, req, accept, move |st, ws| {
+        stream_all(st, who, after, follow, ws)
+    }))
+}
+
+/// `GET /v1/admin/monitor`
+pub async fn monitor(
+    st: Arc<ApiState>,
+    who: Principal,
+    query: &Query,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    allow_params(query, &["token"])?;
+    let accept = handshake(&req)?;
+    let statuses = st.platform.monitor(&who).await?;
+    Ok(upgrade(st, req, accept, move |st, ws| {
+        stream_monitor(st, who, statuses, ws)
+    }))
+}
+
+/// `id:seq,id:seq,...`
+pub fn parse_after_pairs(s: &str) -> Result<Vec<(String, u64)>, ApiError> {
+    let mut out = Vec::new();
+    for pair in s.split(',').filter(|p| !p.is_empty()) {
+        let parsed = pair
+            .rsplit_once(':')
+            .and_then(|(id, seq)| Some((id, seq.parse::<u64>().ok()?)))
+            .filter(|(id, _)| !id.is_empty());
+        match parsed {
+            Some((id, seq)) => out.push((id.to_string(), seq)),
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "after: {pair:?} is not <execution id>:<seq>"
+                )))
+            }
+        }
+    }
+    if out.len() > MAX_AFTER_PAIRS {
+        return Err(ApiError::invalid(format!(
+            "after names more than {MAX_AFTER_PAIRS} executions"
+        )));
+    }
+    Ok(out)
+}
+
+/// Checks the upgrade request; returns `Sec-WebSocket-Accept`.
+fn handshake(req: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
+    let h = req.headers();
+    let has_token = |name, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    if !has_token(UPGRADE, "websocket") || !has_token(CONNECTION, "upgrade") {
+        return Err(ApiError::upgrade_required());
+    }
+    if h.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "websocket_required",
+            "only WebSocket version 13 is supported",
+        ));
+    }
+    let key = h.get(SEC_WEBSOCKET_KEY).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "websocket_required",
+            "missing Sec-WebSocket-Key",
+        )
+    })?;
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).map_err(|_| ApiError::internal())
+}
+
+/// Answers 101 and runs `serve` on the upgraded connection in its own task.
+fn upgrade<F, Fut>(
+    st: Arc<ApiState>,
+    mut req: Request<Incoming>,
+    accept: HeaderValue,
+    serve: F,
+) -> Response<Body>
+where
+    F: FnOnce(Arc<ApiState>, Ws) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                // Clients only send control frames and small messages.
+                let config = WebSocketConfig {
+                    max_message_size: Some(64 << 10),
+                    max_frame_size: Some(64 << 10),
+                    ..WebSocketConfig::default()
+                };
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                st.metrics.websocket_opened();
+                serve(Arc::clone(&st), ws).await;
+                st.metrics.websocket_closed();
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Body::default());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    r
+}
+
+/// Why a stream stopped.
+enum Stop {
+    /// The client went away or broke the protocol.
+    Gone,
+    Close(CloseCode, &'static str),
+}
+
+struct Peer {
+    tx: SplitSink<Ws, Message>,
+    rx: SplitStream<Ws>,
+}
+
+impl Peer {
+    fn new(ws: Ws) -> Peer {
+        let (tx, rx) = ws.split();
+        Peer { tx, rx }
+    }
+
+    async fn send<T: Serialize>(&mut self, value: &T) -> Result<(), Stop> {
+        let text =
+            serde_json::to_string(value).map_err(|_| Stop::Close(CloseCode::Error, "internal"))?;
+        self.tx
+            .send(Message::Text(text))
+            .await
+            .map_err(|_| Stop::Gone)
+    }
+
+    async fn ping(&mut self) -> Result<(), Stop> {
+        self.tx
+            .send(Message::Ping(Vec::new()))
+            .await
+            .map_err(|_| Stop::Gone)
+    }
+
+    /// What the client sent: only its close (or its disappearance) matters.
+    async fn incoming(&mut self) -> Stop {
+        loop {
+            match self.rx.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Stop::Gone,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    async fn finish(mut self, stop: Stop) {
+        if let Stop::Close(code, reason) = stop {
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            if self.tx.send(Message::Close(Some(frame))).await.is_ok() {
+                // Let the client answer the close, briefly.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(m)) = self.rx.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        let _ = self.tx.close().await;
+    }
+}
+
+fn is_finished(e: &ExecEvent) -> bool {
+    matches!(e.body, EventBody::Finished(_))
+}
+
+/// One execution's events after `after`, then close after `finished`.
+async fn stream_execution(
+    st: Arc<ApiState>,
+    who: Principal,
+    id: String,
+    after: u64,
+    follow: EventFollow,
+    ws: Ws,
+) {
+    let mut peer = Peer::new(ws);
+    let stop = execution_loop(&st, &who, &id, after, follow, &mut peer).await;
+    peer.finish(stop).await;
+}
+
+async fn execution_loop(
+    st: &ApiState,
+    who: &Principal,
+    id: &str,
+    after: u64,
+    mut follow: EventFollow,
+    peer: &mut Peer,
+) -> Stop {
+    let mut last = after;
+    let mut finished = false;
+    let mut shutdown = st.shutdown.clone();
+    let mut tick = tokio::time::interval(st.options.ws_ping);
+    tick.reset();
+    // Idle checks in a row that found the execution terminal without its `finished`
+    // event (it is appended just after the record changes).
+    let mut terminal_checks = 0u32;
+    loop {
+        for e in std::mem::take(&mut follow.backlog) {
+            if e.execution_id != id {
+                continue;
+            }
+            if e.seq <= last {
+                finished |= is_finished(&e);
+                continue;
+            }
+            if let Err(stop) = peer.send(&e).await {
+                return stop;
+            }
+            last = e.seq;
+            finished |= is_finished(&e);
+        }
+        if finished {
+            return Stop::Close(CloseCode::Normal, "finished");
+        }
+        let refollow = loop {
+            tokio::select! {
+                ev = follow.live.recv() => match ev {
+                    Ok(e) => {
+                        if e.execution_id != id || e.seq <= last {
+                            continue;
+                        }
+                        if e.seq > last + 1 {
+                            break true; // a gap: read it back from the store
+                        }
+                        if let Err(stop) = peer.send(&e).await {
+                            return stop;
+                        }
+                        last = e.seq;
+                        if is_finished(&e) {
+                            return Stop::Close(CloseCode::Normal, "finished");
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => break true,
+                    Err(RecvError::Closed) => return Stop::Close(CloseCode::Away, "the platform stopped"),
+                },
+                stop = peer.incoming() => return stop,
+                _ = crate::server::stopped(&mut shutdown) => return Stop::Close(CloseCode::Away, "server shutting down"),
+                _ = tick.tick() => {
+                    if let Err(stop) = peer.ping().await {
+                        return stop;
+                    }
+                    match st.platform.store.get(id).await {
+                        Ok(Some(r)) if r.state.is_terminal() => {
+                            terminal_checks += 1;
+                            if terminal_checks > 2 {
+                                // Finished long ago and nothing is left to send.
+                                return Stop::Close(CloseCode::Normal, "finished");
+                            }
+                            break true;
+                        }
+                        Ok(None) => return Stop::Close(CloseCode::Normal, "expired"),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        if refollow {
+            match st.platform.follow(who, id, last.saturating_sub(1)).await {
+                Ok(f) => follow = f,
+                Err(_) => return Stop::Close(CloseCode::Error, "cannot read events"),
+            }
+        }
+    }
+}
+
+/// All of the caller's events (never closes by itself).
+async fn stream_all(
+    st: Arc<ApiState>,
+    who: Principal,
+    after: Vec<(String, u64)>,
+    follow: EventFollow,
+    ws: Ws,
+) {
+    let mut peer = Peer::new(ws);
+    let stop = all_loop(&st, &who, after, follow, &mut peer).await;
+    peer.finish(stop).await;
+}
+
+/// Per-execution bookkeeping of [`stream_all`].
+struct Seen {
+    last: HashMap<String, u64>,
+    owned: HashMap<String, bool>,
+}
+
+impl Seen {
+    /// Sends `e` unless already sent; reads gaps back from the store.
+    async fn offer(
+        &mut self,
+        st: &ApiState,
+        who: &Principal,
+        e: ExecEvent,
+        peer: &mut Peer,
+    ) -> Result<(), Stop> {
+        let last = self.last.get(&e.execution_id).copied().unwrap_or(0);
+        if e.seq <= last {
+            return Ok(());
+        }
+        if e.seq > last + 1 {
+            if let Ok(f) = st.platform.follow(who, &e.execution_id, last).await {
+                for missing in f.backlog.into_iter().filter(|m| m.seq <= e.seq) {
+                    self.send(missing, peer).await?;
+                }
+            }
+            return Ok(());
+        }
+        self.send(e, peer).await
+    }
+
+    async fn send(&mut self, e: ExecEvent, peer: &mut Peer) -> Result<(), Stop> {
+        let last = self.last.entry(e.execution_id.clone()).or_insert(0);
+        if e.seq <= *last {
+            return Ok(());
+        }
+        peer.send(&e).await?;
+        *last = e.seq;
+        Ok(())
+    }
+
+    async fn owns(&mut self, st: &ApiState, who: &Principal, e: &ExecEvent) -> bool {
+        if let Some(b) = self.owned.get(&e.execution_id) {
+            return *b;
+        }
+        let b = st.platform.owns_event(who, e).await;
+        self.owned.insert(e.execution_id.clone(), b);
+        b
+    }
+}
+
+async fn all_loop(
+    st: &ApiState,
+    who: &Principal,
+    after: Vec<(String, u64)>,
+    mut follow: EventFollow,
+    peer: &mut Peer,
+) -> Stop {
+    let mut seen = Seen {
+        last: after.into_iter().collect(),
+        owned: HashMap::new(),
+    };
+    let mut shutdown = st.shutdown.clone();
+    let mut tick = tokio::time::interval(st.options.ws_ping);
+    tick.reset();
+    loop {
+        let mut backlog = std::mem::take(&mut follow.backlog);
+        backlog.sort_by_key(|e| (e.at, e.seq));
+        for e in backlog {
+            seen.owned.insert(e.execution_id.clone(), true);
+            if let Err(stop) = seen.offer(st, who, e, peer).await {
+                return stop;
+            }
+        }
+        loop {
+            tokio::select! {
+                ev = follow.live.recv() => match ev {
+                    Ok(e) => {
+                        if !seen.owns(st, who, &e).await {
+                            continue;
+                        }
+                        if let Err(stop) = seen.offer(st, who, e, peer).await {
+                            return stop;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => break,
+                    Err(RecvError::Closed) => return Stop::Close(CloseCode::Away, "the platform stopped"),
+                },
+                stop = peer.incoming() => return stop,
+                _ = crate::server::stopped(&mut shutdown) => return Stop::Close(CloseCode::Away, "server shutting down"),
+                _ = tick.tick() => {
+                    if let Err(stop) = peer.ping().await {
+                        return stop;
+                    }
+                }
+            }
+        }
+        // Lagged: catch up from the store.
+        let known: Vec<(String, u64)> = seen
+            .last
+            .iter()
+            .filter(|(id, _)| seen.owned.get(*id).copied().unwrap_or(true))
+            .map(|(id, seq)| (id.clone(), *seq))
+            .collect();
+        match st.platform.follow_all(who, &known).await {
+            Ok(f) => follow = f,
+            Err(_) => return Stop::Close(CloseCode::Error, "cannot read events"),
+        }
+    }
+}
+
+/// Host statuses (usage of every running sandbox the caller may see).
+async fn stream_monitor(
+    st: Arc<ApiState>,
+    who: Principal,
+    mut statuses: tokio::sync::broadcast::Receiver<hatchery_scheduler::bus::HostStatus>,
+    ws: Ws,
+) {
+    let mut peer = Peer::new(ws);
+    let mut shutdown = st.shutdown.clone();
+    let mut tick = tokio::time::interval(st.options.ws_ping);
+    tick.reset();
+    let stop = 'run: {
+        for s in st.hosts.current() {
+            if let Err(stop) = peer.send(&st.platform.visible_status(&who, s)).await {
+                break 'run stop;
+            }
+        }
+        loop {
+            tokio::select! {
+                s = statuses.recv() => match s {
+                    Ok(s) => {
+                        if let Err(stop) = peer.send(&st.platform.visible_status(&who, s)).await {
+                            break 'run stop;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => break 'run Stop::Close(CloseCode::Away, "the platform stopped"),
+                },
+                stop = peer.incoming() => break 'run stop,
+                _ = crate::server::stopped(&mut shutdown) => break 'run Stop::Close(CloseCode::Away, "server shutting down"),
+                _ = tick.tick() => {
+                    if let Err(stop) = peer.ping().await {
+                        break 'run stop;
+                    }
+                }
+            }
+        }
+    };
+    peer.finish(stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_pairs() {
+        assert_eq!(
+            parse_after_pairs("a:1,b:22").unwrap(),
+            vec![("a".to_string(), 1), ("b".to_string(), 22)]
+        );
+        assert!(parse_after_pairs("").unwrap().is_empty());
+        assert!(parse_after_pairs("a").is_err());
+        assert!(parse_after_pairs(":3").is_err());
+        assert!(parse_after_pairs("a:x").is_err());
+    }
+}

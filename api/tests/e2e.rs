@@ -1,0 +1,1439 @@
+//! End-to-end tests over real HTTP and WebSocket against a started `hatchery up`.
+//!
+//! Each test starts the `hatchery` binary with its own temporary data directory on a
+//! free port of 127.0.0.1 (pool size 1, R only, the default root filesystem), mints its
+//! tokens with `hatchery token create` against the same config, and talks to it with a
+//! small HTTP/1.1 client written here and tokio-tungstenite. Platforms run one at a time
+//! (they share the machine's cgroups and its 2 cores); waits poll states with generous
+//! deadlines instead of sleeping fixed times.
+//!
+//! Needs root, the root filesystem (`/var/lib/hatchery/rootfs/r`, or `HATCHERY_ROOTFS`)
+//! and the sandbox binaries built in the same profile (`cargo build -p hatchery-sandbox`).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const HATCHERY: &str = env!("CARGO_BIN_EXE_hatchery");
+/// Deadline of any single wait (the machine may be loaded).
+const PATIENCE: Duration = Duration::from_secs(180);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs one test body on its own runtime, one test at a time.
+fn e2e(body: impl std::future::Future<Output = ()>) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body)
+}
+
+fn rootfs() -> PathBuf {
+    std::env::var_os("HATCHERY_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/hatchery/rootfs/r"))
+}
+
+/// A running `hatchery up`.
+struct Hatchery {
+    child: Option<Child>,
+    dir: PathBuf,
+    config: PathBuf,
+    addr: SocketAddr,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Knobs of a test platform.
+#[derive(Clone)]
+struct Setup {
+    capacity: u32,
+    max_queued: usize,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            capacity: 4,
+            max_queued: 256,
+        }
+    }
+}
+
+impl Hatchery {
+    fn start(setup: Setup) -> Hatchery {
+        let bin_dir = std::path::Path::new(HATCHERY).parent().unwrap();
+        for bin in ["sandbox", "hatchery-zygote"] {
+            assert!(
+                bin_dir.join(bin).is_file(),
+                "{} is missing: build it first with `cargo build -p hatchery-sandbox` (same profile)",
+                bin_dir.join(bin).display()
+            );
+        }
+        assert!(
+            rootfs().is_dir(),
+            "no root filesystem at {}",
+            rootfs().display()
+        );
+        let tmp = tempfile::Builder::new()
+            .prefix("hatchery-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let config = dir.join("hatchery.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\n\
+                 data_dir = \"{data}\"\n\
+                 rootfs = \"{rootfs}\"\n\
+                 token_ttl = \"2h\"\n\
+                 [agent]\n\
+                 name = \"e2e\"\n\
+                 pool_size = 1\n\
+                 capacity = {capacity}\n\
+                 shutdown_grace = \"0s\"\n\
+                 cgroup_parent = \"hatchery/e2e\"\n\
+                 [platform]\n\
+                 languages = [\"r\"]\n\
+                 max_queued = {max_queued}\n",
+                data = dir.join("data").display(),
+                rootfs = rootfs().display(),
+                capacity = setup.capacity,
+                max_queued = setup.max_queued,
+            ),
+        )
+        .unwrap();
+        let mut h = Hatchery {
+            child: None,
+            dir,
+            config,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            _tmp: Some(tmp),
+        };
+        h.spawn();
+        h
+    }
+
+    /// Starts (or restarts) the process on the same config and data.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("hatchery.log"))
+            .unwrap();
+        let mut cmd = Command::new(HATCHERY);
+        for (var, _) in hatchery_api::config::ENV_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.arg("up")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn hatchery up");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let banner = self.dir.join("banner.txt");
+        std::thread::spawn(move || {
+            let mut out = std::fs::File::create(banner).unwrap();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(out, "{line}");
+                if let Some(url) = line.strip_prefix("hatchery: listening on http://") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(PATIENCE) {
+            Ok(addr) => self.addr = addr.parse().expect("listening address"),
+            Err(_) => {
+                self.dump_log();
+                panic!("hatchery up did not print its address");
+            }
+        }
+    }
+
+    /// Waits for `/readyz` (the warm pool has a sandbox).
+    async fn ready(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(r) = try_http(self.addr, "GET", "/readyz", None, None).await {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                self.dump_log();
+                panic!("hatchery never became ready");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn started(setup: Setup) -> Hatchery {
+        let h = Hatchery::start(setup);
+        h.ready().await;
+        h
+    }
+
+    fn token(&self, org: &str, user: &str, role: &str) -> String {
+        let out = Command::new(HATCHERY)
+            .args([
+                "token", "create", "--org", org, "--user", user, "--role", role,
+            ])
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("hatchery token create");
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    fn stop_with(&mut self, signal: i32) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn dump_log(&self) {
+        let log = std::fs::read_to_string(self.dir.join("hatchery.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        eprintln!("---- hatchery.log (last 80 lines) ----");
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+}
+
+impl Drop for Hatchery {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_log();
+        }
+        self.stop_with(libc::SIGTERM);
+    }
+}
+
+// ---------------------------------------------------------------- a tiny HTTP client
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", String::from_utf8_lossy(&self.body)))
+            .to_string()
+    }
+}
+
+enum BodyMode {
+    Length,
+    Chunked,
+}
+
+async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<(Vec<u8>, BodyMode)>,
+) -> std::io::Result<Resp> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let mut payload = Vec::new();
+    match &body {
+        Some((b, BodyMode::Length)) => {
+            head.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+            payload.extend_from_slice(b);
+        }
+        Some((b, BodyMode::Chunked)) => {
+            head.push_str("Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n");
+            for chunk in b.chunks(64 << 10) {
+                payload.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                payload.extend_from_slice(chunk);
+                payload.extend_from_slice(b"\r\n");
+            }
+            payload.extend_from_slice(b"0\r\n\r\n");
+        }
+        None if method != "GET" => head.push_str("Content-Length: 0\r\n"),
+        None => {}
+    }
+    head.push_str("\r\n");
+    wr.write_all(head.as_bytes()).await?;
+    // The server may answer (413) before it has read the whole body: write in the
+    // background, read the answer here.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&payload).await;
+        let _ = wr.flush().await;
+        wr
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let resp = loop {
+        if let Some(r) = parse_response(&buf) {
+            break r;
+        }
+        match rd.read(&mut chunk).await {
+            Ok(0) => {
+                return parse_response(&buf).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "truncated response")
+                })
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return parse_response(&buf).ok_or(e),
+        }
+    };
+    writer.abort();
+    Ok(resp)
+}
+
+/// A complete response in `buf`, if there is one.
+fn parse_response(buf: &[u8]) -> Option<Resp> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &buf[end + 4..];
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let body = if let Some(len) = get("content-length") {
+        let len: usize = len.parse().ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        rest[..len].to_vec()
+    } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        let mut out = Vec::new();
+        let mut at = 0;
+        loop {
+            let line_end = rest[at..].windows(2).position(|w| w == b"\r\n")? + at;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?.trim(), 16)
+                    .ok()?;
+            at = line_end + 2;
+            if size == 0 {
+                break out;
+            }
+            if rest.len() < at + size + 2 {
+                return None;
+            }
+            out.extend_from_slice(&rest[at..at + size]);
+            at += size + 2;
+        }
+    } else if status == 101 || status == 204 || status == 304 {
+        Vec::new()
+    } else {
+        return None; // read to the end
+    };
+    Some(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+async fn http(
+    h: &Hatchery,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Resp {
+    let body = body.map(|b| (serde_json::to_vec(&b).unwrap(), BodyMode::Length));
+    try_http(h.addr, method, path, token, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+async fn get(h: &Hatchery, path: &str, token: &str) -> Resp {
+    http(h, "GET", path, Some(token), None).await
+}
+
+async fn raw_post(h: &Hatchery, path: &str, token: &str, body: Vec<u8>, mode: BodyMode) -> Resp {
+    try_http(h.addr, "POST", path, Some(token), Some((body, mode)))
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+// ---------------------------------------------------------------- platform helpers
+
+async fn submit(h: &Hatchery, token: &str, body: Value) -> String {
+    let r = http(h, "POST", "/v1/executions", Some(token), Some(body)).await;
+    assert_eq!(
+        r.status,
+        202,
+        "submit: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v = r.json();
+    assert_eq!(v["state"], "queued");
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn run_r(h: &Hatchery, token: &str, code: &str) -> String {
+    submit(h, token, json!({"language": "r", "code": code})).await
+}
+
+async fn execution(h: &Hatchery, token: &str, id: &str) -> Value {
+    let r = get(h, &format!("/v1/executions/{id}"), token).await;
+    assert_eq!(
+        r.status,
+        200,
+        "GET {id}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+/// Polls an execution until `pred` holds of it.
+async fn wait_until(
+    h: &Hatchery,
+    token: &str,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let v = execution(h, token, id).await;
+        if pred(&v) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("execution {id} never became {what}: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn state(v: &Value) -> &str {
+    v["state"].as_str().unwrap_or("?")
+}
+
+fn terminal(v: &Value) -> bool {
+    !matches!(state(v), "queued" | "running")
+}
+
+async fn wait_terminal(h: &Hatchery, token: &str, id: &str) -> Value {
+    wait_until(h, token, id, "finished", terminal).await
+}
+
+async fn wait_running(h: &Hatchery, token: &str, id: &str) -> Value {
+    wait_until(h, token, id, "running", |v| state(v) == "running").await
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(h: &Hatchery, path_and_query: &str) -> Result<WsStream, u16> {
+    let url = format!("ws://{}{}", h.addr, path_and_query);
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("websocket {path_and_query}: {e}"),
+    }
+}
+
+/// Reads JSON events until `stop` says so, the server closes (`true`), or the deadline.
+async fn read_events(
+    ws: &mut WsStream,
+    mut stop: impl FnMut(&[Value]) -> bool,
+) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if stop(&events) {
+            return (events, false);
+        }
+        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => panic!("no event within the deadline; got {events:?}"),
+            Ok(m) => m,
+        };
+        match msg {
+            Some(Ok(Message::Text(t))) => events.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(_))) | None => return (events, true),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("websocket error after {events:?}: {e}"),
+        }
+    }
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+fn stdout_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect()
+}
+
+const LONG: &str = "Sys.sleep(60); 'never'";
+
+// ---------------------------------------------------------------- the tests
+
+#[test]
+fn two_tabs_of_one_user_run_the_same_model_concurrently() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "ann", "user");
+        let code = "Sys.sleep(3); cat('model done'); 6 * 7";
+        let a = submit(
+            &h,
+            &t,
+            json!({"language": "r", "code": code, "tab_id": "tab-1", "model_id": "m"}),
+        )
+        .await;
+        let b = submit(
+            &h,
+            &t,
+            json!({"language": "r", "code": code, "tab_id": "tab-2", "model_id": "m"}),
+        )
+        .await;
+        let va = wait_terminal(&h, &t, &a).await;
+        let vb = wait_terminal(&h, &t, &b).await;
+        for v in [&va, &vb] {
+            assert_eq!(state(v), "succeeded", "{v}");
+            assert_eq!(v["result"]["value_json"], "42", "{v}");
+            assert_eq!(v["model_id"], "m");
+            assert!(v["cancel"].is_null());
+        }
+        // They ran at the same time.
+        let (sa, fa) = (
+            va["started_at"].as_u64().unwrap(),
+            va["finished_at"].as_u64().unwrap(),
+        );
+        let (sb, fb) = (
+            vb["started_at"].as_u64().unwrap(),
+            vb["finished_at"].as_u64().unwrap(),
+        );
+        assert!(
+            sa < fb && sb < fa,
+            "not concurrent: a {sa}..{fa}, b {sb}..{fb}"
+        );
+        // The tab filter of the list.
+        let l = get(&h, "/v1/executions?tab_id=tab-2", &t).await.json();
+        let ids: Vec<&str> = l["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec![b.as_str()]);
+    });
+}
+
+#[test]
+fn a_rerun_from_one_tab_cancels_only_that_tabs_run() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "ann", "user");
+        let a = submit(
+            &h,
+            &t,
+            json!({"language": "r", "code": LONG, "tab_id": "tab-1"}),
+        )
+        .await;
+        let b = submit(
+            &h,
+            &t,
+            json!({"language": "r", "code": LONG, "tab_id": "tab-2"}),
+        )
+        .await;
+        wait_running(&h, &t, &a).await;
+        wait_running(&h, &t, &b).await;
+        let c = submit(
+            &h,
+            &t,
+            json!({"language": "r", "code": "Sys.sleep(1); 'rerun'", "tab_id": "tab-1"}),
+        )
+        .await;
+        let va = wait_terminal(&h, &t, &a).await;
+        assert_eq!(state(&va), "cancelled", "{va}");
+        assert_eq!(va["cancel"], "superseded_by_tab");
+        let vc = wait_terminal(&h, &t, &c).await;
+        assert_eq!(state(&vc), "succeeded", "{vc}");
+        let vb = execution(&h, &t, &b).await;
+        assert_eq!(
+            state(&vb),
+            "running",
+            "the other tab's run must go on: {vb}"
+        );
+        assert!(vb["cancel"].is_null(), "{vb}");
+        let r = http(
+            &h,
+            "POST",
+            &format!("/v1/executions/{b}/cancel"),
+            Some(&t),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["cancel"], "requested");
+        let vb = wait_terminal(&h, &t, &b).await;
+        assert_eq!(state(&vb), "cancelled", "{vb}");
+    });
+}
+
+#[test]
+fn the_third_parallel_execution_cancels_the_oldest() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "bob", "user");
+        let a = run_r(&h, &t, LONG).await;
+        let b = run_r(&h, &t, LONG).await;
+        wait_running(&h, &t, &a).await;
+        let c = run_r(&h, &t, LONG).await;
+        let va = wait_terminal(&h, &t, &a).await;
+        assert_eq!(state(&va), "cancelled", "{va}");
+        assert_eq!(va["cancel"], "parallelism_cap");
+        for id in [&b, &c] {
+            let v = wait_until(&h, &t, id, "running", |v| state(v) == "running").await;
+            assert!(v["cancel"].is_null(), "{v}");
+        }
+        // Another user is not affected by bob's cap.
+        let t2 = h.token("acme", "carol", "user");
+        let d = run_r(&h, &t2, "1 + 1").await;
+        assert_eq!(state(&wait_terminal(&h, &t2, &d).await), "succeeded");
+        for id in [&b, &c] {
+            http(
+                &h,
+                "POST",
+                &format!("/v1/executions/{id}/cancel"),
+                Some(&t),
+                None,
+            )
+            .await;
+            wait_terminal(&h, &t, id).await;
+        }
+    });
+}
+
+#[test]
+fn a_client_that_disconnects_mid_run_later_gets_every_event_and_the_result() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "ann", "user");
+        let code = "for (i in 1:8) { cat('line', i, '\\n'); progress(i / 8, paste('step', i)); Sys.sleep(0.4) }; 'done'";
+        let id = run_r(&h, &t, code).await;
+
+        // First session: leave as soon as some output arrived.
+        let mut ws = ws_connect(&h, &format!("/v1/executions/{id}/events?token={t}"))
+            .await
+            .unwrap();
+        let (first, closed) =
+            read_events(&mut ws, |ev| ev.iter().any(|e| e["type"] == "stdout")).await;
+        assert!(!closed);
+        drop(ws);
+        let first_seqs = seqs(&first);
+        assert_eq!(
+            first_seqs,
+            (1..=first_seqs.len() as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(first[0]["type"], "queued");
+        let last = *first_seqs.last().unwrap();
+
+        // The execution goes on without a client.
+        let v = wait_terminal(&h, &t, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["result"]["value_json"], "\"done\"");
+
+        // Reconnect after the last seen: everything after it, in order, then close.
+        let mut ws = ws_connect(
+            &h,
+            &format!("/v1/executions/{id}/events?after={last}&token={t}"),
+        )
+        .await
+        .unwrap();
+        let (rest, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed, "the stream closes after `finished`");
+        let rest_seqs = seqs(&rest);
+        assert_eq!(
+            rest_seqs,
+            (last + 1..=last + rest.len() as u64).collect::<Vec<_>>()
+        );
+        let fin = rest.last().unwrap();
+        assert_eq!(fin["type"], "finished");
+        assert_eq!(fin["state"], "succeeded");
+        assert_eq!(
+            fin["seq"].as_u64().unwrap(),
+            v["last_seq"].as_u64().unwrap()
+        );
+        let mut all = first.clone();
+        all.extend(rest.iter().cloned());
+        let text = stdout_of(&all);
+        let expected: String = (1..=8).map(|i| format!("line {i} \n")).collect();
+        assert!(text.starts_with(&expected), "{text:?}");
+        assert!(all
+            .iter()
+            .any(|e| e["type"] == "progress" && e["message"] == "step 8"));
+
+        // A fresh client gets the same history from the start, and the stream closes.
+        let mut ws = ws_connect(&h, &format!("/v1/executions/{id}/events?token={t}"))
+            .await
+            .unwrap();
+        let (again, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed);
+        assert_eq!(again, all);
+        // Reconnecting after the `finished` event: nothing more, closed at once.
+        let mut ws = ws_connect(
+            &h,
+            &format!("/v1/executions/{id}/events?after={}&token={t}", fin["seq"]),
+        )
+        .await
+        .unwrap();
+        let (none, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed && none.is_empty(), "{none:?}");
+    });
+}
+
+#[test]
+fn a_policy_change_takes_effect_on_the_next_execution() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let root = h.token("hatchery", "root", "superadmin");
+        let t = h.token("acme", "ann", "user");
+        let hog = "x <- numeric(25e6); length(x)"; // 200 MB, zero-filled (touched)
+
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            Some(&root),
+            Some(json!({"memory_bytes": 64 << 20})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["policy"]["memory_bytes"], 64 << 20);
+        let id = run_r(&h, &t, hog).await;
+        let v = wait_terminal(&h, &t, &id).await;
+        assert_eq!(v["limits"]["memory_bytes"], 64 << 20);
+        assert_eq!(state(&v), "oom_killed", "{v}");
+
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            Some(&root),
+            Some(json!({"memory_bytes": 1u64 << 30})),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let g = get(&h, "/v1/admin/orgs/acme/users/ann/policy", &root)
+            .await
+            .json();
+        assert_eq!(g["effective"]["memory_bytes"], 1u64 << 30);
+        let id = run_r(&h, &t, hog).await;
+        let v = wait_terminal(&h, &t, &id).await;
+        assert_eq!(v["limits"]["memory_bytes"], 1u64 << 30);
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["result"]["value_json"], "25000000");
+
+        // A user override wins over the org policy; asking above it is refused.
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/ann/policy",
+            Some(&root),
+            Some(json!({"memory_bytes": 128 << 20})),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let r = http(
+            &h,
+            "POST",
+            "/v1/executions",
+            Some(&t),
+            Some(json!({"language": "r", "code": "1", "limits": {"memory_bytes": 256 << 20}})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_limits"));
+        // Only admins administer.
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            Some(&t),
+            Some(json!({"memory_bytes": 1 << 30})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+        let org_admin = h.token("acme", "boss", "org_admin");
+        assert_eq!(
+            get(&h, "/v1/admin/orgs/acme/policy", &org_admin)
+                .await
+                .status,
+            200
+        );
+        let r = get(&h, "/v1/admin/orgs/other/policy", &org_admin).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+    });
+}
+
+#[test]
+fn users_cannot_see_or_cancel_other_users_or_orgs_executions() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let ann = h.token("acme", "ann", "user");
+        let bob = h.token("acme", "bob", "user");
+        let eve = h.token("evil", "eve", "user");
+        let evil_admin = h.token("evil", "boss", "org_admin");
+        let acme_admin = h.token("acme", "boss", "org_admin");
+        let id = run_r(&h, &ann, "Sys.sleep(2); 'mine'").await;
+        for other in [&bob, &eve, &evil_admin] {
+            let r = get(&h, &format!("/v1/executions/{id}"), other).await;
+            assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+            let r = http(
+                &h,
+                "POST",
+                &format!("/v1/executions/{id}/cancel"),
+                Some(other),
+                None,
+            )
+            .await;
+            assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+            assert_eq!(
+                ws_connect(&h, &format!("/v1/executions/{id}/events?token={other}"))
+                    .await
+                    .err(),
+                Some(404)
+            );
+            let l = get(&h, "/v1/executions", other).await.json();
+            assert!(l["executions"].as_array().unwrap().is_empty(), "{l}");
+        }
+        // Unknown ids answer exactly the same.
+        let r = get(&h, "/v1/executions/0123456789abcdef", &ann).await;
+        assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+        // The owner's org admin may see it.
+        assert_eq!(
+            get(&h, &format!("/v1/executions/{id}"), &acme_admin)
+                .await
+                .status,
+            200
+        );
+        // Admin routes are not for users.
+        let r = get(&h, "/v1/admin/executions", &ann).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+        assert_eq!(
+            ws_connect(&h, &format!("/v1/admin/monitor?token={ann}"))
+                .await
+                .err(),
+            Some(403)
+        );
+        let v = wait_terminal(&h, &ann, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+    });
+}
+
+#[test]
+fn a_restart_keeps_finished_results_and_marks_running_ones_lost() {
+    e2e(async {
+        let mut h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "ann", "user");
+        let done = run_r(&h, &t, "cat('kept'); list(a = 1, b = 'two')").await;
+        let before = wait_terminal(&h, &t, &done).await;
+        assert_eq!(state(&before), "succeeded", "{before}");
+        let running = run_r(&h, &t, LONG).await;
+        wait_running(&h, &t, &running).await;
+
+        // A crash: no chance to clean up.
+        h.stop_with(libc::SIGKILL);
+        h.spawn();
+        h.ready().await;
+
+        let after = execution(&h, &t, &done).await;
+        assert_eq!(after["result"], before["result"]);
+        assert_eq!(state(&after), "succeeded");
+        let lost = wait_terminal(&h, &t, &running).await;
+        assert_eq!(state(&lost), "lost", "{lost}");
+        // Its event stream ends with the `lost` result.
+        let mut ws = ws_connect(&h, &format!("/v1/executions/{running}/events?token={t}"))
+            .await
+            .unwrap();
+        let (events, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed);
+        assert_eq!(events.last().unwrap()["state"], "lost");
+        // The restarted platform runs new work.
+        let id = run_r(&h, &t, "2 + 2").await;
+        assert_eq!(state(&wait_terminal(&h, &t, &id).await), "succeeded");
+    });
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_code() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "ann", "user");
+        let post = |body: Vec<u8>| raw_post(&h, "/v1/executions", &t, body, BodyMode::Length);
+
+        let r = post(b"{\"language\": \"r\", \"code\": ".to_vec()).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "bad_json"));
+        let r = post(b"not json".to_vec()).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "bad_json"));
+        let r = post(Vec::new()).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "bad_json"));
+
+        let big_code = "x".repeat(1_500_000);
+        let r =
+            post(serde_json::to_vec(&json!({"language": "r", "code": big_code})).unwrap()).await;
+        assert_eq!((r.status, r.code().as_str()), (413, "code_too_large"));
+        let huge =
+            serde_json::to_vec(&json!({"language": "r", "code": "x".repeat(3 << 20)})).unwrap();
+        let r = post(huge.clone()).await;
+        assert_eq!((r.status, r.code().as_str()), (413, "payload_too_large"));
+        let r = raw_post(&h, "/v1/executions", &t, huge, BodyMode::Chunked).await;
+        assert_eq!((r.status, r.code().as_str()), (413, "payload_too_large"));
+
+        let cases = [
+            (
+                json!({"language": "cobol", "code": "1"}),
+                422,
+                "unknown_language",
+            ),
+            (json!({"language": "r"}), 422, "invalid_request"),
+            (
+                json!({"language": "r", "code": "1", "colour": "red"}),
+                422,
+                "invalid_request",
+            ),
+            (json!({"language": "r", "code": 5}), 422, "invalid_request"),
+            (
+                json!({"language": "r", "code": "1", "limits": {"memory_bytes": -1}}),
+                422,
+                "invalid_limits",
+            ),
+            (
+                json!({"language": "r", "code": "1", "limits": {"cpus": -0.5}}),
+                422,
+                "invalid_limits",
+            ),
+            (
+                json!({"language": "r", "code": "1", "limits": {"time_limit_ms": 0}}),
+                422,
+                "invalid_limits",
+            ),
+            (
+                json!({"language": "r", "code": "1", "limits": {"memory_bytes": 1u64 << 50}}),
+                422,
+                "invalid_limits",
+            ),
+            (
+                json!({"language": "r", "code": "1", "limits": {"memory_bytes": 1e300}}),
+                422,
+                "invalid_limits",
+            ),
+            (
+                json!({"language": "r", "code": "1", "limits": {"cpus": 4096}}),
+                422,
+                "invalid_limits",
+            ),
+            (
+                json!({"language": "r", "code": "1", "limits": {"pids": 1.5}}),
+                422,
+                "invalid_limits",
+            ),
+        ];
+        for (body, status, code) in cases {
+            let r = http(&h, "POST", "/v1/executions", Some(&t), Some(body.clone())).await;
+            assert_eq!((r.status, r.code().as_str()), (status, code), "{body}");
+        }
+        let root = h.token("hatchery", "root", "superadmin");
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            Some(&root),
+            Some(json!({"max_parallel": -3})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_limits"));
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            Some(&root),
+            Some(json!({"memory_bytes": 1})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_limits"));
+
+        // Credentials.
+        let r = http(&h, "GET", "/v1/executions", None, None).await;
+        assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
+        assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+        let r = get(&h, "/v1/executions", "not.a.token").await;
+        assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
+        let forged = {
+            let mut parts: Vec<String> = t.split('.').map(str::to_string).collect();
+            parts[2] = "AAAA".into();
+            parts.join(".")
+        };
+        assert_eq!(get(&h, "/v1/executions", &forged).await.status, 401);
+        assert_eq!(ws_connect(&h, "/v1/events").await.err(), Some(401));
+
+        // Routes and methods.
+        let r = get(&h, "/v1/nope", &t).await;
+        assert_eq!((r.status, r.code().as_str()), (404, "unknown_route"));
+        let r = http(&h, "DELETE", "/v1/executions", Some(&t), None).await;
+        assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+        assert!(r.header("allow").unwrap().contains("POST"));
+        let r = get(&h, "/v1/executions?colour=red", &t).await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"));
+        let r = get(&h, "/v1/executions?state=dancing", &t).await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"));
+        let r = get(&h, "/v1/executions/abc/events", &t).await;
+        assert_eq!((r.status, r.code().as_str()), (426, "websocket_required"));
+    });
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    e2e(async {
+        let h = Hatchery::started(Setup {
+            capacity: 1,
+            max_queued: 2,
+        })
+        .await;
+        let (u1, u2, u3) = (
+            h.token("acme", "u1", "user"),
+            h.token("acme", "u2", "user"),
+            h.token("acme", "u3", "user"),
+        );
+        let a = run_r(&h, &u1, LONG).await;
+        wait_running(&h, &u1, &a).await;
+        let b = run_r(&h, &u1, LONG).await; // queued: the host runs one at a time
+        let c = run_r(&h, &u2, LONG).await; // queued
+        let r = http(
+            &h,
+            "POST",
+            "/v1/executions",
+            Some(&u3),
+            Some(json!({"language": "r", "code": "1"})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (503, "queue_full"));
+        assert!(r.header("retry-after").unwrap().parse::<u32>().unwrap() >= 1);
+        let m = http(&h, "GET", "/metrics", None, None).await;
+        let text = String::from_utf8(m.body).unwrap();
+        assert!(text.contains("hatchery_queue_length 2"), "{text}");
+        assert!(text.contains("hatchery_executions_running 1"), "{text}");
+        assert!(
+            text.contains("route=\"/v1/executions\",method=\"POST\",status=\"503\"} 1"),
+            "{text}"
+        );
+        for (tok, id) in [(&u1, &a), (&u1, &b), (&u2, &c)] {
+            http(
+                &h,
+                "POST",
+                &format!("/v1/executions/{id}/cancel"),
+                Some(tok),
+                None,
+            )
+            .await;
+            wait_terminal(&h, tok, id).await;
+        }
+    });
+}
+
+#[test]
+fn thirty_simultaneous_submissions_never_run_more_than_two() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "rush", "user");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Sample the user's executions while the storm runs: one list is one snapshot.
+        let sampler = {
+            let (addr, t, stop) = (h.addr, t.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut max_active = 0;
+                let mut samples = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Ok(r) =
+                        try_http(addr, "GET", "/v1/executions?limit=500", Some(&t), None).await
+                    {
+                        let v = r.json();
+                        let active = v["executions"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter(|e| {
+                                matches!(state(e), "queued" | "running") && e["cancel"].is_null()
+                            })
+                            .count();
+                        max_active = max_active.max(active);
+                        samples += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (max_active, samples)
+            })
+        };
+        let posts = (0..30).map(|i| {
+            let (addr, t) = (h.addr, t.clone());
+            async move {
+                let body = serde_json::to_vec(
+                    &json!({"language": "r", "code": format!("Sys.sleep(1); {i}")}),
+                )
+                .unwrap();
+                try_http(
+                    addr,
+                    "POST",
+                    "/v1/executions",
+                    Some(&t),
+                    Some((body, BodyMode::Length)),
+                )
+                .await
+                .unwrap()
+            }
+        });
+        let answers = futures_util::future::join_all(posts).await;
+        let mut ids = Vec::new();
+        for r in &answers {
+            assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+            ids.push(r.json()["id"].as_str().unwrap().to_string());
+        }
+        assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 30);
+        let mut finals = Vec::new();
+        for id in &ids {
+            finals.push(wait_terminal(&h, &t, id).await);
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (max_active, samples) = sampler.await.unwrap();
+        assert!(samples > 0);
+        assert!(max_active <= 2, "{max_active} active at once");
+        let survivors: Vec<&Value> = finals.iter().filter(|v| v["cancel"].is_null()).collect();
+        assert!(!survivors.is_empty() && survivors.len() <= 30);
+        for v in &finals {
+            if v["cancel"].is_null() {
+                assert_eq!(state(v), "succeeded", "{v}");
+            } else {
+                assert_eq!(v["cancel"], "parallelism_cap", "{v}");
+            }
+        }
+        // Overlap check on what really ran: never more than two at once.
+        let mut edges: Vec<(u64, i32)> = Vec::new();
+        for v in &finals {
+            if let (Some(s), Some(f)) = (v["started_at"].as_u64(), v["finished_at"].as_u64()) {
+                if v["cancel"].is_null() {
+                    edges.push((s, 1));
+                    edges.push((f, -1));
+                }
+            }
+        }
+        edges.sort();
+        let mut now = 0;
+        for (_, d) in edges {
+            now += d;
+            assert!(now <= 2, "more than two uncancelled executions ran at once");
+        }
+    });
+}
+
+#[test]
+fn the_openapi_document_matches_the_routes() {
+    e2e(async {
+        let file: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+        assert_eq!(file["openapi"], "3.1.0");
+        let documented: BTreeSet<(String, String)> = file["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|m| ["get", "put", "post", "delete", "patch"].contains(&m.as_str()))
+                    .map(move |m| (m.to_uppercase(), path.clone()))
+            })
+            .collect();
+        let served: BTreeSet<(String, String)> = hatchery_api::routes::ROUTES
+            .iter()
+            .map(|r| (r.method.to_string(), r.path.to_string()))
+            .collect();
+        assert_eq!(
+            documented.difference(&served).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "documented but not served"
+        );
+        assert_eq!(
+            served.difference(&documented).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "served but not documented"
+        );
+        // Every documented path parameter is declared, and every $ref resolves.
+        for (path, ops) in file["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                for name in path
+                    .split('/')
+                    .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+                {
+                    let declared = op["parameters"].as_array().is_some_and(|ps| {
+                        ps.iter().any(|p| p["name"] == name && p["in"] == "path")
+                    });
+                    assert!(
+                        declared,
+                        "{method} {path}: path parameter {name} undeclared"
+                    );
+                }
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{method} {path}"
+                );
+            }
+        }
+        let text = include_str!("../openapi.json");
+        for piece in text.split("\"$ref\": \"#/").skip(1) {
+            let target = &piece[..piece.find('"').unwrap()];
+            let mut node = &file;
+            for part in target.split('/') {
+                node = &node[part];
+            }
+            assert!(!node.is_null(), "dangling $ref #/{target}");
+        }
+        // The error codes the API answers are the documented ones.
+        let codes: BTreeSet<&str> = file["components"]["schemas"]["Error"]["properties"]["error"]
+            ["properties"]["code"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        let known: BTreeSet<&str> = hatchery_api::error::ERROR_CODES.iter().copied().collect();
+        assert_eq!(codes, known);
+
+        // Served as written, and every route is really served (no 404/405 from the router).
+        let h = Hatchery::started(Setup::default()).await;
+        let r = http(&h, "GET", "/v1/openapi.json", None, None).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json(), file);
+        let root = h.token("hatchery", "root", "superadmin");
+        for route in hatchery_api::routes::ROUTES {
+            let path = route
+                .path
+                .replace("{id}", "x")
+                .replace("{org}", "acme")
+                .replace("{user}", "ann");
+            let r = http(&h, route.method, &path, Some(&root), None).await;
+            let code = if r.status >= 400 {
+                r.code()
+            } else {
+                String::new()
+            };
+            assert!(
+                code != "unknown_route" && code != "method_not_allowed",
+                "{} {} is documented but answers {code}",
+                route.method,
+                route.path
+            );
+        }
+    });
+}
+
+#[test]
+fn all_events_monitor_and_admin_views() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "ann", "user");
+        let root = h.token("hatchery", "root", "superadmin");
+        let mut all = ws_connect(&h, &format!("/v1/events?token={t}"))
+            .await
+            .unwrap();
+        let mut monitor = ws_connect(&h, &format!("/v1/admin/monitor?token={root}"))
+            .await
+            .unwrap();
+        let busy = run_r(
+            &h,
+            &t,
+            "s <- 0; t0 <- Sys.time(); while (Sys.time() - t0 < 4) s <- s + 1; cat('busy done')",
+        )
+        .await;
+        let quick = run_r(&h, &t, "cat('quick')").await;
+        // Both executions' events reach the caller's stream, each execution in seq order.
+        let (events, _) = read_events(&mut all, |ev| {
+            ev.iter().filter(|e| e["type"] == "finished").count() == 2
+        })
+        .await;
+        for id in [&busy, &quick] {
+            let mine: Vec<Value> = events
+                .iter()
+                .filter(|e| e["execution_id"] == id.as_str())
+                .cloned()
+                .collect();
+            let s = seqs(&mine);
+            assert_eq!(
+                s,
+                (1..=s.len() as u64).collect::<Vec<_>>(),
+                "{id}: {mine:?}"
+            );
+        }
+        // The monitor showed the busy sandbox's usage while it ran.
+        let (statuses, _) = read_events(&mut monitor, |st| {
+            st.iter().any(|s| {
+                s["sandboxes"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().any(|x| x["execution_id"] == busy.as_str()))
+            })
+        })
+        .await;
+        assert!(!statuses.is_empty());
+        let _ = monitor.close(None).await;
+        // The admin list and metrics.
+        let long = run_r(&h, &t, LONG).await;
+        wait_running(&h, &t, &long).await;
+        let l = get(&h, "/v1/admin/executions", &root).await.json();
+        assert!(
+            l["executions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["id"] == long.as_str()),
+            "{l}"
+        );
+        let (events, _) =
+            read_events(&mut all, |ev| ev.iter().any(|e| e["type"] == "started")).await;
+        assert!(events.iter().all(|e| e["execution_id"] == long.as_str()));
+        http(
+            &h,
+            "POST",
+            &format!("/v1/executions/{long}/cancel"),
+            Some(&t),
+            None,
+        )
+        .await;
+        let (events, _) =
+            read_events(&mut all, |ev| ev.iter().any(|e| e["type"] == "finished")).await;
+        assert_eq!(events.last().unwrap()["state"], "cancelled");
+        let _ = all.send(Message::Close(None)).await;
+        let m = String::from_utf8(http(&h, "GET", "/metrics", None, None).await.body).unwrap();
+        assert!(m.contains("hatchery_executions_submitted_total 3"), "{m}");
+        assert!(
+            m.contains("hatchery_executions_finished_total{state=\"succeeded\"} 2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("hatchery_warm_sandboxes{agent=\"e2e\",language=\"r\"}"),
+            "{m}"
+        );
+        assert_eq!(http(&h, "GET", "/healthz", None, None).await.status, 200);
+    });
+}
+
+#[test]
+fn split_roles_say_they_need_redis() {
+    for role in ["api", "scheduler", "agent"] {
+        let out = Command::new(HATCHERY).arg(role).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Redis") && err.contains("hatchery up"),
+            "{err}"
+        );
+    }
+    let help = Command::new(HATCHERY).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Redis"));
+}
+
+#[test]
+fn tokens_from_the_same_config_share_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("h.toml");
+    std::fs::write(
+        &config,
+        format!("data_dir = \"{}\"\n", dir.path().join("data").display()),
+    )
+    .unwrap();
+    let mint = |role: &str| {
+        let out = Command::new(HATCHERY)
+            .args([
+                "token", "create", "--org", "acme", "--user", "ann", "--role", role, "--ttl", "1h",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let (ok, token) = mint("org_admin");
+    assert!(ok);
+    assert_eq!(token.split('.').count(), 3);
+    let keys = hatchery_api::config::Keys::read(&dir.path().join("data/keys.toml")).unwrap();
+    let p = hatchery_api::auth::Auth::new(&keys.signing_key)
+        .verify(&token)
+        .unwrap();
+    assert_eq!((p.org.as_str(), p.user.as_str()), ("acme", "ann"));
+    let (ok, _) = mint("king");
+    assert!(!ok);
+}

@@ -1,0 +1,571 @@
+//! [`EmbeddedStore`]: the [`Store`] of the single-process mode. All state lives in memory
+//! behind one mutex, so every method is one atomic step; every change is written to the
+//! data directory ([`super::disk`]) before it becomes visible, so what a caller saw
+//! survives a restart.
+//!
+//! Changes run on tokio's blocking pool (they fsync) and run to completion even if the
+//! caller's future is dropped: a client that disconnects mid-request never leaves a
+//! half-applied admission. Readers wait for the mutex asynchronously and never touch
+//! the disk.
+//!
+//! The store decides states; it never runs anything, and never marks a running
+//! execution `lost` on its own (the agent's reconciliation does that).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+use super::disk::{check_name, name_ok, Disk};
+use crate::model::{
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
+    ResultSummary, Usage,
+};
+use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError, StoreResult};
+
+#[derive(Default)]
+struct State {
+    records: HashMap<String, ExecutionRecord>,
+    /// Per execution, `events[i].seq == i + 1`.
+    events: HashMap<String, Vec<ExecEvent>>,
+    org_policies: HashMap<String, Policy>,
+    user_policies: HashMap<(String, String), Policy>,
+}
+
+struct Inner {
+    disk: Disk,
+    state: Mutex<State>,
+}
+
+/// The embedded, durable store. Cheap to clone (clones share the state).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("disk", &self.inner.disk)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Queued or running, and not cancel-requested: what counts against the parallelism cap.
+fn is_active(r: &ExecutionRecord) -> bool {
+    matches!(r.state, ExecState::Queued | ExecState::Running) && r.cancel.is_none()
+}
+
+/// Whether an event should be on disk before `append_event` returns (the rest reach the
+/// kernel at once and the disk soon after; only a machine crash can lose them).
+fn must_sync(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::Queued | EventBody::Started { .. } | EventBody::Finished(_)
+    )
+}
+
+fn cancel_message(reason: CancelReason) -> &'static str {
+    match reason {
+        CancelReason::Requested => "cancelled on request",
+        CancelReason::SupersededByTab => {
+            "cancelled: a newer execution from the same tab replaced it"
+        }
+        CancelReason::ParallelismCap => "cancelled: the user's parallelism cap was reached",
+    }
+}
+
+/// The change a cancel makes to `rec` (see [`Store::request_cancel`]): a queued one
+/// becomes `cancelled` with a `finished` event; a running one gets its `cancel` field
+/// (the first reason stays); a finished one, or one already cancel-requested, is left
+/// alone (`None`).
+fn cancelled(
+    rec: &ExecutionRecord,
+    reason: CancelReason,
+    now: Millis,
+) -> Option<(ExecutionRecord, Option<ExecEvent>)> {
+    match rec.state {
+        ExecState::Queued => {
+            let mut r = rec.clone();
+            r.state = ExecState::Cancelled;
+            r.cancel = Some(reason);
+            r.finished_at = Some(now);
+            r.last_seq += 1;
+            let event = ExecEvent {
+                execution_id: r.id.clone(),
+                seq: r.last_seq,
+                at: now,
+                body: EventBody::Finished(ResultSummary {
+                    state: ExecState::Cancelled,
+                    value_json: None,
+                    error: Some(cancel_message(reason).to_string()),
+                    warnings: Vec::new(),
+                    exit_code: None,
+                    usage: Usage::default(),
+                    start_ms: None,
+                    duration_ms: 0.0,
+                    stdout_truncated: false,
+                    stderr_truncated: false,
+                }),
+            };
+            Some((r, Some(event)))
+        }
+        ExecState::Running if rec.cancel.is_none() => {
+            let mut r = rec.clone();
+            r.cancel = Some(reason);
+            Some((r, None))
+        }
+        _ => None,
+    }
+}
+
+impl State {
+    /// Persists one record with new events (events first: a record on disk always has
+    /// the events it counts), then makes both visible.
+    fn commit(
+        &mut self,
+        disk: &Disk,
+        rec: ExecutionRecord,
+        new_events: Vec<ExecEvent>,
+    ) -> StoreResult<()> {
+        if !new_events.is_empty() {
+            let sync = new_events.iter().any(|e| must_sync(&e.body));
+            disk.append_events(&rec.id, &new_events, sync)?;
+        }
+        disk.write_record(&rec)?;
+        self.events
+            .entry(rec.id.clone())
+            .or_default()
+            .extend(new_events);
+        self.records.insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    fn record(&self, id: &str) -> StoreResult<&ExecutionRecord> {
+        self.records
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
+
+    fn admit(
+        &mut self,
+        disk: &Disk,
+        mut new: ExecutionRecord,
+        rules: AdmissionRules,
+    ) -> StoreResult<Admission> {
+        check_name("execution id", &new.id)?;
+        if let Some(old) = self.records.get(&new.id) {
+            return Err(StoreError::IllegalTransition {
+                id: new.id,
+                from: old.state,
+                to: ExecState::Queued,
+            });
+        }
+        if new.state != ExecState::Queued {
+            return Err(StoreError::IllegalTransition {
+                id: new.id,
+                from: new.state,
+                to: ExecState::Queued,
+            });
+        }
+        let queued = self
+            .records
+            .values()
+            .filter(|r| r.state == ExecState::Queued)
+            .count();
+        if queued >= rules.max_queued {
+            return Ok(Admission::QueueFull { queued });
+        }
+
+        let now = now_ms();
+        new.cancel = None;
+        new.last_seq = 1;
+        let queued_event = ExecEvent {
+            execution_id: new.id.clone(),
+            seq: 1,
+            at: now,
+            body: EventBody::Queued,
+        };
+
+        let same_user = |r: &ExecutionRecord| r.org == new.org && r.user == new.user;
+        // R10: the tab's active executions go.
+        let mut decisions: Vec<(String, CancelReason)> = Vec::new();
+        if let Some(tab) = &new.tab_id {
+            let mut superseded: Vec<&ExecutionRecord> = self
+                .records
+                .values()
+                .filter(|r| same_user(r) && r.tab_id.as_ref() == Some(tab) && is_active(r))
+                .collect();
+            superseded.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            decisions.extend(
+                superseded
+                    .into_iter()
+                    .map(|r| (r.id.clone(), CancelReason::SupersededByTab)),
+            );
+        }
+        // R11: beyond the cap, the oldest go (the new one too, if it is the oldest).
+        let mut active: Vec<(Millis, &str)> = self
+            .records
+            .values()
+            .filter(|r| same_user(r) && is_active(r))
+            .filter(|r| !decisions.iter().any(|(id, _)| *id == r.id))
+            .map(|r| (r.created_at, r.id.as_str()))
+            .chain(std::iter::once((new.created_at, new.id.as_str())))
+            .collect();
+        active.sort();
+        let excess = active.len().saturating_sub(rules.max_parallel as usize);
+        let capped: Vec<String> = active[..excess]
+            .iter()
+            .map(|(_, id)| id.to_string())
+            .collect();
+        decisions.extend(
+            capped
+                .into_iter()
+                .map(|id| (id, CancelReason::ParallelismCap)),
+        );
+
+        // Cancellations first, the new record last: a crash in between cancels what
+        // this admission would have cancelled but admits nothing, and the caller never
+        // heard "admitted".
+        let mut new_cancel = None;
+        for (id, reason) in &decisions {
+            if *id == new.id {
+                new_cancel = Some(*reason);
+                continue;
+            }
+            let Some(old) = self.records.get(id) else {
+                continue;
+            };
+            if let Some((rec, event)) = cancelled(old, *reason, now) {
+                self.commit(disk, rec, event.into_iter().collect())?;
+            }
+        }
+        let mut events = vec![queued_event];
+        if let Some(reason) = new_cancel {
+            if let Some((rec, event)) = cancelled(&new, reason, now) {
+                new = rec;
+                events.extend(event);
+            }
+        }
+        self.commit(disk, new, events)?;
+        Ok(Admission::Admitted {
+            cancelled: decisions,
+        })
+    }
+
+    fn request_cancel(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        reason: CancelReason,
+    ) -> StoreResult<Option<ExecutionRecord>> {
+        let Some(rec) = self.records.get(id) else {
+            return Ok(None);
+        };
+        match cancelled(rec, reason, now_ms()) {
+            Some((rec, event)) => {
+                self.commit(disk, rec.clone(), event.into_iter().collect())?;
+                Ok(Some(rec))
+            }
+            None => Ok(Some(rec.clone())),
+        }
+    }
+
+    fn mark_running(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        agent: &str,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        let rec = self.record(id)?;
+        if rec.state != ExecState::Queued || rec.cancel.is_some() {
+            return Err(StoreError::IllegalTransition {
+                id: id.to_string(),
+                from: rec.state,
+                to: ExecState::Running,
+            });
+        }
+        let mut rec = rec.clone();
+        rec.state = ExecState::Running;
+        rec.agent = Some(agent.to_string());
+        rec.started_at = Some(at);
+        self.commit(disk, rec.clone(), Vec::new())?;
+        Ok(rec)
+    }
+
+    fn mark_finished(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        error: Option<String>,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        let rec = self.record(id)?;
+        if rec.state.is_terminal() || !state.is_terminal() {
+            return Err(StoreError::IllegalTransition {
+                id: id.to_string(),
+                from: rec.state,
+                to: state,
+            });
+        }
+        let mut rec = rec.clone();
+        rec.state = state;
+        rec.result_key = result_key;
+        rec.error = error;
+        rec.finished_at = Some(at);
+        self.commit(disk, rec.clone(), Vec::new())?;
+        Ok(rec)
+    }
+
+    fn append_event(&mut self, disk: &Disk, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        let rec = self.record(id)?;
+        let event = ExecEvent {
+            execution_id: id.to_string(),
+            seq: rec.last_seq + 1,
+            at: now_ms(),
+            body,
+        };
+        disk.append_events(id, std::slice::from_ref(&event), must_sync(&event.body))?;
+        if let Some(rec) = self.records.get_mut(id) {
+            rec.last_seq = event.seq;
+        }
+        self.events
+            .entry(id.to_string())
+            .or_default()
+            .push(event.clone());
+        Ok(event)
+    }
+
+    fn expire(&mut self, disk: &Disk, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
+        let mut old: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| r.state.is_terminal() && r.finished_at.unwrap_or(r.created_at) < before)
+            .map(|r| r.id.clone())
+            .collect();
+        old.sort();
+        let mut out = Vec::with_capacity(old.len());
+        let mut failed = None;
+        for id in old {
+            if let Err(e) = disk.remove_execution(&id) {
+                failed = Some(e);
+                break;
+            }
+            self.events.remove(&id);
+            out.extend(self.records.remove(&id));
+        }
+        if !out.is_empty() || failed.is_some() {
+            disk.sync_removals()?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `dir` and loads everything. Repairs what
+    /// a crash can leave: a torn last event line is dropped, events without a record are
+    /// removed, and an execution whose log ends in `finished` while its record is still
+    /// active (a crash between the two writes) takes the state of that event. Running
+    /// executions stay `running`: the agent's reconciliation decides about them.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        let disk = Disk::create(dir)?;
+        let loaded = disk.load()?;
+        let mut state = State {
+            records: loaded.records,
+            events: loaded.events,
+            org_policies: loaded.org_policies,
+            user_policies: loaded.user_policies,
+        };
+        let mut repaired = Vec::new();
+        for rec in state.records.values_mut() {
+            if rec.state.is_terminal() {
+                continue;
+            }
+            let finished = state.events.get(&rec.id).and_then(|ev| {
+                ev.iter().rev().find_map(|e| match &e.body {
+                    EventBody::Finished(summary) if summary.state.is_terminal() => {
+                        Some((summary.state, e.at))
+                    }
+                    _ => None,
+                })
+            });
+            if let Some((s, at)) = finished {
+                rec.state = s;
+                rec.finished_at = Some(at);
+                repaired.push(rec.clone());
+            }
+        }
+        for rec in &repaired {
+            disk.write_record(rec)?;
+        }
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                disk,
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    /// Runs one change on the blocking pool under the state's lock. It completes even if
+    /// the awaiting future is dropped.
+    async fn change<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut State, &Disk) -> StoreResult<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut state = inner.state.blocking_lock();
+            f(&mut state, &inner.disk)
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>> {
+        let state = self.inner.state.lock().await;
+        Ok(state.org_policies.get(org).cloned())
+    }
+
+    async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()> {
+        check_name("org", org)?;
+        let org = org.to_string();
+        self.change(move |state, disk| {
+            disk.write_org_policy(&org, &policy)?;
+            state.org_policies.insert(org, policy);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_user_policy(&self, org: &str, user: &str) -> StoreResult<Option<Policy>> {
+        if !name_ok(org) || !name_ok(user) {
+            return Ok(None);
+        }
+        let state = self.inner.state.lock().await;
+        Ok(state
+            .user_policies
+            .get(&(org.to_string(), user.to_string()))
+            .cloned())
+    }
+
+    async fn put_user_policy(&self, org: &str, user: &str, policy: Policy) -> StoreResult<()> {
+        check_name("org", org)?;
+        check_name("user", user)?;
+        let key = (org.to_string(), user.to_string());
+        self.change(move |state, disk| {
+            disk.write_user_policy(&key.0, &key.1, &policy)?;
+            state.user_policies.insert(key, policy);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn admit(
+        &self,
+        record: ExecutionRecord,
+        rules: AdmissionRules,
+    ) -> StoreResult<Admission> {
+        check_name("execution id", &record.id)?;
+        self.change(move |state, disk| state.admit(disk, record, rules))
+            .await
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>> {
+        let state = self.inner.state.lock().await;
+        Ok(state.records.get(id).cloned())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>> {
+        let state = self.inner.state.lock().await;
+        let mut out: Vec<ExecutionRecord> = state
+            .records
+            .values()
+            .filter(|r| filter.org.as_ref().is_none_or(|o| *o == r.org))
+            .filter(|r| filter.user.as_ref().is_none_or(|u| *u == r.user))
+            .filter(|r| {
+                filter
+                    .tab_id
+                    .as_ref()
+                    .is_none_or(|t| r.tab_id.as_ref() == Some(t))
+            })
+            .filter(|r| filter.state.is_none_or(|s| s == r.state))
+            .filter(|r| !filter.active_only || !r.state.is_terminal())
+            .cloned()
+            .collect();
+        drop(state);
+        out.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        if let Some(limit) = filter.limit {
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    async fn request_cancel(
+        &self,
+        id: &str,
+        reason: CancelReason,
+    ) -> StoreResult<Option<ExecutionRecord>> {
+        let id = id.to_string();
+        self.change(move |state, disk| state.request_cancel(disk, &id, reason))
+            .await
+    }
+
+    async fn mark_running(
+        &self,
+        id: &str,
+        agent: &str,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        let (id, agent) = (id.to_string(), agent.to_string());
+        self.change(move |state, disk| state.mark_running(disk, &id, &agent, at))
+            .await
+    }
+
+    async fn mark_finished(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        error: Option<String>,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        let id = id.to_string();
+        self.change(move |st, disk| st.mark_finished(disk, &id, state, result_key, error, at))
+            .await
+    }
+
+    async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        let id = id.to_string();
+        self.change(move |state, disk| state.append_event(disk, &id, body))
+            .await
+    }
+
+    async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
+        let state = self.inner.state.lock().await;
+        if !state.records.contains_key(id) {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        let events = state.events.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        let from = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(events.len());
+        Ok(events[from..].to_vec())
+    }
+
+    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
+        self.change(move |state, disk| state.expire(disk, before))
+            .await
+    }
+}

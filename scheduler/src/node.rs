@@ -1,0 +1,152 @@
+//! The embedded single-host platform behind `hatchery up`: an embedded store (durable
+//! under `data_dir/store`), an in-process bus, encrypted objects under `data_dir/objects`,
+//! the scheduler role, one agent, and the [`Platform`] front door for the API.
+//!
+//! The roles share nothing but the store, the bus and the objects, exactly as they will
+//! when they run as separate processes on separate hosts over Redis and S3. The node also
+//! runs retention: finished executions older than the platform's retention period are
+//! deleted with their objects.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::{Agent, AgentConfig, AgentError, AgentHandle};
+use crate::bus::Bus;
+use crate::embedded::{EmbeddedBus, EmbeddedStore};
+use crate::encrypted::EncryptedObjects;
+use crate::objects::{ObjectError, Objects};
+use crate::placement::run_scheduler;
+use crate::platform::{Platform, PlatformConfig};
+use crate::store::{Store, StoreError};
+
+/// How often retention runs at most (it also runs once at start).
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Everything one embedded node needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Records, events and objects live under this directory.
+    pub data_dir: PathBuf,
+    pub agent: AgentConfig,
+    pub platform: PlatformConfig,
+    /// The platform key objects are sealed with (AES-256-GCM).
+    pub object_key: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("objects: {0}")]
+    Objects(#[from] ObjectError),
+    #[error("agent: {0}")]
+    Agent(#[from] AgentError),
+}
+
+/// A running single-host platform.
+pub struct EmbeddedNode {
+    platform: Platform,
+    agent: AgentHandle,
+    scheduler: tokio::task::JoinHandle<()>,
+    retention: tokio::task::JoinHandle<()>,
+}
+
+impl EmbeddedNode {
+    /// Opens the store and objects, starts the scheduler, then the agent (which
+    /// reconciles executions a previous run left `running`), and retention.
+    pub async fn start(cfg: NodeConfig) -> Result<EmbeddedNode, NodeError> {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("store"))?);
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
+        let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(
+            &cfg.data_dir.join("objects"),
+            cfg.object_key,
+        )?);
+
+        // Subscribed before the agent starts, so its first status is seen.
+        let statuses = bus.subscribe_status();
+        let scheduler = {
+            let (store, bus) = (Arc::clone(&store), Arc::clone(&bus));
+            tokio::spawn(async move {
+                if let Err(e) = run_scheduler(store, bus, statuses).await {
+                    tracing::info!(error = %e, "the scheduler stopped");
+                }
+            })
+        };
+        let agent_languages: Vec<String> =
+            cfg.agent.languages.iter().map(|l| l.name.clone()).collect();
+        let agent = match Agent::start(
+            cfg.agent,
+            Arc::clone(&store),
+            Arc::clone(&bus),
+            Arc::clone(&objects),
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                scheduler.abort();
+                return Err(e.into());
+            }
+        };
+        for lang in &cfg.platform.languages {
+            if !agent_languages.contains(lang) {
+                tracing::warn!(
+                    language = %lang,
+                    "the platform accepts a language its agent does not run: \
+                     such executions stay queued"
+                );
+            }
+        }
+        let platform = Platform {
+            config: Arc::new(cfg.platform),
+            store,
+            bus,
+            objects,
+        };
+        let retention = {
+            let platform = platform.clone();
+            let every = Duration::from_millis((platform.config.retention_ms / 10).max(1_000))
+                .min(RETENTION_EVERY);
+            tokio::spawn(async move {
+                loop {
+                    match platform.expire_old().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(expired = n, "expired old executions"),
+                        Err(e) => tracing::warn!(error = %e, "retention failed"),
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        };
+        Ok(EmbeddedNode {
+            platform,
+            agent,
+            scheduler,
+            retention,
+        })
+    }
+
+    /// The front door the API serves.
+    pub fn platform(&self) -> Platform {
+        self.platform.clone()
+    }
+
+    pub fn agent(&self) -> &AgentHandle {
+        &self.agent
+    }
+
+    /// Waits until the agent's pools have a frozen sandbox each.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), NodeError> {
+        Ok(self.agent.wait_ready(timeout).await?)
+    }
+
+    /// Stops the agent (see [`AgentHandle::shutdown`]), then the scheduler and retention.
+    pub async fn shutdown(self) {
+        self.agent.shutdown().await;
+        self.scheduler.abort();
+        self.retention.abort();
+        let _ = self.scheduler.await;
+        let _ = self.retention.await;
+    }
+}

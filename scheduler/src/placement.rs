@@ -1,0 +1,595 @@
+//! Placement: the scheduler role. It takes admitted executions off the bus and sends each
+//! to one agent, chosen from the agents' latest [`HostStatus`] in three small stages
+//! (Nomad's shape): [`feasible`] (alive, not draining, serves the language, has a free
+//! slot) → [`rank`] (most free slots first) → [`select`] (the best). An execution no
+//! agent can take now waits in a FIFO and is retried whenever a status arrives.
+//!
+//! A run sent to an agent counts against its free slots until the agent's status shows
+//! it running or the store shows it left `queued` (checked when that agent's next status
+//! arrives), so a burst of submissions between two statuses does not overfill a host.
+//!
+//! The scheduler holds no durable state: on start it re-places every execution the store
+//! still has `queued` (submissions lost with a previous process), and an execution sent
+//! to an agent that then vanished (its status went stale) while the record is still
+//! `queued` is placed again. Repeats are harmless: an agent runs an execution only after
+//! its `queued` → `running` transition in the store succeeds.
+//!
+//! Not yet: memory/CPU-aware feasibility and host groups (R4), autoscaling (R5), best-of-K
+//! sampling for large clusters.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+
+use crate::bus::{AgentCommand, Bus, BusError, HostStatus};
+use crate::model::{now_ms, ExecState, Millis};
+use crate::store::{ListFilter, Store, StoreError};
+
+/// A host whose last status is older than this is considered gone.
+pub const STALE_AFTER_MS: Millis = 10_000;
+/// How often the scheduler re-checks without being woken (stale hosts, lost runs).
+const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("the bus closed")]
+    BusClosed,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What the scheduler knows about one agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostView {
+    pub status: HostStatus,
+    /// Runs sent to it that its status does not show yet.
+    pub sent: u32,
+}
+
+impl HostView {
+    /// Slots it can still take.
+    pub fn free(&self) -> u32 {
+        self.status
+            .capacity
+            .saturating_sub(self.status.running.saturating_add(self.sent))
+    }
+
+    pub fn serves(&self, language: &str) -> bool {
+        self.status.warm.iter().any(|(l, _)| l == language)
+    }
+
+    pub fn is_stale(&self, now: Millis) -> bool {
+        now.saturating_sub(self.status.at) > STALE_AFTER_MS
+    }
+}
+
+/// Stage 1: hosts that can take an execution of `language` now.
+pub fn feasible<'a>(
+    hosts: impl IntoIterator<Item = &'a HostView>,
+    language: &str,
+    now: Millis,
+) -> Vec<&'a HostView> {
+    hosts
+        .into_iter()
+        .filter(|h| !h.status.draining && !h.is_stale(now))
+        .filter(|h| h.serves(language) && h.free() > 0)
+        .collect()
+}
+
+/// Stage 2: best first — most free slots (spreads load; ties by agent id, stable).
+pub fn rank(mut hosts: Vec<&HostView>) -> Vec<&HostView> {
+    hosts.sort_by(|a, b| {
+        b.free()
+            .cmp(&a.free())
+            .then_with(|| a.status.agent.cmp(&b.status.agent))
+    });
+    hosts
+}
+
+/// Stage 3: the chosen host.
+pub fn select<'a>(ranked: &[&'a HostView]) -> Option<&'a HostView> {
+    ranked.first().copied()
+}
+
+/// The scheduler's view of the cluster.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    hosts: BTreeMap<String, HostView>,
+    /// Executions sent and still queued as far as the scheduler knows (on the bus, or
+    /// waiting at the agent for a slot): id → (agent, when).
+    in_flight: HashMap<String, (String, Millis)>,
+}
+
+impl Cluster {
+    /// Takes in a status (an older one than known is ignored). Runs it shows running no
+    /// longer count as sent.
+    pub fn observe(&mut self, status: HostStatus) {
+        if let Some(h) = self.hosts.get(&status.agent) {
+            if h.status.at > status.at {
+                return;
+            }
+        }
+        let agent = status.agent.clone();
+        let running: HashSet<&str> = status
+            .sandboxes
+            .iter()
+            .map(|s| s.execution_id.as_str())
+            .collect();
+        self.in_flight
+            .retain(|id, (a, _)| *a != agent || !running.contains(id.as_str()));
+        self.hosts
+            .insert(agent.clone(), HostView { status, sent: 0 });
+        self.recount(&agent);
+    }
+
+    /// Runs sent to `agent` that still count against it.
+    pub fn in_flight_on(&self, agent: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (a, _))| a == agent)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// `id` left the queued state (it runs, ran, or was cancelled): it no longer counts
+    /// as sent.
+    pub fn landed(&mut self, id: &str) {
+        if let Some((agent, _)) = self.in_flight.remove(id) {
+            self.recount(&agent);
+        }
+    }
+
+    fn recount(&mut self, agent: &str) {
+        let sent = self.in_flight.values().filter(|(a, _)| a == agent).count() as u32;
+        if let Some(h) = self.hosts.get_mut(agent) {
+            h.sent = sent;
+        }
+    }
+
+    /// The agent for an execution of `language`, if one can take it now.
+    pub fn place(&self, language: &str, now: Millis) -> Option<String> {
+        let ranked = rank(feasible(self.hosts.values(), language, now));
+        select(&ranked).map(|h| h.status.agent.clone())
+    }
+
+    /// Records that `id` was sent to `agent`.
+    pub fn sent(&mut self, id: &str, agent: &str, now: Millis) {
+        self.in_flight
+            .insert(id.to_string(), (agent.to_string(), now));
+        if let Some(h) = self.hosts.get_mut(agent) {
+            h.sent += 1;
+        }
+    }
+
+    /// Executions sent to hosts that have gone stale or vanished: they may never run.
+    /// They are forgotten here (the caller places them again).
+    pub fn take_orphans(&mut self, now: Millis) -> Vec<String> {
+        let hosts = &self.hosts;
+        let orphans: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (agent, at))| {
+                now.saturating_sub(*at) > STALE_AFTER_MS
+                    && !matches!(hosts.get(agent), Some(h) if !h.is_stale(now))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &orphans {
+            self.landed(id);
+        }
+        orphans
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = &HostView> {
+        self.hosts.values()
+    }
+}
+
+/// An execution waiting for a host.
+#[derive(Debug, Clone)]
+struct Waiting {
+    id: String,
+    language: String,
+}
+
+/// Runs the scheduler role until the bus closes. `statuses` should be subscribed before
+/// the agents start (so no status is missed); the scheduler places with what it has.
+pub async fn run_scheduler(
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    mut statuses: broadcast::Receiver<HostStatus>,
+) -> Result<(), SchedulerError> {
+    // Submissions are read by their own task, so a pending read is never dropped
+    // half-way by the `select!` below.
+    let (sub_tx, mut submissions) = mpsc::channel::<Result<String, BusError>>(64);
+    let reader = {
+        let bus = Arc::clone(&bus);
+        tokio::spawn(async move {
+            loop {
+                let next = bus.next_submitted().await;
+                let closed = matches!(next, Err(BusError::Closed));
+                if sub_tx.send(next).await.is_err() || closed {
+                    return;
+                }
+            }
+        })
+    };
+    let _reader = AbortOnDrop(reader);
+
+    let mut cluster = Cluster::default();
+    let mut queue: VecDeque<Waiting> = VecDeque::new();
+    // Whatever the store still has queued was submitted to a previous scheduler.
+    let mut recovered = store
+        .list(&ListFilter {
+            state: Some(ExecState::Queued),
+            ..ListFilter::default()
+        })
+        .await?;
+    recovered.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    if !recovered.is_empty() {
+        tracing::info!(count = recovered.len(), "re-placing executions left queued");
+    }
+    for r in recovered {
+        if r.cancel.is_none() {
+            queue.push_back(Waiting {
+                id: r.id,
+                language: r.language,
+            });
+        }
+    }
+    let mut statuses_open = true;
+    loop {
+        place_waiting(store.as_ref(), bus.as_ref(), &mut cluster, &mut queue).await?;
+        tokio::select! {
+            next = submissions.recv() => match next {
+                Some(Ok(id)) => {
+                    if queue.iter().any(|w| w.id == id) {
+                        continue;
+                    }
+                    match store.get(&id).await {
+                        Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
+                            queue.push_back(Waiting { id, language: r.language });
+                        }
+                        Ok(_) => tracing::debug!(execution = %id, "submitted but no longer queued"),
+                        Err(e) => {
+                            tracing::warn!(execution = %id, error = %e, "cannot read a submitted execution");
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading submissions");
+                    tokio::time::sleep(TICK).await;
+                }
+                None => return Err(SchedulerError::BusClosed),
+            },
+            status = statuses.recv(), if statuses_open => match status {
+                Ok(s) => {
+                    let agent = s.agent.clone();
+                    cluster.observe(s);
+                    // Runs that started or ended since they were sent free their slot.
+                    for id in cluster.in_flight_on(&agent) {
+                        match store.get(&id).await {
+                            Ok(Some(r)) if r.state == ExecState::Queued => {}
+                            Ok(_) => cluster.landed(&id),
+                            Err(e) => tracing::debug!(execution = %id, error = %e, "cannot read a sent execution"),
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(missed = n, "host statuses lagged");
+                }
+                Err(broadcast::error::RecvError::Closed) => statuses_open = false,
+            },
+            _ = tokio::time::sleep(TICK) => {
+                for id in cluster.take_orphans(now_ms()) {
+                    if let Ok(Some(r)) = store.get(&id).await {
+                        if r.state == ExecState::Queued && r.cancel.is_none()
+                            && !queue.iter().any(|w| w.id == id)
+                        {
+                            tracing::warn!(execution = %id, "its host vanished before running it; placing it again");
+                            queue.push_back(Waiting { id, language: r.language });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends every waiting execution some host can take now, in order (an execution whose
+/// language no host can take does not hold up the others).
+async fn place_waiting(
+    store: &dyn Store,
+    bus: &dyn Bus,
+    cluster: &mut Cluster,
+    queue: &mut VecDeque<Waiting>,
+) -> Result<(), SchedulerError> {
+    let mut blocked: HashSet<String> = HashSet::new();
+    let mut kept = VecDeque::with_capacity(queue.len());
+    while let Some(w) = queue.pop_front() {
+        if blocked.contains(&w.language) {
+            kept.push_back(w);
+            continue;
+        }
+        let now = now_ms();
+        let Some(agent) = cluster.place(&w.language, now) else {
+            blocked.insert(w.language.clone());
+            kept.push_back(w);
+            continue;
+        };
+        // It may have been cancelled while it waited.
+        match store.get(&w.id).await {
+            Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(execution = %w.id, error = %e, "cannot read a waiting execution");
+                kept.push_back(w);
+                continue;
+            }
+        }
+        let cmd = AgentCommand::Run {
+            execution_id: w.id.clone(),
+        };
+        match bus.send_to_agent(&agent, cmd).await {
+            Ok(()) => {
+                tracing::debug!(execution = %w.id, agent = %agent, "placed");
+                cluster.sent(&w.id, &agent, now);
+            }
+            Err(BusError::Closed) => {
+                queue.push_front(w);
+                return Err(SchedulerError::BusClosed);
+            }
+            Err(e) => {
+                tracing::warn!(execution = %w.id, agent = %agent, error = %e, "cannot send a run");
+                blocked.insert(w.language.clone());
+                kept.push_back(w);
+            }
+        }
+    }
+    *queue = kept;
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::SandboxUsage;
+    use crate::model::Usage;
+
+    fn status(agent: &str, capacity: u32, running: u32, at: Millis) -> HostStatus {
+        HostStatus {
+            agent: agent.into(),
+            at,
+            capacity,
+            running,
+            draining: false,
+            warm: vec![("r".into(), 1)],
+            sandboxes: Vec::new(),
+        }
+    }
+
+    fn view(s: HostStatus) -> HostView {
+        HostView { status: s, sent: 0 }
+    }
+
+    #[test]
+    fn feasible_filters_full_draining_stale_and_foreign_hosts() {
+        let now = 100_000;
+        let ok = view(status("ok", 2, 1, now));
+        let full = view(status("full", 2, 2, now));
+        let mut draining = view(status("draining", 4, 0, now));
+        draining.status.draining = true;
+        let stale = view(status("stale", 4, 0, now - STALE_AFTER_MS - 1));
+        let mut bash_only = view(status("bash", 4, 0, now));
+        bash_only.status.warm = vec![("bash".into(), 0)];
+        let mut busy = view(status("sent", 2, 1, now));
+        busy.sent = 1;
+        let hosts = [ok, full, draining, stale, bash_only, busy];
+        let names: Vec<&str> = feasible(&hosts, "r", now)
+            .iter()
+            .map(|h| h.status.agent.as_str())
+            .collect();
+        assert_eq!(names, ["ok"]);
+        let names: Vec<&str> = feasible(&hosts, "bash", now)
+            .iter()
+            .map(|h| h.status.agent.as_str())
+            .collect();
+        assert_eq!(names, ["bash"]);
+    }
+
+    #[test]
+    fn rank_puts_most_free_first_and_breaks_ties_by_name() {
+        let hosts = [
+            view(status("b", 4, 2, 0)),
+            view(status("a", 4, 2, 0)),
+            view(status("c", 8, 1, 0)),
+        ];
+        let ranked = rank(hosts.iter().collect());
+        let names: Vec<&str> = ranked.iter().map(|h| h.status.agent.as_str()).collect();
+        assert_eq!(names, ["c", "a", "b"]);
+        assert_eq!(select(&ranked).unwrap().status.agent, "c");
+        assert!(select(&[]).is_none());
+    }
+
+    #[test]
+    fn cluster_counts_sent_runs_until_they_show_or_land() {
+        let mut c = Cluster::default();
+        c.observe(status("a", 2, 0, 1_000));
+        assert_eq!(c.place("r", 1_000).as_deref(), Some("a"));
+        c.sent("x1", "a", 1_001);
+        c.sent("x2", "a", 1_002);
+        // Two sent, none reported yet: full, even after a newer status without them
+        // (they may be waiting at the agent for a slot).
+        assert_eq!(c.place("r", 1_003), None);
+        c.observe(status("a", 2, 0, 1_005));
+        assert_eq!(c.place("r", 1_005), None);
+        assert_eq!(c.in_flight_on("a"), ["x1", "x2"]);
+        // x2 shows as running: it counts through `running` now, not as sent.
+        let mut s = status("a", 2, 1, 1_010);
+        s.sandboxes.push(SandboxUsage {
+            execution_id: "x2".into(),
+            org: "o".into(),
+            user: "u".into(),
+            usage: Usage::default(),
+        });
+        c.observe(s);
+        assert_eq!(c.hosts().next().unwrap().sent, 1);
+        assert_eq!(c.place("r", 1_010), None);
+        // x1 ran and finished between two statuses: the store says so.
+        c.landed("x1");
+        assert_eq!(c.hosts().next().unwrap().sent, 0);
+        assert_eq!(c.place("r", 1_010).as_deref(), Some("a"));
+        // Older statuses are ignored.
+        c.observe(status("a", 2, 2, 900));
+        assert_eq!(c.place("r", 1_010).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn runs_sent_to_a_vanished_host_are_orphans() {
+        let mut c = Cluster::default();
+        c.observe(status("a", 2, 0, 1_000));
+        c.observe(status("b", 2, 0, 1_000));
+        c.sent("x", "a", 1_000);
+        c.sent("y", "b", 1_000);
+        assert!(c.take_orphans(1_000 + STALE_AFTER_MS).is_empty());
+        // b keeps reporting (and still has y waiting), a went silent.
+        let later = 1_000 + STALE_AFTER_MS + 5;
+        c.observe(status("b", 2, 0, later));
+        assert_eq!(c.take_orphans(later), vec!["x".to_string()]);
+        assert!(c.take_orphans(later).is_empty());
+        assert_eq!(c.in_flight_on("b"), ["y"]);
+        // a is stale; b has one slot left besides y.
+        assert_eq!(c.place("r", later).as_deref(), Some("b"));
+        c.sent("z", "b", later);
+        assert_eq!(c.place("r", later), None);
+    }
+
+    mod scheduler_loop {
+        use super::*;
+        use crate::embedded::{EmbeddedBus, EmbeddedStore};
+        use crate::model::{CancelReason, ExecutionRecord, Limits};
+        use crate::store::{AdmissionRules, Store};
+
+        fn record(n: u32) -> ExecutionRecord {
+            ExecutionRecord {
+                id: format!("e{n}"),
+                org: "o".into(),
+                user: format!("u{n}"),
+                language: "r".into(),
+                tab_id: None,
+                model_id: None,
+                state: ExecState::Queued,
+                limits: Limits {
+                    memory_bytes: 1 << 28,
+                    cpus: 1.0,
+                    pids: 64,
+                    time_limit_ms: 1_000,
+                },
+                code_key: format!("code/e{n}"),
+                result_key: None,
+                created_at: now_ms(),
+                started_at: None,
+                finished_at: None,
+                agent: None,
+                cancel: None,
+                error: None,
+                last_seq: 0,
+            }
+        }
+
+        async fn next_run(bus: &EmbeddedBus, agent: &str) -> Option<String> {
+            match tokio::time::timeout(Duration::from_millis(300), bus.next_for_agent(agent)).await
+            {
+                Ok(Ok(AgentCommand::Run { execution_id })) => Some(execution_id),
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => None,
+            }
+        }
+
+        #[tokio::test]
+        async fn places_by_free_slots_and_waits_for_capacity() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+            let bus = Arc::new(EmbeddedBus::new());
+            let task = tokio::spawn(run_scheduler(
+                store.clone(),
+                bus.clone(),
+                bus.subscribe_status(),
+            ));
+            bus.publish_status(status("a", 1, 0, now_ms()))
+                .await
+                .unwrap();
+            bus.publish_status(status("b", 2, 0, now_ms()))
+                .await
+                .unwrap();
+            let rules = AdmissionRules {
+                max_parallel: 10,
+                max_queued: 10,
+            };
+            for n in 1..=5 {
+                store.admit(record(n), rules).await.unwrap();
+            }
+            // e4 is cancelled while it waits: it is never sent.
+            for n in 1..=5 {
+                bus.submit(&format!("e{n}")).await.unwrap();
+            }
+            // Most free first (b: 2), then the tie a/b by name, then b.
+            assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e1"));
+            assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e2"));
+            assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e3"));
+            // Full: e4 and e5 wait.
+            assert_eq!(next_run(&bus, "a").await, None);
+            assert_eq!(next_run(&bus, "b").await, None);
+            store
+                .request_cancel("e4", CancelReason::Requested)
+                .await
+                .unwrap();
+            // b ran e1 to the end; its status says so: one slot frees (e3 still counts).
+            store.mark_running("e1", "b", now_ms()).await.unwrap();
+            store
+                .mark_finished("e1", ExecState::Succeeded, None, None, now_ms())
+                .await
+                .unwrap();
+            bus.publish_status(status("b", 2, 0, now_ms()))
+                .await
+                .unwrap();
+            assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e5"));
+            assert_eq!(next_run(&bus, "b").await, None);
+            assert_eq!(next_run(&bus, "a").await, None);
+            task.abort();
+        }
+
+        #[tokio::test]
+        async fn re_places_what_the_store_still_has_queued_on_start() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+            let rules = AdmissionRules {
+                max_parallel: 10,
+                max_queued: 10,
+            };
+            store.admit(record(1), rules).await.unwrap();
+            // Submitted to a bus that is gone: a new scheduler finds it in the store.
+            let bus = Arc::new(EmbeddedBus::new());
+            let statuses = bus.subscribe_status();
+            bus.publish_status(status("a", 1, 0, now_ms()))
+                .await
+                .unwrap();
+            let task = tokio::spawn(run_scheduler(store.clone(), bus.clone(), statuses));
+            assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,790 @@
+//! The agent and the scheduler role, end to end on this host: executions admitted into an
+//! embedded store, their code sealed in local encrypted objects, submitted on an embedded
+//! bus, placed by `run_scheduler`, run by an agent driving a real R warm pool.
+//!
+//! Every test has its own store, bus, objects, agent id and cgroup parent
+//! (`hatchery/agenttest<name>-<pid>-<n>`), so tests run in parallel; each checks that its
+//! parent is empty once its agent has shut down.
+//!
+//! Needs root, `cargo build -p hatchery-sandbox --bins` (same profile as the tests) and the
+//! R root filesystem (`HATCHERY_ROOTFS`, default /var/lib/hatchery/rootfs/r). These tests
+//! never skip: a missing prerequisite is a failure that says how to fix it.
+//! Run: `cargo test -p hatchery-scheduler --test agent`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hatchery_scheduler::agent::{Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART};
+use hatchery_scheduler::bus::{AgentCommand, Bus, HostStatus};
+use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
+use hatchery_scheduler::encrypted::EncryptedObjects;
+use hatchery_scheduler::model::{
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, ResultSummary,
+};
+use hatchery_scheduler::objects::Objects;
+use hatchery_scheduler::placement::run_scheduler;
+use hatchery_scheduler::store::{Admission, AdmissionRules, Store};
+
+const MIB: u64 = 1 << 20;
+
+fn require_root() {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the agent tests must run as root (euid {euid}): they start real sandboxes"
+    );
+}
+
+/// `target/<profile>`, from the running test binary (`target/<profile>/deps/…`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary has a directory");
+    if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = profile_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} does not exist: build it with `cargo build -p hatchery-sandbox --bins` \
+         (same profile as the tests)",
+        path.display()
+    );
+    path
+}
+
+fn rootfs() -> PathBuf {
+    let path = std::env::var_os("HATCHERY_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(hatchery_sandbox::DEFAULT_ROOTFS));
+    assert!(
+        path.join("usr/lib/R").is_dir(),
+        "no R root filesystem at {}: build it with \
+         `cargo run --release -p rootfs-builder -- build rootfs-builder/manifests/r.toml` \
+         or point HATCHERY_ROOTFS at one",
+        path.display()
+    );
+    path
+}
+
+/// A cgroup parent of one test, removed on drop.
+struct CgroupParent {
+    rel: String,
+}
+
+impl CgroupParent {
+    /// `hatchery/agenttest<name>-<pid>-<n>`: three dash-separated parts, so no gc ever
+    /// takes it for a sandbox of a dead owner.
+    fn new(name: &str) -> CgroupParent {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        CgroupParent {
+            rel: format!("hatchery/agenttest{name}-{}-{n}", std::process::id()),
+        }
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        let root = Path::new("/sys/fs/cgroup");
+        let mut out = vec![root.join(&self.rel)];
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            out.push(e.path().join(&self.rel));
+        }
+        out.retain(|p| p.is_dir());
+        out
+    }
+
+    /// Sandbox cgroups left under the parent, in any hierarchy.
+    fn children(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for dir in self.dirs() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    names.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        // A just-emptied cgroup may refuse removal for a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let dirs = self.dirs();
+            if dirs.is_empty() || Instant::now() > deadline {
+                return;
+            }
+            for dir in dirs {
+                let _ = std::fs::remove_dir(dir);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// One platform slice: store, bus, objects, the scheduler role and one agent.
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    objects: Arc<dyn Objects>,
+    agent: Option<AgentHandle>,
+    scheduler: tokio::task::JoinHandle<()>,
+    cgroup: CgroupParent,
+    agent_id: String,
+}
+
+fn agent_config(id: &str, cgroup: &CgroupParent, capacity: u32) -> AgentConfig {
+    let mut cfg = AgentConfig::new(id);
+    cfg.capacity = capacity;
+    cfg.languages = vec![LanguageConfig {
+        name: "r".into(),
+        packages: Vec::new(),
+        pool_size: 1,
+    }];
+    cfg.rootfs = rootfs();
+    cfg.sandbox_bin = binary("sandbox");
+    cfg.zygote_bin = binary("hatchery-zygote");
+    cfg.cgroup_parent = cgroup.rel.clone();
+    cfg.usage_interval = Duration::from_millis(100);
+    cfg.status_interval = Duration::from_millis(200);
+    cfg
+}
+
+impl Env {
+    /// The backends only (no agent yet).
+    fn backends(name: &str) -> Env {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store")).expect("open store"));
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
+        let objects: Arc<dyn Objects> = Arc::new(
+            EncryptedObjects::local(&dir.path().join("objects"), [7u8; 32]).expect("objects"),
+        );
+        let statuses = bus.subscribe_status();
+        let scheduler = {
+            let (store, bus) = (Arc::clone(&store), Arc::clone(&bus));
+            tokio::spawn(async move {
+                let _ = run_scheduler(store, bus, statuses).await;
+            })
+        };
+        Env {
+            _dir: dir,
+            store,
+            bus,
+            objects,
+            agent: None,
+            scheduler,
+            cgroup: CgroupParent::new(name),
+            agent_id: format!("agent-{name}-{}", std::process::id()),
+        }
+    }
+
+    async fn start_agent(&mut self, capacity: u32) {
+        let cfg = agent_config(&self.agent_id, &self.cgroup, capacity);
+        let agent = Agent::start(
+            cfg,
+            Arc::clone(&self.store),
+            Arc::clone(&self.bus),
+            Arc::clone(&self.objects),
+        )
+        .await
+        .expect("start the agent");
+        agent
+            .wait_ready(Duration::from_secs(120))
+            .await
+            .expect("the R pool becomes ready");
+        self.agent = Some(agent);
+    }
+
+    async fn new(name: &str, capacity: u32) -> Env {
+        let mut env = Env::backends(name);
+        env.start_agent(capacity).await;
+        env
+    }
+
+    fn agent(&self) -> &AgentHandle {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    /// Admits an R execution (code sealed first), then submits it.
+    async fn submit(&self, code: &str, limits: Limits) -> String {
+        let record = self.record(limits);
+        let id = record.id.clone();
+        self.objects
+            .put(&record.code_key, code.as_bytes().to_vec())
+            .await
+            .expect("put code");
+        let rules = AdmissionRules {
+            max_parallel: 100,
+            max_queued: 100,
+        };
+        let admitted = self.store.admit(record, rules).await.expect("admit");
+        assert!(
+            matches!(admitted, Admission::Admitted { .. }),
+            "{admitted:?}"
+        );
+        self.bus.submit(&id).await.expect("submit");
+        id
+    }
+
+    fn record(&self, limits: Limits) -> ExecutionRecord {
+        let id = uuid::Uuid::new_v4().to_string();
+        ExecutionRecord {
+            code_key: format!("code/{id}"),
+            id,
+            org: "acme".into(),
+            user: "ada".into(),
+            language: "r".into(),
+            tab_id: None,
+            model_id: None,
+            state: ExecState::Queued,
+            limits,
+            result_key: None,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            agent: None,
+            cancel: None,
+            error: None,
+            last_seq: 0,
+        }
+    }
+
+    async fn get(&self, id: &str) -> ExecutionRecord {
+        self.store
+            .get(id)
+            .await
+            .expect("get")
+            .expect("the record exists")
+    }
+
+    /// Waits for `id` to reach a terminal state.
+    async fn finished(&self, id: &str, within: Duration) -> ExecutionRecord {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.get(id).await;
+            // The record turns terminal just before the `finished` event is appended.
+            let logged = self
+                .events(id)
+                .await
+                .last()
+                .is_some_and(|e| matches!(e.body, EventBody::Finished(_)));
+            if r.state.is_terminal() && logged {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} still {:?} after {within:?}",
+                r.state
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_state(&self, id: &str, state: ExecState, within: Duration) -> ExecutionRecord {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.get(id).await;
+            if r.state == state {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} is {:?}, not {state:?}, after {within:?}",
+                r.state
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn events(&self, id: &str) -> Vec<ExecEvent> {
+        self.store.events_after(id, 0).await.expect("events")
+    }
+
+    async fn result(&self, record: &ExecutionRecord) -> ResultSummary {
+        let key = record.result_key.as_deref().expect("a result key");
+        assert_eq!(key, format!("results/{}", record.id));
+        let bytes = self.objects.get(key).await.expect("result object");
+        serde_json::from_slice(&bytes).expect("result JSON")
+    }
+
+    /// Shuts everything down and checks nothing is left in the cgroup parent.
+    async fn close(mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.shutdown().await;
+        }
+        self.scheduler.abort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.cgroup.children().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            self.cgroup.children(),
+            Vec::<String>::new(),
+            "cgroups left behind"
+        );
+    }
+}
+
+fn limits(memory_bytes: u64, time_limit_ms: u64) -> Limits {
+    Limits {
+        memory_bytes,
+        cpus: 1.0,
+        pids: 128,
+        time_limit_ms,
+    }
+}
+
+fn kinds(events: &[ExecEvent]) -> Vec<&'static str> {
+    events
+        .iter()
+        .map(|e| match &e.body {
+            EventBody::Queued => "queued",
+            EventBody::Started { .. } => "started",
+            EventBody::Stdout { .. } => "stdout",
+            EventBody::Stderr { .. } => "stderr",
+            EventBody::Progress { .. } => "progress",
+            EventBody::Usage(_) => "usage",
+            EventBody::Finished(_) => "finished",
+        })
+        .collect()
+}
+
+/// The event log of an execution is gapless, starts queued → started, ends finished.
+fn check_log(id: &str, events: &[ExecEvent]) {
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    let want: Vec<u64> = (1..=events.len() as u64).collect();
+    assert_eq!(seqs, want, "sequence numbers of {id}");
+    assert!(events.iter().all(|e| e.execution_id == id));
+    let k = kinds(events);
+    assert_eq!(&k[..2], ["queued", "started"], "{k:?}");
+    assert_eq!(k.last(), Some(&"finished"), "{k:?}");
+    assert_eq!(k.iter().filter(|k| **k == "finished").count(), 1, "{k:?}");
+    assert_eq!(k.iter().filter(|k| **k == "started").count(), 1, "{k:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
+    let env = Env::new("happy", 2).await;
+    let mut live = env.bus.subscribe_events();
+    let id = env
+        .submit(
+            r#"cat("hi\n"); progress(0.5, "x"); 41 + 1"#,
+            limits(512 * MIB, 30_000),
+        )
+        .await;
+    let record = env.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(record.state, ExecState::Succeeded, "{record:?}");
+    assert_eq!(record.agent.as_deref(), Some(env.agent_id.as_str()));
+    assert!(record.started_at.is_some() && record.finished_at.is_some());
+
+    let events = env.events(&id).await;
+    check_log(&id, &events);
+    // R's output travels on the sandbox's channel with progress and the result, so
+    // their order is the order the code produced them in. A printed value may come in
+    // more than one chunk: a run of output events is compared as one.
+    let mut runs: Vec<(&str, String)> = Vec::new();
+    for (kind, e) in kinds(&events).into_iter().zip(&events) {
+        let text = match &e.body {
+            EventBody::Usage(_) => continue,
+            EventBody::Stdout { data } => data.as_str(),
+            _ => "",
+        };
+        match runs.last_mut() {
+            Some(("stdout", t)) if kind == "stdout" => t.push_str(text),
+            _ => runs.push((kind, text.to_string())),
+        }
+    }
+    let runs: Vec<(&str, &str)> = runs.iter().map(|(k, t)| (*k, t.as_str())).collect();
+    assert_eq!(
+        runs,
+        [
+            ("queued", ""),
+            ("started", ""),
+            ("stdout", "hi\n"),
+            ("progress", ""),
+            ("stdout", "[1] 42\n"),
+            ("finished", ""),
+        ],
+        "{events:#?}"
+    );
+    let progress: Vec<&EventBody> = events
+        .iter()
+        .map(|e| &e.body)
+        .filter(|b| matches!(b, EventBody::Progress { .. }))
+        .collect();
+    assert_eq!(
+        progress,
+        [&EventBody::Progress {
+            fraction: 0.5,
+            message: "x".into()
+        }]
+    );
+    match &events[1].body {
+        EventBody::Started { agent, start_ms } => {
+            assert_eq!(agent, &env.agent_id);
+            assert!(start_ms.is_some_and(|ms| ms >= 0.0), "{start_ms:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let EventBody::Finished(summary) = &events.last().unwrap().body else {
+        unreachable!()
+    };
+
+    // The result object decrypts to the same summary.
+    let result = env.result(&record).await;
+    // (Compared after the same JSON round trip: floats may not survive it bit for bit.)
+    let logged: ResultSummary =
+        serde_json::from_slice(&serde_json::to_vec(summary).unwrap()).unwrap();
+    assert_eq!(result, logged);
+    assert_eq!(result.state, ExecState::Succeeded);
+    assert_eq!(result.value_json.as_deref(), Some("42"));
+    assert_eq!(result.error, None);
+    assert!(result.duration_ms > 0.0);
+    // On disk it is sealed: the plaintext is nowhere in the objects directory.
+    let raw = std::fs::read(env._dir.path().join("objects/results").join(&id))
+        .expect("the sealed result file");
+    assert!(!String::from_utf8_lossy(&raw).contains("value_json"));
+
+    // The bus carried the same events, in the same order.
+    let mut published = Vec::new();
+    while published.len() < events.len() - 1 {
+        let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("a live event")
+            .expect("no lag");
+        if e.execution_id == id {
+            published.push(e);
+        }
+    }
+    // `queued` is appended by admission, not published by the agent.
+    assert_eq!(published[..], events[1..], "live events");
+    env.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_are_applied_at_claim_and_change_per_execution() {
+    let env = Env::new("limits", 1).await;
+    let alloc = "x <- numeric(25e6); x[1] <- 1; length(x)"; // 200 MB
+    let small = env.submit(alloc, limits(64 * MIB, 60_000)).await;
+    let record = env.finished(&small, Duration::from_secs(60)).await;
+    assert_eq!(record.state, ExecState::OomKilled, "{record:?}");
+    let result = env.result(&record).await;
+    assert_eq!(result.state, ExecState::OomKilled);
+    assert!(result.error.is_some());
+    check_log(&small, &env.events(&small).await);
+
+    // A larger limit on the next execution: same pool, no restart (R8).
+    let large = env.submit(alloc, limits(512 * MIB, 60_000)).await;
+    let record = env.finished(&large, Duration::from_secs(60)).await;
+    assert_eq!(record.state, ExecState::Succeeded, "{record:?}");
+    let result = env.result(&record).await;
+    assert_eq!(result.value_json.as_deref(), Some("25000000"));
+    assert!(
+        result.usage.memory_peak_bytes > 150 * MIB,
+        "{:?}",
+        result.usage
+    );
+    let stats = env.agent().pool_stats("r").expect("an r pool");
+    assert_eq!(stats.zygote_starts, 1, "{stats:?}");
+    assert!(stats.claimed >= 2, "{stats:?}");
+    env.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_time_limit_counts_from_code_start() {
+    let env = Env::new("timeout", 1).await;
+    let id = env.submit("repeat {}", limits(256 * MIB, 1_000)).await;
+    let record = env.finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(record.state, ExecState::TimedOut, "{record:?}");
+    let result = env.result(&record).await;
+    assert!(
+        (1_000.0..5_000.0).contains(&result.duration_ms),
+        "{}",
+        result.duration_ms
+    );
+    assert_eq!(record.error, result.error);
+    check_log(&id, &env.events(&id).await);
+    env.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live() {
+    let env = Env::new("cancel", 2).await;
+    let mut statuses = env.bus.subscribe_status();
+    let id = env
+        .submit(
+            "x <- numeric(5e6); cat('go\\n'); Sys.sleep(60)",
+            limits(256 * MIB, 120_000),
+        )
+        .await;
+    env.wait_state(&id, ExecState::Running, Duration::from_secs(30))
+        .await;
+    // Its output says the allocation is done.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.events(&id).await.iter().any(|e| {
+        e.body
+            == EventBody::Stdout {
+                data: "go\n".into(),
+            }
+    }) {
+        assert!(Instant::now() < deadline, "no output from {id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The host status lists it with its live usage (R13).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen: HostStatus = loop {
+        let s = tokio::time::timeout(Duration::from_secs(5), statuses.recv())
+            .await
+            .expect("a status")
+            .expect("no lag");
+        if s.agent == env.agent_id
+            && s.sandboxes
+                .iter()
+                .any(|u| u.execution_id == id && u.usage.memory_bytes > 30 * MIB)
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {id} with usage: {s:?}"
+        );
+    };
+    assert_eq!(seen.running, 1);
+    assert_eq!(seen.capacity, 2);
+    assert!(!seen.draining);
+    let u = seen
+        .sandboxes
+        .iter()
+        .find(|u| u.execution_id == id)
+        .unwrap();
+    assert_eq!((u.org.as_str(), u.user.as_str()), ("acme", "ada"));
+
+    // What the api does on a cancel: mark it in the store, tell the record's agent.
+    let marked = env
+        .store
+        .request_cancel(&id, CancelReason::Requested)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    let agent = marked.agent.expect("it runs on an agent");
+    env.bus
+        .send_to_agent(
+            &agent,
+            AgentCommand::Cancel {
+                execution_id: id.clone(),
+            },
+        )
+        .await
+        .expect("send");
+    let record = env.finished(&id, Duration::from_secs(10)).await;
+    assert_eq!(record.state, ExecState::Cancelled, "{record:?}");
+    let events = env.events(&id).await;
+    check_log(&id, &events);
+    let result = env.result(&record).await;
+    assert_eq!(result.state, ExecState::Cancelled);
+    env.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_beyond_capacity_wait_for_a_slot() {
+    let env = Env::new("capacity", 1).await;
+    let a = env
+        .submit("Sys.sleep(0.5); 1", limits(256 * MIB, 30_000))
+        .await;
+    let b = env
+        .submit("Sys.sleep(0.5); 2", limits(256 * MIB, 30_000))
+        .await;
+    let ra = env.finished(&a, Duration::from_secs(60)).await;
+    let rb = env.finished(&b, Duration::from_secs(60)).await;
+    assert_eq!(
+        (ra.state, rb.state),
+        (ExecState::Succeeded, ExecState::Succeeded)
+    );
+    // One slot: the second started only after the first had finished.
+    assert!(
+        rb.started_at.unwrap() >= ra.finished_at.unwrap(),
+        "{ra:?}\n{rb:?}"
+    );
+    env.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_start_executions_of_a_previous_life_become_lost() {
+    let mut env = Env::backends("reconcile");
+    // A record the agent's previous life was running when it died.
+    let record = env.record(limits(256 * MIB, 30_000));
+    let id = record.id.clone();
+    let rules = AdmissionRules {
+        max_parallel: 10,
+        max_queued: 10,
+    };
+    env.store.admit(record, rules).await.expect("admit");
+    env.store
+        .mark_running(&id, &env.agent_id, now_ms())
+        .await
+        .expect("mark running");
+    // And one of another agent, which is not ours to touch.
+    let other = env.record(limits(256 * MIB, 30_000));
+    let other_id = other.id.clone();
+    env.store.admit(other, rules).await.expect("admit");
+    env.store
+        .mark_running(&other_id, "some-other-agent", now_ms())
+        .await
+        .expect("mark running");
+
+    env.start_agent(1).await;
+    let r = env.get(&id).await;
+    assert_eq!(r.state, ExecState::Lost, "{r:?}");
+    assert_eq!(r.error.as_deref(), Some(LOST_ON_RESTART));
+    let events = env.events(&id).await;
+    assert_eq!(kinds(&events), ["queued", "finished"]);
+    assert_eq!(events[1].seq, 2);
+    match &events[1].body {
+        EventBody::Finished(s) => {
+            assert_eq!(s.state, ExecState::Lost);
+            assert_eq!(s.error.as_deref(), Some(LOST_ON_RESTART));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(env.get(&other_id).await.state, ExecState::Running);
+    env.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The embedded node: the roles wired together behind the platform front door
+
+mod node {
+    use super::*;
+    use hatchery_scheduler::agent::LOST_ON_SHUTDOWN;
+    use hatchery_scheduler::model::{Principal, Role};
+    use hatchery_scheduler::node::{EmbeddedNode, NodeConfig};
+    use hatchery_scheduler::platform::{ExecutionView, Platform, PlatformConfig, SubmitRequest};
+
+    fn ada() -> Principal {
+        Principal {
+            org: "acme".into(),
+            user: "ada".into(),
+            role: Role::User,
+        }
+    }
+
+    fn request(code: &str, tab: Option<&str>) -> SubmitRequest {
+        SubmitRequest {
+            language: "r".into(),
+            code: code.into(),
+            tab_id: tab.map(str::to_string),
+            model_id: None,
+            limits: None,
+        }
+    }
+
+    async fn start(data_dir: &Path, cgroup: &CgroupParent) -> EmbeddedNode {
+        let cfg = NodeConfig {
+            data_dir: data_dir.to_path_buf(),
+            agent: agent_config(&format!("node-{}", std::process::id()), cgroup, 2),
+            platform: PlatformConfig {
+                languages: vec!["r".into()],
+                ..PlatformConfig::default()
+            },
+            object_key: [9u8; 32],
+        };
+        let node = EmbeddedNode::start(cfg).await.expect("start the node");
+        node.wait_ready(Duration::from_secs(120))
+            .await
+            .expect("the node's pool becomes ready");
+        node
+    }
+
+    async fn wait(p: &Platform, id: &str, done: impl Fn(&ExecutionView) -> bool) -> ExecutionView {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = p.get(&ada(), id).await.expect("get");
+            if done(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{id}: {:?}", v.record);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_node_runs_supersedes_and_keeps_results_across_a_restart() {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cgroup = CgroupParent::new("node");
+        let node = start(dir.path(), &cgroup).await;
+        let p = node.platform();
+
+        let first = p
+            .submit(&ada(), request("1 + 1", None))
+            .await
+            .expect("submit");
+        let v = wait(&p, &first.id, |v| v.result.is_some()).await;
+        assert_eq!(v.record.state, ExecState::Succeeded);
+        assert_eq!(v.result.unwrap().value_json.as_deref(), Some("2"));
+
+        // A re-run from the same tab cancels the tab's running execution (R10).
+        let slow = p
+            .submit(&ada(), request("Sys.sleep(60)", Some("tab-1")))
+            .await
+            .expect("submit");
+        wait(&p, &slow.id, |v| v.record.state == ExecState::Running).await;
+        let rerun = p
+            .submit(&ada(), request("3 * 3", Some("tab-1")))
+            .await
+            .expect("submit");
+        let v = wait(&p, &slow.id, |v| v.result.is_some()).await;
+        assert_eq!(v.record.state, ExecState::Cancelled, "{:?}", v.record);
+        assert!(v.record.error.unwrap().contains("same tab"));
+        let v = wait(&p, &rerun.id, |v| v.result.is_some()).await;
+        assert_eq!(v.result.unwrap().value_json.as_deref(), Some("9"));
+
+        // One left running when the node stops.
+        let left = p
+            .submit(&ada(), request("Sys.sleep(60)", None))
+            .await
+            .expect("submit");
+        wait(&p, &left.id, |v| v.record.state == ExecState::Running).await;
+        node.shutdown().await;
+
+        let node = start(dir.path(), &cgroup).await;
+        let p = node.platform();
+        let v = p.get(&ada(), &first.id).await.expect("get after restart");
+        assert_eq!(v.result.unwrap().value_json.as_deref(), Some("2"));
+        let v = p.get(&ada(), &left.id).await.expect("get after restart");
+        assert_eq!(v.record.state, ExecState::Lost);
+        assert_eq!(v.record.error.as_deref(), Some(LOST_ON_SHUTDOWN));
+        // And it still runs new work.
+        let again = p
+            .submit(&ada(), request("40 + 2", None))
+            .await
+            .expect("submit");
+        let v = wait(&p, &again.id, |v| v.result.is_some()).await;
+        assert_eq!(v.result.unwrap().value_json.as_deref(), Some("42"));
+        node.shutdown().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cgroup.children().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            cgroup.children(),
+            Vec::<String>::new(),
+            "cgroups left behind"
+        );
+    }
+}

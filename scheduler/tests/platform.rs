@@ -1,0 +1,340 @@
+//! The platform front door without an agent: validation, policy resolution and refusal
+//! of limits above policy, admission through the store (tab supersede, parallelism cap),
+//! visibility (another user's execution is `NotFound`), admin rights, cancel, follow.
+
+use std::sync::Arc;
+
+use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
+use hatchery_scheduler::encrypted::{generate_key, EncryptedObjects};
+use hatchery_scheduler::model::{
+    CancelReason, EventBody, ExecState, Policy, Principal, RequestedLimits, Role,
+};
+use hatchery_scheduler::platform::{
+    ListQuery, Platform, PlatformConfig, PlatformError, SubmitRequest,
+};
+
+struct Fixture {
+    platform: Platform,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store")).unwrap();
+    let objects = EncryptedObjects::local(&dir.path().join("objects"), generate_key()).unwrap();
+    let platform = Platform {
+        config: Arc::new(PlatformConfig::default()),
+        store: Arc::new(store),
+        bus: Arc::new(EmbeddedBus::new()),
+        objects: Arc::new(objects),
+    };
+    Fixture {
+        platform,
+        _dir: dir,
+    }
+}
+
+fn who(org: &str, user: &str, role: Role) -> Principal {
+    Principal {
+        org: org.into(),
+        user: user.into(),
+        role,
+    }
+}
+
+fn req(code: &str, tab: Option<&str>) -> SubmitRequest {
+    SubmitRequest {
+        language: "r".into(),
+        code: code.into(),
+        tab_id: tab.map(String::from),
+        model_id: None,
+        limits: None,
+    }
+}
+
+#[tokio::test]
+async fn submit_stores_encrypted_code_and_queues_with_policy_limits() {
+    let f = fixture();
+    let alice = who("acme", "alice", Role::User);
+    let rec = f
+        .platform
+        .submit(&alice, req("secret_model <- 42", None))
+        .await
+        .unwrap();
+    assert_eq!(rec.state, ExecState::Queued);
+    assert_eq!(rec.limits.memory_bytes, 512 << 20, "platform default");
+    let code = f.platform.objects.get(&rec.code_key).await.unwrap();
+    assert_eq!(code, b"secret_model <- 42");
+    let view = f.platform.get(&alice, &rec.id).await.unwrap();
+    assert_eq!(view.record.id, rec.id);
+    assert!(view.result.is_none());
+    // The scheduler was told.
+    assert_eq!(f.platform.bus.next_submitted().await.unwrap(), rec.id);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_their_codes() {
+    let f = fixture();
+    let alice = who("acme", "alice", Role::User);
+    let mut r = req("1", None);
+    r.language = "cobol".into();
+    let e = f.platform.submit(&alice, r).await.unwrap_err();
+    assert_eq!(e.code(), "unknown_language");
+
+    let big = "x".repeat(f.platform.config.max_code_bytes + 1);
+    let e = f.platform.submit(&alice, req(&big, None)).await.unwrap_err();
+    assert!(matches!(e, PlatformError::CodeTooLarge { .. }));
+
+    for limits in [
+        RequestedLimits {
+            memory_bytes: Some(1 << 40),
+            ..Default::default()
+        },
+        RequestedLimits {
+            cpus: Some(-1.0),
+            ..Default::default()
+        },
+        RequestedLimits {
+            time_limit_ms: Some(0),
+            ..Default::default()
+        },
+    ] {
+        let mut r = req("1", None);
+        r.limits = Some(limits.clone());
+        let e = f.platform.submit(&alice, r).await.unwrap_err();
+        assert_eq!(e.code(), "invalid_limits", "{limits:?}: {e}");
+    }
+    let mut r = req("1", Some(""));
+    r.tab_id = Some(String::new());
+    assert_eq!(
+        f.platform.submit(&alice, r).await.unwrap_err().code(),
+        "invalid_request"
+    );
+    // Nothing was stored by the refusals.
+    assert!(f
+        .platform
+        .list(&alice, &ListQuery::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn policy_user_over_org_over_default_applies_to_the_next_submit() {
+    let f = fixture();
+    let root = who("hatchery", "root", Role::Superadmin);
+    let alice = who("acme", "alice", Role::User);
+    f.platform
+        .put_org_policy(
+            &root,
+            "acme",
+            Policy {
+                memory_bytes: Some(256 << 20),
+                max_parallel: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    f.platform
+        .put_user_policy(
+            &root,
+            "acme",
+            "alice",
+            Policy {
+                memory_bytes: Some(1 << 30),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let eff = f.platform.effective_policy("acme", "alice").await.unwrap();
+    assert_eq!(eff.memory_bytes, 1 << 30);
+    assert_eq!(eff.max_parallel, 3);
+    let bob_eff = f.platform.effective_policy("acme", "bob").await.unwrap();
+    assert_eq!(bob_eff.memory_bytes, 256 << 20);
+    let rec = f.platform.submit(&alice, req("1", None)).await.unwrap();
+    assert_eq!(rec.limits.memory_bytes, 1 << 30);
+    // Asking above the policy is refused, at the policy is fine.
+    let mut r = req("1", None);
+    r.limits = Some(RequestedLimits {
+        memory_bytes: Some((1 << 30) + 1),
+        ..Default::default()
+    });
+    assert_eq!(
+        f.platform.submit(&alice, r).await.unwrap_err().code(),
+        "invalid_limits"
+    );
+    // Absurd policies are refused too.
+    let e = f
+        .platform
+        .put_org_policy(
+            &root,
+            "acme",
+            Policy {
+                cpus: Some(0.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_limits");
+}
+
+#[tokio::test]
+async fn only_admins_administer_and_org_admins_only_their_org() {
+    let f = fixture();
+    let alice = who("acme", "alice", Role::User);
+    let admin = who("acme", "boss", Role::OrgAdmin);
+    let p = Policy {
+        pids: Some(64),
+        ..Default::default()
+    };
+    assert_eq!(
+        f.platform
+            .put_org_policy(&alice, "acme", p.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    f.platform
+        .put_org_policy(&admin, "acme", p.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.platform
+            .put_org_policy(&admin, "globex", p)
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        f.platform.running(&alice).await.unwrap_err().code(),
+        "forbidden"
+    );
+    assert!(f.platform.monitor(&alice).await.is_err());
+}
+
+#[tokio::test]
+async fn other_users_and_orgs_get_not_found_never_forbidden() {
+    let f = fixture();
+    let alice = who("acme", "alice", Role::User);
+    let bob = who("acme", "bob", Role::User);
+    let eve = who("globex", "alice", Role::User);
+    let acme_admin = who("acme", "boss", Role::OrgAdmin);
+    let rec = f.platform.submit(&alice, req("1", None)).await.unwrap();
+    for intruder in [&bob, &eve] {
+        assert_eq!(
+            f.platform.get(intruder, &rec.id).await.unwrap_err(),
+            PlatformError::NotFound
+        );
+        assert_eq!(
+            f.platform.cancel(intruder, &rec.id).await.unwrap_err(),
+            PlatformError::NotFound
+        );
+        assert!(f.platform.follow(intruder, &rec.id, 0).await.is_err());
+        assert!(f
+            .platform
+            .list(intruder, &ListQuery::default())
+            .await
+            .unwrap()
+            .is_empty());
+    }
+    assert_eq!(
+        f.platform.get(&alice, "no-such-id").await.unwrap_err(),
+        PlatformError::NotFound
+    );
+    // The org's admin may read and cancel it.
+    f.platform.get(&acme_admin, &rec.id).await.unwrap();
+    let after = f.platform.cancel(&acme_admin, &rec.id).await.unwrap();
+    assert_eq!(after.state, ExecState::Cancelled);
+}
+
+#[tokio::test]
+async fn same_tab_supersedes_and_the_cap_cancels_the_oldest() {
+    let f = fixture();
+    let alice = who("acme", "alice", Role::User);
+    let mut live = f.platform.bus.subscribe_events();
+    let t1 = f.platform.submit(&alice, req("1", Some("tab-1"))).await.unwrap();
+    let t2 = f.platform.submit(&alice, req("2", Some("tab-2"))).await.unwrap();
+    let t1b = f.platform.submit(&alice, req("3", Some("tab-1"))).await.unwrap();
+    let get = |id: String| {
+        let p = f.platform.clone();
+        let a = alice.clone();
+        async move { p.get(&a, &id).await.unwrap().record }
+    };
+    let r1 = get(t1.id.clone()).await;
+    assert_eq!(r1.state, ExecState::Cancelled);
+    assert_eq!(r1.cancel, Some(CancelReason::SupersededByTab));
+    assert_eq!(get(t2.id.clone()).await.state, ExecState::Queued);
+    assert_eq!(get(t1b.id.clone()).await.state, ExecState::Queued);
+    // A third active one goes over the default cap of 2: the oldest (t2) is cancelled.
+    let t3 = f.platform.submit(&alice, req("4", None)).await.unwrap();
+    let r2 = get(t2.id.clone()).await;
+    assert_eq!(r2.state, ExecState::Cancelled);
+    assert_eq!(r2.cancel, Some(CancelReason::ParallelismCap));
+    assert_eq!(get(t3.id.clone()).await.state, ExecState::Queued);
+    // Cancelled executions' `finished` events were published live.
+    let mut finished = Vec::new();
+    while let Ok(e) = live.try_recv() {
+        if matches!(e.body, EventBody::Finished(_)) {
+            finished.push(e.execution_id);
+        }
+    }
+    assert!(finished.contains(&t1.id) && finished.contains(&t2.id), "{finished:?}");
+    // A follower that comes later gets the whole story from the store.
+    let follow = f.platform.follow(&alice, &t1.id, 0).await.unwrap();
+    let kinds: Vec<_> = follow.backlog.iter().map(|e| e.seq).collect();
+    assert_eq!(kinds, vec![1, 2]);
+    assert!(matches!(follow.backlog[0].body, EventBody::Queued));
+    assert!(matches!(follow.backlog[1].body, EventBody::Finished(_)));
+    let resumed = f.platform.follow(&alice, &t1.id, 1).await.unwrap();
+    assert_eq!(resumed.backlog.len(), 1);
+}
+
+#[tokio::test]
+async fn list_filters_by_tab_and_state_newest_first() {
+    let f = fixture();
+    let alice = who("acme", "alice", Role::User);
+    let a = f.platform.submit(&alice, req("1", Some("t"))).await.unwrap();
+    let b = f.platform.submit(&alice, req("2", Some("u"))).await.unwrap();
+    let by_tab = f
+        .platform
+        .list(
+            &alice,
+            &ListQuery {
+                tab_id: Some("t".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_tab.len(), 1);
+    assert_eq!(by_tab[0].id, a.id);
+    let queued = f
+        .platform
+        .list(
+            &alice,
+            &ListQuery {
+                state: Some(ExecState::Queued),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 2);
+    assert_eq!(queued[0].id, b.id, "newest first");
+    assert!(f
+        .platform
+        .list(
+            &alice,
+            &ListQuery {
+                limit: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .is_err());
+}

@@ -1,0 +1,1075 @@
+//! The embedded store's contract: race-free admission (R10, R11, queue limit), gapless
+//! event logs, cancel and state-transition rules, durability across restarts, crash
+//! leftovers, and retention.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hatchery_scheduler::embedded::EmbeddedStore;
+use hatchery_scheduler::model::{
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, Policy, ResultSummary,
+    Usage,
+};
+use hatchery_scheduler::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
+
+fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -> ExecutionRecord {
+    ExecutionRecord {
+        id: id.into(),
+        org: org.into(),
+        user: user.into(),
+        language: "r".into(),
+        tab_id: tab.map(String::from),
+        model_id: None,
+        state: ExecState::Queued,
+        limits: Limits {
+            memory_bytes: 256 << 20,
+            cpus: 1.0,
+            pids: 64,
+            time_limit_ms: 10_000,
+        },
+        code_key: format!("code/{id}"),
+        result_key: None,
+        created_at,
+        started_at: None,
+        finished_at: None,
+        agent: None,
+        cancel: None,
+        error: None,
+        last_seq: 0,
+    }
+}
+
+fn rules(max_parallel: u32) -> AdmissionRules {
+    AdmissionRules {
+        max_parallel,
+        max_queued: 10_000,
+    }
+}
+
+fn summary(state: ExecState) -> ResultSummary {
+    ResultSummary {
+        state,
+        value_json: Some("42".into()),
+        error: None,
+        warnings: vec![],
+        exit_code: Some(0),
+        usage: Usage::default(),
+        start_ms: Some(0.5),
+        duration_ms: 12.0,
+        stdout_truncated: false,
+        stderr_truncated: false,
+    }
+}
+
+async fn admitted(
+    store: &EmbeddedStore,
+    rec: ExecutionRecord,
+    r: AdmissionRules,
+) -> Vec<(String, CancelReason)> {
+    match store.admit(rec, r).await.unwrap() {
+        Admission::Admitted { cancelled } => cancelled,
+        other => panic!("not admitted: {other:?}"),
+    }
+}
+
+async fn get(store: &EmbeddedStore, id: &str) -> ExecutionRecord {
+    store.get(id).await.unwrap().expect(id)
+}
+
+fn user_filter(org: &str, user: &str) -> ListFilter {
+    ListFilter {
+        org: Some(org.into()),
+        user: Some(user.into()),
+        ..Default::default()
+    }
+}
+
+/// Active in the sense of the parallelism cap: queued or running, not cancel-requested.
+fn counts_against_cap(r: &ExecutionRecord) -> bool {
+    !r.state.is_terminal() && r.cancel.is_none()
+}
+
+async fn active_count(store: &EmbeddedStore, org: &str, user: &str) -> usize {
+    let f = ListFilter {
+        active_only: true,
+        ..user_filter(org, user)
+    };
+    store
+        .list(&f)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| counts_against_cap(r))
+        .count()
+}
+
+fn open(dir: &Path) -> EmbeddedStore {
+    EmbeddedStore::open(dir).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_admissions_never_exceed_the_cap() {
+    const N: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Another user's executions must not be touched.
+    admitted(&store, record("other1", "acme", "bob", None, 1), rules(2)).await;
+
+    // A watcher lists all the time and never sees more than 2 active.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let (store, done) = (store.clone(), done.clone());
+        async move {
+            let mut looks = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                let n = active_count(&store, "acme", "alice").await;
+                assert!(n <= 2, "watcher saw {n} active executions");
+                looks += 1;
+                tokio::task::yield_now().await;
+            }
+            looks
+        }
+    });
+
+    // created_at in a scrambled order relative to the spawn order, so that an older
+    // execution is often admitted after a newer one.
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let store = store.clone();
+            let created_at = 1_000 + (i * 73) % N;
+            let id = format!("e{created_at:04}");
+            tokio::spawn(async move {
+                let rec = record(&id, "acme", "alice", None, created_at);
+                let cancelled = admitted(&store, rec, rules(2)).await;
+                let n = active_count(&store, "acme", "alice").await;
+                assert!(n <= 2, "{n} active after admitting {id}");
+                cancelled
+            })
+        })
+        .collect();
+    let mut cancelled_by_admission: HashMap<String, CancelReason> = HashMap::new();
+    for t in tasks {
+        for (id, reason) in t.await.unwrap() {
+            assert!(
+                cancelled_by_admission.insert(id.clone(), reason).is_none(),
+                "{id} cancelled twice"
+            );
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    assert!(watcher.await.unwrap() > 0);
+
+    let all = store.list(&user_filter("acme", "alice")).await.unwrap();
+    assert_eq!(all.len(), N as usize, "a record was lost");
+    let active: Vec<&str> = all
+        .iter()
+        .filter(|r| counts_against_cap(r))
+        .map(|r| r.id.as_str())
+        .collect();
+    // Newest first: the two newest survive.
+    assert_eq!(active, vec!["e1199", "e1198"]);
+    for r in &all {
+        if active.contains(&r.id.as_str()) {
+            assert_eq!(r.state, ExecState::Queued);
+            assert_eq!(r.last_seq, 1);
+            continue;
+        }
+        assert_eq!(r.state, ExecState::Cancelled, "{}", r.id);
+        assert_eq!(r.cancel, Some(CancelReason::ParallelismCap), "{}", r.id);
+        assert_eq!(
+            cancelled_by_admission.get(&r.id),
+            Some(&CancelReason::ParallelismCap),
+            "{} not reported cancelled",
+            r.id
+        );
+        let events = store.events_after(&r.id, 0).await.unwrap();
+        assert_eq!(events.len(), 2, "{}", r.id);
+        assert_eq!(events[0].body, EventBody::Queued);
+        match &events[1].body {
+            EventBody::Finished(s) => assert_eq!(s.state, ExecState::Cancelled),
+            other => panic!("{}: {other:?}", r.id),
+        }
+        assert_eq!(r.last_seq, 2);
+    }
+    assert_eq!(cancelled_by_admission.len(), N as usize - 2);
+    assert!(counts_against_cap(&get(&store, "other1").await));
+
+    // And the same survives a restart.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(active_count(&store, "acme", "alice").await, 2);
+    assert_eq!(
+        store.list(&user_filter("acme", "alice")).await.unwrap(),
+        all
+    );
+}
+
+#[tokio::test]
+async fn the_cap_cancels_the_oldest_running_one_by_marking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("a1", "o", "u", None, 10), rules(2)).await;
+    admitted(&store, record("a2", "o", "u", None, 20), rules(2)).await;
+    store.mark_running("a1", "h1", 11).await.unwrap();
+    store.mark_running("a2", "h1", 21).await.unwrap();
+    let c = admitted(&store, record("a3", "o", "u", None, 30), rules(2)).await;
+    assert_eq!(c, vec![("a1".to_string(), CancelReason::ParallelismCap)]);
+    let a1 = get(&store, "a1").await;
+    // Running: marked for its agent to kill, still running, no longer counted.
+    assert_eq!(a1.state, ExecState::Running);
+    assert_eq!(a1.cancel, Some(CancelReason::ParallelismCap));
+    assert_eq!(store.events_after("a1", 0).await.unwrap().len(), 1);
+    assert_eq!(active_count(&store, "o", "u").await, 2);
+    // The next one cancels a2 (a1 no longer counts), not a1 again.
+    let c = admitted(&store, record("a4", "o", "u", None, 40), rules(2)).await;
+    assert_eq!(c, vec![("a2".to_string(), CancelReason::ParallelismCap)]);
+    // The agent finishes a1 as cancelled.
+    let a1 = store
+        .mark_finished("a1", ExecState::Cancelled, None, None, 50)
+        .await
+        .unwrap();
+    assert_eq!(a1.cancel, Some(CancelReason::ParallelismCap));
+}
+
+#[tokio::test]
+async fn a_new_execution_older_than_the_others_is_the_one_cancelled() {
+    // Records are stamped before admission, so under races (or clock skew between API
+    // nodes) an older one may arrive last: the rule "the oldest go" still holds.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("new", "o", "u", None, 200), rules(1)).await;
+    let c = admitted(&store, record("old", "o", "u", None, 100), rules(1)).await;
+    assert_eq!(c, vec![("old".to_string(), CancelReason::ParallelismCap)]);
+    let old = get(&store, "old").await;
+    assert_eq!(old.state, ExecState::Cancelled);
+    let seqs: Vec<u64> = store
+        .events_after("old", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+    assert!(counts_against_cap(&get(&store, "new").await));
+}
+
+#[tokio::test]
+async fn the_same_tab_supersedes_only_its_own_previous_execution() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = rules(10);
+    admitted(&store, record("t1", "o", "u", Some("tabA"), 1), r).await;
+    admitted(&store, record("t2", "o", "u", Some("tabB"), 2), r).await;
+    admitted(&store, record("t3", "o", "u", None, 3), r).await;
+    // Same tab id, other user / other org: untouched.
+    admitted(&store, record("x1", "o", "v", Some("tabA"), 4), r).await;
+    admitted(&store, record("y1", "p", "u", Some("tabA"), 5), r).await;
+
+    let c = admitted(&store, record("t4", "o", "u", Some("tabA"), 6), r).await;
+    assert_eq!(c, vec![("t1".to_string(), CancelReason::SupersededByTab)]);
+    let t1 = get(&store, "t1").await;
+    assert_eq!(t1.state, ExecState::Cancelled);
+    assert_eq!(t1.cancel, Some(CancelReason::SupersededByTab));
+    match &store.events_after("t1", 1).await.unwrap()[..] {
+        [ExecEvent {
+            seq: 2,
+            body: EventBody::Finished(s),
+            ..
+        }] => assert_eq!(s.state, ExecState::Cancelled),
+        other => panic!("{other:?}"),
+    }
+    for id in ["t2", "t3", "x1", "y1", "t4"] {
+        let r = get(&store, id).await;
+        assert!(counts_against_cap(&r), "{id} was touched: {r:?}");
+    }
+
+    // A running one in the tab is marked, and the next re-run does not cancel it again.
+    store.mark_running("t4", "h1", 7).await.unwrap();
+    let c = admitted(&store, record("t5", "o", "u", Some("tabA"), 8), r).await;
+    assert_eq!(c, vec![("t4".to_string(), CancelReason::SupersededByTab)]);
+    let t4 = get(&store, "t4").await;
+    assert_eq!(
+        (t4.state, t4.cancel),
+        (ExecState::Running, Some(CancelReason::SupersededByTab))
+    );
+    let c = admitted(&store, record("t6", "o", "u", Some("tabA"), 9), r).await;
+    assert_eq!(c, vec![("t5".to_string(), CancelReason::SupersededByTab)]);
+    // Two tabs of one user running the same model concurrently: both stay.
+    assert!(counts_against_cap(&get(&store, "t2").await));
+    assert!(counts_against_cap(&get(&store, "t6").await));
+}
+
+#[tokio::test]
+async fn tab_and_cap_together_cancel_each_execution_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("a", "o", "u", Some("t"), 1), rules(2)).await;
+    admitted(&store, record("b", "o", "u", Some("s"), 2), rules(2)).await;
+    // Same tab as a: a goes for the tab; then b and c make exactly 2, nothing more.
+    let c = admitted(&store, record("c", "o", "u", Some("t"), 3), rules(2)).await;
+    assert_eq!(c, vec![("a".to_string(), CancelReason::SupersededByTab)]);
+    let c = admitted(&store, record("d", "o", "u", None, 4), rules(2)).await;
+    assert_eq!(c, vec![("b".to_string(), CancelReason::ParallelismCap)]);
+}
+
+#[tokio::test]
+async fn a_full_queue_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = AdmissionRules {
+        max_parallel: 10,
+        max_queued: 3,
+    };
+    admitted(&store, record("q1", "o", "u", Some("tab"), 1), r).await;
+    admitted(&store, record("q2", "o", "v", None, 2), r).await;
+    admitted(&store, record("q3", "p", "w", None, 3), r).await;
+    let full = store
+        .admit(record("q4", "o", "u", Some("tab"), 4), r)
+        .await
+        .unwrap();
+    assert_eq!(full, Admission::QueueFull { queued: 3 });
+    assert!(store.get("q4").await.unwrap().is_none());
+    assert!(matches!(
+        store.events_after("q4", 0).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Its tab predecessor was not cancelled.
+    assert!(counts_against_cap(&get(&store, "q1").await));
+    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
+    assert!(!dir.path().join("records/q4.json").exists());
+    assert!(!dir.path().join("events/q4.jsonl").exists());
+    // Running ones do not count as queued.
+    store.mark_running("q1", "h", 5).await.unwrap();
+    admitted(&store, record("q4", "o", "u", None, 6), r).await;
+}
+
+#[tokio::test]
+async fn admission_refuses_duplicates_and_non_queued_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("d", "o", "u", None, 1), rules(2)).await;
+    assert!(matches!(
+        store.admit(record("d", "o", "u", None, 2), rules(2)).await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    let mut running = record("r", "o", "u", None, 3);
+    running.state = ExecState::Running;
+    assert!(matches!(
+        store.admit(running, rules(2)).await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    assert!(store.get("r").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_sequence_numbers_are_gapless_under_concurrent_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("ev", "o", "u", None, 1), rules(2)).await;
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..50 {
+                    let e = store
+                        .append_event(
+                            "ev",
+                            EventBody::Stdout {
+                                data: format!("{t}:{i}\n"),
+                            },
+                        )
+                        .await
+                        .unwrap();
+                    seqs.push(e.seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        // Each writer sees its own events in increasing order.
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        all.extend(seqs);
+    }
+    all.sort();
+    assert_eq!(all, (2..=401).collect::<Vec<u64>>());
+    let events = store.events_after("ev", 0).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=401).collect::<Vec<u64>>()
+    );
+    assert_eq!(get(&store, "ev").await.last_seq, 401);
+    let tail = store.events_after("ev", 399).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![400, 401]
+    );
+    assert!(store.events_after("ev", 401).await.unwrap().is_empty());
+    assert!(store.events_after("ev", u64::MAX).await.unwrap().is_empty());
+    assert!(matches!(
+        store.append_event("nope", EventBody::Queued).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.events_after("ev", 0).await.unwrap(), events);
+}
+
+#[tokio::test]
+async fn cancel_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for (i, id) in ["q", "r", "f"].iter().enumerate() {
+        admitted(&store, record(id, "o", "u", None, i as u64), rules(10)).await;
+    }
+    store.mark_running("r", "h1", 5).await.unwrap();
+    store.mark_running("f", "h1", 5).await.unwrap();
+    store
+        .mark_finished("f", ExecState::Succeeded, Some("results/f".into()), None, 6)
+        .await
+        .unwrap();
+
+    // Queued: cancelled at once, with its finished event.
+    let q = store
+        .request_cancel("q", CancelReason::Requested)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(q.state, ExecState::Cancelled);
+    assert_eq!(q.cancel, Some(CancelReason::Requested));
+    assert!(q.finished_at.is_some());
+    assert_eq!(q.last_seq, 2);
+    let ev = store.events_after("q", 1).await.unwrap();
+    assert!(
+        matches!(&ev[..], [ExecEvent { body: EventBody::Finished(s), .. }] if s.state == ExecState::Cancelled)
+    );
+    // Again: unchanged, no second event.
+    let again = store
+        .request_cancel("q", CancelReason::SupersededByTab)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, q);
+    assert_eq!(store.events_after("q", 0).await.unwrap().len(), 2);
+
+    // Running: marked; the first reason stays.
+    let r = store
+        .request_cancel("r", CancelReason::Requested)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.state, r.cancel),
+        (ExecState::Running, Some(CancelReason::Requested))
+    );
+    let r2 = store
+        .request_cancel("r", CancelReason::ParallelismCap)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r2.cancel, Some(CancelReason::Requested));
+    assert_eq!(store.events_after("r", 0).await.unwrap().len(), 1);
+
+    // Finished: as it was.
+    let f = get(&store, "f").await;
+    assert_eq!(
+        store
+            .request_cancel("f", CancelReason::Requested)
+            .await
+            .unwrap(),
+        Some(f)
+    );
+    assert_eq!(
+        store
+            .request_cancel("missing", CancelReason::Requested)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn state_transitions_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("a", "o", "u", None, 1), rules(10)).await;
+    admitted(&store, record("b", "o", "u", None, 2), rules(10)).await;
+    assert!(matches!(
+        store.mark_running("zzz", "h", 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Not to a non-terminal state.
+    assert!(matches!(
+        store
+            .mark_finished("a", ExecState::Running, None, None, 1)
+            .await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    let a = store.mark_running("a", "h1", 100).await.unwrap();
+    assert_eq!(
+        (a.state, a.agent.as_deref(), a.started_at),
+        (ExecState::Running, Some("h1"), Some(100))
+    );
+    // Twice: the second runner must not run it.
+    assert!(matches!(
+        store.mark_running("a", "h2", 101).await,
+        Err(StoreError::IllegalTransition {
+            from: ExecState::Running,
+            to: ExecState::Running,
+            ..
+        })
+    ));
+    // A cancelled one must not run.
+    store
+        .request_cancel("b", CancelReason::Requested)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.mark_running("b", "h1", 102).await,
+        Err(StoreError::IllegalTransition {
+            from: ExecState::Cancelled,
+            ..
+        })
+    ));
+    let a = store
+        .mark_finished(
+            "a",
+            ExecState::TimedOut,
+            Some("results/a".into()),
+            Some("time limit".into()),
+            200,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.state, ExecState::TimedOut);
+    assert_eq!(a.finished_at, Some(200));
+    assert_eq!(a.result_key.as_deref(), Some("results/a"));
+    assert_eq!(a.error.as_deref(), Some("time limit"));
+    // Finished is final.
+    assert!(matches!(
+        store
+            .mark_finished("a", ExecState::Succeeded, None, None, 201)
+            .await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    assert!(matches!(
+        store
+            .mark_finished("b", ExecState::Failed, None, None, 201)
+            .await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    // Queued straight to a terminal state is allowed (e.g. it could not be placed).
+    admitted(&store, record("c", "o", "u", None, 3), rules(10)).await;
+    store
+        .mark_finished("c", ExecState::Failed, None, Some("no host".into()), 300)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn list_filters_and_orders_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = rules(100);
+    admitted(&store, record("a", "o", "u", Some("t1"), 1), r).await;
+    admitted(&store, record("b", "o", "u", Some("t2"), 3), r).await;
+    admitted(&store, record("c", "o", "u", Some("t1"), 2), r).await;
+    admitted(&store, record("d", "o", "v", Some("t1"), 4), r).await;
+    admitted(&store, record("e", "p", "u", None, 5), r).await;
+    store.mark_running("b", "h", 6).await.unwrap();
+    store
+        .mark_finished("c", ExecState::Failed, None, None, 7)
+        .await
+        .unwrap();
+    let ids = |v: Vec<ExecutionRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list(&ListFilter::default()).await.unwrap()),
+        vec!["e", "d", "b", "c", "a"]
+    );
+    assert_eq!(
+        ids(store.list(&user_filter("o", "u")).await.unwrap()),
+        vec!["b", "c", "a"]
+    );
+    let f = ListFilter {
+        tab_id: Some("t1".into()),
+        ..user_filter("o", "u")
+    };
+    assert_eq!(ids(store.list(&f).await.unwrap()), vec!["c", "a"]);
+    let f = ListFilter {
+        active_only: true,
+        ..user_filter("o", "u")
+    };
+    // a was superseded by c (same tab), c failed.
+    assert_eq!(ids(store.list(&f).await.unwrap()), vec!["b"]);
+    let f = ListFilter {
+        state: Some(ExecState::Running),
+        ..Default::default()
+    };
+    assert_eq!(ids(store.list(&f).await.unwrap()), vec!["b"]);
+    let f = ListFilter {
+        limit: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(ids(store.list(&f).await.unwrap()), vec!["e", "d"]);
+}
+
+#[tokio::test]
+async fn policies_are_stored_per_org_and_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.get_org_policy("acme").await.unwrap(), None);
+    let org = Policy {
+        memory_bytes: Some(1 << 30),
+        max_parallel: Some(4),
+        ..Default::default()
+    };
+    let user = Policy {
+        cpus: Some(0.5),
+        ..Default::default()
+    };
+    store.put_org_policy("acme", org.clone()).await.unwrap();
+    store
+        .put_user_policy("acme", "alice", user.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_org_policy("acme").await.unwrap(),
+        Some(org.clone())
+    );
+    assert_eq!(
+        store.get_user_policy("acme", "alice").await.unwrap(),
+        Some(user)
+    );
+    assert_eq!(store.get_user_policy("acme", "bob").await.unwrap(), None);
+    assert_eq!(store.get_user_policy("other", "alice").await.unwrap(), None);
+    // Replacing.
+    let org2 = Policy {
+        pids: Some(512),
+        ..Default::default()
+    };
+    store.put_org_policy("acme", org2.clone()).await.unwrap();
+    assert_eq!(store.get_org_policy("acme").await.unwrap(), Some(org2));
+}
+
+#[tokio::test]
+async fn names_that_could_escape_the_data_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a b", "é", "a\0b"] {
+        assert!(
+            store.put_org_policy(bad, Policy::default()).await.is_err(),
+            "org {bad:?} accepted"
+        );
+        assert!(
+            store
+                .put_user_policy("acme", bad, Policy::default())
+                .await
+                .is_err(),
+            "user {bad:?} accepted"
+        );
+        assert!(
+            store
+                .put_user_policy(bad, "alice", Policy::default())
+                .await
+                .is_err(),
+            "org {bad:?} accepted"
+        );
+        assert_eq!(store.get_user_policy(bad, "alice").await.unwrap(), None);
+        assert!(
+            store
+                .admit(record(bad, "o", "u", None, 1), rules(2))
+                .await
+                .is_err(),
+            "execution id {bad:?} accepted"
+        );
+    }
+    let long = "x".repeat(201);
+    assert!(store
+        .put_org_policy(&long, Policy::default())
+        .await
+        .is_err());
+    store
+        .put_org_policy("Acme-Corp_2.eu", Policy::default())
+        .await
+        .unwrap();
+    assert!(store.list(&ListFilter::default()).await.unwrap().is_empty());
+    assert!(!dir.path().join("x").exists());
+}
+
+/// Everything a client can read back.
+async fn snapshot(
+    store: &EmbeddedStore,
+) -> (
+    Vec<ExecutionRecord>,
+    Vec<Vec<ExecEvent>>,
+    Vec<Option<Policy>>,
+) {
+    let records = store.list(&ListFilter::default()).await.unwrap();
+    let mut events = Vec::new();
+    for r in &records {
+        events.push(store.events_after(&r.id, 0).await.unwrap());
+    }
+    let policies = vec![
+        store.get_org_policy("acme").await.unwrap(),
+        store.get_org_policy("beta").await.unwrap(),
+        store.get_user_policy("acme", "alice").await.unwrap(),
+        store.get_user_policy("acme", "bob").await.unwrap(),
+    ];
+    (records, events, policies)
+}
+
+#[tokio::test]
+async fn everything_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .put_org_policy(
+            "acme",
+            Policy {
+                memory_bytes: Some(2 << 30),
+                time_limit_ms: Some(120_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .put_user_policy(
+            "acme",
+            "alice",
+            Policy {
+                max_parallel: Some(3),
+                cpus: Some(2.5),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let r = rules(3);
+    // done: ran and finished
+    admitted(&store, record("done", "acme", "alice", Some("t1"), 10), r).await;
+    store.mark_running("done", "h1", 11).await.unwrap();
+    store
+        .append_event(
+            "done",
+            EventBody::Started {
+                agent: "h1".into(),
+                start_ms: Some(0.4),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .append_event(
+            "done",
+            EventBody::Stdout {
+                data: "hello \"world\"\n".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .append_event(
+            "done",
+            EventBody::Progress {
+                fraction: 0.5,
+                message: "half way ✓".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .mark_finished(
+            "done",
+            ExecState::Succeeded,
+            Some("results/done".into()),
+            None,
+            12,
+        )
+        .await
+        .unwrap();
+    store
+        .append_event("done", EventBody::Finished(summary(ExecState::Succeeded)))
+        .await
+        .unwrap();
+    // gone: superseded by tab while queued
+    admitted(&store, record("gone", "acme", "alice", Some("t2"), 20), r).await;
+    admitted(&store, record("next", "acme", "alice", Some("t2"), 21), r).await;
+    // run: running when the platform stops
+    admitted(&store, record("run", "acme", "bob", None, 30), r).await;
+    store.mark_running("run", "h1", 31).await.unwrap();
+    store
+        .append_event(
+            "run",
+            EventBody::Started {
+                agent: "h1".into(),
+                start_ms: None,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .append_event(
+            "run",
+            EventBody::Stderr {
+                data: "warning\n".into(),
+            },
+        )
+        .await
+        .unwrap();
+    // marked: running and cancel-requested
+    admitted(&store, record("marked", "beta", "carol", None, 40), r).await;
+    store.mark_running("marked", "h2", 41).await.unwrap();
+    store
+        .request_cancel("marked", CancelReason::Requested)
+        .await
+        .unwrap();
+
+    let before = snapshot(&store).await;
+    assert_eq!(before.0.len(), 5);
+    drop(store);
+
+    let store = open(dir.path());
+    let after = snapshot(&store).await;
+    assert_eq!(after, before);
+    let run = get(&store, "run").await;
+    assert_eq!(
+        run.state,
+        ExecState::Running,
+        "the store must not decide lost"
+    );
+    assert_eq!(run.agent.as_deref(), Some("h1"));
+    assert_eq!(run.last_seq, 3);
+    // Sequence numbers continue.
+    let e = store
+        .append_event(
+            "run",
+            EventBody::Stdout {
+                data: "more".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 4);
+    // The agent's reconciliation marks it lost.
+    store
+        .mark_finished(
+            "run",
+            ExecState::Lost,
+            None,
+            Some("agent restarted".into()),
+            50,
+        )
+        .await
+        .unwrap();
+    // Admission after a restart still sees who is active.
+    assert_eq!(active_count(&store, "acme", "alice").await, 1);
+    let c = admitted(&store, record("again", "acme", "alice", Some("t2"), 60), r).await;
+    assert_eq!(c, vec![("next".to_string(), CancelReason::SupersededByTab)]);
+
+    // A second restart sees the changes made after the first.
+    let before = snapshot(&store).await;
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(snapshot(&store).await, before);
+    assert_eq!(get(&store, "run").await.state, ExecState::Lost);
+}
+
+#[tokio::test]
+async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("t", "o", "u", None, 1), rules(2)).await;
+    store
+        .append_event("t", EventBody::Stdout { data: "a".into() })
+        .await
+        .unwrap();
+    let events = store.events_after("t", 0).await.unwrap();
+    drop(store);
+
+    let file = dir.path().join("events/t.jsonl");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(br#"{"execution_id":"t","seq":3,"at":5,"type":"std"#);
+    std::fs::write(&file, &bytes).unwrap();
+
+    let store = open(dir.path());
+    assert_eq!(store.events_after("t", 0).await.unwrap(), events);
+    assert_eq!(get(&store, "t").await.last_seq, 2);
+    let e = store
+        .append_event("t", EventBody::Stdout { data: "b".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 3);
+    drop(store);
+
+    // The file is whole again.
+    let store = open(dir.path());
+    let seqs: Vec<u64> = store
+        .events_after("t", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_corrupt_middle_event_line_is_an_error_not_a_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("c", "o", "u", None, 1), rules(2)).await;
+    store
+        .append_event("c", EventBody::Stdout { data: "a".into() })
+        .await
+        .unwrap();
+    drop(store);
+    let file = dir.path().join("events/c.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("garbage\n{text}")).unwrap();
+    assert!(matches!(
+        EmbeddedStore::open(dir.path()),
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+#[tokio::test]
+async fn crash_leftovers_are_cleaned_up_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("k", "o", "u", None, 1), rules(2)).await;
+    // An agent appended `finished` and died before marking the record.
+    store.mark_running("k", "h", 2).await.unwrap();
+    store
+        .append_event("k", EventBody::Finished(summary(ExecState::Succeeded)))
+        .await
+        .unwrap();
+    drop(store);
+    // An admission that died between its events and its record; a half-written
+    // record and policy.
+    std::fs::write(
+        dir.path().join("events/orphan.jsonl"),
+        br#"{"execution_id":"orphan","seq":1,"at":1,"type":"queued"}
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("records/half.json.tmp"), b"{\"id\":").unwrap();
+    std::fs::write(dir.path().join("policies/orgs/x.json.tmp"), b"{").unwrap();
+
+    let store = open(dir.path());
+    assert!(store.get("orphan").await.unwrap().is_none());
+    assert!(store.get("half").await.unwrap().is_none());
+    assert!(!dir.path().join("events/orphan.jsonl").exists());
+    assert!(!dir.path().join("records/half.json.tmp").exists());
+    assert_eq!(store.get_org_policy("x").await.unwrap(), None);
+    // The finished event wins over the stale record.
+    let k = get(&store, "k").await;
+    assert_eq!(k.state, ExecState::Succeeded);
+    assert!(k.finished_at.is_some());
+    drop(store);
+    assert_eq!(
+        get(&open(dir.path()), "k").await.state,
+        ExecState::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn expire_removes_only_finished_executions_older_than_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = rules(100);
+    for (i, id) in ["old1", "old2", "young", "queued", "running"]
+        .iter()
+        .enumerate()
+    {
+        admitted(&store, record(id, "o", "u", None, i as u64), r).await;
+    }
+    store
+        .mark_finished(
+            "old1",
+            ExecState::Succeeded,
+            Some("results/old1".into()),
+            None,
+            100,
+        )
+        .await
+        .unwrap();
+    store
+        .mark_finished("old2", ExecState::Failed, None, None, 199)
+        .await
+        .unwrap();
+    store
+        .mark_finished("young", ExecState::Succeeded, None, None, 200)
+        .await
+        .unwrap();
+    store.mark_running("running", "h", 1).await.unwrap();
+
+    let mut gone: Vec<String> = store
+        .expire(200)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    gone.sort();
+    assert_eq!(gone, vec!["old1", "old2"]);
+    for id in ["old1", "old2"] {
+        assert!(store.get(id).await.unwrap().is_none());
+        assert!(matches!(
+            store.events_after(id, 0).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(!dir.path().join(format!("records/{id}.json")).exists());
+        assert!(!dir.path().join(format!("events/{id}.jsonl")).exists());
+    }
+    let left: HashSet<String> = store
+        .list(&ListFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        left,
+        ["young", "queued", "running"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    assert!(store.expire(200).await.unwrap().is_empty());
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_dropped_admission_future_still_completes() {
+    // A client that disconnects mid-request must not leave a half-applied decision.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    admitted(&store, record("p1", "o", "u", Some("tab"), 1), rules(2)).await;
+    let fut = store.admit(record("p2", "o", "u", Some("tab"), 2), rules(2));
+    drop(tokio::time::timeout(std::time::Duration::from_nanos(1), fut).await);
+    // Whatever happened, it is whole: either both changes or neither.
+    for _ in 0..100 {
+        if store.get("p2").await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let p1 = get(&store, "p1").await;
+    let p2 = store.get("p2").await.unwrap();
+    match p2 {
+        Some(p2) => {
+            assert_eq!(p2.state, ExecState::Queued);
+            assert_eq!(p1.state, ExecState::Cancelled);
+        }
+        None => assert_eq!(p1.state, ExecState::Queued),
+    }
+}
