@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Sets everything up on a fresh Debian 12 machine and runs R code in a sandbox.
+# Sets everything up on a fresh Debian 12 machine and starts the whole platform on this
+# machine: `hatchery up` (API on 127.0.0.1:8080, scheduler, one agent with warm R and
+# bash pools; embedded store, bus and encrypted object store under
+# /var/lib/hatchery/data). It prints tokens and a curl example; Ctrl-C stops it.
 #
-#   sudo scripts/up.sh                    # R example
-#   sudo scripts/up.sh -- Rscript -e 'summary(cars)'   # your own command
+#   sudo scripts/up.sh [hatchery up options, e.g. --config hatchery.toml]
 #
 # Idempotent: host packages are installed only when missing, the root filesystem is
 # built once and then served from its cache, cargo rebuilds only what changed.
@@ -13,20 +15,10 @@ scripts/setup-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "==> building (release)" >&2
-cargo build --release --quiet -p hatchery-sandbox -p rootfs-builder
+cargo build --release --quiet -p hatchery-sandbox -p hatchery-api -p rootfs-builder
 
 echo "==> root filesystem (cached after the first build)" >&2
 target/release/rootfs-builder build rootfs-builder/manifests/r.toml >/dev/null
 
-if [[ ${1:-} == "--" ]]; then
-    shift
-    exec target/release/sandbox run --memory 512M --cpus 1 --timeout 60s -- "$@"
-fi
-
-echo "==> running R in a sandbox: target/release/sandbox run --memory 512M --cpus 1 --timeout 60s -- Rscript -e ..." >&2
-target/release/sandbox run --memory 512M --cpus 1 --timeout 60s --report /tmp/hatchery-report.json -- \
-    Rscript -e 'fit <- lm(dist ~ speed, data = cars); print(summary(fit)$coefficients); cat("running as uid", Sys.getuid(), "on host", Sys.info()[["nodename"]], "\n")'
-echo "==> report of that run (/tmp/hatchery-report.json):" >&2
-cat /tmp/hatchery-report.json >&2
-echo >&2
-echo "==> try: sudo target/release/sandbox run --memory 256M --cpus 0.5 --timeout 10s -- Rscript -e 'sum(1:10)'" >&2
+echo "==> starting the platform: target/release/hatchery up $*" >&2
+exec target/release/hatchery up "$@"

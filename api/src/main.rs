@@ -52,6 +52,23 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Follow an execution's events over the API's WebSocket and print them as JSON lines
+    /// (a minimal WebSocket client, so trying the platform needs nothing but curl and
+    /// this binary). Exits when the execution has finished: 0 if it succeeded, 1
+    /// otherwise.
+    Watch {
+        /// The execution's id (from `POST /v1/executions`).
+        id: String,
+        /// Bearer token (default: $HATCHERY_TOKEN).
+        #[arg(long, env = "HATCHERY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The API's base URL.
+        #[arg(long, env = "HATCHERY_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Resume after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
     /// Run only the HTTP API role. Not available yet: it needs the Redis backend (next
     /// issue); use `hatchery up`.
     Api,
@@ -94,6 +111,16 @@ fn main() -> ExitCode {
                     ttl,
                 },
         } => token_create(cli.config.as_deref(), &org, &user, role, ttl),
+        Command::Watch {
+            id,
+            token,
+            url,
+            after,
+        } => match watch(&id, &token, &url, after) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Api | Command::Scheduler | Command::Agent => {
             eprintln!("hatchery: this role {SPLIT_ROLE}");
             return ExitCode::from(2);
@@ -277,7 +304,8 @@ fn print_banner(cfg: &Config, addr: std::net::SocketAddr, auth: &Auth) -> anyhow
          \x20 TOKEN={user}\n\
          \x20 curl -s -H \"Authorization: Bearer $TOKEN\" -d '{{\"language\":\"r\",\"code\":\"cat(sum(1:10))\"}}' {url}/v1/executions\n\
          \x20 # → {{\"id\":\"<id>\",\"state\":\"queued\"}}; then follow its events (any WebSocket client):\n\
-         \x20 websocat \"{ws}/v1/executions/<id>/events?token=$TOKEN\"\n\
+         \x20 hatchery watch <id> --token \"$TOKEN\" --url {url}\n\
+         \x20 # (or any WebSocket client: {ws}/v1/executions/<id>/events?token=$TOKEN)\n\
          \x20 curl -s -H \"Authorization: Bearer $TOKEN\" {url}/v1/executions/<id>\n\
          \n\
          API reference: {url}/v1/openapi.json   metrics: {url}/metrics\n\
@@ -307,4 +335,60 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+}
+
+/// `hatchery watch`: prints every event of one execution; true when it succeeded.
+fn watch(id: &str, token: &str, url: &str, after: u64) -> anyhow::Result<bool> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let base = url.trim_end_matches('/');
+    let ws_base = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        bail!("--url must start with http:// or https://, got {url:?}");
+    };
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let target = format!(
+        "{ws_base}/v1/executions/{}/events?after={after}&token={}",
+        enc(id),
+        enc(token)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(target.as_str())
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    anyhow::anyhow!("the API answered {}: {body}", resp.status())
+                }
+                other => anyhow::anyhow!("cannot connect to {ws_base}: {other}"),
+            })?;
+        let mut succeeded = false;
+        while let Some(msg) = ws.next().await {
+            match msg.context("websocket")? {
+                Message::Text(text) => {
+                    println!("{text}");
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        if v["type"] == "finished" {
+                            succeeded = v["state"] == "succeeded";
+                        }
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        Ok(succeeded)
+    })
 }
