@@ -53,10 +53,8 @@ mount -t devtmpfs devtmpfs $R/dev || die "mount $R/dev"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts || die "mount $R/dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm || die "mount $R/dev/shm"
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp || die "mount $R/tmp"
-if [ -d $R/var/tmp ]; then
-    mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp || die "mount $R/var/tmp"
-fi
+# /tmp and /var/tmp stay the host's (read-only lower layer, writes to the RAM upper
+# layer): a checkout under /tmp, as CI may use, must be reachable as the guest's cwd.
 mount -t tmpfs -o mode=0755 tmpfs $R/run || die "mount $R/run"
 mkdir -p $R/run/hatchery
 cp /bin/busybox /hatchery/config /hatchery/job.sh /hatchery/stage2.sh $R/run/hatchery/ \

@@ -13,9 +13,10 @@
 //! directory are wherever the host has them, and no list has to be kept in sync. The guest
 //! runs them as root with the host's files, which is the trust of running them as root on
 //! the host, but cannot change anything there: qemu exports the tree with `readonly=on` and
-//! the overlay's writes live in guest memory. `/tmp`, `/var/tmp`, `/run`, `/dev` and
-//! `/dev/shm` are fresh in the guest, so host files there are not visible; results that
-//! must reach the host go through the console or a writable [`GuestShare`].
+//! the overlay's writes live in guest memory. `/run`, `/dev` and `/dev/shm` are fresh in
+//! the guest; `/tmp` and `/var/tmp` show the host's files (a checkout under `/tmp` must be
+//! reachable as the working directory) with writes in guest memory too. Results that must
+//! reach the host go through the console or a writable [`GuestShare`].
 //!
 //! | module | owns |
 //! |---|---|
