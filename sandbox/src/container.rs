@@ -200,29 +200,11 @@ enum Never {}
 
 fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
     let spec = ctx.spec;
-    // No controlling terminal: TIOCSTI and friends have nothing to inject into.
-    unistd::setsid().map_err(step("setsid"))?;
-    let devnull = nix::fcntl::open(
-        "/dev/null",
-        nix::fcntl::OFlag::O_RDWR,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(step("open /dev/null"))?;
-    dup_onto(devnull.as_raw_fd(), 0).map_err(step("set up stdin"))?;
-    drop(devnull);
-    dup_onto(ctx.stdout_write.as_raw_fd(), 1).map_err(step("set up stdout"))?;
-    dup_onto(ctx.stderr_write.as_raw_fd(), 2).map_err(step("set up stderr"))?;
-    unistd::chdir(crate::spec::WORK_DIR).map_err(step("chdir to the work directory"))?;
-    // Under memory pressure the command's tree goes first, before the init and, on a
-    // global OOM, before the host's own processes. Raising needs no privilege, but in a
-    // user namespace the file belongs to the host's root: best effort.
-    let _ = std::fs::write("/proc/self/oom_score_adj", "500");
-
-    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("set RLIMIT_CORE"))?;
-    let fsize = spec.rlimits.file_size;
-    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(step("set RLIMIT_FSIZE"))?;
-    let nofile = spec.rlimits.open_files;
-    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(step("set RLIMIT_NOFILE"))?;
+    session_stdio_rlimits(
+        ctx.stdout_write.as_raw_fd(),
+        ctx.stderr_write.as_raw_fd(),
+        &spec.rlimits,
+    )?;
 
     if spec.userns_root {
         // Root of the user namespace (host uid userns_base): capabilities stay, but only
@@ -231,30 +213,7 @@ fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
             return Err(step("check userns_root")("requires a user namespace"));
         }
     } else {
-        // The bounding set can only shrink while we still hold CAP_SETPCAP, i.e. before the uid
-        // change; the uid change then empties the permitted and effective sets.
-        for cap in caps::all() {
-            caps::drop(None, caps::CapSet::Bounding, cap).map_err(step("drop bounding set"))?;
-        }
-        unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
-        let gid = Gid::from_raw(spec.gid);
-        let uid = Uid::from_raw(spec.uid);
-        unistd::setresgid(gid, gid, gid).map_err(step("set gid"))?;
-        unistd::setresuid(uid, uid, uid).map_err(step("set uid"))?;
-        for set in [
-            caps::CapSet::Effective,
-            caps::CapSet::Permitted,
-            caps::CapSet::Inheritable,
-            caps::CapSet::Ambient,
-        ] {
-            caps::clear(None, set).map_err(step("clear capabilities"))?;
-        }
-        if !caps::read(None, caps::CapSet::Permitted)
-            .map_err(step("read capabilities"))?
-            .is_empty()
-        {
-            return Err(step("verify capabilities")("permitted set is not empty"));
-        }
+        drop_privileges(spec.uid, spec.gid)?;
     }
 
     // CVE-2024-21626: no descriptor of the supervisor or the init may reach the command.
@@ -315,6 +274,68 @@ fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
     }
     .send(ctx.status_write.as_fd());
     exit(if errno == Errno::ENOENT { 127 } else { 126 })
+}
+
+/// The common start of a contained process: a new session (no controlling terminal, so
+/// TIOCSTI and friends have nothing to inject into), stdin `/dev/null`, stdout/stderr onto
+/// the given pipes, the work directory, a raised OOM score, and rlimits.
+pub(crate) fn session_stdio_rlimits(
+    stdout: RawFd,
+    stderr: RawFd,
+    rlimits: &crate::spec::Rlimits,
+) -> Result<(), StepError> {
+    unistd::setsid().map_err(step("setsid"))?;
+    let devnull = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(step("open /dev/null"))?;
+    dup_onto(devnull.as_raw_fd(), 0).map_err(step("set up stdin"))?;
+    drop(devnull);
+    dup_onto(stdout, 1).map_err(step("set up stdout"))?;
+    dup_onto(stderr, 2).map_err(step("set up stderr"))?;
+    unistd::chdir(crate::spec::WORK_DIR).map_err(step("chdir to the work directory"))?;
+    // Under memory pressure the command's tree goes first, before the init and, on a
+    // global OOM, before the host's own processes. Raising needs no privilege, but in a
+    // user namespace the file belongs to the host's root: best effort.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "500");
+
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("set RLIMIT_CORE"))?;
+    let fsize = rlimits.file_size;
+    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(step("set RLIMIT_FSIZE"))?;
+    let nofile = rlimits.open_files;
+    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(step("set RLIMIT_NOFILE"))?;
+    Ok(())
+}
+
+/// Becomes `uid`/`gid` with no supplementary groups and every capability set empty
+/// (verified). The bounding set can only shrink while we still hold CAP_SETPCAP, i.e.
+/// before the uid change; the uid change then empties the permitted and effective sets.
+pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<(), StepError> {
+    for cap in caps::all() {
+        caps::drop(None, caps::CapSet::Bounding, cap).map_err(step("drop bounding set"))?;
+    }
+    unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
+    let gid = Gid::from_raw(gid);
+    let uid = Uid::from_raw(uid);
+    unistd::setresgid(gid, gid, gid).map_err(step("set gid"))?;
+    unistd::setresuid(uid, uid, uid).map_err(step("set uid"))?;
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+    ] {
+        caps::clear(None, set).map_err(step("clear capabilities"))?;
+    }
+    if !caps::read(None, caps::CapSet::Permitted)
+        .map_err(step("read capabilities"))?
+        .is_empty()
+    {
+        return Err(step("verify capabilities")("permitted set is not empty"));
+    }
+    Ok(())
 }
 
 /// The paths `execve` should try: the command itself when it has a slash, else each

@@ -24,8 +24,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::resource::{setrlimit, Resource};
-use nix::unistd::{self, Gid, Uid};
+use nix::unistd;
 
 use crate::container::{step, StepError};
 use crate::frame::FrameError;
@@ -498,45 +497,11 @@ fn contain(
         "mount /dev/shm",
     )?;
 
-    // Stdio: output goes to the agent's pipes; no terminal, no input.
-    unistd::setsid().map_err(step("setsid"))?;
-    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty())
-        .map_err(step("open /dev/null"))?;
-    crate::container::dup_onto(devnull.as_raw_fd(), 0).map_err(step("set up stdin"))?;
-    crate::container::dup_onto(out_w.as_raw_fd(), 1).map_err(step("set up stdout"))?;
-    crate::container::dup_onto(err_w.as_raw_fd(), 2).map_err(step("set up stderr"))?;
-    drop((devnull, out_w, err_w));
-    unistd::chdir(crate::spec::WORK_DIR).map_err(step("chdir to the work directory"))?;
-    let _ = std::fs::write("/proc/self/oom_score_adj", "500");
-
-    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("set RLIMIT_CORE"))?;
-    let fsize = shape.rlimits.file_size;
-    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(step("set RLIMIT_FSIZE"))?;
-    let nofile = shape.rlimits.open_files;
-    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(step("set RLIMIT_NOFILE"))?;
-
-    for cap in caps::all() {
-        caps::drop(None, caps::CapSet::Bounding, cap).map_err(step("drop bounding set"))?;
-    }
-    unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
-    let gid = Gid::from_raw(shape.gid);
-    let uid = Uid::from_raw(shape.uid);
-    unistd::setresgid(gid, gid, gid).map_err(step("set gid"))?;
-    unistd::setresuid(uid, uid, uid).map_err(step("set uid"))?;
-    for set in [
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-        caps::CapSet::Inheritable,
-        caps::CapSet::Ambient,
-    ] {
-        caps::clear(None, set).map_err(step("clear capabilities"))?;
-    }
-    if !caps::read(None, caps::CapSet::Permitted)
-        .map_err(step("read capabilities"))?
-        .is_empty()
-    {
-        return Err(step("verify capabilities")("permitted set is not empty"));
-    }
+    // Stdio: output goes to the agent's pipes; no terminal, no input. Then the
+    // unprivileged uid with no capabilities.
+    crate::container::session_stdio_rlimits(out_w.as_raw_fd(), err_w.as_raw_fd(), &shape.rlimits)?;
+    drop((out_w, err_w));
+    crate::container::drop_privileges(shape.uid, shape.gid)?;
 
     // Only stdio and the channel stay open; the channel is close-on-exec.
     let chan = end.sock.as_fd().as_raw_fd();
