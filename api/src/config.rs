@@ -76,8 +76,12 @@ pub struct Config {
 pub struct AgentSection {
     /// Name of this host in statuses and records (`HATCHERY_AGENT_NAME`).
     pub name: String,
-    /// Frozen sandboxes kept warm per language (`HATCHERY_POOL_SIZE`).
+    /// Frozen sandboxes kept warm per language at the least (`HATCHERY_POOL_SIZE`); the
+    /// pools grow with demand: every user active in the last 10 minutes adds the
+    /// `warm_pool_size` of their policy, up to `max_pool_size`.
     pub pool_size: usize,
+    /// The most frozen sandboxes one language's pool keeps (`HATCHERY_MAX_POOL_SIZE`).
+    pub max_pool_size: usize,
     /// Executions this host runs at once (`HATCHERY_CAPACITY`); the rest queue.
     pub capacity: u32,
     /// R packages preloaded in the R zygote (e.g. `["MASS", "Matrix"]`).
@@ -129,6 +133,7 @@ impl Default for AgentSection {
         AgentSection {
             name: "local".into(),
             pool_size: 2,
+            max_pool_size: 8,
             capacity: 4,
             r_packages: Vec::new(),
             shutdown_grace: "5s".into(),
@@ -162,6 +167,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_TOKEN_TTL", "token_ttl"),
     ("HATCHERY_AGENT_NAME", "agent.name"),
     ("HATCHERY_POOL_SIZE", "agent.pool_size"),
+    ("HATCHERY_MAX_POOL_SIZE", "agent.max_pool_size"),
     ("HATCHERY_CAPACITY", "agent.capacity"),
     ("HATCHERY_SHUTDOWN_GRACE", "agent.shutdown_grace"),
     ("HATCHERY_SANDBOX_BIN", "agent.sandbox_bin"),
@@ -308,6 +314,7 @@ fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
     const NUMERIC: &[&str] = &[
         "body_limit_bytes",
         "agent.pool_size",
+        "agent.max_pool_size",
         "agent.capacity",
         "platform.max_code_bytes",
         "platform.max_queued",

@@ -193,6 +193,8 @@ fn agent_config(cfg: &Config) -> AgentConfig {
         a.zygote_bin = p.clone();
     }
     a.shutdown_grace = cfg.shutdown_grace();
+    a.max_pool_size = cfg.agent.max_pool_size.max(cfg.agent.pool_size);
+    a.default_policy = cfg.platform_config().default_policy;
     a
 }
 

@@ -37,7 +37,8 @@ use tokio::task::JoinSet;
 
 use crate::bus::{AgentCommand, Bus, BusError, HostStatus, SandboxUsage};
 use crate::model::{
-    now_ms, CancelReason, EventBody, ExecState, ExecutionRecord, ResultSummary, Usage,
+    now_ms, CancelReason, EffectivePolicy, EventBody, ExecState, ExecutionRecord, ResultSummary,
+    Usage,
 };
 use crate::objects::Objects;
 use crate::store::{ListFilter, Store, StoreError};
@@ -62,7 +63,8 @@ pub struct LanguageConfig {
     pub name: String,
     /// R packages preloaded in the zygote (ignored for other languages).
     pub packages: Vec<String>,
-    /// Frozen sandboxes kept ready.
+    /// Frozen sandboxes kept ready at the least (0 is allowed: then an idle platform
+    /// keeps none, and the first execution waits for one fork).
     pub pool_size: usize,
 }
 
@@ -114,6 +116,14 @@ pub struct AgentConfig {
     /// On shutdown: how long running executions may finish before they are killed (and
     /// recorded as `lost`).
     pub shutdown_grace: Duration,
+    /// Pool sizing by demand (R5): the platform default policy the org and user
+    /// `warm_pool_size` overrides apply to.
+    pub default_policy: EffectivePolicy,
+    /// Users who submitted within this window count as active: each adds its effective
+    /// `warm_pool_size` to its language's pool.
+    pub demand_window: Duration,
+    /// No pool grows beyond this many frozen sandboxes.
+    pub max_pool_size: usize,
 }
 
 impl AgentConfig {
@@ -141,12 +151,15 @@ impl AgentConfig {
             status_interval: Duration::from_secs(1),
             claim_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::ZERO,
+            default_policy: EffectivePolicy::default(),
+            demand_window: Duration::from_secs(600),
+            max_pool_size: 8,
         }
     }
 
     fn pool_config(&self, lang: &LanguageConfig) -> Result<PoolConfig, AgentError> {
         let mut pc = PoolConfig::new(lang.runtime()?, self.rootfs.clone());
-        pc.size = lang.pool_size.max(1);
+        pc.size = lang.pool_size;
         pc.sandbox_bin = self.sandbox_bin.clone();
         pc.zygote_bin = self.zygote_bin.clone();
         pc.cgroup_parent = self.cgroup_parent.clone();
@@ -257,6 +270,7 @@ impl Agent {
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(command_loop(Arc::clone(&inner), stop_rx.clone()));
+        tasks.spawn(sizing_loop(Arc::clone(&inner), stop_rx.clone()));
         tasks.spawn(status_loop(Arc::clone(&inner), stop_rx));
         Ok(AgentHandle {
             inner,
@@ -585,6 +599,108 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
     }
     while executions.join_next().await.is_some() {}
+}
+
+/// How often pool sizes are recomputed from demand and policy.
+const SIZING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Frozen sandboxes wanted per language (R5): each user who submitted within `window`
+/// adds the `warm_pool_size` of their effective policy (`policy_of(org, user)`) to the
+/// pool of the language they used; the result is clamped to `[floor, max]` of that
+/// language. Idle orgs and users keep nothing warm beyond the floor.
+pub fn desired_pool_sizes(
+    recent: &[ExecutionRecord],
+    now: u64,
+    window: Duration,
+    floors: &HashMap<String, usize>,
+    max: usize,
+    policy_of: impl Fn(&str, &str) -> u32,
+) -> HashMap<String, usize> {
+    let since = now.saturating_sub(window.as_millis() as u64);
+    let mut users: std::collections::HashSet<(&str, &str, &str)> = Default::default();
+    for r in recent.iter().filter(|r| r.created_at >= since) {
+        users.insert((r.language.as_str(), r.org.as_str(), r.user.as_str()));
+    }
+    let mut want: HashMap<String, usize> = HashMap::new();
+    for (lang, org, user) in users {
+        *want.entry(lang.to_string()).or_default() += policy_of(org, user) as usize;
+    }
+    floors
+        .iter()
+        .map(|(lang, floor)| {
+            let demand = want.get(lang).copied().unwrap_or(0);
+            (lang.clone(), demand.clamp(*floor, max.max(*floor)))
+        })
+        .collect()
+}
+
+/// Resizes the pools from recent demand and the warm-pool sizes in the policies.
+async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let floors: HashMap<String, usize> = inner
+        .cfg
+        .languages
+        .iter()
+        .map(|l| (l.name.clone(), l.pool_size))
+        .collect();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(SIZING_INTERVAL) => {}
+        }
+        let recent = match inner
+            .store
+            .list(&ListFilter {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "pool sizing: cannot list executions");
+                continue;
+            }
+        };
+        let mut policies: HashMap<(String, String), u32> = HashMap::new();
+        for r in &recent {
+            let key = (r.org.clone(), r.user.clone());
+            if policies.contains_key(&key) {
+                continue;
+            }
+            let org = inner.store.get_org_policy(&r.org).await.ok().flatten();
+            let user = inner
+                .store
+                .get_user_policy(&r.org, &r.user)
+                .await
+                .ok()
+                .flatten();
+            let eff =
+                crate::policy::resolve(&inner.cfg.default_policy, org.as_ref(), user.as_ref());
+            policies.insert(key, eff.warm_pool_size);
+        }
+        let sizes = desired_pool_sizes(
+            &recent,
+            crate::model::now_ms(),
+            inner.cfg.demand_window,
+            &floors,
+            inner.cfg.max_pool_size,
+            |org, user| {
+                policies
+                    .get(&(org.to_string(), user.to_string()))
+                    .copied()
+                    .unwrap_or(0)
+            },
+        );
+        let pools = inner.pools.lock().unwrap();
+        for (lang, size) in sizes {
+            if let Some(pool) = pools.get(&lang) {
+                if pool.size() != size {
+                    tracing::info!(language = %lang, from = pool.size(), to = size, "resizing the warm pool");
+                    pool.set_size(size);
+                }
+            }
+        }
+    }
 }
 
 /// Publishes the host status periodically and on every change.
@@ -1063,6 +1179,68 @@ fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rec(lang: &str, org: &str, user: &str, created_at: u64) -> ExecutionRecord {
+        ExecutionRecord {
+            id: format!("{org}-{user}-{created_at}"),
+            org: org.into(),
+            user: user.into(),
+            language: lang.into(),
+            tab_id: None,
+            model_id: None,
+            state: ExecState::Succeeded,
+            limits: crate::model::Limits {
+                memory_bytes: 1 << 30,
+                cpus: 1.0,
+                pids: 64,
+                time_limit_ms: 1000,
+            },
+            code_key: String::new(),
+            result_key: None,
+            created_at,
+            started_at: None,
+            finished_at: None,
+            agent: None,
+            cancel: None,
+            error: None,
+            last_seq: 0,
+        }
+    }
+
+    #[test]
+    fn pools_follow_recent_demand_and_policy_within_floor_and_max() {
+        let floors: HashMap<String, usize> = [("r".to_string(), 1), ("bash".to_string(), 0)].into();
+        let window = Duration::from_secs(600);
+        let now = 10_000_000;
+        // acme's users have warm_pool_size 3 (org policy), bob an override of 1; globex
+        // the default 2.
+        let policy = |org: &str, user: &str| match (org, user) {
+            ("acme", "bob") => 1,
+            ("acme", _) => 3,
+            _ => 2,
+        };
+        let recent = vec![
+            rec("r", "acme", "alice", now - 1_000),
+            rec("r", "acme", "alice", now - 2_000), // the same user counts once
+            rec("r", "acme", "bob", now - 3_000),
+            rec("bash", "globex", "eve", now - 4_000),
+            rec("r", "initech", "old", now - 700_000), // outside the window
+        ];
+        let sizes = desired_pool_sizes(&recent, now, window, &floors, 8, policy);
+        assert_eq!(sizes["r"], 3 + 1);
+        assert_eq!(sizes["bash"], 2);
+        // Nobody active: back to the floors; no idle capacity kept just in case.
+        let idle = desired_pool_sizes(&[], now, window, &floors, 8, policy);
+        assert_eq!((idle["r"], idle["bash"]), (1, 0));
+        // Demand above the maximum is capped.
+        let many: Vec<_> = (0..10)
+            .map(|i| rec("r", "acme", &format!("u{i}"), now))
+            .collect();
+        assert_eq!(
+            desired_pool_sizes(&many, now, window, &floors, 8, policy)["r"],
+            8
+        );
+    }
 
     #[test]
     fn utf8_split_across_chunks_is_kept_whole() {

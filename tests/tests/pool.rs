@@ -1569,3 +1569,48 @@ fn a_killed_pool_owner_leaves_nothing_after_gc() {
          processes: {alive_after_kill}\nlaunchers: {launchers_after_kill:#?}"
     );
 }
+
+/// R5: the pool's size follows `set_size` — it grows in the background and shrinks by
+/// reaping surplus frozen sandboxes (no idle capacity kept).
+#[test]
+fn the_pool_grows_and_shrinks_on_demand() {
+    let p = r_pool(1);
+    p.pool.set_size(3);
+    p.pool
+        .wait_ready(3, Duration::from_secs(90))
+        .expect("grow to 3");
+    assert_eq!(p.pool.size(), 3);
+    p.pool.set_size(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.pool.stats().ready > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "did not shrink: {:?}",
+            p.pool.stats()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The surplus sandboxes' cgroups are gone: only one frozen sandbox remains.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.pool.frozen_cgroups().len() != 1 {
+        assert!(Instant::now() < deadline, "{:?}", p.pool.frozen_cgroups());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It still serves; and sized 0 (nothing kept warm) a claim still gets a sandbox, one
+    // fork late.
+    let ran = p.run_code("1 + 1");
+    assert_eq!(ran.result.status, ExecStatus::Succeeded);
+    p.pool.set_size(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.pool.stats().ready > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "did not shrink to 0: {:?}",
+            p.pool.stats()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ran = p.run_code("2 + 2");
+    assert_eq!(ran.result.status, ExecStatus::Succeeded);
+    assert!(ran.result.timings.queued_ms > 0.0);
+}

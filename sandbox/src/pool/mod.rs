@@ -271,6 +271,11 @@ struct Shared {
     stop: AtomicBool,
     stats: Mutex<PoolStats>,
     next_exec: AtomicU64,
+    /// Frozen sandboxes wanted now ([`Pool::set_size`]); starts at `config.size`.
+    target: std::sync::atomic::AtomicUsize,
+    /// Claims waiting for a sandbox: the pool forks for them even beyond `target` (a
+    /// pool sized 0 still serves, one fork late).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -314,6 +319,7 @@ impl Pool {
                 .map_err(|e| PoolError::Io(format!("eventfd: {e}")))?;
         // SAFETY: a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let config_size = config.size;
         let shared = Arc::new(Shared {
             config,
             root,
@@ -323,6 +329,8 @@ impl Pool {
             stop: AtomicBool::new(false),
             stats: Mutex::new(PoolStats::default()),
             next_exec: AtomicU64::new(1),
+            target: std::sync::atomic::AtomicUsize::new(config_size),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         });
         let watchdog = Command::new(&shared.config.sandbox_bin)
             .arg("reap-after")
@@ -369,6 +377,20 @@ impl Pool {
             q = self.shared.ready.wait_timeout(q, deadline - now).unwrap().0;
         }
         Ok(())
+    }
+
+    /// Changes how many frozen sandboxes the pool keeps (R5: sized by demand and policy,
+    /// no idle capacity kept just in case). Growing forks in the background; shrinking
+    /// reaps the surplus. Running executions are not affected.
+    pub fn set_size(&self, n: usize) {
+        if self.shared.target.swap(n, Ordering::SeqCst) != n {
+            self.shared.wake_maintainer();
+        }
+    }
+
+    /// The number of frozen sandboxes the pool aims for.
+    pub fn size(&self) -> usize {
+        self.shared.target.load(Ordering::SeqCst)
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -480,6 +502,19 @@ impl Pool {
     fn take_frozen(&self, asked: Instant) -> Result<Pooled, PoolError> {
         let limit = self.shared.config.claim_timeout;
         let mut q = self.shared.queue.lock().unwrap();
+        if let Some(s) = q.pop_front() {
+            return Ok(s);
+        }
+        // Count this claim as waiting (the maintainer forks for it) until it leaves.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.shared.waiting);
+        self.shared.wake_maintainer();
         loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return Err(PoolError::ShutDown);
@@ -944,7 +979,9 @@ impl Maintainer {
                 }
             }
             self.prune_dead();
-            let want = self.shared.config.size;
+            let want = self.shared.target.load(Ordering::SeqCst);
+            self.trim_to(want);
+            let want = want.max(self.shared.waiting.load(Ordering::SeqCst));
             while self.shared.queue.lock().unwrap().len() < want
                 && !self.shared.stop.load(Ordering::SeqCst)
             {
@@ -993,6 +1030,20 @@ impl Maintainer {
         }
         self.reap_frozen();
         self.zygote = None;
+    }
+
+    /// Reaps frozen sandboxes beyond `want` (the newest first: the oldest have waited
+    /// longest and are claimed next).
+    fn trim_to(&self, want: usize) {
+        let extra: Vec<Pooled> = {
+            let mut q = self.shared.queue.lock().unwrap();
+            let n = q.len().saturating_sub(want);
+            (0..n).filter_map(|_| q.pop_back()).collect()
+        };
+        for mut p in extra {
+            let _ = p.lifecycle.advance(SandboxEvent::Failed);
+            p.reap();
+        }
     }
 
     /// Thaws, kills and removes every frozen sandbox in the pool.
