@@ -895,6 +895,9 @@ fn pool_config(cfg: &Config, size: usize) -> PoolConfig {
     pc.size = size;
     pc.sandbox_bin = cfg.sandbox_bin.clone();
     pc.zygote_bin = cfg.zygote_bin.clone();
+    // As the agent does with the platform's default policy: the pool writes these limits
+    // while a sandbox is pooled, so a claim at the default limits writes none.
+    pc.default_limits = Some(exec_request("").limits);
     pc
 }
 
@@ -946,7 +949,11 @@ fn run(cfg: &Config) -> Result<(), String> {
          throughput {} s with threads {:?} on a pool of {}",
         cfg.warm, cfg.cold, cfg.seconds, cfg.threads, cfg.tp_pool
     );
-    println!("  limits per claim: memory 512 MiB, cpus 1.0, pids 128");
+    println!(
+        "  limits per claim: memory 512 MiB, cpus 1.0, pids 128 (the pool's default limits, \
+         written while pooled: the claim writes none; the floor's `write limits` row shows \
+         what a claim with other limits adds)"
+    );
     println!("  loadavg at start: {load_start}");
     let scratch = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
 

@@ -160,6 +160,13 @@ impl AgentConfig {
     fn pool_config(&self, lang: &LanguageConfig) -> Result<PoolConfig, AgentError> {
         let mut pc = PoolConfig::new(lang.runtime()?, self.rootfs.clone());
         pc.size = lang.pool_size;
+        // Most executions run at the platform default: written while pooled, a claim
+        // at those limits writes nothing.
+        pc.default_limits = Some(hatchery_sandbox::Limits {
+            memory_bytes: Some(self.default_policy.memory_bytes),
+            cpus: Some(self.default_policy.cpus),
+            pids: Some(self.default_policy.pids),
+        });
         pc.sandbox_bin = self.sandbox_bin.clone();
         pc.zygote_bin = self.zygote_bin.clone();
         pc.cgroup_parent = self.cgroup_parent.clone();

@@ -1614,3 +1614,45 @@ fn the_pool_grows_and_shrinks_on_demand() {
     assert_eq!(ran.result.status, ExecStatus::Succeeded);
     assert!(ran.result.timings.queued_ms > 0.0);
 }
+
+/// The pool writes its default limits while a sandbox is pooled (a claim at those limits
+/// writes nothing on its path); a claim with other limits still gets its own (R8).
+#[test]
+fn default_limits_hold_while_pooled_and_claims_override_them() {
+    require_root();
+    let cgroups = CgroupParent::new();
+    let mut cfg = config(
+        Language::R {
+            packages: vec!["stats".into()],
+        },
+        1,
+        &cgroups,
+    );
+    let defaults = Limits {
+        memory_bytes: Some(96 << 20),
+        cpus: Some(0.5),
+        pids: Some(64),
+    };
+    cfg.default_limits = Some(defaults);
+    let pool = Pool::start(cfg).expect("start the pool");
+    pool.wait_ready(1, Duration::from_secs(90)).expect("ready");
+    let p = TestPool { pool, cgroups };
+    // A claim at the defaults: the 96 MiB limit written while pooled holds.
+    let mut req = request("x <- numeric(25e6); sum(x)");
+    req.limits = defaults;
+    let ran = p.run(req);
+    assert_eq!(
+        ran.result.status,
+        ExecStatus::OomKilled,
+        "the pooled default limit did not hold: {:?}",
+        ran.result
+    );
+    // A claim with more memory gets it.
+    let mut req = request("x <- numeric(25e6); sum(x)");
+    req.limits = Limits {
+        memory_bytes: Some(512 << 20),
+        ..defaults
+    };
+    let ran = p.run(req);
+    assert_eq!(ran.result.status, ExecStatus::Succeeded, "{:?}", ran.result);
+}

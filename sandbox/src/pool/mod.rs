@@ -96,6 +96,9 @@ pub struct PoolConfig {
     /// Host paths mounted read-only into the zygote's sandbox, which every sandbox it
     /// forks inherits (data sets, a test probe).
     pub binds: Vec<crate::spec::Bind>,
+    /// Limits written into each sandbox's cgroup while it is pooled (e.g. the platform's
+    /// default policy): a claim asking for exactly these writes nothing on its path.
+    pub default_limits: Option<Limits>,
 }
 
 impl PoolConfig {
@@ -123,6 +126,7 @@ impl PoolConfig {
             start_timeout: Duration::from_secs(60),
             claim_timeout: Duration::from_secs(120),
             binds: Vec::new(),
+            default_limits: None,
         }
     }
 }
@@ -237,6 +241,8 @@ pub struct PoolStats {
 
 /// A frozen sandbox in the pool.
 struct Pooled {
+    /// The limits now in its cgroup, if written while pooled.
+    applied: Option<Limits>,
     id: String,
     lifecycle: Lifecycle,
     cgroup: SandboxCgroup,
@@ -437,23 +443,25 @@ impl Pool {
         // the sandbox finds it the moment it thaws); large code after the thaw, so the
         // send cannot block on a frozen reader.
         let early = req.code.len() <= SEND_BEFORE_THAW_MAX;
-        let handed_over = sandbox
-            .cgroup
-            .apply(&req.limits)
-            .map_err(PoolError::from)
-            .and_then(|_| {
-                if early {
-                    sandbox.channel.run(&req.code)?;
-                }
-                Ok(())
-            })
-            .and_then(|_| sandbox.cgroup.thaw().map_err(PoolError::from))
-            .and_then(|_| {
-                if !early {
-                    sandbox.channel.run(&req.code)?;
-                }
-                Ok(())
-            });
+        let unchanged = sandbox.applied == Some(req.limits);
+        let handed_over = (if unchanged {
+            Ok(())
+        } else {
+            sandbox.cgroup.apply(&req.limits).map_err(PoolError::from)
+        })
+        .and_then(|_| {
+            if early {
+                sandbox.channel.run(&req.code)?;
+            }
+            Ok(())
+        })
+        .and_then(|_| sandbox.cgroup.thaw().map_err(PoolError::from))
+        .and_then(|_| {
+            if !early {
+                sandbox.channel.run(&req.code)?;
+            }
+            Ok(())
+        });
         if let Err(e) = handed_over {
             let _ = sandbox.lifecycle.advance(SandboxEvent::Ended);
             sandbox.reap();
@@ -1239,6 +1247,11 @@ impl Maintainer {
             Ok(c) => c,
             Err(e) => return fail(&pidfd, None, e.into()),
         };
+        if let Some(limits) = &cfg.default_limits {
+            if let Err(e) = cgroup.apply(limits) {
+                return fail(&pidfd, Some(cgroup), e.into());
+            }
+        }
         if let Err(e) = cgroup.add_process(host_pid) {
             return fail(&pidfd, Some(cgroup), e.into());
         }
@@ -1266,6 +1279,7 @@ impl Maintainer {
             .advance(SandboxEvent::Ready)
             .map_err(|e| PoolError::Io(e.to_string()))?;
         let pooled = Pooled {
+            applied: cfg.default_limits,
             id: name,
             lifecycle,
             cgroup,
