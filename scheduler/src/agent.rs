@@ -528,14 +528,22 @@ fn bare_summary(state: ExecState, error: Option<String>) -> ResultSummary {
 async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     // The bus is read by its own task (so a pending read is never dropped half-way by a
     // `select!`), except at shutdown.
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<AgentCommand>(64);
+    // Commands taken but never acknowledged by a previous run of this agent come first.
+    match inner.bus.requeue_unacked(&inner.cfg.id).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(agent = %inner.cfg.id, count = n, "requeued unacknowledged commands")
+        }
+        Err(e) => tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot requeue commands"),
+    }
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(AgentCommand, u64)>(64);
     let reader = {
         let inner = Arc::clone(&inner);
         tokio::spawn(async move {
             loop {
-                match inner.bus.next_for_agent(&inner.cfg.id).await {
-                    Ok(cmd) => {
-                        if cmd_tx.send(cmd).await.is_err() {
+                match inner.bus.take_for_agent(&inner.cfg.id).await {
+                    Ok(d) => {
+                        if cmd_tx.send((d.item, d.tag)).await.is_err() {
                             return;
                         }
                     }
@@ -548,30 +556,36 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             }
         })
     };
-    let mut waiting: VecDeque<String> = VecDeque::new();
+    // Runs waiting for a slot, with their delivery tags (acknowledged once started: a
+    // run that never started is redelivered after a restart).
+    let mut waiting: VecDeque<(String, u64)> = VecDeque::new();
     let mut executions = JoinSet::new();
     loop {
         // Start waiting runs while there are free slots.
-        while let Some(id) = waiting.front() {
+        while let Some((id, tag)) = waiting.front() {
             let Ok(permit) = Arc::clone(&inner.slots).try_acquire_owned() else {
                 break;
             };
-            let id = id.clone();
+            let (id, tag) = (id.clone(), *tag);
             waiting.pop_front();
             executions.spawn(run_execution(Arc::clone(&inner), id, permit));
+            let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
         }
         tokio::select! {
             _ = stop.changed() => break,
             cmd = cmd_rx.recv() => match cmd {
-                Some(AgentCommand::Run { execution_id }) => {
-                    if !waiting.contains(&execution_id) {
-                        waiting.push_back(execution_id);
+                Some((AgentCommand::Run { execution_id }, tag)) => {
+                    if waiting.iter().any(|(w, _)| *w == execution_id) {
+                        let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
+                    } else {
+                        waiting.push_back((execution_id, tag));
                     }
                 }
-                Some(AgentCommand::Cancel { execution_id }) => {
+                Some((AgentCommand::Cancel { execution_id }, tag)) => {
                     if !inner.cancel(&execution_id) {
                         tracing::debug!(execution = %execution_id, "cancel for an execution not running here");
                     }
+                    let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
                 }
                 None => {
                     tracing::info!(agent = %inner.cfg.id, "the bus closed; no more work");

@@ -46,6 +46,17 @@ pub struct SandboxUsage {
     pub usage: Usage,
 }
 
+/// A work item taken from a queue. It stays the consumer's until acknowledged; a
+/// consumer that dies before acknowledging gets it redelivered ([`Bus::requeue_unacked`]),
+/// so work is delivered at least once (acting on it must be idempotent: the store's state
+/// transitions make a repeat harmless).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery<T> {
+    pub item: T,
+    /// Names this delivery for [`Bus::ack_submitted`] / [`Bus::ack_for_agent`].
+    pub tag: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus closed")]
@@ -62,13 +73,26 @@ pub trait Bus: Send + Sync + 'static {
 
     /// api → scheduler: an execution was admitted.
     async fn submit(&self, execution_id: &str) -> Result<(), BusError>;
-    /// scheduler: the next admitted execution (waits).
+    /// scheduler: the next admitted execution (waits). Taken and acknowledged at once;
+    /// prefer [`Bus::take_submitted`] + [`Bus::ack_submitted`].
     async fn next_submitted(&self) -> Result<String, BusError>;
+    /// scheduler: the next admitted execution, unacknowledged until `ack_submitted`.
+    async fn take_submitted(&self) -> Result<Delivery<String>, BusError>;
+    async fn ack_submitted(&self, tag: u64) -> Result<(), BusError>;
 
     /// scheduler/api → one agent.
     async fn send_to_agent(&self, agent: &str, command: AgentCommand) -> Result<(), BusError>;
-    /// agent: its next command (waits).
+    /// agent: its next command (waits). Taken and acknowledged at once; prefer
+    /// [`Bus::take_for_agent`] + [`Bus::ack_for_agent`].
     async fn next_for_agent(&self, agent: &str) -> Result<AgentCommand, BusError>;
+    /// agent: its next command, unacknowledged until `ack_for_agent`.
+    async fn take_for_agent(&self, agent: &str) -> Result<Delivery<AgentCommand>, BusError>;
+    async fn ack_for_agent(&self, agent: &str, tag: u64) -> Result<(), BusError>;
+    /// Puts every command taken by `agent` but never acknowledged back at the front of
+    /// its queue (an agent that restarted); returns how many.
+    async fn requeue_unacked(&self, agent: &str) -> Result<usize, BusError>;
+    /// The same for submissions taken by a scheduler that restarted.
+    async fn requeue_unacked_submissions(&self) -> Result<usize, BusError>;
 
     /// agent → everyone: host status (also the admin monitor's source).
     async fn publish_status(&self, status: HostStatus) -> Result<(), BusError>;

@@ -195,6 +195,9 @@ impl Cluster {
 struct Waiting {
     id: String,
     language: String,
+    /// The bus delivery it came with, acknowledged once it is placed (or dropped);
+    /// `None` for executions recovered from the store.
+    tag: Option<u64>,
 }
 
 /// Runs the scheduler role until the bus closes. `statuses` should be subscribed before
@@ -206,12 +209,18 @@ pub async fn run_scheduler(
 ) -> Result<(), SchedulerError> {
     // Submissions are read by their own task, so a pending read is never dropped
     // half-way by the `select!` below.
-    let (sub_tx, mut submissions) = mpsc::channel::<Result<String, BusError>>(64);
+    // Submissions a previous scheduler took but never acknowledged come back first.
+    match bus.requeue_unacked_submissions().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "requeued unacknowledged submissions"),
+        Err(e) => tracing::warn!(error = %e, "cannot requeue unacknowledged submissions"),
+    }
+    let (sub_tx, mut submissions) = mpsc::channel::<Result<(String, u64), BusError>>(64);
     let reader = {
         let bus = Arc::clone(&bus);
         tokio::spawn(async move {
             loop {
-                let next = bus.next_submitted().await;
+                let next = bus.take_submitted().await.map(|d| (d.item, d.tag));
                 let closed = matches!(next, Err(BusError::Closed));
                 if sub_tx.send(next).await.is_err() || closed {
                     return;
@@ -239,6 +248,7 @@ pub async fn run_scheduler(
             queue.push_back(Waiting {
                 id: r.id,
                 language: r.language,
+                tag: None,
             });
         }
     }
@@ -247,15 +257,19 @@ pub async fn run_scheduler(
         place_waiting(store.as_ref(), bus.as_ref(), &mut cluster, &mut queue).await?;
         tokio::select! {
             next = submissions.recv() => match next {
-                Some(Ok(id)) => {
+                Some(Ok((id, tag))) => {
                     if queue.iter().any(|w| w.id == id) {
+                        let _ = bus.ack_submitted(tag).await;
                         continue;
                     }
                     match store.get(&id).await {
                         Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
-                            queue.push_back(Waiting { id, language: r.language });
+                            queue.push_back(Waiting { id, language: r.language, tag: Some(tag) });
                         }
-                        Ok(_) => tracing::debug!(execution = %id, "submitted but no longer queued"),
+                        Ok(_) => {
+                            let _ = bus.ack_submitted(tag).await;
+                            tracing::debug!(execution = %id, "submitted but no longer queued");
+                        }
                         Err(e) => {
                             tracing::warn!(execution = %id, error = %e, "cannot read a submitted execution");
                         }
@@ -292,7 +306,7 @@ pub async fn run_scheduler(
                             && !queue.iter().any(|w| w.id == id)
                         {
                             tracing::warn!(execution = %id, "its host vanished before running it; placing it again");
-                            queue.push_back(Waiting { id, language: r.language });
+                            queue.push_back(Waiting { id, language: r.language, tag: None });
                         }
                     }
                 }
@@ -325,7 +339,12 @@ async fn place_waiting(
         // It may have been cancelled while it waited.
         match store.get(&w.id).await {
             Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {}
-            Ok(_) => continue,
+            Ok(_) => {
+                if let Some(tag) = w.tag {
+                    let _ = bus.ack_submitted(tag).await;
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(execution = %w.id, error = %e, "cannot read a waiting execution");
                 kept.push_back(w);
@@ -339,6 +358,10 @@ async fn place_waiting(
             Ok(()) => {
                 tracing::debug!(execution = %w.id, agent = %agent, "placed");
                 cluster.sent(&w.id, &agent, now);
+                // Acted on: the agent's queue holds it now.
+                if let Some(tag) = w.tag {
+                    let _ = bus.ack_submitted(tag).await;
+                }
             }
             Err(BusError::Closed) => {
                 queue.push_front(w);

@@ -2,8 +2,9 @@
 //! events and host status are broadcast (a subscriber that falls more than the channel's
 //! capacity behind gets `Lagged` and catches up from the store); submissions and each
 //! agent's commands are FIFO queues that any number of consumers may wait on, each item
-//! going to exactly one of them. Taking an item is its acknowledgement: in one process
-//! there is no consumer crash to redeliver after.
+//! going to exactly one of them. Items taken with `take_*` stay in flight until
+//! acknowledged and can be requeued (a consumer that restarted); `next_*` take and
+//! acknowledge at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -11,24 +12,66 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, Notify};
 
-use crate::bus::{AgentCommand, Bus, BusError, HostStatus};
+use crate::bus::{AgentCommand, Bus, BusError, Delivery, HostStatus};
 use crate::model::ExecEvent;
 
 /// Default capacity of the event and status broadcasts.
 pub const DEFAULT_CAPACITY: usize = 8192;
 
-/// A multi-consumer FIFO queue.
+/// A multi-consumer FIFO queue with in-flight (taken, unacknowledged) items.
 struct Queue<T> {
     items: Mutex<VecDeque<T>>,
     ready: Notify,
+    in_flight: Mutex<std::collections::BTreeMap<u64, T>>,
+    next_tag: std::sync::atomic::AtomicU64,
 }
 
-impl<T> Queue<T> {
+impl<T: Clone> Queue<T> {
     fn new() -> Self {
         Queue {
             items: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
+            in_flight: Mutex::new(std::collections::BTreeMap::new()),
+            next_tag: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    fn in_flight(&self) -> MutexGuard<'_, std::collections::BTreeMap<u64, T>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Pops the next item and keeps it in flight under a new tag.
+    async fn take(&self) -> crate::bus::Delivery<T> {
+        let item = self.pop().await;
+        let tag = self
+            .next_tag
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight().insert(tag, item.clone());
+        crate::bus::Delivery { item, tag }
+    }
+
+    fn ack(&self, tag: u64) {
+        self.in_flight().remove(&tag);
+    }
+
+    /// Puts every in-flight item back at the front, oldest first.
+    fn requeue(&self) -> usize {
+        let back: Vec<T> = std::mem::take(&mut *self.in_flight())
+            .into_values()
+            .collect();
+        let n = back.len();
+        {
+            let mut items = self.items();
+            for item in back.into_iter().rev() {
+                items.push_front(item);
+            }
+        }
+        for _ in 0..n {
+            self.ready.notify_one();
+        }
+        n
     }
 
     /// The lock is only ever held for a push or a pop, never across an await; a panic
@@ -178,6 +221,19 @@ impl Bus for EmbeddedBus {
         Ok(self.inner.submitted.pop().await)
     }
 
+    async fn take_submitted(&self) -> Result<Delivery<String>, BusError> {
+        Ok(self.inner.submitted.take().await)
+    }
+
+    async fn ack_submitted(&self, tag: u64) -> Result<(), BusError> {
+        self.inner.submitted.ack(tag);
+        Ok(())
+    }
+
+    async fn requeue_unacked_submissions(&self) -> Result<usize, BusError> {
+        Ok(self.inner.submitted.requeue())
+    }
+
     async fn send_to_agent(&self, agent: &str, command: AgentCommand) -> Result<(), BusError> {
         self.agent_queue(agent).push(command);
         Ok(())
@@ -186,6 +242,20 @@ impl Bus for EmbeddedBus {
     async fn next_for_agent(&self, agent: &str) -> Result<AgentCommand, BusError> {
         let queue = self.agent_queue(agent);
         Ok(queue.pop().await)
+    }
+
+    async fn take_for_agent(&self, agent: &str) -> Result<Delivery<AgentCommand>, BusError> {
+        let queue = self.agent_queue(agent);
+        Ok(queue.take().await)
+    }
+
+    async fn ack_for_agent(&self, agent: &str, tag: u64) -> Result<(), BusError> {
+        self.agent_queue(agent).ack(tag);
+        Ok(())
+    }
+
+    async fn requeue_unacked(&self, agent: &str) -> Result<usize, BusError> {
+        Ok(self.agent_queue(agent).requeue())
     }
 
     async fn publish_status(&self, status: HostStatus) -> Result<(), BusError> {
@@ -373,5 +443,42 @@ mod tests {
         bus.send_to_agent("h4", run("d")).await.unwrap();
         assert_eq!(bus.forget_agent("h4"), vec![run("d")]);
         assert_eq!(bus.pending_for_agent("h4"), 0);
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_work_is_redelivered_acknowledged_work_is_not() {
+        let bus = EmbeddedBus::new();
+        let run = |id: &str| AgentCommand::Run {
+            execution_id: id.into(),
+        };
+        for id in ["a", "b", "c"] {
+            bus.send_to_agent("h", run(id)).await.unwrap();
+        }
+        let a = bus.take_for_agent("h").await.unwrap();
+        let b = bus.take_for_agent("h").await.unwrap();
+        assert_eq!((a.item.clone(), b.item.clone()), (run("a"), run("b")));
+        assert_ne!(a.tag, b.tag);
+        bus.ack_for_agent("h", a.tag).await.unwrap();
+        // The agent "restarts": b was taken but never acknowledged.
+        assert_eq!(bus.requeue_unacked("h").await.unwrap(), 1);
+        assert_eq!(bus.take_for_agent("h").await.unwrap().item, run("b"));
+        assert_eq!(bus.take_for_agent("h").await.unwrap().item, run("c"));
+        // Nothing is delivered twice once acknowledged: a requeue of acked work is empty.
+        let all = bus.requeue_unacked("h").await.unwrap();
+        assert_eq!(all, 2, "b (again) and c were still unacknowledged");
+        let d1 = bus.take_for_agent("h").await.unwrap();
+        let d2 = bus.take_for_agent("h").await.unwrap();
+        bus.ack_for_agent("h", d1.tag).await.unwrap();
+        bus.ack_for_agent("h", d2.tag).await.unwrap();
+        assert_eq!(bus.requeue_unacked("h").await.unwrap(), 0);
+
+        // Submissions work the same way.
+        bus.submit("x").await.unwrap();
+        let x = bus.take_submitted().await.unwrap();
+        assert_eq!(bus.requeue_unacked_submissions().await.unwrap(), 1);
+        let x2 = bus.take_submitted().await.unwrap();
+        assert_eq!(x2.item, x.item);
+        bus.ack_submitted(x2.tag).await.unwrap();
+        assert_eq!(bus.requeue_unacked_submissions().await.unwrap(), 0);
     }
 }
