@@ -131,7 +131,6 @@ pub struct EventFollow {
     pub live: broadcast::Receiver<ExecEvent>,
 }
 
-
 fn internal(e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Internal(e.to_string())
 }
@@ -446,7 +445,11 @@ impl Platform {
         user: &str,
     ) -> Result<Policy, PlatformError> {
         self.require_admin(who, org)?;
-        Ok(self.store.get_user_policy(org, user).await?.unwrap_or_default())
+        Ok(self
+            .store
+            .get_user_policy(org, user)
+            .await?
+            .unwrap_or_default())
     }
 
     pub async fn put_user_policy(
@@ -458,7 +461,9 @@ impl Platform {
     ) -> Result<Policy, PlatformError> {
         self.require_admin(who, org)?;
         crate::policy::validate_policy(&policy).map_err(PlatformError::InvalidLimits)?;
-        self.store.put_user_policy(org, user, policy.clone()).await?;
+        self.store
+            .put_user_policy(org, user, policy.clone())
+            .await?;
         Ok(policy)
     }
 

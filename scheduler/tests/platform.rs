@@ -82,7 +82,11 @@ async fn bad_requests_are_refused_with_their_codes() {
     assert_eq!(e.code(), "unknown_language");
 
     let big = "x".repeat(f.platform.config.max_code_bytes + 1);
-    let e = f.platform.submit(&alice, req(&big, None)).await.unwrap_err();
+    let e = f
+        .platform
+        .submit(&alice, req(&big, None))
+        .await
+        .unwrap_err();
     assert!(matches!(e, PlatformError::CodeTooLarge { .. }));
 
     for limits in [
@@ -257,9 +261,21 @@ async fn same_tab_supersedes_and_the_cap_cancels_the_oldest() {
     let f = fixture();
     let alice = who("acme", "alice", Role::User);
     let mut live = f.platform.bus.subscribe_events();
-    let t1 = f.platform.submit(&alice, req("1", Some("tab-1"))).await.unwrap();
-    let t2 = f.platform.submit(&alice, req("2", Some("tab-2"))).await.unwrap();
-    let t1b = f.platform.submit(&alice, req("3", Some("tab-1"))).await.unwrap();
+    let t1 = f
+        .platform
+        .submit(&alice, req("1", Some("tab-1")))
+        .await
+        .unwrap();
+    let t2 = f
+        .platform
+        .submit(&alice, req("2", Some("tab-2")))
+        .await
+        .unwrap();
+    let t1b = f
+        .platform
+        .submit(&alice, req("3", Some("tab-1")))
+        .await
+        .unwrap();
     let get = |id: String| {
         let p = f.platform.clone();
         let a = alice.clone();
@@ -283,7 +299,10 @@ async fn same_tab_supersedes_and_the_cap_cancels_the_oldest() {
             finished.push(e.execution_id);
         }
     }
-    assert!(finished.contains(&t1.id) && finished.contains(&t2.id), "{finished:?}");
+    assert!(
+        finished.contains(&t1.id) && finished.contains(&t2.id),
+        "{finished:?}"
+    );
     // A follower that comes later gets the whole story from the store.
     let follow = f.platform.follow(&alice, &t1.id, 0).await.unwrap();
     let kinds: Vec<_> = follow.backlog.iter().map(|e| e.seq).collect();
@@ -298,8 +317,16 @@ async fn same_tab_supersedes_and_the_cap_cancels_the_oldest() {
 async fn list_filters_by_tab_and_state_newest_first() {
     let f = fixture();
     let alice = who("acme", "alice", Role::User);
-    let a = f.platform.submit(&alice, req("1", Some("t"))).await.unwrap();
-    let b = f.platform.submit(&alice, req("2", Some("u"))).await.unwrap();
+    let a = f
+        .platform
+        .submit(&alice, req("1", Some("t")))
+        .await
+        .unwrap();
+    let b = f
+        .platform
+        .submit(&alice, req("2", Some("u")))
+        .await
+        .unwrap();
     let by_tab = f
         .platform
         .list(
