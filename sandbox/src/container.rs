@@ -80,19 +80,8 @@ pub(crate) fn init_main(ctx: ChildContext<'_>) -> ! {
 /// supervisor went away before releasing us.
 fn init_setup(ctx: &ChildContext<'_>) -> Result<Option<Pid>, StepError> {
     // Die with the supervisor: a killed `sandbox` must not leave a running sandbox.
-    // SAFETY: prctl with integer arguments only.
-    if unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    } != 0
-    {
-        return Err(step("set parent-death signal")(Errno::last()));
-    }
+    prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
+        .map_err(step("set parent-death signal"))?;
     // Wait for "go": the supervisor has moved us into the cgroup and written the id maps.
     // EOF means it died or gave up before that (the death signal may not have been armed
     // in time to catch it).
@@ -142,23 +131,8 @@ fn drop_init_privileges() -> Result<(), String> {
     ] {
         caps::clear(None, set).map_err(|e| e.to_string())?;
     }
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_DUMPABLE,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        );
-        libc::prctl(
-            libc::PR_SET_NO_NEW_PRIVS,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        );
-    }
+    prctl(libc::PR_SET_DUMPABLE, 0).map_err(|e| e.to_string())?;
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -225,19 +199,7 @@ fn confine_worker(ctx: &ChildContext<'_>) -> Result<Never, StepError> {
             .map_err(step("keep a passed descriptor"))?;
     }
 
-    // SAFETY: prctl with integer arguments only.
-    if unsafe {
-        libc::prctl(
-            libc::PR_SET_NO_NEW_PRIVS,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    } != 0
-    {
-        return Err(step("set no_new_privs")(Errno::last()));
-    }
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(step("set no_new_privs"))?;
 
     let argv: Vec<CString> = spec
         .command
@@ -353,6 +315,14 @@ fn resolve_command(cmd: &str, env: &[(String, String)]) -> Vec<CString> {
         .filter(|d| !d.is_empty())
         .filter_map(|d| CString::new(format!("{}/{}", d.trim_end_matches('/'), cmd)).ok())
         .collect()
+}
+
+/// prctl(2) with one argument; the unused ones are passed as zero of the width the
+/// kernel reads (some options refuse non-zero garbage there).
+pub(crate) fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: prctl with integer arguments only.
+    Errno::result(unsafe { libc::prctl(option, arg, zero, zero, zero) }).map(drop)
 }
 
 /// dup2(2): `newfd` becomes a copy of `oldfd` (without close-on-exec).

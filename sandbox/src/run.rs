@@ -365,16 +365,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn kill_tree(&self) {
-        // SAFETY: pidfd_send_signal on our own pidfd: cannot hit a recycled pid.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        kill_pidfd(self.pidfd.as_fd());
         let _ = self.cgroup.get().kill_all();
     }
 
@@ -678,6 +669,20 @@ impl Stream {
             }
         }
     }
+}
+
+/// SIGKILL through a pidfd: unlike kill(2) it cannot hit a recycled pid.
+pub(crate) fn kill_pidfd(fd: std::os::fd::BorrowedFd<'_>) {
+    // SAFETY: pidfd_send_signal on a pidfd the caller holds; no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
 }
 
 fn ms_until(t: Instant) -> i32 {

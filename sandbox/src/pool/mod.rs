@@ -260,7 +260,7 @@ impl Pooled {
 
     /// Kills whatever is left and removes the cgroup.
     fn reap(mut self) {
-        signal_pidfd(self.pidfd.as_fd());
+        crate::run::kill_pidfd(self.pidfd.as_fd());
         let _ = self.cgroup.kill_all();
         let _ = self.lifecycle.advance(SandboxEvent::Reaped);
         let _ = self.cgroup.destroy();
@@ -860,7 +860,7 @@ impl Watcher {
     }
 
     fn kill(&self) {
-        signal_pidfd(self.sandbox.pidfd.as_fd());
+        crate::run::kill_pidfd(self.sandbox.pidfd.as_fd());
         let _ = self.sandbox.cgroup.kill_all();
     }
 
@@ -1226,7 +1226,7 @@ impl Maintainer {
             .advance(SandboxEvent::Forked)
             .map_err(|e| PoolError::Io(e.to_string()))?;
         let fail = |pidfd: &OwnedFd, cg: Option<SandboxCgroup>, e: PoolError| {
-            signal_pidfd(pidfd.as_fd());
+            crate::run::kill_pidfd(pidfd.as_fd());
             if let Some(cg) = cg {
                 let _ = cg.destroy();
             }
@@ -1334,19 +1334,6 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
             Err(_) => return false,
         }
     }
-}
-
-fn signal_pidfd(fd: BorrowedFd<'_>) {
-    // SAFETY: pidfd_send_signal on a pidfd we hold; cannot hit a recycled pid.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
 }
 
 /// The pid (in our pid namespace) of the process a pidfd refers to.

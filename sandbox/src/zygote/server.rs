@@ -275,16 +275,7 @@ fn sandbox_main(
     filter: &BpfProgram,
     runtime: &Runtime,
 ) -> ! {
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    let _ = crate::container::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     // The zygote ignores SIGCHLD (auto-reaping); the sandbox's own code must be able to
     // wait for its children (R's system(), the fork-exec interpreter).
     // SAFETY: restoring the default disposition of a signal.
@@ -509,19 +500,7 @@ fn contain(
     crate::container::close_range(chan + 1, libc::c_uint::MAX as i32)
         .map_err(step("close descriptors"))?;
 
-    // SAFETY: prctl with integer arguments only.
-    if unsafe {
-        libc::prctl(
-            libc::PR_SET_NO_NEW_PRIVS,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    } != 0
-    {
-        return Err(step("set no_new_privs")(Errno::last()));
-    }
+    crate::container::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(step("set no_new_privs"))?;
     filter.load().map_err(step("load seccomp filter"))?;
     Ok(())
 }
