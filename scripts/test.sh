@@ -15,6 +15,15 @@ scripts/setup-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 start=$(date +%s)
+# Whatever happens, leave no cgroup behind: reap orphans and remove Hatchery's parent
+# cgroup once it is empty (the tests clean up their own; this also covers a run that was
+# interrupted half-way).
+cleanup() {
+    if [[ -x target/debug/sandbox ]]; then
+        target/debug/sandbox gc >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
 echo "==> root filesystem (cached after the first build)" >&2
 cargo build --quiet -p rootfs-builder
 target/debug/rootfs-builder build rootfs-builder/manifests/r.toml >/dev/null

@@ -1291,7 +1291,27 @@ fn main() -> ExitCode {
     code
 }
 
+/// Removes the bench's two parent cgroups at the end of the run (declared first in
+/// `run`, so it drops after the platform and the pool), once their sandboxes are reaped.
+struct RemoveParents;
+
+impl Drop for RemoveParents {
+    fn drop(&mut self) {
+        for parent in [API_CGROUP, POOL_CGROUP] {
+            let Ok(root) = hatchery_sandbox::cgroup::CgroupRoot::detect(parent) else {
+                continue;
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !matches!(root.remove_if_empty(), Ok(true)) && Instant::now() < deadline {
+                let _ = hatchery_sandbox::gc::collect(&root);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    let _parents = RemoveParents;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_start = loadavg();
     let command: Vec<String> = std::env::args().collect();

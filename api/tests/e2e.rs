@@ -50,6 +50,8 @@ fn rootfs() -> PathBuf {
 /// A running `hatchery up`.
 struct Hatchery {
     child: Option<Child>,
+    /// This platform's own parent cgroup (removed on drop).
+    cgroup_parent: String,
     dir: PathBuf,
     config: PathBuf,
     addr: SocketAddr,
@@ -93,6 +95,12 @@ impl Hatchery {
             .expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let config = dir.join("hatchery.toml");
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let cgroup_parent = format!(
+            "hatchery/e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         std::fs::write(
             &config,
             format!(
@@ -105,7 +113,7 @@ impl Hatchery {
                  pool_size = 1\n\
                  capacity = {capacity}\n\
                  shutdown_grace = \"0s\"\n\
-                 cgroup_parent = \"hatchery/e2e\"\n\
+                 cgroup_parent = \"{cgroup_parent}\"\n\
                  [platform]\n\
                  languages = [\"r\"]\n\
                  max_queued = {max_queued}\n",
@@ -118,6 +126,7 @@ impl Hatchery {
         .unwrap();
         let mut h = Hatchery {
             child: None,
+            cgroup_parent,
             dir,
             config,
             addr: "127.0.0.1:1".parse().unwrap(),
@@ -247,6 +256,20 @@ impl Drop for Hatchery {
             self.dump_log();
         }
         self.stop_with(libc::SIGTERM);
+        remove_cgroup_parent(&self.cgroup_parent);
+    }
+}
+
+/// Removes a test platform's parent cgroup once its pool watchdog has reaped what was
+/// left in it (bounded wait).
+fn remove_cgroup_parent(parent: &str) {
+    let Ok(root) = hatchery_sandbox::cgroup::CgroupRoot::detect(parent) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(root.remove_if_empty(), Ok(true)) && Instant::now() < deadline {
+        let _ = hatchery_sandbox::gc::collect(&root);
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

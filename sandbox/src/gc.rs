@@ -81,7 +81,10 @@ fn process_stat(pid: i32) -> Option<(char, u64)> {
 pub struct GcSummary {
     pub removed: Vec<String>,
     pub failed: Vec<(String, CgroupError)>,
+    /// Sandbox cgroups whose owner still runs.
     pub kept: usize,
+    /// Directories that are not sandbox cgroups (nested parents such as a test's).
+    pub other: usize,
 }
 
 /// Removes every sandbox cgroup under `root` whose owner is dead.
@@ -97,7 +100,8 @@ pub fn collect(root: &CgroupRoot) -> GcSummary {
                 Ok(()) => summary.removed.push(name),
                 Err(e) => summary.failed.push((name, e)),
             },
-            _ => summary.kept += 1,
+            Some(_) => summary.kept += 1,
+            None => summary.other += 1,
         }
     }
     summary

@@ -50,7 +50,8 @@ enum Command {
     /// {"id": "a", "event": "stdout" | "stderr" | "progress" | "usage" | "started" |
     /// "finished", ...}.
     Serve(Box<ServeArgs>),
-    /// Remove sandbox cgroups (and any process still in them) whose supervisor is gone.
+    /// Remove sandbox cgroups (and any process still in them) whose supervisor is gone,
+    /// and the parent cgroup itself once nothing is left in it.
     Gc(GcArgs),
     /// Wait for process PID to end, then remove what it left (started by a pool as its
     /// watchdog: frozen sandboxes of a killed pool owner are thawed and killed).
@@ -365,11 +366,26 @@ fn cmd_gc(args: GcArgs) -> Result<i32> {
         eprintln!("sandbox: could not remove {name}: {e}");
     }
     println!(
-        "{} removed, {} failed, {} still owned by a live process",
+        "{} removed, {} failed, {} still owned by a live process, {} nested parents",
         summary.removed.len(),
         summary.failed.len(),
-        summary.kept
+        summary.kept,
+        summary.other
     );
+    // Nested parents (e.g. a test's `hatchery/e2e-…`) left empty by a run that ended
+    // early, then the parent itself. Only on demand: a starting run reaps sandboxes but
+    // never removes a parent another run may be about to fill.
+    for name in root.children() {
+        if gc::owner_of(&name).is_none() {
+            let nested = CgroupRoot::detect(&format!("{}/{name}", args.cgroup_parent))?;
+            if nested.children().is_empty() && nested.remove_if_empty()? {
+                println!("removed the empty cgroup {}/{name}", args.cgroup_parent);
+            }
+        }
+    }
+    if root.remove_if_empty()? {
+        println!("removed the empty parent cgroup {}", args.cgroup_parent);
+    }
     Ok(if summary.failed.is_empty() { 0 } else { 1 })
 }
 

@@ -235,6 +235,23 @@ impl CgroupRoot {
         })
     }
 
+    /// Removes the parent itself, in every hierarchy, if nothing is left in it; true when
+    /// it is gone. Never touches anything but the parent's own directories. For tests
+    /// and `sandbox gc`: a platform keeps its parent while it runs.
+    pub fn remove_if_empty(&self) -> Result<bool> {
+        for (_, dir) in &self.dirs {
+            match fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(io_err("remove cgroup parent", dir, e)),
+            }
+        }
+        Ok(true)
+    }
+
     /// Names of the sandbox cgroups that exist under the parent, in any hierarchy.
     pub fn children(&self) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
