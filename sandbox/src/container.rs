@@ -263,11 +263,50 @@ pub(crate) fn session_stdio_rlimits(
     // user namespace the file belongs to the host's root: best effort.
     let _ = std::fs::write("/proc/self/oom_score_adj", "500");
 
-    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("set RLIMIT_CORE"))?;
-    let fsize = rlimits.file_size;
-    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(step("set RLIMIT_FSIZE"))?;
-    let nofile = rlimits.open_files;
-    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(step("set RLIMIT_NOFILE"))?;
+    let limits = [
+        (Resource::RLIMIT_CORE, 0, "set RLIMIT_CORE"),
+        (Resource::RLIMIT_RTPRIO, 0, "set RLIMIT_RTPRIO"),
+        (Resource::RLIMIT_NICE, 0, "set RLIMIT_NICE"),
+        (
+            Resource::RLIMIT_FSIZE,
+            rlimits.file_size,
+            "set RLIMIT_FSIZE",
+        ),
+        (
+            Resource::RLIMIT_NOFILE,
+            rlimits.open_files,
+            "set RLIMIT_NOFILE",
+        ),
+        (
+            Resource::RLIMIT_NPROC,
+            rlimits.processes,
+            "set RLIMIT_NPROC",
+        ),
+        (
+            Resource::RLIMIT_MEMLOCK,
+            rlimits.locked_memory,
+            "set RLIMIT_MEMLOCK",
+        ),
+        (
+            Resource::RLIMIT_MSGQUEUE,
+            rlimits.message_queues,
+            "set RLIMIT_MSGQUEUE",
+        ),
+        (
+            Resource::RLIMIT_SIGPENDING,
+            rlimits.pending_signals,
+            "set RLIMIT_SIGPENDING",
+        ),
+    ];
+    for (resource, value, stage) in limits {
+        // Never above what is already the hard limit (raising it would need privilege
+        // on the host, and lower is still closed).
+        let hard = nix::sys::resource::getrlimit(resource)
+            .map(|(_, hard)| hard)
+            .unwrap_or(value);
+        let value = value.min(hard);
+        setrlimit(resource, value, value).map_err(step(stage))?;
+    }
     Ok(())
 }
 

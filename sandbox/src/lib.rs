@@ -15,6 +15,8 @@
 //! | [`seccomp`] | OCI seccomp profiles compiled with libseccomp |
 //! | [`gc`] | reaping the leftovers of killed supervisors |
 //! | [`report`] | how a run ended, and the exit code rules |
+//! | [`pool`], [`zygote`] | the warm pool of frozen sandboxes forked from a zygote, and the claim |
+//! | [`upstream`] | the frames a sandbox sends its owner, read as hostile input |
 
 pub mod cgroup;
 pub mod channel;
@@ -29,6 +31,7 @@ pub mod report;
 pub mod run;
 pub mod seccomp;
 pub mod spec;
+pub mod upstream;
 pub mod zygote;
 
 pub use limits::Limits;

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The cgroup limits of one sandbox. `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// The cgroup limits of one sandbox. `None` means unlimited — which must be asked for:
+/// the default ([`Limits::default`]) is finite, so a caller that forgets to set limits
+/// gets a bounded sandbox, not an unbounded one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     /// Memory limit in bytes, swap excluded (a sandbox never swaps).
     pub memory_bytes: Option<u64>,
@@ -16,8 +18,80 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
+/// Memory of a sandbox when nobody said otherwise.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// Processes and threads of a sandbox when nobody said otherwise.
+pub const DEFAULT_PIDS: u64 = 128;
+/// Wall-clock limit of a run or an execution when nobody said otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Default for Limits {
+    /// Finite: [`DEFAULT_MEMORY`], [`DEFAULT_PIDS`] and one CPU.
+    fn default() -> Self {
+        Limits {
+            memory_bytes: Some(DEFAULT_MEMORY),
+            cpus: Some(1.0),
+            pids: Some(DEFAULT_PIDS),
+        }
+    }
+}
+
+impl Limits {
+    /// No limit at all (for trusted helpers that are bounded otherwise).
+    pub const UNLIMITED: Limits = Limits {
+        memory_bytes: None,
+        cpus: None,
+        pids: None,
+    };
+}
+
+/// Words that mean "no limit" on the command line.
+fn is_unlimited(t: &str) -> bool {
+    matches!(
+        t.trim().to_ascii_lowercase().as_str(),
+        "unlimited" | "none" | "max"
+    )
+}
+
+/// A size, or `unlimited` (also `none`, `max`) for no limit.
+pub fn parse_size_or_unlimited(text: &str) -> Result<Option<u64>, ParseError> {
+    if is_unlimited(text) {
+        return Ok(None);
+    }
+    parse_size(text).map(Some)
+}
+
+/// A duration, or `none` (also `unlimited`, `max`) for no limit.
+pub fn parse_duration_or_none(text: &str) -> Result<Option<Duration>, ParseError> {
+    if is_unlimited(text) {
+        return Ok(None);
+    }
+    parse_duration(text).map(Some)
+}
+
+/// A count of at least 1, or `unlimited` (also `none`, `max`).
+pub fn parse_count_or_unlimited(text: &str) -> Result<Option<u64>, ParseError> {
+    if is_unlimited(text) {
+        return Ok(None);
+    }
+    match text.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(ParseError::Count(text.to_string())),
+    }
+}
+
+/// A CPU count, or `unlimited` (also `none`, `max`).
+pub fn parse_cpus_or_unlimited(text: &str) -> Result<Option<f64>, ParseError> {
+    if is_unlimited(text) {
+        return Ok(None);
+    }
+    parse_cpus(text).map(Some)
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ParseError {
+    #[error("invalid count {0:?}: expected a whole number of at least 1, or `unlimited`")]
+    Count(String),
     #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix")]
     Size(String),
     #[error("invalid duration {0:?}: expected a number with an optional ms, s, m or h suffix")]
@@ -99,6 +173,19 @@ mod tests {
         assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn defaults_are_finite_and_unlimited_is_explicit() {
+        let d = Limits::default();
+        assert!(d.memory_bytes.is_some() && d.pids.is_some() && d.cpus.is_some());
+        assert_eq!(parse_size_or_unlimited("unlimited").unwrap(), None);
+        assert_eq!(parse_size_or_unlimited("1G").unwrap(), Some(1 << 30));
+        assert_eq!(parse_duration_or_none("none").unwrap(), None);
+        assert_eq!(parse_count_or_unlimited("max").unwrap(), None);
+        assert_eq!(parse_count_or_unlimited("7").unwrap(), Some(7));
+        assert!(parse_count_or_unlimited("0").is_err());
+        assert!(parse_size_or_unlimited("lots").is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum Status {
 /// Exit codes of `sandbox run` for outcomes other than a normal exit.
 pub mod exit_codes {
     pub const OUTPUT_LIMIT: i32 = 122;
+    /// `sandbox eval`: the sandbox broke its protocol with the pool and was killed.
+    pub const PROTOCOL_VIOLATION: i32 = 123;
     pub const TIMED_OUT: i32 = 124;
     pub const SETUP_ERROR: i32 = 125;
     pub const NOT_EXECUTABLE: i32 = 126;

@@ -51,7 +51,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             limits: Limits::default(),
-            timeout: None,
+            timeout: Some(crate::limits::DEFAULT_TIMEOUT),
             output_limit: 16 << 20,
             cgroup_parent: DEFAULT_CGROUP_PARENT.to_string(),
         }

@@ -11,6 +11,10 @@ pub const DEFAULT_GID: u32 = 65534;
 /// First host uid/gid of the range a user namespace maps `0..65536` to.
 pub const DEFAULT_USERNS_BASE: u32 = 1_000_000;
 pub const USERNS_RANGE: u32 = 65536;
+/// The uids (and gids) pooled sandboxes run user code as, inside the zygote's user
+/// namespace: one per sandbox in turn (host uids `userns_base + uid`).
+pub const SANDBOX_UID_FIRST: u32 = 10_000;
+pub const SANDBOX_UID_COUNT: u32 = 50_000;
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 pub const WORK_DIR: &str = "/work";
@@ -40,13 +44,25 @@ impl std::str::FromStr for Bind {
     }
 }
 
-/// Resource limits enforced with rlimits inside the sandbox (per process).
+/// Resource limits enforced with rlimits inside the sandbox. Every one is set
+/// explicitly (nothing is inherited from whoever started Hatchery); besides these, core
+/// dumps, real-time priority and raising the scheduling priority are always refused
+/// (RLIMIT_CORE, RLIMIT_RTPRIO and RLIMIT_NICE are 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Rlimits {
     /// Largest file a process may write (RLIMIT_FSIZE).
     pub file_size: u64,
     /// Open file descriptors per process (RLIMIT_NOFILE).
     pub open_files: u64,
+    /// Processes and threads of the sandbox's uid (RLIMIT_NPROC). The cgroup's pids limit
+    /// is the real bound; this one holds even where a uid is shared.
+    pub processes: u64,
+    /// Bytes of memory that may be locked (RLIMIT_MEMLOCK).
+    pub locked_memory: u64,
+    /// Bytes of POSIX message queues of the sandbox's uid (RLIMIT_MSGQUEUE).
+    pub message_queues: u64,
+    /// Queued signals of the sandbox's uid (RLIMIT_SIGPENDING).
+    pub pending_signals: u64,
 }
 
 impl Default for Rlimits {
@@ -54,6 +70,10 @@ impl Default for Rlimits {
         Rlimits {
             file_size: 256 << 20,
             open_files: 1024,
+            processes: 4096,
+            locked_memory: 64 << 10,
+            message_queues: 64 << 10,
+            pending_signals: 1024,
         }
     }
 }

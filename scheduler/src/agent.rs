@@ -37,8 +37,8 @@ use tokio::task::JoinSet;
 
 use crate::bus::{AgentCommand, Bus, BusError, HostStatus, SandboxUsage};
 use crate::model::{
-    now_ms, CancelReason, EffectivePolicy, EventBody, ExecState, ExecutionRecord, ResultSummary,
-    Usage,
+    now_ms, CancelReason, EffectivePolicy, EventBody, ExecState, ExecutionRecord, OutputData,
+    ResultSummary, Usage,
 };
 use crate::objects::Objects;
 use crate::store::{ListFilter, Store, StoreError};
@@ -49,12 +49,8 @@ pub const LOST_ON_RESTART: &str = "the agent restarted while it ran";
 pub const LOST_ON_SHUTDOWN: &str = "the agent shut down while it ran";
 
 /// How long output may wait for the sandbox's `started` report before it is forwarded
-/// anyway (the pool delivers output read in the same wake-up before the report).
+/// anyway.
 const STARTED_WAIT: Duration = Duration::from_millis(50);
-/// Output chunks are merged up to this size before they become one event...
-const COALESCE_BYTES: usize = 64 << 10;
-/// ...and for at most this long after the first of them.
-const COALESCE_LINGER: Duration = Duration::from_millis(5);
 
 /// One language this agent serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,8 +102,12 @@ pub struct AgentConfig {
     pub cgroup_parent: String,
     /// How often a running execution's usage is sampled (and streamed).
     pub usage_interval: Duration,
-    /// Bytes of stdout, and of stderr, an execution may write before it is stopped.
+    /// Bytes an execution may emit (stdout and stderr, progress messages, its value)
+    /// before it is stopped with state `output_limit`.
     pub output_limit: u64,
+    /// Events (output pieces, progress, usage) an execution may produce before it is
+    /// stopped with state `output_limit`: bounds what one execution can store.
+    pub max_events: u64,
     /// How often the host status is published (it is also published on every start and
     /// end of an execution).
     pub status_interval: Duration,
@@ -148,6 +148,7 @@ impl AgentConfig {
             cgroup_parent: hatchery_sandbox::run::DEFAULT_CGROUP_PARENT.into(),
             usage_interval: Duration::from_millis(500),
             output_limit: 16 << 20,
+            max_events: hatchery_sandbox::pool::DEFAULT_MAX_EVENTS,
             status_interval: Duration::from_secs(1),
             claim_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::ZERO,
@@ -495,7 +496,11 @@ async fn reconcile(agent: &str, store: &dyn Store, bus: &dyn Bus) -> Result<usiz
             }
         }
         lost += 1;
-        let summary = bare_summary(ExecState::Lost, Some(LOST_ON_RESTART.into()));
+        let summary = bare_summary(
+            ExecState::Lost,
+            "agent_restarted",
+            Some(LOST_ON_RESTART.into()),
+        );
         match store
             .append_event(&record.id, EventBody::Finished(summary))
             .await
@@ -509,9 +514,10 @@ async fn reconcile(agent: &str, store: &dyn Store, bus: &dyn Bus) -> Result<usiz
     Ok(lost)
 }
 
-fn bare_summary(state: ExecState, error: Option<String>) -> ResultSummary {
+fn bare_summary(state: ExecState, code: &str, error: Option<String>) -> ResultSummary {
     ResultSummary {
         state,
+        error_code: Some(code.to_string()),
         value_json: None,
         error,
         warnings: Vec::new(),
@@ -805,7 +811,12 @@ async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermi
             (summary.state, summary)
         }
         Err(error) => {
-            let summary = bare_summary(ExecState::Failed, Some(error));
+            let code = if error.starts_with("no sandbox") {
+                "no_sandbox"
+            } else {
+                "internal"
+            };
+            let summary = bare_summary(ExecState::Failed, code, Some(error));
             (ExecState::Failed, summary)
         }
     };
@@ -876,6 +887,7 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
         timeout: (limits.time_limit_ms > 0).then(|| Duration::from_millis(limits.time_limit_ms)),
         usage_interval: inner.cfg.usage_interval,
         output_limit: inner.cfg.output_limit,
+        max_events: inner.cfg.max_events,
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Bridge>();
@@ -953,27 +965,9 @@ fn bridge(pool: Arc<Pool>, req: ExecRequest, tx: mpsc::UnboundedSender<Bridge>) 
     if tx.send(Bridge::Claimed(execution.canceller())).is_err() {
         execution.cancel();
     }
-    let events = execution.events();
-    let mut peeked: Option<Event> = None;
-    loop {
-        let event = match peeked.take() {
-            Some(e) => e,
-            None => match events.recv() {
-                Ok(e) => e,
-                Err(_) => return,
-            },
-        };
-        let event = match event {
-            Event::Stdout { mut data } => {
-                peeked = merge_waiting(events, &mut data, true);
-                Event::Stdout { data }
-            }
-            Event::Stderr { mut data } => {
-                peeked = merge_waiting(events, &mut data, false);
-                Event::Stderr { data }
-            }
-            other => other,
-        };
+    // The pool already merges output into pieces of up to 64 KiB at a bounded rate, and
+    // coalesces progress: forward as it comes.
+    for event in execution.events().iter() {
         let last = matches!(event, Event::Finished(_));
         if tx.send(Bridge::Event(event)).is_err() {
             // Nobody listens any more: do not let the sandbox run on unobserved.
@@ -983,27 +977,6 @@ fn bridge(pool: Arc<Pool>, req: ExecRequest, tx: mpsc::UnboundedSender<Bridge>) 
             return;
         }
     }
-}
-
-/// Appends output of the same stream that follows within [`COALESCE_LINGER`] of the
-/// first chunk to `data` (interpreters write a printed value in several small pieces);
-/// returns the first event that could not be merged.
-fn merge_waiting(
-    events: &std::sync::mpsc::Receiver<Event>,
-    data: &mut Vec<u8>,
-    stdout: bool,
-) -> Option<Event> {
-    let until = std::time::Instant::now() + COALESCE_LINGER;
-    while data.len() < COALESCE_BYTES {
-        let left = until.saturating_duration_since(std::time::Instant::now());
-        match events.recv_timeout(left) {
-            Ok(Event::Stdout { data: more }) if stdout => data.extend_from_slice(&more),
-            Ok(Event::Stderr { data: more }) if !stdout => data.extend_from_slice(&more),
-            Ok(other) => return Some(other),
-            Err(_) => return None,
-        }
-    }
-    None
 }
 
 /// Turns the pool's events of one execution into stored and published events.
@@ -1055,11 +1028,11 @@ impl Forwarder {
     async fn send(&mut self, event: Event) {
         let body = match event {
             Event::Stdout { data } => match decode_chunk(&mut self.carry[0], &data) {
-                Some(data) => EventBody::Stdout { data },
+                Some(bytes) => EventBody::Stdout(OutputData::from_bytes(bytes)),
                 None => return,
             },
             Event::Stderr { data } => match decode_chunk(&mut self.carry[1], &data) {
-                Some(data) => EventBody::Stderr { data },
+                Some(bytes) => EventBody::Stderr(OutputData::from_bytes(bytes)),
                 None => return,
             },
             Event::Progress { fraction, message } => EventBody::Progress { fraction, message },
@@ -1075,37 +1048,32 @@ impl Forwarder {
         self.inner.emit(&self.id, body).await;
     }
 
-    /// Emits what is left of incomplete UTF-8 sequences (lossily).
+    /// Emits what is left of incomplete UTF-8 sequences (exactly, see [`OutputData`]).
     async fn flush_text(&mut self) {
         for (i, carry) in self.carry.iter_mut().enumerate() {
             if carry.is_empty() {
                 continue;
             }
-            let data = String::from_utf8_lossy(&std::mem::take(carry)).into_owned();
+            let data = OutputData::from_bytes(std::mem::take(carry));
             let body = if i == 0 {
-                EventBody::Stdout { data }
+                EventBody::Stdout(data)
             } else {
-                EventBody::Stderr { data }
+                EventBody::Stderr(data)
             };
             self.inner.emit(&self.id, body).await;
         }
     }
 }
 
-/// Decodes `data` (after the carried bytes) as UTF-8, lossily, keeping an incomplete
-/// sequence at its end for the next chunk. `None` when nothing is complete yet.
-fn decode_chunk(carry: &mut Vec<u8>, data: &[u8]) -> Option<String> {
+/// The bytes of `data` after the carried ones, up to an incomplete UTF-8 sequence at the
+/// end, which is kept for the next chunk (so a character split between two reads stays
+/// whole). `None` when nothing is complete yet.
+fn decode_chunk(carry: &mut Vec<u8>, data: &[u8]) -> Option<Vec<u8>> {
     carry.extend_from_slice(data);
     let keep = incomplete_tail(carry);
     let tail = carry.split_off(carry.len() - keep);
     let bytes = std::mem::replace(carry, tail);
-    if bytes.is_empty() {
-        return None;
-    }
-    Some(match String::from_utf8(bytes) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    })
+    (!bytes.is_empty()).then_some(bytes)
 }
 
 /// How many bytes at the end of `b` start a UTF-8 sequence that is not complete yet.
@@ -1141,11 +1109,16 @@ fn usage_of(u: &hatchery_sandbox::cgroup::Usage) -> Usage {
 pub fn state_of(status: ExecStatus) -> ExecState {
     match status {
         ExecStatus::Succeeded => ExecState::Succeeded,
-        ExecStatus::Failed | ExecStatus::OutputLimit => ExecState::Failed,
+        ExecStatus::Failed | ExecStatus::ProtocolViolation => ExecState::Failed,
+        ExecStatus::OutputLimit => ExecState::OutputLimit,
         ExecStatus::OomKilled => ExecState::OomKilled,
         ExecStatus::TimedOut => ExecState::TimedOut,
         ExecStatus::Cancelled => ExecState::Cancelled,
     }
+}
+
+fn cancel_code(reason: Option<CancelReason>) -> &'static str {
+    reason.map_or("cancelled", CancelReason::code)
 }
 
 fn cancel_note(reason: Option<CancelReason>) -> String {
@@ -1167,24 +1140,48 @@ fn summarise(
     reason: Option<CancelReason>,
 ) -> ResultSummary {
     let outcome = &result.outcome;
-    let (state, error) = if shutdown_kill && result.status == ExecStatus::Cancelled {
-        (ExecState::Lost, Some(LOST_ON_SHUTDOWN.to_string()))
+    let (state, code, error) = if shutdown_kill && result.status == ExecStatus::Cancelled {
+        (
+            ExecState::Lost,
+            Some("agent_shutdown"),
+            Some(LOST_ON_SHUTDOWN.to_string()),
+        )
     } else {
         let user_error = outcome.error.as_ref().map(|e| match &e.call {
             Some(call) if !call.is_empty() => format!("Error in {call}: {}", e.message),
             _ => e.message.clone(),
         });
-        let error = match result.status {
-            ExecStatus::Succeeded => None,
-            ExecStatus::Failed => user_error.or_else(|| result.error.clone()),
-            ExecStatus::OutputLimit => Some("output limit".into()),
-            ExecStatus::Cancelled => Some(cancel_note(reason)),
-            ExecStatus::OomKilled | ExecStatus::TimedOut => result.error.clone(),
+        let (code, error) = match result.status {
+            ExecStatus::Succeeded => (None, None),
+            ExecStatus::Failed => match user_error {
+                Some(e) => (None, Some(e)),
+                // No error of the code's own: the sandbox died without a result.
+                None => (Some("sandbox_died"), result.error.clone()),
+            },
+            ExecStatus::OutputLimit => {
+                let events = result
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("events"));
+                (
+                    Some(if events {
+                        "event_limit"
+                    } else {
+                        "output_limit"
+                    }),
+                    result.error.clone(),
+                )
+            }
+            ExecStatus::ProtocolViolation => (Some("protocol_violation"), result.error.clone()),
+            ExecStatus::Cancelled => (Some(cancel_code(reason)), Some(cancel_note(reason))),
+            ExecStatus::OomKilled => (Some("memory_limit"), result.error.clone()),
+            ExecStatus::TimedOut => (Some("time_limit"), result.error.clone()),
         };
-        (state_of(result.status), error)
+        (state_of(result.status), code, error)
     };
     ResultSummary {
         state,
+        error_code: code.map(str::to_string),
         value_json: outcome.value_json.clone(),
         error,
         warnings: outcome.warnings.clone(),
@@ -1268,33 +1265,43 @@ mod tests {
         let text = "größe €";
         let bytes = text.as_bytes();
         let mut carry = Vec::new();
-        let mut out = String::new();
+        let mut out = Vec::new();
         for chunk in bytes.chunks(1) {
             if let Some(s) = decode_chunk(&mut carry, chunk) {
-                out.push_str(&s);
+                // Every piece handed on is whole text.
+                assert!(std::str::from_utf8(&s).is_ok(), "{s:?}");
+                out.extend_from_slice(&s);
             }
         }
         assert!(carry.is_empty());
-        assert_eq!(out, text);
+        assert_eq!(out, bytes);
     }
 
     #[test]
-    fn invalid_utf8_is_replaced_not_carried() {
+    fn invalid_utf8_is_carried_exactly_not_held() {
         let mut carry = Vec::new();
-        assert_eq!(
-            decode_chunk(&mut carry, b"a\xffb").as_deref(),
-            Some("a\u{fffd}b")
-        );
+        let piece = decode_chunk(&mut carry, b"a\xffb").unwrap();
         assert!(carry.is_empty());
+        let data = OutputData::from_bytes(piece);
+        assert_eq!(data.data, "a\u{fffd}b");
+        assert_eq!(data.bytes(), b"a\xffb");
         // A lone continuation byte at the end is invalid, not incomplete.
         assert_eq!(
             decode_chunk(&mut carry, b"x\x80").as_deref(),
-            Some("x\u{fffd}")
+            Some(&b"x\x80"[..])
         );
         // An incomplete 3-byte sequence waits.
-        assert_eq!(decode_chunk(&mut carry, b"y\xe2\x82").as_deref(), Some("y"));
+        assert_eq!(
+            decode_chunk(&mut carry, b"y\xe2\x82").as_deref(),
+            Some(&b"y"[..])
+        );
         assert_eq!(carry, b"\xe2\x82");
-        assert_eq!(decode_chunk(&mut carry, b"\xac").as_deref(), Some("€"));
+        assert_eq!(
+            decode_chunk(&mut carry, b"\xac").as_deref(),
+            Some("€".as_bytes())
+        );
+        // Valid text has no base64 copy.
+        assert_eq!(OutputData::from_bytes(b"ok".to_vec()).data_base64, None);
     }
 
     #[test]
@@ -1304,7 +1311,8 @@ mod tests {
         assert_eq!(state_of(ExecStatus::OomKilled), ExecState::OomKilled);
         assert_eq!(state_of(ExecStatus::TimedOut), ExecState::TimedOut);
         assert_eq!(state_of(ExecStatus::Cancelled), ExecState::Cancelled);
-        assert_eq!(state_of(ExecStatus::OutputLimit), ExecState::Failed);
+        assert_eq!(state_of(ExecStatus::OutputLimit), ExecState::OutputLimit);
+        assert_eq!(state_of(ExecStatus::ProtocolViolation), ExecState::Failed);
     }
 
     fn result(status: ExecStatus) -> ExecResult {
@@ -1324,9 +1332,20 @@ mod tests {
     fn summaries_say_why() {
         let s = summarise(&result(ExecStatus::OutputLimit), false, None);
         assert_eq!(
-            (s.state, s.error.as_deref()),
-            (ExecState::Failed, Some("output limit"))
+            (s.state, s.error_code.as_deref(), s.error.as_deref()),
+            (
+                ExecState::OutputLimit,
+                Some("output_limit"),
+                Some("runtime note")
+            )
         );
+        let s = summarise(&result(ExecStatus::ProtocolViolation), false, None);
+        assert_eq!(
+            (s.state, s.error_code.as_deref()),
+            (ExecState::Failed, Some("protocol_violation"))
+        );
+        let s = summarise(&result(ExecStatus::TimedOut), false, None);
+        assert_eq!(s.error_code.as_deref(), Some("time_limit"));
         let s = summarise(
             &result(ExecStatus::Cancelled),
             false,

@@ -120,6 +120,9 @@ pub enum ExecState {
     OomKilled,
     TimedOut,
     Cancelled,
+    /// The code emitted more than the output limit allows (or more events than an
+    /// execution may have); it was stopped.
+    OutputLimit,
     /// Its agent died while running it; its sandbox was reaped.
     Lost,
 }
@@ -138,6 +141,7 @@ impl ExecState {
             ExecState::OomKilled => "oom_killed",
             ExecState::TimedOut => "timed_out",
             ExecState::Cancelled => "cancelled",
+            ExecState::OutputLimit => "output_limit",
             ExecState::Lost => "lost",
         }
     }
@@ -153,6 +157,17 @@ pub enum CancelReason {
     SupersededByTab,
     /// The user went over their parallelism cap; the oldest goes (R11).
     ParallelismCap,
+}
+
+impl CancelReason {
+    /// The stable error code of a result cancelled for this reason.
+    pub fn code(self) -> &'static str {
+        match self {
+            CancelReason::Requested => "cancelled",
+            CancelReason::SupersededByTab => "superseded_by_tab",
+            CancelReason::ParallelismCap => "parallelism_cap",
+        }
+    }
 }
 
 /// One execution, as stored.
@@ -203,18 +218,63 @@ pub enum EventBody {
         /// Claim → first user statement, in ms.
         start_ms: Option<f64>,
     },
-    Stdout {
-        data: String,
-    },
-    Stderr {
-        data: String,
-    },
+    Stdout(OutputData),
+    Stderr(OutputData),
     Progress {
         fraction: f64,
         message: String,
     },
     Usage(Usage),
     Finished(ResultSummary),
+}
+
+/// A piece of output (at most 64 KiB). `data` is the text; bytes that are not valid
+/// UTF-8 are replaced in it by U+FFFD and then carried exactly in `data_base64` (standard
+/// base64 of the original bytes), which is present only then.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutputData {
+    pub data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+}
+
+impl OutputData {
+    /// A piece of text.
+    pub fn text(data: impl Into<String>) -> OutputData {
+        OutputData {
+            data: data.into(),
+            data_base64: None,
+        }
+    }
+
+    /// Text as is; other bytes lossily, with the exact bytes alongside.
+    pub fn from_bytes(bytes: Vec<u8>) -> OutputData {
+        match String::from_utf8(bytes) {
+            Ok(data) => OutputData {
+                data,
+                data_base64: None,
+            },
+            Err(e) => {
+                use base64::Engine as _;
+                let bytes = e.into_bytes();
+                OutputData {
+                    data: String::from_utf8_lossy(&bytes).into_owned(),
+                    data_base64: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+                }
+            }
+        }
+    }
+
+    /// The exact bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        match &self.data_base64 {
+            Some(b) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .unwrap_or_else(|_| self.data.as_bytes().to_vec()),
+            None => self.data.as_bytes().to_vec(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -228,6 +288,13 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultSummary {
     pub state: ExecState,
+    /// Why the platform ended it, as a stable code (absent when the code ran to its own
+    /// end, successfully or with its own error): `time_limit`, `memory_limit`,
+    /// `output_limit`, `event_limit`, `protocol_violation`, `cancelled`,
+    /// `superseded_by_tab`, `parallelism_cap`, `agent_restarted`, `agent_shutdown`,
+    /// `no_sandbox`, `sandbox_died`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
     pub value_json: Option<String>,
     pub error: Option<String>,
     pub warnings: Vec<String>,

@@ -21,7 +21,8 @@ use hatchery_scheduler::bus::{AgentCommand, Bus, HostStatus};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::EncryptedObjects;
 use hatchery_scheduler::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, OutputData,
+    ResultSummary,
 };
 use hatchery_scheduler::objects::Objects;
 use hatchery_scheduler::placement::run_scheduler;
@@ -400,7 +401,7 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
     for (kind, e) in kinds(&events).into_iter().zip(&events) {
         let text = match &e.body {
             EventBody::Usage(_) => continue,
-            EventBody::Stdout { data } => data.as_str(),
+            EventBody::Stdout(OutputData { data, .. }) => data.as_str(),
             _ => "",
         };
         match runs.last_mut() {
@@ -535,13 +536,17 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         .await;
     // Its output says the allocation is done.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !env.events(&id).await.iter().any(|e| {
-        e.body
-            == EventBody::Stdout {
-                data: "go\n".into(),
-            }
-    }) {
-        assert!(Instant::now() < deadline, "no output from {id}");
+    while !env
+        .events(&id)
+        .await
+        .iter()
+        .any(|e| e.body == EventBody::Stdout(OutputData::text("go\n")))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no output from {id}: {:?}",
+            env.events(&id).await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use hatchery_scheduler::embedded::EmbeddedStore;
 use hatchery_scheduler::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, Policy, ResultSummary,
-    Usage,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, OutputData, Policy,
+    ResultSummary, Usage,
 };
 use hatchery_scheduler::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
 
@@ -51,6 +51,7 @@ fn rules(max_parallel: u32) -> AdmissionRules {
 fn summary(state: ExecState) -> ResultSummary {
     ResultSummary {
         state,
+        error_code: None,
         value_json: Some("42".into()),
         error: None,
         warnings: vec![],
@@ -377,9 +378,7 @@ async fn event_sequence_numbers_are_gapless_under_concurrent_appends() {
                     let e = store
                         .append_event(
                             "ev",
-                            EventBody::Stdout {
-                                data: format!("{t}:{i}\n"),
-                            },
+                            EventBody::Stdout(OutputData::text(format!("{t}:{i}\n"))),
                         )
                         .await
                         .unwrap();
@@ -768,9 +767,7 @@ async fn everything_survives_a_restart() {
     store
         .append_event(
             "done",
-            EventBody::Stdout {
-                data: "hello \"world\"\n".into(),
-            },
+            EventBody::Stdout(OutputData::text("hello \"world\"\n")),
         )
         .await
         .unwrap();
@@ -815,12 +812,7 @@ async fn everything_survives_a_restart() {
         .await
         .unwrap();
     store
-        .append_event(
-            "run",
-            EventBody::Stderr {
-                data: "warning\n".into(),
-            },
-        )
+        .append_event("run", EventBody::Stderr(OutputData::text("warning\n")))
         .await
         .unwrap();
     // marked: running and cancel-requested
@@ -848,12 +840,7 @@ async fn everything_survives_a_restart() {
     assert_eq!(run.last_seq, 3);
     // Sequence numbers continue.
     let e = store
-        .append_event(
-            "run",
-            EventBody::Stdout {
-                data: "more".into(),
-            },
-        )
+        .append_event("run", EventBody::Stdout(OutputData::text("more")))
         .await
         .unwrap();
     assert_eq!(e.seq, 4);
@@ -887,7 +874,7 @@ async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
     let store = open(dir.path());
     admitted(&store, record("t", "o", "u", None, 1), rules(2)).await;
     store
-        .append_event("t", EventBody::Stdout { data: "a".into() })
+        .append_event("t", EventBody::Stdout(OutputData::text("a")))
         .await
         .unwrap();
     let events = store.events_after("t", 0).await.unwrap();
@@ -902,7 +889,7 @@ async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
     assert_eq!(store.events_after("t", 0).await.unwrap(), events);
     assert_eq!(get(&store, "t").await.last_seq, 2);
     let e = store
-        .append_event("t", EventBody::Stdout { data: "b".into() })
+        .append_event("t", EventBody::Stdout(OutputData::text("b")))
         .await
         .unwrap();
     assert_eq!(e.seq, 3);
@@ -926,7 +913,7 @@ async fn a_corrupt_middle_event_line_is_an_error_not_a_silent_loss() {
     let store = open(dir.path());
     admitted(&store, record("c", "o", "u", None, 1), rules(2)).await;
     store
-        .append_event("c", EventBody::Stdout { data: "a".into() })
+        .append_event("c", EventBody::Stdout(OutputData::text("a")))
         .await
         .unwrap();
     drop(store);

@@ -972,7 +972,10 @@ exit 0"#,
     }
     expect("NoNewPrivs", "1");
     expect("Seccomp", "2");
-    expect("uid", "65534");
+    let uid: u32 = get("uid").parse().expect("a uid");
+    let uids = hatchery_sandbox::spec::SANDBOX_UID_FIRST
+        ..hatchery_sandbox::spec::SANDBOX_UID_FIRST + hatchery_sandbox::spec::SANDBOX_UID_COUNT;
+    assert!(uids.contains(&uid), "uid {uid}\n{}", ran.describe());
     expect("hostname", "sandbox");
     assert_ne!(
         get("unshare_user"),

@@ -25,10 +25,6 @@ struct Args {
     /// Interpreter argv for fork-exec languages; the code is appended (repeatable).
     #[arg(long = "exec-arg")]
     exec_args: Vec<String>,
-    #[arg(long, default_value_t = hatchery_sandbox::spec::DEFAULT_UID)]
-    uid: u32,
-    #[arg(long, default_value_t = hatchery_sandbox::spec::DEFAULT_GID)]
-    gid: u32,
     #[arg(long, default_value = "sandbox")]
     hostname: String,
     #[arg(long, value_parser = parse_size, default_value = "64M")]
@@ -39,6 +35,14 @@ struct Args {
     file_size_limit: u64,
     #[arg(long, default_value_t = 1024)]
     open_files: u64,
+    #[arg(long, default_value_t = 4096)]
+    processes: u64,
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    locked_memory: u64,
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    message_queues: u64,
+    #[arg(long, default_value_t = 1024)]
+    pending_signals: u64,
 }
 
 fn main() {
@@ -63,14 +67,16 @@ fn main() {
     serve(ZygoteConfig {
         language,
         shape: SandboxShape {
-            uid: args.uid,
-            gid: args.gid,
             hostname: args.hostname,
             tmp_size: args.tmp_size,
             work_size: args.work_size,
             rlimits: Rlimits {
                 file_size: args.file_size_limit,
                 open_files: args.open_files,
+                processes: args.processes,
+                locked_memory: args.locked_memory,
+                message_queues: args.message_queues,
+                pending_signals: args.pending_signals,
             },
         },
         ctl_fd: args.ctl_fd,

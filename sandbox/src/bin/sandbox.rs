@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hatchery_sandbox::cgroup::CgroupRoot;
-use hatchery_sandbox::limits::{parse_cpus, parse_duration, parse_size};
+use hatchery_sandbox::limits::{
+    parse_count_or_unlimited, parse_cpus, parse_cpus_or_unlimited, parse_duration,
+    parse_duration_or_none, parse_size, parse_size_or_unlimited,
+};
 use hatchery_sandbox::pool::{Canceller, Event, ExecRequest, ExecStatus, Pool, PoolConfig};
 use hatchery_sandbox::report::exit_codes;
 use hatchery_sandbox::run::DEFAULT_CGROUP_PARENT;
@@ -65,6 +68,12 @@ enum Command {
     Info(GcArgs),
 }
 
+// Aliases, so that clap takes these for values that may be "unlimited" rather than for
+// optional arguments.
+type MaybeU64 = Option<u64>;
+type MaybeF64 = Option<f64>;
+type MaybeDuration = Option<Duration>;
+
 #[derive(Args)]
 struct RunArgs {
     /// Root filesystem image (read-only). Default: the image built by rootfs-builder.
@@ -86,18 +95,19 @@ struct RunArgs {
     /// First host uid/gid of the range the user namespace maps 0..65536 to.
     #[arg(long, default_value_t = DEFAULT_USERNS_BASE, requires = "userns")]
     userns_base: u32,
-    /// Memory limit, swap excluded (e.g. 256M, 2G).
-    #[arg(long, value_parser = parse_size)]
-    memory: Option<u64>,
-    /// CPU bandwidth in cores (e.g. 0.5, 2).
-    #[arg(long, value_parser = parse_cpus)]
-    cpus: Option<f64>,
-    /// Maximum number of processes and threads.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pids: Option<u64>,
-    /// Wall-clock limit (e.g. 500ms, 10s, 2m); the whole tree is killed on expiry.
-    #[arg(long, value_parser = parse_duration)]
-    timeout: Option<Duration>,
+    /// Memory limit, swap excluded (e.g. 256M, 2G, or `unlimited`).
+    #[arg(long, value_parser = parse_size_or_unlimited, default_value = "512M")]
+    memory: MaybeU64,
+    /// CPU bandwidth in cores (e.g. 0.5, 2, or `unlimited`).
+    #[arg(long, value_parser = parse_cpus_or_unlimited, default_value = "unlimited")]
+    cpus: MaybeF64,
+    /// Maximum number of processes and threads (or `unlimited`).
+    #[arg(long, value_parser = parse_count_or_unlimited, default_value = "128")]
+    pids: MaybeU64,
+    /// Wall-clock limit (e.g. 500ms, 10s, 2m, or `none`); the whole tree is killed on
+    /// expiry.
+    #[arg(long, value_parser = parse_duration_or_none, default_value = "10m")]
+    timeout: MaybeDuration,
     /// Bytes of stdout, and of stderr, passed through before the run is killed.
     #[arg(long, value_parser = parse_size, default_value = "16M")]
     output_limit: u64,
@@ -172,15 +182,18 @@ struct EvalArgs {
     /// The code to run ("-" reads it from stdin).
     #[arg(short = 'e', long = "expr", value_name = "CODE")]
     code: String,
-    #[arg(long, value_parser = parse_size)]
-    memory: Option<u64>,
-    #[arg(long, value_parser = parse_cpus)]
-    cpus: Option<f64>,
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pids: Option<u64>,
-    /// Time limit, counted from the moment the sandbox is claimed.
-    #[arg(long, value_parser = parse_duration)]
-    timeout: Option<Duration>,
+    /// Memory limit, swap excluded (or `unlimited`).
+    #[arg(long, value_parser = parse_size_or_unlimited, default_value = "512M")]
+    memory: MaybeU64,
+    /// CPU bandwidth in cores (or `unlimited`).
+    #[arg(long, value_parser = parse_cpus_or_unlimited, default_value = "1")]
+    cpus: MaybeF64,
+    /// Maximum number of processes and threads (or `unlimited`).
+    #[arg(long, value_parser = parse_count_or_unlimited, default_value = "128")]
+    pids: MaybeU64,
+    /// Time limit, counted from the moment the sandbox is claimed (or `none`).
+    #[arg(long, value_parser = parse_duration_or_none, default_value = "10m")]
+    timeout: MaybeDuration,
     #[arg(long, value_parser = parse_size, default_value = "16M")]
     output_limit: u64,
     /// Print every event as a JSON line on stdout instead of passing output through.
@@ -296,6 +309,7 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
     spec.rlimits = Rlimits {
         file_size: args.file_size_limit,
         open_files: args.open_files,
+        ..Rlimits::default()
     };
     let opts = RunOptions {
         limits: Limits {
@@ -440,6 +454,7 @@ fn exec_exit_code(status: ExecStatus) -> i32 {
         ExecStatus::TimedOut => exit_codes::TIMED_OUT,
         ExecStatus::OutputLimit => exit_codes::OUTPUT_LIMIT,
         ExecStatus::Cancelled => 130,
+        ExecStatus::ProtocolViolation => exit_codes::PROTOCOL_VIOLATION,
     }
 }
 

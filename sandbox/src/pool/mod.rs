@@ -37,7 +37,8 @@ use crate::cgroup::{CgroupError, CgroupRoot, SandboxCgroup, Usage};
 use crate::frame::FrameError;
 use crate::limits::Limits;
 use crate::spec::Rlimits;
-use crate::zygote::protocol::{ControlChannel, FromSandbox, FromZygote, Outcome, SandboxChannel};
+use crate::upstream::{FromSandbox, ReadOutcome, Stream, Violation, MAX_DATA};
+use crate::zygote::protocol::{ControlChannel, FromZygote, Outcome, SandboxChannel};
 use crate::zygote::server::Language;
 use state::{Lifecycle, SandboxEvent};
 
@@ -45,8 +46,17 @@ use state::{Lifecycle, SandboxEvent};
 /// maintainer keeps retrying with a back-off).
 pub const ZYGOTE_START_ATTEMPTS: u32 = 3;
 
-/// Code up to this size is handed over before the thaw (it fits the socket buffer).
-const SEND_BEFORE_THAW_MAX: usize = 64 << 10;
+/// Events an execution may produce by default (see [`ExecRequest::max_events`]).
+pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
+/// Output of one stream becomes an event at most this often (pieces that arrive
+/// meanwhile are merged, up to [`crate::upstream::MAX_DATA`] per event); the first
+/// output after a quiet spell goes out at once.
+pub const OUTPUT_INTERVAL: Duration = Duration::from_millis(10);
+/// Progress becomes an event at most this often (20 per second); the latest value wins.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+/// Bytes read from one source (the channel, a pipe) before the watcher looks at its
+/// clock and its other sources again.
+const READ_BUDGET: usize = 256 << 10;
 
 /// Where the zygote binary appears inside its sandbox.
 pub const ZYGOTE_PATH_INSIDE: &str = "/hatchery/zygote";
@@ -74,8 +84,12 @@ pub struct PoolConfig {
     pub rootfs: PathBuf,
     /// Frozen sandboxes kept ready.
     pub size: usize,
-    pub uid: u32,
-    pub gid: u32,
+    /// Sandboxes run user code as uids (and gids) `uid_first..uid_first + uid_count` of
+    /// the zygote's user namespace, one per sandbox in turn: per-uid kernel quotas
+    /// (processes, pending signals, message queue bytes, inotify instances) are never
+    /// shared by two live sandboxes.
+    pub uid_first: u32,
+    pub uid_count: u32,
     pub hostname: String,
     pub tmp_size: u64,
     pub work_size: u64,
@@ -112,8 +126,8 @@ impl PoolConfig {
             language,
             rootfs,
             size: 2,
-            uid: crate::spec::DEFAULT_UID,
-            gid: crate::spec::DEFAULT_GID,
+            uid_first: crate::spec::SANDBOX_UID_FIRST,
+            uid_count: crate::spec::SANDBOX_UID_COUNT,
             hostname: "sandbox".into(),
             tmp_size: 64 << 20,
             work_size: 64 << 20,
@@ -140,8 +154,13 @@ pub struct ExecRequest {
     pub timeout: Option<Duration>,
     /// How often a [`Event::Usage`] is sampled from the cgroup.
     pub usage_interval: Duration,
-    /// Bytes of stdout, and of stderr, streamed before the execution is stopped.
+    /// Bytes the code may emit in all — stdout and stderr (its own and its children's),
+    /// progress messages and its value — before the execution is stopped
+    /// ([`ExecStatus::OutputLimit`]).
     pub output_limit: u64,
+    /// Events (output chunks, progress, usage) an execution may produce before it is
+    /// stopped ([`ExecStatus::OutputLimit`]).
+    pub max_events: u64,
 }
 
 impl ExecRequest {
@@ -149,9 +168,10 @@ impl ExecRequest {
         ExecRequest {
             code: code.into(),
             limits: Limits::default(),
-            timeout: None,
+            timeout: Some(crate::limits::DEFAULT_TIMEOUT),
             usage_interval: Duration::from_millis(500),
             output_limit: 16 << 20,
+            max_events: DEFAULT_MAX_EVENTS,
         }
     }
 }
@@ -193,6 +213,8 @@ pub enum ExecStatus {
     TimedOut,
     Cancelled,
     OutputLimit,
+    /// The sandbox broke its protocol (see [`crate::upstream::Violation`]): it was killed.
+    ProtocolViolation,
 }
 
 /// Where the time of an execution went.
@@ -282,6 +304,9 @@ struct Shared {
     /// Claims waiting for a sandbox: the pool forks for them even beyond `target` (a
     /// pool sized 0 still serves, one fork late).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Executions that ended (their sandbox's process is a zombie of the zygote until the
+    /// maintainer tells the zygote to reap).
+    ended: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -337,6 +362,7 @@ impl Pool {
             next_exec: AtomicU64::new(1),
             target: std::sync::atomic::AtomicUsize::new(config_size),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            ended: Arc::new(AtomicU64::new(0)),
         });
         let watchdog = Command::new(&shared.config.sandbox_bin)
             .arg("reap-after")
@@ -439,29 +465,17 @@ impl Pool {
             .lifecycle
             .advance(SandboxEvent::Claimed)
             .map_err(|e| PoolError::Io(e.to_string()))?;
-        // Small code is sent while the sandbox is still frozen (the socket buffers it, and
-        // the sandbox finds it the moment it thaws); large code after the thaw, so the
-        // send cannot block on a frozen reader.
-        let early = req.code.len() <= SEND_BEFORE_THAW_MAX;
+        // The code is sent while the sandbox is still frozen (inline when small, else in
+        // a sealed memfd: either way the frame fits the empty socket buffer), so the
+        // sandbox finds it the moment it thaws.
         let unchanged = sandbox.applied == Some(req.limits);
         let handed_over = (if unchanged {
             Ok(())
         } else {
             sandbox.cgroup.apply(&req.limits).map_err(PoolError::from)
         })
-        .and_then(|_| {
-            if early {
-                sandbox.channel.run(&req.code)?;
-            }
-            Ok(())
-        })
-        .and_then(|_| sandbox.cgroup.thaw().map_err(PoolError::from))
-        .and_then(|_| {
-            if !early {
-                sandbox.channel.run(&req.code)?;
-            }
-            Ok(())
-        });
+        .and_then(|_| sandbox.channel.run(&req.code).map_err(PoolError::from))
+        .and_then(|_| sandbox.cgroup.thaw().map_err(PoolError::from));
         if let Err(e) = handed_over {
             let _ = sandbox.lifecycle.advance(SandboxEvent::Ended);
             sandbox.reap();
@@ -479,22 +493,23 @@ impl Pool {
         // SAFETY: a fresh descriptor nobody else owns.
         let cancel = Arc::new(unsafe { OwnedFd::from_raw_fd(cancel) });
         let (tx, rx) = mpsc::channel();
-        let watcher = Watcher {
-            id: id.clone(),
+        let watcher = Watcher::new(
+            Arc::clone(&self.shared.ended),
+            id.clone(),
             sandbox,
             req,
             tx,
-            cancel: Arc::clone(&cancel),
+            Arc::clone(&cancel),
             claimed_at,
             claimed_mono,
-            timings: Timings {
+            Timings {
                 queued_ms,
                 pooled_ms,
                 claim_ms,
                 start_ms: None,
                 total_ms: 0.0,
             },
-        };
+        );
         let thread = std::thread::Builder::new()
             .name(format!("exec-{n}"))
             .spawn(move || watcher.run())
@@ -622,14 +637,17 @@ impl Drop for Execution {
 }
 
 /// Why the runtime ended an execution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Stop {
     Timeout,
     Cancel,
     OutputLimit,
+    EventLimit,
+    Violation(Violation),
 }
 
 struct Watcher {
+    ended_counter: Arc<AtomicU64>,
     id: String,
     sandbox: Pooled,
     req: ExecRequest,
@@ -638,68 +656,119 @@ struct Watcher {
     claimed_at: Instant,
     claimed_mono: u64,
     timings: Timings,
+    /// Bytes the code emitted so far (everything counts: see [`ExecRequest::output_limit`]).
+    emitted: u64,
+    /// Events sent so far (see [`ExecRequest::max_events`]).
+    events: u64,
+    /// Output waiting to become an event, per stream (0 stdout, 1 stderr).
+    pending: [Vec<u8>; 2],
+    /// When the last output event went out.
+    last_output: Option<Instant>,
+    /// The latest progress not sent yet, and when the last progress event went out.
+    progress: Option<(f64, String)>,
+    last_progress: Option<Instant>,
+    truncated: [bool; 2],
+    /// The pipes of child processes (0 stdout, 1 stderr) are open.
+    pipes_open: [bool; 2],
+    stop: Option<Stop>,
+    ended_at: Option<Instant>,
 }
 
-struct OutStream {
-    total: u64,
-    truncated: bool,
-    open: bool,
+/// Where the sandbox is in its protocol after the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Only `started` may come.
+    AwaitingStart,
+    /// Output, progress, value pieces or `finished`.
+    Running,
+    /// Value pieces or `finished`.
+    Value,
 }
 
 impl Watcher {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ended_counter: Arc<AtomicU64>,
+        id: String,
+        sandbox: Pooled,
+        req: ExecRequest,
+        tx: mpsc::Sender<Event>,
+        cancel: Arc<OwnedFd>,
+        claimed_at: Instant,
+        claimed_mono: u64,
+        timings: Timings,
+    ) -> Watcher {
+        Watcher {
+            ended_counter,
+            id,
+            sandbox,
+            req,
+            tx,
+            cancel,
+            claimed_at,
+            claimed_mono,
+            timings,
+            emitted: 0,
+            events: 0,
+            pending: [Vec::new(), Vec::new()],
+            last_output: None,
+            progress: None,
+            last_progress: None,
+            truncated: [false; 2],
+            pipes_open: [true; 2],
+            stop: None,
+            ended_at: None,
+        }
+    }
+
+    /// Watches the execution to its end. Nothing the sandbox sends (or does not send) can
+    /// make this wait: every read is non-blocking, and the deadline, a cancel and the
+    /// usage samples are checked on every turn.
     fn run(mut self) {
         let deadline = self.req.timeout.map(|t| self.claimed_at + t);
         let mut next_sample = Instant::now() + self.req.usage_interval;
-        let mut streams = [
-            OutStream {
-                total: 0,
-                truncated: false,
-                open: true,
-            },
-            OutStream {
-                total: 0,
-                truncated: false,
-                open: true,
-            },
-        ];
+        let mut phase = Phase::AwaitingStart;
         let mut chan_open = true;
         let mut exited = false;
-        let mut stop: Option<Stop> = None;
-        let mut outcome: Option<Outcome> = None;
-        let mut ended_at: Option<Instant> = None;
         let mut drain_until: Option<Instant> = None;
-        let mut setup_error: Option<String> = None;
-        let mut finished = false;
+        let mut value: Vec<u8> = Vec::new();
+        let mut outcome: Option<Outcome> = None;
 
         loop {
-            if finished {
+            if outcome.is_some() {
                 break;
             }
-            if exited && !streams[0].open && !streams[1].open && !chan_open {
-                break;
-            }
-            if drain_until.is_some_and(|d| Instant::now() >= d) {
+            if exited && !chan_open && !self.pipes_open[0] && !self.pipes_open[1] {
                 break;
             }
             let now = Instant::now();
+            if drain_until.is_some_and(|d| now >= d) {
+                break;
+            }
             let mut wake = next_sample;
-            if let (Some(d), None) = (deadline, stop) {
+            if let (Some(d), None) = (deadline, &self.stop) {
                 wake = wake.min(d);
             }
             if let Some(d) = drain_until {
                 wake = wake.min(d);
             }
-            let timeout_ms = wake.saturating_duration_since(now).as_millis().min(60_000) as i32;
+            if let Some(t) = self.output_due() {
+                wake = wake.min(t);
+            }
+            if let Some(t) = self.progress_due() {
+                wake = wake.min(t);
+            }
+            let timeout = wake.saturating_duration_since(now);
+            // Round up to whole milliseconds so a wake-up is never early (no spinning).
+            let timeout_ms = timeout.as_micros().div_ceil(1000).min(60_000) as u16;
             let sb = &self.sandbox;
             let mut fds: Vec<PollFd> = Vec::with_capacity(5);
             let mut which: Vec<u8> = Vec::with_capacity(5);
-            if streams[0].open {
-                fds.push(PollFd::new(sb.stdout.as_fd(), PollFlags::POLLIN));
-                which.push(0);
-            }
-            if streams[1].open {
-                fds.push(PollFd::new(sb.stderr.as_fd(), PollFlags::POLLIN));
-                which.push(1);
+            for (w, fd) in [(0u8, sb.stdout.as_fd()), (1, sb.stderr.as_fd())] {
+                if self.pipes_open[w as usize] {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                    which.push(w);
+                }
             }
             if chan_open {
                 fds.push(PollFd::new(sb.channel.fd(), PollFlags::POLLIN));
@@ -709,14 +778,11 @@ impl Watcher {
                 fds.push(PollFd::new(sb.pidfd.as_fd(), PollFlags::POLLIN));
                 which.push(3);
             }
-            if stop.is_none() {
+            if self.stop.is_none() {
                 fds.push(PollFd::new(self.cancel.as_fd(), PollFlags::POLLIN));
                 which.push(4);
             }
-            let ready: Vec<u8> = match poll(
-                &mut fds,
-                PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX),
-            ) {
+            let ready: Vec<u8> = match poll(&mut fds, PollTimeout::from(timeout_ms)) {
                 Ok(_) => fds
                     .iter()
                     .zip(&which)
@@ -728,102 +794,111 @@ impl Watcher {
             };
             drop(fds);
             let now = Instant::now();
-            if now >= next_sample {
-                let _ = self.tx.send(Event::Usage(self.sandbox.cgroup.usage()));
-                next_sample = now + self.req.usage_interval;
+            if ready.contains(&4) && self.stop.is_none() {
+                self.end(Stop::Cancel);
             }
-            if let (Some(d), None) = (deadline, stop) {
+            if let (Some(d), None) = (deadline, &self.stop) {
                 if now >= d {
-                    stop = Some(Stop::Timeout);
-                    ended_at.get_or_insert(now);
-                    self.kill();
+                    self.end(Stop::Timeout);
                 }
             }
-            // The channel first, every message that is there, in order. Runtime output
-            // travels on it too, so it stays in order with progress and the result;
-            // what child processes wrote to the pipes before a progress report or the
-            // result is drained just before that message.
-            let chan_ready = |c: &SandboxChannel| c.has_pending() || readable(c.fd());
-            if chan_open && (ready.contains(&2) || chan_ready(&self.sandbox.channel)) {
-                while chan_open && chan_ready(&self.sandbox.channel) {
-                    let msg = self.sandbox.channel.recv();
-                    let mut crossed = false;
-                    match msg {
-                        Ok(FromSandbox::Started { monotonic_ns }) => {
-                            let after = monotonic_ns.saturating_sub(self.claimed_mono) as f64 / 1e6;
-                            self.timings.start_ms = Some(after);
-                            let _ = self.tx.send(Event::Started {
-                                after_claim_ms: after,
-                            });
+            if now >= next_sample {
+                let usage = self.sandbox.cgroup.usage();
+                self.emit(Event::Usage(usage));
+                next_sample = now + self.req.usage_interval;
+            }
+            // The channel first: runtime output travels on it in order with progress and
+            // the result; what child processes wrote to the pipes before a progress report
+            // or the result is drained just before that is handled.
+            if chan_open && ready.contains(&2) {
+                let mut read = 0usize;
+                while chan_open && read < READ_BUDGET && outcome.is_none() {
+                    match self.sandbox.channel.read() {
+                        Ok(ReadOutcome::Data(n)) => read += n,
+                        Ok(ReadOutcome::WouldBlock) => break,
+                        Ok(ReadOutcome::Closed) => chan_open = false,
+                        Err(v) => {
+                            chan_open = false;
+                            self.violation(v);
                         }
-                        Ok(FromSandbox::Output { stream, data }) => {
-                            // Consecutive pieces of one stream become one event (R prints a
-                            // vector in many small writes).
-                            let w = if stream == 2 { 1 } else { 0 };
-                            let mut data = data.into_bytes();
-                            while let Some(more) = self.sandbox.channel.peek_output(w) {
-                                data.extend_from_slice(more.as_bytes());
-                            }
-                            crossed = self.forward(w, data, &mut streams[w as usize]);
-                        }
-                        Ok(FromSandbox::Progress { fraction, message }) => {
-                            crossed = self.drain_pipes(&mut streams);
-                            let _ = self.tx.send(Event::Progress { fraction, message });
-                        }
-                        Ok(FromSandbox::Finished(o)) => {
-                            crossed = self.drain_pipes(&mut streams);
-                            ended_at.get_or_insert_with(Instant::now);
-                            outcome = Some(o);
-                            // The result does not wait for the process to exit (unmapping a
-                            // large copy-on-write heap takes milliseconds): report now,
-                            // kill and reap after.
-                            finished = true;
-                        }
-                        Ok(FromSandbox::SetupError { stage, message }) => {
-                            setup_error = Some(format!("{stage}: {message}"));
-                        }
-                        Ok(FromSandbox::Ready) => {}
-                        Err(_) => chan_open = false,
                     }
-                    if crossed && stop.is_none() {
-                        stop = Some(Stop::OutputLimit);
-                        ended_at.get_or_insert(now);
-                        self.kill();
+                    // Frames are handled as they complete, so a result is acted on at once.
+                    while chan_open && outcome.is_none() {
+                        let frame = match self.sandbox.channel.next_frame() {
+                            Ok(Some(f)) => f,
+                            Ok(None) => break,
+                            Err(v) => {
+                                chan_open = false;
+                                self.violation(v);
+                                break;
+                            }
+                        };
+                        match self.handle(frame, &mut phase, &mut value) {
+                            Ok(Some(o)) => outcome = Some(o),
+                            Ok(None) => {}
+                            Err(v) => {
+                                chan_open = false;
+                                self.violation(v);
+                            }
+                        }
+                    }
+                    if self.stop.is_some() {
+                        // Killed: what the channel still holds is not wanted any more.
+                        chan_open = false;
                     }
                 }
             }
             for w in [0u8, 1] {
-                if ready.contains(&w)
-                    && streams[w as usize].open
-                    && self.pump(w, &mut streams[w as usize])
-                    && stop.is_none()
-                {
-                    stop = Some(Stop::OutputLimit);
-                    ended_at.get_or_insert(now);
-                    self.kill();
+                if ready.contains(&w) && self.pipes_open[w as usize] {
+                    self.pump(w);
                 }
             }
-            if ready.contains(&3) {
+            if ready.contains(&3) && !exited {
                 exited = true;
-                ended_at.get_or_insert_with(Instant::now);
+                self.ended_at.get_or_insert_with(Instant::now);
+                // Everything in the pid namespace died with its init: the pipes and the
+                // channel drain quickly. Bound it anyway.
                 drain_until = Some(Instant::now() + Duration::from_secs(2));
             }
-            if ready.contains(&4) && stop.is_none() {
-                stop = Some(Stop::Cancel);
-                ended_at.get_or_insert(now);
-                self.kill();
+            if outcome.is_none() {
+                let now = Instant::now();
+                if self.output_due().is_some_and(|t| now >= t) {
+                    self.flush_output();
+                }
+                if self.progress_due().is_some_and(|t| now >= t) {
+                    self.flush_progress();
+                }
             }
         }
+        // A result is in, or the sandbox is gone: kill whatever is left, then report.
+        self.kill();
+        self.drain_pipes();
+        self.flush_output();
+        self.flush_progress();
         let usage = self.sandbox.cgroup.usage();
-        self.timings.total_ms = ms(ended_at.unwrap_or_else(Instant::now) - self.claimed_at);
-        let (status, error) = match (stop, &outcome) {
+        self.timings.total_ms = ms(self.ended_at.unwrap_or_else(Instant::now) - self.claimed_at);
+        let (status, error) = match (&self.stop, &outcome) {
             (Some(Stop::Timeout), _) => {
                 (ExecStatus::TimedOut, Some("time limit reached".to_string()))
             }
             (Some(Stop::Cancel), _) => (ExecStatus::Cancelled, Some("cancelled".to_string())),
             (Some(Stop::OutputLimit), _) => (
                 ExecStatus::OutputLimit,
-                Some(format!("output passed {} bytes", self.req.output_limit)),
+                Some(format!(
+                    "the code emitted more than {} bytes (output, progress messages and value)",
+                    self.req.output_limit
+                )),
+            ),
+            (Some(Stop::EventLimit), _) => (
+                ExecStatus::OutputLimit,
+                Some(format!(
+                    "the execution produced more than {} events",
+                    self.req.max_events
+                )),
+            ),
+            (Some(Stop::Violation(v)), _) => (
+                ExecStatus::ProtocolViolation,
+                Some(format!("protocol violation: {v}")),
             ),
             (None, Some(o)) if o.ok => (ExecStatus::Succeeded, None),
             (None, Some(_)) if usage.oom_kills > 0 => (
@@ -837,10 +912,7 @@ impl Watcher {
             ),
             (None, None) => (
                 ExecStatus::Failed,
-                Some(
-                    setup_error
-                        .unwrap_or_else(|| "the sandbox died before reporting a result".into()),
-                ),
+                Some("the sandbox died before reporting a result".into()),
             ),
         };
         let result = ExecResult {
@@ -850,13 +922,110 @@ impl Watcher {
             error,
             timings: self.timings,
             usage,
-            stdout_truncated: streams[0].truncated,
-            stderr_truncated: streams[1].truncated,
+            stdout_truncated: self.truncated[0],
+            stderr_truncated: self.truncated[1],
         };
         let _ = self.tx.send(Event::Finished(Box::new(result)));
         let _ = self.sandbox.lifecycle.advance(SandboxEvent::Ended);
         // Teardown after the result: off the claim path and off the result's path.
         self.sandbox.reap();
+        self.ended_counter.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Acts on one frame; `Ok(Some(outcome))` when it was the result.
+    fn handle(
+        &mut self,
+        frame: FromSandbox,
+        phase: &mut Phase,
+        value: &mut Vec<u8>,
+    ) -> Result<Option<Outcome>, Violation> {
+        let out_of_order = |expected: &'static str, frame: &FromSandbox| {
+            Err(Violation::OutOfOrder {
+                expected,
+                received: frame.name(),
+            })
+        };
+        match (*phase, frame) {
+            (Phase::AwaitingStart, FromSandbox::Started { monotonic_ns }) => {
+                // The sandbox's own clock reading is accepted only inside the window the
+                // agent saw: after the claim, before this frame arrived.
+                if monotonic_ns < self.claimed_mono || monotonic_ns > monotonic_ns_now() {
+                    return Err(Violation::StartOutsideWindow);
+                }
+                let after = (monotonic_ns - self.claimed_mono) as f64 / 1e6;
+                self.timings.start_ms = Some(after);
+                *phase = Phase::Running;
+                self.emit(Event::Started {
+                    after_claim_ms: after,
+                });
+                Ok(None)
+            }
+            (Phase::AwaitingStart, other) => out_of_order("started", &other),
+            (Phase::Running, FromSandbox::Output { stream, data }) => {
+                let w = match stream {
+                    Stream::Stdout => 0,
+                    Stream::Stderr => 1,
+                };
+                self.accept_output(w, &data);
+                Ok(None)
+            }
+            (Phase::Running, FromSandbox::Progress { fraction, message }) => {
+                self.drain_pipes();
+                if self.charge(message.len()) {
+                    self.progress = Some((fraction, message));
+                    if self.progress_due().is_some_and(|t| Instant::now() >= t) {
+                        self.flush_progress();
+                    }
+                }
+                Ok(None)
+            }
+            (Phase::Running | Phase::Value, FromSandbox::Value(piece)) => {
+                *phase = Phase::Value;
+                if self.charge(piece.len()) {
+                    value.extend_from_slice(&piece);
+                }
+                Ok(None)
+            }
+            (Phase::Running | Phase::Value, FromSandbox::Finished(mut outcome)) => {
+                if !value.is_empty() {
+                    let text = String::from_utf8(std::mem::take(value)).map_err(|_| {
+                        Violation::Malformed {
+                            kind: "value",
+                            reason: "not UTF-8".into(),
+                        }
+                    })?;
+                    if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
+                        return Err(Violation::Malformed {
+                            kind: "value",
+                            reason: "not JSON".into(),
+                        });
+                    }
+                    outcome.value_json = Some(text);
+                }
+                let texts: usize = outcome.warnings.iter().map(|w| w.len()).sum::<usize>()
+                    + outcome.error.as_ref().map_or(0, |e| e.message.len());
+                self.charge(texts);
+                // The result is in: the sandbox is killed now, whatever it does next.
+                self.ended_at.get_or_insert_with(Instant::now);
+                self.kill();
+                Ok(Some(outcome))
+            }
+            (Phase::Running, other) => out_of_order("output, progress, value or finished", &other),
+            (Phase::Value, other) => out_of_order("value or finished", &other),
+        }
+    }
+
+    /// Ends the execution for `why` (the first reason wins) and kills the sandbox.
+    fn end(&mut self, why: Stop) {
+        if self.stop.is_none() {
+            self.stop = Some(why);
+            self.ended_at.get_or_insert_with(Instant::now);
+        }
+        self.kill();
+    }
+
+    fn violation(&mut self, v: Violation) {
+        self.end(Stop::Violation(v));
     }
 
     fn kill(&self) {
@@ -864,64 +1033,164 @@ impl Watcher {
         let _ = self.sandbox.cgroup.kill_all();
     }
 
-    /// Pumps both pipes until they are empty; true when the output limit was crossed.
-    fn drain_pipes(&self, streams: &mut [OutStream; 2]) -> bool {
-        let a = streams[0].open && self.pump(0, &mut streams[0]);
-        let b = streams[1].open && self.pump(1, &mut streams[1]);
-        a || b
+    /// Counts `n` emitted bytes; false (and the execution ends) when they pass the limit.
+    fn charge(&mut self, n: usize) -> bool {
+        self.emitted = self.emitted.saturating_add(n as u64);
+        if self.emitted > self.req.output_limit {
+            self.end(Stop::OutputLimit);
+            return false;
+        }
+        true
     }
 
-    /// Sends `data` as an output event, up to the output limit; true when this crossed it.
-    fn forward(&self, which: u8, mut data: Vec<u8>, stream: &mut OutStream) -> bool {
-        let n = data.len();
-        let room = self.req.output_limit.saturating_sub(stream.total) as usize;
-        stream.total += n as u64;
-        if room > 0 && n > 0 {
-            data.truncate(n.min(room));
-            let e = if which == 0 {
-                Event::Stdout { data }
-            } else {
-                Event::Stderr { data }
-            };
-            let _ = self.tx.send(e);
-        }
-        if n > room && !stream.truncated {
-            stream.truncated = true;
-            return true;
-        }
-        false
-    }
-
-    /// Forwards what is readable now; returns true when this crossed the output limit.
-    fn pump(&self, which: u8, stream: &mut OutStream) -> bool {
-        let fd = if which == 0 {
-            self.sandbox.stdout.as_fd()
-        } else {
-            self.sandbox.stderr.as_fd()
-        };
-        let mut crossed = false;
-        loop {
-            if !readable(fd) {
-                return crossed;
+    /// Sends an event, counting it against the event cap.
+    fn emit(&mut self, event: Event) {
+        if !matches!(event, Event::Finished(_)) {
+            self.events += 1;
+            if self.events > self.req.max_events {
+                self.end(Stop::EventLimit);
+                return;
             }
-            let mut buf = vec![0u8; 65536];
+        }
+        let _ = self.tx.send(event);
+    }
+
+    /// Output of stream `w`: counted, cut at the limit, merged with what waits.
+    fn accept_output(&mut self, w: usize, data: &[u8]) {
+        if self.stop.is_some() && self.stop != Some(Stop::OutputLimit) {
+            return;
+        }
+        let room = self.req.output_limit.saturating_sub(self.emitted) as usize;
+        let take = data.len().min(room);
+        if !self.pending[1 - w].is_empty() {
+            // Keep the order of the two streams.
+            self.flush_stream(1 - w);
+        }
+        self.pending[w].extend_from_slice(&data[..take]);
+        while self.pending[w].len() >= MAX_DATA {
+            let cut = utf8_cut(&self.pending[w], MAX_DATA);
+            let rest = self.pending[w].split_off(cut);
+            let chunk = std::mem::replace(&mut self.pending[w], rest);
+            self.send_output(w, chunk);
+        }
+        if take < data.len() {
+            self.truncated[w] = true;
+        }
+        self.charge(data.len());
+    }
+
+    /// When waiting output is due to become an event.
+    fn output_due(&self) -> Option<Instant> {
+        if self.pending[0].is_empty() && self.pending[1].is_empty() {
+            return None;
+        }
+        // The first output is due at once (the claim lies in the past).
+        Some(match self.last_output {
+            Some(t) => t + OUTPUT_INTERVAL,
+            None => self.claimed_at,
+        })
+    }
+
+    fn progress_due(&self) -> Option<Instant> {
+        self.progress.as_ref()?;
+        Some(match self.last_progress {
+            Some(t) => t + PROGRESS_INTERVAL,
+            None => self.claimed_at,
+        })
+    }
+
+    fn flush_output(&mut self) {
+        self.flush_stream(0);
+        self.flush_stream(1);
+    }
+
+    fn flush_stream(&mut self, w: usize) {
+        while !self.pending[w].is_empty() {
+            let cut = utf8_cut(&self.pending[w], MAX_DATA);
+            let rest = self.pending[w].split_off(cut);
+            let chunk = std::mem::replace(&mut self.pending[w], rest);
+            self.send_output(w, chunk);
+        }
+    }
+
+    fn send_output(&mut self, w: usize, data: Vec<u8>) {
+        self.last_output = Some(Instant::now());
+        self.emit(if w == 0 {
+            Event::Stdout { data }
+        } else {
+            Event::Stderr { data }
+        });
+    }
+
+    fn flush_progress(&mut self) {
+        if let Some((fraction, message)) = self.progress.take() {
+            // Output that came before it goes first.
+            self.flush_output();
+            self.last_progress = Some(Instant::now());
+            self.emit(Event::Progress { fraction, message });
+        }
+    }
+
+    /// Reads both pipes until they are empty (bounded).
+    fn drain_pipes(&mut self) {
+        for w in [0u8, 1] {
+            if self.pipes_open[w as usize] {
+                self.pump(w);
+            }
+        }
+    }
+
+    /// Reads what a pipe holds now, up to [`READ_BUDGET`] bytes.
+    fn pump(&mut self, which: u8) {
+        let mut buf = [0u8; 16 << 10];
+        let mut read = 0usize;
+        while read < READ_BUDGET {
+            let fd = if which == 0 {
+                self.sandbox.stdout.as_fd()
+            } else {
+                self.sandbox.stderr.as_fd()
+            };
             match nix::unistd::read(fd, &mut buf) {
                 Ok(0) => {
-                    stream.open = false;
-                    return crossed;
+                    self.pipes_open[which as usize] = false;
+                    return;
                 }
                 Ok(n) => {
-                    buf.truncate(n);
-                    crossed |= self.forward(which, buf, stream);
+                    read += n;
+                    self.accept_output(which as usize, &buf[..n]);
                 }
                 Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return,
                 Err(_) => {
-                    stream.open = false;
-                    return crossed;
+                    self.pipes_open[which as usize] = false;
+                    return;
                 }
             }
         }
     }
+}
+
+/// Where to cut `data` at most `max` bytes in: before an incomplete UTF-8 sequence when
+/// the bytes there are UTF-8 (so text stays whole across events), else at `max`.
+fn utf8_cut(data: &[u8], max: usize) -> usize {
+    if data.len() <= max {
+        return data.len();
+    }
+    for back in 0..4 {
+        let cut = max - back;
+        if cut == 0 {
+            break;
+        }
+        // A cut before a byte that does not continue a sequence splits no character.
+        if data[cut] & 0xC0 != 0x80 {
+            return cut;
+        }
+    }
+    max
+}
+
+fn monotonic_ns_now() -> u64 {
+    monotonic_ns()
 }
 
 /// The maintainer: owns the zygote, keeps the pool full.
@@ -929,6 +1198,8 @@ struct Maintainer {
     shared: Arc<Shared>,
     zygote: Option<Zygote>,
     slot: u64,
+    /// The `ended` count when the zygote was last told to reap.
+    reaped_at: u64,
     backoff: Duration,
 }
 
@@ -963,6 +1234,7 @@ impl Maintainer {
             shared,
             zygote: None,
             slot: 0,
+            reaped_at: 0,
             backoff: Duration::from_millis(200),
         }
     }
@@ -1008,6 +1280,15 @@ impl Maintainer {
             }
             if self.zygote.is_none() {
                 continue;
+            }
+            // Ended executions left zombies in the zygote: it may reap them now (this
+            // thread is the only one that places sandboxes, and it is done).
+            let ended = self.shared.ended.load(Ordering::SeqCst);
+            if ended != self.reaped_at {
+                self.reaped_at = ended;
+                if let Some(z) = &self.zygote {
+                    let _ = z.ctl.reap();
+                }
             }
             // Sleep until a claim, a zygote death or the next liveness check.
             let z = self.zygote.as_ref().unwrap();
@@ -1090,6 +1371,9 @@ impl Maintainer {
             .arg("--ro-bind")
             .arg(format!("{}:{ZYGOTE_PATH_INSIDE}", cfg.zygote_bin.display()))
             .args(["--hostname", "zygote", "--output-limit", "1G"])
+            // The zygote lives as long as the pool; it is single-threaded and bounded by
+            // its memory limit.
+            .args(["--timeout", "none", "--cpus", "unlimited", "--pids", "64"])
             .arg("--memory")
             .arg(cfg.zygote_memory.to_string())
             .arg("--cgroup-parent")
@@ -1101,10 +1385,6 @@ impl Maintainer {
         cmd.arg("--")
             .arg(ZYGOTE_PATH_INSIDE)
             .args(["--ctl-fd", "3"])
-            .arg("--uid")
-            .arg(cfg.uid.to_string())
-            .arg("--gid")
-            .arg(cfg.gid.to_string())
             .arg("--hostname")
             .arg(&cfg.hostname)
             .arg("--tmp-size")
@@ -1114,7 +1394,15 @@ impl Maintainer {
             .arg("--file-size-limit")
             .arg(cfg.rlimits.file_size.to_string())
             .arg("--open-files")
-            .arg(cfg.rlimits.open_files.to_string());
+            .arg(cfg.rlimits.open_files.to_string())
+            .arg("--processes")
+            .arg(cfg.rlimits.processes.to_string())
+            .arg("--locked-memory")
+            .arg(cfg.rlimits.locked_memory.to_string())
+            .arg("--message-queues")
+            .arg(cfg.rlimits.message_queues.to_string())
+            .arg("--pending-signals")
+            .arg(cfg.rlimits.pending_signals.to_string());
         match &cfg.language {
             Language::R { packages } => {
                 cmd.args(["--language", "r"]);
@@ -1205,7 +1493,9 @@ impl Maintainer {
         self.slot += 1;
         let slot = self.slot;
         let mut lifecycle = Lifecycle::default();
-        z.ctl.request_fork(slot)?;
+        // Each sandbox its own uid, in turn: no two live sandboxes share one.
+        let uid = cfg.uid_first + (slot % cfg.uid_count.max(1) as u64) as u32;
+        z.ctl.request_fork(slot, uid)?;
         if !wait_readable(z.ctl.fd(), timeout) {
             return Err(PoolError::Zygote("no answer to a fork request".into()));
         }
@@ -1258,18 +1548,18 @@ impl Maintainer {
         lifecycle
             .advance(SandboxEvent::Placed)
             .map_err(|e| PoolError::Io(e.to_string()))?;
-        let channel = SandboxChannel::new(chan);
+        let mut channel = SandboxChannel::new(chan);
+        for pipe in [&stdout, &stderr] {
+            // The watcher reads the pipes until they are empty: never block on them.
+            let _ = nix::fcntl::fcntl(
+                pipe,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            );
+        }
         if let Err(e) = channel.placed() {
             return fail(&pidfd, Some(cgroup), e.into());
         }
-        if !wait_readable(channel.fd(), timeout) {
-            return fail(
-                &pidfd,
-                Some(cgroup),
-                PoolError::Zygote("a sandbox did not become ready".into()),
-            );
-        }
-        if let Err(e) = channel.wait_for_ready() {
+        if let Err(e) = channel.wait_for_ready(timeout) {
             return fail(&pidfd, Some(cgroup), e.into());
         }
         if let Err(e) = cgroup.freeze() {

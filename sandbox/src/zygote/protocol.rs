@@ -1,27 +1,40 @@
 //! Messages between the pool owner (the agent), the zygote and each pooled sandbox.
 //!
-//! Two channels, both [`crate::frame`] streams:
+//! Two channels, both Unix stream sockets:
 //!
-//! * **control** (agent ↔ zygote, fd 3 of the zygote): the agent asks for forks; the
-//!   zygote answers with the new sandbox's descriptors attached.
-//! * **sandbox** (agent ↔ one forked sandbox): placement, readiness, the code, and
-//!   everything the sandbox reports while it runs.
+//! * **control** (agent ↔ zygote, fd 3 of the zygote): [`crate::frame`] JSON frames; the
+//!   agent asks for forks; the zygote answers with the new sandbox's descriptors
+//!   attached. The zygote never runs user code.
+//! * **sandbox** (agent ↔ one forked sandbox): placement and the code go down as
+//!   [`crate::frame`] JSON frames; everything the sandbox reports comes up as
+//!   [`crate::upstream`] binary frames, which the agent reads as hostile input — the
+//!   sandbox's end is held by the process that runs user code.
 //!
 //! Wrappers with intent-named methods turn protocol drift into a typed
 //! [`FrameError::Unexpected`] instead of a silent misread.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{self, FrameError};
+use crate::upstream::{ChannelReader, FromSandbox, ReadOutcome, SandboxWriter, Violation};
 
-/// Agent → zygote.
+/// Agent → zygote. Every message also tells the zygote that the agent is done with the
+/// sandboxes forked so far (placed in their cgroups or given up): only then may the
+/// zygote reap the ones that died, so that no pid the agent is about to write into a
+/// cgroup can have been recycled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ToZygote {
-    /// Fork one sandbox, tagged `slot` so the answer can be matched.
-    Fork { slot: u64 },
+    /// Fork one sandbox, tagged `slot` so the answer can be matched, that runs user code
+    /// as `uid` (its own identity: per-uid kernel quotas are not shared between
+    /// sandboxes).
+    Fork { slot: u64, uid: u32 },
+    /// Reap the sandboxes that died (sent when the agent has nothing else to say).
+    Reap,
     /// Exit (sandboxes already forked die with the zygote).
     Shutdown,
 }
@@ -46,56 +59,55 @@ pub enum FromZygote {
     Fatal { error: String },
 }
 
-/// Agent → sandbox.
+/// Agent → sandbox (JSON frames of [`crate::frame`]; the other direction is
+/// [`crate::upstream`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ToSandbox {
     /// The sandbox is in its cgroup: it may finish its containment.
     Placed,
-    /// Run this code (the limits are already in the cgroup and it has been thawed).
-    Run { code: String },
+    /// Run this code (the limits are already in the cgroup). `code` is absent when the
+    /// code is larger than [`INLINE_CODE_MAX`]: then it comes as a sealed memfd attached
+    /// to the frame.
+    Run { code: Option<String> },
 }
 
-/// Sandbox → agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum FromSandbox {
-    /// A containment step failed; the sandbox exits.
-    SetupError { stage: String, message: String },
-    /// Fully contained, waiting for code (the agent freezes it now).
-    Ready,
-    /// The first user statement is about to run (CLOCK_MONOTONIC, ns).
-    Started { monotonic_ns: u64 },
-    /// The user's code called `progress(fraction, message)`.
-    Progress { fraction: f64, message: String },
-    /// Console output of the language runtime itself (R's `print`, `cat`, `message`).
-    /// It travels on the channel, not the pipes, so that it stays in order with progress
-    /// and the result; the pipes carry what child processes write. `stream` 1 is stdout,
-    /// 2 stderr.
-    Output { stream: u8, data: String },
-    /// The evaluation ended (the sandbox exits right after).
-    Finished(Outcome),
-}
+/// Code up to this size travels inside the `run` frame; larger code in a sealed memfd, so
+/// that the frame always fits the socket's buffer and can be sent while the sandbox is
+/// still frozen.
+pub const INLINE_CODE_MAX: usize = 32 << 10;
+/// The largest code a sandbox accepts.
+pub const MAX_CODE: usize = 64 << 20;
 
-/// How the user's code ended, as the language runtime saw it.
+/// How the user's code ended, as the language runtime saw it (what the sandbox may
+/// claim; see [`crate::upstream`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Outcome {
     /// No error (and for fork-exec languages: exit code 0).
     pub ok: bool,
     /// The last value, as JSON (R only).
+    #[serde(default)]
     pub value_json: Option<String>,
+    #[serde(default)]
     pub value_class: Option<Vec<String>>,
+    #[serde(default)]
     pub error: Option<ErrorInfo>,
+    #[serde(default)]
     pub warnings: Vec<String>,
     /// Exit code of the interpreter (fork-exec languages).
+    #[serde(default)]
     pub exit_code: Option<i32>,
     /// Signal that ended the interpreter (fork-exec languages).
+    #[serde(default)]
     pub signal: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ErrorInfo {
     pub message: String,
+    #[serde(default)]
     pub call: Option<String>,
     /// `parse` or `runtime`.
     pub kind: String,
@@ -115,8 +127,13 @@ impl ControlChannel {
         self.sock.as_fd()
     }
 
-    pub fn request_fork(&self, slot: u64) -> Result<(), FrameError> {
-        frame::send(self.sock.as_fd(), &ToZygote::Fork { slot }, &[])
+    pub fn request_fork(&self, slot: u64, uid: u32) -> Result<(), FrameError> {
+        frame::send(self.sock.as_fd(), &ToZygote::Fork { slot, uid }, &[])
+    }
+
+    /// Lets the zygote reap the sandboxes that died.
+    pub fn reap(&self) -> Result<(), FrameError> {
+        frame::send(self.sock.as_fd(), &ToZygote::Reap, &[])
     }
 
     pub fn shutdown(&self) -> Result<(), FrameError> {
@@ -158,48 +175,24 @@ impl ZygoteEnd {
     }
 }
 
-/// The agent's view of one sandbox's channel.
+/// The agent's view of one sandbox's channel: JSON frames down, hostile binary frames
+/// up (read without ever blocking, see [`crate::upstream::ChannelReader`]).
 pub struct SandboxChannel {
     sock: OwnedFd,
-    /// A message read ahead by [`SandboxChannel::peek_output`] and not consumed.
-    pending: std::cell::RefCell<Option<FromSandbox>>,
+    reader: ChannelReader,
 }
 
 impl SandboxChannel {
+    /// Takes the agent's end; it is switched to non-blocking (nothing the sandbox does can
+    /// make a read or a write of the agent wait).
     pub fn new(sock: OwnedFd) -> SandboxChannel {
+        let _ = nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
         SandboxChannel {
             sock,
-            pending: std::cell::RefCell::new(None),
-        }
-    }
-
-    /// Whether a message was read ahead and waits for [`SandboxChannel::recv`].
-    pub fn has_pending(&self) -> bool {
-        self.pending.borrow().is_some()
-    }
-
-    /// If the next message is already readable and is output of `stream` (0 stdout, 1
-    /// stderr), returns its data; any other message is kept for the next `recv`.
-    pub fn peek_output(&self, stream: u8) -> Option<String> {
-        if self.has_pending() {
-            return None;
-        }
-        let mut fds = [nix::poll::PollFd::new(
-            self.sock.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        if !matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0) {
-            return None;
-        }
-        match frame::recv::<FromSandbox>(self.sock.as_fd()) {
-            Ok((FromSandbox::Output { stream: s, data }, _)) if (s == 2) == (stream == 1) => {
-                Some(data)
-            }
-            Ok((other, _)) => {
-                *self.pending.borrow_mut() = Some(other);
-                None
-            }
-            Err(_) => None,
+            reader: ChannelReader::new(),
         }
     }
 
@@ -211,33 +204,108 @@ impl SandboxChannel {
         frame::send(self.sock.as_fd(), &ToSandbox::Placed, &[])
     }
 
+    /// Hands over the code: inline when small, else in a sealed memfd. Either way the
+    /// frame is small enough for the empty socket buffer, so this never waits for the
+    /// (frozen) sandbox.
     pub fn run(&self, code: &str) -> Result<(), FrameError> {
+        // JSON escaping can multiply the size of control characters by six: decide on
+        // the escaped size.
+        let inline = code.len() <= INLINE_CODE_MAX
+            && serde_json::to_string(code).is_ok_and(|s| s.len() <= INLINE_CODE_MAX);
+        if inline {
+            return frame::send(
+                self.sock.as_fd(),
+                &ToSandbox::Run {
+                    code: Some(code.to_string()),
+                },
+                &[],
+            );
+        }
+        let memfd = sealed_memfd(code.as_bytes()).map_err(FrameError::Io)?;
         frame::send(
             self.sock.as_fd(),
-            &ToSandbox::Run {
-                code: code.to_string(),
-            },
-            &[],
+            &ToSandbox::Run { code: None },
+            &[memfd.as_raw_fd()],
         )
     }
 
-    pub fn recv(&self) -> Result<FromSandbox, FrameError> {
-        if let Some(m) = self.pending.borrow_mut().take() {
-            return Ok(m);
-        }
-        Ok(frame::recv(self.sock.as_fd())?.0)
+    /// One non-blocking read into the decoder (see [`ChannelReader::read`]).
+    pub fn read(&mut self) -> Result<ReadOutcome, Violation> {
+        self.reader.read(self.sock.as_fd())
     }
 
-    /// Waits for `Ready`; a setup error comes back as `Unexpected` with its text.
-    pub fn wait_for_ready(&self) -> Result<(), FrameError> {
-        match self.recv()? {
-            FromSandbox::Ready => Ok(()),
-            other => Err(FrameError::Unexpected {
-                expected: "ready",
-                received: format!("{other:?}"),
-            }),
+    /// The next whole frame read so far.
+    pub fn next_frame(&mut self) -> Result<Option<FromSandbox>, Violation> {
+        self.reader.decoder().next_frame()
+    }
+
+    /// Waits (up to `timeout`) for the sandbox's `ready`; its setup error, anything else
+    /// or nothing is an error.
+    pub fn wait_for_ready(&mut self, timeout: Duration) -> Result<(), FrameError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next_frame() {
+                Ok(Some(FromSandbox::Ready)) => return Ok(()),
+                Ok(Some(other)) => {
+                    return Err(FrameError::Unexpected {
+                        expected: "ready",
+                        received: format!("{other:?}"),
+                    })
+                }
+                Ok(None) => {}
+                Err(v) => {
+                    return Err(FrameError::Unexpected {
+                        expected: "ready",
+                        received: v.to_string(),
+                    })
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FrameError::Unexpected {
+                    expected: "ready",
+                    received: format!("nothing within {timeout:?}"),
+                });
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                self.sock.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = left.as_millis().clamp(1, 60_000) as u16;
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+            match self.read() {
+                Ok(ReadOutcome::Closed) => return Err(FrameError::Closed),
+                Ok(_) => {}
+                Err(v) => {
+                    return Err(FrameError::Unexpected {
+                        expected: "ready",
+                        received: v.to_string(),
+                    })
+                }
+            }
         }
     }
+}
+
+/// A memfd holding `data`, sealed against any change.
+fn sealed_memfd(data: &[u8]) -> Result<OwnedFd, Errno> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(
+        c"hatchery-code",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut off = 0;
+    while off < data.len() {
+        match nix::unistd::write(&fd, &data[off..]) {
+            Ok(n) => off += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    Errno::result(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(fd)
 }
 
 /// The sandbox's view of its channel.
@@ -246,8 +314,11 @@ pub struct SandboxEnd {
 }
 
 impl SandboxEnd {
-    pub fn send(&self, msg: &FromSandbox) -> Result<(), FrameError> {
-        frame::send(self.sock.as_fd(), msg, &[])
+    /// The sending half.
+    pub fn writer(&self) -> SandboxWriter {
+        // SAFETY: the socket lives as long as this SandboxEnd, which outlives every use
+        // of the writer in the sandbox's (never returning) main function.
+        unsafe { SandboxWriter::from_raw(self.sock.as_raw_fd()) }
     }
 
     pub fn wait_for_placement(&self) -> Result<(), FrameError> {
@@ -260,9 +331,18 @@ impl SandboxEnd {
         }
     }
 
+    /// The code, inline or read from the attached memfd.
     pub fn wait_for_code(&self) -> Result<String, FrameError> {
-        match frame::recv(self.sock.as_fd())?.0 {
-            ToSandbox::Run { code } => Ok(code),
+        let (msg, fds) = frame::recv(self.sock.as_fd())?;
+        match msg {
+            ToSandbox::Run { code: Some(code) } => Ok(code),
+            ToSandbox::Run { code: None } => {
+                let fd = fds.first().ok_or(FrameError::Unexpected {
+                    expected: "code",
+                    received: "a run frame without code".into(),
+                })?;
+                read_code(fd.as_fd())
+            }
             other => Err(FrameError::Unexpected {
                 expected: "run",
                 received: format!("{other:?}"),
@@ -271,9 +351,32 @@ impl SandboxEnd {
     }
 }
 
+fn read_code(fd: BorrowedFd<'_>) -> Result<String, FrameError> {
+    let size = nix::sys::stat::fstat(fd).map_err(FrameError::Io)?.st_size as usize;
+    if size > MAX_CODE {
+        return Err(FrameError::TooLarge(size));
+    }
+    let mut code = vec![0u8; size];
+    let mut off = 0;
+    while off < size {
+        match nix::sys::uio::pread(fd, &mut code[off..], off as i64) {
+            Ok(0) => break,
+            Ok(n) => off += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    code.truncate(off);
+    String::from_utf8(code).map_err(|_| FrameError::Unexpected {
+        expected: "UTF-8 code",
+        received: "bytes that are not UTF-8".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::Stream;
 
     #[test]
     fn drift_is_a_typed_error() {
@@ -290,15 +393,20 @@ mod tests {
         }
         agent.placed().unwrap();
         sandbox.wait_for_placement().unwrap();
-        sandbox
-            .send(&FromSandbox::Progress {
-                fraction: 0.5,
-                message: "half".into(),
-            })
-            .unwrap();
-        assert!(matches!(
-            agent.recv().unwrap(),
-            FromSandbox::Progress { fraction, .. } if fraction == 0.5
-        ));
+    }
+
+    #[test]
+    fn large_code_travels_in_a_sealed_memfd() {
+        let (a, b) = frame::socketpair().unwrap();
+        let mut agent = SandboxChannel::new(a);
+        let sandbox = SandboxEnd { sock: b };
+        let code = format!("x <- \"{}\"", "é".repeat(INLINE_CODE_MAX));
+        agent.run(&code).unwrap();
+        assert_eq!(sandbox.wait_for_code().unwrap(), code);
+        agent.run("small").unwrap();
+        assert_eq!(sandbox.wait_for_code().unwrap(), "small");
+        sandbox.writer().output(Stream::Stdout, b"out").unwrap();
+        sandbox.writer().ready().unwrap();
+        agent.wait_for_ready(Duration::from_secs(5)).unwrap_err();
     }
 }

@@ -11,8 +11,10 @@
 //! and temp dir) → `Ready`. The agent freezes it there.
 //!
 //! The zygote itself is single-threaded (BLAS/OpenMP pinned to one thread) and never runs
-//! user code. Forked children are reaped by the kernel (SIGCHLD ignored); the agent
-//! follows them through pidfds.
+//! user code. The agent follows the forked children through pidfds; the zygote reaps
+//! them only when the agent's next message says it is done placing them, so a pid the
+//! agent writes into a cgroup can never have been recycled. Each sandbox runs user code
+//! as a uid of its own (chosen by the agent), so per-uid kernel quotas are not shared.
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -30,9 +32,8 @@ use crate::container::{step, StepError};
 use crate::frame::FrameError;
 use crate::seccomp::BpfProgram;
 use crate::spec::Rlimits;
-use crate::zygote::protocol::{
-    ErrorInfo, FromSandbox, FromZygote, Outcome, SandboxEnd, ToZygote, ZygoteEnd,
-};
+use crate::upstream::{SandboxWriter, Stream};
+use crate::zygote::protocol::{ErrorInfo, FromZygote, Outcome, SandboxEnd, ToZygote, ZygoteEnd};
 
 /// What the zygote runs.
 #[derive(Debug, Clone)]
@@ -56,8 +57,6 @@ impl Language {
 /// How the zygote's sandboxes are confined (the parts that do not depend on the claim).
 #[derive(Debug, Clone)]
 pub struct SandboxShape {
-    pub uid: u32,
-    pub gid: u32,
     pub hostname: String,
     pub tmp_size: u64,
     pub work_size: u64,
@@ -73,46 +72,35 @@ pub struct ZygoteConfig {
     pub ctl_fd: RawFd,
 }
 
-/// The agent's end of a sandbox's channel, for the progress hook of the R runtime.
+/// This sandbox's end of its channel (the hooks of the R runtime write to it); -1 in the
+/// zygote itself.
 static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
 
-/// R's console output: on the channel once a sandbox has one (in order with progress and
-/// the result), on fd 1/2 before (the zygote's own start-up messages).
-fn send_output(stream: crate::r::OutputStream, data: &[u8]) {
+fn channel_writer() -> Option<SandboxWriter> {
     let fd = CHANNEL_FD.load(Ordering::Relaxed);
-    let n = match stream {
-        crate::r::OutputStream::Stdout => 1,
-        crate::r::OutputStream::Stderr => 2,
-    };
-    if fd < 0 {
-        crate::r::write_fd(n as i32, data);
-        return;
-    }
     // SAFETY: the fd is this sandbox's channel, open for the life of the process.
-    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let _ = crate::frame::send(
-        sock,
-        &FromSandbox::Output {
-            stream: n,
-            data: String::from_utf8_lossy(data).into_owned(),
-        },
-        &[],
-    );
+    (fd >= 0).then(|| unsafe { SandboxWriter::from_raw(fd) })
+}
+
+/// R's console output: on the channel once a sandbox has one (in order with progress and
+/// the result, in frames of at most 64 KiB), on fd 1/2 before (the zygote's own start-up
+/// messages).
+fn send_output(stream: crate::r::OutputStream, data: &[u8]) {
+    let (fd, stream) = match stream {
+        crate::r::OutputStream::Stdout => (1, Stream::Stdout),
+        crate::r::OutputStream::Stderr => (2, Stream::Stderr),
+    };
+    match channel_writer() {
+        Some(w) => {
+            let _ = w.output(stream, data);
+        }
+        None => crate::r::write_fd(fd, data),
+    }
 }
 
 fn send_progress(fraction: f64, message: &str) {
-    let fd = CHANNEL_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        // SAFETY: the fd is this sandbox's channel, open for the life of the process.
-        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = crate::frame::send(
-            sock,
-            &FromSandbox::Progress {
-                fraction,
-                message: message.to_string(),
-            },
-            &[],
-        );
+    if let Some(w) = channel_writer() {
+        let _ = w.progress(fraction, message);
     }
 }
 
@@ -149,9 +137,10 @@ pub fn serve(config: ZygoteConfig) -> ! {
         let _ = ctl.send(&FromZygote::Fatal { error }, &[]);
         std::process::exit(1)
     };
-    // Children are reaped by the kernel; the agent watches them through pidfds.
-    // SAFETY: setting a signal disposition to SIG_IGN.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    // Children stay zombies until the agent's next message says it is done placing them
+    // (see [`reap_children`]); the agent watches them through pidfds.
+    // SAFETY: restoring the default disposition of a signal.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
 
     // Compiled and exported once: each sandbox loads the ready BPF with one system call.
     let filter = match crate::seccomp::Profile::default_profile()
@@ -196,9 +185,14 @@ pub fn serve(config: ZygoteConfig) -> ! {
         std::process::exit(0);
     }
     loop {
-        match ctl.recv() {
-            Ok(ToZygote::Fork { slot }) => {
-                let reply = fork_sandbox(&config, &ctl, &filter, &runtime);
+        let msg = ctl.recv();
+        // Any message means the agent is done with every sandbox forked before it: the
+        // dead ones may go now, and their pids be reused.
+        reap_children();
+        match msg {
+            Ok(ToZygote::Reap) => {}
+            Ok(ToZygote::Fork { slot, uid }) => {
+                let reply = fork_sandbox(&config, &ctl, &filter, &runtime, uid);
                 let sent = match reply {
                     Ok(fds) => {
                         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -222,13 +216,28 @@ pub fn serve(config: ZygoteConfig) -> ! {
     }
 }
 
-/// Forks one sandbox. Returns the descriptors for the agent: pidfd, channel, stdout and
-/// stderr read ends.
+/// Reaps every child that has exited, without waiting.
+fn reap_children() {
+    loop {
+        match nix::sys::wait::waitpid(
+            None::<unistd::Pid>,
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG | nix::sys::wait::WaitPidFlag::__WALL),
+        ) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Forks one sandbox that runs user code as `uid`. Returns the descriptors for the
+/// agent: pidfd, channel, stdout and stderr read ends.
 fn fork_sandbox(
     config: &ZygoteConfig,
     ctl: &ZygoteEnd,
     filter: &BpfProgram,
     runtime: &Runtime,
+    uid: u32,
 ) -> Result<[OwnedFd; 4], Errno> {
     let (agent_sock, child_sock) = crate::frame::socketpair()?;
     let (out_r, out_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
@@ -259,7 +268,7 @@ fn fork_sandbox(
         drop((agent_sock, out_r, err_r));
         let _ = unistd::close(ctl.sock.as_raw_fd());
         let end = SandboxEnd { sock: child_sock };
-        sandbox_main(config, end, out_w, err_w, filter, runtime);
+        sandbox_main(config, end, out_w, err_w, filter, runtime, uid);
     }
     // SAFETY: CLONE_PIDFD stored a fresh descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
@@ -274,33 +283,25 @@ fn sandbox_main(
     err_w: OwnedFd,
     filter: &BpfProgram,
     runtime: &Runtime,
+    uid: u32,
 ) -> ! {
     let _ = crate::container::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-    // The zygote ignores SIGCHLD (auto-reaping); the sandbox's own code must be able to
-    // wait for its children (R's system(), the fork-exec interpreter).
-    // SAFETY: restoring the default disposition of a signal.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     if end.wait_for_placement().is_err() {
         crate::container::exit(0);
     }
     CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
-    if let Err(e) = contain(config, &end, out_w, err_w, filter) {
-        let _ = end.send(&FromSandbox::SetupError {
-            stage: e.stage.to_string(),
-            message: e.message,
-        });
+    let up = end.writer();
+    if let Err(e) = contain(config, &end, out_w, err_w, filter, uid) {
+        let _ = up.setup_error(e.stage, &e.message);
         crate::container::exit(125);
     }
     if let Runtime::R(engine) = runtime {
         if let Err(e) = engine.prepare_child(Path::new("/tmp/R")) {
-            let _ = end.send(&FromSandbox::SetupError {
-                stage: "prepare the R runtime".into(),
-                message: e.to_string(),
-            });
+            let _ = up.setup_error("prepare the R runtime", &e.to_string());
             crate::container::exit(125);
         }
     }
-    if end.send(&FromSandbox::Ready).is_err() {
+    if up.ready().is_err() {
         crate::container::exit(0);
     }
     // Frozen here until claimed.
@@ -308,9 +309,8 @@ fn sandbox_main(
         Ok(c) => c,
         Err(_) => crate::container::exit(0),
     };
-    let _ = end.send(&FromSandbox::Started {
-        monotonic_ns: monotonic_ns(),
-    });
+    // Sent before any user code runs: the first `started` on the channel is this one.
+    let _ = up.started(monotonic_ns());
     let outcome = match runtime {
         Runtime::R(engine) => {
             let o = engine.eval(&code);
@@ -333,7 +333,7 @@ fn sandbox_main(
         }
         Runtime::Exec(argv) => exec_code(argv, &code),
     };
-    let _ = end.send(&FromSandbox::Finished(outcome));
+    let _ = up.finished(outcome);
     match runtime {
         Runtime::R(_) => crate::r::exit_child(0),
         Runtime::Exec(_) => crate::container::exit(0),
@@ -433,6 +433,7 @@ fn contain(
     out_w: OwnedFd,
     err_w: OwnedFd,
     filter: &BpfProgram,
+    uid: u32,
 ) -> Result<(), StepError> {
     let shape = &config.shape;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare the cgroup namespace"))?;
@@ -477,8 +478,8 @@ fn contain(
         format!(
             "size={},mode=0755,uid={},gid={}",
             shape.work_size.max(4096),
-            shape.uid,
-            shape.gid
+            uid,
+            uid
         ),
         "mount the work directory",
     )?;
@@ -492,7 +493,7 @@ fn contain(
     // unprivileged uid with no capabilities.
     crate::container::session_stdio_rlimits(out_w.as_raw_fd(), err_w.as_raw_fd(), &shape.rlimits)?;
     drop((out_w, err_w));
-    crate::container::drop_privileges(shape.uid, shape.gid)?;
+    crate::container::drop_privileges(uid, uid)?;
 
     // Only stdio and the channel stay open; the channel is close-on-exec.
     let chan = end.sock.as_fd().as_raw_fd();

@@ -367,7 +367,7 @@ mod tests {
             execution_id: "x".into(),
             seq,
             at: 1,
-            body: EventBody::Stdout { data: "o\n".into() },
+            body: EventBody::Stdout(crate::model::OutputData::from_bytes(b"o\n".to_vec())),
         };
         format!("{}\n", serde_json::to_string(&e).unwrap())
     }

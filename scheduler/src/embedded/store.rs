@@ -99,6 +99,7 @@ fn cancelled(
                 at: now,
                 body: EventBody::Finished(ResultSummary {
                     state: ExecState::Cancelled,
+                    error_code: Some(reason.code().to_string()),
                     value_json: None,
                     error: Some(cancel_message(reason).to_string()),
                     warnings: Vec::new(),
