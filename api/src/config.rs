@@ -95,6 +95,19 @@ pub struct AgentSection {
     /// Hatchery's parent cgroup on this host (`HATCHERY_CGROUP_PARENT`); default
     /// `hatchery`.
     pub cgroup_parent: Option<String>,
+    /// A ceiling on the memory of all sandboxes of this host together, written into the
+    /// parent cgroup, e.g. `48G` (`HATCHERY_HOST_MEMORY_MAX`); unset: none.
+    pub host_memory_max: Option<String>,
+    /// A ceiling on the processes of all sandboxes of this host together
+    /// (`HATCHERY_HOST_PIDS_MAX`); unset: none.
+    pub host_pids_max: Option<u64>,
+    /// Bytes one execution may emit — stdout and stderr, progress messages, its value —
+    /// before it is stopped with state `output_limit`, e.g. `16M`
+    /// (`HATCHERY_OUTPUT_LIMIT`).
+    pub output_limit: String,
+    /// Events (output pieces, progress, usage samples) one execution may produce before
+    /// it is stopped with state `output_limit` (`HATCHERY_MAX_EVENTS`).
+    pub max_events: u64,
 }
 
 /// Platform rules: languages, sizes, the queue, retention and the default policy.
@@ -140,6 +153,10 @@ impl Default for AgentSection {
             sandbox_bin: None,
             zygote_bin: None,
             cgroup_parent: None,
+            host_memory_max: None,
+            host_pids_max: None,
+            output_limit: "16M".into(),
+            max_events: 100_000,
         }
     }
 }
@@ -173,6 +190,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_SANDBOX_BIN", "agent.sandbox_bin"),
     ("HATCHERY_ZYGOTE_BIN", "agent.zygote_bin"),
     ("HATCHERY_CGROUP_PARENT", "agent.cgroup_parent"),
+    ("HATCHERY_HOST_MEMORY_MAX", "agent.host_memory_max"),
+    ("HATCHERY_HOST_PIDS_MAX", "agent.host_pids_max"),
+    ("HATCHERY_OUTPUT_LIMIT", "agent.output_limit"),
+    ("HATCHERY_MAX_EVENTS", "agent.max_events"),
     ("HATCHERY_MAX_CODE_BYTES", "platform.max_code_bytes"),
     ("HATCHERY_MAX_QUEUED", "platform.max_queued"),
     ("HATCHERY_RETENTION", "platform.retention"),
@@ -265,7 +286,46 @@ impl Config {
         if self.agent.name.is_empty() {
             return Err(ConfigError::Invalid("agent.name must not be empty".into()));
         }
+        let output_limit = hatchery_sandbox::limits::parse_size(&self.agent.output_limit)
+            .map_err(|e| ConfigError::Invalid(format!("agent.output_limit: {e}")))?;
+        if output_limit < 1024 {
+            return Err(ConfigError::Invalid(
+                "agent.output_limit must be at least 1K".into(),
+            ));
+        }
+        if self.agent.max_events < 16 {
+            return Err(ConfigError::Invalid(
+                "agent.max_events must be at least 16".into(),
+            ));
+        }
+        if let Some(m) = &self.agent.host_memory_max {
+            let bytes = hatchery_sandbox::limits::parse_size(m)
+                .map_err(|e| ConfigError::Invalid(format!("agent.host_memory_max: {e}")))?;
+            if bytes < 64 << 20 {
+                return Err(ConfigError::Invalid(
+                    "agent.host_memory_max must be at least 64M".into(),
+                ));
+            }
+        }
+        if self.agent.host_pids_max == Some(0) {
+            return Err(ConfigError::Invalid(
+                "agent.host_pids_max must be at least 1".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Bytes one execution may emit (validated at load).
+    pub fn output_limit(&self) -> u64 {
+        hatchery_sandbox::limits::parse_size(&self.agent.output_limit).unwrap_or(16 << 20)
+    }
+
+    /// The host-wide memory ceiling, if one is set (validated at load).
+    pub fn host_memory_max(&self) -> Option<u64> {
+        self.agent
+            .host_memory_max
+            .as_deref()
+            .and_then(|m| hatchery_sandbox::limits::parse_size(m).ok())
     }
 
     pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
@@ -319,6 +379,8 @@ fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
         "platform.max_code_bytes",
         "platform.max_queued",
         "platform.default_policy.max_parallel",
+        "agent.host_pids_max",
+        "agent.max_events",
     ];
     if NUMERIC.contains(&key) {
         value

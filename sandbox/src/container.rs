@@ -97,6 +97,12 @@ fn init_setup(ctx: &ChildContext<'_>) -> Result<Option<Pid>, StepError> {
             .map_err(step("become root in the user namespace"))?;
         unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
             .map_err(step("become root in the user namespace"))?;
+        // The namespace's own limits, while its root still holds CAP_SYS_RESOURCE in it.
+        // These files resolve to the writer's user namespace, whichever /proc they are in.
+        for (name, value) in &spec.userns_sysctls {
+            std::fs::write(format!("/proc/sys/user/{name}"), value.to_string())
+                .map_err(step("set a user namespace limit"))?;
+        }
     }
     // After the cgroup move, so that the namespace's root is the sandbox's own cgroup.
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare the cgroup namespace"))?;
@@ -258,10 +264,7 @@ pub(crate) fn session_stdio_rlimits(
     dup_onto(stdout, 1).map_err(step("set up stdout"))?;
     dup_onto(stderr, 2).map_err(step("set up stderr"))?;
     unistd::chdir(crate::spec::WORK_DIR).map_err(step("chdir to the work directory"))?;
-    // Under memory pressure the command's tree goes first, before the init and, on a
-    // global OOM, before the host's own processes. Raising needs no privilege, but in a
-    // user namespace the file belongs to the host's root: best effort.
-    let _ = std::fs::write("/proc/self/oom_score_adj", "500");
+    ensure_oom_score_adj(OOM_SCORE_ADJ)?;
 
     let limits = [
         (Resource::RLIMIT_CORE, 0, "set RLIMIT_CORE"),
@@ -306,6 +309,31 @@ pub(crate) fn session_stdio_rlimits(
             .unwrap_or(value);
         let value = value.min(hard);
         setrlimit(resource, value, value).map_err(step(stage))?;
+    }
+    Ok(())
+}
+
+/// The OOM score adjustment of every process that runs user code.
+pub const OOM_SCORE_ADJ: i32 = 500;
+
+/// Under memory pressure the command's tree goes first, before the init and, on a global
+/// OOM, before the host's own processes. A score inherited from whoever started Hatchery
+/// (a service manager may run it at −1000, "never kill") must never reach user code:
+/// raise it (which needs no privilege) and read it back; a negative score left in place
+/// is a refusal to run.
+pub(crate) fn ensure_oom_score_adj(want: i32) -> Result<(), StepError> {
+    let path = "/proc/self/oom_score_adj";
+    let _ = std::fs::write(path, want.to_string());
+    let now: i32 = std::fs::read_to_string(path)
+        .map_err(step("read oom_score_adj"))?
+        .trim()
+        .parse()
+        .map_err(step("read oom_score_adj"))?;
+    if now < 0 {
+        return Err(step("raise oom_score_adj")(format!(
+            "it is {now} and could not be raised: user code must never be protected from \
+             the OOM killer"
+        )));
     }
     Ok(())
 }

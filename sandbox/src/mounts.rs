@@ -19,7 +19,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd;
 
 use crate::container::{step, StepError};
-use crate::spec::SandboxSpec;
+use crate::spec::{Bind, SandboxSpec};
 
 /// An empty directory on the host that each sandbox mounts its private staging tmpfs on
 /// (inside its own mount namespace only). Created by the supervisor.
@@ -28,18 +28,29 @@ pub const STAGING_DIR: &str = "/run/hatchery/stage";
 /// Device nodes bound from the host into the sandbox's `/dev`.
 pub const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
 
-/// `/proc` files hidden behind `/dev/null` (kernel memory, keys, timing side channels).
-pub const MASKED_FILES: [&str; 6] = [
+/// `/proc` files hidden behind `/dev/null` (kernel memory, keys, timing side channels:
+/// interrupt counts and timer statistics reveal other tenants' activity), as runc and
+/// Kubernetes mask them.
+pub const MASKED_FILES: [&str; 8] = [
     "/proc/kcore",
     "/proc/keys",
     "/proc/timer_list",
+    "/proc/timer_stats",
     "/proc/sched_debug",
     "/proc/latency_stats",
     "/proc/kmsg",
+    "/proc/interrupts",
 ];
 
-/// Directories hidden behind an empty read-only tmpfs.
-pub const MASKED_DIRS: [&str; 4] = ["/proc/acpi", "/proc/scsi", "/sys/firmware", "/proc/asound"];
+/// Directories hidden behind an empty read-only tmpfs (firmware tables, and powercap's
+/// energy counters: a power side channel, CVE-2020-8694).
+pub const MASKED_DIRS: [&str; 5] = [
+    "/proc/acpi",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/proc/asound",
+    "/sys/devices/virtual/powercap",
+];
 
 /// `/proc` entries that stay visible but read-only (`sysrq-trigger` read-only rather than
 /// masked, so a write fails loudly instead of vanishing into `/dev/null`).
@@ -55,8 +66,56 @@ const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
     .union(MsFlags::MS_NODEV)
     .union(MsFlags::MS_NOEXEC);
 
+/// What a root filesystem is built from.
+pub(crate) struct RootPlan<'a> {
+    /// The read-only lower layer: the image on the host (`sandbox run`), or `/` — the
+    /// zygote's own root — for a pooled sandbox, which so gets an overlay (a superblock)
+    /// of its own: file locks and inotify watches on image files are never shared with
+    /// another sandbox.
+    pub lower: &'a Path,
+    /// An existing empty directory to mount the private staging tmpfs on.
+    pub stage: &'a Path,
+    pub binds: &'a [Bind],
+    /// Inside a user namespace overlayfs cannot use trusted.* xattrs on the upper layer.
+    pub userxattr: bool,
+    pub tmp_size: u64,
+    pub work_size: u64,
+    /// Owner of the work directory.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl<'a> RootPlan<'a> {
+    /// The plan of `sandbox run`: the image of `spec`, staged in [`STAGING_DIR`].
+    pub fn of_spec(spec: &'a SandboxSpec) -> RootPlan<'a> {
+        RootPlan {
+            lower: &spec.rootfs,
+            stage: Path::new(STAGING_DIR),
+            binds: &spec.binds,
+            userxattr: spec.userns_base.is_some(),
+            tmp_size: spec.tmp_size,
+            work_size: spec.work_size,
+            uid: spec.uid,
+            gid: spec.gid,
+        }
+    }
+}
+
+/// tmpfs options for a size-capped tmpfs: the size and a matching inode cap (one inode per
+/// 4 KiB of size, at least 1024), so neither bytes nor inodes are unbounded.
+pub(crate) fn tmpfs_options(size: u64, rest: &str) -> String {
+    let size = size.max(4096);
+    let inodes = (size / 4096).max(1024);
+    format!("size={size},nr_inodes={inodes},{rest}")
+}
+
 /// Builds the root filesystem for `spec` and pivots into it.
 pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
+    enter(&RootPlan::of_spec(spec))
+}
+
+/// Builds a root filesystem as `plan` says and pivots into it (see the module docs).
+pub(crate) fn enter(plan: &RootPlan<'_>) -> Result<(), StepError> {
     // 1. Private propagation: our mounts never reach the host, the host's never reach us.
     mount(
         None::<&str>,
@@ -68,16 +127,16 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
     .map_err(step("make mounts private"))?;
 
     // 2. Staging tmpfs (holds the overlay's upper layer), then the overlay root.
-    let stage = Path::new(STAGING_DIR);
+    let stage = plan.stage;
     mount(
         Some("tmpfs"),
         stage,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("size=4m,mode=0755"),
+        Some(tmpfs_options(4 << 20, "mode=0755").as_str()),
     )
     .map_err(step("mount staging tmpfs"))?;
-    for d in ["upper", "work", "root"] {
+    for d in ["upper", "work", "root", "lower"] {
         mkdir(&stage.join(d), 0o755).map_err(step("create staging directories"))?;
     }
     let root = stage.join("root");
@@ -87,31 +146,37 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
     // symlinks (Debian's /bin -> usr/bin) and mounted on the resolved path, so no mount
     // can follow a symlink out of the new root.
     let upper = stage.join("upper");
-    let mut bind_targets = Vec::with_capacity(spec.binds.len());
+    let mut bind_targets = Vec::with_capacity(plan.binds.len());
     for d in ["/proc", "/sys", "/dev", "/tmp", "/work"] {
-        ensure_mount_point(&spec.rootfs, &upper, Path::new(d), true)
+        ensure_mount_point(plan.lower, &upper, Path::new(d), true)
             .map_err(step("create mount points"))?;
     }
-    for bind in &spec.binds {
+    for bind in plan.binds {
         let is_dir = fs::metadata(&bind.source)
             .map_err(step("inspect a bind source"))?
             .is_dir();
-        let resolved = ensure_mount_point(&spec.rootfs, &upper, &bind.target, is_dir)
+        let resolved = ensure_mount_point(plan.lower, &upper, &bind.target, is_dir)
             .map_err(step("create a bind mount point"))?;
         bind_targets.push(resolved);
     }
-    let lower = spec.rootfs.to_string_lossy();
-    let mut opts = format!(
-        "lowerdir={lower},upperdir={}/upper,workdir={}/work",
-        STAGING_DIR, STAGING_DIR
-    );
-    if spec.userns_base.is_some() {
-        // Inside a user namespace overlayfs cannot use trusted.* xattrs on the upper layer.
+    // The layers are named relative to the staging directory (the image through a bind
+    // at `lower`), so the overlay's options in /proc/self/mountinfo name no host path.
+    mount(
+        Some(plan.lower),
+        &stage.join("lower"),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(step("bind the image"))?;
+    unistd::chdir(stage).map_err(step("enter the staging directory"))?;
+    let mut opts = "lowerdir=lower,upperdir=upper,workdir=work".to_string();
+    if plan.userxattr {
         opts.push_str(",userxattr");
     }
     mount(
         Some("overlay"),
-        &root,
+        "root",
         Some("overlay"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(opts.as_str()),
@@ -135,13 +200,13 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
         None::<&str>,
     )
     .map_err(step("mount /sys"))?;
-    setup_dev(&root, spec)?;
+    setup_dev(&root, plan.tmp_size)?;
     mount(
         Some("tmpfs"),
         &root.join("tmp"),
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(format!("size={},mode=1777", spec.tmp_size.max(4096)).as_str()),
+        Some(tmpfs_options(plan.tmp_size, "mode=1777").as_str()),
     )
     .map_err(step("mount /tmp"))?;
     mount(
@@ -150,17 +215,15 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(
-            format!(
-                "size={},mode=0755,uid={},gid={}",
-                spec.work_size.max(4096),
-                spec.uid,
-                spec.gid
+            tmpfs_options(
+                plan.work_size,
+                &format!("mode=0755,uid={},gid={}", plan.uid, plan.gid),
             )
             .as_str(),
         ),
     )
     .map_err(step("mount the work directory"))?;
-    for (bind, target) in spec.binds.iter().zip(&bind_targets) {
+    for (bind, target) in plan.binds.iter().zip(&bind_targets) {
         bind_readonly(&bind.source, &root.join(target)).map_err(step("bind-mount a host path"))?;
     }
     mask_paths(&root)?;
@@ -183,14 +246,14 @@ pub(crate) fn enter_root(spec: &SandboxSpec) -> Result<(), StepError> {
 /// A minimal `/dev`: the five harmless character devices, bound from the host (mknod is
 /// impossible in a user namespace, binding works in both modes), the usual symlinks, and a
 /// size-capped `/dev/shm`.
-fn setup_dev(root: &Path, spec: &SandboxSpec) -> Result<(), StepError> {
+fn setup_dev(root: &Path, shm_size: u64) -> Result<(), StepError> {
     let dev = root.join("dev");
     mount(
         Some("tmpfs"),
         &dev,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("size=64k,mode=0755"),
+        Some("size=64k,nr_inodes=64,mode=0755"),
     )
     .map_err(step("mount /dev"))?;
     for name in DEVICES {
@@ -219,7 +282,7 @@ fn setup_dev(root: &Path, spec: &SandboxSpec) -> Result<(), StepError> {
         &dev.join("shm"),
         Some("tmpfs"),
         NOSUID_NODEV_NOEXEC,
-        Some(format!("size={},mode=1777", spec.tmp_size.max(4096)).as_str()),
+        Some(tmpfs_options(shm_size, "mode=1777").as_str()),
     )
     .map_err(step("mount /dev/shm"))?;
     Ok(())
@@ -248,7 +311,7 @@ pub(crate) fn mask_paths(root: &Path) -> Result<(), StepError> {
                 &target,
                 Some("tmpfs"),
                 NOSUID_NODEV_NOEXEC | MsFlags::MS_RDONLY,
-                Some("size=0,mode=0555"),
+                Some("size=0,nr_inodes=1,mode=0555"),
             )
             .map_err(step("mask a directory"))?;
         }

@@ -21,7 +21,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::wait::waitpid;
-use nix::unistd::{self, Pid};
+use nix::unistd::{self, Pid, Uid};
 
 use crate::cgroup::{self, CgroupError, CgroupRoot, CgroupVersion, SandboxCgroup, Usage};
 use crate::channel::ChildMessage;
@@ -263,12 +263,22 @@ impl<'a> Supervisor<'a> {
             flags |= libc::CLONE_NEWUSER as u64;
         }
         let mut pidfd: RawFd = -1;
-        let cgroup_fd = match root.version() {
-            CgroupVersion::V2 => {
+        // A new user namespace is created with the effective uid of its base, not root's:
+        // its owner is then that unprivileged uid, and per-user kernel counters of
+        // everything inside (inotify instances, for one) are charged to it at the top of
+        // the hierarchy, never to the host's root. Without root's effective uid the child
+        // cannot be born in its cgroup; it is attached while it waits instead (it is our
+        // child and unreaped, so its pid cannot be recycled meanwhile).
+        let cgroup_fd = match (root.version(), spec.userns_base) {
+            (CgroupVersion::V2, None) => {
                 flags |= CLONE_INTO_CGROUP;
                 Some(cgroup::v2::dir_fd(cgroup.get())?)
             }
-            CgroupVersion::V1 => None,
+            _ => None,
+        };
+        let _euid = match spec.userns_base {
+            Some(base) => Some(EffectiveUid::become_(base)?),
+            None => None,
         };
         let mut args = CloneArgs {
             flags,
@@ -292,6 +302,8 @@ impl<'a> Supervisor<'a> {
         };
         let child = Errno::result(ret).map_err(sys("clone3"))?;
         if child == 0 {
+            // The child keeps the creds of the clone (its namespace's owner is set); inside
+            // it becomes root of its namespace once the maps are written.
             drop((sync_write, status_read, stdout_read, stderr_read, cgroup_fd));
             let ctx = ChildContext {
                 spec: &spec,
@@ -303,6 +315,7 @@ impl<'a> Supervisor<'a> {
             };
             container::init_main(ctx);
         }
+        drop(_euid);
         drop((
             sync_read,
             status_write,
@@ -345,7 +358,7 @@ impl<'a> Supervisor<'a> {
     /// id maps.
     fn prepare_child(&self, spec: &SandboxSpec, version: CgroupVersion) -> Result<(), RunError> {
         let pid = self.init.as_raw();
-        if version == CgroupVersion::V1 {
+        if version == CgroupVersion::V1 || spec.userns_base.is_some() {
             self.cgroup.get().add_process(pid)?;
         }
         // The OOM killer should pick the command, never the init that reports on it.
@@ -683,6 +696,26 @@ pub(crate) fn kill_pidfd(fd: std::os::fd::BorrowedFd<'_>) {
             0,
         )
     };
+}
+
+/// The effective uid switched to an unprivileged one while this lives (the real and saved
+/// uids stay root, so the switch back restores every capability).
+struct EffectiveUid;
+
+impl EffectiveUid {
+    fn become_(uid: u32) -> Result<EffectiveUid, RunError> {
+        let keep = Uid::from_raw(u32::MAX); // -1: unchanged
+        unistd::setresuid(keep, Uid::from_raw(uid), keep).map_err(sys("set the effective uid"))?;
+        Ok(EffectiveUid)
+    }
+}
+
+impl Drop for EffectiveUid {
+    fn drop(&mut self) {
+        let keep = Uid::from_raw(u32::MAX);
+        // Root is the saved uid: switching back cannot fail for want of privilege.
+        let _ = unistd::setresuid(keep, Uid::from_raw(0), keep);
+    }
 }
 
 fn ms_until(t: Instant) -> i32 {

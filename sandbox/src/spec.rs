@@ -105,6 +105,10 @@ pub struct SandboxSpec {
     /// Descriptors inherited from the caller that the command keeps, at the same numbers
     /// (everything else above 2 is closed on exec).
     pub pass_fds: Vec<i32>,
+    /// With a user namespace: per-namespace limits written into `/proc/sys/user/` of the
+    /// new namespace (e.g. `max_inotify_instances`, which then caps each uid of the
+    /// namespace on its own), as `(name, value)` without the `user.` prefix.
+    pub userns_sysctls: Vec<(String, u64)>,
 }
 
 impl SandboxSpec {
@@ -123,6 +127,7 @@ impl SandboxSpec {
             rlimits: Rlimits::default(),
             userns_root: false,
             pass_fds: Vec::new(),
+            userns_sysctls: Vec::new(),
         }
     }
 

@@ -100,6 +100,10 @@ pub struct AgentConfig {
     pub zygote_bin: PathBuf,
     /// Hatchery's parent cgroup.
     pub cgroup_parent: String,
+    /// Ceilings written into the parent cgroup at start: memory and processes of all
+    /// sandboxes of this host together (`None`: no ceiling).
+    pub host_memory_max: Option<u64>,
+    pub host_pids_max: Option<u64>,
     /// How often a running execution's usage is sampled (and streamed).
     pub usage_interval: Duration,
     /// Bytes an execution may emit (stdout and stderr, progress messages, its value)
@@ -146,6 +150,8 @@ impl AgentConfig {
             sandbox_bin: dir.join("sandbox"),
             zygote_bin: dir.join("hatchery-zygote"),
             cgroup_parent: hatchery_sandbox::run::DEFAULT_CGROUP_PARENT.into(),
+            host_memory_max: None,
+            host_pids_max: None,
             usage_interval: Duration::from_millis(500),
             output_limit: 16 << 20,
             max_events: hatchery_sandbox::pool::DEFAULT_MAX_EVENTS,
@@ -230,8 +236,13 @@ impl Agent {
             tracing::warn!(agent = %cfg.id, lost, "executions of a previous run of this agent marked lost");
         }
         let parent = cfg.cgroup_parent.clone();
+        let ceiling = (cfg.host_memory_max, cfg.host_pids_max);
         let reaped = tokio::task::spawn_blocking(move || {
-            CgroupRoot::detect(&parent).map(|root| hatchery_sandbox::gc::collect(&root))
+            CgroupRoot::detect(&parent).and_then(|root| {
+                let summary = hatchery_sandbox::gc::collect(&root);
+                root.set_ceiling(ceiling.0, ceiling.1)?;
+                Ok(summary)
+            })
         })
         .await
         .map_err(|e| AgentError::Runtime(format!("gc task: {e}")))?;

@@ -181,7 +181,7 @@ fn limits_are_written_and_reset_to_unlimited() {
         pids: Some(100),
     })
     .unwrap();
-    cg.apply(&Limits::default()).unwrap();
+    cg.apply(&Limits::UNLIMITED).unwrap();
     match root.version() {
         CgroupVersion::V1 => {
             let unlimited: u64 = read(cg.dir("memory").join("memory.limit_in_bytes"))
@@ -206,7 +206,7 @@ fn memory_limit_oom_kills_and_is_counted() {
     let cg = TestCgroup::new(&root);
     cg.apply(&Limits {
         memory_bytes: Some(32 << 20),
-        ..Limits::default()
+        ..Limits::UNLIMITED
     })
     .unwrap();
     // `tail` buffers a newline-free stream forever: an unbounded allocation.
@@ -227,13 +227,82 @@ fn memory_limit_oom_kills_and_is_counted() {
     );
 }
 
+/// A parent of this test's own under `hatchery/`, removed (after its children) on drop.
+struct TestParent(CgroupRoot);
+
+impl TestParent {
+    fn new(tag: &str) -> TestParent {
+        require_root();
+        let parent = format!("{PARENT}/{tag}-{}", std::process::id());
+        TestParent(CgroupRoot::detect(&parent).expect("detect cgroups"))
+    }
+}
+
+impl Drop for TestParent {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.0.remove_if_empty().unwrap_or(false) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The host-wide ceiling written into Hatchery's parent holds over every sandbox's own,
+/// larger limit: 48 MiB for all, 512 MiB for the sandbox, an unbounded allocation ends
+/// OOM-killed at the ceiling; the pids ceiling refuses forks the same way.
+#[test]
+fn the_parent_ceiling_caps_every_sandbox_below_it() {
+    let parent = TestParent::new("ceiling");
+    parent
+        .0
+        .set_ceiling(Some(48 << 20), Some(8))
+        .expect("write the ceiling");
+    let cg = TestCgroup::new(&parent.0);
+    cg.apply(&Limits {
+        memory_bytes: Some(512 << 20),
+        cpus: None,
+        pids: Some(1000),
+    })
+    .unwrap();
+    let mut hog = spawn_in(&cg, "exec tail /dev/zero");
+    let status = hog.0.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "hog ended with {status:?}"
+    );
+    let usage = cg.usage();
+    assert!(
+        usage.memory_peak_bytes <= 49 << 20,
+        "peak {} above the parent's 48 MiB ceiling",
+        usage.memory_peak_bytes
+    );
+    // Eight tasks for the whole parent: twenty background sleeps cannot all start (the
+    // shell gives up at the first refused fork); count what lives in the cgroup.
+    let mut forks = spawn_in(
+        &cg,
+        "i=0; while [ $i -lt 20 ]; do sleep 30 >/dev/null 2>&1 & i=$((i+1)); done; wait",
+    );
+    wait_until("the forks to stop growing", Duration::from_secs(10), || {
+        matches!(forks.0.try_wait(), Ok(Some(_))) || cg.procs().len() >= 20
+    });
+    let alive = cg.procs().len();
+    assert!(
+        (1..8).contains(&alive),
+        "{alive} processes in a sandbox under a parent ceiling of 8 tasks"
+    );
+    drop(cg);
+    parent.0.set_ceiling(None, None).expect("lift the ceiling");
+}
+
 #[test]
 fn cpu_quota_throttles_a_busy_loop_to_about_half_a_core() {
     let root = root();
     let cg = TestCgroup::new(&root);
     cg.apply(&Limits {
         cpus: Some(0.5),
-        ..Limits::default()
+        ..Limits::UNLIMITED
     })
     .unwrap();
     let before = cg.usage();
@@ -259,7 +328,7 @@ fn pids_limit_refuses_forks_beyond_it() {
     let cg = TestCgroup::new(&root);
     cg.apply(&Limits {
         pids: Some(5),
-        ..Limits::default()
+        ..Limits::UNLIMITED
     })
     .unwrap();
     let _sh = spawn_in(

@@ -452,7 +452,7 @@ fn memory_limit_is_per_claim_from_the_same_pool() {
     let mut small = request(code);
     small.limits = Limits {
         memory_bytes: Some(64 * MIB),
-        ..Limits::default()
+        ..Limits::UNLIMITED
     };
     let oom = tp.run(small);
     oom.assert_status(ExecStatus::OomKilled);
@@ -465,7 +465,7 @@ fn memory_limit_is_per_claim_from_the_same_pool() {
     let mut large = request(code);
     large.limits = Limits {
         memory_bytes: Some(512 * MIB),
-        ..Limits::default()
+        ..Limits::UNLIMITED
     };
     let ok = tp.run(large);
     ok.assert_status(ExecStatus::Succeeded);
@@ -501,7 +501,7 @@ invisible(NULL)"#;
     let mut quarter = request(code);
     quarter.limits = Limits {
         cpus: Some(0.25),
-        ..Limits::default()
+        ..Limits::UNLIMITED
     };
     let limited = tp.run(quarter);
     limited.assert_status(ExecStatus::Succeeded);

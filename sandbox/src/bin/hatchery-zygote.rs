@@ -27,6 +27,9 @@ struct Args {
     exec_args: Vec<String>,
     #[arg(long, default_value = "sandbox")]
     hostname: String,
+    /// A path bound into the zygote's sandbox that each sandbox binds again (repeatable).
+    #[arg(long = "rebind")]
+    rebinds: Vec<std::path::PathBuf>,
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     tmp_size: u64,
     #[arg(long, value_parser = parse_size, default_value = "64M")]
@@ -67,6 +70,14 @@ fn main() {
     serve(ZygoteConfig {
         language,
         shape: SandboxShape {
+            binds: args
+                .rebinds
+                .into_iter()
+                .map(|p| hatchery_sandbox::spec::Bind {
+                    source: p.clone(),
+                    target: p,
+                })
+                .collect(),
             hostname: args.hostname,
             tmp_size: args.tmp_size,
             work_size: args.work_size,

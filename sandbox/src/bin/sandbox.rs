@@ -92,6 +92,11 @@ struct RunArgs {
     /// (repeatable). Every other descriptor above 2 is closed.
     #[arg(long = "pass-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
     pass_fds: Vec<i32>,
+    /// A limit of the new user namespace, `NAME=VALUE` for `/proc/sys/user/NAME`
+    /// (repeatable), e.g. `max_inotify_instances=8`: it then caps each uid inside on its
+    /// own.
+    #[arg(long = "userns-sysctl", value_name = "NAME=VALUE", value_parser = parse_userns_sysctl, requires = "userns")]
+    userns_sysctls: Vec<(String, u64)>,
     /// First host uid/gid of the range the user namespace maps 0..65536 to.
     #[arg(long, default_value_t = DEFAULT_USERNS_BASE, requires = "userns")]
     userns_base: u32,
@@ -247,6 +252,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// `NAME=VALUE` of a user-namespace limit: a plain name (the files of
+/// `/proc/sys/user/`), a whole number.
+fn parse_userns_sysctl(text: &str) -> Result<(String, u64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    let name = name.trim().trim_start_matches("user.");
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        return Err(format!("{name:?} is not a user namespace limit name"));
+    }
+    let value = value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{value:?} is not a whole number"))?;
+    Ok((name.to_string(), value))
+}
+
 fn require_root() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("sandbox must run as root (it creates namespaces and cgroups)");
@@ -304,6 +326,7 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
     spec.userns_base = args.userns.then_some(args.userns_base);
     spec.userns_root = args.userns_root;
     spec.pass_fds = args.pass_fds.clone();
+    spec.userns_sysctls = args.userns_sysctls.clone();
     spec.tmp_size = args.tmp_size;
     spec.work_size = args.work_size;
     spec.rlimits = Rlimits {

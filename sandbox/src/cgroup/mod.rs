@@ -218,6 +218,32 @@ impl CgroupRoot {
         Ok(sandbox)
     }
 
+    /// Writes a ceiling into the parent itself (created if missing): memory and pids
+    /// limits that hold for all of Hatchery's sandboxes on this host together, whatever
+    /// each sandbox's own limits say (`None` lifts that ceiling). CPU is not capped here.
+    pub fn set_ceiling(&self, memory_bytes: Option<u64>, pids: Option<u64>) -> Result<()> {
+        let cg = Cgroup::new_with_specified_controllers(
+            self.hierarchy(),
+            self.parent.clone(),
+            Some(self.controllers()),
+        )
+        .map_err(|source| CgroupError::Create {
+            path: self.parent.clone(),
+            source,
+        })?;
+        let parent = SandboxCgroup {
+            version: self.version,
+            name: self.parent.clone(),
+            dirs: self.dirs.clone(),
+            cg,
+        };
+        parent.apply(&Limits {
+            memory_bytes,
+            cpus: None,
+            pids,
+        })
+    }
+
     /// Opens an existing sandbox cgroup (for cleanup of orphans).
     pub fn open(&self, name: &str) -> Result<SandboxCgroup> {
         check_name(name)?;

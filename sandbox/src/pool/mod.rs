@@ -110,6 +110,10 @@ pub struct PoolConfig {
     /// Host paths mounted read-only into the zygote's sandbox, which every sandbox it
     /// forks inherits (data sets, a test probe).
     pub binds: Vec<crate::spec::Bind>,
+    /// inotify instances and watches each sandbox may hold (the kernel counts them per
+    /// uid; each sandbox has its own).
+    pub inotify_instances: u64,
+    pub inotify_watches: u64,
     /// Limits written into each sandbox's cgroup while it is pooled (e.g. the platform's
     /// default policy): a claim asking for exactly these writes nothing on its path.
     pub default_limits: Option<Limits>,
@@ -141,6 +145,8 @@ impl PoolConfig {
             claim_timeout: Duration::from_secs(120),
             binds: Vec::new(),
             default_limits: None,
+            inotify_instances: 8,
+            inotify_watches: 8192,
         }
     }
 }
@@ -1366,6 +1372,17 @@ impl Maintainer {
             .arg("--rootfs")
             .arg(&cfg.rootfs)
             .args(["--userns", "--userns-root", "--pass-fd", "3"])
+            // Per uid of the zygote's namespace, i.e. per sandbox: a few inotify
+            // instances and watches; and no nested user namespaces at all.
+            .arg(format!(
+                "--userns-sysctl=max_inotify_instances={}",
+                cfg.inotify_instances
+            ))
+            .arg(format!(
+                "--userns-sysctl=max_inotify_watches={}",
+                cfg.inotify_watches
+            ))
+            .arg("--userns-sysctl=max_user_namespaces=0")
             .arg("--userns-base")
             .arg(cfg.userns_base.to_string())
             .arg("--ro-bind")
@@ -1403,6 +1420,9 @@ impl Maintainer {
             .arg(cfg.rlimits.message_queues.to_string())
             .arg("--pending-signals")
             .arg(cfg.rlimits.pending_signals.to_string());
+        for b in &cfg.binds {
+            cmd.arg("--rebind").arg(&b.target);
+        }
         match &cfg.language {
             Language::R { packages } => {
                 cmd.args(["--language", "r"]);

@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::unistd;
 
@@ -54,9 +53,15 @@ impl Language {
     }
 }
 
+/// Where a pooled sandbox stages its root (an empty directory of the image).
+const POOLED_STAGE: &str = "/run/mount";
+
 /// How the zygote's sandboxes are confined (the parts that do not depend on the claim).
 #[derive(Debug, Clone)]
 pub struct SandboxShape {
+    /// Paths bound into the zygote's sandbox (data sets, a test probe) that each sandbox
+    /// binds again, read-only, at the same place.
+    pub binds: Vec<crate::spec::Bind>,
     pub hostname: String,
     pub tmp_size: u64,
     pub work_size: u64,
@@ -440,54 +445,20 @@ fn contain(
     unistd::sethostname(&shape.hostname).map_err(step("set hostname"))?;
     crate::container::loopback_up().map_err(step("bring up loopback"))?;
 
-    // Mounts: nothing of one sandbox is visible to another, or to the zygote.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(step("make mounts private"))?;
-    mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(step("mount /proc"))?;
-    crate::mounts::mask_paths(Path::new("/"))?;
-    let tmpfs = |target: &str, opts: String, stage: &'static str| {
-        mount(
-            Some("tmpfs"),
-            target,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(opts.as_str()),
-        )
-        .map_err(step(stage))
-    };
-    tmpfs(
-        "/tmp",
-        format!("size={},mode=1777", shape.tmp_size.max(4096)),
-        "mount /tmp",
-    )?;
-    tmpfs(
-        "/work",
-        format!(
-            "size={},mode=0755,uid={},gid={}",
-            shape.work_size.max(4096),
-            uid,
-            uid
-        ),
-        "mount the work directory",
-    )?;
-    tmpfs(
-        "/dev/shm",
-        format!("size={},mode=1777", shape.tmp_size.max(4096)),
-        "mount /dev/shm",
-    )?;
+    // Mounts: a root of its own — an overlay over the zygote's root, so no superblock
+    // (file locks, inotify) is shared with another sandbox — with fresh /proc, /sys and
+    // /dev, private /tmp, /work and /dev/shm, and the zygote's binds; then pivot_root, so
+    // nothing of the zygote's mount tree stays reachable.
+    crate::mounts::enter(&crate::mounts::RootPlan {
+        lower: Path::new("/"),
+        stage: Path::new(POOLED_STAGE),
+        binds: &shape.binds,
+        userxattr: true,
+        tmp_size: shape.tmp_size,
+        work_size: shape.work_size,
+        uid,
+        gid: uid,
+    })?;
 
     // Stdio: output goes to the agent's pipes; no terminal, no input. Then the
     // unprivileged uid with no capabilities.
