@@ -18,6 +18,7 @@ use crate::encrypted::EncryptedObjects;
 use crate::objects::{ObjectError, Objects};
 use crate::placement::run_scheduler;
 use crate::platform::{Platform, PlatformConfig};
+use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
 
 /// How often retention runs at most (it also runs once at start).
@@ -60,7 +61,7 @@ impl EmbeddedNode {
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
         let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(
             &cfg.data_dir.join("objects"),
-            cfg.object_key,
+            Keyring::single(cfg.object_key),
         )?);
 
         // Subscribed before the agent starts, so its first status is seen.

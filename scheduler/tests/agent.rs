@@ -25,6 +25,7 @@ use hatchery_scheduler::model::{
 };
 use hatchery_scheduler::objects::Objects;
 use hatchery_scheduler::placement::run_scheduler;
+use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{Admission, AdmissionRules, Store};
 
 const MIB: u64 = 1 << 20;
@@ -171,7 +172,8 @@ impl Env {
             Arc::new(EmbeddedStore::open(&dir.path().join("store")).expect("open store"));
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
         let objects: Arc<dyn Objects> = Arc::new(
-            EncryptedObjects::local(&dir.path().join("objects"), [7u8; 32]).expect("objects"),
+            EncryptedObjects::local(&dir.path().join("objects"), Keyring::single([7u8; 32]))
+                .expect("objects"),
         );
         let statuses = bus.subscribe_status();
         let scheduler = {

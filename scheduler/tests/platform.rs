@@ -12,6 +12,7 @@ use hatchery_scheduler::model::{
 use hatchery_scheduler::platform::{
     ListQuery, Platform, PlatformConfig, PlatformError, SubmitRequest,
 };
+use hatchery_scheduler::seal::Keyring;
 
 struct Fixture {
     platform: Platform,
@@ -21,7 +22,9 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("store")).unwrap();
-    let objects = EncryptedObjects::local(&dir.path().join("objects"), generate_key()).unwrap();
+    let objects =
+        EncryptedObjects::local(&dir.path().join("objects"), Keyring::single(generate_key()))
+            .unwrap();
     let platform = Platform {
         config: Arc::new(PlatformConfig::default()),
         store: Arc::new(store),
