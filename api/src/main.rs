@@ -19,6 +19,7 @@ use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
 use hatchery_scheduler::model::Role;
 use hatchery_scheduler::node::{EmbeddedNode, NodeConfig};
+use hatchery_scheduler::seal::Keyring;
 
 const SPLIT_ROLE: &str =
     "needs the Redis backend (next issue); use `hatchery up` to run every role in one process";
@@ -245,7 +246,7 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
         data_dir: cfg.data_dir.clone(),
         agent,
         platform: cfg.platform_config(),
-        object_key: keys.object_key,
+        keyring: Keyring::single(keys.object_key),
     })
     .await
     .context("starting the platform")?;
