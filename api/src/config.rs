@@ -1,19 +1,21 @@
 //! Configuration of the `hatchery` binary: embedded defaults, overridden by a TOML file
 //! (`--config FILE`, else `./hatchery.toml` when present), overridden by `HATCHERY_*`
 //! environment variables. Also the platform's secrets (`<data_dir>/keys.toml`): the
-//! token signing key and the object encryption key, generated on first use.
+//! token signing key and the encryption keys by id (see [`Keys`]), generated on first
+//! use and rotated by [`Keys::rotate`].
 //!
 //! This module only reads and validates settings; it starts nothing.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
 use hatchery_scheduler::model::{EffectivePolicy, Policy};
 use hatchery_scheduler::platform::PlatformConfig;
+use hatchery_scheduler::seal::{generate_key, KeyId, Keyring, KeyringError};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -438,17 +440,43 @@ pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
-/// The platform's secrets: the HS256 key signing API tokens and the AES-256-GCM key of
-/// the object store. Stored in `<data_dir>/keys.toml` (mode 0600).
+/// The platform's secrets, in `<data_dir>/keys.toml` (mode 0600): the HS256 key signing
+/// API tokens, and the AES-256-GCM encryption keys, by id, that seal everything a user
+/// produced at rest (code, results, execution records, event logs), one of them current:
+///
+/// ```toml
+/// signing_key = "<base64>"
+/// current_key = 2
+///
+/// [[encryption_keys]]
+/// id = 1
+/// key = "<base64 of 32 bytes>"
+///
+/// [[encryption_keys]]
+/// id = 2
+/// key = "<base64 of 32 bytes>"
+/// ```
+///
+/// New data is sealed with the current key; data is opened with the key its header
+/// names, so every key that sealed data still kept must stay in the file. The single-key
+/// format of earlier versions (`object_key = "<base64>"`) reads as key 1, current.
+/// [`Keys::rotate`] (`hatchery admin rotate-key`) adds a fresh key and makes it current.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Keys {
     pub signing_key: Vec<u8>,
-    pub object_key: [u8; 32],
+    /// The encryption keys by id.
+    pub encryption_keys: BTreeMap<KeyId, [u8; 32]>,
+    /// The key new data is sealed with.
+    pub current_key: KeyId,
 }
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Keys { .. }")
+        // Key ids only, never key material.
+        f.debug_struct("Keys")
+            .field("current_key", &self.current_key)
+            .field("key_ids", &self.encryption_keys.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -456,19 +484,67 @@ impl std::fmt::Debug for Keys {
 #[serde(deny_unknown_fields)]
 struct KeysFile {
     signing_key: String,
-    object_key: String,
+    /// The single-key format of earlier versions: encryption key 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    object_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    current_key: Option<KeyId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    encryption_keys: Vec<KeyEntry>,
 }
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    id: KeyId,
+    key: String,
+}
+
+const KEYS_FILE_HEADER: &str = "\
+# Hatchery's secrets, generated on first start. Keep this file private (0600) and back it
+# up with the data: signing_key signs API tokens; encryption_keys seal code, results,
+# execution records and event logs at rest. New data is sealed with current_key; data is
+# opened with the key it names, so keep every key whose data you keep.
+# `hatchery admin rotate-key` adds a fresh key and makes it current.
+";
 
 impl Keys {
     fn generate() -> Keys {
         let mut signing_key = vec![0u8; 32];
-        let mut object_key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut signing_key);
-        rand::rngs::OsRng.fill_bytes(&mut object_key);
         Keys {
             signing_key,
-            object_key,
+            encryption_keys: BTreeMap::from([(1, generate_key())]),
+            current_key: 1,
         }
+    }
+
+    /// The encryption keys as the keyring the store and the object store seal with.
+    pub fn keyring(&self) -> Result<Keyring, KeyringError> {
+        Keyring::new(
+            self.encryption_keys.iter().map(|(id, key)| (*id, *key)),
+            self.current_key,
+        )
+    }
+
+    /// The file's text (always in the format with key ids).
+    fn to_text(&self) -> Result<String, String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let file = KeysFile {
+            signing_key: b64.encode(&self.signing_key),
+            object_key: None,
+            current_key: Some(self.current_key),
+            encryption_keys: self
+                .encryption_keys
+                .iter()
+                .map(|(id, key)| KeyEntry {
+                    id: *id,
+                    key: b64.encode(key),
+                })
+                .collect(),
+        };
+        let body = toml::to_string(&file).map_err(|e| e.to_string())?;
+        Ok(format!("{KEYS_FILE_HEADER}{body}"))
     }
 
     /// Reads `path`, or creates it with fresh random keys when it does not exist. Two
@@ -492,28 +568,12 @@ impl Keys {
             .create(dir)
             .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
         let keys = Self::generate();
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let text = format!(
-            "# Hatchery's secrets, generated on first start. Keep this file private:\n\
-             # signing_key signs API tokens; object_key encrypts code and results at rest.\n\
-             {}",
-            toml::to_string(&KeysFile {
-                signing_key: b64.encode(&keys.signing_key),
-                object_key: b64.encode(keys.object_key),
-            })
-            .map_err(|e| err(e.to_string()))?
-        );
-        let tmp = dir.join(format!(".keys.toml.{}", uuid::Uuid::new_v4().simple()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        };
-        write().map_err(|e| err(format!("writing {}: {e}", tmp.display())))?;
+        let tmp = write_private_temp(dir, &keys.to_text().map_err(err)?).map_err(|e| {
+            err(format!(
+                "writing a temporary file in {}: {e}",
+                dir.display()
+            ))
+        })?;
         let linked = std::fs::hard_link(&tmp, path);
         let _ = std::fs::remove_file(&tmp);
         match linked {
@@ -523,29 +583,163 @@ impl Keys {
         }
     }
 
+    /// Reads the keys file (either format). A file readable by others is made 0600.
     pub fn read(path: &Path) -> Result<Keys, ConfigError> {
         let err = |message: String| ConfigError::Keys {
             path: path.to_path_buf(),
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let file: KeysFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let keys = Self::parse(&text).map_err(err)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+        Ok(keys)
+    }
+
+    fn parse(text: &str) -> Result<Keys, String> {
+        let file: KeysFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let signing_key = b64
             .decode(file.signing_key.trim())
-            .map_err(|e| err(format!("signing_key is not base64: {e}")))?;
+            .map_err(|e| format!("signing_key is not base64: {e}"))?;
         if signing_key.len() < 32 {
-            return Err(err("signing_key must be at least 32 bytes".into()));
+            return Err("signing_key must be at least 32 bytes".into());
         }
-        let object_key: [u8; 32] = b64
-            .decode(file.object_key.trim())
-            .map_err(|e| err(format!("object_key is not base64: {e}")))?
-            .try_into()
-            .map_err(|_| err("object_key must be exactly 32 bytes".into()))?;
-        Ok(Keys {
+        let key = |what: &str, text: &str| -> Result<[u8; 32], String> {
+            b64.decode(text.trim())
+                .map_err(|e| format!("{what} is not base64: {e}"))?
+                .try_into()
+                .map_err(|_| format!("{what} must be exactly 32 bytes"))
+        };
+        let (encryption_keys, current_key) = match file.object_key {
+            Some(object_key) => {
+                if file.current_key.is_some() || !file.encryption_keys.is_empty() {
+                    return Err("has both object_key (the single-key format) and \
+                                current_key/encryption_keys: keep one"
+                        .into());
+                }
+                (BTreeMap::from([(1, key("object_key", &object_key)?)]), 1)
+            }
+            None => {
+                let mut keys = BTreeMap::new();
+                for e in &file.encryption_keys {
+                    let k = key(&format!("encryption key {}", e.id), &e.key)?;
+                    if keys.insert(e.id, k).is_some() {
+                        return Err(format!("encryption key id {} appears twice", e.id));
+                    }
+                }
+                let current = match (file.current_key, keys.len()) {
+                    (Some(c), _) => c,
+                    (None, 1) => *keys.keys().next().expect("one key"),
+                    (None, 0) => return Err("holds no encryption key ([[encryption_keys]])".into()),
+                    (None, _) => return Err("current_key is missing".into()),
+                };
+                (keys, current)
+            }
+        };
+        let keys = Keys {
             signing_key,
-            object_key,
-        })
+            encryption_keys,
+            current_key,
+        };
+        keys.keyring().map_err(|e| e.to_string())?;
+        Ok(keys)
+    }
+
+    /// Adds a fresh random encryption key (the next id) to the keys file at `path` and
+    /// makes it current; the other keys stay. The file is replaced atomically, under a
+    /// lock on its directory so concurrent rotations do not lose a key. Running
+    /// processes keep the keys they started with until they restart. Returns the new
+    /// keys; a missing file is an error (nothing to rotate).
+    pub fn rotate(path: &Path) -> Result<Keys, ConfigError> {
+        let err = |message: String| ConfigError::Keys {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !path.exists() {
+            return Err(err(
+                "does not exist: nothing to rotate (is data_dir right? `hatchery up` \
+                 creates it on first start)"
+                    .into(),
+            ));
+        }
+        let dir = path
+            .parent()
+            .ok_or_else(|| err("has no parent directory".into()))?;
+        let _lock =
+            DirLock::exclusive(dir).map_err(|e| err(format!("locking {}: {e}", dir.display())))?;
+        let mut keys = Self::read(path)?;
+        let next = keys
+            .encryption_keys
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| err("no key id is left".into()))?;
+        keys.encryption_keys.insert(next, generate_key());
+        keys.current_key = next;
+        let tmp = write_private_temp(dir, &keys.to_text().map_err(err)?).map_err(|e| {
+            err(format!(
+                "writing a temporary file in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let replaced = std::fs::rename(&tmp, path)
+            .and_then(|()| std::fs::File::open(dir).and_then(|d| d.sync_all()));
+        if let Err(e) = replaced {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(format!("replacing: {e}")));
+        }
+        Ok(keys)
+    }
+}
+
+/// A new file in `dir` (mode 0600) holding `text`, synced; its path.
+fn write_private_temp(dir: &Path, text: &str) -> std::io::Result<PathBuf> {
+    let tmp = dir.join(format!(".keys.toml.{}", uuid::Uuid::new_v4().simple()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+/// An exclusive `flock` on a directory, released when dropped (or when the process dies).
+struct DirLock(std::fs::File);
+
+impl DirLock {
+    fn exclusive(dir: &Path) -> std::io::Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(dir)?;
+        loop {
+            // SAFETY: flock(2) on a descriptor we own and keep open while the lock is held.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(DirLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on the descriptor this guard owns; closing it would release
+        // the lock as well.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -629,5 +823,150 @@ mod tests {
         assert_eq!(a, b);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(a.current_key, 1);
+        assert_eq!(a.encryption_keys.len(), 1);
+        assert_eq!(a.keyring().unwrap().ids(), vec![1]);
+    }
+
+    const SIGNING: &str = "c2lnbmluZy1rZXktb2YtYXQtbGVhc3QtMzItYnl0ZXMtbG9uZw==";
+    const KEY_A: [u8; 32] = [0x11; 32];
+
+    fn b64(k: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(k)
+    }
+
+    #[test]
+    fn the_single_key_format_reads_as_key_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "signing_key = \"{SIGNING}\"\nobject_key = \"{}\"\n",
+                b64(&KEY_A)
+            ),
+        )
+        .unwrap();
+        let k = Keys::read(&path).unwrap();
+        assert_eq!(k.current_key, 1);
+        assert_eq!(k.encryption_keys, BTreeMap::from([(1, KEY_A)]));
+        // A keys file readable by others is made private.
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn rotation_adds_a_current_key_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        assert!(matches!(Keys::rotate(&path), Err(ConfigError::Keys { .. })));
+        std::fs::write(
+            &path,
+            format!(
+                "signing_key = \"{SIGNING}\"\nobject_key = \"{}\"\n",
+                b64(&KEY_A)
+            ),
+        )
+        .unwrap();
+        let before = Keys::read(&path).unwrap();
+        let r = Keys::rotate(&path).unwrap();
+        assert_eq!(r.current_key, 2);
+        assert_eq!(r.encryption_keys[&1], KEY_A);
+        assert_ne!(r.encryption_keys[&2], KEY_A);
+        assert_eq!(r.signing_key, before.signing_key);
+        assert_eq!(Keys::read(&path).unwrap(), r);
+        let r3 = Keys::rotate(&path).unwrap();
+        assert_eq!(r3.current_key, 3);
+        assert_eq!(r3.keyring().unwrap().ids(), vec![1, 2, 3]);
+        assert_eq!(r3.encryption_keys[&2], r.encryption_keys[&2]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("current_key = 3"), "{text}");
+        assert!(!text.contains("object_key"), "{text}");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Key material never shows in Debug.
+        let dbg = format!("{r3:?}");
+        assert_eq!(dbg, "Keys { current_key: 3, key_ids: [1, 2, 3], .. }");
+    }
+
+    #[test]
+    fn concurrent_rotations_lose_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        Keys::load_or_create(&path).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || Keys::rotate(&path).unwrap().current_key)
+            })
+            .collect();
+        let mut ids: Vec<KeyId> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        ids.sort();
+        assert_eq!(ids, vec![2, 3, 4, 5]);
+        let k = Keys::read(&path).unwrap();
+        assert_eq!(k.current_key, 5);
+        assert_eq!(k.encryption_keys.len(), 5);
+    }
+
+    #[test]
+    fn bad_keys_files_are_refused_with_the_reason() {
+        let a = b64(&KEY_A);
+        let cases = [
+            (
+                format!("signing_key = \"{SIGNING}\"\n"),
+                "no encryption key",
+            ),
+            (
+                format!("signing_key = \"{SIGNING}\"\nobject_key = \"{a}\"\ncurrent_key = 1\n"),
+                "keep one",
+            ),
+            (
+                format!(
+                    "signing_key = \"{SIGNING}\"\ncurrent_key = 2\n\
+                     [[encryption_keys]]\nid = 1\nkey = \"{a}\"\n"
+                ),
+                "current key 2 is not in the keyring",
+            ),
+            (
+                format!(
+                    "signing_key = \"{SIGNING}\"\n\
+                     [[encryption_keys]]\nid = 1\nkey = \"{a}\"\n\
+                     [[encryption_keys]]\nid = 2\nkey = \"{a}\"\n"
+                ),
+                "current_key is missing",
+            ),
+            (
+                format!(
+                    "signing_key = \"{SIGNING}\"\ncurrent_key = 1\n\
+                     [[encryption_keys]]\nid = 1\nkey = \"{a}\"\n\
+                     [[encryption_keys]]\nid = 1\nkey = \"{a}\"\n"
+                ),
+                "appears twice",
+            ),
+            (
+                format!(
+                    "signing_key = \"{SIGNING}\"\ncurrent_key = 1\n\
+                     [[encryption_keys]]\nid = 1\nkey = \"c2hvcnQ=\"\n"
+                ),
+                "exactly 32 bytes",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Keys::parse(&text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+            assert!(!e.contains(&a), "the error shows a key: {e}");
+        }
+        // The new format with one key needs no current_key.
+        let k = Keys::parse(&format!(
+            "signing_key = \"{SIGNING}\"\n[[encryption_keys]]\nid = 7\nkey = \"{a}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(k.current_key, 7);
     }
 }

@@ -4,6 +4,8 @@
 //!   node (store, bus, encrypted objects, scheduler, one agent with its warm pools) and
 //!   the HTTP + WebSocket API.
 //! * `hatchery token create` — prints a bearer token signed with the platform's key.
+//! * `hatchery admin rotate-key` — adds a fresh encryption key to `<data_dir>/keys.toml`
+//!   and makes it current, keeping the older ones.
 //! * `hatchery api | scheduler | agent` — the roles as separate processes; they need the
 //!   Redis backend of the next issue and say so.
 
@@ -52,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Administer this machine's platform data (the data_dir of the config).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Follow an execution's events over the API's WebSocket and print them as JSON lines
     /// (a minimal WebSocket client, so trying the platform needs nothing but curl and
     /// this binary). Exits when the execution has finished: 0 if it succeeded, 1
@@ -98,7 +105,21 @@ enum TokenCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Add a fresh encryption key to <data_dir>/keys.toml and make it current. The older
+    /// keys stay, so everything sealed with them stays readable; a running platform keeps
+    /// sealing with the key it started with until it is restarted. Prints key ids, never
+    /// keys.
+    RotateKey,
+}
+
 fn main() -> ExitCode {
+    // What the platform writes under its data dir is private (R15): files 0600, folders
+    // 0700, also those libraries create with default modes (the object store's). The
+    // sandbox runtime sets its own umask for what it creates.
+    // SAFETY: umask(2) only sets this process's file-mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up => up(cli.config.as_deref()),
@@ -111,6 +132,9 @@ fn main() -> ExitCode {
                     ttl,
                 },
         } => token_create(cli.config.as_deref(), &org, &user, role, ttl),
+        Command::Admin {
+            command: AdminCommand::RotateKey,
+        } => rotate_key(cli.config.as_deref()),
         Command::Watch {
             id,
             token,
@@ -148,6 +172,26 @@ fn token_create(
         .mint(org, user, role, ttl)
         .map_err(anyhow::Error::msg)?;
     println!("{token}");
+    Ok(())
+}
+
+fn rotate_key(config: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    let path = cfg.keys_path();
+    let keys = Keys::rotate(&path)?;
+    let ids: Vec<String> = keys
+        .encryption_keys
+        .keys()
+        .map(|id| id.to_string())
+        .collect();
+    println!(
+        "encryption key {current} added to {path} and made current (keys kept: {ids}).\n\
+         Restart `hatchery up` to seal new data with it; data sealed with the older keys \
+         stays readable while they are in the file.",
+        current = keys.current_key,
+        path = path.display(),
+        ids = ids.join(", "),
+    );
     Ok(())
 }
 
@@ -233,6 +277,11 @@ fn up(config: Option<&Path>) -> anyhow::Result<()> {
     let agent = agent_config(&cfg);
     preflight(&cfg, &agent)?;
     let keys = Keys::load_or_create(&cfg.keys_path())?;
+    tracing::info!(
+        current = keys.current_key,
+        keys = keys.encryption_keys.len(),
+        "encryption keys loaded"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -249,7 +298,9 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
         data_dir: cfg.data_dir.clone(),
         agent,
         platform: cfg.platform_config(),
-        object_key: keys.object_key,
+        keyring: keys
+            .keyring()
+            .with_context(|| format!("keys file {}", cfg.keys_path().display()))?,
     })
     .await
     .context("starting the platform")?;

@@ -1460,3 +1460,184 @@ fn tokens_from_the_same_config_share_the_key() {
     let (ok, _) = mint("king");
     assert!(!ok);
 }
+
+// ---------------------------------------------------------------- sealed at rest (R15)
+
+/// The marker as bytes and in base64 at each of the 3 alignments (without the characters
+/// that also depend on neighbouring bytes), in both alphabets.
+fn marker_forms(marker: &str) -> Vec<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+    use base64::Engine as _;
+    let mut forms = vec![marker.as_bytes().to_vec()];
+    for pad in 0..3 {
+        let bytes = [&vec![0u8; pad][..], marker.as_bytes()].concat();
+        for engine in [STANDARD, URL_SAFE] {
+            let text = engine.encode(&bytes);
+            forms.push(text.as_bytes()[4..text.len() - 4].to_vec());
+        }
+    }
+    forms
+}
+
+/// Every file and every folder under `dir` (`dir` included among the folders).
+fn tree(dir: &std::path::Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut files, mut dirs) = (Vec::new(), vec![dir.to_path_buf()]);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(entry.path());
+                stack.push(entry.path());
+            } else {
+                files.push(entry.path());
+            }
+        }
+    }
+    (files, dirs)
+}
+
+/// No file under the data dir holds the marker in any form; files are 0600, folders 0700.
+fn assert_sealed_and_private(data: &std::path::Path, marker: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let forms = marker_forms(marker);
+    let (files, dirs) = tree(data);
+    assert!(files.len() >= 5, "{files:?}");
+    for f in &files {
+        let raw = std::fs::read(f).unwrap();
+        for form in &forms {
+            assert!(
+                !raw.windows(form.len()).any(|w| w == form.as_slice()),
+                "{} holds {:?}",
+                f.display(),
+                String::from_utf8_lossy(form)
+            );
+        }
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    for d in &dirs {
+        assert_eq!(mode(d), 0o700, "{}", d.display());
+    }
+}
+
+/// The key ids in the headers of everything stored for execution `id`: record, each
+/// event line, code and result objects.
+fn key_ids_of_execution(data: &std::path::Path, id: &str) -> BTreeSet<u32> {
+    use base64::Engine as _;
+    use hatchery_scheduler::seal::key_id_of;
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut ids = BTreeSet::new();
+    for object in [format!("code/{id}"), format!("results/{id}")] {
+        ids.insert(key_id_of(&read(data.join("objects").join(object))).unwrap());
+    }
+    ids.insert(key_id_of(&read(data.join(format!("store/records/{id}.sealed")))).unwrap());
+    let events = read(data.join(format!("store/events/{id}.sealed")));
+    for line in String::from_utf8(events).unwrap().lines() {
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(line)
+            .unwrap();
+        ids.insert(key_id_of(&blob).unwrap());
+    }
+    ids
+}
+
+/// The events of a finished execution, from the start.
+async fn all_events(h: &Hatchery, token: &str, id: &str) -> Vec<Value> {
+    let mut ws = ws_connect(h, &format!("/v1/executions/{id}/events?token={token}"))
+        .await
+        .unwrap();
+    let (events, closed) = read_events(&mut ws, |_| false).await;
+    assert!(closed);
+    events
+}
+
+fn assert_marker_everywhere(events: &[Value], v: &Value, marker: &str) {
+    let has = |e: &Value, field: &str| e[field].as_str().is_some_and(|s| s.contains(marker));
+    for kind in ["stdout", "stderr"] {
+        assert!(
+            events.iter().any(|e| e["type"] == kind && has(e, "data")),
+            "no {kind} with the marker: {events:?}"
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "progress" && e["message"] == marker),
+        "{events:?}"
+    );
+    let fin = events.last().unwrap();
+    assert_eq!(fin["type"], "finished");
+    assert_eq!(
+        fin["value_json"],
+        json!(serde_json::to_string(marker).unwrap())
+    );
+    assert!(
+        fin["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains(marker)),
+        "{fin}"
+    );
+    assert_eq!(state(v), "succeeded", "{v}");
+    assert_eq!(
+        v["result"]["value_json"],
+        json!(serde_json::to_string(marker).unwrap())
+    );
+}
+
+#[test]
+fn what_a_user_produced_is_sealed_at_rest_and_survives_a_key_rotation() {
+    e2e(async {
+        let marker = format!("MARKER-{}-SEALED", uuid::Uuid::new_v4().simple());
+        let code =
+            format!("x <- \"{marker}\"; cat(x); message(x); progress(0.5, x); warning(x); x");
+        let mut h = Hatchery::started(Setup::default()).await;
+        let data = h.dir.join("data");
+        let t = h.token("acme", "ann", "user");
+
+        // The API gives everything back in the clear.
+        let old = run_r(&h, &t, &code).await;
+        let v = wait_terminal(&h, &t, &old).await;
+        let events = all_events(&h, &t, &old).await;
+        assert_marker_everywhere(&events, &v, &marker);
+
+        // On disk: nothing of it, all of it sealed with key 1, every file private.
+        h.stop_with(libc::SIGTERM);
+        assert_sealed_and_private(&data, &marker);
+        assert_eq!(key_ids_of_execution(&data, &old), BTreeSet::from([1]));
+
+        // Rotate: key 2 becomes current, key 1 stays.
+        let out = Command::new(HATCHERY)
+            .args(["admin", "rotate-key", "--config"])
+            .arg(&h.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("encryption key 2"), "{said}");
+        let keys = hatchery_api::config::Keys::read(&data.join("keys.toml")).unwrap();
+        assert_eq!(keys.current_key, 2);
+        assert_eq!(keys.encryption_keys.len(), 2);
+
+        // After a restart the old execution reads back the same; new work uses key 2.
+        h.spawn();
+        h.ready().await;
+        let again = execution(&h, &t, &old).await;
+        assert_eq!(again["result"], v["result"]);
+        assert_eq!(all_events(&h, &t, &old).await, events);
+        let new = run_r(&h, &t, &code).await;
+        let v = wait_terminal(&h, &t, &new).await;
+        let events = all_events(&h, &t, &new).await;
+        assert_marker_everywhere(&events, &v, &marker);
+        h.stop_with(libc::SIGTERM);
+        assert_sealed_and_private(&data, &marker);
+        assert_eq!(key_ids_of_execution(&data, &old), BTreeSet::from([1]));
+        assert_eq!(key_ids_of_execution(&data, &new), BTreeSet::from([2]));
+    });
+}

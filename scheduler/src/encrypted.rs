@@ -1,152 +1,107 @@
 //! [`Objects`] over any `object_store` backend (local filesystem in the embedded mode, S3
-//! later), every object sealed with AES-256-GCM under the platform key (R15).
+//! later), every object sealed with AES-256-GCM under the platform's [`Keyring`] (R15).
 //!
-//! An object at rest is `version byte || 96-bit nonce || ciphertext and 128-bit tag`. The
-//! nonce is fresh and random for every write. The version byte and the object's key are
-//! the associated data, so a blob copied or moved to another key fails authentication
-//! just like a tampered one. This module owns the key; it never logs it, prints it or
-//! writes it anywhere, and never returns unauthenticated bytes.
+//! An object at rest is a sealed blob of [`crate::seal`]: `0x02 || key id || 96-bit nonce
+//! || ciphertext and 128-bit tag`, sealed under the current key with a fresh random nonce,
+//! the version, the key id and the object's name bound as associated data, so a blob
+//! copied or moved to another name fails authentication just like a tampered one. Objects
+//! written before key ids existed (version 1) are still read, with key 1. This module
+//! never sees key material (the keyring holds it) and never returns unauthenticated bytes.
+//!
+//! On the local filesystem every object file is made 0600 and every directory 0700
+//! ([`crate::private_files`]), whatever the process umask; the `hatchery` binary also
+//! runs with umask 077, so the store's own staging files are private from the start.
 
 use std::fmt;
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
 use async_trait::async_trait;
-use base64::Engine as _;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::objects::{ObjectError, Objects};
-
-/// The format of the blobs this module writes.
-const VERSION: u8 = 1;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
-
-/// Why a key could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("a key must be 32 bytes, as 64 hex digits or base64; got {0} bytes")]
-    Length(usize),
-    #[error("a key must be 64 hex digits or base64")]
-    Encoding,
-}
-
-/// A fresh random 256-bit key from the operating system's generator.
-pub fn generate_key() -> [u8; 32] {
-    let key = Aes256Gcm::generate_key(OsRng);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(&key);
-    out
-}
-
-/// The key as 64 lower-case hex digits (what [`parse_key`] reads back).
-pub fn format_key(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Reads a key written as 64 hex digits, or as base64 (standard or URL-safe, padded or
-/// not) of 32 bytes. Surrounding white space is ignored.
-pub fn parse_key(text: &str) -> Result<[u8; 32], KeyError> {
-    let t = text.trim();
-    let bytes = if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        (0..32)
-            .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| KeyError::Encoding))
-            .collect::<Result<Vec<u8>, KeyError>>()?
-    } else {
-        use base64::engine::general_purpose::{
-            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
-        };
-        [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
-            .iter()
-            .find_map(|engine| engine.decode(t).ok())
-            .ok_or(KeyError::Encoding)?
-    };
-    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
-}
+use crate::private_files;
+pub use crate::seal::{format_key, generate_key, parse_key, KeyError};
+use crate::seal::{Binding, Keyring, SealError};
 
 /// Encrypted blobs over an object store. Cheap to share behind an `Arc`.
 pub struct EncryptedObjects {
     store: Arc<dyn ObjectStore>,
-    cipher: Aes256Gcm,
+    keyring: Keyring,
+    /// The directory of a local-filesystem store, whose files and folders are kept private.
+    local_root: Option<PathBuf>,
 }
 
 impl fmt::Debug for EncryptedObjects {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never the key.
+        // Key ids at most, never a key.
         f.debug_struct("EncryptedObjects")
             .field("store", &self.store.to_string())
+            .field("keyring", &self.keyring)
             .finish_non_exhaustive()
     }
 }
 
 impl EncryptedObjects {
-    pub fn new(store: Arc<dyn ObjectStore>, key: [u8; 32]) -> Self {
+    pub fn new(store: Arc<dyn ObjectStore>, keyring: Keyring) -> Self {
         EncryptedObjects {
             store,
-            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)),
+            keyring,
+            local_root: None,
         }
     }
 
-    /// Objects as files under `dir` (created if missing): the embedded mode.
-    pub fn local(dir: &FsPath, key: [u8; 32]) -> Result<Self, ObjectError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ObjectError::Io(format!("creating {}: {e}", dir.display())))?;
+    /// Objects as files under `dir` (created if missing, 0700): the embedded mode. Files
+    /// and folders already there are made private too (0600 / 0700).
+    pub fn local(dir: &FsPath, keyring: Keyring) -> Result<Self, ObjectError> {
+        private_files::create_dir(dir)
+            .and_then(|()| private_files::restrict_tree(dir))
+            .map_err(|e| ObjectError::Io(format!("preparing {}: {e}", dir.display())))?;
         let fs = LocalFileSystem::new_with_prefix(dir)
             .map_err(|e| ObjectError::Io(format!("opening {}: {e}", dir.display())))?;
-        Ok(Self::new(Arc::new(fs), key))
+        Ok(EncryptedObjects {
+            local_root: Some(dir.to_path_buf()),
+            ..Self::new(Arc::new(fs), keyring)
+        })
     }
 
     /// The sealed form of `plaintext` stored under `key`.
     fn seal(&self, key: &str, plaintext: &[u8]) -> Result<Vec<u8>, ObjectError> {
-        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let aad = associated_data(key);
-        let sealed = self
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| ObjectError::Io(format!("encrypting {key} failed")))?;
-        let mut blob = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        blob.push(VERSION);
-        blob.extend_from_slice(&nonce);
-        blob.extend_from_slice(&sealed);
-        Ok(blob)
+        self.keyring
+            .seal(Binding::Object(key), plaintext)
+            .map_err(|e| ObjectError::Io(format!("sealing {key}: {e}")))
     }
 
     /// The plaintext of a blob found under `key`, if it authenticates.
     fn open(&self, key: &str, blob: &[u8]) -> Result<Vec<u8>, ObjectError> {
-        let tampered = || ObjectError::Tampered(key.to_string());
-        if blob.len() < 1 + NONCE_LEN + TAG_LEN || blob[0] != VERSION {
-            return Err(tampered());
-        }
-        let nonce = Nonce::from_slice(&blob[1..1 + NONCE_LEN]);
-        let aad = associated_data(key);
-        self.cipher
-            .decrypt(
-                nonce,
-                Payload {
-                    msg: &blob[1 + NONCE_LEN..],
-                    aad: &aad,
+        self.keyring
+            .open(Binding::Object(key), blob)
+            .map_err(|e| match e {
+                SealError::UnknownKey(key_id) => ObjectError::KeyUnavailable {
+                    key: key.to_string(),
+                    key_id,
                 },
-            )
-            .map_err(|_| tampered())
+                _ => ObjectError::Tampered(key.to_string()),
+            })
     }
-}
 
-/// What the tag binds besides the bytes: the format version and where the object lives.
-fn associated_data(key: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(1 + key.len());
-    aad.push(VERSION);
-    aad.extend_from_slice(key.as_bytes());
-    aad
+    /// On the local filesystem: the object's file 0600, its folders 0700.
+    fn make_private(&self, key: &str) -> Result<(), ObjectError> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| ObjectError::Io(format!("{key}: restricting modes: {e}"));
+        let file = root.join(key);
+        private_files::restrict(&file, private_files::FILE_MODE).map_err(io)?;
+        let mut dir = file.parent();
+        while let Some(d) = dir.filter(|d| d.starts_with(root) && *d != root.as_path()) {
+            private_files::restrict(d, private_files::DIR_MODE).map_err(io)?;
+            dir = d.parent();
+        }
+        Ok(())
+    }
 }
 
 /// An object key as an object-store path; refuses empty keys and keys the store would
@@ -176,7 +131,7 @@ impl Objects for EncryptedObjects {
             .put(&path, PutPayload::from(blob))
             .await
             .map_err(|e| store_error(key, e))?;
-        Ok(())
+        self.make_private(key)
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError> {
@@ -206,9 +161,14 @@ impl Objects for EncryptedObjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::{key_id_of, LEGACY_VERSION, NONCE_LEN, OVERHEAD, TAG_LEN, VERSION};
+    use std::os::unix::fs::PermissionsExt;
+
+    const A: [u8; 32] = [7u8; 32];
+    const B: [u8; 32] = [8u8; 32];
 
     fn objects(dir: &FsPath) -> EncryptedObjects {
-        EncryptedObjects::local(dir, [7u8; 32]).unwrap()
+        EncryptedObjects::local(dir, Keyring::single(A)).unwrap()
     }
 
     const SECRET: &[u8] = b"model <- lm(cost ~ qaly, data = patients) # very secret";
@@ -254,14 +214,40 @@ mod tests {
         let o = objects(dir.path());
         o.put("code/abc", SECRET.to_vec()).await.unwrap();
         let raw = std::fs::read(dir.path().join("code/abc")).unwrap();
-        assert_eq!(raw.len(), 1 + NONCE_LEN + SECRET.len() + TAG_LEN);
+        assert_eq!(raw.len(), SECRET.len() + OVERHEAD);
         assert_eq!(raw[0], VERSION);
+        assert_eq!(key_id_of(&raw), Some(1));
         assert!(!raw.windows(6).any(|w| w == b"secret"));
         assert!(!raw.windows(SECRET.len()).any(|w| w == SECRET));
         // Two writes of the same plaintext differ (fresh nonce).
         o.put("code/abc", SECRET.to_vec()).await.unwrap();
         let again = std::fs::read(dir.path().join("code/abc")).unwrap();
         assert_ne!(raw, again);
+    }
+
+    #[tokio::test]
+    async fn objects_are_private_files_in_private_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("objects");
+        let o = objects(&root);
+        o.put("results/deep/abc", SECRET.to_vec()).await.unwrap();
+        let mode = |p: &FsPath| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("results")), 0o700);
+        assert_eq!(mode(&root.join("results/deep")), 0o700);
+        assert_eq!(mode(&root.join("results/deep/abc")), 0o600);
+        // A tree left with wide modes is tightened when it is opened.
+        std::fs::set_permissions(root.join("results"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(
+            root.join("results/deep/abc"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        drop(o);
+        let _o = objects(&root);
+        assert_eq!(mode(&root.join("results")), 0o700);
+        assert_eq!(mode(&root.join("results/deep/abc")), 0o600);
     }
 
     #[tokio::test]
@@ -273,9 +259,9 @@ mod tests {
         let good = std::fs::read(&file).unwrap();
         for i in [
             0,
-            1,
-            NONCE_LEN,
-            1 + NONCE_LEN,
+            5,
+            5 + NONCE_LEN - 1,
+            5 + NONCE_LEN,
             good.len() / 2,
             good.len() - 1,
         ] {
@@ -288,7 +274,7 @@ mod tests {
             );
         }
         // Truncated blobs, down to nothing.
-        for len in [good.len() - 1, 1 + NONCE_LEN + TAG_LEN - 1, 1, 0] {
+        for len in [good.len() - 1, OVERHEAD - 1, 1, 0] {
             std::fs::write(&file, &good[..len]).unwrap();
             assert!(matches!(
                 o.get("code/abc").await,
@@ -306,11 +292,63 @@ mod tests {
             .put("code/abc", SECRET.to_vec())
             .await
             .unwrap();
-        let other = EncryptedObjects::local(dir.path(), [8u8; 32]).unwrap();
+        let other = EncryptedObjects::local(dir.path(), Keyring::single(B)).unwrap();
         assert!(matches!(
             other.get("code/abc").await,
             Err(ObjectError::Tampered(k)) if k == "code/abc"
         ));
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_old_objects_readable_while_their_key_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        objects(dir.path())
+            .put("results/old", SECRET.to_vec())
+            .await
+            .unwrap();
+        let ab = Keyring::new([(1, A), (2, B)], 2).unwrap();
+        let o = EncryptedObjects::local(dir.path(), ab).unwrap();
+        assert_eq!(o.get("results/old").await.unwrap(), SECRET);
+        o.put("results/new", b"fresh".to_vec()).await.unwrap();
+        let raw = std::fs::read(dir.path().join("results/new")).unwrap();
+        assert_eq!(key_id_of(&raw), Some(2));
+        // Key 1 retired: the old object names the key it needs, the new one still reads.
+        let b_only = Keyring::new([(2, B)], 2).unwrap();
+        let o = EncryptedObjects::local(dir.path(), b_only).unwrap();
+        let err = o.get("results/old").await.unwrap_err();
+        assert!(
+            matches!(&err, ObjectError::KeyUnavailable { key, key_id: 1 } if key == "results/old"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("key 1"), "{err}");
+        assert_eq!(o.get("results/new").await.unwrap(), b"fresh");
+    }
+
+    #[tokio::test]
+    async fn version_1_objects_are_still_read_with_key_1() {
+        use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+        use aes_gcm::{Aes256Gcm, Key};
+        let dir = tempfile::tempdir().unwrap();
+        // Written the way the store wrote objects before key ids.
+        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&A));
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let aad = [&[LEGACY_VERSION][..], b"code/legacy"].concat();
+        let ct = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: SECRET,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("code")).unwrap();
+        let v1 = [&[LEGACY_VERSION][..], &nonce[..], &ct[..]].concat();
+        assert_eq!(v1.len(), 1 + NONCE_LEN + SECRET.len() + TAG_LEN);
+        std::fs::write(dir.path().join("code/legacy"), &v1).unwrap();
+        let o = EncryptedObjects::local(dir.path(), Keyring::new([(1, A), (2, B)], 2).unwrap())
+            .unwrap();
+        assert_eq!(o.get("code/legacy").await.unwrap(), SECRET);
     }
 
     #[tokio::test]
@@ -353,38 +391,9 @@ mod tests {
     }
 
     #[test]
-    fn keys_round_trip_through_text() {
-        let k = generate_key();
-        assert_ne!(k, generate_key());
-        let hex = format_key(&k);
-        assert_eq!(hex.len(), 64);
-        assert_eq!(parse_key(&hex).unwrap(), k);
-        assert_eq!(
-            parse_key(&format!("  {}\n", hex.to_uppercase())).unwrap(),
-            k
-        );
-        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-        assert_eq!(parse_key(&STANDARD.encode(k)).unwrap(), k);
-        assert_eq!(parse_key(&URL_SAFE_NO_PAD.encode(k)).unwrap(), k);
-    }
-
-    #[test]
-    fn bad_key_text_is_refused() {
-        assert!(matches!(parse_key(""), Err(KeyError::Length(0))));
-        assert!(matches!(
-            parse_key("abcd"),
-            Err(KeyError::Length(_)) | Err(KeyError::Encoding)
-        ));
-        assert!(parse_key(&"g".repeat(64)).is_err());
-        assert!(parse_key(&"ab".repeat(31)).is_err());
-        assert!(parse_key(&"ab".repeat(33)).is_err());
-        assert!(parse_key("not a key at all!").is_err());
-    }
-
-    #[test]
     fn debug_does_not_show_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        let o = EncryptedObjects::local(dir.path(), [0xab; 32]).unwrap();
+        let o = EncryptedObjects::local(dir.path(), Keyring::single([0xab; 32])).unwrap();
         let s = format!("{o:?}");
         assert!(!s.contains("ab, ab") && !s.contains("171"), "{s}");
     }

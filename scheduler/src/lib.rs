@@ -1,6 +1,7 @@
 //! Hatchery's scheduler side of the platform: the wire types ([`model`]), the store and
 //! bus interfaces with their embedded backends, policy resolution and admission, the
-//! platform front door the API calls ([`platform`]), encrypted objects, placement, and the
+//! platform front door the API calls ([`platform`]), the keyring and sealed-blob format of
+//! everything stored at rest ([`seal`]), encrypted objects, placement, and the
 //! per-host agent that drives the `sandbox` runtime's warm pools.
 //!
 //! [`vm`] boots Linux VMs under qemu (pure cgroup v2 guests running host binaries); the
@@ -17,5 +18,7 @@ pub mod objects;
 pub mod placement;
 pub mod platform;
 pub mod policy;
+pub mod private_files;
+pub mod seal;
 pub mod store;
 pub mod vm;

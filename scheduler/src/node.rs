@@ -1,6 +1,8 @@
 //! The embedded single-host platform behind `hatchery up`: an embedded store (durable
 //! under `data_dir/store`), an in-process bus, encrypted objects under `data_dir/objects`,
-//! the scheduler role, one agent, and the [`Platform`] front door for the API.
+//! the scheduler role, one agent, and the [`Platform`] front door for the API. Store and
+//! objects seal with the same keyring; the data dir and everything in it is private
+//! (0700 directories, 0600 files).
 //!
 //! The roles share nothing but the store, the bus and the objects, exactly as they will
 //! when they run as separate processes on separate hosts over Redis and S3. The node also
@@ -18,6 +20,8 @@ use crate::encrypted::EncryptedObjects;
 use crate::objects::{ObjectError, Objects};
 use crate::placement::run_scheduler;
 use crate::platform::{Platform, PlatformConfig};
+use crate::private_files;
+use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
 
 /// How often retention runs at most (it also runs once at start).
@@ -30,12 +34,15 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub agent: AgentConfig,
     pub platform: PlatformConfig,
-    /// The platform key objects are sealed with (AES-256-GCM).
-    pub object_key: [u8; 32],
+    /// The keys records, events and objects are sealed with (AES-256-GCM): sealing uses
+    /// the current one, opening the one a blob names.
+    pub keyring: Keyring,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("data dir: {0}")]
+    DataDir(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("objects: {0}")]
@@ -56,11 +63,17 @@ impl EmbeddedNode {
     /// Opens the store and objects, starts the scheduler, then the agent (which
     /// reconciles executions a previous run left `running`), and retention.
     pub async fn start(cfg: NodeConfig) -> Result<EmbeddedNode, NodeError> {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("store"))?);
+        private_files::create_dir(&cfg.data_dir).map_err(|e| {
+            NodeError::DataDir(format!("preparing {}: {e}", cfg.data_dir.display()))
+        })?;
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
+            &cfg.data_dir.join("store"),
+            cfg.keyring.clone(),
+        )?);
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
         let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(
             &cfg.data_dir.join("objects"),
-            cfg.object_key,
+            cfg.keyring.clone(),
         )?);
 
         // Subscribed before the agent starts, so its first status is seen.

@@ -1,7 +1,7 @@
 //! Code and results at rest: an object store (the `object_store` crate: local filesystem
 //! in the embedded mode, S3 later) with every object sealed by AES-256-GCM under the
-//! platform key (R15). The key never leaves the process; object names carry no user
-//! data beyond ids.
+//! platform's keyring (R15, see [`crate::seal`]). Keys never leave the process; object
+//! names carry no user data beyond ids.
 
 use async_trait::async_trait;
 
@@ -11,6 +11,9 @@ pub enum ObjectError {
     NotFound(String),
     #[error("object {0} failed authentication (wrong key or tampered)")]
     Tampered(String),
+    /// Sealed under a key the keyring no longer holds (see `hatchery admin rotate-key`).
+    #[error("object {key} is sealed with key {key_id}, which is not in the keyring")]
+    KeyUnavailable { key: String, key_id: u32 },
     #[error("object store: {0}")]
     Io(String),
 }

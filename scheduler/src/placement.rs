@@ -545,7 +545,9 @@ mod tests {
         #[tokio::test]
         async fn places_by_free_slots_and_waits_for_capacity() {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+            let store = Arc::new(
+                EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
+            );
             let bus = Arc::new(EmbeddedBus::new());
             let task = tokio::spawn(run_scheduler(
                 store.clone(),
@@ -598,7 +600,9 @@ mod tests {
         #[tokio::test]
         async fn re_places_what_the_store_still_has_queued_on_start() {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+            let store = Arc::new(
+                EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
+            );
             let rules = AdmissionRules {
                 max_parallel: 10,
                 max_queued: 10,

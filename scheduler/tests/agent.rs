@@ -26,6 +26,7 @@ use hatchery_scheduler::model::{
 };
 use hatchery_scheduler::objects::Objects;
 use hatchery_scheduler::placement::run_scheduler;
+use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{Admission, AdmissionRules, Store};
 
 const MIB: u64 = 1 << 20;
@@ -146,6 +147,11 @@ struct Env {
     agent_id: String,
 }
 
+/// The keys the test backends seal with.
+fn keyring() -> Keyring {
+    Keyring::single([7u8; 32])
+}
+
 fn agent_config(id: &str, cgroup: &CgroupParent, capacity: u32) -> AgentConfig {
     let mut cfg = AgentConfig::new(id);
     cfg.capacity = capacity;
@@ -168,11 +174,12 @@ impl Env {
     fn backends(name: &str) -> Env {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("store")).expect("open store"));
+        let store: Arc<dyn Store> = Arc::new(
+            EmbeddedStore::open(&dir.path().join("store"), keyring()).expect("open store"),
+        );
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
         let objects: Arc<dyn Objects> = Arc::new(
-            EncryptedObjects::local(&dir.path().join("objects"), [7u8; 32]).expect("objects"),
+            EncryptedObjects::local(&dir.path().join("objects"), keyring()).expect("objects"),
         );
         let statuses = bus.subscribe_status();
         let scheduler = {
@@ -706,7 +713,7 @@ mod node {
                 languages: vec!["r".into()],
                 ..PlatformConfig::default()
             },
-            object_key: [9u8; 32],
+            keyring: Keyring::single([9u8; 32]),
         };
         let node = EmbeddedNode::start(cfg).await.expect("start the node");
         node.wait_ready(Duration::from_secs(120))

@@ -12,6 +12,7 @@ use hatchery_scheduler::model::{
 use hatchery_scheduler::platform::{
     ListQuery, Platform, PlatformConfig, PlatformError, SubmitRequest,
 };
+use hatchery_scheduler::seal::Keyring;
 
 struct Fixture {
     platform: Platform,
@@ -20,8 +21,9 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("store")).unwrap();
-    let objects = EncryptedObjects::local(&dir.path().join("objects"), generate_key()).unwrap();
+    let keyring = Keyring::single(generate_key());
+    let store = EmbeddedStore::open(&dir.path().join("store"), keyring.clone()).unwrap();
+    let objects = EncryptedObjects::local(&dir.path().join("objects"), keyring).unwrap();
     let platform = Platform {
         config: Arc::new(PlatformConfig::default()),
         store: Arc::new(store),

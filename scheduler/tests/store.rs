@@ -12,6 +12,7 @@ use hatchery_scheduler::model::{
     CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, OutputData, Policy,
     ResultSummary, Usage,
 };
+use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
 
 fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -> ExecutionRecord {
@@ -106,8 +107,12 @@ async fn active_count(store: &EmbeddedStore, org: &str, user: &str) -> usize {
         .count()
 }
 
+fn keyring() -> Keyring {
+    Keyring::single([3u8; 32])
+}
+
 fn open(dir: &Path) -> EmbeddedStore {
-    EmbeddedStore::open(dir).unwrap()
+    EmbeddedStore::open(dir, keyring()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -339,8 +344,8 @@ async fn a_full_queue_stores_nothing() {
     // Its tab predecessor was not cancelled.
     assert!(counts_against_cap(&get(&store, "q1").await));
     assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
-    assert!(!dir.path().join("records/q4.json").exists());
-    assert!(!dir.path().join("events/q4.jsonl").exists());
+    assert!(!dir.path().join("records/q4.sealed").exists());
+    assert!(!dir.path().join("events/q4.sealed").exists());
     // Running ones do not count as queued.
     store.mark_running("q1", "h", 5).await.unwrap();
     admitted(&store, record("q4", "o", "u", None, 6), r).await;
@@ -880,9 +885,15 @@ async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
     let events = store.events_after("t", 0).await.unwrap();
     drop(store);
 
-    let file = dir.path().join("events/t.jsonl");
+    let file = dir.path().join("events/t.sealed");
     let mut bytes = std::fs::read(&file).unwrap();
-    bytes.extend_from_slice(br#"{"execution_id":"t","seq":3,"at":5,"type":"std"#);
+    // The first bytes of a third sealed line, as a crash mid-append leaves them.
+    let line2 = bytes[..bytes.len() - 1]
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .unwrap()
+        .to_vec();
+    bytes.extend_from_slice(&line2[..line2.len() / 2]);
     std::fs::write(&file, &bytes).unwrap();
 
     let store = open(dir.path());
@@ -917,11 +928,11 @@ async fn a_corrupt_middle_event_line_is_an_error_not_a_silent_loss() {
         .await
         .unwrap();
     drop(store);
-    let file = dir.path().join("events/c.jsonl");
+    let file = dir.path().join("events/c.sealed");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("garbage\n{text}")).unwrap();
     assert!(matches!(
-        EmbeddedStore::open(dir.path()),
+        EmbeddedStore::open(dir.path(), keyring()),
         Err(StoreError::Corrupt(_))
     ));
 }
@@ -940,20 +951,22 @@ async fn crash_leftovers_are_cleaned_up_on_open() {
     drop(store);
     // An admission that died between its events and its record; a half-written
     // record and policy.
+    std::fs::write(dir.path().join("events/orphan.sealed"), b"AgEAAAA=\n").unwrap();
     std::fs::write(
-        dir.path().join("events/orphan.jsonl"),
-        br#"{"execution_id":"orphan","seq":1,"at":1,"type":"queued"}
+        dir.path().join("events/orphan-plain.jsonl"),
+        br#"{"execution_id":"orphan-plain","seq":1,"at":1,"type":"queued"}
 "#,
     )
     .unwrap();
-    std::fs::write(dir.path().join("records/half.json.tmp"), b"{\"id\":").unwrap();
+    std::fs::write(dir.path().join("records/half.sealed.tmp"), b"\x02\x01").unwrap();
     std::fs::write(dir.path().join("policies/orgs/x.json.tmp"), b"{").unwrap();
 
     let store = open(dir.path());
     assert!(store.get("orphan").await.unwrap().is_none());
     assert!(store.get("half").await.unwrap().is_none());
-    assert!(!dir.path().join("events/orphan.jsonl").exists());
-    assert!(!dir.path().join("records/half.json.tmp").exists());
+    assert!(!dir.path().join("events/orphan.sealed").exists());
+    assert!(!dir.path().join("events/orphan-plain.jsonl").exists());
+    assert!(!dir.path().join("records/half.sealed.tmp").exists());
     assert_eq!(store.get_org_policy("x").await.unwrap(), None);
     // The finished event wins over the stale record.
     let k = get(&store, "k").await;
@@ -1012,8 +1025,8 @@ async fn expire_removes_only_finished_executions_older_than_the_cut() {
             store.events_after(id, 0).await,
             Err(StoreError::NotFound(_))
         ));
-        assert!(!dir.path().join(format!("records/{id}.json")).exists());
-        assert!(!dir.path().join(format!("events/{id}.jsonl")).exists());
+        assert!(!dir.path().join(format!("records/{id}.sealed")).exists());
+        assert!(!dir.path().join(format!("events/{id}.sealed")).exists());
     }
     let left: HashSet<String> = store
         .list(&ListFilter::default())

@@ -225,6 +225,10 @@ struct GcArgs {
 }
 
 fn main() -> ExitCode {
+    // The runtime's staging folders and mount points get the modes it asks for, whatever
+    // umask its caller runs with (the `hatchery` binary runs with 077).
+    // SAFETY: umask(2) only sets this process's file-mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o022) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => cmd_run(*args),

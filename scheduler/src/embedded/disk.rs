@@ -1,15 +1,37 @@
 //! The embedded store's files under its data directory, and nothing else: every write is
 //! crash-safe (a record or policy file is replaced by write-temp + fsync + rename + fsync
-//! of the directory; events are appended one JSON line each), and loading tolerates what
-//! a crash can leave behind (temp files, a torn last event line, events without a
-//! record). The layout:
+//! of the directory; events are appended one line each), and loading tolerates what a
+//! crash can leave behind (temp files, a torn last event line, events without a record).
+//! The layout:
 //!
 //! ```text
-//! records/<id>.json                  one execution record
-//! events/<id>.jsonl                  its events, one per line, seq 1, 2, 3, ...
-//! policies/orgs/<org>.json           an org's policy
-//! policies/users/<org>/<user>.json   a user's override
+//! records/<id>.sealed                one execution record, sealed
+//! events/<id>.sealed                 its events, one sealed line each, seq 1, 2, 3, ...
+//! policies/orgs/<org>.json           an org's policy (plaintext)
+//! policies/users/<org>/<user>.json   a user's override (plaintext)
 //! ```
+//!
+//! **Sealed at rest (R15).** Everything an execution produced is sealed with the
+//! platform's [`Keyring`] ([`crate::seal`], AES-256-GCM): a record file is one sealed blob
+//! of the record's JSON bound to its execution id; an event line is the standard base64
+//! of one sealed blob of the event's JSON bound to the execution id and its seq, so a
+//! line moved to another log or another position fails authentication. Nothing inside
+//! a record or an event (owner, tab and model ids, states, output, progress, values,
+//! errors, warnings) is on disk in plaintext; file names are execution ids, which the
+//! platform draws at random. Policies are resource settings written by administrators,
+//! not user data, and stay plaintext JSON (their file names are org and user names).
+//! Every file is 0600 and every directory 0700 ([`crate::private_files`]).
+//!
+//! A sealed file or line that does not authenticate, or names a key the keyring no longer
+//! holds, is corruption ([`StoreError::Corrupt`] naming the file and line), never
+//! skipped. The one tolerated defect is the tail a crash can leave on an events file:
+//! bytes after the last newline, or a last line holding zero bytes (blocks the file
+//! system allocated but never wrote); it is cut off. Gaps need no separate check: line n
+//! only authenticates as event n.
+//!
+//! Data directories written before sealing (`records/<id>.json`, `events/<id>.jsonl` in
+//! plaintext) are sealed in place when loaded: sealed events, then the sealed record,
+//! then the plaintext files are removed; a crash in between redoes or finishes it.
 //!
 //! Names become file names only through [`check_name`]: `[A-Za-z0-9._-]`, not starting
 //! with a dot, at most [`MAX_NAME_LEN`] bytes, so no name can escape its folder.
@@ -17,10 +39,22 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
 use crate::model::{ExecEvent, ExecutionRecord, Policy};
+use crate::private_files::{self, FILE_MODE};
+use crate::seal::{Binding, Keyring};
 use crate::store::{StoreError, StoreResult};
+
+/// Suffix of sealed record and event files.
+const SEALED: &str = ".sealed";
+/// Suffixes of the plaintext files of data directories written before sealing.
+const LEGACY_RECORD: &str = ".json";
+const LEGACY_EVENTS: &str = ".jsonl";
 
 /// Longest org, user or execution id that may name a file.
 pub const MAX_NAME_LEN: usize = 200;
@@ -65,26 +99,32 @@ pub struct Loaded {
     pub user_policies: HashMap<(String, String), Policy>,
 }
 
-/// The data directory.
+/// The data directory, and the keyring its records and events are sealed with.
 #[derive(Debug, Clone)]
 pub struct Disk {
     dir: PathBuf,
+    keyring: Keyring,
 }
 
 impl Disk {
-    /// Creates the folders if missing.
-    pub fn create(dir: &Path) -> StoreResult<Disk> {
+    /// Creates the folders if missing, and makes the whole tree private (0700 folders,
+    /// 0600 files) if an older version left it wider.
+    pub fn create(dir: &Path, keyring: Keyring) -> StoreResult<Disk> {
         let disk = Disk {
             dir: dir.to_path_buf(),
+            keyring,
         };
         for d in [
+            disk.dir.clone(),
             disk.records_dir(),
             disk.events_dir(),
             disk.org_policies_dir(),
             disk.user_policies_root(),
         ] {
-            fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
+            private_files::create_dir(&d).map_err(|e| io_err("creating", &d, e))?;
         }
+        private_files::restrict_tree(&disk.dir)
+            .map_err(|e| io_err("restricting the modes under", &disk.dir, e))?;
         Ok(disk)
     }
 
@@ -101,34 +141,64 @@ impl Disk {
         self.dir.join("policies").join("users")
     }
     fn record_path(&self, id: &str) -> PathBuf {
-        self.records_dir().join(format!("{id}.json"))
+        self.records_dir().join(format!("{id}{SEALED}"))
     }
     fn events_path(&self, id: &str) -> PathBuf {
-        self.events_dir().join(format!("{id}.jsonl"))
+        self.events_dir().join(format!("{id}{SEALED}"))
+    }
+    fn legacy_record_path(&self, id: &str) -> PathBuf {
+        self.records_dir().join(format!("{id}{LEGACY_RECORD}"))
+    }
+    fn legacy_events_path(&self, id: &str) -> PathBuf {
+        self.events_dir().join(format!("{id}{LEGACY_EVENTS}"))
     }
 
     pub fn write_record(&self, rec: &ExecutionRecord) -> StoreResult<()> {
         check_name("execution id", &rec.id)?;
-        let bytes = serde_json::to_vec_pretty(rec)
-            .map_err(|e| StoreError::Io(format!("encoding record {}: {e}", rec.id)))?;
-        write_atomic(&self.record_path(&rec.id), &bytes)
+        write_atomic(&self.record_path(&rec.id), &self.seal_record(rec)?)
     }
 
-    /// Appends events (one line each, in one write); `sync` makes them durable before
-    /// returning (and the file's existence, if this created it).
+    fn seal_record(&self, rec: &ExecutionRecord) -> StoreResult<Vec<u8>> {
+        let json = serde_json::to_vec(rec)
+            .map_err(|e| StoreError::Io(format!("encoding record {}: {e}", rec.id)))?;
+        self.keyring
+            .seal(Binding::Record(&rec.id), &json)
+            .map_err(|e| StoreError::Io(format!("sealing record {}: {e}", rec.id)))
+    }
+
+    /// The lines of `events` as they go into `id`'s events file.
+    fn seal_events(&self, id: &str, events: &[ExecEvent]) -> StoreResult<Vec<u8>> {
+        let mut buf = Vec::new();
+        for e in events {
+            let json = serde_json::to_vec(e)
+                .map_err(|err| StoreError::Io(format!("encoding an event of {id}: {err}")))?;
+            let blob = self
+                .keyring
+                .seal(
+                    Binding::Event {
+                        execution: id,
+                        seq: e.seq,
+                    },
+                    &json,
+                )
+                .map_err(|err| StoreError::Io(format!("sealing event {} of {id}: {err}", e.seq)))?;
+            buf.extend_from_slice(BASE64.encode(&blob).as_bytes());
+            buf.push(b'\n');
+        }
+        Ok(buf)
+    }
+
+    /// Appends events (one sealed line each, in one write); `sync` makes them durable
+    /// before returning (and the file's existence, if this created it).
     pub fn append_events(&self, id: &str, events: &[ExecEvent], sync: bool) -> StoreResult<()> {
         check_name("execution id", id)?;
         let path = self.events_path(id);
-        let mut buf = Vec::new();
-        for e in events {
-            serde_json::to_writer(&mut buf, e)
-                .map_err(|err| StoreError::Io(format!("encoding an event of {id}: {err}")))?;
-            buf.push(b'\n');
-        }
+        let buf = self.seal_events(id, events)?;
         let created = !path.exists();
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(|e| io_err("opening", &path, e))?;
         f.write_all(&buf)
@@ -168,7 +238,7 @@ impl Disk {
         let bytes = encode_policy(p)?;
         let dir = self.user_policies_root().join(org);
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+            private_files::create_dir(&dir).map_err(|e| io_err("creating", &dir, e))?;
             sync_dir(&self.user_policies_root())?;
         }
         write_atomic(&dir.join(format!("{user}.json")), &bytes)
@@ -176,24 +246,24 @@ impl Disk {
 
     /// Reads everything back. Cleans up after crashes: leftover temp files are removed,
     /// a torn last event line is cut off, events without a record are removed. Each
-    /// record's `last_seq` is recomputed from its events.
+    /// record's `last_seq` is recomputed from its events. Plaintext files of an older
+    /// version are sealed first.
     pub fn load(&self) -> StoreResult<Loaded> {
+        self.seal_plaintext_files()?;
         let mut out = Loaded::default();
-        for (name, path) in json_files(&self.records_dir(), ".json")? {
-            let rec: ExecutionRecord = read_json(&path)?;
-            if rec.id != name {
-                return Err(corrupt(&path, format!("holds execution {:?}", rec.id)));
-            }
+        for (name, path) in json_files(&self.records_dir(), SEALED)? {
+            let rec = self.read_record(&name, &path)?;
             out.records.insert(name, rec);
         }
-        for (id, path) in json_files(&self.events_dir(), ".jsonl")? {
+        for (id, path) in json_files(&self.events_dir(), SEALED)? {
             if !out.records.contains_key(&id) {
                 // Written by an admission that crashed before storing its record, or
                 // left by an expiry that crashed between its two removals.
                 remove_if_exists(&path)?;
                 continue;
             }
-            out.events.insert(id, read_events(&path)?);
+            let events = read_events(&self.keyring, &id, &path)?;
+            out.events.insert(id, events);
         }
         for (id, rec) in out.records.iter_mut() {
             rec.last_seq = out.events.get(id).map_or(0, |ev| ev.len() as u64);
@@ -215,19 +285,86 @@ impl Disk {
         }
         Ok(out)
     }
+
+    /// A sealed record file, which must authenticate as the record of `id` and hold it.
+    fn read_record(&self, id: &str, path: &Path) -> StoreResult<ExecutionRecord> {
+        let blob = fs::read(path).map_err(|e| io_err("reading", path, e))?;
+        let json = self
+            .keyring
+            .open(Binding::Record(id), &blob)
+            .map_err(|e| corrupt(path, e))?;
+        let rec: ExecutionRecord = serde_json::from_slice(&json).map_err(|e| corrupt(path, e))?;
+        if rec.id != id {
+            return Err(corrupt(path, format!("holds execution {:?}", rec.id)));
+        }
+        Ok(rec)
+    }
+
+    /// Seals the plaintext records and events of a data directory written before
+    /// sealing, one execution at a time: its sealed events file and record are written
+    /// (atomically, synced) before its plaintext files are removed, events first. A crash
+    /// before the sealed record exists redoes the execution; after, only the removal is
+    /// left to do. Plaintext events without a plaintext record are crash leftovers.
+    fn seal_plaintext_files(&self) -> StoreResult<()> {
+        let mut sealed = 0usize;
+        let mut removed = false;
+        for (id, path) in json_files(&self.records_dir(), LEGACY_RECORD)? {
+            let legacy_events = self.legacy_events_path(&id);
+            if !self.record_path(&id).exists() {
+                let rec: ExecutionRecord = read_json(&path)?;
+                if rec.id != id {
+                    return Err(corrupt(&path, format!("holds execution {:?}", rec.id)));
+                }
+                let events = if legacy_events.exists() {
+                    read_plaintext_events(&legacy_events)?
+                } else {
+                    Vec::new()
+                };
+                write_atomic(&self.events_path(&id), &self.seal_events(&id, &events)?)?;
+                write_atomic(&self.record_path(&id), &self.seal_record(&rec)?)?;
+                sealed += 1;
+            }
+            remove_if_exists(&legacy_events)?;
+            remove_if_exists(&path)?;
+            removed = true;
+        }
+        for (id, path) in json_files(&self.events_dir(), LEGACY_EVENTS)? {
+            if !self.legacy_record_path(&id).exists() {
+                remove_if_exists(&path)?;
+                removed = true;
+            }
+        }
+        if removed {
+            self.sync_removals()?;
+        }
+        if sealed > 0 {
+            tracing::info!(
+                executions = sealed,
+                dir = %self.dir.display(),
+                "sealed the plaintext records and events of an older data directory"
+            );
+        }
+        Ok(())
+    }
 }
 
 fn encode_policy(p: &Policy) -> StoreResult<Vec<u8>> {
     serde_json::to_vec_pretty(p).map_err(|e| StoreError::Io(format!("encoding a policy: {e}")))
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content.
+/// Replaces `path` with `bytes` (mode 0600) so that a crash leaves either the old or the
+/// new content.
 fn write_atomic(path: &Path, bytes: &[u8]) -> StoreResult<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let write = || -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     };
@@ -279,25 +416,68 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> StoreResult<T> {
     serde_json::from_slice(&bytes).map_err(|e| corrupt(path, e))
 }
 
-/// An events file: complete lines in order with seq 1, 2, 3, ... A last line that is
-/// incomplete or unreadable (a write torn by a crash) is cut off the file so later
-/// appends start on a fresh line; an unreadable line before the last is corruption.
-fn read_events(path: &Path) -> StoreResult<Vec<ExecEvent>> {
+/// The complete lines of an events file (without their newlines), and how many bytes
+/// they span. Bytes after the last newline are a write torn by a crash.
+fn complete_lines(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
+    match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(last) => (bytes[..last].split(|&b| b == b'\n').collect(), last + 1),
+        None => (Vec::new(), 0),
+    }
+}
+
+/// A sealed events file of execution `id`: complete lines, line n the sealed event n.
+/// A torn tail (bytes after the last newline, or a last line holding zero bytes) is cut
+/// off the file so later appends start on a fresh line. Any other line that does not
+/// decode, authenticate and parse as event n of `id` is corruption, reported with the
+/// file and the line, and nothing is cut.
+fn read_events(keyring: &Keyring, id: &str, path: &Path) -> StoreResult<Vec<ExecEvent>> {
     let bytes = fs::read(path).map_err(|e| io_err("reading", path, e))?;
-    let mut events: Vec<ExecEvent> = Vec::new();
-    let mut good_len = 0usize;
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let (line, complete) = match rest.iter().position(|&b| b == b'\n') {
-            Some(n) => (&rest[..n], true),
-            None => (rest, false),
-        };
-        let consumed = line.len() + usize::from(complete);
-        let is_last = consumed == rest.len();
-        if !complete {
-            // Torn: the last write did not finish.
+    let (lines, mut good_len) = complete_lines(&bytes);
+    let mut events: Vec<ExecEvent> = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let seq = i as u64 + 1;
+        if i + 1 == lines.len() && line.contains(&0) {
+            // Blocks allocated to a write the crash interrupted, never written.
+            good_len -= line.len() + 1;
             break;
         }
+        let bad = |what: String| corrupt(path, format!("line {seq}: {what}"));
+        let blob = BASE64
+            .decode(line)
+            .map_err(|e| bad(format!("not a sealed event (base64: {e})")))?;
+        let json = keyring
+            .open(Binding::Event { execution: id, seq }, &blob)
+            .map_err(|e| bad(format!("event {seq} of {id}: {e}")))?;
+        let event: ExecEvent = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+        if event.seq != seq || event.execution_id != id {
+            return Err(bad(format!(
+                "holds event {} of {:?}",
+                event.seq, event.execution_id
+            )));
+        }
+        events.push(event);
+    }
+    if good_len < bytes.len() {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err("opening", path, e))?;
+        f.set_len(good_len as u64)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_err("truncating", path, e))?;
+    }
+    Ok(events)
+}
+
+/// A plaintext events file of an older version (one JSON line per event), read to be
+/// sealed: complete lines in order with seq 1, 2, 3, ...; an incomplete or unreadable
+/// last line is a torn write and dropped; an unreadable line before it or a gap is
+/// corruption. The file itself is left as it is (it is replaced).
+fn read_plaintext_events(path: &Path) -> StoreResult<Vec<ExecEvent>> {
+    let bytes = fs::read(path).map_err(|e| io_err("reading", path, e))?;
+    let (lines, _) = complete_lines(&bytes);
+    let mut events: Vec<ExecEvent> = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
         match serde_json::from_slice::<ExecEvent>(line) {
             Ok(e) => {
                 let want = events.len() as u64 + 1;
@@ -308,22 +488,10 @@ fn read_events(path: &Path) -> StoreResult<Vec<ExecEvent>> {
                     ));
                 }
                 events.push(e);
-                good_len += consumed;
             }
-            // A complete but unreadable last line: torn as well.
-            Err(_) if is_last => break,
-            Err(e) => return Err(corrupt(path, format!("line {}: {e}", events.len() + 1))),
+            Err(_) if i + 1 == lines.len() => break,
+            Err(e) => return Err(corrupt(path, format!("line {}: {e}", i + 1))),
         }
-        rest = &rest[consumed..];
-    }
-    if good_len < bytes.len() {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_err("opening", path, e))?;
-        f.set_len(good_len as u64)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io_err("truncating", path, e))?;
     }
     Ok(events)
 }
@@ -362,67 +530,139 @@ mod tests {
         }
     }
 
-    fn line(seq: u64) -> String {
-        let e = ExecEvent {
+    fn keyring() -> Keyring {
+        Keyring::single([5u8; 32])
+    }
+
+    fn event(seq: u64) -> ExecEvent {
+        ExecEvent {
             execution_id: "x".into(),
             seq,
             at: 1,
-            body: EventBody::Stdout(crate::model::OutputData::from_bytes(b"o\n".to_vec())),
-        };
-        format!("{}\n", serde_json::to_string(&e).unwrap())
+            body: EventBody::Stdout(crate::model::OutputData::text("o\n")),
+        }
     }
 
-    fn events_of(content: &str) -> (StoreResult<Vec<ExecEvent>>, String) {
+    /// Sealed event line `seq` of execution `x`.
+    fn line(seq: u64) -> String {
+        let disk = Disk {
+            dir: PathBuf::new(),
+            keyring: keyring(),
+        };
+        String::from_utf8(disk.seal_events("x", &[event(seq)]).unwrap()).unwrap()
+    }
+
+    fn events_of(content: &[u8]) -> (StoreResult<Vec<ExecEvent>>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.jsonl");
+        let path = dir.path().join("x.sealed");
         fs::write(&path, content).unwrap();
-        let res = read_events(&path);
-        (res, fs::read_to_string(&path).unwrap())
+        let res = read_events(&keyring(), "x", &path);
+        (res, fs::read(&path).unwrap())
     }
 
     #[test]
     fn event_files_read_whole_lines_in_order() {
         let whole = format!("{}{}{}", line(1), line(2), line(3));
-        let (res, after) = events_of(&whole);
-        assert_eq!(res.unwrap().len(), 3);
-        assert_eq!(after, whole);
-        let (res, _) = events_of("");
+        let (res, after) = events_of(whole.as_bytes());
+        assert_eq!(res.unwrap(), vec![event(1), event(2), event(3)]);
+        assert_eq!(after, whole.as_bytes());
+        let (res, _) = events_of(b"");
         assert!(res.unwrap().is_empty());
     }
 
     #[test]
     fn a_torn_tail_is_cut_off() {
         let good = format!("{}{}", line(1), line(2));
-        for tail in [&line(3)[..10], "{", "garbage\n", "\n"] {
-            let (res, after) = events_of(&format!("{good}{tail}"));
+        let l3 = line(3);
+        let zeros = [0u8; 40];
+        let zero_line = [&zeros[..], b"\n"].concat();
+        let half_zeros = [&l3.as_bytes()[..10], &zeros[..], b"\n"].concat();
+        for tail in [
+            &l3.as_bytes()[..10],
+            &l3.as_bytes()[..l3.len() - 1],
+            b"{",
+            &zeros[..],
+            &zero_line[..],
+            &half_zeros[..],
+        ] {
+            let (res, after) = events_of(&[good.as_bytes(), tail].concat());
             assert_eq!(res.unwrap().len(), 2, "{tail:?}");
-            assert_eq!(after, good, "{tail:?}");
+            assert_eq!(after, good.as_bytes(), "{tail:?}");
         }
         // Nothing but a torn line.
-        let (res, after) = events_of(&line(1)[..5]);
+        let (res, after) = events_of(&line(1).as_bytes()[..5]);
         assert!(res.unwrap().is_empty());
-        assert_eq!(after, "");
+        assert!(after.is_empty());
     }
 
     #[test]
-    fn gaps_and_bad_middle_lines_are_corruption() {
-        let (res, _) = events_of(&format!("{}{}", line(1), line(3)));
-        assert!(matches!(res, Err(StoreError::Corrupt(_))));
-        let (res, _) = events_of(&format!("{}{}", line(2), line(3)));
-        assert!(matches!(res, Err(StoreError::Corrupt(_))));
-        let (res, after) = events_of(&format!("{}junk\n{}", line(1), line(2)));
-        assert!(matches!(res, Err(StoreError::Corrupt(_))));
-        // Corruption is reported, never "repaired" by cutting good data.
-        assert_eq!(after, format!("{}junk\n{}", line(1), line(2)));
+    fn gaps_reorders_and_bad_lines_anywhere_are_corruption_and_nothing_is_cut() {
+        let (l1, l2, l3) = (line(1), line(2), line(3));
+        let mut flipped = l2.clone().into_bytes();
+        flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        for (content, line_no) in [
+            (format!("{l1}{l3}"), 2),          // a gap
+            (format!("{l2}{l3}"), 1),          // the start missing
+            (format!("{l2}{l1}"), 1),          // reordered
+            (format!("{l1}junk\n{l2}"), 2),    // junk in the middle
+            (format!("{l1}{flipped}"), 2),     // a flipped character, last line too
+            (format!("{l1}{l2}garbage\n"), 3), // a complete last line is not torn
+            (format!("{l1}{l2}\n"), 3),        // nor an empty one
+        ] {
+            let (res, after) = events_of(content.as_bytes());
+            match res {
+                Err(StoreError::Corrupt(msg)) => {
+                    assert!(msg.contains("x.sealed"), "{msg}");
+                    assert!(msg.contains(&format!("line {line_no}:")), "{msg}");
+                }
+                other => panic!("{content:?}: {other:?}"),
+            }
+            // Corruption is reported, never "repaired" by cutting good data.
+            assert_eq!(after, content.as_bytes());
+        }
+        // A line of another execution does not authenticate here either.
+        let disk = Disk {
+            dir: PathBuf::new(),
+            keyring: keyring(),
+        };
+        let mut other = event(2);
+        other.execution_id = "y".into();
+        let foreign = String::from_utf8(disk.seal_events("y", &[other]).unwrap()).unwrap();
+        let (res, _) = events_of(format!("{l1}{foreign}").as_bytes());
+        assert!(matches!(res, Err(StoreError::Corrupt(m)) if m.contains("line 2:")));
+    }
+
+    #[test]
+    fn plaintext_events_of_older_versions_read_as_before() {
+        let plain = |seq: u64| format!("{}\n", serde_json::to_string(&event(seq)).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        for tail in ["", "{\"exec", "garbage\n"] {
+            fs::write(&path, format!("{}{}{tail}", plain(1), plain(2))).unwrap();
+            assert_eq!(
+                read_plaintext_events(&path).unwrap(),
+                vec![event(1), event(2)],
+                "{tail:?}"
+            );
+        }
+        fs::write(&path, format!("{}{}", plain(1), plain(3))).unwrap();
+        assert!(matches!(
+            read_plaintext_events(&path),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]
     fn atomic_writes_replace_and_leave_no_temp_file() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.json");
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

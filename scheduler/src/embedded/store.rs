@@ -1,7 +1,8 @@
 //! [`EmbeddedStore`]: the [`Store`] of the single-process mode. All state lives in memory
 //! behind one mutex, so every method is one atomic step; every change is written to the
 //! data directory ([`super::disk`]) before it becomes visible, so what a caller saw
-//! survives a restart.
+//! survives a restart. Records and events are sealed there with the platform's keyring
+//! (R15); only the in-memory state holds them in plaintext.
 //!
 //! Changes run on tokio's blocking pool (they fsync) and run to completion even if the
 //! caller's future is dropped: a client that disconnects mid-request never leaves a
@@ -23,6 +24,7 @@ use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
     ResultSummary, Usage,
 };
+use crate::seal::Keyring;
 use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError, StoreResult};
 
 #[derive(Default)]
@@ -376,8 +378,12 @@ impl EmbeddedStore {
     /// removed, and an execution whose log ends in `finished` while its record is still
     /// active (a crash between the two writes) takes the state of that event. Running
     /// executions stay `running`: the agent's reconciliation decides about them.
-    pub fn open(dir: &Path) -> StoreResult<Self> {
-        let disk = Disk::create(dir)?;
+    ///
+    /// Records and events are sealed with `keyring`'s current key and opened with the key
+    /// their header names: opening fails ([`StoreError::Corrupt`], naming the file) if a
+    /// file does not authenticate or needs a key `keyring` does not hold.
+    pub fn open(dir: &Path, keyring: Keyring) -> StoreResult<Self> {
+        let disk = Disk::create(dir, keyring)?;
         let loaded = disk.load()?;
         let mut state = State {
             records: loaded.records,
