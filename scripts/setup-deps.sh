@@ -22,6 +22,9 @@ PACKAGES=(
     # VM test harness: a cgroup-v2-only guest booted with qemu from Debian's
     # kernel and a busybox initramfs
     qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils jq
+    # tests: a C compiler for the native library the hostile-code tests load
+    # into sandboxes
+    gcc libc6-dev
 )
 MIN_RUST=1.80
 

@@ -519,3 +519,55 @@ pub fn unique_token(prefix: &str) -> String {
         .unwrap_or(0);
     format!("{prefix}-{}-{n}-{nanos}", std::process::id())
 }
+
+/// The hostile native library (`tests/hostile/hostile.c`), compiled once per test process
+/// with the host's `gcc`: attacks by the process that holds a pooled sandbox's channel,
+/// which user R code writes to `/tmp` and `dyn.load`s.
+pub fn hostile_library() -> &'static [u8] {
+    static LIB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    LIB.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hostile/hostile.c");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("hostile.so");
+        let status = Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-s", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("gcc (setup-deps installs it) compiles the hostile library");
+        assert!(status.success(), "gcc failed on {}", src.display());
+        std::fs::read(&out).expect("read the compiled library")
+    })
+}
+
+/// R code that writes the hostile library to `/tmp/hostile.so` and loads it (its
+/// functions are then called with `.C("name", ...)`).
+pub fn r_load_hostile() -> String {
+    format!(
+        "writeBin(jsonlite::base64_dec(\"{}\"), \"/tmp/hostile.so\")\n\
+         invisible(dyn.load(\"/tmp/hostile.so\"))\n",
+        base64(hostile_library())
+    )
+}
+
+/// Standard base64 (with padding).
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
