@@ -7,16 +7,20 @@
 #   a libtest filter, e.g. 'hatchery-tests:cgroups' (the integration test target
 #   tests/tests/cgroups.rs) or 'hatchery-sandbox:lib cgroup' (the library's unit tests
 #   whose names contain "cgroup"). "lib" stands for the package's library target.
-#   Default: 'hatchery-tests:cgroups' 'hatchery-sandbox:lib cgroup' 'hatchery-tests:behaviour'
-#   (the cgroup backend directly, then the whole runtime on top of it).
+#   Default: every suite that touches cgroups, i.e. the path every production execution
+#   takes: the cgroup backend, the runtime's behaviour and escape suites, the warm pool and
+#   the hostile-channel suite, the embedded R engine, the agent, and the API end to end.
 #
 # All binaries run in one VM, as root, each in its package directory (as cargo runs
-# them), with HATCHERY_REQUIRE_CGROUP_V2=1. The guest sees the host's / read-only with a
-# tmpfs overlay, and fresh /tmp, /run and /dev; it has no network.
+# them), with HATCHERY_REQUIRE_CGROUP_V2=1 and HATCHERY_REQUIRE_FULL_ROOT=1 (a test that
+# would skip on the development host must run here). The guest sees the host's /
+# read-only with a tmpfs overlay (the sandboxes' root filesystems straight over 9p, so
+# that their overlays do not stack on the guest's), and fresh /tmp, /run and /dev; it has
+# no network, only a non-loopback address on lo for the tests that look for one.
 #
 # Environment:
-#   VM_TEST_TIMEOUT   time limit of the VM, boot included (default 540s)
-#   VM_TEST_MEMORY    guest memory in MiB (default 1024)
+#   VM_TEST_TIMEOUT   time limit of the VM, boot included (default 1800s)
+#   VM_TEST_MEMORY    guest memory in MiB (default 3072)
 #   VM_TEST_CPUS      guest CPUs (default 2)
 #   VM_TEST_ARGS      extra arguments for every test binary (e.g. --test-threads=1)
 #   VM_TEST_LOG       where the guest console log is kept (default target/vm-test/console.log)
@@ -80,10 +84,15 @@ artifacts=$(jq -r --slurpfile meta "$out_dir/metadata.json" '
 
 # --- select the test binaries ------------------------------------------------------------
 if (($# == 0)); then
-    set -- 'hatchery-tests:cgroups' 'hatchery-sandbox:lib cgroup' 'hatchery-tests:behaviour'
+    set -- 'hatchery-tests:cgroups' 'hatchery-sandbox:lib' 'hatchery-tests:behaviour' \
+        'hatchery-tests:escape' 'hatchery-tests:pool' 'hatchery-tests:channel' \
+        'hatchery-sandbox:r_engine' 'hatchery-scheduler:agent' 'hatchery-api:e2e'
 fi
 extra_args=${VM_TEST_ARGS:-}
-guest_script='failed=0'
+# A non-loopback address for the tests that need the host's own address (no network).
+guest_script='failed=0
+ip addr add 10.0.2.15/32 dev lo 2>/dev/null
+ip link set lo up 2>/dev/null'
 selected=0
 for spec in "$@"; do
     target_spec=${spec%% *}
@@ -114,8 +123,12 @@ done
 guest_script+='
 exit $((failed > 0 ? 1 : 0))'
 
-vm_args=(--timeout "${VM_TEST_TIMEOUT:-540s}" --memory "${VM_TEST_MEMORY:-1024}"
+vm_args=(--timeout "${VM_TEST_TIMEOUT:-1800s}" --memory "${VM_TEST_MEMORY:-3072}"
     --cpus "${VM_TEST_CPUS:-2}" --log "$log")
+rootfs_store=/var/lib/hatchery/rootfs
+if [ -d "$rootfs_store" ]; then
+    vm_args+=(--share "$rootfs_store")
+fi
 
 # --- run ---------------------------------------------------------------------------------
 vm_start=$(date +%s.%N)
@@ -126,7 +139,8 @@ if ((selected == 0)); then
 else
     say "running $selected test binaries in the VM"
     "$vm" run "${vm_args[@]}" --cwd "$PWD" \
-        --env HATCHERY_REQUIRE_CGROUP_V2=1 --env RUST_BACKTRACE=1 \
+        --env HATCHERY_REQUIRE_CGROUP_V2=1 --env HATCHERY_REQUIRE_FULL_ROOT=1 \
+        --env RUST_BACKTRACE=1 \
         -- /bin/bash -c "$guest_script"
 fi
 status=$?
@@ -135,7 +149,7 @@ say "the VM run took $(elapsed "$vm_start") s (boot included); the whole script 
 
 case $status in
 0) say "PASS (guest console log: $log)" ;;
-124) say "FAILED: the VM hit its time limit (${VM_TEST_TIMEOUT:-540s}); guest console log: $log" ;;
+124) say "FAILED: the VM hit its time limit (${VM_TEST_TIMEOUT:-1800s}); guest console log: $log" ;;
 125) say "FAILED: the VM could not run the tests; guest console log: $log" ;;
 *)
     say "FAILED: a test failed inside the VM; guest console log: $log"

@@ -323,7 +323,17 @@ pub const OOM_SCORE_ADJ: i32 = 500;
 /// is a refusal to run.
 pub(crate) fn ensure_oom_score_adj(want: i32) -> Result<(), StepError> {
     let path = "/proc/self/oom_score_adj";
+    // Our /proc files belong to whoever owns this process's memory map: for a process
+    // that changed its uids and was forked, not exec'd, inside a user namespace, that is
+    // the host's root, and even root of the namespace could not write them. While
+    // dumpable they are our own; the previous state is restored right after.
+    // SAFETY: prctl with integer arguments only.
+    let was = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    let _ = prctl(libc::PR_SET_DUMPABLE, 1);
     let _ = std::fs::write(path, want.to_string());
+    if was >= 0 {
+        let _ = prctl(libc::PR_SET_DUMPABLE, was as libc::c_ulong);
+    }
     let now: i32 = std::fs::read_to_string(path)
         .map_err(step("read oom_score_adj"))?
         .trim()

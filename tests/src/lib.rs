@@ -571,3 +571,26 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// Records that `test` did not run here, and why: on stderr and, when
+/// `HATCHERY_SKIP_LOG` names a file, as a line in it (the test scripts count these lines
+/// and print them at the end of the run, so a skip is never silent). Panics instead when
+/// `required` is set in the environment (e.g. `HATCHERY_REQUIRE_CGROUP_V2` in the VM,
+/// where the test must run).
+pub fn skip(test: &str, reason: &str, required: &str) {
+    assert!(
+        std::env::var_os(required).is_none(),
+        "{test}: {required} is set, but {reason}"
+    );
+    eprintln!("skipped {test}: {reason}");
+    if let Some(path) = std::env::var_os("HATCHERY_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}

@@ -1301,3 +1301,41 @@ fn default_limits_hold_while_pooled_and_claims_override_them() {
     let ran = p.run(req);
     assert_eq!(ran.result.status, ExecStatus::Succeeded, "{:?}", ran.result);
 }
+
+/// An OOM immunity of whoever starts the pool (a service manager may run Hatchery at
+/// oom_score_adj −1000) never reaches user code: the sandbox raises its score before
+/// any code runs, and checks it did. Lowering a score needs CAP_SYS_RESOURCE, which the
+/// development host withholds: there the test is a counted skip; in the VM (full root,
+/// HATCHERY_REQUIRE_FULL_ROOT) it must run.
+#[test]
+fn user_code_never_inherits_an_oom_immunity() {
+    require_root();
+    let path = "/proc/self/oom_score_adj";
+    let before = std::fs::read_to_string(path).expect("read oom_score_adj");
+    if std::fs::write(path, "-1000").is_err() {
+        hatchery_tests::skip(
+            "user_code_never_inherits_an_oom_immunity",
+            "this host withholds CAP_SYS_RESOURCE: oom_score_adj cannot be lowered",
+            "HATCHERY_REQUIRE_FULL_ROOT",
+        );
+        return;
+    }
+    // Every process the pool starts from now on inherits -1000.
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/self/oom_score_adj", self.0.trim());
+        }
+    }
+    let _restore = Restore(before);
+    let tp = r_pool(1);
+    let ran = tp.run_code("as.integer(readLines('/proc/self/oom_score_adj'))");
+    ran.assert_status(ExecStatus::Succeeded);
+    let score = ran.value().as_i64().expect("a number");
+    assert!(
+        score >= 0,
+        "user code runs with oom_score_adj {score}\n{}",
+        ran.describe()
+    );
+    tp.finish();
+}

@@ -74,6 +74,11 @@ struct VmArgs {
     /// Stream the guest console (kernel and init) to stderr, prefixed with "guest| "
     #[arg(long, short)]
     verbose: bool,
+    /// Mount a host directory read-only at the same path in the guest straight over 9p,
+    /// not through the guest's overlay root (repeatable): an overlay whose lower layer is
+    /// there then stacks one level less deep (the kernel allows two).
+    #[arg(long = "share", value_name = "HOST_DIR")]
+    shares: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -167,6 +172,15 @@ fn options(vm: &VmArgs) -> GuestOptions {
         kernel_cmdline_extra: vm.kernel_args.clone(),
         busybox: vm.busybox.clone(),
         extract_vmlinux: !vm.no_extract,
+        shares: vm
+            .shares
+            .iter()
+            .map(|p| hatchery_scheduler::vm::guest::GuestShare {
+                host_path: p.clone(),
+                guest_path: p.clone(),
+                readonly: true,
+            })
+            .collect(),
         ..GuestOptions::default()
     }
 }
