@@ -81,19 +81,19 @@ pub async fn dispatch(
             no_query(&query)?;
             let who = caller()?;
             let (org, user) = (param("org"), param("user"));
-            let policy = st.platform.get_user_policy(&who, &org, &user).await?;
-            user_policy_view(&st, org, user, policy).await
+            let view = st.platform.get_user_policy(&who, &org, &user).await?;
+            Ok(json(StatusCode::OK, &view))
         }
         RouteId::PutUserPolicy => {
             no_query(&query)?;
             let who = caller()?;
             let (org, user) = (param("org"), param("user"));
             let policy = read_policy(&st, req).await?;
-            let policy = st
+            let view = st
                 .platform
                 .put_user_policy(&who, &org, &user, policy)
                 .await?;
-            user_policy_view(&st, org, user, policy).await
+            Ok(json(StatusCode::OK, &view))
         }
         RouteId::AdminExecutions => {
             no_query(&query)?;
@@ -326,19 +326,6 @@ async fn read_policy(st: &ApiState, req: Request<Incoming>) -> Result<Policy, Ap
 struct OrgPolicyView {
     org: String,
     policy: Policy,
-}
-
-async fn user_policy_view(
-    st: &ApiState,
-    org: String,
-    user: String,
-    policy: Policy,
-) -> Result<Response<Body>, ApiError> {
-    let effective = st.platform.effective_policy(&org, &user).await?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "org": org, "user": user, "policy": policy, "effective": effective }),
-    ))
 }
 
 #[derive(Serialize)]

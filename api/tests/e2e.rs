@@ -864,6 +864,109 @@ fn a_policy_change_takes_effect_on_the_next_execution() {
 }
 
 #[test]
+fn only_a_superadmin_sets_org_policy_and_org_admins_stay_within_it() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let root = h.token("hatchery", "root", "superadmin");
+        let boss = h.token("acme", "boss", "org_admin");
+        let other_boss = h.token("globex", "boss", "org_admin");
+        let ann = h.token("acme", "ann", "user");
+        let put = |path: &'static str, token: &str, body: Value| {
+            let token = token.to_string();
+            let h = &h;
+            async move { http(h, "PUT", path, Some(&token), Some(body)).await }
+        };
+        const ORG: &str = "/v1/admin/orgs/acme/policy";
+        const ANN: &str = "/v1/admin/orgs/acme/users/ann/policy";
+
+        // An org admin may not set its own org's policy, let alone to 16 TiB and 1000
+        // parallel runs; nothing is stored.
+        for body in [
+            json!({"memory_bytes": 16u64 << 40, "max_parallel": 1000}),
+            json!({"pids": 64}),
+        ] {
+            let r = put(ORG, &boss, body).await;
+            assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+            assert!(r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("superadmin"));
+        }
+        let v = get(&h, ORG, &root).await.json();
+        assert!(
+            v["policy"]["memory_bytes"].is_null() && v["policy"]["max_parallel"].is_null(),
+            "{v}"
+        );
+
+        // The superadmin sets it; the org admin reads it.
+        let r = put(ORG, &root, json!({"memory_bytes": 256 << 20})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let r = get(&h, ORG, &boss).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["policy"]["memory_bytes"], 256 << 20);
+
+        // An override above the org's policy: 422 naming the field, value and allowance.
+        let r = put(ANN, &boss, json!({"memory_bytes": 1u64 << 30})).await;
+        assert_eq!((r.status, r.code().as_str()), (422, "policy_exceeds_org"));
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("memory_bytes")
+                && msg.contains(&(1u64 << 30).to_string())
+                && msg.contains(&(256u64 << 20).to_string()),
+            "{msg}"
+        );
+        // Above the platform default the org keeps (max_parallel 2) is refused too.
+        let r = put(ANN, &boss, json!({"max_parallel": 3})).await;
+        assert_eq!((r.status, r.code().as_str()), (422, "policy_exceeds_org"));
+        let v = get(&h, ANN, &boss).await.json();
+        assert!(
+            v["policy"]["memory_bytes"].is_null() && v["policy"]["max_parallel"].is_null(),
+            "nothing stored: {v}"
+        );
+        // Within it: stored and effective.
+        let r = put(ANN, &boss, json!({"memory_bytes": 128 << 20})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["effective"]["memory_bytes"], 128 << 20);
+        // Not in another org, and never as a plain user.
+        for token in [&other_boss, &ann] {
+            let r = put(ANN, token, json!({"memory_bytes": 64 << 20})).await;
+            assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+        }
+
+        // A superadmin may set any override; the org still caps what it takes effect as.
+        let r = put(ANN, &root, json!({"memory_bytes": 1u64 << 30})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert_eq!(v["policy"]["memory_bytes"], 1u64 << 30);
+        assert_eq!(v["effective"]["memory_bytes"], 256 << 20);
+        assert_eq!(v["capped_by_org"], json!(["memory_bytes"]));
+        // Raising the org lets the override apply, lowering it below caps it at once.
+        let r = put(ORG, &root, json!({"memory_bytes": 2u64 << 30})).await;
+        assert_eq!(r.status, 200);
+        let v = get(&h, ANN, &boss).await.json();
+        assert_eq!(v["effective"]["memory_bytes"], 1u64 << 30);
+        assert_eq!(v["capped_by_org"], json!([]));
+        let r = put(ORG, &root, json!({"memory_bytes": 64 << 20})).await;
+        assert_eq!(r.status, 200, "lowering below an override is accepted");
+        let v = get(&h, ANN, &root).await.json();
+        assert_eq!(v["policy"]["memory_bytes"], 1u64 << 30, "kept as stored");
+        assert_eq!(v["effective"]["memory_bytes"], 64 << 20);
+        let id = run_r(&h, &ann, "1 + 1").await;
+        let done = wait_terminal(&h, &ann, &id).await;
+        assert_eq!(done["limits"]["memory_bytes"], 64 << 20, "{done}");
+        let r = http(
+            &h,
+            "POST",
+            "/v1/executions",
+            Some(&ann),
+            Some(json!({"language": "r", "code": "1", "limits": {"memory_bytes": 128 << 20}})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_limits"));
+    });
+}
+
+#[test]
 fn users_cannot_see_or_cancel_other_users_or_orgs_executions() {
     e2e(async {
         let h = Hatchery::started(Setup::default()).await;

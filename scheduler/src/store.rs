@@ -86,6 +86,7 @@ pub trait Store: Send + Sync + 'static {
         -> StoreResult<Admission>;
 
     async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>>;
+
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>>;
 
     /// Cancels an execution: a queued one becomes `cancelled` at once (terminal, with its
