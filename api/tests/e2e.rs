@@ -967,6 +967,73 @@ fn only_a_superadmin_sets_org_policy_and_org_admins_stay_within_it() {
 }
 
 #[test]
+fn an_e_mail_style_user_gets_a_token_runs_and_has_a_policy() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let root = h.token("hatchery", "root", "superadmin");
+        let boss = h.token("acme", "boss", "org_admin");
+        let ada = h.token("acme", "ada@example.com", "user");
+
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/ada%40example.com/policy",
+            Some(&boss),
+            Some(json!({"memory_bytes": 128 << 20, "time_limit_ms": 30_000})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["user"], "ada@example.com");
+        // Read back, with the `@` encoded or not.
+        for path in [
+            "/v1/admin/orgs/acme/users/ada%40example.com/policy",
+            "/v1/admin/orgs/acme/users/ada@example.com/policy",
+        ] {
+            let v = get(&h, path, &root).await.json();
+            assert_eq!(v["user"], "ada@example.com", "{v}");
+            assert_eq!(v["policy"]["memory_bytes"], 128 << 20, "{v}");
+            assert_eq!(v["effective"]["time_limit_ms"], 30_000, "{v}");
+        }
+        // Her executions run under it, and are hers.
+        let id = run_r(&h, &ada, "6 * 7").await;
+        let v = wait_terminal(&h, &ada, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["result"]["value_json"], "42");
+        assert_eq!(v["user"], "ada@example.com");
+        assert_eq!(v["limits"]["memory_bytes"], 128 << 20);
+        assert_eq!(v["limits"]["time_limit_ms"], 30_000);
+        let l = get(&h, "/v1/executions", &ada).await.json();
+        assert_eq!(l["executions"][0]["id"], id.as_str(), "{l}");
+
+        // `+` and `.` too, through the CLI and the routes.
+        let plus = h.token("acme", "ada.l+lab@example.co.uk", "user");
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/ada.l%2Blab%40example.co.uk/policy",
+            Some(&root),
+            Some(json!({"cpus": 0.5})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["user"], "ada.l+lab@example.co.uk");
+        let id = run_r(&h, &plus, "1").await;
+        let v = wait_terminal(&h, &plus, &id).await;
+        assert_eq!(v["limits"]["cpus"], 0.5, "{v}");
+        // Names that could leave the store's folder are still refused.
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/..%2Fada%40example.com/policy",
+            Some(&root),
+            Some(json!({"cpus": 0.5})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"));
+    });
+}
+
+#[test]
 fn users_cannot_see_or_cancel_other_users_or_orgs_executions() {
     e2e(async {
         let h = Hatchery::started(Setup::default()).await;

@@ -20,8 +20,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("execution {0} does not exist")]
     NotFound(String),
-    /// An org, user or id outside the naming rule (`[A-Za-z0-9._-]`, not starting with a
-    /// dot, at most 200 characters).
+    /// An org, user or id outside the naming rule (`[A-Za-z0-9._@+-]`, not starting with
+    /// a dot, at most 200 characters).
     #[error("invalid name: {0}")]
     InvalidName(String),
     #[error("illegal state change of {id}: {from:?} -> {to:?}")]

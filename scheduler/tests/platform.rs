@@ -451,6 +451,48 @@ async fn lowering_an_org_below_existing_overrides_caps_them_at_once() {
 }
 
 #[tokio::test]
+async fn e_mail_style_users_run_and_get_policies() {
+    let f = fixture();
+    let root = who("hatchery", "root", Role::Superadmin);
+    let admin = who("acme", "boss", Role::OrgAdmin);
+    for name in ["ada@example.com", "ada+lab@example.co.uk"] {
+        let ada = who("acme", name, Role::User);
+        let p = Policy {
+            memory_bytes: Some(128 << 20),
+            ..Default::default()
+        };
+        let view = f
+            .platform
+            .put_user_policy(&admin, "acme", name, p.clone())
+            .await
+            .unwrap();
+        assert_eq!(view.user, name);
+        let read = f
+            .platform
+            .get_user_policy(&root, "acme", name)
+            .await
+            .unwrap();
+        assert_eq!(read.policy, p);
+        let rec = f.platform.submit(&ada, req("1", None)).await.unwrap();
+        assert_eq!(rec.user, name);
+        assert_eq!(rec.limits.memory_bytes, 128 << 20);
+        assert_eq!(
+            f.platform.get(&ada, &rec.id).await.unwrap().record.id,
+            rec.id
+        );
+    }
+    // Names that could leave the store's folder are still refused.
+    for bad in ["../ada@example.com", "ada/x", ".ada"] {
+        let e = f
+            .platform
+            .put_user_policy(&root, "acme", bad, Policy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_request", "{bad}");
+    }
+}
+
+#[tokio::test]
 async fn other_users_and_orgs_get_not_found_never_forbidden() {
     let f = fixture();
     let alice = who("acme", "alice", Role::User);

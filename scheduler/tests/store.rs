@@ -702,6 +702,53 @@ async fn names_that_could_escape_the_data_directory_are_refused() {
     assert!(!dir.path().join("x").exists());
 }
 
+#[tokio::test]
+async fn e_mail_style_user_names_keep_their_policies_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Policy {
+        cpus: Some(0.5),
+        ..Default::default()
+    };
+    let names = [
+        "ada@example.com",
+        "ada+lab@example.co.uk",
+        "grace.hopper@navy.mil",
+    ];
+    {
+        let store = open(dir.path());
+        for name in names {
+            store
+                .put_user_policy("acme", name, p.clone())
+                .await
+                .unwrap();
+        }
+        admitted(&store, record("e1", "acme", names[0], None, 1), rules(2)).await;
+    }
+    let store = open(dir.path());
+    for name in names {
+        assert_eq!(
+            store.get_user_policy("acme", name).await.unwrap(),
+            Some(p.clone()),
+            "{name}"
+        );
+    }
+    assert_eq!(get(&store, "e1").await.user, names[0]);
+    // Each is one file in the org's folder, named after the user.
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("policies/users/acme"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            "ada+lab@example.co.uk.json",
+            "ada@example.com.json",
+            "grace.hopper@navy.mil.json"
+        ]
+    );
+}
+
 /// Everything a client can read back.
 async fn snapshot(
     store: &EmbeddedStore,

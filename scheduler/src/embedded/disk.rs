@@ -26,14 +26,15 @@ use crate::store::{StoreError, StoreResult};
 pub const MAX_NAME_LEN: usize = 200;
 
 /// Whether `name` may become a file name: non-empty, at most [`MAX_NAME_LEN`] bytes of
-/// `[A-Za-z0-9._-]`, not starting with a dot.
+/// `[A-Za-z0-9._@+-]`, not starting with a dot. Without `/` and a leading dot a name is
+/// one path component other than `.` and `..`: it stays in its folder.
 pub fn name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'+'))
 }
 
 /// [`name_ok`] as an error naming what was refused.
@@ -42,7 +43,7 @@ pub fn check_name(what: &str, name: &str) -> StoreResult<()> {
         Ok(())
     } else {
         Err(StoreError::InvalidName(format!(
-            "{what} {name:?}: only 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - \
+            "{what} {name:?}: only 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - @ + \
              (not starting with a dot) are allowed"
         )))
     }
@@ -340,22 +341,38 @@ mod tests {
             "Acme-Corp_2.eu",
             "0123456789abcdef",
             "x..y",
+            "ada@example.com",
+            "ada+lab@example.co.uk",
+            "@",
+            "+",
             &"n".repeat(200),
         ] {
             assert!(name_ok(ok), "{ok:?}");
+            assert!(check_name("user", ok).is_ok());
         }
         for bad in [
             "",
             ".",
             "..",
             ".x",
+            ".@",
             "a/b",
+            "../x",
+            "x/..",
+            "a/../b",
+            "/etc/passwd",
+            "ada@example.com/..",
             "a\\b",
             "a b",
             "é",
+            "ada@exämple.com",
             "a\0b",
             "a\n",
+            "a%2Fb@x",
+            "a:b",
+            "a*b",
             &"n".repeat(201),
+            &format!("{}@example.com", "n".repeat(189)),
         ] {
             assert!(!name_ok(bad), "{bad:?}");
             assert!(check_name("org", bad).is_err());
