@@ -1582,6 +1582,88 @@ fn all_events_monitor_and_admin_views() {
 }
 
 #[test]
+fn up_refuses_a_default_policy_that_admits_nothing() {
+    // Serial: should the refusal regress, this starts a real platform.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("h.toml");
+    let data = dir.path().join("data");
+    let cgroup_parent = format!("hatchery/e2e-{}-refuse", std::process::id());
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nrootfs = \"{}\"\n\
+             [agent]\npool_size = 1\ncgroup_parent = \"{cgroup_parent}\"\n\
+             [platform]\nlanguages = [\"r\"]\n",
+            data.display(),
+            rootfs().display()
+        ),
+    )
+    .unwrap();
+    for (setting, value, names) in [
+        (
+            "HATCHERY_MAX_PARALLEL",
+            "0",
+            &[
+                "platform.default_policy.max_parallel",
+                "HATCHERY_MAX_PARALLEL",
+            ][..],
+        ),
+        (
+            "HATCHERY_MAX_PARALLEL",
+            "-2",
+            &["HATCHERY_MAX_PARALLEL", "negative"][..],
+        ),
+        (
+            "HATCHERY_MAX_QUEUED",
+            "0",
+            &["platform.max_queued", "HATCHERY_MAX_QUEUED"][..],
+        ),
+    ] {
+        let mut cmd = Command::new(HATCHERY);
+        for (var, _) in hatchery_api::config::ENV_VARS {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .arg("up")
+            .arg("--config")
+            .arg(&config)
+            .env(setting, value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+                remove_cgroup_parent(&cgroup_parent);
+                panic!("`{setting}={value} hatchery up` is still running after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!status.success(), "{setting}={value}: {status}");
+        for name in names {
+            assert!(err.contains(name), "{setting}={value}: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).is_empty(),
+            "nothing was started"
+        );
+        assert!(!data.exists(), "nothing was created");
+    }
+}
+
+#[test]
 fn split_roles_say_they_need_redis() {
     for role in ["api", "scheduler", "agent"] {
         let out = Command::new(HATCHERY).arg(role).output().unwrap();
