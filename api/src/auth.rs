@@ -34,18 +34,23 @@ pub enum AuthError {
 /// Longest org / user name a token may carry.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// Checks an org or user name: 1–128 characters of `[A-Za-z0-9._@-]`.
+/// Checks an org or user name: 1–128 characters of `[A-Za-z0-9._@+-]`, not starting
+/// with a dot — e-mail style user names like `ada+lab@example.com` included. The store
+/// accepts the same names (it keys policies by them), so whoever holds a token can also
+/// be given a policy.
 pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | '+'));
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "{what} must be 1 to {MAX_NAME_LEN} characters of letters, digits, '.', '_', '-', '@'"
+            "{what} {name:?} must be 1 to {MAX_NAME_LEN} characters of letters, digits, \
+             '.', '_', '-', '@', '+', not starting with '.'"
         ))
     }
 }
@@ -146,6 +151,24 @@ mod tests {
     }
 
     #[test]
+    fn e_mail_style_user_names_round_trip_through_a_token() {
+        let auth = Auth::new(&[7u8; 32]);
+        let t = auth
+            .mint(
+                "acme",
+                "ada+lab@example.com",
+                Role::User,
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let p = auth.verify(&t).unwrap();
+        assert_eq!(p.user, "ada+lab@example.com");
+        assert!(auth
+            .mint("acme", "ada/../x", Role::User, Duration::from_secs(60))
+            .is_err());
+    }
+
+    #[test]
     fn expired_tokens_are_refused() {
         let auth = Auth::new(&[7u8; 32]);
         let now = now_ms() / 1000;
@@ -168,8 +191,22 @@ mod tests {
     #[test]
     fn names_and_roles() {
         assert!(check_name("org", "acme-1.x_y@z").is_ok());
-        assert!(check_name("org", "").is_err());
-        assert!(check_name("org", "a b").is_err());
+        for ok in ["ada@example.com", "ada+lab@example.co.uk", "a.b-c_d"] {
+            assert!(check_name("user", ok).is_ok(), "{ok}");
+            // Whatever a token may name, the store can key a policy by.
+            assert!(hatchery_scheduler::embedded::name_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            ".hidden",
+            "..",
+            "a/b",
+            "ada@exämple.com",
+            "a%40b",
+        ] {
+            assert!(check_name("user", bad).is_err(), "{bad:?}");
+        }
         assert!(check_name("org", &"a".repeat(129)).is_err());
         assert_eq!(parse_role("superadmin"), Ok(Role::Superadmin));
         assert!(parse_role("root").is_err());

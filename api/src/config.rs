@@ -314,6 +314,41 @@ impl Config {
                 "agent.host_pids_max must be at least 1".into(),
             ));
         }
+        self.validate_platform_rules()
+    }
+
+    /// The platform default policy passes the same rule as every stored policy and
+    /// request ([`hatchery_scheduler::policy::validate_default`]), and the queue and code
+    /// size admit something: a platform that admits nothing (or everything) never starts.
+    fn validate_platform_rules(&self) -> Result<(), ConfigError> {
+        use hatchery_scheduler::policy::PolicyError;
+        let default = self.platform_config().default_policy;
+        if let Err(errors) = hatchery_scheduler::policy::validate_default(&default) {
+            let each: Vec<String> = errors
+                .0
+                .iter()
+                .map(|e| match e {
+                    PolicyError::OutOfRange { field, value } => format!(
+                        "{} is {value}; it must be {}",
+                        setting(&format!("platform.default_policy.{field}")),
+                        field.range_text()
+                    ),
+                    other => format!("platform.default_policy: {other}"),
+                })
+                .collect();
+            return Err(ConfigError::Invalid(each.join("; ")));
+        }
+        for (key, value) in [
+            ("platform.max_queued", self.platform.max_queued),
+            ("platform.max_code_bytes", self.platform.max_code_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{} is 0; it must be at least 1 (0 would admit nothing)",
+                    setting(key)
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -371,6 +406,14 @@ impl Config {
     }
 }
 
+/// A config key for messages, with the environment variable that sets it, if any.
+fn setting(key: &str) -> String {
+    match ENV_VARS.iter().find(|(_, k)| *k == key) {
+        Some((var, _)) => format!("{key} ({var})"),
+        None => key.to_string(),
+    }
+}
+
 /// Types an environment value the way the config key expects it.
 fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
     const NUMERIC: &[&str] = &[
@@ -385,11 +428,11 @@ fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
         "agent.max_events",
     ];
     if NUMERIC.contains(&key) {
-        value
-            .trim()
-            .parse::<i64>()
-            .map(toml::Value::Integer)
-            .map_err(|e| format!("expected a whole number: {e}"))
+        match value.trim().parse::<i64>() {
+            Ok(n) if n < 0 => Err("must not be negative".into()),
+            Ok(n) => Ok(toml::Value::Integer(n)),
+            Err(e) => Err(format!("expected a whole number: {e}")),
+        }
     } else {
         Ok(toml::Value::String(value.to_string()))
     }
@@ -768,7 +811,7 @@ mod tests {
         std::fs::write(
             &file,
             "listen = \"127.0.0.1:9000\"\n[agent]\npool_size = 1\n\
-             [platform.default_policy]\nmemory_bytes = 1000000\n",
+             [platform.default_policy]\nmemory_bytes = 100000000\n",
         )
         .unwrap();
         let mut env = BTreeMap::new();
@@ -779,7 +822,7 @@ mod tests {
         assert_eq!(c.agent.pool_size, 1);
         assert_eq!(c.agent.capacity, AgentSection::default().capacity);
         let p = c.platform_config();
-        assert_eq!(p.default_policy.memory_bytes, 1_000_000);
+        assert_eq!(p.default_policy.memory_bytes, 100_000_000);
         assert_eq!(p.default_policy.max_parallel, 3);
         assert_eq!(p.default_policy.cpus, EffectivePolicy::default().cpus);
 
@@ -790,6 +833,90 @@ mod tests {
             Config::load_from(None, &env),
             Err(ConfigError::Env { .. })
         ));
+    }
+
+    fn invalid(file_text: &str, env: &[(&str, &str)]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(&file, file_text).unwrap();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match Config::load_from(Some(&file), &env) {
+            Ok(c) => panic!("accepted {file_text:?} {env:?}: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_default_policy_that_admits_nothing_or_everything_is_refused_naming_the_setting() {
+        let e = invalid("", &[("HATCHERY_MAX_PARALLEL", "0")]);
+        assert_eq!(
+            e,
+            "invalid configuration: platform.default_policy.max_parallel \
+             (HATCHERY_MAX_PARALLEL) is 0; it must be between 1 and 1000"
+        );
+        let e = invalid("", &[("HATCHERY_MAX_PARALLEL", "1001")]);
+        assert!(
+            e.contains("HATCHERY_MAX_PARALLEL") && e.contains("1001"),
+            "{e}"
+        );
+        let e = invalid("", &[("HATCHERY_MAX_PARALLEL", "-1")]);
+        assert!(
+            e.contains("HATCHERY_MAX_PARALLEL") && e.contains("negative"),
+            "{e}"
+        );
+        for (text, key) in [
+            ("memory_bytes = 0", "memory_bytes"),
+            ("memory_bytes = 1024", "memory_bytes"),
+            ("memory_bytes = 17592186044417", "memory_bytes"),
+            ("cpus = 0.0", "cpus"),
+            ("cpus = -1.0", "cpus"),
+            ("cpus = nan", "cpus"),
+            ("cpus = inf", "cpus"),
+            ("cpus = 1025.0", "cpus"),
+            ("pids = 0", "pids"),
+            ("pids = 2000000", "pids"),
+            ("time_limit_ms = 0", "time_limit_ms"),
+            ("time_limit_ms = 604800001", "time_limit_ms"),
+            ("max_parallel = 0", "max_parallel"),
+            ("warm_pool_size = 1001", "warm_pool_size"),
+        ] {
+            let e = invalid(&format!("[platform.default_policy]\n{text}\n"), &[]);
+            assert!(
+                e.contains(&format!("platform.default_policy.{key}")),
+                "{text}: {e}"
+            );
+        }
+        // Negative numbers never reach the policy check: the file does not parse.
+        let e = invalid("[platform.default_policy]\nmemory_bytes = -5\n", &[]);
+        assert!(e.contains("memory_bytes"), "{e}");
+        let e = invalid("[platform]\nmax_queued = 0\n", &[]);
+        assert!(
+            e.contains("platform.max_queued (HATCHERY_MAX_QUEUED) is 0"),
+            "{e}"
+        );
+        let e = invalid("", &[("HATCHERY_MAX_CODE_BYTES", "0")]);
+        assert!(e.contains("platform.max_code_bytes"), "{e}");
+        // Every bad field is named at once.
+        let e = invalid(
+            "[platform.default_policy]\ncpus = nan\npids = 1\n",
+            &[("HATCHERY_MAX_PARALLEL", "0")],
+        );
+        assert!(
+            e.contains("cpus is NaN") && e.contains("pids is 1") && e.contains("max_parallel"),
+            "{e}"
+        );
+        // The edges are fine.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(
+            &file,
+            "[platform.default_policy]\nmax_parallel = 1000\ncpus = 1024.0\nwarm_pool_size = 0\n",
+        )
+        .unwrap();
+        Config::load_from(Some(&file), &BTreeMap::new()).unwrap();
     }
 
     #[test]

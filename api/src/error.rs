@@ -15,6 +15,7 @@ pub const ERROR_CODES: &[&str] = &[
     "bad_json",
     "invalid_request",
     "invalid_limits",
+    "policy_exceeds_org",
     "unknown_language",
     "payload_too_large",
     "code_too_large",
@@ -145,6 +146,7 @@ impl From<PlatformError> for ApiError {
             PlatformError::Forbidden(_) => StatusCode::FORBIDDEN,
             PlatformError::UnknownLanguage(_)
             | PlatformError::InvalidLimits(_)
+            | PlatformError::PolicyExceedsOrg(_)
             | PlatformError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             PlatformError::CodeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PlatformError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hatchery_scheduler::model::{ExecState, ExecutionRecord, Policy, Principal, Usage};
 use hatchery_scheduler::platform::{ListQuery, SubmitRequest};
-use hatchery_scheduler::store::ListFilter;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
@@ -81,19 +80,19 @@ pub async fn dispatch(
             no_query(&query)?;
             let who = caller()?;
             let (org, user) = (param("org"), param("user"));
-            let policy = st.platform.get_user_policy(&who, &org, &user).await?;
-            user_policy_view(&st, org, user, policy).await
+            let view = st.platform.get_user_policy(&who, &org, &user).await?;
+            Ok(json(StatusCode::OK, &view))
         }
         RouteId::PutUserPolicy => {
             no_query(&query)?;
             let who = caller()?;
             let (org, user) = (param("org"), param("user"));
             let policy = read_policy(&st, req).await?;
-            let policy = st
+            let view = st
                 .platform
                 .put_user_policy(&who, &org, &user, policy)
                 .await?;
-            user_policy_view(&st, org, user, policy).await
+            Ok(json(StatusCode::OK, &view))
         }
         RouteId::AdminExecutions => {
             no_query(&query)?;
@@ -328,19 +327,6 @@ struct OrgPolicyView {
     policy: Policy,
 }
 
-async fn user_policy_view(
-    st: &ApiState,
-    org: String,
-    user: String,
-    policy: Policy,
-) -> Result<Response<Body>, ApiError> {
-    let effective = st.platform.effective_policy(&org, &user).await?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "org": org, "user": user, "policy": policy, "effective": effective }),
-    ))
-}
-
 #[derive(Serialize)]
 struct AdminExecution {
     #[serde(flatten)]
@@ -369,25 +355,20 @@ async fn admin_executions(st: &ApiState, who: &Principal) -> Result<Response<Bod
     ))
 }
 
-async fn metrics(st: &ApiState) -> Response<Body> {
-    let count = |state: ExecState| {
-        let filter = ListFilter {
-            state: Some(state),
-            ..ListFilter::default()
-        };
-        async move {
-            st.platform
-                .store
-                .list(&filter)
-                .await
-                .map(|v| v.len() as u64)
-                .unwrap_or(0)
+/// `/metrics`: counters of this node, the store's active counts (kept by the store on
+/// every state change: a scrape never scans the executions) and the host statuses.
+pub async fn metrics(st: &ApiState) -> Response<Body> {
+    let counts = match st.platform.store.active_counts().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot read the active counts");
+            Default::default()
         }
     };
     let statuses = st.hosts.current();
     let gauges = Gauges {
-        queued: count(ExecState::Queued).await,
-        running: count(ExecState::Running).await,
+        queued: counts.queued,
+        running: counts.running,
         warm: statuses
             .iter()
             .flat_map(|s| {

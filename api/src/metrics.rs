@@ -1,7 +1,8 @@
 //! A small Prometheus registry for what this API node sees: requests by route and
 //! status, executions submitted and finished by state, open WebSockets. Gauges about
-//! the platform (queue length, running, warm sandboxes) are read from the store and the
-//! host statuses at scrape time and passed to [`Metrics::render`].
+//! the platform (queue length, running, warm sandboxes) come from the store's active
+//! counts (maintained on every state change, O(1) to read: a scrape never scans the
+//! executions) and the host statuses, and are passed to [`Metrics::render`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

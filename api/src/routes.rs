@@ -192,6 +192,42 @@ mod tests {
     }
 
     #[test]
+    fn e_mail_style_user_names_match_encoded_or_not() {
+        for (path, user) in [
+            (
+                "/v1/admin/orgs/acme/users/ada%40example.com/policy",
+                "ada@example.com",
+            ),
+            (
+                "/v1/admin/orgs/acme/users/ada@example.com/policy",
+                "ada@example.com",
+            ),
+            (
+                "/v1/admin/orgs/acme/users/ada%2Blab%40example.co.uk/policy",
+                "ada+lab@example.co.uk",
+            ),
+            // `+` in a path is a plus, not a space.
+            (
+                "/v1/admin/orgs/acme/users/ada+lab@example.co.uk/policy",
+                "ada+lab@example.co.uk",
+            ),
+        ] {
+            match find("GET", path) {
+                Match::Found(r, p) => {
+                    assert_eq!(r.id, RouteId::GetUserPolicy);
+                    assert_eq!(p[1], ("user", user.to_string()), "{path}");
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        // An encoded slash stays inside its segment (the store then refuses the name).
+        match find("GET", "/v1/admin/orgs/acme/users/a%2F..%2Fb/policy") {
+            Match::Found(_, p) => assert_eq!(p[1].1, "a/../b"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn every_route_is_unique() {
         for (i, a) in ROUTES.iter().enumerate() {
             for b in &ROUTES[i + 1..] {

@@ -864,6 +864,176 @@ fn a_policy_change_takes_effect_on_the_next_execution() {
 }
 
 #[test]
+fn only_a_superadmin_sets_org_policy_and_org_admins_stay_within_it() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let root = h.token("hatchery", "root", "superadmin");
+        let boss = h.token("acme", "boss", "org_admin");
+        let other_boss = h.token("globex", "boss", "org_admin");
+        let ann = h.token("acme", "ann", "user");
+        let put = |path: &'static str, token: &str, body: Value| {
+            let token = token.to_string();
+            let h = &h;
+            async move { http(h, "PUT", path, Some(&token), Some(body)).await }
+        };
+        const ORG: &str = "/v1/admin/orgs/acme/policy";
+        const ANN: &str = "/v1/admin/orgs/acme/users/ann/policy";
+
+        // An org admin may not set its own org's policy, let alone to 16 TiB and 1000
+        // parallel runs; nothing is stored.
+        for body in [
+            json!({"memory_bytes": 16u64 << 40, "max_parallel": 1000}),
+            json!({"pids": 64}),
+        ] {
+            let r = put(ORG, &boss, body).await;
+            assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+            assert!(r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("superadmin"));
+        }
+        let v = get(&h, ORG, &root).await.json();
+        assert!(
+            v["policy"]["memory_bytes"].is_null() && v["policy"]["max_parallel"].is_null(),
+            "{v}"
+        );
+
+        // The superadmin sets it; the org admin reads it.
+        let r = put(ORG, &root, json!({"memory_bytes": 256 << 20})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let r = get(&h, ORG, &boss).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["policy"]["memory_bytes"], 256 << 20);
+
+        // An override above the org's policy: 422 naming the field, value and allowance.
+        let r = put(ANN, &boss, json!({"memory_bytes": 1u64 << 30})).await;
+        assert_eq!((r.status, r.code().as_str()), (422, "policy_exceeds_org"));
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("memory_bytes")
+                && msg.contains(&(1u64 << 30).to_string())
+                && msg.contains(&(256u64 << 20).to_string()),
+            "{msg}"
+        );
+        // Above the platform default the org keeps (max_parallel 2) is refused too.
+        let r = put(ANN, &boss, json!({"max_parallel": 3})).await;
+        assert_eq!((r.status, r.code().as_str()), (422, "policy_exceeds_org"));
+        let v = get(&h, ANN, &boss).await.json();
+        assert!(
+            v["policy"]["memory_bytes"].is_null() && v["policy"]["max_parallel"].is_null(),
+            "nothing stored: {v}"
+        );
+        // Within it: stored and effective.
+        let r = put(ANN, &boss, json!({"memory_bytes": 128 << 20})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["effective"]["memory_bytes"], 128 << 20);
+        // Not in another org, and never as a plain user.
+        for token in [&other_boss, &ann] {
+            let r = put(ANN, token, json!({"memory_bytes": 64 << 20})).await;
+            assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+        }
+
+        // A superadmin may set any override; the org still caps what it takes effect as.
+        let r = put(ANN, &root, json!({"memory_bytes": 1u64 << 30})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert_eq!(v["policy"]["memory_bytes"], 1u64 << 30);
+        assert_eq!(v["effective"]["memory_bytes"], 256 << 20);
+        assert_eq!(v["capped_by_org"], json!(["memory_bytes"]));
+        // Raising the org lets the override apply, lowering it below caps it at once.
+        let r = put(ORG, &root, json!({"memory_bytes": 2u64 << 30})).await;
+        assert_eq!(r.status, 200);
+        let v = get(&h, ANN, &boss).await.json();
+        assert_eq!(v["effective"]["memory_bytes"], 1u64 << 30);
+        assert_eq!(v["capped_by_org"], json!([]));
+        let r = put(ORG, &root, json!({"memory_bytes": 64 << 20})).await;
+        assert_eq!(r.status, 200, "lowering below an override is accepted");
+        let v = get(&h, ANN, &root).await.json();
+        assert_eq!(v["policy"]["memory_bytes"], 1u64 << 30, "kept as stored");
+        assert_eq!(v["effective"]["memory_bytes"], 64 << 20);
+        let id = run_r(&h, &ann, "1 + 1").await;
+        let done = wait_terminal(&h, &ann, &id).await;
+        assert_eq!(done["limits"]["memory_bytes"], 64 << 20, "{done}");
+        let r = http(
+            &h,
+            "POST",
+            "/v1/executions",
+            Some(&ann),
+            Some(json!({"language": "r", "code": "1", "limits": {"memory_bytes": 128 << 20}})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_limits"));
+    });
+}
+
+#[test]
+fn an_e_mail_style_user_gets_a_token_runs_and_has_a_policy() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let root = h.token("hatchery", "root", "superadmin");
+        let boss = h.token("acme", "boss", "org_admin");
+        let ada = h.token("acme", "ada@example.com", "user");
+
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/ada%40example.com/policy",
+            Some(&boss),
+            Some(json!({"memory_bytes": 128 << 20, "time_limit_ms": 30_000})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["user"], "ada@example.com");
+        // Read back, with the `@` encoded or not.
+        for path in [
+            "/v1/admin/orgs/acme/users/ada%40example.com/policy",
+            "/v1/admin/orgs/acme/users/ada@example.com/policy",
+        ] {
+            let v = get(&h, path, &root).await.json();
+            assert_eq!(v["user"], "ada@example.com", "{v}");
+            assert_eq!(v["policy"]["memory_bytes"], 128 << 20, "{v}");
+            assert_eq!(v["effective"]["time_limit_ms"], 30_000, "{v}");
+        }
+        // Her executions run under it, and are hers.
+        let id = run_r(&h, &ada, "6 * 7").await;
+        let v = wait_terminal(&h, &ada, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["result"]["value_json"], "42");
+        assert_eq!(v["user"], "ada@example.com");
+        assert_eq!(v["limits"]["memory_bytes"], 128 << 20);
+        assert_eq!(v["limits"]["time_limit_ms"], 30_000);
+        let l = get(&h, "/v1/executions", &ada).await.json();
+        assert_eq!(l["executions"][0]["id"], id.as_str(), "{l}");
+
+        // `+` and `.` too, through the CLI and the routes.
+        let plus = h.token("acme", "ada.l+lab@example.co.uk", "user");
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/ada.l%2Blab%40example.co.uk/policy",
+            Some(&root),
+            Some(json!({"cpus": 0.5})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["user"], "ada.l+lab@example.co.uk");
+        let id = run_r(&h, &plus, "1").await;
+        let v = wait_terminal(&h, &plus, &id).await;
+        assert_eq!(v["limits"]["cpus"], 0.5, "{v}");
+        // Names that could leave the store's folder are still refused.
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/..%2Fada%40example.com/policy",
+            Some(&root),
+            Some(json!({"cpus": 0.5})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"));
+    });
+}
+
+#[test]
 fn users_cannot_see_or_cancel_other_users_or_orgs_executions() {
     e2e(async {
         let h = Hatchery::started(Setup::default()).await;
@@ -1409,6 +1579,88 @@ fn all_events_monitor_and_admin_views() {
         );
         assert_eq!(http(&h, "GET", "/healthz", None, None).await.status, 200);
     });
+}
+
+#[test]
+fn up_refuses_a_default_policy_that_admits_nothing() {
+    // Serial: should the refusal regress, this starts a real platform.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("h.toml");
+    let data = dir.path().join("data");
+    let cgroup_parent = format!("hatchery/e2e-{}-refuse", std::process::id());
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nrootfs = \"{}\"\n\
+             [agent]\npool_size = 1\ncgroup_parent = \"{cgroup_parent}\"\n\
+             [platform]\nlanguages = [\"r\"]\n",
+            data.display(),
+            rootfs().display()
+        ),
+    )
+    .unwrap();
+    for (setting, value, names) in [
+        (
+            "HATCHERY_MAX_PARALLEL",
+            "0",
+            &[
+                "platform.default_policy.max_parallel",
+                "HATCHERY_MAX_PARALLEL",
+            ][..],
+        ),
+        (
+            "HATCHERY_MAX_PARALLEL",
+            "-2",
+            &["HATCHERY_MAX_PARALLEL", "negative"][..],
+        ),
+        (
+            "HATCHERY_MAX_QUEUED",
+            "0",
+            &["platform.max_queued", "HATCHERY_MAX_QUEUED"][..],
+        ),
+    ] {
+        let mut cmd = Command::new(HATCHERY);
+        for (var, _) in hatchery_api::config::ENV_VARS {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .arg("up")
+            .arg("--config")
+            .arg(&config)
+            .env(setting, value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+                remove_cgroup_parent(&cgroup_parent);
+                panic!("`{setting}={value} hatchery up` is still running after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!status.success(), "{setting}={value}: {status}");
+        for name in names {
+            assert!(err.contains(name), "{setting}={value}: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).is_empty(),
+            "nothing was started"
+        );
+        assert!(!data.exists(), "nothing was created");
+    }
 }
 
 #[test]

@@ -41,13 +41,21 @@ impl Principal {
         }
     }
 
-    /// May this caller read or change the policies of `org`?
+    /// May this caller read the policies of `org` and set its users' overrides? Admins
+    /// of `org` and superadmins may (an org admin's overrides stay within the org's
+    /// policy: see [`crate::policy::check_within_org`]).
     pub fn may_administer(&self, org: &str) -> bool {
         match self.role {
             Role::Superadmin => true,
             Role::OrgAdmin => self.org == org,
             Role::User => false,
         }
+    }
+
+    /// May this caller set an org's policy (R3)? Only a superadmin: an org admin must
+    /// not raise its own org's limits.
+    pub fn may_set_org_policy(&self) -> bool {
+        self.role == Role::Superadmin
     }
 }
 
@@ -330,11 +338,13 @@ mod tests {
         assert!(admin.may_access("a", "v"));
         assert!(!admin.may_access("b", "v"));
         assert!(admin.may_administer("a") && !admin.may_administer("b"));
+        assert!(!u.may_set_org_policy() && !admin.may_set_org_policy());
         let root = Principal {
             role: Role::Superadmin,
             ..u
         };
         assert!(root.may_access("b", "x") && root.may_administer("z"));
+        assert!(root.may_set_org_policy());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::encrypted::EncryptedObjects;
 use crate::objects::{ObjectError, Objects};
 use crate::placement::run_scheduler;
 use crate::platform::{Platform, PlatformConfig};
+use crate::policy::PolicyErrors;
 use crate::private_files;
 use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
@@ -49,6 +50,9 @@ pub enum NodeError {
     Objects(#[from] ObjectError),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
+    /// The platform default policy fails the rule every policy passes.
+    #[error("the platform default policy: {0}")]
+    DefaultPolicy(#[from] PolicyErrors),
 }
 
 /// A running single-host platform.
@@ -60,9 +64,13 @@ pub struct EmbeddedNode {
 }
 
 impl EmbeddedNode {
-    /// Opens the store and objects, starts the scheduler, then the agent (which
-    /// reconciles executions a previous run left `running`), and retention.
+    /// Checks the default policy, opens the store and objects, starts the scheduler, then
+    /// the agent (which reconciles executions a previous run left `running`), and
+    /// retention.
     pub async fn start(cfg: NodeConfig) -> Result<EmbeddedNode, NodeError> {
+        // A default that admits nothing (max_parallel 0) or everything never starts.
+        crate::policy::validate_default(&cfg.platform.default_policy)?;
+        crate::policy::validate_default(&cfg.agent.default_policy)?;
         private_files::create_dir(&cfg.data_dir).map_err(|e| {
             NodeError::DataDir(format!("preparing {}: {e}", cfg.data_dir.display()))
         })?;

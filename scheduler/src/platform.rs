@@ -16,6 +16,7 @@ use crate::model::{
     Principal, RequestedLimits, ResultSummary, Role,
 };
 use crate::objects::{ObjectError, Objects};
+use crate::policy::PolicyErrors;
 use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
 
 /// Languages the platform runs, and the largest code it accepts.
@@ -72,6 +73,11 @@ pub enum PlatformError {
     /// 422 `invalid_limits` — negative, zero, absurd, or above the caller's policy.
     #[error("{0}")]
     InvalidLimits(String),
+    /// 422 `policy_exceeds_org` — an org admin's user override above what the org
+    /// allows (its policy, else the platform default); every such field with its value
+    /// and the allowance.
+    #[error("{0}; only a superadmin may set a user override above its org's policy")]
+    PolicyExceedsOrg(PolicyErrors),
     /// 422 `invalid_request`
     #[error("{0}")]
     Invalid(String),
@@ -92,6 +98,7 @@ impl PlatformError {
             PlatformError::UnknownLanguage(_) => "unknown_language",
             PlatformError::CodeTooLarge { .. } => "code_too_large",
             PlatformError::InvalidLimits(_) => "invalid_limits",
+            PlatformError::PolicyExceedsOrg(_) => "policy_exceeds_org",
             PlatformError::Invalid(_) => "invalid_request",
             PlatformError::QueueFull => "queue_full",
             PlatformError::Internal(_) => "internal",
@@ -106,6 +113,17 @@ pub struct ExecutionView {
     pub record: ExecutionRecord,
     /// The decrypted result, once finished.
     pub result: Option<ResultSummary>,
+}
+
+/// A user's override as admins see it: the stored override, the policy the user's next
+/// execution gets, and the override's fields the org's allowance caps (set above it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserPolicyView {
+    pub org: String,
+    pub user: String,
+    pub policy: Policy,
+    pub effective: EffectivePolicy,
+    pub capped_by_org: Vec<String>,
 }
 
 /// `GET /v1/executions` filters (the caller's own executions only).
@@ -133,6 +151,10 @@ pub struct EventFollow {
 
 fn internal(e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Internal(e.to_string())
+}
+
+fn invalid_limits(e: PolicyErrors) -> PlatformError {
+    PlatformError::InvalidLimits(e.to_string())
 }
 
 impl From<StoreError> for PlatformError {
@@ -170,7 +192,8 @@ pub const DEFAULT_LIST_LIMIT: usize = 50;
 pub const MAX_LIST_LIMIT: usize = 500;
 
 impl Platform {
-    /// User override ▷ org policy ▷ platform default.
+    /// User override ▷ org policy ▷ platform default, never above what the org allows
+    /// (see [`crate::policy::resolve`]).
     pub async fn effective_policy(
         &self,
         org: &str,
@@ -205,8 +228,8 @@ impl Platform {
         check_tag("tab_id", &req.tab_id)?;
         check_tag("model_id", &req.model_id)?;
         let policy = self.effective_policy(&who.org, &who.user).await?;
-        let limits = crate::policy::limits_for(&policy, req.limits.as_ref())
-            .map_err(PlatformError::InvalidLimits)?;
+        let limits =
+            crate::policy::limits_for(&policy, req.limits.as_ref()).map_err(invalid_limits)?;
 
         let id = uuid::Uuid::new_v4().simple().to_string();
         let code_key = format!("code/{id}");
@@ -417,6 +440,7 @@ impl Platform {
         }
     }
 
+    /// The org's policy: superadmins, and the org's admins (read only).
     pub async fn get_org_policy(
         &self,
         who: &Principal,
@@ -426,45 +450,88 @@ impl Platform {
         Ok(self.store.get_org_policy(org).await?.unwrap_or_default())
     }
 
+    /// Sets an org's policy: superadmins only (R3). Lowering it below existing user
+    /// overrides is accepted: resolution caps every override at the org's allowance
+    /// ([`crate::policy::resolve`]), so it applies to every user's next execution.
     pub async fn put_org_policy(
         &self,
         who: &Principal,
         org: &str,
         policy: Policy,
     ) -> Result<Policy, PlatformError> {
-        self.require_admin(who, org)?;
-        crate::policy::validate_policy(&policy).map_err(PlatformError::InvalidLimits)?;
+        if !who.may_set_org_policy() {
+            return Err(PlatformError::Forbidden(format!(
+                "setting the policy of org {org:?} needs the superadmin role; an org admin \
+                 may read it and set user overrides within it"
+            )));
+        }
+        crate::policy::validate_policy(&policy).map_err(invalid_limits)?;
         self.store.put_org_policy(org, policy.clone()).await?;
         Ok(policy)
     }
 
+    async fn user_policy_view(
+        &self,
+        org: &str,
+        user: &str,
+        policy: Policy,
+    ) -> Result<UserPolicyView, PlatformError> {
+        let org_policy = self.store.get_org_policy(org).await?;
+        let d = &self.config.default_policy;
+        let effective = crate::policy::resolve(d, org_policy.as_ref(), Some(&policy));
+        let capped_by_org = crate::policy::capped_fields(d, org_policy.as_ref(), &policy)
+            .into_iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        Ok(UserPolicyView {
+            org: org.to_string(),
+            user: user.to_string(),
+            policy,
+            effective,
+            capped_by_org,
+        })
+    }
+
+    /// A user's override and effective policy: superadmins, and the org's admins.
     pub async fn get_user_policy(
         &self,
         who: &Principal,
         org: &str,
         user: &str,
-    ) -> Result<Policy, PlatformError> {
+    ) -> Result<UserPolicyView, PlatformError> {
         self.require_admin(who, org)?;
-        Ok(self
+        let policy = self
             .store
             .get_user_policy(org, user)
             .await?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        self.user_policy_view(org, user, policy).await
     }
 
+    /// Sets a user's override: a superadmin in any org, to any sane value; an org admin
+    /// in its own org, each field at most what the org allows (its policy, else the
+    /// platform default), or 422 `policy_exceeds_org`. Whatever is stored, the effective
+    /// policy never exceeds the org's allowance (see [`Platform::put_org_policy`]).
     pub async fn put_user_policy(
         &self,
         who: &Principal,
         org: &str,
         user: &str,
         policy: Policy,
-    ) -> Result<Policy, PlatformError> {
+    ) -> Result<UserPolicyView, PlatformError> {
         self.require_admin(who, org)?;
-        crate::policy::validate_policy(&policy).map_err(PlatformError::InvalidLimits)?;
+        crate::policy::validate_policy(&policy).map_err(invalid_limits)?;
+        if who.role != Role::Superadmin {
+            let org_policy = self.store.get_org_policy(org).await?;
+            let allowance =
+                crate::policy::org_allowance(&self.config.default_policy, org_policy.as_ref());
+            crate::policy::check_within_org(&policy, &allowance)
+                .map_err(PlatformError::PolicyExceedsOrg)?;
+        }
         self.store
             .put_user_policy(org, user, policy.clone())
             .await?;
-        Ok(policy)
+        self.user_policy_view(org, user, policy).await
     }
 
     /// Active executions: all of them for a superadmin, the org's for an org admin.

@@ -1,11 +1,18 @@
-//! Resource policy (R3, R8): resolving the effective policy of a user (user override ▷
-//! org policy ▷ platform default, field by field), checking a policy an admin sets, and
-//! turning a request's asked-for limits into the limits an execution runs with.
+//! Resource policy (R3, R8): the sane range of every policy field, resolving the
+//! effective policy of a user (user override ▷ org policy ▷ platform default, field by
+//! field, never above what the org allows), checking a policy an admin sets, and turning
+//! a request's asked-for limits into the limits an execution runs with.
 //!
-//! This module never clamps: a request above the caller's policy is refused with a
-//! message naming the field, what was asked and what is allowed, so nothing is ever
-//! silently exceeded or silently reduced. It is pure (no I/O), so every rule is a unit
-//! test.
+//! One validation serves every place a policy value appears: a request's limits, a
+//! stored org policy or user override, and the platform default checked at start
+//! ([`Field::check`]). Requests and admin writes are never clamped: a value out of range
+//! or above what is allowed is refused with a typed error naming the field, the value
+//! and the allowance. The only clamp is at resolution: a user override above its org's
+//! allowance (possible when a superadmin set it, or lowered the org after an org admin
+//! set it) counts as the org's allowance, so the effective policy never exceeds the
+//! org's. It is pure (no I/O), so every rule is a unit test.
+
+use std::fmt;
 
 use crate::model::{EffectivePolicy, Limits, Policy, RequestedLimits};
 
@@ -24,166 +31,334 @@ pub const MAX_TIME_LIMIT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_PARALLEL: u32 = 1000;
 pub const MAX_WARM_POOL_SIZE: u32 = 1000;
 
-/// The effective policy: for each field the user's override if set, else the org's, else
-/// the platform default.
+/// A field of a policy (and, for the first four, of a request's limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    MemoryBytes,
+    Cpus,
+    Pids,
+    TimeLimitMs,
+    MaxParallel,
+    WarmPoolSize,
+}
+
+/// A value of a field: whole numbers for all but `cpus`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    Whole(u64),
+    Cpus(f64),
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Amount::Whole(n) => write!(f, "{n}"),
+            Amount::Cpus(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+impl Amount {
+    /// Whether `self` is larger than `other` (same kind; NaN is never "larger", and is
+    /// refused by [`Field::check`] before any comparison).
+    fn exceeds(self, other: Amount) -> bool {
+        match (self, other) {
+            (Amount::Whole(a), Amount::Whole(b)) => a > b,
+            (Amount::Cpus(a), Amount::Cpus(b)) => a > b,
+            _ => false,
+        }
+    }
+}
+
+impl Field {
+    pub const ALL: [Field; 6] = [
+        Field::MemoryBytes,
+        Field::Cpus,
+        Field::Pids,
+        Field::TimeLimitMs,
+        Field::MaxParallel,
+        Field::WarmPoolSize,
+    ];
+
+    /// The field's name in policies, requests and configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::MemoryBytes => "memory_bytes",
+            Field::Cpus => "cpus",
+            Field::Pids => "pids",
+            Field::TimeLimitMs => "time_limit_ms",
+            Field::MaxParallel => "max_parallel",
+            Field::WarmPoolSize => "warm_pool_size",
+        }
+    }
+
+    /// The inclusive range of whole-number fields (`cpus` has its own rule).
+    fn whole_range(self) -> (u64, u64) {
+        match self {
+            Field::MemoryBytes => (MIN_MEMORY_BYTES, MAX_MEMORY_BYTES),
+            Field::Pids => (MIN_PIDS, MAX_PIDS),
+            Field::TimeLimitMs => (MIN_TIME_LIMIT_MS, MAX_TIME_LIMIT_MS),
+            Field::MaxParallel => (1, u64::from(MAX_PARALLEL)),
+            Field::WarmPoolSize => (0, u64::from(MAX_WARM_POOL_SIZE)),
+            Field::Cpus => (0, 0),
+        }
+    }
+
+    /// What a value of this field must be, for messages.
+    pub fn range_text(self) -> String {
+        match self {
+            Field::Cpus => format!("a number above 0 and at most {MAX_CPUS}"),
+            _ => {
+                let (min, max) = self.whole_range();
+                format!("between {min} and {max}")
+            }
+        }
+    }
+
+    /// The one sanity rule of a value of this field, wherever it appears: no zero (but
+    /// for `warm_pool_size`), negative, NaN, infinite or absurd value.
+    pub fn check(self, value: Amount) -> Result<(), PolicyError> {
+        let ok = match value {
+            Amount::Cpus(c) => self == Field::Cpus && c.is_finite() && c > 0.0 && c <= MAX_CPUS,
+            Amount::Whole(n) => {
+                let (min, max) = self.whole_range();
+                self != Field::Cpus && (min..=max).contains(&n)
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(PolicyError::OutOfRange { field: self, value })
+        }
+    }
+
+    /// This field of a policy, if set.
+    pub fn of_policy(self, p: &Policy) -> Option<Amount> {
+        match self {
+            Field::MemoryBytes => p.memory_bytes.map(Amount::Whole),
+            Field::Cpus => p.cpus.map(Amount::Cpus),
+            Field::Pids => p.pids.map(Amount::Whole),
+            Field::TimeLimitMs => p.time_limit_ms.map(Amount::Whole),
+            Field::MaxParallel => p.max_parallel.map(|n| Amount::Whole(n.into())),
+            Field::WarmPoolSize => p.warm_pool_size.map(|n| Amount::Whole(n.into())),
+        }
+    }
+
+    /// This field of a resolved policy.
+    pub fn of_effective(self, p: &EffectivePolicy) -> Amount {
+        match self {
+            Field::MemoryBytes => Amount::Whole(p.memory_bytes),
+            Field::Cpus => Amount::Cpus(p.cpus),
+            Field::Pids => Amount::Whole(p.pids),
+            Field::TimeLimitMs => Amount::Whole(p.time_limit_ms),
+            Field::MaxParallel => Amount::Whole(p.max_parallel.into()),
+            Field::WarmPoolSize => Amount::Whole(p.warm_pool_size.into()),
+        }
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One problem with a policy value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// Outside the field's sane range (see [`Field::check`]).
+    #[error("{field} is {value}; it must be {}", field.range_text())]
+    OutOfRange { field: Field, value: Amount },
+    /// A request's limit above the caller's effective policy.
+    #[error("{field}: requested {value} exceeds the allowed {allowed}")]
+    AboveAllowance {
+        field: Field,
+        value: Amount,
+        allowed: Amount,
+    },
+    /// A user override (set by an org admin) above what the org allows: the org's
+    /// policy, else the platform default.
+    #[error("{field}: {value} exceeds the org's allowance {allowed}")]
+    AboveOrg {
+        field: Field,
+        value: Amount,
+        allowed: Amount,
+    },
+}
+
+impl PolicyError {
+    pub fn field(&self) -> Field {
+        match self {
+            PolicyError::OutOfRange { field, .. }
+            | PolicyError::AboveAllowance { field, .. }
+            | PolicyError::AboveOrg { field, .. } => *field,
+        }
+    }
+}
+
+/// Every problem found in one policy or request (never empty), in field order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+fn collect(errors: Vec<PolicyError>) -> Result<(), PolicyErrors> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyErrors(errors))
+    }
+}
+
+/// What an org allows its users: the org's policy, else the platform default, field by
+/// field.
+pub fn org_allowance(default: &EffectivePolicy, org: Option<&Policy>) -> EffectivePolicy {
+    let o = org.cloned().unwrap_or_default();
+    EffectivePolicy {
+        memory_bytes: o.memory_bytes.unwrap_or(default.memory_bytes),
+        cpus: o.cpus.unwrap_or(default.cpus),
+        pids: o.pids.unwrap_or(default.pids),
+        time_limit_ms: o.time_limit_ms.unwrap_or(default.time_limit_ms),
+        max_parallel: o.max_parallel.unwrap_or(default.max_parallel),
+        warm_pool_size: o.warm_pool_size.unwrap_or(default.warm_pool_size),
+    }
+}
+
+/// The effective policy: for each field the user's override if set, else the org's,
+/// else the platform default — and never above the org's allowance ([`org_allowance`]):
+/// an override above it counts as the allowance. So lowering an org's policy takes
+/// effect for every user of the org at once (on their next execution), whatever their
+/// overrides say; raising it again restores the overrides as stored.
 pub fn resolve(
     default: &EffectivePolicy,
     org: Option<&Policy>,
     user: Option<&Policy>,
 ) -> EffectivePolicy {
-    fn pick<T: Copy>(user: Option<T>, org: Option<T>, default: T) -> T {
-        user.or(org).unwrap_or(default)
-    }
+    let allow = org_allowance(default, org);
     let u = user.cloned().unwrap_or_default();
-    let o = org.cloned().unwrap_or_default();
+    fn capped<T: Copy + PartialOrd>(user: Option<T>, allowed: T) -> T {
+        match user {
+            Some(v) if v <= allowed => v,
+            _ => allowed,
+        }
+    }
     EffectivePolicy {
-        memory_bytes: pick(u.memory_bytes, o.memory_bytes, default.memory_bytes),
-        cpus: pick(u.cpus, o.cpus, default.cpus),
-        pids: pick(u.pids, o.pids, default.pids),
-        time_limit_ms: pick(u.time_limit_ms, o.time_limit_ms, default.time_limit_ms),
-        max_parallel: pick(u.max_parallel, o.max_parallel, default.max_parallel),
-        warm_pool_size: pick(u.warm_pool_size, o.warm_pool_size, default.warm_pool_size),
+        memory_bytes: capped(u.memory_bytes, allow.memory_bytes),
+        cpus: capped(u.cpus, allow.cpus),
+        pids: capped(u.pids, allow.pids),
+        time_limit_ms: capped(u.time_limit_ms, allow.time_limit_ms),
+        max_parallel: capped(u.max_parallel, allow.max_parallel),
+        warm_pool_size: capped(u.warm_pool_size, allow.warm_pool_size),
     }
 }
 
-fn check_u64(errors: &mut Vec<String>, field: &str, value: Option<u64>, min: u64, max: u64) {
-    if let Some(v) = value {
-        if v < min || v > max {
-            errors.push(format!(
-                "{field} is {v}; it must be between {min} and {max}"
-            ));
-        }
-    }
+/// The fields of a user override that the org's allowance caps (set above it), for
+/// showing admins what [`resolve`] does with them.
+pub fn capped_fields(default: &EffectivePolicy, org: Option<&Policy>, user: &Policy) -> Vec<Field> {
+    let allow = org_allowance(default, org);
+    Field::ALL
+        .into_iter()
+        .filter(|f| {
+            f.of_policy(user)
+                .is_some_and(|v| v.exceeds(f.of_effective(&allow)))
+        })
+        .collect()
 }
 
-fn cpus_ok(v: f64) -> bool {
-    v.is_finite() && v > 0.0 && v <= MAX_CPUS
+/// Checks a policy an admin sets: every field that is set must pass [`Field::check`].
+/// Every bad field is reported.
+pub fn validate_policy(p: &Policy) -> Result<(), PolicyErrors> {
+    collect(
+        Field::ALL
+            .into_iter()
+            .filter_map(|f| f.of_policy(p).and_then(|v| f.check(v).err()))
+            .collect(),
+    )
 }
 
-/// Checks a policy an admin sets: every field that is set must be within its sane range
-/// (no zero, negative, NaN or absurd values). The message lists every bad field.
-pub fn validate_policy(p: &Policy) -> Result<(), String> {
-    let mut errors = Vec::new();
-    check_u64(
-        &mut errors,
-        "memory_bytes",
-        p.memory_bytes,
-        MIN_MEMORY_BYTES,
-        MAX_MEMORY_BYTES,
-    );
-    if let Some(c) = p.cpus {
-        if !cpus_ok(c) {
-            errors.push(format!(
-                "cpus is {c}; it must be a number above 0 and at most {MAX_CPUS}"
-            ));
-        }
-    }
-    check_u64(&mut errors, "pids", p.pids, MIN_PIDS, MAX_PIDS);
-    check_u64(
-        &mut errors,
-        "time_limit_ms",
-        p.time_limit_ms,
-        MIN_TIME_LIMIT_MS,
-        MAX_TIME_LIMIT_MS,
-    );
-    check_u64(
-        &mut errors,
-        "max_parallel",
-        p.max_parallel.map(u64::from),
-        1,
-        u64::from(MAX_PARALLEL),
-    );
-    check_u64(
-        &mut errors,
-        "warm_pool_size",
-        p.warm_pool_size.map(u64::from),
-        0,
-        u64::from(MAX_WARM_POOL_SIZE),
-    );
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
+/// Checks a platform default policy (every field is set): the same rule as
+/// [`validate_policy`].
+pub fn validate_default(p: &EffectivePolicy) -> Result<(), PolicyErrors> {
+    collect(
+        Field::ALL
+            .into_iter()
+            .filter_map(|f| f.check(f.of_effective(p)).err())
+            .collect(),
+    )
 }
 
-/// One integer limit: the policy's value when not asked for; refused when below the
-/// floor or above the policy.
-fn limit_u64(field: &str, requested: Option<u64>, allowed: u64, min: u64) -> Result<u64, String> {
-    match requested {
-        None => Ok(allowed),
-        Some(v) if v < min => Err(format!(
-            "{field}: requested {v}, the smallest accepted is {min}"
-        )),
-        Some(v) if v > allowed => Err(format!(
-            "{field}: requested {v} exceeds the allowed {allowed}"
-        )),
-        Some(v) => Ok(v),
-    }
+/// Checks a user override an org admin sets against what the org allows
+/// ([`org_allowance`]): every set field must be at most the allowance. Every field above
+/// it is reported ([`PolicyError::AboveOrg`]). Run [`validate_policy`] first.
+pub fn check_within_org(user: &Policy, allowance: &EffectivePolicy) -> Result<(), PolicyErrors> {
+    collect(
+        Field::ALL
+            .into_iter()
+            .filter_map(|f| {
+                let value = f.of_policy(user)?;
+                let allowed = f.of_effective(allowance);
+                value.exceeds(allowed).then_some(PolicyError::AboveOrg {
+                    field: f,
+                    value,
+                    allowed,
+                })
+            })
+            .collect(),
+    )
 }
 
-/// The limits an execution runs with: each requested field must be positive, at least
-/// its floor ([`MIN_MEMORY_BYTES`], [`MIN_PIDS`], [`MIN_TIME_LIMIT_MS`]) and at most the
-/// caller's effective policy; a missing field takes the policy's value. A request above
-/// the policy is refused (never clamped), naming the field, the requested and the
-/// allowed value. Every bad field is reported.
+/// The limits an execution runs with: each requested field must pass [`Field::check`]
+/// and be at most the caller's effective policy; a missing field takes the policy's
+/// value. A request above the policy is refused (never clamped), naming the field, the
+/// requested and the allowed value. Every bad field is reported.
 pub fn limits_for(
     effective: &EffectivePolicy,
     requested: Option<&RequestedLimits>,
-) -> Result<Limits, String> {
+) -> Result<Limits, PolicyErrors> {
     let r = requested.cloned().unwrap_or_default();
+    let asked = Policy {
+        memory_bytes: r.memory_bytes,
+        cpus: r.cpus,
+        pids: r.pids,
+        time_limit_ms: r.time_limit_ms,
+        max_parallel: None,
+        warm_pool_size: None,
+    };
     let mut errors = Vec::new();
-    let mut keep = |res: Result<u64, String>, fallback: u64| match res {
-        Ok(v) => v,
-        Err(e) => {
+    for f in Field::ALL {
+        let Some(value) = f.of_policy(&asked) else {
+            continue;
+        };
+        let allowed = f.of_effective(effective);
+        if let Err(e) = f.check(value) {
             errors.push(e);
-            fallback
+        } else if value.exceeds(allowed) {
+            errors.push(PolicyError::AboveAllowance {
+                field: f,
+                value,
+                allowed,
+            });
         }
-    };
-    let memory_bytes = keep(
-        limit_u64(
-            "memory_bytes",
-            r.memory_bytes,
-            effective.memory_bytes,
-            MIN_MEMORY_BYTES,
-        ),
-        0,
-    );
-    let pids = keep(limit_u64("pids", r.pids, effective.pids, MIN_PIDS), 0);
-    let time_limit_ms = keep(
-        limit_u64(
-            "time_limit_ms",
-            r.time_limit_ms,
-            effective.time_limit_ms,
-            MIN_TIME_LIMIT_MS,
-        ),
-        0,
-    );
-    let cpus = match r.cpus {
-        None => effective.cpus,
-        Some(c) if !(c.is_finite() && c > 0.0) => {
-            errors.push(format!("cpus: requested {c}, it must be a number above 0"));
-            0.0
-        }
-        Some(c) if c > effective.cpus => {
-            errors.push(format!(
-                "cpus: requested {c} exceeds the allowed {}",
-                effective.cpus
-            ));
-            0.0
-        }
-        Some(c) => c,
-    };
-    if errors.is_empty() {
-        Ok(Limits {
-            memory_bytes,
-            cpus,
-            pids,
-            time_limit_ms,
-        })
-    } else {
-        Err(errors.join("; "))
     }
+    collect(errors)?;
+    Ok(Limits {
+        memory_bytes: r.memory_bytes.unwrap_or(effective.memory_bytes),
+        cpus: r.cpus.unwrap_or(effective.cpus),
+        pids: r.pids.unwrap_or(effective.pids),
+        time_limit_ms: r.time_limit_ms.unwrap_or(effective.time_limit_ms),
+    })
 }
 
 #[cfg(test)]
@@ -327,7 +502,13 @@ mod tests {
             ..Default::default()
         };
         let e = validate_policy(&p).unwrap_err();
-        assert!(e.contains("memory_bytes") && e.contains("pids"), "{e}");
+        let fields: Vec<Field> = e.0.iter().map(PolicyError::field).collect();
+        assert_eq!(fields, vec![Field::MemoryBytes, Field::Pids]);
+        let e = e.to_string();
+        assert!(
+            e.contains("memory_bytes is 1") && e.contains("pids is 0"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -370,6 +551,15 @@ mod tests {
             ..Default::default()
         };
         let e = limits_for(&p, Some(&r)).unwrap_err();
+        assert_eq!(
+            e.0,
+            vec![PolicyError::AboveAllowance {
+                field: Field::MemoryBytes,
+                value: Amount::Whole(p.memory_bytes + 1),
+                allowed: Amount::Whole(p.memory_bytes),
+            }]
+        );
+        let e = e.to_string();
         assert!(e.contains("memory_bytes"), "{e}");
         assert!(e.contains(&(p.memory_bytes + 1).to_string()), "{e}");
         assert!(e.contains(&p.memory_bytes.to_string()), "{e}");
@@ -378,7 +568,7 @@ mod tests {
             cpus: Some(1.5),
             ..Default::default()
         };
-        let e = limits_for(&p, Some(&r)).unwrap_err();
+        let e = limits_for(&p, Some(&r)).unwrap_err().to_string();
         assert!(
             e.contains("cpus") && e.contains("1.5") && e.contains('1'),
             "{e}"
@@ -389,7 +579,7 @@ mod tests {
             time_limit_ms: Some(p.time_limit_ms + 1),
             ..Default::default()
         };
-        let e = limits_for(&p, Some(&r)).unwrap_err();
+        let e = limits_for(&p, Some(&r)).unwrap_err().to_string();
         assert!(e.contains("pids") && e.contains("time_limit_ms"), "{e}");
     }
 
@@ -451,5 +641,253 @@ mod tests {
         let l = limits_for(&p, Some(&r)).unwrap();
         assert_eq!(l.memory_bytes, 200 << 30);
         assert_eq!(l.cpus, 48.0);
+    }
+
+    #[test]
+    fn an_override_above_the_org_counts_as_the_orgs_allowance() {
+        let org = Policy {
+            memory_bytes: Some(1 << 30),
+            max_parallel: Some(4),
+            ..Default::default()
+        };
+        let user = Policy {
+            memory_bytes: Some(4 << 30),
+            cpus: Some(8.0),
+            max_parallel: Some(3),
+            ..Default::default()
+        };
+        let e = resolve(&default(), Some(&org), Some(&user));
+        assert_eq!(e.memory_bytes, 1 << 30, "capped by the org's policy");
+        assert_eq!(
+            e.cpus,
+            default().cpus,
+            "capped by the default the org keeps"
+        );
+        assert_eq!(e.max_parallel, 3, "below the org: the override applies");
+        assert_eq!(
+            capped_fields(&default(), Some(&org), &user),
+            vec![Field::MemoryBytes, Field::Cpus]
+        );
+        // Without an org policy the platform default is the allowance.
+        let e = resolve(&default(), None, Some(&user));
+        assert_eq!(e.memory_bytes, default().memory_bytes);
+        assert_eq!(e.max_parallel, default().max_parallel);
+    }
+
+    #[test]
+    fn lowering_an_org_lowers_its_users_and_raising_it_restores_their_overrides() {
+        let user = Policy {
+            memory_bytes: Some(2 << 30),
+            pids: Some(500),
+            ..Default::default()
+        };
+        let high = Policy {
+            memory_bytes: Some(8 << 30),
+            pids: Some(1000),
+            ..Default::default()
+        };
+        let e = resolve(&default(), Some(&high), Some(&user));
+        assert_eq!((e.memory_bytes, e.pids), (2 << 30, 500));
+        let low = Policy {
+            memory_bytes: Some(256 << 20),
+            pids: Some(64),
+            ..Default::default()
+        };
+        let e = resolve(&default(), Some(&low), Some(&user));
+        assert_eq!((e.memory_bytes, e.pids), (256 << 20, 64));
+        let e = resolve(&default(), Some(&high), Some(&user));
+        assert_eq!((e.memory_bytes, e.pids), (2 << 30, 500));
+    }
+
+    #[test]
+    fn the_effective_policy_never_exceeds_the_orgs_allowance() {
+        let values = [
+            None,
+            Some(1u64),
+            Some(64 << 20),
+            Some(1 << 30),
+            Some(64 << 30),
+        ];
+        for o in values {
+            for u in values {
+                let org = Policy {
+                    memory_bytes: o,
+                    max_parallel: o.map(|v| (v % 7) as u32 + 1),
+                    ..Default::default()
+                };
+                let user = Policy {
+                    memory_bytes: u,
+                    max_parallel: u.map(|v| (v % 5) as u32 + 1),
+                    cpus: u.map(|v| (v % 9) as f64 + 0.5),
+                    ..Default::default()
+                };
+                let allow = org_allowance(&default(), Some(&org));
+                let e = resolve(&default(), Some(&org), Some(&user));
+                for f in Field::ALL {
+                    assert!(
+                        !f.of_effective(&e).exceeds(f.of_effective(&allow)),
+                        "{f} of {e:?} above {allow:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_override_within_the_org_is_accepted_and_above_it_names_field_value_and_allowance() {
+        let org = Policy {
+            memory_bytes: Some(1 << 30),
+            cpus: Some(2.0),
+            ..Default::default()
+        };
+        let allow = org_allowance(&default(), Some(&org));
+        let at = Policy {
+            memory_bytes: Some(1 << 30),
+            cpus: Some(2.0),
+            pids: Some(default().pids),
+            max_parallel: Some(1),
+            ..Default::default()
+        };
+        assert!(check_within_org(&at, &allow).is_ok());
+        let above = Policy {
+            memory_bytes: Some((1 << 30) + 1),
+            cpus: Some(2.5),
+            max_parallel: Some(default().max_parallel + 1),
+            ..Default::default()
+        };
+        let e = check_within_org(&above, &allow).unwrap_err();
+        assert_eq!(
+            e.0,
+            vec![
+                PolicyError::AboveOrg {
+                    field: Field::MemoryBytes,
+                    value: Amount::Whole((1 << 30) + 1),
+                    allowed: Amount::Whole(1 << 30),
+                },
+                PolicyError::AboveOrg {
+                    field: Field::Cpus,
+                    value: Amount::Cpus(2.5),
+                    allowed: Amount::Cpus(2.0),
+                },
+                PolicyError::AboveOrg {
+                    field: Field::MaxParallel,
+                    value: Amount::Whole(u64::from(default().max_parallel) + 1),
+                    allowed: Amount::Whole(default().max_parallel.into()),
+                },
+            ]
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("memory_bytes: 1073741825 exceeds the org's allowance 1073741824"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_default_policy_passes_the_same_rule() {
+        assert!(validate_default(&default()).is_ok());
+        let bad = [
+            EffectivePolicy {
+                max_parallel: 0,
+                ..default()
+            },
+            EffectivePolicy {
+                memory_bytes: 0,
+                ..default()
+            },
+            EffectivePolicy {
+                memory_bytes: MAX_MEMORY_BYTES + 1,
+                ..default()
+            },
+            EffectivePolicy {
+                cpus: f64::NAN,
+                ..default()
+            },
+            EffectivePolicy {
+                cpus: -1.0,
+                ..default()
+            },
+            EffectivePolicy {
+                pids: 0,
+                ..default()
+            },
+            EffectivePolicy {
+                time_limit_ms: 0,
+                ..default()
+            },
+            EffectivePolicy {
+                max_parallel: MAX_PARALLEL + 1,
+                ..default()
+            },
+        ];
+        for p in bad {
+            let e = validate_default(&p).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{p:?}: {e}");
+        }
+        let e = validate_default(&EffectivePolicy {
+            max_parallel: 0,
+            ..default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            vec![PolicyError::OutOfRange {
+                field: Field::MaxParallel,
+                value: Amount::Whole(0),
+            }]
+        );
+        assert_eq!(
+            e.to_string(),
+            "max_parallel is 0; it must be between 1 and 1000"
+        );
+    }
+
+    #[test]
+    fn one_rule_for_requests_policies_and_defaults() {
+        // The same value is refused, with the same error, in all three places.
+        for (f, v) in [
+            (Field::MemoryBytes, Amount::Whole(1)),
+            (Field::Cpus, Amount::Cpus(f64::NAN)),
+            (Field::Pids, Amount::Whole(0)),
+            (Field::TimeLimitMs, Amount::Whole(MAX_TIME_LIMIT_MS + 1)),
+        ] {
+            let want = PolicyError::OutOfRange { field: f, value: v };
+            let mut p = Policy::default();
+            let mut d = default();
+            let mut r = RequestedLimits::default();
+            match (f, v) {
+                (Field::MemoryBytes, Amount::Whole(n)) => {
+                    p.memory_bytes = Some(n);
+                    d.memory_bytes = n;
+                    r.memory_bytes = Some(n);
+                }
+                (Field::Cpus, Amount::Cpus(c)) => {
+                    p.cpus = Some(c);
+                    d.cpus = c;
+                    r.cpus = Some(c);
+                }
+                (Field::Pids, Amount::Whole(n)) => {
+                    p.pids = Some(n);
+                    d.pids = n;
+                    r.pids = Some(n);
+                }
+                (Field::TimeLimitMs, Amount::Whole(n)) => {
+                    p.time_limit_ms = Some(n);
+                    d.time_limit_ms = n;
+                    r.time_limit_ms = Some(n);
+                }
+                _ => unreachable!(),
+            }
+            let e = |r: Result<(), PolicyErrors>| r.unwrap_err().0;
+            // NaN != NaN: compare the field and the text.
+            let same = |got: Vec<PolicyError>| {
+                assert_eq!(got.len(), 1);
+                assert_eq!(got[0].field(), want.field());
+                assert_eq!(got[0].to_string(), want.to_string());
+            };
+            same(e(validate_policy(&p)));
+            same(e(validate_default(&d)));
+            same(limits_for(&default(), Some(&r)).unwrap_err().0);
+        }
     }
 }

@@ -20,8 +20,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("execution {0} does not exist")]
     NotFound(String),
-    /// An org, user or id outside the naming rule (`[A-Za-z0-9._-]`, not starting with a
-    /// dot, at most 200 characters).
+    /// An org, user or id outside the naming rule (`[A-Za-z0-9._@+-]`, not starting with
+    /// a dot, at most 200 characters).
     #[error("invalid name: {0}")]
     InvalidName(String),
     #[error("illegal state change of {id}: {from:?} -> {to:?}")]
@@ -59,6 +59,35 @@ pub enum Admission {
     QueueFull { queued: usize },
 }
 
+/// Executions in each active state, platform-wide (the `/metrics` gauges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveCounts {
+    pub queued: u64,
+    pub running: u64,
+}
+
+impl ActiveCounts {
+    /// Counts an execution in `state` in (`by` 1) or out (`by` -1); terminal states are
+    /// not counted.
+    pub fn add(&mut self, state: ExecState, by: i64) {
+        let n = match state {
+            ExecState::Queued => &mut self.queued,
+            ExecState::Running => &mut self.running,
+            _ => return,
+        };
+        *n = n.saturating_add_signed(by);
+    }
+
+    /// The counts of `records`, by scanning them (once, e.g. when a store opens).
+    pub fn of<'a>(records: impl Iterator<Item = &'a ExecutionRecord>) -> ActiveCounts {
+        let mut c = ActiveCounts::default();
+        for r in records {
+            c.add(r.state, 1);
+        }
+        c
+    }
+}
+
 /// Limits of one admission decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdmissionRules {
@@ -86,6 +115,12 @@ pub trait Store: Send + Sync + 'static {
         -> StoreResult<Admission>;
 
     async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>>;
+
+    /// How many executions are queued and running now. Cheap whatever the number of
+    /// executions stored (counters kept on every state change, or an indexed count):
+    /// it is read on every `/metrics` scrape, so it must never scan the executions.
+    async fn active_counts(&self) -> StoreResult<ActiveCounts>;
+
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>>;
 
     /// Cancels an execution: a queued one becomes `cancelled` at once (terminal, with its

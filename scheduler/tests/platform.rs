@@ -135,7 +135,7 @@ async fn policy_user_over_org_over_default_applies_to_the_next_submit() {
             &root,
             "acme",
             Policy {
-                memory_bytes: Some(256 << 20),
+                memory_bytes: Some(2 << 30),
                 max_parallel: Some(3),
                 ..Default::default()
             },
@@ -158,7 +158,7 @@ async fn policy_user_over_org_over_default_applies_to_the_next_submit() {
     assert_eq!(eff.memory_bytes, 1 << 30);
     assert_eq!(eff.max_parallel, 3);
     let bob_eff = f.platform.effective_policy("acme", "bob").await.unwrap();
-    assert_eq!(bob_eff.memory_bytes, 256 << 20);
+    assert_eq!(bob_eff.memory_bytes, 2 << 30);
     let rec = f.platform.submit(&alice, req("1", None)).await.unwrap();
     assert_eq!(rec.limits.memory_bytes, 1 << 30);
     // Asking above the policy is refused, at the policy is fine.
@@ -188,39 +188,310 @@ async fn policy_user_over_org_over_default_applies_to_the_next_submit() {
 }
 
 #[tokio::test]
-async fn only_admins_administer_and_org_admins_only_their_org() {
+async fn only_a_superadmin_sets_org_policy_and_org_admins_only_their_orgs_overrides() {
     let f = fixture();
     let alice = who("acme", "alice", Role::User);
     let admin = who("acme", "boss", Role::OrgAdmin);
+    let root = who("hatchery", "root", Role::Superadmin);
     let p = Policy {
         pids: Some(64),
         ..Default::default()
     };
-    assert_eq!(
-        f.platform
-            .put_org_policy(&alice, "acme", p.clone())
+    for caller in [&alice, &admin] {
+        let e = f
+            .platform
+            .put_org_policy(caller, "acme", p.clone())
             .await
-            .unwrap_err()
-            .code(),
-        "forbidden"
-    );
+            .unwrap_err();
+        assert_eq!(e.code(), "forbidden", "{caller:?}");
+    }
+    // An org admin cannot raise its own org either, however modestly.
+    let e = f
+        .platform
+        .put_org_policy(
+            &admin,
+            "acme",
+            Policy {
+                memory_bytes: Some(16 << 40),
+                max_parallel: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PlatformError::Forbidden(_)), "{e:?}");
+    assert_eq!(f.platform.store.get_org_policy("acme").await.unwrap(), None);
     f.platform
-        .put_org_policy(&admin, "acme", p.clone())
+        .put_org_policy(&root, "acme", p.clone())
         .await
         .unwrap();
+    // The org admin still reads its own org's policy, not another's.
+    assert_eq!(f.platform.get_org_policy(&admin, "acme").await.unwrap(), p);
     assert_eq!(
         f.platform
-            .put_org_policy(&admin, "globex", p)
+            .get_org_policy(&admin, "globex")
             .await
             .unwrap_err()
             .code(),
         "forbidden"
     );
+    assert_eq!(
+        f.platform
+            .get_org_policy(&alice, "acme")
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    // User overrides: in its own org only.
+    f.platform
+        .put_user_policy(&admin, "acme", "alice", p.clone())
+        .await
+        .unwrap();
+    for (caller, org) in [(&admin, "globex"), (&alice, "acme")] {
+        assert_eq!(
+            f.platform
+                .put_user_policy(caller, org, "alice", p.clone())
+                .await
+                .unwrap_err()
+                .code(),
+            "forbidden"
+        );
+    }
     assert_eq!(
         f.platform.running(&alice).await.unwrap_err().code(),
         "forbidden"
     );
     assert!(f.platform.monitor(&alice).await.is_err());
+}
+
+#[tokio::test]
+async fn org_admin_overrides_stay_within_the_org_and_a_superadmin_may_set_any() {
+    let f = fixture();
+    let admin = who("acme", "boss", Role::OrgAdmin);
+    let root = who("hatchery", "root", Role::Superadmin);
+    let d = f.platform.config.default_policy.clone();
+    f.platform
+        .put_org_policy(
+            &root,
+            "acme",
+            Policy {
+                memory_bytes: Some(1 << 30),
+                cpus: Some(2.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Above the org's policy, field by field: refused with every field, value and
+    // allowance; nothing is stored.
+    let e = f
+        .platform
+        .put_user_policy(
+            &admin,
+            "acme",
+            "alice",
+            Policy {
+                memory_bytes: Some(2 << 30),
+                cpus: Some(1.5),
+                max_parallel: Some(d.max_parallel + 1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "policy_exceeds_org");
+    let PlatformError::PolicyExceedsOrg(errors) = &e else {
+        panic!("{e:?}")
+    };
+    let fields: Vec<&str> = errors.0.iter().map(|e| e.field().name()).collect();
+    assert_eq!(fields, vec!["memory_bytes", "max_parallel"], "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("memory_bytes: 2147483648 exceeds the org's allowance 1073741824"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "max_parallel: {} exceeds the org's allowance {}",
+            d.max_parallel + 1,
+            d.max_parallel
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        f.platform
+            .store
+            .get_user_policy("acme", "alice")
+            .await
+            .unwrap(),
+        None
+    );
+    // Absurd values stay `invalid_limits`, checked first.
+    let e = f
+        .platform
+        .put_user_policy(
+            &admin,
+            "acme",
+            "alice",
+            Policy {
+                memory_bytes: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_limits");
+    // At the allowance is fine.
+    let view = f
+        .platform
+        .put_user_policy(
+            &admin,
+            "acme",
+            "alice",
+            Policy {
+                memory_bytes: Some(1 << 30),
+                cpus: Some(0.5),
+                max_parallel: Some(d.max_parallel),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(view.effective.memory_bytes, 1 << 30);
+    assert_eq!(view.effective.cpus, 0.5);
+    assert!(view.capped_by_org.is_empty());
+    // A superadmin may set any override; the effective policy still never exceeds the
+    // org's, and the view says which fields the org caps.
+    let view = f
+        .platform
+        .put_user_policy(
+            &root,
+            "acme",
+            "bob",
+            Policy {
+                memory_bytes: Some(8 << 30),
+                pids: Some(4096),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(view.policy.memory_bytes, Some(8 << 30));
+    assert_eq!(view.effective.memory_bytes, 1 << 30);
+    assert_eq!(view.effective.pids, d.pids);
+    assert_eq!(view.capped_by_org, vec!["memory_bytes", "pids"]);
+    let read = f
+        .platform
+        .get_user_policy(&admin, "acme", "bob")
+        .await
+        .unwrap();
+    assert_eq!(read.policy, view.policy);
+    assert_eq!(read.effective, view.effective);
+}
+
+#[tokio::test]
+async fn lowering_an_org_below_existing_overrides_caps_them_at_once() {
+    let f = fixture();
+    let admin = who("acme", "boss", Role::OrgAdmin);
+    let root = who("hatchery", "root", Role::Superadmin);
+    let alice = who("acme", "alice", Role::User);
+    let org = |memory_bytes: u64, max_parallel: u32| Policy {
+        memory_bytes: Some(memory_bytes),
+        max_parallel: Some(max_parallel),
+        ..Default::default()
+    };
+    f.platform
+        .put_org_policy(&root, "acme", org(4 << 30, 4))
+        .await
+        .unwrap();
+    f.platform
+        .put_user_policy(&admin, "acme", "alice", org(2 << 30, 3))
+        .await
+        .unwrap();
+    let rec = f.platform.submit(&alice, req("1", None)).await.unwrap();
+    assert_eq!(rec.limits.memory_bytes, 2 << 30);
+
+    // The superadmin lowers the org below alice's override: accepted, and it applies to
+    // her next execution.
+    f.platform
+        .put_org_policy(&root, "acme", org(512 << 20, 1))
+        .await
+        .unwrap();
+    let eff = f.platform.effective_policy("acme", "alice").await.unwrap();
+    assert_eq!((eff.memory_bytes, eff.max_parallel), (512 << 20, 1));
+    let second = f.platform.submit(&alice, req("2", None)).await.unwrap();
+    assert_eq!(second.limits.memory_bytes, 512 << 20);
+    // max_parallel is capped too: her first execution went to make room for it.
+    let first = f.platform.get(&alice, &rec.id).await.unwrap().record;
+    assert_eq!(first.cancel, Some(CancelReason::ParallelismCap));
+    let mut r = req("3", None);
+    r.limits = Some(RequestedLimits {
+        memory_bytes: Some(1 << 30),
+        ..Default::default()
+    });
+    assert_eq!(
+        f.platform.submit(&alice, r).await.unwrap_err().code(),
+        "invalid_limits"
+    );
+    // The override is kept as stored, and shown as capped.
+    let view = f
+        .platform
+        .get_user_policy(&admin, "acme", "alice")
+        .await
+        .unwrap();
+    assert_eq!(view.policy, org(2 << 30, 3));
+    assert_eq!(view.effective.memory_bytes, 512 << 20);
+    assert_eq!(view.capped_by_org, vec!["memory_bytes", "max_parallel"]);
+    // Raising the org again restores it.
+    f.platform
+        .put_org_policy(&root, "acme", org(4 << 30, 4))
+        .await
+        .unwrap();
+    let eff = f.platform.effective_policy("acme", "alice").await.unwrap();
+    assert_eq!((eff.memory_bytes, eff.max_parallel), (2 << 30, 3));
+}
+
+#[tokio::test]
+async fn e_mail_style_users_run_and_get_policies() {
+    let f = fixture();
+    let root = who("hatchery", "root", Role::Superadmin);
+    let admin = who("acme", "boss", Role::OrgAdmin);
+    for name in ["ada@example.com", "ada+lab@example.co.uk"] {
+        let ada = who("acme", name, Role::User);
+        let p = Policy {
+            memory_bytes: Some(128 << 20),
+            ..Default::default()
+        };
+        let view = f
+            .platform
+            .put_user_policy(&admin, "acme", name, p.clone())
+            .await
+            .unwrap();
+        assert_eq!(view.user, name);
+        let read = f
+            .platform
+            .get_user_policy(&root, "acme", name)
+            .await
+            .unwrap();
+        assert_eq!(read.policy, p);
+        let rec = f.platform.submit(&ada, req("1", None)).await.unwrap();
+        assert_eq!(rec.user, name);
+        assert_eq!(rec.limits.memory_bytes, 128 << 20);
+        assert_eq!(
+            f.platform.get(&ada, &rec.id).await.unwrap().record.id,
+            rec.id
+        );
+    }
+    // Names that could leave the store's folder are still refused.
+    for bad in ["../ada@example.com", "ada/x", ".ada"] {
+        let e = f
+            .platform
+            .put_user_policy(&root, "acme", bad, Policy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_request", "{bad}");
+    }
 }
 
 #[tokio::test]

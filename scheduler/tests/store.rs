@@ -13,7 +13,9 @@ use hatchery_scheduler::model::{
     ResultSummary, Usage,
 };
 use hatchery_scheduler::seal::Keyring;
-use hatchery_scheduler::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
+use hatchery_scheduler::store::{
+    ActiveCounts, Admission, AdmissionRules, ListFilter, Store, StoreError,
+};
 
 fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -> ExecutionRecord {
     ExecutionRecord {
@@ -704,6 +706,127 @@ async fn names_that_could_escape_the_data_directory_are_refused() {
         .unwrap();
     assert!(store.list(&ListFilter::default()).await.unwrap().is_empty());
     assert!(!dir.path().join("x").exists());
+}
+
+#[tokio::test]
+async fn e_mail_style_user_names_keep_their_policies_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Policy {
+        cpus: Some(0.5),
+        ..Default::default()
+    };
+    let names = [
+        "ada@example.com",
+        "ada+lab@example.co.uk",
+        "grace.hopper@navy.mil",
+    ];
+    {
+        let store = open(dir.path());
+        for name in names {
+            store
+                .put_user_policy("acme", name, p.clone())
+                .await
+                .unwrap();
+        }
+        admitted(&store, record("e1", "acme", names[0], None, 1), rules(2)).await;
+    }
+    let store = open(dir.path());
+    for name in names {
+        assert_eq!(
+            store.get_user_policy("acme", name).await.unwrap(),
+            Some(p.clone()),
+            "{name}"
+        );
+    }
+    assert_eq!(get(&store, "e1").await.user, names[0]);
+    // Each is one file in the org's folder, named after the user.
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("policies/users/acme"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            "ada+lab@example.co.uk.json",
+            "ada@example.com.json",
+            "grace.hopper@navy.mil.json"
+        ]
+    );
+}
+
+/// Queued and running, counted the slow way.
+async fn scanned_counts(store: &EmbeddedStore) -> ActiveCounts {
+    let all = store.list(&ListFilter::default()).await.unwrap();
+    let n = |s: ExecState| all.iter().filter(|r| r.state == s).count() as u64;
+    ActiveCounts {
+        queued: n(ExecState::Queued),
+        running: n(ExecState::Running),
+    }
+}
+
+async fn counts_are(store: &EmbeddedStore, queued: u64, running: u64) {
+    let want = ActiveCounts { queued, running };
+    assert_eq!(store.active_counts().await.unwrap(), want, "kept counts");
+    assert_eq!(scanned_counts(store).await, want, "scanned counts");
+}
+
+#[tokio::test]
+async fn active_counts_follow_every_state_change_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    counts_are(&store, 0, 0).await;
+    for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+        admitted(
+            &store,
+            record(id, "acme", "u", None, i as u64 + 1),
+            rules(10),
+        )
+        .await;
+    }
+    counts_are(&store, 4, 0).await;
+    store.mark_running("a", "h", 10).await.unwrap();
+    store.mark_running("b", "h", 10).await.unwrap();
+    counts_are(&store, 2, 2).await;
+    // A queued one cancelled leaves the counts; a running one cancel-requested stays
+    // running until its agent finishes it.
+    store
+        .request_cancel("c", CancelReason::Requested)
+        .await
+        .unwrap();
+    store
+        .request_cancel("a", CancelReason::Requested)
+        .await
+        .unwrap();
+    counts_are(&store, 1, 2).await;
+    store
+        .mark_finished("a", ExecState::Cancelled, None, None, 20)
+        .await
+        .unwrap();
+    store
+        .mark_finished("b", ExecState::Succeeded, None, None, 20)
+        .await
+        .unwrap();
+    counts_are(&store, 1, 0).await;
+    // Refused transitions change nothing.
+    assert!(store.mark_running("b", "h", 30).await.is_err());
+    assert!(store
+        .mark_finished("b", ExecState::Failed, None, None, 30)
+        .await
+        .is_err());
+    counts_are(&store, 1, 0).await;
+    // Admission's own cancellations (same tab, cap) are counted.
+    admitted(&store, record("t1", "acme", "v", Some("tab"), 40), rules(1)).await;
+    store.mark_running("t1", "h", 41).await.unwrap();
+    admitted(&store, record("t2", "acme", "v", Some("tab"), 42), rules(1)).await;
+    counts_are(&store, 2, 1).await;
+    admitted(&store, record("cap", "acme", "w", None, 43), rules(0)).await;
+    counts_are(&store, 2, 1).await;
+    store.expire(u64::MAX).await.unwrap();
+    counts_are(&store, 2, 1).await;
+    drop(store);
+    let store = open(dir.path());
+    counts_are(&store, 2, 1).await;
 }
 
 /// Everything a client can read back.

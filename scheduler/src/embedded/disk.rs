@@ -33,7 +33,7 @@
 //! plaintext) are sealed in place when loaded: sealed events, then the sealed record,
 //! then the plaintext files are removed; a crash in between redoes or finishes it.
 //!
-//! Names become file names only through [`check_name`]: `[A-Za-z0-9._-]`, not starting
+//! Names become file names only through [`check_name`]: `[A-Za-z0-9._@+-]`, not starting
 //! with a dot, at most [`MAX_NAME_LEN`] bytes, so no name can escape its folder.
 
 use std::collections::HashMap;
@@ -60,14 +60,15 @@ const LEGACY_EVENTS: &str = ".jsonl";
 pub const MAX_NAME_LEN: usize = 200;
 
 /// Whether `name` may become a file name: non-empty, at most [`MAX_NAME_LEN`] bytes of
-/// `[A-Za-z0-9._-]`, not starting with a dot.
+/// `[A-Za-z0-9._@+-]`, not starting with a dot. Without `/` and a leading dot a name is
+/// one path component other than `.` and `..`: it stays in its folder.
 pub fn name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'+'))
 }
 
 /// [`name_ok`] as an error naming what was refused.
@@ -76,7 +77,7 @@ pub fn check_name(what: &str, name: &str) -> StoreResult<()> {
         Ok(())
     } else {
         Err(StoreError::InvalidName(format!(
-            "{what} {name:?}: only 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - \
+            "{what} {name:?}: only 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - @ + \
              (not starting with a dot) are allowed"
         )))
     }
@@ -508,22 +509,38 @@ mod tests {
             "Acme-Corp_2.eu",
             "0123456789abcdef",
             "x..y",
+            "ada@example.com",
+            "ada+lab@example.co.uk",
+            "@",
+            "+",
             &"n".repeat(200),
         ] {
             assert!(name_ok(ok), "{ok:?}");
+            assert!(check_name("user", ok).is_ok());
         }
         for bad in [
             "",
             ".",
             "..",
             ".x",
+            ".@",
             "a/b",
+            "../x",
+            "x/..",
+            "a/../b",
+            "/etc/passwd",
+            "ada@example.com/..",
             "a\\b",
             "a b",
             "é",
+            "ada@exämple.com",
             "a\0b",
             "a\n",
+            "a%2Fb@x",
+            "a:b",
+            "a*b",
             &"n".repeat(201),
+            &format!("{}@example.com", "n".repeat(189)),
         ] {
             assert!(!name_ok(bad), "{bad:?}");
             assert!(check_name("org", bad).is_err());

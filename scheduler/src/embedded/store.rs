@@ -34,6 +34,9 @@ struct State {
     events: HashMap<String, Vec<ExecEvent>>,
     org_policies: HashMap<String, Policy>,
     user_policies: HashMap<(String, String), Policy>,
+    /// Queued and running records, kept by [`State::commit`] (and counted once at
+    /// open), so gauges and the queue limit never scan the records.
+    counts: crate::store::ActiveCounts,
 }
 
 struct Inner {
@@ -142,7 +145,10 @@ impl State {
             .entry(rec.id.clone())
             .or_default()
             .extend(new_events);
-        self.records.insert(rec.id.clone(), rec);
+        self.counts.add(rec.state, 1);
+        if let Some(old) = self.records.insert(rec.id.clone(), rec) {
+            self.counts.add(old.state, -1);
+        }
         Ok(())
     }
 
@@ -173,11 +179,7 @@ impl State {
                 to: ExecState::Queued,
             });
         }
-        let queued = self
-            .records
-            .values()
-            .filter(|r| r.state == ExecState::Queued)
-            .count();
+        let queued = self.counts.queued as usize;
         if queued >= rules.max_queued {
             return Ok(Admission::QueueFull { queued });
         }
@@ -390,6 +392,7 @@ impl EmbeddedStore {
             events: loaded.events,
             org_policies: loaded.org_policies,
             user_policies: loaded.user_policies,
+            counts: Default::default(),
         };
         let mut repaired = Vec::new();
         for rec in state.records.values_mut() {
@@ -413,6 +416,7 @@ impl EmbeddedStore {
         for rec in &repaired {
             disk.write_record(rec)?;
         }
+        state.counts = crate::store::ActiveCounts::of(state.records.values());
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 disk,
@@ -492,6 +496,10 @@ impl Store for EmbeddedStore {
     async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>> {
         let state = self.inner.state.lock().await;
         Ok(state.records.get(id).cloned())
+    }
+
+    async fn active_counts(&self) -> StoreResult<crate::store::ActiveCounts> {
+        Ok(self.inner.state.lock().await.counts)
     }
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>> {
