@@ -91,6 +91,7 @@ fi
 extra_args=${VM_TEST_ARGS:-}
 # A non-loopback address for the tests that need the host's own address (no network).
 guest_script='failed=0
+hostname hatchery-guest
 ip addr add 10.0.2.15/32 dev lo 2>/dev/null
 ip link set lo up 2>/dev/null'
 selected=0

@@ -361,14 +361,12 @@ impl<'a> Supervisor<'a> {
         if version == CgroupVersion::V1 || spec.userns_base.is_some() {
             self.cgroup.get().add_process(pid)?;
         }
-        // The OOM killer should pick the command, never the init that reports on it.
-        // Lowering needs CAP_SYS_RESOURCE, which some hosts (containers) withhold; the
-        // worker also raises its own score (see container.rs), which needs no privilege.
-        match write_proc(pid, "oom_score_adj", "-1000") {
-            Err(RunError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied => {}
-            other => other?,
-        }
+        // The command's score, written by us while the init has not forked it yet: the
+        // command inherits it, and — written with CAP_SYS_RESOURCE — also as the floor
+        // below which neither it nor anything it starts can lower its score again
+        // (otherwise a score of −1000 inherited from whoever started us would be that
+        // floor). The init itself is protected once the command runs (see `watch`).
+        write_oom_score_adj(pid, crate::container::OOM_SCORE_ADJ)?;
         if let Some(base) = spec.userns_base {
             let map = format!("0 {base} {USERNS_RANGE}\n");
             write_proc(pid, "uid_map", &map)?;
@@ -486,6 +484,12 @@ impl<'a> Supervisor<'a> {
                                         ) && ended_at.is_none()
                                         {
                                             ended_at = Some(Instant::now());
+                                        }
+                                        if matches!(m, ChildMessage::Confined) {
+                                            // The command is forked and confined: the
+                                            // OOM killer should pick it, never the init
+                                            // that reports on it.
+                                            let _ = write_oom_score_adj(self.init.as_raw(), -1000);
                                         }
                                         messages.push(m);
                                     }
@@ -722,6 +726,19 @@ fn ms_until(t: Instant) -> i32 {
     let d = t.saturating_duration_since(Instant::now());
     // Round up so we never wake a hair early and spin.
     (d.as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32
+}
+
+/// Sets a process's OOM score. Lowering needs CAP_SYS_RESOURCE, which some hosts
+/// (containers) withhold: then the score is left as it is.
+fn write_oom_score_adj(pid: i32, value: i32) -> Result<(), RunError> {
+    match write_proc(pid, "oom_score_adj", &value.to_string()) {
+        Err(RunError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 fn write_proc(pid: i32, file: &str, value: &str) -> Result<(), RunError> {
