@@ -557,3 +557,34 @@ fn inotify_exhaustion_stays_in_its_own_sandbox() {
     );
     tp.finish();
 }
+
+/// A pooled sandbox's view of its mounts names no path of the host: not the image's
+/// directory, not the staging directories, not the zygote's binary.
+#[test]
+fn no_host_path_in_a_pooled_sandboxs_mountinfo() {
+    let tp = r_pool(1);
+    let ran = tp.run_code("cat(readLines('/proc/self/mountinfo'), sep = '\\n')");
+    ran.assert_status(ExecStatus::Succeeded);
+    let mountinfo = ran.stdout();
+    let image = std::fs::canonicalize(hatchery_tests::rootfs()).expect("the image");
+    let zygote = hatchery_tests::target_profile_dir().join("hatchery-zygote");
+    for host_path in [
+        image.display().to_string(),
+        "/var/lib/hatchery".to_string(),
+        "/run/hatchery".to_string(),
+        zygote.display().to_string(),
+        hatchery_tests::target_profile_dir().display().to_string(),
+    ] {
+        assert!(
+            !mountinfo.contains(&host_path),
+            "{host_path} appears in the sandbox's mountinfo:\n{mountinfo}"
+        );
+    }
+    // The root is the sandbox's own overlay.
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .expect("a root mount");
+    assert!(root.contains(" - overlay "), "{root}");
+    tp.finish();
+}
