@@ -809,6 +809,11 @@ fn thirty_simultaneous_submissions_never_run_more_than_two() {
             }
         });
         let answers = futures_util::future::join_all(posts).await;
+        // Every admission has happened by now.
+        let storm_over_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         let mut ids = Vec::new();
         for r in &answers {
             assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
@@ -823,8 +828,29 @@ fn thirty_simultaneous_submissions_never_run_more_than_two() {
         let (max_active, samples) = sampler.await.unwrap();
         assert!(samples > 0);
         assert!(max_active <= 2, "{max_active} active at once");
+        // The cap cancels the oldest (by creation time, then id): the two newest are never
+        // cancelled. Any other survivor must have finished before the storm was over (each
+        // run takes a second), otherwise exactly those two survive.
+        let mut by_age: Vec<&Value> = finals.iter().collect();
+        by_age.sort_by_key(|v| (v["created_at"].as_u64().unwrap(), v["id"].as_str().unwrap()));
+        for newest in &by_age[by_age.len() - 2..] {
+            assert!(
+                newest["cancel"].is_null() && state(newest) == "succeeded",
+                "one of the two newest executions did not survive: {newest}"
+            );
+        }
         let survivors: Vec<&Value> = finals.iter().filter(|v| v["cancel"].is_null()).collect();
-        assert!(!survivors.is_empty() && survivors.len() <= 30);
+        let finished_during_storm = survivors.iter().any(|v| {
+            v["finished_at"]
+                .as_u64()
+                .is_some_and(|f| f <= storm_over_ms)
+        });
+        assert!(
+            survivors.len() == 2 || finished_during_storm,
+            "{} survived a storm of 30 under a cap of 2, and none finished before the storm \
+             was over: {survivors:?}",
+            survivors.len()
+        );
         for v in &finals {
             if v["cancel"].is_null() {
                 assert_eq!(state(v), "succeeded", "{v}");
@@ -971,10 +997,14 @@ fn all_events_monitor_and_admin_views() {
         .await;
         let quick = run_r(&h, &t, "cat('quick')").await;
         // Both executions' events reach the caller's stream, each execution in seq order.
-        let (events, _) = read_events(&mut all, |ev| {
+        let (events, closed) = read_events(&mut all, |ev| {
             ev.iter().filter(|e| e["type"] == "finished").count() == 2
         })
         .await;
+        assert!(
+            !closed,
+            "the events stream closed before both executions finished: {events:?}"
+        );
         for id in [&busy, &quick] {
             let mine: Vec<Value> = events
                 .iter()
@@ -989,7 +1019,7 @@ fn all_events_monitor_and_admin_views() {
             );
         }
         // The monitor showed the busy sandbox's usage while it ran.
-        let (statuses, _) = read_events(&mut monitor, |st| {
+        let (statuses, closed) = read_events(&mut monitor, |st| {
             st.iter().any(|s| {
                 s["sandboxes"]
                     .as_array()
@@ -997,7 +1027,10 @@ fn all_events_monitor_and_admin_views() {
             })
         })
         .await;
-        assert!(!statuses.is_empty());
+        assert!(
+            !closed,
+            "the monitor closed before it showed the busy sandbox: {statuses:?}"
+        );
         let _ = monitor.close(None).await;
         // The admin list and metrics.
         let long = run_r(&h, &t, LONG).await;
@@ -1011,9 +1044,16 @@ fn all_events_monitor_and_admin_views() {
                 .any(|e| e["id"] == long.as_str()),
             "{l}"
         );
-        let (events, _) =
+        let (events, closed) =
             read_events(&mut all, |ev| ev.iter().any(|e| e["type"] == "started")).await;
-        assert!(events.iter().all(|e| e["execution_id"] == long.as_str()));
+        assert!(
+            !closed,
+            "the events stream closed before the long execution started: {events:?}"
+        );
+        assert!(
+            events.iter().all(|e| e["execution_id"] == long.as_str()),
+            "events of other executions after the long one was submitted: {events:?}"
+        );
         http(
             &h,
             "POST",
@@ -1022,9 +1062,13 @@ fn all_events_monitor_and_admin_views() {
             None,
         )
         .await;
-        let (events, _) =
+        let (events, closed) =
             read_events(&mut all, |ev| ev.iter().any(|e| e["type"] == "finished")).await;
-        assert_eq!(events.last().unwrap()["state"], "cancelled");
+        assert!(
+            !closed,
+            "the events stream closed before the cancelled execution finished: {events:?}"
+        );
+        assert_eq!(events.last().unwrap()["state"], "cancelled", "{events:?}");
         let _ = all.send(Message::Close(None)).await;
         let m = String::from_utf8(http(&h, "GET", "/metrics", None, None).await.body).unwrap();
         assert!(m.contains("hatchery_executions_submitted_total 3"), "{m}");

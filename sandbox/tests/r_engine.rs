@@ -237,9 +237,23 @@ fn a_missing_package_is_named_in_the_error() {
 #[test]
 fn a_package_that_starts_threads_is_refused() {
     // tcltk starts Tcl's notifier thread when it loads: a zygote must not fork with it.
+    // The refusal is the thread check's, not a load failure ("cannot load R package").
     let v = check(&["preload", "tcltk", "--", "1"]);
     let err = v["error"].as_str().expect("an error");
-    assert!(err.contains("tcltk"), "{err}");
+    let counts = err
+        .strip_prefix("R package \"tcltk\" started threads (")
+        .and_then(|rest| rest.strip_suffix(" before): it is not fork-safe"))
+        .unwrap_or_else(|| panic!("tcltk was not refused for starting threads: {err}"));
+    let (now, before) = counts
+        .split_once(" now, ")
+        .unwrap_or_else(|| panic!("no thread counts in the refusal: {err}"));
+    let now: usize = now.parse().expect("thread count now");
+    let before: usize = before.parse().expect("thread count before");
+    assert!(
+        now > before,
+        "refused with {now} threads now and {before} before: {err}"
+    );
+    assert_eq!(before, 1, "R started with more than one thread: {err}");
 }
 
 #[test]
@@ -303,9 +317,55 @@ fn parallel_forks_and_system_work_inside_a_child() {
 }
 
 #[test]
-fn timings_are_reported() {
-    let v = check(&["timings", "5"]);
+fn timings_are_reported_and_ordered() {
+    let v = check(&["timings", "7"]);
     println!("r engine timings: {v:#}");
     assert_eq!(v["threads_after_preload"], 1);
-    assert!(v["median_fork_to_first_output_sum_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["runs"], 7);
+    let ms = |key: &str| -> f64 {
+        let t = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no timing {key}: {v}"));
+        assert!(t.is_finite() && t > 0.0, "timing {key} is {t}: {v}");
+        t
+    };
+    for key in ["init_ms", "preload_mass_matrix_survival_gc_ms"] {
+        ms(key);
+    }
+    // Relations between the medians, never absolute times: each run's first output comes
+    // before its exit, a child forked and prepared in advance answers "go" faster than a
+    // fork plus prepare does, and fitting a model takes longer than summing ten numbers.
+    let first_output = ms("median_fork_to_first_output_sum_ms");
+    let exit = ms("median_fork_to_exit_sum_ms");
+    assert!(
+        first_output <= exit,
+        "first output ({first_output} ms) after the child's exit ({exit} ms): {v}"
+    );
+    let go = ms("median_prepared_child_go_to_first_output_sum_ms");
+    let fork_prepare = ms("median_fork_prepare_to_first_output_sum_ms");
+    assert!(
+        go < fork_prepare,
+        "a prepared child took {go} ms from go to first output, a fresh fork and \
+         prepare {fork_prepare} ms: {v}"
+    );
+    let lm = ms("median_fork_prepare_to_first_output_lm_ms");
+    assert!(
+        lm > fork_prepare,
+        "lm() answered in {lm} ms, no slower than sum(1:10) in {fork_prepare} ms: {v}"
+    );
+    // The zygote's heap leaves room before the next collection: used below the trigger
+    // for both cons cells and vector cells.
+    let gc: Vec<f64> = v["zygote_gc_used_and_trigger"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|n| n.parse().expect("a gc() count"))
+        .collect();
+    assert_eq!(gc.len(), 4, "gc() reported {gc:?}: {v}");
+    assert!(
+        gc[0] < gc[2] && gc[1] < gc[3],
+        "the zygote is at its GC trigger (used {:?}, trigger {:?}): {v}",
+        &gc[..2],
+        &gc[2..]
+    );
 }

@@ -262,7 +262,11 @@ async fn only_a_superadmin_sets_org_policy_and_org_admins_only_their_orgs_overri
         f.platform.running(&alice).await.unwrap_err().code(),
         "forbidden"
     );
-    assert!(f.platform.monitor(&alice).await.is_err());
+    match f.platform.monitor(&alice).await {
+        Err(PlatformError::Forbidden(_)) => {}
+        Err(e) => panic!("a user opening the monitor got {e:?}, not forbidden"),
+        Ok(_) => panic!("a user opened the monitor"),
+    }
 }
 
 #[tokio::test]
@@ -511,7 +515,11 @@ async fn other_users_and_orgs_get_not_found_never_forbidden() {
             f.platform.cancel(intruder, &rec.id).await.unwrap_err(),
             PlatformError::NotFound
         );
-        assert!(f.platform.follow(intruder, &rec.id, 0).await.is_err());
+        match f.platform.follow(intruder, &rec.id, 0).await {
+            Err(PlatformError::NotFound) => {}
+            Err(e) => panic!("{intruder:?} following another's execution got {e:?}, not NotFound"),
+            Ok(_) => panic!("{intruder:?} followed another user's execution"),
+        }
         assert!(f
             .platform
             .list(intruder, &ListQuery::default())
@@ -626,7 +634,7 @@ async fn list_filters_by_tab_and_state_newest_first() {
         .unwrap();
     assert_eq!(queued.len(), 2);
     assert_eq!(queued[0].id, b.id, "newest first");
-    assert!(f
+    let e = f
         .platform
         .list(
             &alice,
@@ -636,5 +644,6 @@ async fn list_filters_by_tab_and_state_newest_first() {
             },
         )
         .await
-        .is_err());
+        .unwrap_err();
+    assert!(matches!(e, PlatformError::Invalid(_)), "limit 0: {e:?}");
 }

@@ -1177,22 +1177,42 @@ async fn a_dropped_admission_future_still_completes() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     admitted(&store, record("p1", "o", "u", Some("tab"), 1), rules(2)).await;
-    let fut = store.admit(record("p2", "o", "u", Some("tab"), 2), rules(2));
-    drop(tokio::time::timeout(std::time::Duration::from_nanos(1), fut).await);
-    // Whatever happened, it is whole: either both changes or neither.
-    for _ in 0..100 {
-        if store.get("p2").await.unwrap().is_some() {
-            break;
+    // Polled once (which starts it), then dropped, as a disconnecting client's request.
+    {
+        let admission = store.admit(record("p2", "o", "u", Some("tab"), 2), rules(2));
+        let mut fut = std::pin::pin!(admission);
+        let _first_poll = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(fut.as_mut(), cx))
+        })
+        .await;
+    }
+    // The admission completes anyway, whole: p2 queued and p1, from the same tab,
+    // superseded with its finished event.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let p2 = loop {
+        if let Some(p2) = store.get("p2").await.unwrap() {
+            break p2;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped admission of p2 never completed"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    };
+    assert_eq!(p2.state, ExecState::Queued, "{p2:?}");
     let p1 = get(&store, "p1").await;
-    let p2 = store.get("p2").await.unwrap();
-    match p2 {
-        Some(p2) => {
-            assert_eq!(p2.state, ExecState::Queued);
-            assert_eq!(p1.state, ExecState::Cancelled);
-        }
-        None => assert_eq!(p1.state, ExecState::Queued),
+    assert_eq!(p1.state, ExecState::Cancelled, "{p1:?}");
+    assert_eq!(p1.cancel, Some(CancelReason::SupersededByTab), "{p1:?}");
+    match &store.events_after("p1", 1).await.unwrap()[..] {
+        [ExecEvent {
+            body: EventBody::Finished(s),
+            ..
+        }] => assert_eq!(s.state, ExecState::Cancelled),
+        other => panic!("p1 superseded without exactly one finished event: {other:?}"),
     }
+    // And it survives a restart.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(get(&store, "p2").await.state, ExecState::Queued);
+    assert_eq!(get(&store, "p1").await.state, ExecState::Cancelled);
 }

@@ -248,6 +248,10 @@ fn exit_codes_and_signals_follow_the_documented_rules() {
 
 #[test]
 fn rlimits_and_tmpfs_sizes_hold() {
+    // /tmp is filled with 512 KiB files, each under the 1 MiB file-size limit, so only the
+    // tmpfs size can stop the writes; 16 of them (8 MiB) would fit if --tmp-size were
+    // ignored. /var/tmp is world-writable in the image, so only a read-only root refuses
+    // a file there.
     let run = Sandbox::new()
         .tmp_size("4M")
         .option("--file-size-limit")
@@ -257,20 +261,69 @@ fn rlimits_and_tmpfs_sizes_hold() {
             "-c",
             "echo core $(ulimit -c) nofile $(ulimit -n); \
              head -c 2M /dev/zero > /work/big 2>/dev/null; echo fsize $(stat -c %s /work/big); \
-             head -c 3M /dev/zero > /tmp/a; head -c 3M /dev/zero > /tmp/b 2>/dev/null \
-               || echo tmp-full; \
-             touch /etc/x 2>/dev/null || echo root-ro",
+             i=0; while [ $i -lt 16 ]; do \
+               head -c 512K /dev/zero 2>&1 > /tmp/f$i || { echo tmp-stopped-at $i; break; }; \
+               i=$((i+1)); \
+             done; \
+             echo tmp-total $(cat /tmp/f* | wc -c); \
+             touch /var/tmp/x 2>&1; \
+             grep ' / / ' /proc/self/mountinfo",
         ]);
     run.assert_status("exited", 0);
     let out = &run.stdout;
-    assert!(out.contains("core 0 nofile 1024"), "{}", run.describe());
     assert!(
-        out.contains(&format!("fsize {}", 1 << 20)),
-        "{}",
+        out.contains("core 0 nofile 1024"),
+        "core or nofile rlimit not applied\n{}",
         run.describe()
     );
-    assert!(out.contains("tmp-full"), "{}", run.describe());
-    assert!(out.contains("root-ro"), "{}", run.describe());
+    assert!(
+        out.contains(&format!("fsize {}", 1 << 20)),
+        "a 2 MiB write was not cut at the 1 MiB file-size limit\n{}",
+        run.describe()
+    );
+
+    assert!(
+        out.contains("tmp-stopped-at"),
+        "8 MiB of 512 KiB files fit in a 4 MiB /tmp\n{}",
+        run.describe()
+    );
+    assert!(
+        out.contains("No space left on device"),
+        "/tmp did not fill with ENOSPC\n{}",
+        run.describe()
+    );
+    let total: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tmp-total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tmp-total line\n{}", run.describe()));
+    assert!(
+        (3584 << 10..=4 << 20).contains(&total),
+        "{total} bytes fit in /tmp, expected close to its 4 MiB size\n{}",
+        run.describe()
+    );
+
+    assert!(
+        out.contains("cannot touch '/var/tmp/x': Read-only file system"),
+        "creating a file in the world-writable /var/tmp was not refused with EROFS\n{}",
+        run.describe()
+    );
+    // mountinfo: id parent major:minor root mount-point options ...; the last line for /
+    // is the mount on top.
+    let root_options = out
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields.len() > 5 && fields[4] == "/").then(|| fields[5].to_string())
+        })
+        .unwrap_or_else(|| panic!("no mountinfo line for /\n{}", run.describe()));
+    assert!(
+        root_options.split(',').any(|o| o == "ro"),
+        "/ is mounted {root_options}, not read-only\n{}",
+        run.describe()
+    );
+    run.assert_cleaned_up();
 }
 
 #[test]

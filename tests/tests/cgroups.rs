@@ -10,6 +10,7 @@ use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,34 @@ fn v2_available(root: &CgroupRoot, test: &str) -> bool {
         "HATCHERY_REQUIRE_CGROUP_V2",
     );
     false
+}
+
+/// The file that limits the swap of `cg` (`memory.memsw.limit_in_bytes` on v1,
+/// `memory.swap.max` on v2), which exists only where the kernel accounts swap per cgroup.
+/// Without it the swap limit cannot be checked: `test` records a skip, fatal where the
+/// file must exist (`HATCHERY_REQUIRE_CGROUP_V2`: the VM's v2 kernel has it;
+/// `HATCHERY_REQUIRE_SWAP_ACCOUNTING` for a v1 host that must have it).
+fn swap_limit_file(root: &CgroupRoot, cg: &SandboxCgroup, test: &str) -> Option<PathBuf> {
+    let (file, required) = match root.version() {
+        CgroupVersion::V1 => (
+            "memory.memsw.limit_in_bytes",
+            "HATCHERY_REQUIRE_SWAP_ACCOUNTING",
+        ),
+        CgroupVersion::V2 => ("memory.swap.max", "HATCHERY_REQUIRE_CGROUP_V2"),
+    };
+    let path = cg.dir("memory").join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    hatchery_tests::skip(
+        &format!("{test} (swap limit)"),
+        &format!(
+            "no {file}: this kernel does not account swap per cgroup (swapaccount=0 or \
+             built without it), so swap is not limited"
+        ),
+        required,
+    );
+    None
 }
 
 /// A test cgroup that is removed (with anything inside killed) even when the test fails.
@@ -140,6 +169,7 @@ fn read(path: std::path::PathBuf) -> String {
 fn limits_are_written_and_reset_to_unlimited() {
     let root = root();
     let cg = TestCgroup::new(&root);
+    let swap = swap_limit_file(&root, &cg, "limits_are_written_and_reset_to_unlimited");
     cg.apply(&Limits {
         memory_bytes: Some(64 << 20),
         cpus: Some(0.5),
@@ -153,9 +183,9 @@ fn limits_are_written_and_reset_to_unlimited() {
                 read(mem.join("memory.limit_in_bytes")),
                 (64 << 20).to_string()
             );
-            if mem.join("memory.memsw.limit_in_bytes").exists() {
+            if let Some(memsw) = &swap {
                 assert_eq!(
-                    read(mem.join("memory.memsw.limit_in_bytes")),
+                    read(memsw.clone()),
                     (64 << 20).to_string(),
                     "memory + swap must equal memory: no swap"
                 );
@@ -167,8 +197,8 @@ fn limits_are_written_and_reset_to_unlimited() {
         CgroupVersion::V2 => {
             let d = cg.dir("memory");
             assert_eq!(read(d.join("memory.max")), (64 << 20).to_string());
-            if d.join("memory.swap.max").exists() {
-                assert_eq!(read(d.join("memory.swap.max")), "0");
+            if let Some(swap_max) = &swap {
+                assert_eq!(read(swap_max.clone()), "0", "swap must be off");
             }
             assert_eq!(read(d.join("cpu.max")), "50000 100000");
             assert_eq!(read(d.join("pids.max")), "10");
@@ -184,16 +214,25 @@ fn limits_are_written_and_reset_to_unlimited() {
     cg.apply(&Limits::UNLIMITED).unwrap();
     match root.version() {
         CgroupVersion::V1 => {
-            let unlimited: u64 = read(cg.dir("memory").join("memory.limit_in_bytes"))
-                .parse()
-                .unwrap();
+            let mem = cg.dir("memory");
+            let unlimited: u64 = read(mem.join("memory.limit_in_bytes")).parse().unwrap();
             assert!(unlimited > 1 << 50, "memory limit not reset: {unlimited}");
+            if let Some(memsw) = &swap {
+                let unlimited: u64 = read(memsw.clone()).parse().unwrap();
+                assert!(
+                    unlimited > 1 << 50,
+                    "memory + swap limit not reset: {unlimited}"
+                );
+            }
             assert_eq!(read(cg.dir("cpu").join("cpu.cfs_quota_us")), "-1");
             assert_eq!(read(cg.dir("pids").join("pids.max")), "max");
         }
         CgroupVersion::V2 => {
             let d = cg.dir("memory");
             assert_eq!(read(d.join("memory.max")), "max");
+            if let Some(swap_max) = &swap {
+                assert_eq!(read(swap_max.clone()), "max", "swap limit not reset");
+            }
             assert_eq!(read(d.join("cpu.max")), "max 100000");
             assert_eq!(read(d.join("pids.max")), "max");
         }

@@ -2036,19 +2036,30 @@ fn fill_dir(dir: &str, args: &[String]) -> Outcome {
         Err(e) => return Outcome::Error(format!("create {path}: {e}")),
     };
     let chunk = vec![0x5au8; 1 << 20];
+    // Counted in bytes, the last short write included: the suite checks the total against
+    // the filesystem's size.
     let mut written = 0u64;
+    let mut offset = 0;
     let out = loop {
-        if written >= max_mib {
+        if written >= max_mib << 20 {
             break escaped(format!(
-                "wrote {written} MiB to {dir} without hitting a limit"
+                "wrote {} MiB to {dir} without hitting a limit",
+                written >> 20
             ));
         }
-        match f.write_all(&chunk) {
-            Ok(()) => written += 1,
+        match f.write(&chunk[offset..]) {
+            Ok(0) => break Outcome::Error(format!("write to {path} wrote nothing")),
+            Ok(n) => {
+                written += n as u64;
+                offset = (offset + n) % chunk.len();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break io_outcome(&e),
         }
     };
-    eprintln!("probe fill: {written} MiB written to {dir}");
+    // One write, so the line reaches the pipe whole.
+    let line = format!("probe fill: {written} bytes written to {dir}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
     drop(f);
     let _ = std::fs::remove_file(&path);
     out
