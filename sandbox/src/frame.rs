@@ -40,7 +40,11 @@ pub enum FrameError {
 
 /// Sends `msg` with `fds` attached.
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<(), FrameError> {
-    let body = serde_json::to_vec(msg)?;
+    send_json(sock, &serde_json::to_vec(msg)?, fds)
+}
+
+/// Sends a message already serialized to JSON (`body`) with `fds` attached.
+pub fn send_json(sock: BorrowedFd<'_>, body: &[u8], fds: &[RawFd]) -> Result<(), FrameError> {
     if body.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(body.len()));
     }

@@ -72,9 +72,9 @@ pub enum ToSandbox {
     Run { code: Option<String> },
 }
 
-/// Code up to this size travels inside the `run` frame; larger code in a sealed memfd, so
-/// that the frame always fits the socket's buffer and can be sent while the sandbox is
-/// still frozen.
+/// Code up to this size (and up to twice that escaped) travels inside the `run` frame;
+/// larger code in a sealed memfd, so that the frame always fits the socket's buffer and
+/// can be sent while the sandbox is still frozen.
 pub const INLINE_CODE_MAX: usize = 32 << 10;
 /// The largest code a sandbox accepts.
 pub const MAX_CODE: usize = 64 << 20;
@@ -208,18 +208,19 @@ impl SandboxChannel {
     /// frame is small enough for the empty socket buffer, so this never waits for the
     /// (frozen) sandbox.
     pub fn run(&self, code: &str) -> Result<(), FrameError> {
-        // JSON escaping can multiply the size of control characters by six: decide on
-        // the escaped size.
-        let inline = code.len() <= INLINE_CODE_MAX
-            && serde_json::to_string(code).is_ok_and(|s| s.len() <= INLINE_CODE_MAX);
-        if inline {
-            return frame::send(
-                self.sock.as_fd(),
-                &ToSandbox::Run {
-                    code: Some(code.to_string()),
-                },
-                &[],
-            );
+        // On the claim path: serialized once, without copying the code first. JSON
+        // escaping can multiply the size of control characters by six: the decision is
+        // on the escaped size.
+        #[derive(Serialize)]
+        #[serde(tag = "kind", rename = "run")]
+        struct Run<'a> {
+            code: &'a str,
+        }
+        if code.len() <= INLINE_CODE_MAX {
+            let body = serde_json::to_vec(&Run { code })?;
+            if body.len() <= 2 * INLINE_CODE_MAX {
+                return frame::send_json(self.sock.as_fd(), &body, &[]);
+            }
         }
         let memfd = sealed_memfd(code.as_bytes()).map_err(FrameError::Io)?;
         frame::send(
