@@ -54,7 +54,7 @@ pub fn send_json(sock: BorrowedFd<'_>, body: &[u8], fds: &[RawFd]) -> Result<(),
     let mut first = true;
     while sent < total {
         let (h, b) = if sent < header.len() {
-            (&header[sent..], &body[..])
+            (&header[sent..], body)
         } else {
             (&header[..0], &body[sent - header.len()..])
         };
