@@ -876,8 +876,9 @@ impl Watcher {
                 }
             }
         }
-        // A result is in, or the sandbox is gone: kill whatever is left, then report.
-        self.kill();
+        // A result is in, or the sandbox is gone: nothing of it runs on (the cgroup is
+        // killed and removed in the teardown, after the report).
+        crate::run::kill_pidfd(self.sandbox.pidfd.as_fd());
         self.drain_pipes();
         self.flush_output();
         self.flush_progress();
@@ -1011,9 +1012,11 @@ impl Watcher {
                 let texts: usize = outcome.warnings.iter().map(|w| w.len()).sum::<usize>()
                     + outcome.error.as_ref().map_or(0, |e| e.message.len());
                 self.charge(texts);
-                // The result is in: the sandbox is killed now, whatever it does next.
+                // The result is in: the sandbox is killed now, whatever it does next (its
+                // init's death takes its whole pid namespace; the cgroup is emptied and
+                // removed after the result is out).
                 self.ended_at.get_or_insert_with(Instant::now);
-                self.kill();
+                crate::run::kill_pidfd(self.sandbox.pidfd.as_fd());
                 Ok(Some(outcome))
             }
             (Phase::Running, other) => out_of_order("output, progress, value or finished", &other),
