@@ -1405,8 +1405,13 @@ fn run(cfg: &Config) -> Result<(), String> {
         let (warm, cold) = attached(cfg, scratch.path(), pool, w);
         println!("  attached, {} warm:  {warm}", w.name);
         println!(
-            "  attached, {} cold:  {cold}   (Rscript -e '{}...')",
-            w.name, w.cold_prelude
+            "  attached, {} cold:  {cold}   (`sandbox run -- Rscript -e`, prelude: {})",
+            w.name,
+            if w.cold_prelude.is_empty() {
+                "none"
+            } else {
+                w.cold_prelude.trim()
+            }
         );
     }
 
