@@ -26,7 +26,10 @@
 //!    do), each with a full pool. One-way: claim → first user statement on the sandbox's
 //!    CLOCK_MONOTONIC (`start_ms`), next to the floor's one-way; round trip: claim →
 //!    `Started` received by the claiming thread, next to the floor's round trip. One refill
-//!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen).
+//!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen). Before
+//!    each claim (and its floor samples) and each refill fork the bench pauses
+//!    (`--settle-ms`), so that the pool's background work (the last refill, reaping) is
+//!    over, as when a request reaches an idle warm pool.
 //! 3. cold: `sandbox run` (with the same limits), `bwrap` and bare `Rscript -e CODE`, each
 //!    loading what the workload's zygote preloaded, round-robin with warm executions of
 //!    the same workloads: the warm/cold ratios come from this phase alone.
@@ -158,6 +161,7 @@ struct Config {
     wake_gap: Duration,
     rcu: usize,
     rcu_gap: Duration,
+    settle: Duration,
     rootfs: PathBuf,
     sandbox_bin: PathBuf,
     zygote_bin: PathBuf,
@@ -182,6 +186,10 @@ options (each also read from the environment variable named in brackets; a flag 
   --rcu N           cgroup v1 attach samples (default 10)  [HATCHERY_BENCH_RCU]
   --rcu-gap-ms G    idle time before each attach sample (default 200)
                     [HATCHERY_BENCH_RCU_GAP_MS]
+  --settle-ms G     pause before each claim's floor samples and before each refill fork,
+                    so that the pool's own work (the last refill, reaping) is over, as
+                    for a request reaching an idle warm pool (default 100)
+                    [HATCHERY_BENCH_SETTLE_MS]
   --help            this text
 
 environment:
@@ -190,7 +198,7 @@ environment:
   HATCHERY_ZYGOTE   the hatchery-zygote binary (default: the one cargo built)";
 
 /// The flags, and the environment variable each one may also come from.
-const FLAGS: [(&str, &str); 9] = [
+const FLAGS: [(&str, &str); 10] = [
     ("--warm", "HATCHERY_BENCH_WARM"),
     ("--cold", "HATCHERY_BENCH_COLD"),
     ("--seconds", "HATCHERY_BENCH_SECONDS"),
@@ -200,6 +208,7 @@ const FLAGS: [(&str, &str); 9] = [
     ("--wake-gap-ms", "HATCHERY_BENCH_WAKE_GAP_MS"),
     ("--rcu", "HATCHERY_BENCH_RCU"),
     ("--rcu-gap-ms", "HATCHERY_BENCH_RCU_GAP_MS"),
+    ("--settle-ms", "HATCHERY_BENCH_SETTLE_MS"),
 ];
 
 fn parse_args() -> Result<Config, String> {
@@ -213,6 +222,7 @@ fn parse_args() -> Result<Config, String> {
         wake_gap: Duration::from_millis(20),
         rcu: 10,
         rcu_gap: Duration::from_millis(200),
+        settle: Duration::from_millis(100),
         rootfs: std::env::var_os("HATCHERY_ROOTFS")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOTFS)),
@@ -266,6 +276,13 @@ fn parse_args() -> Result<Config, String> {
             "--rcu" => cfg.rcu = int(&flag, &v)?,
             "--wake-gap-ms" => cfg.wake_gap = Duration::from_millis(int(&flag, &v)? as u64),
             "--rcu-gap-ms" => cfg.rcu_gap = Duration::from_millis(int(&flag, &v)? as u64),
+            "--settle-ms" => {
+                cfg.settle = Duration::from_millis(
+                    v.trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("--settle-ms expects milliseconds, got {v:?}"))?,
+                )
+            }
             "--seconds" => {
                 cfg.seconds = v
                     .trim()
@@ -1353,10 +1370,13 @@ fn run(cfg: &Config) -> Result<(), String> {
         packages_of(&FIT)
     );
     println!(
-        "  warm {} rounds (per claim: 2 floor samples, 1 refill fork; per round: {} wake-up \
-         samples per variant after {} ms idle); cold {} rounds (+1 warm-up); attach {} \
-         samples after {} ms idle; throughput {} s with threads {:?} on a pool of {}",
+        "  warm {} rounds (per claim: {} ms settle, 2 floor samples, the claim, {} ms settle, \
+         1 refill fork; per round: {} wake-up samples per variant after {} ms idle); cold {} \
+         rounds (+1 warm-up); attach {} samples after {} ms idle; throughput {} s with \
+         threads {:?} on a pool of {}",
         cfg.warm,
+        cfg.settle.as_millis(),
+        cfg.settle.as_millis(),
         cfg.wake,
         cfg.wake_gap.as_millis(),
         cfg.cold,
@@ -1437,11 +1457,15 @@ fn run(cfg: &Config) -> Result<(), String> {
         for k in 0..WORKLOADS.len() {
             let k = (k + i) % WORKLOADS.len();
             let (w, pool) = (WORKLOADS[k], &pools[k]);
-            floor_s.push(floor.sample(&limits)?);
             pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
                 .map_err(|e| e.to_string())?;
+            std::thread::sleep(cfg.settle);
+            floor_s.push(floor.sample(&limits)?);
             floor_s.push(floor.sample(&limits)?);
             series[k].samples.push(warm_once(pool, w)?);
+            pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(cfg.settle);
             series[k].refill_ms.push(refill_fork(pool)?);
         }
         for j in 0..Wake::ALL.len() {
