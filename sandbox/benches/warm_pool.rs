@@ -26,10 +26,12 @@
 //!    do), each with a full pool. One-way: claim → first user statement on the sandbox's
 //!    CLOCK_MONOTONIC (`start_ms`), next to the floor's one-way; round trip: claim →
 //!    `Started` received by the claiming thread, next to the floor's round trip. One refill
-//!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen). Before
-//!    each claim (and its floor samples) and each refill fork the bench pauses
-//!    (`--settle-ms`), so that the pool's background work (the last refill, reaping) is
-//!    over, as when a request reaches an idle warm pool.
+//!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen), twice:
+//!    right after the claim's own refill, and after a pause without forks (`--settle-ms`),
+//!    when on cgroup v1 its cgroup attach waits for an RCU grace period (phase 5). Before
+//!    each claim (and its floor samples) the bench pauses as long, so that the pool's
+//!    background work (the last refill, reaping) is over, as when a request reaches an
+//!    idle warm pool.
 //! 3. cold: `sandbox run` (with the same limits), `bwrap` and bare `Rscript -e CODE`, each
 //!    loading what the workload's zygote preloaded, round-robin with warm executions of
 //!    the same workloads: the warm/cold ratios come from this phase alone.
@@ -186,9 +188,9 @@ options (each also read from the environment variable named in brackets; a flag 
   --rcu N           cgroup v1 attach samples (default 10)  [HATCHERY_BENCH_RCU]
   --rcu-gap-ms G    idle time before each attach sample (default 200)
                     [HATCHERY_BENCH_RCU_GAP_MS]
-  --settle-ms G     pause before each claim's floor samples and before each refill fork,
-                    so that the pool's own work (the last refill, reaping) is over, as
-                    for a request reaching an idle warm pool (default 100)
+  --settle-ms G     pause before each claim's floor samples and before the second refill
+                    fork, so that the pool's own work (the last refill, reaping) is over,
+                    as for a request reaching an idle warm pool (default 100)
                     [HATCHERY_BENCH_SETTLE_MS]
   --help            this text
 
@@ -899,7 +901,12 @@ fn refill_fork(pool: &Pool) -> Result<f64, String> {
 #[derive(Default)]
 struct WarmSeries {
     samples: Vec<WarmSample>,
-    refill_ms: Vec<f64>,
+    /// One refill fork right after the claim's own refill (its cgroup attach follows
+    /// another one closely).
+    refill_busy_ms: Vec<f64>,
+    /// One refill fork after `--settle-ms` without any (on cgroup v1 its attach then
+    /// waits for an RCU grace period: see phase 5).
+    refill_idle_ms: Vec<f64>,
 }
 
 impl WarmSeries {
@@ -1370,8 +1377,8 @@ fn run(cfg: &Config) -> Result<(), String> {
         packages_of(&FIT)
     );
     println!(
-        "  warm {} rounds (per claim: {} ms settle, 2 floor samples, the claim, {} ms settle, \
-         1 refill fork; per round: {} wake-up samples per variant after {} ms idle); cold {} \
+        "  warm {} rounds (per claim: {} ms settle, 2 floor samples, the claim, 1 refill fork, \
+         {} ms settle, 1 refill fork; per round: {} wake-up samples per variant after {} ms idle); cold {} \
          rounds (+1 warm-up); attach {} samples after {} ms idle; throughput {} s with \
          threads {:?} on a pool of {}",
         cfg.warm,
@@ -1463,10 +1470,9 @@ fn run(cfg: &Config) -> Result<(), String> {
             floor_s.push(floor.sample(&limits)?);
             floor_s.push(floor.sample(&limits)?);
             series[k].samples.push(warm_once(pool, w)?);
-            pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
-                .map_err(|e| e.to_string())?;
+            series[k].refill_busy_ms.push(refill_fork(pool)?);
             std::thread::sleep(cfg.settle);
-            series[k].refill_ms.push(refill_fork(pool)?);
+            series[k].refill_idle_ms.push(refill_fork(pool)?);
         }
         for j in 0..Wake::ALL.len() {
             let j = (j + i) % Wake::ALL.len();
@@ -1643,9 +1649,18 @@ fn run(cfg: &Config) -> Result<(), String> {
             "sandbox CPU user+sys (4 ms ticks)",
             &s.col(|s| s.cpu_user_ms + s.cpu_sys_ms),
         );
-        refill_stats.push(t.row(
-            "one refill fork, pool otherwise idle (n → n+1 frozen)",
-            &s.refill_ms,
+        refill_stats.push((
+            t.row(
+                "one refill fork right after the claim's (n → n+1 frozen)",
+                &s.refill_busy_ms,
+            ),
+            t.row(
+                format!(
+                    "one refill fork after {} ms without any (n → n+1)",
+                    cfg.settle.as_millis()
+                ),
+                &s.refill_idle_ms,
+            ),
         ));
     }
     let mut cold_median = std::collections::HashMap::new();
@@ -1851,14 +1866,20 @@ fn run(cfg: &Config) -> Result<(), String> {
         }
     }
     for (k, w) in WORKLOADS.iter().enumerate() {
-        if let Some(r) = refill_stats[k] {
+        if let (Some(busy), Some(idle)) = refill_stats[k] {
             println!(
-                "one refill fork, pool for {} (preloaded: {}): {:.1} ms ({} {:.1})",
+                "one refill fork, pool for {} (preloaded: {}), the pool otherwise idle: {:.1} \
+                 ms ({} {:.1}) right after the claim's own refill; {:.1} ms ({} {:.1}) after \
+                 {} ms without a fork (a cgroup v1 attach then waits for an RCU grace period)",
                 w.name,
                 packages_of(w),
-                r.median,
-                r.tail_label,
-                r.tail
+                busy.median,
+                busy.tail_label,
+                busy.tail,
+                idle.median,
+                idle.tail_label,
+                idle.tail,
+                cfg.settle.as_millis()
             );
         }
     }
