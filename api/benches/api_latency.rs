@@ -20,14 +20,25 @@
 //!    and the previous execution must have finished at least `--pause-ms` earlier: with a
 //!    pool of 2 and one execution at a time, the claim always finds a frozen sandbox
 //!    (the refill of one sandbox — one fork — takes a fraction of the pause).
-//! 2. in-process, without the API: a `hatchery_sandbox::pool::Pool` with the same
-//!    language, packages, pool size and limits, N claims of `cat(1)` (each with a full pool:
-//!    `wait_ready(2)` first), alternating with (1): claim → `Started`, → first `Stdout`,
-//!    → `Finished`, and `start_ms`. The API's own overhead is the difference to (1).
-//! 3. sustained executions per second through the API: K concurrent clients, each its own
-//!    user (so the per-user parallelism cap of 2 never cancels one), submitting `cat(1)`
-//!    back to back and waiting for `finished` on the WebSocket, for S seconds; next to the
-//!    same load on the in-process pool of (2) (K threads claiming back to back).
+//! 2. in-process, without the API: a `hatchery_sandbox::pool::Pool` configured as the
+//!    platform's agent configures its own, read from the same config file: same language,
+//!    packages and pool size, the platform default policy written while pooled
+//!    (`default_limits`), and claims with the request the agent builds (those limits, the
+//!    policy's time limit, the agent's usage interval, output limit and event cap). N
+//!    claims of `cat(1)` (each with a full pool: `wait_ready` first), alternating with (1):
+//!    claim → `Started`, → first `Stdout`, → `Finished`, and `start_ms`. The API's own
+//!    overhead is the difference to (1), paired by round.
+//! 3. sustained executions per second, in slices that alternate (API, pool, pool, API,
+//!    ...) so that drift hits both alike: through the API, K concurrent clients, each its
+//!    own user (so the per-user parallelism cap of 2 never cancels one), submitting
+//!    `cat(1)` back to back and waiting for `finished` on the WebSocket; in process, K
+//!    threads claiming back to back. On both sides only executions that succeeded with the
+//!    right output count; the others are counted by state and printed. The platform's pool
+//!    is pinned at the in-process pool's size (`max_pool_size = pool_size`): otherwise
+//!    demand sizing (every active user adds its `warm_pool_size`) grows it to 8.
+//!
+//! Samples that failed, or that lack a figure (NaN), are counted and printed next to each
+//! row, never dropped silently.
 //!
 //! To show where the API's time goes, (1) also places the platform's own timestamps on
 //! the client's time line (same host clock): the `submitted`, `running` and `finished`
@@ -54,7 +65,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use hatchery_sandbox::pool::{Event, ExecRequest, ExecStatus, Execution, Pool, PoolConfig};
+use hatchery_sandbox::pool::{Event, ExecRequest, Execution, Pool, PoolConfig};
 use hatchery_sandbox::zygote::server::Language;
 use hatchery_sandbox::Limits;
 use serde_json::{json, Value};
@@ -65,15 +76,10 @@ use tokio_tungstenite::tungstenite::Message;
 const HATCHERY: &str = env!("CARGO_BIN_EXE_hatchery");
 const CODE: &str = "cat(1)";
 const EXPECT: &str = "1";
-/// Pool size of the platform and of the in-process pool.
+/// Pool size of the platform (pinned: `max_pool_size` too) and of the in-process pool.
 const POOL_SIZE: usize = 2;
 /// Executions the platform's host runs at once (the config default).
 const CAPACITY: u32 = 4;
-/// The platform's default policy, which the in-process pool's claims copy.
-const MEMORY_BYTES: u64 = 512 << 20;
-const CPUS: f64 = 1.0;
-const PIDS: u64 = 128;
-const TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Cgroup parents (below the hatchery one), so that neither side reaps the other's.
 const API_CGROUP: &str = "hatchery/bench-api";
 const POOL_CGROUP: &str = "hatchery/bench-pool";
@@ -112,6 +118,7 @@ fn stopped() -> bool {
 struct Opts {
     n: usize,
     seconds: f64,
+    slice: f64,
     clients: usize,
     pause: Duration,
     keep_log: Option<PathBuf>,
@@ -123,13 +130,17 @@ struct Opts {
 const USAGE: &str = "\
 usage: cargo bench -p hatchery-api --bench api_latency [-- OPTIONS]
 
-options:
+options (each number also read from the environment variable named in brackets; a
+flag wins):
   --n N           sequential executions through the API, and claims of the in-process
-                  pool (default 50)
-  --seconds S     length of each throughput run (default 10)
+                  pool (default 50)  [HATCHERY_BENCH_N]
+  --seconds S     throughput time of each side (default 10), in alternating slices
+                  [HATCHERY_BENCH_SECONDS]
+  --slice S       length of one throughput slice (default 2)  [HATCHERY_BENCH_SLICE]
   --clients K     concurrent clients (users user1..userK) and pool threads of the
-                  throughput runs (default 4)
+                  throughput runs (default 4)  [HATCHERY_BENCH_CLIENTS]
   --pause-ms P    pause after each sequential execution finished (default 250)
+                  [HATCHERY_BENCH_PAUSE_MS]
   --keep-log FILE copy the platform's log there before its directory is removed
   --help          this text
 
@@ -139,6 +150,15 @@ environment:
 needs: root; `cargo build --release -p hatchery-api -p hatchery-sandbox` (the sandbox
 and hatchery-zygote binaries next to hatchery).";
 
+/// The numeric flags, and the environment variable each one may also come from.
+const NUMERIC_FLAGS: [(&str, &str); 5] = [
+    ("--n", "HATCHERY_BENCH_N"),
+    ("--seconds", "HATCHERY_BENCH_SECONDS"),
+    ("--slice", "HATCHERY_BENCH_SLICE"),
+    ("--clients", "HATCHERY_BENCH_CLIENTS"),
+    ("--pause-ms", "HATCHERY_BENCH_PAUSE_MS"),
+];
+
 fn parse_args() -> Result<Opts, String> {
     let bin_dir = Path::new(HATCHERY)
         .parent()
@@ -146,6 +166,7 @@ fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
         n: 50,
         seconds: 10.0,
+        slice: 2.0,
         clients: 4,
         pause: Duration::from_millis(250),
         keep_log: None,
@@ -155,50 +176,62 @@ fn parse_args() -> Result<Opts, String> {
         sandbox_bin: bin_dir.join("sandbox"),
         zygote_bin: bin_dir.join("hatchery-zygote"),
     };
+    // (flag, value) pairs: the environment first, then the command line (which wins).
+    let mut settings: Vec<(String, String)> = NUMERIC_FLAGS
+        .iter()
+        .filter_map(|(flag, var)| Some((flag.to_string(), std::env::var(var).ok()?)))
+        .collect();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let int = |name: &str, v: String| -> Result<usize, String> {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{name} expects a positive integer, got {v:?}"))
-        };
         match flag.as_str() {
             // cargo passes --bench to every bench target; there is nothing to select.
             "--bench" => {}
-            "--n" => o.n = int("--n", value("--n")?)?,
-            "--clients" => o.clients = int("--clients", value("--clients")?)?,
-            "--pause-ms" => {
-                let v = value("--pause-ms")?;
-                let p = v
-                    .parse::<u64>()
-                    .map_err(|_| format!("--pause-ms expects milliseconds, got {v:?}"))?;
-                o.pause = Duration::from_millis(p);
-            }
-            "--keep-log" => o.keep_log = Some(PathBuf::from(value("--keep-log")?)),
-            "--seconds" => {
-                let v = value("--seconds")?;
-                o.seconds = v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0)
-                    .ok_or_else(|| format!("--seconds expects a positive number, got {v:?}"))?;
-            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
+            f if f == "--keep-log" || NUMERIC_FLAGS.iter().any(|(name, _)| *name == f) => {
+                let v = inline
+                    .or_else(|| args.next())
+                    .ok_or_else(|| format!("{f} needs a value"))?;
+                settings.push((flag, v));
+            }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    let int = |name: &str, v: &str| -> Result<usize, String> {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{name} expects a positive integer, got {v:?}"))
+    };
+    let secs = |name: &str, v: &str| -> Result<f64, String> {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s > 0.0 && s.is_finite())
+            .ok_or_else(|| format!("{name} expects a positive number, got {v:?}"))
+    };
+    for (flag, v) in settings {
+        match flag.as_str() {
+            "--n" => o.n = int(&flag, &v)?,
+            "--clients" => o.clients = int(&flag, &v)?,
+            "--seconds" => o.seconds = secs(&flag, &v)?,
+            "--slice" => o.slice = secs(&flag, &v)?,
+            "--pause-ms" => {
+                let p = v
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("--pause-ms expects milliseconds, got {v:?}"))?;
+                o.pause = Duration::from_millis(p);
+            }
+            "--keep-log" => o.keep_log = Some(PathBuf::from(v)),
+            _ => unreachable!("only known flags are collected"),
         }
     }
     for bin in [&o.sandbox_bin, &o.zygote_bin] {
@@ -249,6 +282,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// Statistics of the finite values (a NaN is a sample without this figure: it is
+/// counted by [`Table::row`], not dropped silently).
 fn stats(values: &[f64]) -> Option<Stats> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
@@ -275,8 +310,11 @@ fn median(values: &[f64]) -> f64 {
     stats(values).map_or(f64::NAN, |s| s.p50)
 }
 
+/// A row: its label, the statistics of its finite values and how many were NaN.
+type Row = (String, Option<Stats>, usize);
+
 struct Table {
-    rows: Vec<(String, Option<Stats>)>,
+    rows: Vec<Row>,
 }
 
 impl Table {
@@ -285,26 +323,27 @@ impl Table {
     }
 
     fn row(&mut self, label: impl Into<String>, values: &[f64]) {
-        self.rows.push((label.into(), stats(values)));
+        let missing = values.iter().filter(|v| !v.is_finite()).count();
+        self.rows.push((label.into(), stats(values), missing));
     }
 
     fn section(&mut self, label: impl Into<String>) {
-        self.rows.push((format!("## {}", label.into()), None));
+        self.rows.push((format!("## {}", label.into()), None, 0));
     }
 
     fn print(&self) {
         println!(
-            "{:<54} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "measurement (ms)", "n", "p50", "p90", "p99", "min", "max"
+            "{:<54} {:>4} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "measurement (ms)", "n", "NaN", "p50", "p90", "p99", "min", "max"
         );
-        for (label, s) in &self.rows {
+        for (label, s, missing) in &self.rows {
             match (label.strip_prefix("## "), s) {
                 (Some(section), _) => println!("-- {section}"),
                 (None, Some(s)) => println!(
-                    "{:<54} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-                    label, s.n, s.p50, s.p90, s.p99, s.min, s.max
+                    "{:<54} {:>4} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                    label, s.n, missing, s.p50, s.p90, s.p99, s.min, s.max
                 ),
-                (None, None) => println!("{label:<54} {:>4}", 0),
+                (None, None) => println!("{label:<54} {:>4} {missing:>4}", 0),
             }
         }
     }
@@ -423,6 +462,7 @@ impl Platform {
                  [agent]\n\
                  name = \"bench\"\n\
                  pool_size = {POOL_SIZE}\n\
+                 max_pool_size = {POOL_SIZE}\n\
                  capacity = {CAPACITY}\n\
                  r_packages = []\n\
                  shutdown_grace = \"0s\"\n\
@@ -895,20 +935,27 @@ struct ApiSample {
     log_submitted: f64,
     log_running: f64,
     log_finished: f64,
-    state_ok: bool,
-    state: &'static str,
+    /// The `finished` event's state, and everything the `stdout` events carried.
+    state: String,
+    stdout: String,
 }
 
-fn state_name(s: &str) -> &'static str {
-    match s {
-        "succeeded" => "succeeded",
-        "failed" => "failed",
-        "cancelled" => "cancelled",
-        "timed_out" => "timed_out",
-        "oom_killed" => "oom_killed",
-        "lost" => "lost",
-        "output_limit" => "output_limit",
-        _ => "other",
+impl ApiSample {
+    /// Counts only when it succeeded with the right output; otherwise why not.
+    fn verdict(&self) -> Result<(), String> {
+        verdict(&self.state, self.stdout.as_bytes())
+    }
+}
+
+/// An execution counts when it succeeded and printed exactly [`EXPECT`]; otherwise its
+/// state, or `wrong output`.
+fn verdict(state: &str, stdout: &[u8]) -> Result<(), String> {
+    if state != "succeeded" {
+        Err(state.to_string())
+    } else if stdout != EXPECT.as_bytes() {
+        Err("wrong output".to_string())
+    } else {
+        Ok(())
     }
 }
 
@@ -919,8 +966,17 @@ enum SubmitError {
     Other(String),
 }
 
+impl SubmitError {
+    fn message(&self) -> String {
+        match self {
+            SubmitError::Overload(c, _) => format!("answered {c}"),
+            SubmitError::Other(e) => e.clone(),
+        }
+    }
+}
+
 /// POST → 202, events WebSocket (`after=0`) → `finished`. `full` also reads the record
-/// back (`start_ms`, server timestamps) and checks the output.
+/// back (`start_ms`, server timestamps) when the execution counts.
 async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample, SubmitError> {
     let mut s = ApiSample::default();
     let body = json!({"language": "r", "code": CODE});
@@ -957,6 +1013,9 @@ async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample
     let (mut started, mut out, mut fin) = (None, None, None);
     let mut stdout = String::new();
     let mut finished: Option<Value> = None;
+    s.srv_started_ev = f64::NAN;
+    s.srv_stdout_ev = f64::NAN;
+    s.srv_finished_ev = f64::NAN;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while finished.is_none() {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -1000,16 +1059,12 @@ async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample
     s.started = started.unwrap_or(f64::NAN);
     s.first_out = out.unwrap_or(f64::NAN);
     s.finished = fin.unwrap_or(f64::NAN);
-    s.state = state_name(fe["state"].as_str().unwrap_or("?"));
-    s.state_ok = s.state == "succeeded";
+    s.state = fe["state"].as_str().unwrap_or("?").to_string();
+    s.stdout = stdout;
     s.start_ms = fe["start_ms"].as_f64().unwrap_or(f64::NAN);
-    if full {
-        if !s.state_ok || stdout != EXPECT {
-            return Err(SubmitError::Other(format!(
-                "{id}: {} with stdout {stdout:?}: {fe}",
-                s.state
-            )));
-        }
+    s.srv_created = f64::NAN;
+    s.srv_running = f64::NAN;
+    if full && s.verdict().is_ok() {
         let r = http(
             addr,
             "GET",
@@ -1032,9 +1087,98 @@ async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample
 }
 
 // ---------------------------------------------------------------------------------------
-// One claim of the in-process pool
+// One claim of the in-process pool, as the platform's agent would make it
 
-#[derive(Debug, Clone, Copy, Default)]
+/// What the agent of `hatchery up` asks of its R pool, read from the config file the
+/// platform was started with (the agent is built from it by `hatchery up`).
+#[derive(Debug, Clone)]
+struct AgentView {
+    limits: Limits,
+    timeout: Option<Duration>,
+    usage_interval: Duration,
+    output_limit: u64,
+    max_events: u64,
+    claim_timeout: Duration,
+    pool_size: usize,
+    max_pool_size: usize,
+    packages: Vec<String>,
+}
+
+impl AgentView {
+    fn read(config: &Path) -> Result<AgentView, String> {
+        // `hatchery up` runs with every HATCHERY_* variable removed: no environment here.
+        let cfg = hatchery_api::config::Config::load_from(Some(config), &BTreeMap::new())
+            .map_err(|e| format!("{}: {e}", config.display()))?;
+        let policy = cfg.platform_config().default_policy;
+        // What the config does not set, the agent takes from its own defaults.
+        let agent = hatchery_scheduler::agent::AgentConfig::new("bench");
+        Ok(AgentView {
+            limits: Limits {
+                memory_bytes: Some(policy.memory_bytes),
+                cpus: Some(policy.cpus),
+                pids: Some(policy.pids),
+            },
+            timeout: (policy.time_limit_ms > 0)
+                .then(|| Duration::from_millis(policy.time_limit_ms)),
+            usage_interval: agent.usage_interval,
+            output_limit: cfg.output_limit(),
+            max_events: cfg.agent.max_events,
+            claim_timeout: agent.claim_timeout,
+            pool_size: cfg.agent.pool_size,
+            max_pool_size: cfg.agent.max_pool_size,
+            packages: cfg.agent.r_packages.clone(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "memory {} MiB, cpus {}, pids {}, time {}, usage every {} ms, output limit {} \
+             MiB, max events {}; written while pooled (default_limits); pool size {} (max \
+             {}), packages [{}]",
+            self.limits.memory_bytes.unwrap_or(0) >> 20,
+            self.limits.cpus.unwrap_or(f64::NAN),
+            self.limits.pids.unwrap_or(0),
+            self.timeout
+                .map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64())),
+            self.usage_interval.as_millis(),
+            self.output_limit >> 20,
+            self.max_events,
+            self.pool_size,
+            self.max_pool_size,
+            self.packages.join(",")
+        )
+    }
+
+    /// The pool the agent would start for R.
+    fn pool_config(&self, o: &Opts) -> PoolConfig {
+        let mut pc = PoolConfig::new(
+            Language::R {
+                packages: self.packages.clone(),
+            },
+            o.rootfs.clone(),
+        );
+        pc.size = self.pool_size;
+        pc.default_limits = Some(self.limits);
+        pc.sandbox_bin = o.sandbox_bin.clone();
+        pc.zygote_bin = o.zygote_bin.clone();
+        pc.cgroup_parent = POOL_CGROUP.into();
+        pc.claim_timeout = self.claim_timeout;
+        pc
+    }
+
+    /// The request the agent builds for an execution at the platform default policy.
+    fn exec_request(&self) -> ExecRequest {
+        let mut req = ExecRequest::new(CODE);
+        req.limits = self.limits;
+        req.timeout = self.timeout;
+        req.usage_interval = self.usage_interval;
+        req.output_limit = self.output_limit;
+        req.max_events = self.max_events;
+        req
+    }
+}
+
+#[derive(Debug, Clone, Default)]
 struct PoolSample {
     claim_call: f64,
     started: f64,
@@ -1043,33 +1187,14 @@ struct PoolSample {
     start_ms: f64,
     claim_ms: f64,
     queued_ms: f64,
+    state: String,
+    stdout: Vec<u8>,
 }
 
-fn pool_config(o: &Opts) -> PoolConfig {
-    let mut pc = PoolConfig::new(
-        Language::R {
-            packages: Vec::new(),
-        },
-        o.rootfs.clone(),
-    );
-    pc.size = POOL_SIZE;
-    pc.sandbox_bin = o.sandbox_bin.clone();
-    pc.zygote_bin = o.zygote_bin.clone();
-    pc.cgroup_parent = POOL_CGROUP.into();
-    pc.claim_timeout = Duration::from_secs(120);
-    pc
-}
-
-/// The request the agent builds from the platform's default policy.
-fn exec_request() -> ExecRequest {
-    let mut req = ExecRequest::new(CODE);
-    req.limits = Limits {
-        memory_bytes: Some(MEMORY_BYTES),
-        cpus: Some(CPUS),
-        pids: Some(PIDS),
-    };
-    req.timeout = Some(TIME_LIMIT);
-    req
+impl PoolSample {
+    fn verdict(&self) -> Result<(), String> {
+        verdict(&self.state, &self.stdout)
+    }
 }
 
 /// Waits for the rest of an execution's events until its watcher has ended (it drops its
@@ -1078,9 +1203,11 @@ fn drain(exec: &Execution) {
     while exec.events().recv().is_ok() {}
 }
 
-/// One claim followed to its result; the execution is returned undrained.
-fn pool_once(pool: &Pool) -> Result<(PoolSample, Execution), String> {
-    let req = exec_request();
+/// One claim followed to its result; the execution is returned undrained. An error is a
+/// claim that failed or an execution without a result; whether it counts is
+/// [`PoolSample::verdict`].
+fn pool_once(pool: &Pool, view: &AgentView) -> Result<(PoolSample, Execution), String> {
+    let req = view.exec_request();
     let t0 = Instant::now();
     let exec = pool.claim(req).map_err(|e| format!("claim: {e}"))?;
     let mut s = PoolSample {
@@ -1089,15 +1216,14 @@ fn pool_once(pool: &Pool) -> Result<(PoolSample, Execution), String> {
         first_out: f64::NAN,
         ..Default::default()
     };
-    let mut out = Vec::new();
     let result = loop {
         match exec.events().recv() {
             Ok(Event::Started { .. }) => s.started = ms(t0.elapsed()),
             Ok(Event::Stdout { data }) => {
-                if out.is_empty() {
+                if s.stdout.is_empty() {
                     s.first_out = ms(t0.elapsed());
                 }
-                out.extend_from_slice(&data);
+                s.stdout.extend_from_slice(&data);
             }
             Ok(Event::Finished(r)) => {
                 s.finished = ms(t0.elapsed());
@@ -1107,14 +1233,10 @@ fn pool_once(pool: &Pool) -> Result<(PoolSample, Execution), String> {
             Err(_) => return Err("the execution ended without a result".into()),
         }
     };
-    if result.status != ExecStatus::Succeeded || out != EXPECT.as_bytes() {
-        return Err(format!(
-            "pool {CODE:?}: {:?} {:?}, stdout {:?}",
-            result.status,
-            result.error,
-            String::from_utf8_lossy(&out)
-        ));
-    }
+    s.state = serde_json::to_value(result.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", result.status));
     s.start_ms = result.timings.start_ms.unwrap_or(f64::NAN);
     s.claim_ms = result.timings.claim_ms;
     s.queued_ms = result.timings.queued_ms;
@@ -1126,15 +1248,22 @@ fn pool_once(pool: &Pool) -> Result<(PoolSample, Execution), String> {
 
 #[derive(Default)]
 struct Throughput {
+    /// Time under load: per slice, from its start to its last completed execution.
     elapsed_s: f64,
+    /// Executions that succeeded with the right output (the only ones counted).
     done: usize,
     to_finished: Vec<f64>,
     /// API: POST → `started` event; pool: queued_ms (waiting for a frozen sandbox).
     to_started: Vec<f64>,
     start_ms: Vec<f64>,
-    states: BTreeMap<&'static str, usize>,
+    /// Completed executions that do not count, by state (or `wrong output`).
+    bad: BTreeMap<String, usize>,
     overload: BTreeMap<u16, usize>,
-    errors: Vec<String>,
+    /// Submissions or claims that failed outright, and the first messages.
+    errors: usize,
+    error_messages: Vec<String>,
+    /// Per slice: executions counted, and its time under load.
+    slices: Vec<(usize, f64)>,
 }
 
 impl Throughput {
@@ -1146,15 +1275,38 @@ impl Throughput {
         }
     }
 
-    fn not_succeeded(&self) -> usize {
-        self.states
-            .iter()
-            .filter(|(k, _)| **k != "succeeded")
-            .map(|(_, n)| n)
-            .sum()
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        if self.error_messages.len() < 3 {
+            self.error_messages.push(e);
+        }
+    }
+
+    /// Adds one slice.
+    fn absorb(&mut self, s: Throughput) {
+        self.elapsed_s += s.elapsed_s;
+        self.done += s.done;
+        self.to_finished.extend(s.to_finished);
+        self.to_started.extend(s.to_started);
+        self.start_ms.extend(s.start_ms);
+        for (k, n) in s.bad {
+            *self.bad.entry(k).or_default() += n;
+        }
+        for (k, n) in s.overload {
+            *self.overload.entry(k).or_default() += n;
+        }
+        self.errors += s.errors;
+        for m in s.error_messages {
+            if self.error_messages.len() < 3 {
+                self.error_messages.push(m);
+            }
+        }
+        self.slices.push((s.done, s.elapsed_s));
     }
 }
 
+/// One slice of `seconds` through the API: every client submits back to back; what was
+/// submitted before the end is waited for.
 async fn api_throughput(addr: SocketAddr, tokens: &[String], seconds: f64) -> Throughput {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
@@ -1171,12 +1323,16 @@ async fn api_throughput(addr: SocketAddr, tokens: &[String], seconds: f64) -> Th
                     let (tp, last) = &mut *g;
                     match r {
                         Ok(s) => {
-                            tp.done += 1;
-                            tp.to_finished.push(s.finished);
-                            tp.to_started.push(s.started);
-                            tp.start_ms.push(s.start_ms);
-                            *tp.states.entry(s.state).or_default() += 1;
                             *last = Some(Instant::now());
+                            match s.verdict() {
+                                Ok(()) => {
+                                    tp.done += 1;
+                                    tp.to_finished.push(s.finished);
+                                    tp.to_started.push(s.started);
+                                    tp.start_ms.push(s.start_ms);
+                                }
+                                Err(why) => *tp.bad.entry(why).or_default() += 1,
+                            }
                             None
                         }
                         Err(SubmitError::Overload(code, after)) => {
@@ -1184,8 +1340,8 @@ async fn api_throughput(addr: SocketAddr, tokens: &[String], seconds: f64) -> Th
                             Some(after.min(Duration::from_millis(500)))
                         }
                         Err(SubmitError::Other(e)) => {
-                            tp.errors.push(e);
-                            if tp.errors.len() > 20 {
+                            tp.error(e);
+                            if tp.errors > 20 {
                                 break;
                             }
                             None
@@ -1202,12 +1358,13 @@ async fn api_throughput(addr: SocketAddr, tokens: &[String], seconds: f64) -> Th
         let _ = t.await;
     }
     let (mut tp, last) = std::mem::take(&mut *shared.lock().unwrap());
-    // Until the last result (what was submitted before the deadline is waited for).
     tp.elapsed_s = last.map_or(0.0, |l| (l - start).as_secs_f64());
     tp
 }
 
-fn pool_throughput(pool: &Pool, threads: usize, seconds: f64) -> Throughput {
+/// One slice of `seconds` on the in-process pool: `threads` threads claim back to back;
+/// what was claimed before the end is waited for (and torn down).
+fn pool_throughput(pool: &Pool, view: &AgentView, threads: usize, seconds: f64) -> Throughput {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
     let shared: Mutex<(Throughput, Option<Instant>)> = Mutex::default();
@@ -1216,28 +1373,32 @@ fn pool_throughput(pool: &Pool, threads: usize, seconds: f64) -> Throughput {
             scope.spawn(|| {
                 let mut pending = Vec::new();
                 while Instant::now() < deadline && !stopped() {
-                    let r = pool_once(pool);
+                    let r = pool_once(pool, view);
                     let mut g = shared.lock().unwrap();
                     let (tp, last) = &mut *g;
                     match r {
                         Ok((s, exec)) => {
-                            tp.done += 1;
-                            tp.to_finished.push(s.finished);
-                            tp.to_started.push(s.queued_ms);
-                            tp.start_ms.push(s.start_ms);
-                            *tp.states.entry("succeeded").or_default() += 1;
                             *last = Some(Instant::now());
+                            match s.verdict() {
+                                Ok(()) => {
+                                    tp.done += 1;
+                                    tp.to_finished.push(s.finished);
+                                    tp.to_started.push(s.queued_ms);
+                                    tp.start_ms.push(s.start_ms);
+                                }
+                                Err(why) => *tp.bad.entry(why).or_default() += 1,
+                            }
                             pending.push(exec);
                         }
                         Err(e) => {
-                            tp.errors.push(e);
-                            if tp.errors.len() > 20 {
+                            tp.error(e);
+                            if tp.errors > 20 {
                                 break;
                             }
                         }
                     }
                 }
-                // Every sandbox torn down before the next phase.
+                // Every sandbox torn down before the next slice.
                 for exec in pending {
                     drain(&exec);
                 }
@@ -1330,16 +1491,12 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     println!("  sandbox  {}", o.sandbox_bin.display());
     println!("  zygote   {}", o.zygote_bin.display());
     println!("  rootfs   {}", o.rootfs.display());
+    let slices = (o.seconds / o.slice).ceil().max(1.0) as usize;
+    let slice_s = o.seconds / slices as f64;
     println!(
-        "  nproc {nproc}; R, no preloaded packages; pool size {POOL_SIZE} (platform and \
-         in-process); capacity {CAPACITY}; limits memory {} MiB, cpus {CPUS}, pids {PIDS}, \
-         time {} s",
-        MEMORY_BYTES >> 20,
-        TIME_LIMIT.as_secs()
-    );
-    println!(
-        "  code {CODE:?}; sequential n = {}, pause {} ms after each; throughput {} s with {} \
-         clients",
+        "  nproc {nproc}; R; capacity {CAPACITY}; code {CODE:?}; sequential n = {}, pause {} ms \
+         after each; throughput {} s per side in {slices} alternating slices of {slice_s:.2} \
+         s, {} clients / threads",
         o.n,
         o.pause.as_millis(),
         o.seconds,
@@ -1347,9 +1504,14 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     );
     println!("  loadavg at start: {load_start}");
 
-    // ---- setup: the platform and the in-process pool
+    // ---- setup: the platform and the in-process pool, configured alike
     let t = Instant::now();
     let mut platform = Platform::start(o)?;
+    let view = AgentView::read(&platform.config)?;
+    println!(
+        "  platform's agent and in-process pool alike (read from the platform's config): {}",
+        view.describe()
+    );
     rt.block_on(platform.ready())?;
     let platform_ready_s = t.elapsed().as_secs_f64();
     let addr = platform.addr;
@@ -1358,30 +1520,37 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         .map(|i| platform.token("bench", &format!("user{i}")))
         .collect::<Result<_, _>>()?;
     let t = Instant::now();
-    let pool = Pool::start(pool_config(o)).map_err(|e| format!("pool: {e}"))?;
-    pool.wait_ready(POOL_SIZE, PATIENCE)
+    let pool = Pool::start(view.pool_config(o)).map_err(|e| format!("pool: {e}"))?;
+    pool.wait_ready(view.pool_size, PATIENCE)
         .map_err(|e| format!("pool: {e}"))?;
     let pool_ready_s = t.elapsed().as_secs_f64();
     println!(
         "  platform at http://{addr} ready in {platform_ready_s:.2} s; in-process pool of \
-         {POOL_SIZE} ready in {pool_ready_s:.2} s"
+         {} ready in {pool_ready_s:.2} s",
+        view.pool_size
     );
 
     let disk = disk_floor(&platform.dir, 30);
 
     // ---- warm-up (not measured): one of each
-    rt.block_on(api_once(addr, &seq_token, true))
-        .map_err(|e| match e {
-            SubmitError::Overload(c, _) => format!("warm-up: {c}"),
-            SubmitError::Other(e) => format!("warm-up: {e}"),
-        })?;
-    let (_, exec) = pool_once(&pool)?;
+    let s = rt
+        .block_on(api_once(addr, &seq_token, true))
+        .map_err(|e| format!("warm-up through the API: {}", e.message()))?;
+    s.verdict()
+        .map_err(|e| format!("warm-up through the API: {e}"))?;
+    let (s, exec) = pool_once(&pool, &view)?;
     drain(&exec);
+    s.verdict()
+        .map_err(|e| format!("warm-up in process: {e}"))?;
 
-    // ---- 1 + 2: sequential, alternating API and pool
+    // ---- 1 + 2: sequential, alternating API and pool; failures counted, not dropped
     eprint!("sequential: {} rounds ", o.n);
-    let mut api: Vec<ApiSample> = Vec::new();
-    let mut local: Vec<PoolSample> = Vec::new();
+    let mut api: Vec<Option<ApiSample>> = Vec::new();
+    let mut local: Vec<Option<PoolSample>> = Vec::new();
+    let mut api_failed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut pool_failed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failure_messages: Vec<String> = Vec::new();
+    let give_up = (o.n / 2).max(10);
     for i in 0..o.n {
         if stopped() {
             break;
@@ -1400,41 +1569,107 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
                         }
                     }
                 })?;
-                let s = rt
-                    .block_on(api_once(addr, &seq_token, true))
-                    .map_err(|e| match e {
-                        SubmitError::Overload(c, _) => format!("sequential: {c}"),
-                        SubmitError::Other(e) => format!("sequential: {e}"),
-                    })?;
-                api.push(s);
+                let sample = match rt.block_on(api_once(addr, &seq_token, true)) {
+                    Ok(s) => match s.verdict() {
+                        Ok(()) => Some(s),
+                        Err(why) => {
+                            *api_failed.entry(why).or_default() += 1;
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        *api_failed.entry("error".into()).or_default() += 1;
+                        if failure_messages.len() < 5 {
+                            failure_messages.push(format!("API: {}", e.message()));
+                        }
+                        None
+                    }
+                };
+                api.push(sample);
                 if i == 0 {
                     platform.note_processes();
                 }
             } else {
                 std::thread::sleep(o.pause);
-                pool.wait_ready(POOL_SIZE, PATIENCE)
+                pool.wait_ready(view.pool_size, PATIENCE)
                     .map_err(|e| format!("pool: {e}"))?;
-                let (s, exec) = pool_once(&pool)?;
-                drain(&exec);
-                local.push(s);
+                let sample = match pool_once(&pool, &view) {
+                    Ok((s, exec)) => {
+                        drain(&exec);
+                        match s.verdict() {
+                            Ok(()) => Some(s),
+                            Err(why) => {
+                                *pool_failed.entry(why).or_default() += 1;
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        *pool_failed.entry("error".into()).or_default() += 1;
+                        if failure_messages.len() < 5 {
+                            failure_messages.push(format!("pool: {e}"));
+                        }
+                        None
+                    }
+                };
+                local.push(sample);
             }
+        }
+        let failed = api_failed.values().sum::<usize>() + pool_failed.values().sum::<usize>();
+        if failed > give_up {
+            return Err(format!(
+                "sequential: {failed} failures (API {api_failed:?}, pool {pool_failed:?}): \
+                 {failure_messages:?}"
+            ));
         }
         eprint!(".");
     }
     eprintln!();
 
-    // ---- 3: throughput, API then pool
-    eprint!("throughput: API {} s ", o.seconds);
-    std::thread::sleep(Duration::from_secs(1));
-    let api_tp = rt.block_on(api_throughput(addr, &tokens, o.seconds));
-    platform.note_processes();
-    eprint!("(done), pool {} s ", o.seconds);
-    // Let the platform's last sandboxes go and the pool refill.
-    std::thread::sleep(Duration::from_secs(1));
-    pool.wait_ready(POOL_SIZE, PATIENCE)
-        .map_err(|e| format!("pool: {e}"))?;
-    let pool_tp = pool_throughput(&pool, o.clients, o.seconds);
-    eprintln!("(done)");
+    // ---- 3: throughput, API and pool in alternating slices
+    eprint!("throughput: {slices} rounds of API + pool slices ");
+    let mut api_tp = Throughput::default();
+    let mut pool_tp = Throughput::default();
+    let mut round_ratios = Vec::new();
+    for r in 0..slices {
+        if stopped() {
+            break;
+        }
+        let mut rates = [f64::NAN; 2];
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            // Both sides start a slice the same way: the previous slice's sandboxes gone,
+            // their own pool refilled.
+            std::thread::sleep(Duration::from_millis(500));
+            let tp = if side == 0 {
+                rt.block_on(async {
+                    let deadline = Instant::now() + PATIENCE;
+                    loop {
+                        match http(addr, "GET", "/readyz", None, None).await {
+                            Ok(r) if r.status == 200 => return Ok(()),
+                            _ if Instant::now() > deadline => return Err("not ready".to_string()),
+                            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                })?;
+                rt.block_on(api_throughput(addr, &tokens, slice_s))
+            } else {
+                pool.wait_ready(view.pool_size, PATIENCE)
+                    .map_err(|e| format!("pool: {e}"))?;
+                pool_throughput(&pool, &view, o.clients, slice_s)
+            };
+            rates[side] = tp.rate();
+            if side == 0 {
+                api_tp.absorb(tp);
+                platform.note_processes();
+            } else {
+                pool_tp.absorb(tp);
+            }
+        }
+        round_ratios.push(rates[0] / rates[1]);
+        eprint!(".");
+    }
+    eprintln!();
     let pool_stats = pool.stats();
     drop(pool);
     let warnings = platform.warnings();
@@ -1449,7 +1684,7 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         }
     }
     let times = log_times(&log);
-    for s in &mut api {
+    for s in api.iter_mut().flatten() {
         let t = times.get(&s.id).copied().unwrap_or([f64::NAN; 3]);
         s.log_submitted = t[0] - s.t0_epoch;
         s.log_running = t[1] - s.t0_epoch;
@@ -1460,14 +1695,18 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     let load_end = loadavg();
 
     // ---- the table
+    let api_ok: Vec<&ApiSample> = api.iter().flatten().collect();
+    let local_ok: Vec<&PoolSample> = local.iter().flatten().collect();
     println!();
     let mut t = Table::new();
     t.section(format!(
-        "1. through the API: {} sequential `{CODE}` (readyz 200 + {} ms pause before each)",
+        "1. through the API: {} of {} sequential `{CODE}` counted (readyz 200 + {} ms pause \
+         before each)",
+        api_ok.len(),
         api.len(),
         o.pause.as_millis()
     ));
-    let col = |f: &dyn Fn(&ApiSample) -> f64| api.iter().map(f).collect::<Vec<f64>>();
+    let col = |f: &dyn Fn(&ApiSample) -> f64| api_ok.iter().map(|s| f(s)).collect::<Vec<f64>>();
     t.row("POST → 202", &col(&|s| s.accepted));
     t.row("POST → WebSocket open (101)", &col(&|s| s.ws_open));
     t.row("POST → `started` event", &col(&|s| s.started));
@@ -1503,10 +1742,12 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     t.row("  first `stdout` event at", &col(&|s| s.srv_stdout_ev));
     t.row("  `finished` event at", &col(&|s| s.srv_finished_ev));
     t.section(format!(
-        "2. in-process pool: {} claims of `{CODE}` (full pool at each), alternating with 1",
+        "2. in-process pool, as the agent's: {} of {} claims of `{CODE}` counted (full pool \
+         at each), alternating with 1",
+        local_ok.len(),
         local.len()
     ));
-    let lcol = |f: &dyn Fn(&PoolSample) -> f64| local.iter().map(f).collect::<Vec<f64>>();
+    let lcol = |f: &dyn Fn(&PoolSample) -> f64| local_ok.iter().map(|s| f(s)).collect::<Vec<f64>>();
     t.row("claim() returned", &lcol(&|s| s.claim_call));
     t.row("claim → Started event", &lcol(&|s| s.started));
     t.row("claim → first Stdout event", &lcol(&|s| s.first_out));
@@ -1519,11 +1760,14 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         "  claim_ms (limits + send code + thaw)",
         &lcol(&|s| s.claim_ms),
     );
+    // Rounds where both sides counted.
+    let pairs: Vec<(&ApiSample, &PoolSample)> = api
+        .iter()
+        .zip(&local)
+        .filter_map(|(a, p)| Some((a.as_ref()?, p.as_ref()?)))
+        .collect();
     let paired = |a: &dyn Fn(&ApiSample) -> f64, b: &dyn Fn(&PoolSample) -> f64| {
-        api.iter()
-            .zip(&local)
-            .map(|(x, y)| a(x) - b(y))
-            .collect::<Vec<f64>>()
+        pairs.iter().map(|(x, y)| a(x) - b(y)).collect::<Vec<f64>>()
     };
     t.section(format!(
         "disk floor on the data directory's file system ({} each)",
@@ -1534,7 +1778,10 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         "record replace: write + fsync + rename + fsync dir",
         &disk.1,
     );
-    t.section("API overhead: API − pool, paired by round");
+    t.section(format!(
+        "API overhead: API − pool, paired by round ({} rounds where both counted)",
+        pairs.len()
+    ));
     t.row(
         "first output: POST→stdout − claim→Stdout",
         &paired(&|s| s.first_out, &|s| s.first_out),
@@ -1552,7 +1799,8 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         &paired(&|s| s.start_ms, &|s| s.start_ms),
     );
     t.section(format!(
-        "3. throughput, {} s: API with {} clients (one user each) | in-process pool, {} threads",
+        "3. throughput, {} s each in alternating slices: API with {} clients (one user each) | \
+         in-process pool, {} threads; counted executions only",
         o.seconds, o.clients, o.clients
     ));
     t.row("API: POST → `finished`", &api_tp.to_finished);
@@ -1567,41 +1815,71 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     t.print();
 
     println!();
+    println!(
+        "sequential: API {} of {} counted, not counted {:?}; in process {} of {} counted, not \
+         counted {:?}",
+        api_ok.len(),
+        api.len(),
+        api_failed,
+        local_ok.len(),
+        local.len(),
+        pool_failed
+    );
+    for m in &failure_messages {
+        println!("    failure: {m}");
+    }
     let api_out = median(&col(&|s| s.first_out));
     let pool_out = median(&lcol(&|s| s.first_out));
     let api_start = median(&col(&|s| s.start_ms));
     println!(
         "POST → first stdout p50 {api_out:.2} ms vs in-process claim → first Stdout p50 \
-         {pool_out:.2} ms: the API adds {:.2} ms ({:.1}×); sandbox start_ms p50 {api_start:.3} \
-         ms (API) vs {:.3} ms (pool)",
+         {pool_out:.2} ms (same limits, same pool): the API adds {:.2} ms ({:.1}×); paired by \
+         round, it adds {:.2} ms; sandbox start_ms p50 {api_start:.3} ms (API) vs {:.3} ms \
+         (pool)",
         api_out - pool_out,
         api_out / pool_out,
+        median(&paired(&|s| s.first_out, &|s| s.first_out)),
         median(&lcol(&|s| s.start_ms)),
     );
-    let waited = local.iter().filter(|s| s.queued_ms > 1.0).count();
+    let waited = local_ok.iter().filter(|s| s.queued_ms > 1.0).count();
     println!(
         "in-process claims that waited for a sandbox (queued_ms > 1): {waited} of {}",
-        local.len()
+        local_ok.len()
     );
     for (label, tp) in [("API", &api_tp), ("pool", &pool_tp)] {
+        let per_slice: Vec<f64> = tp
+            .slices
+            .iter()
+            .map(|(n, s)| if *s > 0.0 { *n as f64 / s } else { f64::NAN })
+            .collect();
         println!(
-            "throughput {label:<4}: {} done in {:.2} s = {:.1} execs/s; non-succeeded: {} {:?}; \
-             429/503: {:?}; errors: {}",
+            "throughput {label:<4}: {} counted in {:.2} s under load = {:.1} execs/s (per \
+             slice: {}); not counted: {:?}; 429/503: {:?}; errors: {}",
             tp.done,
             tp.elapsed_s,
             tp.rate(),
-            tp.not_succeeded(),
-            tp.states,
+            per_slice
+                .iter()
+                .map(|r| format!("{r:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            tp.bad,
             tp.overload,
-            tp.errors.len()
+            tp.errors
         );
-        for e in tp.errors.iter().take(3) {
+        for e in &tp.error_messages {
             println!("    error: {e}");
         }
     }
+    let ratio_stats = stats(&round_ratios);
     println!(
-        "throughput API / pool: {:.2}",
-        api_tp.rate() / pool_tp.rate()
+        "throughput API / pool: {:.2} over all slices; per round (one API and one pool slice, \
+         side by side) median {:.2} (min {:.2}, max {:.2}, {} rounds)",
+        api_tp.rate() / pool_tp.rate(),
+        ratio_stats.map_or(f64::NAN, |s| s.p50),
+        ratio_stats.map_or(f64::NAN, |s| s.min),
+        ratio_stats.map_or(f64::NAN, |s| s.max),
+        round_ratios.len()
     );
     println!(
         "in-process pool: forked {}, claimed {}",
@@ -1634,7 +1912,8 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     }
     println!(
         "notes: ms = milliseconds, wall clock of this process unless marked; p99 of fewer \
-         than 100 samples is the maximum; start_ms is measured by the sandbox."
+         than 100 samples is the maximum; start_ms is measured by the sandbox; NaN = counted \
+         executions without that figure (statistics are over the others)."
     );
     Ok(())
 }

@@ -1,30 +1,55 @@
-//! Warm-pool benchmark (not a test): how fast a claimed, frozen, preloaded R sandbox runs
-//! code, next to the physical floor (a bare frozen process thawed and answering on a
-//! pipe) and to cold `Rscript` starts (in the same sandbox, under `bwrap`, and bare).
+//! Warm-pool benchmark (not a test): how fast a claimed, frozen R sandbox runs code, next
+//! to floors measured the same way in the same run, and to cold `Rscript` starts.
 //!
 //! ```text
-//! cargo bench -p hatchery-sandbox --bench warm_pool [-- --warm N --cold M --seconds S]
+//! cargo build --release -p hatchery-sandbox --bins
+//! cargo bench -p hatchery-sandbox --bench warm_pool [-- --warm N --cold M --seconds S ...]
 //! ```
 //!
-//! Everything is measured in one run, interleaved where possible, so drift on a shared
-//! machine hits every variant alike; read the ratios, not the absolute numbers:
+//! Everything is measured in one run, interleaved, so drift on a shared machine hits every
+//! variant alike; read the ratios, not the absolute numbers. Each ratio compares like with
+//! like:
 //!
+//! 0. vCPU wake-up: a thread blocked in read(2) on a pipe is woken after the machine was
+//!    left idle for a gap: the writer's CLOCK_MONOTONIC just before write(2) → the
+//!    reader's just after its read(2) returned; reader unpinned, on the other CPU, on the
+//!    writer's CPU. Interleaved with (1) and (2).
 //! 1. floor: a process in its own cgroup under the hatchery parent, blocked reading a
-//!    pipe, frozen; timed: thaw + write one byte + read its one-byte answer. Interleaved
-//!    with (2).
-//! 2. warm: a pool (size 2) of R sandboxes with `stats,MASS,Matrix` preloaded; `sum(1:10)`
-//!    and a model fit, each claim made with a full pool (`wait_ready(2)` first).
-//! 3. cold: `sandbox run -- Rscript -e ...`, `bwrap ... Rscript -e ...` and bare
-//!    `Rscript -e ...`, with the same packages loaded, round-robin with warm executions.
-//! 4. PSS of the idle pooled sandboxes (and of the zygote).
-//! 5. throughput: a pool of size 4, K threads claiming `sum(1:10)` back to back.
+//!    pipe, frozen. As a claim does with the code, one byte is written while it is frozen,
+//!    then it is thawed; it answers with its own CLOCK_MONOTONIC timestamp. One-way:
+//!    before the write → the process's own timestamp; round trip: before the write → its
+//!    answer read here.
+//! 2. warm: one pool (size 2) per workload, each preloading what its workload uses:
+//!    `sum(1:10)` on a zygote with no package preloaded (the platform's default
+//!    `r_packages = []`), a model fit on one with `stats,MASS,Matrix`. Claims ask for the
+//!    platform default policy, which the pools write while pooled (as the agent's pools
+//!    do), each with a full pool. One-way: claim → first user statement on the sandbox's
+//!    CLOCK_MONOTONIC (`start_ms`), next to the floor's one-way; round trip: claim →
+//!    `Started` received by the claiming thread, next to the floor's round trip. One refill
+//!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen), twice:
+//!    right after the claim's own refill, and after a pause without forks (`--settle-ms`),
+//!    when on cgroup v1 its cgroup attach waits for an RCU grace period (phase 5). Before
+//!    each claim (and its floor samples) the bench pauses as long, so that the pool's
+//!    background work (the last refill, reaping) is over, as when a request reaches an
+//!    idle warm pool.
+//! 3. cold: `sandbox run` (with the same limits), `bwrap` and bare `Rscript -e CODE`, each
+//!    loading what the workload's zygote preloaded, round-robin with warm executions of
+//!    the same workloads: the warm/cold ratios come from this phase alone.
+//! 4. memory of the idle pooled sandboxes (USS, PSS) and of each zygote (RSS, USS, PSS).
+//! 5. cgroup v1 attach: the first write of a fresh process's pid into a fresh cgroup's
+//!    `cgroup.procs` after an idle gap (the kernel waits for an RCU grace period) next to
+//!    the writes that follow it, in a cgroup parent of the bench's own, removed after. On
+//!    a cgroup v2 host it is not measured, and the output says so.
+//! 6. throughput: a pool of the default size, no package preloaded (the platform's
+//!    default), K threads claiming `sum(1:10)` back to back.
 //!
 //! Must run as root. Exits 0 unless something errors; a missed target is printed, not
-//! failed. Nothing is left behind: the floor's cgroup and process and the pools are torn
-//! down by Drop guards (also on panic), and every execution is waited for until its
-//! sandbox is torn down.
+//! failed. Nothing is left behind: the floor's cgroup and process, the attach cgroups and
+//! processes, and the pools are torn down by Drop guards (also on panic), and every
+//! execution is waited for until its sandbox is torn down.
 
 use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
@@ -32,23 +57,58 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hatchery_sandbox::cgroup::{CgroupRoot, SandboxCgroup};
+use hatchery_sandbox::cgroup::{CgroupRoot, CgroupVersion, SandboxCgroup, V1_CONTROLLERS};
 use hatchery_sandbox::pool::{
     Event, ExecRequest, ExecStatus, Execution, Pool, PoolConfig, Timings,
 };
 use hatchery_sandbox::zygote::server::Language;
 use hatchery_sandbox::{Limits, DEFAULT_ROOTFS};
 
-/// Set in the environment of the floor's child: the bench binary then acts as the child.
+/// Set in the environment of a child of the bench: the bench binary then acts as the
+/// floor's process (answer each byte read with a timestamp; exit on end of file).
 const FLOOR_CHILD_ENV: &str = "HATCHERY_WARM_POOL_FLOOR_CHILD";
 
-const PACKAGES: [&str; 3] = ["stats", "MASS", "Matrix"];
-const SUM_CODE: &str = "sum(1:10)";
-const FIT_CODE: &str = "fit <- MASS::rlm(stack.loss ~ ., stackloss); print(coef(fit)); \
+/// A workload, and what its pool preloads (a cold run loads the same).
+struct Workload {
+    name: &'static str,
+    code: &'static str,
+    expect: &'static str,
+    /// Attached by the zygote with `library()` before it forks.
+    packages: &'static [&'static str],
+    /// What a cold `Rscript` runs first so that it has the same packages attached (stats
+    /// is attached by R itself, in the zygote and in `Rscript` alike).
+    cold_prelude: &'static str,
+}
+
+const SUM: Workload = Workload {
+    name: "sum(1:10)",
+    code: "sum(1:10)",
+    expect: "55",
+    packages: &[],
+    cold_prelude: "",
+};
+
+const FIT: Workload = Workload {
+    name: "model fit",
+    code: "fit <- MASS::rlm(stack.loss ~ ., stackloss); print(coef(fit)); \
 print(summary(lm(dist ~ speed, cars))$r.squared); \
-print(sum(Matrix::crossprod(Matrix::Matrix(as.matrix(stackloss)))))";
-/// Cold starts load the same packages the zygote preloads (stats is attached by default).
-const COLD_PRELUDE: &str = "suppressMessages({library(MASS); library(Matrix)}); ";
+print(sum(Matrix::crossprod(Matrix::Matrix(as.matrix(stackloss)))))",
+    expect: "Air.Flow",
+    packages: &["stats", "MASS", "Matrix"],
+    cold_prelude: "suppressMessages({library(MASS); library(Matrix)}); ",
+};
+
+const WORKLOADS: [&Workload; 2] = [&SUM, &FIT];
+
+/// The platform default policy (`EffectivePolicy::default()` in the scheduler), which the
+/// agent writes into its pooled sandboxes and asks for at claim.
+const DEFAULT_MEMORY: u64 = 512 << 20;
+const DEFAULT_CPUS: f64 = 1.0;
+const DEFAULT_PIDS: u64 = 128;
+const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(60);
+
+/// Frozen sandboxes per pool in phases 1 to 4.
+const POOL_SIZE: usize = 2;
 
 /// The environment cold runs see (the sandbox sets the same defaults inside).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -77,6 +137,18 @@ fn stopped() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock the sandbox stamps its first statement with
+/// (and `Instant`'s clock on Linux).
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 // ---------------------------------------------------------------------------------------
 // Options
 
@@ -87,6 +159,11 @@ struct Config {
     seconds: f64,
     threads: Vec<usize>,
     tp_pool: usize,
+    wake: usize,
+    wake_gap: Duration,
+    rcu: usize,
+    rcu_gap: Duration,
+    settle: Duration,
     rootfs: PathBuf,
     sandbox_bin: PathBuf,
     zygote_bin: PathBuf,
@@ -95,19 +172,46 @@ struct Config {
 const USAGE: &str = "\
 usage: cargo bench -p hatchery-sandbox --bench warm_pool [-- OPTIONS]
 
-options:
-  --warm N        warm executions of each workload (default 30); the floor gets 2 per
-                  warm execution
-  --cold M        measured cold runs per variant and workload (default 8, +1 warm-up)
-  --seconds S     length of each throughput run (default 10)
-  --threads K[,K] claiming threads of the throughput run(s) (default 4)
-  --tp-pool P     pool size of the throughput run (default 4)
-  --help          this text
+options (each also read from the environment variable named in brackets; a flag wins):
+  --warm N          warm rounds (default 30): each claims both workloads, with 2 floor
+                    samples and one timed refill fork per claim  [HATCHERY_BENCH_WARM]
+  --cold M          measured cold rounds (default 8, +1 warm-up)  [HATCHERY_BENCH_COLD]
+  --seconds S       length of each throughput run (default 10)  [HATCHERY_BENCH_SECONDS]
+  --threads K[,K]   claiming threads of the throughput run(s) (default 4)
+                    [HATCHERY_BENCH_THREADS]
+  --tp-pool P       pool size of the throughput run (default: PoolConfig's, 2)
+                    [HATCHERY_BENCH_TP_POOL]
+  --wake N          vCPU wake-up samples per variant per warm round (default 2)
+                    [HATCHERY_BENCH_WAKE]
+  --wake-gap-ms G   idle time before each wake-up sample (default 20)
+                    [HATCHERY_BENCH_WAKE_GAP_MS]
+  --rcu N           cgroup v1 attach samples (default 10)  [HATCHERY_BENCH_RCU]
+  --rcu-gap-ms G    idle time before each attach sample (default 200)
+                    [HATCHERY_BENCH_RCU_GAP_MS]
+  --settle-ms G     pause before each claim's floor samples and before the second refill
+                    fork, so that the pool's own work (the last refill, reaping) is over,
+                    as for a request reaching an idle warm pool (default 100)
+                    [HATCHERY_BENCH_SETTLE_MS]
+  --help            this text
 
 environment:
   HATCHERY_ROOTFS   root filesystem (default /var/lib/hatchery/rootfs/r)
   HATCHERY_SANDBOX  the sandbox binary (default: the one cargo built, target/release/sandbox)
   HATCHERY_ZYGOTE   the hatchery-zygote binary (default: the one cargo built)";
+
+/// The flags, and the environment variable each one may also come from.
+const FLAGS: [(&str, &str); 10] = [
+    ("--warm", "HATCHERY_BENCH_WARM"),
+    ("--cold", "HATCHERY_BENCH_COLD"),
+    ("--seconds", "HATCHERY_BENCH_SECONDS"),
+    ("--threads", "HATCHERY_BENCH_THREADS"),
+    ("--tp-pool", "HATCHERY_BENCH_TP_POOL"),
+    ("--wake", "HATCHERY_BENCH_WAKE"),
+    ("--wake-gap-ms", "HATCHERY_BENCH_WAKE_GAP_MS"),
+    ("--rcu", "HATCHERY_BENCH_RCU"),
+    ("--rcu-gap-ms", "HATCHERY_BENCH_RCU_GAP_MS"),
+    ("--settle-ms", "HATCHERY_BENCH_SETTLE_MS"),
+];
 
 fn parse_args() -> Result<Config, String> {
     let mut cfg = Config {
@@ -115,7 +219,12 @@ fn parse_args() -> Result<Config, String> {
         cold: 8,
         seconds: 10.0,
         threads: vec![4],
-        tp_pool: 4,
+        tp_pool: PoolConfig::new(Language::R { packages: vec![] }, PathBuf::new()).size,
+        wake: 2,
+        wake_gap: Duration::from_millis(20),
+        rcu: 10,
+        rcu_gap: Duration::from_millis(200),
+        settle: Duration::from_millis(100),
         rootfs: std::env::var_os("HATCHERY_ROOTFS")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOTFS)),
@@ -126,49 +235,71 @@ fn parse_args() -> Result<Config, String> {
             "hatchery-zygote",
         )?,
     };
+    // (flag, value) pairs: the environment first, then the command line (which wins).
+    let mut settings: Vec<(String, String)> = FLAGS
+        .iter()
+        .filter_map(|(flag, var)| Some((flag.to_string(), std::env::var(var).ok()?)))
+        .collect();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let int = |name: &str, v: String| -> Result<usize, String> {
-            v.parse::<usize>()
-                .map_err(|_| format!("{name} expects a positive integer, got {v:?}"))
-                .map(|n| n.max(1))
-        };
         match flag.as_str() {
             // cargo passes --bench to every bench target; there is nothing to select.
             "--bench" => {}
-            "--warm" => cfg.warm = int("--warm", value("--warm")?)?,
-            "--cold" => cfg.cold = int("--cold", value("--cold")?)?,
-            "--tp-pool" => cfg.tp_pool = int("--tp-pool", value("--tp-pool")?)?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            f if FLAGS.iter().any(|(name, _)| *name == f) => {
+                let v = inline
+                    .or_else(|| args.next())
+                    .ok_or_else(|| format!("{f} needs a value"))?;
+                settings.push((flag, v));
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    let int = |name: &str, v: &str| -> Result<usize, String> {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{name} expects a positive integer, got {v:?}"))
+    };
+    for (flag, v) in settings {
+        match flag.as_str() {
+            "--warm" => cfg.warm = int(&flag, &v)?,
+            "--cold" => cfg.cold = int(&flag, &v)?,
+            "--tp-pool" => cfg.tp_pool = int(&flag, &v)?,
+            "--wake" => cfg.wake = int(&flag, &v)?,
+            "--rcu" => cfg.rcu = int(&flag, &v)?,
+            "--wake-gap-ms" => cfg.wake_gap = Duration::from_millis(int(&flag, &v)? as u64),
+            "--rcu-gap-ms" => cfg.rcu_gap = Duration::from_millis(int(&flag, &v)? as u64),
+            "--settle-ms" => {
+                cfg.settle = Duration::from_millis(
+                    v.trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("--settle-ms expects milliseconds, got {v:?}"))?,
+                )
+            }
             "--seconds" => {
-                let v = value("--seconds")?;
                 cfg.seconds = v
+                    .trim()
                     .parse::<f64>()
                     .ok()
                     .filter(|s| *s > 0.0)
                     .ok_or_else(|| format!("--seconds expects a positive number, got {v:?}"))?;
             }
             "--threads" => {
-                let v = value("--threads")?;
                 cfg.threads = v
                     .split(',')
-                    .map(|t| int("--threads", t.trim().to_string()))
+                    .map(|t| int("--threads", t))
                     .collect::<Result<_, _>>()?;
             }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+            _ => unreachable!("only known flags are collected"),
         }
     }
     Ok(cfg)
@@ -211,6 +342,7 @@ fn ms(d: Duration) -> f64 {
 
 #[derive(Debug, Clone, Copy)]
 struct Stats {
+    /// Finite samples (the statistics are over these).
     n: usize,
     median: f64,
     /// p99 with 100 samples or more, p90 below.
@@ -226,11 +358,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-fn stats(values: &[f64]) -> Option<Stats> {
-    if values.is_empty() {
-        return None;
+/// Statistics of the finite values, and how many were not (NaN: a sample that did not
+/// produce this figure). The missing ones are printed, never dropped silently.
+fn stats(values: &[f64]) -> (Option<Stats>, usize) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let missing = values.len() - v.len();
+    if v.is_empty() {
+        return (None, missing);
     }
-    let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     let median = if n % 2 == 1 {
@@ -243,22 +378,31 @@ fn stats(values: &[f64]) -> Option<Stats> {
     } else {
         (percentile(&v, 0.90), "p90")
     };
-    Some(Stats {
-        n,
-        median,
-        tail,
-        tail_label,
-        min: v[0],
-        max: v[n - 1],
-    })
+    (
+        Some(Stats {
+            n,
+            median,
+            tail,
+            tail_label,
+            min: v[0],
+            max: v[n - 1],
+        }),
+        missing,
+    )
 }
 
-fn median(values: &[f64]) -> Option<f64> {
-    stats(values).map(|s| s.median)
+fn summary(values: &[f64]) -> Option<Stats> {
+    stats(values).0
+}
+
+struct Row {
+    label: String,
+    stats: Option<Stats>,
+    missing: usize,
 }
 
 struct Table {
-    rows: Vec<(String, Option<Stats>)>,
+    rows: Vec<Row>,
 }
 
 impl Table {
@@ -267,28 +411,36 @@ impl Table {
     }
 
     fn row(&mut self, label: impl Into<String>, values: &[f64]) -> Option<Stats> {
-        let s = stats(values);
-        self.rows.push((label.into(), s));
+        let (s, missing) = stats(values);
+        self.rows.push(Row {
+            label: label.into(),
+            stats: s,
+            missing,
+        });
         s
     }
 
-    fn section(&mut self, label: &str) {
-        self.rows.push((format!("## {label}"), None));
+    fn section(&mut self, label: impl Into<String>) {
+        self.rows.push(Row {
+            label: format!("## {}", label.into()),
+            stats: None,
+            missing: 0,
+        });
     }
 
     fn print(&self) {
         println!(
-            "{:<58} {:>4} {:>10} {:>14} {:>10} {:>10}",
-            "measurement (ms)", "n", "median", "tail", "min", "max"
+            "{:<62} {:>4} {:>4} {:>9} {:>14} {:>9} {:>9}",
+            "measurement (ms)", "n", "NaN", "median", "tail", "min", "max"
         );
-        for (label, s) in &self.rows {
-            match (label.strip_prefix("## "), s) {
+        for r in &self.rows {
+            match (r.label.strip_prefix("## "), r.stats) {
                 (Some(section), _) => println!("-- {section}"),
                 (None, Some(s)) => println!(
-                    "{:<58} {:>4} {:>10.3} {:>9.3} ({}) {:>10.3} {:>10.3}",
-                    label, s.n, s.median, s.tail, s.tail_label, s.min, s.max
+                    "{:<62} {:>4} {:>4} {:>9.3} {:>9.3} ({}) {:>9.3} {:>9.3}",
+                    r.label, s.n, r.missing, s.median, s.tail, s.tail_label, s.min, s.max
                 ),
-                (None, None) => println!("{label:<58} {:>4}", 0),
+                (None, None) => println!("{:<62} {:>4} {:>4}", r.label, 0, r.missing),
             }
         }
     }
@@ -303,9 +455,106 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. The floor: a bare frozen process thawed and answering on a pipe.
+// 0. vCPU wake-up: an idle thread blocked on a pipe.
 
-/// The floor's child: answer every byte read on stdin with one byte on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Unpinned,
+    OtherCpu,
+    SameCpu,
+}
+
+impl Wake {
+    const ALL: [Wake; 3] = [Wake::Unpinned, Wake::OtherCpu, Wake::SameCpu];
+
+    fn label(self) -> &'static str {
+        match self {
+            Wake::Unpinned => "reader and writer unpinned",
+            Wake::OtherCpu => "reader pinned to the other CPU than the writer",
+            Wake::SameCpu => "reader pinned to the writer's CPU",
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the set we own; CPU_ISSET reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    // SAFETY: sched_setaffinity(0) affects only the calling thread; the set is ours.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// `n` wake-ups of a thread blocked in read(2) on a pipe, each after `gap` of sleep by
+/// the writer: the writer's CLOCK_MONOTONIC just before write(2) → the reader's just
+/// after its read(2) returned, in ms. `None`: the variant needs two CPUs.
+fn wake_samples(which: Wake, n: usize, gap: Duration, cpus: &[usize]) -> Option<Vec<f64>> {
+    let (writer_cpu, reader_cpu) = match which {
+        Wake::Unpinned => (None, None),
+        Wake::OtherCpu if cpus.len() >= 2 => (Some(cpus[0]), Some(cpus[1])),
+        Wake::OtherCpu => return None,
+        Wake::SameCpu => (cpus.first().copied(), cpus.first().copied()),
+    };
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array we own; the descriptors are owned just below.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: fresh descriptors nobody else owns.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut reader = std::fs::File::from(r);
+    let mut writer = std::fs::File::from(w);
+    std::thread::scope(|s| {
+        let read = s.spawn(move || {
+            pin_thread(reader_cpu);
+            let mut out = Vec::new();
+            let mut b = [0u8; 8];
+            while reader.read_exact(&mut b).is_ok() {
+                let now = mono_ns();
+                out.push(now.saturating_sub(u64::from_ne_bytes(b)) as f64 / 1e6);
+            }
+            out
+        });
+        s.spawn(move || {
+            pin_thread(writer_cpu);
+            // One more than asked: the first only makes sure the reader was blocked.
+            for _ in 0..=n {
+                std::thread::sleep(gap);
+                let t = mono_ns();
+                if writer.write_all(&t.to_ne_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut out = read.join().unwrap_or_default();
+        if !out.is_empty() {
+            out.remove(0);
+        }
+        Some(out)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. The floor: a bare frozen process, thawed, answering with its own clock.
+
+/// The floor's child: answer every byte read on stdin with its CLOCK_MONOTONIC timestamp
+/// taken as soon as the read returned (8 bytes, native order) on stdout.
 fn floor_child() -> ! {
     // SAFETY: prctl with integer arguments; read/write on our own stdio descriptors.
     unsafe {
@@ -320,7 +569,8 @@ fn floor_child() -> ! {
         loop {
             let n = libc::read(0, (&mut b as *mut u8).cast(), 1);
             if n == 1 {
-                if libc::write(1, (&b as *const u8).cast(), 1) != 1 {
+                let now = mono_ns().to_ne_bytes();
+                if libc::write(1, now.as_ptr().cast(), now.len()) != now.len() as isize {
                     libc::_exit(1);
                 }
             } else if n == 0 {
@@ -332,29 +582,16 @@ fn floor_child() -> ! {
     }
 }
 
-/// A frozen process in its own cgroup under the hatchery parent. Dropping it kills the
-/// process and removes the cgroup (also on panic).
-struct Floor {
-    cgroup: Option<SandboxCgroup>,
+/// A child running [`floor_child`], with pipes to it.
+struct Answerer {
     child: Option<Child>,
     to_child: Option<ChildStdin>,
     from_child: Option<ChildStdout>,
     pid: i32,
 }
 
-impl Floor {
-    fn start(root: &CgroupRoot) -> Result<Floor, String> {
-        let name = hatchery_sandbox::gc::unique_name("bench");
-        let cgroup = root
-            .create(&name)
-            .map_err(|e| format!("floor cgroup: {e}"))?;
-        let mut floor = Floor {
-            cgroup: Some(cgroup),
-            child: None,
-            to_child: None,
-            from_child: None,
-            pid: 0,
-        };
+impl Answerer {
+    fn spawn() -> Result<Answerer, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let mut child = Command::new(exe)
             .env(FLOOR_CHILD_ENV, "1")
@@ -364,36 +601,31 @@ impl Floor {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("spawn the floor child: {e}"))?;
-        floor.pid = child.id() as i32;
-        floor.to_child = child.stdin.take();
-        floor.from_child = child.stdout.take();
-        floor.child = Some(child);
-        floor
-            .cgroup()
-            .add_process(floor.pid)
-            .map_err(|e| format!("floor: {e}"))?;
-        // One round trip so the child is up and blocked in read(2) before the first freeze.
-        floor.ping()?;
-        floor.wait_sleeping();
-        floor.cgroup().freeze().map_err(|e| format!("floor: {e}"))?;
-        Ok(floor)
+        Ok(Answerer {
+            pid: child.id() as i32,
+            to_child: child.stdin.take(),
+            from_child: child.stdout.take(),
+            child: Some(child),
+        })
     }
 
-    fn cgroup(&self) -> &SandboxCgroup {
-        self.cgroup
-            .as_ref()
-            .expect("the floor cgroup lives until drop")
+    fn send(&mut self) -> Result<(), String> {
+        self.to_child
+            .as_mut()
+            .ok_or("the floor child is gone")?
+            .write_all(b"x")
+            .map_err(|e| format!("floor write: {e}"))
     }
 
-    fn ping(&mut self) -> Result<(), String> {
-        let w = self.to_child.as_mut().unwrap();
-        w.write_all(b"x").map_err(|e| format!("floor write: {e}"))?;
-        let mut b = [0u8; 1];
+    /// The child's CLOCK_MONOTONIC when it read the byte.
+    fn answer(&mut self) -> Result<u64, String> {
+        let mut b = [0u8; 8];
         self.from_child
             .as_mut()
-            .unwrap()
+            .ok_or("the floor child is gone")?
             .read_exact(&mut b)
-            .map_err(|e| format!("floor read: {e}"))
+            .map_err(|e| format!("floor read: {e}"))?;
+        Ok(u64::from_ne_bytes(b))
     }
 
     /// Waits (briefly) until the child sleeps in read(2) again, as a pooled sandbox
@@ -412,51 +644,123 @@ impl Floor {
         }
     }
 
-    /// One floor sample from the frozen state, and back to it. Returns (thaw, thaw + write
-    /// + read answer, unfrozen pipe round trip, limits write) in ms.
-    fn sample(&mut self, limits: &Limits) -> Result<[f64; 4], String> {
-        let t0 = Instant::now();
-        self.cgroup()
-            .thaw()
-            .map_err(|e| format!("floor thaw: {e}"))?;
-        let t1 = Instant::now();
-        self.ping()?;
-        let t2 = Instant::now();
-        // Context, not part of the floor: a round trip with the process already running,
-        // and what writing an execution's limits costs on this host's cgroups.
-        self.wait_sleeping();
-        let t3 = Instant::now();
-        self.ping()?;
-        let t4 = Instant::now();
-        let t5 = Instant::now();
-        self.cgroup()
-            .apply(limits)
-            .map_err(|e| format!("floor limits: {e}"))?;
-        let t6 = Instant::now();
-        self.wait_sleeping();
-        self.cgroup()
-            .freeze()
-            .map_err(|e| format!("floor freeze: {e}"))?;
-        Ok([ms(t1 - t0), ms(t2 - t0), ms(t4 - t3), ms(t6 - t5)])
-    }
-}
-
-impl Drop for Floor {
-    fn drop(&mut self) {
-        // Close the pipe (the child exits on EOF), kill it anyway, thaw so the signal is
-        // delivered, reap it, then remove the cgroup.
+    /// Closes the pipe (the child exits on EOF), kills it anyway and reaps it. A frozen
+    /// child must be thawed first (`before_wait`).
+    fn stop(&mut self, before_wait: impl FnOnce()) {
         self.to_child.take();
         self.from_child.take();
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
         }
-        if let Some(cg) = self.cgroup.as_ref() {
-            let _ = cg.thaw();
-        }
+        before_wait();
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
-        if let Some(cg) = self.cgroup.take() {
+    }
+}
+
+/// One floor sample, from the frozen state and back to it (ms).
+#[derive(Debug, Clone, Copy)]
+struct FloorSample {
+    /// Before the write → the thawed process's own timestamp (like `start_ms`).
+    one_way: f64,
+    /// Before the write → its answer read here (like claim → `Started` received).
+    round_trip: f64,
+    /// The thaw alone (freezer write + read-back).
+    thaw: f64,
+    /// Context: a round trip with the process not frozen.
+    unfrozen: f64,
+    /// Context: writing limits (memory, cpu, pids) into its cgroup.
+    limits: f64,
+}
+
+/// A frozen process in its own cgroup under the hatchery parent. Dropping it kills the
+/// process and removes the cgroup (also on panic).
+struct Floor {
+    cgroup: Option<SandboxCgroup>,
+    child: Answerer,
+}
+
+impl Floor {
+    fn start(root: &CgroupRoot) -> Result<Floor, String> {
+        let name = hatchery_sandbox::gc::unique_name("bench");
+        let cgroup = root
+            .create(&name)
+            .map_err(|e| format!("floor cgroup: {e}"))?;
+        let child = match Answerer::spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = cgroup.destroy();
+                return Err(e);
+            }
+        };
+        let mut floor = Floor {
+            cgroup: Some(cgroup),
+            child,
+        };
+        floor
+            .cgroup()
+            .add_process(floor.child.pid)
+            .map_err(|e| format!("floor: {e}"))?;
+        // One round trip so the child is up and blocked in read(2) before the first freeze.
+        floor.child.send()?;
+        floor.child.answer()?;
+        floor.child.wait_sleeping();
+        floor.cgroup().freeze().map_err(|e| format!("floor: {e}"))?;
+        Ok(floor)
+    }
+
+    fn cgroup(&self) -> &SandboxCgroup {
+        self.cgroup
+            .as_ref()
+            .expect("the floor cgroup lives until drop")
+    }
+
+    fn sample(&mut self, limits: &Limits) -> Result<FloorSample, String> {
+        // As a claim: the clock starts, the input goes in while frozen, then the thaw.
+        let t0 = mono_ns();
+        let i0 = Instant::now();
+        self.child.send()?;
+        let i1 = Instant::now();
+        self.cgroup()
+            .thaw()
+            .map_err(|e| format!("floor thaw: {e}"))?;
+        let i2 = Instant::now();
+        let stamp = self.child.answer()?;
+        let i3 = Instant::now();
+        // Context, not part of the floor.
+        self.child.wait_sleeping();
+        let i4 = Instant::now();
+        self.child.send()?;
+        self.child.answer()?;
+        let i5 = Instant::now();
+        self.cgroup()
+            .apply(limits)
+            .map_err(|e| format!("floor limits: {e}"))?;
+        let i6 = Instant::now();
+        self.child.wait_sleeping();
+        self.cgroup()
+            .freeze()
+            .map_err(|e| format!("floor freeze: {e}"))?;
+        Ok(FloorSample {
+            one_way: stamp.saturating_sub(t0) as f64 / 1e6,
+            round_trip: ms(i3 - i0),
+            thaw: ms(i2 - i1),
+            unfrozen: ms(i5 - i4),
+            limits: ms(i6 - i5),
+        })
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let cg = self.cgroup.take();
+        self.child.stop(|| {
+            if let Some(cg) = cg.as_ref() {
+                let _ = cg.thaw();
+            }
+        });
+        if let Some(cg) = cg {
             if let Err(e) = cg.destroy() {
                 eprintln!("warm_pool: cannot remove the floor cgroup: {e}");
             }
@@ -479,23 +783,27 @@ struct WarmSample {
     result_ms: f64,
     /// Finished received → the watcher has torn the sandbox down.
     teardown_ms: f64,
-    /// Just before `claim()` → the pool is full again (its refill starts at the claim).
-    refill_ms: f64,
     /// CPU time of the sandbox's cgroup (user, system), exit included.
     cpu_user_ms: f64,
     cpu_sys_ms: f64,
-    claimed_at: Option<Instant>,
     timings: Timings,
 }
 
+/// The limits of the platform default policy.
+fn default_limits() -> Limits {
+    Limits {
+        memory_bytes: Some(DEFAULT_MEMORY),
+        cpus: Some(DEFAULT_CPUS),
+        pids: Some(DEFAULT_PIDS),
+    }
+}
+
+/// The request the agent builds for an execution at the platform default policy (its
+/// other fields are the agent's defaults, which `ExecRequest::new` shares).
 fn exec_request(code: &str) -> ExecRequest {
     let mut req = ExecRequest::new(code);
-    req.limits = Limits {
-        memory_bytes: Some(512 << 20),
-        cpus: Some(1.0),
-        pids: Some(128),
-    };
-    req.timeout = Some(Duration::from_secs(60));
+    req.limits = default_limits();
+    req.timeout = Some(DEFAULT_TIME_LIMIT);
     req
 }
 
@@ -505,18 +813,21 @@ fn drain(exec: &Execution) {
     while exec.events().recv().is_ok() {}
 }
 
-/// One claim, followed to its result; `expect` must appear in the output.
-fn warm_once(
+/// One claim, followed to its result; `expect` must appear in the output. Returns the
+/// sample, the output, and the execution if not waited for until its teardown.
+fn warm_run(
     pool: &Pool,
     code: &str,
     expect: &str,
     wait_teardown: bool,
-) -> Result<(WarmSample, Option<Execution>), String> {
+) -> Result<(WarmSample, String, Option<Execution>), String> {
     let req = exec_request(code);
     let t0 = Instant::now();
     let exec = pool.claim(req).map_err(|e| format!("claim: {e}"))?;
     let mut s = WarmSample {
         claim_call_ms: ms(t0.elapsed()),
+        started_seen_ms: f64::NAN,
+        first_out_ms: f64::NAN,
         ..Default::default()
     };
     let mut out = Vec::new();
@@ -539,7 +850,7 @@ fn warm_once(
             Err(_) => return Err("the execution ended without a result".into()),
         }
     };
-    let out = String::from_utf8_lossy(&out);
+    let out = String::from_utf8_lossy(&out).into_owned();
     if result.status != ExecStatus::Succeeded || !out.contains(expect) {
         return Err(format!(
             "warm {code:?}: {:?} {:?}, stdout {out:?}, stderr {:?}, outcome {:?}",
@@ -550,22 +861,52 @@ fn warm_once(
         ));
     }
     s.timings = result.timings;
-    s.claimed_at = Some(t0);
     s.cpu_user_ms = result.usage.user_cpu_ns as f64 / 1e6;
     s.cpu_sys_ms = result.usage.system_cpu_ns as f64 / 1e6;
     if wait_teardown {
         let t = Instant::now();
         drain(&exec);
         s.teardown_ms = ms(t.elapsed());
-        Ok((s, None))
+        Ok((s, out, None))
     } else {
-        Ok((s, Some(exec)))
+        Ok((s, out, Some(exec)))
     }
+}
+
+fn warm_once(pool: &Pool, w: &Workload) -> Result<WarmSample, String> {
+    pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    Ok(warm_run(pool, w.code, w.expect, true)?.0)
+}
+
+/// One refill fork with the pool otherwise idle: from a full pool, `set_size(n + 1)` →
+/// n + 1 frozen (the maintainer's fork path: fork, cgroup, containment, freeze), then
+/// back to n.
+fn refill_fork(pool: &Pool) -> Result<f64, String> {
+    pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    pool.set_size(POOL_SIZE + 1);
+    let grown = pool.wait_ready(POOL_SIZE + 1, Duration::from_secs(60));
+    let took = ms(t.elapsed());
+    pool.set_size(POOL_SIZE);
+    grown.map_err(|e| format!("refill: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().ready > POOL_SIZE && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(took)
 }
 
 #[derive(Default)]
 struct WarmSeries {
     samples: Vec<WarmSample>,
+    /// One refill fork right after the claim's own refill (its cgroup attach follows
+    /// another one closely).
+    refill_busy_ms: Vec<f64>,
+    /// One refill fork after `--settle-ms` without any (on cgroup v1 its attach then
+    /// waits for an RCU grace period: see phase 5).
+    refill_idle_ms: Vec<f64>,
 }
 
 impl WarmSeries {
@@ -587,25 +928,34 @@ enum Cold {
 impl Cold {
     fn label(self) -> &'static str {
         match self {
-            Cold::Sandbox => "cold `sandbox run -- Rscript`",
-            Cold::Bwrap => "cold `bwrap ... Rscript`",
-            Cold::Bare => "cold bare host `Rscript`",
+            Cold::Sandbox => "cold `sandbox run` (same limits) Rscript",
+            Cold::Bwrap => "cold `bwrap` Rscript (no limits)",
+            Cold::Bare => "cold bare host Rscript (no limits)",
         }
     }
 }
 
-fn cold_once(
+/// One cold `Rscript -e PRELUDE+CODE`: wall time (ms) and stdout.
+fn cold_run(
     cfg: &Config,
     scratch: &Path,
     which: Cold,
-    code: &str,
-    expect: &str,
-) -> Result<f64, String> {
-    let full = format!("{COLD_PRELUDE}{code}");
+    script: &str,
+) -> Result<(f64, String), String> {
+    let limits = [
+        "--memory".to_string(),
+        format!("{}M", DEFAULT_MEMORY >> 20),
+        "--cpus".to_string(),
+        format!("{DEFAULT_CPUS}"),
+        "--pids".to_string(),
+        format!("{DEFAULT_PIDS}"),
+        "--timeout".to_string(),
+        format!("{}s", DEFAULT_TIME_LIMIT.as_secs()),
+    ];
     let mut cmd = match which {
         Cold::Sandbox => {
             let mut c = Command::new(&cfg.sandbox_bin);
-            c.arg("run").arg("--rootfs").arg(&cfg.rootfs);
+            c.arg("run").arg("--rootfs").arg(&cfg.rootfs).args(limits);
             c
         }
         Cold::Bwrap => {
@@ -620,14 +970,7 @@ fn cold_once(
         }
         Cold::Bare => Command::new("env"),
     };
-    match which {
-        Cold::Sandbox | Cold::Bwrap => {
-            cmd.args(["--", "Rscript", "-e", &full]);
-        }
-        Cold::Bare => {
-            cmd.args(["--", "Rscript", "-e", &full]);
-        }
-    }
+    cmd.args(["--", "Rscript", "-e", script]);
     cmd.env_clear().env("PATH", PATH).env("LANG", LANG);
     match which {
         Cold::Bare => {
@@ -646,16 +989,53 @@ fn cold_once(
         .output()
         .map_err(|e| format!("{}: {e}", which.label()))?;
     let took = ms(t0.elapsed());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !stdout.contains(expect) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
         return Err(format!(
-            "{} {code:?} failed ({}): stdout {stdout:?} stderr {:?}",
+            "{} {script:?} failed ({}): stdout {stdout:?} stderr {:?}",
             which.label(),
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    Ok((took, stdout))
+}
+
+fn cold_once(cfg: &Config, scratch: &Path, which: Cold, w: &Workload) -> Result<f64, String> {
+    let (took, stdout) = cold_run(
+        cfg,
+        scratch,
+        which,
+        &format!("{}{}", w.cold_prelude, w.code),
+    )?;
+    if !stdout.contains(w.expect) {
+        return Err(format!(
+            "{} {}: no {:?} in {stdout:?}",
+            which.label(),
+            w.name,
+            w.expect
+        ));
+    }
     Ok(took)
+}
+
+/// What is attached in the search path: in the workload's warm sandbox, and in a cold
+/// `sandbox run -- Rscript` after the workload's prelude.
+fn attached(cfg: &Config, scratch: &Path, pool: &Pool, w: &Workload) -> (String, String) {
+    const SEARCH: &str = "cat(search(), '\\n')";
+    let warm = pool
+        .wait_ready(POOL_SIZE, Duration::from_secs(60))
+        .map_err(|e| e.to_string())
+        .and_then(|_| warm_run(pool, SEARCH, "", true))
+        .map_or_else(|e| format!("? ({e})"), |(_, out, _)| out.trim().to_string());
+    let cold = cold_run(
+        cfg,
+        scratch,
+        Cold::Sandbox,
+        &format!("{}{SEARCH}", w.cold_prelude),
+    )
+    .map_or_else(|e| format!("? ({e})"), |(_, out)| out.trim().to_string());
+    (warm, cold)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -703,40 +1083,6 @@ fn ppid_of(pid: i32) -> Option<i32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn argv0_of(pid: i32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or_default()).into_owned()
-        })
-        .unwrap_or_default()
-}
-
-/// Every process that descends from this one.
-fn descendants() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let mut p = pid;
-        for _ in 0..64 {
-            match ppid_of(p) {
-                Some(pp) if pp == me => {
-                    out.push(pid);
-                    break;
-                }
-                Some(pp) if pp > 1 => p = pp,
-                _ => break,
-            }
-        }
-    }
-    out
-}
-
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -752,14 +1098,15 @@ fn cgroup_memory(dir: &Path) -> Option<u64> {
 }
 
 struct PoolMemory {
+    /// Per frozen sandbox: processes, their memory, what its cgroup is charged.
     sandboxes: Vec<(usize, Mem, Option<u64>)>,
+    /// The zygote: the parent of the sandboxes' processes.
     zygote: Option<(i32, Mem)>,
-    others: Vec<(i32, String, Mem)>,
 }
 
 fn pool_memory(pool: &Pool) -> PoolMemory {
     let mut sandboxes = Vec::new();
-    let mut in_sandboxes = Vec::new();
+    let mut zygote = None;
     for dir in pool.frozen_cgroups() {
         let pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
@@ -771,30 +1118,15 @@ fn pool_memory(pool: &Pool) -> PoolMemory {
             if let Some(x) = mem_of(p) {
                 m += x;
             }
+            if zygote.is_none() {
+                if let Some(pp) = ppid_of(p).filter(|pp| !pids.contains(pp)) {
+                    zygote = mem_of(pp).map(|m| (pp, m));
+                }
+            }
         }
-        in_sandboxes.extend(&pids);
         sandboxes.push((pids.len(), m, cgroup_memory(&dir)));
     }
-    let mut zygote = None;
-    let mut others = Vec::new();
-    for pid in descendants() {
-        if in_sandboxes.contains(&pid) {
-            continue;
-        }
-        let name = argv0_of(pid);
-        let Some(m) = mem_of(pid) else { continue };
-        let parent_is_zygote = ppid_of(pid).map(argv0_of).as_deref() == Some("/hatchery/zygote");
-        if name == "/hatchery/zygote" && !parent_is_zygote && zygote.is_none() {
-            zygote = Some((pid, m));
-        } else {
-            others.push((pid, name, m));
-        }
-    }
-    PoolMemory {
-        sandboxes,
-        zygote,
-        others,
-    }
+    PoolMemory { sandboxes, zygote }
 }
 
 fn mib(kb: u64) -> f64 {
@@ -802,7 +1134,90 @@ fn mib(kb: u64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Throughput.
+// 5. The first cgroup v1 attach after an idle spell.
+
+/// A cgroup parent of the bench's own with the attach samples' cgroups and processes;
+/// dropping it kills the processes and removes the cgroups and the parent.
+struct AttachParent {
+    root: CgroupRoot,
+    cgroups: Vec<SandboxCgroup>,
+    children: Vec<Answerer>,
+}
+
+impl AttachParent {
+    fn new() -> Result<AttachParent, String> {
+        let parent = format!(
+            "{}/bench-attach-{}",
+            hatchery_sandbox::run::DEFAULT_CGROUP_PARENT,
+            std::process::id()
+        );
+        let root = CgroupRoot::detect(&parent).map_err(|e| format!("cgroups: {e}"))?;
+        Ok(AttachParent {
+            root,
+            cgroups: Vec::new(),
+            children: Vec::new(),
+        })
+    }
+
+    /// Kills the sample's processes and removes its cgroups.
+    fn clear(&mut self) {
+        for mut c in self.children.drain(..) {
+            c.stop(|| {});
+        }
+        for cg in self.cgroups.drain(..) {
+            if let Err(e) = cg.destroy() {
+                eprintln!("warm_pool: cannot remove an attach cgroup: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for AttachParent {
+    fn drop(&mut self) {
+        self.clear();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !matches!(self.root.remove_if_empty(), Ok(true)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Writes of two fresh processes' pids into two fresh cgroups, one controller after the
+/// other (`V1_CONTROLLERS` order), after `gap` with no attach by this bench (ms).
+struct AttachSample {
+    /// The first process: the first write, then the other controllers.
+    first: Vec<f64>,
+    /// The second process, right after: all controllers.
+    second: Vec<f64>,
+}
+
+fn attach_once(parent: &mut AttachParent, gap: Duration) -> Result<AttachSample, String> {
+    for _ in 0..2 {
+        let cg = parent
+            .root
+            .create(&hatchery_sandbox::gc::unique_name("attach"))
+            .map_err(|e| format!("attach cgroup: {e}"))?;
+        parent.cgroups.push(cg);
+        parent.children.push(Answerer::spawn()?);
+    }
+    std::thread::sleep(gap);
+    let mut times = [Vec::new(), Vec::new()];
+    for (k, per_process) in times.iter_mut().enumerate() {
+        let pid = parent.children[k].pid.to_string();
+        for c in V1_CONTROLLERS {
+            let file = parent.cgroups[k].dir(c).join("cgroup.procs");
+            let t = Instant::now();
+            std::fs::write(&file, &pid).map_err(|e| format!("{}: {e}", file.display()))?;
+            per_process.push(ms(t.elapsed()));
+        }
+    }
+    parent.clear();
+    let [first, second] = times;
+    Ok(AttachSample { first, second })
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Throughput.
 
 struct Throughput {
     threads: usize,
@@ -818,10 +1233,10 @@ struct Throughput {
 }
 
 /// (claim → result, claim → first statement, queued, when the result arrived)
-type TpSample = (f64, Option<f64>, f64, Instant);
+type TpSample = (f64, f64, f64, Instant);
 
 fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
-    let mut pc = pool_config(cfg, cfg.tp_pool);
+    let mut pc = pool_config(cfg, &SUM, cfg.tp_pool);
     pc.claim_timeout = Duration::from_secs(60);
     let pool = Pool::start(pc).map_err(|e| format!("throughput pool: {e}"))?;
     pool.wait_ready(cfg.tp_pool, Duration::from_secs(180))
@@ -836,19 +1251,20 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
             scope.spawn(|| {
                 let mut pending = Vec::new();
                 while Instant::now() < deadline && !stopped() {
-                    match warm_once(&pool, SUM_CODE, "55", false) {
-                        Ok((s, exec)) => {
+                    match warm_run(&pool, SUM.code, SUM.expect, false) {
+                        Ok((s, _, exec)) => {
                             results.lock().unwrap().push((
                                 s.result_ms,
-                                s.timings.start_ms,
+                                s.timings.start_ms.unwrap_or(f64::NAN),
                                 s.timings.queued_ms,
                                 Instant::now(),
                             ));
                             pending.extend(exec);
                         }
                         Err(e) => {
-                            failures.lock().unwrap().push(e);
-                            if failures.lock().unwrap().len() > 20 {
+                            let mut f = failures.lock().unwrap();
+                            f.push(e);
+                            if f.len() > 20 {
                                 break;
                             }
                         }
@@ -875,7 +1291,7 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
         elapsed_s,
         done: results.len(),
         result_ms: results.iter().map(|r| r.0).collect(),
-        start_ms: results.iter().filter_map(|r| r.1).collect(),
+        start_ms: results.iter().map(|r| r.1).collect(),
         queued_ms: results.iter().map(|r| r.2).collect(),
         waited: results.iter().filter(|r| r.2 > 1.0).count(),
         failures: failures.into_inner().unwrap(),
@@ -885,10 +1301,10 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
 
 // ---------------------------------------------------------------------------------------
 
-fn pool_config(cfg: &Config, size: usize) -> PoolConfig {
+fn pool_config(cfg: &Config, w: &Workload, size: usize) -> PoolConfig {
     let mut pc = PoolConfig::new(
         Language::R {
-            packages: PACKAGES.iter().map(|p| p.to_string()).collect(),
+            packages: w.packages.iter().map(|p| p.to_string()).collect(),
         },
         cfg.rootfs.clone(),
     );
@@ -897,8 +1313,16 @@ fn pool_config(cfg: &Config, size: usize) -> PoolConfig {
     pc.zygote_bin = cfg.zygote_bin.clone();
     // As the agent does with the platform's default policy: the pool writes these limits
     // while a sandbox is pooled, so a claim at the default limits writes none.
-    pc.default_limits = Some(exec_request("").limits);
+    pc.default_limits = Some(default_limits());
     pc
+}
+
+fn packages_of(w: &Workload) -> String {
+    if w.packages.is_empty() {
+        "none".into()
+    } else {
+        w.packages.join(",")
+    }
 }
 
 fn loadavg() -> String {
@@ -930,6 +1354,7 @@ fn main() -> ExitCode {
 
 fn run(cfg: &Config) -> Result<(), String> {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpus = allowed_cpus();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let root = CgroupRoot::detect(hatchery_sandbox::run::DEFAULT_CGROUP_PARENT)
         .map_err(|e| format!("cgroups: {e}"))?;
@@ -939,86 +1364,140 @@ fn run(cfg: &Config) -> Result<(), String> {
     println!("  zygote   {}", cfg.zygote_bin.display());
     println!("  rootfs   {}", cfg.rootfs.display());
     println!(
-        "  kernel {}, cgroup {}, nproc {nproc}; packages preloaded: {}",
+        "  kernel {}, cgroup {}, nproc {nproc}, cpus {cpus:?}",
         kernel.trim(),
         root.version(),
-        PACKAGES.join(",")
     );
     println!(
-        "  warm {} per workload (floor 2 per warm execution), cold {} per variant (+1 warm-up), \
-         throughput {} s with threads {:?} on a pool of {}",
-        cfg.warm, cfg.cold, cfg.seconds, cfg.threads, cfg.tp_pool
+        "  pools of {POOL_SIZE}, one per workload, each preloading what its workload uses: \
+         {} → {}; {} → {}",
+        SUM.name,
+        packages_of(&SUM),
+        FIT.name,
+        packages_of(&FIT)
     );
     println!(
-        "  limits per claim: memory 512 MiB, cpus 1.0, pids 128 (the pool's default limits, \
-         written while pooled: the claim writes none; the floor's `write limits` row shows \
-         what a claim with other limits adds)"
+        "  warm {} rounds (per claim: {} ms settle, 2 floor samples, the claim, 1 refill fork, \
+         {} ms settle, 1 refill fork; per round: {} wake-up samples per variant after {} ms idle); cold {} \
+         rounds (+1 warm-up); attach {} samples after {} ms idle; throughput {} s with \
+         threads {:?} on a pool of {}",
+        cfg.warm,
+        cfg.settle.as_millis(),
+        cfg.settle.as_millis(),
+        cfg.wake,
+        cfg.wake_gap.as_millis(),
+        cfg.cold,
+        cfg.rcu,
+        cfg.rcu_gap.as_millis(),
+        cfg.seconds,
+        cfg.threads,
+        cfg.tp_pool
+    );
+    println!(
+        "  limits per claim: the platform default policy, memory {} MiB, cpus {DEFAULT_CPUS}, \
+         pids {DEFAULT_PIDS}, time {} s; written while pooled (pool default_limits), so the \
+         claim writes none (the floor's `write limits` row shows what other limits add); cold \
+         `sandbox run` gets the same limits",
+        DEFAULT_MEMORY >> 20,
+        DEFAULT_TIME_LIMIT.as_secs()
     );
     println!("  loadavg at start: {load_start}");
     let scratch = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
 
-    // ---- setup: the floor process and the size-2 pool
+    // ---- setup: the floor process and one pool per workload
     let mut floor = Floor::start(&root)?;
     let t = Instant::now();
-    let pool = Pool::start(pool_config(cfg, 2)).map_err(|e| format!("pool: {e}"))?;
-    pool.wait_ready(2, Duration::from_secs(180))
-        .map_err(|e| format!("pool: {e}"))?;
-    let pool_ready_s = t.elapsed().as_secs_f64();
-    let st = pool.stats();
-    println!(
-        "  pool of 2 ready in {pool_ready_s:.2} s (zygote R init {:.0} ms, preload {:.0} ms)",
-        st.zygote_init_ms, st.zygote_preload_ms
-    );
-    let limits = exec_request("").limits;
+    let pools = [
+        Pool::start(pool_config(cfg, &SUM, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
+        Pool::start(pool_config(cfg, &FIT, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
+    ];
+    for (w, pool) in WORKLOADS.iter().zip(&pools) {
+        pool.wait_ready(POOL_SIZE, Duration::from_secs(180))
+            .map_err(|e| format!("pool: {e}"))?;
+        let st = pool.stats();
+        println!(
+            "  pool for {} (preloaded: {}) ready after {:.2} s (zygote R init {:.0} ms, \
+             preload {:.0} ms)",
+            w.name,
+            packages_of(w),
+            t.elapsed().as_secs_f64(),
+            st.zygote_init_ms,
+            st.zygote_preload_ms
+        );
+    }
+    let limits = default_limits();
 
-    // ---- warm-up (not measured): one of each, one floor sample
-    floor.sample(&limits)?;
-    for (code, expect) in [(SUM_CODE, "55"), (FIT_CODE, "Air.Flow")] {
-        pool.wait_ready(2, Duration::from_secs(60))
-            .map_err(|e| e.to_string())?;
-        warm_once(&pool, code, expect, true)?;
+    // What each side has attached: the warm sandbox of a workload and its cold Rscript.
+    for (w, pool) in WORKLOADS.iter().zip(&pools) {
+        let (warm, cold) = attached(cfg, scratch.path(), pool, w);
+        println!("  attached, {} warm:  {warm}", w.name);
+        println!(
+            "  attached, {} cold:  {cold}   (`sandbox run -- Rscript -e`, prelude: {})",
+            w.name,
+            if w.cold_prelude.is_empty() {
+                "none"
+            } else {
+                w.cold_prelude.trim()
+            }
+        );
     }
 
-    // ---- phase A: floor interleaved with warm executions (full pool at every claim)
-    eprint!("warm + floor: {} rounds ", cfg.warm);
-    let mut floor_s: Vec<[f64; 4]> = Vec::new();
-    let mut sum = WarmSeries::default();
-    let mut fit = WarmSeries::default();
+    // ---- warm-up (not measured): one of each, one floor sample, one wake-up of each
+    floor.sample(&limits)?;
+    for (w, pool) in WORKLOADS.iter().zip(&pools) {
+        warm_once(pool, w)?;
+    }
+    for which in Wake::ALL {
+        wake_samples(which, 1, cfg.wake_gap, &cpus);
+    }
+
+    // ---- phase A: floor, warm claims, refill forks and wake-ups, interleaved
+    eprint!("warm + floor + wake-up: {} rounds ", cfg.warm);
+    let mut floor_s: Vec<FloorSample> = Vec::new();
+    let mut series = [WarmSeries::default(), WarmSeries::default()];
+    let mut wake_s: Vec<Vec<f64>> = vec![Vec::new(); Wake::ALL.len()];
+    let mut wake_skipped = Vec::new();
     for i in 0..cfg.warm {
         if stopped() {
             break;
         }
-        let order: [(&str, &str, bool); 2] = if i % 2 == 0 {
-            [(SUM_CODE, "55", true), (FIT_CODE, "Air.Flow", false)]
-        } else {
-            [(FIT_CODE, "Air.Flow", false), (SUM_CODE, "55", true)]
-        };
-        for (code, expect, is_sum) in order {
-            floor_s.push(floor.sample(&limits)?);
-            pool.wait_ready(2, Duration::from_secs(60))
+        for k in 0..WORKLOADS.len() {
+            let k = (k + i) % WORKLOADS.len();
+            let (w, pool) = (WORKLOADS[k], &pools[k]);
+            pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
                 .map_err(|e| e.to_string())?;
+            std::thread::sleep(cfg.settle);
             floor_s.push(floor.sample(&limits)?);
-            let (mut s, _) = warm_once(&pool, code, expect, true)?;
-            pool.wait_ready(2, Duration::from_secs(60))
-                .map_err(|e| e.to_string())?;
-            s.refill_ms = s.claimed_at.map_or(f64::NAN, |t| ms(t.elapsed()));
-            if is_sum { &mut sum } else { &mut fit }.samples.push(s);
+            floor_s.push(floor.sample(&limits)?);
+            series[k].samples.push(warm_once(pool, w)?);
+            series[k].refill_busy_ms.push(refill_fork(pool)?);
+            std::thread::sleep(cfg.settle);
+            series[k].refill_idle_ms.push(refill_fork(pool)?);
+        }
+        for j in 0..Wake::ALL.len() {
+            let j = (j + i) % Wake::ALL.len();
+            match wake_samples(Wake::ALL[j], cfg.wake, cfg.wake_gap, &cpus) {
+                Some(v) => wake_s[j].extend(v),
+                None if !wake_skipped.contains(&j) => wake_skipped.push(j),
+                None => {}
+            }
         }
         eprint!(".");
     }
     eprintln!();
 
-    // ---- phase B: cold starts round-robin with warm executions
-    let variants: Vec<(Option<Cold>, &str, &str)> = vec![
-        (Some(Cold::Sandbox), SUM_CODE, "55"),
-        (Some(Cold::Bwrap), SUM_CODE, "55"),
-        (Some(Cold::Bare), SUM_CODE, "55"),
-        (None, SUM_CODE, "55"),
-        (Some(Cold::Sandbox), FIT_CODE, "Air.Flow"),
-        (Some(Cold::Bwrap), FIT_CODE, "Air.Flow"),
-        (Some(Cold::Bare), FIT_CODE, "Air.Flow"),
-        (None, FIT_CODE, "Air.Flow"),
-    ];
+    // ---- phase B: cold starts round-robin with warm executions of the same workloads
+    let variants: Vec<(Option<Cold>, usize)> = [0, 1]
+        .into_iter()
+        .flat_map(|k| {
+            [
+                (Some(Cold::Sandbox), k),
+                (Some(Cold::Bwrap), k),
+                (Some(Cold::Bare), k),
+                (None, k),
+            ]
+        })
+        .collect();
     let mut cold_s: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     eprint!(
         "cold: 1 warm-up + {} rounds of {} ",
@@ -1026,35 +1505,52 @@ fn run(cfg: &Config) -> Result<(), String> {
         variants.len()
     );
     for round in 0..=cfg.cold {
-        for k in 0..variants.len() {
+        for v in 0..variants.len() {
             if stopped() {
                 break;
             }
-            let i = (round + k) % variants.len();
-            let (which, code, expect) = variants[i];
-            let v = match which {
-                Some(c) => cold_once(cfg, scratch.path(), c, code, expect)?,
-                None => {
-                    pool.wait_ready(2, Duration::from_secs(60))
-                        .map_err(|e| e.to_string())?;
-                    warm_once(&pool, code, expect, true)?.0.result_ms
-                }
+            let i = (round + v) % variants.len();
+            let (which, k) = variants[i];
+            let value = match which {
+                Some(c) => cold_once(cfg, scratch.path(), c, WORKLOADS[k])?,
+                None => warm_once(&pools[k], WORKLOADS[k])?.result_ms,
             };
             if round > 0 {
-                cold_s[i].push(v);
+                cold_s[i].push(value);
             }
         }
         eprint!(".");
     }
     eprintln!();
 
-    // ---- memory of the idle pool
-    pool.wait_ready(2, Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
+    // ---- memory of the idle pools
+    let mut mems = Vec::new();
+    for pool in &pools {
+        pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+    }
     std::thread::sleep(Duration::from_millis(300));
-    let mem = pool_memory(&pool);
-    drop(pool);
+    for pool in &pools {
+        mems.push(pool_memory(pool));
+    }
+    drop(pools);
     drop(floor);
+
+    // ---- the first cgroup v1 attach after an idle spell (nothing else of ours runs)
+    let mut attach: Vec<AttachSample> = Vec::new();
+    if root.version() == CgroupVersion::V1 {
+        eprint!("cgroup v1 attach: {} samples ", cfg.rcu);
+        let mut parent = AttachParent::new()?;
+        for _ in 0..cfg.rcu {
+            if stopped() {
+                break;
+            }
+            attach.push(attach_once(&mut parent, cfg.rcu_gap)?);
+            eprint!(".");
+        }
+        drop(parent);
+        eprintln!();
+    }
 
     // ---- throughput
     let mut tps = Vec::new();
@@ -1073,143 +1569,217 @@ fn run(cfg: &Config) -> Result<(), String> {
     // ---- report
     println!();
     let mut t = Table::new();
-    t.section("1. floor: bare frozen process, own cgroup (interleaved with 2.)");
-    let floor_total = t.row(
-        "floor: thaw + write 1 byte + read answer",
-        &floor_s.iter().map(|s| s[1]).collect::<Vec<_>>(),
+    t.section(format!(
+        "0. vCPU wake-up: a thread blocked in read(2) on a pipe, after {} ms idle: \
+         write(2) → read(2) returned, one-way",
+        cfg.wake_gap.as_millis()
+    ));
+    let mut wake_stats = Vec::new();
+    for (j, which) in Wake::ALL.iter().enumerate() {
+        if wake_skipped.contains(&j) && wake_s[j].is_empty() {
+            println!("(wake-up, {}: not measured, needs two CPUs)", which.label());
+        }
+        wake_stats.push(t.row(which.label(), &wake_s[j]));
+    }
+    t.section("1. floor: a bare frozen process in its own cgroup (interleaved with 2.)");
+    let floor_one_way = t.row(
+        "one-way: write+thaw → the process's own clock",
+        &floor_s.iter().map(|s| s.one_way).collect::<Vec<_>>(),
+    );
+    let floor_round_trip = t.row(
+        "round trip: write+thaw → its answer read here",
+        &floor_s.iter().map(|s| s.round_trip).collect::<Vec<_>>(),
     );
     t.row(
         "  of which thaw (freezer write + read-back)",
-        &floor_s.iter().map(|s| s[0]).collect::<Vec<_>>(),
+        &floor_s.iter().map(|s| s.thaw).collect::<Vec<_>>(),
     );
     t.row(
         "  context: pipe round trip, process not frozen",
-        &floor_s.iter().map(|s| s[2]).collect::<Vec<_>>(),
+        &floor_s.iter().map(|s| s.unfrozen).collect::<Vec<_>>(),
     );
     t.row(
         "  context: write limits (mem+cpu+pids) to a cgroup",
-        &floor_s.iter().map(|s| s[3]).collect::<Vec<_>>(),
+        &floor_s.iter().map(|s| s.limits).collect::<Vec<_>>(),
     );
-    for (label, series) in [
-        ("sum(1:10)", &sum),
-        ("model fit (MASS::rlm + lm + Matrix)", &fit),
-    ] {
-        t.section(&format!(
-            "2. warm pool (size 2, refilled before each claim): {label}"
+    let mut start_stats = Vec::new();
+    let mut seen_stats = Vec::new();
+    let mut refill_stats = Vec::new();
+    for (w, s) in WORKLOADS.iter().zip(&series) {
+        t.section(format!(
+            "2. warm pool of {POOL_SIZE} (preloaded: {}), full at each claim: {}",
+            packages_of(w),
+            w.name
+        ));
+        start_stats.push(t.row(
+            "one-way: claim → first user statement (sandbox clock)",
+            &s.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
+        ));
+        seen_stats.push(t.row(
+            "round trip: claim → Started received by the claimer",
+            &s.col(|s| s.started_seen_ms),
         ));
         t.row(
-            "claim → first user statement (sandbox clock, start_ms)",
-            &series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
-        );
-        t.row(
-            "  claim_ms: limits + thaw + send code",
-            &series.col(|s| s.timings.claim_ms),
+            "  claim_ms: limits + send code + thaw",
+            &s.col(|s| s.timings.claim_ms),
         );
         t.row(
             "  start_ms - claim_ms: sandbox wakes, reads code",
-            &series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN) - s.timings.claim_ms),
+            &s.col(|s| s.timings.start_ms.unwrap_or(f64::NAN) - s.timings.claim_ms),
         );
-        t.row("claim() call returned", &series.col(|s| s.claim_call_ms));
-        t.row(
-            "claim → Started event seen by caller",
-            &series.col(|s| s.started_seen_ms),
-        );
+        t.row("claim() call returned", &s.col(|s| s.claim_call_ms));
         t.row(
             "claim → first output (Stdout event)",
-            &series.col(|s| s.first_out_ms),
+            &s.col(|s| s.first_out_ms),
         );
-        t.row(
-            "claim → result (Finished event)",
-            &series.col(|s| s.result_ms),
-        );
+        t.row("claim → result (Finished event)", &s.col(|s| s.result_ms));
         t.row(
             "  total_ms (watcher: claim → end)",
-            &series.col(|s| s.timings.total_ms),
+            &s.col(|s| s.timings.total_ms),
         );
         t.row(
             "teardown after the result (off the path)",
-            &series.col(|s| s.teardown_ms),
+            &s.col(|s| s.teardown_ms),
         );
         t.row(
             "pooled_ms (time the sandbox sat frozen)",
-            &series.col(|s| s.timings.pooled_ms),
+            &s.col(|s| s.timings.pooled_ms),
         );
         t.row(
-            "sandbox CPU user+sys: contain+prewarm+run+exit (4ms ticks)",
-            &series.col(|s| s.cpu_user_ms + s.cpu_sys_ms),
+            "sandbox CPU user+sys (4 ms ticks)",
+            &s.col(|s| s.cpu_user_ms + s.cpu_sys_ms),
         );
-        t.row(
-            "refill: claim → pool full again (one fork)",
-            &series.col(|s| s.refill_ms),
-        );
+        refill_stats.push((
+            t.row(
+                "one refill fork right after the claim's (n → n+1 frozen)",
+                &s.refill_busy_ms,
+            ),
+            t.row(
+                format!(
+                    "one refill fork after {} ms without any (n → n+1)",
+                    cfg.settle.as_millis()
+                ),
+                &s.refill_idle_ms,
+            ),
+        ));
     }
-    t.section("3. cold starts, same packages loaded (round-robin with warm)");
     let mut cold_median = std::collections::HashMap::new();
-    for (i, (which, code, _)) in variants.iter().enumerate() {
-        let w = if *code == SUM_CODE {
-            "sum(1:10)"
-        } else {
-            "model fit"
-        };
-        let label = match which {
-            Some(c) => format!("{} {w}", c.label()),
-            None => format!("warm claim → result {w} (interleaved)"),
-        };
-        let s = t.row(label, &cold_s[i]);
-        cold_median.insert((*which, *code), s.map(|s| s.median));
+    for (k, w) in WORKLOADS.iter().enumerate() {
+        t.section(format!(
+            "3. cold vs warm, round-robin: {} (cold loads {}; warm zygote preloaded {})",
+            w.name,
+            if w.cold_prelude.is_empty() {
+                "only R's defaults".to_string()
+            } else {
+                format!("{} too", w.packages.join(","))
+            },
+            packages_of(w)
+        ));
+        for (i, (which, vk)) in variants.iter().enumerate() {
+            if *vk != k {
+                continue;
+            }
+            let label = match which {
+                Some(c) => c.label().to_string(),
+                None => "warm claim → result (interleaved with these)".to_string(),
+            };
+            let s = t.row(label, &cold_s[i]);
+            cold_median.insert((*which, k), s.map(|s| s.median));
+        }
     }
-    let mut tp_rows = Vec::new();
+    if root.version() == CgroupVersion::V1 {
+        t.section(format!(
+            "5. cgroup v1 attach: pid → cgroup.procs of a fresh cgroup, after {} ms without \
+             attaches (own parent)",
+            cfg.rcu_gap.as_millis()
+        ));
+        t.row(
+            format!("first write ({}) of a fresh process", V1_CONTROLLERS[0]),
+            &attach.iter().map(|a| a.first[0]).collect::<Vec<_>>(),
+        );
+        t.row(
+            format!(
+                "subsequent writes, same process ({})",
+                V1_CONTROLLERS[1..].join(",")
+            ),
+            &attach
+                .iter()
+                .flat_map(|a| a.first[1..].to_vec())
+                .collect::<Vec<_>>(),
+        );
+        t.row(
+            "a second fresh process, first write, right after",
+            &attach.iter().map(|a| a.second[0]).collect::<Vec<_>>(),
+        );
+        t.row(
+            "all 5 controllers, first process",
+            &attach
+                .iter()
+                .map(|a| a.first.iter().sum::<f64>())
+                .collect::<Vec<_>>(),
+        );
+        t.row(
+            "all 5 controllers, second process",
+            &attach
+                .iter()
+                .map(|a| a.second.iter().sum::<f64>())
+                .collect::<Vec<_>>(),
+        );
+    }
     for tp in &tps {
-        t.section(&format!(
-            "5. throughput: {} threads, pool of {}, no refill wait",
+        t.section(format!(
+            "6. throughput: {} threads, pool of {} (no package preloaded), no refill wait",
             tp.threads, tp.pool_size
         ));
         t.row("claim → result under load", &tp.result_ms);
         t.row("claim → first user statement under load", &tp.start_ms);
         t.row("queued_ms (waiting for a frozen sandbox)", &tp.queued_ms);
-        tp_rows.push(tp);
     }
     t.print();
 
     println!();
-    println!(
-        "-- 4. memory of one idle pooled sandbox (pool of 2, after {} + {} executions)",
-        2 * cfg.warm,
-        cfg.cold * 2
-    );
-    for (i, (n, m, charged)) in mem.sandboxes.iter().enumerate() {
+    for (w, mem) in WORKLOADS.iter().zip(&mems) {
         println!(
-            "sandbox {i}: {n} process(es): PSS {:.2} MiB, USS (private) {:.2} MiB, RSS {:.1} MiB, \
-             page tables {:.2} MiB, charged to its cgroup {}",
-            mib(m.pss_kb),
-            mib(m.private_kb),
-            mib(m.rss_kb),
-            mib(m.pte_kb),
-            charged.map_or("?".into(), |b| format!("{:.2} MiB", b as f64 / 1048576.0))
+            "-- 4. memory of the idle pool for {} (preloaded: {}), after its executions",
+            w.name,
+            packages_of(w)
         );
+        for (i, (n, m, charged)) in mem.sandboxes.iter().enumerate() {
+            println!(
+                "sandbox {i}: {n} process(es): USS (private) {:.2} MiB, PSS {:.2} MiB, RSS \
+                 {:.1} MiB, page tables {:.2} MiB, charged to its cgroup {}",
+                mib(m.private_kb),
+                mib(m.pss_kb),
+                mib(m.rss_kb),
+                mib(m.pte_kb),
+                charged.map_or("?".into(), |b| format!("{:.2} MiB", b as f64 / 1048576.0))
+            );
+        }
+        match mem.zygote {
+            Some((pid, m)) => println!(
+                "zygote (pid {pid}): RSS {:.1} MiB, USS {:.1} MiB, PSS {:.1} MiB, page tables \
+                 {:.2} MiB",
+                mib(m.rss_kb),
+                mib(m.private_kb),
+                mib(m.pss_kb),
+                mib(m.pte_kb)
+            ),
+            None => println!("zygote: not found"),
+        }
     }
-    if let Some((pid, m)) = mem.zygote {
-        println!(
-            "zygote (pid {pid}): PSS {:.1} MiB, RSS {:.1} MiB, USS {:.1} MiB, page tables {:.2} MiB",
-            mib(m.pss_kb),
-            mib(m.rss_kb),
-            mib(m.private_kb),
-            mib(m.pte_kb)
-        );
-    }
-    for (pid, name, m) in &mem.others {
-        println!(
-            "other pool process {pid} {name}: PSS {:.1} MiB, RSS {:.1} MiB",
-            mib(m.pss_kb),
-            mib(m.rss_kb)
-        );
-    }
-
-    for tp in &tp_rows {
+    if root.version() != CgroupVersion::V1 {
         println!();
         println!(
-            "-- 5. throughput, {} threads, pool of {}: {} executions in {:.2} s = {:.1} execs/s; \
-             {} waited for a sandbox (queued_ms > 1); {} forks; {} failures",
+            "-- 5. cgroup v1 attach: not measured, this host has cgroup {} (the grace-period \
+             wait is a cgroup v1 attach figure)",
+            root.version()
+        );
+    }
+    for tp in &tps {
+        println!();
+        println!(
+            "-- 6. throughput, {} threads, pool of {}: {} executions in {:.2} s = {:.1} \
+             execs/s; {} waited for a sandbox (queued_ms > 1); {} forks; {} failures",
             tp.threads,
             tp.pool_size,
             tp.done,
@@ -1225,76 +1795,155 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
 
     println!();
-    println!("-- targets (informational)");
-    let start_med = median(&sum.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)));
-    if let (Some(f), Some(s)) = (floor_total, start_med) {
-        let r = s / f.median;
-        println!(
-            "claim → first user statement {s:.3} ms vs floor {:.3} ms: {r:.2}× (target ≤ 2×)  {}",
-            f.median,
-            verdict(r <= 2.0)
-        );
+    println!("-- side by side (medians unless marked; targets informational)");
+    if wake_stats.iter().any(Option::is_some) {
+        let parts: Vec<String> = Wake::ALL
+            .iter()
+            .zip(&wake_stats)
+            .filter_map(|(w, s)| {
+                s.map(|s| format!("{}: {:.3} ms (p90 {:.3})", w.label(), s.median, s.tail))
+            })
+            .collect();
+        println!("idle thread wake-up on a pipe: {}", parts.join("; "));
     }
-    let warm_sum = median(&sum.col(|s| s.result_ms));
-    let warm_first = median(&sum.col(|s| s.first_out_ms));
-    if let (Some(Some(c)), Some(w)) = (cold_median.get(&(Some(Cold::Sandbox), SUM_CODE)), warm_sum)
-    {
-        let r = c / w;
-        println!(
-            "warm sum(1:10) claim → result {w:.2} ms vs cold sandbox Rscript {c:.1} ms: {r:.0}× \
-             (target ≥ 50×)  {}",
-            verdict(r >= 50.0)
-        );
-        if let Some(f) = warm_first {
-            println!("  (claim → first output {f:.2} ms: {:.0}×)", c / f);
-        }
-        if let Some(Some(wi)) = cold_median.get(&(None, SUM_CODE)) {
+    for (k, w) in WORKLOADS.iter().enumerate() {
+        if let (Some(f), Some(s)) = (floor_one_way, start_stats[k]) {
+            let r = s.median / f.median;
             println!(
-                "  (with the warm runs interleaved with the cold ones, {wi:.2} ms: {:.0}×)",
-                c / wi
+                "{}: ONE-WAY claim → first user statement {:.3} ms ({} {:.3}) vs floor one-way \
+                 (write+thaw → the thawed process's own clock) {:.3} ms: {r:.2}× (target ≤ 2×)  \
+                 {}",
+                w.name,
+                s.median,
+                s.tail_label,
+                s.tail,
+                f.median,
+                verdict(r <= 2.0)
             );
         }
-        for other in [Cold::Bwrap, Cold::Bare] {
-            if let Some(Some(o)) = cold_median.get(&(Some(other), SUM_CODE)) {
-                println!(
-                    "  ({}: {o:.1} ms, {:.0}× the warm result)",
-                    other.label(),
-                    o / w
-                );
+        if let (Some(f), Some(s)) = (floor_round_trip, seen_stats[k]) {
+            println!(
+                "{}: ROUND TRIP claim → Started received {:.3} ms ({} {:.3}) vs floor round \
+                 trip (write+thaw → answer read) {:.3} ms: {:.2}× (the claim's answer has one \
+                 more hop: the watcher thread, then a channel)",
+                w.name,
+                s.median,
+                s.tail_label,
+                s.tail,
+                f.median,
+                s.median / f.median
+            );
+        }
+    }
+    for (k, w) in WORKLOADS.iter().enumerate() {
+        let warm = cold_median.get(&(None, k)).copied().flatten();
+        let cold = cold_median
+            .get(&(Some(Cold::Sandbox), k))
+            .copied()
+            .flatten();
+        if let (Some(wm), Some(c)) = (warm, cold) {
+            let r = c / wm;
+            let target = if k == 0 {
+                format!(" (target ≥ 50×)  {}", verdict(r >= 50.0))
+            } else {
+                String::new()
+            };
+            println!(
+                "{}: warm claim → result {wm:.2} ms vs cold `sandbox run` Rscript {c:.1} ms, \
+                 interleaved in one phase, cold loading {}: {r:.0}×{target}",
+                w.name,
+                if w.cold_prelude.is_empty() {
+                    "only R's defaults, as the warm zygote (no package preloaded)".to_string()
+                } else {
+                    format!("{}, as the warm zygote preloaded", w.packages.join(","))
+                }
+            );
+            for other in [Cold::Bwrap, Cold::Bare] {
+                if let Some(Some(o)) = cold_median.get(&(Some(other), k)) {
+                    println!("  ({}: {o:.1} ms, {:.0}×)", other.label(), o / wm);
+                }
             }
         }
     }
-    if let (Some(Some(c)), Some(w)) = (
-        cold_median.get(&(Some(Cold::Sandbox), FIT_CODE)),
-        median(&fit.col(|s| s.result_ms)),
-    ) {
+    for (k, w) in WORKLOADS.iter().enumerate() {
+        if let (Some(busy), Some(idle)) = refill_stats[k] {
+            println!(
+                "one refill fork, pool for {} (preloaded: {}), the pool otherwise idle: {:.1} \
+                 ms ({} {:.1}) right after the claim's own refill; {:.1} ms ({} {:.1}) after \
+                 {} ms without a fork (a cgroup v1 attach then waits for an RCU grace period)",
+                w.name,
+                packages_of(w),
+                busy.median,
+                busy.tail_label,
+                busy.tail,
+                idle.median,
+                idle.tail_label,
+                idle.tail,
+                cfg.settle.as_millis()
+            );
+        }
+    }
+    for tp in &tps {
         println!(
-            "model fit: warm claim → result {w:.2} ms vs cold sandbox Rscript {c:.1} ms: {:.0}×",
-            c / w
+            "sustained: {:.1} execs/s of sum(1:10), {} threads, pool of {} (no package \
+             preloaded)",
+            tp.done as f64 / tp.elapsed_s.max(1e-9),
+            tp.threads,
+            tp.pool_size
         );
     }
-    if !mem.sandboxes.is_empty() {
+    for (w, mem) in WORKLOADS.iter().zip(&mems) {
+        if mem.sandboxes.is_empty() {
+            continue;
+        }
         let n = mem.sandboxes.len() as u64;
         let pss = mem.sandboxes.iter().map(|s| s.1.pss_kb).sum::<u64>() / n;
         let uss = mem.sandboxes.iter().map(|s| s.1.private_kb).sum::<u64>() / n;
+        let zygote = mem.zygote.map_or("zygote not found".to_string(), |(_, z)| {
+            format!(
+                "zygote RSS {:.1} MiB, USS {:.1} MiB",
+                mib(z.rss_kb),
+                mib(z.private_kb)
+            )
+        });
         println!(
-            "PSS per idle pooled sandbox {:.2} MiB (target < 5 MiB)  {}",
-            mib(pss),
-            verdict(mib(pss) < 5.0)
-        );
-        println!(
-            "  (USS, the memory one more sandbox adds: {:.2} MiB; PSS also carries its 1/{} \
-             share of the zygote's heap shared copy-on-write by the zygote and the {} sandboxes)",
+            "idle pooled sandbox, pool for {} (preloaded: {}): USS {:.2} MiB (what one more \
+             sandbox costs), PSS {:.2} MiB (with its 1/{} share of the heap shared \
+             copy-on-write with the zygote and the other sandboxes); {zygote}",
+            w.name,
+            packages_of(w),
             mib(uss),
-            n + 1,
-            n
+            mib(pss),
+            n + 1
         );
+    }
+    if !attach.is_empty() {
+        let first = summary(&attach.iter().map(|a| a.first[0]).collect::<Vec<_>>());
+        let next = summary(
+            &attach
+                .iter()
+                .flat_map(|a| a.first[1..].iter().copied().chain(a.second.iter().copied()))
+                .collect::<Vec<_>>(),
+        );
+        if let (Some(f), Some(n)) = (first, next) {
+            println!(
+                "cgroup v1 attach: first write after {} ms without attaches {:.2} ms (min \
+                 {:.2}, max {:.2}) vs the writes right after it {:.3} ms",
+                cfg.rcu_gap.as_millis(),
+                f.median,
+                f.min,
+                f.max,
+                n.median
+            );
+        }
     }
     println!();
     println!("loadavg at start: {load_start}; at end: {load_end}");
     println!(
-        "notes: ms = milliseconds, wall clock in this process unless marked; start_ms is \
-         CLOCK_MONOTONIC in the sandbox minus the claim's; tail = p99 with n ≥ 100, else p90."
+        "notes: ms = milliseconds; wall clock in this process unless marked; start_ms and the \
+         floor's one-way figure are CLOCK_MONOTONIC of the woken process minus this \
+         process's before the write/claim; tail = p99 with n ≥ 100, else p90; NaN = samples \
+         without that figure."
     );
     Ok(())
 }
