@@ -499,23 +499,24 @@ impl Pool {
         // SAFETY: a fresh descriptor nobody else owns.
         let cancel = Arc::new(unsafe { OwnedFd::from_raw_fd(cancel) });
         let (tx, rx) = mpsc::channel();
-        let watcher = Watcher::new(
-            Arc::clone(&self.shared.ended),
-            id.clone(),
+        let watcher = Watcher {
+            ended_counter: Arc::clone(&self.shared.ended),
+            id: id.clone(),
             sandbox,
             req,
             tx,
-            Arc::clone(&cancel),
+            cancel: Arc::clone(&cancel),
             claimed_at,
             claimed_mono,
-            Timings {
+            timings: Timings {
                 queued_ms,
                 pooled_ms,
                 claim_ms,
                 start_ms: None,
                 total_ms: 0.0,
             },
-        );
+            flow: Flow::default(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("exec-{n}"))
             .spawn(move || watcher.run())
@@ -662,6 +663,12 @@ struct Watcher {
     claimed_at: Instant,
     claimed_mono: u64,
     timings: Timings,
+    flow: Flow,
+}
+
+/// What a watcher keeps track of while the execution runs.
+#[derive(Default)]
+struct Flow {
     /// Bytes the code emitted so far (everything counts: see [`ExecRequest::output_limit`]).
     emitted: u64,
     /// Events sent so far (see [`ExecRequest::max_events`]).
@@ -674,8 +681,8 @@ struct Watcher {
     progress: Option<(f64, String)>,
     last_progress: Option<Instant>,
     truncated: [bool; 2],
-    /// The pipes of child processes (0 stdout, 1 stderr) are open.
-    pipes_open: [bool; 2],
+    /// The pipes of child processes (0 stdout, 1 stderr) are closed.
+    pipes_closed: [bool; 2],
     stop: Option<Stop>,
     ended_at: Option<Instant>,
 }
@@ -692,41 +699,6 @@ enum Phase {
 }
 
 impl Watcher {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        ended_counter: Arc<AtomicU64>,
-        id: String,
-        sandbox: Pooled,
-        req: ExecRequest,
-        tx: mpsc::Sender<Event>,
-        cancel: Arc<OwnedFd>,
-        claimed_at: Instant,
-        claimed_mono: u64,
-        timings: Timings,
-    ) -> Watcher {
-        Watcher {
-            ended_counter,
-            id,
-            sandbox,
-            req,
-            tx,
-            cancel,
-            claimed_at,
-            claimed_mono,
-            timings,
-            emitted: 0,
-            events: 0,
-            pending: [Vec::new(), Vec::new()],
-            last_output: None,
-            progress: None,
-            last_progress: None,
-            truncated: [false; 2],
-            pipes_open: [true; 2],
-            stop: None,
-            ended_at: None,
-        }
-    }
-
     /// Watches the execution to its end. Nothing the sandbox sends (or does not send) can
     /// make this wait: every read is non-blocking, and the deadline, a cancel and the
     /// usage samples are checked on every turn.
@@ -744,7 +716,7 @@ impl Watcher {
             if outcome.is_some() {
                 break;
             }
-            if exited && !chan_open && !self.pipes_open[0] && !self.pipes_open[1] {
+            if exited && !chan_open && self.flow.pipes_closed[0] && self.flow.pipes_closed[1] {
                 break;
             }
             let now = Instant::now();
@@ -752,7 +724,7 @@ impl Watcher {
                 break;
             }
             let mut wake = next_sample;
-            if let (Some(d), None) = (deadline, &self.stop) {
+            if let (Some(d), None) = (deadline, &self.flow.stop) {
                 wake = wake.min(d);
             }
             if let Some(d) = drain_until {
@@ -771,7 +743,7 @@ impl Watcher {
             let mut fds: Vec<PollFd> = Vec::with_capacity(5);
             let mut which: Vec<u8> = Vec::with_capacity(5);
             for (w, fd) in [(0u8, sb.stdout.as_fd()), (1, sb.stderr.as_fd())] {
-                if self.pipes_open[w as usize] {
+                if !self.flow.pipes_closed[w as usize] {
                     fds.push(PollFd::new(fd, PollFlags::POLLIN));
                     which.push(w);
                 }
@@ -784,7 +756,7 @@ impl Watcher {
                 fds.push(PollFd::new(sb.pidfd.as_fd(), PollFlags::POLLIN));
                 which.push(3);
             }
-            if self.stop.is_none() {
+            if self.flow.stop.is_none() {
                 fds.push(PollFd::new(self.cancel.as_fd(), PollFlags::POLLIN));
                 which.push(4);
             }
@@ -800,10 +772,10 @@ impl Watcher {
             };
             drop(fds);
             let now = Instant::now();
-            if ready.contains(&4) && self.stop.is_none() {
+            if ready.contains(&4) && self.flow.stop.is_none() {
                 self.end(Stop::Cancel);
             }
-            if let (Some(d), None) = (deadline, &self.stop) {
+            if let (Some(d), None) = (deadline, &self.flow.stop) {
                 if now >= d {
                     self.end(Stop::Timeout);
                 }
@@ -848,20 +820,20 @@ impl Watcher {
                             }
                         }
                     }
-                    if self.stop.is_some() {
+                    if self.flow.stop.is_some() {
                         // Killed: what the channel still holds is not wanted any more.
                         chan_open = false;
                     }
                 }
             }
             for w in [0u8, 1] {
-                if ready.contains(&w) && self.pipes_open[w as usize] {
+                if ready.contains(&w) && !self.flow.pipes_closed[w as usize] {
                     self.pump(w);
                 }
             }
             if ready.contains(&3) && !exited {
                 exited = true;
-                self.ended_at.get_or_insert_with(Instant::now);
+                self.flow.ended_at.get_or_insert_with(Instant::now);
                 // Everything in the pid namespace died with its init: the pipes and the
                 // channel drain quickly. Bound it anyway.
                 drain_until = Some(Instant::now() + Duration::from_secs(2));
@@ -883,8 +855,9 @@ impl Watcher {
         self.flush_output();
         self.flush_progress();
         let usage = self.sandbox.cgroup.usage();
-        self.timings.total_ms = ms(self.ended_at.unwrap_or_else(Instant::now) - self.claimed_at);
-        let (status, error) = match (&self.stop, &outcome) {
+        self.timings.total_ms =
+            ms(self.flow.ended_at.unwrap_or_else(Instant::now) - self.claimed_at);
+        let (status, error) = match (&self.flow.stop, &outcome) {
             (Some(Stop::Timeout), _) => {
                 (ExecStatus::TimedOut, Some("time limit reached".to_string()))
             }
@@ -929,8 +902,8 @@ impl Watcher {
             error,
             timings: self.timings,
             usage,
-            stdout_truncated: self.truncated[0],
-            stderr_truncated: self.truncated[1],
+            stdout_truncated: self.flow.truncated[0],
+            stderr_truncated: self.flow.truncated[1],
         };
         let _ = self.tx.send(Event::Finished(Box::new(result)));
         let _ = self.sandbox.lifecycle.advance(SandboxEvent::Ended);
@@ -979,7 +952,7 @@ impl Watcher {
             (Phase::Running, FromSandbox::Progress { fraction, message }) => {
                 self.drain_pipes();
                 if self.charge(message.len()) {
-                    self.progress = Some((fraction, message));
+                    self.flow.progress = Some((fraction, message));
                     if self.progress_due().is_some_and(|t| Instant::now() >= t) {
                         self.flush_progress();
                     }
@@ -1015,7 +988,7 @@ impl Watcher {
                 // The result is in: the sandbox is killed now, whatever it does next (its
                 // init's death takes its whole pid namespace; the cgroup is emptied and
                 // removed after the result is out).
-                self.ended_at.get_or_insert_with(Instant::now);
+                self.flow.ended_at.get_or_insert_with(Instant::now);
                 crate::run::kill_pidfd(self.sandbox.pidfd.as_fd());
                 Ok(Some(outcome))
             }
@@ -1026,9 +999,9 @@ impl Watcher {
 
     /// Ends the execution for `why` (the first reason wins) and kills the sandbox.
     fn end(&mut self, why: Stop) {
-        if self.stop.is_none() {
-            self.stop = Some(why);
-            self.ended_at.get_or_insert_with(Instant::now);
+        if self.flow.stop.is_none() {
+            self.flow.stop = Some(why);
+            self.flow.ended_at.get_or_insert_with(Instant::now);
         }
         self.kill();
     }
@@ -1044,8 +1017,8 @@ impl Watcher {
 
     /// Counts `n` emitted bytes; false (and the execution ends) when they pass the limit.
     fn charge(&mut self, n: usize) -> bool {
-        self.emitted = self.emitted.saturating_add(n as u64);
-        if self.emitted > self.req.output_limit {
+        self.flow.emitted = self.flow.emitted.saturating_add(n as u64);
+        if self.flow.emitted > self.req.output_limit {
             self.end(Stop::OutputLimit);
             return false;
         }
@@ -1055,8 +1028,8 @@ impl Watcher {
     /// Sends an event, counting it against the event cap.
     fn emit(&mut self, event: Event) {
         if !matches!(event, Event::Finished(_)) {
-            self.events += 1;
-            if self.events > self.req.max_events {
+            self.flow.events += 1;
+            if self.flow.events > self.req.max_events {
                 self.end(Stop::EventLimit);
                 return;
             }
@@ -1066,43 +1039,43 @@ impl Watcher {
 
     /// Output of stream `w`: counted, cut at the limit, merged with what waits.
     fn accept_output(&mut self, w: usize, data: &[u8]) {
-        if self.stop.is_some() && self.stop != Some(Stop::OutputLimit) {
+        if self.flow.stop.is_some() && self.flow.stop != Some(Stop::OutputLimit) {
             return;
         }
-        let room = self.req.output_limit.saturating_sub(self.emitted) as usize;
+        let room = self.req.output_limit.saturating_sub(self.flow.emitted) as usize;
         let take = data.len().min(room);
-        if !self.pending[1 - w].is_empty() {
+        if !self.flow.pending[1 - w].is_empty() {
             // Keep the order of the two streams.
             self.flush_stream(1 - w);
         }
-        self.pending[w].extend_from_slice(&data[..take]);
-        while self.pending[w].len() >= MAX_DATA {
-            let cut = utf8_cut(&self.pending[w], MAX_DATA);
-            let rest = self.pending[w].split_off(cut);
-            let chunk = std::mem::replace(&mut self.pending[w], rest);
+        self.flow.pending[w].extend_from_slice(&data[..take]);
+        while self.flow.pending[w].len() >= MAX_DATA {
+            let cut = utf8_cut(&self.flow.pending[w], MAX_DATA);
+            let rest = self.flow.pending[w].split_off(cut);
+            let chunk = std::mem::replace(&mut self.flow.pending[w], rest);
             self.send_output(w, chunk);
         }
         if take < data.len() {
-            self.truncated[w] = true;
+            self.flow.truncated[w] = true;
         }
         self.charge(data.len());
     }
 
     /// When waiting output is due to become an event.
     fn output_due(&self) -> Option<Instant> {
-        if self.pending[0].is_empty() && self.pending[1].is_empty() {
+        if self.flow.pending[0].is_empty() && self.flow.pending[1].is_empty() {
             return None;
         }
         // The first output is due at once (the claim lies in the past).
-        Some(match self.last_output {
+        Some(match self.flow.last_output {
             Some(t) => t + OUTPUT_INTERVAL,
             None => self.claimed_at,
         })
     }
 
     fn progress_due(&self) -> Option<Instant> {
-        self.progress.as_ref()?;
-        Some(match self.last_progress {
+        self.flow.progress.as_ref()?;
+        Some(match self.flow.last_progress {
             Some(t) => t + PROGRESS_INTERVAL,
             None => self.claimed_at,
         })
@@ -1114,16 +1087,16 @@ impl Watcher {
     }
 
     fn flush_stream(&mut self, w: usize) {
-        while !self.pending[w].is_empty() {
-            let cut = utf8_cut(&self.pending[w], MAX_DATA);
-            let rest = self.pending[w].split_off(cut);
-            let chunk = std::mem::replace(&mut self.pending[w], rest);
+        while !self.flow.pending[w].is_empty() {
+            let cut = utf8_cut(&self.flow.pending[w], MAX_DATA);
+            let rest = self.flow.pending[w].split_off(cut);
+            let chunk = std::mem::replace(&mut self.flow.pending[w], rest);
             self.send_output(w, chunk);
         }
     }
 
     fn send_output(&mut self, w: usize, data: Vec<u8>) {
-        self.last_output = Some(Instant::now());
+        self.flow.last_output = Some(Instant::now());
         self.emit(if w == 0 {
             Event::Stdout { data }
         } else {
@@ -1132,10 +1105,10 @@ impl Watcher {
     }
 
     fn flush_progress(&mut self) {
-        if let Some((fraction, message)) = self.progress.take() {
+        if let Some((fraction, message)) = self.flow.progress.take() {
             // Output that came before it goes first.
             self.flush_output();
-            self.last_progress = Some(Instant::now());
+            self.flow.last_progress = Some(Instant::now());
             self.emit(Event::Progress { fraction, message });
         }
     }
@@ -1143,7 +1116,7 @@ impl Watcher {
     /// Reads both pipes until they are empty (bounded).
     fn drain_pipes(&mut self) {
         for w in [0u8, 1] {
-            if self.pipes_open[w as usize] {
+            if !self.flow.pipes_closed[w as usize] {
                 self.pump(w);
             }
         }
@@ -1161,7 +1134,7 @@ impl Watcher {
             };
             match nix::unistd::read(fd, &mut buf) {
                 Ok(0) => {
-                    self.pipes_open[which as usize] = false;
+                    self.flow.pipes_closed[which as usize] = true;
                     return;
                 }
                 Ok(n) => {
@@ -1171,7 +1144,7 @@ impl Watcher {
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => return,
                 Err(_) => {
-                    self.pipes_open[which as usize] = false;
+                    self.flow.pipes_closed[which as usize] = true;
                     return;
                 }
             }
