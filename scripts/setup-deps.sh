@@ -25,6 +25,9 @@ PACKAGES=(
     # tests: a C compiler for the native library the hostile-code tests load
     # into sandboxes
     gcc libc6-dev
+    # the cluster's system of record; tests and local clusters run private servers
+    # (initdb in a temporary directory, a loopback port), never the system one
+    postgresql
 )
 MIN_RUST=1.80
 
@@ -51,6 +54,14 @@ mapfile -t todo < <(missing)
 if ((${#todo[@]} > 0)); then
     say "installing: ${todo[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    if printf '%s\n' "${todo[@]}" | grep -qx postgresql \
+        && [[ ! -e /etc/postgresql-common/createcluster.d/hatchery.conf ]]; then
+        # Hatchery starts private PostgreSQL servers of its own: installing the package
+        # must not create and start a system-wide cluster on port 5432.
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/hatchery.conf
+        say "postgresql: no system-wide cluster is created (/etc/postgresql-common/createcluster.d/hatchery.conf)"
+    fi
     apt-get update -q
     apt-get install -y -q "${todo[@]}"
     mapfile -t still < <(missing)

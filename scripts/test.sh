@@ -23,6 +23,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 start=$(date +%s)
 skip_log=$(mktemp -t hatchery-skips.XXXXXX)
 export HATCHERY_SKIP_LOG=$skip_log
+# The engines setup-deps.sh installed are required: a test that cannot start one fails.
+export HATCHERY_REQUIRE_ENGINES=1
 # Whatever happens, leave no cgroup behind: reap orphans and remove Hatchery's parent
 # cgroup once it is empty (the tests clean up their own; this also covers a run that was
 # interrupted half-way).

@@ -70,6 +70,19 @@ pub struct Config {
     pub token_ttl: String,
     pub agent: AgentSection,
     pub platform: PlatformSection,
+    pub store: StoreSection,
+}
+
+/// Where executions, events and policies are kept: the embedded store under `data_dir`
+/// (the default), or PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `postgres://user:password@host:port/database` (`HATCHERY_POSTGRES_URL`); unset:
+    /// the embedded store. The schema is created or brought up to date at start.
+    pub postgres_url: Option<String>,
+    /// Connections to PostgreSQL this process keeps at the most.
+    pub postgres_max_connections: Option<u32>,
 }
 
 /// The embedded agent (the per-host runtime daemon of this machine).
@@ -139,6 +152,7 @@ impl Default for Config {
             token_ttl: "30d".into(),
             agent: AgentSection::default(),
             platform: PlatformSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -199,6 +213,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_MAX_CODE_BYTES", "platform.max_code_bytes"),
     ("HATCHERY_MAX_QUEUED", "platform.max_queued"),
     ("HATCHERY_RETENTION", "platform.retention"),
+    ("HATCHERY_POSTGRES_URL", "store.postgres_url"),
     (
         "HATCHERY_MAX_PARALLEL",
         "platform.default_policy.max_parallel",
@@ -283,6 +298,18 @@ impl Config {
         if self.platform.languages.is_empty() {
             return Err(ConfigError::Invalid(
                 "platform.languages must name at least one language".into(),
+            ));
+        }
+        if let Some(url) = &self.store.postgres_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid(
+                    "store.postgres_url must start with postgres:// or postgresql://".into(),
+                ));
+            }
+        }
+        if self.store.postgres_max_connections == Some(0) {
+            return Err(ConfigError::Invalid(
+                "store.postgres_max_connections must be at least 1".into(),
             ));
         }
         if self.agent.name.is_empty() {
@@ -399,6 +426,16 @@ impl Config {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(7 * 86_400_000),
         }
+    }
+
+    /// The PostgreSQL store's settings, when one is configured.
+    pub fn postgres(&self) -> Option<hatchery_scheduler::postgres::PgConfig> {
+        let url = self.store.postgres_url.as_ref()?;
+        let mut pg = hatchery_scheduler::postgres::PgConfig::new(url.clone());
+        if let Some(n) = self.store.postgres_max_connections {
+            pg.max_connections = n;
+        }
+        Some(pg)
     }
 
     pub fn keys_path(&self) -> PathBuf {

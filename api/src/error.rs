@@ -26,6 +26,7 @@ pub const ERROR_CODES: &[&str] = &[
     "method_not_allowed",
     "websocket_required",
     "queue_full",
+    "store_unavailable",
     "not_ready",
     "internal",
 ];
@@ -149,7 +150,9 @@ impl From<PlatformError> for ApiError {
             | PlatformError::PolicyExceedsOrg(_)
             | PlatformError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             PlatformError::CodeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            PlatformError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            PlatformError::QueueFull | PlatformError::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             PlatformError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if let PlatformError::Internal(m) = &e {
@@ -157,7 +160,10 @@ impl From<PlatformError> for ApiError {
             return ApiError::internal();
         }
         let mut out = ApiError::new(status, e.code(), e.to_string());
-        if matches!(e, PlatformError::QueueFull) {
+        if matches!(
+            e,
+            PlatformError::QueueFull | PlatformError::StoreUnavailable
+        ) {
             out.retry_after = Some(RETRY_AFTER_SECS);
         }
         out

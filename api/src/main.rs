@@ -301,6 +301,7 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
         keyring: keys
             .keyring()
             .with_context(|| format!("keys file {}", cfg.keys_path().display()))?,
+        postgres: cfg.postgres(),
     })
     .await
     .context("starting the platform")?;

@@ -714,6 +714,7 @@ fn a_full_queue_answers_503_with_retry_after() {
         let h = Hatchery::started(Setup {
             capacity: 1,
             max_queued: 2,
+            ..Setup::default()
         })
         .await;
         let (u1, u2, u3) = (
@@ -757,12 +758,145 @@ fn a_full_queue_answers_503_with_retry_after() {
     });
 }
 
+/// Memory limit of the storm's executions: a pooled sandbox has the default policy's
+/// (512 MiB), so a sandbox with this one was claimed by the storm.
+const STORM_MEMORY: u64 = 300 << 20;
+
+/// Sandboxes under `parent` that run (or are being killed with) storm code: claimed with
+/// [`STORM_MEMORY`], thawed, with processes left.
+fn live_storm_sandboxes(parent: &str) -> usize {
+    use hatchery_sandbox::cgroup::{CgroupRoot, CgroupVersion};
+    let Ok(root) = CgroupRoot::detect(parent) else {
+        return 0;
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    root.children()
+        .iter()
+        .filter_map(|name| root.open(name).ok())
+        .filter(|cg| {
+            let (memory, thawed) = match cg.version() {
+                CgroupVersion::V1 => (
+                    read(cg.dir("memory").join("memory.limit_in_bytes")),
+                    read(cg.dir("freezer").join("freezer.state")).trim() == "THAWED",
+                ),
+                CgroupVersion::V2 => (
+                    read(cg.dir("memory").join("memory.max")),
+                    read(cg.dir("memory").join("cgroup.freeze")).trim() == "0",
+                ),
+            };
+            memory.trim() == STORM_MEMORY.to_string() && thawed && !cg.is_empty()
+        })
+        .count()
+}
+
+/// R11 at the sandbox level: with two executions running under a cap of 2, a third
+/// displaces the oldest, and its sandbox is thawed only once the displaced one is dead —
+/// its `started` event comes after the displaced one's `finished`, and the cgroups never
+/// show three running.
+#[test]
+fn a_displaced_execution_is_dead_before_its_successor_runs() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let t = h.token("acme", "steady", "user");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sandboxes = {
+            let (parent, stop) = (h.cgroup_parent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut max_live = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    max_live = max_live.max(live_storm_sandboxes(&parent));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                max_live
+            })
+        };
+        let body = || {
+            json!({
+                "language": "r",
+                "code": "Sys.sleep(30)",
+                "limits": {"memory_bytes": STORM_MEMORY},
+            })
+        };
+        let mut running = vec![submit(&h, &t, body()).await, submit(&h, &t, body()).await];
+        for id in &running {
+            wait_running(&h, &t, id).await;
+        }
+        for round in 0..4 {
+            // Both sandboxes thawed before the next one comes.
+            let deadline = Instant::now() + PATIENCE;
+            while live_storm_sandboxes(&h.cgroup_parent) < 2 {
+                assert!(Instant::now() < deadline, "round {round}: two never ran");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let next = submit(&h, &t, body()).await;
+            let displaced = running.remove(0);
+            wait_running(&h, &t, &next).await;
+            let old = wait_terminal(&h, &t, &displaced).await;
+            assert_eq!(old["cancel"], "parallelism_cap", "{old}");
+            let old_events = all_events(&h, &t, &displaced).await;
+            let finished_at = old_events
+                .iter()
+                .find(|e| e["type"] == "finished")
+                .and_then(|e| e["at"].as_u64())
+                .expect("a finished event");
+            // The successor's started event (after its claim, i.e. its thaw).
+            let mut ws = ws_connect(&h, &format!("/v1/executions/{next}/events?token={t}"))
+                .await
+                .unwrap();
+            let (events, _) =
+                read_events(&mut ws, |ev| ev.iter().any(|e| e["type"] == "started")).await;
+            let started_at = events
+                .iter()
+                .find(|e| e["type"] == "started")
+                .and_then(|e| e["at"].as_u64())
+                .expect("a started event");
+            assert!(
+                started_at >= finished_at,
+                "round {round}: {next} started at {started_at}, before {displaced} it displaced \
+                 finished at {finished_at}"
+            );
+            running.push(next);
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let max_live = sandboxes.join().unwrap();
+        assert!(
+            max_live <= 2,
+            "{max_live} of the user's sandboxes ran at once under a cap of 2"
+        );
+        for id in &running {
+            let r = http(
+                &h,
+                "POST",
+                &format!("/v1/executions/{id}/cancel"),
+                Some(&t),
+                None,
+            )
+            .await;
+            assert!(r.status < 300, "cancel {id}: {}", r.status);
+        }
+    });
+}
+
 #[test]
 fn thirty_simultaneous_submissions_never_run_more_than_two() {
     e2e(async {
         let h = Hatchery::started(Setup::default()).await;
         let t = h.token("acme", "rush", "user");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // What really runs, sampled from the sandboxes' cgroups every millisecond: a
+        // displaced execution must be dead before its successor is thawed.
+        let sandboxes = {
+            let (parent, stop) = (h.cgroup_parent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut max_live, mut samples) = (0, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    max_live = max_live.max(live_storm_sandboxes(&parent));
+                    samples += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (max_live, samples)
+            })
+        };
         // Sample the user's executions while the storm runs: one list is one snapshot.
         let sampler = {
             let (addr, t, stop) = (h.addr, t.clone(), stop.clone());
@@ -793,9 +927,11 @@ fn thirty_simultaneous_submissions_never_run_more_than_two() {
         let posts = (0..30).map(|i| {
             let (addr, t) = (h.addr, t.clone());
             async move {
-                let body = serde_json::to_vec(
-                    &json!({"language": "r", "code": format!("Sys.sleep(1); {i}")}),
-                )
+                let body = serde_json::to_vec(&json!({
+                    "language": "r",
+                    "code": format!("Sys.sleep(1); {i}"),
+                    "limits": {"memory_bytes": STORM_MEMORY},
+                }))
                 .unwrap();
                 try_http(
                     addr,
@@ -828,11 +964,26 @@ fn thirty_simultaneous_submissions_never_run_more_than_two() {
         let (max_active, samples) = sampler.await.unwrap();
         assert!(samples > 0);
         assert!(max_active <= 2, "{max_active} active at once");
-        // The cap cancels the oldest (by creation time, then id): the two newest are never
-        // cancelled. Any other survivor must have finished before the storm was over (each
-        // run takes a second), otherwise exactly those two survive.
+        let (max_live, sandbox_samples) = sandboxes.join().unwrap();
+        assert!(
+            sandbox_samples > 100,
+            "{sandbox_samples} samples of the sandboxes"
+        );
+        assert!(max_live > 0, "the sampler never saw a storm sandbox run");
+        assert!(
+            max_live <= 2,
+            "{max_live} of the user's sandboxes ran at once under a cap of 2"
+        );
+        // The cap cancels the oldest in the order the store admitted them: the two admitted
+        // last are never cancelled. Any other survivor must have finished before the storm
+        // was over (each run takes a second), otherwise exactly those two survive.
         let mut by_age: Vec<&Value> = finals.iter().collect();
-        by_age.sort_by_key(|v| (v["created_at"].as_u64().unwrap(), v["id"].as_str().unwrap()));
+        by_age.sort_by_key(|v| v["admitted"].as_u64().expect("an admission order"));
+        let orders: BTreeSet<u64> = by_age
+            .iter()
+            .filter_map(|v| v["admitted"].as_u64())
+            .collect();
+        assert_eq!(orders.len(), 30, "two admissions got the same order");
         for newest in &by_age[by_age.len() - 2..] {
             assert!(
                 newest["cancel"].is_null() && state(newest) == "succeeded",

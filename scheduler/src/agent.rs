@@ -801,6 +801,21 @@ async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermi
     inner.status_changed.notify_one();
     tracing::info!(execution = %id, org = %record.org, user = %record.user, language = %record.language, "running");
 
+    // R11: the sandbox is not thawed while an execution this one displaced still runs,
+    // and not at all if this one was cancelled meanwhile.
+    wait_displaced(&inner, &record).await;
+    if let Some(reason) = cancelled_before_start(&inner, &id).await {
+        let summary = bare_summary(
+            ExecState::Cancelled,
+            cancel_code(Some(reason)),
+            Some(cancel_note(Some(reason))),
+        );
+        finish(&inner, &id, ExecState::Cancelled, summary).await;
+        inner.running.lock().unwrap().remove(&id);
+        inner.status_changed.notify_one();
+        return;
+    }
+
     let outcome = drive(&inner, &record).await;
     let (state, summary) = match outcome {
         Ok(result) => {
@@ -834,6 +849,58 @@ async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermi
     finish(&inner, &id, state, summary).await;
     inner.running.lock().unwrap().remove(&id);
     inner.status_changed.notify_one();
+}
+
+/// How long a new execution waits for the ones it displaced to die before it starts
+/// anyway (their agent is gone: they become `lost` when its lease expires).
+const DISPLACED_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until every execution `record` displaced (see [`ExecutionRecord::displaces`]) is
+/// terminal: its agent has killed it and emptied its cgroup before marking it finished.
+async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) {
+    if record.displaces.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let deadline = started + DISPLACED_WAIT;
+    for other in &record.displaces {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match inner.store.get(other).await {
+                Ok(Some(r)) if !r.state.is_terminal() => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(execution = %record.id, displaced = %other, error = %e, "cannot read a displaced execution");
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    execution = %record.id,
+                    displaced = %other,
+                    "a displaced execution is still running after {DISPLACED_WAIT:?}: starting anyway"
+                );
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+    tracing::debug!(execution = %record.id, waited_ms = started.elapsed().as_millis() as u64, "displaced executions are dead");
+}
+
+/// The reason, if this execution was cancelled before its sandbox was claimed.
+async fn cancelled_before_start(inner: &Inner, id: &str) -> Option<CancelReason> {
+    let requested = inner
+        .running
+        .lock()
+        .unwrap()
+        .get(id)
+        .is_some_and(|r| r.cancel_requested);
+    match inner.store.get(id).await {
+        Ok(Some(r)) if r.cancel.is_some() => r.cancel,
+        _ if requested => Some(CancelReason::Requested),
+        _ => None,
+    }
 }
 
 /// Stores the result, marks the record finished and appends the `finished` event.
@@ -1233,6 +1300,8 @@ mod tests {
             cancel: None,
             error: None,
             last_seq: 0,
+            admitted: 0,
+            displaces: Vec::new(),
         }
     }
 

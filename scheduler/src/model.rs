@@ -204,6 +204,16 @@ pub struct ExecutionRecord {
     pub error: Option<String>,
     /// Sequence number of the last event.
     pub last_seq: u64,
+    /// The order the store admitted it in (1, 2, 3, ... per store; 0 before admission):
+    /// "the oldest" of the parallelism cap (R11) is the smallest, whatever the clocks of
+    /// the nodes that stamped `created_at` said.
+    #[serde(default)]
+    pub admitted: u64,
+    /// Running executions of the same user this one's admission cancelled (tab or cap):
+    /// its sandbox is not thawed until they are dead, so the user never has more than
+    /// the cap running, not even for the milliseconds a kill takes (R11).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub displaces: Vec<String>,
 }
 
 /// What an execution reports; stored in order with a per-execution sequence number.

@@ -1,5 +1,5 @@
 //! The embedded single-host platform behind `hatchery up`: an embedded store (durable
-//! under `data_dir/store`), an in-process bus, encrypted objects under `data_dir/objects`,
+//! under `data_dir/store`; or PostgreSQL when configured), an in-process bus, encrypted objects under `data_dir/objects`,
 //! the scheduler role, one agent, and the [`Platform`] front door for the API. Store and
 //! objects seal with the same keyring; the data dir and everything in it is private
 //! (0700 directories, 0600 files).
@@ -21,6 +21,7 @@ use crate::objects::{ObjectError, Objects};
 use crate::placement::run_scheduler;
 use crate::platform::{Platform, PlatformConfig};
 use crate::policy::PolicyErrors;
+use crate::postgres::{PgConfig, PgStore};
 use crate::private_files;
 use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
@@ -38,6 +39,9 @@ pub struct NodeConfig {
     /// The keys records, events and objects are sealed with (AES-256-GCM): sealing uses
     /// the current one, opening the one a blob names.
     pub keyring: Keyring,
+    /// Keep executions, events and policies in PostgreSQL instead of the embedded store
+    /// under `data_dir/store`.
+    pub postgres: Option<PgConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +78,13 @@ impl EmbeddedNode {
         private_files::create_dir(&cfg.data_dir).map_err(|e| {
             NodeError::DataDir(format!("preparing {}: {e}", cfg.data_dir.display()))
         })?;
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
-            &cfg.data_dir.join("store"),
-            cfg.keyring.clone(),
-        )?);
+        let store: Arc<dyn Store> = match &cfg.postgres {
+            Some(pg) => Arc::new(PgStore::connect(pg, cfg.keyring.clone()).await?),
+            None => Arc::new(EmbeddedStore::open(
+                &cfg.data_dir.join("store"),
+                cfg.keyring.clone(),
+            )?),
+        };
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
         let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(
             &cfg.data_dir.join("objects"),

@@ -530,6 +530,8 @@ mod tests {
                 cancel: None,
                 error: None,
                 last_seq: 0,
+                admitted: 0,
+                displaces: Vec::new(),
             }
         }
 

@@ -84,6 +84,9 @@ pub enum PlatformError {
     /// 503 `queue_full` (with Retry-After)
     #[error("the platform's queue is full; retry later")]
     QueueFull,
+    /// 503 `store_unavailable` (with Retry-After): the store's engine cannot be reached.
+    #[error("the store is unavailable; retry later")]
+    StoreUnavailable,
     /// 500 `internal`
     #[error("internal error: {0}")]
     Internal(String),
@@ -101,6 +104,7 @@ impl PlatformError {
             PlatformError::PolicyExceedsOrg(_) => "policy_exceeds_org",
             PlatformError::Invalid(_) => "invalid_request",
             PlatformError::QueueFull => "queue_full",
+            PlatformError::StoreUnavailable => "store_unavailable",
             PlatformError::Internal(_) => "internal",
         }
     }
@@ -162,6 +166,10 @@ impl From<StoreError> for PlatformError {
         match e {
             StoreError::NotFound(_) => PlatformError::NotFound,
             StoreError::InvalidName(n) => PlatformError::Invalid(format!("invalid name: {n}")),
+            StoreError::Unavailable(e) => {
+                tracing::warn!("store unavailable: {e}");
+                PlatformError::StoreUnavailable
+            }
             other => internal(other),
         }
     }
@@ -252,6 +260,8 @@ impl Platform {
             cancel: None,
             error: None,
             last_seq: 0,
+            admitted: 0,
+            displaces: Vec::new(),
         };
         let rules = AdmissionRules {
             max_parallel: policy.max_parallel,

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy, ResultSummary,
+    Usage,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,10 @@ pub enum StoreError {
     /// a dot, at most 200 characters).
     #[error("invalid name: {0}")]
     InvalidName(String),
+    /// The store's engine cannot be reached (a remote store's connection is down): the
+    /// operation may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("illegal state change of {id}: {from:?} -> {to:?}")]
     IllegalTransition {
         id: String,
@@ -157,4 +162,64 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished executions (records and events) finished before `before`; returns
     /// them so their objects can be deleted too.
     async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>>;
+}
+
+/// Queued or running, and not cancel-requested: what counts against the parallelism cap.
+pub(crate) fn is_active(r: &ExecutionRecord) -> bool {
+    matches!(r.state, ExecState::Queued | ExecState::Running) && r.cancel.is_none()
+}
+
+pub(crate) fn cancel_message(reason: CancelReason) -> &'static str {
+    match reason {
+        CancelReason::Requested => "cancelled on request",
+        CancelReason::SupersededByTab => {
+            "cancelled: a newer execution from the same tab replaced it"
+        }
+        CancelReason::ParallelismCap => "cancelled: the user's parallelism cap was reached",
+    }
+}
+
+/// The change a cancel makes to `rec` (see [`Store::request_cancel`]): a queued one
+/// becomes `cancelled` with a `finished` event; a running one gets its `cancel` field
+/// (the first reason stays); a finished one, or one already cancel-requested, is left
+/// alone (`None`).
+pub(crate) fn cancelled(
+    rec: &ExecutionRecord,
+    reason: CancelReason,
+    now: Millis,
+) -> Option<(ExecutionRecord, Option<ExecEvent>)> {
+    match rec.state {
+        ExecState::Queued => {
+            let mut r = rec.clone();
+            r.state = ExecState::Cancelled;
+            r.cancel = Some(reason);
+            r.finished_at = Some(now);
+            r.last_seq += 1;
+            let event = ExecEvent {
+                execution_id: r.id.clone(),
+                seq: r.last_seq,
+                at: now,
+                body: EventBody::Finished(ResultSummary {
+                    state: ExecState::Cancelled,
+                    error_code: Some(reason.code().to_string()),
+                    value_json: None,
+                    error: Some(cancel_message(reason).to_string()),
+                    warnings: Vec::new(),
+                    exit_code: None,
+                    usage: Usage::default(),
+                    start_ms: None,
+                    duration_ms: 0.0,
+                    stdout_truncated: false,
+                    stderr_truncated: false,
+                }),
+            };
+            Some((r, Some(event)))
+        }
+        ExecState::Running if rec.cancel.is_none() => {
+            let mut r = rec.clone();
+            r.cancel = Some(reason);
+            Some((r, None))
+        }
+        _ => None,
+    }
 }

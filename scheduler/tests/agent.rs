@@ -268,6 +268,8 @@ impl Env {
             cancel: None,
             error: None,
             last_seq: 0,
+            admitted: 0,
+            displaces: Vec::new(),
         }
     }
 
@@ -716,6 +718,7 @@ mod node {
                 ..PlatformConfig::default()
             },
             keyring: Keyring::single([9u8; 32]),
+            postgres: None,
         };
         let node = EmbeddedNode::start(cfg).await.expect("start the node");
         node.wait_ready(Duration::from_secs(120))

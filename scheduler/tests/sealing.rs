@@ -56,6 +56,8 @@ fn record(id: &str, created_at: u64) -> ExecutionRecord {
         cancel: None,
         error: None,
         last_seq: 0,
+        admitted: 0,
+        displaces: Vec::new(),
     }
 }
 

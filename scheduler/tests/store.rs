@@ -1,6 +1,7 @@
-//! The embedded store's contract: race-free admission (R10, R11, queue limit), gapless
-//! event logs, cancel and state-transition rules, durability across restarts, crash
-//! leftovers, and retention.
+//! The store's contract, on both backends — the embedded store and PostgreSQL (a private
+//! server per test): race-free admission (R10, R11, queue limit), gapless event logs,
+//! cancel and state-transition rules, durability across restarts, and retention; for the
+//! embedded store also its files: crash leftovers, torn and corrupt lines, names.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -8,10 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hatchery_scheduler::embedded::EmbeddedStore;
+use hatchery_scheduler::engines::{EngineError, PostgresServer};
 use hatchery_scheduler::model::{
     CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, OutputData, Policy,
     ResultSummary, Usage,
 };
+use hatchery_scheduler::postgres::{PgConfig, PgStore};
 use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{
     ActiveCounts, Admission, AdmissionRules, ListFilter, Store, StoreError,
@@ -41,6 +44,8 @@ fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -
         cancel: None,
         error: None,
         last_seq: 0,
+        admitted: 0,
+        displaces: Vec::new(),
     }
 }
 
@@ -68,18 +73,18 @@ fn summary(state: ExecState) -> ResultSummary {
 }
 
 async fn admitted(
-    store: &EmbeddedStore,
+    store: &impl AsStore,
     rec: ExecutionRecord,
     r: AdmissionRules,
 ) -> Vec<(String, CancelReason)> {
-    match store.admit(rec, r).await.unwrap() {
+    match store.s().admit(rec, r).await.unwrap() {
         Admission::Admitted { cancelled } => cancelled,
         other => panic!("not admitted: {other:?}"),
     }
 }
 
-async fn get(store: &EmbeddedStore, id: &str) -> ExecutionRecord {
-    store.get(id).await.unwrap().expect(id)
+async fn get(store: &impl AsStore, id: &str) -> ExecutionRecord {
+    store.s().get(id).await.unwrap().expect(id)
 }
 
 fn user_filter(org: &str, user: &str) -> ListFilter {
@@ -95,12 +100,13 @@ fn counts_against_cap(r: &ExecutionRecord) -> bool {
     !r.state.is_terminal() && r.cancel.is_none()
 }
 
-async fn active_count(store: &EmbeddedStore, org: &str, user: &str) -> usize {
+async fn active_count(store: &impl AsStore, org: &str, user: &str) -> usize {
     let f = ListFilter {
         active_only: true,
         ..user_filter(org, user)
     };
     store
+        .s()
         .list(&f)
         .await
         .unwrap()
@@ -117,107 +123,232 @@ fn open(dir: &Path) -> EmbeddedStore {
     EmbeddedStore::open(dir, keyring()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_hundred_concurrent_admissions_never_exceed_the_cap() {
-    const N: u64 = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    // Another user's executions must not be touched.
-    admitted(&store, record("other1", "acme", "bob", None, 1), rules(2)).await;
-
-    // A watcher lists all the time and never sees more than 2 active.
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = tokio::spawn({
-        let (store, done) = (store.clone(), done.clone());
-        async move {
-            let mut looks = 0u32;
-            while !done.load(Ordering::Relaxed) {
-                let n = active_count(&store, "acme", "alice").await;
-                assert!(n <= 2, "watcher saw {n} active executions");
-                looks += 1;
-                tokio::task::yield_now().await;
-            }
-            looks
-        }
-    });
-
-    // created_at in a scrambled order relative to the spawn order, so that an older
-    // execution is often admitted after a newer one.
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let store = store.clone();
-            let created_at = 1_000 + (i * 73) % N;
-            let id = format!("e{created_at:04}");
-            tokio::spawn(async move {
-                let rec = record(&id, "acme", "alice", None, created_at);
-                let cancelled = admitted(&store, rec, rules(2)).await;
-                let n = active_count(&store, "acme", "alice").await;
-                assert!(n <= 2, "{n} active after admitting {id}");
-                cancelled
-            })
-        })
-        .collect();
-    let mut cancelled_by_admission: HashMap<String, CancelReason> = HashMap::new();
-    for t in tasks {
-        for (id, reason) in t.await.unwrap() {
-            assert!(
-                cancelled_by_admission.insert(id.clone(), reason).is_none(),
-                "{id} cancelled twice"
-            );
-        }
-    }
-    done.store(true, Ordering::Relaxed);
-    assert!(watcher.await.unwrap() > 0);
-
-    let all = store.list(&user_filter("acme", "alice")).await.unwrap();
-    assert_eq!(all.len(), N as usize, "a record was lost");
-    let active: Vec<&str> = all
-        .iter()
-        .filter(|r| counts_against_cap(r))
-        .map(|r| r.id.as_str())
-        .collect();
-    // Newest first: the two newest survive.
-    assert_eq!(active, vec!["e1199", "e1198"]);
-    for r in &all {
-        if active.contains(&r.id.as_str()) {
-            assert_eq!(r.state, ExecState::Queued);
-            assert_eq!(r.last_seq, 1);
-            continue;
-        }
-        assert_eq!(r.state, ExecState::Cancelled, "{}", r.id);
-        assert_eq!(r.cancel, Some(CancelReason::ParallelismCap), "{}", r.id);
-        assert_eq!(
-            cancelled_by_admission.get(&r.id),
-            Some(&CancelReason::ParallelismCap),
-            "{} not reported cancelled",
-            r.id
-        );
-        let events = store.events_after(&r.id, 0).await.unwrap();
-        assert_eq!(events.len(), 2, "{}", r.id);
-        assert_eq!(events[0].body, EventBody::Queued);
-        match &events[1].body {
-            EventBody::Finished(s) => assert_eq!(s.state, ExecState::Cancelled),
-            other => panic!("{}: {other:?}", r.id),
-        }
-        assert_eq!(r.last_seq, 2);
-    }
-    assert_eq!(cancelled_by_admission.len(), N as usize - 2);
-    assert!(counts_against_cap(&get(&store, "other1").await));
-
-    // And the same survives a restart.
-    drop(store);
-    let store = open(dir.path());
-    assert_eq!(active_count(&store, "acme", "alice").await, 2);
-    assert_eq!(
-        store.list(&user_filter("acme", "alice")).await.unwrap(),
-        all
-    );
+/// A store handle as the helpers take it: the embedded store itself or a shared one.
+trait AsStore {
+    fn s(&self) -> &dyn Store;
 }
 
-#[tokio::test]
-async fn the_cap_cancels_the_oldest_running_one_by_marking_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+impl AsStore for EmbeddedStore {
+    fn s(&self) -> &dyn Store {
+        self
+    }
+}
+
+impl AsStore for Arc<dyn Store> {
+    fn s(&self) -> &dyn Store {
+        &**self
+    }
+}
+
+/// Where a test's store lives. `open` makes a new handle on the same data: dropping the
+/// old one and opening again is a restart.
+enum Backend {
+    Embedded(tempfile::TempDir),
+    Postgres {
+        _server: PostgresServer,
+        url: String,
+    },
+}
+
+impl Backend {
+    fn embedded() -> Backend {
+        Backend::Embedded(tempfile::tempdir().unwrap())
+    }
+
+    /// A private PostgreSQL server, or `None` (the skip recorded) where PostgreSQL is not
+    /// installed and the run does not require it (`HATCHERY_REQUIRE_ENGINES`).
+    fn postgres(test: &str) -> Option<Backend> {
+        match PostgresServer::start() {
+            Ok(server) => {
+                let url = server.create_database("hatchery").unwrap();
+                Some(Backend::Postgres {
+                    _server: server,
+                    url,
+                })
+            }
+            Err(EngineError::PostgresMissing)
+                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
+            {
+                let line = format!("{test} on PostgreSQL: PostgreSQL is not installed");
+                eprintln!("SKIPPED: {line}");
+                if let Some(path) = std::env::var_os("HATCHERY_SKIP_LOG") {
+                    use std::io::Write;
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .unwrap();
+                    writeln!(f, "{line}").unwrap();
+                }
+                None
+            }
+            Err(e) => panic!("starting PostgreSQL: {e}"),
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Embedded(dir) => Arc::new(open(dir.path())),
+            Backend::Postgres { url, .. } => Arc::new(
+                PgStore::connect(&PgConfig::new(url.clone()), keyring())
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// The embedded store's data directory.
+    fn dir(&self) -> Option<&Path> {
+        match self {
+            Backend::Embedded(dir) => Some(dir.path()),
+            Backend::Postgres { .. } => None,
+        }
+    }
+}
+
+/// A test of the store's contract, run on each backend (`<name>::embedded`,
+/// `<name>::postgres`).
+macro_rules! store_test {
+    ($name:ident, |$b:ident| $body:block) => {
+        mod $name {
+            use super::*;
+
+            async fn run($b: Backend) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                run(Backend::embedded()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(b) = Backend::postgres(stringify!($name)) {
+                    run(b).await
+                }
+            }
+        }
+    };
+}
+
+store_test!(
+    two_hundred_concurrent_admissions_never_exceed_the_cap,
+    |b| {
+        const N: u64 = 200;
+        let store = b.open().await;
+        // Another user's executions must not be touched.
+        admitted(&store, record("other1", "acme", "bob", None, 1), rules(2)).await;
+
+        // A watcher lists all the time and never sees more than 2 active.
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn({
+            let (store, done) = (store.clone(), done.clone());
+            async move {
+                let mut looks = 0u32;
+                while !done.load(Ordering::Relaxed) {
+                    let n = active_count(&store, "acme", "alice").await;
+                    assert!(n <= 2, "watcher saw {n} active executions");
+                    looks += 1;
+                    tokio::task::yield_now().await;
+                }
+                looks
+            }
+        });
+
+        // created_at in a scrambled order relative to the spawn order, so that an older
+        // execution is often admitted after a newer one.
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let store = store.clone();
+                let created_at = 1_000 + (i * 73) % N;
+                let id = format!("e{created_at:04}");
+                tokio::spawn(async move {
+                    let rec = record(&id, "acme", "alice", None, created_at);
+                    let cancelled = admitted(&store, rec, rules(2)).await;
+                    let n = active_count(&store, "acme", "alice").await;
+                    assert!(n <= 2, "{n} active after admitting {id}");
+                    cancelled
+                })
+            })
+            .collect();
+        let mut cancelled_by_admission: HashMap<String, CancelReason> = HashMap::new();
+        for t in tasks {
+            for (id, reason) in t.await.unwrap() {
+                assert!(
+                    cancelled_by_admission.insert(id.clone(), reason).is_none(),
+                    "{id} cancelled twice"
+                );
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        assert!(watcher.await.unwrap() > 0);
+
+        let all = store.list(&user_filter("acme", "alice")).await.unwrap();
+        assert_eq!(all.len(), N as usize, "a record was lost");
+        let active: Vec<&str> = all
+            .iter()
+            .filter(|r| counts_against_cap(r))
+            .map(|r| r.id.as_str())
+            .collect();
+        // The two admitted last survive, whatever their created_at said: the store orders
+        // admissions (1, 2, 3, ... with no repeats).
+        let mut by_admission: Vec<&ExecutionRecord> = all.iter().collect();
+        by_admission.sort_by_key(|r| r.admitted);
+        let orders: HashSet<u64> = all.iter().map(|r| r.admitted).collect();
+        assert_eq!(orders.len(), all.len(), "two admissions got the same order");
+        assert!(
+            all.iter().all(|r| r.admitted > 0),
+            "an admission without an order"
+        );
+        let mut newest: Vec<&str> = by_admission[by_admission.len() - 2..]
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        let mut survivors = active.clone();
+        newest.sort();
+        survivors.sort();
+        assert_eq!(
+            survivors, newest,
+            "the survivors are not the two admitted last"
+        );
+        for r in &all {
+            if active.contains(&r.id.as_str()) {
+                assert_eq!(r.state, ExecState::Queued);
+                assert_eq!(r.last_seq, 1);
+                continue;
+            }
+            assert_eq!(r.state, ExecState::Cancelled, "{}", r.id);
+            assert_eq!(r.cancel, Some(CancelReason::ParallelismCap), "{}", r.id);
+            assert_eq!(
+                cancelled_by_admission.get(&r.id),
+                Some(&CancelReason::ParallelismCap),
+                "{} not reported cancelled",
+                r.id
+            );
+            let events = store.events_after(&r.id, 0).await.unwrap();
+            assert_eq!(events.len(), 2, "{}", r.id);
+            assert_eq!(events[0].body, EventBody::Queued);
+            match &events[1].body {
+                EventBody::Finished(s) => assert_eq!(s.state, ExecState::Cancelled),
+                other => panic!("{}: {other:?}", r.id),
+            }
+            assert_eq!(r.last_seq, 2);
+        }
+        assert_eq!(cancelled_by_admission.len(), N as usize - 2);
+        assert!(counts_against_cap(&get(&store, "other1").await));
+
+        // And the same survives a restart.
+        drop(store);
+        let store = b.open().await;
+        assert_eq!(active_count(&store, "acme", "alice").await, 2);
+        assert_eq!(
+            store.list(&user_filter("acme", "alice")).await.unwrap(),
+            all
+        );
+    }
+);
+
+store_test!(the_cap_cancels_the_oldest_running_one_by_marking_it, |b| {
+    let store = b.open().await;
     admitted(&store, record("a1", "o", "u", None, 10), rules(2)).await;
     admitted(&store, record("a2", "o", "u", None, 20), rules(2)).await;
     store.mark_running("a1", "h1", 11).await.unwrap();
@@ -239,80 +370,85 @@ async fn the_cap_cancels_the_oldest_running_one_by_marking_it() {
         .await
         .unwrap();
     assert_eq!(a1.cancel, Some(CancelReason::ParallelismCap));
-}
+});
 
-#[tokio::test]
-async fn a_new_execution_older_than_the_others_is_the_one_cancelled() {
-    // Records are stamped before admission, so under races (or clock skew between API
-    // nodes) an older one may arrive last: the rule "the oldest go" still holds.
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    admitted(&store, record("new", "o", "u", None, 200), rules(1)).await;
-    let c = admitted(&store, record("old", "o", "u", None, 100), rules(1)).await;
-    assert_eq!(c, vec![("old".to_string(), CancelReason::ParallelismCap)]);
-    let old = get(&store, "old").await;
-    assert_eq!(old.state, ExecState::Cancelled);
+store_test!(the_store_orders_admissions_not_the_nodes_clocks, |b| {
+    // Records are stamped by API nodes before admission; under races or clock skew an
+    // execution stamped older may arrive last. It is still the newest: "the oldest go"
+    // follows the order the store admitted them in.
+    let store = b.open().await;
+    admitted(&store, record("first", "o", "u", None, 200), rules(1)).await;
+    let c = admitted(
+        &store,
+        record("stamped-older", "o", "u", None, 100),
+        rules(1),
+    )
+    .await;
+    assert_eq!(c, vec![("first".to_string(), CancelReason::ParallelismCap)]);
+    let first = get(&store, "first").await;
+    assert_eq!(first.state, ExecState::Cancelled);
     let seqs: Vec<u64> = store
-        .events_after("old", 0)
+        .events_after("first", 0)
         .await
         .unwrap()
         .iter()
         .map(|e| e.seq)
         .collect();
     assert_eq!(seqs, vec![1, 2]);
-    assert!(counts_against_cap(&get(&store, "new").await));
-}
+    let later = get(&store, "stamped-older").await;
+    assert!(counts_against_cap(&later));
+    assert!(later.admitted > first.admitted);
+});
 
-#[tokio::test]
-async fn the_same_tab_supersedes_only_its_own_previous_execution() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let r = rules(10);
-    admitted(&store, record("t1", "o", "u", Some("tabA"), 1), r).await;
-    admitted(&store, record("t2", "o", "u", Some("tabB"), 2), r).await;
-    admitted(&store, record("t3", "o", "u", None, 3), r).await;
-    // Same tab id, other user / other org: untouched.
-    admitted(&store, record("x1", "o", "v", Some("tabA"), 4), r).await;
-    admitted(&store, record("y1", "p", "u", Some("tabA"), 5), r).await;
+store_test!(
+    the_same_tab_supersedes_only_its_own_previous_execution,
+    |b| {
+        let store = b.open().await;
+        let r = rules(10);
+        admitted(&store, record("t1", "o", "u", Some("tabA"), 1), r).await;
+        admitted(&store, record("t2", "o", "u", Some("tabB"), 2), r).await;
+        admitted(&store, record("t3", "o", "u", None, 3), r).await;
+        // Same tab id, other user / other org: untouched.
+        admitted(&store, record("x1", "o", "v", Some("tabA"), 4), r).await;
+        admitted(&store, record("y1", "p", "u", Some("tabA"), 5), r).await;
 
-    let c = admitted(&store, record("t4", "o", "u", Some("tabA"), 6), r).await;
-    assert_eq!(c, vec![("t1".to_string(), CancelReason::SupersededByTab)]);
-    let t1 = get(&store, "t1").await;
-    assert_eq!(t1.state, ExecState::Cancelled);
-    assert_eq!(t1.cancel, Some(CancelReason::SupersededByTab));
-    match &store.events_after("t1", 1).await.unwrap()[..] {
-        [ExecEvent {
-            seq: 2,
-            body: EventBody::Finished(s),
-            ..
-        }] => assert_eq!(s.state, ExecState::Cancelled),
-        other => panic!("{other:?}"),
+        let c = admitted(&store, record("t4", "o", "u", Some("tabA"), 6), r).await;
+        assert_eq!(c, vec![("t1".to_string(), CancelReason::SupersededByTab)]);
+        let t1 = get(&store, "t1").await;
+        assert_eq!(t1.state, ExecState::Cancelled);
+        assert_eq!(t1.cancel, Some(CancelReason::SupersededByTab));
+        match &store.events_after("t1", 1).await.unwrap()[..] {
+            [ExecEvent {
+                seq: 2,
+                body: EventBody::Finished(s),
+                ..
+            }] => assert_eq!(s.state, ExecState::Cancelled),
+            other => panic!("{other:?}"),
+        }
+        for id in ["t2", "t3", "x1", "y1", "t4"] {
+            let r = get(&store, id).await;
+            assert!(counts_against_cap(&r), "{id} was touched: {r:?}");
+        }
+
+        // A running one in the tab is marked, and the next re-run does not cancel it again.
+        store.mark_running("t4", "h1", 7).await.unwrap();
+        let c = admitted(&store, record("t5", "o", "u", Some("tabA"), 8), r).await;
+        assert_eq!(c, vec![("t4".to_string(), CancelReason::SupersededByTab)]);
+        let t4 = get(&store, "t4").await;
+        assert_eq!(
+            (t4.state, t4.cancel),
+            (ExecState::Running, Some(CancelReason::SupersededByTab))
+        );
+        let c = admitted(&store, record("t6", "o", "u", Some("tabA"), 9), r).await;
+        assert_eq!(c, vec![("t5".to_string(), CancelReason::SupersededByTab)]);
+        // Two tabs of one user running the same model concurrently: both stay.
+        assert!(counts_against_cap(&get(&store, "t2").await));
+        assert!(counts_against_cap(&get(&store, "t6").await));
     }
-    for id in ["t2", "t3", "x1", "y1", "t4"] {
-        let r = get(&store, id).await;
-        assert!(counts_against_cap(&r), "{id} was touched: {r:?}");
-    }
+);
 
-    // A running one in the tab is marked, and the next re-run does not cancel it again.
-    store.mark_running("t4", "h1", 7).await.unwrap();
-    let c = admitted(&store, record("t5", "o", "u", Some("tabA"), 8), r).await;
-    assert_eq!(c, vec![("t4".to_string(), CancelReason::SupersededByTab)]);
-    let t4 = get(&store, "t4").await;
-    assert_eq!(
-        (t4.state, t4.cancel),
-        (ExecState::Running, Some(CancelReason::SupersededByTab))
-    );
-    let c = admitted(&store, record("t6", "o", "u", Some("tabA"), 9), r).await;
-    assert_eq!(c, vec![("t5".to_string(), CancelReason::SupersededByTab)]);
-    // Two tabs of one user running the same model concurrently: both stay.
-    assert!(counts_against_cap(&get(&store, "t2").await));
-    assert!(counts_against_cap(&get(&store, "t6").await));
-}
-
-#[tokio::test]
-async fn tab_and_cap_together_cancel_each_execution_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(tab_and_cap_together_cancel_each_execution_once, |b| {
+    let store = b.open().await;
     admitted(&store, record("a", "o", "u", Some("t"), 1), rules(2)).await;
     admitted(&store, record("b", "o", "u", Some("s"), 2), rules(2)).await;
     // Same tab as a: a goes for the tab; then b and c make exactly 2, nothing more.
@@ -320,12 +456,10 @@ async fn tab_and_cap_together_cancel_each_execution_once() {
     assert_eq!(c, vec![("a".to_string(), CancelReason::SupersededByTab)]);
     let c = admitted(&store, record("d", "o", "u", None, 4), rules(2)).await;
     assert_eq!(c, vec![("b".to_string(), CancelReason::ParallelismCap)]);
-}
+});
 
-#[tokio::test]
-async fn a_full_queue_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(a_full_queue_stores_nothing, |b| {
+    let store = b.open().await;
     let r = AdmissionRules {
         max_parallel: 10,
         max_queued: 3,
@@ -346,17 +480,17 @@ async fn a_full_queue_stores_nothing() {
     // Its tab predecessor was not cancelled.
     assert!(counts_against_cap(&get(&store, "q1").await));
     assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
-    assert!(!dir.path().join("records/q4.sealed").exists());
-    assert!(!dir.path().join("events/q4.sealed").exists());
+    if let Some(dir) = b.dir() {
+        assert!(!dir.join("records/q4.sealed").exists());
+        assert!(!dir.join("events/q4.sealed").exists());
+    }
     // Running ones do not count as queued.
     store.mark_running("q1", "h", 5).await.unwrap();
     admitted(&store, record("q4", "o", "u", None, 6), r).await;
-}
+});
 
-#[tokio::test]
-async fn admission_refuses_duplicates_and_non_queued_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(admission_refuses_duplicates_and_non_queued_records, |b| {
+    let store = b.open().await;
     admitted(&store, record("d", "o", "u", None, 1), rules(2)).await;
     assert!(matches!(
         store.admit(record("d", "o", "u", None, 2), rules(2)).await,
@@ -369,68 +503,67 @@ async fn admission_refuses_duplicates_and_non_queued_records() {
         Err(StoreError::IllegalTransition { .. })
     ));
     assert!(store.get("r").await.unwrap().is_none());
-}
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn event_sequence_numbers_are_gapless_under_concurrent_appends() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    admitted(&store, record("ev", "o", "u", None, 1), rules(2)).await;
-    let tasks: Vec<_> = (0..8)
-        .map(|t| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let mut seqs = Vec::new();
-                for i in 0..50 {
-                    let e = store
-                        .append_event(
-                            "ev",
-                            EventBody::Stdout(OutputData::text(format!("{t}:{i}\n"))),
-                        )
-                        .await
-                        .unwrap();
-                    seqs.push(e.seq);
-                }
-                seqs
+store_test!(
+    event_sequence_numbers_are_gapless_under_concurrent_appends,
+    |b| {
+        let store = b.open().await;
+        admitted(&store, record("ev", "o", "u", None, 1), rules(2)).await;
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for i in 0..50 {
+                        let e = store
+                            .append_event(
+                                "ev",
+                                EventBody::Stdout(OutputData::text(format!("{t}:{i}\n"))),
+                            )
+                            .await
+                            .unwrap();
+                        seqs.push(e.seq);
+                    }
+                    seqs
+                })
             })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        let seqs = t.await.unwrap();
-        // Each writer sees its own events in increasing order.
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-        all.extend(seqs);
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            let seqs = t.await.unwrap();
+            // Each writer sees its own events in increasing order.
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+            all.extend(seqs);
+        }
+        all.sort();
+        assert_eq!(all, (2..=401).collect::<Vec<u64>>());
+        let events = store.events_after("ev", 0).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=401).collect::<Vec<u64>>()
+        );
+        assert_eq!(get(&store, "ev").await.last_seq, 401);
+        let tail = store.events_after("ev", 399).await.unwrap();
+        assert_eq!(
+            tail.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![400, 401]
+        );
+        assert!(store.events_after("ev", 401).await.unwrap().is_empty());
+        assert!(store.events_after("ev", u64::MAX).await.unwrap().is_empty());
+        assert!(matches!(
+            store.append_event("nope", EventBody::Queued).await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        drop(store);
+        let store = b.open().await;
+        assert_eq!(store.events_after("ev", 0).await.unwrap(), events);
     }
-    all.sort();
-    assert_eq!(all, (2..=401).collect::<Vec<u64>>());
-    let events = store.events_after("ev", 0).await.unwrap();
-    assert_eq!(
-        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        (1..=401).collect::<Vec<u64>>()
-    );
-    assert_eq!(get(&store, "ev").await.last_seq, 401);
-    let tail = store.events_after("ev", 399).await.unwrap();
-    assert_eq!(
-        tail.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        vec![400, 401]
-    );
-    assert!(store.events_after("ev", 401).await.unwrap().is_empty());
-    assert!(store.events_after("ev", u64::MAX).await.unwrap().is_empty());
-    assert!(matches!(
-        store.append_event("nope", EventBody::Queued).await,
-        Err(StoreError::NotFound(_))
-    ));
+);
 
-    drop(store);
-    let store = open(dir.path());
-    assert_eq!(store.events_after("ev", 0).await.unwrap(), events);
-}
-
-#[tokio::test]
-async fn cancel_rules() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(cancel_rules, |b| {
+    let store = b.open().await;
     for (i, id) in ["q", "r", "f"].iter().enumerate() {
         admitted(&store, record(id, "o", "u", None, i as u64), rules(10)).await;
     }
@@ -498,12 +631,10 @@ async fn cancel_rules() {
             .unwrap(),
         None
     );
-}
+});
 
-#[tokio::test]
-async fn state_transitions_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(state_transitions_are_checked, |b| {
+    let store = b.open().await;
     admitted(&store, record("a", "o", "u", None, 1), rules(10)).await;
     admitted(&store, record("b", "o", "u", None, 2), rules(10)).await;
     assert!(matches!(
@@ -576,12 +707,10 @@ async fn state_transitions_are_checked() {
         .mark_finished("c", ExecState::Failed, None, Some("no host".into()), 300)
         .await
         .unwrap();
-}
+});
 
-#[tokio::test]
-async fn list_filters_and_orders_newest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(list_filters_and_orders_newest_first, |b| {
+    let store = b.open().await;
     let r = rules(100);
     admitted(&store, record("a", "o", "u", Some("t1"), 1), r).await;
     admitted(&store, record("b", "o", "u", Some("t2"), 3), r).await;
@@ -623,12 +752,10 @@ async fn list_filters_and_orders_newest_first() {
         ..Default::default()
     };
     assert_eq!(ids(store.list(&f).await.unwrap()), vec!["e", "d"]);
-}
+});
 
-#[tokio::test]
-async fn policies_are_stored_per_org_and_user() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(policies_are_stored_per_org_and_user, |b| {
+    let store = b.open().await;
     assert_eq!(store.get_org_policy("acme").await.unwrap(), None);
     let org = Policy {
         memory_bytes: Some(1 << 30),
@@ -645,11 +772,11 @@ async fn policies_are_stored_per_org_and_user() {
         .await
         .unwrap();
     assert_eq!(
-        store.get_org_policy("acme").await.unwrap(),
+        store.s().get_org_policy("acme").await.unwrap(),
         Some(org.clone())
     );
     assert_eq!(
-        store.get_user_policy("acme", "alice").await.unwrap(),
+        store.s().get_user_policy("acme", "alice").await.unwrap(),
         Some(user)
     );
     assert_eq!(store.get_user_policy("acme", "bob").await.unwrap(), None);
@@ -661,7 +788,7 @@ async fn policies_are_stored_per_org_and_user() {
     };
     store.put_org_policy("acme", org2.clone()).await.unwrap();
     assert_eq!(store.get_org_policy("acme").await.unwrap(), Some(org2));
-}
+});
 
 #[tokio::test]
 async fn names_that_could_escape_the_data_directory_are_refused() {
@@ -733,7 +860,7 @@ async fn e_mail_style_user_names_keep_their_policies_across_a_restart() {
     let store = open(dir.path());
     for name in names {
         assert_eq!(
-            store.get_user_policy("acme", name).await.unwrap(),
+            store.s().get_user_policy("acme", name).await.unwrap(),
             Some(p.clone()),
             "{name}"
         );
@@ -756,8 +883,8 @@ async fn e_mail_style_user_names_keep_their_policies_across_a_restart() {
 }
 
 /// Queued and running, counted the slow way.
-async fn scanned_counts(store: &EmbeddedStore) -> ActiveCounts {
-    let all = store.list(&ListFilter::default()).await.unwrap();
+async fn scanned_counts(store: &impl AsStore) -> ActiveCounts {
+    let all = store.s().list(&ListFilter::default()).await.unwrap();
     let n = |s: ExecState| all.iter().filter(|r| r.state == s).count() as u64;
     ActiveCounts {
         queued: n(ExecState::Queued),
@@ -765,96 +892,99 @@ async fn scanned_counts(store: &EmbeddedStore) -> ActiveCounts {
     }
 }
 
-async fn counts_are(store: &EmbeddedStore, queued: u64, running: u64) {
+async fn counts_are(store: &impl AsStore, queued: u64, running: u64) {
     let want = ActiveCounts { queued, running };
-    assert_eq!(store.active_counts().await.unwrap(), want, "kept counts");
+    assert_eq!(
+        store.s().active_counts().await.unwrap(),
+        want,
+        "kept counts"
+    );
     assert_eq!(scanned_counts(store).await, want, "scanned counts");
 }
 
-#[tokio::test]
-async fn active_counts_follow_every_state_change_and_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    counts_are(&store, 0, 0).await;
-    for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-        admitted(
-            &store,
-            record(id, "acme", "u", None, i as u64 + 1),
-            rules(10),
-        )
-        .await;
+store_test!(
+    active_counts_follow_every_state_change_and_survive_a_restart,
+    |b| {
+        let store = b.open().await;
+        counts_are(&store, 0, 0).await;
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            admitted(
+                &store,
+                record(id, "acme", "u", None, i as u64 + 1),
+                rules(10),
+            )
+            .await;
+        }
+        counts_are(&store, 4, 0).await;
+        store.mark_running("a", "h", 10).await.unwrap();
+        store.mark_running("b", "h", 10).await.unwrap();
+        counts_are(&store, 2, 2).await;
+        // A queued one cancelled leaves the counts; a running one cancel-requested stays
+        // running until its agent finishes it.
+        store
+            .request_cancel("c", CancelReason::Requested)
+            .await
+            .unwrap();
+        store
+            .request_cancel("a", CancelReason::Requested)
+            .await
+            .unwrap();
+        counts_are(&store, 1, 2).await;
+        store
+            .mark_finished("a", ExecState::Cancelled, None, None, 20)
+            .await
+            .unwrap();
+        store
+            .mark_finished("b", ExecState::Succeeded, None, None, 20)
+            .await
+            .unwrap();
+        counts_are(&store, 1, 0).await;
+        // Refused transitions change nothing.
+        assert!(store.mark_running("b", "h", 30).await.is_err());
+        assert!(store
+            .mark_finished("b", ExecState::Failed, None, None, 30)
+            .await
+            .is_err());
+        counts_are(&store, 1, 0).await;
+        // Admission's own cancellations (same tab, cap) are counted.
+        admitted(&store, record("t1", "acme", "v", Some("tab"), 40), rules(1)).await;
+        store.mark_running("t1", "h", 41).await.unwrap();
+        admitted(&store, record("t2", "acme", "v", Some("tab"), 42), rules(1)).await;
+        counts_are(&store, 2, 1).await;
+        admitted(&store, record("cap", "acme", "w", None, 43), rules(0)).await;
+        counts_are(&store, 2, 1).await;
+        store.expire(u64::MAX).await.unwrap();
+        counts_are(&store, 2, 1).await;
+        drop(store);
+        let store = b.open().await;
+        counts_are(&store, 2, 1).await;
     }
-    counts_are(&store, 4, 0).await;
-    store.mark_running("a", "h", 10).await.unwrap();
-    store.mark_running("b", "h", 10).await.unwrap();
-    counts_are(&store, 2, 2).await;
-    // A queued one cancelled leaves the counts; a running one cancel-requested stays
-    // running until its agent finishes it.
-    store
-        .request_cancel("c", CancelReason::Requested)
-        .await
-        .unwrap();
-    store
-        .request_cancel("a", CancelReason::Requested)
-        .await
-        .unwrap();
-    counts_are(&store, 1, 2).await;
-    store
-        .mark_finished("a", ExecState::Cancelled, None, None, 20)
-        .await
-        .unwrap();
-    store
-        .mark_finished("b", ExecState::Succeeded, None, None, 20)
-        .await
-        .unwrap();
-    counts_are(&store, 1, 0).await;
-    // Refused transitions change nothing.
-    assert!(store.mark_running("b", "h", 30).await.is_err());
-    assert!(store
-        .mark_finished("b", ExecState::Failed, None, None, 30)
-        .await
-        .is_err());
-    counts_are(&store, 1, 0).await;
-    // Admission's own cancellations (same tab, cap) are counted.
-    admitted(&store, record("t1", "acme", "v", Some("tab"), 40), rules(1)).await;
-    store.mark_running("t1", "h", 41).await.unwrap();
-    admitted(&store, record("t2", "acme", "v", Some("tab"), 42), rules(1)).await;
-    counts_are(&store, 2, 1).await;
-    admitted(&store, record("cap", "acme", "w", None, 43), rules(0)).await;
-    counts_are(&store, 2, 1).await;
-    store.expire(u64::MAX).await.unwrap();
-    counts_are(&store, 2, 1).await;
-    drop(store);
-    let store = open(dir.path());
-    counts_are(&store, 2, 1).await;
-}
+);
 
 /// Everything a client can read back.
 async fn snapshot(
-    store: &EmbeddedStore,
+    store: &impl AsStore,
 ) -> (
     Vec<ExecutionRecord>,
     Vec<Vec<ExecEvent>>,
     Vec<Option<Policy>>,
 ) {
-    let records = store.list(&ListFilter::default()).await.unwrap();
+    let records = store.s().list(&ListFilter::default()).await.unwrap();
     let mut events = Vec::new();
     for r in &records {
-        events.push(store.events_after(&r.id, 0).await.unwrap());
+        events.push(store.s().events_after(&r.id, 0).await.unwrap());
     }
     let policies = vec![
-        store.get_org_policy("acme").await.unwrap(),
-        store.get_org_policy("beta").await.unwrap(),
-        store.get_user_policy("acme", "alice").await.unwrap(),
-        store.get_user_policy("acme", "bob").await.unwrap(),
+        store.s().get_org_policy("acme").await.unwrap(),
+        store.s().get_org_policy("beta").await.unwrap(),
+        store.s().get_user_policy("acme", "alice").await.unwrap(),
+        store.s().get_user_policy("acme", "bob").await.unwrap(),
     ];
     (records, events, policies)
 }
 
-#[tokio::test]
-async fn everything_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+store_test!(everything_survives_a_restart, |b| {
+    let store = b.open().await;
     store
         .put_org_policy(
             "acme",
@@ -955,7 +1085,7 @@ async fn everything_survives_a_restart() {
     assert_eq!(before.0.len(), 5);
     drop(store);
 
-    let store = open(dir.path());
+    let store = b.open().await;
     let after = snapshot(&store).await;
     assert_eq!(after, before);
     let run = get(&store, "run").await;
@@ -991,10 +1121,10 @@ async fn everything_survives_a_restart() {
     // A second restart sees the changes made after the first.
     let before = snapshot(&store).await;
     drop(store);
-    let store = open(dir.path());
+    let store = b.open().await;
     assert_eq!(snapshot(&store).await, before);
     assert_eq!(get(&store, "run").await.state, ExecState::Lost);
-}
+});
 
 #[tokio::test]
 async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
@@ -1102,80 +1232,81 @@ async fn crash_leftovers_are_cleaned_up_on_open() {
     );
 }
 
-#[tokio::test]
-async fn expire_removes_only_finished_executions_older_than_the_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let r = rules(100);
-    for (i, id) in ["old1", "old2", "young", "queued", "running"]
-        .iter()
-        .enumerate()
-    {
-        admitted(&store, record(id, "o", "u", None, i as u64), r).await;
-    }
-    store
-        .mark_finished(
-            "old1",
-            ExecState::Succeeded,
-            Some("results/old1".into()),
-            None,
-            100,
-        )
-        .await
-        .unwrap();
-    store
-        .mark_finished("old2", ExecState::Failed, None, None, 199)
-        .await
-        .unwrap();
-    store
-        .mark_finished("young", ExecState::Succeeded, None, None, 200)
-        .await
-        .unwrap();
-    store.mark_running("running", "h", 1).await.unwrap();
-
-    let mut gone: Vec<String> = store
-        .expire(200)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    gone.sort();
-    assert_eq!(gone, vec!["old1", "old2"]);
-    for id in ["old1", "old2"] {
-        assert!(store.get(id).await.unwrap().is_none());
-        assert!(matches!(
-            store.events_after(id, 0).await,
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(!dir.path().join(format!("records/{id}.sealed")).exists());
-        assert!(!dir.path().join(format!("events/{id}.sealed")).exists());
-    }
-    let left: HashSet<String> = store
-        .list(&ListFilter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    assert_eq!(
-        left,
-        ["young", "queued", "running"]
+store_test!(
+    expire_removes_only_finished_executions_older_than_the_cut,
+    |b| {
+        let store = b.open().await;
+        let r = rules(100);
+        for (i, id) in ["old1", "old2", "young", "queued", "running"]
             .iter()
-            .map(|s| s.to_string())
-            .collect()
-    );
-    assert!(store.expire(200).await.unwrap().is_empty());
-    drop(store);
-    let store = open(dir.path());
-    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
-}
+            .enumerate()
+        {
+            admitted(&store, record(id, "o", "u", None, i as u64), r).await;
+        }
+        store
+            .mark_finished(
+                "old1",
+                ExecState::Succeeded,
+                Some("results/old1".into()),
+                None,
+                100,
+            )
+            .await
+            .unwrap();
+        store
+            .mark_finished("old2", ExecState::Failed, None, None, 199)
+            .await
+            .unwrap();
+        store
+            .mark_finished("young", ExecState::Succeeded, None, None, 200)
+            .await
+            .unwrap();
+        store.mark_running("running", "h", 1).await.unwrap();
 
-#[tokio::test]
-async fn a_dropped_admission_future_still_completes() {
+        let mut gone: Vec<String> = store
+            .expire(200)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        gone.sort();
+        assert_eq!(gone, vec!["old1", "old2"]);
+        for id in ["old1", "old2"] {
+            assert!(store.get(id).await.unwrap().is_none());
+            assert!(matches!(
+                store.events_after(id, 0).await,
+                Err(StoreError::NotFound(_))
+            ));
+            if let Some(dir) = b.dir() {
+                assert!(!dir.join(format!("records/{id}.sealed")).exists());
+                assert!(!dir.join(format!("events/{id}.sealed")).exists());
+            }
+        }
+        let left: HashSet<String> = store
+            .list(&ListFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            left,
+            ["young", "queued", "running"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        );
+        assert!(store.expire(200).await.unwrap().is_empty());
+        drop(store);
+        let store = b.open().await;
+        assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
+    }
+);
+
+store_test!(a_dropped_admission_future_still_completes, |b| {
     // A client that disconnects mid-request must not leave a half-applied decision.
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = b.open().await;
     admitted(&store, record("p1", "o", "u", Some("tab"), 1), rules(2)).await;
     // Polled once (which starts it), then dropped, as a disconnecting client's request.
     {
@@ -1212,7 +1343,7 @@ async fn a_dropped_admission_future_still_completes() {
     }
     // And it survives a restart.
     drop(store);
-    let store = open(dir.path());
+    let store = b.open().await;
     assert_eq!(get(&store, "p2").await.state, ExecState::Queued);
     assert_eq!(get(&store, "p1").await.state, ExecState::Cancelled);
-}
+});

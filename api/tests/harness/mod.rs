@@ -55,6 +55,9 @@ pub struct Hatchery {
 pub struct Setup {
     pub capacity: u32,
     pub max_queued: usize,
+    /// Keep the platform's records in this PostgreSQL database instead of the embedded
+    /// store.
+    pub postgres_url: Option<String>,
 }
 
 impl Default for Setup {
@@ -62,6 +65,7 @@ impl Default for Setup {
         Setup {
             capacity: 4,
             max_queued: 256,
+            postgres_url: None,
         }
     }
 }
@@ -108,11 +112,16 @@ impl Hatchery {
                  cgroup_parent = \"{cgroup_parent}\"\n\
                  [platform]\n\
                  languages = [\"r\"]\n\
-                 max_queued = {max_queued}\n",
+                 max_queued = {max_queued}\n\
+                 {store}",
                 data = dir.join("data").display(),
                 rootfs = rootfs().display(),
                 capacity = setup.capacity,
                 max_queued = setup.max_queued,
+                store = match &setup.postgres_url {
+                    Some(url) => format!("[store]\npostgres_url = \"{url}\"\n"),
+                    None => String::new(),
+                },
             ),
         )
         .unwrap();

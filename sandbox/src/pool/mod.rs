@@ -905,6 +905,12 @@ impl Watcher {
             stdout_truncated: self.flow.truncated[0],
             stderr_truncated: self.flow.truncated[1],
         };
+        if self.flow.stop.is_some() {
+            // Stopped mid-run (cancel, time or output limit): the result says the code is
+            // dead only once every process of the sandbox is gone, so whoever acts on it
+            // (a displaced user's next execution) never overlaps with it.
+            let _ = self.sandbox.cgroup.kill_all();
+        }
         let _ = self.tx.send(Event::Finished(Box::new(result)));
         let _ = self.sandbox.lifecycle.advance(SandboxEvent::Ended);
         // Teardown after the result: off the claim path and off the result's path.

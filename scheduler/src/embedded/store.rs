@@ -22,10 +22,11 @@ use tokio::sync::Mutex;
 use super::disk::{check_name, name_ok, Disk};
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
-    ResultSummary, Usage,
 };
 use crate::seal::Keyring;
-use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError, StoreResult};
+use crate::store::{
+    cancelled, is_active, Admission, AdmissionRules, ListFilter, Store, StoreError, StoreResult,
+};
 
 #[derive(Default)]
 struct State {
@@ -37,6 +38,8 @@ struct State {
     /// Queued and running records, kept by [`State::commit`] (and counted once at
     /// open), so gauges and the queue limit never scan the records.
     counts: crate::store::ActiveCounts,
+    /// The last admission order given ([`ExecutionRecord::admitted`]).
+    admitted: u64,
 }
 
 struct Inner {
@@ -58,11 +61,6 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
-/// Queued or running, and not cancel-requested: what counts against the parallelism cap.
-fn is_active(r: &ExecutionRecord) -> bool {
-    matches!(r.state, ExecState::Queued | ExecState::Running) && r.cancel.is_none()
-}
-
 /// Whether an event should be on disk before `append_event` returns (the rest reach the
 /// kernel at once and the disk soon after; only a machine crash can lose them).
 fn must_sync(body: &EventBody) -> bool {
@@ -72,59 +70,10 @@ fn must_sync(body: &EventBody) -> bool {
     )
 }
 
-fn cancel_message(reason: CancelReason) -> &'static str {
-    match reason {
-        CancelReason::Requested => "cancelled on request",
-        CancelReason::SupersededByTab => {
-            "cancelled: a newer execution from the same tab replaced it"
-        }
-        CancelReason::ParallelismCap => "cancelled: the user's parallelism cap was reached",
-    }
-}
-
-/// The change a cancel makes to `rec` (see [`Store::request_cancel`]): a queued one
-/// becomes `cancelled` with a `finished` event; a running one gets its `cancel` field
-/// (the first reason stays); a finished one, or one already cancel-requested, is left
-/// alone (`None`).
-fn cancelled(
-    rec: &ExecutionRecord,
-    reason: CancelReason,
-    now: Millis,
-) -> Option<(ExecutionRecord, Option<ExecEvent>)> {
-    match rec.state {
-        ExecState::Queued => {
-            let mut r = rec.clone();
-            r.state = ExecState::Cancelled;
-            r.cancel = Some(reason);
-            r.finished_at = Some(now);
-            r.last_seq += 1;
-            let event = ExecEvent {
-                execution_id: r.id.clone(),
-                seq: r.last_seq,
-                at: now,
-                body: EventBody::Finished(ResultSummary {
-                    state: ExecState::Cancelled,
-                    error_code: Some(reason.code().to_string()),
-                    value_json: None,
-                    error: Some(cancel_message(reason).to_string()),
-                    warnings: Vec::new(),
-                    exit_code: None,
-                    usage: Usage::default(),
-                    start_ms: None,
-                    duration_ms: 0.0,
-                    stdout_truncated: false,
-                    stderr_truncated: false,
-                }),
-            };
-            Some((r, Some(event)))
-        }
-        ExecState::Running if rec.cancel.is_none() => {
-            let mut r = rec.clone();
-            r.cancel = Some(reason);
-            Some((r, None))
-        }
-        _ => None,
-    }
+/// The order of the parallelism cap: admission order; records admitted before the
+/// store kept one (0) are older than all others, among themselves by creation.
+fn admission_order(r: &ExecutionRecord) -> (u64, Millis, &str) {
+    (r.admitted, r.created_at, r.id.as_str())
 }
 
 impl State {
@@ -187,6 +136,9 @@ impl State {
         let now = now_ms();
         new.cancel = None;
         new.last_seq = 1;
+        new.displaces.clear();
+        self.admitted += 1;
+        new.admitted = self.admitted;
         let queued_event = ExecEvent {
             execution_id: new.id.clone(),
             seq: 1,
@@ -203,28 +155,25 @@ impl State {
                 .values()
                 .filter(|r| same_user(r) && r.tab_id.as_ref() == Some(tab) && is_active(r))
                 .collect();
-            superseded.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            superseded.sort_by_key(|r| admission_order(r));
             decisions.extend(
                 superseded
                     .into_iter()
                     .map(|r| (r.id.clone(), CancelReason::SupersededByTab)),
             );
         }
-        // R11: beyond the cap, the oldest go (the new one too, if it is the oldest).
-        let mut active: Vec<(Millis, &str)> = self
+        // R11: beyond the cap, the oldest go, in the order the store admitted them (the
+        // new one is the newest; it goes only under a cap of 0).
+        let mut active: Vec<&ExecutionRecord> = self
             .records
             .values()
             .filter(|r| same_user(r) && is_active(r))
             .filter(|r| !decisions.iter().any(|(id, _)| *id == r.id))
-            .map(|r| (r.created_at, r.id.as_str()))
-            .chain(std::iter::once((new.created_at, new.id.as_str())))
+            .chain(std::iter::once(&new))
             .collect();
-        active.sort();
+        active.sort_by_key(|r| admission_order(r));
         let excess = active.len().saturating_sub(rules.max_parallel as usize);
-        let capped: Vec<String> = active[..excess]
-            .iter()
-            .map(|(_, id)| id.to_string())
-            .collect();
+        let capped: Vec<String> = active[..excess].iter().map(|r| r.id.clone()).collect();
         decisions.extend(
             capped
                 .into_iter()
@@ -244,6 +193,9 @@ impl State {
                 continue;
             };
             if let Some((rec, event)) = cancelled(old, *reason, now) {
+                if rec.state == ExecState::Running {
+                    new.displaces.push(rec.id.clone());
+                }
                 self.commit(disk, rec, event.into_iter().collect())?;
             }
         }
@@ -393,7 +345,14 @@ impl EmbeddedStore {
             org_policies: loaded.org_policies,
             user_policies: loaded.user_policies,
             counts: Default::default(),
+            admitted: 0,
         };
+        state.admitted = state
+            .records
+            .values()
+            .map(|r| r.admitted)
+            .max()
+            .unwrap_or(0);
         let mut repaired = Vec::new();
         for rec in state.records.values_mut() {
             if rec.state.is_terminal() {

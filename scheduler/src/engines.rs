@@ -1,0 +1,279 @@
+//! Private instances of the engines a cluster runs on, for tests and for a local
+//! cluster on one machine: a PostgreSQL server in a temporary directory, on a loopback
+//! port, owned by whoever started it and gone when dropped.
+//!
+//! Nothing here touches a system-wide instance: the server has its own data directory,
+//! socket directory and port.
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::chown;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install the `postgresql` package")]
+    PostgresMissing,
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {log}")]
+    Failed { what: String, log: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let what = what.into();
+    move |source| EngineError::Io { what, source }
+}
+
+/// The newest PostgreSQL's binaries under Debian's layout (`/usr/lib/postgresql/N/bin`).
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// A free loopback port (free when asked: the server binds it right after).
+pub fn free_port() -> Result<u16, EngineError> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
+    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+}
+
+/// A private PostgreSQL server: `initdb` in a temporary directory, listening on
+/// 127.0.0.1 only, trust authentication for the `hatchery` role, durability off
+/// (`fsync=off`: a test server). Stopped (immediate shutdown) and removed on drop.
+pub struct PostgresServer {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    /// The account the server runs as when we are root (PostgreSQL refuses root).
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for PostgresServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresServer")
+            .field("dir", &self.dir.path())
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresServer {
+    /// Creates and starts a server (about a second).
+    pub fn start() -> Result<PostgresServer, EngineError> {
+        let bin = postgres_bin_dir().ok_or(EngineError::PostgresMissing)?;
+        let dir = tempfile::Builder::new()
+            .prefix("hatchery-pg.")
+            .tempdir()
+            .map_err(io("creating the server's directory"))?;
+        let owner = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .ok_or(EngineError::PostgresMissing)?;
+            chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(io("giving the server's directory to postgres"))?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        } else {
+            None
+        };
+        let mut server = PostgresServer {
+            bin,
+            dir,
+            port: free_port()?,
+            owner,
+            child: None,
+        };
+        let data = server.data_dir();
+        let out = server
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "hatchery", "--auth=trust", "--no-sync", "-E", "UTF8"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running initdb"))?;
+        if !out.status.success() {
+            return Err(EngineError::Failed {
+                what: "initdb".into(),
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        server.run()?;
+        Ok(server)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bin.join(program));
+        c.env_clear()
+            .env("LC_ALL", "C")
+            .env("PATH", "/usr/bin:/bin");
+        if let Some((uid, gid)) = self.owner {
+            // std drops the supplementary groups when root sets a uid.
+            c.uid(uid).gid(gid);
+        }
+        c
+    }
+
+    /// Starts the server on its port and waits until it accepts connections.
+    fn run(&mut self) -> Result<(), EngineError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io("opening the server's log"))?;
+        if let Some((uid, gid)) = self.owner {
+            let _ = chown(self.log_path(), Some(uid), Some(gid));
+        }
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("opening the server's log"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(io("starting postgres"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(EngineError::Failed {
+                    what: format!("postgres ({status})"),
+                    log: self.log_tail(),
+                });
+            }
+            if self.accepts() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(EngineError::Failed {
+                    what: "postgres did not accept connections within 30 s".into(),
+                    log: self.log_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the server answers (`pg_isready`).
+    fn accepts(&self) -> bool {
+        TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok()
+            && self
+                .command("pg_isready")
+                .args(["-q", "-h", "127.0.0.1", "-U", "hatchery", "-d", "postgres"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .stdin(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's directory (data, socket, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The URL of database `db` as the `hatchery` role.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://hatchery@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a fresh database and returns its URL.
+    pub fn create_database(&self, db: &str) -> Result<String, EngineError> {
+        let out = self
+            .command("createdb")
+            .args(["-h", "127.0.0.1", "-U", "hatchery"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg(db)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running createdb"))?;
+        if !out.status.success() {
+            return Err(EngineError::Failed {
+                what: format!("createdb {db}"),
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(self.url(db))
+    }
+
+    /// Stops the server at once (immediate shutdown: what a crash looks like to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped server again, on the same port with the same data.
+    pub fn restart(&mut self) -> Result<(), EngineError> {
+        self.stop();
+        self.run()
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,811 @@
+//! [`PgStore`]: the [`Store`] on PostgreSQL, the system of record of a cluster
+//! (`hatchery api`, `scheduler` and `agent` on several hosts). Same decisions as the
+//! embedded store, made by the database:
+//!
+//! - **Admission** is one transaction under a per-user advisory lock
+//!   (`pg_advisory_xact_lock`): the tab's active executions are superseded (R10), then
+//!   the oldest beyond the cap are cancelled (R11), "oldest" by the order admission
+//!   assigned (an identity column), never by a node's clock. The queue limit reads a
+//!   counter kept in every state-changing transaction, never a scan. A partial unique
+//!   index makes "one active execution per tab" an invariant of the database.
+//! - **Event logs** are gapless: the seq comes from a counter on the execution's row,
+//!   bumped in the transaction that inserts the event (a database sequence leaves gaps
+//!   when a transaction rolls back).
+//! - **Sealed at rest (R15):** the record and every event are sealed with the platform's
+//!   keyring before they are written, bound to the execution id (and the event's seq), as
+//!   in the embedded store; only owner, tab, state and order are plain columns.
+//! - Every change runs to completion even if the caller's future is dropped (it runs on
+//!   its own task), and locks rows in one order — the execution rows, then the counters —
+//!   so two transactions never wait on each other; a deadlock or serialization failure
+//!   PostgreSQL reports anyway is retried.
+//! - A connection that cannot be made or is lost is [`StoreError::Unavailable`] (the API
+//!   answers 503 `store_unavailable`); the pool reconnects on its own.
+//!
+//! The schema is in `scheduler/migrations/`, applied by [`PgStore::connect`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
+
+use crate::embedded::name_ok;
+use crate::model::{
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
+};
+use crate::seal::{Binding, Keyring};
+use crate::store::{
+    cancelled, is_active, ActiveCounts, Admission, AdmissionRules, ListFilter, Store, StoreError,
+    StoreResult,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Attempts of a transaction PostgreSQL aborted for a deadlock or a serialization failure.
+const ATTEMPTS: usize = 5;
+
+/// Where and how to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// A libpq-style URL: `postgres://user:password@host:port/database?sslmode=...`.
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// How long a caller waits for a connection before the store is unavailable.
+    pub acquire_timeout: Duration,
+}
+
+impl PgConfig {
+    pub fn new(url: impl Into<String>) -> PgConfig {
+        PgConfig {
+            url: url.into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone (clones share the pool).
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    keyring: Keyring,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+/// An error of the database as the store's: connection trouble is `Unavailable`.
+fn db_err(what: &str, e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(format!("{what}: {e}")),
+        sqlx::Error::Database(ref d) if d.code().is_some_and(|c| is_unavailable_code(&c)) => {
+            StoreError::Unavailable(format!("{what}: {e}"))
+        }
+        other => StoreError::Io(format!("{what}: {other}")),
+    }
+}
+
+/// SQLSTATE classes of a server that is going away or not there yet (57P01 admin
+/// shutdown, 57P03 cannot connect now, 08xxx connection exceptions).
+fn is_unavailable_code(code: &str) -> bool {
+    code.starts_with("08") || code == "57P01" || code == "57P02" || code == "57P03"
+}
+
+/// A deadlock or serialization failure: the transaction may simply be run again.
+fn is_retryable(e: &StoreError, source: &Option<String>) -> bool {
+    matches!(e, StoreError::Io(_))
+        && source
+            .as_deref()
+            .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+fn check_name(what: &str, name: &str) -> StoreResult<()> {
+    if name_ok(name) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(format!(
+            "{what} {name:?}: only 1 to {} of A-Z a-z 0-9 . _ - @ + (not starting with a dot) \
+             are allowed",
+            crate::embedded::MAX_NAME_LEN
+        )))
+    }
+}
+
+fn state_name(s: ExecState) -> &'static str {
+    s.as_str()
+}
+
+fn cancel_name(c: Option<CancelReason>) -> Option<&'static str> {
+    c.map(|c| match c {
+        CancelReason::Requested => "requested",
+        CancelReason::SupersededByTab => "superseded_by_tab",
+        CancelReason::ParallelismCap => "parallelism_cap",
+    })
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A store error with the SQLSTATE it came from (for the retry decision).
+struct Failed {
+    error: StoreError,
+    sqlstate: Option<String>,
+}
+
+impl From<StoreError> for Failed {
+    fn from(error: StoreError) -> Failed {
+        Failed {
+            error,
+            sqlstate: None,
+        }
+    }
+}
+
+/// `?` on a database call inside a transaction: the error keeps its SQLSTATE.
+trait Ctx<T> {
+    fn ctx(self, what: &str) -> Result<T, Failed>;
+}
+
+impl<T> Ctx<T> for Result<T, sqlx::Error> {
+    fn ctx(self, what: &str) -> Result<T, Failed> {
+        self.map_err(|e| {
+            let sqlstate = match &e {
+                sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+                _ => None,
+            };
+            Failed {
+                error: db_err(what, e),
+                sqlstate,
+            }
+        })
+    }
+}
+
+type Tx = Transaction<'static, Postgres>;
+
+impl PgStore {
+    /// Connects, and brings the schema up to date (migrations are idempotent and run
+    /// under PostgreSQL's migration lock, so several nodes may start at once).
+    pub async fn connect(config: &PgConfig, keyring: Keyring) -> StoreResult<PgStore> {
+        let options: PgConnectOptions = config
+            .url
+            .parse()
+            .map_err(|e| StoreError::Io(format!("the PostgreSQL URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| db_err("connecting to PostgreSQL", e))?;
+        MIGRATOR.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => db_err("applying the schema", e),
+            other => StoreError::Io(format!("applying the schema: {other}")),
+        })?;
+        Ok(PgStore { pool, keyring })
+    }
+
+    /// Runs `f` in a transaction on a task of its own (so it completes even if the
+    /// caller stops waiting), retrying on a deadlock or serialization failure.
+    async fn change<T, F, Fut>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: Fn(PgStore, Tx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(T, Tx), Failed>> + Send + 'static,
+    {
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let result = match me.pool.begin().await.ctx("starting a transaction") {
+                    Ok(tx) => match f(me.clone(), tx).await {
+                        Ok((value, tx)) => tx.commit().await.ctx("committing").map(|_| value),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Err(e) if attempt < ATTEMPTS && is_retryable(&e.error, &e.sqlstate) => continue,
+                    other => return other.map_err(|f| f.error),
+                }
+            }
+        });
+        task.await
+            .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?
+    }
+
+    fn seal_record(&self, rec: &ExecutionRecord) -> StoreResult<Vec<u8>> {
+        let json = serde_json::to_vec(rec)
+            .map_err(|e| StoreError::Io(format!("encoding record {}: {e}", rec.id)))?;
+        self.keyring
+            .seal(Binding::Record(&rec.id), &json)
+            .map_err(|e| StoreError::Io(format!("sealing record {}: {e}", rec.id)))
+    }
+
+    /// The record in row `row` (columns record, last_seq, admitted from `at`).
+    fn record_of(
+        &self,
+        id: &str,
+        row: &sqlx::postgres::PgRow,
+        at: usize,
+    ) -> StoreResult<ExecutionRecord> {
+        let mut rec = self.open_record(id, row.get::<&[u8], _>(at), row.get::<i64, _>(at + 1))?;
+        rec.admitted = row.get::<i64, _>(at + 2) as u64;
+        Ok(rec)
+    }
+
+    fn open_record(&self, id: &str, blob: &[u8], last_seq: i64) -> StoreResult<ExecutionRecord> {
+        let json = self
+            .keyring
+            .open(Binding::Record(id), blob)
+            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+        let mut rec: ExecutionRecord = serde_json::from_slice(&json)
+            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+        // Events are appended without rewriting the record: the column is the truth.
+        rec.last_seq = last_seq as u64;
+        Ok(rec)
+    }
+
+    fn seal_event(&self, e: &ExecEvent) -> StoreResult<Vec<u8>> {
+        let json = serde_json::to_vec(e).map_err(|err| {
+            StoreError::Io(format!(
+                "encoding event {} of {}: {err}",
+                e.seq, e.execution_id
+            ))
+        })?;
+        self.keyring
+            .seal(
+                Binding::Event {
+                    execution: &e.execution_id,
+                    seq: e.seq,
+                },
+                &json,
+            )
+            .map_err(|err| {
+                StoreError::Io(format!(
+                    "sealing event {} of {}: {err}",
+                    e.seq, e.execution_id
+                ))
+            })
+    }
+
+    fn open_event(&self, id: &str, seq: u64, blob: &[u8]) -> StoreResult<ExecEvent> {
+        let json = self
+            .keyring
+            .open(Binding::Event { execution: id, seq }, blob)
+            .map_err(|e| StoreError::Corrupt(format!("event {seq} of {id}: {e}")))?;
+        serde_json::from_slice(&json)
+            .map_err(|e| StoreError::Corrupt(format!("event {seq} of {id}: {e}")))
+    }
+
+    /// The record of `id`, its row locked for the rest of the transaction.
+    async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<ExecutionRecord>, Failed> {
+        let row = sqlx::query(
+            "SELECT record, last_seq, admitted FROM executions WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .ctx("reading an execution")?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some(self.record_of(id, &row, 0)?)),
+        }
+    }
+
+    /// Writes `new` over `old` (a locked row) with `events` appended, and moves the
+    /// counters. The counters are locked last.
+    async fn write(
+        &self,
+        tx: &mut Tx,
+        old: &ExecutionRecord,
+        new: &ExecutionRecord,
+        events: &[ExecEvent],
+    ) -> Result<(), Failed> {
+        self.insert_events(tx, events).await?;
+        sqlx::query(
+            "UPDATE executions SET state = $2, cancel = $3, finished_at = $4, last_seq = $5, \
+             record = $6 WHERE id = $1",
+        )
+        .bind(&new.id)
+        .bind(state_name(new.state))
+        .bind(cancel_name(new.cancel))
+        .bind(new.finished_at.map(i64_of))
+        .bind(i64_of(new.last_seq))
+        .bind(self.seal_record(new)?)
+        .execute(&mut **tx)
+        .await
+        .ctx("writing an execution")?;
+        self.count(tx, old.state, new.state).await
+    }
+
+    async fn insert_events(&self, tx: &mut Tx, events: &[ExecEvent]) -> Result<(), Failed> {
+        for e in events {
+            sqlx::query("INSERT INTO events (execution_id, seq, body) VALUES ($1, $2, $3)")
+                .bind(&e.execution_id)
+                .bind(i64_of(e.seq))
+                .bind(self.seal_event(e)?)
+                .execute(&mut **tx)
+                .await
+                .ctx("appending an event")?;
+        }
+        Ok(())
+    }
+
+    /// Moves the queued/running counters for one execution going `from` → `to`.
+    async fn count(&self, tx: &mut Tx, from: ExecState, to: ExecState) -> Result<(), Failed> {
+        let mut by = [0i64; 2];
+        for (state, sign) in [(from, -1i64), (to, 1)] {
+            match state {
+                ExecState::Queued => by[0] += sign,
+                ExecState::Running => by[1] += sign,
+                _ => {}
+            }
+        }
+        for (name, d) in [("queued", by[0]), ("running", by[1])] {
+            if d != 0 {
+                sqlx::query("UPDATE counters SET value = value + $2 WHERE name = $1")
+                    .bind(name)
+                    .bind(d)
+                    .execute(&mut **tx)
+                    .await
+                    .ctx("counting")?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn admit_tx(
+        &self,
+        tx: &mut Tx,
+        new: &ExecutionRecord,
+        rules: AdmissionRules,
+    ) -> Result<Admission, Failed> {
+        // Two 32-bit keys, org and user (a collision only serialises two users).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+            .bind(&new.org)
+            .bind(&new.user)
+            .execute(&mut **tx)
+            .await
+            .ctx("locking the user")?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT state FROM executions WHERE id = $1")
+                .bind(&new.id)
+                .fetch_optional(&mut **tx)
+                .await
+                .ctx("reading an execution")?;
+        if let Some(state) = exists {
+            let from = serde_json::from_value(serde_json::Value::String(state))
+                .unwrap_or(ExecState::Queued);
+            return Err(StoreError::IllegalTransition {
+                id: new.id.clone(),
+                from,
+                to: ExecState::Queued,
+            }
+            .into());
+        }
+
+        // The user's active executions, oldest first by admission, rows locked.
+        let rows = sqlx::query(
+            "SELECT id, record, last_seq, admitted FROM executions \
+             WHERE org = $1 AND usr = $2 AND state IN ('queued', 'running') AND cancel IS NULL \
+             ORDER BY admitted FOR UPDATE",
+        )
+        .bind(&new.org)
+        .bind(&new.user)
+        .fetch_all(&mut **tx)
+        .await
+        .ctx("reading the user's executions")?;
+        let mut active = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get(0);
+            let rec = self.record_of(&id, &row, 1)?;
+            if is_active(&rec) {
+                active.push(rec);
+            }
+        }
+
+        // R10: the tab's active executions go; R11: beyond the cap the oldest go (the
+        // new one is the newest: the store orders admissions).
+        let mut decisions: Vec<(usize, CancelReason)> = Vec::new();
+        if let Some(tab) = &new.tab_id {
+            for (i, r) in active.iter().enumerate() {
+                if r.tab_id.as_ref() == Some(tab) {
+                    decisions.push((i, CancelReason::SupersededByTab));
+                }
+            }
+        }
+        let remaining: Vec<usize> = (0..active.len())
+            .filter(|i| !decisions.iter().any(|(d, _)| d == i))
+            .collect();
+        // `remaining` plus the new one must fit in the cap.
+        let excess = (remaining.len() + 1).saturating_sub(rules.max_parallel as usize);
+        let cap_new = excess > remaining.len();
+        for &i in remaining.iter().take(excess) {
+            decisions.push((i, CancelReason::ParallelismCap));
+        }
+
+        // The queue limit, from the counter (locked last, after the execution rows).
+        let queued: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'queued' FOR UPDATE")
+                .fetch_one(&mut **tx)
+                .await
+                .ctx("reading the queue counter")?;
+        let queued = queued.max(0) as usize;
+        if queued >= rules.max_queued {
+            return Ok(Admission::QueueFull { queued });
+        }
+
+        let now = now_ms();
+        let mut out = Vec::with_capacity(decisions.len() + usize::from(cap_new));
+        let mut displaces = Vec::new();
+        for (i, reason) in decisions {
+            let old = &active[i];
+            out.push((old.id.clone(), reason));
+            if let Some((rec, event)) = cancelled(old, reason, now) {
+                if rec.state == ExecState::Running {
+                    displaces.push(rec.id.clone());
+                }
+                let events: Vec<ExecEvent> = event.into_iter().collect();
+                self.write(tx, old, &rec, &events).await?;
+            }
+        }
+
+        let mut rec = new.clone();
+        rec.cancel = None;
+        rec.last_seq = 1;
+        rec.displaces = displaces;
+        let mut events = vec![ExecEvent {
+            execution_id: rec.id.clone(),
+            seq: 1,
+            at: now,
+            body: EventBody::Queued,
+        }];
+        if cap_new {
+            out.push((rec.id.clone(), CancelReason::ParallelismCap));
+            if let Some((r, e)) = cancelled(&rec, CancelReason::ParallelismCap, now) {
+                rec = r;
+                events.extend(e);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO executions (id, org, usr, tab_id, state, cancel, created_at, \
+             finished_at, last_seq, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&rec.id)
+        .bind(&rec.org)
+        .bind(&rec.user)
+        .bind(&rec.tab_id)
+        .bind(state_name(rec.state))
+        .bind(cancel_name(rec.cancel))
+        .bind(i64_of(rec.created_at))
+        .bind(rec.finished_at.map(i64_of))
+        .bind(i64_of(rec.last_seq))
+        .bind(self.seal_record(&rec)?)
+        .execute(&mut **tx)
+        .await
+        .ctx("storing the execution")?;
+        self.insert_events(tx, &events).await?;
+        // A new execution: nothing to count out (a terminal state counts for nothing).
+        self.count(tx, ExecState::Cancelled, rec.state).await?;
+        Ok(Admission::Admitted { cancelled: out })
+    }
+
+    async fn get_policy(&self, sql: &'static str, keys: &[&str]) -> StoreResult<Option<Policy>> {
+        let mut q = sqlx::query_scalar::<_, sqlx::types::Json<Policy>>(sql);
+        for k in keys {
+            q = q.bind(*k);
+        }
+        let p = q
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_err("reading a policy", e))?;
+        Ok(p.map(|j| j.0))
+    }
+}
+
+/// Runs `body` with a locked record, or `NotFound`.
+macro_rules! locked {
+    ($me:ident, $tx:ident, $id:expr) => {
+        match $me.lock(&mut $tx, &$id).await? {
+            Some(r) => r,
+            None => return Err(StoreError::NotFound($id.clone()).into()),
+        }
+    };
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>> {
+        check_name("org", org)?;
+        self.get_policy("SELECT policy FROM org_policies WHERE org = $1", &[org])
+            .await
+    }
+
+    async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()> {
+        check_name("org", org)?;
+        sqlx::query(
+            "INSERT INTO org_policies (org, policy) VALUES ($1, $2) \
+             ON CONFLICT (org) DO UPDATE SET policy = EXCLUDED.policy",
+        )
+        .bind(org)
+        .bind(sqlx::types::Json(policy))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_err("writing a policy", e))?;
+        Ok(())
+    }
+
+    async fn get_user_policy(&self, org: &str, user: &str) -> StoreResult<Option<Policy>> {
+        check_name("org", org)?;
+        check_name("user", user)?;
+        self.get_policy(
+            "SELECT policy FROM user_policies WHERE org = $1 AND usr = $2",
+            &[org, user],
+        )
+        .await
+    }
+
+    async fn put_user_policy(&self, org: &str, user: &str, policy: Policy) -> StoreResult<()> {
+        check_name("org", org)?;
+        check_name("user", user)?;
+        sqlx::query(
+            "INSERT INTO user_policies (org, usr, policy) VALUES ($1, $2, $3) \
+             ON CONFLICT (org, usr) DO UPDATE SET policy = EXCLUDED.policy",
+        )
+        .bind(org)
+        .bind(user)
+        .bind(sqlx::types::Json(policy))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_err("writing a policy", e))?;
+        Ok(())
+    }
+
+    async fn admit(
+        &self,
+        record: ExecutionRecord,
+        rules: AdmissionRules,
+    ) -> StoreResult<Admission> {
+        check_name("execution id", &record.id)?;
+        check_name("org", &record.org)?;
+        check_name("user", &record.user)?;
+        if record.state != ExecState::Queued {
+            return Err(StoreError::IllegalTransition {
+                id: record.id,
+                from: record.state,
+                to: ExecState::Queued,
+            });
+        }
+        self.change(move |me, mut tx| {
+            let record = record.clone();
+            async move {
+                let out = me.admit_tx(&mut tx, &record, rules).await?;
+                Ok((out, tx))
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>> {
+        let row = sqlx::query("SELECT record, last_seq, admitted FROM executions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_err("reading an execution", e))?;
+        row.map(|r| self.record_of(id, &r, 0)).transpose()
+    }
+
+    async fn active_counts(&self) -> StoreResult<ActiveCounts> {
+        let rows = sqlx::query("SELECT name, value FROM counters")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_err("reading the counters", e))?;
+        let mut c = ActiveCounts::default();
+        for row in rows {
+            let v = row.get::<i64, _>(1).max(0) as u64;
+            match row.get::<&str, _>(0) {
+                "queued" => c.queued = v,
+                "running" => c.running = v,
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>> {
+        let mut q: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT id, record, last_seq, admitted FROM executions WHERE TRUE");
+        if let Some(org) = &filter.org {
+            q.push(" AND org = ").push_bind(org);
+        }
+        if let Some(user) = &filter.user {
+            q.push(" AND usr = ").push_bind(user);
+        }
+        if let Some(tab) = &filter.tab_id {
+            q.push(" AND tab_id = ").push_bind(tab);
+        }
+        if let Some(state) = filter.state {
+            q.push(" AND state = ").push_bind(state_name(state));
+        }
+        if filter.active_only {
+            q.push(" AND state IN ('queued', 'running')");
+        }
+        q.push(" ORDER BY created_at DESC, id DESC");
+        if let Some(limit) = filter.limit {
+            q.push(" LIMIT ").push_bind(i64_of(limit as u64));
+        }
+        let rows = q
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_err("listing executions", e))?;
+        rows.iter()
+            .map(|r| self.record_of(r.get::<&str, _>(0), r, 1))
+            .collect()
+    }
+
+    async fn request_cancel(
+        &self,
+        id: &str,
+        reason: CancelReason,
+    ) -> StoreResult<Option<ExecutionRecord>> {
+        let id = id.to_string();
+        self.change(move |me, mut tx| {
+            let id = id.clone();
+            async move {
+                let Some(old) = me.lock(&mut tx, &id).await? else {
+                    return Ok((None, tx));
+                };
+                match cancelled(&old, reason, now_ms()) {
+                    Some((rec, event)) => {
+                        let events: Vec<ExecEvent> = event.into_iter().collect();
+                        me.write(&mut tx, &old, &rec, &events).await?;
+                        Ok((Some(rec), tx))
+                    }
+                    None => Ok((Some(old), tx)),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn mark_running(
+        &self,
+        id: &str,
+        agent: &str,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        let (id, agent) = (id.to_string(), agent.to_string());
+        self.change(move |me, mut tx| {
+            let (id, agent) = (id.clone(), agent.clone());
+            async move {
+                let old = locked!(me, tx, id);
+                if old.state != ExecState::Queued || old.cancel.is_some() {
+                    return Err(StoreError::IllegalTransition {
+                        id,
+                        from: old.state,
+                        to: ExecState::Running,
+                    }
+                    .into());
+                }
+                let mut rec = old.clone();
+                rec.state = ExecState::Running;
+                rec.agent = Some(agent);
+                rec.started_at = Some(at);
+                me.write(&mut tx, &old, &rec, &[]).await?;
+                Ok((rec, tx))
+            }
+        })
+        .await
+    }
+
+    async fn mark_finished(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        error: Option<String>,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        let id = id.to_string();
+        self.change(move |me, mut tx| {
+            let (id, result_key, error) = (id.clone(), result_key.clone(), error.clone());
+            async move {
+                let old = locked!(me, tx, id);
+                if old.state.is_terminal() || !state.is_terminal() {
+                    return Err(StoreError::IllegalTransition {
+                        id,
+                        from: old.state,
+                        to: state,
+                    }
+                    .into());
+                }
+                let mut rec = old.clone();
+                rec.state = state;
+                rec.result_key = result_key;
+                rec.error = error;
+                rec.finished_at = Some(at);
+                me.write(&mut tx, &old, &rec, &[]).await?;
+                Ok((rec, tx))
+            }
+        })
+        .await
+    }
+
+    async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        let id = id.to_string();
+        self.change(move |me, mut tx| {
+            let (id, body) = (id.clone(), body.clone());
+            async move {
+                let seq: Option<i64> = sqlx::query_scalar(
+                    "UPDATE executions SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+                )
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("counting an event")?;
+                let Some(seq) = seq else {
+                    return Err(StoreError::NotFound(id).into());
+                };
+                let event = ExecEvent {
+                    execution_id: id,
+                    seq: seq as u64,
+                    at: now_ms(),
+                    body,
+                };
+                me.insert_events(&mut tx, std::slice::from_ref(&event))
+                    .await?;
+                Ok((event, tx))
+            }
+        })
+        .await
+    }
+
+    async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events WHERE execution_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(id)
+        .bind(i64_of(after))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_err("reading events", e))?;
+        if rows.is_empty() && self.get(id).await?.is_none() {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        rows.iter()
+            .map(|r| self.open_event(id, r.get::<i64, _>(0) as u64, r.get::<&[u8], _>(1)))
+            .collect()
+    }
+
+    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
+        self.change(move |me, mut tx| async move {
+            let rows = sqlx::query(
+                "DELETE FROM executions WHERE state NOT IN ('queued', 'running') \
+                 AND COALESCE(finished_at, created_at) < $1 RETURNING id, record, last_seq, admitted",
+            )
+            .bind(i64_of(before))
+            .fetch_all(&mut *tx)
+            .await
+            .ctx("expiring executions")?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(me.record_of(r.get::<&str, _>(0), r, 1)?);
+            }
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok((out, tx))
+        })
+        .await
+    }
+}
