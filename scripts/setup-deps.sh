@@ -25,9 +25,10 @@ PACKAGES=(
     # tests: a C compiler for the native library the hostile-code tests load
     # into sandboxes
     gcc libc6-dev
-    # the cluster's system of record; tests and local clusters run private servers
-    # (initdb in a temporary directory, a loopback port), never the system one
-    postgresql
+    # the cluster's engines: PostgreSQL (system of record) and Redis (the bus); tests
+    # and local clusters run private servers (a temporary directory, a loopback port),
+    # never the system ones
+    postgresql redis-server
 )
 MIN_RUST=1.80
 
@@ -63,7 +64,18 @@ if ((${#todo[@]} > 0)); then
         say "postgresql: no system-wide cluster is created (/etc/postgresql-common/createcluster.d/hatchery.conf)"
     fi
     apt-get update -q
-    apt-get install -y -q "${todo[@]}"
+    # Installing a server package must not start a system-wide server (Hatchery starts
+    # private ones): invoke-rc.d asks policy-rc.d, which says no for this install only.
+    own_policy=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    apt-get install -y -q "${todo[@]}" || { [[ -n $own_policy ]] && rm -f /usr/sbin/policy-rc.d; exit 1; }
+    if [[ -n $own_policy ]]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
     mapfile -t still < <(missing)
     if ((${#still[@]} > 0)); then
         say "still not installed after apt-get install: ${still[*]}"

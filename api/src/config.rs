@@ -73,8 +73,9 @@ pub struct Config {
     pub store: StoreSection,
 }
 
-/// Where executions, events and policies are kept: the embedded store under `data_dir`
-/// (the default), or PostgreSQL.
+/// Where executions, events and policies are kept — the embedded store under `data_dir`
+/// (the default), or PostgreSQL — and how the roles talk: in-process channels (the
+/// default) or Redis Streams.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
@@ -83,6 +84,11 @@ pub struct StoreSection {
     pub postgres_url: Option<String>,
     /// Connections to PostgreSQL this process keeps at the most.
     pub postgres_max_connections: Option<u32>,
+    /// `redis://host:port/db` (`HATCHERY_REDIS_URL`): work, live events and host status go
+    /// over Redis Streams instead of in-process channels.
+    pub redis_url: Option<String>,
+    /// Prefix of Hatchery's Redis keys (several platforms may share one Redis).
+    pub redis_prefix: Option<String>,
 }
 
 /// The embedded agent (the per-host runtime daemon of this machine).
@@ -214,6 +220,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_MAX_QUEUED", "platform.max_queued"),
     ("HATCHERY_RETENTION", "platform.retention"),
     ("HATCHERY_POSTGRES_URL", "store.postgres_url"),
+    ("HATCHERY_REDIS_URL", "store.redis_url"),
     (
         "HATCHERY_MAX_PARALLEL",
         "platform.default_policy.max_parallel",
@@ -304,6 +311,13 @@ impl Config {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(ConfigError::Invalid(
                     "store.postgres_url must start with postgres:// or postgresql://".into(),
+                ));
+            }
+        }
+        if let Some(url) = &self.store.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::Invalid(
+                    "store.redis_url must start with redis:// or rediss://".into(),
                 ));
             }
         }
@@ -436,6 +450,19 @@ impl Config {
             pg.max_connections = n;
         }
         Some(pg)
+    }
+
+    /// The Redis bus's settings, when one is configured.
+    pub fn redis(&self) -> Option<hatchery_scheduler::redis_bus::RedisConfig> {
+        let url = self.store.redis_url.as_ref()?;
+        let mut r = hatchery_scheduler::redis_bus::RedisConfig::new(
+            url.clone(),
+            format!("scheduler-{}", self.agent.name),
+        );
+        if let Some(p) = &self.store.redis_prefix {
+            r.prefix = p.clone();
+        }
+        Some(r)
     }
 
     pub fn keys_path(&self) -> PathBuf {

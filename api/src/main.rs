@@ -302,6 +302,7 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
             .keyring()
             .with_context(|| format!("keys file {}", cfg.keys_path().display()))?,
         postgres: cfg.postgres(),
+        redis: cfg.redis(),
     })
     .await
     .context("starting the platform")?;

@@ -1,10 +1,13 @@
-//! `hatchery up` on PostgreSQL (a private server per test): executions run end to end
-//! with their records, events and results in the database, sealed there, and kept across
-//! a restart of the platform; while PostgreSQL is down the API answers 503
-//! `store_unavailable` (with Retry-After) and nothing crashes; when it is back the
-//! platform carries on without a restart.
+//! `hatchery up` on the cluster's engines (private servers per test): on PostgreSQL,
+//! executions run end to end with their records, events and results in the database,
+//! sealed there, and kept across a restart of the platform; while PostgreSQL is down the
+//! API answers 503 `store_unavailable` (with Retry-After) and nothing crashes; when it is
+//! back the platform carries on without a restart. On PostgreSQL and Redis Streams
+//! together, work, cancels and live events go over Redis, the cap holds at the sandbox
+//! level, and a Redis restart mid-run loses nothing.
 //!
-//! Needs root, PostgreSQL (`postgresql`), the root filesystem and the sandbox binaries.
+//! Needs root, PostgreSQL (`postgresql`), Redis (`redis-server`), the root filesystem and
+//! the sandbox binaries.
 
 mod harness;
 use harness::*;
@@ -12,7 +15,7 @@ use harness::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::engines::{EngineError, PostgresServer};
+use hatchery_scheduler::engines::{EngineError, PostgresServer, RedisServer};
 use serde_json::json;
 
 /// A private PostgreSQL server with a `hatchery` database, or `None` (the skip recorded)
@@ -215,5 +218,144 @@ fn postgresql_down_is_503_store_unavailable_then_the_platform_recovers() {
         assert_eq!(v["result"]["value_json"], "2", "{v}");
         let old = execution(&h, &alice, &before).await;
         assert_eq!(state(&old), "succeeded", "{old}");
+    });
+}
+
+/// A private Redis server, or `None` (the skip recorded) where Redis is not installed and
+/// the run does not require it.
+fn redis(test: &str) -> Option<RedisServer> {
+    match RedisServer::start() {
+        Ok(server) => Some(server),
+        Err(EngineError::RedisMissing)
+            if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
+        {
+            hatchery_tests::skip(
+                test,
+                "redis-server is not installed",
+                "HATCHERY_REQUIRE_ENGINES",
+            );
+            None
+        }
+        Err(e) => panic!("starting Redis: {e}"),
+    }
+}
+
+async fn events_of(h: &Hatchery, token: &str, id: &str) -> Vec<serde_json::Value> {
+    let mut ws = ws_connect(h, &format!("/v1/executions/{id}/events?token={token}"))
+        .await
+        .expect("connect");
+    let (events, closed) = read_events(&mut ws, |_| false).await;
+    assert!(closed, "the stream of {id} did not close after finished");
+    events
+}
+
+fn at_of(events: &[serde_json::Value], kind: &str) -> u64 {
+    events
+        .iter()
+        .find(|e| e["type"] == kind)
+        .and_then(|e| e["at"].as_u64())
+        .unwrap_or_else(|| panic!("no {kind} event: {events:?}"))
+}
+
+#[test]
+fn on_postgresql_and_redis_work_cancels_and_events_go_over_redis_and_survive_its_restart() {
+    let test =
+        "on_postgresql_and_redis_work_cancels_and_events_go_over_redis_and_survive_its_restart";
+    let Some((_pg, url)) = postgres(test) else {
+        return;
+    };
+    let Some(mut redis) = redis(test) else {
+        return;
+    };
+    e2e(async {
+        let h = Hatchery::started(Setup {
+            postgres_url: Some(url.clone()),
+            redis_url: Some(redis.url()),
+            ..Setup::default()
+        })
+        .await;
+        let alice = h.token("acme", "alice", "user");
+
+        // Live output over the Redis fan-out, in order, with the value.
+        let id = run_r(&h, &alice, r#"for (i in 1:3) cat("line", i, "\n"); 6 * 7"#).await;
+        let events = events_of(&h, &alice, &id).await;
+        assert_eq!(seqs(&events), (1..=events.len() as u64).collect::<Vec<_>>());
+        assert!(
+            stdout_of(&events).starts_with("line 1 \nline 2 \nline 3 \n"),
+            "{events:?}"
+        );
+        let v = wait_terminal(&h, &alice, &id).await;
+        assert_eq!(v["result"]["value_json"], "42", "{v}");
+
+        // A cancel travels over Redis, and under the cap of 2 a third execution starts
+        // only once the one it displaced is dead.
+        let slow = json!({"language": "r", "code": "Sys.sleep(30)"});
+        let a = submit(&h, &alice, slow.clone()).await;
+        let b = submit(&h, &alice, slow.clone()).await;
+        wait_running(&h, &alice, &a).await;
+        wait_running(&h, &alice, &b).await;
+        let c = submit(&h, &alice, slow.clone()).await;
+        let old = wait_terminal(&h, &alice, &a).await;
+        assert_eq!(old["cancel"], "parallelism_cap", "{old}");
+        wait_running(&h, &alice, &c).await;
+        let a_events = events_of(&h, &alice, &a).await;
+        let mut ws = ws_connect(&h, &format!("/v1/executions/{c}/events?token={alice}"))
+            .await
+            .expect("connect");
+        let (c_events, _) =
+            read_events(&mut ws, |ev| ev.iter().any(|e| e["type"] == "started")).await;
+        assert!(
+            at_of(&c_events, "started") >= at_of(&a_events, "finished"),
+            "{c} started before {a} it displaced finished"
+        );
+        for id in [&b, &c] {
+            let r = http(
+                &h,
+                "POST",
+                &format!("/v1/executions/{id}/cancel"),
+                Some(&alice),
+                None,
+            )
+            .await;
+            assert!(r.status < 300, "cancel {id}: {}", r.status);
+            wait_terminal(&h, &alice, id).await;
+        }
+
+        // Redis restarts (empty) while code runs: the execution finishes with all its
+        // output, and new work is taken again.
+        let during = run_r(
+            &h,
+            &alice,
+            r#"cat("before\n"); Sys.sleep(3); cat("after\n"); invisible(1)"#,
+        )
+        .await;
+        wait_running(&h, &alice, &during).await;
+        redis.restart().expect("restart Redis");
+        let v = wait_terminal(&h, &alice, &during).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        let events = events_of(&h, &alice, &during).await;
+        assert_eq!(stdout_of(&events), "before\nafter\n");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let next = loop {
+            let r = http(
+                &h,
+                "POST",
+                "/v1/executions",
+                Some(&alice),
+                Some(json!({"language": "r", "code": "2 + 2"})),
+            )
+            .await;
+            if r.status == 202 {
+                break r.json()["id"].as_str().unwrap().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no admission after Redis came back: {}",
+                r.status
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let v = wait_terminal(&h, &alice, &next).await;
+        assert_eq!(v["result"]["value_json"], "4", "{v}");
     });
 }

@@ -35,7 +35,7 @@ use hatchery_sandbox::zygote::server::Language;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::bus::{AgentCommand, Bus, BusError, HostStatus, SandboxUsage};
+use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus, SandboxUsage};
 use crate::model::{
     now_ms, CancelReason, EffectivePolicy, EventBody, ExecState, ExecutionRecord, OutputData,
     ResultSummary, Usage,
@@ -553,7 +553,7 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
         Err(e) => tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot requeue commands"),
     }
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(AgentCommand, u64)>(64);
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(AgentCommand, DeliveryTag)>(64);
     let reader = {
         let inner = Arc::clone(&inner);
         tokio::spawn(async move {
@@ -575,7 +575,7 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     };
     // Runs waiting for a slot, with their delivery tags (acknowledged once started: a
     // run that never started is redelivered after a restart).
-    let mut waiting: VecDeque<(String, u64)> = VecDeque::new();
+    let mut waiting: VecDeque<(String, DeliveryTag)> = VecDeque::new();
     let mut executions = JoinSet::new();
     loop {
         // Start waiting runs while there are free slots.
@@ -583,17 +583,17 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             let Ok(permit) = Arc::clone(&inner.slots).try_acquire_owned() else {
                 break;
             };
-            let (id, tag) = (id.clone(), *tag);
+            let (id, tag) = (id.clone(), tag.clone());
             waiting.pop_front();
             executions.spawn(run_execution(Arc::clone(&inner), id, permit));
-            let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
+            let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
         }
         tokio::select! {
             _ = stop.changed() => break,
             cmd = cmd_rx.recv() => match cmd {
                 Some((AgentCommand::Run { execution_id }, tag)) => {
                     if waiting.iter().any(|(w, _)| *w == execution_id) {
-                        let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
+                        let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
                     } else {
                         waiting.push_back((execution_id, tag));
                     }
@@ -602,7 +602,7 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                     if !inner.cancel(&execution_id) {
                         tracing::debug!(execution = %execution_id, "cancel for an execution not running here");
                     }
-                    let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
+                    let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
                 }
                 None => {
                     tracing::info!(agent = %inner.cfg.id, "the bus closed; no more work");

@@ -54,7 +54,22 @@ pub struct SandboxUsage {
 pub struct Delivery<T> {
     pub item: T,
     /// Names this delivery for [`Bus::ack_submitted`] / [`Bus::ack_for_agent`].
-    pub tag: u64,
+    pub tag: DeliveryTag,
+}
+
+/// What names one delivery to its bus: opaque to consumers (a counter in the embedded
+/// bus, a stream entry id in Redis).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeliveryTag(String);
+
+impl DeliveryTag {
+    pub fn new(tag: impl Into<String>) -> DeliveryTag {
+        DeliveryTag(tag.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +93,7 @@ pub trait Bus: Send + Sync + 'static {
     async fn next_submitted(&self) -> Result<String, BusError>;
     /// scheduler: the next admitted execution, unacknowledged until `ack_submitted`.
     async fn take_submitted(&self) -> Result<Delivery<String>, BusError>;
-    async fn ack_submitted(&self, tag: u64) -> Result<(), BusError>;
+    async fn ack_submitted(&self, tag: &DeliveryTag) -> Result<(), BusError>;
 
     /// scheduler/api → one agent.
     async fn send_to_agent(&self, agent: &str, command: AgentCommand) -> Result<(), BusError>;
@@ -87,7 +102,7 @@ pub trait Bus: Send + Sync + 'static {
     async fn next_for_agent(&self, agent: &str) -> Result<AgentCommand, BusError>;
     /// agent: its next command, unacknowledged until `ack_for_agent`.
     async fn take_for_agent(&self, agent: &str) -> Result<Delivery<AgentCommand>, BusError>;
-    async fn ack_for_agent(&self, agent: &str, tag: u64) -> Result<(), BusError>;
+    async fn ack_for_agent(&self, agent: &str, tag: &DeliveryTag) -> Result<(), BusError>;
     /// Puts every command taken by `agent` but never acknowledged back at the front of
     /// its queue (an agent that restarted); returns how many.
     async fn requeue_unacked(&self, agent: &str) -> Result<usize, BusError>;

@@ -1,6 +1,6 @@
 //! Private instances of the engines a cluster runs on, for tests and for a local
-//! cluster on one machine: a PostgreSQL server in a temporary directory, on a loopback
-//! port, owned by whoever started it and gone when dropped.
+//! cluster on one machine: a PostgreSQL server and a Redis server, each in a temporary
+//! directory, on a loopback port, owned by whoever started it and gone when dropped.
 //!
 //! Nothing here touches a system-wide instance: the server has its own data directory,
 //! socket directory and port.
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 pub enum EngineError {
     #[error("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install the `postgresql` package")]
     PostgresMissing,
+    #[error("Redis is not installed (no redis-server): install the `redis-server` package")]
+    RedisMissing,
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -273,6 +275,137 @@ impl PostgresServer {
 }
 
 impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A private Redis server: no persistence (a test server), listening on 127.0.0.1 only,
+/// its files in a temporary directory. Stopped and removed on drop.
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where Debian installs `redis-server`.
+pub fn redis_server_bin() -> Option<PathBuf> {
+    ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+impl RedisServer {
+    pub fn start() -> Result<RedisServer, EngineError> {
+        if redis_server_bin().is_none() {
+            return Err(EngineError::RedisMissing);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("hatchery-redis.")
+            .tempdir()
+            .map_err(io("creating the server's directory"))?;
+        let mut server = RedisServer {
+            dir,
+            port: free_port()?,
+            child: None,
+        };
+        server.run()?;
+        Ok(server)
+    }
+
+    fn run(&mut self) -> Result<(), EngineError> {
+        let bin = redis_server_bin().ok_or(EngineError::RedisMissing)?;
+        let log = self.dir.path().join("server.log");
+        let child = Command::new(bin)
+            .env_clear()
+            .args(["--bind", "127.0.0.1", "--protected-mode", "yes"])
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io("starting redis-server"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(EngineError::Failed {
+                    what: format!("redis-server ({status})"),
+                    log: std::fs::read_to_string(&log).unwrap_or_default(),
+                });
+            }
+            if self.pings() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(EngineError::Failed {
+                    what: "redis-server did not answer within 30 s".into(),
+                    log: std::fs::read_to_string(&log).unwrap_or_default(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server answers PING (a raw RESP exchange: no client needed).
+    fn pings(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the server at once (SIGKILL: what a crash looks like to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped server again on the same port (empty: no persistence).
+    pub fn restart(&mut self) -> Result<(), EngineError> {
+        self.stop();
+        self.run()
+    }
+}
+
+impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }

@@ -21,6 +21,7 @@ pub mod platform;
 pub mod policy;
 pub mod postgres;
 pub mod private_files;
+pub mod redis_bus;
 pub mod seal;
 pub mod store;
 pub mod vm;

@@ -1,5 +1,6 @@
 //! The embedded single-host platform behind `hatchery up`: an embedded store (durable
-//! under `data_dir/store`; or PostgreSQL when configured), an in-process bus, encrypted objects under `data_dir/objects`,
+//! under `data_dir/store`; or PostgreSQL when configured), an in-process bus (or Redis
+//! Streams), encrypted objects under `data_dir/objects`,
 //! the scheduler role, one agent, and the [`Platform`] front door for the API. Store and
 //! objects seal with the same keyring; the data dir and everything in it is private
 //! (0700 directories, 0600 files).
@@ -23,6 +24,7 @@ use crate::platform::{Platform, PlatformConfig};
 use crate::policy::PolicyErrors;
 use crate::postgres::{PgConfig, PgStore};
 use crate::private_files;
+use crate::redis_bus::{RedisBus, RedisConfig};
 use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
 
@@ -42,6 +44,9 @@ pub struct NodeConfig {
     /// Keep executions, events and policies in PostgreSQL instead of the embedded store
     /// under `data_dir/store`.
     pub postgres: Option<PgConfig>,
+    /// Carry work, live events and host status over Redis Streams instead of in-process
+    /// channels.
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,8 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("objects: {0}")]
     Objects(#[from] ObjectError),
+    #[error("bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
     /// The platform default policy fails the rule every policy passes.
@@ -85,7 +92,10 @@ impl EmbeddedNode {
                 cfg.keyring.clone(),
             )?),
         };
-        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
+        let bus: Arc<dyn Bus> = match &cfg.redis {
+            Some(r) => Arc::new(RedisBus::connect(r.clone(), cfg.keyring.clone()).await?),
+            None => Arc::new(EmbeddedBus::new()),
+        };
         let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(
             &cfg.data_dir.join("objects"),
             cfg.keyring.clone(),

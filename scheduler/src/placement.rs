@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
 
-use crate::bus::{AgentCommand, Bus, BusError, HostStatus};
+use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus};
 use crate::model::{now_ms, ExecState, Millis};
 use crate::store::{ListFilter, Store, StoreError};
 
@@ -31,6 +31,10 @@ use crate::store::{ListFilter, Store, StoreError};
 pub const STALE_AFTER_MS: Millis = 10_000;
 /// How often the scheduler re-checks without being woken (stale hosts, lost runs).
 const TICK: Duration = Duration::from_secs(1);
+/// How often the scheduler looks in the store for queued executions it never heard of
+/// (admitted while the bus was down, or a submission lost with it): the store is the
+/// outbox, the bus only wakes.
+const RECONCILE_EVERY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -125,6 +129,11 @@ impl Cluster {
     }
 
     /// Runs sent to `agent` that still count against it.
+    /// Whether `id` was sent to an agent and has not landed yet.
+    pub fn is_in_flight(&self, id: &str) -> bool {
+        self.in_flight.contains_key(id)
+    }
+
     pub fn in_flight_on(&self, agent: &str) -> Vec<String> {
         let mut ids: Vec<String> = self
             .in_flight
@@ -197,7 +206,7 @@ struct Waiting {
     language: String,
     /// The bus delivery it came with, acknowledged once it is placed (or dropped);
     /// `None` for executions recovered from the store.
-    tag: Option<u64>,
+    tag: Option<DeliveryTag>,
 }
 
 /// Runs the scheduler role until the bus closes. `statuses` should be subscribed before
@@ -215,7 +224,7 @@ pub async fn run_scheduler(
         Ok(n) => tracing::info!(count = n, "requeued unacknowledged submissions"),
         Err(e) => tracing::warn!(error = %e, "cannot requeue unacknowledged submissions"),
     }
-    let (sub_tx, mut submissions) = mpsc::channel::<Result<(String, u64), BusError>>(64);
+    let (sub_tx, mut submissions) = mpsc::channel::<Result<(String, DeliveryTag), BusError>>(64);
     let reader = {
         let bus = Arc::clone(&bus);
         tokio::spawn(async move {
@@ -253,13 +262,17 @@ pub async fn run_scheduler(
         }
     }
     let mut statuses_open = true;
+    let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile.tick().await;
     loop {
         place_waiting(store.as_ref(), bus.as_ref(), &mut cluster, &mut queue).await?;
         tokio::select! {
             next = submissions.recv() => match next {
                 Some(Ok((id, tag))) => {
-                    if queue.iter().any(|w| w.id == id) {
-                        let _ = bus.ack_submitted(tag).await;
+                    // Already waiting or sent (the reconciliation found it first).
+                    if queue.iter().any(|w| w.id == id) || cluster.is_in_flight(&id) {
+                        let _ = bus.ack_submitted(&tag).await;
                         continue;
                     }
                     match store.get(&id).await {
@@ -267,7 +280,7 @@ pub async fn run_scheduler(
                             queue.push_back(Waiting { id, language: r.language, tag: Some(tag) });
                         }
                         Ok(_) => {
-                            let _ = bus.ack_submitted(tag).await;
+                            let _ = bus.ack_submitted(&tag).await;
                             tracing::debug!(execution = %id, "submitted but no longer queued");
                         }
                         Err(e) => {
@@ -299,6 +312,29 @@ pub async fn run_scheduler(
                 }
                 Err(broadcast::error::RecvError::Closed) => statuses_open = false,
             },
+            _ = reconcile.tick() => {
+                let queued = store
+                    .list(&ListFilter {
+                        state: Some(ExecState::Queued),
+                        ..ListFilter::default()
+                    })
+                    .await;
+                match queued {
+                    Ok(mut queued) => {
+                        queued.sort_by_key(|r| (r.admitted, r.created_at));
+                        for r in queued {
+                            if r.cancel.is_none()
+                                && !cluster.is_in_flight(&r.id)
+                                && !queue.iter().any(|w| w.id == r.id)
+                            {
+                                tracing::info!(execution = %r.id, "queued in the store but never submitted to this scheduler: placing it");
+                                queue.push_back(Waiting { id: r.id, language: r.language, tag: None });
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read queued executions"),
+                }
+            }
             _ = tokio::time::sleep(TICK) => {
                 for id in cluster.take_orphans(now_ms()) {
                     if let Ok(Some(r)) = store.get(&id).await {
@@ -341,7 +377,7 @@ async fn place_waiting(
             Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {}
             Ok(_) => {
                 if let Some(tag) = w.tag {
-                    let _ = bus.ack_submitted(tag).await;
+                    let _ = bus.ack_submitted(&tag).await;
                 }
                 continue;
             }
@@ -360,7 +396,7 @@ async fn place_waiting(
                 cluster.sent(&w.id, &agent, now);
                 // Acted on: the agent's queue holds it now.
                 if let Some(tag) = w.tag {
-                    let _ = bus.ack_submitted(tag).await;
+                    let _ = bus.ack_submitted(&tag).await;
                 }
             }
             Err(BusError::Closed) => {

@@ -280,10 +280,18 @@ impl Platform {
                     self.propagate_cancel(other).await;
                 }
                 self.publish_new_events(&id, 0).await;
+                // The answer is the record as admitted (queued, or cancelled at once), read
+                // before the scheduler can see it.
+                let admitted = self.store.get(&id).await?.ok_or(PlatformError::NotFound)?;
                 if !self_cancelled {
-                    self.bus.submit(&id).await.map_err(internal)?;
+                    // Admitted is admitted: the store is the outbox. If the bus cannot
+                    // take the submission now, the scheduler finds the execution in the
+                    // store on its next reconciliation.
+                    if let Err(e) = self.bus.submit(&id).await {
+                        tracing::warn!(execution = %id, error = %e, "cannot submit on the bus; the scheduler's reconciliation will place it");
+                    }
                 }
-                self.store.get(&id).await?.ok_or(PlatformError::NotFound)
+                Ok(admitted)
             }
         }
     }

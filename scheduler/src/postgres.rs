@@ -30,14 +30,14 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 
-use crate::embedded::name_ok;
+use crate::embedded::check_name;
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
-    cancelled, is_active, ActiveCounts, Admission, AdmissionRules, ListFilter, Store, StoreError,
-    StoreResult,
+    cancelled, finished, is_active, running, ActiveCounts, Admission, AdmissionRules, ListFilter,
+    Store, StoreError, StoreResult,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -106,18 +106,6 @@ fn is_retryable(e: &StoreError, source: &Option<String>) -> bool {
         && source
             .as_deref()
             .is_some_and(|c| c == "40P01" || c == "40001")
-}
-
-fn check_name(what: &str, name: &str) -> StoreResult<()> {
-    if name_ok(name) {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidName(format!(
-            "{what} {name:?}: only 1 to {} of A-Z a-z 0-9 . _ - @ + (not starting with a dot) \
-             are allowed",
-            crate::embedded::MAX_NAME_LEN
-        )))
-    }
 }
 
 fn state_name(s: ExecState) -> &'static str {
@@ -225,11 +213,7 @@ impl PgStore {
     }
 
     fn seal_record(&self, rec: &ExecutionRecord) -> StoreResult<Vec<u8>> {
-        let json = serde_json::to_vec(rec)
-            .map_err(|e| StoreError::Io(format!("encoding record {}: {e}", rec.id)))?;
-        self.keyring
-            .seal(Binding::Record(&rec.id), &json)
-            .map_err(|e| StoreError::Io(format!("sealing record {}: {e}", rec.id)))
+        crate::store::seal_record(&self.keyring, rec)
     }
 
     /// The record in row `row` (columns record, last_seq, admitted from `at`).
@@ -691,18 +675,7 @@ impl Store for PgStore {
             let (id, agent) = (id.clone(), agent.clone());
             async move {
                 let old = locked!(me, tx, id);
-                if old.state != ExecState::Queued || old.cancel.is_some() {
-                    return Err(StoreError::IllegalTransition {
-                        id,
-                        from: old.state,
-                        to: ExecState::Running,
-                    }
-                    .into());
-                }
-                let mut rec = old.clone();
-                rec.state = ExecState::Running;
-                rec.agent = Some(agent);
-                rec.started_at = Some(at);
+                let rec = running(&old, &agent, at)?;
                 me.write(&mut tx, &old, &rec, &[]).await?;
                 Ok((rec, tx))
             }
@@ -723,19 +696,7 @@ impl Store for PgStore {
             let (id, result_key, error) = (id.clone(), result_key.clone(), error.clone());
             async move {
                 let old = locked!(me, tx, id);
-                if old.state.is_terminal() || !state.is_terminal() {
-                    return Err(StoreError::IllegalTransition {
-                        id,
-                        from: old.state,
-                        to: state,
-                    }
-                    .into());
-                }
-                let mut rec = old.clone();
-                rec.state = state;
-                rec.result_key = result_key;
-                rec.error = error;
-                rec.finished_at = Some(at);
+                let rec = finished(&old, state, result_key, error, at)?;
                 me.write(&mut tx, &old, &rec, &[]).await?;
                 Ok((rec, tx))
             }

@@ -223,3 +223,59 @@ pub(crate) fn cancelled(
         _ => None,
     }
 }
+
+/// `rec` going `queued` → `running` on `agent` (see [`Store::mark_running`]).
+pub(crate) fn running(
+    rec: &ExecutionRecord,
+    agent: &str,
+    at: Millis,
+) -> StoreResult<ExecutionRecord> {
+    if rec.state != ExecState::Queued || rec.cancel.is_some() {
+        return Err(StoreError::IllegalTransition {
+            id: rec.id.clone(),
+            from: rec.state,
+            to: ExecState::Running,
+        });
+    }
+    let mut rec = rec.clone();
+    rec.state = ExecState::Running;
+    rec.agent = Some(agent.to_string());
+    rec.started_at = Some(at);
+    Ok(rec)
+}
+
+/// `rec` going from an active state to the terminal `state` (see
+/// [`Store::mark_finished`]).
+pub(crate) fn finished(
+    rec: &ExecutionRecord,
+    state: ExecState,
+    result_key: Option<String>,
+    error: Option<String>,
+    at: Millis,
+) -> StoreResult<ExecutionRecord> {
+    if rec.state.is_terminal() || !state.is_terminal() {
+        return Err(StoreError::IllegalTransition {
+            id: rec.id.clone(),
+            from: rec.state,
+            to: state,
+        });
+    }
+    let mut rec = rec.clone();
+    rec.state = state;
+    rec.result_key = result_key;
+    rec.error = error;
+    rec.finished_at = Some(at);
+    Ok(rec)
+}
+
+/// A record as it is stored: its JSON sealed with `keyring`, bound to its execution id.
+pub(crate) fn seal_record(
+    keyring: &crate::seal::Keyring,
+    rec: &ExecutionRecord,
+) -> StoreResult<Vec<u8>> {
+    let json = serde_json::to_vec(rec)
+        .map_err(|e| StoreError::Io(format!("encoding record {}: {e}", rec.id)))?;
+    keyring
+        .seal(crate::seal::Binding::Record(&rec.id), &json)
+        .map_err(|e| StoreError::Io(format!("sealing record {}: {e}", rec.id)))
+}

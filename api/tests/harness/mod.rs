@@ -58,6 +58,8 @@ pub struct Setup {
     /// Keep the platform's records in this PostgreSQL database instead of the embedded
     /// store.
     pub postgres_url: Option<String>,
+    /// Carry work and live events over this Redis instead of in-process channels.
+    pub redis_url: Option<String>,
 }
 
 impl Default for Setup {
@@ -66,6 +68,7 @@ impl Default for Setup {
             capacity: 4,
             max_queued: 256,
             postgres_url: None,
+            redis_url: None,
         }
     }
 }
@@ -118,9 +121,17 @@ impl Hatchery {
                 rootfs = rootfs().display(),
                 capacity = setup.capacity,
                 max_queued = setup.max_queued,
-                store = match &setup.postgres_url {
-                    Some(url) => format!("[store]\npostgres_url = \"{url}\"\n"),
-                    None => String::new(),
+                store = {
+                    let mut t = String::from("[store]\n");
+                    if let Some(url) = &setup.postgres_url {
+                        t.push_str(&format!("postgres_url = \"{url}\"\n"));
+                    }
+                    if let Some(url) = &setup.redis_url {
+                        t.push_str(&format!("redis_url = \"{url}\"\n"));
+                        // Each test platform its own keys in a shared Redis.
+                        t.push_str(&format!("redis_prefix = \"{cgroup_parent}\"\n"));
+                    }
+                    t
                 },
             ),
         )

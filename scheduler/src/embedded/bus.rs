@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, Notify};
 
-use crate::bus::{AgentCommand, Bus, BusError, Delivery, HostStatus};
+use crate::bus::{AgentCommand, Bus, BusError, Delivery, DeliveryTag, HostStatus};
 use crate::model::ExecEvent;
 
 /// Default capacity of the event and status broadcasts.
@@ -49,11 +49,16 @@ impl<T: Clone> Queue<T> {
             .next_tag
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.in_flight().insert(tag, item.clone());
-        crate::bus::Delivery { item, tag }
+        crate::bus::Delivery {
+            item,
+            tag: DeliveryTag::new(tag.to_string()),
+        }
     }
 
-    fn ack(&self, tag: u64) {
-        self.in_flight().remove(&tag);
+    fn ack(&self, tag: &DeliveryTag) {
+        if let Ok(tag) = tag.as_str().parse::<u64>() {
+            self.in_flight().remove(&tag);
+        }
     }
 
     /// Puts every in-flight item back at the front, oldest first.
@@ -225,7 +230,7 @@ impl Bus for EmbeddedBus {
         Ok(self.inner.submitted.take().await)
     }
 
-    async fn ack_submitted(&self, tag: u64) -> Result<(), BusError> {
+    async fn ack_submitted(&self, tag: &DeliveryTag) -> Result<(), BusError> {
         self.inner.submitted.ack(tag);
         Ok(())
     }
@@ -249,7 +254,7 @@ impl Bus for EmbeddedBus {
         Ok(queue.take().await)
     }
 
-    async fn ack_for_agent(&self, agent: &str, tag: u64) -> Result<(), BusError> {
+    async fn ack_for_agent(&self, agent: &str, tag: &DeliveryTag) -> Result<(), BusError> {
         self.agent_queue(agent).ack(tag);
         Ok(())
     }
@@ -458,7 +463,7 @@ mod tests {
         let b = bus.take_for_agent("h").await.unwrap();
         assert_eq!((a.item.clone(), b.item.clone()), (run("a"), run("b")));
         assert_ne!(a.tag, b.tag);
-        bus.ack_for_agent("h", a.tag).await.unwrap();
+        bus.ack_for_agent("h", &a.tag).await.unwrap();
         // The agent "restarts": b was taken but never acknowledged.
         assert_eq!(bus.requeue_unacked("h").await.unwrap(), 1);
         assert_eq!(bus.take_for_agent("h").await.unwrap().item, run("b"));
@@ -468,8 +473,8 @@ mod tests {
         assert_eq!(all, 2, "b (again) and c were still unacknowledged");
         let d1 = bus.take_for_agent("h").await.unwrap();
         let d2 = bus.take_for_agent("h").await.unwrap();
-        bus.ack_for_agent("h", d1.tag).await.unwrap();
-        bus.ack_for_agent("h", d2.tag).await.unwrap();
+        bus.ack_for_agent("h", &d1.tag).await.unwrap();
+        bus.ack_for_agent("h", &d2.tag).await.unwrap();
         assert_eq!(bus.requeue_unacked("h").await.unwrap(), 0);
 
         // Submissions work the same way.
@@ -478,7 +483,7 @@ mod tests {
         assert_eq!(bus.requeue_unacked_submissions().await.unwrap(), 1);
         let x2 = bus.take_submitted().await.unwrap();
         assert_eq!(x2.item, x.item);
-        bus.ack_submitted(x2.tag).await.unwrap();
+        bus.ack_submitted(&x2.tag).await.unwrap();
         assert_eq!(bus.requeue_unacked_submissions().await.unwrap(), 0);
     }
 }

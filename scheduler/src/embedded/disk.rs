@@ -160,11 +160,7 @@ impl Disk {
     }
 
     fn seal_record(&self, rec: &ExecutionRecord) -> StoreResult<Vec<u8>> {
-        let json = serde_json::to_vec(rec)
-            .map_err(|e| StoreError::Io(format!("encoding record {}: {e}", rec.id)))?;
-        self.keyring
-            .seal(Binding::Record(&rec.id), &json)
-            .map_err(|e| StoreError::Io(format!("sealing record {}: {e}", rec.id)))
+        crate::store::seal_record(&self.keyring, rec)
     }
 
     /// The lines of `events` as they go into `id`'s events file.

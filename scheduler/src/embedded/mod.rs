@@ -8,5 +8,5 @@ mod disk;
 mod store;
 
 pub use bus::EmbeddedBus;
-pub use disk::{name_ok, MAX_NAME_LEN};
+pub use disk::{check_name, name_ok, MAX_NAME_LEN};
 pub use store::EmbeddedStore;

@@ -25,7 +25,8 @@ use crate::model::{
 };
 use crate::seal::Keyring;
 use crate::store::{
-    cancelled, is_active, Admission, AdmissionRules, ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, is_active, running, Admission, AdmissionRules, ListFilter, Store,
+    StoreError, StoreResult,
 };
 
 #[derive(Default)]
@@ -237,18 +238,7 @@ impl State {
         agent: &str,
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
-        let rec = self.record(id)?;
-        if rec.state != ExecState::Queued || rec.cancel.is_some() {
-            return Err(StoreError::IllegalTransition {
-                id: id.to_string(),
-                from: rec.state,
-                to: ExecState::Running,
-            });
-        }
-        let mut rec = rec.clone();
-        rec.state = ExecState::Running;
-        rec.agent = Some(agent.to_string());
-        rec.started_at = Some(at);
+        let rec = running(self.record(id)?, agent, at)?;
         self.commit(disk, rec.clone(), Vec::new())?;
         Ok(rec)
     }
@@ -262,19 +252,7 @@ impl State {
         error: Option<String>,
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
-        let rec = self.record(id)?;
-        if rec.state.is_terminal() || !state.is_terminal() {
-            return Err(StoreError::IllegalTransition {
-                id: id.to_string(),
-                from: rec.state,
-                to: state,
-            });
-        }
-        let mut rec = rec.clone();
-        rec.state = state;
-        rec.result_key = result_key;
-        rec.error = error;
-        rec.finished_at = Some(at);
+        let rec = finished(self.record(id)?, state, result_key, error, at)?;
         self.commit(disk, rec.clone(), Vec::new())?;
         Ok(rec)
     }

@@ -1,0 +1,633 @@
+//! [`RedisBus`]: the [`Bus`] on Redis Streams, for roles on several hosts.
+//!
+//! - **Work** (submissions api → scheduler, commands scheduler → agent) are streams read
+//!   through consumer groups: an entry goes to exactly one consumer and stays in that
+//!   consumer's pending list until acknowledged (`XACK`, then `XDEL`: the streams stay
+//!   small). A consumer that restarts gets its own pending entries again first
+//!   ([`Bus::requeue_unacked`]); submissions a dead scheduler left pending for a minute
+//!   are claimed by the next one that requeues (`XAUTOCLAIM`). The execution id is the
+//!   idempotency key: the store's transitions make a repeat harmless.
+//! - **Live events and host status** are capped streams (`MAXLEN ~`) that every process
+//!   reads from its own position (`XREAD BLOCK`) into a local broadcast, so any API
+//!   replica streams any execution. An event's payload is sealed with the platform's
+//!   keyring (bound to the execution and seq), like the store's copy: Redis may persist
+//!   what it holds. The store keeps the durable copy; a subscriber that lags or misses
+//!   events while Redis is away catches up from the store.
+//! - Blocking reads use connections of their own; everything else shares one
+//!   multiplexed connection that reconnects by itself.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::streams::StreamReadReply;
+use redis::Value;
+use tokio::sync::{broadcast, Mutex};
+
+use crate::bus::{AgentCommand, Bus, BusError, Delivery, DeliveryTag, HostStatus};
+use crate::model::ExecEvent;
+use crate::seal::{Binding, Keyring};
+
+/// How long a blocking read waits before it looks again (ms).
+const BLOCK_MS: usize = 1000;
+/// Pending submissions of another scheduler older than this are taken over (ms).
+const CLAIM_IDLE_MS: u64 = 60_000;
+
+/// Where and how to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` (or `rediss://` with TLS).
+    pub url: String,
+    /// Prefix of every key, so several platforms can share one Redis.
+    pub prefix: String,
+    /// This process's name as a consumer of submissions (stable across its restarts).
+    pub consumer: String,
+    /// Entries the event stream keeps (about).
+    pub events_maxlen: usize,
+    /// Capacity of the local broadcasts (a subscriber further behind lags).
+    pub capacity: usize,
+}
+
+impl RedisConfig {
+    pub fn new(url: impl Into<String>, consumer: impl Into<String>) -> RedisConfig {
+        RedisConfig {
+            url: url.into(),
+            prefix: "hatchery".into(),
+            consumer: consumer.into(),
+            events_maxlen: 100_000,
+            capacity: 8192,
+        }
+    }
+}
+
+/// The Redis bus. Cheap to clone (clones share connections and readers).
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RedisConfig,
+    client: redis::Client,
+    conn: ConnectionManager,
+    keyring: Keyring,
+    events: broadcast::Sender<ExecEvent>,
+    status: broadcast::Sender<HostStatus>,
+    /// Consumer groups known to exist.
+    groups: Mutex<HashSet<String>>,
+    /// One blocking reader per work stream.
+    readers: Mutex<std::collections::HashMap<String, Arc<Mutex<Reader>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A consumer's position in one work stream: its own pending entries first (after a
+/// requeue), then new ones.
+struct Reader {
+    conn: Option<MultiplexedConnection>,
+    /// Reading this consumer's pending entries after this id; `None`: new entries.
+    pending_after: Option<String>,
+    /// A read was under way when its caller stopped waiting: Redis may have handed it
+    /// an entry nobody received. The next take starts over from the pending entries.
+    in_flight: bool,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("prefix", &self.inner.cfg.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(e: redis::RedisError) -> BusError {
+    BusError::Io(e.to_string())
+}
+
+const SCHEDULERS: &str = "schedulers";
+const AGENT: &str = "agent";
+
+impl RedisBus {
+    /// Connects and starts the readers of the event and status streams (from now on).
+    pub async fn connect(cfg: RedisConfig, keyring: Keyring) -> Result<RedisBus, BusError> {
+        let client = redis::Client::open(cfg.url.as_str()).map_err(io)?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
+        let (events, _) = broadcast::channel(cfg.capacity);
+        let (status, _) = broadcast::channel(cfg.capacity);
+        let mut tasks = Vec::new();
+        {
+            let key = format!("{}:events", cfg.prefix);
+            let (client, tx, keyring) = (client.clone(), events.clone(), keyring.clone());
+            let start = last_id(&conn, &key).await?;
+            tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
+                let blob = field(fields, "e")?;
+                let (execution, seq) = (field_str(fields, "x")?, field_str(fields, "q")?);
+                let seq: u64 = seq.parse().ok()?;
+                let json = keyring
+                    .open(
+                        Binding::Event {
+                            execution: &execution,
+                            seq,
+                        },
+                        &blob,
+                    )
+                    .map_err(|e| tracing::warn!(execution, seq, error = %e, "an event on the bus does not open"))
+                    .ok()?;
+                let event: ExecEvent = serde_json::from_slice(&json).ok()?;
+                let _ = tx.send(event);
+                Some(())
+            })));
+        }
+        {
+            let key = format!("{}:status", cfg.prefix);
+            let (client, tx) = (client.clone(), status.clone());
+            let start = last_id(&conn, &key).await?;
+            tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
+                let json = field(fields, "s")?;
+                let status: HostStatus = serde_json::from_slice(&json).ok()?;
+                let _ = tx.send(status);
+                Some(())
+            })));
+        }
+        Ok(RedisBus {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                conn,
+                keyring,
+                events,
+                status,
+                groups: Mutex::new(HashSet::new()),
+                readers: Mutex::new(std::collections::HashMap::new()),
+                tasks,
+            }),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.inner.cfg.prefix)
+    }
+
+    fn agent_key(&self, agent: &str) -> String {
+        self.key(&format!("agent:{agent}"))
+    }
+
+    /// Creates `group` on `key` (and the stream) unless it exists.
+    async fn ensure_group(&self, key: &str, group: &str) -> Result<(), BusError> {
+        let name = format!("{key}\u{1}{group}");
+        if self.inner.groups.lock().await.contains(&name) {
+            return Ok(());
+        }
+        let mut conn = self.inner.conn.clone();
+        let r: Result<(), _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(io(e)),
+        }
+        self.inner.groups.lock().await.insert(name);
+        Ok(())
+    }
+
+    async fn reader(&self, key: &str) -> Arc<Mutex<Reader>> {
+        self.inner
+            .readers
+            .lock()
+            .await
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Reader {
+                    conn: None,
+                    pending_after: None,
+                    in_flight: false,
+                }))
+            })
+            .clone()
+    }
+
+    async fn add(
+        &self,
+        key: &str,
+        maxlen: Option<usize>,
+        fields: &[(&str, &[u8])],
+    ) -> Result<(), BusError> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key);
+        if let Some(n) = maxlen {
+            cmd.arg("MAXLEN").arg("~").arg(n);
+        }
+        cmd.arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        let mut conn = self.inner.conn.clone();
+        let _: String = cmd.query_async(&mut conn).await.map_err(io)?;
+        Ok(())
+    }
+
+    /// The next entry of `key` for `consumer` in `group` (waits): its own pending ones
+    /// first after a requeue, then new ones.
+    async fn take(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<(String, Vec<(String, Vec<u8>)>), BusError> {
+        self.ensure_group(key, group).await?;
+        let reader = self.reader(key).await;
+        let mut reader = reader.lock().await;
+        if reader.in_flight {
+            reader.conn = None;
+            reader.pending_after = Some("0".into());
+            reader.in_flight = false;
+        }
+        loop {
+            if reader.conn.is_none() {
+                reader.conn = Some(
+                    self.inner
+                        .client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(io)?,
+                );
+            }
+            let from = reader.pending_after.clone().unwrap_or_else(|| ">".into());
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(group)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(1);
+            if from == ">" {
+                cmd.arg("BLOCK").arg(BLOCK_MS);
+            }
+            cmd.arg("STREAMS").arg(key).arg(&from);
+            reader.in_flight = true;
+            let conn = reader.conn.as_mut().expect("connected");
+            let reply: Result<Option<StreamReadReply>, _> = cmd.query_async(conn).await;
+            reader.in_flight = false;
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    reader.conn = None;
+                    if e.code() == Some("NOGROUP") {
+                        // Redis lost its data (a restart without persistence).
+                        self.inner.groups.lock().await.clear();
+                        drop(reader);
+                        self.ensure_group(key, group).await?;
+                        return Box::pin(self.take(key, group, consumer)).await;
+                    }
+                    return Err(io(e));
+                }
+            };
+            let entry = reply
+                .and_then(|r| r.keys.into_iter().next())
+                .and_then(|k| k.ids.into_iter().next());
+            match entry {
+                Some(e) => {
+                    if reader.pending_after.is_some() {
+                        reader.pending_after = Some(e.id.clone());
+                    }
+                    let fields = e
+                        .map
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), bytes_of(v)?)))
+                        .collect();
+                    return Ok((e.id, fields));
+                }
+                None if reader.pending_after.is_some() => reader.pending_after = None,
+                None => {}
+            }
+        }
+    }
+
+    async fn ack(&self, key: &str, group: &str, tag: &DeliveryTag) -> Result<(), BusError> {
+        let mut conn = self.inner.conn.clone();
+        let _: i64 = redis::cmd("XACK")
+            .arg(key)
+            .arg(group)
+            .arg(tag.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(io)?;
+        let _: i64 = redis::cmd("XDEL")
+            .arg(key)
+            .arg(tag.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Makes `consumer`'s pending entries of `key` come first again; returns how many.
+    async fn requeue(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        claim: bool,
+    ) -> Result<usize, BusError> {
+        self.ensure_group(key, group).await?;
+        let mut conn = self.inner.conn.clone();
+        if claim {
+            // Entries a dead consumer held for long enough become ours.
+            let _: Value = redis::cmd("XAUTOCLAIM")
+                .arg(key)
+                .arg(group)
+                .arg(consumer)
+                .arg(CLAIM_IDLE_MS)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(io)?;
+        }
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(key)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(100_000)
+            .arg(consumer)
+            .query_async(&mut conn)
+            .await
+            .map_err(io)?;
+        let n = match pending {
+            Value::Array(items) => items.len(),
+            _ => 0,
+        };
+        let reader = self.reader(key).await;
+        reader.lock().await.pending_after = Some("0".into());
+        Ok(n)
+    }
+}
+
+/// The id of the newest entry of `key`, if any.
+async fn newest_id<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+) -> redis::RedisResult<Option<String>> {
+    let v: Value = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(match v {
+        Value::Array(entries) => entries
+            .into_iter()
+            .next()
+            .and_then(|e| match e {
+                Value::Array(parts) => parts.into_iter().next().and_then(|id| bytes_of(&id)),
+                _ => None,
+            })
+            .and_then(|id| String::from_utf8(id).ok()),
+        _ => None,
+    })
+}
+
+/// The id readers of `key` start after: its newest entry ("0-0" when empty).
+async fn last_id(conn: &ConnectionManager, key: &str) -> Result<String, BusError> {
+    let mut conn = conn.clone();
+    Ok(newest_id(&mut conn, key)
+        .await
+        .map_err(io)?
+        .unwrap_or_else(|| "0-0".into()))
+}
+
+fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+fn field(fields: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}
+
+fn field_str(fields: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    String::from_utf8(field(fields, name)?).ok()
+}
+
+/// Compares stream ids (`ms-seq`).
+fn id_key(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap_or((id, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+}
+
+/// Reads `key` from after `last` for ever, handing each entry's fields to `deliver`;
+/// reconnects after errors, and starts over from the beginning when the stream went
+/// back (Redis restarted without its data).
+async fn fan_out(
+    client: redis::Client,
+    key: String,
+    mut last: String,
+    deliver: impl Fn(&[(String, Vec<u8>)]) -> Option<()> + Send + 'static,
+) {
+    let mut conn: Option<MultiplexedConnection> = None;
+    loop {
+        if conn.is_none() {
+            match client.get_multiplexed_async_connection().await {
+                Ok(mut c) => {
+                    // Entries added while we were away are read; a stream that went back
+                    // (Redis restarted empty) is read from its start.
+                    let newest = newest_id(&mut c, &key).await.ok().flatten();
+                    if newest.is_none_or(|n| id_key(&n) < id_key(&last)) {
+                        last = "0-0".into();
+                    }
+                    conn = Some(c);
+                }
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "bus reader: cannot connect");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().expect("connected");
+        let reply: Result<Option<StreamReadReply>, _> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(512)
+            .arg("BLOCK")
+            .arg(BLOCK_MS)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(&last)
+            .query_async(c)
+            .await;
+        match reply {
+            Ok(Some(r)) => {
+                for k in r.keys {
+                    for e in k.ids {
+                        let fields: Vec<(String, Vec<u8>)> = e
+                            .map
+                            .iter()
+                            .filter_map(|(k, v)| Some((k.clone(), bytes_of(v)?)))
+                            .collect();
+                        deliver(&fields);
+                        last = e.id;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(key, error = %e, "bus reader: lost the connection");
+                conn = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError> {
+        let json = serde_json::to_vec(&event).map_err(|e| BusError::Io(e.to_string()))?;
+        let blob = self
+            .inner
+            .keyring
+            .seal(
+                Binding::Event {
+                    execution: &event.execution_id,
+                    seq: event.seq,
+                },
+                &json,
+            )
+            .map_err(|e| BusError::Io(e.to_string()))?;
+        let seq = event.seq.to_string();
+        self.add(
+            &self.key("events"),
+            Some(self.inner.cfg.events_maxlen),
+            &[
+                ("x", event.execution_id.as_bytes()),
+                ("q", seq.as_bytes()),
+                ("e", &blob),
+            ],
+        )
+        .await
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent> {
+        self.inner.events.subscribe()
+    }
+
+    async fn submit(&self, execution_id: &str) -> Result<(), BusError> {
+        self.add(
+            &self.key("submitted"),
+            None,
+            &[("id", execution_id.as_bytes())],
+        )
+        .await
+    }
+
+    async fn next_submitted(&self) -> Result<String, BusError> {
+        let d = self.take_submitted().await?;
+        self.ack_submitted(&d.tag).await?;
+        Ok(d.item)
+    }
+
+    async fn take_submitted(&self) -> Result<Delivery<String>, BusError> {
+        let key = self.key("submitted");
+        loop {
+            let (id, fields) = self
+                .take(&key, SCHEDULERS, &self.inner.cfg.consumer)
+                .await?;
+            match field_str(&fields, "id") {
+                Some(item) => {
+                    return Ok(Delivery {
+                        item,
+                        tag: DeliveryTag::new(id),
+                    })
+                }
+                None => {
+                    tracing::warn!(entry = %id, "a malformed submission on the bus: dropped");
+                    self.ack(&key, SCHEDULERS, &DeliveryTag::new(id)).await?;
+                }
+            }
+        }
+    }
+
+    async fn ack_submitted(&self, tag: &DeliveryTag) -> Result<(), BusError> {
+        self.ack(&self.key("submitted"), SCHEDULERS, tag).await
+    }
+
+    async fn send_to_agent(&self, agent: &str, command: AgentCommand) -> Result<(), BusError> {
+        let json = serde_json::to_vec(&command).map_err(|e| BusError::Io(e.to_string()))?;
+        self.add(&self.agent_key(agent), None, &[("c", &json)])
+            .await
+    }
+
+    async fn next_for_agent(&self, agent: &str) -> Result<AgentCommand, BusError> {
+        let d = self.take_for_agent(agent).await?;
+        self.ack_for_agent(agent, &d.tag).await?;
+        Ok(d.item)
+    }
+
+    async fn take_for_agent(&self, agent: &str) -> Result<Delivery<AgentCommand>, BusError> {
+        let key = self.agent_key(agent);
+        loop {
+            let (id, fields) = self.take(&key, AGENT, agent).await?;
+            match field(&fields, "c").and_then(|c| serde_json::from_slice(&c).ok()) {
+                Some(item) => {
+                    return Ok(Delivery {
+                        item,
+                        tag: DeliveryTag::new(id),
+                    })
+                }
+                None => {
+                    tracing::warn!(agent, entry = %id, "a malformed command on the bus: dropped");
+                    self.ack(&key, AGENT, &DeliveryTag::new(id)).await?;
+                }
+            }
+        }
+    }
+
+    async fn ack_for_agent(&self, agent: &str, tag: &DeliveryTag) -> Result<(), BusError> {
+        self.ack(&self.agent_key(agent), AGENT, tag).await
+    }
+
+    async fn requeue_unacked(&self, agent: &str) -> Result<usize, BusError> {
+        self.requeue(&self.agent_key(agent), AGENT, agent, false)
+            .await
+    }
+
+    async fn requeue_unacked_submissions(&self) -> Result<usize, BusError> {
+        let consumer = self.inner.cfg.consumer.clone();
+        self.requeue(&self.key("submitted"), SCHEDULERS, &consumer, true)
+            .await
+    }
+
+    async fn publish_status(&self, status: HostStatus) -> Result<(), BusError> {
+        let json = serde_json::to_vec(&status).map_err(|e| BusError::Io(e.to_string()))?;
+        self.add(&self.key("status"), Some(1000), &[("s", &json)])
+            .await
+    }
+
+    fn subscribe_status(&self) -> broadcast::Receiver<HostStatus> {
+        self.inner.status.subscribe()
+    }
+}
