@@ -6,8 +6,8 @@
 //! * `hatchery token create` — prints a bearer token signed with the platform's key.
 //! * `hatchery admin rotate-key` — adds a fresh encryption key to `<data_dir>/keys.toml`
 //!   and makes it current, keeping the older ones.
-//! * `hatchery api | scheduler | agent` — the roles as separate processes; they need the
-//!   Redis backend of the next issue and say so.
+//! * `hatchery api | scheduler | agent` — the roles as separate processes, sharing
+//!   PostgreSQL, Redis and the objects folder (see the README's cluster section).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,10 +20,7 @@ use hatchery_api::config::{parse_duration, Config, Keys, LogFormat};
 use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
 use hatchery_scheduler::model::Role;
-use hatchery_scheduler::node::{EmbeddedNode, NodeConfig};
-
-const SPLIT_ROLE: &str =
-    "needs the Redis backend (next issue); use `hatchery up` to run every role in one process";
+use hatchery_scheduler::node::{EmbeddedNode, Engines, NodeConfig};
 
 #[derive(Parser)]
 #[command(
@@ -76,14 +73,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
-    /// Run only the HTTP API role. Not available yet: it needs the Redis backend (next
-    /// issue); use `hatchery up`.
+    /// Run only the HTTP + WebSocket API role (stateless: run several). Needs
+    /// store.postgres_url, store.redis_url and the cluster's keys file.
     Api,
-    /// Run only the scheduler role. Not available yet: it needs the Redis backend (next
-    /// issue); use `hatchery up`.
+    /// Run only the scheduler role (placement and retention). Needs store.postgres_url,
+    /// store.redis_url and the cluster's keys file.
     Scheduler,
-    /// Run only the per-host agent role. Not available yet: it needs the Redis backend
-    /// (next issue); use `hatchery up`.
+    /// Run only this host's agent role (warm pools, executions; as root). Needs
+    /// store.postgres_url, store.redis_url and the cluster's keys file; agent.name
+    /// (HATCHERY_AGENT_NAME) must be unique and stable per host.
     Agent,
 }
 
@@ -145,10 +143,9 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
         },
-        Command::Api | Command::Scheduler | Command::Agent => {
-            eprintln!("hatchery: this role {SPLIT_ROLE}");
-            return ExitCode::from(2);
-        }
+        Command::Api => cluster_role(cli.config.as_deref(), ClusterRole::Api),
+        Command::Scheduler => cluster_role(cli.config.as_deref(), ClusterRole::Scheduler),
+        Command::Agent => cluster_role(cli.config.as_deref(), ClusterRole::Agent),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -338,6 +335,91 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
     node.shutdown().await;
     tracing::info!("stopped");
     served.context("serving the API")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum ClusterRole {
+    Api,
+    Scheduler,
+    Agent,
+}
+
+/// `hatchery api | scheduler | agent`: one role of a cluster, on the shared engines.
+fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    init_logs(cfg.log_format);
+    let (Some(postgres), Some(redis)) = (cfg.postgres(), cfg.redis()) else {
+        bail!(
+            "a role on its own needs the cluster's engines: set store.postgres_url \
+             (HATCHERY_POSTGRES_URL) and store.redis_url (HATCHERY_REDIS_URL), or run every \
+             role in one process with `hatchery up`"
+        );
+    };
+    let keys_path = cfg.keys_path();
+    let keys = Keys::read(&keys_path).with_context(|| {
+        format!(
+            "the cluster's keys file {} (every process of a cluster uses the same one: \
+             create it once, e.g. with `hatchery token create`, and give it to each)",
+            keys_path.display()
+        )
+    })?;
+    let agent = agent_config(&cfg);
+    if role == ClusterRole::Agent {
+        preflight(&cfg, &agent)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let keyring = keys
+            .keyring()
+            .with_context(|| format!("keys file {}", keys_path.display()))?;
+        let engines = Engines::connect(&postgres, redis, &cfg.data_dir.join("objects"), keyring)
+            .await
+            .context("connecting to the cluster's engines")?;
+        match role {
+            ClusterRole::Api => {
+                let listener = tokio::net::TcpListener::bind(cfg.listen_addr()?)
+                    .await
+                    .with_context(|| format!("listening on {}", cfg.listen))?;
+                let addr = listener.local_addr()?;
+                let platform = engines.platform(cfg.platform_config())?;
+                println!("hatchery: listening on http://{addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                let server = ApiServer::new(
+                    platform,
+                    Auth::new(&keys.signing_key),
+                    ServerOptions {
+                        body_limit: cfg.body_limit_bytes,
+                        ..ServerOptions::default()
+                    },
+                );
+                server
+                    .run(listener, shutdown_signal())
+                    .await
+                    .context("serving the API")
+            }
+            ClusterRole::Scheduler => {
+                tracing::info!("scheduler started");
+                engines
+                    .run_scheduler(cfg.platform_config(), shutdown_signal())
+                    .await
+                    .context("running the scheduler")
+            }
+            ClusterRole::Agent => {
+                let handle = engines
+                    .start_agent(agent)
+                    .await
+                    .context("starting the agent")?;
+                tracing::info!(agent = %cfg.agent.name, "agent started");
+                shutdown_signal().await;
+                handle.shutdown().await;
+                Ok(())
+            }
+        }
+    })
 }
 
 fn print_banner(cfg: &Config, addr: std::net::SocketAddr, auth: &Auth) -> anyhow::Result<()> {

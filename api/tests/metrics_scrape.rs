@@ -15,7 +15,8 @@ use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::{generate_key, EncryptedObjects};
 use hatchery_scheduler::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy, Principal, Role,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy, Principal,
+    ResultSummary, Role,
 };
 use hatchery_scheduler::platform::{Platform, PlatformConfig, SubmitRequest};
 use hatchery_scheduler::seal::Keyring;
@@ -89,6 +90,16 @@ impl Store for CountingStore {
         self.inner
             .mark_finished(id, state, result_key, error, at)
             .await
+    }
+    async fn finish(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        self.inner.finish(id, state, result_key, at, summary).await
     }
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
         self.inner.append_event(id, body).await

@@ -490,36 +490,22 @@ async fn reconcile(agent: &str, store: &dyn Store, bus: &dyn Bus) -> Result<usiz
         if record.agent.as_deref() != Some(agent) {
             continue;
         }
-        match store
-            .mark_finished(
-                &record.id,
-                ExecState::Lost,
-                None,
-                Some(LOST_ON_RESTART.into()),
-                now_ms(),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(execution = %record.id, error = %e, "cannot mark a lost execution");
-                continue;
-            }
-        }
-        lost += 1;
         let summary = bare_summary(
             ExecState::Lost,
             "agent_restarted",
             Some(LOST_ON_RESTART.into()),
         );
         match store
-            .append_event(&record.id, EventBody::Finished(summary))
+            .finish(&record.id, ExecState::Lost, None, now_ms(), summary)
             .await
         {
-            Ok(event) => {
+            Ok((_, event)) => {
+                lost += 1;
                 let _ = bus.publish_event(event).await;
             }
-            Err(e) => tracing::warn!(execution = %record.id, error = %e, "cannot store an event"),
+            Err(e) => {
+                tracing::warn!(execution = %record.id, error = %e, "cannot mark a lost execution");
+            }
         }
     }
     Ok(lost)
@@ -928,12 +914,14 @@ async fn finish(inner: &Inner, id: &str, state: ExecState, mut summary: ResultSu
     }
     match inner
         .store
-        .mark_finished(id, state, result_key, summary.error.clone(), now_ms())
+        .finish(id, state, result_key, now_ms(), summary)
         .await
     {
-        Ok(_) => {
+        Ok((_, event)) => {
             tracing::info!(execution = id, state = state.as_str(), "finished");
-            inner.emit(id, EventBody::Finished(summary)).await;
+            if let Err(e) = inner.bus.publish_event(event).await {
+                tracing::warn!(execution = id, error = %e, "cannot publish an event");
+            }
         }
         // Already terminal (e.g. reconciled by another life of this agent): its
         // `finished` event exists.

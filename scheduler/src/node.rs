@@ -61,6 +61,8 @@ pub enum NodeError {
     Bus(#[from] crate::bus::BusError),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
+    #[error("scheduler: {0}")]
+    Scheduler(String),
     /// The platform default policy fails the rule every policy passes.
     #[error("the platform default policy: {0}")]
     DefaultPolicy(#[from] PolicyErrors),
@@ -142,21 +144,7 @@ impl EmbeddedNode {
             bus,
             objects,
         };
-        let retention = {
-            let platform = platform.clone();
-            let every = Duration::from_millis((platform.config.retention_ms / 10).max(1_000))
-                .min(RETENTION_EVERY);
-            tokio::spawn(async move {
-                loop {
-                    match platform.expire_old().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(expired = n, "expired old executions"),
-                        Err(e) => tracing::warn!(error = %e, "retention failed"),
-                    }
-                    tokio::time::sleep(every).await;
-                }
-            })
-        };
+        let retention = tokio::spawn(run_retention(platform.clone()));
         Ok(EmbeddedNode {
             platform,
             agent,
@@ -186,5 +174,101 @@ impl EmbeddedNode {
         self.retention.abort();
         let _ = self.scheduler.await;
         let _ = self.retention.await;
+    }
+}
+
+/// Deletes finished executions older than the platform's retention period, with their
+/// objects, for ever (once at start, then every tenth of the period, at most hourly).
+pub async fn run_retention(platform: Platform) {
+    let every =
+        Duration::from_millis((platform.config.retention_ms / 10).max(1_000)).min(RETENTION_EVERY);
+    loop {
+        match platform.expire_old().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "expired old executions"),
+            Err(e) => tracing::warn!(error = %e, "retention failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What the roles of a cluster share: the store on PostgreSQL, the bus on Redis, and the
+/// sealed objects. Every process of the cluster connects to the same ones with the same
+/// keys.
+#[derive(Clone)]
+pub struct Engines {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub objects: Arc<dyn Objects>,
+}
+
+impl Engines {
+    /// Connects to PostgreSQL (applying the schema) and Redis, and opens the objects under
+    /// `objects_dir` (a folder every process of the cluster sees).
+    pub async fn connect(
+        postgres: &PgConfig,
+        redis: RedisConfig,
+        objects_dir: &std::path::Path,
+        keyring: Keyring,
+    ) -> Result<Engines, NodeError> {
+        let store: Arc<dyn Store> = Arc::new(PgStore::connect(postgres, keyring.clone()).await?);
+        let bus: Arc<dyn Bus> = Arc::new(RedisBus::connect(redis, keyring.clone()).await?);
+        let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(objects_dir, keyring)?);
+        Ok(Engines {
+            store,
+            bus,
+            objects,
+        })
+    }
+
+    /// The API's front door on these engines.
+    pub fn platform(&self, config: PlatformConfig) -> Result<Platform, NodeError> {
+        crate::policy::validate_default(&config.default_policy)?;
+        Ok(Platform {
+            config: Arc::new(config),
+            store: Arc::clone(&self.store),
+            bus: Arc::clone(&self.bus),
+            objects: Arc::clone(&self.objects),
+        })
+    }
+
+    /// The scheduler role: places what is admitted, and runs retention, until `stop`.
+    pub async fn run_scheduler(
+        &self,
+        config: PlatformConfig,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        let platform = self.platform(config)?;
+        let statuses = self.bus.subscribe_status();
+        let scheduler = tokio::spawn(run_scheduler(
+            Arc::clone(&self.store),
+            Arc::clone(&self.bus),
+            statuses,
+        ));
+        let retention = tokio::spawn(run_retention(platform));
+        tokio::pin!(scheduler);
+        let result = tokio::select! {
+            r = &mut scheduler => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(NodeError::Scheduler(e.to_string())),
+                Err(e) => Err(NodeError::Scheduler(e.to_string())),
+            },
+            _ = stop => Ok(()),
+        };
+        scheduler.abort();
+        retention.abort();
+        result
+    }
+
+    /// Starts the agent role of this host on these engines.
+    pub async fn start_agent(&self, config: AgentConfig) -> Result<AgentHandle, NodeError> {
+        crate::policy::validate_default(&config.default_policy)?;
+        Ok(Agent::start(
+            config,
+            Arc::clone(&self.store),
+            Arc::clone(&self.bus),
+            Arc::clone(&self.objects),
+        )
+        .await?)
     }
 }

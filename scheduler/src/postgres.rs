@@ -33,11 +33,12 @@ use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 use crate::embedded::check_name;
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
+    ResultSummary,
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
-    cancelled, finished, is_active, running, ActiveCounts, Admission, AdmissionRules, ListFilter,
-    Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, is_active, running, ActiveCounts, Admission,
+    AdmissionRules, ListFilter, Store, StoreError, StoreResult,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -699,6 +700,28 @@ impl Store for PgStore {
                 let rec = finished(&old, state, result_key, error, at)?;
                 me.write(&mut tx, &old, &rec, &[]).await?;
                 Ok((rec, tx))
+            }
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        let id = id.to_string();
+        self.change(move |me, mut tx| {
+            let (id, result_key, summary) = (id.clone(), result_key.clone(), summary.clone());
+            async move {
+                let old = locked!(me, tx, id);
+                let (rec, event) = finished_with_event(&old, state, result_key, at, summary)?;
+                me.write(&mut tx, &old, &rec, std::slice::from_ref(&event))
+                    .await?;
+                Ok(((rec, event), tx))
             }
         })
         .await

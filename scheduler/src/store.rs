@@ -153,6 +153,18 @@ pub trait Store: Send + Sync + 'static {
         at: Millis,
     ) -> StoreResult<ExecutionRecord>;
 
+    /// Active → the terminal `state` together with its `finished` event (`summary`), in
+    /// one atomic step: nobody ever sees the terminal record without the event, nor the
+    /// event without the state. Returns both.
+    async fn finish(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<(ExecutionRecord, ExecEvent)>;
+
     /// Appends an event with the next sequence number of its execution.
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent>;
 
@@ -278,4 +290,23 @@ pub(crate) fn seal_record(
     keyring
         .seal(crate::seal::Binding::Record(&rec.id), &json)
         .map_err(|e| StoreError::Io(format!("sealing record {}: {e}", rec.id)))
+}
+
+/// `rec` finished with its `finished` event (see [`Store::finish`]).
+pub(crate) fn finished_with_event(
+    rec: &ExecutionRecord,
+    state: ExecState,
+    result_key: Option<String>,
+    at: Millis,
+    summary: ResultSummary,
+) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+    let mut rec = finished(rec, state, result_key, summary.error.clone(), at)?;
+    rec.last_seq += 1;
+    let event = ExecEvent {
+        execution_id: rec.id.clone(),
+        seq: rec.last_seq,
+        at: crate::model::now_ms(),
+        body: EventBody::Finished(summary),
+    };
+    Ok((rec, event))
 }

@@ -1347,3 +1347,43 @@ store_test!(a_dropped_admission_future_still_completes, |b| {
     assert_eq!(get(&store, "p2").await.state, ExecState::Queued);
     assert_eq!(get(&store, "p1").await.state, ExecState::Cancelled);
 });
+
+store_test!(finishing_stores_the_state_and_its_finished_event_together, |b| {
+    let store = b.open().await;
+    admitted(&store, record("f1", "o", "u", None, 1), rules(2)).await;
+    store.mark_running("f1", "h1", 2).await.unwrap();
+    store
+        .append_event("f1", EventBody::Stdout(OutputData::text("hi\n")))
+        .await
+        .unwrap();
+    let (rec, event) = store
+        .finish(
+            "f1",
+            ExecState::Succeeded,
+            Some("results/f1".into()),
+            3,
+            summary(ExecState::Succeeded),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rec.state, ExecState::Succeeded);
+    assert_eq!((rec.last_seq, event.seq), (3, 3));
+    assert_eq!(event.body, EventBody::Finished(summary(ExecState::Succeeded)));
+    assert_eq!(get(&store, "f1").await, rec);
+    let events = store.events_after("f1", 0).await.unwrap();
+    assert_eq!(events.last(), Some(&event));
+    // Finishing again changes nothing and adds no event.
+    assert!(matches!(
+        store
+            .finish("f1", ExecState::Failed, None, 4, summary(ExecState::Failed))
+            .await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    assert_eq!(store.events_after("f1", 0).await.unwrap(), events);
+    assert_eq!(store.active_counts().await.unwrap(), ActiveCounts::default());
+    // And a restart keeps both.
+    drop(store);
+    let store = b.open().await;
+    assert_eq!(get(&store, "f1").await, rec);
+    assert_eq!(store.events_after("f1", 0).await.unwrap(), events);
+});

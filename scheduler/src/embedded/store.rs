@@ -22,11 +22,12 @@ use tokio::sync::Mutex;
 use super::disk::{check_name, name_ok, Disk};
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
+    ResultSummary,
 };
 use crate::seal::Keyring;
 use crate::store::{
-    cancelled, finished, is_active, running, Admission, AdmissionRules, ListFilter, Store,
-    StoreError, StoreResult,
+    cancelled, finished, finished_with_event, is_active, running, Admission, AdmissionRules,
+    ListFilter, Store, StoreError, StoreResult,
 };
 
 #[derive(Default)]
@@ -255,6 +256,20 @@ impl State {
         let rec = finished(self.record(id)?, state, result_key, error, at)?;
         self.commit(disk, rec.clone(), Vec::new())?;
         Ok(rec)
+    }
+
+    fn finish(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        let (rec, event) = finished_with_event(self.record(id)?, state, result_key, at, summary)?;
+        self.commit(disk, rec.clone(), vec![event.clone()])?;
+        Ok((rec, event))
     }
 
     fn append_event(&mut self, disk: &Disk, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
@@ -495,6 +510,19 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<ExecutionRecord> {
         let id = id.to_string();
         self.change(move |st, disk| st.mark_finished(disk, &id, state, result_key, error, at))
+            .await
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        let id = id.to_string();
+        self.change(move |st, disk| st.finish(disk, &id, state, result_key, at, summary))
             .await
     }
 

@@ -1,0 +1,433 @@
+//! The roles as separate processes on the cluster's engines: a private PostgreSQL and
+//! Redis, two `hatchery api` replicas, one `hatchery scheduler` and two `hatchery agent`s
+//! (each with a cgroup parent of its own), sharing one keys file and one objects folder.
+//! Work submitted on one replica runs on both agents and streams from the other replica;
+//! an API replica killed mid-stream loses nothing for a client that resumes on the other
+//! with `after=seq`.
+//!
+//! Needs root, PostgreSQL, Redis, the root filesystem and the sandbox binaries.
+
+mod harness;
+use harness::*;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hatchery_scheduler::engines::{EngineError, PostgresServer, RedisServer};
+use serde_json::{json, Value};
+
+/// One process of the cluster, stopped on drop.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    addr: Option<SocketAddr>,
+}
+
+impl Proc {
+    fn kill(&mut self, signal: i32) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn dump(&self) {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("---- {} (last 40 lines) ----", self.name);
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        self.kill(libc::SIGTERM);
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    cgroup_parents: Vec<String>,
+    // Dropped in this order: the processes, then the engines.
+    procs: Vec<Proc>,
+    _redis: RedisServer,
+    _postgres: PostgresServer,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if std::thread::panicking() {
+                p.dump();
+            }
+            p.kill(libc::SIGTERM);
+        }
+        for parent in &self.cgroup_parents {
+            remove_cgroup_parent(parent);
+        }
+    }
+}
+
+impl Cluster {
+    fn start(test: &str) -> Option<Cluster> {
+        let postgres = match PostgresServer::start() {
+            Ok(s) => s,
+            Err(EngineError::PostgresMissing)
+                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
+            {
+                hatchery_tests::skip(
+                    test,
+                    "PostgreSQL is not installed",
+                    "HATCHERY_REQUIRE_ENGINES",
+                );
+                return None;
+            }
+            Err(e) => panic!("starting PostgreSQL: {e}"),
+        };
+        let redis = match RedisServer::start() {
+            Ok(s) => s,
+            Err(EngineError::RedisMissing)
+                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
+            {
+                hatchery_tests::skip(
+                    test,
+                    "redis-server is not installed",
+                    "HATCHERY_REQUIRE_ENGINES",
+                );
+                return None;
+            }
+            Err(e) => panic!("starting Redis: {e}"),
+        };
+        let url = postgres.create_database("hatchery").expect("createdb");
+        let dir = tempfile::Builder::new()
+            .prefix("hatchery-cluster-")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("hatchery.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{data}\"\n\
+                 rootfs = \"{rootfs}\"\n\
+                 token_ttl = \"2h\"\n\
+                 [agent]\n\
+                 pool_size = 1\n\
+                 capacity = 2\n\
+                 shutdown_grace = \"0s\"\n\
+                 [platform]\n\
+                 languages = [\"r\"]\n\
+                 [store]\n\
+                 postgres_url = \"{url}\"\n\
+                 redis_url = \"{redis}\"\n",
+                data = dir.path().join("data").display(),
+                rootfs = rootfs().display(),
+                redis = redis.url(),
+            ),
+        )
+        .unwrap();
+        let cluster = Cluster {
+            dir,
+            config,
+            cgroup_parents: Vec::new(),
+            procs: Vec::new(),
+            _redis: redis,
+            _postgres: postgres,
+        };
+        // The cluster's one keys file, made once and used by every process.
+        cluster.token("acme", "bootstrap", "user");
+        Some(cluster)
+    }
+
+    fn spawn(&mut self, role: &str, name: &str, env: &[(&str, String)]) -> usize {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut cmd = Command::new(HATCHERY);
+        for (var, _) in hatchery_api::config::ENV_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.arg(role)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env("HATCHERY_AGENT_NAME", name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn a role");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("hatchery: listening on http://") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let mut proc = Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+            addr: None,
+        };
+        if role == "api" {
+            match rx.recv_timeout(PATIENCE) {
+                Ok(addr) => proc.addr = Some(addr.parse().unwrap()),
+                Err(_) => {
+                    proc.dump();
+                    panic!("{name} did not print its address");
+                }
+            }
+        }
+        self.procs.push(proc);
+        self.procs.len() - 1
+    }
+
+    fn api(&mut self, name: &str) -> usize {
+        self.spawn("api", name, &[("HATCHERY_LISTEN", "127.0.0.1:0".into())])
+    }
+
+    fn agent(&mut self, name: &str) -> usize {
+        let parent = format!("hatchery/cluster-{}-{name}", std::process::id());
+        self.cgroup_parents.push(parent.clone());
+        self.spawn("agent", name, &[("HATCHERY_CGROUP_PARENT", parent)])
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.procs[i].addr.expect("an API replica")
+    }
+
+    fn token(&self, org: &str, user: &str, role: &str) -> String {
+        let out = Command::new(HATCHERY)
+            .args([
+                "token", "create", "--org", org, "--user", user, "--role", role,
+            ])
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("hatchery token create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+async fn req(addr: SocketAddr, method: &str, path: &str, token: &str, body: Option<Value>) -> Resp {
+    let body = body.map(|b| (serde_json::to_vec(&b).unwrap(), BodyMode::Length));
+    try_http(addr, method, path, Some(token), body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+}
+
+async fn submit_on(addr: SocketAddr, token: &str, code: &str) -> String {
+    let r = req(
+        addr,
+        "POST",
+        "/v1/executions",
+        token,
+        Some(json!({"language": "r", "code": code})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+async fn finished_on(addr: SocketAddr, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = req(addr, "GET", &format!("/v1/executions/{id}"), token, None).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        if terminal(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{id} never finished: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn ws_on(addr: SocketAddr, path: &str) -> WsStream {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .unwrap_or_else(|e| panic!("websocket {path} on {addr}: {e}"));
+    ws
+}
+
+async fn ready(addr: SocketAddr) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(r) = try_http(addr, "GET", "/readyz", None, None).await {
+            if r.status == 200 && r.json()["agents"].as_array().is_some_and(|a| a.len() >= 2) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never became ready on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn roles_as_separate_processes_run_work_across_agents_and_replicas() {
+    let Some(mut c) =
+        Cluster::start("roles_as_separate_processes_run_work_across_agents_and_replicas")
+    else {
+        return;
+    };
+    let api1 = c.api("api-1");
+    let api2 = c.api("api-2");
+    c.spawn("scheduler", "scheduler-1", &[]);
+    c.agent("agent-a");
+    c.agent("agent-b");
+    let (a1, a2) = (c.addr(api1), c.addr(api2));
+    let tokens: Vec<String> = (0..2)
+        .map(|i| c.token("acme", &format!("user{i}"), "user"))
+        .collect();
+    e2e(async {
+        ready(a1).await;
+        ready(a2).await;
+
+        // Four at once (two users, two each): two agents of capacity 2 share them.
+        let mut ids = Vec::new();
+        for t in &tokens {
+            for i in 0..2 {
+                ids.push((
+                    t.clone(),
+                    submit_on(a1, t, &format!("Sys.sleep(1); {i} + 1")).await,
+                ));
+            }
+        }
+        let mut agents = BTreeSet::new();
+        for (t, id) in &ids {
+            // Read through the other replica.
+            let v = finished_on(a2, t, id).await;
+            assert_eq!(state(&v), "succeeded", "{v}");
+            agents.insert(v["agent"].as_str().unwrap_or("?").to_string());
+        }
+        assert_eq!(
+            agents,
+            BTreeSet::from(["agent-a".to_string(), "agent-b".to_string()]),
+            "the work did not spread over both agents"
+        );
+
+        // Submitted on one replica, streamed live from the other.
+        let t = &tokens[0];
+        let id = submit_on(
+            a1,
+            t,
+            r#"for (i in 1:3) { cat("tick", i, "\n"); Sys.sleep(0.2) }"#,
+        )
+        .await;
+        let mut ws = ws_on(a2, &format!("/v1/executions/{id}/events?token={t}")).await;
+        let (events, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed);
+        assert_eq!(stdout_of(&events), "tick 1 \ntick 2 \ntick 3 \n");
+        assert_eq!(seqs(&events), (1..=events.len() as u64).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn a_client_resumes_on_another_replica_after_its_replica_is_killed() {
+    let Some(mut c) =
+        Cluster::start("a_client_resumes_on_another_replica_after_its_replica_is_killed")
+    else {
+        return;
+    };
+    let api1 = c.api("api-1");
+    let api2 = c.api("api-2");
+    c.spawn("scheduler", "scheduler-1", &[]);
+    c.agent("agent-a");
+    let (a1, a2) = (c.addr(api1), c.addr(api2));
+    let t = c.token("acme", "alice", "user");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let killer = {
+        // The replica the client streams from dies with SIGKILL when told.
+        let mut proc = c.procs.remove(api2);
+        std::thread::spawn(move || {
+            let _ = rx.recv();
+            proc.kill(libc::SIGKILL);
+            proc
+        })
+    };
+    e2e(async {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(r) = try_http(a1, "GET", "/readyz", None, None).await {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let id = submit_on(
+            a1,
+            &t,
+            r#"for (i in 1:20) { cat("line", i, "\n"); Sys.sleep(0.1) }"#,
+        )
+        .await;
+        let mut ws = ws_on(a2, &format!("/v1/executions/{id}/events?token={t}")).await;
+        let (first, _) = read_events(&mut ws, |ev| {
+            ev.iter().filter(|e| e["type"] == "stdout").count() >= 3
+        })
+        .await;
+        tx.send(()).unwrap();
+        // The replica is gone: the stream ends (an error or a close, never more events).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            use futures_util::StreamExt;
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(None) | Ok(Some(Err(_))) => break,
+                Ok(Some(Ok(m))) if m.is_close() => break,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("the killed replica's stream never ended"),
+            }
+        }
+        let after = first.last().and_then(|e| e["seq"].as_u64()).unwrap();
+        let mut ws = ws_on(
+            a1,
+            &format!("/v1/executions/{id}/events?token={t}&after={after}"),
+        )
+        .await;
+        let (rest, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed);
+        let all: Vec<Value> = first.into_iter().chain(rest).collect();
+        assert_eq!(
+            seqs(&all),
+            (1..=all.len() as u64).collect::<Vec<_>>(),
+            "{all:?}"
+        );
+        let expected: String = (1..=20).map(|i| format!("line {i} \n")).collect();
+        assert_eq!(stdout_of(&all), expected);
+        let v = finished_on(a1, &t, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+    });
+    drop(killer.join().unwrap());
+}
