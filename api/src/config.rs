@@ -129,6 +129,9 @@ pub struct AgentSection {
     /// Events (output pieces, progress, usage samples) one execution may produce before
     /// it is stopped with state `output_limit` (`HATCHERY_MAX_EVENTS`).
     pub max_events: u64,
+    /// This host's lease in the store, e.g. `10s` (`HATCHERY_AGENT_LEASE`): a host that
+    /// does not renew it in time has its running executions declared `lost`.
+    pub lease: String,
 }
 
 /// Platform rules: languages, sizes, the queue, retention and the default policy.
@@ -179,6 +182,7 @@ impl Default for AgentSection {
             host_pids_max: None,
             output_limit: "16M".into(),
             max_events: 100_000,
+            lease: "10s".into(),
         }
     }
 }
@@ -216,6 +220,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_HOST_PIDS_MAX", "agent.host_pids_max"),
     ("HATCHERY_OUTPUT_LIMIT", "agent.output_limit"),
     ("HATCHERY_MAX_EVENTS", "agent.max_events"),
+    ("HATCHERY_AGENT_LEASE", "agent.lease"),
     ("HATCHERY_MAX_CODE_BYTES", "platform.max_code_bytes"),
     ("HATCHERY_MAX_QUEUED", "platform.max_queued"),
     ("HATCHERY_RETENTION", "platform.retention"),
@@ -288,6 +293,13 @@ impl Config {
         self.listen_addr()?;
         parse_duration(&self.token_ttl)
             .map_err(|e| ConfigError::Invalid(format!("token_ttl: {e}")))?;
+        let lease = parse_duration(&self.agent.lease)
+            .map_err(|e| ConfigError::Invalid(format!("agent.lease: {e}")))?;
+        if lease < std::time::Duration::from_millis(300) {
+            return Err(ConfigError::Invalid(
+                "agent.lease must be at least 300ms".into(),
+            ));
+        }
         parse_duration_or_zero(&self.agent.shutdown_grace)
             .map_err(|e| ConfigError::Invalid(format!("agent.shutdown_grace: {e}")))?;
         parse_duration(&self.platform.retention)
@@ -463,6 +475,11 @@ impl Config {
             r.prefix = p.clone();
         }
         Some(r)
+    }
+
+    /// The agent's lease (validated at load).
+    pub fn lease(&self) -> std::time::Duration {
+        parse_duration(&self.agent.lease).unwrap_or(std::time::Duration::from_secs(10))
     }
 
     pub fn keys_path(&self) -> PathBuf {

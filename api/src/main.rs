@@ -237,6 +237,7 @@ fn agent_config(cfg: &Config) -> AgentConfig {
     a.max_pool_size = cfg.agent.max_pool_size.max(cfg.agent.pool_size);
     a.output_limit = cfg.output_limit();
     a.max_events = cfg.agent.max_events;
+    a.lease = cfg.lease();
     a.host_memory_max = cfg.host_memory_max();
     a.host_pids_max = cfg.agent.host_pids_max;
     a.default_policy = cfg.platform_config().default_policy;

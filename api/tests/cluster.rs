@@ -431,3 +431,155 @@ fn a_client_resumes_on_another_replica_after_its_replica_is_killed() {
     });
     drop(killer.join().unwrap());
 }
+
+/// Sandbox cgroups under `parent` whose owner (the agent process that made them) is dead,
+/// and whether each still holds processes.
+fn orphans(parent: &str) -> Vec<(String, bool)> {
+    use hatchery_sandbox::cgroup::CgroupRoot;
+    use hatchery_sandbox::gc::owner_of;
+    let Ok(root) = CgroupRoot::detect(parent) else {
+        return Vec::new();
+    };
+    root.children()
+        .into_iter()
+        .filter(|name| owner_of(name).is_some_and(|o| !o.is_alive()))
+        .map(|name| {
+            let busy = root.open(&name).is_ok_and(|cg| !cg.is_empty());
+            (name, busy)
+        })
+        .collect()
+}
+
+#[test]
+fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_restarted() {
+    let Some(mut c) = Cluster::start(
+        "an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_restarted",
+    ) else {
+        return;
+    };
+    let api = c.api("api-1");
+    c.spawn("scheduler", "scheduler-1", &[]);
+    let lease = ("HATCHERY_AGENT_LEASE", "2s".to_string());
+    let parent_a = format!("hatchery/cluster-{}-agent-a", std::process::id());
+    let parent_b = format!("hatchery/cluster-{}-agent-b", std::process::id());
+    c.cgroup_parents.push(parent_a.clone());
+    c.cgroup_parents.push(parent_b.clone());
+    let agent_a = c.spawn(
+        "agent",
+        "agent-a",
+        &[lease.clone(), ("HATCHERY_CGROUP_PARENT", parent_a.clone())],
+    );
+    c.spawn(
+        "agent",
+        "agent-b",
+        &[lease.clone(), ("HATCHERY_CGROUP_PARENT", parent_b.clone())],
+    );
+    let addr = c.addr(api);
+    let tokens: Vec<String> = (0..3)
+        .map(|i| c.token("acme", &format!("user{i}"), "user"))
+        .collect();
+    e2e(async {
+        ready(addr).await;
+        // Four long runs: two on each agent (capacity 2 each).
+        let mut runs = Vec::new();
+        for t in &tokens[..2] {
+            for _ in 0..2 {
+                runs.push((t.clone(), submit_on(addr, t, "Sys.sleep(60)").await));
+            }
+        }
+        let deadline = Instant::now() + PATIENCE;
+        let mut on_a = Vec::new();
+        loop {
+            on_a.clear();
+            let mut running = 0;
+            for (t, id) in &runs {
+                let v = req(addr, "GET", &format!("/v1/executions/{id}"), t, None)
+                    .await
+                    .json();
+                if state(&v) == "running" {
+                    running += 1;
+                    if v["agent"] == "agent-a" {
+                        on_a.push((t.clone(), id.clone()));
+                    }
+                }
+            }
+            if running == 4 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the four runs never ran at once");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(on_a.len(), 2, "agent-a does not run two of the four");
+
+        // agent-a dies without a word; the sandboxes it ran are orphans now.
+        let killed_at = Instant::now();
+        c.procs[agent_a].kill(libc::SIGKILL);
+        eprintln!("left by the killed agent: {:?}", orphans(&parent_a));
+        for (t, id) in &on_a {
+            let v = finished_on(addr, t, id).await;
+            assert_eq!(state(&v), "lost", "{v}");
+            assert!(
+                v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("lease expired")),
+                "{v}"
+            );
+        }
+        let took = killed_at.elapsed();
+        // The lease (2 s) plus the scheduler's reaping pass (1 s), with room for a
+        // loaded machine; far less than the runs' own 60 s.
+        assert!(took < Duration::from_secs(15), "lost only after {took:?}");
+        // The other agent's runs go on.
+        for (t, id) in runs.iter().filter(|r| !on_a.contains(r)) {
+            let v = req(addr, "GET", &format!("/v1/executions/{id}"), t, None)
+                .await
+                .json();
+            assert_eq!(state(&v), "running", "{v}");
+            assert_eq!(v["agent"], "agent-b", "{v}");
+            let r = req(
+                addr,
+                "POST",
+                &format!("/v1/executions/{id}/cancel"),
+                t,
+                None,
+            )
+            .await;
+            assert!(r.status < 300);
+            finished_on(addr, t, id).await;
+        }
+        // New work goes to the agent that is alive.
+        let id = submit_on(addr, &tokens[2], "Sys.sleep(0.2); 5").await;
+        let v = finished_on(addr, &tokens[2], &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["agent"], "agent-b", "{v}");
+    });
+
+    // agent-a comes back: what its dead life left running is gone once it is up.
+    c.spawn(
+        "agent",
+        "agent-a",
+        &[lease, ("HATCHERY_CGROUP_PARENT", parent_a.clone())],
+    );
+    e2e(async {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(r) = try_http(addr, "GET", "/readyz", None, None).await {
+                let agents = r.json()["agents"].clone();
+                if r.status == 200
+                    && agents
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x.to_string().contains("agent-a")))
+                {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "agent-a never came back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let left = orphans(&parent_a);
+    assert!(
+        left.is_empty(),
+        "sandboxes of the killed agent are left: {left:?}"
+    );
+}

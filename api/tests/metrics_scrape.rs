@@ -21,7 +21,7 @@ use hatchery_scheduler::model::{
 use hatchery_scheduler::platform::{Platform, PlatformConfig, SubmitRequest};
 use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{
-    ActiveCounts, Admission, AdmissionRules, ListFilter, Store, StoreResult,
+    ActiveCounts, Admission, AdmissionRules, Lease, ListFilter, Store, StoreResult,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -100,6 +100,15 @@ impl Store for CountingStore {
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
         self.inner.finish(id, state, result_key, at, summary).await
+    }
+    async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
+        self.inner.register_host(agent, lease_ms).await
+    }
+    async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
+        self.inner.heartbeat(agent, lease_ms).await
+    }
+    async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
+        self.inner.reap_lapsed_hosts().await
     }
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
         self.inner.append_event(id, body).await

@@ -41,7 +41,7 @@ use crate::model::{
     ResultSummary, Usage,
 };
 use crate::objects::Objects;
-use crate::store::{ListFilter, Store, StoreError};
+use crate::store::{Lease, ListFilter, Store, StoreError};
 
 /// The error a reconciled execution carries.
 pub const LOST_ON_RESTART: &str = "the agent restarted while it ran";
@@ -115,6 +115,10 @@ pub struct AgentConfig {
     /// How often the host status is published (it is also published on every start and
     /// end of an execution).
     pub status_interval: Duration,
+    /// This host's lease in the store: renewed every third of it; a host that fails to
+    /// renew in time has its running executions declared `lost`, and kills them when it
+    /// finds out (fencing).
+    pub lease: Duration,
     /// How long a claim waits for a frozen sandbox when the pool is empty.
     pub claim_timeout: Duration,
     /// On shutdown: how long running executions may finish before they are killed (and
@@ -156,6 +160,7 @@ impl AgentConfig {
             output_limit: 16 << 20,
             max_events: hatchery_sandbox::pool::DEFAULT_MAX_EVENTS,
             status_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
             claim_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::ZERO,
             default_policy: EffectivePolicy::default(),
@@ -232,6 +237,9 @@ impl Agent {
         }
 
         let lost = reconcile(&cfg.id, store.as_ref(), bus.as_ref()).await?;
+        store
+            .register_host(&cfg.id, cfg.lease.as_millis() as u64)
+            .await?;
         if lost > 0 {
             tracing::warn!(agent = %cfg.id, lost, "executions of a previous run of this agent marked lost");
         }
@@ -290,6 +298,7 @@ impl Agent {
         let mut tasks = JoinSet::new();
         tasks.spawn(command_loop(Arc::clone(&inner), stop_rx.clone()));
         tasks.spawn(sizing_loop(Arc::clone(&inner), stop_rx.clone()));
+        tasks.spawn(lease_loop(Arc::clone(&inner), stop_rx.clone()));
         tasks.spawn(status_loop(Arc::clone(&inner), stop_rx));
         Ok(AgentHandle {
             inner,
@@ -738,6 +747,45 @@ async fn status_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(inner.cfg.status_interval) => {}
             _ = inner.status_changed.notified() => {}
+        }
+    }
+}
+
+/// Renews this host's lease every third of it. When the store says it lapsed (this host
+/// was unreachable or stalled for longer than the lease), its running executions are
+/// `lost` already: they are killed here, and the host registers again.
+async fn lease_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let lease_ms = inner.cfg.lease.as_millis() as u64;
+    let every = (inner.cfg.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match inner.store.heartbeat(&inner.cfg.id, lease_ms).await {
+            Ok(Lease::Held) => {}
+            Ok(Lease::Lapsed) => {
+                let killed = {
+                    let mut running = inner.running.lock().unwrap();
+                    for r in running.values_mut() {
+                        r.shutdown_kill = true;
+                        r.cancel_requested = true;
+                        if let Some(c) = &r.canceller {
+                            c.cancel();
+                        }
+                    }
+                    running.len()
+                };
+                tracing::error!(
+                    agent = %inner.cfg.id,
+                    killed,
+                    "this host's lease lapsed: its executions were declared lost and are killed; registering again"
+                );
+                if let Err(e) = inner.store.register_host(&inner.cfg.id, lease_ms).await {
+                    tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot register again");
+                }
+            }
+            Err(e) => tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot renew the lease"),
         }
     }
 }

@@ -35,6 +35,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// (admitted while the bus was down, or a submission lost with it): the store is the
 /// outbox, the bus only wakes.
 const RECONCILE_EVERY: Duration = Duration::from_secs(3);
+/// How often hosts whose lease lapsed are looked for (their runs become `lost`).
+const REAP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -262,6 +264,8 @@ pub async fn run_scheduler(
         }
     }
     let mut statuses_open = true;
+    let mut reap = tokio::time::interval(REAP_EVERY);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconcile.tick().await;
@@ -312,6 +316,18 @@ pub async fn run_scheduler(
                 }
                 Err(broadcast::error::RecvError::Closed) => statuses_open = false,
             },
+            _ = reap.tick() => {
+                match store.reap_lapsed_hosts().await {
+                    Ok(events) => {
+                        for e in events {
+                            tracing::warn!(execution = %e.execution_id, "its host's lease lapsed: lost");
+                            cluster.landed(&e.execution_id);
+                            let _ = bus.publish_event(e).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot reap lapsed hosts"),
+                }
+            }
             _ = reconcile.tick() => {
                 let queued = store
                     .list(&ListFilter {

@@ -37,8 +37,8 @@ use crate::model::{
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
-    cancelled, finished, finished_with_event, is_active, running, ActiveCounts, Admission,
-    AdmissionRules, ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, is_active, lost_summary, running, ActiveCounts,
+    Admission, AdmissionRules, Lease, ListFilter, Store, StoreError, StoreResult,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -300,7 +300,7 @@ impl PgStore {
         self.insert_events(tx, events).await?;
         sqlx::query(
             "UPDATE executions SET state = $2, cancel = $3, finished_at = $4, last_seq = $5, \
-             record = $6 WHERE id = $1",
+             record = $6, agent = $7 WHERE id = $1",
         )
         .bind(&new.id)
         .bind(state_name(new.state))
@@ -308,6 +308,7 @@ impl PgStore {
         .bind(new.finished_at.map(i64_of))
         .bind(i64_of(new.last_seq))
         .bind(self.seal_record(new)?)
+        .bind(&new.agent)
         .execute(&mut **tx)
         .await
         .ctx("writing an execution")?;
@@ -484,6 +485,34 @@ impl PgStore {
         // A new execution: nothing to count out (a terminal state counts for nothing).
         self.count(tx, ExecState::Cancelled, rec.state).await?;
         Ok(Admission::Admitted { cancelled: out })
+    }
+
+    /// Marks every running execution of `agent` lost (its host row locked by the caller);
+    /// returns their `finished` events.
+    async fn lose_host(&self, tx: &mut Tx, agent: &str) -> Result<Vec<ExecEvent>, Failed> {
+        sqlx::query("UPDATE hosts SET alive = FALSE WHERE agent = $1")
+            .bind(agent)
+            .execute(&mut **tx)
+            .await
+            .ctx("marking a host lapsed")?;
+        let rows = sqlx::query(
+            "SELECT id, record, last_seq, admitted FROM executions \
+             WHERE state = 'running' AND agent = $1 ORDER BY id FOR UPDATE",
+        )
+        .bind(agent)
+        .fetch_all(&mut **tx)
+        .await
+        .ctx("reading a host's executions")?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let old = self.record_of(row.get::<&str, _>(0), row, 1)?;
+            let (rec, event) =
+                finished_with_event(&old, ExecState::Lost, None, now_ms(), lost_summary())?;
+            self.write(tx, &old, &rec, std::slice::from_ref(&event))
+                .await?;
+            events.push(event);
+        }
+        Ok(events)
     }
 
     async fn get_policy(&self, sql: &'static str, keys: &[&str]) -> StoreResult<Option<Policy>> {
@@ -723,6 +752,75 @@ impl Store for PgStore {
                     .await?;
                 Ok(((rec, event), tx))
             }
+        })
+        .await
+    }
+
+    async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO hosts (agent, expires_at, alive) \
+             VALUES ($1, now() + $2 * interval '1 millisecond', TRUE) \
+             ON CONFLICT (agent) DO UPDATE SET expires_at = EXCLUDED.expires_at, alive = TRUE",
+        )
+        .bind(agent)
+        .bind(i64_of(lease_ms) as f64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_err("registering a host", e))?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
+        let agent = agent.to_string();
+        self.change(move |me, mut tx| {
+            let agent = agent.clone();
+            async move {
+                let row = sqlx::query(
+                    "SELECT alive, expires_at >= now() FROM hosts WHERE agent = $1 FOR UPDATE",
+                )
+                .bind(&agent)
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("reading a host")?;
+                let lease = match row.map(|r| (r.get::<bool, _>(0), r.get::<bool, _>(1))) {
+                    Some((true, true)) => {
+                        sqlx::query(
+                            "UPDATE hosts SET expires_at = now() + $2 * interval '1 millisecond' \
+                             WHERE agent = $1",
+                        )
+                        .bind(&agent)
+                        .bind(i64_of(lease_ms) as f64)
+                        .execute(&mut *tx)
+                        .await
+                        .ctx("renewing a lease")?;
+                        Lease::Held
+                    }
+                    Some((true, false)) => {
+                        me.lose_host(&mut tx, &agent).await?;
+                        Lease::Lapsed
+                    }
+                    _ => Lease::Lapsed,
+                };
+                Ok((lease, tx))
+            }
+        })
+        .await
+    }
+
+    async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
+        self.change(move |me, mut tx| async move {
+            let lapsed: Vec<String> = sqlx::query_scalar(
+                "SELECT agent FROM hosts WHERE alive AND expires_at < now() \
+                 ORDER BY agent FOR UPDATE SKIP LOCKED",
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .ctx("reading lapsed hosts")?;
+            let mut events = Vec::new();
+            for agent in lapsed {
+                events.extend(me.lose_host(&mut tx, &agent).await?);
+            }
+            Ok((events, tx))
         })
         .await
     }

@@ -93,6 +93,36 @@ impl ActiveCounts {
     }
 }
 
+/// What a host's heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lease {
+    /// Renewed.
+    Held,
+    /// Not renewed in time: the host's runs were declared lost.
+    Lapsed,
+}
+
+/// The error of an execution whose host stopped renewing its lease.
+pub const HOST_LOST: &str =
+    "its host stopped answering (its lease expired); the sandbox was abandoned";
+
+/// The `finished` summary of an execution lost with its host.
+pub fn lost_summary() -> ResultSummary {
+    ResultSummary {
+        state: ExecState::Lost,
+        error_code: Some("host_lost".into()),
+        value_json: None,
+        error: Some(HOST_LOST.into()),
+        warnings: Vec::new(),
+        exit_code: None,
+        usage: Usage::default(),
+        start_ms: None,
+        duration_ms: 0.0,
+        stdout_truncated: false,
+        stderr_truncated: false,
+    }
+}
+
 /// Limits of one admission decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdmissionRules {
@@ -164,6 +194,20 @@ pub trait Store: Send + Sync + 'static {
         at: Millis,
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)>;
+
+    /// Registers `agent` afresh with a lease of `lease_ms` (at its start, or after its
+    /// lease lapsed), on the store's clock.
+    async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()>;
+
+    /// Renews `agent`'s lease. [`Lease::Lapsed`] when it was not renewed in time (or the
+    /// host is unknown): its running executions are `lost` by then (this call makes them
+    /// so if nobody did yet), and the agent must kill what it still runs and register
+    /// again (fencing).
+    async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease>;
+
+    /// Every host whose lease lapsed: its running executions become `lost` (each with
+    /// its `finished` event, returned for the bus) and the host is no longer alive.
+    async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>>;
 
     /// Appends an event with the next sequence number of its execution.
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent>;

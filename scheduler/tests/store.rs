@@ -17,7 +17,7 @@ use hatchery_scheduler::model::{
 use hatchery_scheduler::postgres::{PgConfig, PgStore};
 use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{
-    ActiveCounts, Admission, AdmissionRules, ListFilter, Store, StoreError,
+    ActiveCounts, Admission, AdmissionRules, Lease, ListFilter, Store, StoreError,
 };
 
 fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -> ExecutionRecord {
@@ -1348,42 +1348,106 @@ store_test!(a_dropped_admission_future_still_completes, |b| {
     assert_eq!(get(&store, "p1").await.state, ExecState::Cancelled);
 });
 
-store_test!(finishing_stores_the_state_and_its_finished_event_together, |b| {
-    let store = b.open().await;
-    admitted(&store, record("f1", "o", "u", None, 1), rules(2)).await;
-    store.mark_running("f1", "h1", 2).await.unwrap();
-    store
-        .append_event("f1", EventBody::Stdout(OutputData::text("hi\n")))
-        .await
-        .unwrap();
-    let (rec, event) = store
-        .finish(
-            "f1",
-            ExecState::Succeeded,
-            Some("results/f1".into()),
-            3,
-            summary(ExecState::Succeeded),
-        )
-        .await
-        .unwrap();
-    assert_eq!(rec.state, ExecState::Succeeded);
-    assert_eq!((rec.last_seq, event.seq), (3, 3));
-    assert_eq!(event.body, EventBody::Finished(summary(ExecState::Succeeded)));
-    assert_eq!(get(&store, "f1").await, rec);
-    let events = store.events_after("f1", 0).await.unwrap();
-    assert_eq!(events.last(), Some(&event));
-    // Finishing again changes nothing and adds no event.
-    assert!(matches!(
+store_test!(
+    finishing_stores_the_state_and_its_finished_event_together,
+    |b| {
+        let store = b.open().await;
+        admitted(&store, record("f1", "o", "u", None, 1), rules(2)).await;
+        store.mark_running("f1", "h1", 2).await.unwrap();
         store
-            .finish("f1", ExecState::Failed, None, 4, summary(ExecState::Failed))
-            .await,
-        Err(StoreError::IllegalTransition { .. })
-    ));
-    assert_eq!(store.events_after("f1", 0).await.unwrap(), events);
-    assert_eq!(store.active_counts().await.unwrap(), ActiveCounts::default());
-    // And a restart keeps both.
-    drop(store);
-    let store = b.open().await;
-    assert_eq!(get(&store, "f1").await, rec);
-    assert_eq!(store.events_after("f1", 0).await.unwrap(), events);
-});
+            .append_event("f1", EventBody::Stdout(OutputData::text("hi\n")))
+            .await
+            .unwrap();
+        let (rec, event) = store
+            .finish(
+                "f1",
+                ExecState::Succeeded,
+                Some("results/f1".into()),
+                3,
+                summary(ExecState::Succeeded),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rec.state, ExecState::Succeeded);
+        assert_eq!((rec.last_seq, event.seq), (3, 3));
+        assert_eq!(
+            event.body,
+            EventBody::Finished(summary(ExecState::Succeeded))
+        );
+        assert_eq!(get(&store, "f1").await, rec);
+        let events = store.events_after("f1", 0).await.unwrap();
+        assert_eq!(events.last(), Some(&event));
+        // Finishing again changes nothing and adds no event.
+        assert!(matches!(
+            store
+                .finish("f1", ExecState::Failed, None, 4, summary(ExecState::Failed))
+                .await,
+            Err(StoreError::IllegalTransition { .. })
+        ));
+        assert_eq!(store.events_after("f1", 0).await.unwrap(), events);
+        assert_eq!(
+            store.active_counts().await.unwrap(),
+            ActiveCounts::default()
+        );
+        // And a restart keeps both.
+        drop(store);
+        let store = b.open().await;
+        assert_eq!(get(&store, "f1").await, rec);
+        assert_eq!(store.events_after("f1", 0).await.unwrap(), events);
+    }
+);
+
+store_test!(
+    a_host_that_stops_renewing_its_lease_loses_its_runs_and_is_fenced,
+    |b| {
+        let store = b.open().await;
+        store.register_host("h1", 300).await.unwrap();
+        store.register_host("h2", 60_000).await.unwrap();
+        for (id, host) in [("l1", "h1"), ("l2", "h1"), ("l3", "h2")] {
+            admitted(&store, record(id, "o", host, None, 1), rules(2)).await;
+            store.mark_running(id, host, 2).await.unwrap();
+        }
+        admitted(&store, record("q1", "o", "h1", None, 3), rules(2)).await;
+        assert_eq!(store.heartbeat("h1", 300).await.unwrap(), Lease::Held);
+        assert!(store.reap_lapsed_hosts().await.unwrap().is_empty());
+
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let events = store.reap_lapsed_hosts().await.unwrap();
+        let lost: Vec<&str> = events.iter().map(|e| e.execution_id.as_str()).collect();
+        assert_eq!(lost, vec!["l1", "l2"]);
+        for e in &events {
+            match &e.body {
+                EventBody::Finished(s) => {
+                    assert_eq!(s.state, ExecState::Lost);
+                    assert_eq!(s.error_code.as_deref(), Some("host_lost"));
+                }
+                other => panic!("{other:?}"),
+            }
+            let r = get(&store, &e.execution_id).await;
+            assert_eq!((r.state, r.last_seq), (ExecState::Lost, e.seq));
+        }
+        // Another host's run and a queued one are untouched; reaping again finds nothing.
+        assert_eq!(get(&store, "l3").await.state, ExecState::Running);
+        assert_eq!(get(&store, "q1").await.state, ExecState::Queued);
+        assert!(store.reap_lapsed_hosts().await.unwrap().is_empty());
+        assert_eq!(store.active_counts().await.unwrap().running, 1);
+
+        // The late host is fenced: its heartbeat says so until it registers again.
+        assert_eq!(store.heartbeat("h1", 300).await.unwrap(), Lease::Lapsed);
+        assert_eq!(store.heartbeat("h1", 300).await.unwrap(), Lease::Lapsed);
+        store.register_host("h1", 60_000).await.unwrap();
+        assert_eq!(store.heartbeat("h1", 60_000).await.unwrap(), Lease::Held);
+        assert_eq!(
+            store.heartbeat("never-registered", 1000).await.unwrap(),
+            Lease::Lapsed
+        );
+
+        // A host that finds its own lease lapsed before any reaper did loses its runs too.
+        store.register_host("h3", 300).await.unwrap();
+        admitted(&store, record("l4", "o", "h3", None, 4), rules(2)).await;
+        store.mark_running("l4", "h3", 5).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        assert_eq!(store.heartbeat("h3", 300).await.unwrap(), Lease::Lapsed);
+        assert_eq!(get(&store, "l4").await.state, ExecState::Lost);
+    }
+);

@@ -26,8 +26,8 @@ use crate::model::{
 };
 use crate::seal::Keyring;
 use crate::store::{
-    cancelled, finished, finished_with_event, is_active, running, Admission, AdmissionRules,
-    ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, is_active, lost_summary, running, Admission,
+    AdmissionRules, Lease, ListFilter, Store, StoreError, StoreResult,
 };
 
 #[derive(Default)]
@@ -42,6 +42,9 @@ struct State {
     counts: crate::store::ActiveCounts,
     /// The last admission order given ([`ExecutionRecord::admitted`]).
     admitted: u64,
+    /// Host leases: agent → (expires at, alive). In memory only: after a restart every
+    /// agent registers again (and reconciles what it ran).
+    hosts: HashMap<String, (Millis, bool)>,
 }
 
 struct Inner {
@@ -272,6 +275,27 @@ impl State {
         Ok((rec, event))
     }
 
+    /// Marks every running execution of `agent` lost; returns their `finished` events.
+    fn lose_host(&mut self, disk: &Disk, agent: &str) -> StoreResult<Vec<ExecEvent>> {
+        if let Some(h) = self.hosts.get_mut(agent) {
+            h.1 = false;
+        }
+        let mut ids: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| r.state == ExecState::Running && r.agent.as_deref() == Some(agent))
+            .map(|r| r.id.clone())
+            .collect();
+        ids.sort();
+        let mut events = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (_, event) =
+                self.finish(disk, &id, ExecState::Lost, None, now_ms(), lost_summary())?;
+            events.push(event);
+        }
+        Ok(events)
+    }
+
     fn append_event(&mut self, disk: &Disk, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
         let rec = self.record(id)?;
         let event = ExecEvent {
@@ -339,6 +363,7 @@ impl EmbeddedStore {
             user_policies: loaded.user_policies,
             counts: Default::default(),
             admitted: 0,
+            hosts: HashMap::new(),
         };
         state.admitted = state
             .records
@@ -524,6 +549,53 @@ impl Store for EmbeddedStore {
         let id = id.to_string();
         self.change(move |st, disk| st.finish(disk, &id, state, result_key, at, summary))
             .await
+    }
+
+    async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
+        let agent = agent.to_string();
+        self.change(move |st, _disk| {
+            st.hosts.insert(agent, (now_ms() + lease_ms, true));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
+        let agent = agent.to_string();
+        self.change(move |st, disk| {
+            let now = now_ms();
+            match st.hosts.get(&agent).copied() {
+                Some((expires, true)) if now <= expires => {
+                    st.hosts.insert(agent, (now + lease_ms, true));
+                    Ok(Lease::Held)
+                }
+                Some((_, true)) => {
+                    st.lose_host(disk, &agent)?;
+                    Ok(Lease::Lapsed)
+                }
+                _ => Ok(Lease::Lapsed),
+            }
+        })
+        .await
+    }
+
+    async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
+        self.change(move |st, disk| {
+            let now = now_ms();
+            let mut lapsed: Vec<String> = st
+                .hosts
+                .iter()
+                .filter(|(_, (expires, alive))| *alive && now > *expires)
+                .map(|(a, _)| a.clone())
+                .collect();
+            lapsed.sort();
+            let mut events = Vec::new();
+            for agent in lapsed {
+                events.extend(st.lose_host(disk, &agent)?);
+            }
+            Ok(events)
+        })
+        .await
     }
 
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
