@@ -178,7 +178,8 @@ impl Backend {
                         .append(true)
                         .open(path)
                         .unwrap();
-                    writeln!(f, "{line}").unwrap();
+                    // One write(2): lines of tests running at once never interleave.
+                    f.write_all(format!("{line}\n").as_bytes()).unwrap();
                 }
                 None
             }

@@ -590,7 +590,9 @@ pub fn skip(test: &str, reason: &str, required: &str) {
             .append(true)
             .open(path)
         {
-            let _ = writeln!(f, "{test}: {reason}");
+            // One write(2) of the whole line: O_APPEND keeps lines of tests running at
+            // once from interleaving (writeln! would write the pieces separately).
+            let _ = f.write_all(format!("{test}: {reason}\n").as_bytes());
         }
     }
 }
