@@ -521,19 +521,7 @@ async fn reconcile(agent: &str, store: &dyn Store, bus: &dyn Bus) -> Result<usiz
 }
 
 fn bare_summary(state: ExecState, code: &str, error: Option<String>) -> ResultSummary {
-    ResultSummary {
-        state,
-        error_code: Some(code.to_string()),
-        value_json: None,
-        error,
-        warnings: Vec::new(),
-        exit_code: None,
-        usage: Usage::default(),
-        start_ms: None,
-        duration_ms: 0.0,
-        stdout_truncated: false,
-        stderr_truncated: false,
-    }
+    ResultSummary::bare(state, code, error)
 }
 
 /// Reads commands; `Cancel`s act at once, `Run`s wait in order for a free slot.

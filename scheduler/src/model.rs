@@ -326,6 +326,27 @@ pub struct ResultSummary {
     pub stderr_truncated: bool,
 }
 
+impl ResultSummary {
+    /// The summary of an execution that ended without results of its own (cancelled
+    /// before it ran, lost with its host, failed to start): a state, a stable code and
+    /// why.
+    pub fn bare(state: ExecState, code: &str, error: Option<String>) -> ResultSummary {
+        ResultSummary {
+            state,
+            error_code: Some(code.to_string()),
+            value_json: None,
+            error,
+            warnings: Vec::new(),
+            exit_code: None,
+            usage: Usage::default(),
+            start_ms: None,
+            duration_ms: 0.0,
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy, ResultSummary,
-    Usage,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -108,19 +107,7 @@ pub const HOST_LOST: &str =
 
 /// The `finished` summary of an execution lost with its host.
 pub fn lost_summary() -> ResultSummary {
-    ResultSummary {
-        state: ExecState::Lost,
-        error_code: Some("host_lost".into()),
-        value_json: None,
-        error: Some(HOST_LOST.into()),
-        warnings: Vec::new(),
-        exit_code: None,
-        usage: Usage::default(),
-        start_ms: None,
-        duration_ms: 0.0,
-        stdout_truncated: false,
-        stderr_truncated: false,
-    }
+    ResultSummary::bare(ExecState::Lost, "host_lost", Some(HOST_LOST.into()))
 }
 
 /// Limits of one admission decision.
@@ -255,19 +242,11 @@ pub(crate) fn cancelled(
                 execution_id: r.id.clone(),
                 seq: r.last_seq,
                 at: now,
-                body: EventBody::Finished(ResultSummary {
-                    state: ExecState::Cancelled,
-                    error_code: Some(reason.code().to_string()),
-                    value_json: None,
-                    error: Some(cancel_message(reason).to_string()),
-                    warnings: Vec::new(),
-                    exit_code: None,
-                    usage: Usage::default(),
-                    start_ms: None,
-                    duration_ms: 0.0,
-                    stdout_truncated: false,
-                    stderr_truncated: false,
-                }),
+                body: EventBody::Finished(ResultSummary::bare(
+                    ExecState::Cancelled,
+                    reason.code(),
+                    Some(cancel_message(reason).to_string()),
+                )),
             };
             Some((r, Some(event)))
         }

@@ -32,21 +32,12 @@ impl Backend {
     fn redis(test: &str) -> Option<Backend> {
         match RedisServer::start() {
             Ok(server) => Some(Backend::Redis(server)),
-            Err(EngineError::RedisMissing)
-                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
-            {
-                let line = format!("{test} on Redis: redis-server is not installed");
-                eprintln!("SKIPPED: {line}");
-                if let Some(path) = std::env::var_os("HATCHERY_SKIP_LOG") {
-                    use std::io::Write;
-                    let mut f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .unwrap();
-                    // One write(2): lines of tests running at once never interleave.
-                    f.write_all(format!("{line}\n").as_bytes()).unwrap();
-                }
+            Err(EngineError::RedisMissing) => {
+                hatchery_tests::skip(
+                    &format!("{test} on Redis"),
+                    "redis-server is not installed",
+                    "HATCHERY_REQUIRE_ENGINES",
+                );
                 None
             }
             Err(e) => panic!("starting Redis: {e}"),
