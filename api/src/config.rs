@@ -68,6 +68,10 @@ pub struct Config {
     pub body_limit_bytes: usize,
     /// Lifetime of the tokens `hatchery up` prints.
     pub token_ttl: String,
+    /// The scheduler's leadership lease in a cluster, e.g. `5s`
+    /// (`HATCHERY_SCHEDULER_LEASE`): a leader that does not renew it in time stops
+    /// placing, and another scheduler takes over.
+    pub scheduler_lease: String,
     pub agent: AgentSection,
     pub platform: PlatformSection,
     pub store: StoreSection,
@@ -159,6 +163,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             body_limit_bytes: 2 << 20,
             token_ttl: "30d".into(),
+            scheduler_lease: "5s".into(),
             agent: AgentSection::default(),
             platform: PlatformSection::default(),
             store: StoreSection::default(),
@@ -208,6 +213,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_LOG_FORMAT", "log_format"),
     ("HATCHERY_BODY_LIMIT", "body_limit_bytes"),
     ("HATCHERY_TOKEN_TTL", "token_ttl"),
+    ("HATCHERY_SCHEDULER_LEASE", "scheduler_lease"),
     ("HATCHERY_AGENT_NAME", "agent.name"),
     ("HATCHERY_POOL_SIZE", "agent.pool_size"),
     ("HATCHERY_MAX_POOL_SIZE", "agent.max_pool_size"),
@@ -293,6 +299,14 @@ impl Config {
         self.listen_addr()?;
         parse_duration(&self.token_ttl)
             .map_err(|e| ConfigError::Invalid(format!("token_ttl: {e}")))?;
+        if parse_duration(&self.scheduler_lease)
+            .map_err(|e| ConfigError::Invalid(format!("scheduler_lease: {e}")))?
+            < std::time::Duration::from_millis(300)
+        {
+            return Err(ConfigError::Invalid(
+                "scheduler_lease must be at least 300ms".into(),
+            ));
+        }
         let lease = parse_duration(&self.agent.lease)
             .map_err(|e| ConfigError::Invalid(format!("agent.lease: {e}")))?;
         if lease < std::time::Duration::from_millis(300) {
@@ -475,6 +489,11 @@ impl Config {
             r.prefix = p.clone();
         }
         Some(r)
+    }
+
+    /// The scheduler's leadership lease (validated at load).
+    pub fn scheduler_lease(&self) -> std::time::Duration {
+        parse_duration(&self.scheduler_lease).unwrap_or(std::time::Duration::from_secs(5))
     }
 
     /// The agent's lease (validated at load).

@@ -405,7 +405,12 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
             ClusterRole::Scheduler => {
                 tracing::info!("scheduler started");
                 engines
-                    .run_scheduler(cfg.platform_config(), shutdown_signal())
+                    .run_scheduler(
+                        cfg.platform_config(),
+                        &cfg.agent.name,
+                        cfg.scheduler_lease(),
+                        shutdown_signal(),
+                    )
                     .await
                     .context("running the scheduler")
             }

@@ -583,3 +583,73 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
         "sandboxes of the killed agent are left: {left:?}"
     );
 }
+
+#[test]
+fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs_once() {
+    let Some(mut c) = Cluster::start(
+        "the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs_once",
+    ) else {
+        return;
+    };
+    let api = c.api("api-1");
+    let lease = ("HATCHERY_SCHEDULER_LEASE", "1s".to_string());
+    let s1 = c.spawn("scheduler", "scheduler-1", std::slice::from_ref(&lease));
+    // scheduler-1 leads before scheduler-2 exists.
+    std::thread::sleep(Duration::from_millis(500));
+    let s2 = c.spawn("scheduler", "scheduler-2", &[lease]);
+    c.agent("agent-a");
+    c.agent("agent-b");
+    let addr = c.addr(api);
+    let tokens: Vec<String> = (0..5)
+        .map(|i| c.token("acme", &format!("user{i}"), "user"))
+        .collect();
+    let leader_log = c.procs[s1].log.clone();
+    e2e(async {
+        ready(addr).await;
+        let mut ids = Vec::new();
+        for round in 0..4 {
+            for t in &tokens {
+                ids.push((
+                    t.clone(),
+                    submit_on(addr, t, &format!("Sys.sleep(0.3); {round}")).await,
+                ));
+            }
+            if round == 1 {
+                // Mid-burst: the leader dies without a word.
+                c.procs[s1].kill(libc::SIGKILL);
+            }
+        }
+        let mut started = 0;
+        for (t, id) in &ids {
+            let v = finished_on(addr, t, id).await;
+            // Under a cap of 2 per user, older runs of a user may be cancelled by newer
+            // ones; none is lost, none fails.
+            assert!(matches!(state(&v), "succeeded" | "cancelled"), "{id}: {v}");
+            let mut ws = ws_on(addr, &format!("/v1/executions/{id}/events?token={t}")).await;
+            let (events, closed) = read_events(&mut ws, |_| false).await;
+            assert!(closed);
+            let starts = events.iter().filter(|e| e["type"] == "started").count();
+            assert!(starts <= 1, "{id} started {starts} times: {events:?}");
+            assert_eq!(
+                events.iter().filter(|e| e["type"] == "finished").count(),
+                1,
+                "{id}: {events:?}"
+            );
+            if state(&v) == "succeeded" {
+                assert_eq!(starts, 1, "{id} succeeded without starting: {events:?}");
+                started += 1;
+            }
+        }
+        assert!(started >= 10, "only {started} of {} ran", ids.len());
+    });
+    let took_over = std::fs::read_to_string(&c.procs[s2].log).unwrap_or_default();
+    assert!(
+        took_over.contains("leading the scheduling"),
+        "scheduler-2 never took the leadership"
+    );
+    let first = std::fs::read_to_string(leader_log).unwrap_or_default();
+    assert!(
+        first.contains("leading the scheduling"),
+        "scheduler-1 never led"
+    );
+}

@@ -110,6 +110,9 @@ impl Store for CountingStore {
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
         self.inner.reap_lapsed_hosts().await
     }
+    async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>> {
+        self.inner.lead(role, holder, lease_ms).await
+    }
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
         self.inner.append_event(id, body).await
     }

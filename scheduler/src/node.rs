@@ -192,6 +192,18 @@ pub async fn run_retention(platform: Platform) {
     }
 }
 
+/// The store's name for the scheduler's leadership.
+const LEADER_ROLE: &str = "scheduler";
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the roles of a cluster share: the store on PostgreSQL, the bus on Redis, and the
 /// sealed objects. Every process of the cluster connects to the same ones with the same
 /// keys.
@@ -232,32 +244,75 @@ impl Engines {
         })
     }
 
-    /// The scheduler role: places what is admitted, and runs retention, until `stop`.
+    /// The scheduler role, until `stop`: waits for the leadership (one scheduler of the
+    /// cluster leads, under a lease of `lease` in the store), then places what is
+    /// admitted and runs retention while it keeps renewing the lease; a scheduler that
+    /// cannot renew in time stops placing at once and waits for the leadership again. A
+    /// new leader starts from the store (everything queued is re-placed; the store's
+    /// transitions make a repeat harmless).
     pub async fn run_scheduler(
         &self,
         config: PlatformConfig,
+        name: &str,
+        lease: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), NodeError> {
         let platform = self.platform(config)?;
-        let statuses = self.bus.subscribe_status();
-        let scheduler = tokio::spawn(run_scheduler(
-            Arc::clone(&self.store),
-            Arc::clone(&self.bus),
-            statuses,
-        ));
-        let retention = tokio::spawn(run_retention(platform));
-        tokio::pin!(scheduler);
-        let result = tokio::select! {
-            r = &mut scheduler => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(NodeError::Scheduler(e.to_string())),
-                Err(e) => Err(NodeError::Scheduler(e.to_string())),
-            },
-            _ = stop => Ok(()),
-        };
-        scheduler.abort();
-        retention.abort();
-        result
+        tokio::pin!(stop);
+        let lease_ms = lease.as_millis() as u64;
+        let every = (lease / 3).max(Duration::from_millis(100));
+        loop {
+            // Follow until the leadership is ours.
+            let term = loop {
+                match self.store.lead(LEADER_ROLE, name, lease_ms).await {
+                    Ok(Some(term)) => break term,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot ask for the leadership"),
+                }
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(every) => {}
+                }
+            };
+            tracing::info!(scheduler = name, term, "leading the scheduling");
+            let mut last_renewed = std::time::Instant::now();
+            let statuses = self.bus.subscribe_status();
+            let scheduler = tokio::spawn(run_scheduler(
+                Arc::clone(&self.store),
+                Arc::clone(&self.bus),
+                statuses,
+            ));
+            let retention = tokio::spawn(run_retention(platform.clone()));
+            let _guards = (AbortOnDrop(scheduler), AbortOnDrop(retention));
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match self.store.lead(LEADER_ROLE, name, lease_ms).await {
+                    Ok(Some(t)) if t == term => last_renewed = std::time::Instant::now(),
+                    Ok(_) => {
+                        tracing::warn!(
+                            scheduler = name,
+                            term,
+                            "another scheduler leads now: stopping"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the leadership");
+                        if last_renewed.elapsed() >= lease {
+                            tracing::warn!(
+                                scheduler = name,
+                                term,
+                                "the leadership lapsed: stopping"
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Starts the agent role of this host on these engines.

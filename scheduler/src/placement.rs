@@ -37,6 +37,9 @@ const TICK: Duration = Duration::from_secs(1);
 const RECONCILE_EVERY: Duration = Duration::from_secs(3);
 /// How often hosts whose lease lapsed are looked for (their runs become `lost`).
 const REAP_EVERY: Duration = Duration::from_secs(1);
+/// After the store was unreachable, how long hosts get to renew their leases before any
+/// is declared lost (longer than an agent's default lease).
+const REAP_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -265,6 +268,8 @@ pub async fn run_scheduler(
     }
     let mut statuses_open = true;
     let mut reap = tokio::time::interval(REAP_EVERY);
+    // When the store was last unreachable: no host is reaped for a grace period after.
+    let mut store_trouble: Option<std::time::Instant> = None;
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -317,6 +322,15 @@ pub async fn run_scheduler(
                 Err(broadcast::error::RecvError::Closed) => statuses_open = false,
             },
             _ = reap.tick() => {
+                // Right after the store was unreachable, every lease looks lapsed: give
+                // the agents time to renew before declaring anyone lost.
+                if store_trouble.is_some_and(|t| t.elapsed() < REAP_GRACE) {
+                    if let Err(e) = store.active_counts().await {
+                        tracing::debug!(error = %e, "the store is still unreachable");
+                        store_trouble = Some(std::time::Instant::now());
+                    }
+                    continue;
+                }
                 match store.reap_lapsed_hosts().await {
                     Ok(events) => {
                         for e in events {
@@ -325,7 +339,10 @@ pub async fn run_scheduler(
                             let _ = bus.publish_event(e).await;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot reap lapsed hosts"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reap lapsed hosts");
+                        store_trouble = Some(std::time::Instant::now());
+                    }
                 }
             }
             _ = reconcile.tick() => {

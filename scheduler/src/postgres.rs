@@ -772,18 +772,17 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
         let agent = agent.to_string();
-        self.change(move |me, mut tx| {
+        self.change(move |_me, mut tx| {
             let agent = agent.clone();
             async move {
-                let row = sqlx::query(
-                    "SELECT alive, expires_at >= now() FROM hosts WHERE agent = $1 FOR UPDATE",
-                )
-                .bind(&agent)
-                .fetch_optional(&mut *tx)
-                .await
-                .ctx("reading a host")?;
-                let lease = match row.map(|r| (r.get::<bool, _>(0), r.get::<bool, _>(1))) {
-                    Some((true, true)) => {
+                let row = sqlx::query("SELECT alive FROM hosts WHERE agent = $1 FOR UPDATE")
+                    .bind(&agent)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .ctx("reading a host")?;
+                // Late but not declared lost by anyone yet: the host keeps its runs.
+                let lease = match row.map(|r| r.get::<bool, _>(0)) {
+                    Some(true) => {
                         sqlx::query(
                             "UPDATE hosts SET expires_at = now() + $2 * interval '1 millisecond' \
                              WHERE agent = $1",
@@ -794,10 +793,6 @@ impl Store for PgStore {
                         .await
                         .ctx("renewing a lease")?;
                         Lease::Held
-                    }
-                    Some((true, false)) => {
-                        me.lose_host(&mut tx, &agent).await?;
-                        Lease::Lapsed
                     }
                     _ => Lease::Lapsed,
                 };
@@ -821,6 +816,56 @@ impl Store for PgStore {
                 events.extend(me.lose_host(&mut tx, &agent).await?);
             }
             Ok((events, tx))
+        })
+        .await
+    }
+
+    async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>> {
+        let (role, holder) = (role.to_string(), holder.to_string());
+        self.change(move |_me, mut tx| {
+            let (role, holder) = (role.clone(), holder.clone());
+            async move {
+                // The row exists once; concurrent first takers serialise on the insert.
+                sqlx::query(
+                    "INSERT INTO leaders (role, holder, term, expires_at) \
+                     VALUES ($1, '', 0, '-infinity') ON CONFLICT (role) DO NOTHING",
+                )
+                .bind(&role)
+                .execute(&mut *tx)
+                .await
+                .ctx("preparing a leadership")?;
+                let row = sqlx::query(
+                    "SELECT holder, term, expires_at >= now() FROM leaders WHERE role = $1 FOR UPDATE",
+                )
+                .bind(&role)
+                .fetch_one(&mut *tx)
+                .await
+                .ctx("reading a leadership")?;
+                let (current, term, live) = (
+                    row.get::<String, _>(0),
+                    row.get::<i64, _>(1),
+                    row.get::<bool, _>(2),
+                );
+                let term = if current == holder && live {
+                    term
+                } else if live {
+                    return Ok((None, tx));
+                } else {
+                    term + 1
+                };
+                sqlx::query(
+                    "UPDATE leaders SET holder = $2, term = $3, \
+                     expires_at = now() + $4 * interval '1 millisecond' WHERE role = $1",
+                )
+                .bind(&role)
+                .bind(&holder)
+                .bind(term)
+                .bind(i64_of(lease_ms) as f64)
+                .execute(&mut *tx)
+                .await
+                .ctx("taking a leadership")?;
+                Ok((Some(term as u64), tx))
+            }
         })
         .await
     }

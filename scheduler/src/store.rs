@@ -186,15 +186,20 @@ pub trait Store: Send + Sync + 'static {
     /// lease lapsed), on the store's clock.
     async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()>;
 
-    /// Renews `agent`'s lease. [`Lease::Lapsed`] when it was not renewed in time (or the
-    /// host is unknown): its running executions are `lost` by then (this call makes them
-    /// so if nobody did yet), and the agent must kill what it still runs and register
-    /// again (fencing).
+    /// Renews `agent`'s lease. [`Lease::Lapsed`] when the host was declared lost
+    /// ([`Store::reap_lapsed_hosts`]) or is unknown: its running executions are `lost`,
+    /// and the agent must kill what it still runs and register again (fencing). A host
+    /// that is late but was not declared lost yet keeps its lease and its runs.
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease>;
 
     /// Every host whose lease lapsed: its running executions become `lost` (each with
     /// its `finished` event, returned for the bus) and the host is no longer alive.
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>>;
+
+    /// Takes or renews the leadership of `role` for `holder` for `lease_ms` (the store's
+    /// clock): `Some(term)` while `holder` leads — `term` grows with every change of
+    /// holder, a fencing token — and `None` while another holder's lease runs.
+    async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>>;
 
     /// Appends an event with the next sequence number of its execution.
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent>;

@@ -1434,12 +1434,49 @@ store_test!(
             Lease::Lapsed
         );
 
-        // A host that finds its own lease lapsed before any reaper did loses its runs too.
+        // A host that is late but was not declared lost yet (the store was unreachable
+        // for everyone, say) keeps its lease and its runs.
         store.register_host("h3", 300).await.unwrap();
         admitted(&store, record("l4", "o", "h3", None, 4), rules(2)).await;
         store.mark_running("l4", "h3", 5).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-        assert_eq!(store.heartbeat("h3", 300).await.unwrap(), Lease::Lapsed);
-        assert_eq!(get(&store, "l4").await.state, ExecState::Lost);
+        assert_eq!(store.heartbeat("h3", 300).await.unwrap(), Lease::Held);
+        assert!(store.reap_lapsed_hosts().await.unwrap().is_empty());
+        assert_eq!(get(&store, "l4").await.state, ExecState::Running);
+    }
+);
+
+store_test!(
+    one_leader_at_a_time_and_a_new_term_for_each_new_leader,
+    |b| {
+        let store = b.open().await;
+        assert_eq!(store.lead("scheduler", "s1", 400).await.unwrap(), Some(1));
+        assert_eq!(store.lead("scheduler", "s2", 400).await.unwrap(), None);
+        assert_eq!(store.lead("scheduler", "s1", 400).await.unwrap(), Some(1));
+        // Another role is led separately.
+        assert_eq!(store.lead("other", "s2", 400).await.unwrap(), Some(1));
+        // s1 stops renewing: s2 takes over with a new term, and s1 is told it lost.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        assert_eq!(store.lead("scheduler", "s2", 400).await.unwrap(), Some(2));
+        assert_eq!(store.lead("scheduler", "s1", 400).await.unwrap(), None);
+        // Many candidates at once: exactly one wins.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.lead("scheduler", &format!("c{i}"), 60_000).await })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let Some(term) = t.await.unwrap().unwrap() {
+                winners.push(term);
+            }
+        }
+        assert_eq!(
+            winners,
+            vec![3],
+            "exactly one new leader with the next term"
+        );
     }
 );

@@ -45,6 +45,8 @@ struct State {
     /// Host leases: agent → (expires at, alive). In memory only: after a restart every
     /// agent registers again (and reconciles what it ran).
     hosts: HashMap<String, (Millis, bool)>,
+    /// Leaderships: role → (holder, term, expires at). In memory only.
+    leaders: HashMap<String, (String, u64, Millis)>,
 }
 
 struct Inner {
@@ -364,6 +366,7 @@ impl EmbeddedStore {
             counts: Default::default(),
             admitted: 0,
             hosts: HashMap::new(),
+            leaders: HashMap::new(),
         };
         state.admitted = state
             .records
@@ -562,16 +565,13 @@ impl Store for EmbeddedStore {
 
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
         let agent = agent.to_string();
-        self.change(move |st, disk| {
+        self.change(move |st, _disk| {
             let now = now_ms();
+            // Late but not declared lost by anyone yet: the host keeps its runs.
             match st.hosts.get(&agent).copied() {
-                Some((expires, true)) if now <= expires => {
+                Some((_, true)) => {
                     st.hosts.insert(agent, (now + lease_ms, true));
                     Ok(Lease::Held)
-                }
-                Some((_, true)) => {
-                    st.lose_host(disk, &agent)?;
-                    Ok(Lease::Lapsed)
                 }
                 _ => Ok(Lease::Lapsed),
             }
@@ -594,6 +594,22 @@ impl Store for EmbeddedStore {
                 events.extend(st.lose_host(disk, &agent)?);
             }
             Ok(events)
+        })
+        .await
+    }
+
+    async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>> {
+        let (role, holder) = (role.to_string(), holder.to_string());
+        self.change(move |st, _disk| {
+            let now = now_ms();
+            let term = match st.leaders.get(&role) {
+                Some((h, term, expires)) if *h == holder && now <= *expires => *term,
+                Some((_, _, expires)) if now <= *expires => return Ok(None),
+                Some((_, term, _)) => term + 1,
+                None => 1,
+            };
+            st.leaders.insert(role, (holder, term, now + lease_ms));
+            Ok(Some(term))
         })
         .await
     }
