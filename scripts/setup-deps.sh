@@ -29,6 +29,8 @@ PACKAGES=(
     # and local clusters run private servers (a temporary directory, a loopback port),
     # never the system ones
     postgresql redis-server
+    # tests: moto (an AWS emulator for S3) goes into a virtualenv made below
+    python3-venv
 )
 MIN_RUST=1.80
 
@@ -82,6 +84,17 @@ if ((${#todo[@]} > 0)); then
         exit 1
     fi
     say "done"
+fi
+
+# moto (an AWS emulator: S3, EC2 Auto Scaling) for the tests, from PyPI into a
+# virtualenv of its own; the engine tests find it there (or at $HATCHERY_MOTO_SERVER).
+MOTO_VENV=/opt/hatchery/venv
+MOTO_VERSION=5.2.5
+if [[ ! -x $MOTO_VENV/bin/moto_server ]] \
+    || [[ $("$MOTO_VENV/bin/pip" show moto 2>/dev/null | awk '/^Version:/ {print $2}') != "$MOTO_VERSION" ]]; then
+    say "installing moto[server]==$MOTO_VERSION into $MOTO_VENV"
+    /usr/bin/python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION"
 fi
 
 # Rust: sudo's secure_path usually hides ~/.cargo/bin, so also look in the

@@ -93,6 +93,13 @@ pub struct StoreSection {
     pub redis_url: Option<String>,
     /// Prefix of Hatchery's Redis keys (several platforms may share one Redis).
     pub redis_prefix: Option<String>,
+    /// Keep code, results and artifacts in this S3 bucket (`HATCHERY_S3_BUCKET`) instead
+    /// of `data_dir/objects`; credentials from the standard `AWS_*` environment.
+    pub s3_bucket: Option<String>,
+    /// The bucket's region (default `us-east-1`).
+    pub s3_region: Option<String>,
+    /// An S3 API other than AWS's, e.g. `http://127.0.0.1:9000` (`HATCHERY_S3_ENDPOINT`).
+    pub s3_endpoint: Option<String>,
 }
 
 /// The embedded agent (the per-host runtime daemon of this machine).
@@ -232,6 +239,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_RETENTION", "platform.retention"),
     ("HATCHERY_POSTGRES_URL", "store.postgres_url"),
     ("HATCHERY_REDIS_URL", "store.redis_url"),
+    ("HATCHERY_S3_BUCKET", "store.s3_bucket"),
+    ("HATCHERY_S3_ENDPOINT", "store.s3_endpoint"),
     (
         "HATCHERY_MAX_PARALLEL",
         "platform.default_policy.max_parallel",
@@ -476,6 +485,26 @@ impl Config {
             pg.max_connections = n;
         }
         Some(pg)
+    }
+
+    /// Where objects are kept: the S3 bucket when one is configured, else
+    /// `data_dir/objects`.
+    pub fn objects(&self) -> hatchery_scheduler::node::ObjectsConfig {
+        use hatchery_scheduler::node::ObjectsConfig;
+        match &self.store.s3_bucket {
+            Some(bucket) => ObjectsConfig::S3(hatchery_scheduler::encrypted::S3Config {
+                bucket: bucket.clone(),
+                region: self
+                    .store
+                    .s3_region
+                    .clone()
+                    .unwrap_or_else(|| "us-east-1".into()),
+                endpoint: self.store.s3_endpoint.clone(),
+                access_key_id: None,
+                secret_access_key: None,
+            }),
+            None => ObjectsConfig::Folder(self.data_dir.join("objects")),
+        }
     }
 
     /// The Redis bus's settings, when one is configured.

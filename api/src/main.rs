@@ -301,6 +301,10 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
             .with_context(|| format!("keys file {}", cfg.keys_path().display()))?,
         postgres: cfg.postgres(),
         redis: cfg.redis(),
+        s3: match cfg.objects() {
+            hatchery_scheduler::node::ObjectsConfig::S3(s3) => Some(s3),
+            hatchery_scheduler::node::ObjectsConfig::Folder(_) => None,
+        },
     })
     .await
     .context("starting the platform")?;
@@ -376,7 +380,7 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
         let keyring = keys
             .keyring()
             .with_context(|| format!("keys file {}", keys_path.display()))?;
-        let engines = Engines::connect(&postgres, redis, &cfg.data_dir.join("objects"), keyring)
+        let engines = Engines::connect(&postgres, redis, &cfg.objects(), keyring)
             .await
             .context("connecting to the cluster's engines")?;
         match role {

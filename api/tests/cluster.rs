@@ -1,11 +1,11 @@
-//! The roles as separate processes on the cluster's engines: a private PostgreSQL and
-//! Redis, two `hatchery api` replicas, one `hatchery scheduler` and two `hatchery agent`s
-//! (each with a cgroup parent of its own), sharing one keys file and one objects folder.
+//! The roles as separate processes on the cluster's engines: a private PostgreSQL, Redis
+//! and S3 (moto), two `hatchery api` replicas, schedulers and two `hatchery agent`s (each
+//! with a cgroup parent of its own), sharing one keys file.
 //! Work submitted on one replica runs on both agents and streams from the other replica;
 //! an API replica killed mid-stream loses nothing for a client that resumes on the other
 //! with `after=seq`.
 //!
-//! Needs root, PostgreSQL, Redis, the root filesystem and the sandbox binaries.
+//! Needs root, PostgreSQL, Redis, moto, the root filesystem and the sandbox binaries.
 
 mod harness;
 use harness::*;
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::engines::{EngineError, PostgresServer, RedisServer};
+use hatchery_scheduler::engines::{EngineError, MotoServer, PostgresServer, RedisServer};
 use serde_json::{json, Value};
 
 /// One process of the cluster, stopped on drop.
@@ -72,6 +72,7 @@ struct Cluster {
     procs: Vec<Proc>,
     _redis: RedisServer,
     _postgres: PostgresServer,
+    _moto: MotoServer,
 }
 
 impl Drop for Cluster {
@@ -118,6 +119,17 @@ impl Cluster {
             }
             Err(e) => panic!("starting Redis: {e}"),
         };
+        let moto = match MotoServer::start() {
+            Ok(s) => s,
+            Err(EngineError::MotoMissing)
+                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
+            {
+                hatchery_tests::skip(test, "moto is not installed", "HATCHERY_REQUIRE_ENGINES");
+                return None;
+            }
+            Err(e) => panic!("starting moto: {e}"),
+        };
+        moto.create_bucket("hatchery").expect("create the bucket");
         let url = postgres.create_database("hatchery").expect("createdb");
         let dir = tempfile::Builder::new()
             .prefix("hatchery-cluster-")
@@ -138,10 +150,13 @@ impl Cluster {
                  languages = [\"r\"]\n\
                  [store]\n\
                  postgres_url = \"{url}\"\n\
-                 redis_url = \"{redis}\"\n",
+                 redis_url = \"{redis}\"\n\
+                 s3_bucket = \"hatchery\"\n\
+                 s3_endpoint = \"{s3}\"\n",
                 data = dir.path().join("data").display(),
                 rootfs = rootfs().display(),
                 redis = redis.url(),
+                s3 = moto.endpoint(),
             ),
         )
         .unwrap();
@@ -152,6 +167,7 @@ impl Cluster {
             procs: Vec::new(),
             _redis: redis,
             _postgres: postgres,
+            _moto: moto,
         };
         // The cluster's one keys file, made once and used by every process.
         cluster.token("acme", "bootstrap", "user");
@@ -169,6 +185,9 @@ impl Cluster {
             .arg(&self.config)
             .env("RUST_LOG", "info")
             .env("HATCHERY_AGENT_NAME", name)
+            // The emulator takes any credentials.
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
@@ -351,6 +370,11 @@ fn roles_as_separate_processes_run_work_across_agents_and_replicas() {
         assert_eq!(stdout_of(&events), "tick 1 \ntick 2 \ntick 3 \n");
         assert_eq!(seqs(&events), (1..=events.len() as u64).collect::<Vec<_>>());
     });
+    // Code and results went to the bucket, not to a shared folder.
+    assert!(
+        !c.dir.path().join("data/objects").exists(),
+        "objects were written to the local folder"
+    );
 }
 
 #[test]

@@ -27,6 +27,30 @@ pub use crate::seal::{format_key, generate_key, parse_key, KeyError};
 use crate::seal::{Binding, Keyring, SealError};
 
 /// Encrypted blobs over an object store. Cheap to share behind an `Arc`.
+/// Where an S3 bucket is and how to sign for it.
+#[derive(Clone, PartialEq)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// An S3 API other than AWS's (an emulator, another provider); `http://` allowed.
+    pub endpoint: Option<String>,
+    /// Credentials; unset: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and the rest of
+    /// the standard AWS environment).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the secret.
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
 pub struct EncryptedObjects {
     store: Arc<dyn ObjectStore>,
     keyring: Keyring,
@@ -65,6 +89,27 @@ impl EncryptedObjects {
             local_root: Some(dir.to_path_buf()),
             ..Self::new(Arc::new(fs), keyring)
         })
+    }
+
+    /// Objects in an S3 bucket (any S3 API: AWS, or an emulator at `endpoint`).
+    /// Credentials come from `config` or else the standard `AWS_*` environment.
+    pub fn s3(config: &S3Config, keyring: Keyring) -> Result<Self, ObjectError> {
+        let mut b = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region);
+        if let Some(endpoint) = &config.endpoint {
+            b = b
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        let store = b
+            .build()
+            .map_err(|e| ObjectError::Io(format!("S3 bucket {}: {e}", config.bucket)))?;
+        Ok(Self::new(Arc::new(store), keyring))
     }
 
     /// The sealed form of `plaintext` stored under `key`.

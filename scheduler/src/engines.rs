@@ -1,6 +1,7 @@
 //! Private instances of the engines a cluster runs on, for tests and for a local
-//! cluster on one machine: a PostgreSQL server and a Redis server, each in a temporary
-//! directory, on a loopback port, owned by whoever started it and gone when dropped.
+//! cluster on one machine: a PostgreSQL server, a Redis server and an AWS emulator
+//! (moto, for S3), each on a loopback port, owned by whoever started it and gone when
+//! dropped.
 //!
 //! Nothing here touches a system-wide instance: the server has its own data directory,
 //! socket directory and port.
@@ -18,6 +19,8 @@ pub enum EngineError {
     PostgresMissing,
     #[error("Redis is not installed (no redis-server): install the `redis-server` package")]
     RedisMissing,
+    #[error("moto is not installed (no moto_server): run scripts/setup-deps.sh, or set HATCHERY_MOTO_SERVER")]
+    MotoMissing,
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -411,5 +414,124 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Where `scripts/setup-deps.sh` installs moto (`moto[server]` in a virtualenv).
+pub const MOTO_VENV: &str = "/opt/hatchery/venv";
+
+/// The `moto_server` binary: `$HATCHERY_MOTO_SERVER`, else the setup script's virtualenv.
+pub fn moto_server_bin() -> Option<PathBuf> {
+    std::env::var_os("HATCHERY_MOTO_SERVER")
+        .map(PathBuf::from)
+        .or_else(|| Some(Path::new(MOTO_VENV).join("bin/moto_server")))
+        .filter(|p| p.exists())
+}
+
+/// A private AWS emulator (moto's server: S3, EC2 Auto Scaling, ...) on a loopback port.
+/// It accepts any credentials. Stopped on drop.
+pub struct MotoServer {
+    port: u16,
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl std::fmt::Debug for MotoServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MotoServer")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MotoServer {
+    pub fn start() -> Result<MotoServer, EngineError> {
+        let bin = moto_server_bin().ok_or(EngineError::MotoMissing)?;
+        let log = tempfile::NamedTempFile::new().map_err(io("creating moto's log"))?;
+        let port = free_port()?;
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.reopen().map_err(io("opening moto's log"))?)
+            .stderr(log.reopen().map_err(io("opening moto's log"))?)
+            .spawn()
+            .map_err(io("starting moto_server"))?;
+        let mut server = MotoServer {
+            port,
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                server.child = None;
+                return Err(EngineError::Failed {
+                    what: format!("moto_server ({status})"),
+                    log: std::fs::read_to_string(server.log.path()).unwrap_or_default(),
+                });
+            }
+            if server.request("GET", "/").is_ok_and(|s| s < 500) {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(EngineError::Failed {
+                    what: "moto_server did not answer within 60 s".into(),
+                    log: std::fs::read_to_string(server.log.path()).unwrap_or_default(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One bare HTTP/1.1 request; the response's status.
+    fn request(&self, method: &str, path: &str) -> std::io::Result<u16> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("not an HTTP response"))
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates an S3 bucket.
+    pub fn create_bucket(&self, name: &str) -> Result<(), EngineError> {
+        match self.request("PUT", &format!("/{name}")) {
+            Ok(s) if s < 300 => Ok(()),
+            Ok(s) => Err(EngineError::Failed {
+                what: format!("creating bucket {name}"),
+                log: format!("HTTP {s}"),
+            }),
+            Err(e) => Err(EngineError::Io {
+                what: format!("creating bucket {name}"),
+                source: e,
+            }),
+        }
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

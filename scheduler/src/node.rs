@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::agent::{Agent, AgentConfig, AgentError, AgentHandle};
 use crate::bus::Bus;
 use crate::embedded::{EmbeddedBus, EmbeddedStore};
-use crate::encrypted::EncryptedObjects;
+use crate::encrypted::{EncryptedObjects, S3Config};
 use crate::objects::{ObjectError, Objects};
 use crate::placement::run_scheduler;
 use crate::platform::{Platform, PlatformConfig};
@@ -47,6 +47,8 @@ pub struct NodeConfig {
     /// Carry work, live events and host status over Redis Streams instead of in-process
     /// channels.
     pub redis: Option<RedisConfig>,
+    /// Keep objects in this S3 bucket instead of `data_dir/objects`.
+    pub s3: Option<S3Config>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +100,11 @@ impl EmbeddedNode {
             Some(r) => Arc::new(RedisBus::connect(r.clone(), cfg.keyring.clone()).await?),
             None => Arc::new(EmbeddedBus::new()),
         };
-        let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(
-            &cfg.data_dir.join("objects"),
-            cfg.keyring.clone(),
-        )?);
+        let objects = match &cfg.s3 {
+            Some(s3) => ObjectsConfig::S3(s3.clone()),
+            None => ObjectsConfig::Folder(cfg.data_dir.join("objects")),
+        }
+        .open(cfg.keyring.clone())?;
 
         // Subscribed before the agent starts, so its first status is seen.
         let statuses = bus.subscribe_status();
@@ -192,6 +195,24 @@ pub async fn run_retention(platform: Platform) {
     }
 }
 
+/// Where code, results and artifacts are kept (sealed).
+#[derive(Debug, Clone)]
+pub enum ObjectsConfig {
+    /// A local folder (one machine, or a mount every host shares).
+    Folder(std::path::PathBuf),
+    /// An S3 bucket.
+    S3(S3Config),
+}
+
+impl ObjectsConfig {
+    pub fn open(&self, keyring: Keyring) -> Result<Arc<dyn Objects>, NodeError> {
+        Ok(match self {
+            ObjectsConfig::Folder(dir) => Arc::new(EncryptedObjects::local(dir, keyring)?),
+            ObjectsConfig::S3(s3) => Arc::new(EncryptedObjects::s3(s3, keyring)?),
+        })
+    }
+}
+
 /// The store's name for the scheduler's leadership.
 const LEADER_ROLE: &str = "scheduler";
 
@@ -215,17 +236,17 @@ pub struct Engines {
 }
 
 impl Engines {
-    /// Connects to PostgreSQL (applying the schema) and Redis, and opens the objects under
-    /// `objects_dir` (a folder every process of the cluster sees).
+    /// Connects to PostgreSQL (applying the schema) and Redis, and opens the objects (an
+    /// S3 bucket, or a folder every process of the cluster sees).
     pub async fn connect(
         postgres: &PgConfig,
         redis: RedisConfig,
-        objects_dir: &std::path::Path,
+        objects: &ObjectsConfig,
         keyring: Keyring,
     ) -> Result<Engines, NodeError> {
         let store: Arc<dyn Store> = Arc::new(PgStore::connect(postgres, keyring.clone()).await?);
         let bus: Arc<dyn Bus> = Arc::new(RedisBus::connect(redis, keyring.clone()).await?);
-        let objects: Arc<dyn Objects> = Arc::new(EncryptedObjects::local(objects_dir, keyring)?);
+        let objects = objects.open(keyring)?;
         Ok(Engines {
             store,
             bus,

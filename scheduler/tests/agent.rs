@@ -720,6 +720,7 @@ mod node {
             keyring: Keyring::single([9u8; 32]),
             postgres: None,
             redis: None,
+            s3: None,
         };
         let node = EmbeddedNode::start(cfg).await.expect("start the node");
         node.wait_ready(Duration::from_secs(120))
