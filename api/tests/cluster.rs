@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::engines::{EngineError, MotoServer, PostgresServer, RedisServer};
+use hatchery_scheduler::engines::{MotoServer, PostgresServer, RedisServer};
 use serde_json::{json, Value};
 
 /// One process of the cluster, stopped on drop.
@@ -91,44 +91,9 @@ impl Drop for Cluster {
 
 impl Cluster {
     fn start(test: &str) -> Option<Cluster> {
-        let postgres = match PostgresServer::start() {
-            Ok(s) => s,
-            Err(EngineError::PostgresMissing)
-                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
-            {
-                hatchery_tests::skip(
-                    test,
-                    "PostgreSQL is not installed",
-                    "HATCHERY_REQUIRE_ENGINES",
-                );
-                return None;
-            }
-            Err(e) => panic!("starting PostgreSQL: {e}"),
-        };
-        let redis = match RedisServer::start() {
-            Ok(s) => s,
-            Err(EngineError::RedisMissing)
-                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
-            {
-                hatchery_tests::skip(
-                    test,
-                    "redis-server is not installed",
-                    "HATCHERY_REQUIRE_ENGINES",
-                );
-                return None;
-            }
-            Err(e) => panic!("starting Redis: {e}"),
-        };
-        let moto = match MotoServer::start() {
-            Ok(s) => s,
-            Err(EngineError::MotoMissing)
-                if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
-            {
-                hatchery_tests::skip(test, "moto is not installed", "HATCHERY_REQUIRE_ENGINES");
-                return None;
-            }
-            Err(e) => panic!("starting moto: {e}"),
-        };
+        let postgres = engine(test, PostgresServer::start())?;
+        let redis = engine(test, RedisServer::start())?;
+        let moto = engine(test, MotoServer::start())?;
         moto.create_bucket("hatchery").expect("create the bucket");
         let url = postgres.create_database("hatchery").expect("createdb");
         let dir = tempfile::Builder::new()

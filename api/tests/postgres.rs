@@ -15,29 +15,15 @@ use harness::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::engines::{EngineError, PostgresServer, RedisServer};
+use hatchery_scheduler::engines::{PostgresServer, RedisServer};
 use serde_json::json;
 
 /// A private PostgreSQL server with a `hatchery` database, or `None` (the skip recorded)
 /// where PostgreSQL is not installed and the run does not require it.
 fn postgres(test: &str) -> Option<(PostgresServer, String)> {
-    match PostgresServer::start() {
-        Ok(server) => {
-            let url = server.create_database("hatchery").expect("createdb");
-            Some((server, url))
-        }
-        Err(EngineError::PostgresMissing)
-            if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
-        {
-            hatchery_tests::skip(
-                test,
-                "PostgreSQL is not installed",
-                "HATCHERY_REQUIRE_ENGINES",
-            );
-            None
-        }
-        Err(e) => panic!("starting PostgreSQL: {e}"),
-    }
+    let server = engine(test, PostgresServer::start())?;
+    let url = server.create_database("hatchery").expect("createdb");
+    Some((server, url))
 }
 
 /// Runs one SQL statement on the test server with psql and returns its output.
@@ -224,20 +210,7 @@ fn postgresql_down_is_503_store_unavailable_then_the_platform_recovers() {
 /// A private Redis server, or `None` (the skip recorded) where Redis is not installed and
 /// the run does not require it.
 fn redis(test: &str) -> Option<RedisServer> {
-    match RedisServer::start() {
-        Ok(server) => Some(server),
-        Err(EngineError::RedisMissing)
-            if std::env::var_os("HATCHERY_REQUIRE_ENGINES").is_none() =>
-        {
-            hatchery_tests::skip(
-                test,
-                "redis-server is not installed",
-                "HATCHERY_REQUIRE_ENGINES",
-            );
-            None
-        }
-        Err(e) => panic!("starting Redis: {e}"),
-    }
+    engine(test, RedisServer::start())
 }
 
 async fn events_of(h: &Hatchery, token: &str, id: &str) -> Vec<serde_json::Value> {

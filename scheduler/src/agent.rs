@@ -461,6 +461,20 @@ impl Inner {
     }
 
     /// Cancels `id` if it runs here (now, or right after its claim).
+    /// Kills every execution of this host (shutdown, or a lapsed lease): they end as
+    /// `lost`, not as cancelled by their user. Returns how many.
+    fn kill_all(&self) -> usize {
+        let mut running = self.running.lock().unwrap();
+        for r in running.values_mut() {
+            r.shutdown_kill = true;
+            r.cancel_requested = true;
+            if let Some(c) = &r.canceller {
+                c.cancel();
+            }
+        }
+        running.len()
+    }
+
     fn cancel(&self, id: &str) -> bool {
         let mut running = self.running.lock().unwrap();
         match running.get_mut(id) {
@@ -499,7 +513,7 @@ async fn reconcile(agent: &str, store: &dyn Store, bus: &dyn Bus) -> Result<usiz
         if record.agent.as_deref() != Some(agent) {
             continue;
         }
-        let summary = bare_summary(
+        let summary = ResultSummary::bare(
             ExecState::Lost,
             "agent_restarted",
             Some(LOST_ON_RESTART.into()),
@@ -518,10 +532,6 @@ async fn reconcile(agent: &str, store: &dyn Store, bus: &dyn Bus) -> Result<usiz
         }
     }
     Ok(lost)
-}
-
-fn bare_summary(state: ExecState, code: &str, error: Option<String>) -> ResultSummary {
-    ResultSummary::bare(state, code, error)
 }
 
 /// Reads commands; `Cancel`s act at once, `Run`s wait in order for a free slot.
@@ -609,16 +619,7 @@ async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = &mut grace => break,
         }
     }
-    {
-        let mut running = inner.running.lock().unwrap();
-        for r in running.values_mut() {
-            r.shutdown_kill = true;
-            r.cancel_requested = true;
-            if let Some(c) = &r.canceller {
-                c.cancel();
-            }
-        }
-    }
+    inner.kill_all();
     while executions.join_next().await.is_some() {}
 }
 
@@ -753,17 +754,7 @@ async fn lease_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         match inner.store.heartbeat(&inner.cfg.id, lease_ms).await {
             Ok(Lease::Held) => {}
             Ok(Lease::Lapsed) => {
-                let killed = {
-                    let mut running = inner.running.lock().unwrap();
-                    for r in running.values_mut() {
-                        r.shutdown_kill = true;
-                        r.cancel_requested = true;
-                        if let Some(c) = &r.canceller {
-                            c.cancel();
-                        }
-                    }
-                    running.len()
-                };
+                let killed = inner.kill_all();
                 tracing::error!(
                     agent = %inner.cfg.id,
                     killed,
@@ -825,9 +816,9 @@ async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermi
 
     // R11: the sandbox is not thawed while an execution this one displaced still runs,
     // and not at all if this one was cancelled meanwhile.
-    wait_displaced(&inner, &record).await;
-    if let Some(reason) = cancelled_before_start(&inner, &id).await {
-        let summary = bare_summary(
+    let waited = wait_displaced(&inner, &record).await;
+    if let Some(reason) = cancelled_before_start(&inner, &id, waited).await {
+        let summary = ResultSummary::bare(
             ExecState::Cancelled,
             cancel_code(Some(reason)),
             Some(cancel_note(Some(reason))),
@@ -864,7 +855,7 @@ async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermi
             } else {
                 "internal"
             };
-            let summary = bare_summary(ExecState::Failed, code, Some(error));
+            let summary = ResultSummary::bare(ExecState::Failed, code, Some(error));
             (ExecState::Failed, summary)
         }
     };
@@ -879,9 +870,10 @@ const DISPLACED_WAIT: Duration = Duration::from_secs(30);
 
 /// Waits until every execution `record` displaced (see [`ExecutionRecord::displaces`]) is
 /// terminal: its agent has killed it and emptied its cgroup before marking it finished.
-async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) {
+/// True when it had anything to wait for.
+async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) -> bool {
     if record.displaces.is_empty() {
-        return;
+        return false;
     }
     let started = std::time::Instant::now();
     let deadline = started + DISPLACED_WAIT;
@@ -901,23 +893,31 @@ async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) {
                     displaced = %other,
                     "a displaced execution is still running after {DISPLACED_WAIT:?}: starting anyway"
                 );
-                return;
+                return true;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
     tracing::debug!(execution = %record.id, waited_ms = started.elapsed().as_millis() as u64, "displaced executions are dead");
+    true
 }
 
-/// The reason, if this execution was cancelled before its sandbox was claimed.
-async fn cancelled_before_start(inner: &Inner, id: &str) -> Option<CancelReason> {
+/// The reason, if this execution was cancelled before its sandbox was claimed (`waited`:
+/// it waited for displaced executions since `mark_running`).
+async fn cancelled_before_start(inner: &Inner, id: &str, waited: bool) -> Option<CancelReason> {
     let requested = inner
         .running
         .lock()
         .unwrap()
         .get(id)
         .is_some_and(|r| r.cancel_requested);
+    // `mark_running` just said it was not cancelled: the store is read again only if
+    // time passed since (a wait for displaced runs) or a cancel arrived (for its reason),
+    // so the claim path of a plain execution makes no extra store round trip.
+    if !waited && !requested {
+        return None;
+    }
     match inner.store.get(id).await {
         Ok(Some(r)) if r.cancel.is_some() => r.cancel,
         _ if requested => Some(CancelReason::Requested),

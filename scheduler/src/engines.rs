@@ -31,6 +31,16 @@ pub enum EngineError {
     Failed { what: String, log: String },
 }
 
+impl EngineError {
+    /// The engine is not installed on this machine (as opposed to failing to start).
+    pub fn is_missing(&self) -> bool {
+        matches!(
+            self,
+            EngineError::PostgresMissing | EngineError::RedisMissing | EngineError::MotoMissing
+        )
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
     let what = what.into();
     move |source| EngineError::Io { what, source }

@@ -272,6 +272,23 @@ impl Drop for Hatchery {
     }
 }
 
+/// An engine a test needs (PostgreSQL, Redis, moto): started, or `None` with the skip
+/// recorded where it is not installed — a failure under `HATCHERY_REQUIRE_ENGINES` (the
+/// test script's setting: it installs them).
+pub fn engine<T>(
+    test: &str,
+    started: Result<T, hatchery_scheduler::engines::EngineError>,
+) -> Option<T> {
+    match started {
+        Ok(engine) => Some(engine),
+        Err(e) if e.is_missing() => {
+            hatchery_tests::skip(test, &e.to_string(), "HATCHERY_REQUIRE_ENGINES");
+            None
+        }
+        Err(e) => panic!("{test}: starting an engine: {e}"),
+    }
+}
+
 /// Removes a test platform's parent cgroup once its pool watchdog has reaped what was
 /// left in it (bounded wait).
 pub fn remove_cgroup_parent(parent: &str) {
