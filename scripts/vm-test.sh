@@ -87,7 +87,7 @@ if (($# == 0)); then
     set -- 'hatchery-tests:cgroups' 'hatchery-sandbox:lib' 'hatchery-tests:behaviour' \
         'hatchery-tests:escape' 'hatchery-tests:pool' 'hatchery-tests:channel' \
         'hatchery-sandbox:r_engine' 'hatchery-scheduler:agent' 'hatchery-api:e2e' \
-        'hatchery-api:hostile'
+        'hatchery-api:up' 'hatchery-api:hostile'
 fi
 extra_args=${VM_TEST_ARGS:-}
 # A non-loopback address for the tests that need the host's own address (no network).

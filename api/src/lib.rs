@@ -10,6 +10,7 @@
 //! | [`ws`] | the WebSocket streams: events of one execution, of a caller, the admin monitor |
 //! | [`error`] | JSON errors with stable codes |
 //! | [`metrics`] | the Prometheus registry |
+//! | [`local_cluster`] | a whole cluster on this machine, every role its own process (`hatchery cluster`, the cluster tests, the bench) |
 //!
 //! The API holds no platform state: everything goes through
 //! [`hatchery_scheduler::platform::Platform`], so several API nodes can serve one
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod handlers;
+pub mod local_cluster;
 pub mod metrics;
 pub mod routes;
 pub mod server;

@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hatchery_api::auth::{parse_role, Auth};
 use hatchery_api::config::{parse_duration, Config, Keys, LogFormat};
+use hatchery_api::local_cluster::{ClusterSpec, LocalCluster};
 use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
 use hatchery_scheduler::model::Role;
@@ -72,6 +73,32 @@ enum Command {
         /// Resume after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+    },
+    /// Start a whole cluster on this machine, every role its own process: a private
+    /// PostgreSQL, Redis and S3 (moto), schedulers, agents and API replicas (as root;
+    /// the engines are installed by scripts/setup-deps.sh). Prints where the API listens
+    /// and tokens to try it; Ctrl-C stops everything and removes what it made.
+    Cluster {
+        /// API replicas (listening on consecutive ports from --port).
+        #[arg(long, default_value_t = 2)]
+        apis: usize,
+        #[arg(long, default_value_t = 2)]
+        schedulers: usize,
+        #[arg(long, default_value_t = 2)]
+        agents: usize,
+        /// Executions each agent runs at once.
+        #[arg(long, default_value_t = 4)]
+        capacity: u32,
+        /// Warm sandboxes each agent keeps.
+        #[arg(long, default_value_t = 2)]
+        pool_size: u32,
+        /// The first API replica's port (0: any free port).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Keep the config, keys and logs in this folder (default: a temporary one,
+        /// removed on exit).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
     /// Run only the HTTP + WebSocket API role (stateless: run several). Needs
     /// store.postgres_url, store.redis_url and the cluster's keys file.
@@ -143,6 +170,25 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
         },
+        Command::Cluster {
+            apis,
+            schedulers,
+            agents,
+            capacity,
+            pool_size,
+            port,
+            dir,
+        } => {
+            let mut spec = ClusterSpec::new(PathBuf::new(), PathBuf::new());
+            spec.apis = apis;
+            spec.schedulers = schedulers;
+            spec.agents = agents;
+            spec.agent_capacity = capacity;
+            spec.pool_size = pool_size;
+            spec.first_port = port;
+            spec.dir = dir;
+            local_cluster(cli.config.as_deref(), spec)
+        }
         Command::Api => cluster_role(cli.config.as_deref(), ClusterRole::Api),
         Command::Scheduler => cluster_role(cli.config.as_deref(), ClusterRole::Scheduler),
         Command::Agent => cluster_role(cli.config.as_deref(), ClusterRole::Agent),
@@ -350,6 +396,108 @@ enum ClusterRole {
 }
 
 /// `hatchery api | scheduler | agent`: one role of a cluster, on the shared engines.
+/// `hatchery cluster`: a whole cluster in the foreground until SIGINT/SIGTERM.
+fn local_cluster(config: Option<&Path>, mut spec: ClusterSpec) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    init_logs(cfg.log_format);
+    spec.bin = std::env::current_exe().context("finding the hatchery binary")?;
+    spec.rootfs = cfg.rootfs.clone();
+    // Two local clusters on one machine never share a cgroup parent.
+    spec.cgroup_prefix = format!("cluster-{}", std::process::id());
+    let agent = agent_config(&cfg);
+    preflight(&cfg, &agent)?;
+    if spec.apis == 0 || spec.schedulers == 0 || spec.agents == 0 {
+        bail!("a cluster needs at least one API replica, one scheduler and one agent");
+    }
+    // SIGINT and SIGTERM are caught before anything starts, so that no signal can kill
+    // this process half-way and leave the engines behind (they only raise a flag; the
+    // processes started later get the default dispositions back at exec).
+    catch_stop_signals()?;
+    eprintln!("hatchery: starting PostgreSQL, Redis, moto (S3) and the roles ...");
+    let mut cluster = LocalCluster::start(spec).map_err(|e| {
+        if e.is_missing_engine() {
+            anyhow::anyhow!("{e}\n(scripts/setup-deps.sh installs the engines)")
+        } else {
+            anyhow::Error::new(e)
+        }
+    })?;
+    let user = cluster.token("demo", "alice", "user")?;
+    let admin = cluster.token("hatchery", "root", "superadmin")?;
+    let addrs = cluster.api_addrs();
+    for addr in &addrs {
+        println!("hatchery: listening on http://{addr}");
+    }
+    println!(
+        "\nA cluster of {apis} API replica(s), {schedulers} scheduler(s) and {agents} agent(s) \
+         on a private PostgreSQL ({pg}), Redis ({redis}) and S3 ({s3}).\n\
+         Config, keys and each process's log: {dir}\n\n\
+         A user's token:        {user}\n\
+         A superadmin's token:  {admin}\n\n\
+         Try it (any replica serves any execution):\n  \
+         curl -s -H \"Authorization: Bearer {user}\" -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"language\":\"r\",\"code\":\"sum(1:10)\"}}' http://{first}/v1/executions\n\n\
+         Ctrl-C stops the cluster.",
+        apis = addrs.len(),
+        schedulers = cluster.spec().schedulers,
+        agents = cluster.spec().agents,
+        pg = cluster.postgres.url("hatchery"),
+        redis = cluster.redis.url(),
+        s3 = cluster.moto.endpoint(),
+        dir = cluster.dir().display(),
+        first = addrs[0],
+    );
+    // Wait for a signal, reporting any process that dies on its own meanwhile.
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        if stop_signal_pending() {
+            break;
+        }
+        for p in cluster.procs.iter_mut() {
+            if !p.is_running() && reported.insert(p.name.clone()) {
+                eprintln!(
+                    "hatchery: {} stopped; its log ({}) ends with:\n{}",
+                    p.name,
+                    p.log.display(),
+                    p.log_tail(10)
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("hatchery: stopping the cluster ...");
+    cluster.stop();
+    drop(cluster);
+    eprintln!("hatchery: stopped");
+    Ok(())
+}
+
+/// Set by SIGINT or SIGTERM once [`catch_stop_signals`] ran.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn catch_stop_signals() -> anyhow::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(request_stop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.with_context(|| format!("catching {signal}"))?;
+    }
+    Ok(())
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_stop_signals`].
+fn stop_signal_pending() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     init_logs(cfg.log_format);

@@ -11,213 +11,61 @@ mod harness;
 use harness::*;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::engines::{MotoServer, PostgresServer, RedisServer};
+use hatchery_api::local_cluster::{ClusterSpec, LocalCluster, RoleKind};
 use serde_json::{json, Value};
 
-/// One process of the cluster, stopped on drop.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-    addr: Option<SocketAddr>,
-}
-
-impl Proc {
-    fn kill(&mut self, signal: i32) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, signal) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+/// A local cluster whose processes are started by each test; `None` (skip recorded) when
+/// an engine is not installed.
+fn cluster(test: &str) -> Option<LocalCluster> {
+    let mut spec = ClusterSpec::new(HATCHERY, rootfs());
+    spec.cgroup_prefix = format!("cluster-{}", std::process::id());
+    // Keep the config and the processes' logs for a look after the run.
+    if let Some(dir) = std::env::var_os("HATCHERY_CLUSTER_LOGS") {
+        spec.dir = Some(std::path::PathBuf::from(dir).join(test));
     }
-
-    fn dump(&self) {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        eprintln!("---- {} (last 40 lines) ----", self.name);
-        for l in tail.iter().rev() {
-            eprintln!("{l}");
+    match LocalCluster::engines(spec) {
+        Ok(c) => Some(c),
+        Err(e) if e.is_missing_engine() => {
+            hatchery_tests::skip(test, &e.to_string(), "HATCHERY_REQUIRE_ENGINES");
+            None
         }
+        Err(e) => panic!("{test}: {e}"),
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.dump();
-        }
-        self.kill(libc::SIGTERM);
-    }
+/// The cluster's calls, failing the test on an error.
+trait ClusterExt {
+    fn api_proc(&mut self, name: &str) -> usize;
+    fn addr_of(&self, i: usize) -> SocketAddr;
+    fn role(&mut self, kind: RoleKind, name: &str, env: &[(&str, String)]) -> usize;
+    fn agent_named(&mut self, name: &str, env: &[(&str, String)]) -> usize;
+    fn tok(&self, org: &str, user: &str, role: &str) -> String;
 }
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    cgroup_parents: Vec<String>,
-    // Dropped in this order: the processes, then the engines.
-    procs: Vec<Proc>,
-    _redis: RedisServer,
-    _postgres: PostgresServer,
-    _moto: MotoServer,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            if std::thread::panicking() {
-                p.dump();
-            }
-            p.kill(libc::SIGTERM);
-        }
-        for parent in &self.cgroup_parents {
-            remove_cgroup_parent(parent);
-        }
-    }
-}
-
-impl Cluster {
-    fn start(test: &str) -> Option<Cluster> {
-        let postgres = engine(test, PostgresServer::start())?;
-        let redis = engine(test, RedisServer::start())?;
-        let moto = engine(test, MotoServer::start())?;
-        moto.create_bucket("hatchery").expect("create the bucket");
-        let url = postgres.create_database("hatchery").expect("createdb");
-        let dir = tempfile::Builder::new()
-            .prefix("hatchery-cluster-")
-            .tempdir()
-            .unwrap();
-        let config = dir.path().join("hatchery.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = \"{data}\"\n\
-                 rootfs = \"{rootfs}\"\n\
-                 token_ttl = \"2h\"\n\
-                 [agent]\n\
-                 pool_size = 1\n\
-                 capacity = 2\n\
-                 shutdown_grace = \"0s\"\n\
-                 [platform]\n\
-                 languages = [\"r\"]\n\
-                 [store]\n\
-                 postgres_url = \"{url}\"\n\
-                 redis_url = \"{redis}\"\n\
-                 s3_bucket = \"hatchery\"\n\
-                 s3_endpoint = \"{s3}\"\n",
-                data = dir.path().join("data").display(),
-                rootfs = rootfs().display(),
-                redis = redis.url(),
-                s3 = moto.endpoint(),
-            ),
-        )
-        .unwrap();
-        let cluster = Cluster {
-            dir,
-            config,
-            cgroup_parents: Vec::new(),
-            procs: Vec::new(),
-            _redis: redis,
-            _postgres: postgres,
-            _moto: moto,
-        };
-        // The cluster's one keys file, made once and used by every process.
-        cluster.token("acme", "bootstrap", "user");
-        Some(cluster)
+impl ClusterExt for LocalCluster {
+    fn api_proc(&mut self, name: &str) -> usize {
+        self.api(name).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn spawn(&mut self, role: &str, name: &str, env: &[(&str, String)]) -> usize {
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut cmd = Command::new(HATCHERY);
-        for (var, _) in hatchery_api::config::ENV_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.arg(role)
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .env("HATCHERY_AGENT_NAME", name)
-            // The emulator takes any credentials.
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn a role");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("hatchery: listening on http://") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let mut proc = Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-            addr: None,
-        };
-        if role == "api" {
-            match rx.recv_timeout(PATIENCE) {
-                Ok(addr) => proc.addr = Some(addr.parse().unwrap()),
-                Err(_) => {
-                    proc.dump();
-                    panic!("{name} did not print its address");
-                }
-            }
-        }
-        self.procs.push(proc);
-        self.procs.len() - 1
-    }
-
-    fn api(&mut self, name: &str) -> usize {
-        self.spawn("api", name, &[("HATCHERY_LISTEN", "127.0.0.1:0".into())])
-    }
-
-    fn agent(&mut self, name: &str) -> usize {
-        let parent = format!("hatchery/cluster-{}-{name}", std::process::id());
-        self.cgroup_parents.push(parent.clone());
-        self.spawn("agent", name, &[("HATCHERY_CGROUP_PARENT", parent)])
-    }
-
-    fn addr(&self, i: usize) -> SocketAddr {
+    fn addr_of(&self, i: usize) -> SocketAddr {
         self.procs[i].addr.expect("an API replica")
     }
 
-    fn token(&self, org: &str, user: &str, role: &str) -> String {
-        let out = Command::new(HATCHERY)
-            .args([
-                "token", "create", "--org", org, "--user", user, "--role", role,
-            ])
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("hatchery token create");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    fn role(&mut self, kind: RoleKind, name: &str, env: &[(&str, String)]) -> usize {
+        self.spawn(kind, name, env)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn agent_named(&mut self, name: &str, env: &[(&str, String)]) -> usize {
+        self.agent(name, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn tok(&self, org: &str, user: &str, role: &str) -> String {
+        self.token(org, user, role)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -280,19 +128,18 @@ async fn ready(addr: SocketAddr) {
 
 #[test]
 fn roles_as_separate_processes_run_work_across_agents_and_replicas() {
-    let Some(mut c) =
-        Cluster::start("roles_as_separate_processes_run_work_across_agents_and_replicas")
+    let Some(mut c) = cluster("roles_as_separate_processes_run_work_across_agents_and_replicas")
     else {
         return;
     };
-    let api1 = c.api("api-1");
-    let api2 = c.api("api-2");
-    c.spawn("scheduler", "scheduler-1", &[]);
-    c.agent("agent-a");
-    c.agent("agent-b");
-    let (a1, a2) = (c.addr(api1), c.addr(api2));
+    let api1 = c.api_proc("api-1");
+    let api2 = c.api_proc("api-2");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    c.agent_named("agent-a", &[]);
+    c.agent_named("agent-b", &[]);
+    let (a1, a2) = (c.addr_of(api1), c.addr_of(api2));
     let tokens: Vec<String> = (0..2)
-        .map(|i| c.token("acme", &format!("user{i}"), "user"))
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
         .collect();
     e2e(async {
         ready(a1).await;
@@ -337,31 +184,30 @@ fn roles_as_separate_processes_run_work_across_agents_and_replicas() {
     });
     // Code and results went to the bucket, not to a shared folder.
     assert!(
-        !c.dir.path().join("data/objects").exists(),
+        !c.dir().join("data/objects").exists(),
         "objects were written to the local folder"
     );
 }
 
 #[test]
 fn a_client_resumes_on_another_replica_after_its_replica_is_killed() {
-    let Some(mut c) =
-        Cluster::start("a_client_resumes_on_another_replica_after_its_replica_is_killed")
+    let Some(mut c) = cluster("a_client_resumes_on_another_replica_after_its_replica_is_killed")
     else {
         return;
     };
-    let api1 = c.api("api-1");
-    let api2 = c.api("api-2");
-    c.spawn("scheduler", "scheduler-1", &[]);
-    c.agent("agent-a");
-    let (a1, a2) = (c.addr(api1), c.addr(api2));
-    let t = c.token("acme", "alice", "user");
+    let api1 = c.api_proc("api-1");
+    let api2 = c.api_proc("api-2");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    c.agent_named("agent-a", &[]);
+    let (a1, a2) = (c.addr_of(api1), c.addr_of(api2));
+    let t = c.tok("acme", "alice", "user");
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let killer = {
         // The replica the client streams from dies with SIGKILL when told.
         let mut proc = c.procs.remove(api2);
         std::thread::spawn(move || {
             let _ = rx.recv();
-            proc.kill(libc::SIGKILL);
+            proc.stop(libc::SIGKILL);
             proc
         })
     };
@@ -441,31 +287,20 @@ fn orphans(parent: &str) -> Vec<(String, bool)> {
 
 #[test]
 fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_restarted() {
-    let Some(mut c) = Cluster::start(
+    let Some(mut c) = cluster(
         "an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_restarted",
     ) else {
         return;
     };
-    let api = c.api("api-1");
-    c.spawn("scheduler", "scheduler-1", &[]);
+    let api = c.api_proc("api-1");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
     let lease = ("HATCHERY_AGENT_LEASE", "2s".to_string());
-    let parent_a = format!("hatchery/cluster-{}-agent-a", std::process::id());
-    let parent_b = format!("hatchery/cluster-{}-agent-b", std::process::id());
-    c.cgroup_parents.push(parent_a.clone());
-    c.cgroup_parents.push(parent_b.clone());
-    let agent_a = c.spawn(
-        "agent",
-        "agent-a",
-        &[lease.clone(), ("HATCHERY_CGROUP_PARENT", parent_a.clone())],
-    );
-    c.spawn(
-        "agent",
-        "agent-b",
-        &[lease.clone(), ("HATCHERY_CGROUP_PARENT", parent_b.clone())],
-    );
-    let addr = c.addr(api);
+    let parent_a = c.cgroup_parent("agent-a");
+    let agent_a = c.agent_named("agent-a", std::slice::from_ref(&lease));
+    c.agent_named("agent-b", std::slice::from_ref(&lease));
+    let addr = c.addr_of(api);
     let tokens: Vec<String> = (0..3)
-        .map(|i| c.token("acme", &format!("user{i}"), "user"))
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
         .collect();
     e2e(async {
         ready(addr).await;
@@ -502,7 +337,7 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
 
         // agent-a dies without a word; the sandboxes it ran are orphans now.
         let killed_at = Instant::now();
-        c.procs[agent_a].kill(libc::SIGKILL);
+        c.procs[agent_a].stop(libc::SIGKILL);
         eprintln!("left by the killed agent: {:?}", orphans(&parent_a));
         for (t, id) in &on_a {
             let v = finished_on(addr, t, id).await;
@@ -544,11 +379,7 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
     });
 
     // agent-a comes back: what its dead life left running is gone once it is up.
-    c.spawn(
-        "agent",
-        "agent-a",
-        &[lease, ("HATCHERY_CGROUP_PARENT", parent_a.clone())],
-    );
+    c.restart(agent_a).unwrap_or_else(|e| panic!("{e}"));
     e2e(async {
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -575,22 +406,26 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
 
 #[test]
 fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs_once() {
-    let Some(mut c) = Cluster::start(
+    let Some(mut c) = cluster(
         "the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs_once",
     ) else {
         return;
     };
-    let api = c.api("api-1");
+    let api = c.api_proc("api-1");
     let lease = ("HATCHERY_SCHEDULER_LEASE", "1s".to_string());
-    let s1 = c.spawn("scheduler", "scheduler-1", std::slice::from_ref(&lease));
+    let s1 = c.role(
+        RoleKind::Scheduler,
+        "scheduler-1",
+        std::slice::from_ref(&lease),
+    );
     // scheduler-1 leads before scheduler-2 exists.
     std::thread::sleep(Duration::from_millis(500));
-    let s2 = c.spawn("scheduler", "scheduler-2", &[lease]);
-    c.agent("agent-a");
-    c.agent("agent-b");
-    let addr = c.addr(api);
+    let s2 = c.role(RoleKind::Scheduler, "scheduler-2", &[lease]);
+    c.agent_named("agent-a", &[]);
+    c.agent_named("agent-b", &[]);
+    let addr = c.addr_of(api);
     let tokens: Vec<String> = (0..5)
-        .map(|i| c.token("acme", &format!("user{i}"), "user"))
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
         .collect();
     let leader_log = c.procs[s1].log.clone();
     e2e(async {
@@ -605,7 +440,7 @@ fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs
             }
             if round == 1 {
                 // Mid-burst: the leader dies without a word.
-                c.procs[s1].kill(libc::SIGKILL);
+                c.procs[s1].stop(libc::SIGKILL);
             }
         }
         let mut started = 0;
@@ -640,5 +475,149 @@ fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs
     assert!(
         first.contains("leading the scheduling"),
         "scheduler-1 never led"
+    );
+}
+
+/// Every process descending from `root` (walking /proc's parent links).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The fields after the command name (which may hold spaces and parentheses).
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+#[test]
+fn hatchery_cluster_runs_a_whole_cluster_and_leaves_nothing_behind() {
+    let test = "hatchery_cluster_runs_a_whole_cluster_and_leaves_nothing_behind";
+    if hatchery_scheduler::engines::postgres_bin_dir().is_none()
+        || hatchery_scheduler::engines::redis_server_bin().is_none()
+        || hatchery_scheduler::engines::moto_server_bin().is_none()
+    {
+        hatchery_tests::skip(
+            test,
+            "an engine is not installed",
+            "HATCHERY_REQUIRE_ENGINES",
+        );
+        return;
+    }
+    e2e(cluster_command());
+}
+
+async fn cluster_command() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(HATCHERY);
+    for (var, _) in hatchery_api::config::ENV_VARS {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
+        .current_dir(dir.path())
+        .args([
+            "cluster",
+            "--port",
+            "0",
+            "--agents",
+            "1",
+            "--schedulers",
+            "1",
+        ])
+        .args(["--pool-size", "1", "--capacity", "2", "--dir"])
+        .arg(dir.path().join("cluster"))
+        .env("HATCHERY_ROOTFS", rootfs())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(
+            std::fs::File::create(dir.path().join("stderr")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let (mut addrs, mut token) = (Vec::new(), None);
+    while token.is_none() {
+        let Ok(line) = rx.recv_timeout(PATIENCE) else {
+            let _ = child.kill();
+            panic!(
+                "hatchery cluster printed no token: {}",
+                std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default()
+            );
+        };
+        if let Some(a) = line.strip_prefix("hatchery: listening on http://") {
+            addrs.push(a.trim().parse::<SocketAddr>().unwrap());
+        }
+        if let Some(t) = line.strip_prefix("A user's token:") {
+            token = Some(t.trim().to_string());
+        }
+    }
+    let token = token.unwrap();
+    assert_eq!(addrs.len(), 2, "two API replicas by default");
+    {
+        for addr in &addrs {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if let Ok(r) = try_http(*addr, "GET", "/readyz", None, None).await {
+                    if r.status == 200 {
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "never ready");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let id = submit_on(addrs[0], &token, "sum(1:10)").await;
+        let v = finished_on(addrs[1], &token, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+    }
+    let family = descendants(pid);
+    // PostgreSQL, Redis, moto and the four roles at least.
+    assert!(family.len() >= 7, "{family:?}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "hatchery cluster did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let left: Vec<u32> = family
+        .into_iter()
+        .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(
+        hatchery_sandbox::cgroup::CgroupRoot::detect(&format!("hatchery/cluster-{pid}-agent-a"))
+            .map(|r| r.children().is_empty())
+            .unwrap_or(true),
+        "the agent's sandboxes were left"
     );
 }

@@ -1,16 +1,21 @@
-//! The end-to-end test harness shared by the API suites: a real `hatchery up` started on
-//! a temporary data dir and cgroup parent of its own (stopped and cleaned up on drop), a
-//! tiny HTTP client, WebSocket event readers and platform helpers.
+//! The end-to-end test harness shared by the API suites: a real platform — `hatchery up`
+//! on a temporary data dir and cgroup parent of its own, or, for the `e2e_cluster` target,
+//! a whole local cluster (PostgreSQL, Redis, S3, two API replicas, two schedulers, two
+//! agents as separate processes) — stopped and cleaned up on drop; a tiny HTTP client
+//! that spreads requests over the API replicas, WebSocket event readers and platform
+//! helpers.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use hatchery_api::local_cluster::{ClusterSpec, LocalCluster};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,14 +44,28 @@ pub fn rootfs() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/hatchery/rootfs/r"))
 }
 
-/// A running `hatchery up`.
+/// Whether this test target runs its platform as a local cluster: the `e2e_cluster`
+/// target runs the end-to-end suite (`e2e.rs`) on one; every other target on `hatchery up`.
+pub fn on_cluster() -> bool {
+    env!("CARGO_CRATE_NAME") == "e2e_cluster"
+}
+
+/// A running platform: `hatchery up`, or a local cluster (see [`on_cluster`]).
 pub struct Hatchery {
     pub child: Option<Child>,
-    /// This platform's own parent cgroup (removed on drop).
+    pub cluster: Option<LocalCluster>,
+    /// This platform's own parent cgroup (removed on drop); on a cluster, the first
+    /// agent's.
     pub cgroup_parent: String,
+    /// Every agent's parent cgroup.
+    pub cgroup_parents: Vec<String>,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The (first) API replica.
     pub addr: SocketAddr,
+    /// Every API replica: [`http`] and [`ws_connect`] take turns over them.
+    pub addrs: Vec<SocketAddr>,
+    next: AtomicUsize,
     pub _tmp: Option<tempfile::TempDir>,
 }
 
@@ -75,6 +94,9 @@ impl Default for Setup {
 
 impl Hatchery {
     pub fn start(setup: Setup) -> Hatchery {
+        if on_cluster() {
+            return Hatchery::start_cluster(setup);
+        }
         let bin_dir = std::path::Path::new(HATCHERY).parent().unwrap();
         for bin in ["sandbox", "hatchery-zygote"] {
             assert!(
@@ -138,18 +160,77 @@ impl Hatchery {
         .unwrap();
         let mut h = Hatchery {
             child: None,
+            cluster: None,
+            cgroup_parents: vec![cgroup_parent.clone()],
             cgroup_parent,
             dir,
             config,
             addr: "127.0.0.1:1".parse().unwrap(),
+            addrs: Vec::new(),
+            next: AtomicUsize::new(0),
             _tmp: Some(tmp),
         };
         h.spawn();
         h
     }
 
-    /// Starts (or restarts) the process on the same config and data.
+    /// A local cluster of two API replicas, two schedulers and two agents sharing
+    /// `setup.capacity` (one agent when it is 1).
+    fn start_cluster(setup: Setup) -> Hatchery {
+        assert!(
+            setup.postgres_url.is_none() && setup.redis_url.is_none(),
+            "a cluster brings its own engines"
+        );
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let mut spec = ClusterSpec::new(HATCHERY, rootfs());
+        spec.agents = if setup.capacity < 2 { 1 } else { 2 };
+        spec.agent_capacity = setup.capacity / spec.agents as u32;
+        spec.max_queued = setup.max_queued;
+        spec.cgroup_prefix = format!(
+            "e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let cluster = match LocalCluster::start(spec) {
+            Ok(c) => c,
+            Err(e) => panic!("starting a local cluster: {e}"),
+        };
+        let parents = cluster.cgroup_parents();
+        Hatchery {
+            child: None,
+            cgroup_parent: parents[0].clone(),
+            cgroup_parents: parents,
+            dir: cluster.dir().to_path_buf(),
+            config: cluster.config().to_path_buf(),
+            addr: cluster.api_addrs()[0],
+            addrs: cluster.api_addrs(),
+            next: AtomicUsize::new(0),
+            cluster: Some(cluster),
+            _tmp: None,
+        }
+    }
+
+    /// The API replica for the next request (they take turns).
+    pub fn next_addr(&self) -> SocketAddr {
+        if self.addrs.is_empty() {
+            return self.addr;
+        }
+        self.addrs[self.next.fetch_add(1, Ordering::Relaxed) % self.addrs.len()]
+    }
+
+    /// Starts (or restarts) the platform on the same config and data: on a cluster,
+    /// every process that is stopped.
     pub fn spawn(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            for i in 0..cluster.procs.len() {
+                if !cluster.procs[i].is_running() {
+                    cluster
+                        .restart(i)
+                        .unwrap_or_else(|e| panic!("restarting a role: {e}"));
+                }
+            }
+            return;
+        }
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -191,14 +272,32 @@ impl Hatchery {
         }
     }
 
-    /// Waits for `/readyz` (the warm pool has a sandbox).
+    /// Waits for `/readyz` (the warm pool has a sandbox) on every API replica; on a
+    /// cluster, until every agent is up.
     pub async fn ready(&self) {
         let deadline = Instant::now() + PATIENCE;
+        let agents = self.cgroup_parents.len();
+        let addrs = if self.addrs.is_empty() {
+            vec![self.addr]
+        } else {
+            self.addrs.clone()
+        };
         loop {
-            if let Ok(r) = try_http(self.addr, "GET", "/readyz", None, None).await {
-                if r.status == 200 {
-                    return;
+            let mut up = 0;
+            for addr in &addrs {
+                if let Ok(r) = try_http(*addr, "GET", "/readyz", None, None).await {
+                    if r.status == 200
+                        && (self.cluster.is_none()
+                            || r.json()["agents"]
+                                .as_array()
+                                .is_some_and(|a| a.len() >= agents))
+                    {
+                        up += 1;
+                    }
                 }
+            }
+            if up == addrs.len() {
+                return;
             }
             if Instant::now() > deadline {
                 self.dump_log();
@@ -215,6 +314,11 @@ impl Hatchery {
     }
 
     pub fn token(&self, org: &str, user: &str, role: &str) -> String {
+        if let Some(c) = &self.cluster {
+            return c
+                .token(org, user, role)
+                .unwrap_or_else(|e| panic!("token: {e}"));
+        }
         let out = Command::new(HATCHERY)
             .args([
                 "token", "create", "--org", org, "--user", user, "--role", role,
@@ -231,8 +335,14 @@ impl Hatchery {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    /// Sends `signal` and waits for the process to exit.
+    /// Sends `signal` and waits for the process to exit; on a cluster, to every process.
     pub fn stop_with(&mut self, signal: i32) {
+        if let Some(c) = &mut self.cluster {
+            for p in &mut c.procs {
+                p.stop(signal);
+            }
+            return;
+        }
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -253,6 +363,10 @@ impl Hatchery {
     }
 
     pub fn dump_log(&self) {
+        if self.cluster.is_some() {
+            // The cluster prints its processes' logs when dropped in a panic.
+            return;
+        }
         let log = std::fs::read_to_string(self.dir.join("hatchery.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(80).collect();
         eprintln!("---- hatchery.log (last 80 lines) ----");
@@ -268,7 +382,10 @@ impl Drop for Hatchery {
             self.dump_log();
         }
         self.stop_with(libc::SIGTERM);
-        remove_cgroup_parent(&self.cgroup_parent);
+        // A cluster removes its agents' parents itself when dropped.
+        if self.cluster.is_none() {
+            remove_cgroup_parent(&self.cgroup_parent);
+        }
     }
 }
 
@@ -289,18 +406,7 @@ pub fn engine<T>(
     }
 }
 
-/// Removes a test platform's parent cgroup once its pool watchdog has reaped what was
-/// left in it (bounded wait).
-pub fn remove_cgroup_parent(parent: &str) {
-    let Ok(root) = hatchery_sandbox::cgroup::CgroupRoot::detect(parent) else {
-        return;
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !matches!(root.remove_if_empty(), Ok(true)) && Instant::now() < deadline {
-        let _ = hatchery_sandbox::gc::collect(&root);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use hatchery_api::local_cluster::remove_cgroup_parent;
 
 // ---------------------------------------------------------------- a tiny HTTP client
 
@@ -461,7 +567,7 @@ pub async fn http(
     body: Option<Value>,
 ) -> Resp {
     let body = body.map(|b| (serde_json::to_vec(&b).unwrap(), BodyMode::Length));
-    try_http(h.addr, method, path, token, body)
+    try_http(h.next_addr(), method, path, token, body)
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
@@ -477,7 +583,7 @@ pub async fn raw_post(
     body: Vec<u8>,
     mode: BodyMode,
 ) -> Resp {
-    try_http(h.addr, "POST", path, Some(token), Some((body, mode)))
+    try_http(h.next_addr(), "POST", path, Some(token), Some((body, mode)))
         .await
         .unwrap_or_else(|e| panic!("POST {path}: {e}"))
 }
@@ -553,7 +659,7 @@ pub type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 pub async fn ws_connect(h: &Hatchery, path_and_query: &str) -> Result<WsStream, u16> {
-    let url = format!("ws://{}{}", h.addr, path_and_query);
+    let url = format!("ws://{}{}", h.next_addr(), path_and_query);
     match tokio_tungstenite::connect_async(url).await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
@@ -585,8 +691,10 @@ pub async fn read_events(
     }
 }
 
+/// The sequence numbers of the durable events (live-only ones, such as usage samples,
+/// may carry none).
 pub fn seqs(events: &[Value]) -> Vec<u64> {
-    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+    events.iter().filter_map(|e| e["seq"].as_u64()).collect()
 }
 
 pub fn stdout_of(events: &[Value]) -> String {
@@ -598,3 +706,13 @@ pub fn stdout_of(events: &[Value]) -> String {
 }
 
 pub const LONG: &str = "Sys.sleep(60); 'never'";
+
+/// The events of a finished execution, from the start.
+pub async fn all_events(h: &Hatchery, token: &str, id: &str) -> Vec<Value> {
+    let mut ws = ws_connect(h, &format!("/v1/executions/{id}/events?token={token}"))
+        .await
+        .unwrap();
+    let (events, closed) = read_events(&mut ws, |_| false).await;
+    assert!(closed);
+    events
+}
