@@ -53,6 +53,14 @@
 //! Drop guard, also on panic or Ctrl-C; it also dies with the bench (PR_SET_PDEATHSIG);
 //! the temporary directory is removed; the end of the run checks that no process of the
 //! platform or of the in-process pool is left.
+//!
+//! The HTTP client, the samples of an execution and of a claim, the throughput loops and
+//! the statistics are `common/mod.rs`'s, shared with `cluster_path.rs`; this file owns
+//! the options, the `hatchery up` child, the platform's log and record timestamps, and
+//! the disk floor.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -60,22 +68,16 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use hatchery_sandbox::pool::{Event, ExecRequest, Execution, Pool, PoolConfig};
-use hatchery_sandbox::zygote::server::Language;
-use hatchery_sandbox::Limits;
-use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use common::{
+    alive, api_once, api_throughput, comm, descendants, drain, http, install_signal_handlers,
+    loadavg, median, ms, pool_once, pool_throughput, stats, stopped, wait_readyz, AgentView,
+    ApiSample, PoolSample, SubmitError, Table, Throughput, CODE, PATIENCE,
+};
+use hatchery_sandbox::pool::Pool;
 
 const HATCHERY: &str = env!("CARGO_BIN_EXE_hatchery");
-const CODE: &str = "cat(1)";
-const EXPECT: &str = "1";
 /// Pool size of the platform (pinned: `max_pool_size` too) and of the in-process pool.
 const POOL_SIZE: usize = 2;
 /// Executions the platform's host runs at once (the config default).
@@ -83,33 +85,8 @@ const CAPACITY: u32 = 4;
 /// Cgroup parents (below the hatchery one), so that neither side reaps the other's.
 const API_CGROUP: &str = "hatchery/bench-api";
 const POOL_CGROUP: &str = "hatchery/bench-pool";
-/// Deadline of any single wait (the machine may be loaded).
-const PATIENCE: Duration = Duration::from_secs(180);
 /// SIGTERM → SIGKILL of `hatchery up`.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
-fn stopped() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
 
 // ---------------------------------------------------------------------------------------
 // Options
@@ -250,174 +227,6 @@ fn parse_args() -> Result<Opts, String> {
         return Err("must run as root (cgroups, namespaces)".into());
     }
     Ok(o)
-}
-
-// ---------------------------------------------------------------------------------------
-// Statistics
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn epoch_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    min: f64,
-    max: f64,
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let n = sorted.len();
-    let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
-    sorted[rank - 1]
-}
-
-/// Statistics of the finite values (a NaN is a sample without this figure: it is
-/// counted by [`Table::row`], not dropped silently).
-fn stats(values: &[f64]) -> Option<Stats> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let p50 = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some(Stats {
-        n,
-        p50,
-        p90: percentile(&v, 0.90),
-        p99: percentile(&v, 0.99),
-        min: v[0],
-        max: v[n - 1],
-    })
-}
-
-fn median(values: &[f64]) -> f64 {
-    stats(values).map_or(f64::NAN, |s| s.p50)
-}
-
-/// A row: its label, the statistics of its finite values and how many were NaN.
-type Row = (String, Option<Stats>, usize);
-
-struct Table {
-    rows: Vec<Row>,
-}
-
-impl Table {
-    fn new() -> Table {
-        Table { rows: Vec::new() }
-    }
-
-    fn row(&mut self, label: impl Into<String>, values: &[f64]) {
-        let missing = values.iter().filter(|v| !v.is_finite()).count();
-        self.rows.push((label.into(), stats(values), missing));
-    }
-
-    fn section(&mut self, label: impl Into<String>) {
-        self.rows.push((format!("## {}", label.into()), None, 0));
-    }
-
-    fn print(&self) {
-        println!(
-            "{:<54} {:>4} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "measurement (ms)", "n", "NaN", "p50", "p90", "p99", "min", "max"
-        );
-        for (label, s, missing) in &self.rows {
-            match (label.strip_prefix("## "), s) {
-                (Some(section), _) => println!("-- {section}"),
-                (None, Some(s)) => println!(
-                    "{:<54} {:>4} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-                    label, s.n, missing, s.p50, s.p90, s.p99, s.min, s.max
-                ),
-                (None, None) => println!("{label:<54} {:>4} {missing:>4}", 0),
-            }
-        }
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-// ---------------------------------------------------------------------------------------
-// Processes
-
-/// `(ppid, starttime)` of a live process, from /proc/PID/stat.
-fn proc_stat(pid: i32) -> Option<(i32, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command is in parentheses and may contain anything: parse after the last ')'.
-    let rest = &s[s.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): ppid is field 4, starttime field 22.
-    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
-}
-
-/// Every live process below `root` (not `root` itself), with its start time.
-fn descendants(root: i32) -> BTreeSet<(i32, u64)> {
-    let mut children: BTreeMap<i32, Vec<(i32, u64)>> = BTreeMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if let Some((ppid, start)) = proc_stat(pid) {
-                children.entry(ppid).or_default().push((pid, start));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    let mut todo = vec![root];
-    while let Some(p) = todo.pop() {
-        for &(c, start) in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
-            if out.insert((c, start)) {
-                todo.push(c);
-            }
-        }
-    }
-    out
-}
-
-/// The same process still exists (same pid and start time), and is not a zombie.
-fn alive(pid: i32, start: u64) -> bool {
-    let Some((_, s)) = proc_stat(pid) else {
-        return false;
-    };
-    if s != start {
-        return false;
-    }
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| {
-            let rest = t[t.rfind(')')? + 2..].to_string();
-            rest.chars().next()
-        });
-    state != Some('Z')
-}
-
-fn comm(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -778,293 +587,34 @@ fn disk_floor(dir: &Path, n: usize) -> (Vec<f64>, Vec<f64>) {
 }
 
 // ---------------------------------------------------------------------------------------
-// A tiny HTTP/1.1 client (one connection per request) and the WebSocket
+// One sequential execution through the API, on the platform's own time line too
 
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Result<Value, String> {
-        serde_json::from_slice(&self.body).map_err(|e| {
-            format!(
-                "not JSON ({e}): {} {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> std::io::Result<Resp> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let payload = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-    match &payload {
-        Some(b) => req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        )),
-        None if method != "GET" => req.push_str("Content-Length: 0\r\n"),
-        None => {}
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    if let Some(b) = payload {
-        bytes.extend_from_slice(&b);
-    }
-    stream.write_all(&bytes).await?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 << 10];
-    loop {
-        if let Some(r) = parse_response(&buf) {
-            return Ok(r);
-        }
-        match stream.read(&mut chunk).await? {
-            0 => {
-                return parse_response(&buf).ok_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "truncated response")
-                })
-            }
-            n => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-/// A complete response in `buf`, if there is one.
-fn parse_response(buf: &[u8]) -> Option<Resp> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let rest = &buf[end + 4..];
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let body = if let Some(len) = get("content-length") {
-        let len: usize = len.parse().ok()?;
-        if rest.len() < len {
-            return None;
-        }
-        rest[..len].to_vec()
-    } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-        let mut out = Vec::new();
-        let mut at = 0;
-        loop {
-            let line_end = rest[at..].windows(2).position(|w| w == b"\r\n")? + at;
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?.trim(), 16)
-                    .ok()?;
-            at = line_end + 2;
-            if size == 0 {
-                break out;
-            }
-            if rest.len() < at + size + 2 {
-                return None;
-            }
-            out.extend_from_slice(&rest[at..at + size]);
-            at += size + 2;
-        }
-    } else if status == 101 || status == 204 || status == 304 {
-        Vec::new()
-    } else {
-        return None; // read to the end
-    };
-    Some(Resp {
-        status,
-        headers,
-        body,
-    })
-}
-
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-async fn ws_events(addr: SocketAddr, id: &str, token: &str) -> Result<WsStream, String> {
-    let url = format!("ws://{addr}/v1/executions/{id}/events?after=0&token={token}");
-    let (ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| format!("websocket of {id}: {e}"))?;
-    Ok(ws)
-}
-
-// ---------------------------------------------------------------------------------------
-// One execution through the API
-
-/// Milliseconds from just before the POST (client clock, `Instant`), and the server's
-/// timestamps relative to the same moment (epoch ms: 1 ms resolution).
-#[derive(Debug, Clone, Default)]
-struct ApiSample {
-    id: String,
-    t0_epoch: f64,
-    accepted: f64,
-    ws_open: f64,
-    started: f64,
-    first_out: f64,
-    finished: f64,
-    /// The sandbox's claim → first user statement.
-    start_ms: f64,
-    /// Server timestamps − the client's epoch time just before the POST.
+/// An [`ApiSample`], and where the platform placed the same execution: the record's
+/// timestamps (1 ms grain) and the lines of its log (µs grain), each minus the client's
+/// epoch time just before the POST (same host clock).
+struct Traced {
+    api: ApiSample,
     srv_created: f64,
     srv_running: f64,
-    srv_started_ev: f64,
-    srv_stdout_ev: f64,
-    srv_finished_ev: f64,
-    /// The platform's log lines of this execution (µs grain), same reference.
     log_submitted: f64,
     log_running: f64,
     log_finished: f64,
-    /// The `finished` event's state, and everything the `stdout` events carried.
-    state: String,
-    stdout: String,
 }
 
-impl ApiSample {
-    /// Counts only when it succeeded with the right output; otherwise why not.
-    fn verdict(&self) -> Result<(), String> {
-        verdict(&self.state, self.stdout.as_bytes())
-    }
-}
-
-/// An execution counts when it succeeded and printed exactly [`EXPECT`]; otherwise its
-/// state, or `wrong output`.
-fn verdict(state: &str, stdout: &[u8]) -> Result<(), String> {
-    if state != "succeeded" {
-        Err(state.to_string())
-    } else if stdout != EXPECT.as_bytes() {
-        Err("wrong output".to_string())
-    } else {
-        Ok(())
-    }
-}
-
-/// Why a submission did not give an execution.
-enum SubmitError {
-    /// 429/503: overload, retry after this long.
-    Overload(u16, Duration),
-    Other(String),
-}
-
-impl SubmitError {
-    fn message(&self) -> String {
-        match self {
-            SubmitError::Overload(c, _) => format!("answered {c}"),
-            SubmitError::Other(e) => e.clone(),
-        }
-    }
-}
-
-/// POST → 202, events WebSocket (`after=0`) → `finished`. `full` also reads the record
-/// back (`start_ms`, server timestamps) when the execution counts.
-async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample, SubmitError> {
-    let mut s = ApiSample::default();
-    let body = json!({"language": "r", "code": CODE});
-    let t0_epoch = epoch_ms();
-    let t0 = Instant::now();
-    let r = http(addr, "POST", "/v1/executions", Some(token), Some(&body))
-        .await
-        .map_err(|e| SubmitError::Other(format!("POST: {e}")))?;
-    s.accepted = ms(t0.elapsed());
-    if r.status == 429 || r.status == 503 {
-        let after = r
-            .header("retry-after")
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(Duration::from_millis(100), Duration::from_secs);
-        return Err(SubmitError::Overload(r.status, after));
-    }
-    let v = r.json().map_err(SubmitError::Other)?;
-    if r.status != 202 {
-        return Err(SubmitError::Other(format!(
-            "POST answered {}: {v}",
-            r.status
-        )));
-    }
-    let id = v["id"]
-        .as_str()
-        .ok_or_else(|| SubmitError::Other(format!("no id in {v}")))?
-        .to_string();
-    s.id = id.clone();
-    s.t0_epoch = t0_epoch;
-    let mut ws = ws_events(addr, &id, token)
-        .await
-        .map_err(SubmitError::Other)?;
-    s.ws_open = ms(t0.elapsed());
-    let (mut started, mut out, mut fin) = (None, None, None);
-    let mut stdout = String::new();
-    let mut finished: Option<Value> = None;
-    s.srv_started_ev = f64::NAN;
-    s.srv_stdout_ev = f64::NAN;
-    s.srv_finished_ev = f64::NAN;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while finished.is_none() {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .map_err(|_| SubmitError::Other(format!("{id}: no `finished` in time")))?;
-        let e: Value = match msg {
-            Some(Ok(Message::Text(t))) => serde_json::from_str(&t)
-                .map_err(|e| SubmitError::Other(format!("event {t:?}: {e}")))?,
-            Some(Ok(Message::Close(_))) | None => {
-                return Err(SubmitError::Other(format!(
-                    "{id}: the stream closed before `finished`"
-                )))
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(SubmitError::Other(format!("{id}: websocket: {e}"))),
-        };
-        let now = ms(t0.elapsed());
-        let at = e["at"].as_f64().map_or(f64::NAN, |a| a - t0_epoch);
-        match e["type"].as_str() {
-            Some("started") => {
-                started.get_or_insert(now);
-                s.srv_started_ev = at;
-            }
-            Some("stdout") => {
-                if out.is_none() {
-                    out = Some(now);
-                    s.srv_stdout_ev = at;
-                }
-                stdout.push_str(e["data"].as_str().unwrap_or(""));
-            }
-            Some("finished") => {
-                fin = Some(now);
-                s.srv_finished_ev = at;
-                finished = Some(e);
-            }
-            _ => {}
-        }
-    }
-    drop(ws);
-    let fe = finished.unwrap_or_default();
-    s.started = started.unwrap_or(f64::NAN);
-    s.first_out = out.unwrap_or(f64::NAN);
-    s.finished = fin.unwrap_or(f64::NAN);
-    s.state = fe["state"].as_str().unwrap_or("?").to_string();
-    s.stdout = stdout;
-    s.start_ms = fe["start_ms"].as_f64().unwrap_or(f64::NAN);
-    s.srv_created = f64::NAN;
-    s.srv_running = f64::NAN;
-    if full && s.verdict().is_ok() {
+/// [`api_once`]; then, when the execution counts, its record read back: the sandbox's
+/// `start_ms` as stored, `created_at` and `started_at`. The log's figures are filled in
+/// at the end of the run, from the whole log.
+async fn api_once_traced(addr: SocketAddr, token: &str) -> Result<Traced, SubmitError> {
+    let mut s = Traced {
+        api: api_once(addr, token).await?,
+        srv_created: f64::NAN,
+        srv_running: f64::NAN,
+        log_submitted: f64::NAN,
+        log_running: f64::NAN,
+        log_finished: f64::NAN,
+    };
+    if s.api.verdict().is_ok() {
+        let id = &s.api.trace.id;
         let r = http(
             addr,
             "GET",
@@ -1078,7 +628,8 @@ async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample
         if r.status != 200 {
             return Err(SubmitError::Other(format!("GET {id}: {}: {rec}", r.status)));
         }
-        s.start_ms = rec["result"]["start_ms"].as_f64().unwrap_or(f64::NAN);
+        s.api.start_ms = rec["result"]["start_ms"].as_f64().unwrap_or(f64::NAN);
+        let t0_epoch = s.api.trace.t0_epoch;
         let rel = |k: &str| rec[k].as_f64().map_or(f64::NAN, |a| a - t0_epoch);
         s.srv_created = rel("created_at");
         s.srv_running = rel("started_at");
@@ -1086,328 +637,15 @@ async fn api_once(addr: SocketAddr, token: &str, full: bool) -> Result<ApiSample
     Ok(s)
 }
 
-// ---------------------------------------------------------------------------------------
-// One claim of the in-process pool, as the platform's agent would make it
-
-/// What the agent of `hatchery up` asks of its R pool, read from the config file the
-/// platform was started with (the agent is built from it by `hatchery up`).
-#[derive(Debug, Clone)]
-struct AgentView {
-    limits: Limits,
-    timeout: Option<Duration>,
-    usage_interval: Duration,
-    output_limit: u64,
-    max_events: u64,
-    claim_timeout: Duration,
-    pool_size: usize,
-    max_pool_size: usize,
-    packages: Vec<String>,
-}
-
-impl AgentView {
-    fn read(config: &Path) -> Result<AgentView, String> {
-        // `hatchery up` runs with every HATCHERY_* variable removed: no environment here.
-        let cfg = hatchery_api::config::Config::load_from(Some(config), &BTreeMap::new())
-            .map_err(|e| format!("{}: {e}", config.display()))?;
-        let policy = cfg.platform_config().default_policy;
-        // What the config does not set, the agent takes from its own defaults.
-        let agent = hatchery_scheduler::agent::AgentConfig::new("bench");
-        Ok(AgentView {
-            limits: Limits {
-                memory_bytes: Some(policy.memory_bytes),
-                cpus: Some(policy.cpus),
-                pids: Some(policy.pids),
-            },
-            timeout: (policy.time_limit_ms > 0)
-                .then(|| Duration::from_millis(policy.time_limit_ms)),
-            usage_interval: agent.usage_interval,
-            output_limit: cfg.output_limit(),
-            max_events: cfg.agent.max_events,
-            claim_timeout: agent.claim_timeout,
-            pool_size: cfg.agent.pool_size,
-            max_pool_size: cfg.agent.max_pool_size,
-            packages: cfg.agent.r_packages.clone(),
-        })
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "memory {} MiB, cpus {}, pids {}, time {}, usage every {} ms, output limit {} \
-             MiB, max events {}; written while pooled (default_limits); pool size {} (max \
-             {}), packages [{}]",
-            self.limits.memory_bytes.unwrap_or(0) >> 20,
-            self.limits.cpus.unwrap_or(f64::NAN),
-            self.limits.pids.unwrap_or(0),
-            self.timeout
-                .map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64())),
-            self.usage_interval.as_millis(),
-            self.output_limit >> 20,
-            self.max_events,
-            self.pool_size,
-            self.max_pool_size,
-            self.packages.join(",")
-        )
-    }
-
-    /// The pool the agent would start for R.
-    fn pool_config(&self, o: &Opts) -> PoolConfig {
-        let mut pc = PoolConfig::new(
-            Language::R {
-                packages: self.packages.clone(),
-            },
-            o.rootfs.clone(),
-        );
-        pc.size = self.pool_size;
-        pc.default_limits = Some(self.limits);
-        pc.sandbox_bin = o.sandbox_bin.clone();
-        pc.zygote_bin = o.zygote_bin.clone();
-        pc.cgroup_parent = POOL_CGROUP.into();
-        pc.claim_timeout = self.claim_timeout;
-        pc
-    }
-
-    /// The request the agent builds for an execution at the platform default policy.
-    fn exec_request(&self) -> ExecRequest {
-        let mut req = ExecRequest::new(CODE);
-        req.limits = self.limits;
-        req.timeout = self.timeout;
-        req.usage_interval = self.usage_interval;
-        req.output_limit = self.output_limit;
-        req.max_events = self.max_events;
-        req
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-struct PoolSample {
-    claim_call: f64,
-    started: f64,
-    first_out: f64,
-    finished: f64,
-    start_ms: f64,
-    claim_ms: f64,
-    queued_ms: f64,
-    state: String,
-    stdout: Vec<u8>,
-}
-
-impl PoolSample {
-    fn verdict(&self) -> Result<(), String> {
-        verdict(&self.state, &self.stdout)
-    }
-}
-
-/// Waits for the rest of an execution's events until its watcher has ended (it drops its
-/// sender only after the sandbox is torn down).
-fn drain(exec: &Execution) {
-    while exec.events().recv().is_ok() {}
-}
-
-/// One claim followed to its result; the execution is returned undrained. An error is a
-/// claim that failed or an execution without a result; whether it counts is
-/// [`PoolSample::verdict`].
-fn pool_once(pool: &Pool, view: &AgentView) -> Result<(PoolSample, Execution), String> {
-    let req = view.exec_request();
-    let t0 = Instant::now();
-    let exec = pool.claim(req).map_err(|e| format!("claim: {e}"))?;
-    let mut s = PoolSample {
-        claim_call: ms(t0.elapsed()),
-        started: f64::NAN,
-        first_out: f64::NAN,
-        ..Default::default()
-    };
-    let result = loop {
-        match exec.events().recv() {
-            Ok(Event::Started { .. }) => s.started = ms(t0.elapsed()),
-            Ok(Event::Stdout { data }) => {
-                if s.stdout.is_empty() {
-                    s.first_out = ms(t0.elapsed());
-                }
-                s.stdout.extend_from_slice(&data);
-            }
-            Ok(Event::Finished(r)) => {
-                s.finished = ms(t0.elapsed());
-                break r;
-            }
-            Ok(_) => {}
-            Err(_) => return Err("the execution ended without a result".into()),
-        }
-    };
-    s.state = serde_json::to_value(result.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{:?}", result.status));
-    s.start_ms = result.timings.start_ms.unwrap_or(f64::NAN);
-    s.claim_ms = result.timings.claim_ms;
-    s.queued_ms = result.timings.queued_ms;
-    Ok((s, exec))
-}
-
-// ---------------------------------------------------------------------------------------
-// Throughput
-
-#[derive(Default)]
-struct Throughput {
-    /// Time under load: per slice, from its start to its last completed execution.
-    elapsed_s: f64,
-    /// Executions that succeeded with the right output (the only ones counted).
-    done: usize,
-    to_finished: Vec<f64>,
-    /// API: POST → `started` event; pool: queued_ms (waiting for a frozen sandbox).
-    to_started: Vec<f64>,
-    start_ms: Vec<f64>,
-    /// Completed executions that do not count, by state (or `wrong output`).
-    bad: BTreeMap<String, usize>,
-    overload: BTreeMap<u16, usize>,
-    /// Submissions or claims that failed outright, and the first messages.
-    errors: usize,
-    error_messages: Vec<String>,
-    /// Per slice: executions counted, and its time under load.
-    slices: Vec<(usize, f64)>,
-}
-
-impl Throughput {
-    fn rate(&self) -> f64 {
-        if self.elapsed_s > 0.0 {
-            self.done as f64 / self.elapsed_s
-        } else {
-            f64::NAN
-        }
-    }
-
-    fn error(&mut self, e: String) {
-        self.errors += 1;
-        if self.error_messages.len() < 3 {
-            self.error_messages.push(e);
-        }
-    }
-
-    /// Adds one slice.
-    fn absorb(&mut self, s: Throughput) {
-        self.elapsed_s += s.elapsed_s;
-        self.done += s.done;
-        self.to_finished.extend(s.to_finished);
-        self.to_started.extend(s.to_started);
-        self.start_ms.extend(s.start_ms);
-        for (k, n) in s.bad {
-            *self.bad.entry(k).or_default() += n;
-        }
-        for (k, n) in s.overload {
-            *self.overload.entry(k).or_default() += n;
-        }
-        self.errors += s.errors;
-        for m in s.error_messages {
-            if self.error_messages.len() < 3 {
-                self.error_messages.push(m);
-            }
-        }
-        self.slices.push((s.done, s.elapsed_s));
-    }
-}
-
-/// One slice of `seconds` through the API: every client submits back to back; what was
-/// submitted before the end is waited for.
-async fn api_throughput(addr: SocketAddr, tokens: &[String], seconds: f64) -> Throughput {
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
-    let shared: Arc<Mutex<(Throughput, Option<Instant>)>> = Arc::default();
-    let mut tasks = Vec::new();
-    for token in tokens {
-        let token = token.clone();
-        let shared = Arc::clone(&shared);
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline && !stopped() {
-                let r = api_once(addr, &token, false).await;
-                let backoff = {
-                    let mut g = shared.lock().unwrap();
-                    let (tp, last) = &mut *g;
-                    match r {
-                        Ok(s) => {
-                            *last = Some(Instant::now());
-                            match s.verdict() {
-                                Ok(()) => {
-                                    tp.done += 1;
-                                    tp.to_finished.push(s.finished);
-                                    tp.to_started.push(s.started);
-                                    tp.start_ms.push(s.start_ms);
-                                }
-                                Err(why) => *tp.bad.entry(why).or_default() += 1,
-                            }
-                            None
-                        }
-                        Err(SubmitError::Overload(code, after)) => {
-                            *tp.overload.entry(code).or_default() += 1;
-                            Some(after.min(Duration::from_millis(500)))
-                        }
-                        Err(SubmitError::Other(e)) => {
-                            tp.error(e);
-                            if tp.errors > 20 {
-                                break;
-                            }
-                            None
-                        }
-                    }
-                };
-                if let Some(b) = backoff {
-                    tokio::time::sleep(b).await;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let (mut tp, last) = std::mem::take(&mut *shared.lock().unwrap());
-    tp.elapsed_s = last.map_or(0.0, |l| (l - start).as_secs_f64());
-    tp
-}
-
-/// One slice of `seconds` on the in-process pool: `threads` threads claim back to back;
-/// what was claimed before the end is waited for (and torn down).
-fn pool_throughput(pool: &Pool, view: &AgentView, threads: usize, seconds: f64) -> Throughput {
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
-    let shared: Mutex<(Throughput, Option<Instant>)> = Mutex::default();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let mut pending = Vec::new();
-                while Instant::now() < deadline && !stopped() {
-                    let r = pool_once(pool, view);
-                    let mut g = shared.lock().unwrap();
-                    let (tp, last) = &mut *g;
-                    match r {
-                        Ok((s, exec)) => {
-                            *last = Some(Instant::now());
-                            match s.verdict() {
-                                Ok(()) => {
-                                    tp.done += 1;
-                                    tp.to_finished.push(s.finished);
-                                    tp.to_started.push(s.queued_ms);
-                                    tp.start_ms.push(s.start_ms);
-                                }
-                                Err(why) => *tp.bad.entry(why).or_default() += 1,
-                            }
-                            pending.push(exec);
-                        }
-                        Err(e) => {
-                            tp.error(e);
-                            if tp.errors > 20 {
-                                break;
-                            }
-                        }
-                    }
-                }
-                // Every sandbox torn down before the next slice.
-                for exec in pending {
-                    drain(&exec);
-                }
-            });
-        }
-    });
-    let (mut tp, last) = shared.into_inner().unwrap();
-    tp.elapsed_s = last.map_or(0.0, |l| (l - start).as_secs_f64());
-    tp
+/// The platform's agent and the in-process pool, as this bench prints them.
+fn describe(view: &AgentView) -> String {
+    format!(
+        "{}; written while pooled (default_limits); pool size {} (max {}), packages [{}]",
+        view.describe_policy(),
+        view.pool_size,
+        view.max_pool_size,
+        view.packages.join(",")
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1459,14 +697,7 @@ struct RemoveParents;
 impl Drop for RemoveParents {
     fn drop(&mut self) {
         for parent in [API_CGROUP, POOL_CGROUP] {
-            let Ok(root) = hatchery_sandbox::cgroup::CgroupRoot::detect(parent) else {
-                continue;
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !matches!(root.remove_if_empty(), Ok(true)) && Instant::now() < deadline {
-                let _ = hatchery_sandbox::gc::collect(&root);
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            hatchery_api::local_cluster::remove_cgroup_parent(parent);
         }
     }
 }
@@ -1507,20 +738,22 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     // ---- setup: the platform and the in-process pool, configured alike
     let t = Instant::now();
     let mut platform = Platform::start(o)?;
-    let view = AgentView::read(&platform.config)?;
+    // `hatchery up` runs with every HATCHERY_* variable removed: no environment here.
+    let view = AgentView::read(&platform.config, &BTreeMap::new())?;
     println!(
         "  platform's agent and in-process pool alike (read from the platform's config): {}",
-        view.describe()
+        describe(&view)
     );
     rt.block_on(platform.ready())?;
     let platform_ready_s = t.elapsed().as_secs_f64();
     let addr = platform.addr;
     let seq_token = platform.token("bench", "seq")?;
-    let tokens: Vec<String> = (1..=o.clients)
-        .map(|i| platform.token("bench", &format!("user{i}")))
-        .collect::<Result<_, _>>()?;
+    let clients: Vec<(SocketAddr, String)> = (1..=o.clients)
+        .map(|i| Ok((addr, platform.token("bench", &format!("user{i}"))?)))
+        .collect::<Result<_, String>>()?;
     let t = Instant::now();
-    let pool = Pool::start(view.pool_config(o)).map_err(|e| format!("pool: {e}"))?;
+    let pool_config = view.pool_config(&o.rootfs, &o.sandbox_bin, &o.zygote_bin, POOL_CGROUP);
+    let pool = Pool::start(pool_config).map_err(|e| format!("pool: {e}"))?;
     pool.wait_ready(view.pool_size, PATIENCE)
         .map_err(|e| format!("pool: {e}"))?;
     let pool_ready_s = t.elapsed().as_secs_f64();
@@ -1534,9 +767,10 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
 
     // ---- warm-up (not measured): one of each
     let s = rt
-        .block_on(api_once(addr, &seq_token, true))
+        .block_on(api_once_traced(addr, &seq_token))
         .map_err(|e| format!("warm-up through the API: {}", e.message()))?;
-    s.verdict()
+    s.api
+        .verdict()
         .map_err(|e| format!("warm-up through the API: {e}"))?;
     let (s, exec) = pool_once(&pool, &view)?;
     drain(&exec);
@@ -1545,7 +779,7 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
 
     // ---- 1 + 2: sequential, alternating API and pool; failures counted, not dropped
     eprint!("sequential: {} rounds ", o.n);
-    let mut api: Vec<Option<ApiSample>> = Vec::new();
+    let mut api: Vec<Option<Traced>> = Vec::new();
     let mut local: Vec<Option<PoolSample>> = Vec::new();
     let mut api_failed: BTreeMap<String, usize> = BTreeMap::new();
     let mut pool_failed: BTreeMap<String, usize> = BTreeMap::new();
@@ -1559,18 +793,9 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         for step in 0..2 {
             if (step == 0) == api_first {
                 std::thread::sleep(o.pause);
-                rt.block_on(async {
-                    let deadline = Instant::now() + PATIENCE;
-                    loop {
-                        match http(addr, "GET", "/readyz", None, None).await {
-                            Ok(r) if r.status == 200 => return Ok(()),
-                            _ if Instant::now() > deadline => return Err("not ready".to_string()),
-                            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                        }
-                    }
-                })?;
-                let sample = match rt.block_on(api_once(addr, &seq_token, true)) {
-                    Ok(s) => match s.verdict() {
+                rt.block_on(wait_readyz(addr))?;
+                let sample = match rt.block_on(api_once_traced(addr, &seq_token)) {
+                    Ok(s) => match s.api.verdict() {
                         Ok(()) => Some(s),
                         Err(why) => {
                             *api_failed.entry(why).or_default() += 1;
@@ -1642,17 +867,8 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
             // their own pool refilled.
             std::thread::sleep(Duration::from_millis(500));
             let tp = if side == 0 {
-                rt.block_on(async {
-                    let deadline = Instant::now() + PATIENCE;
-                    loop {
-                        match http(addr, "GET", "/readyz", None, None).await {
-                            Ok(r) if r.status == 200 => return Ok(()),
-                            _ if Instant::now() > deadline => return Err("not ready".to_string()),
-                            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                        }
-                    }
-                })?;
-                rt.block_on(api_throughput(addr, &tokens, slice_s))
+                rt.block_on(wait_readyz(addr))?;
+                rt.block_on(api_throughput(&clients, slice_s))
             } else {
                 pool.wait_ready(view.pool_size, PATIENCE)
                     .map_err(|e| format!("pool: {e}"))?;
@@ -1685,20 +901,21 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     }
     let times = log_times(&log);
     for s in api.iter_mut().flatten() {
-        let t = times.get(&s.id).copied().unwrap_or([f64::NAN; 3]);
-        s.log_submitted = t[0] - s.t0_epoch;
-        s.log_running = t[1] - s.t0_epoch;
-        s.log_finished = t[2] - s.t0_epoch;
+        let t = times.get(&s.api.trace.id).copied().unwrap_or([f64::NAN; 3]);
+        let t0_epoch = s.api.trace.t0_epoch;
+        s.log_submitted = t[0] - t0_epoch;
+        s.log_running = t[1] - t0_epoch;
+        s.log_finished = t[2] - t0_epoch;
     }
     let report = platform.stop();
     drop(platform);
     let load_end = loadavg();
 
     // ---- the table
-    let api_ok: Vec<&ApiSample> = api.iter().flatten().collect();
+    let api_ok: Vec<&Traced> = api.iter().flatten().collect();
     let local_ok: Vec<&PoolSample> = local.iter().flatten().collect();
     println!();
-    let mut t = Table::new();
+    let mut t = Table::with_p99();
     t.section(format!(
         "1. through the API: {} of {} sequential `{CODE}` counted (readyz 200 + {} ms pause \
          before each)",
@@ -1706,15 +923,18 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         api.len(),
         o.pause.as_millis()
     ));
-    let col = |f: &dyn Fn(&ApiSample) -> f64| api_ok.iter().map(|s| f(s)).collect::<Vec<f64>>();
-    t.row("POST → 202", &col(&|s| s.accepted));
-    t.row("POST → WebSocket open (101)", &col(&|s| s.ws_open));
-    t.row("POST → `started` event", &col(&|s| s.started));
-    t.row("POST → first `stdout` event", &col(&|s| s.first_out));
-    t.row("POST → `finished` event", &col(&|s| s.finished));
+    let col = |f: &dyn Fn(&Traced) -> f64| api_ok.iter().map(|s| f(s)).collect::<Vec<f64>>();
+    t.row("POST → 202", &col(&|s| s.api.accepted));
+    t.row(
+        "POST → WebSocket open (101)",
+        &col(&|s| s.api.trace.ws_open),
+    );
+    t.row("POST → `started` event", &col(&|s| s.api.started));
+    t.row("POST → first `stdout` event", &col(&|s| s.api.first_out));
+    t.row("POST → `finished` event", &col(&|s| s.api.finished));
     t.row(
         "sandbox start_ms (claim → first statement, GET)",
-        &col(&|s| s.start_ms),
+        &col(&|s| s.api.start_ms),
     );
     t.section("   server side, from POST (same host clock): platform log, µs grain");
     t.row(
@@ -1738,9 +958,12 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         "  record started_at (agent took it)",
         &col(&|s| s.srv_running),
     );
-    t.row("  `started` event at", &col(&|s| s.srv_started_ev));
-    t.row("  first `stdout` event at", &col(&|s| s.srv_stdout_ev));
-    t.row("  `finished` event at", &col(&|s| s.srv_finished_ev));
+    t.row("  `started` event at", &col(&|s| s.api.trace.started_ev));
+    t.row(
+        "  first `stdout` event at",
+        &col(&|s| s.api.trace.stdout_ev),
+    );
+    t.row("  `finished` event at", &col(&|s| s.api.trace.finished_ev));
     t.section(format!(
         "2. in-process pool, as the agent's: {} of {} claims of `{CODE}` counted (full pool \
          at each), alternating with 1",
@@ -1764,7 +987,7 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     let pairs: Vec<(&ApiSample, &PoolSample)> = api
         .iter()
         .zip(&local)
-        .filter_map(|(a, p)| Some((a.as_ref()?, p.as_ref()?)))
+        .filter_map(|(a, p)| Some((&a.as_ref()?.api, p.as_ref()?)))
         .collect();
     let paired = |a: &dyn Fn(&ApiSample) -> f64, b: &dyn Fn(&PoolSample) -> f64| {
         pairs.iter().map(|(x, y)| a(x) - b(y)).collect::<Vec<f64>>()
@@ -1828,9 +1051,9 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     for m in &failure_messages {
         println!("    failure: {m}");
     }
-    let api_out = median(&col(&|s| s.first_out));
+    let api_out = median(&col(&|s| s.api.first_out));
     let pool_out = median(&lcol(&|s| s.first_out));
-    let api_start = median(&col(&|s| s.start_ms));
+    let api_start = median(&col(&|s| s.api.start_ms));
     println!(
         "POST → first stdout p50 {api_out:.2} ms vs in-process claim → first Stdout p50 \
          {pool_out:.2} ms (same limits, same pool): the API adds {:.2} ms ({:.1}×); paired by \

@@ -1,17 +1,19 @@
-//! What the `cluster_path` bench shares with `api_latency.rs` (copied from it, trimmed to
-//! what this bench uses; `api_latency.rs` keeps its own copy): signals, statistics,
-//! process bookkeeping, a tiny HTTP/1.1 client and the events WebSocket, one execution
-//! through the API, one claim of an in-process pool configured as an agent's, and the
-//! throughput loops of both.
+//! What the benches `api_latency.rs` and `cluster_path.rs` share: signals, statistics and
+//! their table, process bookkeeping, a tiny HTTP/1.1 client and the events WebSocket, one
+//! execution through the API, one claim of an in-process pool configured as an agent's,
+//! and the throughput loops of both.
 //!
-//! Nothing here starts a platform: the bench owns its processes and stops them.
+//! Both benches compile this module; what only one of them uses carries
+//! `#[allow(dead_code)]` and names that bench, so anything else unused still warns.
+//!
+//! Nothing here starts a platform: each bench owns its processes and stops them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use hatchery_sandbox::pool::{Event, ExecRequest, Execution, Pool, PoolConfig};
@@ -60,11 +62,20 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Now on the host's wall clock, in milliseconds since the epoch (the server's timestamps
+/// are on the same clock).
+pub fn epoch_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Stats {
     pub n: usize,
     pub p50: f64,
     pub p90: f64,
+    pub p99: f64,
     pub min: f64,
     pub max: f64,
 }
@@ -94,6 +105,7 @@ pub fn stats(values: &[f64]) -> Option<Stats> {
         n,
         p50,
         p90: percentile(&v, 0.90),
+        p99: percentile(&v, 0.99),
         min: v[0],
         max: v[n - 1],
     })
@@ -108,11 +120,27 @@ type Row = (String, Option<Stats>, usize);
 
 pub struct Table {
     rows: Vec<Row>,
+    /// A p99 column (and labels 2 characters narrower).
+    p99: bool,
 }
 
 impl Table {
+    /// Columns n, NaN, p50, p90, min, max.
+    #[allow(dead_code)] // only cluster_path calls it
     pub fn new() -> Table {
-        Table { rows: Vec::new() }
+        Table {
+            rows: Vec::new(),
+            p99: false,
+        }
+    }
+
+    /// Columns n, NaN, p50, p90, p99, min, max.
+    #[allow(dead_code)] // only api_latency calls it
+    pub fn with_p99() -> Table {
+        Table {
+            rows: Vec::new(),
+            p99: true,
+        }
     }
 
     pub fn row(&mut self, label: impl Into<String>, values: &[f64]) {
@@ -125,18 +153,40 @@ impl Table {
     }
 
     pub fn print(&self) {
+        let w = if self.p99 { 54 } else { 56 };
+        let p99 = |v: &str| {
+            if self.p99 {
+                format!(" {v:>9}")
+            } else {
+                String::new()
+            }
+        };
         println!(
-            "{:<56} {:>4} {:>4} {:>9} {:>9} {:>9} {:>9}",
-            "measurement (ms)", "n", "NaN", "p50", "p90", "min", "max"
+            "{:<w$} {:>4} {:>4} {:>9} {:>9}{} {:>9} {:>9}",
+            "measurement (ms)",
+            "n",
+            "NaN",
+            "p50",
+            "p90",
+            p99("p99"),
+            "min",
+            "max"
         );
         for (label, s, missing) in &self.rows {
             match (label.strip_prefix("## "), s) {
                 (Some(section), _) => println!("-- {section}"),
                 (None, Some(s)) => println!(
-                    "{:<56} {:>4} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-                    label, s.n, missing, s.p50, s.p90, s.min, s.max
+                    "{:<w$} {:>4} {:>4} {:>9.3} {:>9.3}{} {:>9.3} {:>9.3}",
+                    label,
+                    s.n,
+                    missing,
+                    s.p50,
+                    s.p90,
+                    p99(&format!("{:.3}", s.p99)),
+                    s.min,
+                    s.max
                 ),
-                (None, None) => println!("{label:<56} {:>4} {missing:>4}", 0),
+                (None, None) => println!("{label:<w$} {:>4} {missing:>4}", 0),
             }
         }
     }
@@ -361,7 +411,7 @@ pub async fn wait_readyz(addr: SocketAddr) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------
 // One execution through the API
 
-/// Milliseconds from just before the POST (client clock).
+/// Milliseconds from just before the POST (client clock, `Instant`).
 #[derive(Debug, Clone, Default)]
 pub struct ApiSample {
     pub accepted: f64,
@@ -370,9 +420,29 @@ pub struct ApiSample {
     pub finished: f64,
     /// The sandbox's claim → first user statement (from the `finished` event).
     pub start_ms: f64,
+    /// Where the time went, for a closer look.
+    #[allow(dead_code)] // only api_latency reads it
+    pub trace: ApiTrace,
     /// The `finished` event's state, and everything the `stdout` events carried.
     state: String,
     stdout: String,
+}
+
+/// Where an execution's time went, beyond [`ApiSample`]'s figures: the WebSocket's
+/// opening, and the events' own timestamps (server clock, 1 ms grain) relative to the
+/// client's epoch time just before the POST (same host clock).
+#[derive(Debug, Clone, Default)]
+#[allow(dead_code)] // only api_latency reads it
+pub struct ApiTrace {
+    pub id: String,
+    /// The client's epoch time (ms) just before the POST.
+    pub t0_epoch: f64,
+    /// POST → WebSocket open (101), client clock.
+    pub ws_open: f64,
+    /// The `started`, first `stdout` and `finished` events' `at` − `t0_epoch`.
+    pub started_ev: f64,
+    pub stdout_ev: f64,
+    pub finished_ev: f64,
 }
 
 impl ApiSample {
@@ -415,6 +485,7 @@ impl SubmitError {
 pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, SubmitError> {
     let mut s = ApiSample::default();
     let body = json!({"language": "r", "code": CODE});
+    let t0_epoch = epoch_ms();
     let t0 = Instant::now();
     let r = http(addr, "POST", "/v1/executions", Some(token), Some(&body))
         .await
@@ -438,11 +509,17 @@ pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, Submit
         .as_str()
         .ok_or_else(|| SubmitError::Other(format!("no id in {v}")))?
         .to_string();
+    s.trace.id = id.clone();
+    s.trace.t0_epoch = t0_epoch;
     let mut ws = ws_events(addr, &id, token)
         .await
         .map_err(SubmitError::Other)?;
+    s.trace.ws_open = ms(t0.elapsed());
     let (mut started, mut out) = (None, None);
     let mut stdout = String::new();
+    s.trace.started_ev = f64::NAN;
+    s.trace.stdout_ev = f64::NAN;
+    s.trace.finished_ev = f64::NAN;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let finished: Value = loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -460,16 +537,22 @@ pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, Submit
             Some(Err(e)) => return Err(SubmitError::Other(format!("{id}: websocket: {e}"))),
         };
         let now = ms(t0.elapsed());
+        let at = e["at"].as_f64().map_or(f64::NAN, |a| a - t0_epoch);
         match e["type"].as_str() {
             Some("started") => {
                 started.get_or_insert(now);
+                s.trace.started_ev = at;
             }
             Some("stdout") => {
-                out.get_or_insert(now);
+                if out.is_none() {
+                    out = Some(now);
+                    s.trace.stdout_ev = at;
+                }
                 stdout.push_str(e["data"].as_str().unwrap_or(""));
             }
             Some("finished") => {
                 s.finished = now;
+                s.trace.finished_ev = at;
                 break e;
             }
             _ => {}
@@ -498,9 +581,9 @@ pub struct AgentView {
     max_events: u64,
     claim_timeout: Duration,
     pub pool_size: usize,
-    max_pool_size: usize,
+    pub max_pool_size: usize,
     pub capacity: u32,
-    packages: Vec<String>,
+    pub packages: Vec<String>,
 }
 
 impl AgentView {
@@ -530,10 +613,12 @@ impl AgentView {
         })
     }
 
-    pub fn describe(&self) -> String {
+    /// What every execution gets: limits, time limit, usage interval, output limit and
+    /// event cap.
+    pub fn describe_policy(&self) -> String {
         format!(
             "memory {} MiB, cpus {}, pids {}, time {}, usage every {} ms, output limit {} \
-             MiB, max events {}; pool size {} (max {}), capacity {}, packages [{}]",
+             MiB, max events {}",
             self.limits.memory_bytes.unwrap_or(0) >> 20,
             self.limits.cpus.unwrap_or(f64::NAN),
             self.limits.pids.unwrap_or(0),
@@ -542,6 +627,15 @@ impl AgentView {
             self.usage_interval.as_millis(),
             self.output_limit >> 20,
             self.max_events,
+        )
+    }
+
+    /// [`AgentView::describe_policy`], then the pool and the host.
+    #[allow(dead_code)] // only cluster_path calls it
+    pub fn describe(&self) -> String {
+        format!(
+            "{}; pool size {} (max {}), capacity {}, packages [{}]",
+            self.describe_policy(),
             self.pool_size,
             self.max_pool_size,
             self.capacity,
@@ -587,10 +681,16 @@ impl AgentView {
 /// Milliseconds from just before `claim`.
 #[derive(Debug, Clone, Default)]
 pub struct PoolSample {
+    /// `claim()` returned.
+    #[allow(dead_code)] // only api_latency reads it
+    pub claim_call: f64,
     pub started: f64,
     pub first_out: f64,
     pub finished: f64,
     pub start_ms: f64,
+    /// The pool's own figure: limits + send code + thaw.
+    #[allow(dead_code)] // only api_latency reads it
+    pub claim_ms: f64,
     /// Waiting for a frozen sandbox (the pool's own figure).
     pub queued_ms: f64,
     state: String,
@@ -617,6 +717,7 @@ pub fn pool_once(pool: &Pool, view: &AgentView) -> Result<(PoolSample, Execution
     let t0 = Instant::now();
     let exec = pool.claim(req).map_err(|e| format!("claim: {e}"))?;
     let mut s = PoolSample {
+        claim_call: ms(t0.elapsed()),
         started: f64::NAN,
         first_out: f64::NAN,
         ..Default::default()
@@ -643,6 +744,7 @@ pub fn pool_once(pool: &Pool, view: &AgentView) -> Result<(PoolSample, Execution
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| format!("{:?}", result.status));
     s.start_ms = result.timings.start_ms.unwrap_or(f64::NAN);
+    s.claim_ms = result.timings.claim_ms;
     s.queued_ms = result.timings.queued_ms;
     Ok((s, exec))
 }
@@ -657,6 +759,9 @@ pub struct Throughput {
     /// Executions that succeeded with the right output (the only ones counted).
     pub done: usize,
     pub to_finished: Vec<f64>,
+    /// API: POST → `started` event; pool: queued_ms (waiting for a frozen sandbox).
+    pub to_started: Vec<f64>,
+    pub start_ms: Vec<f64>,
     /// Completed executions that do not count, by state (or `wrong output`).
     pub bad: BTreeMap<String, usize>,
     pub overload: BTreeMap<u16, usize>,
@@ -678,6 +783,7 @@ impl Throughput {
 
     /// Everything that did not count: completed in another state, overload answers,
     /// outright errors.
+    #[allow(dead_code)] // only cluster_path calls it
     pub fn failures(&self) -> usize {
         self.bad.values().sum::<usize>() + self.overload.values().sum::<usize>() + self.errors
     }
@@ -694,6 +800,8 @@ impl Throughput {
         self.elapsed_s += s.elapsed_s;
         self.done += s.done;
         self.to_finished.extend(s.to_finished);
+        self.to_started.extend(s.to_started);
+        self.start_ms.extend(s.start_ms);
         for (k, n) in s.bad {
             *self.bad.entry(k).or_default() += n;
         }
@@ -710,7 +818,7 @@ impl Throughput {
     }
 }
 
-/// One slice of `seconds` through the API: one client per `(replica, token)`, each
+/// One slice of `seconds` through the API: one client per `(address, token)`, each
 /// submitting back to back; what was submitted before the end is waited for.
 pub async fn api_throughput(clients: &[(SocketAddr, String)], seconds: f64) -> Throughput {
     let start = Instant::now();
@@ -733,6 +841,8 @@ pub async fn api_throughput(clients: &[(SocketAddr, String)], seconds: f64) -> T
                                 Ok(()) => {
                                     tp.done += 1;
                                     tp.to_finished.push(s.finished);
+                                    tp.to_started.push(s.started);
+                                    tp.start_ms.push(s.start_ms);
                                 }
                                 Err(why) => *tp.bad.entry(why).or_default() += 1,
                             }
@@ -786,6 +896,8 @@ pub fn pool_throughput(pool: &Pool, view: &AgentView, threads: usize, seconds: f
                                 Ok(()) => {
                                     tp.done += 1;
                                     tp.to_finished.push(s.finished);
+                                    tp.to_started.push(s.queued_ms);
+                                    tp.start_ms.push(s.start_ms);
                                 }
                                 Err(why) => *tp.bad.entry(why).or_default() += 1,
                             }
