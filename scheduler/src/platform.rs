@@ -1,15 +1,17 @@
 //! The platform's front door, as the API sees it: submit, read, list, cancel, follow
 //! events, read results, administer policies, monitor. It enforces who may see what
 //! (another org's or user's execution is `NotFound`, never `Forbidden`: no existence
-//! leak), resolves policies, validates limits and runs admission through the store. It
-//! holds no state of its own: everything goes through the [`Store`], the [`Bus`] and the
-//! [`Objects`], so several API nodes can serve the same platform.
+//! leak), resolves policies, validates limits and runs admission through the store (the
+//! whole path is described in [`crate::admission`]). It holds no state of its own:
+//! everything goes through the [`Store`], the [`Bus`] and the [`Objects`], so several
+//! API nodes can serve the same platform.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::admission::{Admission, AdmissionRules};
 use crate::bus::{AgentCommand, Bus, HostStatus};
 use crate::model::{
     now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
@@ -17,7 +19,7 @@ use crate::model::{
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
-use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
+use crate::store::{ListFilter, Store, StoreError};
 
 /// Languages the platform runs, and the largest code it accepts.
 #[derive(Debug, Clone, Serialize, Deserialize)]

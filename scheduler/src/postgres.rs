@@ -3,11 +3,12 @@
 //! embedded store, made by the database:
 //!
 //! - **Admission** is one transaction under a per-user advisory lock
-//!   (`pg_advisory_xact_lock`): the tab's active executions are superseded (R10), then
-//!   the oldest beyond the cap are cancelled (R11), "oldest" by the order admission
-//!   assigned (an identity column), never by a node's clock. The queue limit reads a
-//!   counter kept in every state-changing transaction, never a scan. A partial unique
-//!   index makes "one active execution per tab" an invariant of the database.
+//!   (`pg_advisory_xact_lock`) applying [`crate::admission::decide`]: the tab's active
+//!   executions are superseded (R10), then the oldest beyond the cap are cancelled (R11),
+//!   "oldest" by the order admission assigned (an identity column), never by a node's
+//!   clock. The queue limit reads a counter kept in every state-changing transaction,
+//!   never a scan. A partial unique index makes "one active execution per tab" an
+//!   invariant of the database.
 //! - **Event logs** are gapless: the seq comes from a counter on the execution's row,
 //!   bumped in the transaction that inserts the event (a database sequence leaves gaps
 //!   when a transaction rolls back).
@@ -30,6 +31,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 
+use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::embedded::check_name;
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
@@ -37,8 +39,8 @@ use crate::model::{
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
-    cancelled, finished, finished_with_event, is_active, lost_summary, running, ActiveCounts,
-    Admission, AdmissionRules, Lease, ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, lost_summary, running, ActiveCounts, Lease,
+    ListFilter, Store, StoreError, StoreResult,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -401,25 +403,13 @@ impl PgStore {
             }
         }
 
-        // R10: the tab's active executions go; R11: beyond the cap the oldest go (the
-        // new one is the newest: the store orders admissions).
-        let mut decisions: Vec<(usize, CancelReason)> = Vec::new();
-        if let Some(tab) = &new.tab_id {
-            for (i, r) in active.iter().enumerate() {
-                if r.tab_id.as_ref() == Some(tab) {
-                    decisions.push((i, CancelReason::SupersededByTab));
-                }
-            }
-        }
-        let remaining: Vec<usize> = (0..active.len())
-            .filter(|i| !decisions.iter().any(|(d, _)| d == i))
-            .collect();
-        // `remaining` plus the new one must fit in the cap.
-        let excess = (remaining.len() + 1).saturating_sub(rules.max_parallel as usize);
-        let cap_new = excess > remaining.len();
-        for &i in remaining.iter().take(excess) {
-            decisions.push((i, CancelReason::ParallelismCap));
-        }
+        // R10, then R11 (see [`decide`]); the new one is the newest: the store orders
+        // admissions.
+        let decision = {
+            let refs: Vec<&ExecutionRecord> = active.iter().collect();
+            decide(&refs, new.tab_id.as_deref(), rules.max_parallel)
+        };
+        let (decisions, cap_new) = (decision.cancel, decision.cancel_new);
 
         // The queue limit, from the counter (locked last, after the execution rows).
         let queued: i64 =

@@ -25,7 +25,7 @@ use hatchery_scheduler::model::{
     ResultSummary,
 };
 use hatchery_scheduler::objects::Objects;
-use hatchery_scheduler::placement::run_scheduler;
+use hatchery_scheduler::scheduling::run_scheduler;
 use hatchery_scheduler::seal::Keyring;
 use hatchery_scheduler::store::{Admission, AdmissionRules, Store};
 

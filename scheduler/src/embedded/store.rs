@@ -20,14 +20,15 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::disk::{check_name, name_ok, Disk};
+use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
     ResultSummary,
 };
 use crate::seal::Keyring;
 use crate::store::{
-    cancelled, finished, finished_with_event, is_active, lost_summary, running, Admission,
-    AdmissionRules, Lease, ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, lost_summary, running, Lease, ListFilter, Store,
+    StoreError, StoreResult,
 };
 
 #[derive(Default)]
@@ -153,39 +154,23 @@ impl State {
             body: EventBody::Queued,
         };
 
-        let same_user = |r: &ExecutionRecord| r.org == new.org && r.user == new.user;
-        // R10: the tab's active executions go.
-        let mut decisions: Vec<(String, CancelReason)> = Vec::new();
-        if let Some(tab) = &new.tab_id {
-            let mut superseded: Vec<&ExecutionRecord> = self
-                .records
-                .values()
-                .filter(|r| same_user(r) && r.tab_id.as_ref() == Some(tab) && is_active(r))
-                .collect();
-            superseded.sort_by_key(|r| admission_order(r));
-            decisions.extend(
-                superseded
-                    .into_iter()
-                    .map(|r| (r.id.clone(), CancelReason::SupersededByTab)),
-            );
-        }
-        // R11: beyond the cap, the oldest go, in the order the store admitted them (the
-        // new one is the newest; it goes only under a cap of 0).
+        // R10, then R11 (see [`decide`]), over the user's active executions in the order
+        // the store admitted them (the new one is the newest).
         let mut active: Vec<&ExecutionRecord> = self
             .records
             .values()
-            .filter(|r| same_user(r) && is_active(r))
-            .filter(|r| !decisions.iter().any(|(id, _)| *id == r.id))
-            .chain(std::iter::once(&new))
+            .filter(|r| r.org == new.org && r.user == new.user && is_active(r))
             .collect();
         active.sort_by_key(|r| admission_order(r));
-        let excess = active.len().saturating_sub(rules.max_parallel as usize);
-        let capped: Vec<String> = active[..excess].iter().map(|r| r.id.clone()).collect();
-        decisions.extend(
-            capped
-                .into_iter()
-                .map(|id| (id, CancelReason::ParallelismCap)),
-        );
+        let decision = decide(&active, new.tab_id.as_deref(), rules.max_parallel);
+        let mut decisions: Vec<(String, CancelReason)> = decision
+            .cancel
+            .iter()
+            .map(|(i, reason)| (active[*i].id.clone(), *reason))
+            .collect();
+        if decision.cancel_new {
+            decisions.push((new.id.clone(), CancelReason::ParallelismCap));
+        }
 
         // Cancellations first, the new record last: a crash in between cancels what
         // this admission would have cancelled but admits nothing, and the caller never
