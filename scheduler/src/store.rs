@@ -186,6 +186,11 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event with the next sequence number of its execution.
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent>;
 
+    /// Appends `bodies`, in order, with the next sequence numbers of their execution, in
+    /// one atomic step (all or none; nothing else appended to the execution lands between
+    /// them). Returns the stored events. Nothing to append is not an error.
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>>;
+
     /// Events of `id` with `seq > after`, in order.
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>>;
 

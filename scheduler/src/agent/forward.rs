@@ -4,9 +4,18 @@
 //! text (a character split between two reads waits for its rest; invalid bytes are
 //! carried exactly, see [`OutputData`]). Every event goes to the store first (which
 //! assigns its sequence number), then to the bus.
+//!
+//! Output and progress are stored in batches: what arrives within [`BATCH_WINDOW`] of
+//! the first waiting event (or until the batch holds [`BATCH_BYTES`]) goes to the store
+//! in one transaction ([`crate::store::Store::append_events`]) and is then published in
+//! order. Any other event is stored after the batch is, and the run flushes the batch
+//! before it finishes the execution, so nothing is lost or reordered and `finished` is
+//! always last.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use hatchery_sandbox::pool::Event;
 
@@ -17,6 +26,10 @@ use crate::model::{EventBody, OutputData};
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
 pub(super) const STARTED_WAIT: Duration = Duration::from_millis(50);
+/// How long output and progress may wait to be stored together with what follows.
+pub(super) const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// A batch holding this many bytes of output and messages is stored at once.
+pub(super) const BATCH_BYTES: usize = 64 << 10;
 
 /// Turns the pool's events of one execution into stored and published events.
 pub(super) struct Forwarder {
@@ -28,6 +41,10 @@ pub(super) struct Forwarder {
     pub(super) held: Vec<Event>,
     /// Incomplete UTF-8 sequences at the end of the last chunk, per stream.
     carry: [Vec<u8>; 2],
+    /// Events waiting to be stored together, their size, and when the first came.
+    batch: Vec<EventBody>,
+    batch_bytes: usize,
+    batch_since: Option<Instant>,
 }
 
 impl Forwarder {
@@ -38,7 +55,15 @@ impl Forwarder {
             started: false,
             held: Vec::new(),
             carry: [Vec::new(), Vec::new()],
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_since: None,
         }
+    }
+
+    /// When the waiting batch must be stored, if one waits.
+    pub(super) fn flush_due(&self) -> Option<Instant> {
+        self.batch_since.map(|t| t + BATCH_WINDOW)
     }
 
     /// Emits `started` (once), then whatever was held back for it.
@@ -82,7 +107,7 @@ impl Forwarder {
             }
             Event::Started { .. } | Event::Finished(_) => return,
         };
-        self.emit(body).await;
+        self.queue(body).await;
     }
 
     /// Emits what is left of incomplete UTF-8 sequences (exactly, see [`OutputData`]).
@@ -98,12 +123,46 @@ impl Forwarder {
             } else {
                 EventBody::Stderr(data)
             };
-            self.emit(body).await;
+            self.queue(body).await;
         }
     }
 
-    /// Appends an event (store first: it assigns the sequence number), then publishes it.
-    async fn emit(&self, body: EventBody) {
+    /// Adds an event to the batch; stores the batch once it is large enough.
+    async fn queue(&mut self, body: EventBody) {
+        self.batch_bytes += size_of(&body);
+        self.batch.push(body);
+        self.batch_since.get_or_insert_with(Instant::now);
+        if self.batch_bytes >= BATCH_BYTES {
+            self.flush().await;
+        }
+    }
+
+    /// Stores the waiting batch in one transaction, then publishes its events in order.
+    pub(super) async fn flush(&mut self) {
+        self.batch_since = None;
+        self.batch_bytes = 0;
+        let bodies = std::mem::take(&mut self.batch);
+        if bodies.is_empty() {
+            return;
+        }
+        let id = self.id.as_str();
+        let n = bodies.len();
+        match self.inner.store.append_events(id, bodies).await {
+            Ok(events) => {
+                for event in events {
+                    if let Err(e) = self.inner.bus.publish_event(event).await {
+                        tracing::warn!(execution = id, error = %e, "cannot publish an event");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(execution = id, events = n, error = %e, "cannot store events"),
+        }
+    }
+
+    /// Stores an event after the waiting batch (store first: it assigns the sequence
+    /// number), then publishes it.
+    async fn emit(&mut self, body: EventBody) {
+        self.flush().await;
         let id = self.id.as_str();
         match self.inner.store.append_event(id, body).await {
             Ok(event) => {
@@ -113,6 +172,17 @@ impl Forwarder {
             }
             Err(e) => tracing::warn!(execution = id, error = %e, "cannot store an event"),
         }
+    }
+}
+
+/// What an event adds to a batch: the bytes of its output or message.
+fn size_of(body: &EventBody) -> usize {
+    match body {
+        EventBody::Stdout(d) | EventBody::Stderr(d) => {
+            d.data.len() + d.data_base64.as_ref().map_or(0, String::len)
+        }
+        EventBody::Progress { message, .. } => message.len(),
+        _ => 0,
     }
 }
 

@@ -275,12 +275,22 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
     }
 
     let mut forwarder = Forwarder::new(Arc::clone(inner), id.to_string());
-    loop {
+    let outcome = loop {
+        // Output held for `started` waits at most STARTED_WAIT; a batch at most its
+        // window.
         let next = if !forwarder.started && !forwarder.held.is_empty() {
             match tokio::time::timeout(STARTED_WAIT, rx.recv()).await {
                 Ok(next) => next,
                 Err(_) => {
                     forwarder.start(None).await;
+                    continue;
+                }
+            }
+        } else if let Some(due) = forwarder.flush_due() {
+            match tokio::time::timeout_at(due, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    forwarder.flush().await;
                     continue;
                 }
             }
@@ -291,16 +301,20 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
             Some(Bridge::Event(Event::Finished(result))) => {
                 forwarder.start(result.timings.start_ms).await;
                 forwarder.flush_text().await;
-                return Ok(*result);
+                break Ok(*result);
             }
             Some(Bridge::Event(Event::Started { after_claim_ms })) => {
                 forwarder.start(Some(after_claim_ms)).await;
             }
             Some(Bridge::Event(event)) => forwarder.forward(event).await,
             Some(Bridge::Claimed(_)) | Some(Bridge::ClaimFailed(_)) => {}
-            None => return Err("the sandbox runtime stopped reporting".into()),
+            None => break Err("the sandbox runtime stopped reporting".into()),
         }
-    }
+    };
+    // Whatever waits is stored before the caller finishes the execution: `finished`
+    // stays the last event.
+    forwarder.flush().await;
+    outcome
 }
 
 /// The blocking side: claims (which may wait for a sandbox) and forwards the pool's

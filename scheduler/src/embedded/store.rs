@@ -69,8 +69,9 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
-/// Whether an event should be on disk before `append_event` returns (the rest reach the
-/// kernel at once and the disk soon after; only a machine crash can lose them).
+/// Whether an event should be on disk before its append returns (the rest reach the
+/// kernel at once and the disk soon after; only a machine crash can lose them — the
+/// tail of a log, never an event in the middle, so the seqs stay gapless).
 fn must_sync(body: &EventBody) -> bool {
     matches!(
         body,
@@ -283,23 +284,38 @@ impl State {
         Ok(events)
     }
 
-    fn append_event(&mut self, disk: &Disk, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
-        let rec = self.record(id)?;
-        let event = ExecEvent {
-            execution_id: id.to_string(),
-            seq: rec.last_seq + 1,
-            at: now_ms(),
-            body,
-        };
-        disk.append_events(id, std::slice::from_ref(&event), must_sync(&event.body))?;
+    /// Appends `bodies` with the next seqs of `id`, in one write to its log.
+    fn append_events(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        bodies: Vec<EventBody>,
+    ) -> StoreResult<Vec<ExecEvent>> {
+        let last = self.record(id)?.last_seq;
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let at = now_ms();
+        let events: Vec<ExecEvent> = bodies
+            .into_iter()
+            .zip(last + 1..)
+            .map(|(body, seq)| ExecEvent {
+                execution_id: id.to_string(),
+                seq,
+                at,
+                body,
+            })
+            .collect();
+        let sync = events.iter().any(|e| must_sync(&e.body));
+        disk.append_events(id, &events, sync)?;
         if let Some(rec) = self.records.get_mut(id) {
-            rec.last_seq = event.seq;
+            rec.last_seq = last + events.len() as u64;
         }
         self.events
             .entry(id.to_string())
             .or_default()
-            .push(event.clone());
-        Ok(event)
+            .extend(events.iter().cloned());
+        Ok(events)
     }
 
     fn expire(&mut self, disk: &Disk, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
@@ -600,8 +616,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        let mut events = self.append_events(id, vec![body]).await?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Io(format!("appending an event to {id}: none stored")))
+    }
+
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>> {
         let id = id.to_string();
-        self.change(move |state, disk| state.append_event(disk, &id, body))
+        self.change(move |state, disk| state.append_events(disk, &id, bodies))
             .await
     }
 
