@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use hatchery_scheduler::bus::HostStatus;
+use hatchery_scheduler::bus::{BusEvent, HostStatus};
 use hatchery_scheduler::model::{EventBody, Principal};
 use hatchery_scheduler::platform::Platform;
 use http_body_util::Full;
@@ -200,11 +200,12 @@ impl ApiServer {
         let finished = tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(e) => {
+                    Ok(BusEvent::Stored(e)) => {
                         if let EventBody::Finished(summary) = &e.body {
                             st.metrics.finished(summary.state.as_str());
                         }
                     }
+                    Ok(BusEvent::Live(_)) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => break,
                 }

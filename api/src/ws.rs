@@ -8,6 +8,10 @@
 //! missing events back from the store. A client that reconnects with `after=<last seq>`
 //! gets exactly what follows. One execution's stream closes (code 1000) after its
 //! `finished` event.
+//!
+//! Usage samples are live-only: sent as they come while the client listens, without a
+//! `seq`, never stored and never replayed; they take no place in the `seq`s, which stay
+//! 1, 2, 3, ... without gaps.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +20,8 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hatchery_scheduler::model::{EventBody, ExecEvent, Principal};
+use hatchery_scheduler::bus::BusEvent;
+use hatchery_scheduler::model::{EventBody, ExecEvent, LiveEvent, Principal};
 use hatchery_scheduler::platform::EventFollow;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -322,7 +327,14 @@ async fn execution_loop(
         let refollow = loop {
             tokio::select! {
                 ev = follow.live.recv() => match ev {
-                    Ok(e) => {
+                    Ok(BusEvent::Live(e)) => {
+                        if e.execution_id == id {
+                            if let Err(stop) = peer.send(&e).await {
+                                return stop;
+                            }
+                        }
+                    }
+                    Ok(BusEvent::Stored(e)) => {
                         if e.execution_id != id || e.seq <= last {
                             continue;
                         }
@@ -423,13 +435,18 @@ impl Seen {
         Ok(())
     }
 
-    async fn owns(&mut self, st: &ApiState, who: &Principal, e: &ExecEvent) -> bool {
-        if let Some(b) = self.owned.get(&e.execution_id) {
+    async fn owns(&mut self, st: &ApiState, who: &Principal, execution_id: &str) -> bool {
+        if let Some(b) = self.owned.get(execution_id) {
             return *b;
         }
-        let b = st.platform.owns_event(who, e).await;
-        self.owned.insert(e.execution_id.clone(), b);
+        let b = st.platform.owns_execution(who, execution_id).await;
+        self.owned.insert(execution_id.to_string(), b);
         b
+    }
+
+    /// Sends a live-only event (no seq: nothing to keep track of).
+    async fn send_live(&mut self, e: LiveEvent, peer: &mut Peer) -> Result<(), Stop> {
+        peer.send(&e).await
     }
 }
 
@@ -459,11 +476,15 @@ async fn all_loop(
         loop {
             tokio::select! {
                 ev = follow.live.recv() => match ev {
-                    Ok(e) => {
-                        if !seen.owns(st, who, &e).await {
+                    Ok(ev) => {
+                        if !seen.owns(st, who, ev.execution_id()).await {
                             continue;
                         }
-                        if let Err(stop) = seen.offer(st, who, e, peer).await {
+                        let sent = match ev {
+                            BusEvent::Stored(e) => seen.offer(st, who, e, peer).await,
+                            BusEvent::Live(e) => seen.send_live(e, peer).await,
+                        };
+                        if let Err(stop) = sent {
                             return stop;
                         }
                     }

@@ -1,7 +1,8 @@
-//! The bus: how the roles talk without sharing memory. Live event fan-out (agent → api),
+//! The bus: how the roles talk without sharing memory. Event fan-out (agent → api: the
+//! events of the log after the store took them, and live-only usage samples),
 //! the work queue (api → scheduler → agent), cancellations (api → agent) and host status
-//! (agent → scheduler, admin monitor). One trait, two backends: in-process channels here,
-//! Redis streams and pub/sub later.
+//! (agent → scheduler, admin monitor). One trait, two backends: in-process channels
+//! ([`crate::embedded::EmbeddedBus`]) and Redis Streams ([`crate::redis_bus::RedisBus`]).
 //!
 //! Delivery of work is at-least-once: a consumer acknowledges an item only after it has
 //! acted on it (the store's state transitions make repeats harmless: `mark_running` of an
@@ -11,7 +12,34 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::model::{ExecEvent, Millis, Usage};
+use crate::model::{ExecEvent, LiveEvent, Millis, Usage};
+
+/// What the bus carries to event subscribers: an event of an execution's log (stored
+/// first, with its `seq`), or a live-only one (never stored, no `seq`). Serialised as
+/// the event itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BusEvent {
+    Stored(ExecEvent),
+    Live(LiveEvent),
+}
+
+impl BusEvent {
+    pub fn execution_id(&self) -> &str {
+        match self {
+            BusEvent::Stored(e) => &e.execution_id,
+            BusEvent::Live(e) => &e.execution_id,
+        }
+    }
+
+    /// The sequence number, for an event of the log.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            BusEvent::Stored(e) => Some(e.seq),
+            BusEvent::Live(_) => None,
+        }
+    }
+}
 
 /// A message to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,9 +110,13 @@ pub enum BusError {
 
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Live events for subscribers (the store holds the durable copy).
+    /// An event of an execution's log, for subscribers (after the store took it: the
+    /// store holds the durable copy).
     async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError>;
-    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent>;
+    /// A live-only event (a usage sample): subscribers get it if they listen now; it is
+    /// never stored.
+    async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError>;
+    fn subscribe_events(&self) -> broadcast::Receiver<BusEvent>;
 
     /// api → scheduler: an execution was admitted.
     async fn submit(&self, execution_id: &str) -> Result<(), BusError>;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::admission::{Admission, AdmissionRules};
-use crate::bus::{AgentCommand, Bus, HostStatus};
+use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus};
 use crate::model::{
     now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
     Principal, RequestedLimits, ResultSummary, Role,
@@ -149,10 +149,12 @@ pub struct Platform {
     pub objects: Arc<dyn Objects>,
 }
 
-/// A follower of events: the backlog after the given sequence number, then live events.
+/// A follower of events: the backlog after the given sequence number (from the store),
+/// then what the bus carries: events of the log (with their seq) and live-only ones
+/// (usage samples: no seq, never in the backlog).
 pub struct EventFollow {
     pub backlog: Vec<ExecEvent>,
-    pub live: broadcast::Receiver<ExecEvent>,
+    pub live: broadcast::Receiver<BusEvent>,
 }
 
 fn internal(e: impl std::fmt::Display) -> PlatformError {
@@ -395,8 +397,9 @@ impl Platform {
     }
 
     /// Events of one execution after `after_seq`: subscribes first, then reads the
-    /// backlog, so an event is in the backlog, in the live stream, or both (the caller
-    /// drops `seq`s it has already sent) — never in neither.
+    /// backlog, so an event of the log is in the backlog, in the live stream, or both (the
+    /// caller drops `seq`s it has already sent) — never in neither. Live-only events are
+    /// only in the live stream, while the caller listens.
     pub async fn follow(
         &self,
         who: &Principal,
@@ -412,7 +415,7 @@ impl Platform {
     /// Events of all of the caller's executions: for each `(id, seq)` in `after`, the
     /// backlog after it; for the caller's active executions not named there, their whole
     /// backlog; then everything live (the caller filters live events by owner with
-    /// [`Platform::owns_event`]).
+    /// [`Platform::owns_execution`]).
     pub async fn follow_all(
         &self,
         who: &Principal,
@@ -442,10 +445,10 @@ impl Platform {
         Ok(EventFollow { backlog, live })
     }
 
-    /// Whether a live event belongs to one of `who`'s own executions.
-    pub async fn owns_event(&self, who: &Principal, event: &ExecEvent) -> bool {
+    /// Whether `execution_id` (of a live event) is one of `who`'s own executions.
+    pub async fn owns_execution(&self, who: &Principal, execution_id: &str) -> bool {
         matches!(
-            self.store.get(&event.execution_id).await,
+            self.store.get(execution_id).await,
             Ok(Some(r)) if r.org == who.org && r.user == who.user
         )
     }

@@ -7,11 +7,12 @@
 //!   ([`Bus::requeue_unacked`]); submissions a dead scheduler left pending for a minute
 //!   are claimed by the next one that requeues (`XAUTOCLAIM`). The execution id is the
 //!   idempotency key: the store's transitions make a repeat harmless.
-//! - **Live events and host status** are capped streams (`MAXLEN ~`) that every process
+//! - **Events and host status** are capped streams (`MAXLEN ~`) that every process
 //!   reads from its own position (`XREAD BLOCK`) into a local broadcast, so any API
 //!   replica streams any execution. An event's payload is sealed with the platform's
-//!   keyring (bound to the execution and seq), like the store's copy: Redis may persist
-//!   what it holds. The store keeps the durable copy; a subscriber that lags or misses
+//!   keyring (bound to the execution and seq; a live-only event, which has no seq, to
+//!   its execution as a live event), like the store's copy: Redis may persist what it
+//!   holds. The store keeps the durable copy; a subscriber that lags or misses
 //!   events while Redis is away catches up from the store.
 //! - Blocking reads use connections of their own; everything else shares one
 //!   multiplexed connection that reconnects by itself.
@@ -26,8 +27,8 @@ use redis::streams::StreamReadReply;
 use redis::Value;
 use tokio::sync::{broadcast, Mutex};
 
-use crate::bus::{AgentCommand, Bus, BusError, Delivery, DeliveryTag, HostStatus};
-use crate::model::ExecEvent;
+use crate::bus::{AgentCommand, Bus, BusError, BusEvent, Delivery, DeliveryTag, HostStatus};
+use crate::model::{ExecEvent, LiveEvent};
 use crate::seal::{Binding, Keyring};
 
 /// How long a blocking read waits before it looks again (ms).
@@ -73,7 +74,7 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     keyring: Keyring,
-    events: broadcast::Sender<ExecEvent>,
+    events: broadcast::Sender<BusEvent>,
     status: broadcast::Sender<HostStatus>,
     /// Consumer groups known to exist.
     groups: Mutex<HashSet<String>>,
@@ -129,20 +130,7 @@ impl RedisBus {
             let (client, tx, keyring) = (client.clone(), events.clone(), keyring.clone());
             let start = last_id(&conn, &key).await?;
             tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
-                let blob = field(fields, "e")?;
-                let (execution, seq) = (field_str(fields, "x")?, field_str(fields, "q")?);
-                let seq: u64 = seq.parse().ok()?;
-                let json = keyring
-                    .open(
-                        Binding::Event {
-                            execution: &execution,
-                            seq,
-                        },
-                        &blob,
-                    )
-                    .map_err(|e| tracing::warn!(execution, seq, error = %e, "an event on the bus does not open"))
-                    .ok()?;
-                let event: ExecEvent = serde_json::from_slice(&json).ok()?;
+                let event = open_event(&keyring, fields)?;
                 let _ = tx.send(event);
                 Some(())
             })));
@@ -379,6 +367,38 @@ impl RedisBus {
     }
 }
 
+/// The event in an entry of the event stream: `x` the execution, `e` the sealed JSON,
+/// and `q` its seq (an event of the log) or `l` (a live-only event). `None` (logged)
+/// when it does not open or parse.
+fn open_event(keyring: &Keyring, fields: &[(String, Vec<u8>)]) -> Option<BusEvent> {
+    let blob = field(fields, "e")?;
+    let execution = field_str(fields, "x")?;
+    match field_str(fields, "q") {
+        Some(seq) => {
+            let seq: u64 = seq.parse().ok()?;
+            let json = keyring
+                .open(
+                    Binding::Event {
+                        execution: &execution,
+                        seq,
+                    },
+                    &blob,
+                )
+                .map_err(|e| tracing::warn!(execution, seq, error = %e, "an event on the bus does not open"))
+                .ok()?;
+            serde_json::from_slice(&json).ok().map(BusEvent::Stored)
+        }
+        None => {
+            field(fields, "l")?;
+            let json = keyring
+                .open(Binding::LiveEvent(&execution), &blob)
+                .map_err(|e| tracing::warn!(execution, error = %e, "a live event on the bus does not open"))
+                .ok()?;
+            serde_json::from_slice(&json).ok().map(BusEvent::Live)
+        }
+    }
+}
+
 /// The id of the newest entry of `key`, if any.
 async fn newest_id<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
@@ -531,7 +551,26 @@ impl Bus for RedisBus {
         .await
     }
 
-    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent> {
+    async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError> {
+        let json = serde_json::to_vec(&event).map_err(|e| BusError::Io(e.to_string()))?;
+        let blob = self
+            .inner
+            .keyring
+            .seal(Binding::LiveEvent(&event.execution_id), &json)
+            .map_err(|e| BusError::Io(e.to_string()))?;
+        self.add(
+            &self.key("events"),
+            Some(self.inner.cfg.events_maxlen),
+            &[
+                ("x", event.execution_id.as_bytes()),
+                ("l", b"1"),
+                ("e", &blob),
+            ],
+        )
+        .await
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<BusEvent> {
         self.inner.events.subscribe()
     }
 

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hatchery_scheduler::agent::{Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART};
-use hatchery_scheduler::bus::{AgentCommand, Bus, HostStatus};
+use hatchery_scheduler::bus::{AgentCommand, Bus, BusEvent, HostStatus};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::EncryptedObjects;
 use hatchery_scheduler::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, Millis,
-    OutputData, Policy, ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, LiveBody,
+    Millis, OutputData, Policy, ResultSummary,
 };
 use hatchery_scheduler::objects::Objects;
 use hatchery_scheduler::scheduling::run_scheduler;
@@ -508,7 +508,8 @@ fn kinds(events: &[ExecEvent]) -> Vec<&'static str> {
         .collect()
 }
 
-/// The event log of an execution is gapless, starts queued → started, ends finished.
+/// The event log of an execution is gapless, starts queued → started, ends finished, and
+/// holds no usage samples (they are live-only).
 fn check_log(id: &str, events: &[ExecEvent]) {
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     let want: Vec<u64> = (1..=events.len() as u64).collect();
@@ -519,6 +520,7 @@ fn check_log(id: &str, events: &[ExecEvent]) {
     assert_eq!(k.last(), Some(&"finished"), "{k:?}");
     assert_eq!(k.iter().filter(|k| **k == "finished").count(), 1, "{k:?}");
     assert_eq!(k.iter().filter(|k| **k == "started").count(), 1, "{k:?}");
+    assert!(!k.contains(&"usage"), "usage samples in the log: {k:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -544,7 +546,6 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
     let mut runs: Vec<(&str, String)> = Vec::new();
     for (kind, e) in kinds(&events).into_iter().zip(&events) {
         let text = match &e.body {
-            EventBody::Usage(_) => continue,
             EventBody::Stdout(OutputData { data, .. }) => data.as_str(),
             _ => "",
         };
@@ -604,15 +605,17 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
         .expect("the sealed result file");
     assert!(!String::from_utf8_lossy(&raw).contains("value_json"));
 
-    // The bus carried the same events, in the same order.
+    // The bus carried the same events, in the same order (and perhaps usage samples,
+    // which are not in the log).
     let mut published = Vec::new();
     while published.len() < events.len() - 1 {
         let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
             .await
             .expect("a live event")
             .expect("no lag");
-        if e.execution_id == id {
-            published.push(e);
+        match e {
+            BusEvent::Stored(e) if e.execution_id == id => published.push(e),
+            _ => {}
         }
     }
     // `queued` is appended by admission, not published by the agent.
@@ -731,6 +734,7 @@ async fn the_time_limit_counts_from_code_start() {
 async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live() {
     let env = Env::new("cancel", 2).await;
     let mut statuses = env.bus.subscribe_status();
+    let mut live = env.bus.subscribe_events();
     let id = env
         .submit(
             "x <- numeric(5e6); cat('go\\n'); Sys.sleep(60)",
@@ -784,6 +788,22 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         .unwrap();
     assert_eq!((u.org.as_str(), u.user.as_str()), ("acme", "ada"));
 
+    // Its usage samples are on the bus, live only: no seq.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("an event")
+            .expect("no lag");
+        if let BusEvent::Live(e) = &e {
+            let LiveBody::Usage(u) = &e.body;
+            if e.execution_id == id && u.memory_bytes > 30 * MIB {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no live usage sample of {id}");
+    }
+
     // What the api does on a cancel: mark it in the store, tell the record's agent.
     let marked = env
         .store
@@ -807,6 +827,12 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
     check_log(&id, &events);
     let result = env.result(&record).await;
     assert_eq!(result.state, ExecState::Cancelled);
+    // The result still carries the usage summary.
+    assert!(
+        result.usage.memory_peak_bytes > 30 * MIB,
+        "{:?}",
+        result.usage
+    );
     env.close().await;
 }
 

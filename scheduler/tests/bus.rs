@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hatchery_scheduler::bus::{AgentCommand, Bus, HostStatus};
+use hatchery_scheduler::bus::{AgentCommand, Bus, BusEvent, HostStatus};
 use hatchery_scheduler::embedded::EmbeddedBus;
 use hatchery_scheduler::engines::{EngineError, RedisServer};
-use hatchery_scheduler::model::{EventBody, ExecEvent, OutputData};
+use hatchery_scheduler::model::{EventBody, ExecEvent, LiveBody, LiveEvent, OutputData, Usage};
 use hatchery_scheduler::redis_bus::{RedisBus, RedisConfig};
 use hatchery_scheduler::seal::Keyring;
 
@@ -88,6 +88,18 @@ fn event(id: &str, seq: u64, text: &str) -> ExecEvent {
     }
 }
 
+fn usage(id: &str, memory_bytes: u64) -> LiveEvent {
+    LiveEvent {
+        execution_id: id.into(),
+        at: 0,
+        body: LiveBody::Usage(Usage {
+            cpu_ms: 1.5,
+            memory_bytes,
+            memory_peak_bytes: memory_bytes,
+        }),
+    }
+}
+
 fn run_cmd(id: &str) -> AgentCommand {
     AgentCommand::Run {
         execution_id: id.into(),
@@ -113,11 +125,19 @@ bus_test!(events_reach_every_subscriber_of_every_process, |b| {
             .await
             .unwrap();
     }
+    // A live-only event (no seq) travels the same way, in order.
+    agent.publish_live(usage("x", 4096)).await.unwrap();
     for s in [&mut s1, &mut s2, &mut s3] {
         for seq in 1..=3 {
             let e = within("an event", s.recv()).await.unwrap();
-            assert_eq!(e, event("x", seq, &format!("line {seq}\n")));
+            assert_eq!(
+                e,
+                BusEvent::Stored(event("x", seq, &format!("line {seq}\n")))
+            );
         }
+        let e = within("a live event", s.recv()).await.unwrap();
+        assert_eq!(e, BusEvent::Live(usage("x", 4096)));
+        assert_eq!(e.seq(), None);
     }
 });
 
@@ -328,7 +348,10 @@ async fn the_redis_bus_carries_on_after_redis_restarts() {
         .publish_event(event("x", 1, "before\n"))
         .await
         .unwrap();
-    assert_eq!(within("before", events.recv()).await.unwrap().seq, 1);
+    assert_eq!(
+        within("before", events.recv()).await.unwrap().seq(),
+        Some(1)
+    );
     api.submit("s1").await.unwrap();
     assert_eq!(
         within("s1", scheduler.next_submitted()).await.unwrap(),
@@ -353,7 +376,7 @@ async fn the_redis_bus_carries_on_after_redis_restarts() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let e = within("after", events.recv()).await.unwrap();
-    assert_eq!(e.seq, 2);
+    assert_eq!(e.seq(), Some(2));
     while api.submit("s2").await.is_err() {
         assert!(
             std::time::Instant::now() < deadline,
@@ -385,6 +408,9 @@ async fn event_payloads_are_sealed_in_redis() {
         .await
         .unwrap();
     within("the event", s.recv()).await.unwrap();
+    // A live event's payload too (a memory figure nobody else would print).
+    bus.publish_live(usage("x", 987_654_321)).await.unwrap();
+    within("the live event", s.recv()).await.unwrap();
     let Backend::Redis(server) = &b else {
         unreachable!()
     };
@@ -398,7 +424,7 @@ async fn event_payloads_are_sealed_in_redis() {
     assert!(!dump.stdout.is_empty(), "no event in the stream");
     let text = String::from_utf8_lossy(&dump.stdout);
     assert!(
-        !text.contains("a-secret-marker"),
+        !text.contains("a-secret-marker") && !text.contains("987654321"),
         "plaintext on the bus: {text}"
     );
 }

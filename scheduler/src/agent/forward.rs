@@ -3,7 +3,9 @@
 //! [`STARTED_WAIT`]) so `started` always comes first; output is handed on as whole UTF-8
 //! text (a character split between two reads waits for its rest; invalid bytes are
 //! carried exactly, see [`OutputData`]). Every event goes to the store first (which
-//! assigns its sequence number), then to the bus.
+//! assigns its sequence number), then to the bus — except usage samples, which are
+//! live-only: published on the bus as [`LiveEvent`]s, never stored (they take no seq
+//! and are not replayed; the result carries the usage summary).
 //!
 //! Output and progress are stored in batches: what arrives within [`BATCH_WINDOW`] of
 //! the first waiting event (or until the batch holds [`BATCH_BYTES`]) goes to the store
@@ -21,7 +23,7 @@ use hatchery_sandbox::pool::Event;
 
 use super::run::usage_of;
 use super::Inner;
-use crate::model::{EventBody, OutputData};
+use crate::model::{now_ms, EventBody, LiveBody, LiveEvent, OutputData};
 
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
@@ -103,7 +105,8 @@ impl Forwarder {
                 if let Some(r) = self.inner.running.lock().unwrap().get_mut(&self.id) {
                     r.usage = usage.clone();
                 }
-                EventBody::Usage(usage)
+                self.publish_live(LiveBody::Usage(usage)).await;
+                return;
             }
             Event::Started { .. } | Event::Finished(_) => return,
         };
@@ -124,6 +127,18 @@ impl Forwarder {
                 EventBody::Stderr(data)
             };
             self.queue(body).await;
+        }
+    }
+
+    /// Publishes a live-only event (not stored: no seq, not replayed).
+    async fn publish_live(&self, body: LiveBody) {
+        let event = LiveEvent {
+            execution_id: self.id.clone(),
+            at: now_ms(),
+            body,
+        };
+        if let Err(e) = self.inner.bus.publish_live(event).await {
+            tracing::debug!(execution = %self.id, error = %e, "cannot publish a live event");
         }
     }
 

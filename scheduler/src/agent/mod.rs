@@ -7,8 +7,9 @@
 //! limits (written into the sandbox's cgroup at claim time, so a policy change applies to
 //! the next execution without rolling the pool — R8; the time limit counts from the
 //! claim, which is when user code starts — R6), streams what the sandbox reports as
-//! events (store first: the durable copy carries the sequence number; then the bus), and
-//! at the end stores the encrypted result and marks the record finished.
+//! events (store first: the durable copy carries the sequence number; then the bus;
+//! usage samples only on the bus), and at the end stores the encrypted result and marks
+//! the record finished.
 //!
 //! On start it reconciles: executions the store says run here are from a previous life of
 //! this agent, so they become `lost`, and the cgroups of sandboxes whose owner died are
@@ -112,7 +113,8 @@ pub struct AgentConfig {
     /// sandboxes of this host together (`None`: no ceiling).
     pub host_memory_max: Option<u64>,
     pub host_pids_max: Option<u64>,
-    /// How often a running execution's usage is sampled (and streamed).
+    /// How often a running execution's usage is sampled (and published, live only: the
+    /// samples are not stored).
     pub usage_interval: Duration,
     /// Bytes an execution may emit (stdout and stderr, progress messages, its value)
     /// before it is stopped with state `output_limit`.

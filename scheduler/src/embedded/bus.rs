@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, Notify};
 
-use crate::bus::{AgentCommand, Bus, BusError, Delivery, DeliveryTag, HostStatus};
-use crate::model::ExecEvent;
+use crate::bus::{AgentCommand, Bus, BusError, BusEvent, Delivery, DeliveryTag, HostStatus};
+use crate::model::{ExecEvent, LiveEvent};
 
 /// Default capacity of the event and status broadcasts.
 pub const DEFAULT_CAPACITY: usize = 8192;
@@ -125,7 +125,7 @@ pub struct EmbeddedBus {
 }
 
 struct Inner {
-    events: broadcast::Sender<ExecEvent>,
+    events: broadcast::Sender<BusEvent>,
     status: broadcast::Sender<HostStatus>,
     submitted: Queue<String>,
     agents: Mutex<HashMap<String, Arc<Queue<AgentCommand>>>>,
@@ -209,11 +209,16 @@ impl EmbeddedBus {
 impl Bus for EmbeddedBus {
     async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError> {
         // No subscriber is not an error: the store holds the durable copy.
-        let _ = self.inner.events.send(event);
+        let _ = self.inner.events.send(BusEvent::Stored(event));
         Ok(())
     }
 
-    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent> {
+    async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError> {
+        let _ = self.inner.events.send(BusEvent::Live(event));
+        Ok(())
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<BusEvent> {
         self.inner.events.subscribe()
     }
 
@@ -298,8 +303,8 @@ mod tests {
         let mut s1 = bus.subscribe_events();
         let mut s2 = bus.subscribe_events();
         bus.publish_event(event("a", 2)).await.unwrap();
-        assert_eq!(s1.recv().await.unwrap().seq, 2);
-        assert_eq!(s2.recv().await.unwrap().seq, 2);
+        assert_eq!(s1.recv().await.unwrap().seq(), Some(2));
+        assert_eq!(s2.recv().await.unwrap().seq(), Some(2));
     }
 
     #[tokio::test]
@@ -313,7 +318,7 @@ mod tests {
             slow.recv().await,
             Err(broadcast::error::RecvError::Lagged(6))
         ));
-        assert_eq!(slow.recv().await.unwrap().seq, 7);
+        assert_eq!(slow.recv().await.unwrap().seq(), Some(7));
     }
 
     #[tokio::test]
