@@ -322,7 +322,22 @@ fn on_postgresql_and_redis_work_cancels_and_events_go_over_redis_and_survive_its
         )
         .await;
         wait_running(&h, &alice, &during).await;
+        // A client streaming it live across the restart: the API hears from the bus that
+        // events may have been missed and catches up from the store.
+        let mut live = ws_connect(&h, &format!("/v1/executions/{during}/events?token={alice}"))
+            .await
+            .expect("connect");
+        let (seen, _) = read_events(&mut live, |ev| stdout_of(ev).contains("before")).await;
         redis.restart().expect("restart Redis");
+        let (rest, closed) = read_events(&mut live, |_| false).await;
+        assert!(closed, "the stream did not close after finished");
+        let streamed = logged(&seen.into_iter().chain(rest).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&streamed),
+            (1..=streamed.len() as u64).collect::<Vec<_>>(),
+            "{streamed:?}"
+        );
+        assert_eq!(stdout_of(&streamed), "before\nafter\n");
         let v = wait_terminal(&h, &alice, &during).await;
         assert_eq!(state(&v), "succeeded", "{v}");
         let events = events_of(&h, &alice, &during).await;

@@ -9,10 +9,9 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 use crate::admission::{Admission, AdmissionRules};
-use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus};
+use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
     now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
     Principal, RequestedLimits, ResultSummary, Role,
@@ -151,10 +150,11 @@ pub struct Platform {
 
 /// A follower of events: the backlog after the given sequence number (from the store),
 /// then what the bus carries: events of the log (with their seq) and live-only ones
-/// (usage samples: no seq, never in the backlog).
+/// (usage samples: no seq, never in the backlog). When `live` says
+/// [`crate::bus::Received::Missed`], follow again from the last seq sent.
 pub struct EventFollow {
     pub backlog: Vec<ExecEvent>,
-    pub live: broadcast::Receiver<BusEvent>,
+    pub live: Subscription<BusEvent>,
 }
 
 fn internal(e: impl std::fmt::Display) -> PlatformError {
@@ -584,7 +584,7 @@ impl Platform {
     pub async fn monitor(
         &self,
         who: &Principal,
-    ) -> Result<broadcast::Receiver<HostStatus>, PlatformError> {
+    ) -> Result<Subscription<HostStatus>, PlatformError> {
         match who.role {
             Role::Superadmin | Role::OrgAdmin => Ok(self.bus.subscribe_status()),
             Role::User => Err(PlatformError::Forbidden(

@@ -12,8 +12,9 @@
 //!   replica streams any execution. An event's payload is sealed with the platform's
 //!   keyring (bound to the execution and seq; a live-only event, which has no seq, to
 //!   its execution as a live event), like the store's copy: Redis may persist what it
-//!   holds. The store keeps the durable copy; a subscriber that lags or misses
-//!   events while Redis is away catches up from the store.
+//!   holds. The store keeps the durable copy: a subscriber that lags, and every
+//!   subscriber when a reader's connection drops and again when it is back, gets
+//!   [`crate::bus::Received::Missed`] and catches up from the store.
 //! - Blocking reads use connections of their own; everything else shares one
 //!   multiplexed connection that reconnects by itself.
 
@@ -25,9 +26,11 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::StreamReadReply;
 use redis::Value;
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::Mutex;
 
-use crate::bus::{AgentCommand, Bus, BusError, BusEvent, Delivery, DeliveryTag, HostStatus};
+use crate::bus::{
+    AgentCommand, Bus, BusError, BusEvent, Delivery, DeliveryTag, Feed, HostStatus, Subscription,
+};
 use crate::model::{ExecEvent, LiveEvent};
 use crate::seal::{Binding, Keyring};
 
@@ -74,8 +77,8 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     keyring: Keyring,
-    events: broadcast::Sender<BusEvent>,
-    status: broadcast::Sender<HostStatus>,
+    events: Feed<BusEvent>,
+    status: Feed<HostStatus>,
     /// Consumer groups known to exist.
     groups: Mutex<HashSet<String>>,
     /// One blocking reader per work stream.
@@ -114,6 +117,11 @@ fn io(e: redis::RedisError) -> BusError {
     BusError::Io(e.to_string())
 }
 
+/// The consumer group (or its stream) does not exist: Redis lost its data.
+fn is_nogroup(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+}
+
 const SCHEDULERS: &str = "schedulers";
 const AGENT: &str = "agent";
 
@@ -122,28 +130,27 @@ impl RedisBus {
     pub async fn connect(cfg: RedisConfig, keyring: Keyring) -> Result<RedisBus, BusError> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(io)?;
         let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
-        let (events, _) = broadcast::channel(cfg.capacity);
-        let (status, _) = broadcast::channel(cfg.capacity);
+        let events = Feed::new(cfg.capacity);
+        let status = Feed::new(cfg.capacity);
         let mut tasks = Vec::new();
         {
             let key = format!("{}:events", cfg.prefix);
-            let (client, tx, keyring) = (client.clone(), events.clone(), keyring.clone());
+            let (client, feed, keyring) = (client.clone(), events.clone(), keyring.clone());
             let start = last_id(&conn, &key).await?;
-            tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
-                let event = open_event(&keyring, fields)?;
-                let _ = tx.send(event);
-                Some(())
-            })));
+            tasks.push(tokio::spawn(fan_out(
+                client,
+                key,
+                start,
+                feed,
+                move |fields| open_event(&keyring, fields),
+            )));
         }
         {
             let key = format!("{}:status", cfg.prefix);
-            let (client, tx) = (client.clone(), status.clone());
+            let (client, feed) = (client.clone(), status.clone());
             let start = last_id(&conn, &key).await?;
-            tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
-                let json = field(fields, "s")?;
-                let status: HostStatus = serde_json::from_slice(&json).ok()?;
-                let _ = tx.send(status);
-                Some(())
+            tasks.push(tokio::spawn(fan_out(client, key, start, feed, |fields| {
+                serde_json::from_slice(&field(fields, "s")?).ok()
             })));
         }
         Ok(RedisBus {
@@ -170,7 +177,7 @@ impl RedisBus {
     }
 
     /// Creates `group` on `key` (and the stream) unless it exists.
-    async fn ensure_group(&self, key: &str, group: &str) -> Result<(), BusError> {
+    async fn ensure_group(&self, key: &str, group: &str) -> redis::RedisResult<()> {
         let name = format!("{key}\u{1}{group}");
         if self.inner.groups.lock().await.contains(&name) {
             return Ok(());
@@ -187,7 +194,7 @@ impl RedisBus {
         match r {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(e),
         }
         self.inner.groups.lock().await.insert(name);
         Ok(())
@@ -237,7 +244,7 @@ impl RedisBus {
         group: &str,
         consumer: &str,
     ) -> Result<(String, Vec<(String, Vec<u8>)>), BusError> {
-        self.ensure_group(key, group).await?;
+        self.ensure_group(key, group).await.map_err(io)?;
         let reader = self.reader(key).await;
         let mut reader = reader.lock().await;
         if reader.in_flight {
@@ -274,11 +281,11 @@ impl RedisBus {
                 Ok(r) => r,
                 Err(e) => {
                     reader.conn = None;
-                    if e.code() == Some("NOGROUP") {
+                    if is_nogroup(&e) {
                         // Redis lost its data (a restart without persistence).
                         self.inner.groups.lock().await.clear();
                         drop(reader);
-                        self.ensure_group(key, group).await?;
+                        self.ensure_group(key, group).await.map_err(io)?;
                         return Box::pin(self.take(key, group, consumer)).await;
                     }
                     return Err(io(e));
@@ -307,6 +314,7 @@ impl RedisBus {
 
     async fn ack(&self, key: &str, group: &str, tag: &DeliveryTag) -> Result<(), BusError> {
         let mut conn = self.inner.conn.clone();
+        // An entry Redis forgot (a restart without persistence) acknowledges as 0.
         let _: i64 = redis::cmd("XACK")
             .arg(key)
             .arg(group)
@@ -331,6 +339,26 @@ impl RedisBus {
         consumer: &str,
         claim: bool,
     ) -> Result<usize, BusError> {
+        match self.try_requeue(key, group, consumer, claim).await {
+            // Redis lost its data since the group was made here: make it again (nothing
+            // is pending in a new group).
+            Err(e) if is_nogroup(&e) => {
+                self.inner.groups.lock().await.clear();
+                self.try_requeue(key, group, consumer, claim)
+                    .await
+                    .map_err(io)
+            }
+            other => other.map_err(io),
+        }
+    }
+
+    async fn try_requeue(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        claim: bool,
+    ) -> redis::RedisResult<usize> {
         self.ensure_group(key, group).await?;
         let mut conn = self.inner.conn.clone();
         if claim {
@@ -344,8 +372,7 @@ impl RedisBus {
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)
-                .await
-                .map_err(io)?;
+                .await?;
         }
         let pending: Value = redis::cmd("XPENDING")
             .arg(key)
@@ -355,8 +382,7 @@ impl RedisBus {
             .arg(100_000)
             .arg(consumer)
             .query_async(&mut conn)
-            .await
-            .map_err(io)?;
+            .await?;
         let n = match pending {
             Value::Array(items) => items.len(),
             _ => 0,
@@ -459,16 +485,21 @@ fn id_key(id: &str) -> (u64, u64) {
     (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
 }
 
-/// Reads `key` from after `last` for ever, handing each entry's fields to `deliver`;
-/// reconnects after errors, and starts over from the beginning when the stream went
-/// back (Redis restarted without its data).
-async fn fan_out(
+/// Reads `key` from after `last` for ever, handing what `parse` makes of each entry to
+/// `feed`'s subscribers. When the connection drops it tells them they may miss entries
+/// ([`Feed::missed`]), reconnects, tells them again once it reads again (what was
+/// published meanwhile may be lost with a Redis that restarted empty), and reads on:
+/// from the start of the stream when it went back (its ids restarted).
+async fn fan_out<T: Clone + Send + 'static>(
     client: redis::Client,
     key: String,
     mut last: String,
-    deliver: impl Fn(&[(String, Vec<u8>)]) -> Option<()> + Send + 'static,
+    feed: Feed<T>,
+    parse: impl Fn(&[(String, Vec<u8>)]) -> Option<T> + Send + 'static,
 ) {
     let mut conn: Option<MultiplexedConnection> = None;
+    // The connection was lost and subscribers were told; they are told again on reconnect.
+    let mut lost = false;
     loop {
         if conn.is_none() {
             match client.get_multiplexed_async_connection().await {
@@ -480,6 +511,11 @@ async fn fan_out(
                         last = "0-0".into();
                     }
                     conn = Some(c);
+                    if lost {
+                        lost = false;
+                        tracing::info!(key, "bus reader: reconnected; subscribers catch up");
+                        feed.missed();
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(key, error = %e, "bus reader: cannot connect");
@@ -508,15 +544,21 @@ async fn fan_out(
                             .iter()
                             .filter_map(|(k, v)| Some((k.clone(), bytes_of(v)?)))
                             .collect();
-                        deliver(&fields);
+                        if let Some(item) = parse(&fields) {
+                            feed.send(item);
+                        }
                         last = e.id;
                     }
                 }
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(key, error = %e, "bus reader: lost the connection");
+                tracing::warn!(key, error = %e, "bus reader: lost the connection; subscribers catch up");
                 conn = None;
+                if !lost {
+                    lost = true;
+                    feed.missed();
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -570,7 +612,7 @@ impl Bus for RedisBus {
         .await
     }
 
-    fn subscribe_events(&self) -> broadcast::Receiver<BusEvent> {
+    fn subscribe_events(&self) -> Subscription<BusEvent> {
         self.inner.events.subscribe()
     }
 
@@ -666,7 +708,7 @@ impl Bus for RedisBus {
             .await
     }
 
-    fn subscribe_status(&self) -> broadcast::Receiver<HostStatus> {
+    fn subscribe_status(&self) -> Subscription<HostStatus> {
         self.inner.status.subscribe()
     }
 }

@@ -18,9 +18,9 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus};
+use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus, Received, Subscription};
 use crate::model::{now_ms, ExecState};
 use crate::placement::Cluster;
 use crate::store::{ListFilter, Store, StoreError};
@@ -60,7 +60,7 @@ struct Waiting {
 pub async fn run_scheduler(
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
-    mut statuses: broadcast::Receiver<HostStatus>,
+    mut statuses: Subscription<HostStatus>,
 ) -> Result<(), SchedulerError> {
     // Submissions are read by their own task, so a pending read is never dropped
     // half-way by the `select!` below.
@@ -145,7 +145,7 @@ pub async fn run_scheduler(
                 None => return Err(SchedulerError::BusClosed),
             },
             status = statuses.recv(), if statuses_open => match status {
-                Ok(s) => {
+                Received::Item(s) => {
                     let agent = s.agent.clone();
                     cluster.observe(s);
                     // Runs that started or ended since they were sent free their slot.
@@ -157,10 +157,10 @@ pub async fn run_scheduler(
                         }
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::debug!(missed = n, "host statuses lagged");
-                }
-                Err(broadcast::error::RecvError::Closed) => statuses_open = false,
+                // Statuses come again periodically; runs that landed meanwhile are found
+                // when their host's next status arrives.
+                Received::Missed => tracing::debug!("host statuses may have been missed"),
+                Received::Closed => statuses_open = false,
             },
             _ = reap.tick() => {
                 // Right after the store was unreachable, every lease looks lapsed: give

@@ -612,7 +612,8 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
         let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
             .await
             .expect("a live event")
-            .expect("no lag");
+            .item()
+            .expect("an item: no lag");
         match e {
             BusEvent::Stored(e) if e.execution_id == id => published.push(e),
             _ => {}
@@ -765,7 +766,8 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         let s = tokio::time::timeout(Duration::from_secs(5), statuses.recv())
             .await
             .expect("a status")
-            .expect("no lag");
+            .item()
+            .expect("an item: no lag");
         if s.agent == env.agent_id
             && s.sandboxes
                 .iter()
@@ -794,7 +796,8 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
             .await
             .expect("an event")
-            .expect("no lag");
+            .item()
+            .expect("an item: no lag");
         if let BusEvent::Live(e) = &e {
             let LiveBody::Usage(u) = &e.body;
             if e.execution_id == id && u.memory_bytes > 30 * MIB {
