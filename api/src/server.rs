@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use hatchery_scheduler::bus::HostStatus;
+use hatchery_scheduler::bus::{BusEvent, HostStatus, Received};
 use hatchery_scheduler::model::{EventBody, Principal};
 use hatchery_scheduler::platform::Platform;
 use http_body_util::Full;
@@ -27,7 +27,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::Auth;
@@ -189,9 +189,10 @@ impl ApiServer {
         let hosts = tokio::spawn(async move {
             loop {
                 match statuses.recv().await {
-                    Ok(s) => st.hosts.update(s),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => break,
+                    Received::Item(s) => st.hosts.update(s),
+                    // Statuses come again periodically.
+                    Received::Missed => continue,
+                    Received::Closed => break,
                 }
             }
         });
@@ -200,13 +201,16 @@ impl ApiServer {
         let finished = tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(e) => {
+                    Received::Item(BusEvent::Stored(e)) => {
                         if let EventBody::Finished(summary) = &e.body {
                             st.metrics.finished(summary.state.as_str());
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => break,
+                    Received::Item(BusEvent::Live(_)) => {}
+                    // Executions that finished meanwhile go uncounted here (the count is
+                    // of what this process saw on the bus).
+                    Received::Missed => continue,
+                    Received::Closed => break,
                 }
             }
         });

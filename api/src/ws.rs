@@ -4,10 +4,15 @@
 //!
 //! Event streams never lose an event: the platform subscribes before it reads the
 //! backlog, the stream sends each `(execution, seq)` once and in order, and whenever the
-//! live feed skips (a gap in `seq`, or the subscriber lagged behind the bus) it reads the
+//! live feed skips (a gap in `seq`, or the bus says events may have been missed: the
+//! subscriber lagged behind, or the bus's connection dropped or came back) it reads the
 //! missing events back from the store. A client that reconnects with `after=<last seq>`
 //! gets exactly what follows. One execution's stream closes (code 1000) after its
 //! `finished` event.
+//!
+//! Usage samples are live-only: sent as they come while the client listens, without a
+//! `seq`, never stored and never replayed; they take no place in the `seq`s, which stay
+//! 1, 2, 3, ... without gaps.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +21,8 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hatchery_scheduler::model::{EventBody, ExecEvent, Principal};
+use hatchery_scheduler::bus::{BusEvent, HostStatus, Received, Subscription};
+use hatchery_scheduler::model::{EventBody, ExecEvent, LiveEvent, Principal};
 use hatchery_scheduler::platform::EventFollow;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -27,7 +33,6 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -322,7 +327,14 @@ async fn execution_loop(
         let refollow = loop {
             tokio::select! {
                 ev = follow.live.recv() => match ev {
-                    Ok(e) => {
+                    Received::Item(BusEvent::Live(e)) => {
+                        if e.execution_id == id {
+                            if let Err(stop) = peer.send(&e).await {
+                                return stop;
+                            }
+                        }
+                    }
+                    Received::Item(BusEvent::Stored(e)) => {
                         if e.execution_id != id || e.seq <= last {
                             continue;
                         }
@@ -337,8 +349,9 @@ async fn execution_loop(
                             return Stop::Close(CloseCode::Normal, "finished");
                         }
                     }
-                    Err(RecvError::Lagged(_)) => break true,
-                    Err(RecvError::Closed) => return Stop::Close(CloseCode::Away, "the platform stopped"),
+                    // Catch up from the store.
+                    Received::Missed => break true,
+                    Received::Closed => return Stop::Close(CloseCode::Away, "the platform stopped"),
                 },
                 stop = peer.incoming() => return stop,
                 _ = crate::server::stopped(&mut shutdown) => return Stop::Close(CloseCode::Away, "server shutting down"),
@@ -423,13 +436,18 @@ impl Seen {
         Ok(())
     }
 
-    async fn owns(&mut self, st: &ApiState, who: &Principal, e: &ExecEvent) -> bool {
-        if let Some(b) = self.owned.get(&e.execution_id) {
+    async fn owns(&mut self, st: &ApiState, who: &Principal, execution_id: &str) -> bool {
+        if let Some(b) = self.owned.get(execution_id) {
             return *b;
         }
-        let b = st.platform.owns_event(who, e).await;
-        self.owned.insert(e.execution_id.clone(), b);
+        let b = st.platform.owns_execution(who, execution_id).await;
+        self.owned.insert(execution_id.to_string(), b);
         b
+    }
+
+    /// Sends a live-only event (no seq: nothing to keep track of).
+    async fn send_live(&mut self, e: LiveEvent, peer: &mut Peer) -> Result<(), Stop> {
+        peer.send(&e).await
     }
 }
 
@@ -459,16 +477,20 @@ async fn all_loop(
         loop {
             tokio::select! {
                 ev = follow.live.recv() => match ev {
-                    Ok(e) => {
-                        if !seen.owns(st, who, &e).await {
+                    Received::Item(ev) => {
+                        if !seen.owns(st, who, ev.execution_id()).await {
                             continue;
                         }
-                        if let Err(stop) = seen.offer(st, who, e, peer).await {
+                        let sent = match ev {
+                            BusEvent::Stored(e) => seen.offer(st, who, e, peer).await,
+                            BusEvent::Live(e) => seen.send_live(e, peer).await,
+                        };
+                        if let Err(stop) = sent {
                             return stop;
                         }
                     }
-                    Err(RecvError::Lagged(_)) => break,
-                    Err(RecvError::Closed) => return Stop::Close(CloseCode::Away, "the platform stopped"),
+                    Received::Missed => break,
+                    Received::Closed => return Stop::Close(CloseCode::Away, "the platform stopped"),
                 },
                 stop = peer.incoming() => return stop,
                 _ = crate::server::stopped(&mut shutdown) => return Stop::Close(CloseCode::Away, "server shutting down"),
@@ -479,7 +501,7 @@ async fn all_loop(
                 }
             }
         }
-        // Lagged: catch up from the store.
+        // Events may have been missed: catch up from the store.
         let known: Vec<(String, u64)> = seen
             .last
             .iter()
@@ -497,7 +519,7 @@ async fn all_loop(
 async fn stream_monitor(
     st: Arc<ApiState>,
     who: Principal,
-    mut statuses: tokio::sync::broadcast::Receiver<hatchery_scheduler::bus::HostStatus>,
+    mut statuses: Subscription<HostStatus>,
     ws: Ws,
 ) {
     let mut peer = Peer::new(ws);
@@ -513,13 +535,14 @@ async fn stream_monitor(
         loop {
             tokio::select! {
                 s = statuses.recv() => match s {
-                    Ok(s) => {
+                    Received::Item(s) => {
                         if let Err(stop) = peer.send(&st.platform.visible_status(&who, s)).await {
                             break 'run stop;
                         }
                     }
-                    Err(RecvError::Lagged(_)) => continue,
-                    Err(RecvError::Closed) => break 'run Stop::Close(CloseCode::Away, "the platform stopped"),
+                    // Statuses come again periodically.
+                    Received::Missed => continue,
+                    Received::Closed => break 'run Stop::Close(CloseCode::Away, "the platform stopped"),
                 },
                 stop = peer.incoming() => break 'run stop,
                 _ = crate::server::stopped(&mut shutdown) => break 'run Stop::Close(CloseCode::Away, "server shutting down"),

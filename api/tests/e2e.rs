@@ -26,6 +26,24 @@ use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------- the tests
 
+/// The events of the log: all but the live-only `usage` samples, which carry no `seq`
+/// (checked: every other event has one).
+fn logged(events: &[Value]) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| {
+            let live = e["type"] == "usage";
+            assert_eq!(
+                e.get("seq").is_none(),
+                live,
+                "only usage events lack a seq: {e}"
+            );
+            !live
+        })
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn two_tabs_of_one_user_run_the_same_model_concurrently() {
     e2e(async {
@@ -179,6 +197,7 @@ fn a_client_that_disconnects_mid_run_later_gets_every_event_and_the_result() {
             read_events(&mut ws, |ev| ev.iter().any(|e| e["type"] == "stdout")).await;
         assert!(!closed);
         drop(ws);
+        let first = logged(&first);
         let first_seqs = seqs(&first);
         assert_eq!(
             first_seqs,
@@ -201,6 +220,8 @@ fn a_client_that_disconnects_mid_run_later_gets_every_event_and_the_result() {
         .unwrap();
         let (rest, closed) = read_events(&mut ws, |_| false).await;
         assert!(closed, "the stream closes after `finished`");
+        // Usage samples are live-only: none is replayed.
+        assert_eq!(logged(&rest), rest);
         let rest_seqs = seqs(&rest);
         assert_eq!(
             rest_seqs,
@@ -1072,13 +1093,21 @@ fn all_events_monitor_and_admin_views() {
             !closed,
             "the events stream closed before both executions finished: {events:?}"
         );
+        // The busy one ran for 4 s: its usage samples came live, without a seq.
+        assert!(
+            events.iter().any(|e| e["execution_id"] == busy.as_str()
+                && e["type"] == "usage"
+                && e.get("seq").is_none()
+                && e["memory_bytes"].as_u64().is_some()),
+            "no live usage of {busy}: {events:?}"
+        );
         for id in [&busy, &quick] {
             let mine: Vec<Value> = events
                 .iter()
                 .filter(|e| e["execution_id"] == id.as_str())
                 .cloned()
                 .collect();
-            let s = seqs(&mine);
+            let s = seqs(&logged(&mine));
             assert_eq!(
                 s,
                 (1..=s.len() as u64).collect::<Vec<_>>(),

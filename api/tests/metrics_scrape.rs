@@ -116,6 +116,9 @@ impl Store for CountingStore {
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
         self.inner.append_event(id, body).await
     }
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>> {
+        self.inner.append_events(id, bodies).await
+    }
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
         self.inner.events_after(id, after).await
     }

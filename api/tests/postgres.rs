@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hatchery_scheduler::engines::{PostgresServer, RedisServer};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A private PostgreSQL server with a `hatchery` database, or `None` (the skip recorded)
 /// where PostgreSQL is not installed and the run does not require it.
@@ -60,6 +60,24 @@ fn psql(server: &PostgresServer, sql: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The events of the log: all but the live-only `usage` samples, which carry no `seq`
+/// (checked: every other event has one).
+fn logged(events: &[Value]) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| {
+            let live = e["type"] == "usage";
+            assert_eq!(
+                e.get("seq").is_none(),
+                live,
+                "only usage events lack a seq: {e}"
+            );
+            !live
+        })
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn executions_run_on_postgresql_sealed_and_kept_across_a_restart() {
     let Some((server, url)) =
@@ -84,6 +102,7 @@ fn executions_run_on_postgresql_sealed_and_kept_across_a_restart() {
         let (events, closed) = read_events(&mut ws, |_| false).await;
         assert!(closed, "the stream did not close after finished");
         assert_eq!(stdout_of(&events), "pg-marker-output\n[1] 42\n");
+        let events = logged(&events);
         assert_eq!(seqs(&events), (1..=events.len() as u64).collect::<Vec<_>>());
 
         // In the database: one execution with its gapless log, nothing of what the code
@@ -251,7 +270,7 @@ fn on_postgresql_and_redis_work_cancels_and_events_go_over_redis_and_survive_its
 
         // Live output over the Redis fan-out, in order, with the value.
         let id = run_r(&h, &alice, r#"for (i in 1:3) cat("line", i, "\n"); 6 * 7"#).await;
-        let events = events_of(&h, &alice, &id).await;
+        let events = logged(&events_of(&h, &alice, &id).await);
         assert_eq!(seqs(&events), (1..=events.len() as u64).collect::<Vec<_>>());
         assert!(
             stdout_of(&events).starts_with("line 1 \nline 2 \nline 3 \n"),
@@ -303,7 +322,22 @@ fn on_postgresql_and_redis_work_cancels_and_events_go_over_redis_and_survive_its
         )
         .await;
         wait_running(&h, &alice, &during).await;
+        // A client streaming it live across the restart: the API hears from the bus that
+        // events may have been missed and catches up from the store.
+        let mut live = ws_connect(&h, &format!("/v1/executions/{during}/events?token={alice}"))
+            .await
+            .expect("connect");
+        let (seen, _) = read_events(&mut live, |ev| stdout_of(ev).contains("before")).await;
         redis.restart().expect("restart Redis");
+        let (rest, closed) = read_events(&mut live, |_| false).await;
+        assert!(closed, "the stream did not close after finished");
+        let streamed = logged(&seen.into_iter().chain(rest).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&streamed),
+            (1..=streamed.len() as u64).collect::<Vec<_>>(),
+            "{streamed:?}"
+        );
+        assert_eq!(stdout_of(&streamed), "before\nafter\n");
         let v = wait_terminal(&h, &alice, &during).await;
         assert_eq!(state(&v), "succeeded", "{v}");
         let events = events_of(&h, &alice, &during).await;

@@ -1,17 +1,52 @@
-//! The bus: how the roles talk without sharing memory. Live event fan-out (agent → api),
+//! The bus: how the roles talk without sharing memory. Event fan-out (agent → api: the
+//! events of the log after the store took them, and live-only usage samples),
 //! the work queue (api → scheduler → agent), cancellations (api → agent) and host status
-//! (agent → scheduler, admin monitor). One trait, two backends: in-process channels here,
-//! Redis streams and pub/sub later.
+//! (agent → scheduler, admin monitor). One trait, two backends: in-process channels
+//! ([`crate::embedded::EmbeddedBus`]) and Redis Streams ([`crate::redis_bus::RedisBus`]).
 //!
 //! Delivery of work is at-least-once: a consumer acknowledges an item only after it has
 //! acted on it (the store's state transitions make repeats harmless: `mark_running` of an
 //! execution that is no longer queued fails).
+//!
+//! Events and host statuses reach subscribers through a [`Subscription`]: each `recv`
+//! yields the next item, or [`Received::Missed`] when items may have been lost — the
+//! subscriber fell behind, or (a remote bus) its connection dropped or came back —
+//! after which a subscriber that must not miss anything catches up from the store; or
+//! [`Received::Closed`] once the bus is gone.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use crate::model::{ExecEvent, Millis, Usage};
+use crate::model::{ExecEvent, LiveEvent, Millis, Usage};
+
+/// What the bus carries to event subscribers: an event of an execution's log (stored
+/// first, with its `seq`), or a live-only one (never stored, no `seq`). Serialised as
+/// the event itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BusEvent {
+    Stored(ExecEvent),
+    Live(LiveEvent),
+}
+
+impl BusEvent {
+    pub fn execution_id(&self) -> &str {
+        match self {
+            BusEvent::Stored(e) => &e.execution_id,
+            BusEvent::Live(e) => &e.execution_id,
+        }
+    }
+
+    /// The sequence number, for an event of the log.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            BusEvent::Stored(e) => Some(e.seq),
+            BusEvent::Live(_) => None,
+        }
+    }
+}
 
 /// A message to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +107,107 @@ impl DeliveryTag {
     }
 }
 
+/// What a [`Subscription`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received<T> {
+    /// The next item.
+    Item(T),
+    /// Items may have been missed since the last one: this subscriber fell behind, or
+    /// the bus's connection was lost or re-established (a restarted Redis may have lost
+    /// what it held). A subscriber that must not miss anything catches up from the store.
+    Missed,
+    /// The bus is gone: nothing more will come.
+    Closed,
+}
+
+impl<T> Received<T> {
+    /// The item, if this is one.
+    pub fn item(self) -> Option<T> {
+        match self {
+            Received::Item(t) => Some(t),
+            Received::Missed | Received::Closed => None,
+        }
+    }
+}
+
+/// What a feed carries: items, and the note that some may have been missed.
+#[derive(Debug, Clone)]
+enum Signal<T> {
+    Item(T),
+    Missed,
+}
+
+/// The sending side of a fan-out: a bus hands every item (and every interruption) to
+/// all current subscribers through it. Cheap to clone (clones feed the same
+/// subscribers); subscribers see [`Received::Closed`] once every clone is dropped.
+#[derive(Debug)]
+pub struct Feed<T> {
+    tx: broadcast::Sender<Signal<T>>,
+}
+
+impl<T> Clone for Feed<T> {
+    fn clone(&self) -> Self {
+        Feed {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Clone + Send + 'static> Feed<T> {
+    /// A feed holding up to `capacity` items for a slow subscriber (at least 1); one
+    /// further behind gets [`Received::Missed`].
+    pub fn new(capacity: usize) -> Feed<T> {
+        Feed {
+            tx: broadcast::channel(capacity.max(1)).0,
+        }
+    }
+
+    /// Hands `item` to every subscriber (none is not an error).
+    pub fn send(&self, item: T) {
+        let _ = self.tx.send(Signal::Item(item));
+    }
+
+    /// Tells every subscriber that items may have been missed.
+    pub fn missed(&self) {
+        let _ = self.tx.send(Signal::Missed);
+    }
+
+    /// A subscriber of what is sent from now on.
+    pub fn subscribe(&self) -> Subscription<T> {
+        Subscription {
+            rx: self.tx.subscribe(),
+        }
+    }
+}
+
+/// One subscriber of a bus's events or host statuses.
+#[derive(Debug)]
+pub struct Subscription<T> {
+    rx: broadcast::Receiver<Signal<T>>,
+}
+
+impl<T: Clone> Subscription<T> {
+    /// The next item, or why there is none. Cancel-safe: a `recv` dropped in a
+    /// `select!` loses nothing.
+    pub async fn recv(&mut self) -> Received<T> {
+        match self.rx.recv().await {
+            Ok(Signal::Item(item)) => Received::Item(item),
+            Ok(Signal::Missed) | Err(RecvError::Lagged(_)) => Received::Missed,
+            Err(RecvError::Closed) => Received::Closed,
+        }
+    }
+
+    /// What is waiting, without waiting: `None` when nothing is.
+    pub fn try_recv(&mut self) -> Option<Received<T>> {
+        match self.rx.try_recv() {
+            Ok(Signal::Item(item)) => Some(Received::Item(item)),
+            Ok(Signal::Missed) | Err(TryRecvError::Lagged(_)) => Some(Received::Missed),
+            Err(TryRecvError::Closed) => Some(Received::Closed),
+            Err(TryRecvError::Empty) => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus closed")]
@@ -82,9 +218,14 @@ pub enum BusError {
 
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Live events for subscribers (the store holds the durable copy).
+    /// An event of an execution's log, for subscribers (after the store took it: the
+    /// store holds the durable copy).
     async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError>;
-    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent>;
+    /// A live-only event (a usage sample): subscribers get it if they listen now; it is
+    /// never stored.
+    async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError>;
+    /// Events published from now on (see [`Subscription`]).
+    fn subscribe_events(&self) -> Subscription<BusEvent>;
 
     /// api → scheduler: an execution was admitted.
     async fn submit(&self, execution_id: &str) -> Result<(), BusError>;
@@ -111,5 +252,6 @@ pub trait Bus: Send + Sync + 'static {
 
     /// agent → everyone: host status (also the admin monitor's source).
     async fn publish_status(&self, status: HostStatus) -> Result<(), BusError>;
-    fn subscribe_status(&self) -> broadcast::Receiver<HostStatus>;
+    /// Host statuses published from now on (see [`Subscription`]).
+    fn subscribe_status(&self) -> Subscription<HostStatus>;
 }

@@ -1,13 +1,15 @@
 //! Hatchery's scheduler side of the platform: the wire types ([`model`]), the store and
 //! bus interfaces with their embedded backends, policy resolution and admission, the
 //! platform front door the API calls ([`platform`]), the keyring and sealed-blob format of
-//! everything stored at rest ([`seal`]), encrypted objects, placement, and the
-//! per-host agent that drives the `sandbox` runtime's warm pools.
+//! everything stored at rest ([`seal`]), encrypted objects, admission ([`admission`]),
+//! placement (pure decisions: [`placement`]; the scheduler role's loop: [`scheduling`]),
+//! and the per-host agent that drives the `sandbox` runtime's warm pools ([`agent`]).
 //!
 //! [`vm`] boots Linux VMs under qemu (pure cgroup v2 guests running host binaries); the
 //! `hatchery-vm` binary uses it to test the v2 cgroup backend, and the local cluster
 //! simulation will use it for its hosts.
 
+pub mod admission;
 pub mod agent;
 pub mod bus;
 pub mod embedded;
@@ -22,6 +24,7 @@ pub mod policy;
 pub mod postgres;
 pub mod private_files;
 pub mod redis_bus;
+pub mod scheduling;
 pub mod seal;
 pub mod store;
 pub mod vm;

@@ -217,6 +217,7 @@ pub struct ExecutionRecord {
 }
 
 /// What an execution reports; stored in order with a per-execution sequence number.
+/// Usage samples are not stored: they are [`LiveEvent`]s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecEvent {
     pub execution_id: String,
@@ -242,8 +243,29 @@ pub enum EventBody {
         fraction: f64,
         message: String,
     },
+    /// A usage sample, in logs written before samples became live-only ([`LiveEvent`]):
+    /// kept so those logs still read; nothing appends it any more.
     Usage(Usage),
     Finished(ResultSummary),
+}
+
+/// A live-only event: published on the bus while the execution runs, never stored, so it
+/// has no sequence number, does not count in the log's seqs and is not replayed to a
+/// client that reconnects. On the wire it is an event without `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveEvent {
+    pub execution_id: String,
+    pub at: Millis,
+    #[serde(flatten)]
+    pub body: LiveBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveBody {
+    /// The sandbox's usage now (sampled every `usage_interval`); the result carries the
+    /// summary.
+    Usage(Usage),
 }
 
 /// A piece of output (at most 64 KiB). `data` is the text; bytes that are not valid
@@ -394,6 +416,25 @@ mod tests {
         assert_eq!(v["seq"], 3);
         assert_eq!(v["fraction"], 0.5);
         let back: ExecEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn live_events_serialise_flat_without_a_seq() {
+        let e = LiveEvent {
+            execution_id: "x".into(),
+            at: 1,
+            body: LiveBody::Usage(Usage {
+                cpu_ms: 2.5,
+                memory_bytes: 10,
+                memory_peak_bytes: 20,
+            }),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "usage");
+        assert_eq!(v["memory_peak_bytes"], 20);
+        assert!(v.get("seq").is_none(), "{v}");
+        let back: LiveEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
     }
 }

@@ -19,12 +19,12 @@ use crate::bus::Bus;
 use crate::embedded::{EmbeddedBus, EmbeddedStore};
 use crate::encrypted::{EncryptedObjects, S3Config};
 use crate::objects::{ObjectError, Objects};
-use crate::placement::run_scheduler;
 use crate::platform::{Platform, PlatformConfig};
 use crate::policy::PolicyErrors;
 use crate::postgres::{PgConfig, PgStore};
 use crate::private_files;
 use crate::redis_bus::{RedisBus, RedisConfig};
+use crate::scheduling::run_scheduler;
 use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
 

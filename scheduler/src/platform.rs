@@ -1,23 +1,24 @@
 //! The platform's front door, as the API sees it: submit, read, list, cancel, follow
 //! events, read results, administer policies, monitor. It enforces who may see what
 //! (another org's or user's execution is `NotFound`, never `Forbidden`: no existence
-//! leak), resolves policies, validates limits and runs admission through the store. It
-//! holds no state of its own: everything goes through the [`Store`], the [`Bus`] and the
-//! [`Objects`], so several API nodes can serve the same platform.
+//! leak), resolves policies, validates limits and runs admission through the store (the
+//! whole path is described in [`crate::admission`]). It holds no state of its own:
+//! everything goes through the [`Store`], the [`Bus`] and the [`Objects`], so several
+//! API nodes can serve the same platform.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
-use crate::bus::{AgentCommand, Bus, HostStatus};
+use crate::admission::{Admission, AdmissionRules};
+use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
     now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
     Principal, RequestedLimits, ResultSummary, Role,
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
-use crate::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
+use crate::store::{ListFilter, Store, StoreError};
 
 /// Languages the platform runs, and the largest code it accepts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,10 +148,13 @@ pub struct Platform {
     pub objects: Arc<dyn Objects>,
 }
 
-/// A follower of events: the backlog after the given sequence number, then live events.
+/// A follower of events: the backlog after the given sequence number (from the store),
+/// then what the bus carries: events of the log (with their seq) and live-only ones
+/// (usage samples: no seq, never in the backlog). When `live` says
+/// [`crate::bus::Received::Missed`], follow again from the last seq sent.
 pub struct EventFollow {
     pub backlog: Vec<ExecEvent>,
-    pub live: broadcast::Receiver<ExecEvent>,
+    pub live: Subscription<BusEvent>,
 }
 
 fn internal(e: impl std::fmt::Display) -> PlatformError {
@@ -393,8 +397,9 @@ impl Platform {
     }
 
     /// Events of one execution after `after_seq`: subscribes first, then reads the
-    /// backlog, so an event is in the backlog, in the live stream, or both (the caller
-    /// drops `seq`s it has already sent) — never in neither.
+    /// backlog, so an event of the log is in the backlog, in the live stream, or both (the
+    /// caller drops `seq`s it has already sent) — never in neither. Live-only events are
+    /// only in the live stream, while the caller listens.
     pub async fn follow(
         &self,
         who: &Principal,
@@ -410,7 +415,7 @@ impl Platform {
     /// Events of all of the caller's executions: for each `(id, seq)` in `after`, the
     /// backlog after it; for the caller's active executions not named there, their whole
     /// backlog; then everything live (the caller filters live events by owner with
-    /// [`Platform::owns_event`]).
+    /// [`Platform::owns_execution`]).
     pub async fn follow_all(
         &self,
         who: &Principal,
@@ -440,10 +445,10 @@ impl Platform {
         Ok(EventFollow { backlog, live })
     }
 
-    /// Whether a live event belongs to one of `who`'s own executions.
-    pub async fn owns_event(&self, who: &Principal, event: &ExecEvent) -> bool {
+    /// Whether `execution_id` (of a live event) is one of `who`'s own executions.
+    pub async fn owns_execution(&self, who: &Principal, execution_id: &str) -> bool {
         matches!(
-            self.store.get(&event.execution_id).await,
+            self.store.get(execution_id).await,
             Ok(Some(r)) if r.org == who.org && r.user == who.user
         )
     }
@@ -579,7 +584,7 @@ impl Platform {
     pub async fn monitor(
         &self,
         who: &Principal,
-    ) -> Result<broadcast::Receiver<HostStatus>, PlatformError> {
+    ) -> Result<Subscription<HostStatus>, PlatformError> {
         match who.role {
             Role::Superadmin | Role::OrgAdmin => Ok(self.bus.subscribe_status()),
             Role::User => Err(PlatformError::Forbidden(

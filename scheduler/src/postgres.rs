@@ -3,14 +3,16 @@
 //! embedded store, made by the database:
 //!
 //! - **Admission** is one transaction under a per-user advisory lock
-//!   (`pg_advisory_xact_lock`): the tab's active executions are superseded (R10), then
-//!   the oldest beyond the cap are cancelled (R11), "oldest" by the order admission
-//!   assigned (an identity column), never by a node's clock. The queue limit reads a
-//!   counter kept in every state-changing transaction, never a scan. A partial unique
-//!   index makes "one active execution per tab" an invariant of the database.
+//!   (`pg_advisory_xact_lock`) applying [`crate::admission::decide`]: the tab's active
+//!   executions are superseded (R10), then the oldest beyond the cap are cancelled (R11),
+//!   "oldest" by the order admission assigned (an identity column), never by a node's
+//!   clock. The queue limit reads a counter kept in every state-changing transaction,
+//!   never a scan. A partial unique index makes "one active execution per tab" an
+//!   invariant of the database.
 //! - **Event logs** are gapless: the seq comes from a counter on the execution's row,
 //!   bumped in the transaction that inserts the event (a database sequence leaves gaps
-//!   when a transaction rolls back).
+//!   when a transaction rolls back); a batch of events takes its seqs with one bump of
+//!   the counter and goes in with one multi-row insert, in one transaction.
 //! - **Sealed at rest (R15):** the record and every event are sealed with the platform's
 //!   keyring before they are written, bound to the execution id (and the event's seq), as
 //!   in the embedded store; only owner, tab, state and order are plain columns.
@@ -30,6 +32,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 
+use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::embedded::check_name;
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
@@ -37,14 +40,17 @@ use crate::model::{
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
-    cancelled, finished, finished_with_event, is_active, lost_summary, running, ActiveCounts,
-    Admission, AdmissionRules, Lease, ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, lost_summary, running, ActiveCounts, Lease,
+    ListFilter, Store, StoreError, StoreResult,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Attempts of a transaction PostgreSQL aborted for a deadlock or a serialization failure.
 const ATTEMPTS: usize = 5;
+/// Rows of one multi-row insert of events (three parameters each, well below
+/// PostgreSQL's 65,535 parameters of a statement).
+const INSERT_ROWS: usize = 1000;
 
 /// Where and how to reach PostgreSQL.
 #[derive(Debug, Clone)]
@@ -315,15 +321,19 @@ impl PgStore {
         self.count(tx, old.state, new.state).await
     }
 
+    /// Inserts `events` with multi-row inserts (at most [`INSERT_ROWS`] rows each).
     async fn insert_events(&self, tx: &mut Tx, events: &[ExecEvent]) -> Result<(), Failed> {
-        for e in events {
-            sqlx::query("INSERT INTO events (execution_id, seq, body) VALUES ($1, $2, $3)")
-                .bind(&e.execution_id)
-                .bind(i64_of(e.seq))
-                .bind(self.seal_event(e)?)
-                .execute(&mut **tx)
-                .await
-                .ctx("appending an event")?;
+        for chunk in events.chunks(INSERT_ROWS) {
+            let mut rows = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                rows.push((e.execution_id.as_str(), i64_of(e.seq), self.seal_event(e)?));
+            }
+            let mut q: QueryBuilder<Postgres> =
+                QueryBuilder::new("INSERT INTO events (execution_id, seq, body) ");
+            q.push_values(rows, |mut b, (id, seq, body)| {
+                b.push_bind(id).push_bind(seq).push_bind(body);
+            });
+            q.build().execute(&mut **tx).await.ctx("appending events")?;
         }
         Ok(())
     }
@@ -401,25 +411,13 @@ impl PgStore {
             }
         }
 
-        // R10: the tab's active executions go; R11: beyond the cap the oldest go (the
-        // new one is the newest: the store orders admissions).
-        let mut decisions: Vec<(usize, CancelReason)> = Vec::new();
-        if let Some(tab) = &new.tab_id {
-            for (i, r) in active.iter().enumerate() {
-                if r.tab_id.as_ref() == Some(tab) {
-                    decisions.push((i, CancelReason::SupersededByTab));
-                }
-            }
-        }
-        let remaining: Vec<usize> = (0..active.len())
-            .filter(|i| !decisions.iter().any(|(d, _)| d == i))
-            .collect();
-        // `remaining` plus the new one must fit in the cap.
-        let excess = (remaining.len() + 1).saturating_sub(rules.max_parallel as usize);
-        let cap_new = excess > remaining.len();
-        for &i in remaining.iter().take(excess) {
-            decisions.push((i, CancelReason::ParallelismCap));
-        }
+        // R10, then R11 (see [`decide`]); the new one is the newest: the store orders
+        // admissions.
+        let decision = {
+            let refs: Vec<&ExecutionRecord> = active.iter().collect();
+            decide(&refs, new.tab_id.as_deref(), rules.max_parallel)
+        };
+        let (decisions, cap_new) = (decision.cancel, decision.cancel_new);
 
         // The queue limit, from the counter (locked last, after the execution rows).
         let queued: i64 =
@@ -871,29 +869,49 @@ impl Store for PgStore {
     }
 
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        let mut events = self.append_events(id, vec![body]).await?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Io(format!("appending an event to {id}: none stored")))
+    }
+
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>> {
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
         let id = id.to_string();
         self.change(move |me, mut tx| {
-            let (id, body) = (id.clone(), body.clone());
+            let (id, bodies) = (id.clone(), bodies.clone());
             async move {
-                let seq: Option<i64> = sqlx::query_scalar(
-                    "UPDATE executions SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+                // The row's counter takes the whole batch at once (the row stays locked
+                // until commit): the seqs are `last - n + 1 ..= last`, gapless, and no
+                // other append lands between them.
+                let n = bodies.len() as i64;
+                let last: Option<i64> = sqlx::query_scalar(
+                    "UPDATE executions SET last_seq = last_seq + $2 WHERE id = $1 RETURNING last_seq",
                 )
                 .bind(&id)
+                .bind(n)
                 .fetch_optional(&mut *tx)
                 .await
-                .ctx("counting an event")?;
-                let Some(seq) = seq else {
+                .ctx("counting events")?;
+                let Some(last) = last else {
                     return Err(StoreError::NotFound(id).into());
                 };
-                let event = ExecEvent {
-                    execution_id: id,
-                    seq: seq as u64,
-                    at: now_ms(),
-                    body,
-                };
-                me.insert_events(&mut tx, std::slice::from_ref(&event))
-                    .await?;
-                Ok((event, tx))
+                let first = (last - n + 1) as u64;
+                let at = now_ms();
+                let events: Vec<ExecEvent> = bodies
+                    .into_iter()
+                    .zip(first..)
+                    .map(|(body, seq)| ExecEvent {
+                        execution_id: id.clone(),
+                        seq,
+                        at,
+                        body,
+                    })
+                    .collect();
+                me.insert_events(&mut tx, &events).await?;
+                Ok((events, tx))
             }
         })
         .await

@@ -7,12 +7,14 @@
 //!   ([`Bus::requeue_unacked`]); submissions a dead scheduler left pending for a minute
 //!   are claimed by the next one that requeues (`XAUTOCLAIM`). The execution id is the
 //!   idempotency key: the store's transitions make a repeat harmless.
-//! - **Live events and host status** are capped streams (`MAXLEN ~`) that every process
+//! - **Events and host status** are capped streams (`MAXLEN ~`) that every process
 //!   reads from its own position (`XREAD BLOCK`) into a local broadcast, so any API
 //!   replica streams any execution. An event's payload is sealed with the platform's
-//!   keyring (bound to the execution and seq), like the store's copy: Redis may persist
-//!   what it holds. The store keeps the durable copy; a subscriber that lags or misses
-//!   events while Redis is away catches up from the store.
+//!   keyring (bound to the execution and seq; a live-only event, which has no seq, to
+//!   its execution as a live event), like the store's copy: Redis may persist what it
+//!   holds. The store keeps the durable copy: a subscriber that lags, and every
+//!   subscriber when a reader's connection drops and again when it is back, gets
+//!   [`crate::bus::Received::Missed`] and catches up from the store.
 //! - Blocking reads use connections of their own; everything else shares one
 //!   multiplexed connection that reconnects by itself.
 
@@ -24,10 +26,12 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::StreamReadReply;
 use redis::Value;
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::Mutex;
 
-use crate::bus::{AgentCommand, Bus, BusError, Delivery, DeliveryTag, HostStatus};
-use crate::model::ExecEvent;
+use crate::bus::{
+    AgentCommand, Bus, BusError, BusEvent, Delivery, DeliveryTag, Feed, HostStatus, Subscription,
+};
+use crate::model::{ExecEvent, LiveEvent};
 use crate::seal::{Binding, Keyring};
 
 /// How long a blocking read waits before it looks again (ms).
@@ -73,8 +77,8 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     keyring: Keyring,
-    events: broadcast::Sender<ExecEvent>,
-    status: broadcast::Sender<HostStatus>,
+    events: Feed<BusEvent>,
+    status: Feed<HostStatus>,
     /// Consumer groups known to exist.
     groups: Mutex<HashSet<String>>,
     /// One blocking reader per work stream.
@@ -113,6 +117,11 @@ fn io(e: redis::RedisError) -> BusError {
     BusError::Io(e.to_string())
 }
 
+/// The consumer group (or its stream) does not exist: Redis lost its data.
+fn is_nogroup(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+}
+
 const SCHEDULERS: &str = "schedulers";
 const AGENT: &str = "agent";
 
@@ -121,41 +130,27 @@ impl RedisBus {
     pub async fn connect(cfg: RedisConfig, keyring: Keyring) -> Result<RedisBus, BusError> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(io)?;
         let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
-        let (events, _) = broadcast::channel(cfg.capacity);
-        let (status, _) = broadcast::channel(cfg.capacity);
+        let events = Feed::new(cfg.capacity);
+        let status = Feed::new(cfg.capacity);
         let mut tasks = Vec::new();
         {
             let key = format!("{}:events", cfg.prefix);
-            let (client, tx, keyring) = (client.clone(), events.clone(), keyring.clone());
+            let (client, feed, keyring) = (client.clone(), events.clone(), keyring.clone());
             let start = last_id(&conn, &key).await?;
-            tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
-                let blob = field(fields, "e")?;
-                let (execution, seq) = (field_str(fields, "x")?, field_str(fields, "q")?);
-                let seq: u64 = seq.parse().ok()?;
-                let json = keyring
-                    .open(
-                        Binding::Event {
-                            execution: &execution,
-                            seq,
-                        },
-                        &blob,
-                    )
-                    .map_err(|e| tracing::warn!(execution, seq, error = %e, "an event on the bus does not open"))
-                    .ok()?;
-                let event: ExecEvent = serde_json::from_slice(&json).ok()?;
-                let _ = tx.send(event);
-                Some(())
-            })));
+            tasks.push(tokio::spawn(fan_out(
+                client,
+                key,
+                start,
+                feed,
+                move |fields| open_event(&keyring, fields),
+            )));
         }
         {
             let key = format!("{}:status", cfg.prefix);
-            let (client, tx) = (client.clone(), status.clone());
+            let (client, feed) = (client.clone(), status.clone());
             let start = last_id(&conn, &key).await?;
-            tasks.push(tokio::spawn(fan_out(client, key, start, move |fields| {
-                let json = field(fields, "s")?;
-                let status: HostStatus = serde_json::from_slice(&json).ok()?;
-                let _ = tx.send(status);
-                Some(())
+            tasks.push(tokio::spawn(fan_out(client, key, start, feed, |fields| {
+                serde_json::from_slice(&field(fields, "s")?).ok()
             })));
         }
         Ok(RedisBus {
@@ -182,7 +177,7 @@ impl RedisBus {
     }
 
     /// Creates `group` on `key` (and the stream) unless it exists.
-    async fn ensure_group(&self, key: &str, group: &str) -> Result<(), BusError> {
+    async fn ensure_group(&self, key: &str, group: &str) -> redis::RedisResult<()> {
         let name = format!("{key}\u{1}{group}");
         if self.inner.groups.lock().await.contains(&name) {
             return Ok(());
@@ -199,7 +194,7 @@ impl RedisBus {
         match r {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(e),
         }
         self.inner.groups.lock().await.insert(name);
         Ok(())
@@ -249,7 +244,7 @@ impl RedisBus {
         group: &str,
         consumer: &str,
     ) -> Result<(String, Vec<(String, Vec<u8>)>), BusError> {
-        self.ensure_group(key, group).await?;
+        self.ensure_group(key, group).await.map_err(io)?;
         let reader = self.reader(key).await;
         let mut reader = reader.lock().await;
         if reader.in_flight {
@@ -286,11 +281,11 @@ impl RedisBus {
                 Ok(r) => r,
                 Err(e) => {
                     reader.conn = None;
-                    if e.code() == Some("NOGROUP") {
+                    if is_nogroup(&e) {
                         // Redis lost its data (a restart without persistence).
                         self.inner.groups.lock().await.clear();
                         drop(reader);
-                        self.ensure_group(key, group).await?;
+                        self.ensure_group(key, group).await.map_err(io)?;
                         return Box::pin(self.take(key, group, consumer)).await;
                     }
                     return Err(io(e));
@@ -319,6 +314,7 @@ impl RedisBus {
 
     async fn ack(&self, key: &str, group: &str, tag: &DeliveryTag) -> Result<(), BusError> {
         let mut conn = self.inner.conn.clone();
+        // An entry Redis forgot (a restart without persistence) acknowledges as 0.
         let _: i64 = redis::cmd("XACK")
             .arg(key)
             .arg(group)
@@ -343,6 +339,26 @@ impl RedisBus {
         consumer: &str,
         claim: bool,
     ) -> Result<usize, BusError> {
+        match self.try_requeue(key, group, consumer, claim).await {
+            // Redis lost its data since the group was made here: make it again (nothing
+            // is pending in a new group).
+            Err(e) if is_nogroup(&e) => {
+                self.inner.groups.lock().await.clear();
+                self.try_requeue(key, group, consumer, claim)
+                    .await
+                    .map_err(io)
+            }
+            other => other.map_err(io),
+        }
+    }
+
+    async fn try_requeue(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        claim: bool,
+    ) -> redis::RedisResult<usize> {
         self.ensure_group(key, group).await?;
         let mut conn = self.inner.conn.clone();
         if claim {
@@ -356,8 +372,7 @@ impl RedisBus {
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)
-                .await
-                .map_err(io)?;
+                .await?;
         }
         let pending: Value = redis::cmd("XPENDING")
             .arg(key)
@@ -367,8 +382,7 @@ impl RedisBus {
             .arg(100_000)
             .arg(consumer)
             .query_async(&mut conn)
-            .await
-            .map_err(io)?;
+            .await?;
         let n = match pending {
             Value::Array(items) => items.len(),
             _ => 0,
@@ -376,6 +390,38 @@ impl RedisBus {
         let reader = self.reader(key).await;
         reader.lock().await.pending_after = Some("0".into());
         Ok(n)
+    }
+}
+
+/// The event in an entry of the event stream: `x` the execution, `e` the sealed JSON,
+/// and `q` its seq (an event of the log) or `l` (a live-only event). `None` (logged)
+/// when it does not open or parse.
+fn open_event(keyring: &Keyring, fields: &[(String, Vec<u8>)]) -> Option<BusEvent> {
+    let blob = field(fields, "e")?;
+    let execution = field_str(fields, "x")?;
+    match field_str(fields, "q") {
+        Some(seq) => {
+            let seq: u64 = seq.parse().ok()?;
+            let json = keyring
+                .open(
+                    Binding::Event {
+                        execution: &execution,
+                        seq,
+                    },
+                    &blob,
+                )
+                .map_err(|e| tracing::warn!(execution, seq, error = %e, "an event on the bus does not open"))
+                .ok()?;
+            serde_json::from_slice(&json).ok().map(BusEvent::Stored)
+        }
+        None => {
+            field(fields, "l")?;
+            let json = keyring
+                .open(Binding::LiveEvent(&execution), &blob)
+                .map_err(|e| tracing::warn!(execution, error = %e, "a live event on the bus does not open"))
+                .ok()?;
+            serde_json::from_slice(&json).ok().map(BusEvent::Live)
+        }
     }
 }
 
@@ -439,16 +485,21 @@ fn id_key(id: &str) -> (u64, u64) {
     (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
 }
 
-/// Reads `key` from after `last` for ever, handing each entry's fields to `deliver`;
-/// reconnects after errors, and starts over from the beginning when the stream went
-/// back (Redis restarted without its data).
-async fn fan_out(
+/// Reads `key` from after `last` for ever, handing what `parse` makes of each entry to
+/// `feed`'s subscribers. When the connection drops it tells them they may miss entries
+/// ([`Feed::missed`]), reconnects, tells them again once it reads again (what was
+/// published meanwhile may be lost with a Redis that restarted empty), and reads on:
+/// from the start of the stream when it went back (its ids restarted).
+async fn fan_out<T: Clone + Send + 'static>(
     client: redis::Client,
     key: String,
     mut last: String,
-    deliver: impl Fn(&[(String, Vec<u8>)]) -> Option<()> + Send + 'static,
+    feed: Feed<T>,
+    parse: impl Fn(&[(String, Vec<u8>)]) -> Option<T> + Send + 'static,
 ) {
     let mut conn: Option<MultiplexedConnection> = None;
+    // The connection was lost and subscribers were told; they are told again on reconnect.
+    let mut lost = false;
     loop {
         if conn.is_none() {
             match client.get_multiplexed_async_connection().await {
@@ -460,6 +511,11 @@ async fn fan_out(
                         last = "0-0".into();
                     }
                     conn = Some(c);
+                    if lost {
+                        lost = false;
+                        tracing::info!(key, "bus reader: reconnected; subscribers catch up");
+                        feed.missed();
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(key, error = %e, "bus reader: cannot connect");
@@ -488,15 +544,21 @@ async fn fan_out(
                             .iter()
                             .filter_map(|(k, v)| Some((k.clone(), bytes_of(v)?)))
                             .collect();
-                        deliver(&fields);
+                        if let Some(item) = parse(&fields) {
+                            feed.send(item);
+                        }
                         last = e.id;
                     }
                 }
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(key, error = %e, "bus reader: lost the connection");
+                tracing::warn!(key, error = %e, "bus reader: lost the connection; subscribers catch up");
                 conn = None;
+                if !lost {
+                    lost = true;
+                    feed.missed();
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -531,7 +593,26 @@ impl Bus for RedisBus {
         .await
     }
 
-    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent> {
+    async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError> {
+        let json = serde_json::to_vec(&event).map_err(|e| BusError::Io(e.to_string()))?;
+        let blob = self
+            .inner
+            .keyring
+            .seal(Binding::LiveEvent(&event.execution_id), &json)
+            .map_err(|e| BusError::Io(e.to_string()))?;
+        self.add(
+            &self.key("events"),
+            Some(self.inner.cfg.events_maxlen),
+            &[
+                ("x", event.execution_id.as_bytes()),
+                ("l", b"1"),
+                ("e", &blob),
+            ],
+        )
+        .await
+    }
+
+    fn subscribe_events(&self) -> Subscription<BusEvent> {
         self.inner.events.subscribe()
     }
 
@@ -627,7 +708,7 @@ impl Bus for RedisBus {
             .await
     }
 
-    fn subscribe_status(&self) -> broadcast::Receiver<HostStatus> {
+    fn subscribe_status(&self) -> Subscription<HostStatus> {
         self.inner.status.subscribe()
     }
 }

@@ -11,7 +11,7 @@
 //! sealed under the keyring's *current* key with a fresh random nonce. The associated
 //! data binds the version, the key id and what the blob is ([`Binding`]: an object and its
 //! name, a record and its execution id, an event and its execution id and sequence
-//! number), so a blob moved to another name, another kind, another position in a log or
+//! number, a live-only event and its execution id), so a blob moved to another name, another kind, another position in a log or
 //! given another key id fails authentication just like a tampered one. Opening picks the
 //! key by the id in the header: blobs stay readable after a rotation for as long as their
 //! key is kept in the keyring, and a blob whose key was removed fails with
@@ -94,6 +94,8 @@ pub enum Binding<'a> {
     Record(&'a str),
     /// Event number `seq` of this execution's log.
     Event { execution: &'a str, seq: u64 },
+    /// A live-only event of this execution (on the bus; it has no seq).
+    LiveEvent(&'a str),
 }
 
 impl Binding<'_> {
@@ -104,6 +106,7 @@ impl Binding<'_> {
             Binding::Object(name) => (b'o', name, None),
             Binding::Record(id) => (b'r', id, None),
             Binding::Event { execution, seq } => (b'e', execution, Some(seq)),
+            Binding::LiveEvent(execution) => (b'l', execution, None),
         };
         let mut aad = Vec::with_capacity(1 + 4 + 1 + 4 + name.len() + 8);
         aad.push(VERSION);
@@ -376,6 +379,7 @@ mod tests {
             },
             Binding::Record("x"),
             Binding::Object("x"),
+            Binding::LiveEvent("x"),
         ] {
             assert_eq!(k.open(other, &blob), Err(SealError::Authentication));
         }

@@ -1,6 +1,7 @@
-//! The store: execution records, policies, the per-execution event log, and the atomic
-//! admission decision. One trait, two backends: the embedded one here (in-process,
-//! durable on local disk) and, later, Redis (the same decisions in a Lua script).
+//! The store: execution records, policies, the per-execution event log, host leases, and
+//! the atomic admission decision (the rule is [`crate::admission`]'s). One trait, two
+//! backends: the embedded one ([`crate::embedded::EmbeddedStore`], in-process, durable on
+//! local disk) and PostgreSQL ([`crate::postgres::PgStore`]).
 //!
 //! Every method is one atomic step: no caller ever reads-modifies-writes a record across
 //! two calls, so several API nodes may share one store without races.
@@ -11,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy, ResultSummary,
 };
+
+/// Admission's types live in [`crate::admission`]; these paths stay for existing callers.
+pub use crate::admission::{Admission, AdmissionRules};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,18 +53,6 @@ pub struct ListFilter {
     pub active_only: bool,
     /// Newest first, at most this many.
     pub limit: Option<usize>,
-}
-
-/// What admission decided.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Admission {
-    /// The record was stored as `queued`; these executions must now be cancelled (their
-    /// `cancel` field is already set in the store).
-    Admitted {
-        cancelled: Vec<(String, CancelReason)>,
-    },
-    /// The platform's queue is full: nothing was stored.
-    QueueFull { queued: usize },
 }
 
 /// Executions in each active state, platform-wide (the `/metrics` gauges).
@@ -108,16 +100,6 @@ pub const HOST_LOST: &str =
 /// The `finished` summary of an execution lost with its host.
 pub fn lost_summary() -> ResultSummary {
     ResultSummary::bare(ExecState::Lost, "host_lost", Some(HOST_LOST.into()))
-}
-
-/// Limits of one admission decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdmissionRules {
-    /// Active (queued or running, not cancel-requested) executions one user may have,
-    /// the new one included (R11).
-    pub max_parallel: u32,
-    /// Queued executions the whole platform holds before answering 503.
-    pub max_queued: usize,
 }
 
 #[async_trait]
@@ -204,17 +186,17 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event with the next sequence number of its execution.
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent>;
 
+    /// Appends `bodies`, in order, with the next sequence numbers of their execution, in
+    /// one atomic step (all or none; nothing else appended to the execution lands between
+    /// them). Returns the stored events. Nothing to append is not an error.
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>>;
+
     /// Events of `id` with `seq > after`, in order.
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>>;
 
     /// Deletes finished executions (records and events) finished before `before`; returns
     /// them so their objects can be deleted too.
     async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>>;
-}
-
-/// Queued or running, and not cancel-requested: what counts against the parallelism cap.
-pub(crate) fn is_active(r: &ExecutionRecord) -> bool {
-    matches!(r.state, ExecState::Queued | ExecState::Running) && r.cancel.is_none()
 }
 
 pub(crate) fn cancel_message(reason: CancelReason) -> &'static str {

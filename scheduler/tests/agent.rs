@@ -17,17 +17,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hatchery_scheduler::agent::{Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART};
-use hatchery_scheduler::bus::{AgentCommand, Bus, HostStatus};
+use hatchery_scheduler::bus::{AgentCommand, Bus, BusEvent, HostStatus};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::EncryptedObjects;
 use hatchery_scheduler::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, OutputData,
-    ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, LiveBody,
+    Millis, OutputData, Policy, ResultSummary,
 };
 use hatchery_scheduler::objects::Objects;
-use hatchery_scheduler::placement::run_scheduler;
+use hatchery_scheduler::scheduling::run_scheduler;
 use hatchery_scheduler::seal::Keyring;
-use hatchery_scheduler::store::{Admission, AdmissionRules, Store};
+use hatchery_scheduler::store::{
+    ActiveCounts, Admission, AdmissionRules, Lease, ListFilter, Store, StoreResult,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -135,10 +137,140 @@ impl Drop for CgroupParent {
     }
 }
 
+/// A store that counts, per execution, the calls that change it: each is one
+/// transaction (one `change` of the embedded store, one PostgreSQL transaction).
+struct CountingStore {
+    inner: EmbeddedStore,
+    writes: std::sync::Mutex<std::collections::HashMap<String, Vec<&'static str>>>,
+}
+
+impl CountingStore {
+    fn count(&self, id: &str, what: &'static str) {
+        self.writes
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .push(what);
+    }
+
+    /// The store transactions that changed `id`, by kind.
+    fn writes_of(&self, id: &str) -> Vec<&'static str> {
+        self.writes
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for CountingStore {
+    async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>> {
+        self.inner.get_org_policy(org).await
+    }
+    async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()> {
+        self.inner.put_org_policy(org, policy).await
+    }
+    async fn get_user_policy(&self, org: &str, user: &str) -> StoreResult<Option<Policy>> {
+        self.inner.get_user_policy(org, user).await
+    }
+    async fn put_user_policy(&self, org: &str, user: &str, policy: Policy) -> StoreResult<()> {
+        self.inner.put_user_policy(org, user, policy).await
+    }
+    async fn admit(
+        &self,
+        record: ExecutionRecord,
+        rules: AdmissionRules,
+    ) -> StoreResult<Admission> {
+        self.count(&record.id, "admit");
+        self.inner.admit(record, rules).await
+    }
+    async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>> {
+        self.inner.get(id).await
+    }
+    async fn active_counts(&self) -> StoreResult<ActiveCounts> {
+        self.inner.active_counts().await
+    }
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>> {
+        self.inner.list(filter).await
+    }
+    async fn request_cancel(
+        &self,
+        id: &str,
+        reason: CancelReason,
+    ) -> StoreResult<Option<ExecutionRecord>> {
+        self.count(id, "request_cancel");
+        self.inner.request_cancel(id, reason).await
+    }
+    async fn mark_running(
+        &self,
+        id: &str,
+        agent: &str,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        self.count(id, "mark_running");
+        self.inner.mark_running(id, agent, at).await
+    }
+    async fn mark_finished(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        error: Option<String>,
+        at: Millis,
+    ) -> StoreResult<ExecutionRecord> {
+        self.count(id, "mark_finished");
+        self.inner
+            .mark_finished(id, state, result_key, error, at)
+            .await
+    }
+    async fn finish(
+        &self,
+        id: &str,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        self.count(id, "finish");
+        self.inner.finish(id, state, result_key, at, summary).await
+    }
+    async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
+        self.inner.register_host(agent, lease_ms).await
+    }
+    async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
+        self.inner.heartbeat(agent, lease_ms).await
+    }
+    async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
+        self.inner.reap_lapsed_hosts().await
+    }
+    async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>> {
+        self.inner.lead(role, holder, lease_ms).await
+    }
+    async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        self.count(id, "append_event");
+        self.inner.append_event(id, body).await
+    }
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>> {
+        self.count(id, "append_events");
+        self.inner.append_events(id, bodies).await
+    }
+    async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
+        self.inner.events_after(id, after).await
+    }
+    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
+        self.inner.expire(before).await
+    }
+}
+
 /// One platform slice: store, bus, objects, the scheduler role and one agent.
 struct Env {
     _dir: tempfile::TempDir,
     store: Arc<dyn Store>,
+    /// The same store, for its counts.
+    counting: Arc<CountingStore>,
     bus: Arc<dyn Bus>,
     objects: Arc<dyn Objects>,
     agent: Option<AgentHandle>,
@@ -174,9 +306,11 @@ impl Env {
     fn backends(name: &str) -> Env {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(&dir.path().join("store"), keyring()).expect("open store"),
-        );
+        let counting = Arc::new(CountingStore {
+            inner: EmbeddedStore::open(&dir.path().join("store"), keyring()).expect("open store"),
+            writes: Default::default(),
+        });
+        let store: Arc<dyn Store> = counting.clone();
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
         let objects: Arc<dyn Objects> = Arc::new(
             EncryptedObjects::local(&dir.path().join("objects"), keyring()).expect("objects"),
@@ -191,6 +325,7 @@ impl Env {
         Env {
             _dir: dir,
             store,
+            counting,
             bus,
             objects,
             agent: None,
@@ -373,7 +508,8 @@ fn kinds(events: &[ExecEvent]) -> Vec<&'static str> {
         .collect()
 }
 
-/// The event log of an execution is gapless, starts queued → started, ends finished.
+/// The event log of an execution is gapless, starts queued → started, ends finished, and
+/// holds no usage samples (they are live-only).
 fn check_log(id: &str, events: &[ExecEvent]) {
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     let want: Vec<u64> = (1..=events.len() as u64).collect();
@@ -384,6 +520,7 @@ fn check_log(id: &str, events: &[ExecEvent]) {
     assert_eq!(k.last(), Some(&"finished"), "{k:?}");
     assert_eq!(k.iter().filter(|k| **k == "finished").count(), 1, "{k:?}");
     assert_eq!(k.iter().filter(|k| **k == "started").count(), 1, "{k:?}");
+    assert!(!k.contains(&"usage"), "usage samples in the log: {k:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -409,7 +546,6 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
     let mut runs: Vec<(&str, String)> = Vec::new();
     for (kind, e) in kinds(&events).into_iter().zip(&events) {
         let text = match &e.body {
-            EventBody::Usage(_) => continue,
             EventBody::Stdout(OutputData { data, .. }) => data.as_str(),
             _ => "",
         };
@@ -469,19 +605,81 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
         .expect("the sealed result file");
     assert!(!String::from_utf8_lossy(&raw).contains("value_json"));
 
-    // The bus carried the same events, in the same order.
+    // The bus carried the same events, in the same order (and perhaps usage samples,
+    // which are not in the log).
     let mut published = Vec::new();
     while published.len() < events.len() - 1 {
         let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
             .await
             .expect("a live event")
-            .expect("no lag");
-        if e.execution_id == id {
-            published.push(e);
+            .item()
+            .expect("an item: no lag");
+        match e {
+            BusEvent::Stored(e) if e.execution_id == id => published.push(e),
+            _ => {}
         }
     }
     // `queued` is appended by admission, not published by the agent.
     assert_eq!(published[..], events[1..], "live events");
+    env.close().await;
+}
+
+/// Stores the output of `code` and says how many store transactions its execution took.
+async fn transactions_of_output(env: &Env, code: &str, lines: usize) -> (usize, usize) {
+    let id = env.submit(code, limits(512 * MIB, 60_000)).await;
+    let record = env.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(record.state, ExecState::Succeeded, "{record:?}");
+    let events = env.events(&id).await;
+    check_log(&id, &events);
+    // Every line arrived, in order, on its stream.
+    let text = |want: fn(&EventBody) -> Option<&OutputData>| -> String {
+        events
+            .iter()
+            .filter_map(|e| want(&e.body))
+            .map(|d| d.data.as_str())
+            .collect()
+    };
+    let stdout = text(|b| match b {
+        EventBody::Stdout(d) => Some(d),
+        _ => None,
+    });
+    let stderr = text(|b| match b {
+        EventBody::Stderr(d) => Some(d),
+        _ => None,
+    });
+    let out_lines: Vec<&str> = stdout.lines().chain(stderr.lines()).collect();
+    assert_eq!(out_lines.len(), lines, "{stdout:?} {stderr:?}");
+    let writes = env.counting.writes_of(&id);
+    let output_events = events
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::Stdout(_) | EventBody::Stderr(_)))
+        .count();
+    eprintln!(
+        "{lines} lines: {output_events} output events, {} store transactions: {writes:?}",
+        writes.len()
+    );
+    (writes.len(), output_events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn output_is_stored_in_few_transactions() {
+    let env = Env::new("batching", 1).await;
+    // Alternating streams: the pool cannot merge them into one piece.
+    let (alternating, events) = transactions_of_output(
+        &env,
+        r#"for (i in 1:500) { cat("out", i, "\n"); message("err ", i) }"#,
+        1000,
+    )
+    .await;
+    let (one_stream, _) =
+        transactions_of_output(&env, r#"for (i in 1:1000) cat("line", i, "\n")"#, 1000).await;
+    eprintln!("alternating: {alternating} transactions for {events} output events; one stream: {one_stream}");
+    // One transaction per output event (as before batching) would be about as many as
+    // there are events; batches take a fraction of that.
+    assert!(
+        alternating * 2 < events,
+        "{alternating} store transactions for {events} output events: not batched"
+    );
     env.close().await;
 }
 
@@ -537,6 +735,7 @@ async fn the_time_limit_counts_from_code_start() {
 async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live() {
     let env = Env::new("cancel", 2).await;
     let mut statuses = env.bus.subscribe_status();
+    let mut live = env.bus.subscribe_events();
     let id = env
         .submit(
             "x <- numeric(5e6); cat('go\\n'); Sys.sleep(60)",
@@ -567,7 +766,8 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         let s = tokio::time::timeout(Duration::from_secs(5), statuses.recv())
             .await
             .expect("a status")
-            .expect("no lag");
+            .item()
+            .expect("an item: no lag");
         if s.agent == env.agent_id
             && s.sandboxes
                 .iter()
@@ -589,6 +789,23 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         .find(|u| u.execution_id == id)
         .unwrap();
     assert_eq!((u.org.as_str(), u.user.as_str()), ("acme", "ada"));
+
+    // Its usage samples are on the bus, live only: no seq.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("an event")
+            .item()
+            .expect("an item: no lag");
+        if let BusEvent::Live(e) = &e {
+            let LiveBody::Usage(u) = &e.body;
+            if e.execution_id == id && u.memory_bytes > 30 * MIB {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no live usage sample of {id}");
+    }
 
     // What the api does on a cancel: mark it in the store, tell the record's agent.
     let marked = env
@@ -613,6 +830,12 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
     check_log(&id, &events);
     let result = env.result(&record).await;
     assert_eq!(result.state, ExecState::Cancelled);
+    // The result still carries the usage summary.
+    assert!(
+        result.usage.memory_peak_bytes > 30 * MIB,
+        "{:?}",
+        result.usage
+    );
     env.close().await;
 }
 

@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hatchery_scheduler::bus::{AgentCommand, Bus, HostStatus};
+use hatchery_scheduler::bus::{AgentCommand, Bus, BusEvent, HostStatus, Received, Subscription};
 use hatchery_scheduler::embedded::EmbeddedBus;
 use hatchery_scheduler::engines::{EngineError, RedisServer};
-use hatchery_scheduler::model::{EventBody, ExecEvent, OutputData};
+use hatchery_scheduler::model::{EventBody, ExecEvent, LiveBody, LiveEvent, OutputData, Usage};
 use hatchery_scheduler::redis_bus::{RedisBus, RedisConfig};
 use hatchery_scheduler::seal::Keyring;
 
@@ -88,6 +88,18 @@ fn event(id: &str, seq: u64, text: &str) -> ExecEvent {
     }
 }
 
+fn usage(id: &str, memory_bytes: u64) -> LiveEvent {
+    LiveEvent {
+        execution_id: id.into(),
+        at: 0,
+        body: LiveBody::Usage(Usage {
+            cpu_ms: 1.5,
+            memory_bytes,
+            memory_peak_bytes: memory_bytes,
+        }),
+    }
+}
+
 fn run_cmd(id: &str) -> AgentCommand {
     AgentCommand::Run {
         execution_id: id.into(),
@@ -98,6 +110,32 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(PATIENCE, f)
         .await
         .unwrap_or_else(|_| panic!("{what}: nothing within {PATIENCE:?}"))
+}
+
+/// The next item of `s` (a `Missed` or `Closed` fails the test).
+async fn next<T: Clone + std::fmt::Debug>(what: &str, s: &mut Subscription<T>) -> T {
+    match within(what, s.recv()).await {
+        Received::Item(item) => item,
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// Retries `f` until it succeeds (a connection re-establishing after a restart).
+async fn until_ok<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout(PATIENCE, f()).await {
+            Ok(Ok(t)) => return t,
+            Ok(Err(_)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => panic!("{what} never recovered: {e:?}"),
+            Err(_) => panic!("{what}: nothing within {PATIENCE:?}"),
+        }
+    }
 }
 
 bus_test!(events_reach_every_subscriber_of_every_process, |b| {
@@ -113,11 +151,19 @@ bus_test!(events_reach_every_subscriber_of_every_process, |b| {
             .await
             .unwrap();
     }
+    // A live-only event (no seq) travels the same way, in order.
+    agent.publish_live(usage("x", 4096)).await.unwrap();
     for s in [&mut s1, &mut s2, &mut s3] {
         for seq in 1..=3 {
-            let e = within("an event", s.recv()).await.unwrap();
-            assert_eq!(e, event("x", seq, &format!("line {seq}\n")));
+            let e = next("an event", s).await;
+            assert_eq!(
+                e,
+                BusEvent::Stored(event("x", seq, &format!("line {seq}\n")))
+            );
         }
+        let e = next("a live event", s).await;
+        assert_eq!(e, BusEvent::Live(usage("x", 4096)));
+        assert_eq!(e.seq(), None);
     }
 });
 
@@ -135,7 +181,7 @@ bus_test!(status_reaches_every_process, |b| {
         sandboxes: vec![],
     };
     agent.publish_status(st.clone()).await.unwrap();
-    assert_eq!(within("a status", s.recv()).await.unwrap(), st);
+    assert_eq!(next("a status", &mut s).await, st);
 });
 
 bus_test!(submissions_are_fifo_and_wait, |b| {
@@ -314,8 +360,38 @@ bus_test!(
     }
 );
 
-/// Redis restarted without its data: publishers and readers carry on with what is sent
-/// after it is back (what was in flight is the store's to recover).
+fn status(agent: &str, at: u64) -> HostStatus {
+    HostStatus {
+        agent: agent.into(),
+        at,
+        capacity: 4,
+        running: 0,
+        draining: false,
+        warm: vec![("r".into(), 1)],
+        sandboxes: vec![],
+    }
+}
+
+/// Skips the `Missed` notes a subscriber gets around a restart (one when the connection
+/// drops, one when it is back); requires at least one, then returns the next item.
+async fn missed_then<T: Clone + std::fmt::Debug>(what: &str, s: &mut Subscription<T>) -> T {
+    let mut missed = 0;
+    loop {
+        match within(what, s.recv()).await {
+            Received::Missed => missed += 1,
+            Received::Item(item) => {
+                assert!(missed > 0, "{what}: {item:?} came without a Missed first");
+                return item;
+            }
+            Received::Closed => panic!("{what}: closed"),
+        }
+    }
+}
+
+/// Redis restarted without its data: subscribers are told they may have missed entries
+/// (they catch up from the store), then get what is published once it is back;
+/// publishers, submissions and agents' commands carry on (the consumer groups, gone with
+/// the data, are made again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_redis_bus_carries_on_after_redis_restarts() {
     let Some(mut b) = Backend::redis("the_redis_bus_carries_on_after_redis_restarts") else {
@@ -323,54 +399,85 @@ async fn the_redis_bus_carries_on_after_redis_restarts() {
     };
     let api = b.open("api-1").await;
     let scheduler = b.open("scheduler-1").await;
+    let agent = b.open("h1").await;
     let mut events = api.subscribe_events();
+    let mut statuses = api.subscribe_status();
     scheduler
         .publish_event(event("x", 1, "before\n"))
         .await
         .unwrap();
-    assert_eq!(within("before", events.recv()).await.unwrap().seq, 1);
+    assert_eq!(next("before", &mut events).await.seq(), Some(1));
+    agent.publish_status(status("h1", 1)).await.unwrap();
+    assert_eq!(next("a status before", &mut statuses).await.at, 1);
     api.submit("s1").await.unwrap();
-    assert_eq!(
-        within("s1", scheduler.next_submitted()).await.unwrap(),
-        "s1"
-    );
+    let s1 = within("s1", scheduler.take_submitted()).await.unwrap();
+    assert_eq!(s1.item, "s1");
+    scheduler.ack_submitted(&s1.tag).await.unwrap();
+    scheduler.send_to_agent("h1", run_cmd("a")).await.unwrap();
+    let a = within("a", agent.take_for_agent("h1")).await.unwrap();
+    assert_eq!(a.item, run_cmd("a"));
+    agent.ack_for_agent("h1", &a.tag).await.unwrap();
+    // Taken, never acknowledged: it is lost with Redis's data (the store re-places it).
+    scheduler
+        .send_to_agent("h1", run_cmd("lost"))
+        .await
+        .unwrap();
+    let lost = within("lost", agent.take_for_agent("h1")).await.unwrap();
 
     let Backend::Redis(server) = &mut b else {
         unreachable!()
     };
     server.restart().unwrap();
-    // Publishing may fail while the connection re-establishes; it must come back.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while scheduler
-        .publish_event(event("x", 2, "after\n"))
+
+    // Publishing may fail while the connection re-establishes; it comes back, and the
+    // subscriber hears it may have missed events before it gets the new ones.
+    until_ok("publishing", || {
+        scheduler.publish_event(event("x", 2, "after\n"))
+    })
+    .await;
+    let e = missed_then("an event after the restart", &mut events).await;
+    assert_eq!(e, BusEvent::Stored(event("x", 2, "after\n")));
+    until_ok("publishing a status", || {
+        agent.publish_status(status("h1", 2))
+    })
+    .await;
+    let s = missed_then("a status after the restart", &mut statuses).await;
+    assert_eq!(s.at, 2);
+    // A subscriber that came after the restart hears nothing of it.
+    let mut fresh = api.subscribe_events();
+    scheduler
+        .publish_event(event("x", 3, "later\n"))
         .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "publishing never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let e = within("after", events.recv()).await.unwrap();
-    assert_eq!(e.seq, 2);
-    while api.submit("s2").await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "submitting never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut got = within("s2", scheduler.next_submitted()).await;
-    while got.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "taking never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        got = within("s2", scheduler.next_submitted()).await;
-    }
-    assert_eq!(got.unwrap(), "s2");
+        .unwrap();
+    assert_eq!(next("an event", &mut events).await.seq(), Some(3));
+    assert_eq!(next("an event", &mut fresh).await.seq(), Some(3));
+
+    // Dispatch works again: the groups are made again where Redis lost them (first by
+    // a requeue, as a scheduler that starts leading does).
+    let requeued = until_ok("requeueing", || scheduler.requeue_unacked_submissions()).await;
+    assert_eq!(
+        requeued, 0,
+        "nothing is pending in a Redis that lost its data"
+    );
+    until_ok("submitting", || api.submit("s2")).await;
+    let s2 = until_ok("taking a submission", || scheduler.take_submitted()).await;
+    assert_eq!(s2.item, "s2");
+    scheduler.ack_submitted(&s2.tag).await.unwrap();
+    assert_eq!(scheduler.requeue_unacked_submissions().await.unwrap(), 0);
+    // Acknowledging what Redis forgot is not an error.
+    agent.ack_for_agent("h1", &lost.tag).await.unwrap();
+    until_ok("sending a command", || {
+        scheduler.send_to_agent("h1", run_cmd("b"))
+    })
+    .await;
+    let b_cmd = until_ok("taking a command", || agent.take_for_agent("h1")).await;
+    assert_eq!(b_cmd.item, run_cmd("b"));
+    // Unacknowledged work is redelivered as before.
+    assert_eq!(agent.requeue_unacked("h1").await.unwrap(), 1);
+    let again = within("b again", agent.take_for_agent("h1")).await.unwrap();
+    assert_eq!(again.item, run_cmd("b"));
+    agent.ack_for_agent("h1", &again.tag).await.unwrap();
+    assert_eq!(agent.requeue_unacked("h1").await.unwrap(), 0);
 }
 
 /// What a user printed is sealed on the bus too (Redis may persist it).
@@ -384,7 +491,10 @@ async fn event_payloads_are_sealed_in_redis() {
     bus.publish_event(event("x", 1, "a-secret-marker\n"))
         .await
         .unwrap();
-    within("the event", s.recv()).await.unwrap();
+    next("the event", &mut s).await;
+    // A live event's payload too (a memory figure nobody else would print).
+    bus.publish_live(usage("x", 987_654_321)).await.unwrap();
+    next("the live event", &mut s).await;
     let Backend::Redis(server) = &b else {
         unreachable!()
     };
@@ -398,7 +508,7 @@ async fn event_payloads_are_sealed_in_redis() {
     assert!(!dump.stdout.is_empty(), "no event in the stream");
     let text = String::from_utf8_lossy(&dump.stdout);
     assert!(
-        !text.contains("a-secret-marker"),
+        !text.contains("a-secret-marker") && !text.contains("987654321"),
         "plaintext on the bus: {text}"
     );
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use hatchery_scheduler::bus::{BusEvent, Received};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::{generate_key, EncryptedObjects};
 use hatchery_scheduler::model::{
@@ -575,9 +576,11 @@ async fn same_tab_supersedes_and_the_cap_cancels_the_oldest() {
     assert_eq!(get(t3.id.clone()).await.state, ExecState::Queued);
     // Cancelled executions' `finished` events were published live.
     let mut finished = Vec::new();
-    while let Ok(e) = live.try_recv() {
-        if matches!(e.body, EventBody::Finished(_)) {
-            finished.push(e.execution_id);
+    while let Some(Received::Item(e)) = live.try_recv() {
+        if let BusEvent::Stored(e) = e {
+            if matches!(e.body, EventBody::Finished(_)) {
+                finished.push(e.execution_id);
+            }
         }
     }
     assert!(

@@ -1,7 +1,8 @@
 //! The store's contract, on both backends — the embedded store and PostgreSQL (a private
-//! server per test): race-free admission (R10, R11, queue limit), gapless event logs,
-//! cancel and state-transition rules, durability across restarts, and retention; for the
-//! embedded store also its files: crash leftovers, torn and corrupt lines, names.
+//! server per test): race-free admission (R10, R11, queue limit), gapless event logs
+//! (single and batched appends), cancel and state-transition rules, durability across
+//! restarts, and retention; for the embedded store also its files: crash leftovers, torn
+//! and corrupt lines, names.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -551,6 +552,101 @@ store_test!(
         drop(store);
         let store = b.open().await;
         assert_eq!(store.events_after("ev", 0).await.unwrap(), events);
+    }
+);
+
+store_test!(
+    batched_appends_are_gapless_in_order_and_never_share_a_seq,
+    |b| {
+        let store = b.open().await;
+        admitted(&store, record("bat", "o", "u", None, 1), rules(2)).await;
+        let text = |s: String| EventBody::Stdout(OutputData::text(s));
+        // Mixed single and batched appends from one writer: seqs follow on, in order.
+        let one = store.append_event("bat", text("a".into())).await.unwrap();
+        assert_eq!(one.seq, 2);
+        let batch = store
+            .append_events("bat", (0..3).map(|i| text(format!("b{i}"))).collect())
+            .await
+            .unwrap();
+        assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(batch[2].body, text("b2".into()));
+        assert!(batch.iter().all(|e| e.execution_id == "bat"));
+        // Nothing to append is nothing stored.
+        assert!(store
+            .append_events("bat", Vec::new())
+            .await
+            .unwrap()
+            .is_empty());
+        let after = store.append_event("bat", text("c".into())).await.unwrap();
+        assert_eq!(after.seq, 6);
+        assert_eq!(get(&store, "bat").await.last_seq, 6);
+
+        // Concurrent writers, some appending one event at a time, some in batches of
+        // up to 7: every seq is given exactly once, each batch's seqs are consecutive,
+        // and the log holds every body at the seq its writer was told.
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut got: Vec<ExecEvent> = Vec::new();
+                    for i in 0..20 {
+                        if t % 2 == 0 {
+                            let body = text(format!("{t}:{i}"));
+                            got.push(store.append_event("bat", body).await.unwrap());
+                        } else {
+                            let n = 1 + (t + i) % 7;
+                            let bodies = (0..n).map(|k| text(format!("{t}:{i}:{k}"))).collect();
+                            let events = store.append_events("bat", bodies).await.unwrap();
+                            assert_eq!(events.len(), n);
+                            assert!(
+                                events.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+                                "a batch's seqs are consecutive: {events:?}"
+                            );
+                            got.extend(events);
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut told: Vec<ExecEvent> = Vec::new();
+        for t in tasks {
+            let got = t.await.unwrap();
+            assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+            told.extend(got);
+        }
+        told.sort_by_key(|e| e.seq);
+        let n = told.len() as u64;
+        assert_eq!(
+            told.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (7..7 + n).collect::<Vec<u64>>(),
+            "no seq given twice, none skipped"
+        );
+        let log = store.events_after("bat", 6).await.unwrap();
+        assert_eq!(
+            log.iter().map(|e| (e.seq, &e.body)).collect::<Vec<_>>(),
+            told.iter().map(|e| (e.seq, &e.body)).collect::<Vec<_>>()
+        );
+        assert_eq!(get(&store, "bat").await.last_seq, 6 + n);
+        assert!(matches!(
+            store.append_events("nope", vec![EventBody::Queued]).await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        // The same after a restart.
+        let all = store.events_after("bat", 0).await.unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=6 + n).collect::<Vec<u64>>()
+        );
+        drop(store);
+        let store = b.open().await;
+        assert_eq!(store.events_after("bat", 0).await.unwrap(), all);
+        let next = store
+            .append_events("bat", vec![text("d".into())])
+            .await
+            .unwrap();
+        assert_eq!(next[0].seq, 7 + n);
     }
 );
 

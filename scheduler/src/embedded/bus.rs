@@ -1,6 +1,7 @@
 //! [`EmbeddedBus`]: the [`Bus`] of the single-process mode, over tokio channels. Live
 //! events and host status are broadcast (a subscriber that falls more than the channel's
-//! capacity behind gets `Lagged` and catches up from the store); submissions and each
+//! capacity behind gets [`Received::Missed`] and catches up from the store; nothing else
+//! interrupts an in-process feed); submissions and each
 //! agent's commands are FIFO queues that any number of consumers may wait on, each item
 //! going to exactly one of them. Items taken with `take_*` stay in flight until
 //! acknowledged and can be requeued (a consumer that restarted); `next_*` take and
@@ -10,10 +11,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 
-use crate::bus::{AgentCommand, Bus, BusError, Delivery, DeliveryTag, HostStatus};
-use crate::model::ExecEvent;
+use crate::bus::{
+    AgentCommand, Bus, BusError, BusEvent, Delivery, DeliveryTag, Feed, HostStatus, Subscription,
+};
+use crate::model::{ExecEvent, LiveEvent};
 
 /// Default capacity of the event and status broadcasts.
 pub const DEFAULT_CAPACITY: usize = 8192;
@@ -125,8 +128,8 @@ pub struct EmbeddedBus {
 }
 
 struct Inner {
-    events: broadcast::Sender<ExecEvent>,
-    status: broadcast::Sender<HostStatus>,
+    events: Feed<BusEvent>,
+    status: Feed<HostStatus>,
     submitted: Queue<String>,
     agents: Mutex<HashMap<String, Arc<Queue<AgentCommand>>>>,
 }
@@ -155,8 +158,8 @@ impl EmbeddedBus {
         let capacity = capacity.max(1);
         EmbeddedBus {
             inner: Arc::new(Inner {
-                events: broadcast::channel(capacity).0,
-                status: broadcast::channel(capacity).0,
+                events: Feed::new(capacity),
+                status: Feed::new(capacity),
                 submitted: Queue::new(),
                 agents: Mutex::new(HashMap::new()),
             }),
@@ -209,11 +212,16 @@ impl EmbeddedBus {
 impl Bus for EmbeddedBus {
     async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError> {
         // No subscriber is not an error: the store holds the durable copy.
-        let _ = self.inner.events.send(event);
+        self.inner.events.send(BusEvent::Stored(event));
         Ok(())
     }
 
-    fn subscribe_events(&self) -> broadcast::Receiver<ExecEvent> {
+    async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError> {
+        self.inner.events.send(BusEvent::Live(event));
+        Ok(())
+    }
+
+    fn subscribe_events(&self) -> Subscription<BusEvent> {
         self.inner.events.subscribe()
     }
 
@@ -264,11 +272,11 @@ impl Bus for EmbeddedBus {
     }
 
     async fn publish_status(&self, status: HostStatus) -> Result<(), BusError> {
-        let _ = self.inner.status.send(status);
+        self.inner.status.send(status);
         Ok(())
     }
 
-    fn subscribe_status(&self) -> broadcast::Receiver<HostStatus> {
+    fn subscribe_status(&self) -> Subscription<HostStatus> {
         self.inner.status.subscribe()
     }
 }
@@ -279,7 +287,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::bus::Received;
     use crate::model::EventBody;
+
+    fn item<T>(r: Received<T>) -> T {
+        match r {
+            Received::Item(t) => t,
+            Received::Missed => panic!("missed"),
+            Received::Closed => panic!("closed"),
+        }
+    }
 
     fn event(id: &str, seq: u64) -> ExecEvent {
         ExecEvent {
@@ -298,8 +315,8 @@ mod tests {
         let mut s1 = bus.subscribe_events();
         let mut s2 = bus.subscribe_events();
         bus.publish_event(event("a", 2)).await.unwrap();
-        assert_eq!(s1.recv().await.unwrap().seq, 2);
-        assert_eq!(s2.recv().await.unwrap().seq, 2);
+        assert_eq!(item(s1.recv().await).seq(), Some(2));
+        assert_eq!(item(s2.recv().await).seq(), Some(2));
     }
 
     #[tokio::test]
@@ -309,11 +326,8 @@ mod tests {
         for seq in 1..=10 {
             bus.publish_event(event("a", seq)).await.unwrap();
         }
-        assert!(matches!(
-            slow.recv().await,
-            Err(broadcast::error::RecvError::Lagged(6))
-        ));
-        assert_eq!(slow.recv().await.unwrap().seq, 7);
+        assert_eq!(slow.recv().await, Received::Missed);
+        assert_eq!(item(slow.recv().await).seq(), Some(7));
     }
 
     #[tokio::test]
@@ -330,7 +344,10 @@ mod tests {
             sandboxes: vec![],
         };
         bus.publish_status(st.clone()).await.unwrap();
-        assert_eq!(s.recv().await.unwrap(), st);
+        assert_eq!(s.recv().await, Received::Item(st));
+        // The bus gone, its subscribers hear so.
+        drop(bus);
+        assert_eq!(s.recv().await, Received::Closed);
     }
 
     #[tokio::test]

@@ -20,14 +20,15 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::disk::{check_name, name_ok, Disk};
+use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
     ResultSummary,
 };
 use crate::seal::Keyring;
 use crate::store::{
-    cancelled, finished, finished_with_event, is_active, lost_summary, running, Admission,
-    AdmissionRules, Lease, ListFilter, Store, StoreError, StoreResult,
+    cancelled, finished, finished_with_event, lost_summary, running, Lease, ListFilter, Store,
+    StoreError, StoreResult,
 };
 
 #[derive(Default)]
@@ -68,8 +69,9 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
-/// Whether an event should be on disk before `append_event` returns (the rest reach the
-/// kernel at once and the disk soon after; only a machine crash can lose them).
+/// Whether an event should be on disk before its append returns (the rest reach the
+/// kernel at once and the disk soon after; only a machine crash can lose them — the
+/// tail of a log, never an event in the middle, so the seqs stay gapless).
 fn must_sync(body: &EventBody) -> bool {
     matches!(
         body,
@@ -153,39 +155,23 @@ impl State {
             body: EventBody::Queued,
         };
 
-        let same_user = |r: &ExecutionRecord| r.org == new.org && r.user == new.user;
-        // R10: the tab's active executions go.
-        let mut decisions: Vec<(String, CancelReason)> = Vec::new();
-        if let Some(tab) = &new.tab_id {
-            let mut superseded: Vec<&ExecutionRecord> = self
-                .records
-                .values()
-                .filter(|r| same_user(r) && r.tab_id.as_ref() == Some(tab) && is_active(r))
-                .collect();
-            superseded.sort_by_key(|r| admission_order(r));
-            decisions.extend(
-                superseded
-                    .into_iter()
-                    .map(|r| (r.id.clone(), CancelReason::SupersededByTab)),
-            );
-        }
-        // R11: beyond the cap, the oldest go, in the order the store admitted them (the
-        // new one is the newest; it goes only under a cap of 0).
+        // R10, then R11 (see [`decide`]), over the user's active executions in the order
+        // the store admitted them (the new one is the newest).
         let mut active: Vec<&ExecutionRecord> = self
             .records
             .values()
-            .filter(|r| same_user(r) && is_active(r))
-            .filter(|r| !decisions.iter().any(|(id, _)| *id == r.id))
-            .chain(std::iter::once(&new))
+            .filter(|r| r.org == new.org && r.user == new.user && is_active(r))
             .collect();
         active.sort_by_key(|r| admission_order(r));
-        let excess = active.len().saturating_sub(rules.max_parallel as usize);
-        let capped: Vec<String> = active[..excess].iter().map(|r| r.id.clone()).collect();
-        decisions.extend(
-            capped
-                .into_iter()
-                .map(|id| (id, CancelReason::ParallelismCap)),
-        );
+        let decision = decide(&active, new.tab_id.as_deref(), rules.max_parallel);
+        let mut decisions: Vec<(String, CancelReason)> = decision
+            .cancel
+            .iter()
+            .map(|(i, reason)| (active[*i].id.clone(), *reason))
+            .collect();
+        if decision.cancel_new {
+            decisions.push((new.id.clone(), CancelReason::ParallelismCap));
+        }
 
         // Cancellations first, the new record last: a crash in between cancels what
         // this admission would have cancelled but admits nothing, and the caller never
@@ -298,23 +284,38 @@ impl State {
         Ok(events)
     }
 
-    fn append_event(&mut self, disk: &Disk, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
-        let rec = self.record(id)?;
-        let event = ExecEvent {
-            execution_id: id.to_string(),
-            seq: rec.last_seq + 1,
-            at: now_ms(),
-            body,
-        };
-        disk.append_events(id, std::slice::from_ref(&event), must_sync(&event.body))?;
+    /// Appends `bodies` with the next seqs of `id`, in one write to its log.
+    fn append_events(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        bodies: Vec<EventBody>,
+    ) -> StoreResult<Vec<ExecEvent>> {
+        let last = self.record(id)?.last_seq;
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let at = now_ms();
+        let events: Vec<ExecEvent> = bodies
+            .into_iter()
+            .zip(last + 1..)
+            .map(|(body, seq)| ExecEvent {
+                execution_id: id.to_string(),
+                seq,
+                at,
+                body,
+            })
+            .collect();
+        let sync = events.iter().any(|e| must_sync(&e.body));
+        disk.append_events(id, &events, sync)?;
         if let Some(rec) = self.records.get_mut(id) {
-            rec.last_seq = event.seq;
+            rec.last_seq = last + events.len() as u64;
         }
         self.events
             .entry(id.to_string())
             .or_default()
-            .push(event.clone());
-        Ok(event)
+            .extend(events.iter().cloned());
+        Ok(events)
     }
 
     fn expire(&mut self, disk: &Disk, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
@@ -615,8 +616,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn append_event(&self, id: &str, body: EventBody) -> StoreResult<ExecEvent> {
+        let mut events = self.append_events(id, vec![body]).await?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Io(format!("appending an event to {id}: none stored")))
+    }
+
+    async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>> {
         let id = id.to_string();
-        self.change(move |state, disk| state.append_event(disk, &id, body))
+        self.change(move |state, disk| state.append_events(disk, &id, bodies))
             .await
     }
 

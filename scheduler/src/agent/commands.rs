@@ -1,0 +1,105 @@
+//! The agent's command loop: it reads this host's commands from the bus (on a task of
+//! its own, so a pending read is never dropped half-way), acts on `Cancel`s at once, and
+//! starts `Run`s in arrival order whenever a slot is free. A `Run` is acknowledged on the
+//! bus once it started (one that never started is redelivered after a restart). At
+//! shutdown it lets running executions finish for the grace period, then kills them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::run::run_execution;
+use super::Inner;
+use crate::bus::{AgentCommand, BusError, DeliveryTag};
+
+/// Reads commands; `Cancel`s act at once, `Run`s wait in order for a free slot.
+pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    // The bus is read by its own task (so a pending read is never dropped half-way by a
+    // `select!`), except at shutdown.
+    // Commands taken but never acknowledged by a previous run of this agent come first.
+    match inner.bus.requeue_unacked(&inner.cfg.id).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(agent = %inner.cfg.id, count = n, "requeued unacknowledged commands")
+        }
+        Err(e) => tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot requeue commands"),
+    }
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(AgentCommand, DeliveryTag)>(64);
+    let reader = {
+        let inner = Arc::clone(&inner);
+        tokio::spawn(async move {
+            loop {
+                match inner.bus.take_for_agent(&inner.cfg.id).await {
+                    Ok(d) => {
+                        if cmd_tx.send((d.item, d.tag)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(BusError::Closed) => return,
+                    Err(e) => {
+                        tracing::warn!(agent = %inner.cfg.id, error = %e, "reading commands");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    };
+    // Runs waiting for a slot, with their delivery tags (acknowledged once started: a
+    // run that never started is redelivered after a restart).
+    let mut waiting: VecDeque<(String, DeliveryTag)> = VecDeque::new();
+    let mut executions = JoinSet::new();
+    loop {
+        // Start waiting runs while there are free slots.
+        while let Some((id, tag)) = waiting.front() {
+            let Ok(permit) = Arc::clone(&inner.slots).try_acquire_owned() else {
+                break;
+            };
+            let (id, tag) = (id.clone(), tag.clone());
+            waiting.pop_front();
+            executions.spawn(run_execution(Arc::clone(&inner), id, permit));
+            let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            cmd = cmd_rx.recv() => match cmd {
+                Some((AgentCommand::Run { execution_id }, tag)) => {
+                    if waiting.iter().any(|(w, _)| *w == execution_id) {
+                        let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
+                    } else {
+                        waiting.push_back((execution_id, tag));
+                    }
+                }
+                Some((AgentCommand::Cancel { execution_id }, tag)) => {
+                    if !inner.cancel(&execution_id) {
+                        tracing::debug!(execution = %execution_id, "cancel for an execution not running here");
+                    }
+                    let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
+                }
+                None => {
+                    tracing::info!(agent = %inner.cfg.id, "the bus closed; no more work");
+                    break;
+                }
+            },
+            // A slot freed up.
+            Some(_) = executions.join_next(), if !executions.is_empty() => {}
+        }
+    }
+    reader.abort();
+    if !waiting.is_empty() {
+        tracing::info!(agent = %inner.cfg.id, left = waiting.len(), "runs left queued at shutdown");
+    }
+    // Shutdown: let running executions finish for the grace period, then kill them.
+    let grace = tokio::time::sleep(inner.cfg.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = executions.join_next() => if next.is_none() { return },
+            _ = &mut grace => break,
+        }
+    }
+    inner.kill_all();
+    while executions.join_next().await.is_some() {}
+}

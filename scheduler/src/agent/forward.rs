@@ -1,0 +1,283 @@
+//! The forwarder: it turns the pool's events of one execution into stored and published
+//! events. Output that arrives before the sandbox reported its start is held (at most
+//! [`STARTED_WAIT`]) so `started` always comes first; output is handed on as whole UTF-8
+//! text (a character split between two reads waits for its rest; invalid bytes are
+//! carried exactly, see [`OutputData`]). Every event goes to the store first (which
+//! assigns its sequence number), then to the bus — except usage samples, which are
+//! live-only: published on the bus as [`LiveEvent`]s, never stored (they take no seq
+//! and are not replayed; the result carries the usage summary).
+//!
+//! Output and progress are stored in batches: what arrives within [`BATCH_WINDOW`] of
+//! the first waiting event (or until the batch holds [`BATCH_BYTES`]) goes to the store
+//! in one transaction ([`crate::store::Store::append_events`]) and is then published in
+//! order. Any other event is stored after the batch is, and the run flushes the batch
+//! before it finishes the execution, so nothing is lost or reordered and `finished` is
+//! always last.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use hatchery_sandbox::pool::Event;
+
+use super::run::usage_of;
+use super::Inner;
+use crate::model::{now_ms, EventBody, LiveBody, LiveEvent, OutputData};
+
+/// How long output may wait for the sandbox's `started` report before it is forwarded
+/// anyway.
+pub(super) const STARTED_WAIT: Duration = Duration::from_millis(50);
+/// How long output and progress may wait to be stored together with what follows.
+pub(super) const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// A batch holding this many bytes of output and messages is stored at once.
+pub(super) const BATCH_BYTES: usize = 64 << 10;
+
+/// Turns the pool's events of one execution into stored and published events.
+pub(super) struct Forwarder {
+    inner: Arc<Inner>,
+    id: String,
+    /// The `started` event went out.
+    pub(super) started: bool,
+    /// Events that arrived before the sandbox reported its start.
+    pub(super) held: Vec<Event>,
+    /// Incomplete UTF-8 sequences at the end of the last chunk, per stream.
+    carry: [Vec<u8>; 2],
+    /// Events waiting to be stored together, their size, and when the first came.
+    batch: Vec<EventBody>,
+    batch_bytes: usize,
+    batch_since: Option<Instant>,
+}
+
+impl Forwarder {
+    pub(super) fn new(inner: Arc<Inner>, id: String) -> Forwarder {
+        Forwarder {
+            inner,
+            id,
+            started: false,
+            held: Vec::new(),
+            carry: [Vec::new(), Vec::new()],
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_since: None,
+        }
+    }
+
+    /// When the waiting batch must be stored, if one waits.
+    pub(super) fn flush_due(&self) -> Option<Instant> {
+        self.batch_since.map(|t| t + BATCH_WINDOW)
+    }
+
+    /// Emits `started` (once), then whatever was held back for it.
+    pub(super) async fn start(&mut self, start_ms: Option<f64>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let agent = self.inner.cfg.id.clone();
+        self.emit(EventBody::Started { agent, start_ms }).await;
+        for event in std::mem::take(&mut self.held) {
+            self.send(event).await;
+        }
+    }
+
+    pub(super) async fn forward(&mut self, event: Event) {
+        if self.started {
+            self.send(event).await;
+        } else {
+            self.held.push(event);
+        }
+    }
+
+    async fn send(&mut self, event: Event) {
+        let body = match event {
+            Event::Stdout { data } => match decode_chunk(&mut self.carry[0], &data) {
+                Some(bytes) => EventBody::Stdout(OutputData::from_bytes(bytes)),
+                None => return,
+            },
+            Event::Stderr { data } => match decode_chunk(&mut self.carry[1], &data) {
+                Some(bytes) => EventBody::Stderr(OutputData::from_bytes(bytes)),
+                None => return,
+            },
+            Event::Progress { fraction, message } => EventBody::Progress { fraction, message },
+            Event::Usage(u) => {
+                let usage = usage_of(&u);
+                if let Some(r) = self.inner.running.lock().unwrap().get_mut(&self.id) {
+                    r.usage = usage.clone();
+                }
+                self.publish_live(LiveBody::Usage(usage)).await;
+                return;
+            }
+            Event::Started { .. } | Event::Finished(_) => return,
+        };
+        self.queue(body).await;
+    }
+
+    /// Emits what is left of incomplete UTF-8 sequences (exactly, see [`OutputData`]).
+    pub(super) async fn flush_text(&mut self) {
+        let carry = std::mem::take(&mut self.carry);
+        for (i, carry) in carry.into_iter().enumerate() {
+            if carry.is_empty() {
+                continue;
+            }
+            let data = OutputData::from_bytes(carry);
+            let body = if i == 0 {
+                EventBody::Stdout(data)
+            } else {
+                EventBody::Stderr(data)
+            };
+            self.queue(body).await;
+        }
+    }
+
+    /// Publishes a live-only event (not stored: no seq, not replayed).
+    async fn publish_live(&self, body: LiveBody) {
+        let event = LiveEvent {
+            execution_id: self.id.clone(),
+            at: now_ms(),
+            body,
+        };
+        if let Err(e) = self.inner.bus.publish_live(event).await {
+            tracing::debug!(execution = %self.id, error = %e, "cannot publish a live event");
+        }
+    }
+
+    /// Adds an event to the batch; stores the batch once it is large enough.
+    async fn queue(&mut self, body: EventBody) {
+        self.batch_bytes += size_of(&body);
+        self.batch.push(body);
+        self.batch_since.get_or_insert_with(Instant::now);
+        if self.batch_bytes >= BATCH_BYTES {
+            self.flush().await;
+        }
+    }
+
+    /// Stores the waiting batch in one transaction, then publishes its events in order.
+    pub(super) async fn flush(&mut self) {
+        self.batch_since = None;
+        self.batch_bytes = 0;
+        let bodies = std::mem::take(&mut self.batch);
+        if bodies.is_empty() {
+            return;
+        }
+        let id = self.id.as_str();
+        let n = bodies.len();
+        match self.inner.store.append_events(id, bodies).await {
+            Ok(events) => {
+                for event in events {
+                    if let Err(e) = self.inner.bus.publish_event(event).await {
+                        tracing::warn!(execution = id, error = %e, "cannot publish an event");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(execution = id, events = n, error = %e, "cannot store events"),
+        }
+    }
+
+    /// Stores an event after the waiting batch (store first: it assigns the sequence
+    /// number), then publishes it.
+    async fn emit(&mut self, body: EventBody) {
+        self.flush().await;
+        let id = self.id.as_str();
+        match self.inner.store.append_event(id, body).await {
+            Ok(event) => {
+                if let Err(e) = self.inner.bus.publish_event(event).await {
+                    tracing::warn!(execution = id, error = %e, "cannot publish an event");
+                }
+            }
+            Err(e) => tracing::warn!(execution = id, error = %e, "cannot store an event"),
+        }
+    }
+}
+
+/// What an event adds to a batch: the bytes of its output or message.
+fn size_of(body: &EventBody) -> usize {
+    match body {
+        EventBody::Stdout(d) | EventBody::Stderr(d) => {
+            d.data.len() + d.data_base64.as_ref().map_or(0, String::len)
+        }
+        EventBody::Progress { message, .. } => message.len(),
+        _ => 0,
+    }
+}
+
+/// The bytes of `data` after the carried ones, up to an incomplete UTF-8 sequence at the
+/// end, which is kept for the next chunk (so a character split between two reads stays
+/// whole). `None` when nothing is complete yet.
+fn decode_chunk(carry: &mut Vec<u8>, data: &[u8]) -> Option<Vec<u8>> {
+    carry.extend_from_slice(data);
+    let keep = incomplete_tail(carry);
+    let tail = carry.split_off(carry.len() - keep);
+    let bytes = std::mem::replace(carry, tail);
+    (!bytes.is_empty()).then_some(bytes)
+}
+
+/// How many bytes at the end of `b` start a UTF-8 sequence that is not complete yet.
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let start = b.len() - back;
+        let byte = b[start];
+        if byte & 0xC0 == 0x80 {
+            continue;
+        }
+        let need = match byte {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return 0,
+        };
+        let prefix_ok =
+            matches!(std::str::from_utf8(&b[start..]), Err(e) if e.error_len().is_none());
+        return if need > back && prefix_ok { back } else { 0 };
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_across_chunks_is_kept_whole() {
+        let text = "größe €";
+        let bytes = text.as_bytes();
+        let mut carry = Vec::new();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(1) {
+            if let Some(s) = decode_chunk(&mut carry, chunk) {
+                // Every piece handed on is whole text.
+                assert!(std::str::from_utf8(&s).is_ok(), "{s:?}");
+                out.extend_from_slice(&s);
+            }
+        }
+        assert!(carry.is_empty());
+        assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn invalid_utf8_is_carried_exactly_not_held() {
+        let mut carry = Vec::new();
+        let piece = decode_chunk(&mut carry, b"a\xffb").unwrap();
+        assert!(carry.is_empty());
+        let data = OutputData::from_bytes(piece);
+        assert_eq!(data.data, "a\u{fffd}b");
+        assert_eq!(data.bytes(), b"a\xffb");
+        // A lone continuation byte at the end is invalid, not incomplete.
+        assert_eq!(
+            decode_chunk(&mut carry, b"x\x80").as_deref(),
+            Some(&b"x\x80"[..])
+        );
+        // An incomplete 3-byte sequence waits.
+        assert_eq!(
+            decode_chunk(&mut carry, b"y\xe2\x82").as_deref(),
+            Some(&b"y"[..])
+        );
+        assert_eq!(carry, b"\xe2\x82");
+        assert_eq!(
+            decode_chunk(&mut carry, b"\xac").as_deref(),
+            Some("€".as_bytes())
+        );
+        // Valid text has no base64 copy.
+        assert_eq!(OutputData::from_bytes(b"ok".to_vec()).data_base64, None);
+    }
+}

@@ -1,0 +1,300 @@
+//! The agent's life around its executions: at start, reconciling with the store
+//! (executions a previous life of this agent left `running` become `lost`) and reaping
+//! the cgroups of sandboxes whose owner died; then, until shutdown, renewing the host's
+//! lease (fencing: a lapsed lease kills what still runs here), publishing the host
+//! status, and sizing the warm pools by recent demand and policy (R5).
+//!
+//! Nothing here runs an execution: that is [`super::run`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hatchery_sandbox::cgroup::CgroupRoot;
+use tokio::sync::watch;
+
+use super::{AgentConfig, AgentError, Inner, LOST_ON_RESTART};
+use crate::bus::Bus;
+use crate::model::{now_ms, ExecState, ExecutionRecord, ResultSummary};
+use crate::store::{Lease, ListFilter, Store};
+
+/// Marks every execution the store says runs on `agent` as lost; returns how many.
+pub(super) async fn reconcile(
+    agent: &str,
+    store: &dyn Store,
+    bus: &dyn Bus,
+) -> Result<usize, AgentError> {
+    let filter = ListFilter {
+        state: Some(ExecState::Running),
+        ..ListFilter::default()
+    };
+    let mut lost = 0;
+    for record in store.list(&filter).await? {
+        if record.agent.as_deref() != Some(agent) {
+            continue;
+        }
+        let summary = ResultSummary::bare(
+            ExecState::Lost,
+            "agent_restarted",
+            Some(LOST_ON_RESTART.into()),
+        );
+        match store
+            .finish(&record.id, ExecState::Lost, None, now_ms(), summary)
+            .await
+        {
+            Ok((_, event)) => {
+                lost += 1;
+                let _ = bus.publish_event(event).await;
+            }
+            Err(e) => {
+                tracing::warn!(execution = %record.id, error = %e, "cannot mark a lost execution");
+            }
+        }
+    }
+    Ok(lost)
+}
+
+/// Reaps the cgroups of sandboxes whose owner died and writes the host-wide ceilings
+/// into the parent cgroup. A failure to reap is logged, not fatal.
+pub(super) async fn reap_orphans(cfg: &AgentConfig) -> Result<(), AgentError> {
+    let parent = cfg.cgroup_parent.clone();
+    let ceiling = (cfg.host_memory_max, cfg.host_pids_max);
+    let reaped = tokio::task::spawn_blocking(move || {
+        CgroupRoot::detect(&parent).and_then(|root| {
+            let summary = hatchery_sandbox::gc::collect(&root);
+            root.set_ceiling(ceiling.0, ceiling.1)?;
+            Ok(summary)
+        })
+    })
+    .await
+    .map_err(|e| AgentError::Runtime(format!("gc task: {e}")))?;
+    match reaped {
+        Ok(summary) => {
+            if !summary.removed.is_empty() || !summary.failed.is_empty() {
+                tracing::info!(
+                    agent = %cfg.id,
+                    removed = summary.removed.len(),
+                    failed = summary.failed.len(),
+                    "reaped sandboxes whose owner died"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(agent = %cfg.id, error = %e, "cannot reap orphaned sandboxes"),
+    }
+    Ok(())
+}
+
+/// How often pool sizes are recomputed from demand and policy.
+const SIZING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Frozen sandboxes wanted per language (R5): each user who submitted within `window`
+/// adds the `warm_pool_size` of their effective policy (`policy_of(org, user)`) to the
+/// pool of the language they used; the result is clamped to `[floor, max]` of that
+/// language. Idle orgs and users keep nothing warm beyond the floor.
+pub fn desired_pool_sizes(
+    recent: &[ExecutionRecord],
+    now: u64,
+    window: Duration,
+    floors: &HashMap<String, usize>,
+    max: usize,
+    policy_of: impl Fn(&str, &str) -> u32,
+) -> HashMap<String, usize> {
+    let since = now.saturating_sub(window.as_millis() as u64);
+    let mut users: std::collections::HashSet<(&str, &str, &str)> = Default::default();
+    for r in recent.iter().filter(|r| r.created_at >= since) {
+        users.insert((r.language.as_str(), r.org.as_str(), r.user.as_str()));
+    }
+    let mut want: HashMap<String, usize> = HashMap::new();
+    for (lang, org, user) in users {
+        *want.entry(lang.to_string()).or_default() += policy_of(org, user) as usize;
+    }
+    floors
+        .iter()
+        .map(|(lang, floor)| {
+            let demand = want.get(lang).copied().unwrap_or(0);
+            (lang.clone(), demand.clamp(*floor, max.max(*floor)))
+        })
+        .collect()
+}
+
+/// Resizes the pools from recent demand and the warm-pool sizes in the policies.
+pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let floors: HashMap<String, usize> = inner
+        .cfg
+        .languages
+        .iter()
+        .map(|l| (l.name.clone(), l.pool_size))
+        .collect();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(SIZING_INTERVAL) => {}
+        }
+        let recent = match inner
+            .store
+            .list(&ListFilter {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "pool sizing: cannot list executions");
+                continue;
+            }
+        };
+        let mut policies: HashMap<(String, String), u32> = HashMap::new();
+        for r in &recent {
+            let key = (r.org.clone(), r.user.clone());
+            if policies.contains_key(&key) {
+                continue;
+            }
+            let org = inner.store.get_org_policy(&r.org).await.ok().flatten();
+            let user = inner
+                .store
+                .get_user_policy(&r.org, &r.user)
+                .await
+                .ok()
+                .flatten();
+            let eff =
+                crate::policy::resolve(&inner.cfg.default_policy, org.as_ref(), user.as_ref());
+            policies.insert(key, eff.warm_pool_size);
+        }
+        let sizes = desired_pool_sizes(
+            &recent,
+            crate::model::now_ms(),
+            inner.cfg.demand_window,
+            &floors,
+            inner.cfg.max_pool_size,
+            |org, user| {
+                policies
+                    .get(&(org.to_string(), user.to_string()))
+                    .copied()
+                    .unwrap_or(0)
+            },
+        );
+        let pools = inner.pools.lock().unwrap();
+        for (lang, size) in sizes {
+            if let Some(pool) = pools.get(&lang) {
+                if pool.size() != size {
+                    tracing::info!(language = %lang, from = pool.size(), to = size, "resizing the warm pool");
+                    pool.set_size(size);
+                }
+            }
+        }
+    }
+}
+
+/// Publishes the host status periodically and on every change.
+pub(super) async fn status_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let status = inner.status();
+        if let Err(e) = inner.bus.publish_status(status).await {
+            tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot publish the host status");
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(inner.cfg.status_interval) => {}
+            _ = inner.status_changed.notified() => {}
+        }
+    }
+}
+
+/// Renews this host's lease every third of it. When the store says it lapsed (this host
+/// was unreachable or stalled for longer than the lease), its running executions are
+/// `lost` already: they are killed here, and the host registers again.
+pub(super) async fn lease_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let lease_ms = inner.cfg.lease.as_millis() as u64;
+    let every = (inner.cfg.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match inner.store.heartbeat(&inner.cfg.id, lease_ms).await {
+            Ok(Lease::Held) => {}
+            Ok(Lease::Lapsed) => {
+                let killed = inner.kill_all();
+                tracing::error!(
+                    agent = %inner.cfg.id,
+                    killed,
+                    "this host's lease lapsed: its executions were declared lost and are killed; registering again"
+                );
+                if let Err(e) = inner.store.register_host(&inner.cfg.id, lease_ms).await {
+                    tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot register again");
+                }
+            }
+            Err(e) => tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot renew the lease"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(lang: &str, org: &str, user: &str, created_at: u64) -> ExecutionRecord {
+        ExecutionRecord {
+            id: format!("{org}-{user}-{created_at}"),
+            org: org.into(),
+            user: user.into(),
+            language: lang.into(),
+            tab_id: None,
+            model_id: None,
+            state: ExecState::Succeeded,
+            limits: crate::model::Limits {
+                memory_bytes: 1 << 30,
+                cpus: 1.0,
+                pids: 64,
+                time_limit_ms: 1000,
+            },
+            code_key: String::new(),
+            result_key: None,
+            created_at,
+            started_at: None,
+            finished_at: None,
+            agent: None,
+            cancel: None,
+            error: None,
+            last_seq: 0,
+            admitted: 0,
+            displaces: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn pools_follow_recent_demand_and_policy_within_floor_and_max() {
+        let floors: HashMap<String, usize> = [("r".to_string(), 1), ("bash".to_string(), 0)].into();
+        let window = Duration::from_secs(600);
+        let now = 10_000_000;
+        // acme's users have warm_pool_size 3 (org policy), bob an override of 1; globex
+        // the default 2.
+        let policy = |org: &str, user: &str| match (org, user) {
+            ("acme", "bob") => 1,
+            ("acme", _) => 3,
+            _ => 2,
+        };
+        let recent = vec![
+            rec("r", "acme", "alice", now - 1_000),
+            rec("r", "acme", "alice", now - 2_000), // the same user counts once
+            rec("r", "acme", "bob", now - 3_000),
+            rec("bash", "globex", "eve", now - 4_000),
+            rec("r", "initech", "old", now - 700_000), // outside the window
+        ];
+        let sizes = desired_pool_sizes(&recent, now, window, &floors, 8, policy);
+        assert_eq!(sizes["r"], 3 + 1);
+        assert_eq!(sizes["bash"], 2);
+        // Nobody active: back to the floors; no idle capacity kept just in case.
+        let idle = desired_pool_sizes(&[], now, window, &floors, 8, policy);
+        assert_eq!((idle["r"], idle["bash"]), (1, 0));
+        // Demand above the maximum is capped.
+        let many: Vec<_> = (0..10)
+            .map(|i| rec("r", "acme", &format!("u{i}"), now))
+            .collect();
+        assert_eq!(
+            desired_pool_sizes(&many, now, window, &floors, 8, policy)["r"],
+            8
+        );
+    }
+}

@@ -1,0 +1,503 @@
+//! The per-host agent: it drives this host's warm pools (one per language) and runs the
+//! executions the scheduler places here.
+//!
+//! For each `Run` it takes the execution from `queued` to `running` in the store (that
+//! transition is the guard against duplicate deliveries and against cancels that won the
+//! race), reads the code from the object store, claims a frozen sandbox with the record's
+//! limits (written into the sandbox's cgroup at claim time, so a policy change applies to
+//! the next execution without rolling the pool — R8; the time limit counts from the
+//! claim, which is when user code starts — R6), streams what the sandbox reports as
+//! events (store first: the durable copy carries the sequence number; then the bus;
+//! usage samples only on the bus), and at the end stores the encrypted result and marks
+//! the record finished.
+//!
+//! On start it reconciles: executions the store says run here are from a previous life of
+//! this agent, so they become `lost`, and the cgroups of sandboxes whose owner died are
+//! reaped. It publishes a [`HostStatus`] periodically and whenever an execution starts or
+//! ends (placement and the admin monitor read it — R13).
+//!
+//! The agent talks to the rest of the platform only through the [`Store`], the [`Bus`]
+//! and the [`Objects`]. It never blocks the async runtime on the pool: claims and the
+//! pool's event stream run on blocking threads and are forwarded through channels.
+//!
+//! Where things are:
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `mod.rs` | the configuration ([`AgentConfig`], [`LanguageConfig`]), [`Agent::start`], the [`AgentHandle`] (readiness, drain, shutdown) and the state the tasks share (`Inner`: pools, what runs here, free slots) |
+//! | `lifecycle.rs` | start-up (reconcile with the store, reap orphaned sandboxes), the lease/heartbeat loop, the status loop, pool sizing by demand ([`desired_pool_sizes`]) |
+//! | `commands.rs` | the command loop: reads the bus, starts `Run`s in order as slots free up, acts on `Cancel`s, and the shutdown grace |
+//! | `run.rs` | one execution end to end: `mark_running`, the wait for displaced runs, the pre-start cancel check, claim and drive, `finish`, and the result summary ([`state_of`]) |
+//! | `forward.rs` | the forwarder: the pool's events of one execution become stored and published events (held until `started`, UTF-8 kept whole across chunks) |
+//!
+//! Not yet: the per-org warm-pool size of policies (R5) — pools are sized per language
+//! from the agent's configuration.
+
+mod commands;
+mod forward;
+mod lifecycle;
+mod run;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hatchery_sandbox::pool::{Canceller, Pool, PoolConfig, PoolError, PoolStats};
+use hatchery_sandbox::zygote::server::Language;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::bus::{Bus, HostStatus, SandboxUsage};
+use crate::model::{now_ms, EffectivePolicy, Usage};
+use crate::objects::Objects;
+use crate::store::{Store, StoreError};
+
+pub use lifecycle::desired_pool_sizes;
+pub use run::state_of;
+
+/// The error a reconciled execution carries.
+pub const LOST_ON_RESTART: &str = "the agent restarted while it ran";
+/// The error of an execution killed because its agent shut down.
+pub const LOST_ON_SHUTDOWN: &str = "the agent shut down while it ran";
+
+/// One language this agent serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LanguageConfig {
+    /// `r`, or a fork-exec language: `bash`, `sh`, `python3`.
+    pub name: String,
+    /// R packages preloaded in the zygote (ignored for other languages).
+    pub packages: Vec<String>,
+    /// Frozen sandboxes kept ready at the least (0 is allowed: then an idle platform
+    /// keeps none, and the first execution waits for one fork).
+    pub pool_size: usize,
+}
+
+impl LanguageConfig {
+    fn runtime(&self) -> Result<Language, AgentError> {
+        match self.name.as_str() {
+            "r" => Ok(Language::R {
+                packages: self
+                    .packages
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .cloned()
+                    .collect(),
+            }),
+            "bash" | "sh" | "python3" => Ok(Language::Exec {
+                name: self.name.clone(),
+                argv: vec![self.name.clone(), "-c".into()],
+            }),
+            other => Err(AgentError::UnknownLanguage(other.to_string())),
+        }
+    }
+}
+
+/// What one agent runs and how.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's agent id: the scheduler addresses it by this name, and records it
+    /// runs carry it (keep it stable across restarts so reconciliation finds them).
+    pub id: String,
+    /// Executions run at once; further `Run`s wait here, in order.
+    pub capacity: u32,
+    pub languages: Vec<LanguageConfig>,
+    /// The sandboxes' read-only root filesystem.
+    pub rootfs: PathBuf,
+    /// The `sandbox` and `hatchery-zygote` binaries (in `target/<profile>/`).
+    pub sandbox_bin: PathBuf,
+    pub zygote_bin: PathBuf,
+    /// Hatchery's parent cgroup.
+    pub cgroup_parent: String,
+    /// Ceilings written into the parent cgroup at start: memory and processes of all
+    /// sandboxes of this host together (`None`: no ceiling).
+    pub host_memory_max: Option<u64>,
+    pub host_pids_max: Option<u64>,
+    /// How often a running execution's usage is sampled (and published, live only: the
+    /// samples are not stored).
+    pub usage_interval: Duration,
+    /// Bytes an execution may emit (stdout and stderr, progress messages, its value)
+    /// before it is stopped with state `output_limit`.
+    pub output_limit: u64,
+    /// Events (output pieces, progress, usage) an execution may produce before it is
+    /// stopped with state `output_limit`: bounds what one execution can store.
+    pub max_events: u64,
+    /// How often the host status is published (it is also published on every start and
+    /// end of an execution).
+    pub status_interval: Duration,
+    /// This host's lease in the store: renewed every third of it; a host that fails to
+    /// renew in time has its running executions declared `lost`, and kills them when it
+    /// finds out (fencing).
+    pub lease: Duration,
+    /// How long a claim waits for a frozen sandbox when the pool is empty.
+    pub claim_timeout: Duration,
+    /// On shutdown: how long running executions may finish before they are killed (and
+    /// recorded as `lost`).
+    pub shutdown_grace: Duration,
+    /// Pool sizing by demand (R5): the platform default policy the org and user
+    /// `warm_pool_size` overrides apply to.
+    pub default_policy: EffectivePolicy,
+    /// Users who submitted within this window count as active: each adds its effective
+    /// `warm_pool_size` to its language's pool.
+    pub demand_window: Duration,
+    /// No pool grows beyond this many frozen sandboxes.
+    pub max_pool_size: usize,
+}
+
+impl AgentConfig {
+    /// Defaults: capacity 2, an R pool of 2, binaries next to the running executable,
+    /// the default root filesystem.
+    pub fn new(id: impl Into<String>) -> AgentConfig {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+            .unwrap_or_default();
+        AgentConfig {
+            id: id.into(),
+            capacity: 2,
+            languages: vec![LanguageConfig {
+                name: "r".into(),
+                packages: Vec::new(),
+                pool_size: 2,
+            }],
+            rootfs: PathBuf::from(hatchery_sandbox::DEFAULT_ROOTFS),
+            sandbox_bin: dir.join("sandbox"),
+            zygote_bin: dir.join("hatchery-zygote"),
+            cgroup_parent: hatchery_sandbox::run::DEFAULT_CGROUP_PARENT.into(),
+            host_memory_max: None,
+            host_pids_max: None,
+            usage_interval: Duration::from_millis(500),
+            output_limit: 16 << 20,
+            max_events: hatchery_sandbox::pool::DEFAULT_MAX_EVENTS,
+            status_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
+            claim_timeout: Duration::from_secs(120),
+            shutdown_grace: Duration::ZERO,
+            default_policy: EffectivePolicy::default(),
+            demand_window: Duration::from_secs(600),
+            max_pool_size: 8,
+        }
+    }
+
+    fn pool_config(&self, lang: &LanguageConfig) -> Result<PoolConfig, AgentError> {
+        let mut pc = PoolConfig::new(lang.runtime()?, self.rootfs.clone());
+        pc.size = lang.pool_size;
+        // Most executions run at the platform default: written while pooled, a claim
+        // at those limits writes nothing.
+        pc.default_limits = Some(hatchery_sandbox::Limits {
+            memory_bytes: Some(self.default_policy.memory_bytes),
+            cpus: Some(self.default_policy.cpus),
+            pids: Some(self.default_policy.pids),
+        });
+        pc.sandbox_bin = self.sandbox_bin.clone();
+        pc.zygote_bin = self.zygote_bin.clone();
+        pc.cgroup_parent = self.cgroup_parent.clone();
+        pc.claim_timeout = self.claim_timeout;
+        Ok(pc)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the agent serves no language")]
+    NoLanguages,
+    #[error("the agent's capacity must be at least 1")]
+    NoCapacity,
+    #[error("unknown language {0:?}: expected r, bash, sh or python3")]
+    UnknownLanguage(String),
+    #[error("language {0:?} is configured twice")]
+    DuplicateLanguage(String),
+    #[error("the {language} pool: {source}")]
+    Pool {
+        language: String,
+        #[source]
+        source: Box<PoolError>,
+    },
+    #[error("reconciling with the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The agent role. See the module documentation.
+pub struct Agent;
+
+impl Agent {
+    /// Reconciles with the store, reaps orphaned sandboxes, starts one pool per language
+    /// (sandboxes become ready in the background: [`AgentHandle::wait_ready`]) and starts
+    /// taking commands from the bus.
+    pub async fn start(
+        cfg: AgentConfig,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        objects: Arc<dyn Objects>,
+    ) -> Result<AgentHandle, AgentError> {
+        if cfg.languages.is_empty() {
+            return Err(AgentError::NoLanguages);
+        }
+        if cfg.capacity == 0 {
+            return Err(AgentError::NoCapacity);
+        }
+        let mut pool_configs = Vec::new();
+        for lang in &cfg.languages {
+            if pool_configs.iter().any(|(n, _)| n == &lang.name) {
+                return Err(AgentError::DuplicateLanguage(lang.name.clone()));
+            }
+            pool_configs.push((lang.name.clone(), cfg.pool_config(lang)?));
+        }
+
+        let lost = lifecycle::reconcile(&cfg.id, store.as_ref(), bus.as_ref()).await?;
+        store
+            .register_host(&cfg.id, cfg.lease.as_millis() as u64)
+            .await?;
+        if lost > 0 {
+            tracing::warn!(agent = %cfg.id, lost, "executions of a previous run of this agent marked lost");
+        }
+        lifecycle::reap_orphans(&cfg).await?;
+
+        let pools = tokio::task::spawn_blocking(move || {
+            let mut pools = HashMap::new();
+            for (name, pc) in pool_configs {
+                let pool = Pool::start(pc).map_err(|source| AgentError::Pool {
+                    language: name.clone(),
+                    source: Box::new(source),
+                })?;
+                pools.insert(name, Arc::new(pool));
+            }
+            Ok::<_, AgentError>(pools)
+        })
+        .await
+        .map_err(|e| AgentError::Runtime(format!("pool start task: {e}")))??;
+        tracing::info!(agent = %cfg.id, capacity = cfg.capacity, languages = ?pools.keys().collect::<Vec<_>>(), "agent started");
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            slots: Arc::new(Semaphore::new(cfg.capacity as usize)),
+            cfg,
+            store,
+            bus,
+            objects,
+            pools: Mutex::new(pools),
+            running: Mutex::new(HashMap::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            status_changed: Notify::new(),
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(commands::command_loop(Arc::clone(&inner), stop_rx.clone()));
+        tasks.spawn(lifecycle::sizing_loop(Arc::clone(&inner), stop_rx.clone()));
+        tasks.spawn(lifecycle::lease_loop(Arc::clone(&inner), stop_rx.clone()));
+        tasks.spawn(lifecycle::status_loop(Arc::clone(&inner), stop_rx));
+        Ok(AgentHandle {
+            inner,
+            stop: stop_tx,
+            tasks,
+        })
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl AgentHandle {
+    pub fn id(&self) -> &str {
+        &self.inner.cfg.id
+    }
+
+    /// Waits until every pool has at least one frozen sandbox (or fails: the zygote
+    /// cannot start, or `timeout` passed).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), AgentError> {
+        let pools: Vec<(String, Arc<Pool>)> = self
+            .inner
+            .pools
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, p)| (n.clone(), Arc::clone(p)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for (name, pool) in pools {
+                pool.wait_ready(1, timeout)
+                    .map_err(|source| AgentError::Pool {
+                        language: name,
+                        source: Box::new(source),
+                    })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| AgentError::Runtime(format!("wait task: {e}")))?
+    }
+
+    /// Counters of the pool of `language` (metrics, tests).
+    pub fn pool_stats(&self, language: &str) -> Option<PoolStats> {
+        self.inner.pool(language).map(|p| p.stats())
+    }
+
+    /// The status this agent would publish now.
+    pub fn status(&self) -> HostStatus {
+        self.inner.status()
+    }
+
+    /// Marks the host draining: its status says so, so placement sends it no new work.
+    /// Work already sent to it still runs.
+    pub fn drain(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.status_changed.notify_one();
+    }
+
+    /// Stops taking work, lets running executions finish for the configured grace
+    /// period, kills the rest (recorded as `lost`) and shuts the pools down. `Run`s that
+    /// were waiting for a slot here stay `queued` in the store (the scheduler re-places
+    /// queued executions when it starts).
+    pub async fn shutdown(mut self) {
+        let inner = Arc::clone(&self.inner);
+        inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.stop.send(true);
+        // The command loop waits for its executions only for the grace period.
+        while self.tasks.join_next().await.is_some() {}
+        let pools: Vec<Arc<Pool>> = inner
+            .pools
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for pool in pools {
+                match Arc::try_unwrap(pool) {
+                    Ok(mut pool) => pool.shutdown(),
+                    // A claim still holds it: the pool shuts down when that claim returns.
+                    Err(shared) => drop(shared),
+                }
+            }
+        })
+        .await;
+        let status = inner.status();
+        let _ = inner.bus.publish_status(status).await;
+        tracing::info!(agent = %inner.cfg.id, "agent stopped");
+    }
+}
+
+/// One execution running here.
+struct Running {
+    org: String,
+    user: String,
+    usage: Usage,
+    /// Set once the sandbox is claimed.
+    canceller: Option<Canceller>,
+    /// A cancel arrived (before or after the claim).
+    cancel_requested: bool,
+    /// Killed because the agent shuts down.
+    shutdown_kill: bool,
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    objects: Arc<dyn Objects>,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    running: Mutex<HashMap<String, Running>>,
+    slots: Arc<Semaphore>,
+    draining: std::sync::atomic::AtomicBool,
+    status_changed: Notify,
+}
+
+impl Inner {
+    fn status(&self) -> HostStatus {
+        let mut warm: Vec<(String, u32)> = self
+            .pools
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.stats().ready as u32))
+            .collect();
+        warm.sort();
+        let running = self.running.lock().unwrap();
+        let mut sandboxes: Vec<SandboxUsage> = running
+            .iter()
+            .map(|(id, r)| SandboxUsage {
+                execution_id: id.clone(),
+                org: r.org.clone(),
+                user: r.user.clone(),
+                usage: r.usage.clone(),
+            })
+            .collect();
+        sandboxes.sort_by(|a, b| a.execution_id.cmp(&b.execution_id));
+        HostStatus {
+            agent: self.cfg.id.clone(),
+            at: now_ms(),
+            capacity: self.cfg.capacity,
+            running: running.len() as u32,
+            draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+            warm,
+            sandboxes,
+        }
+    }
+
+    fn pool(&self, language: &str) -> Option<Arc<Pool>> {
+        self.pools.lock().unwrap().get(language).cloned()
+    }
+    /// Kills every execution of this host (shutdown, or a lapsed lease): they end as
+    /// `lost`, not as cancelled by their user. Returns how many.
+    fn kill_all(&self) -> usize {
+        let mut running = self.running.lock().unwrap();
+        for r in running.values_mut() {
+            r.shutdown_kill = true;
+            r.cancel_requested = true;
+            if let Some(c) = &r.canceller {
+                c.cancel();
+            }
+        }
+        running.len()
+    }
+
+    /// Cancels `id` if it runs here (now, or right after its claim).
+    fn cancel(&self, id: &str) -> bool {
+        let mut running = self.running.lock().unwrap();
+        match running.get_mut(id) {
+            Some(r) => {
+                r.cancel_requested = true;
+                if let Some(c) = &r.canceller {
+                    c.cancel();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn languages_map_to_runtimes() {
+        let lang = |n: &str| LanguageConfig {
+            name: n.into(),
+            packages: vec!["MASS".into(), String::new()],
+            pool_size: 1,
+        };
+        assert!(matches!(
+            lang("r").runtime().unwrap(),
+            Language::R { packages } if packages == vec!["MASS".to_string()]
+        ));
+        assert!(matches!(
+            lang("bash").runtime().unwrap(),
+            Language::Exec { .. }
+        ));
+        assert!(matches!(
+            lang("cobol").runtime(),
+            Err(AgentError::UnknownLanguage(_))
+        ));
+    }
+}

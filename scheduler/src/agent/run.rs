@@ -1,0 +1,514 @@
+//! One execution on this host, from `queued` to a terminal state: `mark_running` in the
+//! store (the guard against duplicate deliveries and cancels that won the race), the wait
+//! for executions this one displaced (R11), the cancel check before anything is claimed,
+//! the claim and the drive of the sandbox (its events go through the [`Forwarder`]),
+//! and `finish`: the encrypted result in the object store, then the terminal record with
+//! its `finished` event, always the execution's last.
+//!
+//! The blocking side of the pool (the claim, which may wait, and the pool's event
+//! stream) runs on a plain thread and reports through a channel (`Bridge`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hatchery_sandbox::pool::{
+    Canceller, Event, ExecRequest, ExecResult, ExecStatus, Pool, PoolError,
+};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::forward::{Forwarder, STARTED_WAIT};
+use super::{Inner, Running, LOST_ON_SHUTDOWN};
+use crate::model::{now_ms, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage};
+
+/// What the blocking side of an execution reports.
+enum Bridge {
+    Claimed(Canceller),
+    ClaimFailed(PoolError),
+    Event(Event),
+}
+
+pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermit) {
+    {
+        let mut running = inner.running.lock().unwrap();
+        if running.contains_key(&id) {
+            tracing::debug!(execution = %id, "duplicate run of an execution already running here");
+            return;
+        }
+        // Registered before `mark_running`, so a cancel sent as soon as the record says
+        // it runs here finds it.
+        running.insert(
+            id.clone(),
+            Running {
+                org: String::new(),
+                user: String::new(),
+                usage: Usage::default(),
+                canceller: None,
+                cancel_requested: false,
+                shutdown_kill: false,
+            },
+        );
+    }
+    let record = match inner.store.mark_running(&id, &inner.cfg.id, now_ms()).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Cancelled meanwhile, finished, or a duplicate delivery: not ours to run.
+            tracing::debug!(execution = %id, error = %e, "not running it");
+            inner.running.lock().unwrap().remove(&id);
+            return;
+        }
+    };
+    if let Some(r) = inner.running.lock().unwrap().get_mut(&id) {
+        r.org = record.org.clone();
+        r.user = record.user.clone();
+    }
+    inner.status_changed.notify_one();
+    tracing::info!(execution = %id, org = %record.org, user = %record.user, language = %record.language, "running");
+
+    // R11: the sandbox is not thawed while an execution this one displaced still runs,
+    // and not at all if this one was cancelled meanwhile.
+    let waited = wait_displaced(&inner, &record).await;
+    if let Some(reason) = cancelled_before_start(&inner, &id, waited).await {
+        let summary = ResultSummary::bare(
+            ExecState::Cancelled,
+            cancel_code(Some(reason)),
+            Some(cancel_note(Some(reason))),
+        );
+        finish(&inner, &id, ExecState::Cancelled, summary).await;
+        inner.running.lock().unwrap().remove(&id);
+        inner.status_changed.notify_one();
+        return;
+    }
+
+    let outcome = drive(&inner, &record).await;
+    let (state, summary) = match outcome {
+        Ok(result) => {
+            let shutdown_kill = inner
+                .running
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|r| r.shutdown_kill);
+            let reason = if result.status == ExecStatus::Cancelled && !shutdown_kill {
+                match inner.store.get(&id).await {
+                    Ok(Some(r)) => r.cancel,
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let summary = summarise(&result, shutdown_kill, reason);
+            (summary.state, summary)
+        }
+        Err(error) => {
+            let code = if error.starts_with("no sandbox") {
+                "no_sandbox"
+            } else {
+                "internal"
+            };
+            let summary = ResultSummary::bare(ExecState::Failed, code, Some(error));
+            (ExecState::Failed, summary)
+        }
+    };
+    finish(&inner, &id, state, summary).await;
+    inner.running.lock().unwrap().remove(&id);
+    inner.status_changed.notify_one();
+}
+
+/// How long a new execution waits for the ones it displaced to die before it starts
+/// anyway (their agent is gone: they become `lost` when its lease expires).
+const DISPLACED_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until every execution `record` displaced (see [`ExecutionRecord::displaces`]) is
+/// terminal: its agent has killed it and emptied its cgroup before marking it finished.
+/// True when it had anything to wait for.
+async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) -> bool {
+    if record.displaces.is_empty() {
+        return false;
+    }
+    let started = std::time::Instant::now();
+    let deadline = started + DISPLACED_WAIT;
+    for other in &record.displaces {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match inner.store.get(other).await {
+                Ok(Some(r)) if !r.state.is_terminal() => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(execution = %record.id, displaced = %other, error = %e, "cannot read a displaced execution");
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    execution = %record.id,
+                    displaced = %other,
+                    "a displaced execution is still running after {DISPLACED_WAIT:?}: starting anyway"
+                );
+                return true;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+    tracing::debug!(execution = %record.id, waited_ms = started.elapsed().as_millis() as u64, "displaced executions are dead");
+    true
+}
+
+/// The reason, if this execution was cancelled before its sandbox was claimed (`waited`:
+/// it waited for displaced executions since `mark_running`).
+async fn cancelled_before_start(inner: &Inner, id: &str, waited: bool) -> Option<CancelReason> {
+    let requested = inner
+        .running
+        .lock()
+        .unwrap()
+        .get(id)
+        .is_some_and(|r| r.cancel_requested);
+    // `mark_running` just said it was not cancelled: the store is read again only if
+    // time passed since (a wait for displaced runs) or a cancel arrived (for its reason),
+    // so the claim path of a plain execution makes no extra store round trip.
+    if !waited && !requested {
+        return None;
+    }
+    match inner.store.get(id).await {
+        Ok(Some(r)) if r.cancel.is_some() => r.cancel,
+        _ if requested => Some(CancelReason::Requested),
+        _ => None,
+    }
+}
+
+/// Stores the result, marks the record finished and appends the `finished` event.
+async fn finish(inner: &Inner, id: &str, state: ExecState, mut summary: ResultSummary) {
+    let key = format!("results/{id}");
+    let result_key = match serde_json::to_vec(&summary) {
+        Ok(json) => match inner.objects.put(&key, json).await {
+            Ok(()) => Some(key),
+            Err(e) => {
+                tracing::warn!(execution = id, error = %e, "cannot store the result");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(execution = id, error = %e, "cannot serialise the result");
+            None
+        }
+    };
+    if result_key.is_none() {
+        let note = "the result could not be stored";
+        summary.error = Some(match summary.error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note.to_string(),
+        });
+    }
+    match inner
+        .store
+        .finish(id, state, result_key, now_ms(), summary)
+        .await
+    {
+        Ok((_, event)) => {
+            tracing::info!(execution = id, state = state.as_str(), "finished");
+            if let Err(e) = inner.bus.publish_event(event).await {
+                tracing::warn!(execution = id, error = %e, "cannot publish an event");
+            }
+        }
+        // Already terminal (e.g. reconciled by another life of this agent): its
+        // `finished` event exists.
+        Err(e) => tracing::warn!(execution = id, error = %e, "cannot mark it finished"),
+    }
+}
+
+/// Claims a sandbox, runs the code and forwards its events; returns the pool's result,
+/// or why the execution could not run.
+async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResult, String> {
+    let id = record.id.as_str();
+    let code = inner
+        .objects
+        .get(&record.code_key)
+        .await
+        .map_err(|e| format!("cannot read the code: {e}"))?;
+    let code = String::from_utf8(code).map_err(|_| "the code is not UTF-8".to_string())?;
+    let pool = inner
+        .pool(&record.language)
+        .ok_or_else(|| format!("this host does not run {:?}", record.language))?;
+    let limits = &record.limits;
+    let req = ExecRequest {
+        code,
+        limits: hatchery_sandbox::Limits {
+            memory_bytes: Some(limits.memory_bytes),
+            cpus: Some(limits.cpus),
+            pids: Some(limits.pids),
+        },
+        timeout: (limits.time_limit_ms > 0).then(|| Duration::from_millis(limits.time_limit_ms)),
+        usage_interval: inner.cfg.usage_interval,
+        output_limit: inner.cfg.output_limit,
+        max_events: inner.cfg.max_events,
+    };
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bridge>();
+    // A plain thread, not the runtime's blocking pool: it lives as long as the execution,
+    // and must not hold up the runtime's shutdown.
+    std::thread::Builder::new()
+        .name("agent-exec".into())
+        .spawn(move || bridge(pool, req, tx))
+        .map_err(|e| format!("cannot start the execution's thread: {e}"))?;
+
+    match rx.recv().await {
+        Some(Bridge::Claimed(canceller)) => {
+            let cancel_now = {
+                let mut running = inner.running.lock().unwrap();
+                match running.get_mut(id) {
+                    Some(r) => {
+                        r.canceller = Some(canceller.clone());
+                        r.cancel_requested
+                    }
+                    None => false,
+                }
+            };
+            // A cancel decided between `mark_running` and the claim is in the record.
+            let in_store = matches!(inner.store.get(id).await, Ok(Some(r)) if r.cancel.is_some());
+            if cancel_now || in_store {
+                canceller.cancel();
+            }
+        }
+        Some(Bridge::ClaimFailed(e)) => return Err(format!("no sandbox: {e}")),
+        Some(Bridge::Event(_)) | None => {
+            return Err("the sandbox runtime stopped reporting".into());
+        }
+    }
+
+    let mut forwarder = Forwarder::new(Arc::clone(inner), id.to_string());
+    let outcome = loop {
+        // Output held for `started` waits at most STARTED_WAIT; a batch at most its
+        // window.
+        let next = if !forwarder.started && !forwarder.held.is_empty() {
+            match tokio::time::timeout(STARTED_WAIT, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    forwarder.start(None).await;
+                    continue;
+                }
+            }
+        } else if let Some(due) = forwarder.flush_due() {
+            match tokio::time::timeout_at(due, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    forwarder.flush().await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        match next {
+            Some(Bridge::Event(Event::Finished(result))) => {
+                forwarder.start(result.timings.start_ms).await;
+                forwarder.flush_text().await;
+                break Ok(*result);
+            }
+            Some(Bridge::Event(Event::Started { after_claim_ms })) => {
+                forwarder.start(Some(after_claim_ms)).await;
+            }
+            Some(Bridge::Event(event)) => forwarder.forward(event).await,
+            Some(Bridge::Claimed(_)) | Some(Bridge::ClaimFailed(_)) => {}
+            None => break Err("the sandbox runtime stopped reporting".into()),
+        }
+    };
+    // Whatever waits is stored before the caller finishes the execution: `finished`
+    // stays the last event.
+    forwarder.flush().await;
+    outcome
+}
+
+/// The blocking side: claims (which may wait for a sandbox) and forwards the pool's
+/// events, merging output chunks that are already waiting.
+fn bridge(pool: Arc<Pool>, req: ExecRequest, tx: mpsc::UnboundedSender<Bridge>) {
+    let execution = match pool.claim(req) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = tx.send(Bridge::ClaimFailed(e));
+            return;
+        }
+    };
+    drop(pool);
+    if tx.send(Bridge::Claimed(execution.canceller())).is_err() {
+        execution.cancel();
+    }
+    // The pool already merges output into pieces of up to 64 KiB at a bounded rate, and
+    // coalesces progress: forward as it comes.
+    for event in execution.events().iter() {
+        let last = matches!(event, Event::Finished(_));
+        if tx.send(Bridge::Event(event)).is_err() {
+            // Nobody listens any more: do not let the sandbox run on unobserved.
+            execution.cancel();
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+pub(super) fn usage_of(u: &hatchery_sandbox::cgroup::Usage) -> Usage {
+    Usage {
+        cpu_ms: (u.user_cpu_ns + u.system_cpu_ns) as f64 / 1e6,
+        memory_bytes: u.memory_current_bytes,
+        memory_peak_bytes: u.memory_peak_bytes,
+    }
+}
+
+/// The state an execution ends in, from how the pool saw it end.
+pub fn state_of(status: ExecStatus) -> ExecState {
+    match status {
+        ExecStatus::Succeeded => ExecState::Succeeded,
+        ExecStatus::Failed | ExecStatus::ProtocolViolation => ExecState::Failed,
+        ExecStatus::OutputLimit => ExecState::OutputLimit,
+        ExecStatus::OomKilled => ExecState::OomKilled,
+        ExecStatus::TimedOut => ExecState::TimedOut,
+        ExecStatus::Cancelled => ExecState::Cancelled,
+    }
+}
+
+fn cancel_code(reason: Option<CancelReason>) -> &'static str {
+    reason.map_or("cancelled", CancelReason::code)
+}
+
+fn cancel_note(reason: Option<CancelReason>) -> String {
+    match reason {
+        Some(CancelReason::Requested) | None => "cancelled".into(),
+        Some(CancelReason::SupersededByTab) => {
+            "cancelled: a newer execution from the same tab replaced it".into()
+        }
+        Some(CancelReason::ParallelismCap) => {
+            "cancelled: the user started more executions than their parallelism cap".into()
+        }
+    }
+}
+
+/// The result summary of a finished execution.
+fn summarise(
+    result: &ExecResult,
+    shutdown_kill: bool,
+    reason: Option<CancelReason>,
+) -> ResultSummary {
+    let outcome = &result.outcome;
+    let (state, code, error) = if shutdown_kill && result.status == ExecStatus::Cancelled {
+        (
+            ExecState::Lost,
+            Some("agent_shutdown"),
+            Some(LOST_ON_SHUTDOWN.to_string()),
+        )
+    } else {
+        let user_error = outcome.error.as_ref().map(|e| match &e.call {
+            Some(call) if !call.is_empty() => format!("Error in {call}: {}", e.message),
+            _ => e.message.clone(),
+        });
+        let (code, error) = match result.status {
+            ExecStatus::Succeeded => (None, None),
+            ExecStatus::Failed => match user_error {
+                Some(e) => (None, Some(e)),
+                // No error of the code's own: the sandbox died without a result.
+                None => (Some("sandbox_died"), result.error.clone()),
+            },
+            ExecStatus::OutputLimit => {
+                let events = result
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("events"));
+                (
+                    Some(if events {
+                        "event_limit"
+                    } else {
+                        "output_limit"
+                    }),
+                    result.error.clone(),
+                )
+            }
+            ExecStatus::ProtocolViolation => (Some("protocol_violation"), result.error.clone()),
+            ExecStatus::Cancelled => (Some(cancel_code(reason)), Some(cancel_note(reason))),
+            ExecStatus::OomKilled => (Some("memory_limit"), result.error.clone()),
+            ExecStatus::TimedOut => (Some("time_limit"), result.error.clone()),
+        };
+        (state_of(result.status), code, error)
+    };
+    ResultSummary {
+        state,
+        error_code: code.map(str::to_string),
+        value_json: outcome.value_json.clone(),
+        error,
+        warnings: outcome.warnings.clone(),
+        exit_code: outcome.exit_code,
+        usage: usage_of(&result.usage),
+        start_ms: result.timings.start_ms,
+        duration_ms: result.timings.total_ms,
+        stdout_truncated: result.stdout_truncated,
+        stderr_truncated: result.stderr_truncated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_follow_the_pool() {
+        assert_eq!(state_of(ExecStatus::Succeeded), ExecState::Succeeded);
+        assert_eq!(state_of(ExecStatus::Failed), ExecState::Failed);
+        assert_eq!(state_of(ExecStatus::OomKilled), ExecState::OomKilled);
+        assert_eq!(state_of(ExecStatus::TimedOut), ExecState::TimedOut);
+        assert_eq!(state_of(ExecStatus::Cancelled), ExecState::Cancelled);
+        assert_eq!(state_of(ExecStatus::OutputLimit), ExecState::OutputLimit);
+        assert_eq!(state_of(ExecStatus::ProtocolViolation), ExecState::Failed);
+    }
+
+    fn result(status: ExecStatus) -> ExecResult {
+        ExecResult {
+            id: "sb-1".into(),
+            status,
+            outcome: Default::default(),
+            error: Some("runtime note".into()),
+            timings: Default::default(),
+            usage: Default::default(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+
+    #[test]
+    fn summaries_say_why() {
+        let s = summarise(&result(ExecStatus::OutputLimit), false, None);
+        assert_eq!(
+            (s.state, s.error_code.as_deref(), s.error.as_deref()),
+            (
+                ExecState::OutputLimit,
+                Some("output_limit"),
+                Some("runtime note")
+            )
+        );
+        let s = summarise(&result(ExecStatus::ProtocolViolation), false, None);
+        assert_eq!(
+            (s.state, s.error_code.as_deref()),
+            (ExecState::Failed, Some("protocol_violation"))
+        );
+        let s = summarise(&result(ExecStatus::TimedOut), false, None);
+        assert_eq!(s.error_code.as_deref(), Some("time_limit"));
+        let s = summarise(
+            &result(ExecStatus::Cancelled),
+            false,
+            Some(CancelReason::SupersededByTab),
+        );
+        assert_eq!(s.state, ExecState::Cancelled);
+        assert!(s.error.unwrap().contains("same tab"));
+        let s = summarise(&result(ExecStatus::Cancelled), true, None);
+        assert_eq!(
+            (s.state, s.error.as_deref()),
+            (ExecState::Lost, Some(LOST_ON_SHUTDOWN))
+        );
+        let mut failed = result(ExecStatus::Failed);
+        failed.outcome.error = Some(hatchery_sandbox::zygote::protocol::ErrorInfo {
+            message: "boom".into(),
+            call: Some("f()".into()),
+            kind: "runtime".into(),
+        });
+        let s = summarise(&failed, false, None);
+        assert_eq!(s.error.as_deref(), Some("Error in f(): boom"));
+        let s = summarise(&result(ExecStatus::Succeeded), false, None);
+        assert_eq!(s.error, None);
+    }
+}

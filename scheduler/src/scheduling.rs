@@ -1,0 +1,433 @@
+//! The scheduler role: it takes admitted executions off the bus and sends each to the
+//! agent [`crate::placement`] chooses. An execution no agent can take now waits in a
+//! FIFO and is retried whenever a status arrives (an execution whose language no host
+//! can take does not hold up the others).
+//!
+//! The scheduler holds no durable state: on start it re-places every execution the store
+//! still has `queued` (submissions lost with a previous process), it looks in the store
+//! for queued executions it never heard of every few seconds (the store is the outbox,
+//! the bus only wakes), and an execution sent to an agent that then vanished (its status
+//! went stale) while the record is still `queued` is placed again. Repeats are harmless:
+//! an agent runs an execution only after its `queued` → `running` transition in the
+//! store succeeds. It also reaps hosts whose lease lapsed (their runs become `lost`),
+//! except right after the store was unreachable.
+//!
+//! Leadership (one scheduler of a cluster places at a time) is [`crate::node::Engines::run_scheduler`].
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus, Received, Subscription};
+use crate::model::{now_ms, ExecState};
+use crate::placement::Cluster;
+use crate::store::{ListFilter, Store, StoreError};
+
+/// How often the scheduler re-checks without being woken (stale hosts, lost runs).
+const TICK: Duration = Duration::from_secs(1);
+/// How often the scheduler looks in the store for queued executions it never heard of
+/// (admitted while the bus was down, or a submission lost with it): the store is the
+/// outbox, the bus only wakes.
+const RECONCILE_EVERY: Duration = Duration::from_secs(3);
+/// How often hosts whose lease lapsed are looked for (their runs become `lost`).
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// After the store was unreachable, how long hosts get to renew their leases before any
+/// is declared lost (longer than an agent's default lease).
+const REAP_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("the bus closed")]
+    BusClosed,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// An execution waiting for a host.
+#[derive(Debug, Clone)]
+struct Waiting {
+    id: String,
+    language: String,
+    /// The bus delivery it came with, acknowledged once it is placed (or dropped);
+    /// `None` for executions recovered from the store.
+    tag: Option<DeliveryTag>,
+}
+
+/// Runs the scheduler role until the bus closes. `statuses` should be subscribed before
+/// the agents start (so no status is missed); the scheduler places with what it has.
+pub async fn run_scheduler(
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    mut statuses: Subscription<HostStatus>,
+) -> Result<(), SchedulerError> {
+    // Submissions are read by their own task, so a pending read is never dropped
+    // half-way by the `select!` below.
+    // Submissions a previous scheduler took but never acknowledged come back first.
+    match bus.requeue_unacked_submissions().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "requeued unacknowledged submissions"),
+        Err(e) => tracing::warn!(error = %e, "cannot requeue unacknowledged submissions"),
+    }
+    let (sub_tx, mut submissions) = mpsc::channel::<Result<(String, DeliveryTag), BusError>>(64);
+    let reader = {
+        let bus = Arc::clone(&bus);
+        tokio::spawn(async move {
+            loop {
+                let next = bus.take_submitted().await.map(|d| (d.item, d.tag));
+                let closed = matches!(next, Err(BusError::Closed));
+                if sub_tx.send(next).await.is_err() || closed {
+                    return;
+                }
+            }
+        })
+    };
+    let _reader = AbortOnDrop(reader);
+
+    let mut cluster = Cluster::default();
+    let mut queue: VecDeque<Waiting> = VecDeque::new();
+    // Whatever the store still has queued was submitted to a previous scheduler.
+    let mut recovered = store
+        .list(&ListFilter {
+            state: Some(ExecState::Queued),
+            ..ListFilter::default()
+        })
+        .await?;
+    recovered.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    if !recovered.is_empty() {
+        tracing::info!(count = recovered.len(), "re-placing executions left queued");
+    }
+    for r in recovered {
+        if r.cancel.is_none() {
+            queue.push_back(Waiting {
+                id: r.id,
+                language: r.language,
+                tag: None,
+            });
+        }
+    }
+    let mut statuses_open = true;
+    let mut reap = tokio::time::interval(REAP_EVERY);
+    // When the store was last unreachable: no host is reaped for a grace period after.
+    let mut store_trouble: Option<std::time::Instant> = None;
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile.tick().await;
+    loop {
+        place_waiting(store.as_ref(), bus.as_ref(), &mut cluster, &mut queue).await?;
+        tokio::select! {
+            next = submissions.recv() => match next {
+                Some(Ok((id, tag))) => {
+                    // Already waiting or sent (the reconciliation found it first).
+                    if queue.iter().any(|w| w.id == id) || cluster.is_in_flight(&id) {
+                        let _ = bus.ack_submitted(&tag).await;
+                        continue;
+                    }
+                    match store.get(&id).await {
+                        Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
+                            queue.push_back(Waiting { id, language: r.language, tag: Some(tag) });
+                        }
+                        Ok(_) => {
+                            let _ = bus.ack_submitted(&tag).await;
+                            tracing::debug!(execution = %id, "submitted but no longer queued");
+                        }
+                        Err(e) => {
+                            tracing::warn!(execution = %id, error = %e, "cannot read a submitted execution");
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading submissions");
+                    tokio::time::sleep(TICK).await;
+                }
+                None => return Err(SchedulerError::BusClosed),
+            },
+            status = statuses.recv(), if statuses_open => match status {
+                Received::Item(s) => {
+                    let agent = s.agent.clone();
+                    cluster.observe(s);
+                    // Runs that started or ended since they were sent free their slot.
+                    for id in cluster.in_flight_on(&agent) {
+                        match store.get(&id).await {
+                            Ok(Some(r)) if r.state == ExecState::Queued => {}
+                            Ok(_) => cluster.landed(&id),
+                            Err(e) => tracing::debug!(execution = %id, error = %e, "cannot read a sent execution"),
+                        }
+                    }
+                }
+                // Statuses come again periodically; runs that landed meanwhile are found
+                // when their host's next status arrives.
+                Received::Missed => tracing::debug!("host statuses may have been missed"),
+                Received::Closed => statuses_open = false,
+            },
+            _ = reap.tick() => {
+                // Right after the store was unreachable, every lease looks lapsed: give
+                // the agents time to renew before declaring anyone lost.
+                if store_trouble.is_some_and(|t| t.elapsed() < REAP_GRACE) {
+                    if let Err(e) = store.active_counts().await {
+                        tracing::debug!(error = %e, "the store is still unreachable");
+                        store_trouble = Some(std::time::Instant::now());
+                    }
+                    continue;
+                }
+                match store.reap_lapsed_hosts().await {
+                    Ok(events) => {
+                        for e in events {
+                            tracing::warn!(execution = %e.execution_id, "its host's lease lapsed: lost");
+                            cluster.landed(&e.execution_id);
+                            let _ = bus.publish_event(e).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reap lapsed hosts");
+                        store_trouble = Some(std::time::Instant::now());
+                    }
+                }
+            }
+            _ = reconcile.tick() => {
+                let queued = store
+                    .list(&ListFilter {
+                        state: Some(ExecState::Queued),
+                        ..ListFilter::default()
+                    })
+                    .await;
+                match queued {
+                    Ok(mut queued) => {
+                        queued.sort_by_key(|r| (r.admitted, r.created_at));
+                        for r in queued {
+                            if r.cancel.is_none()
+                                && !cluster.is_in_flight(&r.id)
+                                && !queue.iter().any(|w| w.id == r.id)
+                            {
+                                tracing::info!(execution = %r.id, "queued in the store but never submitted to this scheduler: placing it");
+                                queue.push_back(Waiting { id: r.id, language: r.language, tag: None });
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read queued executions"),
+                }
+            }
+            _ = tokio::time::sleep(TICK) => {
+                for id in cluster.take_orphans(now_ms()) {
+                    if let Ok(Some(r)) = store.get(&id).await {
+                        if r.state == ExecState::Queued && r.cancel.is_none()
+                            && !queue.iter().any(|w| w.id == id)
+                        {
+                            tracing::warn!(execution = %id, "its host vanished before running it; placing it again");
+                            queue.push_back(Waiting { id, language: r.language, tag: None });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends every waiting execution some host can take now, in order (an execution whose
+/// language no host can take does not hold up the others).
+async fn place_waiting(
+    store: &dyn Store,
+    bus: &dyn Bus,
+    cluster: &mut Cluster,
+    queue: &mut VecDeque<Waiting>,
+) -> Result<(), SchedulerError> {
+    let mut blocked: HashSet<String> = HashSet::new();
+    let mut kept = VecDeque::with_capacity(queue.len());
+    while let Some(w) = queue.pop_front() {
+        if blocked.contains(&w.language) {
+            kept.push_back(w);
+            continue;
+        }
+        let now = now_ms();
+        let Some(agent) = cluster.place(&w.language, now) else {
+            blocked.insert(w.language.clone());
+            kept.push_back(w);
+            continue;
+        };
+        // It may have been cancelled while it waited.
+        match store.get(&w.id).await {
+            Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {}
+            Ok(_) => {
+                if let Some(tag) = w.tag {
+                    let _ = bus.ack_submitted(&tag).await;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(execution = %w.id, error = %e, "cannot read a waiting execution");
+                kept.push_back(w);
+                continue;
+            }
+        }
+        let cmd = AgentCommand::Run {
+            execution_id: w.id.clone(),
+        };
+        match bus.send_to_agent(&agent, cmd).await {
+            Ok(()) => {
+                tracing::debug!(execution = %w.id, agent = %agent, "placed");
+                cluster.sent(&w.id, &agent, now);
+                // Acted on: the agent's queue holds it now.
+                if let Some(tag) = w.tag {
+                    let _ = bus.ack_submitted(&tag).await;
+                }
+            }
+            Err(BusError::Closed) => {
+                queue.push_front(w);
+                return Err(SchedulerError::BusClosed);
+            }
+            Err(e) => {
+                tracing::warn!(execution = %w.id, agent = %agent, error = %e, "cannot send a run");
+                blocked.insert(w.language.clone());
+                kept.push_back(w);
+            }
+        }
+    }
+    *queue = kept;
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Millis;
+
+    fn status(agent: &str, capacity: u32, running: u32, at: Millis) -> HostStatus {
+        HostStatus {
+            agent: agent.into(),
+            at,
+            capacity,
+            running,
+            draining: false,
+            warm: vec![("r".into(), 1)],
+            sandboxes: Vec::new(),
+        }
+    }
+
+    use crate::embedded::{EmbeddedBus, EmbeddedStore};
+    use crate::model::{CancelReason, ExecutionRecord, Limits};
+    use crate::store::{AdmissionRules, Store};
+
+    fn record(n: u32) -> ExecutionRecord {
+        ExecutionRecord {
+            id: format!("e{n}"),
+            org: "o".into(),
+            user: format!("u{n}"),
+            language: "r".into(),
+            tab_id: None,
+            model_id: None,
+            state: ExecState::Queued,
+            limits: Limits {
+                memory_bytes: 1 << 28,
+                cpus: 1.0,
+                pids: 64,
+                time_limit_ms: 1_000,
+            },
+            code_key: format!("code/e{n}"),
+            result_key: None,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            agent: None,
+            cancel: None,
+            error: None,
+            last_seq: 0,
+            admitted: 0,
+            displaces: Vec::new(),
+        }
+    }
+
+    async fn next_run(bus: &EmbeddedBus, agent: &str) -> Option<String> {
+        match tokio::time::timeout(Duration::from_millis(300), bus.next_for_agent(agent)).await {
+            Ok(Ok(AgentCommand::Run { execution_id })) => Some(execution_id),
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn places_by_free_slots_and_waits_for_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
+        );
+        let bus = Arc::new(EmbeddedBus::new());
+        let task = tokio::spawn(run_scheduler(
+            store.clone(),
+            bus.clone(),
+            bus.subscribe_status(),
+        ));
+        bus.publish_status(status("a", 1, 0, now_ms()))
+            .await
+            .unwrap();
+        bus.publish_status(status("b", 2, 0, now_ms()))
+            .await
+            .unwrap();
+        let rules = AdmissionRules {
+            max_parallel: 10,
+            max_queued: 10,
+        };
+        for n in 1..=5 {
+            store.admit(record(n), rules).await.unwrap();
+        }
+        // e4 is cancelled while it waits: it is never sent.
+        for n in 1..=5 {
+            bus.submit(&format!("e{n}")).await.unwrap();
+        }
+        // Most free first (b: 2), then the tie a/b by name, then b.
+        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e1"));
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e2"));
+        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e3"));
+        // Full: e4 and e5 wait.
+        assert_eq!(next_run(&bus, "a").await, None);
+        assert_eq!(next_run(&bus, "b").await, None);
+        store
+            .request_cancel("e4", CancelReason::Requested)
+            .await
+            .unwrap();
+        // b ran e1 to the end; its status says so: one slot frees (e3 still counts).
+        store.mark_running("e1", "b", now_ms()).await.unwrap();
+        store
+            .mark_finished("e1", ExecState::Succeeded, None, None, now_ms())
+            .await
+            .unwrap();
+        bus.publish_status(status("b", 2, 0, now_ms()))
+            .await
+            .unwrap();
+        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e5"));
+        assert_eq!(next_run(&bus, "b").await, None);
+        assert_eq!(next_run(&bus, "a").await, None);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn re_places_what_the_store_still_has_queued_on_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
+        );
+        let rules = AdmissionRules {
+            max_parallel: 10,
+            max_queued: 10,
+        };
+        store.admit(record(1), rules).await.unwrap();
+        // Submitted to a bus that is gone: a new scheduler finds it in the store.
+        let bus = Arc::new(EmbeddedBus::new());
+        let statuses = bus.subscribe_status();
+        bus.publish_status(status("a", 1, 0, now_ms()))
+            .await
+            .unwrap();
+        let task = tokio::spawn(run_scheduler(store.clone(), bus.clone(), statuses));
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
+        task.abort();
+    }
+}
