@@ -498,6 +498,200 @@ fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs
     );
 }
 
+/// Two API replicas, two schedulers and two agents, all started; waits until both
+/// replicas see both agents.
+async fn full_cluster(c: &mut LocalCluster) -> (SocketAddr, SocketAddr) {
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    c.role(RoleKind::Scheduler, "scheduler-2", &[]);
+    c.agent_named("agent-a", &[]);
+    c.agent_named("agent-b", &[]);
+    let (i1, i2) = (c.api_proc("api-1"), c.api_proc("api-2"));
+    let (a1, a2) = (c.addr_of(i1), c.addr_of(i2));
+    ready(a1).await;
+    ready(a2).await;
+    (a1, a2)
+}
+
+/// The code of a run that prints `n` numbered lines, one every 100 ms.
+fn ticker(n: u32) -> String {
+    format!(r#"for (i in 1:{n}) {{ cat("line", i, "\n"); Sys.sleep(0.1) }}"#)
+}
+
+fn ticks(n: u32) -> String {
+    (1..=n).map(|i| format!("line {i} \n")).collect()
+}
+
+/// Every event of a finished execution, read from the start on `addr`, checked: gapless
+/// seqs, one `started`, one `finished` last.
+async fn log_of(addr: SocketAddr, token: &str, id: &str) -> Vec<Value> {
+    let mut ws = ws_on(addr, &format!("/v1/executions/{id}/events?token={token}")).await;
+    let (events, closed) = read_events(&mut ws, |_| false).await;
+    assert!(closed, "{id}: the stream did not end");
+    let s = seqs(&events);
+    assert_eq!(
+        s,
+        (1..=s.len() as u64).collect::<Vec<_>>(),
+        "{id}: {events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "started").count(),
+        1,
+        "{id}: {events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "finished").count(),
+        1,
+        "{id}: {events:?}"
+    );
+    assert_eq!(events.last().unwrap()["type"], "finished", "{id}");
+    events
+}
+
+#[test]
+fn redis_restarted_mid_run_loses_no_execution_and_live_streams_catch_up() {
+    let Some(mut c) =
+        cluster("redis_restarted_mid_run_loses_no_execution_and_live_streams_catch_up")
+    else {
+        return;
+    };
+    let tokens: Vec<String> = (0..4)
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
+        .collect();
+    e2e(async {
+        let (a1, a2) = full_cluster(&mut c).await;
+        // Four runs of 3 s over both agents; a client follows one live on replica 2.
+        let mut runs = Vec::new();
+        for t in &tokens {
+            runs.push((t.clone(), submit_on(a1, t, &ticker(30)).await));
+        }
+        let (t0, id0) = runs[0].clone();
+        let mut live = ws_on(a2, &format!("/v1/executions/{id0}/events?token={t0}")).await;
+        let (mut seen, _) = read_events(&mut live, |ev| {
+            ev.iter().filter(|e| e["type"] == "stdout").count() >= 3
+        })
+        .await;
+
+        // Redis dies and comes back empty (no persistence): streams, consumer groups and
+        // pending deliveries are gone.
+        let restarted = Instant::now();
+        c.redis.restart().expect("restart Redis");
+
+        let tickers: BTreeSet<String> = runs.iter().map(|(_, id)| id.clone()).collect();
+        // Work admitted right after the restart runs too.
+        for t in &tokens {
+            runs.push((t.clone(), submit_on(a2, t, "Sys.sleep(0.5); 42").await));
+        }
+        // The live client, on the same connection, gets everything up to the end.
+        let (rest, closed) = read_events(&mut live, |_| false).await;
+        assert!(closed, "the live stream did not end");
+        seen.extend(rest);
+        let s = seqs(&seen);
+        assert_eq!(s, (1..=s.len() as u64).collect::<Vec<_>>(), "{seen:?}");
+        assert_eq!(stdout_of(&seen), ticks(30), "{seen:?}");
+        assert_eq!(seen.last().unwrap()["state"], "succeeded", "{seen:?}");
+        eprintln!(
+            "the live stream ended {:?} after the restart",
+            restarted.elapsed()
+        );
+        // Every execution ran exactly once and succeeded.
+        for (t, id) in &runs {
+            let v = finished_on(a1, t, id).await;
+            assert_eq!(state(&v), "succeeded", "{id}: {v}");
+            eprintln!("{id} finished {:?} after the restart", restarted.elapsed());
+            let events = log_of(a2, t, id).await;
+            let expected = if tickers.contains(id) {
+                ticks(30)
+            } else {
+                "[1] 42\n".to_string()
+            };
+            assert_eq!(stdout_of(&events), expected, "{id}");
+        }
+    });
+}
+
+#[test]
+fn postgres_restarted_the_api_answers_503_meanwhile_and_everything_recovers() {
+    let Some(mut c) =
+        cluster("postgres_restarted_the_api_answers_503_meanwhile_and_everything_recovers")
+    else {
+        return;
+    };
+    let t = c.tok("acme", "alice", "user");
+    e2e(async {
+        let (a1, a2) = full_cluster(&mut c).await;
+        let before = submit_on(a1, &t, "cat('before'); 1").await;
+        let before_v = finished_on(a2, &t, &before).await;
+        assert_eq!(state(&before_v), "succeeded");
+        // A run that spans the outage.
+        let spanning = submit_on(a1, &t, &ticker(60)).await;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let v = req(a1, "GET", &format!("/v1/executions/{spanning}"), &t, None)
+                .await
+                .json();
+            if state(&v) == "running" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never ran: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        c.postgres.stop();
+        // Both replicas say so, with a code a client can act on.
+        for addr in [a1, a2] {
+            let body = serde_json::to_vec(&json!({"language": "r", "code": "1"})).unwrap();
+            let r = try_http(
+                addr,
+                "POST",
+                "/v1/executions",
+                Some(&t),
+                Some((body, BodyMode::Length)),
+            )
+            .await
+            .unwrap();
+            assert_eq!((r.status, r.code().as_str()), (503, "store_unavailable"));
+            let r = req(addr, "GET", &format!("/v1/executions/{before}"), &t, None).await;
+            assert_eq!((r.status, r.code().as_str()), (503, "store_unavailable"));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.postgres.restart().expect("restart PostgreSQL");
+
+        // The API recovers on its own: new work is admitted and runs.
+        let deadline = Instant::now() + PATIENCE;
+        let after = loop {
+            let body =
+                serde_json::to_vec(&json!({"language": "r", "code": "cat('after'); 2"})).unwrap();
+            let r = try_http(
+                a2,
+                "POST",
+                "/v1/executions",
+                Some(&t),
+                Some((body, BodyMode::Length)),
+            )
+            .await
+            .unwrap();
+            if r.status == 202 {
+                break r.json()["id"].as_str().unwrap().to_string();
+            }
+            assert_eq!(r.code(), "store_unavailable");
+            assert!(Instant::now() < deadline, "the API never recovered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(state(&finished_on(a1, &t, &after).await), "succeeded");
+        // The run that spanned the outage finished once, with all its output: nothing its
+        // agent produced while the store was away was dropped, and its host was not
+        // declared lost.
+        let v = finished_on(a1, &t, &spanning).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        let events = log_of(a2, &t, &spanning).await;
+        assert_eq!(stdout_of(&events), ticks(60));
+        // What finished before the outage is as it was.
+        let v = finished_on(a2, &t, &before).await;
+        assert!(!v["result"].is_null(), "{v}");
+        assert_eq!(v["result"], before_v["result"], "{v}");
+    });
+}
+
 /// Every process descending from `root` (walking /proc's parent links).
 fn descendants(root: u32) -> Vec<u32> {
     let mut parent_of = Vec::new();

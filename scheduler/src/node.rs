@@ -111,7 +111,7 @@ impl EmbeddedNode {
         let scheduler = {
             let (store, bus) = (Arc::clone(&store), Arc::clone(&bus));
             tokio::spawn(async move {
-                if let Err(e) = run_scheduler(store, bus, statuses).await {
+                if let Err(e) = run_scheduler(store, bus, statuses, None).await {
                     tracing::info!(error = %e, "the scheduler stopped");
                 }
             })
@@ -282,13 +282,18 @@ impl Engines {
         tokio::pin!(stop);
         let lease_ms = lease.as_millis() as u64;
         let every = (lease / 3).max(Duration::from_millis(100));
+        // When this scheduler last found the store unreachable.
+        let mut store_trouble: Option<std::time::Instant> = None;
         loop {
             // Follow until the leadership is ours.
             let term = loop {
                 match self.store.lead(LEADER_ROLE, name, lease_ms).await {
                     Ok(Some(term)) => break term,
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot ask for the leadership"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot ask for the leadership");
+                        store_trouble = Some(std::time::Instant::now());
+                    }
                 }
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
@@ -302,6 +307,7 @@ impl Engines {
                 Arc::clone(&self.store),
                 Arc::clone(&self.bus),
                 statuses,
+                store_trouble,
             ));
             let retention = tokio::spawn(run_retention(platform.clone()));
             let _guards = (AbortOnDrop(scheduler), AbortOnDrop(retention));
@@ -322,6 +328,7 @@ impl Engines {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot renew the leadership");
+                        store_trouble = Some(std::time::Instant::now());
                         if last_renewed.elapsed() >= lease {
                             tracing::warn!(
                                 scheduler = name,

@@ -34,6 +34,17 @@ use crate::bus::{
 use crate::model::{ExecEvent, LiveEvent};
 use crate::seal::{Binding, Keyring};
 
+/// How long a (non-blocking) command may wait for its answer.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A blocking reader's connection: an answer that does not come within the block time
+/// and a margin means the connection is dead (a server that went away without a word).
+fn reader_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(COMMAND_TIMEOUT)
+        .set_response_timeout(Duration::from_millis(BLOCK_MS as u64) + COMMAND_TIMEOUT)
+}
+
 /// How long a blocking read waits before it looks again (ms).
 const BLOCK_MS: usize = 1000;
 /// Pending submissions of another scheduler older than this are taken over (ms).
@@ -129,7 +140,14 @@ impl RedisBus {
     /// Connects and starts the readers of the event and status streams (from now on).
     pub async fn connect(cfg: RedisConfig, keyring: Keyring) -> Result<RedisBus, BusError> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(io)?;
-        let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
+        // A command that gets no answer (a connection that died without a word) fails
+        // after a while instead of waiting forever, and the manager connects again.
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(COMMAND_TIMEOUT)
+            .set_response_timeout(COMMAND_TIMEOUT);
+        let conn = ConnectionManager::new_with_config(client.clone(), manager)
+            .await
+            .map_err(io)?;
         let events = Feed::new(cfg.capacity);
         let status = Feed::new(cfg.capacity);
         let mut tasks = Vec::new();
@@ -257,7 +275,7 @@ impl RedisBus {
                 reader.conn = Some(
                     self.inner
                         .client
-                        .get_multiplexed_async_connection()
+                        .get_multiplexed_async_connection_with_config(&reader_config())
                         .await
                         .map_err(io)?,
                 );
@@ -502,7 +520,10 @@ async fn fan_out<T: Clone + Send + 'static>(
     let mut lost = false;
     loop {
         if conn.is_none() {
-            match client.get_multiplexed_async_connection().await {
+            match client
+                .get_multiplexed_async_connection_with_config(&reader_config())
+                .await
+            {
                 Ok(mut c) => {
                     // Entries added while we were away are read; a stream that went back
                     // (Redis restarted empty) is read from its start.

@@ -61,6 +61,7 @@ pub async fn run_scheduler(
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     mut statuses: Subscription<HostStatus>,
+    store_trouble: Option<std::time::Instant>,
 ) -> Result<(), SchedulerError> {
     // Submissions are read by their own task, so a pending read is never dropped
     // half-way by the `select!` below.
@@ -109,8 +110,10 @@ pub async fn run_scheduler(
     }
     let mut statuses_open = true;
     let mut reap = tokio::time::interval(REAP_EVERY);
-    // When the store was last unreachable: no host is reaped for a grace period after.
-    let mut store_trouble: Option<std::time::Instant> = None;
+    // When the store was last unreachable (also before this scheduler started to lead:
+    // a leader elected right after an outage must not take every host for dead): no host
+    // is reaped for a grace period after.
+    let mut store_trouble = store_trouble;
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -365,6 +368,7 @@ mod tests {
             store.clone(),
             bus.clone(),
             bus.subscribe_status(),
+            None,
         ));
         bus.publish_status(status("a", 1, 0, now_ms()))
             .await
@@ -426,7 +430,7 @@ mod tests {
         bus.publish_status(status("a", 1, 0, now_ms()))
             .await
             .unwrap();
-        let task = tokio::spawn(run_scheduler(store.clone(), bus.clone(), statuses));
+        let task = tokio::spawn(run_scheduler(store.clone(), bus.clone(), statuses, None));
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
         task.abort();
     }

@@ -319,7 +319,7 @@ impl Env {
         let scheduler = {
             let (store, bus) = (Arc::clone(&store), Arc::clone(&bus));
             tokio::spawn(async move {
-                let _ = run_scheduler(store, bus, statuses).await;
+                let _ = run_scheduler(store, bus, statuses, None).await;
             })
         };
         Env {

@@ -162,7 +162,13 @@ impl Forwarder {
         }
         let id = self.id.as_str();
         let n = bodies.len();
-        match self.inner.store.append_events(id, bodies).await {
+        let stored = self
+            .inner
+            .store_write("its output", id, || {
+                self.inner.store.append_events(id, bodies.clone())
+            })
+            .await;
+        match stored {
             Ok(events) => {
                 for event in events {
                     if let Err(e) = self.inner.bus.publish_event(event).await {
@@ -179,7 +185,13 @@ impl Forwarder {
     async fn emit(&mut self, body: EventBody) {
         self.flush().await;
         let id = self.id.as_str();
-        match self.inner.store.append_event(id, body).await {
+        let stored = self
+            .inner
+            .store_write("an event", id, || {
+                self.inner.store.append_event(id, body.clone())
+            })
+            .await;
+        match stored {
             Ok(event) => {
                 if let Err(e) = self.inner.bus.publish_event(event).await {
                     tracing::warn!(execution = id, error = %e, "cannot publish an event");

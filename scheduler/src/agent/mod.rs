@@ -51,7 +51,7 @@ use tokio::task::JoinSet;
 use crate::bus::{Bus, HostStatus, SandboxUsage};
 use crate::model::{now_ms, EffectivePolicy, Usage};
 use crate::objects::Objects;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreResult};
 
 pub use lifecycle::desired_pool_sizes;
 pub use run::state_of;
@@ -280,6 +280,7 @@ impl Agent {
             pools: Mutex::new(pools),
             running: Mutex::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             status_changed: Notify::new(),
         });
         let mut tasks = JoinSet::new();
@@ -360,6 +361,9 @@ impl AgentHandle {
         inner
             .draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.stop.send(true);
         // The command loop waits for its executions only for the grace period.
         while self.tasks.join_next().await.is_some() {}
@@ -408,10 +412,55 @@ struct Inner {
     running: Mutex<HashMap<String, Running>>,
     slots: Arc<Semaphore>,
     draining: std::sync::atomic::AtomicBool,
+    /// Set by shutdown: writes the store refused for being unavailable are no longer
+    /// retried.
+    stopping: std::sync::atomic::AtomicBool,
     status_changed: Notify,
 }
 
+/// The longest pause between two attempts of a store write that found the store
+/// unavailable.
+const STORE_RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
+
 impl Inner {
+    /// Runs a store write again and again while the store is unavailable (a restart, a
+    /// failover), so that what an execution produced — its output, its end — is kept (in
+    /// memory: bounded by the execution's output limit and event cap) until the store
+    /// takes it, instead of being dropped. Any other outcome is returned at once; so is
+    /// the unavailability once the agent is shutting down.
+    async fn store_write<T, F, Fut>(&self, what: &str, id: &str, mut write: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut pause = Duration::from_millis(20);
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            match write().await {
+                Err(StoreError::Unavailable(e))
+                    if !self.stopping.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    if since.is_none() {
+                        tracing::warn!(execution = id, error = %e, "the store is unavailable: keeping {what} and trying again");
+                        since = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(STORE_RETRY_MAX_PAUSE);
+                }
+                other => {
+                    if let (Some(t), Ok(_)) = (since, &other) {
+                        tracing::info!(
+                            execution = id,
+                            waited_ms = t.elapsed().as_millis() as u64,
+                            "the store took {what} again"
+                        );
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
     fn status(&self) -> HostStatus {
         let mut warm: Vec<(String, u32)> = self
             .pools

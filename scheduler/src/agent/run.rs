@@ -198,11 +198,15 @@ async fn finish(inner: &Inner, id: &str, state: ExecState, mut summary: ResultSu
             None => note.to_string(),
         });
     }
-    match inner
-        .store
-        .finish(id, state, result_key, now_ms(), summary)
-        .await
-    {
+    let at = now_ms();
+    let finished = inner
+        .store_write("its end", id, || {
+            inner
+                .store
+                .finish(id, state, result_key.clone(), at, summary.clone())
+        })
+        .await;
+    match finished {
         Ok((_, event)) => {
             tracing::info!(execution = id, state = state.as_str(), "finished");
             if let Err(e) = inner.bus.publish_event(event).await {
