@@ -365,94 +365,20 @@ impl LocalCluster {
             log: self.dir.join(format!("{name}.log")),
             addr: None,
         };
-        self.run(&mut proc)?;
+        launch(&self.spec, &self.config, &mut proc)?;
         self.procs.push(proc);
         Ok(self.procs.len() - 1)
     }
 
-    fn run(&self, proc: &mut RoleProcess) -> Result<(), ClusterError> {
-        let io = |what: &str| {
-            let what = format!("{what} for {}", proc.name);
-            move |source| ClusterError::Io { what, source }
-        };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&proc.log)
-            .map_err(io("opening the log"))?;
-        let mut cmd = Command::new(&self.spec.bin);
-        // Only the cluster's config speaks: no HATCHERY_* of the caller leaks in.
-        for (var, _) in crate::config::ENV_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.arg(proc.kind.arg())
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", &self.spec.log_filter)
-            .env("HATCHERY_AGENT_NAME", &proc.name)
-            // The emulator takes any credentials.
-            .env("AWS_ACCESS_KEY_ID", "hatchery-local")
-            .env("AWS_SECRET_ACCESS_KEY", "hatchery-local")
-            .envs(proc.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log));
-        let mut child = cmd.spawn().map_err(io("starting the process"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("hatchery: listening on http://") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        proc.child = Some(child);
-        if proc.kind == RoleKind::Api {
-            let deadline = Instant::now() + START_PATIENCE;
-            loop {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(addr) => {
-                        proc.addr = addr.parse().ok();
-                        break;
-                    }
-                    Err(_) if proc.is_running() && Instant::now() < deadline => continue,
-                    Err(_) => {
-                        proc.stop(libc::SIGKILL);
-                        return Err(ClusterError::RoleFailed {
-                            name: proc.name.clone(),
-                            log: proc.log.clone(),
-                            tail: proc.log_tail(20),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Starts a stopped process again, with the same name, environment and port.
     pub fn restart(&mut self, i: usize) -> Result<(), ClusterError> {
-        let mut proc = std::mem::replace(
-            &mut self.procs[i],
-            RoleProcess {
-                name: String::new(),
-                kind: RoleKind::Api,
-                env: Vec::new(),
-                child: None,
-                log: PathBuf::new(),
-                addr: None,
-            },
-        );
+        let proc = &mut self.procs[i];
         proc.stop(libc::SIGTERM);
         if let Some(addr) = proc.addr {
             proc.env.retain(|(k, _)| k != "HATCHERY_LISTEN");
             proc.env.push(("HATCHERY_LISTEN".into(), addr.to_string()));
         }
-        let result = self.run(&mut proc);
-        self.procs[i] = proc;
-        result
+        launch(&self.spec, &self.config, proc)
     }
 
     /// The process named `name`.
@@ -512,6 +438,70 @@ impl Drop for LocalCluster {
         }
         self.stop();
     }
+}
+
+/// Starts `proc` as a process of the cluster whose spec and config are given; an API
+/// replica is waited for until it listens.
+fn launch(spec: &ClusterSpec, config: &Path, proc: &mut RoleProcess) -> Result<(), ClusterError> {
+    let io = |what: &str| {
+        let what = format!("{what} for {}", proc.name);
+        move |source| ClusterError::Io { what, source }
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&proc.log)
+        .map_err(io("opening the log"))?;
+    let mut cmd = Command::new(&spec.bin);
+    // Only the cluster's config speaks: no HATCHERY_* of the caller leaks in.
+    for (var, _) in crate::config::ENV_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.arg(proc.kind.arg())
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", &spec.log_filter)
+        .env("HATCHERY_AGENT_NAME", &proc.name)
+        // The emulator takes any credentials.
+        .env("AWS_ACCESS_KEY_ID", "hatchery-local")
+        .env("AWS_SECRET_ACCESS_KEY", "hatchery-local")
+        .envs(proc.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    let mut child = cmd.spawn().map_err(io("starting the process"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("hatchery: listening on http://") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    proc.child = Some(child);
+    if proc.kind == RoleKind::Api {
+        let deadline = Instant::now() + START_PATIENCE;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(addr) => {
+                    proc.addr = addr.parse().ok();
+                    break;
+                }
+                Err(_) if proc.is_running() && Instant::now() < deadline => continue,
+                Err(_) => {
+                    proc.stop(libc::SIGKILL);
+                    return Err(ClusterError::RoleFailed {
+                        name: proc.name.clone(),
+                        log: proc.log.clone(),
+                        tail: proc.log_tail(20),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `agent-a`, `agent-b`, ... `agent-z`, `agent-27`, ...

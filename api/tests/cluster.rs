@@ -110,40 +110,6 @@ async fn ws_on(addr: SocketAddr, path: &str) -> WsStream {
     ws
 }
 
-async fn ready(addr: SocketAddr) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(r) = try_http(addr, "GET", "/readyz", None, None).await {
-            if r.status == 200 && r.json()["agents"].as_array().is_some_and(|a| a.len() >= 2) {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster never became ready on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The events of the log: all but the live-only `usage` samples, which carry no `seq`
-/// (checked: every other event has one).
-fn logged(events: &[Value]) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| {
-            let live = e["type"] == "usage";
-            assert_eq!(
-                e.get("seq").is_none(),
-                live,
-                "only usage events lack a seq: {e}"
-            );
-            !live
-        })
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn roles_as_separate_processes_run_work_across_agents_and_replicas() {
     let Some(mut c) = cluster("roles_as_separate_processes_run_work_across_agents_and_replicas")
@@ -160,8 +126,8 @@ fn roles_as_separate_processes_run_work_across_agents_and_replicas() {
         .map(|i| c.tok("acme", &format!("user{i}"), "user"))
         .collect();
     e2e(async {
-        ready(a1).await;
-        ready(a2).await;
+        wait_ready(a1, 2).await;
+        wait_ready(a2, 2).await;
 
         // Four at once (two users, two each): two agents of capacity 2 share them.
         let mut ids = Vec::new();
@@ -231,16 +197,7 @@ fn a_client_resumes_on_another_replica_after_its_replica_is_killed() {
         })
     };
     e2e(async {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(r) = try_http(a1, "GET", "/readyz", None, None).await {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_ready(a1, 0).await;
         let id = submit_on(
             a1,
             &t,
@@ -323,7 +280,7 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
         .map(|i| c.tok("acme", &format!("user{i}"), "user"))
         .collect();
     e2e(async {
-        ready(addr).await;
+        wait_ready(addr, 2).await;
         // Four long runs: two on each agent (capacity 2 each).
         let mut runs = Vec::new();
         for t in &tokens[..2] {
@@ -449,7 +406,7 @@ fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs
         .collect();
     let leader_log = c.procs[s1].log.clone();
     e2e(async {
-        ready(addr).await;
+        wait_ready(addr, 2).await;
         let mut ids = Vec::new();
         for round in 0..4 {
             for t in &tokens {
@@ -507,8 +464,8 @@ async fn full_cluster(c: &mut LocalCluster) -> (SocketAddr, SocketAddr) {
     c.agent_named("agent-b", &[]);
     let (i1, i2) = (c.api_proc("api-1"), c.api_proc("api-2"));
     let (a1, a2) = (c.addr_of(i1), c.addr_of(i2));
-    ready(a1).await;
-    ready(a2).await;
+    wait_ready(a1, 2).await;
+    wait_ready(a2, 2).await;
     (a1, a2)
 }
 
@@ -794,16 +751,7 @@ async fn cluster_command() {
     assert_eq!(addrs.len(), 2, "two API replicas by default");
     {
         for addr in &addrs {
-            let deadline = Instant::now() + PATIENCE;
-            loop {
-                if let Ok(r) = try_http(*addr, "GET", "/readyz", None, None).await {
-                    if r.status == 200 {
-                        break;
-                    }
-                }
-                assert!(Instant::now() < deadline, "never ready");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_ready(*addr, 0).await;
         }
         let id = submit_on(addrs[0], &token, "sum(1:10)").await;
         let v = finished_on(addrs[1], &token, &id).await;

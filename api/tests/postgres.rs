@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hatchery_scheduler::engines::{PostgresServer, RedisServer};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A private PostgreSQL server with a `hatchery` database, or `None` (the skip recorded)
 /// where PostgreSQL is not installed and the run does not require it.
@@ -58,24 +58,6 @@ fn psql(server: &PostgresServer, sql: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// The events of the log: all but the live-only `usage` samples, which carry no `seq`
-/// (checked: every other event has one).
-fn logged(events: &[Value]) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| {
-            let live = e["type"] == "usage";
-            assert_eq!(
-                e.get("seq").is_none(),
-                live,
-                "only usage events lack a seq: {e}"
-            );
-            !live
-        })
-        .cloned()
-        .collect()
 }
 
 #[test]

@@ -212,9 +212,6 @@ impl Hatchery {
 
     /// The API replica for the next request (they take turns).
     pub fn next_addr(&self) -> SocketAddr {
-        if self.addrs.is_empty() {
-            return self.addr;
-        }
         self.addrs[self.next.fetch_add(1, Ordering::Relaxed) % self.addrs.len()]
     }
 
@@ -264,7 +261,10 @@ impl Hatchery {
         });
         self.child = Some(child);
         match rx.recv_timeout(PATIENCE) {
-            Ok(addr) => self.addr = addr.parse().expect("listening address"),
+            Ok(addr) => {
+                self.addr = addr.parse().expect("listening address");
+                self.addrs = vec![self.addr];
+            }
             Err(_) => {
                 self.dump_log();
                 panic!("hatchery up did not print its address");
@@ -275,35 +275,13 @@ impl Hatchery {
     /// Waits for `/readyz` (the warm pool has a sandbox) on every API replica; on a
     /// cluster, until every agent is up.
     pub async fn ready(&self) {
-        let deadline = Instant::now() + PATIENCE;
-        let agents = self.cgroup_parents.len();
-        let addrs = if self.addrs.is_empty() {
-            vec![self.addr]
+        let agents = if self.cluster.is_some() {
+            self.cgroup_parents.len()
         } else {
-            self.addrs.clone()
+            0
         };
-        loop {
-            let mut up = 0;
-            for addr in &addrs {
-                if let Ok(r) = try_http(*addr, "GET", "/readyz", None, None).await {
-                    if r.status == 200
-                        && (self.cluster.is_none()
-                            || r.json()["agents"]
-                                .as_array()
-                                .is_some_and(|a| a.len() >= agents))
-                    {
-                        up += 1;
-                    }
-                }
-            }
-            if up == addrs.len() {
-                return;
-            }
-            if Instant::now() > deadline {
-                self.dump_log();
-                panic!("hatchery never became ready");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        for addr in &self.addrs {
+            wait_ready(*addr, agents).await;
         }
     }
 
@@ -407,6 +385,24 @@ pub fn engine<T>(
 }
 
 pub use hatchery_api::local_cluster::remove_cgroup_parent;
+
+/// Waits until the API at `addr` answers `/readyz` 200 listing at least `agents` agents.
+pub async fn wait_ready(addr: SocketAddr, agents: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(r) = try_http(addr, "GET", "/readyz", None, None).await {
+            if r.status == 200
+                && r.json()["agents"]
+                    .as_array()
+                    .is_some_and(|a| a.len() >= agents)
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 // ---------------------------------------------------------------- a tiny HTTP client
 
@@ -715,4 +711,22 @@ pub async fn all_events(h: &Hatchery, token: &str, id: &str) -> Vec<Value> {
     let (events, closed) = read_events(&mut ws, |_| false).await;
     assert!(closed);
     events
+}
+
+/// The events of the log: all but the live-only `usage` samples, which carry no `seq`
+/// (checked: every other event has one).
+pub fn logged(events: &[Value]) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| {
+            let live = e["type"] == "usage";
+            assert_eq!(
+                e.get("seq").is_none(),
+                live,
+                "only usage events lack a seq: {e}"
+            );
+            !live
+        })
+        .cloned()
+        .collect()
 }
