@@ -7,17 +7,15 @@
 //! live-only: published on the bus as [`LiveEvent`]s, never stored (they take no seq
 //! and are not replayed; the result carries the usage summary).
 //!
-//! Output and progress are stored in batches: what arrives within [`BATCH_WINDOW`] of
-//! the first waiting event (or until the batch holds [`BATCH_BYTES`]) goes to the store
-//! in one transaction ([`crate::store::Store::append_events`]) and is then published in
-//! order. Any other event is stored after the batch is, and the run flushes the batch
+//! Output and progress are stored in batches without waiting for a timer: a batch takes
+//! what is already waiting in the channel — what came while the previous write was under
+//! way — (up to [`BATCH_BYTES`]) and goes to the store in one transaction
+//! ([`crate::store::Store::append_events`]); its events are then published in order. Any other event is stored after the batch is, and the run flushes the batch
 //! before it finishes the execution, so nothing is lost or reordered and `finished` is
 //! always last.
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use hatchery_sandbox::pool::Event;
 
@@ -28,8 +26,6 @@ use crate::model::{now_ms, EventBody, LiveBody, LiveEvent, OutputData};
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
 pub(super) const STARTED_WAIT: Duration = Duration::from_millis(50);
-/// How long output and progress may wait to be stored together with what follows.
-pub(super) const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// A batch holding this many bytes of output and messages is stored at once.
 pub(super) const BATCH_BYTES: usize = 64 << 10;
 
@@ -46,7 +42,6 @@ pub(super) struct Forwarder {
     /// Events waiting to be stored together, their size, and when the first came.
     batch: Vec<EventBody>,
     batch_bytes: usize,
-    batch_since: Option<Instant>,
 }
 
 impl Forwarder {
@@ -59,13 +54,12 @@ impl Forwarder {
             carry: [Vec::new(), Vec::new()],
             batch: Vec::new(),
             batch_bytes: 0,
-            batch_since: None,
         }
     }
 
-    /// When the waiting batch must be stored, if one waits.
-    pub(super) fn flush_due(&self) -> Option<Instant> {
-        self.batch_since.map(|t| t + BATCH_WINDOW)
+    /// Whether output waits to be stored.
+    pub(super) fn has_batch(&self) -> bool {
+        !self.batch.is_empty()
     }
 
     /// Emits `started` (once), then whatever was held back for it.
@@ -146,7 +140,6 @@ impl Forwarder {
     async fn queue(&mut self, body: EventBody) {
         self.batch_bytes += size_of(&body);
         self.batch.push(body);
-        self.batch_since.get_or_insert_with(Instant::now);
         if self.batch_bytes >= BATCH_BYTES {
             self.flush().await;
         }
@@ -154,7 +147,6 @@ impl Forwarder {
 
     /// Stores the waiting batch in one transaction, then publishes its events in order.
     pub(super) async fn flush(&mut self) {
-        self.batch_since = None;
         self.batch_bytes = 0;
         let bodies = std::mem::take(&mut self.batch);
         if bodies.is_empty() {
