@@ -7,15 +7,20 @@
 //! live-only: published on the bus as [`LiveEvent`]s, never stored (they take no seq
 //! and are not replayed; the result carries the usage summary).
 //!
-//! Output and progress are stored in batches without waiting for a timer: a batch takes
-//! what is already waiting in the channel — what came while the previous write was under
-//! way — (up to [`BATCH_BYTES`]) and goes to the store in one transaction
-//! ([`crate::store::Store::append_events`]); its events are then published in order. Any other event is stored after the batch is, and the run flushes the batch
-//! before it finishes the execution, so nothing is lost or reordered and `finished` is
-//! always last.
+//! Output and progress are stored in paced batches: output that comes after a quiet
+//! spell is stored at once (the first line of a run waits for no timer), while output
+//! that keeps coming goes to the store at most once per [`BATCH_INTERVAL`], all that
+//! arrived meanwhile (up to [`BATCH_BYTES`]) in one transaction
+//! ([`crate::store::Store::append_events`]); a batch's events are then published in
+//! order. A chatty run therefore costs the store a bounded number of transactions per
+//! second however slow or fast its output comes. Any other event is stored after the
+//! batch is, and the run flushes the batch before it finishes the execution, so nothing
+//! is lost or reordered and `finished` is always last.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use hatchery_sandbox::pool::Event;
 
@@ -26,6 +31,8 @@ use crate::model::{now_ms, EventBody, LiveBody, LiveEvent, OutputData};
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
 pub(super) const STARTED_WAIT: Duration = Duration::from_millis(50);
+/// Output that keeps coming is stored at most once per this interval.
+pub(super) const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 /// A batch holding this many bytes of output and messages is stored at once.
 pub(super) const BATCH_BYTES: usize = 64 << 10;
 
@@ -39,9 +46,11 @@ pub(super) struct Forwarder {
     pub(super) held: Vec<Event>,
     /// Incomplete UTF-8 sequences at the end of the last chunk, per stream.
     carry: [Vec<u8>; 2],
-    /// Events waiting to be stored together, their size, and when the first came.
+    /// Events waiting to be stored together, and their size.
     batch: Vec<EventBody>,
     batch_bytes: usize,
+    /// When the last batch went to the store.
+    last_flush: Option<Instant>,
 }
 
 impl Forwarder {
@@ -54,12 +63,21 @@ impl Forwarder {
             carry: [Vec::new(), Vec::new()],
             batch: Vec::new(),
             batch_bytes: 0,
+            last_flush: None,
         }
     }
 
-    /// Whether output waits to be stored.
-    pub(super) fn has_batch(&self) -> bool {
-        !self.batch.is_empty()
+    /// When the waiting batch is to be stored, if one waits: at once after a quiet
+    /// spell, else [`BATCH_INTERVAL`] after the last batch.
+    pub(super) fn flush_due(&self) -> Option<Instant> {
+        if self.batch.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        Some(
+            self.last_flush
+                .map_or(now, |t| (t + BATCH_INTERVAL).max(now)),
+        )
     }
 
     /// Emits `started` (once), then whatever was held back for it.
@@ -152,6 +170,7 @@ impl Forwarder {
         if bodies.is_empty() {
             return;
         }
+        self.last_flush = Some(Instant::now());
         let id = self.id.as_str();
         let n = bodies.len();
         let stored = self

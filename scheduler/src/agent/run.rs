@@ -280,9 +280,8 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
 
     let mut forwarder = Forwarder::new(Arc::clone(inner), id.to_string());
     let outcome = loop {
-        // Output held for `started` waits at most STARTED_WAIT. A waiting batch takes
-        // what is already in the channel (it came while the last write was under way),
-        // then is stored: no event waits for a timer.
+        // Output held for `started` waits at most STARTED_WAIT; a batch until it is due
+        // (at once after a quiet spell), taking along whatever comes meanwhile.
         let next = if !forwarder.started && !forwarder.held.is_empty() {
             match tokio::time::timeout(STARTED_WAIT, rx.recv()).await {
                 Ok(next) => next,
@@ -291,9 +290,9 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
                     continue;
                 }
             }
-        } else if forwarder.has_batch() {
-            match rx.try_recv() {
-                Ok(next) => Some(next),
+        } else if let Some(due) = forwarder.flush_due() {
+            match tokio::time::timeout_at(due, rx.recv()).await {
+                Ok(next) => next,
                 Err(_) => {
                     forwarder.flush().await;
                     continue;
