@@ -122,8 +122,11 @@ impl Store for CountingStore {
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
         self.inner.events_after(id, after).await
     }
-    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
-        self.inner.expire(before).await
+    async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>> {
+        self.inner.expired(before, limit).await
+    }
+    async fn delete_expired(&self, ids: &[String], before: Millis) -> StoreResult<Vec<String>> {
+        self.inner.delete_expired(ids, before).await
     }
 }
 

@@ -8,7 +8,7 @@
 //! The roles share nothing but the store, the bus and the objects, exactly as they will
 //! when they run as separate processes on separate hosts over Redis and S3. The node also
 //! runs retention: finished executions older than the platform's retention period are
-//! deleted with their objects.
+//! deleted with their objects (the objects first).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -181,7 +181,9 @@ impl EmbeddedNode {
 }
 
 /// Deletes finished executions older than the platform's retention period, with their
-/// objects, for ever (once at start, then every tenth of the period, at most hourly).
+/// objects, for ever (once at start, then every tenth of the period, at most hourly):
+/// objects first, then records ([`Platform::expire_old`]), so no pass ever leaves an
+/// object behind.
 pub async fn run_retention(platform: Platform) {
     let every =
         Duration::from_millis((platform.config.retention_ms / 10).max(1_000)).min(RETENTION_EVERY);

@@ -199,6 +199,9 @@ fn check_tag(name: &str, value: &Option<String>) -> Result<(), PlatformError> {
     Ok(())
 }
 
+/// Executions retention handles per store round trip.
+const EXPIRE_BATCH: usize = 500;
+
 /// Default and largest page of `list`.
 pub const DEFAULT_LIST_LIMIT: usize = 50;
 pub const MAX_LIST_LIMIT: usize = 500;
@@ -601,16 +604,44 @@ impl Platform {
         status
     }
 
-    /// Deletes finished executions older than the retention period, with their objects.
+    /// Deletes finished executions older than the retention period with their objects:
+    /// for each, its objects (code, result) first, then its record and events, so a
+    /// crash in between leaves a record whose objects are gone (deleted again, which is
+    /// harmless, on the next pass) and never an object no record names. An execution
+    /// whose objects cannot be deleted keeps its record for the next pass. Returns how
+    /// many were deleted.
     pub async fn expire_old(&self) -> Result<usize, PlatformError> {
         let cut = now_ms().saturating_sub(self.config.retention_ms);
-        let gone = self.store.expire(cut).await?;
-        for r in &gone {
-            let _ = self.objects.delete(&r.code_key).await;
-            if let Some(k) = &r.result_key {
-                let _ = self.objects.delete(k).await;
+        let mut deleted = 0;
+        loop {
+            let batch = self.store.expired(cut, EXPIRE_BATCH).await?;
+            let mut cleared = Vec::with_capacity(batch.len());
+            for r in &batch {
+                match self.delete_objects(r).await {
+                    Ok(()) => cleared.push(r.id.clone()),
+                    Err(e) => tracing::warn!(
+                        execution = %r.id,
+                        error = %e,
+                        "retention cannot delete the objects of an execution; its record stays for the next pass"
+                    ),
+                }
+            }
+            deleted += self.store.delete_expired(&cleared, cut).await?.len();
+            // A short batch was the last; one with failures would come back the same.
+            if batch.len() < EXPIRE_BATCH || cleared.len() < batch.len() {
+                return Ok(deleted);
             }
         }
-        Ok(gone.len())
+    }
+
+    /// Deletes the objects an execution names (one already gone counts as deleted).
+    async fn delete_objects(&self, r: &ExecutionRecord) -> Result<(), ObjectError> {
+        for key in std::iter::once(&r.code_key).chain(r.result_key.as_ref()) {
+            match self.objects.delete(key).await {
+                Ok(()) | Err(ObjectError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }

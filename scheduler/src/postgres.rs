@@ -934,22 +934,44 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
-        self.change(move |me, mut tx| async move {
-            let rows = sqlx::query(
-                "DELETE FROM executions WHERE state NOT IN ('queued', 'running') \
-                 AND COALESCE(finished_at, created_at) < $1 RETURNING id, record, last_seq, admitted",
-            )
-            .bind(i64_of(before))
-            .fetch_all(&mut *tx)
-            .await
-            .ctx("expiring executions")?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                out.push(me.record_of(r.get::<&str, _>(0), r, 1)?);
+    async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, record, last_seq, admitted FROM executions \
+             WHERE state NOT IN ('queued', 'running') AND COALESCE(finished_at, created_at) < $1 \
+             ORDER BY COALESCE(finished_at, created_at), id LIMIT $2",
+        )
+        .bind(i64_of(before))
+        .bind(i64_of(limit as u64))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_err("reading expired executions", e))?;
+        rows.iter()
+            .map(|r| self.record_of(r.get::<&str, _>(0), r, 1))
+            .collect()
+    }
+
+    async fn delete_expired(&self, ids: &[String], before: Millis) -> StoreResult<Vec<String>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = ids.to_vec();
+        self.change(move |_me, mut tx| {
+            let ids = ids.clone();
+            async move {
+                // Their events go with them (ON DELETE CASCADE).
+                let mut gone: Vec<String> = sqlx::query_scalar(
+                    "DELETE FROM executions WHERE id = ANY($1) \
+                     AND state NOT IN ('queued', 'running') \
+                     AND COALESCE(finished_at, created_at) < $2 RETURNING id",
+                )
+                .bind(&ids)
+                .bind(i64_of(before))
+                .fetch_all(&mut *tx)
+                .await
+                .ctx("deleting expired executions")?;
+                gone.sort();
+                Ok((gone, tx))
             }
-            out.sort_by(|a, b| a.id.cmp(&b.id));
-            Ok((out, tx))
         })
         .await
     }

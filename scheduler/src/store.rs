@@ -194,9 +194,20 @@ pub trait Store: Send + Sync + 'static {
     /// Events of `id` with `seq > after`, in order.
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>>;
 
-    /// Deletes finished executions (records and events) finished before `before`; returns
-    /// them so their objects can be deleted too.
-    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>>;
+    /// Finished executions that finished before `before`, oldest first, at most `limit`:
+    /// what retention removes. Nothing is deleted: the caller deletes their objects
+    /// first, then the records ([`Store::delete_expired`]), so a crash in between never
+    /// leaves an object that no record names.
+    async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>>;
+
+    /// Deletes the records and events of `ids` that are finished before `before` (others
+    /// are left alone); returns the ids deleted.
+    async fn delete_expired(&self, ids: &[String], before: Millis) -> StoreResult<Vec<String>>;
+}
+
+/// Whether retention removes `rec` at the cut `before` (see [`Store::expired`]).
+pub(crate) fn is_expired(rec: &ExecutionRecord, before: Millis) -> bool {
+    rec.state.is_terminal() && rec.finished_at.unwrap_or(rec.created_at) < before
 }
 
 pub(crate) fn cancel_message(reason: CancelReason) -> &'static str {

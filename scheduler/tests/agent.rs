@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::agent::{Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART};
+use hatchery_scheduler::agent::{
+    Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART, LOST_ON_SHUTDOWN,
+};
 use hatchery_scheduler::bus::{AgentCommand, Bus, BusEvent, HostStatus};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::EncryptedObjects;
@@ -260,8 +262,11 @@ impl Store for CountingStore {
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
         self.inner.events_after(id, after).await
     }
-    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
-        self.inner.expire(before).await
+    async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>> {
+        self.inner.expired(before, limit).await
+    }
+    async fn delete_expired(&self, ids: &[String], before: Millis) -> StoreResult<Vec<String>> {
+        self.inner.delete_expired(ids, before).await
     }
 }
 
@@ -862,6 +867,59 @@ async fn runs_beyond_capacity_wait_for_a_slot() {
     env.close().await;
 }
 
+/// An execution the agent kills because it shuts down before its sandbox was claimed (here:
+/// while it waits for the run it displaced to die) stops waiting and ends `lost` like one
+/// killed after the claim, not `cancelled` as if its user had asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_killed_by_shutdown_before_its_claim_is_lost_not_cancelled() {
+    let mut env = Env::new("shutdownwait", 2).await;
+    let rules = AdmissionRules {
+        max_parallel: 100,
+        max_queued: 100,
+    };
+    // A runs on a host that no longer answers; B, from the same tab, displaces it and
+    // waits for it to die before its sandbox is thawed (R11).
+    let mut a = env.record(limits(256 * MIB, 60_000));
+    a.tab_id = Some("tab".into());
+    let a_id = a.id.clone();
+    env.store.admit(a, rules).await.expect("admit a");
+    env.store
+        .mark_running(&a_id, "a-host-gone-quiet", now_ms())
+        .await
+        .expect("a runs elsewhere");
+    let mut b = env.record(limits(256 * MIB, 60_000));
+    b.tab_id = Some("tab".into());
+    let b_id = b.id.clone();
+    env.objects
+        .put(&b.code_key, b"1 + 1".to_vec())
+        .await
+        .expect("put code");
+    env.store.admit(b, rules).await.expect("admit b");
+    assert_eq!(env.get(&b_id).await.displaces, vec![a_id.clone()]);
+    env.bus.submit(&b_id).await.expect("submit");
+    env.wait_state(&b_id, ExecState::Running, Duration::from_secs(30))
+        .await;
+
+    // The agent shuts down while B waits: B stops waiting (it will not start), so the
+    // shutdown does not wait for A, which never ends here.
+    let agent = env.agent.take().expect("agent");
+    // (B would otherwise wait 30 s for A before giving up.)
+    tokio::time::timeout(Duration::from_secs(20), agent.shutdown())
+        .await
+        .expect("the shutdown waited for the displaced run");
+    assert_eq!(env.get(&a_id).await.state, ExecState::Running);
+
+    let record = env.finished(&b_id, Duration::from_secs(30)).await;
+    assert_eq!(record.state, ExecState::Lost, "{record:?}");
+    assert_eq!(record.error.as_deref(), Some(LOST_ON_SHUTDOWN));
+    let events = env.events(&b_id).await;
+    let EventBody::Finished(summary) = &events.last().unwrap().body else {
+        unreachable!()
+    };
+    assert_eq!(summary.error_code.as_deref(), Some("agent_shutdown"));
+    env.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_start_executions_of_a_previous_life_become_lost() {
     let mut env = Env::backends("reconcile");
@@ -909,7 +967,6 @@ async fn on_start_executions_of_a_previous_life_become_lost() {
 
 mod node {
     use super::*;
-    use hatchery_scheduler::agent::LOST_ON_SHUTDOWN;
     use hatchery_scheduler::model::{Principal, Role};
     use hatchery_scheduler::node::{EmbeddedNode, NodeConfig};
     use hatchery_scheduler::platform::{ExecutionView, Platform, PlatformConfig, SubmitRequest};

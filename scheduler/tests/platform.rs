@@ -1,19 +1,23 @@
 //! The platform front door without an agent: validation, policy resolution and refusal
 //! of limits above policy, admission through the store (tab supersede, parallelism cap),
-//! visibility (another user's execution is `NotFound`), admin rights, cancel, follow.
+//! visibility (another user's execution is `NotFound`), admin rights, cancel, follow,
+//! and retention (objects before records).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hatchery_scheduler::bus::{BusEvent, Received};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::{generate_key, EncryptedObjects};
 use hatchery_scheduler::model::{
-    CancelReason, EventBody, ExecState, Policy, Principal, RequestedLimits, Role,
+    CancelReason, EventBody, ExecState, Policy, Principal, RequestedLimits, ResultSummary, Role,
 };
+use hatchery_scheduler::objects::{ObjectError, Objects};
 use hatchery_scheduler::platform::{
     ListQuery, Platform, PlatformConfig, PlatformError, SubmitRequest,
 };
 use hatchery_scheduler::seal::Keyring;
+use hatchery_scheduler::store::Store;
 
 struct Fixture {
     platform: Platform,
@@ -649,4 +653,136 @@ async fn list_filters_by_tab_and_state_newest_first() {
         .await
         .unwrap_err();
     assert!(matches!(e, PlatformError::Invalid(_)), "limit 0: {e:?}");
+}
+
+/// Objects whose deletions fail while `failures` is above zero, and that note, for every
+/// deletion, whether the record of the execution the object belongs to still existed.
+struct FlakyObjects {
+    inner: EncryptedObjects,
+    store: Arc<dyn Store>,
+    failures: AtomicUsize,
+    deleted: Mutex<Vec<(String, bool)>>,
+}
+
+#[async_trait::async_trait]
+impl Objects for FlakyObjects {
+    async fn put(&self, key: &str, plaintext: Vec<u8>) -> Result<(), ObjectError> {
+        self.inner.put(key, plaintext).await
+    }
+    async fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError> {
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(ObjectError::Io(format!("deleting {key}: injected failure")));
+        }
+        let id = key.rsplit('/').next().unwrap_or_default();
+        let row = self.store.get(id).await.unwrap().is_some();
+        self.deleted.lock().unwrap().push((key.to_string(), row));
+        self.inner.delete(key).await
+    }
+}
+
+#[tokio::test]
+async fn retention_deletes_objects_before_records_and_keeps_a_record_whose_objects_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = Keyring::single(generate_key());
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("store"), keyring.clone()).unwrap());
+    let objects = Arc::new(FlakyObjects {
+        inner: EncryptedObjects::local(&dir.path().join("objects"), keyring).unwrap(),
+        store: Arc::clone(&store),
+        failures: AtomicUsize::new(0),
+        deleted: Mutex::new(Vec::new()),
+    });
+    let platform = Platform {
+        config: Arc::new(PlatformConfig {
+            retention_ms: 60_000,
+            ..PlatformConfig::default()
+        }),
+        store: Arc::clone(&store),
+        bus: Arc::new(EmbeddedBus::new()),
+        objects: objects.clone(),
+    };
+    let users = ["a", "b", "c", "d"].map(|u| who("acme", u, Role::User));
+    let mut ids = Vec::new();
+    for u in &users {
+        ids.push(platform.submit(u, req("1", None)).await.unwrap().id);
+    }
+    // Finished long ago with a result; the fourth stays queued.
+    let finish = |id: String| {
+        let (store, objects) = (Arc::clone(&store), objects.clone());
+        async move {
+            let key = format!("results/{id}");
+            objects.put(&key, b"{}".to_vec()).await.unwrap();
+            let summary = ResultSummary::bare(ExecState::Succeeded, "test", None);
+            store
+                .finish(&id, ExecState::Succeeded, Some(key), 1, summary)
+                .await
+                .unwrap();
+        }
+    };
+    let has_object = |key: String| {
+        let objects = objects.clone();
+        async move {
+            match objects.inner.get(&key).await {
+                Ok(_) => true,
+                Err(ObjectError::NotFound(_)) => false,
+                Err(e) => panic!("{key}: {e}"),
+            }
+        }
+    };
+    finish(ids[0].clone()).await;
+    finish(ids[1].clone()).await;
+
+    // The first deletion fails: that execution keeps its record and its objects.
+    objects.failures.store(1, Ordering::SeqCst);
+    assert_eq!(platform.expire_old().await.unwrap(), 1);
+    let mut left = Vec::new();
+    for id in &ids[..2] {
+        if store.get(id).await.unwrap().is_some() {
+            left.push(id.clone());
+        }
+    }
+    assert_eq!(left.len(), 1, "{left:?}");
+    let kept = &left[0];
+    assert!(has_object(format!("code/{kept}")).await);
+    assert!(has_object(format!("results/{kept}")).await);
+    assert!(store.events_after(kept, 0).await.is_ok());
+
+    // The next pass removes both.
+    assert_eq!(platform.expire_old().await.unwrap(), 1);
+
+    // As if a pass crashed after deleting an execution's objects: the next one deletes
+    // its record all the same.
+    finish(ids[2].clone()).await;
+    objects
+        .inner
+        .delete(&format!("code/{}", ids[2]))
+        .await
+        .unwrap();
+    objects
+        .inner
+        .delete(&format!("results/{}", ids[2]))
+        .await
+        .unwrap();
+    assert_eq!(platform.expire_old().await.unwrap(), 1);
+
+    for id in &ids[..3] {
+        assert!(store.get(id).await.unwrap().is_none(), "{id}");
+        assert!(!has_object(format!("code/{id}")).await, "{id}");
+        assert!(!has_object(format!("results/{id}")).await, "{id}");
+    }
+    // Every object went while its record was still there (objects first), and the
+    // queued one was not touched.
+    let deleted = objects.deleted.lock().unwrap().clone();
+    assert_eq!(deleted.len(), 6, "{deleted:?}");
+    assert!(deleted.iter().all(|(_, row)| *row), "{deleted:?}");
+    assert!(store.get(&ids[3]).await.unwrap().is_some());
+    assert!(has_object(format!("code/{}", ids[3])).await);
+    assert_eq!(platform.expire_old().await.unwrap(), 0);
 }

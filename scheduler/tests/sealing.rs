@@ -357,13 +357,14 @@ async fn after_a_rotation_old_data_reads_new_data_uses_the_new_key_and_a_removed
         .unwrap();
     assert_eq!(record_key_id(&dir.join("records/mixed.sealed")), 2);
     let expired: Vec<String> = store
-        .expire(200)
+        .expired(200, 100)
         .await
         .unwrap()
         .into_iter()
         .map(|r| r.id)
         .collect();
     assert_eq!(expired, vec!["old"]);
+    assert_eq!(store.delete_expired(&expired, 200).await.unwrap(), expired);
     drop(store);
     let msg = EmbeddedStore::open(&dir, ring_b()).unwrap_err().to_string();
     assert!(msg.contains("events/mixed.sealed: line 1"), "{msg}");

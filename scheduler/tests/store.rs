@@ -1041,7 +1041,14 @@ store_test!(
         counts_are(&store, 2, 1).await;
         admitted(&store, record("cap", "acme", "w", None, 43), rules(0)).await;
         counts_are(&store, 2, 1).await;
-        store.expire(u64::MAX).await.unwrap();
+        let old: Vec<String> = store
+            .expired(u64::MAX, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        store.delete_expired(&old, u64::MAX).await.unwrap();
         counts_are(&store, 2, 1).await;
         drop(store);
         let store = b.open().await;
@@ -1321,7 +1328,7 @@ async fn crash_leftovers_are_cleaned_up_on_open() {
 }
 
 store_test!(
-    expire_removes_only_finished_executions_older_than_the_cut,
+    expired_lists_and_deletes_only_finished_executions_older_than_the_cut,
     |b| {
         let store = b.open().await;
         let r = rules(100);
@@ -1351,14 +1358,28 @@ store_test!(
             .unwrap();
         store.mark_running("running", "h", 1).await.unwrap();
 
-        let mut gone: Vec<String> = store
-            .expire(200)
+        // Listed oldest first, nothing deleted yet.
+        let listed: Vec<String> = store
+            .expired(200, 100)
             .await
             .unwrap()
             .into_iter()
             .map(|r| r.id)
             .collect();
-        gone.sort();
+        assert_eq!(listed, vec!["old1", "old2"]);
+        assert_eq!(
+            store.expired(200, 1).await.unwrap()[0]
+                .result_key
+                .as_deref(),
+            Some("results/old1")
+        );
+        assert!(store.get("old1").await.unwrap().is_some());
+        // Only what is expired is deleted, whatever the caller names.
+        let named: Vec<String> = ["old1", "old2", "young", "queued", "running", "nope"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let gone = store.delete_expired(&named, 200).await.unwrap();
         assert_eq!(gone, vec!["old1", "old2"]);
         for id in ["old1", "old2"] {
             assert!(store.get(id).await.unwrap().is_none());
@@ -1385,7 +1406,8 @@ store_test!(
                 .map(|s| s.to_string())
                 .collect()
         );
-        assert!(store.expire(200).await.unwrap().is_empty());
+        assert!(store.expired(200, 100).await.unwrap().is_empty());
+        assert!(store.delete_expired(&named, 200).await.unwrap().is_empty());
         drop(store);
         let store = b.open().await;
         assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);

@@ -68,12 +68,14 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     // and not at all if this one was cancelled meanwhile.
     let waited = wait_displaced(&inner, &record).await;
     if let Some(reason) = cancelled_before_start(&inner, &id, waited).await {
-        let summary = ResultSummary::bare(
-            ExecState::Cancelled,
-            cancel_code(Some(reason)),
-            Some(cancel_note(Some(reason))),
-        );
-        finish(&inner, &id, ExecState::Cancelled, summary).await;
+        let shutdown_kill = inner
+            .running
+            .lock()
+            .unwrap()
+            .get(&id)
+            .is_some_and(|r| r.shutdown_kill);
+        let summary = stopped_before_start(reason, shutdown_kill);
+        finish(&inner, &id, summary.state, summary).await;
         inner.running.lock().unwrap().remove(&id);
         inner.status_changed.notify_one();
         return;
@@ -120,6 +122,7 @@ const DISPLACED_WAIT: Duration = Duration::from_secs(30);
 
 /// Waits until every execution `record` displaced (see [`ExecutionRecord::displaces`]) is
 /// terminal: its agent has killed it and emptied its cgroup before marking it finished.
+/// Stops waiting when this execution is cancelled or killed meanwhile (it will not start).
 /// True when it had anything to wait for.
 async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) -> bool {
     if record.displaces.is_empty() {
@@ -136,6 +139,15 @@ async fn wait_displaced(inner: &Inner, record: &ExecutionRecord) -> bool {
                 Err(e) => {
                     tracing::warn!(execution = %record.id, displaced = %other, error = %e, "cannot read a displaced execution");
                 }
+            }
+            let stopped = inner
+                .running
+                .lock()
+                .unwrap()
+                .get(&record.id)
+                .is_some_and(|r| r.cancel_requested);
+            if stopped {
+                return true;
             }
             if std::time::Instant::now() > deadline {
                 tracing::warn!(
@@ -172,6 +184,25 @@ async fn cancelled_before_start(inner: &Inner, id: &str, waited: bool) -> Option
         Ok(Some(r)) if r.cancel.is_some() => r.cancel,
         _ if requested => Some(CancelReason::Requested),
         _ => None,
+    }
+}
+
+/// The summary of an execution stopped before its sandbox was claimed: cancelled for
+/// `reason`, or `lost` when the agent killed it because it shuts down or its lease
+/// lapsed (as it would be a moment later, after the claim: see [`summarise`]).
+fn stopped_before_start(reason: CancelReason, shutdown_kill: bool) -> ResultSummary {
+    if shutdown_kill {
+        ResultSummary::bare(
+            ExecState::Lost,
+            "agent_shutdown",
+            Some(LOST_ON_SHUTDOWN.to_string()),
+        )
+    } else {
+        ResultSummary::bare(
+            ExecState::Cancelled,
+            cancel_code(Some(reason)),
+            Some(cancel_note(Some(reason))),
+        )
     }
 }
 
@@ -472,6 +503,31 @@ mod tests {
             stdout_truncated: false,
             stderr_truncated: false,
         }
+    }
+
+    #[test]
+    fn stopped_before_the_claim_is_cancelled_or_lost_with_the_agent() {
+        let s = stopped_before_start(CancelReason::SupersededByTab, false);
+        assert_eq!(
+            (s.state, s.error_code.as_deref()),
+            (ExecState::Cancelled, Some("superseded_by_tab"))
+        );
+        // Killed because the agent shuts down (it asks for a cancel too): lost, as after
+        // the claim, not cancelled by its user.
+        let s = stopped_before_start(CancelReason::Requested, true);
+        assert_eq!(
+            (s.state, s.error_code.as_deref(), s.error.as_deref()),
+            (
+                ExecState::Lost,
+                Some("agent_shutdown"),
+                Some(LOST_ON_SHUTDOWN)
+            )
+        );
+        let after_claim = summarise(&result(ExecStatus::Cancelled), true, None);
+        assert_eq!(
+            (after_claim.state, after_claim.error_code),
+            (s.state, s.error_code)
+        );
     }
 
     #[test]

@@ -27,8 +27,8 @@ use crate::model::{
 };
 use crate::seal::Keyring;
 use crate::store::{
-    cancelled, finished, finished_with_event, lost_summary, running, Lease, ListFilter, Store,
-    StoreError, StoreResult,
+    cancelled, finished, finished_with_event, is_expired, lost_summary, running, Lease, ListFilter,
+    Store, StoreError, StoreResult,
 };
 
 #[derive(Default)]
@@ -318,23 +318,26 @@ impl State {
         Ok(events)
     }
 
-    fn expire(&mut self, disk: &Disk, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
-        let mut old: Vec<String> = self
-            .records
-            .values()
-            .filter(|r| r.state.is_terminal() && r.finished_at.unwrap_or(r.created_at) < before)
-            .map(|r| r.id.clone())
-            .collect();
-        old.sort();
-        let mut out = Vec::with_capacity(old.len());
+    /// Deletes the records and event logs of `ids` still expired at `before`.
+    fn delete_expired(
+        &mut self,
+        disk: &Disk,
+        ids: &[String],
+        before: Millis,
+    ) -> StoreResult<Vec<String>> {
+        let mut out = Vec::with_capacity(ids.len());
         let mut failed = None;
-        for id in old {
-            if let Err(e) = disk.remove_execution(&id) {
+        for id in ids {
+            if !self.records.get(id).is_some_and(|r| is_expired(r, before)) {
+                continue;
+            }
+            if let Err(e) = disk.remove_execution(id) {
                 failed = Some(e);
                 break;
             }
-            self.events.remove(&id);
-            out.extend(self.records.remove(&id));
+            self.events.remove(id);
+            self.records.remove(id);
+            out.push(id.clone());
         }
         if !out.is_empty() || failed.is_some() {
             disk.sync_removals()?;
@@ -640,8 +643,26 @@ impl Store for EmbeddedStore {
         Ok(events[from..].to_vec())
     }
 
-    async fn expire(&self, before: Millis) -> StoreResult<Vec<ExecutionRecord>> {
-        self.change(move |state, disk| state.expire(disk, before))
+    async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>> {
+        let state = self.inner.state.lock().await;
+        let mut out: Vec<ExecutionRecord> = state
+            .records
+            .values()
+            .filter(|r| is_expired(r, before))
+            .cloned()
+            .collect();
+        drop(state);
+        out.sort_by(|a, b| {
+            (a.finished_at.unwrap_or(a.created_at), &a.id)
+                .cmp(&(b.finished_at.unwrap_or(b.created_at), &b.id))
+        });
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn delete_expired(&self, ids: &[String], before: Millis) -> StoreResult<Vec<String>> {
+        let ids = ids.to_vec();
+        self.change(move |state, disk| state.delete_expired(disk, &ids, before))
             .await
     }
 }
