@@ -678,12 +678,27 @@ async fn output_is_stored_in_few_transactions() {
     .await;
     let (one_stream, _) =
         transactions_of_output(&env, r#"for (i in 1:1000) cat("line", i, "\n")"#, 1000).await;
-    eprintln!("alternating: {alternating} transactions for {events} output events; one stream: {one_stream}");
+    // Output that trickles (slower than the store takes it) is paced too: storing each
+    // line as soon as the store is free would cost a transaction per line.
+    let (trickle, trickle_events) = transactions_of_output(
+        &env,
+        r#"for (i in 1:100) { cat("out", i, "\n"); message("err ", i); Sys.sleep(0.002) }"#,
+        200,
+    )
+    .await;
+    eprintln!(
+        "alternating: {alternating} transactions for {events} output events; one stream: \
+         {one_stream}; trickle: {trickle} for {trickle_events}"
+    );
     // One transaction per output event (as before batching) would be about as many as
     // there are events; batches take a fraction of that.
     assert!(
         alternating * 2 < events,
         "{alternating} store transactions for {events} output events: not batched"
+    );
+    assert!(
+        trickle * 2 < trickle_events,
+        "{trickle} store transactions for {trickle_events} trickled output events: not paced"
     );
     env.close().await;
 }
