@@ -208,6 +208,19 @@ impl<T: Clone> Subscription<T> {
     }
 }
 
+/// Pauses between attempts to read from a bus that failed: short at first (a dropped
+/// connection usually comes back at once), growing to a second while the failure lasts.
+/// Start a new one after a success.
+pub fn retry_pauses() -> impl Iterator<Item = std::time::Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(50))
+        .with_max_delay(std::time::Duration::from_secs(1))
+        .without_max_times()
+        .with_jitter()
+        .build()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus closed")]

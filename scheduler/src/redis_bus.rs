@@ -45,6 +45,11 @@ fn reader_config() -> redis::AsyncConnectionConfig {
         .set_response_timeout(Duration::from_millis(BLOCK_MS as u64) + COMMAND_TIMEOUT)
 }
 
+/// The longest pause between two attempts to connect again (ms), and how many attempts
+/// one lost connection gets before a command fails (the next command starts over).
+const RECONNECT_MAX_DELAY_MS: u64 = 1000;
+const RECONNECT_RETRIES: usize = 8;
+
 /// How long a blocking read waits before it looks again (ms).
 const BLOCK_MS: usize = 1000;
 /// Pending submissions of another scheduler older than this are taken over (ms).
@@ -142,9 +147,15 @@ impl RedisBus {
         let client = redis::Client::open(cfg.url.as_str()).map_err(io)?;
         // A command that gets no answer (a connection that died without a word) fails
         // after a while instead of waiting forever, and the manager connects again.
+        // Reconnection is retried every second or so while Redis is away: the crate's
+        // default backoff starts at 1 s and multiplies by its factor (100), so its second
+        // attempt came a minute later and work submitted after a restart waited that long.
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(COMMAND_TIMEOUT)
-            .set_response_timeout(COMMAND_TIMEOUT);
+            .set_response_timeout(COMMAND_TIMEOUT)
+            .set_factor(2)
+            .set_max_delay(RECONNECT_MAX_DELAY_MS)
+            .set_number_of_retries(RECONNECT_RETRIES);
         let conn = ConnectionManager::new_with_config(client.clone(), manager)
             .await
             .map_err(io)?;

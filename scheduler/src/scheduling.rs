@@ -75,11 +75,20 @@ pub async fn run_scheduler(
     let reader = {
         let bus = Arc::clone(&bus);
         tokio::spawn(async move {
+            // A failing read is tried again after a pause, here: the loop below only
+            // reports it, so a burst of failures never holds up placement.
+            let mut pauses = crate::bus::retry_pauses();
             loop {
                 let next = bus.take_submitted().await.map(|d| (d.item, d.tag));
                 let closed = matches!(next, Err(BusError::Closed));
+                let failed = next.is_err();
                 if sub_tx.send(next).await.is_err() || closed {
                     return;
+                }
+                if failed {
+                    tokio::time::sleep(pauses.next().unwrap_or(TICK)).await;
+                } else {
+                    pauses = crate::bus::retry_pauses();
                 }
             }
         })
@@ -141,10 +150,7 @@ pub async fn run_scheduler(
                         }
                     }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "reading submissions");
-                    tokio::time::sleep(TICK).await;
-                }
+                Some(Err(e)) => tracing::warn!(error = %e, "reading submissions"),
                 None => return Err(SchedulerError::BusClosed),
             },
             status = statuses.recv(), if statuses_open => match status {

@@ -31,9 +31,11 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
     let reader = {
         let inner = Arc::clone(&inner);
         tokio::spawn(async move {
+            let mut pauses = crate::bus::retry_pauses();
             loop {
                 match inner.bus.take_for_agent(&inner.cfg.id).await {
                     Ok(d) => {
+                        pauses = crate::bus::retry_pauses();
                         if cmd_tx.send((d.item, d.tag)).await.is_err() {
                             return;
                         }
@@ -41,7 +43,8 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
                     Err(BusError::Closed) => return,
                     Err(e) => {
                         tracing::warn!(agent = %inner.cfg.id, error = %e, "reading commands");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+                        tokio::time::sleep(pause).await;
                     }
                 }
             }
