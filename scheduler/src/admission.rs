@@ -104,6 +104,7 @@ mod tests {
                 time_limit_ms: 1_000,
             },
             code_key: String::new(),
+            code: None,
             result_key: None,
             created_at: 0,
             started_at: None,

@@ -178,6 +178,9 @@ impl CancelReason {
     }
 }
 
+/// Code up to this size is stored in the execution's record; larger code is an object.
+pub const INLINE_CODE_MAX: usize = 64 << 10;
+
 /// One execution, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutionRecord {
@@ -189,8 +192,15 @@ pub struct ExecutionRecord {
     pub model_id: Option<String>,
     pub state: ExecState,
     pub limits: Limits,
-    /// Object-store key of the (encrypted) code.
+    /// Object-store key of the (encrypted) code; empty when the code is in [`Self::code`].
     pub code_key: String,
+    /// The code itself when it is small (at most [`INLINE_CODE_MAX`] bytes): kept in the
+    /// record, which is sealed at rest like an object, so neither admission nor the
+    /// start of the run waits for an object-store round trip (tens of milliseconds on
+    /// S3). Dropped once the execution is terminal (nothing reads it after); never shown
+    /// by the API ([`ExecutionRecord::public`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
     /// Object-store key of the (encrypted) result, once finished.
     pub result_key: Option<String>,
     pub created_at: Millis,
@@ -214,6 +224,14 @@ pub struct ExecutionRecord {
     /// the cap running, not even for the milliseconds a kill takes (R11).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub displaces: Vec<String>,
+}
+
+impl ExecutionRecord {
+    /// The record as the API shows it: without the code.
+    pub fn public(mut self) -> ExecutionRecord {
+        self.code = None;
+        self
+    }
 }
 
 /// What an execution reports; stored in order with a per-execution sequence number.

@@ -14,7 +14,7 @@ use crate::admission::{Admission, AdmissionRules};
 use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
     now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
-    Principal, RequestedLimits, ResultSummary, Role,
+    Principal, RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
@@ -247,8 +247,14 @@ impl Platform {
             crate::policy::limits_for(&policy, req.limits.as_ref()).map_err(invalid_limits)?;
 
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let code_key = format!("code/{id}");
-        self.objects.put(&code_key, req.code.into_bytes()).await?;
+        // Small code travels in the record; larger code is an object.
+        let (code_key, code) = if req.code.len() <= INLINE_CODE_MAX {
+            (String::new(), Some(req.code))
+        } else {
+            let key = format!("code/{id}");
+            self.objects.put(&key, req.code.into_bytes()).await?;
+            (key, None)
+        };
         let record = ExecutionRecord {
             id: id.clone(),
             org: who.org.clone(),
@@ -259,6 +265,7 @@ impl Platform {
             state: ExecState::Queued,
             limits,
             code_key: code_key.clone(),
+            code,
             result_key: None,
             created_at: now_ms(),
             started_at: None,
@@ -276,7 +283,9 @@ impl Platform {
         };
         match self.store.admit(record, rules).await? {
             Admission::QueueFull { .. } => {
-                let _ = self.objects.delete(&code_key).await;
+                if !code_key.is_empty() {
+                    let _ = self.objects.delete(&code_key).await;
+                }
                 Err(PlatformError::QueueFull)
             }
             Admission::Admitted { cancelled } => {
@@ -289,7 +298,12 @@ impl Platform {
                 self.publish_new_events(&id, 0).await;
                 // The answer is the record as admitted (queued, or cancelled at once), read
                 // before the scheduler can see it.
-                let admitted = self.store.get(&id).await?.ok_or(PlatformError::NotFound)?;
+                let admitted = self
+                    .store
+                    .get(&id)
+                    .await?
+                    .ok_or(PlatformError::NotFound)?
+                    .public();
                 if !self_cancelled {
                     // Admitted is admitted: the store is the outbox. If the bus cannot
                     // take the submission now, the scheduler finds the execution in the
@@ -358,7 +372,10 @@ impl Platform {
             },
             None => None,
         };
-        Ok(ExecutionView { record, result })
+        Ok(ExecutionView {
+            record: record.public(),
+            result,
+        })
     }
 
     /// The caller's own executions, newest first.
@@ -381,7 +398,8 @@ impl Platform {
             active_only: false,
             limit: Some(limit),
         };
-        Ok(self.store.list(&filter).await?)
+        let records = self.store.list(&filter).await?;
+        Ok(records.into_iter().map(ExecutionRecord::public).collect())
     }
 
     /// Cancels an execution the caller may see (a finished one is returned unchanged).
@@ -396,7 +414,8 @@ impl Platform {
             .await?
             .ok_or(PlatformError::NotFound)?;
         self.propagate_cancel(id).await;
-        self.store.get(id).await?.ok_or(PlatformError::NotFound)
+        let record = self.store.get(id).await?.ok_or(PlatformError::NotFound)?;
+        Ok(record.public())
     }
 
     /// Events of one execution after `after_seq`: subscribes first, then reads the
@@ -571,7 +590,7 @@ impl Platform {
                 ))
             }
         };
-        Ok(self
+        let records = self
             .store
             .list(&ListFilter {
                 org,
@@ -579,7 +598,8 @@ impl Platform {
                 limit: Some(MAX_LIST_LIMIT),
                 ..Default::default()
             })
-            .await?)
+            .await?;
+        Ok(records.into_iter().map(ExecutionRecord::public).collect())
     }
 
     /// Live host status (usage of every running sandbox) for admins (R13). An org admin
@@ -636,7 +656,8 @@ impl Platform {
 
     /// Deletes the objects an execution names (one already gone counts as deleted).
     async fn delete_objects(&self, r: &ExecutionRecord) -> Result<(), ObjectError> {
-        for key in std::iter::once(&r.code_key).chain(r.result_key.as_ref()) {
+        let code = Some(&r.code_key).filter(|k| !k.is_empty());
+        for key in code.into_iter().chain(r.result_key.as_ref()) {
             match self.objects.delete(key).await {
                 Ok(()) | Err(ObjectError::NotFound(_)) => {}
                 Err(e) => return Err(e),

@@ -342,6 +342,7 @@ mod tests {
                 time_limit_ms: 1_000,
             },
             code_key: format!("code/e{n}"),
+            code: None,
             result_key: None,
             created_at: now_ms(),
             started_at: None,

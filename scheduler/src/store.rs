@@ -235,6 +235,7 @@ pub(crate) fn cancelled(
             r.state = ExecState::Cancelled;
             r.cancel = Some(reason);
             r.finished_at = Some(now);
+            r.code = None;
             r.last_seq += 1;
             let event = ExecEvent {
                 execution_id: r.id.clone(),
@@ -298,6 +299,7 @@ pub(crate) fn finished(
     rec.result_key = result_key;
     rec.error = error;
     rec.finished_at = Some(at);
+    rec.code = None;
     Ok(rec)
 }
 

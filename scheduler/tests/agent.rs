@@ -392,6 +392,7 @@ impl Env {
         let id = uuid::Uuid::new_v4().to_string();
         ExecutionRecord {
             code_key: format!("code/{id}"),
+            code: None,
             id,
             org: "acme".into(),
             user: "ada".into(),

@@ -11,6 +11,7 @@ use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::{generate_key, EncryptedObjects};
 use hatchery_scheduler::model::{
     CancelReason, EventBody, ExecState, Policy, Principal, RequestedLimits, ResultSummary, Role,
+    INLINE_CODE_MAX,
 };
 use hatchery_scheduler::objects::{ObjectError, Objects};
 use hatchery_scheduler::platform::{
@@ -70,13 +71,49 @@ async fn submit_stores_encrypted_code_and_queues_with_policy_limits() {
         .unwrap();
     assert_eq!(rec.state, ExecState::Queued);
     assert_eq!(rec.limits.memory_bytes, 512 << 20, "platform default");
-    let code = f.platform.objects.get(&rec.code_key).await.unwrap();
-    assert_eq!(code, b"secret_model <- 42");
+    // Small code travels in the (sealed) record, which the API never shows with it.
+    assert_eq!(rec.code, None, "the API's copy carries no code");
+    assert_eq!(rec.code_key, "");
+    let stored = f.platform.store.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!(stored.code.as_deref(), Some("secret_model <- 42"));
     let view = f.platform.get(&alice, &rec.id).await.unwrap();
     assert_eq!(view.record.id, rec.id);
+    assert_eq!(view.record.code, None);
     assert!(view.result.is_none());
+    let listed = f
+        .platform
+        .list(&alice, &ListQuery::default())
+        .await
+        .unwrap();
+    assert!(listed.iter().all(|r| r.code.is_none()), "{listed:?}");
     // The scheduler was told.
     assert_eq!(f.platform.bus.next_submitted().await.unwrap(), rec.id);
+
+    // Larger code is an object of its own, sealed.
+    let large = format!("x <- '{}'", "a".repeat(INLINE_CODE_MAX));
+    let rec = f.platform.submit(&alice, req(&large, None)).await.unwrap();
+    assert_eq!(rec.code_key, format!("code/{}", rec.id));
+    let stored = f.platform.store.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!(stored.code, None);
+    let code = f.platform.objects.get(&rec.code_key).await.unwrap();
+    assert_eq!(code, large.as_bytes());
+
+    // Once an execution is over its record drops the code.
+    let first = f
+        .platform
+        .list(&alice, &ListQuery::default())
+        .await
+        .unwrap();
+    let small = first
+        .iter()
+        .find(|r| r.code_key.is_empty())
+        .unwrap()
+        .id
+        .clone();
+    f.platform.cancel(&alice, &small).await.unwrap();
+    let stored = f.platform.store.get(&small).await.unwrap().unwrap();
+    assert_eq!(stored.state, ExecState::Cancelled);
+    assert_eq!(stored.code, None);
 }
 
 #[tokio::test]
@@ -709,9 +746,11 @@ async fn retention_deletes_objects_before_records_and_keeps_a_record_whose_objec
         objects: objects.clone(),
     };
     let users = ["a", "b", "c", "d"].map(|u| who("acme", u, Role::User));
+    // Code too large to travel in the record: each execution names a code object.
+    let large = format!("x <- '{}'", "a".repeat(INLINE_CODE_MAX));
     let mut ids = Vec::new();
     for u in &users {
-        ids.push(platform.submit(u, req("1", None)).await.unwrap().id);
+        ids.push(platform.submit(u, req(&large, None)).await.unwrap().id);
     }
     // Finished long ago with a result; the fourth stays queued.
     let finish = |id: String| {

@@ -48,6 +48,7 @@ fn record(id: &str, created_at: u64) -> ExecutionRecord {
             time_limit_ms: 10_000,
         },
         code_key: format!("code/{id}"),
+        code: None,
         result_key: None,
         created_at,
         started_at: None,

@@ -37,6 +37,7 @@ fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -
             time_limit_ms: 10_000,
         },
         code_key: format!("code/{id}"),
+        code: None,
         result_key: None,
         created_at,
         started_at: None,

@@ -250,6 +250,7 @@ mod tests {
                 time_limit_ms: 1000,
             },
             code_key: String::new(),
+            code: None,
             result_key: None,
             created_at,
             started_at: None,

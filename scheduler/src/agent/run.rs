@@ -254,12 +254,17 @@ async fn finish(inner: &Inner, id: &str, state: ExecState, mut summary: ResultSu
 /// or why the execution could not run.
 async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResult, String> {
     let id = record.id.as_str();
-    let code = inner
-        .objects
-        .get(&record.code_key)
-        .await
-        .map_err(|e| format!("cannot read the code: {e}"))?;
-    let code = String::from_utf8(code).map_err(|_| "the code is not UTF-8".to_string())?;
+    let code = match &record.code {
+        Some(code) => code.clone(),
+        None => {
+            let code = inner
+                .objects
+                .get(&record.code_key)
+                .await
+                .map_err(|e| format!("cannot read the code: {e}"))?;
+            String::from_utf8(code).map_err(|_| "the code is not UTF-8".to_string())?
+        }
+    };
     let pool = inner
         .pool(&record.language)
         .ok_or_else(|| format!("this host does not run {:?}", record.language))?;

@@ -394,6 +394,7 @@ impl EmbeddedStore {
             if let Some((s, at)) = finished {
                 rec.state = s;
                 rec.finished_at = Some(at);
+                rec.code = None;
                 repaired.push(rec.clone());
             }
         }
