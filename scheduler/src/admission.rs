@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{CancelReason, ExecState, ExecutionRecord};
+use crate::model::{CancelReason, ExecEvent, ExecState, ExecutionRecord};
 
 /// Limits of one admission decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +35,10 @@ pub enum Admission {
     /// `cancel` field is already set in the store).
     Admitted {
         cancelled: Vec<(String, CancelReason)>,
+        /// The new execution as stored (`queued`, or `cancelled` at once when it is
+        /// itself beyond the cap), and the events its admission appended to its log.
+        record: Box<ExecutionRecord>,
+        events: Vec<ExecEvent>,
     },
     /// The platform's queue is full: nothing was stored.
     QueueFull { queued: usize },

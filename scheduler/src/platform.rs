@@ -214,8 +214,7 @@ impl Platform {
         org: &str,
         user: &str,
     ) -> Result<EffectivePolicy, PlatformError> {
-        let o = self.store.get_org_policy(org).await?;
-        let u = self.store.get_user_policy(org, user).await?;
+        let (o, u) = self.store.get_policies(org, user).await?;
         Ok(crate::policy::resolve(
             &self.config.default_policy,
             o.as_ref(),
@@ -288,22 +287,23 @@ impl Platform {
                 }
                 Err(PlatformError::QueueFull)
             }
-            Admission::Admitted { cancelled } => {
+            Admission::Admitted {
+                cancelled,
+                record,
+                events,
+            } => {
                 // Under a race the new execution itself may be the oldest over the cap:
                 // then it is already cancelled (with its events) and is not submitted.
                 let self_cancelled = cancelled.iter().any(|(c, _)| *c == id);
                 for (other, _reason) in cancelled.iter().filter(|(c, _)| *c != id) {
                     self.propagate_cancel(other).await;
                 }
-                self.publish_new_events(&id, 0).await;
-                // The answer is the record as admitted (queued, or cancelled at once), read
-                // before the scheduler can see it.
-                let admitted = self
-                    .store
-                    .get(&id)
-                    .await?
-                    .ok_or(PlatformError::NotFound)?
-                    .public();
+                for e in events {
+                    let _ = self.bus.publish_event(e).await;
+                }
+                // The answer is the record as admitted (queued, or cancelled at once), as
+                // it was before the scheduler could see it.
+                let admitted = record.public();
                 if !self_cancelled {
                     // Admitted is admitted: the store is the outbox. If the bus cannot
                     // take the submission now, the scheduler finds the execution in the

@@ -462,9 +462,10 @@ impl PgStore {
                 events.extend(e);
             }
         }
-        sqlx::query(
+        let admitted: i64 = sqlx::query_scalar(
             "INSERT INTO executions (id, org, usr, tab_id, state, cancel, created_at, \
-             finished_at, last_seq, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             finished_at, last_seq, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             RETURNING admitted",
         )
         .bind(&rec.id)
         .bind(&rec.org)
@@ -476,13 +477,18 @@ impl PgStore {
         .bind(rec.finished_at.map(i64_of))
         .bind(i64_of(rec.last_seq))
         .bind(self.seal_record(&rec)?)
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await
         .ctx("storing the execution")?;
         self.insert_events(tx, &events).await?;
         // A new execution: nothing to count out (a terminal state counts for nothing).
         self.count(tx, ExecState::Cancelled, rec.state).await?;
-        Ok(Admission::Admitted { cancelled: out })
+        rec.admitted = admitted.max(0) as u64;
+        Ok(Admission::Admitted {
+            cancelled: out,
+            record: Box::new(rec),
+            events,
+        })
     }
 
     /// Marks every running execution of `agent` lost (its host row locked by the caller);
@@ -538,6 +544,29 @@ macro_rules! locked {
 
 #[async_trait]
 impl Store for PgStore {
+    async fn get_policies(
+        &self,
+        org: &str,
+        user: &str,
+    ) -> StoreResult<(Option<Policy>, Option<Policy>)> {
+        check_name("org", org)?;
+        check_name("user", user)?;
+        type Pair = (
+            Option<sqlx::types::Json<Policy>>,
+            Option<sqlx::types::Json<Policy>>,
+        );
+        let (o, u): Pair = sqlx::query_as(
+            "SELECT (SELECT policy FROM org_policies WHERE org = $1), \
+                    (SELECT policy FROM user_policies WHERE org = $1 AND usr = $2)",
+        )
+        .bind(org)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_err("reading policies", e))?;
+        Ok((o.map(|j| j.0), u.map(|j| j.0)))
+    }
+
     async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>> {
         check_name("org", org)?;
         self.get_policy("SELECT policy FROM org_policies WHERE org = $1", &[org])

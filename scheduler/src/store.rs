@@ -107,6 +107,18 @@ pub trait Store: Send + Sync + 'static {
     async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>>;
     async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()>;
     async fn get_user_policy(&self, org: &str, user: &str) -> StoreResult<Option<Policy>>;
+    /// The org's policy and the user's override together (what every admission reads;
+    /// a remote store answers in one round trip).
+    async fn get_policies(
+        &self,
+        org: &str,
+        user: &str,
+    ) -> StoreResult<(Option<Policy>, Option<Policy>)> {
+        Ok((
+            self.get_org_policy(org).await?,
+            self.get_user_policy(org, user).await?,
+        ))
+    }
     async fn put_user_policy(&self, org: &str, user: &str, policy: Policy) -> StoreResult<()>;
 
     /// Atomically: unless the queue is full, store `record` (state `queued`) and its

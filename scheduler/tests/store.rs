@@ -79,8 +79,23 @@ async fn admitted(
     rec: ExecutionRecord,
     r: AdmissionRules,
 ) -> Vec<(String, CancelReason)> {
+    let id = rec.id.clone();
     match store.s().admit(rec, r).await.unwrap() {
-        Admission::Admitted { cancelled } => cancelled,
+        Admission::Admitted {
+            cancelled,
+            record,
+            events,
+        } => {
+            // What admission returns is what it stored (later admissions may have
+            // cancelled it since, appending to its log).
+            assert_eq!(record.id, id);
+            assert!(record.admitted > 0, "{record:?}");
+            assert_eq!(record.last_seq, events.len() as u64, "{events:?}");
+            let stored = store.s().events_after(&id, 0).await.unwrap();
+            assert_eq!(events[..], stored[..events.len()]);
+            assert_eq!(record.admitted, get(store, &id).await.admitted);
+            cancelled
+        }
         other => panic!("not admitted: {other:?}"),
     }
 }
@@ -1599,3 +1614,41 @@ store_test!(
         );
     }
 );
+
+store_test!(policies_read_together_are_those_read_apart, |b| {
+    let store = b.open().await;
+    assert_eq!(
+        store.get_policies("acme", "ann").await.unwrap(),
+        (None, None)
+    );
+    let org = Policy {
+        max_parallel: Some(3),
+        ..Policy::default()
+    };
+    store.put_org_policy("acme", org.clone()).await.unwrap();
+    assert_eq!(
+        store.get_policies("acme", "ann").await.unwrap(),
+        (Some(org.clone()), None)
+    );
+    let user = Policy {
+        memory_bytes: Some(1 << 30),
+        ..Policy::default()
+    };
+    store
+        .put_user_policy("acme", "ann", user.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_policies("acme", "ann").await.unwrap(),
+        (Some(org.clone()), Some(user.clone()))
+    );
+    // Another user of the org has the org's policy only; another org has none.
+    assert_eq!(
+        store.get_policies("acme", "bob").await.unwrap(),
+        (Some(org), None)
+    );
+    assert_eq!(
+        store.get_policies("other", "ann").await.unwrap(),
+        (None, None)
+    );
+});

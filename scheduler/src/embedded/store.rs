@@ -199,9 +199,11 @@ impl State {
                 events.extend(event);
             }
         }
-        self.commit(disk, new, events)?;
+        self.commit(disk, new.clone(), events.clone())?;
         Ok(Admission::Admitted {
             cancelled: decisions,
+            record: Box::new(new),
+            events,
         })
     }
 
