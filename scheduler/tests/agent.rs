@@ -630,8 +630,17 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
     env.close().await;
 }
 
-/// Stores the output of `code` and says how many store transactions its execution took.
-async fn transactions_of_output(env: &Env, code: &str, lines: usize) -> (usize, usize) {
+/// How the output of one execution was stored.
+struct OutputWrites {
+    /// Batches of output stored (one transaction each).
+    batches: usize,
+    output_events: usize,
+    /// From the first stored output event to the last (ms, by the store's clock).
+    span_ms: u64,
+}
+
+/// Stores the output of `code` and says how many store transactions its output took.
+async fn transactions_of_output(env: &Env, code: &str, lines: usize) -> OutputWrites {
     let id = env.submit(code, limits(512 * MIB, 60_000)).await;
     let record = env.finished(&id, Duration::from_secs(60)).await;
     assert_eq!(record.state, ExecState::Succeeded, "{record:?}");
@@ -660,47 +669,58 @@ async fn transactions_of_output(env: &Env, code: &str, lines: usize) -> (usize, 
         .iter()
         .filter(|e| matches!(e.body, EventBody::Stdout(_) | EventBody::Stderr(_)))
         .count();
+    let output_at: Vec<u64> = events
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::Stdout(_) | EventBody::Stderr(_)))
+        .map(|e| e.at)
+        .collect();
+    let span_ms = output_at.last().unwrap() - output_at.first().unwrap();
+    let batches = writes.iter().filter(|w| **w == "append_events").count();
     eprintln!(
-        "{lines} lines: {output_events} output events, {} store transactions: {writes:?}",
+        "{lines} lines: {output_events} output events over {span_ms} ms, {batches} batches, \
+         {} store transactions: {writes:?}",
         writes.len()
     );
-    (writes.len(), output_events)
+    OutputWrites {
+        batches,
+        output_events,
+        span_ms,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn output_is_stored_in_few_transactions() {
     let env = Env::new("batching", 1).await;
-    // Alternating streams: the pool cannot merge them into one piece.
-    let (alternating, events) = transactions_of_output(
-        &env,
-        r#"for (i in 1:500) { cat("out", i, "\n"); message("err ", i) }"#,
-        1000,
-    )
-    .await;
-    let (one_stream, _) =
-        transactions_of_output(&env, r#"for (i in 1:1000) cat("line", i, "\n")"#, 1000).await;
-    // Output that trickles (slower than the store takes it) is paced too: storing each
-    // line as soon as the store is free would cost a transaction per line.
-    let (trickle, trickle_events) = transactions_of_output(
-        &env,
-        r#"for (i in 1:100) { cat("out", i, "\n"); message("err ", i); Sys.sleep(0.002) }"#,
-        200,
-    )
-    .await;
-    eprintln!(
-        "alternating: {alternating} transactions for {events} output events; one stream: \
-         {one_stream}; trickle: {trickle} for {trickle_events}"
-    );
-    // One transaction per output event (as before batching) would be about as many as
-    // there are events; batches take a fraction of that.
-    assert!(
-        alternating * 2 < events,
-        "{alternating} store transactions for {events} output events: not batched"
-    );
-    assert!(
-        trickle * 2 < trickle_events,
-        "{trickle} store transactions for {trickle_events} trickled output events: not paced"
-    );
+    let interval = hatchery_scheduler::agent::OUTPUT_BATCH_INTERVAL.as_millis() as u64;
+    let cases = [
+        // Alternating streams: the pool cannot merge them into one piece.
+        (
+            r#"for (i in 1:500) { cat("out", i, "\n"); message("err ", i) }"#,
+            1000,
+        ),
+        (r#"for (i in 1:1000) cat("line", i, "\n")"#, 1000),
+        // Output that trickles, slower than the store takes it: storing each piece as
+        // soon as the store is free would cost a transaction per line.
+        (
+            r#"for (i in 1:100) { cat("out", i, "\n"); message("err ", i); Sys.sleep(0.002) }"#,
+            200,
+        ),
+    ];
+    for (code, lines) in cases {
+        let w = transactions_of_output(&env, code, lines).await;
+        // Batches are paced: at most one per interval while output keeps coming (plus
+        // the first, and the flushes `started` and `finished` force), however fast or
+        // slow the machine makes the code; one transaction per piece of output would be
+        // about as many as there are events.
+        let most = (w.span_ms / interval + 3) as usize;
+        assert!(
+            w.batches <= most,
+            "{code}: {} batches for {} output events over {} ms: more than {most}, not paced",
+            w.batches,
+            w.output_events,
+            w.span_ms
+        );
+    }
     env.close().await;
 }
 

@@ -32,7 +32,7 @@ use crate::model::{now_ms, EventBody, LiveBody, LiveEvent, OutputData};
 /// anyway.
 pub(super) const STARTED_WAIT: Duration = Duration::from_millis(50);
 /// Output that keeps coming is stored at most once per this interval.
-pub(super) const BATCH_INTERVAL: Duration = Duration::from_millis(5);
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 /// A batch holding this many bytes of output and messages is stored at once.
 pub(super) const BATCH_BYTES: usize = 64 << 10;
 

@@ -53,6 +53,7 @@ use crate::model::{now_ms, EffectivePolicy, Usage};
 use crate::objects::Objects;
 use crate::store::{Store, StoreError, StoreResult};
 
+pub use forward::BATCH_INTERVAL as OUTPUT_BATCH_INTERVAL;
 pub use lifecycle::desired_pool_sizes;
 pub use run::state_of;
 
