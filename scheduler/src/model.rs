@@ -180,6 +180,9 @@ impl CancelReason {
 
 /// Code up to this size is stored in the execution's record; larger code is an object.
 pub const INLINE_CODE_MAX: usize = 64 << 10;
+/// A result whose JSON is at most this size is stored only in the execution's `finished`
+/// event (sealed with the log); a larger one is an object too, named by `result_key`.
+pub const INLINE_RESULT_MAX: usize = 64 << 10;
 
 /// One execution, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,7 +204,8 @@ pub struct ExecutionRecord {
     /// by the API ([`ExecutionRecord::public`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
-    /// Object-store key of the (encrypted) result, once finished.
+    /// Object-store key of the (encrypted) result, once finished, if it is larger than
+    /// [`INLINE_RESULT_MAX`]; a smaller one is only in the `finished` event.
     pub result_key: Option<String>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,

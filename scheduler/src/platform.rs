@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::admission::{Admission, AdmissionRules};
 use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
-    now_ms, CancelReason, EffectivePolicy, ExecEvent, ExecState, ExecutionRecord, Policy,
-    Principal, RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
+    now_ms, CancelReason, EffectivePolicy, EventBody, ExecEvent, ExecState, ExecutionRecord,
+    Policy, Principal, RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
@@ -370,12 +370,29 @@ impl Platform {
                 Err(ObjectError::NotFound(_)) => None,
                 Err(e) => return Err(e.into()),
             },
+            // A small result is in the `finished` event, the log's last.
+            None if record.state.is_terminal() => self.finished_summary(&record).await?,
             None => None,
         };
         Ok(ExecutionView {
             record: record.public(),
             result,
         })
+    }
+
+    /// The result a terminal execution's `finished` event carries.
+    async fn finished_summary(
+        &self,
+        record: &ExecutionRecord,
+    ) -> Result<Option<ResultSummary>, PlatformError> {
+        let last = self
+            .store
+            .events_after(&record.id, record.last_seq.saturating_sub(1))
+            .await?;
+        Ok(last.into_iter().rev().find_map(|e| match e.body {
+            EventBody::Finished(summary) => Some(summary),
+            _ => None,
+        }))
     }
 
     /// The caller's own executions, newest first.

@@ -465,11 +465,19 @@ impl Env {
         self.store.events_after(id, 0).await.expect("events")
     }
 
+    /// The result: the object if it was large, else what the `finished` event carries.
     async fn result(&self, record: &ExecutionRecord) -> ResultSummary {
-        let key = record.result_key.as_deref().expect("a result key");
-        assert_eq!(key, format!("results/{}", record.id));
-        let bytes = self.objects.get(key).await.expect("result object");
-        serde_json::from_slice(&bytes).expect("result JSON")
+        match record.result_key.as_deref() {
+            Some(key) => {
+                assert_eq!(key, format!("results/{}", record.id));
+                let bytes = self.objects.get(key).await.expect("result object");
+                serde_json::from_slice(&bytes).expect("result JSON")
+            }
+            None => match self.events(&record.id).await.pop().map(|e| e.body) {
+                Some(EventBody::Finished(summary)) => summary,
+                other => panic!("the last event of {} is {other:?}", record.id),
+            },
+        }
     }
 
     /// Shuts everything down and checks nothing is left in the cgroup parent.
@@ -596,7 +604,9 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
         unreachable!()
     };
 
-    // The result object decrypts to the same summary.
+    // A small result is only in the `finished` event: no object-store round trip.
+    assert_eq!(record.result_key, None);
+    assert!(!env._dir.path().join("objects/results").join(&id).exists());
     let result = env.result(&record).await;
     // (Compared after the same JSON round trip: floats may not survive it bit for bit.)
     let logged: ResultSummary =
@@ -606,10 +616,6 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
     assert_eq!(result.value_json.as_deref(), Some("42"));
     assert_eq!(result.error, None);
     assert!(result.duration_ms > 0.0);
-    // On disk it is sealed: the plaintext is nowhere in the objects directory.
-    let raw = std::fs::read(env._dir.path().join("objects/results").join(&id))
-        .expect("the sealed result file");
-    assert!(!String::from_utf8_lossy(&raw).contains("value_json"));
 
     // The bus carried the same events, in the same order (and perhaps usage samples,
     // which are not in the log).
@@ -627,6 +633,32 @@ async fn an_execution_runs_streams_in_order_and_stores_its_encrypted_result() {
     }
     // `queued` is appended by admission, not published by the agent.
     assert_eq!(published[..], events[1..], "live events");
+
+    // A large result is an object too, sealed, holding what the `finished` event says.
+    let id = env
+        .submit(
+            r#"paste(rep("secret-value", 10000), collapse = "")"#,
+            limits(512 * MIB, 30_000),
+        )
+        .await;
+    let record = env.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(record.state, ExecState::Succeeded, "{record:?}");
+    let result = env.result(&record).await;
+    assert!(result
+        .value_json
+        .as_ref()
+        .is_some_and(|v| v.len() > 100_000));
+    let EventBody::Finished(logged) = env.events(&id).await.pop().unwrap().body else {
+        panic!("not finished last")
+    };
+    let logged: ResultSummary =
+        serde_json::from_slice(&serde_json::to_vec(&logged).unwrap()).unwrap();
+    assert_eq!(result, logged);
+    // On disk it is sealed: the plaintext is nowhere in the objects directory.
+    let raw = std::fs::read(env._dir.path().join("objects/results").join(&id))
+        .expect("the sealed result file");
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(!raw.contains("value_json") && !raw.contains("secret-value"));
     env.close().await;
 }
 

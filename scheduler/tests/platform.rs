@@ -114,6 +114,12 @@ async fn submit_stores_encrypted_code_and_queues_with_policy_limits() {
     let stored = f.platform.store.get(&small).await.unwrap().unwrap();
     assert_eq!(stored.state, ExecState::Cancelled);
     assert_eq!(stored.code, None);
+    // Its result is what its `finished` event says (no result object).
+    let view = f.platform.get(&alice, &small).await.unwrap();
+    assert_eq!(view.record.result_key, None);
+    let result = view.result.expect("a terminal execution shows its result");
+    assert_eq!(result.state, ExecState::Cancelled);
+    assert_eq!(result.error_code.as_deref(), Some("cancelled"), "{result:?}");
 }
 
 #[tokio::test]

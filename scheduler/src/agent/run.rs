@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::forward::{Forwarder, STARTED_WAIT};
 use super::{Inner, Running, LOST_ON_SHUTDOWN};
-use crate::model::{now_ms, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage};
+use crate::model::{
+    now_ms, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage, INLINE_RESULT_MAX,
+};
 
 /// What the blocking side of an execution reports.
 enum Bridge {
@@ -68,13 +70,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     // and not at all if this one was cancelled meanwhile.
     let waited = wait_displaced(&inner, &record).await;
     if let Some(reason) = cancelled_before_start(&inner, &id, waited).await {
-        let shutdown_kill = inner
-            .running
-            .lock()
-            .unwrap()
-            .get(&id)
-            .is_some_and(|r| r.shutdown_kill);
-        let summary = stopped_before_start(reason, shutdown_kill);
+        let summary = stopped_before_start(reason, killed_by_shutdown(&inner, &id));
         finish(&inner, &id, summary.state, summary).await;
         inner.running.lock().unwrap().remove(&id);
         inner.status_changed.notify_one();
@@ -84,12 +80,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     let outcome = drive(&inner, &record).await;
     let (state, summary) = match outcome {
         Ok(result) => {
-            let shutdown_kill = inner
-                .running
-                .lock()
-                .unwrap()
-                .get(&id)
-                .is_some_and(|r| r.shutdown_kill);
+            let shutdown_kill = killed_by_shutdown(&inner, &id);
             let reason = if result.status == ExecStatus::Cancelled && !shutdown_kill {
                 match inner.store.get(&id).await {
                     Ok(Some(r)) => r.cancel,
@@ -114,6 +105,16 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     finish(&inner, &id, state, summary).await;
     inner.running.lock().unwrap().remove(&id);
     inner.status_changed.notify_one();
+}
+
+/// Whether the agent killed this execution because it shuts down (or its lease lapsed).
+fn killed_by_shutdown(inner: &Inner, id: &str) -> bool {
+    inner
+        .running
+        .lock()
+        .unwrap()
+        .get(id)
+        .is_some_and(|r| r.shutdown_kill)
 }
 
 /// How long a new execution waits for the ones it displaced to die before it starts
@@ -206,23 +207,26 @@ fn stopped_before_start(reason: CancelReason, shutdown_kill: bool) -> ResultSumm
     }
 }
 
-/// Stores the result, marks the record finished and appends the `finished` event.
+/// Marks the record finished with its `finished` event, which carries the result; a
+/// result larger than [`INLINE_RESULT_MAX`] is also stored as an object first (so a small
+/// one costs no object-store round trip while the slot is held).
 async fn finish(inner: &Inner, id: &str, state: ExecState, mut summary: ResultSummary) {
     let key = format!("results/{id}");
-    let result_key = match serde_json::to_vec(&summary) {
+    let (result_key, stored) = match serde_json::to_vec(&summary) {
+        Ok(json) if json.len() <= INLINE_RESULT_MAX => (None, true),
         Ok(json) => match inner.objects.put(&key, json).await {
-            Ok(()) => Some(key),
+            Ok(()) => (Some(key), true),
             Err(e) => {
                 tracing::warn!(execution = id, error = %e, "cannot store the result");
-                None
+                (None, false)
             }
         },
         Err(e) => {
             tracing::warn!(execution = id, error = %e, "cannot serialise the result");
-            None
+            (None, false)
         }
     };
-    if result_key.is_none() {
+    if !stored {
         let note = "the result could not be stored";
         summary.error = Some(match summary.error.take() {
             Some(e) => format!("{e}; {note}"),
