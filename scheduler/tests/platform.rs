@@ -119,7 +119,11 @@ async fn submit_stores_encrypted_code_and_queues_with_policy_limits() {
     assert_eq!(view.record.result_key, None);
     let result = view.result.expect("a terminal execution shows its result");
     assert_eq!(result.state, ExecState::Cancelled);
-    assert_eq!(result.error_code.as_deref(), Some("cancelled"), "{result:?}");
+    assert_eq!(
+        result.error_code.as_deref(),
+        Some("cancelled"),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
