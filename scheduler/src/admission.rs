@@ -93,32 +93,15 @@ mod tests {
     use crate::model::Limits;
 
     fn rec(id: &str, tab: Option<&str>) -> ExecutionRecord {
+        let limits = Limits {
+            memory_bytes: 1 << 28,
+            cpus: 1.0,
+            pids: 64,
+            time_limit_ms: 1_000,
+        };
         ExecutionRecord {
-            id: id.into(),
-            org: "o".into(),
-            user: "u".into(),
-            language: "r".into(),
             tab_id: tab.map(str::to_string),
-            model_id: None,
-            state: ExecState::Queued,
-            limits: Limits {
-                memory_bytes: 1 << 28,
-                cpus: 1.0,
-                pids: 64,
-                time_limit_ms: 1_000,
-            },
-            code_key: String::new(),
-            code: None,
-            result_key: None,
-            created_at: 0,
-            started_at: None,
-            finished_at: None,
-            agent: None,
-            cancel: None,
-            error: None,
-            last_seq: 0,
-            admitted: 0,
-            displaces: Vec::new(),
+            ..ExecutionRecord::queued(id, "o", "u", "r", limits, 0)
         }
     }
 

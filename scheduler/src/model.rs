@@ -231,6 +231,40 @@ pub struct ExecutionRecord {
 }
 
 impl ExecutionRecord {
+    /// A new execution, `queued`: no tab or model, no code yet, nothing decided about it
+    /// (callers fill in the rest with struct update syntax).
+    pub fn queued(
+        id: impl Into<String>,
+        org: impl Into<String>,
+        user: impl Into<String>,
+        language: impl Into<String>,
+        limits: Limits,
+        created_at: Millis,
+    ) -> ExecutionRecord {
+        ExecutionRecord {
+            id: id.into(),
+            org: org.into(),
+            user: user.into(),
+            language: language.into(),
+            tab_id: None,
+            model_id: None,
+            state: ExecState::Queued,
+            limits,
+            code_key: String::new(),
+            code: None,
+            result_key: None,
+            created_at,
+            started_at: None,
+            finished_at: None,
+            agent: None,
+            cancel: None,
+            error: None,
+            last_seq: 0,
+            admitted: 0,
+            displaces: Vec::new(),
+        }
+    }
+
     /// The record as the API shows it: without the code.
     pub fn public(mut self) -> ExecutionRecord {
         self.code = None;

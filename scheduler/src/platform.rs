@@ -255,26 +255,18 @@ impl Platform {
             (key, None)
         };
         let record = ExecutionRecord {
-            id: id.clone(),
-            org: who.org.clone(),
-            user: who.user.clone(),
-            language: req.language,
             tab_id: req.tab_id,
             model_id: req.model_id,
-            state: ExecState::Queued,
-            limits,
             code_key: code_key.clone(),
             code,
-            result_key: None,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-            agent: None,
-            cancel: None,
-            error: None,
-            last_seq: 0,
-            admitted: 0,
-            displaces: Vec::new(),
+            ..ExecutionRecord::queued(
+                id.clone(),
+                who.org.clone(),
+                who.user.clone(),
+                req.language,
+                limits,
+                now_ms(),
+            )
         };
         let rules = AdmissionRules {
             max_parallel: policy.max_parallel,

@@ -327,32 +327,15 @@ mod tests {
     use crate::store::{AdmissionRules, Store};
 
     fn record(n: u32) -> ExecutionRecord {
+        let limits = Limits {
+            memory_bytes: 1 << 28,
+            cpus: 1.0,
+            pids: 64,
+            time_limit_ms: 1_000,
+        };
         ExecutionRecord {
-            id: format!("e{n}"),
-            org: "o".into(),
-            user: format!("u{n}"),
-            language: "r".into(),
-            tab_id: None,
-            model_id: None,
-            state: ExecState::Queued,
-            limits: Limits {
-                memory_bytes: 1 << 28,
-                cpus: 1.0,
-                pids: 64,
-                time_limit_ms: 1_000,
-            },
             code_key: format!("code/e{n}"),
-            code: None,
-            result_key: None,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-            agent: None,
-            cancel: None,
-            error: None,
-            last_seq: 0,
-            admitted: 0,
-            displaces: Vec::new(),
+            ..ExecutionRecord::queued(format!("e{n}"), "o", format!("u{n}"), "r", limits, now_ms())
         }
     }
 

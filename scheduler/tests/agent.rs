@@ -392,25 +392,7 @@ impl Env {
         let id = uuid::Uuid::new_v4().to_string();
         ExecutionRecord {
             code_key: format!("code/{id}"),
-            code: None,
-            id,
-            org: "acme".into(),
-            user: "ada".into(),
-            language: "r".into(),
-            tab_id: None,
-            model_id: None,
-            state: ExecState::Queued,
-            limits,
-            result_key: None,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-            agent: None,
-            cancel: None,
-            error: None,
-            last_seq: 0,
-            admitted: 0,
-            displaces: Vec::new(),
+            ..ExecutionRecord::queued(id, "acme", "ada", "r", limits, now_ms())
         }
     }
 

@@ -33,32 +33,17 @@ fn ring_b() -> Keyring {
 }
 
 fn record(id: &str, created_at: u64) -> ExecutionRecord {
+    let limits = Limits {
+        memory_bytes: 256 << 20,
+        cpus: 1.0,
+        pids: 64,
+        time_limit_ms: 10_000,
+    };
     ExecutionRecord {
-        id: id.into(),
-        org: "acme".into(),
-        user: "ann".into(),
-        language: "r".into(),
         tab_id: Some(format!("tab {id} {MARKER}")),
         model_id: Some(format!("model {MARKER}")),
-        state: ExecState::Queued,
-        limits: Limits {
-            memory_bytes: 256 << 20,
-            cpus: 1.0,
-            pids: 64,
-            time_limit_ms: 10_000,
-        },
         code_key: format!("code/{id}"),
-        code: None,
-        result_key: None,
-        created_at,
-        started_at: None,
-        finished_at: None,
-        agent: None,
-        cancel: None,
-        error: None,
-        last_seq: 0,
-        admitted: 0,
-        displaces: Vec::new(),
+        ..ExecutionRecord::queued(id, "acme", "ann", "r", limits, created_at)
     }
 }
 

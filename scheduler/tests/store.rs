@@ -22,32 +22,16 @@ use hatchery_scheduler::store::{
 };
 
 fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -> ExecutionRecord {
+    let limits = Limits {
+        memory_bytes: 256 << 20,
+        cpus: 1.0,
+        pids: 64,
+        time_limit_ms: 10_000,
+    };
     ExecutionRecord {
-        id: id.into(),
-        org: org.into(),
-        user: user.into(),
-        language: "r".into(),
         tab_id: tab.map(String::from),
-        model_id: None,
-        state: ExecState::Queued,
-        limits: Limits {
-            memory_bytes: 256 << 20,
-            cpus: 1.0,
-            pids: 64,
-            time_limit_ms: 10_000,
-        },
         code_key: format!("code/{id}"),
-        code: None,
-        result_key: None,
-        created_at,
-        started_at: None,
-        finished_at: None,
-        agent: None,
-        cancel: None,
-        error: None,
-        last_seq: 0,
-        admitted: 0,
-        displaces: Vec::new(),
+        ..ExecutionRecord::queued(id, org, user, "r", limits, created_at)
     }
 }
 

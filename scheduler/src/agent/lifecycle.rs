@@ -235,32 +235,16 @@ mod tests {
     use super::*;
 
     fn rec(lang: &str, org: &str, user: &str, created_at: u64) -> ExecutionRecord {
+        let limits = crate::model::Limits {
+            memory_bytes: 1 << 30,
+            cpus: 1.0,
+            pids: 64,
+            time_limit_ms: 1000,
+        };
+        let id = format!("{org}-{user}-{created_at}");
         ExecutionRecord {
-            id: format!("{org}-{user}-{created_at}"),
-            org: org.into(),
-            user: user.into(),
-            language: lang.into(),
-            tab_id: None,
-            model_id: None,
             state: ExecState::Succeeded,
-            limits: crate::model::Limits {
-                memory_bytes: 1 << 30,
-                cpus: 1.0,
-                pids: 64,
-                time_limit_ms: 1000,
-            },
-            code_key: String::new(),
-            code: None,
-            result_key: None,
-            created_at,
-            started_at: None,
-            finished_at: None,
-            agent: None,
-            cancel: None,
-            error: None,
-            last_seq: 0,
-            admitted: 0,
-            displaces: Vec::new(),
+            ..ExecutionRecord::queued(id, org, user, lang, limits, created_at)
         }
     }
 
