@@ -318,9 +318,9 @@ fn assert_sealed_and_private(data: &std::path::Path, marker: &str) {
     }
 }
 
-/// The key ids in the headers of everything stored for execution `id`: record (small
-/// code travels in it), each event line (a small result is in the last), and the code
-/// and result objects where they were large enough to be objects.
+/// The key ids in the headers of everything stored for execution `id`: each line of its
+/// log (small code travels in its record, a small result in its `finished` event), and
+/// the code and result objects where they were large enough to be objects.
 fn key_ids_of_execution(data: &std::path::Path, id: &str) -> BTreeSet<u32> {
     use base64::Engine as _;
     use hatchery_scheduler::seal::key_id_of;
@@ -335,9 +335,8 @@ fn key_ids_of_execution(data: &std::path::Path, id: &str) -> BTreeSet<u32> {
             ids.insert(key_id_of(&read(path)).unwrap());
         }
     }
-    ids.insert(key_id_of(&read(data.join(format!("store/records/{id}.sealed")))).unwrap());
-    let events = read(data.join(format!("store/events/{id}.sealed")));
-    for line in String::from_utf8(events).unwrap().lines() {
+    let log = read(data.join(format!("store/executions/{id}.log")));
+    for line in String::from_utf8(log).unwrap().lines() {
         let blob = base64::engine::general_purpose::STANDARD
             .decode(line)
             .unwrap();

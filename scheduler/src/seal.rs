@@ -92,8 +92,11 @@ pub enum Binding<'a> {
     Object(&'a str),
     /// The execution record of this execution id.
     Record(&'a str),
-    /// Event number `seq` of this execution's log.
+    /// Event number `seq` of this execution's log (the embedded store's layout before
+    /// execution logs; read when such a data directory is converted).
     Event { execution: &'a str, seq: u64 },
+    /// Change number `n` (line `n`) of this execution's log in the embedded store.
+    Change { execution: &'a str, n: u64 },
     /// A live-only event of this execution (on the bus; it has no seq).
     LiveEvent(&'a str),
 }
@@ -106,6 +109,7 @@ impl Binding<'_> {
             Binding::Object(name) => (b'o', name, None),
             Binding::Record(id) => (b'r', id, None),
             Binding::Event { execution, seq } => (b'e', execution, Some(seq)),
+            Binding::Change { execution, n } => (b'c', execution, Some(n)),
             Binding::LiveEvent(execution) => (b'l', execution, None),
         };
         let mut aad = Vec::with_capacity(1 + 4 + 1 + 4 + name.len() + 8);
@@ -376,6 +380,11 @@ mod tests {
             Binding::Event {
                 execution: "y",
                 seq: 3,
+            },
+            // A change line with the same execution and number is not the event.
+            Binding::Change {
+                execution: "x",
+                n: 3,
             },
             Binding::Record("x"),
             Binding::Object("x"),

@@ -15,7 +15,7 @@ use hatchery_scheduler::model::{
     Usage,
 };
 use hatchery_scheduler::objects::{ObjectError, Objects};
-use hatchery_scheduler::seal::{key_id_of, KeyId, Keyring};
+use hatchery_scheduler::seal::{key_id_of, Binding, KeyId, Keyring};
 use hatchery_scheduler::store::{Admission, AdmissionRules, ListFilter, Store, StoreError};
 
 const MARKER: &str = "MARKER-qaly-ratio-7f3e91c2-do-not-store-in-clear";
@@ -188,17 +188,13 @@ fn assert_private(dir: &Path) {
     }
 }
 
-/// The key id of every sealed line of an events file.
-fn event_key_ids(file: &Path) -> Vec<KeyId> {
+/// The key id of every sealed line of an execution's log.
+fn line_key_ids(file: &Path) -> Vec<KeyId> {
     std::fs::read_to_string(file)
         .unwrap()
         .lines()
         .map(|l| key_id_of(&STANDARD.decode(l).unwrap()).unwrap())
         .collect()
-}
-
-fn record_key_id(file: &Path) -> KeyId {
-    key_id_of(&std::fs::read(file).unwrap()).unwrap()
 }
 
 #[tokio::test]
@@ -237,11 +233,11 @@ async fn nothing_a_user_produced_is_on_disk_in_the_clear() {
 
     assert_no_marker(&data);
     assert_private(&data);
-    // Record files are one sealed blob; event files one base64 sealed blob per line.
-    assert_eq!(record_key_id(&data.join("store/records/e1.sealed")), 1);
+    // A log is one base64 sealed blob per change: e1's admission, its start, three
+    // pieces of output, its `finished` event and its end.
     assert_eq!(
-        event_key_ids(&data.join("store/events/e1.sealed")),
-        vec![1; 5]
+        line_key_ids(&data.join("store/executions/e1.log")),
+        vec![1; 7]
     );
 
     let store = EmbeddedStore::open(&data.join("store"), ring_a()).unwrap();
@@ -295,12 +291,11 @@ async fn after_a_rotation_old_data_reads_new_data_uses_the_new_key_and_a_removed
     admit(&store, "new", 4).await;
     output(&store, "new").await;
     output(&store, "mixed").await;
-    assert_eq!(record_key_id(&dir.join("records/old.sealed")), 1);
-    assert_eq!(record_key_id(&dir.join("records/new.sealed")), 2);
-    assert_eq!(event_key_ids(&dir.join("events/new.sealed")), vec![2; 4]);
+    assert_eq!(line_key_ids(&dir.join("executions/old.log")), vec![1; 7]);
+    assert_eq!(line_key_ids(&dir.join("executions/new.log")), vec![2; 4]);
     assert_eq!(
-        event_key_ids(&dir.join("events/mixed.sealed")),
-        [vec![1; 4], vec![2; 3]].concat()
+        line_key_ids(&dir.join("executions/mixed.log")),
+        [vec![1; 5], vec![2; 3]].concat()
     );
     let after = snapshot(&store).await;
     drop(store);
@@ -322,7 +317,7 @@ async fn after_a_rotation_old_data_reads_new_data_uses_the_new_key_and_a_removed
     let err = EmbeddedStore::open(&dir, ring_b()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
-    assert!(msg.contains("records/mixed.sealed"), "{msg}");
+    assert!(msg.contains("executions/mixed.log: line 1"), "{msg}");
     assert!(
         msg.contains("sealed with key 1, which is not in the keyring"),
         "{msg}"
@@ -334,14 +329,17 @@ async fn after_a_rotation_old_data_reads_new_data_uses_the_new_key_and_a_removed
     ));
     assert_eq!(objects.get("results/new").await.unwrap(), b"new result");
 
-    // Once retention removed the old execution and the running one's record was
-    // rewritten, only its first event lines still need A, and the error says which.
+    // Once retention removed the old execution and the running one ended (with key B),
+    // only the first lines of its log still need A, and the error says which.
     let store = EmbeddedStore::open(&dir, ring_ab()).unwrap();
     store
         .mark_finished("mixed", ExecState::Succeeded, None, None, 300)
         .await
         .unwrap();
-    assert_eq!(record_key_id(&dir.join("records/mixed.sealed")), 2);
+    assert_eq!(
+        line_key_ids(&dir.join("executions/mixed.log")),
+        [vec![1; 5], vec![2; 4]].concat()
+    );
     let expired: Vec<String> = store
         .expired(200, 100)
         .await
@@ -352,8 +350,9 @@ async fn after_a_rotation_old_data_reads_new_data_uses_the_new_key_and_a_removed
     assert_eq!(expired, vec!["old"]);
     assert_eq!(store.delete_expired(&expired, 200).await.unwrap(), expired);
     drop(store);
+    assert!(!dir.join("executions/old.log").exists());
     let msg = EmbeddedStore::open(&dir, ring_b()).unwrap_err().to_string();
-    assert!(msg.contains("events/mixed.sealed: line 1"), "{msg}");
+    assert!(msg.contains("executions/mixed.log: line 1"), "{msg}");
     assert!(msg.contains("key 1"), "{msg}");
     // Nothing was cut or rewritten by the failed opens.
     let store = EmbeddedStore::open(&dir, ring_ab()).unwrap();
@@ -383,59 +382,41 @@ async fn a_flipped_byte_or_a_moved_blob_is_corruption_never_skipped() {
     run_to_the_end(&store, "x", 3).await;
     admit(&store, "y", 4).await;
     drop(store);
-    let events = dir.join("events/x.sealed");
-    let record = dir.join("records/x.sealed");
-    let good_events = std::fs::read(&events).unwrap();
-    let good_record = std::fs::read(&record).unwrap();
-    let lines: Vec<&[u8]> = good_events[..good_events.len() - 1]
-        .split(|&b| b == b'\n')
-        .collect();
-    assert_eq!(lines.len(), 5);
+    let log = dir.join("executions/x.log");
+    let good = std::fs::read(&log).unwrap();
+    let lines: Vec<&[u8]> = good[..good.len() - 1].split(|&b| b == b'\n').collect();
+    // Admission, start, three pieces of output, `finished`, the end.
+    assert_eq!(lines.len(), 7);
     // The offset of line n (1-based) in the file.
     let line_at = |n: usize| lines[..n - 1].iter().map(|l| l.len() + 1).sum::<usize>();
 
-    // One character of an event line changed: the middle one, and the last one (a
-    // complete last line is never taken for a torn write).
-    for n in [3, 5] {
-        let mut bad = good_events.clone();
+    // One character changed: in the first line (the admission's record), a middle one,
+    // and the last one (a complete last line is never taken for a torn write).
+    for n in [1, 4, 7] {
+        let mut bad = good.clone();
         let at = line_at(n) + lines[n - 1].len() / 2;
         bad[at] = if bad[at] == b'A' { b'B' } else { b'A' };
-        std::fs::write(&events, &bad).unwrap();
-        assert_corrupt(&dir, "events/x.sealed", Some(n as u64));
-        assert_eq!(std::fs::read(&events).unwrap(), bad, "nothing is cut");
+        std::fs::write(&log, &bad).unwrap();
+        assert_corrupt(&dir, "executions/x.log", Some(n as u64));
+        assert_eq!(std::fs::read(&log).unwrap(), bad, "nothing is cut");
     }
     // Two lines swapped.
     let mut swapped: Vec<u8> = Vec::new();
-    for i in [0, 2, 1, 3, 4] {
+    for i in [0, 2, 1, 3, 4, 5, 6] {
         swapped.extend_from_slice(lines[i]);
         swapped.push(b'\n');
     }
-    std::fs::write(&events, &swapped).unwrap();
-    assert_corrupt(&dir, "events/x.sealed", Some(2));
-    // A line of x appended to y's log.
-    std::fs::write(&events, &good_events).unwrap();
-    let y_events = dir.join("events/y.sealed");
-    let good_y = std::fs::read(&y_events).unwrap();
-    std::fs::write(&y_events, [&good_y[..], lines[1], b"\n"].concat()).unwrap();
-    assert_corrupt(&dir, "events/y.sealed", Some(2));
-    std::fs::write(&y_events, &good_y).unwrap();
-
-    // A flipped bit anywhere in a record file.
-    for at in [0, 3, 10, good_record.len() / 2, good_record.len() - 1] {
-        let mut bad = good_record.clone();
-        bad[at] ^= 0x04;
-        std::fs::write(&record, &bad).unwrap();
-        assert_corrupt(&dir, "records/x.sealed", None);
-    }
-    // A record file truncated, or moved to another execution's name.
-    std::fs::write(&record, &good_record[..good_record.len() - 1]).unwrap();
-    assert_corrupt(&dir, "records/x.sealed", None);
-    std::fs::write(&record, &good_record).unwrap();
-    let y_record = dir.join("records/y.sealed");
-    let good_y_record = std::fs::read(&y_record).unwrap();
-    std::fs::write(&y_record, &good_record).unwrap();
-    assert_corrupt(&dir, "records/y.sealed", None);
-    std::fs::write(&y_record, &good_y_record).unwrap();
+    std::fs::write(&log, &swapped).unwrap();
+    assert_corrupt(&dir, "executions/x.log", Some(2));
+    std::fs::write(&log, &good).unwrap();
+    // A line of x appended to y's log; x's whole log under y's name.
+    let y_log = dir.join("executions/y.log");
+    let good_y = std::fs::read(&y_log).unwrap();
+    std::fs::write(&y_log, [&good_y[..], lines[1], b"\n"].concat()).unwrap();
+    assert_corrupt(&dir, "executions/y.log", Some(2));
+    std::fs::write(&y_log, &good).unwrap();
+    assert_corrupt(&dir, "executions/y.log", Some(1));
+    std::fs::write(&y_log, &good_y).unwrap();
 
     // Restored: all is well again.
     let store = EmbeddedStore::open(&dir, ring_a()).unwrap();
@@ -518,6 +499,86 @@ async fn a_plaintext_data_dir_of_an_older_version_is_sealed_in_place() {
     assert_private(&dir);
     let store = EmbeddedStore::open(&dir, ring_a()).unwrap();
     assert_eq!(store.events_after("old", 0).await.unwrap(), events);
+}
+
+#[tokio::test]
+async fn a_data_dir_of_the_sealed_layout_of_an_older_version_becomes_execution_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    for d in ["records", "events", "policies/orgs", "policies/users"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    // As the older layout stored them: a record file of one sealed blob, an events file
+    // of one sealed event per line (a torn tail on one of them).
+    let ring = ring_a();
+    let event = |id: &str, seq: u64, body: EventBody| ExecEvent {
+        execution_id: id.into(),
+        seq,
+        at: seq,
+        body,
+    };
+    let mut done = record("done", 1);
+    done.state = ExecState::Failed;
+    done.finished_at = Some(3);
+    done.error = Some(MARKER.into());
+    done.code_key = String::new();
+    let done_events = vec![
+        event("done", 1, EventBody::Queued),
+        event("done", 2, EventBody::Stdout(OutputData::text(MARKER))),
+        event("done", 3, EventBody::Finished(finished())),
+    ];
+    done.last_seq = 3;
+    let mut run = record("run", 2);
+    run.state = ExecState::Running;
+    run.agent = Some("host-1".into());
+    run.code = Some(format!("cat('{MARKER}')"));
+    let run_events = vec![event("run", 1, EventBody::Queued)];
+    run.last_seq = 1;
+    for (rec, events, tail) in [(&done, &done_events, ""), (&run, &run_events, "AgEA")] {
+        let id = rec.id.as_str();
+        let blob = ring
+            .seal(Binding::Record(id), &serde_json::to_vec(rec).unwrap())
+            .unwrap();
+        std::fs::write(dir.join(format!("records/{id}.sealed")), blob).unwrap();
+        let mut lines = String::new();
+        for e in events.iter() {
+            let json = serde_json::to_vec(e).unwrap();
+            let binding = Binding::Event {
+                execution: id,
+                seq: e.seq,
+            };
+            lines.push_str(&STANDARD.encode(ring.seal(binding, &json).unwrap()));
+            lines.push('\n');
+        }
+        lines.push_str(tail);
+        std::fs::write(dir.join(format!("events/{id}.sealed")), lines).unwrap();
+    }
+    // Events whose record never got written (a crash in the older layout).
+    std::fs::write(dir.join("events/orphan.sealed"), b"AgEAAAA=\n").unwrap();
+
+    let store = EmbeddedStore::open(&dir, ring_a()).unwrap();
+    assert_eq!(store.get("done").await.unwrap().unwrap(), done);
+    assert_eq!(store.events_after("done", 0).await.unwrap(), done_events);
+    assert_eq!(store.get("run").await.unwrap().unwrap(), run);
+    assert_eq!(store.events_after("run", 0).await.unwrap(), run_events);
+    assert!(store.get("orphan").await.unwrap().is_none());
+    // The converted log goes on where the old one stopped.
+    let e = store
+        .append_event("run", EventBody::Stdout(OutputData::text(MARKER)))
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 2);
+    let before = snapshot(&store).await;
+    drop(store);
+    for gone in ["records", "events"] {
+        assert!(!dir.join(gone).exists(), "{gone}");
+    }
+    assert_eq!(line_key_ids(&dir.join("executions/done.log")), vec![1]);
+    assert_eq!(line_key_ids(&dir.join("executions/run.log")), vec![1; 2]);
+    assert_no_marker(&dir);
+    assert_private(&dir);
+    let store = EmbeddedStore::open(&dir, ring_a()).unwrap();
+    assert_eq!(snapshot(&store).await, before);
 }
 
 #[test]

@@ -474,8 +474,7 @@ store_test!(a_full_queue_stores_nothing, |b| {
     assert!(counts_against_cap(&get(&store, "q1").await));
     assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
     if let Some(dir) = b.dir() {
-        assert!(!dir.join("records/q4.sealed").exists());
-        assert!(!dir.join("events/q4.sealed").exists());
+        assert!(!dir.join("executions/q4.log").exists());
     }
     // Running ones do not count as queued.
     store.mark_running("q1", "h", 5).await.unwrap();
@@ -1222,7 +1221,7 @@ store_test!(everything_survives_a_restart, |b| {
 });
 
 #[tokio::test]
-async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
+async fn a_torn_last_line_is_dropped_and_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     admitted(&store, record("t", "o", "u", None, 1), rules(2)).await;
@@ -1233,7 +1232,7 @@ async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
     let events = store.events_after("t", 0).await.unwrap();
     drop(store);
 
-    let file = dir.path().join("events/t.sealed");
+    let file = dir.path().join("executions/t.log");
     let mut bytes = std::fs::read(&file).unwrap();
     // The first bytes of a third sealed line, as a crash mid-append leaves them.
     let line2 = bytes[..bytes.len() - 1]
@@ -1267,7 +1266,7 @@ async fn a_torn_last_event_line_is_dropped_and_appends_continue() {
 }
 
 #[tokio::test]
-async fn a_corrupt_middle_event_line_is_an_error_not_a_silent_loss() {
+async fn a_corrupt_middle_line_is_an_error_not_a_silent_loss() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     admitted(&store, record("c", "o", "u", None, 1), rules(2)).await;
@@ -1276,7 +1275,7 @@ async fn a_corrupt_middle_event_line_is_an_error_not_a_silent_loss() {
         .await
         .unwrap();
     drop(store);
-    let file = dir.path().join("events/c.sealed");
+    let file = dir.path().join("executions/c.log");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("garbage\n{text}")).unwrap();
     assert!(matches!(
@@ -1297,8 +1296,13 @@ async fn crash_leftovers_are_cleaned_up_on_open() {
         .await
         .unwrap();
     drop(store);
-    // An admission that died between its events and its record; a half-written
-    // record and policy.
+    // An admission that died mid-append (no complete line); in the older layout, one
+    // that died between its events and its record; a half-written record and policy.
+    let k_log = std::fs::read(dir.path().join("executions/k.log")).unwrap();
+    std::fs::write(dir.path().join("executions/torn.log"), &k_log[..40]).unwrap();
+    for d in ["records", "events"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
     std::fs::write(dir.path().join("events/orphan.sealed"), b"AgEAAAA=\n").unwrap();
     std::fs::write(
         dir.path().join("events/orphan-plain.jsonl"),
@@ -1315,6 +1319,11 @@ async fn crash_leftovers_are_cleaned_up_on_open() {
     assert!(!dir.path().join("events/orphan.sealed").exists());
     assert!(!dir.path().join("events/orphan-plain.jsonl").exists());
     assert!(!dir.path().join("records/half.sealed.tmp").exists());
+    assert!(store.get("torn").await.unwrap().is_none());
+    assert!(!dir.path().join("executions/torn.log").exists());
+    // Nothing was left of the older layout: its folders are gone.
+    assert!(!dir.path().join("records").exists());
+    assert!(!dir.path().join("events").exists());
     assert_eq!(store.get_org_policy("x").await.unwrap(), None);
     // The finished event wins over the stale record.
     let k = get(&store, "k").await;

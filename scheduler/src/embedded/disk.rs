@@ -1,37 +1,46 @@
 //! The embedded store's files under its data directory, and nothing else: every write is
-//! crash-safe (a record or policy file is replaced by write-temp + fsync + rename + fsync
-//! of the directory; events are appended one line each), and loading tolerates what a
-//! crash can leave behind (temp files, a torn last event line, events without a record).
-//! The layout:
+//! crash-safe (an execution's log only grows, one line per change; a policy file is
+//! replaced by write-temp + fsync + rename + fsync of the directory), and loading
+//! tolerates what a crash can leave behind (temp files, a torn last line). The layout:
 //!
 //! ```text
-//! records/<id>.sealed                one execution record, sealed
-//! events/<id>.sealed                 its events, one sealed line each, seq 1, 2, 3, ...
+//! executions/<id>.log                one execution's log: one sealed change per line
 //! policies/orgs/<org>.json           an org's policy (plaintext)
 //! policies/users/<org>/<user>.json   a user's override (plaintext)
 //! ```
 //!
-//! **Sealed at rest (R15).** Everything an execution produced is sealed with the
-//! platform's [`Keyring`] ([`crate::seal`], AES-256-GCM): a record file is one sealed blob
-//! of the record's JSON bound to its execution id; an event line is the standard base64
-//! of one sealed blob of the event's JSON bound to the execution id and its seq, so a
-//! line moved to another log or another position fails authentication. Nothing inside
-//! a record or an event (owner, tab and model ids, states, output, progress, values,
-//! errors, warnings) is on disk in plaintext; file names are execution ids, which the
-//! platform draws at random. Policies are resource settings written by administrators,
-//! not user data, and stay plaintext JSON (their file names are org and user names).
-//! Every file is 0600 and every directory 0700 ([`crate::private_files`]).
+//! **One log per execution.** Every change to an execution — its admission, a state
+//! change, a batch of events — is one line appended to its log, holding the new version
+//! of its record (if the change made one) and the events it added, in one `write`. So a
+//! change costs one append and, when it must be durable before the caller goes on, one
+//! `fdatasync` (plus one of the folder when the log is created): no temporary file, no
+//! rename, no second file. A crash loses at most a tail of a log, whole changes only,
+//! never one in the middle: a later line is only on disk if the earlier ones are (one
+//! file, appended in order). Loading replays each log: the last record version wins,
+//! events come in order with `seq` 1, 2, 3, ... (anything else is corruption).
 //!
-//! A sealed file or line that does not authenticate, or names a key the keyring no longer
-//! holds, is corruption ([`StoreError::Corrupt`] naming the file and line), never
-//! skipped. The one tolerated defect is the tail a crash can leave on an events file:
-//! bytes after the last newline, or a last line holding zero bytes (blocks the file
-//! system allocated but never wrote); it is cut off. Gaps need no separate check: line n
-//! only authenticates as event n.
+//! **Sealed at rest (R15).** A line is the standard base64 of one sealed blob
+//! ([`crate::seal`], AES-256-GCM, the platform's [`Keyring`]) of the change's JSON,
+//! bound to the execution id and the line's number, so a line moved to another log or
+//! another position fails authentication. Nothing inside a record or an event (owner,
+//! tab and model ids, states, code, output, progress, values, errors, warnings) is on
+//! disk in plaintext; file names are execution ids, which the platform draws at random.
+//! Policies are resource settings written by administrators, not user data, and stay
+//! plaintext JSON (their file names are org and user names). Every file is 0600 and
+//! every directory 0700 ([`crate::private_files`]).
 //!
-//! Data directories written before sealing (`records/<id>.json`, `events/<id>.jsonl` in
-//! plaintext) are sealed in place when loaded: sealed events, then the sealed record,
-//! then the plaintext files are removed; a crash in between redoes or finishes it.
+//! A line that does not authenticate, or names a key the keyring no longer holds, is
+//! corruption ([`StoreError::Corrupt`] naming the file and line), never skipped. The one
+//! tolerated defect is the tail a crash can leave: bytes after the last newline, or a
+//! last line holding zero bytes (blocks the file system allocated but never wrote); it
+//! is cut off. A log with no complete line is an admission that never completed (its
+//! caller never heard "admitted") and is removed.
+//!
+//! **Older layouts** are converted when loaded, one execution at a time (its log is
+//! written whole and synced, then the old files are removed; a crash in between redoes
+//! or finishes it): the sealed layout (`records/<id>.sealed`, one sealed blob, and
+//! `events/<id>.sealed`, one sealed event per line) and, before it, the plaintext one
+//! (`records/<id>.json`, `events/<id>.jsonl`).
 //!
 //! Names become file names only through [`check_name`]: `[A-Za-z0-9._@+-]`, not starting
 //! with a dot, at most [`MAX_NAME_LEN`] bytes, so no name can escape its folder.
@@ -44,13 +53,16 @@ use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{ExecEvent, ExecutionRecord, Policy};
 use crate::private_files::{self, FILE_MODE};
 use crate::seal::{Binding, Keyring};
 use crate::store::{StoreError, StoreResult};
 
-/// Suffix of sealed record and event files.
+/// Suffix of execution logs.
+const LOG: &str = ".log";
+/// Suffix of the sealed record and event files of the older layout.
 const SEALED: &str = ".sealed";
 /// Suffixes of the plaintext files of data directories written before sealing.
 const LEGACY_RECORD: &str = ".json";
@@ -96,11 +108,43 @@ fn corrupt(path: &Path, what: impl std::fmt::Display) -> StoreError {
 pub struct Loaded {
     pub records: HashMap<String, ExecutionRecord>,
     pub events: HashMap<String, Vec<ExecEvent>>,
+    /// Lines in each execution's log (the next change is line `lines + 1`).
+    pub lines: HashMap<String, u64>,
     pub org_policies: HashMap<String, Policy>,
     pub user_policies: HashMap<(String, String), Policy>,
 }
 
-/// The data directory, and the keyring its records and events are sealed with.
+/// One line of an execution's log, as written.
+#[derive(Serialize)]
+struct ChangeRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<&'a ExecutionRecord>,
+    #[serde(skip_serializing_if = "<[ExecEvent]>::is_empty")]
+    events: &'a [ExecEvent],
+}
+
+/// One line of an execution's log, as read.
+#[derive(Deserialize)]
+struct Change {
+    #[serde(default)]
+    record: Option<ExecutionRecord>,
+    #[serde(default)]
+    events: Vec<ExecEvent>,
+}
+
+/// Whether an append must be on disk before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Durable before the call returns (`fdatasync`, and the folder's entry when the
+    /// append created the log).
+    Now,
+    /// In the kernel at once (it survives the process), on disk with the next durable
+    /// change of its log or by the kernel's writeback, whichever comes first: only a
+    /// machine crash can lose it, and then with every later line of its log.
+    Later,
+}
+
+/// The data directory, and the keyring its execution logs are sealed with.
 #[derive(Debug, Clone)]
 pub struct Disk {
     dir: PathBuf,
@@ -117,8 +161,7 @@ impl Disk {
         };
         for d in [
             disk.dir.clone(),
-            disk.records_dir(),
-            disk.events_dir(),
+            disk.logs_dir(),
             disk.org_policies_dir(),
             disk.user_policies_root(),
         ] {
@@ -129,6 +172,9 @@ impl Disk {
         Ok(disk)
     }
 
+    fn logs_dir(&self) -> PathBuf {
+        self.dir.join("executions")
+    }
     fn records_dir(&self) -> PathBuf {
         self.dir.join("records")
     }
@@ -140,6 +186,9 @@ impl Disk {
     }
     fn user_policies_root(&self) -> PathBuf {
         self.dir.join("policies").join("users")
+    }
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.logs_dir().join(format!("{id}{LOG}"))
     }
     fn record_path(&self, id: &str) -> PathBuf {
         self.records_dir().join(format!("{id}{SEALED}"))
@@ -154,16 +203,215 @@ impl Disk {
         self.events_dir().join(format!("{id}{LEGACY_EVENTS}"))
     }
 
-    pub fn write_record(&self, rec: &ExecutionRecord) -> StoreResult<()> {
-        check_name("execution id", &rec.id)?;
-        write_atomic(&self.record_path(&rec.id), &self.seal_record(rec)?)
+    /// Line `n` of `id`'s log holding `record` (if the change made a new version) and
+    /// `events`, with its newline.
+    fn seal_change(
+        &self,
+        id: &str,
+        n: u64,
+        record: Option<&ExecutionRecord>,
+        events: &[ExecEvent],
+    ) -> StoreResult<Vec<u8>> {
+        let json = serde_json::to_vec(&ChangeRef { record, events })
+            .map_err(|e| StoreError::Io(format!("encoding change {n} of {id}: {e}")))?;
+        let blob = self
+            .keyring
+            .seal(Binding::Change { execution: id, n }, &json)
+            .map_err(|e| StoreError::Io(format!("sealing change {n} of {id}: {e}")))?;
+        let mut line = BASE64.encode(&blob).into_bytes();
+        line.push(b'\n');
+        Ok(line)
     }
 
-    fn seal_record(&self, rec: &ExecutionRecord) -> StoreResult<Vec<u8>> {
-        crate::store::seal_record(&self.keyring, rec)
+    /// Appends change `n` to `id`'s log (creating the log when `n` is 1): the new
+    /// `record` version, if any, and `events`, in one write.
+    pub fn append_change(
+        &self,
+        id: &str,
+        n: u64,
+        record: Option<&ExecutionRecord>,
+        events: &[ExecEvent],
+        sync: Sync,
+    ) -> StoreResult<()> {
+        check_name("execution id", id)?;
+        let path = self.log_path(id);
+        let line = self.seal_change(id, n, record, events)?;
+        let mut f = OpenOptions::new()
+            .create(n == 1)
+            .append(true)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(|e| io_err("opening", &path, e))?;
+        let before = f
+            .metadata()
+            .map_err(|e| io_err("reading the size of", &path, e))?
+            .len();
+        let written = f
+            .write_all(&line)
+            .map_err(|e| io_err("appending to", &path, e))
+            .and_then(|()| match sync {
+                Sync::Now => f.sync_data().map_err(|e| io_err("syncing", &path, e)),
+                Sync::Later => Ok(()),
+            });
+        if let Err(e) = written {
+            // The change failed and the caller hears so: take back whatever of it
+            // reached the file, so the next change is line `n` again (best effort; a
+            // torn tail is cut when the log is loaded anyway).
+            let _ = f.set_len(before);
+            return Err(e);
+        }
+        if n == 1 && sync == Sync::Now {
+            sync_dir(&self.logs_dir())?;
+        }
+        Ok(())
     }
 
-    /// The lines of `events` as they go into `id`'s events file.
+    /// Removes an execution's log.
+    pub fn remove_execution(&self, id: &str) -> StoreResult<()> {
+        check_name("execution id", id)?;
+        remove_if_exists(&self.log_path(id))
+    }
+
+    /// Makes earlier removals durable.
+    pub fn sync_removals(&self) -> StoreResult<()> {
+        sync_dir(&self.logs_dir())
+    }
+
+    pub fn write_org_policy(&self, org: &str, p: &Policy) -> StoreResult<()> {
+        check_name("org", org)?;
+        let bytes = encode_policy(p)?;
+        write_atomic(&self.org_policies_dir().join(format!("{org}.json")), &bytes)
+    }
+
+    pub fn write_user_policy(&self, org: &str, user: &str, p: &Policy) -> StoreResult<()> {
+        check_name("org", org)?;
+        check_name("user", user)?;
+        let bytes = encode_policy(p)?;
+        let dir = self.user_policies_root().join(org);
+        if !dir.exists() {
+            private_files::create_dir(&dir).map_err(|e| io_err("creating", &dir, e))?;
+            sync_dir(&self.user_policies_root())?;
+        }
+        write_atomic(&dir.join(format!("{user}.json")), &bytes)
+    }
+
+    /// Reads everything back. Converts older layouts first, then replays every log;
+    /// cleans up after crashes: leftover temp files are removed, a torn last line is cut
+    /// off, a log without a complete line is removed. Each record's `last_seq` is its
+    /// log's event count.
+    pub fn load(&self) -> StoreResult<Loaded> {
+        self.convert_older_layouts()?;
+        let mut out = Loaded::default();
+        let mut removed = false;
+        for (id, path) in named_files(&self.logs_dir(), LOG)? {
+            match read_log(&self.keyring, &id, &path)? {
+                Some((mut rec, events, lines)) => {
+                    rec.last_seq = events.len() as u64;
+                    out.records.insert(id.clone(), rec);
+                    out.events.insert(id.clone(), events);
+                    out.lines.insert(id, lines);
+                }
+                None => {
+                    remove_if_exists(&path)?;
+                    removed = true;
+                }
+            }
+        }
+        if removed {
+            self.sync_removals()?;
+        }
+        for (org, path) in named_files(&self.org_policies_dir(), ".json")? {
+            out.org_policies.insert(org, read_json(&path)?);
+        }
+        let root = self.user_policies_root();
+        for entry in fs::read_dir(&root).map_err(|e| io_err("reading", &root, e))? {
+            let entry = entry.map_err(|e| io_err("reading", &root, e))?;
+            let org = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().is_dir() || !name_ok(&org) {
+                continue;
+            }
+            for (user, path) in named_files(&entry.path(), ".json")? {
+                out.user_policies
+                    .insert((org.clone(), user), read_json(&path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Converts the executions of older layouts into logs: plaintext files are sealed
+    /// first (into the sealed layout), then each sealed record with its events becomes
+    /// a log of one line, written whole and synced before the old files are removed
+    /// (record first: events without a record are leftovers of a crash). When nothing is
+    /// left, the old folders go.
+    fn convert_older_layouts(&self) -> StoreResult<()> {
+        if !self.records_dir().exists() && !self.events_dir().exists() {
+            return Ok(());
+        }
+        for d in [self.records_dir(), self.events_dir()] {
+            private_files::create_dir(&d).map_err(|e| io_err("creating", &d, e))?;
+        }
+        self.seal_plaintext_files()?;
+        let mut converted = 0usize;
+        for (id, path) in named_files(&self.records_dir(), SEALED)? {
+            let log = self.log_path(&id);
+            if !log.exists() {
+                let rec = self.read_record(&id, &path)?;
+                let events_path = self.events_path(&id);
+                let events = if events_path.exists() {
+                    read_events(&self.keyring, &id, &events_path)?
+                } else {
+                    Vec::new()
+                };
+                write_atomic(&log, &self.seal_change(&id, 1, Some(&rec), &events)?)?;
+                converted += 1;
+            }
+            remove_if_exists(&path)?;
+            remove_if_exists(&self.events_path(&id))?;
+        }
+        // Events without a record: an admission that crashed before its record, or an
+        // expiry that crashed between its two removals.
+        for (_, path) in named_files(&self.events_dir(), SEALED)? {
+            remove_if_exists(&path)?;
+        }
+        for d in [self.records_dir(), self.events_dir()] {
+            sync_dir(&d)?;
+            if fs::read_dir(&d)
+                .map_err(|e| io_err("reading", &d, e))?
+                .next()
+                .is_none()
+            {
+                fs::remove_dir(&d).map_err(|e| io_err("removing", &d, e))?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        if converted > 0 {
+            tracing::info!(
+                executions = converted,
+                dir = %self.dir.display(),
+                "converted the records and events of an older data directory into execution logs"
+            );
+        }
+        Ok(())
+    }
+
+    /// A sealed record file of the older layout, which must authenticate as the record
+    /// of `id` and hold it.
+    fn read_record(&self, id: &str, path: &Path) -> StoreResult<ExecutionRecord> {
+        let blob = fs::read(path).map_err(|e| io_err("reading", path, e))?;
+        let json = self
+            .keyring
+            .open(Binding::Record(id), &blob)
+            .map_err(|e| corrupt(path, e))?;
+        let rec: ExecutionRecord = serde_json::from_slice(&json).map_err(|e| corrupt(path, e))?;
+        if rec.id != id {
+            return Err(corrupt(path, format!("holds execution {:?}", rec.id)));
+        }
+        Ok(rec)
+    }
+
+    /// Events of the older sealed layout (one sealed event per line), as they went into
+    /// `id`'s events file.
+    #[cfg(test)]
     fn seal_events(&self, id: &str, events: &[ExecEvent]) -> StoreResult<Vec<u8>> {
         let mut buf = Vec::new();
         for e in events {
@@ -185,129 +433,16 @@ impl Disk {
         Ok(buf)
     }
 
-    /// Appends events (one sealed line each, in one write); `sync` makes them durable
-    /// before returning (and the file's existence, if this created it).
-    pub fn append_events(&self, id: &str, events: &[ExecEvent], sync: bool) -> StoreResult<()> {
-        check_name("execution id", id)?;
-        let path = self.events_path(id);
-        let buf = self.seal_events(id, events)?;
-        let created = !path.exists();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(FILE_MODE)
-            .open(&path)
-            .map_err(|e| io_err("opening", &path, e))?;
-        f.write_all(&buf)
-            .map_err(|e| io_err("appending to", &path, e))?;
-        if sync {
-            f.sync_data().map_err(|e| io_err("syncing", &path, e))?;
-            if created {
-                sync_dir(&self.events_dir())?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes an execution's files: the record first, so a crash in between leaves
-    /// only orphan events, which [`Disk::load`] removes.
-    pub fn remove_execution(&self, id: &str) -> StoreResult<()> {
-        check_name("execution id", id)?;
-        remove_if_exists(&self.record_path(id))?;
-        remove_if_exists(&self.events_path(id))
-    }
-
-    /// Makes earlier removals durable.
-    pub fn sync_removals(&self) -> StoreResult<()> {
-        sync_dir(&self.records_dir())?;
-        sync_dir(&self.events_dir())
-    }
-
-    pub fn write_org_policy(&self, org: &str, p: &Policy) -> StoreResult<()> {
-        check_name("org", org)?;
-        let bytes = encode_policy(p)?;
-        write_atomic(&self.org_policies_dir().join(format!("{org}.json")), &bytes)
-    }
-
-    pub fn write_user_policy(&self, org: &str, user: &str, p: &Policy) -> StoreResult<()> {
-        check_name("org", org)?;
-        check_name("user", user)?;
-        let bytes = encode_policy(p)?;
-        let dir = self.user_policies_root().join(org);
-        if !dir.exists() {
-            private_files::create_dir(&dir).map_err(|e| io_err("creating", &dir, e))?;
-            sync_dir(&self.user_policies_root())?;
-        }
-        write_atomic(&dir.join(format!("{user}.json")), &bytes)
-    }
-
-    /// Reads everything back. Cleans up after crashes: leftover temp files are removed,
-    /// a torn last event line is cut off, events without a record are removed. Each
-    /// record's `last_seq` is recomputed from its events. Plaintext files of an older
-    /// version are sealed first.
-    pub fn load(&self) -> StoreResult<Loaded> {
-        self.seal_plaintext_files()?;
-        let mut out = Loaded::default();
-        for (name, path) in json_files(&self.records_dir(), SEALED)? {
-            let rec = self.read_record(&name, &path)?;
-            out.records.insert(name, rec);
-        }
-        for (id, path) in json_files(&self.events_dir(), SEALED)? {
-            if !out.records.contains_key(&id) {
-                // Written by an admission that crashed before storing its record, or
-                // left by an expiry that crashed between its two removals.
-                remove_if_exists(&path)?;
-                continue;
-            }
-            let events = read_events(&self.keyring, &id, &path)?;
-            out.events.insert(id, events);
-        }
-        for (id, rec) in out.records.iter_mut() {
-            rec.last_seq = out.events.get(id).map_or(0, |ev| ev.len() as u64);
-        }
-        for (org, path) in json_files(&self.org_policies_dir(), ".json")? {
-            out.org_policies.insert(org, read_json(&path)?);
-        }
-        let root = self.user_policies_root();
-        for entry in fs::read_dir(&root).map_err(|e| io_err("reading", &root, e))? {
-            let entry = entry.map_err(|e| io_err("reading", &root, e))?;
-            let org = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || !name_ok(&org) {
-                continue;
-            }
-            for (user, path) in json_files(&entry.path(), ".json")? {
-                out.user_policies
-                    .insert((org.clone(), user), read_json(&path)?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// A sealed record file, which must authenticate as the record of `id` and hold it.
-    fn read_record(&self, id: &str, path: &Path) -> StoreResult<ExecutionRecord> {
-        let blob = fs::read(path).map_err(|e| io_err("reading", path, e))?;
-        let json = self
-            .keyring
-            .open(Binding::Record(id), &blob)
-            .map_err(|e| corrupt(path, e))?;
-        let rec: ExecutionRecord = serde_json::from_slice(&json).map_err(|e| corrupt(path, e))?;
-        if rec.id != id {
-            return Err(corrupt(path, format!("holds execution {:?}", rec.id)));
-        }
-        Ok(rec)
-    }
-
-    /// Seals the plaintext records and events of a data directory written before
-    /// sealing, one execution at a time: its sealed events file and record are written
-    /// (atomically, synced) before its plaintext files are removed, events first. A crash
-    /// before the sealed record exists redoes the execution; after, only the removal is
-    /// left to do. Plaintext events without a plaintext record are crash leftovers.
+    /// Converts the plaintext records and events of a data directory written before
+    /// sealing, one execution at a time: its log is written whole (atomically, synced)
+    /// before its plaintext files are removed, events first. A crash before the log
+    /// exists redoes the execution; after, only the removal is left to do. Plaintext
+    /// events without a plaintext record are crash leftovers.
     fn seal_plaintext_files(&self) -> StoreResult<()> {
-        let mut sealed = 0usize;
         let mut removed = false;
-        for (id, path) in json_files(&self.records_dir(), LEGACY_RECORD)? {
+        for (id, path) in named_files(&self.records_dir(), LEGACY_RECORD)? {
             let legacy_events = self.legacy_events_path(&id);
-            if !self.record_path(&id).exists() {
+            if !self.record_path(&id).exists() && !self.log_path(&id).exists() {
                 let rec: ExecutionRecord = read_json(&path)?;
                 if rec.id != id {
                     return Err(corrupt(&path, format!("holds execution {:?}", rec.id)));
@@ -317,29 +452,24 @@ impl Disk {
                 } else {
                     Vec::new()
                 };
-                write_atomic(&self.events_path(&id), &self.seal_events(&id, &events)?)?;
-                write_atomic(&self.record_path(&id), &self.seal_record(&rec)?)?;
-                sealed += 1;
+                write_atomic(
+                    &self.log_path(&id),
+                    &self.seal_change(&id, 1, Some(&rec), &events)?,
+                )?;
             }
             remove_if_exists(&legacy_events)?;
             remove_if_exists(&path)?;
             removed = true;
         }
-        for (id, path) in json_files(&self.events_dir(), LEGACY_EVENTS)? {
+        for (id, path) in named_files(&self.events_dir(), LEGACY_EVENTS)? {
             if !self.legacy_record_path(&id).exists() {
                 remove_if_exists(&path)?;
                 removed = true;
             }
         }
         if removed {
-            self.sync_removals()?;
-        }
-        if sealed > 0 {
-            tracing::info!(
-                executions = sealed,
-                dir = %self.dir.display(),
-                "sealed the plaintext records and events of an older data directory"
-            );
+            sync_dir(&self.records_dir())?;
+            sync_dir(&self.events_dir())?;
         }
         Ok(())
     }
@@ -389,7 +519,7 @@ fn remove_if_exists(path: &Path) -> StoreResult<()> {
 
 /// The files `<name><suffix>` of `dir` with a valid name, sorted by name; leftover
 /// `*.tmp` files of interrupted atomic writes are removed.
-fn json_files(dir: &Path, suffix: &str) -> StoreResult<Vec<(String, PathBuf)>> {
+fn named_files(dir: &Path, suffix: &str) -> StoreResult<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| io_err("reading", dir, e))? {
         let entry = entry.map_err(|e| io_err("reading", dir, e))?;
@@ -422,37 +552,24 @@ fn complete_lines(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     }
 }
 
-/// A sealed events file of execution `id`: complete lines, line n the sealed event n.
-/// A torn tail (bytes after the last newline, or a last line holding zero bytes) is cut
-/// off the file so later appends start on a fresh line. Any other line that does not
-/// decode, authenticate and parse as event n of `id` is corruption, reported with the
-/// file and the line, and nothing is cut.
-fn read_events(keyring: &Keyring, id: &str, path: &Path) -> StoreResult<Vec<ExecEvent>> {
+/// Reads the complete lines of `path` in order, handing each (numbered from 1) to
+/// `line`. A torn tail (bytes after the last newline, or a last line holding zero bytes)
+/// is cut off the file so later appends start on a fresh line. An error from `line` is
+/// corruption, reported with the file and the line number, and nothing is cut.
+fn read_lines(
+    path: &Path,
+    mut line: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> StoreResult<()> {
     let bytes = fs::read(path).map_err(|e| io_err("reading", path, e))?;
     let (lines, mut good_len) = complete_lines(&bytes);
-    let mut events: Vec<ExecEvent> = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        let seq = i as u64 + 1;
-        if i + 1 == lines.len() && line.contains(&0) {
+    for (i, l) in lines.iter().enumerate() {
+        let n = i as u64 + 1;
+        if i + 1 == lines.len() && l.contains(&0) {
             // Blocks allocated to a write the crash interrupted, never written.
-            good_len -= line.len() + 1;
+            good_len -= l.len() + 1;
             break;
         }
-        let bad = |what: String| corrupt(path, format!("line {seq}: {what}"));
-        let blob = BASE64
-            .decode(line)
-            .map_err(|e| bad(format!("not a sealed event (base64: {e})")))?;
-        let json = keyring
-            .open(Binding::Event { execution: id, seq }, &blob)
-            .map_err(|e| bad(format!("event {seq} of {id}: {e}")))?;
-        let event: ExecEvent = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
-        if event.seq != seq || event.execution_id != id {
-            return Err(bad(format!(
-                "holds event {} of {:?}",
-                event.seq, event.execution_id
-            )));
-        }
-        events.push(event);
+        line(n, l).map_err(|what| corrupt(path, format!("line {n}: {what}")))?;
     }
     if good_len < bytes.len() {
         let f = OpenOptions::new()
@@ -463,6 +580,74 @@ fn read_events(keyring: &Keyring, id: &str, path: &Path) -> StoreResult<Vec<Exec
             .and_then(|()| f.sync_all())
             .map_err(|e| io_err("truncating", path, e))?;
     }
+    Ok(())
+}
+
+/// Execution `id`'s log replayed: its last record version, its events, and its number
+/// of lines; `None` when it has no complete line (an admission that never completed).
+/// Line n must decode, authenticate as change n of `id` and parse; its events must
+/// continue the log's seqs and its record be `id`'s; the first line must hold a record.
+fn read_log(
+    keyring: &Keyring,
+    id: &str,
+    path: &Path,
+) -> StoreResult<Option<(ExecutionRecord, Vec<ExecEvent>, u64)>> {
+    let mut record: Option<ExecutionRecord> = None;
+    let mut events: Vec<ExecEvent> = Vec::new();
+    let mut lines = 0;
+    read_lines(path, |n, line| {
+        let blob = BASE64
+            .decode(line)
+            .map_err(|e| format!("not a sealed change (base64: {e})"))?;
+        let json = keyring
+            .open(Binding::Change { execution: id, n }, &blob)
+            .map_err(|e| format!("change {n} of {id}: {e}"))?;
+        let change: Change = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+        match change.record {
+            Some(rec) if rec.id != id => {
+                return Err(format!("holds a record of execution {:?}", rec.id))
+            }
+            Some(rec) => record = Some(rec),
+            None if n == 1 => return Err("the first change holds no record".into()),
+            None => {}
+        }
+        for e in change.events {
+            let due = events.len() as u64 + 1;
+            if e.seq != due || e.execution_id != id {
+                return Err(format!(
+                    "holds event {} of {:?} where event {due} of {id:?} was due",
+                    e.seq, e.execution_id
+                ));
+            }
+            events.push(e);
+        }
+        lines = n;
+        Ok(())
+    })?;
+    Ok(record.map(|rec| (rec, events, lines)))
+}
+
+/// A sealed events file of the older layout: complete lines, line n the sealed event n
+/// of `id` (see [`read_lines`] for the torn tail and corruption).
+fn read_events(keyring: &Keyring, id: &str, path: &Path) -> StoreResult<Vec<ExecEvent>> {
+    let mut events: Vec<ExecEvent> = Vec::new();
+    read_lines(path, |seq, line| {
+        let blob = BASE64
+            .decode(line)
+            .map_err(|e| format!("not a sealed event (base64: {e})"))?;
+        let json = keyring
+            .open(Binding::Event { execution: id, seq }, &blob)
+            .map_err(|e| format!("event {seq} of {id}: {e}"))?;
+        let event: ExecEvent = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+        if event.seq != seq || event.execution_id != id {
+            return Err(format!(
+                "holds event {} of {:?}",
+                event.seq, event.execution_id
+            ));
+        }
+        events.push(event);
+        Ok(())
+    })?;
     Ok(events)
 }
 
@@ -644,6 +829,109 @@ mod tests {
         let foreign = String::from_utf8(disk.seal_events("y", &[other]).unwrap()).unwrap();
         let (res, _) = events_of(format!("{l1}{foreign}").as_bytes());
         assert!(matches!(res, Err(StoreError::Corrupt(m)) if m.contains("line 2:")));
+    }
+
+    fn record(state: crate::model::ExecState) -> ExecutionRecord {
+        let mut r = ExecutionRecord::queued(
+            "x",
+            "o",
+            "u",
+            "r",
+            crate::model::Limits {
+                memory_bytes: 1 << 20,
+                cpus: 1.0,
+                pids: 10,
+                time_limit_ms: 1000,
+            },
+            1,
+        );
+        r.state = state;
+        r
+    }
+
+    /// Line `n` of x's log.
+    fn change(n: u64, rec: Option<&ExecutionRecord>, seqs: &[u64]) -> String {
+        let disk = Disk {
+            dir: PathBuf::new(),
+            keyring: keyring(),
+        };
+        let events: Vec<ExecEvent> = seqs.iter().map(|&s| event(s)).collect();
+        String::from_utf8(disk.seal_change("x", n, rec, &events).unwrap()).unwrap()
+    }
+
+    type Replayed = Option<(ExecutionRecord, Vec<ExecEvent>, u64)>;
+
+    fn log_of(content: &[u8]) -> (StoreResult<Replayed>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        fs::write(&path, content).unwrap();
+        let res = read_log(&keyring(), "x", &path);
+        (res, fs::read(&path).unwrap())
+    }
+
+    #[test]
+    fn a_log_replays_to_its_last_record_and_all_its_events() {
+        use crate::model::ExecState::{Queued, Running, Succeeded};
+        let (q, r, s) = (record(Queued), record(Running), record(Succeeded));
+        let whole = [
+            change(1, Some(&q), &[1]),
+            change(2, Some(&r), &[]),
+            change(3, None, &[2, 3]),
+            change(4, None, &[4]),
+            change(5, Some(&s), &[5]),
+        ]
+        .concat();
+        let (res, after) = log_of(whole.as_bytes());
+        let (rec, events, lines) = res.unwrap().unwrap();
+        assert_eq!(rec, s);
+        assert_eq!(events, (1..=5).map(event).collect::<Vec<_>>());
+        assert_eq!(lines, 5);
+        assert_eq!(after, whole.as_bytes());
+        // A torn tail is cut off: the change it held never happened.
+        let torn = [&whole.as_bytes()[..whole.len() - 7], b""].concat();
+        let (res, after) = log_of(&torn);
+        let (rec, events, lines) = res.unwrap().unwrap();
+        assert_eq!((rec, events.len(), lines), (r, 4, 4));
+        assert_eq!(after.len(), whole.len() - change(5, Some(&s), &[5]).len());
+        // Nothing complete at all: an admission that never completed.
+        let (res, after) = log_of(&change(1, Some(&q), &[1]).as_bytes()[..30]);
+        assert!(res.unwrap().is_none());
+        assert!(after.is_empty());
+    }
+
+    #[test]
+    fn a_moved_line_a_seq_gap_or_a_foreign_record_in_a_log_is_corruption() {
+        use crate::model::ExecState::{Queued, Running};
+        let (q, r) = (record(Queued), record(Running));
+        let mut foreign = record(Running);
+        foreign.id = "y".into();
+        let l1 = change(1, Some(&q), &[1]);
+        for (content, line_no) in [
+            // Lines swapped: line 2 sealed as change 3.
+            (
+                format!("{l1}{}{}", change(3, None, &[2]), change(2, Some(&r), &[])),
+                2,
+            ),
+            // A seq gap inside a log.
+            (format!("{l1}{}", change(2, None, &[3])), 2),
+            // The first line without a record.
+            (change(1, None, &[1]), 1),
+            // A record of another execution, sealed for this log.
+            (format!("{l1}{}", change(2, Some(&foreign), &[])), 2),
+            // A complete last line that does not decode is not a torn write.
+            (format!("{l1}garbage\n"), 2),
+        ] {
+            let (res, after) = log_of(content.as_bytes());
+            match res {
+                Err(StoreError::Corrupt(msg)) => {
+                    assert!(msg.contains("x.log"), "{msg}");
+                    assert!(msg.contains(&format!("line {line_no}:")), "{msg}");
+                }
+                Err(other) => panic!("{content:?}: {other:?}"),
+                Ok(_) => panic!("{content:?}: not detected"),
+            }
+            assert_eq!(after, content.as_bytes(), "nothing is cut");
+        }
     }
 
     #[test]

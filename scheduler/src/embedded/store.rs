@@ -1,10 +1,14 @@
 //! [`EmbeddedStore`]: the [`Store`] of the single-process mode. All state lives in memory
-//! behind one mutex, so every method is one atomic step; every change is written to the
-//! data directory ([`super::disk`]) before it becomes visible, so what a caller saw
-//! survives a restart. Records and events are sealed there with the platform's keyring
-//! (R15); only the in-memory state holds them in plaintext.
+//! behind one mutex, so every method is one atomic step; every change is appended to its
+//! execution's log in the data directory ([`super::disk`]) before it becomes visible, so
+//! what a caller saw survives a restart of the process. What must also survive a crash
+//! of the machine is synced before the call returns: an admission, a cancel, `started`,
+//! the end; the rest (taking an execution to run, output, progress) is on disk with the
+//! next synced change, and a machine crash can only lose it as the tail of its log.
+//! Records and events are sealed there with the platform's keyring (R15); only the
+//! in-memory state holds them in plaintext.
 //!
-//! Changes run on tokio's blocking pool (they fsync) and run to completion even if the
+//! Changes run on tokio's blocking pool (they write, and may sync) and run to completion even if the
 //! caller's future is dropped: a client that disconnects mid-request never leaves a
 //! half-applied admission. Readers wait for the mutex asynchronously and never touch
 //! the disk.
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::disk::{check_name, name_ok, Disk};
+use super::disk::{check_name, name_ok, Disk, Sync};
 use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::model::{
     now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
@@ -36,6 +40,8 @@ struct State {
     records: HashMap<String, ExecutionRecord>,
     /// Per execution, `events[i].seq == i + 1`.
     events: HashMap<String, Vec<ExecEvent>>,
+    /// Lines in each execution's log.
+    lines: HashMap<String, u64>,
     org_policies: HashMap<String, Policy>,
     user_policies: HashMap<(String, String), Policy>,
     /// Queued and running records, kept by [`State::commit`] (and counted once at
@@ -69,14 +75,22 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
-/// Whether an event should be on disk before its append returns (the rest reach the
-/// kernel at once and the disk soon after; only a machine crash can lose them — the
-/// tail of a log, never an event in the middle, so the seqs stay gapless).
-fn must_sync(body: &EventBody) -> bool {
-    matches!(
-        body,
-        EventBody::Queued | EventBody::Started { .. } | EventBody::Finished(_)
-    )
+/// Whether events must be on disk before their append returns: `queued`, `started` and
+/// `finished` must; output and progress reach the kernel at once and the disk with the
+/// next durable change (see [`Sync::Later`]): only a machine crash can lose them, and
+/// then only as the tail of their log, so the seqs stay gapless.
+fn sync_for(events: &[ExecEvent]) -> Sync {
+    let must = events.iter().any(|e| {
+        matches!(
+            e.body,
+            EventBody::Queued | EventBody::Started { .. } | EventBody::Finished(_)
+        )
+    });
+    if must {
+        Sync::Now
+    } else {
+        Sync::Later
+    }
 }
 
 /// The order of the parallelism cap: admission order; records admitted before the
@@ -86,19 +100,18 @@ fn admission_order(r: &ExecutionRecord) -> (u64, Millis, &str) {
 }
 
 impl State {
-    /// Persists one record with new events (events first: a record on disk always has
-    /// the events it counts), then makes both visible.
+    /// Appends one change to `rec`'s log — the new record version with its new events —
+    /// then makes both visible.
     fn commit(
         &mut self,
         disk: &Disk,
         rec: ExecutionRecord,
         new_events: Vec<ExecEvent>,
+        sync: Sync,
     ) -> StoreResult<()> {
-        if !new_events.is_empty() {
-            let sync = new_events.iter().any(|e| must_sync(&e.body));
-            disk.append_events(&rec.id, &new_events, sync)?;
-        }
-        disk.write_record(&rec)?;
+        let n = self.lines.get(&rec.id).copied().unwrap_or(0) + 1;
+        disk.append_change(&rec.id, n, Some(&rec), &new_events, sync)?;
+        self.lines.insert(rec.id.clone(), n);
         self.events
             .entry(rec.id.clone())
             .or_default()
@@ -189,7 +202,7 @@ impl State {
                 if rec.state == ExecState::Running {
                     new.displaces.push(rec.id.clone());
                 }
-                self.commit(disk, rec, event.into_iter().collect())?;
+                self.commit(disk, rec, event.into_iter().collect(), Sync::Now)?;
             }
         }
         let mut events = vec![queued_event];
@@ -199,7 +212,7 @@ impl State {
                 events.extend(event);
             }
         }
-        self.commit(disk, new.clone(), events.clone())?;
+        self.commit(disk, new.clone(), events.clone(), Sync::Now)?;
         Ok(Admission::Admitted {
             cancelled: decisions,
             record: Box::new(new),
@@ -218,7 +231,7 @@ impl State {
         };
         match cancelled(rec, reason, now_ms()) {
             Some((rec, event)) => {
-                self.commit(disk, rec.clone(), event.into_iter().collect())?;
+                self.commit(disk, rec.clone(), event.into_iter().collect(), Sync::Now)?;
                 Ok(Some(rec))
             }
             None => Ok(Some(rec.clone())),
@@ -233,7 +246,10 @@ impl State {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         let rec = running(self.record(id)?, agent, at)?;
-        self.commit(disk, rec.clone(), Vec::new())?;
+        // Not synced: nothing of the run is published before its `started` event, whose
+        // sync makes this line durable too (same log, earlier line). A machine crash
+        // before that leaves the execution queued, as if it had never been taken.
+        self.commit(disk, rec.clone(), Vec::new(), Sync::Later)?;
         Ok(rec)
     }
 
@@ -247,7 +263,7 @@ impl State {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         let rec = finished(self.record(id)?, state, result_key, error, at)?;
-        self.commit(disk, rec.clone(), Vec::new())?;
+        self.commit(disk, rec.clone(), Vec::new(), Sync::Now)?;
         Ok(rec)
     }
 
@@ -261,7 +277,7 @@ impl State {
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
         let (rec, event) = finished_with_event(self.record(id)?, state, result_key, at, summary)?;
-        self.commit(disk, rec.clone(), vec![event.clone()])?;
+        self.commit(disk, rec.clone(), vec![event.clone()], Sync::Now)?;
         Ok((rec, event))
     }
 
@@ -308,8 +324,9 @@ impl State {
                 body,
             })
             .collect();
-        let sync = events.iter().any(|e| must_sync(&e.body));
-        disk.append_events(id, &events, sync)?;
+        let n = self.lines.get(id).copied().unwrap_or(0) + 1;
+        disk.append_change(id, n, None, &events, sync_for(&events))?;
+        self.lines.insert(id.to_string(), n);
         if let Some(rec) = self.records.get_mut(id) {
             rec.last_seq = last + events.len() as u64;
         }
@@ -338,6 +355,7 @@ impl State {
                 break;
             }
             self.events.remove(id);
+            self.lines.remove(id);
             self.records.remove(id);
             out.push(id.clone());
         }
@@ -352,21 +370,24 @@ impl State {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store in `dir` and loads everything. Repairs what
-    /// a crash can leave: a torn last event line is dropped, events without a record are
-    /// removed, and an execution whose log ends in `finished` while its record is still
-    /// active (a crash between the two writes) takes the state of that event. Running
-    /// executions stay `running`: the agent's reconciliation decides about them.
+    /// Opens (creating if needed) the store in `dir` and loads everything, converting a
+    /// data directory of an older layout. Repairs what a crash can leave: a torn last
+    /// line of a log is dropped, a log without a complete line is removed, and (in data
+    /// converted from the older layout, which wrote records and events apart) an
+    /// execution whose events end in `finished` while its record is still active takes
+    /// the state of that event. Running executions stay `running`: the agent's
+    /// reconciliation decides about them.
     ///
-    /// Records and events are sealed with `keyring`'s current key and opened with the key
-    /// their header names: opening fails ([`StoreError::Corrupt`], naming the file) if a
-    /// file does not authenticate or needs a key `keyring` does not hold.
+    /// Changes are sealed with `keyring`'s current key and opened with the key their
+    /// header names: opening fails ([`StoreError::Corrupt`], naming the file and line)
+    /// if a line does not authenticate or needs a key `keyring` does not hold.
     pub fn open(dir: &Path, keyring: Keyring) -> StoreResult<Self> {
         let disk = Disk::create(dir, keyring)?;
         let loaded = disk.load()?;
         let mut state = State {
             records: loaded.records,
             events: loaded.events,
+            lines: loaded.lines,
             org_policies: loaded.org_policies,
             user_policies: loaded.user_policies,
             counts: Default::default(),
@@ -401,7 +422,9 @@ impl EmbeddedStore {
             }
         }
         for rec in &repaired {
-            disk.write_record(rec)?;
+            let n = state.lines.get(&rec.id).copied().unwrap_or(0) + 1;
+            disk.append_change(&rec.id, n, Some(rec), &[], Sync::Now)?;
+            state.lines.insert(rec.id.clone(), n);
         }
         state.counts = crate::store::ActiveCounts::of(state.records.values());
         Ok(EmbeddedStore {
