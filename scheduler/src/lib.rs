@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod agent;
+mod blocking;
 pub mod bus;
 pub mod embedded;
 pub mod encrypted;

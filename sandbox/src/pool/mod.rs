@@ -24,7 +24,6 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -498,7 +497,7 @@ impl Pool {
                 .map_err(|e| PoolError::Io(format!("eventfd: {e}")))?;
         // SAFETY: a fresh descriptor nobody else owns.
         let cancel = Arc::new(unsafe { OwnedFd::from_raw_fd(cancel) });
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = flume::unbounded();
         let watcher = Watcher {
             ended_counter: Arc::clone(&self.shared.ended),
             id: id.clone(),
@@ -599,13 +598,15 @@ impl Canceller {
 /// A running execution: its events, in order, end with [`Event::Finished`].
 pub struct Execution {
     pub id: String,
-    events: mpsc::Receiver<Event>,
+    events: flume::Receiver<Event>,
     cancel: Canceller,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Execution {
-    pub fn events(&self) -> &mpsc::Receiver<Event> {
+    /// The events, in order. A `flume` channel: a thread can block on it, and an async
+    /// task can await it (`recv_async`) without a thread in between.
+    pub fn events(&self) -> &flume::Receiver<Event> {
         &self.events
     }
 
@@ -658,7 +659,7 @@ struct Watcher {
     id: String,
     sandbox: Pooled,
     req: ExecRequest,
-    tx: mpsc::Sender<Event>,
+    tx: flume::Sender<Event>,
     cancel: Arc<OwnedFd>,
     claimed_at: Instant,
     claimed_mono: u64,

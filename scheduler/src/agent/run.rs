@@ -5,29 +5,20 @@
 //! and `finish`: the encrypted result in the object store, then the terminal record with
 //! its `finished` event, always the execution's last.
 //!
-//! The blocking side of the pool (the claim, which may wait, and the pool's event
-//! stream) runs on a plain thread and reports through a channel (`Bridge`).
+//! The claim (which may block) runs in place where blocking is allowed
+//! ([`crate::blocking::run`]); the pool's events are awaited straight from its channel.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hatchery_sandbox::pool::{
-    Canceller, Event, ExecRequest, ExecResult, ExecStatus, Pool, PoolError,
-};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use hatchery_sandbox::pool::{Canceller, Event, ExecRequest, ExecResult, ExecStatus};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::forward::{Forwarder, STARTED_WAIT};
 use super::{Inner, Running, LOST_ON_SHUTDOWN};
 use crate::model::{
     now_ms, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage, INLINE_RESULT_MAX,
 };
-
-/// What the blocking side of an execution reports.
-enum Bridge {
-    Claimed(Canceller),
-    ClaimFailed(PoolError),
-    Event(Event),
-}
 
 pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermit) {
     {
@@ -286,36 +277,29 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
         max_events: inner.cfg.max_events,
     };
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bridge>();
-    // A plain thread, not the runtime's blocking pool: it lives as long as the execution,
-    // and must not hold up the runtime's shutdown.
-    std::thread::Builder::new()
-        .name("agent-exec".into())
-        .spawn(move || bridge(pool, req, tx))
-        .map_err(|e| format!("cannot start the execution's thread: {e}"))?;
-
-    match rx.recv().await {
-        Some(Bridge::Claimed(canceller)) => {
-            let cancel_now = {
-                let mut running = inner.running.lock().unwrap();
-                match running.get_mut(id) {
-                    Some(r) => {
-                        r.canceller = Some(canceller.clone());
-                        r.cancel_requested
-                    }
-                    None => false,
-                }
-            };
-            // A cancel decided between `mark_running` and the claim is in the record.
-            let in_store = matches!(inner.store.get(id).await, Ok(Some(r)) if r.cancel.is_some());
-            if cancel_now || in_store {
-                canceller.cancel();
+    // The claim may block (cgroup writes; a wait when the pool is empty), in place.
+    let execution = crate::blocking::run(move || pool.claim(req))
+        .await
+        .map_err(|e| format!("the claim failed: {e}"))?
+        .map_err(|e| format!("no sandbox: {e}"))?;
+    // Cancelled if this future is dropped before the execution reported its end: a
+    // sandbox never runs on unobserved.
+    let mut unobserved = CancelOnDrop(Some(execution.canceller()));
+    let events = execution.events().clone();
+    let cancel_now = {
+        let mut running = inner.running.lock().unwrap();
+        match running.get_mut(id) {
+            Some(r) => {
+                r.canceller = Some(execution.canceller());
+                r.cancel_requested
             }
+            None => false,
         }
-        Some(Bridge::ClaimFailed(e)) => return Err(format!("no sandbox: {e}")),
-        Some(Bridge::Event(_)) | None => {
-            return Err("the sandbox runtime stopped reporting".into());
-        }
+    };
+    // A cancel decided between `mark_running` and the claim is in the record.
+    let in_store = matches!(inner.store.get(id).await, Ok(Some(r)) if r.cancel.is_some());
+    if cancel_now || in_store {
+        execution.cancel();
     }
 
     let mut forwarder = Forwarder::new(Arc::clone(inner), id.to_string());
@@ -323,7 +307,7 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
         // Output held for `started` waits at most STARTED_WAIT; a batch until it is due
         // (at once after a quiet spell), taking along whatever comes meanwhile.
         let next = if !forwarder.started && !forwarder.held.is_empty() {
-            match tokio::time::timeout(STARTED_WAIT, rx.recv()).await {
+            match tokio::time::timeout(STARTED_WAIT, events.recv_async()).await {
                 Ok(next) => next,
                 Err(_) => {
                     forwarder.start(None).await;
@@ -331,28 +315,41 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
                 }
             }
         } else if let Some(due) = forwarder.flush_due() {
-            match tokio::time::timeout_at(due, rx.recv()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    forwarder.flush().await;
-                    continue;
+            if due <= tokio::time::Instant::now() {
+                // Due now: take along what is already waiting, else store at once (a
+                // timer would round the wait up to the timer's millisecond tick).
+                match events.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(flume::TryRecvError::Empty) => {
+                        forwarder.flush().await;
+                        continue;
+                    }
+                    Err(flume::TryRecvError::Disconnected) => Err(flume::RecvError::Disconnected),
+                }
+            } else {
+                match tokio::time::timeout_at(due, events.recv_async()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        forwarder.flush().await;
+                        continue;
+                    }
                 }
             }
         } else {
-            rx.recv().await
+            events.recv_async().await
         };
         match next {
-            Some(Bridge::Event(Event::Finished(result))) => {
+            Ok(Event::Finished(result)) => {
+                unobserved.0 = None;
                 forwarder.start(result.timings.start_ms).await;
                 forwarder.flush_text().await;
                 break Ok(*result);
             }
-            Some(Bridge::Event(Event::Started { after_claim_ms })) => {
+            Ok(Event::Started { after_claim_ms }) => {
                 forwarder.start(Some(after_claim_ms)).await;
             }
-            Some(Bridge::Event(event)) => forwarder.forward(event).await,
-            Some(Bridge::Claimed(_)) | Some(Bridge::ClaimFailed(_)) => {}
-            None => break Err("the sandbox runtime stopped reporting".into()),
+            Ok(event) => forwarder.forward(event).await,
+            Err(_) => break Err("the sandbox runtime stopped reporting".into()),
         }
     };
     // Whatever waits is stored before the caller finishes the execution: `finished`
@@ -361,30 +358,13 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
     outcome
 }
 
-/// The blocking side: claims (which may wait for a sandbox) and forwards the pool's
-/// events, merging output chunks that are already waiting.
-fn bridge(pool: Arc<Pool>, req: ExecRequest, tx: mpsc::UnboundedSender<Bridge>) {
-    let execution = match pool.claim(req) {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = tx.send(Bridge::ClaimFailed(e));
-            return;
-        }
-    };
-    drop(pool);
-    if tx.send(Bridge::Claimed(execution.canceller())).is_err() {
-        execution.cancel();
-    }
-    // The pool already merges output into pieces of up to 64 KiB at a bounded rate, and
-    // coalesces progress: forward as it comes.
-    for event in execution.events().iter() {
-        let last = matches!(event, Event::Finished(_));
-        if tx.send(Bridge::Event(event)).is_err() {
-            // Nobody listens any more: do not let the sandbox run on unobserved.
-            execution.cancel();
-        }
-        if last {
-            return;
+/// Cancels an execution when dropped while it holds one.
+struct CancelOnDrop(Option<Canceller>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.cancel();
         }
     }
 }

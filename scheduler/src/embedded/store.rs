@@ -2,14 +2,16 @@
 //! behind one mutex, so every method is one atomic step; every change is appended to its
 //! execution's log in the data directory ([`super::disk`]) before it becomes visible, so
 //! what a caller saw survives a restart of the process. What must also survive a crash
-//! of the machine is synced before the call returns: an admission, a cancel, `started`,
-//! the end; the rest (taking an execution to run, output, progress) is on disk with the
-//! next synced change, and a machine crash can only lose it as the tail of its log.
+//! of the machine is synced before the call returns: an admission, a cancel, the end;
+//! the rest (taking an execution to run, `started`, output, progress) is on disk with
+//! the next synced change of its log, and a machine crash can only lose it as the tail
+//! of its log.
 //! Records and events are sealed there with the platform's keyring (R15); only the
 //! in-memory state holds them in plaintext.
 //!
-//! Changes run on tokio's blocking pool (they write, and may sync) and run to completion even if the
-//! caller's future is dropped: a client that disconnects mid-request never leaves a
+//! A change that syncs runs where blocking is allowed, one that only appends runs in
+//! place (see `EmbeddedStore::change`); once begun, a change runs to completion even if
+//! the caller's future is dropped: a client that disconnects mid-request never leaves a
 //! half-applied admission. Readers wait for the mutex asynchronously and never touch
 //! the disk.
 //!
@@ -75,17 +77,18 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
-/// Whether events must be on disk before their append returns: `queued`, `started` and
-/// `finished` must; output and progress reach the kernel at once and the disk with the
-/// next durable change (see [`Sync::Later`]): only a machine crash can lose them, and
-/// then only as the tail of their log, so the seqs stay gapless.
-fn sync_for(events: &[ExecEvent]) -> Sync {
-    let must = events.iter().any(|e| {
-        matches!(
-            e.body,
-            EventBody::Queued | EventBody::Started { .. } | EventBody::Finished(_)
-        )
-    });
+/// Whether events must be on disk before their append returns: `queued` (the caller is
+/// told its execution was admitted) and `finished` (its end and result) must. `started`,
+/// output and progress reach the kernel at once (a crash of the process loses none of
+/// them) and the disk with the next durable change of their log (see [`Sync::Later`]):
+/// a crash of the machine can lose them only as the tail of their log, so the seqs stay
+/// gapless, and the run they belong to died with the machine. Syncing them would put a
+/// disk flush (a fraction of a millisecond, with a tail of several on a busy disk)
+/// between the sandbox and the client for every start and every batch of output.
+fn sync_for<'a>(bodies: impl IntoIterator<Item = &'a EventBody>) -> Sync {
+    let must = bodies
+        .into_iter()
+        .any(|b| matches!(b, EventBody::Queued | EventBody::Finished(_)));
     if must {
         Sync::Now
     } else {
@@ -246,9 +249,9 @@ impl State {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         let rec = running(self.record(id)?, agent, at)?;
-        // Not synced: nothing of the run is published before its `started` event, whose
-        // sync makes this line durable too (same log, earlier line). A machine crash
-        // before that leaves the execution queued, as if it had never been taken.
+        // Not synced, like `started` and the output after it (see [`sync_for`]): a
+        // machine crash before the next synced line of this log (its end, a cancel)
+        // leaves the execution queued, and it runs again after the restart.
         self.commit(disk, rec.clone(), Vec::new(), Sync::Later)?;
         Ok(rec)
     }
@@ -325,7 +328,8 @@ impl State {
             })
             .collect();
         let n = self.lines.get(id).copied().unwrap_or(0) + 1;
-        disk.append_change(id, n, None, &events, sync_for(&events))?;
+        let sync = sync_for(events.iter().map(|e| &e.body));
+        disk.append_change(id, n, None, &events, sync)?;
         self.lines.insert(id.to_string(), n);
         if let Some(rec) = self.records.get_mut(id) {
             rec.last_seq = last + events.len() as u64;
@@ -435,15 +439,25 @@ impl EmbeddedStore {
         })
     }
 
-    /// Runs one change on the blocking pool under the state's lock. It completes even if
-    /// the awaiting future is dropped.
-    async fn change<T, F>(&self, f: F) -> StoreResult<T>
+    /// Runs one change under the state's lock; once begun it completes even if the
+    /// awaiting future is dropped. `sync` says what the change may do to the disk:
+    ///
+    /// - [`Sync::Now`], it syncs (an `fdatasync` is a fraction of a millisecond to a
+    ///   few): it runs where blocking is allowed ([`crate::blocking::run`]: in place on a
+    ///   multi-threaded runtime);
+    /// - [`Sync::Later`], it at most appends into the page cache (tens of microseconds,
+    ///   like writing a log line): it runs in place once the lock is taken.
+    async fn change<T, F>(&self, sync: Sync, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut State, &Disk) -> StoreResult<T> + Send + 'static,
     {
+        if sync == Sync::Later {
+            let mut state = self.inner.state.lock().await;
+            return f(&mut state, &self.inner.disk);
+        }
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::run(move || {
             let mut state = inner.state.blocking_lock();
             f(&mut state, &inner.disk)
         })
@@ -462,7 +476,7 @@ impl Store for EmbeddedStore {
     async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()> {
         check_name("org", org)?;
         let org = org.to_string();
-        self.change(move |state, disk| {
+        self.change(Sync::Now, move |state, disk| {
             disk.write_org_policy(&org, &policy)?;
             state.org_policies.insert(org, policy);
             Ok(())
@@ -485,7 +499,7 @@ impl Store for EmbeddedStore {
         check_name("org", org)?;
         check_name("user", user)?;
         let key = (org.to_string(), user.to_string());
-        self.change(move |state, disk| {
+        self.change(Sync::Now, move |state, disk| {
             disk.write_user_policy(&key.0, &key.1, &policy)?;
             state.user_policies.insert(key, policy);
             Ok(())
@@ -499,8 +513,10 @@ impl Store for EmbeddedStore {
         rules: AdmissionRules,
     ) -> StoreResult<Admission> {
         check_name("execution id", &record.id)?;
-        self.change(move |state, disk| state.admit(disk, record, rules))
-            .await
+        self.change(Sync::Now, move |state, disk| {
+            state.admit(disk, record, rules)
+        })
+        .await
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>> {
@@ -543,8 +559,10 @@ impl Store for EmbeddedStore {
         reason: CancelReason,
     ) -> StoreResult<Option<ExecutionRecord>> {
         let id = id.to_string();
-        self.change(move |state, disk| state.request_cancel(disk, &id, reason))
-            .await
+        self.change(Sync::Now, move |state, disk| {
+            state.request_cancel(disk, &id, reason)
+        })
+        .await
     }
 
     async fn mark_running(
@@ -554,8 +572,10 @@ impl Store for EmbeddedStore {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         let (id, agent) = (id.to_string(), agent.to_string());
-        self.change(move |state, disk| state.mark_running(disk, &id, &agent, at))
-            .await
+        self.change(Sync::Later, move |state, disk| {
+            state.mark_running(disk, &id, &agent, at)
+        })
+        .await
     }
 
     async fn mark_finished(
@@ -567,8 +587,10 @@ impl Store for EmbeddedStore {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         let id = id.to_string();
-        self.change(move |st, disk| st.mark_finished(disk, &id, state, result_key, error, at))
-            .await
+        self.change(Sync::Now, move |st, disk| {
+            st.mark_finished(disk, &id, state, result_key, error, at)
+        })
+        .await
     }
 
     async fn finish(
@@ -580,13 +602,15 @@ impl Store for EmbeddedStore {
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
         let id = id.to_string();
-        self.change(move |st, disk| st.finish(disk, &id, state, result_key, at, summary))
-            .await
+        self.change(Sync::Now, move |st, disk| {
+            st.finish(disk, &id, state, result_key, at, summary)
+        })
+        .await
     }
 
     async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
         let agent = agent.to_string();
-        self.change(move |st, _disk| {
+        self.change(Sync::Later, move |st, _disk| {
             st.hosts.insert(agent, (now_ms() + lease_ms, true));
             Ok(())
         })
@@ -595,7 +619,7 @@ impl Store for EmbeddedStore {
 
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
         let agent = agent.to_string();
-        self.change(move |st, _disk| {
+        self.change(Sync::Later, move |st, _disk| {
             let now = now_ms();
             // Late but not declared lost by anyone yet: the host keeps its runs.
             match st.hosts.get(&agent).copied() {
@@ -610,7 +634,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
-        self.change(move |st, disk| {
+        self.change(Sync::Now, move |st, disk| {
             let now = now_ms();
             let mut lapsed: Vec<String> = st
                 .hosts
@@ -630,7 +654,7 @@ impl Store for EmbeddedStore {
 
     async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>> {
         let (role, holder) = (role.to_string(), holder.to_string());
-        self.change(move |st, _disk| {
+        self.change(Sync::Later, move |st, _disk| {
             let now = now_ms();
             let term = match st.leaders.get(&role) {
                 Some((h, term, expires)) if *h == holder && now <= *expires => *term,
@@ -653,8 +677,11 @@ impl Store for EmbeddedStore {
 
     async fn append_events(&self, id: &str, bodies: Vec<EventBody>) -> StoreResult<Vec<ExecEvent>> {
         let id = id.to_string();
-        self.change(move |state, disk| state.append_events(disk, &id, bodies))
-            .await
+        let sync = sync_for(&bodies);
+        self.change(sync, move |state, disk| {
+            state.append_events(disk, &id, bodies)
+        })
+        .await
     }
 
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
@@ -688,7 +715,9 @@ impl Store for EmbeddedStore {
 
     async fn delete_expired(&self, ids: &[String], before: Millis) -> StoreResult<Vec<String>> {
         let ids = ids.to_vec();
-        self.change(move |state, disk| state.delete_expired(disk, &ids, before))
-            .await
+        self.change(Sync::Now, move |state, disk| {
+            state.delete_expired(disk, &ids, before)
+        })
+        .await
     }
 }
