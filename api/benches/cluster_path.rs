@@ -60,9 +60,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    alive, api_once, api_throughput, comm, descendants, drain, install_signal_handlers, loadavg,
-    median, ms, pool_once, pool_throughput, stats, stopped, wait_readyz, AgentView, ApiSample,
-    PoolSample, SubmitError, Table, Throughput, CODE, PATIENCE,
+    alive, api_once, api_once_on, api_throughput, caller_stream, comm, descendants, drain,
+    install_signal_handlers, loadavg, median, ms, pool_once, pool_throughput, stats, stopped,
+    wait_readyz, AgentView, ApiSample, PoolSample, SubmitError, Table, Throughput, WsStream, CODE,
+    PATIENCE,
 };
 use hatchery_api::local_cluster::{agent_name, ClusterSpec, LocalCluster, RoleKind};
 use hatchery_sandbox::pool::Pool;
@@ -99,6 +100,9 @@ struct Opts {
     pause: Duration,
     schedulers: usize,
     keep_logs: Option<PathBuf>,
+    /// (b) and (c) follow each execution on the caller's event stream, open before the
+    /// POST, instead of on its own stream opened after the 202.
+    stream: bool,
     rootfs: PathBuf,
     sandbox_bin: PathBuf,
     zygote_bin: PathBuf,
@@ -117,6 +121,11 @@ options:
   --pause-ms P     idle time before each sequential step (default 250)
   --schedulers M   schedulers of the cluster, 1 or more (default 2)
   --keep-logs DIR  keep the logs of `hatchery up` and of the cluster's processes there
+  --stream         sequential rounds of (b) and (c) follow each execution on the
+                   caller's event stream (GET /v1/events), opened once before the
+                   rounds, as a console keeps it; by default each execution's own
+                   stream (GET /v1/executions/{id}/events?after=0) is opened after
+                   its 202
   --help           this text
 
 environment:
@@ -138,6 +147,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
         pause: Duration::from_millis(250),
         schedulers: 2,
         keep_logs: None,
+        stream: false,
         rootfs: std::env::var_os("HATCHERY_ROOTFS")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(hatchery_sandbox::DEFAULT_ROOTFS)),
@@ -195,6 +205,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
                 o.pause = Duration::from_millis(p);
             }
             "--keep-logs" => o.keep_logs = Some(PathBuf::from(value()?)),
+            "--stream" => o.stream = true,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -745,13 +756,36 @@ struct Sequential {
     failed: [Failures; 3],
 }
 
+/// One sequential sample through the API; with `stream` (the caller's event stream,
+/// reopened here if it is gone) followed on it.
 fn api_sample(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
     token: &str,
+    stream: Option<&mut Option<WsStream>>,
     failed: &mut Failures,
 ) -> Option<ApiSample> {
-    match rt.block_on(api_once(addr, token)) {
+    let outcome = rt.block_on(async {
+        match stream {
+            None => api_once(addr, token).await,
+            Some(slot) => {
+                if slot.is_none() {
+                    *slot = Some(
+                        caller_stream(addr, token)
+                            .await
+                            .map_err(SubmitError::Other)?,
+                    );
+                }
+                let r = api_once_on(addr, token, slot.as_mut()).await;
+                if r.is_err() {
+                    // A failed follow may leave the stream mid-way: a fresh one next time.
+                    *slot = None;
+                }
+                r
+            }
+        }
+    });
+    match outcome {
         Ok(s) => match s.verdict() {
             Ok(()) => Some(s),
             Err(why) => {
@@ -779,6 +813,9 @@ fn sequential(
 ) -> Result<Sequential, String> {
     let mut seq = Sequential::default();
     let steps = [Step::Pool, Step::Embedded, Step::Cluster, Step::Floor];
+    // With --stream: the caller's event streams of (b) and of each replica of (c).
+    let mut up_stream: Option<WsStream> = None;
+    let mut cl_streams: Vec<Option<WsStream>> = (0..APIS).map(|_| None).collect();
     let give_up = (o.n / 2).max(10);
     eprint!("sequential: {} rounds ", o.n);
     for i in 0..o.n {
@@ -819,15 +856,18 @@ fn sequential(
                     seq.pool.push(sample);
                 }
                 Step::Embedded => {
-                    let s = api_sample(rt, sides.up, &sides.up_seq, &mut seq.failed[1]);
+                    let stream = o.stream.then_some(&mut up_stream);
+                    let s = api_sample(rt, sides.up, &sides.up_seq, stream, &mut seq.failed[1]);
                     seq.up.push(s);
                 }
                 Step::Cluster => {
                     let r = i % APIS;
+                    let stream = o.stream.then_some(&mut cl_streams[r]);
                     let s = api_sample(
                         rt,
                         sides.replicas[r],
                         &sides.cluster_seq,
+                        stream,
                         &mut seq.failed[2],
                     );
                     seq.cluster.push(s.map(|s| (r, s)));
@@ -1240,6 +1280,10 @@ fn report(
             v.len()
         ));
         t.row("POST → 202", &acol(v, |s| s.accepted));
+        t.row(
+            "POST → WebSocket open (after the 202)",
+            &acol(v, |s| s.trace.ws_open),
+        );
         t.row("POST → `started` event", &acol(v, |s| s.started));
         t.row("POST → first `stdout` event", &acol(v, |s| s.first_out));
         t.row("POST → `finished` event", &acol(v, |s| s.finished));
@@ -1428,5 +1472,15 @@ fn report(
          without that figure (statistics are over the others); (c) has twice the warm \
          sandboxes and capacity of (a) and (b), on the same vCPUs.",
         o.pause.as_millis()
+    );
+    println!(
+        "event streams of the sequential rounds of (b) and (c): {}; the throughput \
+         clients open each execution's own stream after its 202.",
+        if o.stream {
+            "the caller's stream (GET /v1/events), open before the POST (--stream)"
+        } else {
+            "each execution's own stream, opened after its 202 (without --stream: add it \
+             for a client that keeps one stream open, as a console does)"
+        }
     );
 }

@@ -385,13 +385,25 @@ fn parse_response(buf: &[u8]) -> Option<Resp> {
     })
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 async fn ws_events(addr: SocketAddr, id: &str, token: &str) -> Result<WsStream, String> {
     let url = format!("ws://{addr}/v1/executions/{id}/events?after=0&token={token}");
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| format!("websocket of {id}: {e}"))?;
+    Ok(ws)
+}
+
+/// The caller's event stream (`GET /v1/events`: every event of the token's user), as a
+/// client that keeps one open (a console) has it before it submits.
+#[allow(dead_code)] // only cluster_path calls it
+pub async fn caller_stream(addr: SocketAddr, token: &str) -> Result<WsStream, String> {
+    let url = format!("ws://{addr}/v1/events?token={token}");
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| format!("caller's event stream: {e}"))?;
     Ok(ws)
 }
 
@@ -483,6 +495,16 @@ impl SubmitError {
 /// POST → 202, then the events WebSocket (`after=0`, so nothing that came before it is
 /// missed) → `finished`.
 pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, SubmitError> {
+    api_once_on(addr, token, None).await
+}
+
+/// [`api_once`], following the execution on `stream` (the caller's event stream, open
+/// before the POST) when given, else on its own stream opened after the 202.
+pub async fn api_once_on(
+    addr: SocketAddr,
+    token: &str,
+    stream: Option<&mut WsStream>,
+) -> Result<ApiSample, SubmitError> {
     let mut s = ApiSample::default();
     let body = json!({"language": "r", "code": CODE});
     let t0_epoch = epoch_ms();
@@ -511,10 +533,20 @@ pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, Submit
         .to_string();
     s.trace.id = id.clone();
     s.trace.t0_epoch = t0_epoch;
-    let mut ws = ws_events(addr, &id, token)
-        .await
-        .map_err(SubmitError::Other)?;
-    s.trace.ws_open = ms(t0.elapsed());
+    let mut own;
+    let ws = match stream {
+        Some(ws) => {
+            s.trace.ws_open = f64::NAN;
+            ws
+        }
+        None => {
+            own = ws_events(addr, &id, token)
+                .await
+                .map_err(SubmitError::Other)?;
+            s.trace.ws_open = ms(t0.elapsed());
+            &mut own
+        }
+    };
     let (mut started, mut out) = (None, None);
     let mut stdout = String::new();
     s.trace.started_ev = f64::NAN;
@@ -536,6 +568,10 @@ pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, Submit
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(SubmitError::Other(format!("{id}: websocket: {e}"))),
         };
+        if e["execution_id"].as_str() != Some(id.as_str()) {
+            // Another execution of the caller's (on the caller's stream).
+            continue;
+        }
         let now = ms(t0.elapsed());
         let at = e["at"].as_f64().map_or(f64::NAN, |a| a - t0_epoch);
         match e["type"].as_str() {
@@ -558,7 +594,6 @@ pub async fn api_once(addr: SocketAddr, token: &str) -> Result<ApiSample, Submit
             _ => {}
         }
     };
-    drop(ws);
     s.started = started.unwrap_or(f64::NAN);
     s.first_out = out.unwrap_or(f64::NAN);
     s.state = finished["state"].as_str().unwrap_or("?").to_string();
