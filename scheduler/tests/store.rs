@@ -1645,3 +1645,95 @@ store_test!(policies_read_together_are_those_read_apart, |b| {
         (None, None)
     );
 });
+
+/// The admissions journal: an admission is durable through `admissions.log` before its
+/// own log is; a crash that lost the log (its folder entry, or its first line) gets it
+/// back at the next open, and nothing removed comes back.
+#[tokio::test]
+async fn an_admission_whose_log_a_crash_lost_comes_back_from_the_admissions_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("admissions.log");
+    let store = open(dir.path());
+    // An execution that ended and expired: removed, and never brought back.
+    admitted(&store, record("gone", "o", "u", None, 1), rules(10)).await;
+    store.mark_running("gone", "h", 2).await.unwrap();
+    store
+        .finish(
+            "gone",
+            ExecState::Succeeded,
+            None,
+            3,
+            summary(ExecState::Succeeded),
+        )
+        .await
+        .unwrap();
+    assert!(std::fs::metadata(&journal).unwrap().len() > 0);
+    assert_eq!(
+        store
+            .delete_expired(&["gone".to_string()], u64::MAX)
+            .await
+            .unwrap(),
+        vec!["gone".to_string()]
+    );
+    // The removal checkpointed first: the journal is empty; new admissions fill it.
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    for id in ["lost", "torn", "kept", "late"] {
+        admitted(&store, record(id, "o", "u", None, 4), rules(10)).await;
+    }
+    let before: Vec<ExecEvent> = store.events_after("lost", 0).await.unwrap();
+    drop(store);
+
+    // What a machine crash can do to logs whose folder entry or data were not synced.
+    for (id, keep) in [("lost", None), ("torn", Some(10)), ("late", None)] {
+        let log = dir.path().join(format!("executions/{id}.log"));
+        match keep {
+            None => std::fs::remove_file(&log).unwrap(),
+            Some(n) => {
+                let bytes = std::fs::read(&log).unwrap();
+                std::fs::write(&log, &bytes[..n]).unwrap();
+            }
+        }
+    }
+    let store = open(dir.path());
+    for id in ["lost", "torn", "kept", "late"] {
+        let r = get(&store, id).await;
+        assert_eq!(r.state, ExecState::Queued, "{id}");
+        assert_eq!(r.last_seq, 1, "{id}");
+    }
+    assert_eq!(store.events_after("lost", 0).await.unwrap(), before);
+    assert!(store.get("gone").await.unwrap().is_none());
+    // Opening checkpointed: the journal is empty, every log is whole.
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    let e = store
+        .append_event("torn", EventBody::Stdout(OutputData::text("x")))
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 2);
+}
+
+/// The journal is emptied every so many admissions, not only at removals and opens.
+#[tokio::test]
+async fn the_admissions_journal_stays_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("admissions.log");
+    let store = open(dir.path());
+    admitted(&store, record("first", "o", "u", None, 1), rules(1000)).await;
+    let one = std::fs::metadata(&journal).unwrap().len();
+    let mut longest = 0;
+    for i in 0..200 {
+        admitted(
+            &store,
+            record(&format!("x{i}"), "o", "u", None, 2),
+            rules(1000),
+        )
+        .await;
+        longest = longest.max(std::fs::metadata(&journal).unwrap().len());
+    }
+    assert!(
+        longest < one * 70,
+        "{longest} bytes for {one} per admission"
+    );
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 201);
+}
