@@ -44,7 +44,9 @@
 //! the client's time line (same host clock): the `submitted`, `running` and `finished`
 //! lines of its log (µs grain), the record's `created_at`/`started_at` and the events'
 //! `at` (1 ms grain); and the run measures the disk floor of the embedded store on the
-//! data directory's file system (an event append + fdatasync, a record's atomic replace).
+//! data directory's file system: an append + fdatasync (what an admission and an end
+//! cost the store), and for comparison an atomic file replace (write, fsync, rename,
+//! fsync dir: what the store's earlier layout paid for every record change).
 //!
 //! Must run as root (the platform creates cgroups and namespaces), with the root
 //! filesystem at /var/lib/hatchery/rootfs/r (or `HATCHERY_ROOTFS`) and the `sandbox` and
@@ -548,8 +550,8 @@ fn log_times(log: &str) -> BTreeMap<String, [f64; 3]> {
     out
 }
 
-/// The disk floor of the embedded store on the data directory's file system: an event
-/// append + fdatasync, and a record's atomic replace (write, fsync, rename, fsync dir).
+/// The disk floor of the embedded store on the data directory's file system: an append
+/// + fdatasync, and an atomic file replace (write, fsync, rename, fsync dir).
 fn disk_floor(dir: &Path, n: usize) -> (Vec<f64>, Vec<f64>) {
     use std::fs::{File, OpenOptions};
     let probe = dir.join("fsync-probe");
@@ -996,11 +998,8 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         "disk floor on the data directory's file system ({} each)",
         disk.0.len()
     ));
-    t.row("event append + fdatasync", &disk.0);
-    t.row(
-        "record replace: write + fsync + rename + fsync dir",
-        &disk.1,
-    );
+    t.row("append + fdatasync", &disk.0);
+    t.row("file replace: write + fsync + rename + fsync dir", &disk.1);
     t.section(format!(
         "API overhead: API − pool, paired by round ({} rounds where both counted)",
         pairs.len()
