@@ -296,10 +296,19 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
             None => false,
         }
     };
-    // A cancel decided between `mark_running` and the claim is in the record.
-    let in_store = matches!(inner.store.get(id).await, Ok(Some(r)) if r.cancel.is_some());
-    if cancel_now || in_store {
+    if cancel_now {
         execution.cancel();
+    } else {
+        // A cancel decided between `mark_running` and the claim is in the record. Read
+        // it beside the run, not before it: on a remote store that read is a round trip
+        // the sandbox's first events would otherwise wait for, and acting on it a moment
+        // later is the same as a cancel that arrives a moment later.
+        let (inner, id, canceller) = (Arc::clone(inner), id.to_string(), execution.canceller());
+        tokio::spawn(async move {
+            if matches!(inner.store.get(&id).await, Ok(Some(r)) if r.cancel.is_some()) {
+                canceller.cancel();
+            }
+        });
     }
 
     let mut forwarder = Forwarder::new(Arc::clone(inner), id.to_string());
