@@ -453,6 +453,12 @@ fn two_running_sandboxes_cannot_reach_each_other() {
         ),
     );
     let mut events = wait_ready(&holder);
+    // Its background `sleep` may still be between fork and exec when `ready` arrives (a
+    // process's command line reads empty while it execs): give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_processes_with(&token).len() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         host_processes_with(&token).len(),
         1,
