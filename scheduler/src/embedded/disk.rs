@@ -139,8 +139,8 @@ struct Change {
 /// Whether an append must be on disk before it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sync {
-    /// Durable before the call returns (`fdatasync`, and the folder's entry when the
-    /// append created the log).
+    /// Durable before the call returns: `fdatasync` of the log, or for a log the
+    /// append creates, of `admissions.log` (see [`Disk::append_change`]).
     Now,
     /// In the kernel at once (it survives the process), on disk with the next durable
     /// change of its log or by the kernel's writeback, whichever comes first: only a
@@ -913,12 +913,17 @@ mod tests {
         String::from_utf8(disk.seal_events("x", &[event(seq)]).unwrap()).unwrap()
     }
 
-    fn events_of(content: &[u8]) -> (StoreResult<Vec<ExecEvent>>, Vec<u8>) {
+    /// What `read` makes of a file `name` holding `content`, and the file afterwards.
+    fn read_back<T>(name: &str, content: &[u8], read: impl FnOnce(&Path) -> T) -> (T, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.sealed");
+        let path = dir.path().join(name);
         fs::write(&path, content).unwrap();
-        let res = read_events(&keyring(), "x", &path);
+        let res = read(&path);
         (res, fs::read(&path).unwrap())
+    }
+
+    fn events_of(content: &[u8]) -> (StoreResult<Vec<ExecEvent>>, Vec<u8>) {
+        read_back("x.sealed", content, |p| read_events(&keyring(), "x", p))
     }
 
     #[test]
@@ -1027,11 +1032,7 @@ mod tests {
     type Replayed = Option<(ExecutionRecord, Vec<ExecEvent>, u64)>;
 
     fn log_of(content: &[u8]) -> (StoreResult<Replayed>, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.log");
-        fs::write(&path, content).unwrap();
-        let res = read_log(&keyring(), "x", &path);
-        (res, fs::read(&path).unwrap())
+        read_back("x.log", content, |p| read_log(&keyring(), "x", p))
     }
 
     #[test]

@@ -112,9 +112,7 @@ impl State {
         new_events: Vec<ExecEvent>,
         sync: Sync,
     ) -> StoreResult<()> {
-        let n = self.lines.get(&rec.id).copied().unwrap_or(0) + 1;
-        disk.append_change(&rec.id, n, Some(&rec), &new_events, sync)?;
-        self.lines.insert(rec.id.clone(), n);
+        self.append_line(disk, &rec.id, Some(&rec), &new_events, sync)?;
         self.events
             .entry(rec.id.clone())
             .or_default()
@@ -123,6 +121,21 @@ impl State {
         if let Some(old) = self.records.insert(rec.id.clone(), rec) {
             self.counts.add(old.state, -1);
         }
+        Ok(())
+    }
+
+    /// Appends the next line of `id`'s log (see [`Disk::append_change`]) and counts it.
+    fn append_line(
+        &mut self,
+        disk: &Disk,
+        id: &str,
+        record: Option<&ExecutionRecord>,
+        events: &[ExecEvent],
+        sync: Sync,
+    ) -> StoreResult<()> {
+        let n = self.lines.get(id).copied().unwrap_or(0) + 1;
+        disk.append_change(id, n, record, events, sync)?;
+        self.lines.insert(id.to_string(), n);
         Ok(())
     }
 
@@ -327,10 +340,8 @@ impl State {
                 body,
             })
             .collect();
-        let n = self.lines.get(id).copied().unwrap_or(0) + 1;
         let sync = sync_for(events.iter().map(|e| &e.body));
-        disk.append_change(id, n, None, &events, sync)?;
-        self.lines.insert(id.to_string(), n);
+        self.append_line(disk, id, None, &events, sync)?;
         if let Some(rec) = self.records.get_mut(id) {
             rec.last_seq = last + events.len() as u64;
         }
@@ -426,9 +437,7 @@ impl EmbeddedStore {
             }
         }
         for rec in &repaired {
-            let n = state.lines.get(&rec.id).copied().unwrap_or(0) + 1;
-            disk.append_change(&rec.id, n, Some(rec), &[], Sync::Now)?;
-            state.lines.insert(rec.id.clone(), n);
+            state.append_line(&disk, &rec.id, Some(rec), &[], Sync::Now)?;
         }
         state.counts = crate::store::ActiveCounts::of(state.records.values());
         Ok(EmbeddedStore {
