@@ -61,11 +61,77 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
     versions.pop().map(|(_, bin)| bin)
 }
 
-/// A free loopback port (free when asked: the server binds it right after).
+/// A free loopback port for a server about to start.
+///
+/// Ports come from below the kernel's ephemeral range, so no outgoing connection on the
+/// machine can take one between this call and the server's bind, and this process never
+/// hands out the same port twice (tests start many servers at once). Another process can
+/// still bind it first: the servers here check that the listener on their port is their
+/// own child ([`listens_on`]) and start again on a new port when they lost the race.
 pub fn free_port() -> Result<u16, EngineError> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
-    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    let high = ephemeral_low().clamp(LOW + 1_000, 32_768);
+    let span = high - LOW;
+    // Processes started together begin at different places in the range.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(EngineError::Io {
+        what: "finding a free port".into(),
+        source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    })
 }
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (from
+/// `/proc/net/tcp` and the process's descriptors): a server that answers on its port
+/// may be someone else's that got there first.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st (0A = LISTEN), ..., inode (column 9).
+            (cols.len() > 9 && cols[1] == local && cols[3] == "0A")
+                .then(|| format!("socket:[{}]", cols[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+}
+
+/// How many times a server is started on a new port when its port was taken.
+const START_ATTEMPTS: usize = 5;
 
 /// A private PostgreSQL server: `initdb` in a temporary directory, listening on
 /// 127.0.0.1 only, trust authentication for the `hatchery` role, `fsync=off` (a test
@@ -91,6 +157,11 @@ impl std::fmt::Debug for PostgresServer {
 impl PostgresServer {
     /// Creates and starts a server (about a second).
     pub fn start() -> Result<PostgresServer, EngineError> {
+        PostgresServer::start_from(free_port()?)
+    }
+
+    /// [`PostgresServer::start`], trying `port` first.
+    fn start_from(port: u16) -> Result<PostgresServer, EngineError> {
         let bin = postgres_bin_dir().ok_or(EngineError::PostgresMissing)?;
         let dir = tempfile::Builder::new()
             .prefix("hatchery-pg.")
@@ -110,7 +181,7 @@ impl PostgresServer {
         let mut server = PostgresServer {
             bin,
             dir,
-            port: free_port()?,
+            port,
             owner,
             child: None,
         };
@@ -129,8 +200,18 @@ impl PostgresServer {
                 log: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        server.run()?;
-        Ok(server)
+        let mut attempt = 1;
+        loop {
+            match server.run() {
+                Ok(()) => return Ok(server),
+                Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
+                    tracing::debug!(port = server.port, error = %e, "postgres did not start; trying another port");
+                    server.port = free_port()?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -199,10 +280,11 @@ impl PostgresServer {
                     log: self.log_tail(),
                 });
             }
-            if self.accepts() {
+            if self.accepts() && self.owns_port() {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                self.stop();
                 return Err(EngineError::Failed {
                     what: "postgres did not accept connections within 30 s".into(),
                     log: self.log_tail(),
@@ -210,6 +292,13 @@ impl PostgresServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether the listener on the port is this server's postmaster.
+    fn owns_port(&self) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|c| listens_on(c.id(), self.port))
     }
 
     /// Whether the server answers (`pg_isready`).
@@ -322,6 +411,11 @@ pub fn redis_server_bin() -> Option<PathBuf> {
 
 impl RedisServer {
     pub fn start() -> Result<RedisServer, EngineError> {
+        RedisServer::start_from(free_port()?)
+    }
+
+    /// [`RedisServer::start`], trying `port` first.
+    fn start_from(port: u16) -> Result<RedisServer, EngineError> {
         if redis_server_bin().is_none() {
             return Err(EngineError::RedisMissing);
         }
@@ -331,11 +425,21 @@ impl RedisServer {
             .map_err(io("creating the server's directory"))?;
         let mut server = RedisServer {
             dir,
-            port: free_port()?,
+            port,
             child: None,
         };
-        server.run()?;
-        Ok(server)
+        let mut attempt = 1;
+        loop {
+            match server.run() {
+                Ok(()) => return Ok(server),
+                Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
+                    tracing::debug!(port = server.port, error = %e, "redis-server did not start; trying another port");
+                    server.port = free_port()?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn run(&mut self) -> Result<(), EngineError> {
@@ -370,10 +474,16 @@ impl RedisServer {
                     log: std::fs::read_to_string(&log).unwrap_or_default(),
                 });
             }
-            if self.pings() {
+            if self.pings()
+                && self
+                    .child
+                    .as_ref()
+                    .is_some_and(|c| listens_on(c.id(), self.port))
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                self.stop();
                 return Err(EngineError::Failed {
                     what: "redis-server did not answer within 30 s".into(),
                     log: std::fs::read_to_string(&log).unwrap_or_default(),
@@ -457,8 +567,20 @@ impl std::fmt::Debug for MotoServer {
 impl MotoServer {
     pub fn start() -> Result<MotoServer, EngineError> {
         let bin = moto_server_bin().ok_or(EngineError::MotoMissing)?;
+        let mut attempt = 1;
+        loop {
+            match MotoServer::start_on(&bin, free_port()?) {
+                Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
+                    tracing::debug!(error = %e, "moto_server did not start; trying another port");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_on(bin: &Path, port: u16) -> Result<MotoServer, EngineError> {
         let log = tempfile::NamedTempFile::new().map_err(io("creating moto's log"))?;
-        let port = free_port()?;
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p"])
             .arg(port.to_string())
@@ -485,7 +607,12 @@ impl MotoServer {
                     log: std::fs::read_to_string(server.log.path()).unwrap_or_default(),
                 });
             }
-            if server.request("GET", "/").is_ok_and(|s| s < 500) {
+            if server.request("GET", "/").is_ok_and(|s| s < 500)
+                && server
+                    .child
+                    .as_ref()
+                    .is_some_and(|c| listens_on(c.id(), port))
+            {
                 return Ok(server);
             }
             if Instant::now() > deadline {
@@ -543,5 +670,64 @@ impl Drop for MotoServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_never_repeat() {
+        let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+        let low = ephemeral_low();
+        assert!(ports.iter().all(|&p| u32::from(p) < low), "{ports:?}");
+    }
+
+    #[test]
+    fn listens_on_tells_the_owner_of_a_listener() {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listens_on(std::process::id(), port));
+        assert!(
+            !listens_on(1, port),
+            "pid 1 does not hold this test's socket"
+        );
+        drop(l);
+        assert!(!listens_on(std::process::id(), port));
+    }
+
+    /// A server whose port another server already answers on must not take that
+    /// server for itself: it starts on a port of its own.
+    #[test]
+    fn a_redis_server_never_adopts_another_one_on_its_port() {
+        let first = match RedisServer::start() {
+            Err(e) if e.is_missing() => return,
+            r => r.unwrap(),
+        };
+        let second = RedisServer::start_from(first.port()).unwrap();
+        assert_ne!(second.port(), first.port());
+        assert!(listens_on(
+            second.child.as_ref().unwrap().id(),
+            second.port()
+        ));
+        assert!(first.pings() && second.pings());
+    }
+
+    #[test]
+    fn a_postgres_server_never_adopts_another_one_on_its_port() {
+        let first = match PostgresServer::start() {
+            Err(e) if e.is_missing() => return,
+            r => r.unwrap(),
+        };
+        let second = PostgresServer::start_from(first.port()).unwrap();
+        assert_ne!(second.port(), first.port());
+        // Each has a fresh cluster: the same database name can be created in both.
+        first.create_database("hatchery").unwrap();
+        second.create_database("hatchery").unwrap();
     }
 }
