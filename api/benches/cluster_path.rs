@@ -100,6 +100,8 @@ struct Opts {
     pause: Duration,
     schedulers: usize,
     keep_logs: Option<PathBuf>,
+    /// `RUST_LOG` of every platform process.
+    log_filter: String,
     /// (b) and (c) follow each execution on the caller's event stream, open before the
     /// POST, instead of on its own stream opened after the 202.
     stream: bool,
@@ -121,6 +123,8 @@ options:
   --pause-ms P     idle time before each sequential step (default 250)
   --schedulers M   schedulers of the cluster, 1 or more (default 2)
   --keep-logs DIR  keep the logs of `hatchery up` and of the cluster's processes there
+  --log-filter F   RUST_LOG of every platform process (default info); e.g.
+                   info,hatchery_scheduler::agent=trace times each step of a run
   --stream         sequential rounds of (b) and (c) follow each execution on the
                    caller's event stream (GET /v1/events), opened once before the
                    rounds, as a console keeps it; by default each execution's own
@@ -147,6 +151,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
         pause: Duration::from_millis(250),
         schedulers: 2,
         keep_logs: None,
+        log_filter: "info".into(),
         stream: false,
         rootfs: std::env::var_os("HATCHERY_ROOTFS")
             .map(PathBuf::from)
@@ -205,6 +210,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
                 o.pause = Duration::from_millis(p);
             }
             "--keep-logs" => o.keep_logs = Some(PathBuf::from(value()?)),
+            "--log-filter" => o.log_filter = value()?,
             "--stream" => o.stream = true,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
@@ -338,7 +344,7 @@ impl Embedded {
         cmd.arg("up")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &o.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -469,6 +475,7 @@ fn start_cluster(o: &Opts, keep: Option<&Path>) -> Result<LocalCluster, String> 
     spec.pool_size = POOL_SIZE as u32;
     spec.cgroup_prefix = format!("bench-path-{}", std::process::id());
     spec.dir = keep.map(|d| d.join("cluster"));
+    spec.log_filter = o.log_filter.clone();
     let mut c = LocalCluster::engines(spec).map_err(|e| format!("cluster engines: {e}"))?;
     let err = |e| format!("cluster: {e}");
     for i in 0..o.schedulers {

@@ -234,6 +234,19 @@ pub trait Bus: Send + Sync + 'static {
     /// An event of an execution's log, for subscribers (after the store took it: the
     /// store holds the durable copy).
     async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError>;
+    /// [`Bus::publish_event`] for several events, in order (a remote bus sends them in
+    /// one round trip).
+    async fn publish_events(&self, events: Vec<ExecEvent>) -> Result<(), BusError> {
+        for event in events {
+            self.publish_event(event).await?;
+        }
+        Ok(())
+    }
+    /// Publishing costs no round trip (an in-process bus): a publisher may as well wait
+    /// for it where it is, instead of handing it to a task of its own.
+    fn publishes_in_place(&self) -> bool {
+        false
+    }
     /// A live-only event (a usage sample): subscribers get it if they listen now; it is
     /// never stored.
     async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError>;

@@ -251,18 +251,34 @@ impl RedisBus {
         maxlen: Option<usize>,
         fields: &[(&str, &[u8])],
     ) -> Result<(), BusError> {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(key);
-        if let Some(n) = maxlen {
-            cmd.arg("MAXLEN").arg("~").arg(n);
-        }
-        cmd.arg("*");
-        for (k, v) in fields {
-            cmd.arg(*k).arg(*v);
-        }
         let mut conn = self.inner.conn.clone();
-        let _: String = cmd.query_async(&mut conn).await.map_err(io)?;
+        let _: String = xadd(key, maxlen, fields)
+            .query_async(&mut conn)
+            .await
+            .map_err(io)?;
         Ok(())
+    }
+
+    /// The fields of an execution's event on the events stream (sealed, bound to its
+    /// execution and seq).
+    fn event_entry(&self, event: &ExecEvent) -> Result<[(&'static str, Vec<u8>); 3], BusError> {
+        let json = serde_json::to_vec(event).map_err(|e| BusError::Io(e.to_string()))?;
+        let blob = self
+            .inner
+            .keyring
+            .seal(
+                Binding::Event {
+                    execution: &event.execution_id,
+                    seq: event.seq,
+                },
+                &json,
+            )
+            .map_err(|e| BusError::Io(e.to_string()))?;
+        Ok([
+            ("x", event.execution_id.as_bytes().to_vec()),
+            ("q", event.seq.to_string().into_bytes()),
+            ("e", blob),
+        ])
     }
 
     /// The next entry of `key` for `consumer` in `group` (waits): its own pending ones
@@ -597,32 +613,41 @@ async fn fan_out<T: Clone + Send + 'static>(
     }
 }
 
+/// `XADD key [MAXLEN ~ n] * field value ...`.
+fn xadd(key: &str, maxlen: Option<usize>, fields: &[(&str, &[u8])]) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key);
+    if let Some(n) = maxlen {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd
+}
+
 #[async_trait]
 impl Bus for RedisBus {
     async fn publish_event(&self, event: ExecEvent) -> Result<(), BusError> {
-        let json = serde_json::to_vec(&event).map_err(|e| BusError::Io(e.to_string()))?;
-        let blob = self
-            .inner
-            .keyring
-            .seal(
-                Binding::Event {
-                    execution: &event.execution_id,
-                    seq: event.seq,
-                },
-                &json,
-            )
-            .map_err(|e| BusError::Io(e.to_string()))?;
-        let seq = event.seq.to_string();
-        self.add(
-            &self.key("events"),
-            Some(self.inner.cfg.events_maxlen),
-            &[
-                ("x", event.execution_id.as_bytes()),
-                ("q", seq.as_bytes()),
-                ("e", &blob),
-            ],
-        )
-        .await
+        self.publish_events(vec![event]).await
+    }
+
+    async fn publish_events(&self, events: Vec<ExecEvent>) -> Result<(), BusError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let key = self.key("events");
+        let maxlen = Some(self.inner.cfg.events_maxlen);
+        let mut pipe = redis::pipe();
+        for event in &events {
+            let entry = self.event_entry(event)?;
+            let fields: Vec<(&str, &[u8])> = entry.iter().map(|(k, v)| (*k, &v[..])).collect();
+            pipe.add_command(xadd(&key, maxlen, &fields));
+        }
+        let mut conn = self.inner.conn.clone();
+        let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(io)?;
+        Ok(())
     }
 
     async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError> {

@@ -554,6 +554,46 @@ store_test!(
     }
 );
 
+/// Two processes appending to one execution (the agent running it and, say, an API
+/// replica): each remembers the last seq it wrote to make its next append one statement;
+/// when the other wrote meanwhile that guess is wrong, and the append must still take the
+/// next seqs, exactly once, and nothing may be sealed under a seq it does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_from_two_handles_never_collide_or_leave_gaps() {
+    let Some(b) = Backend::postgres("appends_from_two_handles") else {
+        return;
+    };
+    let (one, two) = (b.open().await, b.open().await);
+    admitted(&one, record("two", "o", "u", None, 1), rules(2)).await;
+    // `one` runs it: it knows the last seq from here on.
+    one.mark_running("two", "h1", 2).await.unwrap();
+    let text = |s: &str| EventBody::Stdout(OutputData::text(s.to_string()));
+    let mut expected = vec![EventBody::Queued];
+    for round in 0..5 {
+        for (who, store) in [("one", &one), ("two", &two)] {
+            let bodies: Vec<EventBody> = (0..=round % 3)
+                .map(|i| text(&format!("{who}{round}.{i}")))
+                .collect();
+            let stored = store.append_events("two", bodies.clone()).await.unwrap();
+            let first = expected.len() as u64 + 1;
+            assert_eq!(
+                stored.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                (first..first + bodies.len() as u64).collect::<Vec<_>>(),
+                "{who} in round {round}"
+            );
+            expected.extend(bodies);
+        }
+    }
+    for reader in [&one, &two] {
+        let events = reader.events_after("two", 0).await.unwrap();
+        assert_eq!(
+            events.into_iter().map(|e| e.body).collect::<Vec<_>>(),
+            expected
+        );
+    }
+    assert_eq!(get(&two, "two").await.last_seq, expected.len() as u64);
+}
+
 store_test!(
     batched_appends_are_gapless_in_order_and_never_share_a_seq,
     |b| {

@@ -13,7 +13,9 @@
 //! arrived meanwhile (up to [`BATCH_BYTES`]) in one transaction
 //! ([`crate::store::Store::append_events`]); a batch's events are then published in
 //! order. A chatty run therefore costs the store a bounded number of transactions per
-//! second however slow or fast its output comes. Any other event is stored after the
+//! second however slow or fast its output comes. On a remote bus the publishing runs in
+//! a task of its own ([`Publisher`]), in order, beside the next store write instead of
+//! before it. Any other event is stored after the
 //! batch is, and the run flushes the batch before it finishes the execution, so nothing
 //! is lost or reordered and `finished` is always last.
 
@@ -26,7 +28,7 @@ use hatchery_sandbox::pool::Event;
 
 use super::run::usage_of;
 use super::Inner;
-use crate::model::{now_ms, EventBody, LiveBody, LiveEvent, OutputData};
+use crate::model::{now_ms, EventBody, ExecEvent, LiveBody, LiveEvent, OutputData};
 
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
@@ -51,20 +53,89 @@ pub(super) struct Forwarder {
     batch_bytes: usize,
     /// When the last batch went to the store.
     last_flush: Option<Instant>,
+    publisher: Publisher,
+}
+
+/// Publishes an execution's stored events on the bus, in store order: in place on an
+/// in-process bus, else through a task of its own, so that a round trip to the bus does
+/// not hold back the next store write.
+enum Publisher {
+    InPlace,
+    Beside {
+        events: tokio::sync::mpsc::UnboundedSender<Vec<ExecEvent>>,
+        task: tokio::task::JoinHandle<()>,
+    },
+    Closed,
+}
+
+impl Publisher {
+    fn new(inner: &Arc<Inner>, id: &str) -> Publisher {
+        if inner.bus.publishes_in_place() {
+            return Publisher::InPlace;
+        }
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<ExecEvent>>();
+        let (inner, id) = (Arc::clone(inner), id.to_string());
+        let task = tokio::spawn(async move {
+            while let Some(events) = rx.recv().await {
+                publish(&inner, &id, events).await;
+            }
+        });
+        Publisher::Beside { events, task }
+    }
+
+    async fn publish(&self, inner: &Inner, id: &str, events: Vec<ExecEvent>) {
+        match self {
+            Publisher::InPlace | Publisher::Closed => publish(inner, id, events).await,
+            Publisher::Beside { events: tx, .. } => {
+                if let Err(unsent) = tx.send(events) {
+                    publish(inner, id, unsent.0).await;
+                }
+            }
+        }
+    }
+
+    /// Waits until everything handed over is published.
+    async fn close(&mut self) {
+        if let Publisher::Beside { events, task } = std::mem::replace(self, Publisher::Closed) {
+            drop(events);
+            let _ = task.await;
+        }
+    }
+}
+
+async fn publish(inner: &Inner, id: &str, events: Vec<ExecEvent>) {
+    let began = std::time::Instant::now();
+    let n = events.len();
+    if let Err(e) = inner.bus.publish_events(events).await {
+        tracing::warn!(execution = id, events = n, error = %e, "cannot publish events");
+    }
+    tracing::trace!(
+        execution = id,
+        events = n,
+        ms = began.elapsed().as_secs_f64() * 1e3,
+        "published"
+    );
 }
 
 impl Forwarder {
     pub(super) fn new(inner: Arc<Inner>, id: String) -> Forwarder {
         Forwarder {
-            inner,
-            id,
             started: false,
             held: Vec::new(),
             carry: [Vec::new(), Vec::new()],
             batch: Vec::new(),
             batch_bytes: 0,
             last_flush: None,
+            publisher: Publisher::new(&inner, &id),
+            inner,
+            id,
         }
+    }
+
+    /// Waits until every event stored so far is published (before the execution's
+    /// `finished`, which must come last on the bus too).
+    pub(super) async fn published(&mut self) {
+        self.publisher.close().await;
     }
 
     /// When the waiting batch is to be stored, if one waits: at once after a quiet
@@ -180,13 +251,7 @@ impl Forwarder {
             })
             .await;
         match stored {
-            Ok(events) => {
-                for event in events {
-                    if let Err(e) = self.inner.bus.publish_event(event).await {
-                        tracing::warn!(execution = id, error = %e, "cannot publish an event");
-                    }
-                }
-            }
+            Ok(events) => self.publisher.publish(&self.inner, id, events).await,
             Err(e) => tracing::warn!(execution = id, events = n, error = %e, "cannot store events"),
         }
     }
@@ -203,11 +268,7 @@ impl Forwarder {
             })
             .await;
         match stored {
-            Ok(event) => {
-                if let Err(e) = self.inner.bus.publish_event(event).await {
-                    tracing::warn!(execution = id, error = %e, "cannot publish an event");
-                }
-            }
+            Ok(event) => self.publisher.publish(&self.inner, id, vec![event]).await,
             Err(e) => tracing::warn!(execution = id, error = %e, "cannot store an event"),
         }
     }

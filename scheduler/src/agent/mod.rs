@@ -437,7 +437,14 @@ impl Inner {
         let mut pause = Duration::from_millis(20);
         let mut since: Option<std::time::Instant> = None;
         loop {
-            match write().await {
+            let began = std::time::Instant::now();
+            let result = write().await;
+            tracing::trace!(
+                execution = id,
+                ms = began.elapsed().as_secs_f64() * 1e3,
+                "stored {what}"
+            );
+            match result {
                 Err(StoreError::Unavailable(e))
                     if !self.stopping.load(std::sync::atomic::Ordering::SeqCst) =>
                 {

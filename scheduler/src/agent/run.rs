@@ -41,7 +41,10 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
             },
         );
     }
-    let record = match inner.store.mark_running(&id, &inner.cfg.id, now_ms()).await {
+    let began = std::time::Instant::now();
+    let marked = inner.store.mark_running(&id, &inner.cfg.id, now_ms()).await;
+    tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "marked running");
+    let record = match marked {
         Ok(r) => r,
         Err(e) => {
             // Cancelled meanwhile, finished, or a duplicate delivery: not ours to run.
@@ -278,10 +281,12 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
     };
 
     // The claim may block (cgroup writes; a wait when the pool is empty), in place.
+    let began = std::time::Instant::now();
     let execution = crate::blocking::run(move || pool.claim(req))
         .await
         .map_err(|e| format!("the claim failed: {e}"))?
         .map_err(|e| format!("no sandbox: {e}"))?;
+    tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "claimed");
     // Cancelled if this future is dropped before the execution reported its end: a
     // sandbox never runs on unobserved.
     let mut unobserved = CancelOnDrop(Some(execution.canceller()));
@@ -355,15 +360,17 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
                 break Ok(*result);
             }
             Ok(Event::Started { after_claim_ms }) => {
+                tracing::trace!(execution = %id, after_claim_ms, "sandbox started");
                 forwarder.start(Some(after_claim_ms)).await;
             }
             Ok(event) => forwarder.forward(event).await,
             Err(_) => break Err("the sandbox runtime stopped reporting".into()),
         }
     };
-    // Whatever waits is stored before the caller finishes the execution: `finished`
-    // stays the last event.
+    // Whatever waits is stored and published before the caller finishes the execution:
+    // `finished` stays the last event.
     forwarder.flush().await;
+    forwarder.published().await;
     outcome
 }
 
