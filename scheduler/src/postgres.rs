@@ -25,7 +25,9 @@
 //!
 //! The schema is in `scheduler/migrations/`, applied by [`PgStore::connect`].
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -78,7 +80,16 @@ impl PgConfig {
 pub struct PgStore {
     pool: PgPool,
     keyring: Keyring,
+    /// The last event seq this store saw of each execution it runs (primed by
+    /// `mark_running`, moved by its appends, dropped at its end): a guess that makes an
+    /// append one statement instead of a transaction (see `append_events`). Never trusted:
+    /// the database checks it.
+    last_seqs: Arc<Mutex<HashMap<String, u64>>>,
 }
+
+/// Executions whose last seq a store remembers at most (a guess: forgetting costs a
+/// transaction, nothing else).
+const LAST_SEQS_MAX: usize = 4096;
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,6 +124,23 @@ fn is_retryable(e: &StoreError, source: &Option<String>) -> bool {
         && source
             .as_deref()
             .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+/// How the `queued` and `running` counters move for one execution going `from` → `to`,
+/// in lock order, without the zero moves.
+fn counter_moves(from: ExecState, to: ExecState) -> Vec<(&'static str, i64)> {
+    let mut by = [0i64; 2];
+    for (state, sign) in [(from, -1i64), (to, 1)] {
+        match state {
+            ExecState::Queued => by[0] += sign,
+            ExecState::Running => by[1] += sign,
+            _ => {}
+        }
+    }
+    [("queued", by[0]), ("running", by[1])]
+        .into_iter()
+        .filter(|(_, d)| *d != 0)
+        .collect()
 }
 
 fn state_name(s: ExecState) -> &'static str {
@@ -186,7 +214,11 @@ impl PgStore {
             sqlx::migrate::MigrateError::Execute(e) => db_err("applying the schema", e),
             other => StoreError::Io(format!("applying the schema: {other}")),
         })?;
-        Ok(PgStore { pool, keyring })
+        Ok(PgStore {
+            pool,
+            keyring,
+            last_seqs: Arc::default(),
+        })
     }
 
     /// Runs `f` in a transaction on a task of its own (so it completes even if the
@@ -217,6 +249,79 @@ impl PgStore {
         });
         task.await
             .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?
+    }
+
+    /// Remembers (`Some`) or forgets the last seq of `id`.
+    fn guess_last_seq(&self, id: &str, last: Option<u64>) {
+        let mut seqs = self.last_seqs.lock().unwrap();
+        match last {
+            Some(last) => {
+                if seqs.len() >= LAST_SEQS_MAX && !seqs.contains_key(id) {
+                    seqs.clear();
+                }
+                seqs.insert(id.to_string(), last);
+            }
+            None => {
+                seqs.remove(id);
+            }
+        }
+    }
+
+    /// Appends `bodies` in one statement, sealed with the seqs that follow the
+    /// remembered last one: the row's counter moves only if it still is that one, and the
+    /// events are inserted only if it moved. `None` when nothing is remembered or the
+    /// guess was wrong (another writer appended): nothing was written then.
+    async fn append_guessed(
+        &self,
+        id: &str,
+        bodies: &[EventBody],
+    ) -> StoreResult<Option<Vec<ExecEvent>>> {
+        let Some(last) = self.last_seqs.lock().unwrap().get(id).copied() else {
+            return Ok(None);
+        };
+        let at = now_ms();
+        let events: Vec<ExecEvent> = bodies
+            .iter()
+            .zip(last + 1..)
+            .map(|(body, seq)| ExecEvent {
+                execution_id: id.to_string(),
+                seq,
+                at,
+                body: body.clone(),
+            })
+            .collect();
+        let seqs: Vec<i64> = events.iter().map(|e| i64_of(e.seq)).collect();
+        let sealed = events
+            .iter()
+            .map(|e| self.seal_event(e))
+            .collect::<StoreResult<Vec<Vec<u8>>>>()?;
+        let new_last = last + events.len() as u64;
+        let done = sqlx::query(
+            "WITH moved AS (UPDATE executions SET last_seq = $2 WHERE id = $1 AND last_seq = $3 RETURNING id) \
+             INSERT INTO events (execution_id, seq, body) \
+             SELECT moved.id, e.seq, e.body FROM moved, unnest($4::bigint[], $5::bytea[]) AS e(seq, body)",
+        )
+        .bind(id)
+        .bind(i64_of(new_last))
+        .bind(i64_of(last))
+        .bind(&seqs)
+        .bind(&sealed)
+        .execute(&self.pool)
+        .await;
+        match done {
+            Ok(r) if r.rows_affected() == events.len() as u64 => {
+                self.guess_last_seq(id, Some(new_last));
+                Ok(Some(events))
+            }
+            Ok(_) => {
+                self.guess_last_seq(id, None);
+                Ok(None)
+            }
+            Err(e) => {
+                self.guess_last_seq(id, None);
+                Err(db_err("appending events", e))
+            }
+        }
     }
 
     fn seal_record(&self, rec: &ExecutionRecord) -> StoreResult<Vec<u8>> {
@@ -295,7 +400,8 @@ impl PgStore {
     }
 
     /// Writes `new` over `old` (a locked row) with `events` appended, and moves the
-    /// counters. The counters are locked last.
+    /// counters: the events, the row and the first counter in one statement (the row is
+    /// locked already; the counters are locked last, `queued` before `running`).
     async fn write(
         &self,
         tx: &mut Tx,
@@ -303,10 +409,15 @@ impl PgStore {
         new: &ExecutionRecord,
         events: &[ExecEvent],
     ) -> Result<(), Failed> {
-        self.insert_events(tx, events).await?;
+        let (seqs, bodies) = self.sealed_events(events)?;
+        let moves = counter_moves(old.state, new.state);
+        let first = moves.first().copied();
         sqlx::query(
-            "UPDATE executions SET state = $2, cancel = $3, finished_at = $4, last_seq = $5, \
-             record = $6, agent = $7 WHERE id = $1",
+            "WITH ev AS (INSERT INTO events (execution_id, seq, body) \
+                 SELECT $1, e.seq, e.body FROM unnest($8::bigint[], $9::bytea[]) AS e(seq, body)), \
+             ex AS (UPDATE executions SET state = $2, cancel = $3, finished_at = $4, last_seq = $5, \
+                 record = $6, agent = $7 WHERE id = $1) \
+             UPDATE counters SET value = value + $11 WHERE name = $10",
         )
         .bind(&new.id)
         .bind(state_name(new.state))
@@ -315,10 +426,33 @@ impl PgStore {
         .bind(i64_of(new.last_seq))
         .bind(self.seal_record(new)?)
         .bind(&new.agent)
+        .bind(&seqs)
+        .bind(&bodies)
+        .bind(first.map(|(name, _)| name))
+        .bind(first.map_or(0, |(_, by)| by))
         .execute(&mut **tx)
         .await
         .ctx("writing an execution")?;
-        self.count(tx, old.state, new.state).await
+        for (name, by) in moves.iter().skip(1) {
+            sqlx::query("UPDATE counters SET value = value + $2 WHERE name = $1")
+                .bind(name)
+                .bind(by)
+                .execute(&mut **tx)
+                .await
+                .ctx("counting")?;
+        }
+        Ok(())
+    }
+
+    /// The seqs and sealed bodies of `events`, as arrays for `unnest`.
+    fn sealed_events(&self, events: &[ExecEvent]) -> Result<(Vec<i64>, Vec<Vec<u8>>), Failed> {
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut bodies = Vec::with_capacity(events.len());
+        for e in events {
+            seqs.push(i64_of(e.seq));
+            bodies.push(self.seal_event(e)?);
+        }
+        Ok((seqs, bodies))
     }
 
     /// Inserts `events` with multi-row inserts (at most [`INSERT_ROWS`] rows each).
@@ -338,29 +472,6 @@ impl PgStore {
         Ok(())
     }
 
-    /// Moves the queued/running counters for one execution going `from` → `to`.
-    async fn count(&self, tx: &mut Tx, from: ExecState, to: ExecState) -> Result<(), Failed> {
-        let mut by = [0i64; 2];
-        for (state, sign) in [(from, -1i64), (to, 1)] {
-            match state {
-                ExecState::Queued => by[0] += sign,
-                ExecState::Running => by[1] += sign,
-                _ => {}
-            }
-        }
-        for (name, d) in [("queued", by[0]), ("running", by[1])] {
-            if d != 0 {
-                sqlx::query("UPDATE counters SET value = value + $2 WHERE name = $1")
-                    .bind(name)
-                    .bind(d)
-                    .execute(&mut **tx)
-                    .await
-                    .ctx("counting")?;
-            }
-        }
-        Ok(())
-    }
-
     async fn admit_tx(
         &self,
         tx: &mut Tx,
@@ -374,14 +485,21 @@ impl PgStore {
             .execute(&mut **tx)
             .await
             .ctx("locking the user")?;
-        let exists: Option<String> =
-            sqlx::query_scalar("SELECT state FROM executions WHERE id = $1")
-                .bind(&new.id)
-                .fetch_optional(&mut **tx)
-                .await
-                .ctx("reading an execution")?;
-        if let Some(state) = exists {
-            let from = serde_json::from_value(serde_json::Value::String(state))
+        // The user's active executions, oldest first by admission, rows locked; and the
+        // new id's row if it exists (a duplicate, refused).
+        let rows = sqlx::query(
+            "SELECT id, record, last_seq, admitted, state FROM executions \
+             WHERE id = $3 OR (org = $1 AND usr = $2 AND state IN ('queued', 'running') \
+             AND cancel IS NULL) ORDER BY admitted FOR UPDATE",
+        )
+        .bind(&new.org)
+        .bind(&new.user)
+        .bind(&new.id)
+        .fetch_all(&mut **tx)
+        .await
+        .ctx("reading the user's executions")?;
+        if let Some(row) = rows.iter().find(|r| r.get::<&str, _>(0) == new.id) {
+            let from = serde_json::from_value(serde_json::Value::String(row.get(4)))
                 .unwrap_or(ExecState::Queued);
             return Err(StoreError::IllegalTransition {
                 id: new.id.clone(),
@@ -390,18 +508,6 @@ impl PgStore {
             }
             .into());
         }
-
-        // The user's active executions, oldest first by admission, rows locked.
-        let rows = sqlx::query(
-            "SELECT id, record, last_seq, admitted FROM executions \
-             WHERE org = $1 AND usr = $2 AND state IN ('queued', 'running') AND cancel IS NULL \
-             ORDER BY admitted FOR UPDATE",
-        )
-        .bind(&new.org)
-        .bind(&new.user)
-        .fetch_all(&mut **tx)
-        .await
-        .ctx("reading the user's executions")?;
         let mut active = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.get(0);
@@ -462,10 +568,19 @@ impl PgStore {
                 events.extend(e);
             }
         }
+        // The row, its events and the counter in one statement (the counter is locked
+        // already).
+        let (seqs, bodies) = self.sealed_events(&events)?;
+        let counted = counter_moves(ExecState::Cancelled, rec.state);
+        let first = counted.first().copied();
         let admitted: i64 = sqlx::query_scalar(
-            "INSERT INTO executions (id, org, usr, tab_id, state, cancel, created_at, \
-             finished_at, last_seq, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             RETURNING admitted",
+            "WITH ex AS (INSERT INTO executions (id, org, usr, tab_id, state, cancel, created_at, \
+                 finished_at, last_seq, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 RETURNING id, admitted), \
+             ev AS (INSERT INTO events (execution_id, seq, body) \
+                 SELECT ex.id, e.seq, e.body FROM ex, unnest($11::bigint[], $12::bytea[]) AS e(seq, body)), \
+             c AS (UPDATE counters SET value = value + $14 WHERE name = $13) \
+             SELECT admitted FROM ex",
         )
         .bind(&rec.id)
         .bind(&rec.org)
@@ -477,12 +592,13 @@ impl PgStore {
         .bind(rec.finished_at.map(i64_of))
         .bind(i64_of(rec.last_seq))
         .bind(self.seal_record(&rec)?)
+        .bind(&seqs)
+        .bind(&bodies)
+        .bind(first.map(|(name, _)| name))
+        .bind(first.map_or(0, |(_, by)| by))
         .fetch_one(&mut **tx)
         .await
         .ctx("storing the execution")?;
-        self.insert_events(tx, &events).await?;
-        // A new execution: nothing to count out (a terminal state counts for nothing).
-        self.count(tx, ExecState::Cancelled, rec.state).await?;
         rec.admitted = admitted.max(0) as u64;
         Ok(Admission::Admitted {
             cancelled: out,
@@ -728,16 +844,19 @@ impl Store for PgStore {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         let (id, agent) = (id.to_string(), agent.to_string());
-        self.change(move |me, mut tx| {
-            let (id, agent) = (id.clone(), agent.clone());
-            async move {
-                let old = locked!(me, tx, id);
-                let rec = running(&old, &agent, at)?;
-                me.write(&mut tx, &old, &rec, &[]).await?;
-                Ok((rec, tx))
-            }
-        })
-        .await
+        let rec = self
+            .change(move |me, mut tx| {
+                let (id, agent) = (id.clone(), agent.clone());
+                async move {
+                    let old = locked!(me, tx, id);
+                    let rec = running(&old, &agent, at)?;
+                    me.write(&mut tx, &old, &rec, &[]).await?;
+                    Ok((rec, tx))
+                }
+            })
+            .await?;
+        self.guess_last_seq(&rec.id, Some(rec.last_seq));
+        Ok(rec)
     }
 
     async fn mark_finished(
@@ -748,6 +867,7 @@ impl Store for PgStore {
         error: Option<String>,
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
+        self.guess_last_seq(id, None);
         let id = id.to_string();
         self.change(move |me, mut tx| {
             let (id, result_key, error) = (id.clone(), result_key.clone(), error.clone());
@@ -769,6 +889,7 @@ impl Store for PgStore {
         at: Millis,
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        self.guess_last_seq(id, None);
         let id = id.to_string();
         self.change(move |me, mut tx| {
             let (id, result_key, summary) = (id.clone(), result_key.clone(), summary.clone());
@@ -908,8 +1029,13 @@ impl Store for PgStore {
         if bodies.is_empty() {
             return Ok(Vec::new());
         }
+        // The agent running an execution is normally its only writer: its guess of the
+        // last seq is right and the append is one round trip.
+        if let Some(events) = self.append_guessed(id, &bodies).await? {
+            return Ok(events);
+        }
         let id = id.to_string();
-        self.change(move |me, mut tx| {
+        let events = self.change(move |me, mut tx| {
             let (id, bodies) = (id.clone(), bodies.clone());
             async move {
                 // The row's counter takes the whole batch at once (the row stays locked
@@ -943,7 +1069,11 @@ impl Store for PgStore {
                 Ok((events, tx))
             }
         })
-        .await
+        .await?;
+        if let Some(last) = events.last() {
+            self.guess_last_seq(&last.execution_id, Some(last.seq));
+        }
+        Ok(events)
     }
 
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>> {
