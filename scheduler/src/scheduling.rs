@@ -53,6 +53,11 @@ struct Waiting {
     /// The bus delivery it came with, acknowledged once it is placed (or dropped);
     /// `None` for executions recovered from the store.
     tag: Option<DeliveryTag>,
+    /// The store said it was queued and not cancelled right before it was queued here:
+    /// it is sent without reading it again. One that waited for capacity is read again
+    /// first (it may have been cancelled meanwhile); either way the agent's
+    /// `mark_running` is the guard that refuses a cancelled one.
+    fresh: bool,
 }
 
 /// Runs the scheduler role until the bus closes. `statuses` should be subscribed before
@@ -114,6 +119,7 @@ pub async fn run_scheduler(
                 id: r.id,
                 language: r.language,
                 tag: None,
+                fresh: false,
             });
         }
     }
@@ -139,7 +145,7 @@ pub async fn run_scheduler(
                     }
                     match store.get(&id).await {
                         Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
-                            queue.push_back(Waiting { id, language: r.language, tag: Some(tag) });
+                            queue.push_back(Waiting { id, language: r.language, tag: Some(tag), fresh: true });
                         }
                         Ok(_) => {
                             let _ = bus.ack_submitted(&tag).await;
@@ -211,7 +217,7 @@ pub async fn run_scheduler(
                                 && !queue.iter().any(|w| w.id == r.id)
                             {
                                 tracing::info!(execution = %r.id, "queued in the store but never submitted to this scheduler: placing it");
-                                queue.push_back(Waiting { id: r.id, language: r.language, tag: None });
+                                queue.push_back(Waiting { id: r.id, language: r.language, tag: None, fresh: false });
                             }
                         }
                     }
@@ -225,7 +231,7 @@ pub async fn run_scheduler(
                             && !queue.iter().any(|w| w.id == id)
                         {
                             tracing::warn!(execution = %id, "its host vanished before running it; placing it again");
-                            queue.push_back(Waiting { id, language: r.language, tag: None });
+                            queue.push_back(Waiting { id, language: r.language, tag: None, fresh: false });
                         }
                     }
                 }
@@ -244,27 +250,35 @@ async fn place_waiting(
 ) -> Result<(), SchedulerError> {
     let mut blocked: HashSet<String> = HashSet::new();
     let mut kept = VecDeque::with_capacity(queue.len());
-    while let Some(w) = queue.pop_front() {
+    while let Some(mut w) = queue.pop_front() {
         if blocked.contains(&w.language) {
+            w.fresh = false;
             kept.push_back(w);
             continue;
         }
         let now = now_ms();
         let Some(agent) = cluster.place(&w.language, now) else {
             blocked.insert(w.language.clone());
+            w.fresh = false;
             kept.push_back(w);
             continue;
         };
         // It may have been cancelled while it waited.
-        match store.get(&w.id).await {
-            Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {}
-            Ok(_) => {
+        let check = if w.fresh {
+            None
+        } else {
+            Some(store.get(&w.id).await)
+        };
+        match check {
+            None => {}
+            Some(Ok(Some(r))) if r.state == ExecState::Queued && r.cancel.is_none() => {}
+            Some(Ok(_)) => {
                 if let Some(tag) = w.tag {
                     let _ = bus.ack_submitted(&tag).await;
                 }
                 continue;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(execution = %w.id, error = %e, "cannot read a waiting execution");
                 kept.push_back(w);
                 continue;
@@ -289,6 +303,7 @@ async fn place_waiting(
             Err(e) => {
                 tracing::warn!(execution = %w.id, agent = %agent, error = %e, "cannot send a run");
                 blocked.insert(w.language.clone());
+                w.fresh = false;
                 kept.push_back(w);
             }
         }
