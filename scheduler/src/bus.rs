@@ -242,11 +242,6 @@ pub trait Bus: Send + Sync + 'static {
         }
         Ok(())
     }
-    /// Publishing costs no round trip (an in-process bus): a publisher may as well wait
-    /// for it where it is, instead of handing it to a task of its own.
-    fn publishes_in_place(&self) -> bool {
-        false
-    }
     /// A live-only event (a usage sample): subscribers get it if they listen now; it is
     /// never stored.
     async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError>;

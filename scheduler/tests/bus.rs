@@ -151,10 +151,21 @@ bus_test!(events_reach_every_subscriber_of_every_process, |b| {
             .await
             .unwrap();
     }
+    // A batch (one round trip on Redis) arrives whole and in order; an empty one is
+    // nothing.
+    agent
+        .publish_events(
+            (4..=6)
+                .map(|seq| event("x", seq, &format!("line {seq}\n")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    agent.publish_events(Vec::new()).await.unwrap();
     // A live-only event (no seq) travels the same way, in order.
     agent.publish_live(usage("x", 4096)).await.unwrap();
     for s in [&mut s1, &mut s2, &mut s3] {
-        for seq in 1..=3 {
+        for seq in 1..=6 {
             let e = next("an event", s).await;
             assert_eq!(
                 e,

@@ -13,10 +13,12 @@
 //! arrived meanwhile (up to [`BATCH_BYTES`]) in one transaction
 //! ([`crate::store::Store::append_events`]); a batch's events are then published in
 //! order. A chatty run therefore costs the store a bounded number of transactions per
-//! second however slow or fast its output comes. On a remote bus the publishing runs in
-//! a task of its own ([`Publisher`]), in order, beside the next store write instead of
-//! before it. Any other event is stored after the
-//! batch is, and the run flushes the batch before it finishes the execution, so nothing
+//! second however slow or fast its output comes. `started` heads the first batch and
+//! waits at most [`STARTED_COMPANY`] for the run's next event: the first output of a
+//! quick statement, which usually comes that soon, is then stored and published with it
+//! in one write instead of one write later (the start latency a client sees is the
+//! sandbox's own `start_ms`, which the wait does not change). A batch is published in one
+//! round trip. The run flushes the batch before it finishes the execution, so nothing
 //! is lost or reordered and `finished` is always last.
 
 use std::sync::Arc;
@@ -33,6 +35,8 @@ use crate::model::{now_ms, EventBody, ExecEvent, LiveBody, LiveEvent, OutputData
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
 pub(super) const STARTED_WAIT: Duration = Duration::from_millis(50);
+/// How long `started` waits for company: the run's next event, stored with it.
+pub const STARTED_COMPANY: Duration = Duration::from_millis(1);
 /// Output that keeps coming is stored at most once per this interval.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 /// A batch holding this many bytes of output and messages is stored at once.
@@ -53,56 +57,13 @@ pub(super) struct Forwarder {
     batch_bytes: usize,
     /// When the last batch went to the store.
     last_flush: Option<Instant>,
-    publisher: Publisher,
+    /// Until when a batch holding only `started` waits for the run's next event.
+    started_due: Option<Instant>,
 }
 
-/// Publishes an execution's stored events on the bus, in store order: in place on an
-/// in-process bus, else through a task of its own, so that a round trip to the bus does
-/// not hold back the next store write.
-enum Publisher {
-    InPlace,
-    Beside {
-        events: tokio::sync::mpsc::UnboundedSender<Vec<ExecEvent>>,
-        task: tokio::task::JoinHandle<()>,
-    },
-    Closed,
-}
-
-impl Publisher {
-    fn new(inner: &Arc<Inner>, id: &str) -> Publisher {
-        if inner.bus.publishes_in_place() {
-            return Publisher::InPlace;
-        }
-        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<ExecEvent>>();
-        let (inner, id) = (Arc::clone(inner), id.to_string());
-        let task = tokio::spawn(async move {
-            while let Some(events) = rx.recv().await {
-                publish(&inner, &id, events).await;
-            }
-        });
-        Publisher::Beside { events, task }
-    }
-
-    async fn publish(&self, inner: &Inner, id: &str, events: Vec<ExecEvent>) {
-        match self {
-            Publisher::InPlace | Publisher::Closed => publish(inner, id, events).await,
-            Publisher::Beside { events: tx, .. } => {
-                if let Err(unsent) = tx.send(events) {
-                    publish(inner, id, unsent.0).await;
-                }
-            }
-        }
-    }
-
-    /// Waits until everything handed over is published.
-    async fn close(&mut self) {
-        if let Publisher::Beside { events, task } = std::mem::replace(self, Publisher::Closed) {
-            drop(events);
-            let _ = task.await;
-        }
-    }
-}
-
+/// Publishes stored events on the bus, in order, in one round trip. In place: a task of
+/// its own would cost a wake-up more on the way to the client (the bus client has its
+/// own), and the next store write of a quick run is its end anyway.
 async fn publish(inner: &Inner, id: &str, events: Vec<ExecEvent>) {
     let began = std::time::Instant::now();
     let n = events.len();
@@ -126,23 +87,21 @@ impl Forwarder {
             batch: Vec::new(),
             batch_bytes: 0,
             last_flush: None,
-            publisher: Publisher::new(&inner, &id),
+            started_due: None,
             inner,
             id,
         }
     }
 
-    /// Waits until every event stored so far is published (before the execution's
-    /// `finished`, which must come last on the bus too).
-    pub(super) async fn published(&mut self) {
-        self.publisher.close().await;
-    }
-
-    /// When the waiting batch is to be stored, if one waits: at once after a quiet
-    /// spell, else [`BATCH_INTERVAL`] after the last batch.
+    /// When the waiting batch is to be stored, if one waits: `started` alone when its
+    /// company is due ([`STARTED_COMPANY`]), else at once after a quiet spell, else
+    /// [`BATCH_INTERVAL`] after the last batch.
     pub(super) fn flush_due(&self) -> Option<Instant> {
         if self.batch.is_empty() {
             return None;
+        }
+        if let Some(due) = self.started_due {
+            return Some(due);
         }
         let now = Instant::now();
         Some(
@@ -151,15 +110,20 @@ impl Forwarder {
         )
     }
 
-    /// Emits `started` (once), then whatever was held back for it.
+    /// Queues `started` (once) at the head of a batch, then whatever was held back for
+    /// it; with nothing held, the batch waits for company until [`STARTED_COMPANY`].
     pub(super) async fn start(&mut self, start_ms: Option<f64>) {
         if self.started {
             return;
         }
         self.started = true;
         let agent = self.inner.cfg.id.clone();
-        self.emit(EventBody::Started { agent, start_ms }).await;
-        for event in std::mem::take(&mut self.held) {
+        self.queue(EventBody::Started { agent, start_ms }).await;
+        let held = std::mem::take(&mut self.held);
+        if held.is_empty() {
+            self.started_due = Some(Instant::now() + STARTED_COMPANY);
+        }
+        for event in held {
             self.send(event).await;
         }
     }
@@ -227,6 +191,8 @@ impl Forwarder {
 
     /// Adds an event to the batch; stores the batch once it is large enough.
     async fn queue(&mut self, body: EventBody) {
+        // Company for `started`: the batch is due by the usual rule now.
+        self.started_due = None;
         self.batch_bytes += size_of(&body);
         self.batch.push(body);
         if self.batch_bytes >= BATCH_BYTES {
@@ -237,6 +203,7 @@ impl Forwarder {
     /// Stores the waiting batch in one transaction, then publishes its events in order.
     pub(super) async fn flush(&mut self) {
         self.batch_bytes = 0;
+        self.started_due = None;
         let bodies = std::mem::take(&mut self.batch);
         if bodies.is_empty() {
             return;
@@ -251,25 +218,8 @@ impl Forwarder {
             })
             .await;
         match stored {
-            Ok(events) => self.publisher.publish(&self.inner, id, events).await,
+            Ok(events) => publish(&self.inner, id, events).await,
             Err(e) => tracing::warn!(execution = id, events = n, error = %e, "cannot store events"),
-        }
-    }
-
-    /// Stores an event after the waiting batch (store first: it assigns the sequence
-    /// number), then publishes it.
-    async fn emit(&mut self, body: EventBody) {
-        self.flush().await;
-        let id = self.id.as_str();
-        let stored = self
-            .inner
-            .store_write("an event", id, || {
-                self.inner.store.append_event(id, body.clone())
-            })
-            .await;
-        match stored {
-            Ok(event) => self.publisher.publish(&self.inner, id, vec![event]).await,
-            Err(e) => tracing::warn!(execution = id, error = %e, "cannot store an event"),
         }
     }
 }

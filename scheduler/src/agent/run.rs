@@ -370,7 +370,6 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
     // Whatever waits is stored and published before the caller finishes the execution:
     // `finished` stays the last event.
     forwarder.flush().await;
-    forwarder.published().await;
     outcome
 }
 

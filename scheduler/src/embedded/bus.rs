@@ -216,10 +216,6 @@ impl Bus for EmbeddedBus {
         Ok(())
     }
 
-    fn publishes_in_place(&self) -> bool {
-        true
-    }
-
     async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError> {
         self.inner.events.send(BusEvent::Live(event));
         Ok(())
