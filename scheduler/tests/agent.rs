@@ -144,6 +144,9 @@ impl Drop for CgroupParent {
 struct CountingStore {
     inner: EmbeddedStore,
     writes: std::sync::Mutex<std::collections::HashMap<String, Vec<&'static str>>>,
+    /// Set: the store records a cancel of every execution the moment after
+    /// `mark_running` answered (a cancel decided in between whose bus message is lost).
+    cancel_after_mark: std::sync::atomic::AtomicBool,
 }
 
 impl CountingStore {
@@ -213,7 +216,13 @@ impl Store for CountingStore {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         self.count(id, "mark_running");
-        self.inner.mark_running(id, agent, at).await
+        let record = self.inner.mark_running(id, agent, at).await?;
+        if self.cancel_after_mark.load(Ordering::SeqCst) {
+            self.inner
+                .request_cancel(id, CancelReason::Requested)
+                .await?;
+        }
+        Ok(record)
     }
     async fn mark_finished(
         &self,
@@ -314,6 +323,7 @@ impl Env {
         let counting = Arc::new(CountingStore {
             inner: EmbeddedStore::open(&dir.path().join("store"), keyring()).expect("open store"),
             writes: Default::default(),
+            cancel_after_mark: Default::default(),
         });
         let store: Arc<dyn Store> = counting.clone();
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
@@ -892,6 +902,42 @@ async fn a_cancel_on_the_bus_stops_a_running_execution_and_status_shows_it_live(
         "{:?}",
         result.usage
     );
+    env.close().await;
+}
+
+/// A cancel the store took between `mark_running` and the claim, whose bus message never
+/// came: the agent reads the record beside the run (not before it) and stops the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_stored_right_after_mark_running_stops_the_run_without_a_bus_message() {
+    let env = Env::new("cancelaftermark", 2).await;
+    env.counting.cancel_after_mark.store(true, Ordering::SeqCst);
+    let began = Instant::now();
+    let id = env
+        .submit(
+            "Sys.sleep(30); cat('should not run to the end\\n')",
+            limits(256 * MIB, 120_000),
+        )
+        .await;
+    let record = env.finished(&id, Duration::from_secs(20)).await;
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "the run was not stopped: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(record.state, ExecState::Cancelled, "{record:?}");
+    assert_eq!(record.cancel, Some(CancelReason::Requested));
+    let events = env.events(&id).await;
+    check_log(&id, &events);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(&e.body, EventBody::Stdout(d) if d.data.contains("should not"))),
+        "{events:?}"
+    );
+    let EventBody::Finished(summary) = &events.last().unwrap().body else {
+        unreachable!()
+    };
+    assert_eq!(summary.state, ExecState::Cancelled);
     env.close().await;
 }
 
