@@ -250,6 +250,21 @@ pub trait Bus: Send + Sync + 'static {
 
     /// api → scheduler: an execution was admitted.
     async fn submit(&self, execution_id: &str) -> Result<(), BusError>;
+    /// [`Bus::publish_events`] of an admission's events, then [`Bus::submit`] of the
+    /// execution (`None`: nothing to submit), in that order (a remote bus sends both in
+    /// one round trip). An error may leave the submission unsent: the store is the
+    /// outbox.
+    async fn publish_and_submit(
+        &self,
+        events: Vec<ExecEvent>,
+        execution_id: Option<&str>,
+    ) -> Result<(), BusError> {
+        let published = self.publish_events(events).await;
+        if let Some(id) = execution_id {
+            self.submit(id).await?;
+        }
+        published
+    }
     /// scheduler: the next admitted execution (waits). Taken and acknowledged at once;
     /// prefer [`Bus::take_submitted`] + [`Bus::ack_submitted`].
     async fn next_submitted(&self) -> Result<String, BusError>;

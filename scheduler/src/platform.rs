@@ -290,19 +290,16 @@ impl Platform {
                 for (other, _reason) in cancelled.iter().filter(|(c, _)| *c != id) {
                     self.propagate_cancel(other).await;
                 }
-                for e in events {
-                    let _ = self.bus.publish_event(e).await;
-                }
                 // The answer is the record as admitted (queued, or cancelled at once), as
                 // it was before the scheduler could see it.
                 let admitted = record.public();
-                if !self_cancelled {
-                    // Admitted is admitted: the store is the outbox. If the bus cannot
-                    // take the submission now, the scheduler finds the execution in the
-                    // store on its next reconciliation.
-                    if let Err(e) = self.bus.submit(&id).await {
-                        tracing::warn!(execution = %id, error = %e, "cannot submit on the bus; the scheduler's reconciliation will place it");
-                    }
+                // Its events first, then the submission (one round trip on a remote bus).
+                // Admitted is admitted: the store is the outbox. If the bus cannot take
+                // the submission now, the scheduler finds the execution in the store on
+                // its next reconciliation.
+                let submit = (!self_cancelled).then_some(id.as_str());
+                if let Err(e) = self.bus.publish_and_submit(events, submit).await {
+                    tracing::warn!(execution = %id, error = %e, "cannot publish or submit on the bus; the scheduler's reconciliation will place it");
                 }
                 Ok(admitted)
             }

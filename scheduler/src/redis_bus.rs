@@ -634,7 +634,15 @@ impl Bus for RedisBus {
     }
 
     async fn publish_events(&self, events: Vec<ExecEvent>) -> Result<(), BusError> {
-        if events.is_empty() {
+        self.publish_and_submit(events, None).await
+    }
+
+    async fn publish_and_submit(
+        &self,
+        events: Vec<ExecEvent>,
+        execution_id: Option<&str>,
+    ) -> Result<(), BusError> {
+        if events.is_empty() && execution_id.is_none() {
             return Ok(());
         }
         let key = self.key("events");
@@ -644,6 +652,9 @@ impl Bus for RedisBus {
             let entry = self.event_entry(event)?;
             let fields: Vec<(&str, &[u8])> = entry.iter().map(|(k, v)| (*k, &v[..])).collect();
             pipe.add_command(xadd(&key, maxlen, &fields));
+        }
+        if let Some(id) = execution_id {
+            pipe.add_command(xadd(&self.key("submitted"), None, &[("id", id.as_bytes())]));
         }
         let mut conn = self.inner.conn.clone();
         let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(io)?;

@@ -162,10 +162,20 @@ bus_test!(events_reach_every_subscriber_of_every_process, |b| {
         .await
         .unwrap();
     agent.publish_events(Vec::new()).await.unwrap();
+    // An admission's events and its submission go together, events first.
+    api1.publish_and_submit(vec![event("x", 7, "line 7\n")], Some("x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        within("the submission", api2.next_submitted())
+            .await
+            .unwrap(),
+        "x"
+    );
     // A live-only event (no seq) travels the same way, in order.
     agent.publish_live(usage("x", 4096)).await.unwrap();
     for s in [&mut s1, &mut s2, &mut s3] {
-        for seq in 1..=6 {
+        for seq in 1..=7 {
             let e = next("an event", s).await;
             assert_eq!(
                 e,
