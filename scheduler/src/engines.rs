@@ -133,6 +133,27 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
 /// How many times a server is started on a new port when its port was taken.
 const START_ATTEMPTS: usize = 5;
 
+/// `start` on `port`, then on new ports while the server fails to start (someone else
+/// took its port), at most [`START_ATTEMPTS`] times in all.
+fn on_a_free_port<T>(
+    what: &str,
+    port: u16,
+    mut start: impl FnMut(u16) -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    let mut port = port;
+    let mut attempt = 1;
+    loop {
+        match start(port) {
+            Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
+                tracing::debug!(port, error = %e, "{what} did not start; trying another port");
+                port = free_port()?;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// A private PostgreSQL server: `initdb` in a temporary directory, listening on
 /// 127.0.0.1 only, trust authentication for the `hatchery` role, `fsync=off` (a test
 /// server: a crash of PostgreSQL loses nothing committed, a crash of the machine could). Stopped (immediate shutdown) and removed on drop.
@@ -200,18 +221,11 @@ impl PostgresServer {
                 log: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        let mut attempt = 1;
-        loop {
-            match server.run() {
-                Ok(()) => return Ok(server),
-                Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
-                    tracing::debug!(port = server.port, error = %e, "postgres did not start; trying another port");
-                    server.port = free_port()?;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        on_a_free_port("postgres", port, |port| {
+            server.port = port;
+            server.run()
+        })?;
+        Ok(server)
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -428,18 +442,11 @@ impl RedisServer {
             port,
             child: None,
         };
-        let mut attempt = 1;
-        loop {
-            match server.run() {
-                Ok(()) => return Ok(server),
-                Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
-                    tracing::debug!(port = server.port, error = %e, "redis-server did not start; trying another port");
-                    server.port = free_port()?;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        on_a_free_port("redis-server", port, |port| {
+            server.port = port;
+            server.run()
+        })?;
+        Ok(server)
     }
 
     fn run(&mut self) -> Result<(), EngineError> {
@@ -567,16 +574,9 @@ impl std::fmt::Debug for MotoServer {
 impl MotoServer {
     pub fn start() -> Result<MotoServer, EngineError> {
         let bin = moto_server_bin().ok_or(EngineError::MotoMissing)?;
-        let mut attempt = 1;
-        loop {
-            match MotoServer::start_on(&bin, free_port()?) {
-                Err(e @ EngineError::Failed { .. }) if attempt < START_ATTEMPTS => {
-                    tracing::debug!(error = %e, "moto_server did not start; trying another port");
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
+        on_a_free_port("moto_server", free_port()?, |port| {
+            MotoServer::start_on(&bin, port)
+        })
     }
 
     fn start_on(bin: &Path, port: u16) -> Result<MotoServer, EngineError> {

@@ -284,6 +284,27 @@ pub struct ExecEvent {
     pub body: EventBody,
 }
 
+impl ExecEvent {
+    /// `bodies` as events of `execution_id` numbered from `first`, all stamped `at`.
+    pub fn numbered(
+        execution_id: &str,
+        first: u64,
+        at: Millis,
+        bodies: impl IntoIterator<Item = EventBody>,
+    ) -> Vec<ExecEvent> {
+        bodies
+            .into_iter()
+            .zip(first..)
+            .map(|(body, seq)| ExecEvent {
+                execution_id: execution_id.to_string(),
+                seq,
+                at,
+                body,
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {

@@ -279,17 +279,7 @@ impl PgStore {
         let Some(last) = self.last_seqs.lock().unwrap().get(id).copied() else {
             return Ok(None);
         };
-        let at = now_ms();
-        let events: Vec<ExecEvent> = bodies
-            .iter()
-            .zip(last + 1..)
-            .map(|(body, seq)| ExecEvent {
-                execution_id: id.to_string(),
-                seq,
-                at,
-                body: body.clone(),
-            })
-            .collect();
+        let events = ExecEvent::numbered(id, last + 1, now_ms(), bodies.iter().cloned());
         let seqs: Vec<i64> = events.iter().map(|e| i64_of(e.seq)).collect();
         let sealed = events
             .iter()
@@ -1054,17 +1044,7 @@ impl Store for PgStore {
                     return Err(StoreError::NotFound(id).into());
                 };
                 let first = (last - n + 1) as u64;
-                let at = now_ms();
-                let events: Vec<ExecEvent> = bodies
-                    .into_iter()
-                    .zip(first..)
-                    .map(|(body, seq)| ExecEvent {
-                        execution_id: id.clone(),
-                        seq,
-                        at,
-                        body,
-                    })
-                    .collect();
+                let events = ExecEvent::numbered(&id, first, now_ms(), bodies);
                 me.insert_events(&mut tx, &events).await?;
                 Ok((events, tx))
             }

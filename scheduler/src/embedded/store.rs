@@ -329,17 +329,7 @@ impl State {
         if bodies.is_empty() {
             return Ok(Vec::new());
         }
-        let at = now_ms();
-        let events: Vec<ExecEvent> = bodies
-            .into_iter()
-            .zip(last + 1..)
-            .map(|(body, seq)| ExecEvent {
-                execution_id: id.to_string(),
-                seq,
-                at,
-                body,
-            })
-            .collect();
+        let events = ExecEvent::numbered(id, last + 1, now_ms(), bodies);
         let sync = sync_for(events.iter().map(|e| &e.body));
         self.append_line(disk, id, None, &events, sync)?;
         if let Some(rec) = self.records.get_mut(id) {
