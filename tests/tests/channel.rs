@@ -453,16 +453,24 @@ fn two_running_sandboxes_cannot_reach_each_other() {
         ),
     );
     let mut events = wait_ready(&holder);
-    // Its background `sleep` may still be between fork and exec when `ready` arrives (a
-    // process's command line reads empty while it execs): give it a moment.
+    // The marked process is the one whose argv[0] is the token, once `exec -a` is done:
+    // until then the shells that start it carry the token further along their command
+    // lines, and a process's command line reads empty while it execs.
+    let marked = || {
+        host_processes_with(&token)
+            .iter()
+            .filter(|(_, cmdline)| cmdline.split(' ').next() == Some(token.as_str()))
+            .count()
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while host_processes_with(&token).len() != 1 && Instant::now() < deadline {
+    while marked() != 1 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(
-        host_processes_with(&token).len(),
+        marked(),
         1,
-        "the holding sandbox's marked process runs"
+        "the holding sandbox's marked process runs: {:?}",
+        host_processes_with(&token)
     );
     let visitor = tp.run(hostile(
         &format!(
