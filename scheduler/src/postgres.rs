@@ -50,9 +50,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Attempts of a transaction PostgreSQL aborted for a deadlock or a serialization failure.
 const ATTEMPTS: usize = 5;
-/// Rows of one multi-row insert of events (three parameters each, well below
-/// PostgreSQL's 65,535 parameters of a statement).
-const INSERT_ROWS: usize = 1000;
 
 /// Where and how to reach PostgreSQL.
 #[derive(Debug, Clone)]
@@ -445,20 +442,24 @@ impl PgStore {
         Ok((seqs, bodies))
     }
 
-    /// Inserts `events` with multi-row inserts (at most [`INSERT_ROWS`] rows each).
-    async fn insert_events(&self, tx: &mut Tx, events: &[ExecEvent]) -> Result<(), Failed> {
-        for chunk in events.chunks(INSERT_ROWS) {
-            let mut rows = Vec::with_capacity(chunk.len());
-            for e in chunk {
-                rows.push((e.execution_id.as_str(), i64_of(e.seq), self.seal_event(e)?));
-            }
-            let mut q: QueryBuilder<Postgres> =
-                QueryBuilder::new("INSERT INTO events (execution_id, seq, body) ");
-            q.push_values(rows, |mut b, (id, seq, body)| {
-                b.push_bind(id).push_bind(seq).push_bind(body);
-            });
-            q.build().execute(&mut **tx).await.ctx("appending events")?;
-        }
+    /// Inserts `events` of execution `id` in one statement.
+    async fn insert_events(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        events: &[ExecEvent],
+    ) -> Result<(), Failed> {
+        let (seqs, bodies) = self.sealed_events(events)?;
+        sqlx::query(
+            "INSERT INTO events (execution_id, seq, body) \
+             SELECT $1, e.seq, e.body FROM unnest($2::bigint[], $3::bytea[]) AS e(seq, body)",
+        )
+        .bind(id)
+        .bind(&seqs)
+        .bind(&bodies)
+        .execute(&mut **tx)
+        .await
+        .ctx("appending events")?;
         Ok(())
     }
 
@@ -1045,7 +1046,7 @@ impl Store for PgStore {
                 };
                 let first = (last - n + 1) as u64;
                 let events = ExecEvent::numbered(&id, first, now_ms(), bodies);
-                me.insert_events(&mut tx, &events).await?;
+                me.insert_events(&mut tx, &id, &events).await?;
                 Ok((events, tx))
             }
         })
