@@ -112,14 +112,31 @@ fn send_progress(fraction: f64, message: &str) {
 /// Runs the evaluation path (printing, JSON encoding of common values, warnings,
 /// errors) once in the zygote, so that method caches and lazily-loaded code are filled in
 /// memory every sandbox shares, instead of being copied on write in each of them.
+///
+/// Only the last value of an evaluation is encoded as JSON, and jsonlite dispatches on
+/// the value's type (S4 methods, cached on first use): each common type is therefore the
+/// last value of an evaluation of its own. A child whose value's type was not warmed up
+/// pays ~2 ms and the copy-on-write faults of that first dispatch.
 fn warm_up(engine: &crate::r::REngine) {
     fn discard(_: crate::r::OutputStream, _: &[u8]) {}
     crate::r::set_output_hook(Some(discard));
     for code in [
-        "1L; 2.5; c(a = 1.5, b = 2); \"x\"; TRUE; NULL; list(a = 1, b = \"x\")",
-        "head(cars); summary(c(1, 2, 3)); matrix(1:4, 2); factor(c(\"a\", \"b\"))",
+        "55L",
+        "2.5",
+        "c(a = 1.5, b = 2)",
+        "1:3",
+        "\"x\"",
+        "TRUE",
+        "NA",
+        "NULL",
+        "list(a = 1, b = \"x\", c = list(TRUE, NULL))",
+        "head(cars)",
+        "summary(c(1, 2, 3))",
+        "matrix(1:4, 2)",
+        "factor(c(\"a\", \"b\"))",
+        "Sys.Date()",
         "x <- lm(dist ~ speed, cars); coef(x)",
-        "warning(\"w\"); 1",
+        "message(\"m\"); warning(\"w\"); 1",
         "stop(\"e\")",
     ] {
         let _ = engine.eval(code);
