@@ -174,6 +174,11 @@ fn values_become_json() {
         "'héllo'",
         "x <- rnorm(2e5)",
         "requireNamespace('jsonlite', quietly = TRUE)",
+        "c(a = 1L, b = NA)",
+        "character(0)",
+        "'a\\bb\\fc\\001'",
+        "c(0.1 + 0.2, 1e-20, 100000, NA, -Inf)",
+        "NA_character_",
     ]);
     let json = |i: usize| r[i]["outcome"]["value_json"].as_str().map(str::to_string);
     let parsed = |i: usize| serde_json::from_str::<Value>(&json(i).unwrap()).unwrap();
@@ -198,6 +203,13 @@ fn values_become_json() {
         parsed(4);
     }
     assert_eq!(parsed(5), serde_json::json!("héllo"));
+    // Plain vectors are encoded by Hatchery itself, exactly as jsonlite would: names
+    // dropped, NA numbers as the string "NA", one element unboxed.
+    assert_eq!(json(8).unwrap(), "[1,\"NA\"]");
+    assert_eq!(json(9).unwrap(), "[]");
+    assert_eq!(json(10).unwrap(), "\"a\\bb\\fc\\u0001\"");
+    assert_eq!(json(11).unwrap(), "[0.3,1e-20,100000,\"NA\",\"-Inf\"]");
+    assert_eq!(json(12).unwrap(), "null");
     assert_eq!(r[5]["stdout"], "[1] \"héllo\"\n");
     // Too large to serialise: no JSON, but the class is known.
     assert!(r[6]["outcome"]["value_json"].is_null());
