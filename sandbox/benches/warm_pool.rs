@@ -41,7 +41,12 @@
 //!    the writes that follow it, in a cgroup parent of the bench's own, removed after. On
 //!    a cgroup v2 host it is not measured, and the output says so.
 //! 6. throughput: a pool of the default size, no package preloaded (the platform's
-//!    default), K threads claiming `sum(1:10)` back to back.
+//!    default), K threads claiming `sum(1:10)` back to back; once with the pool's refill
+//!    as it is (several sandboxes on their way at once, `PoolConfig::forks_in_flight`)
+//!    and once with one fork at a time (the refill before), one after the other.
+//! 7. burst: N claims (default 100) at the same moment on a full pool of P (default 8):
+//!    the distribution of claim asked → first user statement, whose tail is the refill
+//!    rate; with several forks in flight and with one at a time.
 //!
 //! Must run as root. Exits 0 unless something errors; a missed target is printed, not
 //! failed. Nothing is left behind: the floor's cgroup and process, the attach cgroups and
@@ -59,7 +64,7 @@ use std::time::{Duration, Instant};
 
 use hatchery_sandbox::cgroup::{CgroupRoot, CgroupVersion, SandboxCgroup, V1_CONTROLLERS};
 use hatchery_sandbox::pool::{
-    Event, ExecRequest, ExecStatus, Execution, Pool, PoolConfig, Timings,
+    Event, ExecRequest, ExecStatus, Execution, Pool, PoolConfig, Timings, FORKS_IN_FLIGHT,
 };
 use hatchery_sandbox::zygote::server::Language;
 use hatchery_sandbox::{Limits, DEFAULT_ROOTFS};
@@ -159,6 +164,8 @@ struct Config {
     seconds: f64,
     threads: Vec<usize>,
     tp_pool: usize,
+    burst: usize,
+    burst_pool: usize,
     wake: usize,
     wake_gap: Duration,
     rcu: usize,
@@ -181,6 +188,8 @@ options (each also read from the environment variable named in brackets; a flag 
                     [HATCHERY_BENCH_THREADS]
   --tp-pool P       pool size of the throughput run (default: PoolConfig's, 2)
                     [HATCHERY_BENCH_TP_POOL]
+  --burst N         simultaneous claims of the burst (default 100)  [HATCHERY_BENCH_BURST]
+  --burst-pool P    pool size of the burst (default 8)  [HATCHERY_BENCH_BURST_POOL]
   --wake N          vCPU wake-up samples per variant per warm round (default 2)
                     [HATCHERY_BENCH_WAKE]
   --wake-gap-ms G   idle time before each wake-up sample (default 20)
@@ -200,12 +209,14 @@ environment:
   HATCHERY_ZYGOTE   the hatchery-zygote binary (default: the one cargo built)";
 
 /// The flags, and the environment variable each one may also come from.
-const FLAGS: [(&str, &str); 10] = [
+const FLAGS: [(&str, &str); 12] = [
     ("--warm", "HATCHERY_BENCH_WARM"),
     ("--cold", "HATCHERY_BENCH_COLD"),
     ("--seconds", "HATCHERY_BENCH_SECONDS"),
     ("--threads", "HATCHERY_BENCH_THREADS"),
     ("--tp-pool", "HATCHERY_BENCH_TP_POOL"),
+    ("--burst", "HATCHERY_BENCH_BURST"),
+    ("--burst-pool", "HATCHERY_BENCH_BURST_POOL"),
     ("--wake", "HATCHERY_BENCH_WAKE"),
     ("--wake-gap-ms", "HATCHERY_BENCH_WAKE_GAP_MS"),
     ("--rcu", "HATCHERY_BENCH_RCU"),
@@ -219,6 +230,8 @@ fn parse_args() -> Result<Config, String> {
         cold: 8,
         seconds: 10.0,
         threads: vec![4],
+        burst: 100,
+        burst_pool: 8,
         tp_pool: PoolConfig::new(Language::R { packages: vec![] }, PathBuf::new()).size,
         wake: 2,
         wake_gap: Duration::from_millis(20),
@@ -274,6 +287,8 @@ fn parse_args() -> Result<Config, String> {
             "--warm" => cfg.warm = int(&flag, &v)?,
             "--cold" => cfg.cold = int(&flag, &v)?,
             "--tp-pool" => cfg.tp_pool = int(&flag, &v)?,
+            "--burst" => cfg.burst = int(&flag, &v)?,
+            "--burst-pool" => cfg.burst_pool = int(&flag, &v)?,
             "--wake" => cfg.wake = int(&flag, &v)?,
             "--rcu" => cfg.rcu = int(&flag, &v)?,
             "--wake-gap-ms" => cfg.wake_gap = Duration::from_millis(int(&flag, &v)? as u64),
@@ -1221,6 +1236,7 @@ fn attach_once(parent: &mut AttachParent, gap: Duration) -> Result<AttachSample,
 
 struct Throughput {
     threads: usize,
+    in_flight: usize,
     pool_size: usize,
     elapsed_s: f64,
     done: usize,
@@ -1235,9 +1251,10 @@ struct Throughput {
 /// (claim → result, claim → first statement, queued, when the result arrived)
 type TpSample = (f64, f64, f64, Instant);
 
-fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
+fn throughput(cfg: &Config, threads: usize, in_flight: usize) -> Result<Throughput, String> {
     let mut pc = pool_config(cfg, &SUM, cfg.tp_pool);
     pc.claim_timeout = Duration::from_secs(60);
+    pc.forks_in_flight = in_flight;
     let pool = Pool::start(pc).map_err(|e| format!("throughput pool: {e}"))?;
     pool.wait_ready(cfg.tp_pool, Duration::from_secs(180))
         .map_err(|e| format!("throughput pool: {e}"))?;
@@ -1287,6 +1304,7 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
     drop(pool);
     Ok(Throughput {
         threads,
+        in_flight,
         pool_size: cfg.tp_pool,
         elapsed_s,
         done: results.len(),
@@ -1296,6 +1314,66 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Throughput, String> {
         waited: results.iter().filter(|r| r.2 > 1.0).count(),
         failures: failures.into_inner().unwrap(),
         forked,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Burst.
+
+struct Burst {
+    in_flight: usize,
+    pool_size: usize,
+    /// Each claim: asked → its first user statement (`queued_ms` + `start_ms`).
+    first_statement_ms: Vec<f64>,
+    /// Asked → the result.
+    result_ms: Vec<f64>,
+    /// Asked → the last of the claims' first statements.
+    all_started_ms: f64,
+    failures: Vec<String>,
+}
+
+/// `cfg.burst` claims of `sum(1:10)` at the same moment on a full pool of
+/// `cfg.burst_pool`: all but the pool's first sandboxes wait for refills.
+fn burst(cfg: &Config, in_flight: usize) -> Result<Burst, String> {
+    let mut pc = pool_config(cfg, &SUM, cfg.burst_pool);
+    pc.claim_timeout = Duration::from_secs(120);
+    pc.forks_in_flight = in_flight;
+    let pool = Pool::start(pc).map_err(|e| format!("burst pool: {e}"))?;
+    pool.wait_ready(cfg.burst_pool, Duration::from_secs(180))
+        .map_err(|e| format!("burst pool: {e}"))?;
+    // As a request reaching an idle pool: its background work is over.
+    std::thread::sleep(cfg.settle.max(Duration::from_millis(100)));
+    let barrier = std::sync::Barrier::new(cfg.burst);
+    let samples: Mutex<Vec<(f64, f64)>> = Mutex::new(Vec::new());
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let pending: Mutex<Vec<Execution>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..cfg.burst {
+            scope.spawn(|| {
+                barrier.wait();
+                match warm_run(&pool, SUM.code, SUM.expect, false) {
+                    Ok((s, _, exec)) => {
+                        let first = s.timings.queued_ms + s.timings.start_ms.unwrap_or(f64::NAN);
+                        samples.lock().unwrap().push((first, s.result_ms));
+                        pending.lock().unwrap().extend(exec);
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            });
+        }
+    });
+    for exec in pending.into_inner().unwrap() {
+        drain(&exec);
+    }
+    drop(pool);
+    let samples = samples.into_inner().unwrap();
+    Ok(Burst {
+        in_flight,
+        pool_size: cfg.burst_pool,
+        all_started_ms: samples.iter().map(|s| s.0).fold(0.0, f64::max),
+        first_statement_ms: samples.iter().map(|s| s.0).collect(),
+        result_ms: samples.iter().map(|s| s.1).collect(),
+        failures: failures.into_inner().unwrap(),
     })
 }
 
@@ -1558,11 +1636,26 @@ fn run(cfg: &Config) -> Result<(), String> {
         if stopped() {
             break;
         }
+        // The pool as it refills now (several sandboxes on their way at once), next to
+        // the one-at-a-time refill it had before.
+        for in_flight in [FORKS_IN_FLIGHT, 1] {
+            eprintln!(
+                "throughput: {k} threads, pool of {}, {in_flight} fork(s) in flight, {} s",
+                cfg.tp_pool, cfg.seconds
+            );
+            tps.push(throughput(cfg, k, in_flight)?);
+        }
+    }
+    let mut bursts = Vec::new();
+    for in_flight in [FORKS_IN_FLIGHT, 1] {
+        if stopped() {
+            break;
+        }
         eprintln!(
-            "throughput: {k} threads, pool of {}, {} s",
-            cfg.tp_pool, cfg.seconds
+            "burst: {} claims at once on a pool of {}, {in_flight} fork(s) in flight",
+            cfg.burst, cfg.burst_pool
         );
-        tps.push(throughput(cfg, k)?);
+        bursts.push(burst(cfg, in_flight)?);
     }
     let load_end = loadavg();
 
@@ -1728,12 +1821,24 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
     for tp in &tps {
         t.section(format!(
-            "6. throughput: {} threads, pool of {} (no package preloaded), no refill wait",
-            tp.threads, tp.pool_size
+            "6. throughput: {} threads, pool of {} (no package preloaded), {} fork(s) in \
+             flight, no refill wait",
+            tp.threads, tp.pool_size, tp.in_flight
         ));
         t.row("claim → result under load", &tp.result_ms);
         t.row("claim → first user statement under load", &tp.start_ms);
         t.row("queued_ms (waiting for a frozen sandbox)", &tp.queued_ms);
+    }
+    for b in &bursts {
+        t.section(format!(
+            "7. burst: {} claims of sum(1:10) at once on a full pool of {}, {} fork(s) in \
+             flight",
+            b.first_statement_ms.len() + b.failures.len(),
+            b.pool_size,
+            b.in_flight
+        ));
+        t.row("claim asked → first user statement", &b.first_statement_ms);
+        t.row("claim asked → result", &b.result_ms);
     }
     t.print();
 
@@ -1778,10 +1883,12 @@ fn run(cfg: &Config) -> Result<(), String> {
     for tp in &tps {
         println!();
         println!(
-            "-- 6. throughput, {} threads, pool of {}: {} executions in {:.2} s = {:.1} \
-             execs/s; {} waited for a sandbox (queued_ms > 1); {} forks; {} failures",
+            "-- 6. throughput, {} threads, pool of {}, {} fork(s) in flight: {} executions in \
+             {:.2} s = {:.1} execs/s; {} waited for a sandbox (queued_ms > 1); {} forks; {} \
+             failures",
             tp.threads,
             tp.pool_size,
+            tp.in_flight,
             tp.done,
             tp.elapsed_s,
             tp.done as f64 / tp.elapsed_s.max(1e-9),
@@ -1790,6 +1897,22 @@ fn run(cfg: &Config) -> Result<(), String> {
             tp.failures.len()
         );
         for f in tp.failures.iter().take(3) {
+            println!("   failure: {f}");
+        }
+    }
+    for b in &bursts {
+        println!();
+        println!(
+            "-- 7. burst on a pool of {}, {} fork(s) in flight: {} claims, the last one's \
+             first statement {:.1} ms after they were asked ({:.1} sandboxes/s); {} failures",
+            b.pool_size,
+            b.in_flight,
+            b.first_statement_ms.len(),
+            b.all_started_ms,
+            b.first_statement_ms.len() as f64 / (b.all_started_ms / 1e3).max(1e-9),
+            b.failures.len()
+        );
+        for f in b.failures.iter().take(3) {
             println!("   failure: {f}");
         }
     }
@@ -1883,13 +2006,42 @@ fn run(cfg: &Config) -> Result<(), String> {
             );
         }
     }
-    for tp in &tps {
+    for pair in tps.chunks(2) {
+        let rate = |tp: &Throughput| tp.done as f64 / tp.elapsed_s.max(1e-9);
+        let [now, before] = pair else { continue };
         println!(
-            "sustained: {:.1} execs/s of sum(1:10), {} threads, pool of {} (no package \
-             preloaded)",
-            tp.done as f64 / tp.elapsed_s.max(1e-9),
-            tp.threads,
-            tp.pool_size
+            "sustained: {:.1} execs/s of sum(1:10) with {} forks in flight vs {:.1} one at a \
+             time: {:.2}×; {} threads, pool of {} (no package preloaded)",
+            rate(now),
+            now.in_flight,
+            rate(before),
+            rate(now) / rate(before).max(1e-9),
+            now.threads,
+            now.pool_size
+        );
+    }
+    if let [now, before] = &bursts[..] {
+        let p = |b: &Burst, q: f64| {
+            let mut v = b.first_statement_ms.clone();
+            v.sort_by(f64::total_cmp);
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                percentile(&v, q)
+            }
+        };
+        println!(
+            "burst of {} on a pool of {}: asked → first statement p50 / p90 / last {:.1} / \
+             {:.1} / {:.1} ms with {} forks in flight vs {:.1} / {:.1} / {:.1} ms one at a time",
+            now.first_statement_ms.len(),
+            now.pool_size,
+            p(now, 0.5),
+            p(now, 0.9),
+            now.all_started_ms,
+            now.in_flight,
+            p(before, 0.5),
+            p(before, 0.9),
+            before.all_started_ms
         );
     }
     for (w, mem) in WORKLOADS.iter().zip(&mems) {

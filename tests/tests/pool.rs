@@ -393,6 +393,31 @@ fn an_idle_pooled_sandbox_holds_under_1_5_mib_of_its_own() {
     tp.finish();
 }
 
+/// Throughput of the refill: a pool filling up has several sandboxes on their way at
+/// once (the zygote forks the next while the last ones are placed and finish their
+/// containment), and every one of them arrives frozen and usable.
+#[test]
+fn a_refill_has_several_sandboxes_on_their_way_at_once() {
+    let tp = r_pool(4);
+    let stats = tp.pool.stats();
+    assert!(
+        stats.most_in_flight >= 2,
+        "one sandbox at a time: {stats:?}"
+    );
+    assert_eq!(stats.failed_forks, 0, "{stats:?}");
+    let dirs = tp.pool.frozen_cgroups();
+    assert_eq!(dirs.len(), 4, "frozen cgroups: {dirs:?}");
+    for d in &dirs {
+        assert!(cgroup_frozen(d), "{} is not frozen", d.display());
+    }
+    for i in 0..4 {
+        let ran = tp.run_code(&format!("{i} + 1"));
+        ran.assert_status(ExecStatus::Succeeded);
+        assert_eq!(ran.value(), serde_json::json!(i + 1), "{}", ran.describe());
+    }
+    tp.finish();
+}
+
 /// With the pool full, a claim takes a sandbox forked before it: no fork happens on the
 /// claim path, the wait is negligible.
 #[test]

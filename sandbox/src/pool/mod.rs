@@ -116,6 +116,8 @@ pub struct PoolConfig {
     /// Limits written into each sandbox's cgroup while it is pooled (e.g. the platform's
     /// default policy): a claim asking for exactly these writes nothing on its path.
     pub default_limits: Option<Limits>,
+    /// Sandboxes a refill has on their way at once, at most (1: one after the other).
+    pub forks_in_flight: usize,
 }
 
 impl PoolConfig {
@@ -144,6 +146,7 @@ impl PoolConfig {
             claim_timeout: Duration::from_secs(120),
             binds: Vec::new(),
             default_limits: None,
+            forks_in_flight: FORKS_IN_FLIGHT,
             inotify_instances: 8,
             inotify_watches: 8192,
         }
@@ -264,6 +267,39 @@ pub struct PoolStats {
     /// Zygote starts that failed since the last one that worked.
     pub zygote_failures: u32,
     pub last_error: Option<String>,
+    /// The most sandboxes a refill has had on their way at once (forked or asked of the
+    /// zygote, not yet in the pool).
+    pub most_in_flight: usize,
+}
+
+/// Sandboxes a refill has on their way at once by default (see `Maintainer::refill`).
+pub const FORKS_IN_FLIGHT: usize = 4;
+
+/// A forked sandbox on its way into the pool: in its cgroup, finishing its containment.
+struct Placing {
+    name: String,
+    lifecycle: Lifecycle,
+    cgroup: SandboxCgroup,
+    pidfd: OwnedFd,
+    channel: SandboxChannel,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+impl Placing {
+    /// Kills it and removes its cgroup.
+    fn abandon(self) {
+        crate::run::kill_pidfd(self.pidfd.as_fd());
+        let _ = self.cgroup.destroy();
+    }
+}
+
+/// Why the zygote's answer to a fork request did not become a placed sandbox.
+enum Received {
+    /// That one sandbox failed (the zygote could not fork it, or it could not be placed).
+    Sandbox(PoolError),
+    /// The zygote did not answer as it should.
+    Zygote(PoolError),
 }
 
 /// A frozen sandbox in the pool.
@@ -1250,21 +1286,10 @@ impl Maintainer {
             self.prune_dead();
             let want = self.shared.target.load(Ordering::SeqCst);
             self.trim_to(want);
-            let want = want.max(self.shared.waiting.load(Ordering::SeqCst));
-            while self.shared.queue.lock().unwrap().len() < want
-                && !self.shared.stop.load(Ordering::SeqCst)
-            {
-                match self.fork_one() {
-                    Ok(()) => {}
-                    Err(e) => {
-                        self.shared.stats.lock().unwrap().failed_forks += 1;
-                        self.shared
-                            .note_error(format!("fork of a sandbox failed: {e}"));
-                        if self.zygote_dead() {
-                            self.zygote = None;
-                        }
-                        break;
-                    }
+            if let Err(e) = self.refill() {
+                self.sandbox_failed(&e);
+                if self.zygote_dead() {
+                    self.zygote = None;
                 }
             }
             if self.zygote.is_none() {
@@ -1484,37 +1509,227 @@ impl Maintainer {
         }
     }
 
-    /// Forks one sandbox, places it in its cgroup, lets it finish containment, freezes
-    /// it and adds it to the pool.
-    fn fork_one(&mut self) -> Result<(), PoolError> {
+    /// How many more sandboxes the pool wants now (its size, or the claims waiting).
+    fn missing(&self) -> usize {
+        let want = self
+            .shared
+            .target
+            .load(Ordering::SeqCst)
+            .max(self.shared.waiting.load(Ordering::SeqCst));
+        want.saturating_sub(self.shared.queue.lock().unwrap().len())
+    }
+
+    /// Refills the pool, with up to `forks_in_flight` sandboxes on their way at once:
+    /// the zygote forks the next one while the last ones wait for their cgroup attach
+    /// (on cgroup v1 the first attach after a quiet spell waits for an RCU grace period)
+    /// and finish their containment in their own processes. Each sandbox goes to the
+    /// pool as soon as it is ready and frozen; the number asked follows demand as it
+    /// changes meanwhile. A sandbox that fails is cleaned up and counted, and no new one
+    /// is asked after it; `Err` means the zygote itself did not answer as it should.
+    fn refill(&mut self) -> Result<(), PoolError> {
+        let timeout = self.shared.config.start_timeout;
+        // Asked of the zygote, in order (it answers in order), with their deadlines.
+        let mut asked: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut placing: Vec<(Placing, Instant)> = Vec::new();
+        let mut failed = false;
+        let result = loop {
+            while !failed
+                && !self.shared.stop.load(Ordering::SeqCst)
+                && asked.len() + placing.len()
+                    < self
+                        .shared
+                        .config
+                        .forks_in_flight
+                        .max(1)
+                        .min(self.missing())
+            {
+                match self.ask_fork() {
+                    Ok(slot) => {
+                        asked.push_back((slot, Instant::now() + timeout));
+                        let mut st = self.shared.stats.lock().unwrap();
+                        st.most_in_flight = st.most_in_flight.max(asked.len() + placing.len());
+                    }
+                    Err(e) => {
+                        failed = true;
+                        self.sandbox_failed(&e);
+                    }
+                }
+            }
+            if asked.is_empty() && placing.is_empty() {
+                break Ok(());
+            }
+            // Every sandbox that is ready goes to the pool now.
+            let mut i = 0;
+            while i < placing.len() {
+                match placing[i].0.channel.try_ready() {
+                    Ok(false) => i += 1,
+                    Ok(true) => {
+                        let (p, _) = placing.swap_remove(i);
+                        if let Err(e) = self.pool_it(p) {
+                            failed = true;
+                            self.sandbox_failed(&e);
+                        }
+                    }
+                    Err(e) => {
+                        let (p, _) = placing.swap_remove(i);
+                        p.abandon();
+                        failed = true;
+                        self.sandbox_failed(&e.into());
+                    }
+                }
+            }
+            // Those past their deadline are abandoned; a zygote past its own stops it all.
+            let now = Instant::now();
+            if asked.front().is_some_and(|(_, due)| now >= *due) {
+                break Err(PoolError::Zygote("no answer to a fork request".into()));
+            }
+            let mut i = 0;
+            while i < placing.len() {
+                if now >= placing[i].1 {
+                    let (p, _) = placing.swap_remove(i);
+                    p.abandon();
+                    failed = true;
+                    self.sandbox_failed(&PoolError::Channel(FrameError::Unexpected {
+                        expected: "ready",
+                        received: format!("nothing within {timeout:?}"),
+                    }));
+                } else {
+                    i += 1;
+                }
+            }
+            if asked.is_empty() && placing.is_empty() {
+                continue;
+            }
+            // Wait for the zygote's next answer or a sandbox's ready.
+            let due = asked
+                .iter()
+                .map(|(_, d)| *d)
+                .chain(placing.iter().map(|(_, d)| *d))
+                .min()
+                .unwrap_or(now);
+            let zygote_ready = {
+                let Some(z) = self.zygote.as_ref() else {
+                    break Err(PoolError::Zygote("not running".into()));
+                };
+                let mut fds: Vec<PollFd> = Vec::with_capacity(1 + placing.len());
+                if !asked.is_empty() {
+                    fds.push(PollFd::new(z.ctl.fd(), PollFlags::POLLIN));
+                }
+                fds.extend(
+                    placing
+                        .iter()
+                        .map(|(p, _)| PollFd::new(p.channel.fd(), PollFlags::POLLIN)),
+                );
+                let ms = due
+                    .saturating_duration_since(now)
+                    .as_millis()
+                    .clamp(1, 60_000);
+                let _ = poll(
+                    &mut fds,
+                    PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX),
+                );
+                !asked.is_empty() && fds[0].revents().is_some_and(|r| !r.is_empty())
+            };
+            if zygote_ready {
+                let (slot, due) = asked.pop_front().expect("a fork was asked");
+                match self.receive_fork(slot) {
+                    Ok(p) => placing.push((p, due)),
+                    Err(Received::Sandbox(e)) => {
+                        failed = true;
+                        self.sandbox_failed(&e);
+                    }
+                    Err(Received::Zygote(e)) => break Err(e),
+                }
+            }
+        };
+        if result.is_err() {
+            for (p, _) in placing {
+                p.abandon();
+            }
+        }
+        result
+    }
+
+    /// Counts and reports a sandbox that could not be added to the pool.
+    fn sandbox_failed(&self, e: &PoolError) {
+        self.shared.stats.lock().unwrap().failed_forks += 1;
+        self.shared
+            .note_error(format!("fork of a sandbox failed: {e}"));
+    }
+
+    /// Asks the zygote for one more sandbox; returns its slot.
+    fn ask_fork(&mut self) -> Result<u64, PoolError> {
         let cfg = &self.shared.config;
-        let timeout = cfg.start_timeout;
         let z = self
             .zygote
             .as_ref()
             .ok_or_else(|| PoolError::Zygote("not running".into()))?;
         self.slot += 1;
-        let slot = self.slot;
-        let mut lifecycle = Lifecycle::default();
         // Each sandbox its own uid, in turn: no two live sandboxes share one.
-        let uid = cfg.uid_first + (slot % cfg.uid_count.max(1) as u64) as u32;
-        z.ctl.request_fork(slot, uid)?;
-        if !wait_readable(z.ctl.fd(), timeout) {
-            return Err(PoolError::Zygote("no answer to a fork request".into()));
-        }
-        let (msg, fds) = z.ctl.recv()?;
-        let [pidfd, chan, stdout, stderr]: [OwnedFd; 4] = match msg {
-            FromZygote::Forked { slot: s } if s == slot => fds
-                .try_into()
-                .map_err(|_| PoolError::Zygote("a fork arrived without its descriptors".into()))?,
-            FromZygote::ForkFailed { error, .. } => return Err(PoolError::Zygote(error)),
-            other => {
-                return Err(PoolError::Channel(FrameError::Unexpected {
-                    expected: "forked",
-                    received: format!("{other:?}"),
-                }))
+        let uid = cfg.uid_first + (self.slot % cfg.uid_count.max(1) as u64) as u32;
+        z.ctl.request_fork(self.slot, uid)?;
+        Ok(self.slot)
+    }
+
+    /// Reads the zygote's answer for `slot` (an answer for an earlier slot, left over
+    /// from a refill that gave up on it, is dropped: its sandbox dies with its
+    /// descriptors), then places the sandbox in a cgroup of its own and lets it finish
+    /// its containment.
+    fn receive_fork(&mut self, slot: u64) -> Result<Placing, Received> {
+        let timeout = self.shared.config.start_timeout;
+        let z = self
+            .zygote
+            .as_ref()
+            .ok_or_else(|| Received::Zygote(PoolError::Zygote("not running".into())))?;
+        let fds = loop {
+            let (msg, fds) = z.ctl.recv().map_err(|e| Received::Zygote(e.into()))?;
+            match msg {
+                FromZygote::Forked { slot: s } if s == slot => break fds,
+                FromZygote::ForkFailed { slot: s, error } if s == slot => {
+                    return Err(Received::Sandbox(PoolError::Zygote(error)))
+                }
+                FromZygote::Forked { slot: s } | FromZygote::ForkFailed { slot: s, .. }
+                    if s < slot =>
+                {
+                    if let Some(pidfd) = fds.first() {
+                        crate::run::kill_pidfd(pidfd.as_fd());
+                    }
+                    if !wait_readable(z.ctl.fd(), timeout) {
+                        return Err(Received::Zygote(PoolError::Zygote(
+                            "no answer to a fork request".into(),
+                        )));
+                    }
+                }
+                other => {
+                    return Err(Received::Zygote(PoolError::Channel(
+                        FrameError::Unexpected {
+                            expected: "forked",
+                            received: format!("{other:?}"),
+                        },
+                    )))
+                }
             }
         };
+        let [pidfd, chan, stdout, stderr]: [OwnedFd; 4] = fds.try_into().map_err(|_| {
+            Received::Zygote(PoolError::Zygote(
+                "a fork arrived without its descriptors".into(),
+            ))
+        })?;
+        self.place(pidfd, chan, stdout, stderr)
+            .map_err(Received::Sandbox)
+    }
+
+    /// Puts a forked sandbox in a cgroup of its own (with the pool's default limits) and
+    /// tells it so: it then finishes its containment and reports ready.
+    fn place(
+        &self,
+        pidfd: OwnedFd,
+        chan: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<Placing, PoolError> {
+        let cfg = &self.shared.config;
+        let mut lifecycle = Lifecycle::default();
         lifecycle
             .advance(SandboxEvent::Forked)
             .map_err(|e| PoolError::Io(e.to_string()))?;
@@ -1551,7 +1766,7 @@ impl Maintainer {
         lifecycle
             .advance(SandboxEvent::Placed)
             .map_err(|e| PoolError::Io(e.to_string()))?;
-        let mut channel = SandboxChannel::new(chan);
+        let channel = SandboxChannel::new(chan);
         for pipe in [&stdout, &stderr] {
             // The watcher reads the pipes until they are empty: never block on them.
             let _ = nix::fcntl::fcntl(
@@ -1562,24 +1777,36 @@ impl Maintainer {
         if let Err(e) = channel.placed() {
             return fail(&pidfd, Some(cgroup), e.into());
         }
-        if let Err(e) = channel.wait_for_ready(timeout) {
-            return fail(&pidfd, Some(cgroup), e.into());
-        }
-        if let Err(e) = cgroup.freeze() {
-            return fail(&pidfd, Some(cgroup), e.into());
-        }
-        lifecycle
-            .advance(SandboxEvent::Ready)
-            .map_err(|e| PoolError::Io(e.to_string()))?;
-        let pooled = Pooled {
-            applied: cfg.default_limits,
-            id: name,
+        Ok(Placing {
+            name,
             lifecycle,
             cgroup,
             pidfd,
             channel,
             stdout,
             stderr,
+        })
+    }
+
+    /// Freezes a sandbox that reported ready and adds it to the pool.
+    fn pool_it(&self, mut p: Placing) -> Result<(), PoolError> {
+        if let Err(e) = p.cgroup.freeze() {
+            p.abandon();
+            return Err(e.into());
+        }
+        if let Err(e) = p.lifecycle.advance(SandboxEvent::Ready) {
+            p.abandon();
+            return Err(PoolError::Io(e.to_string()));
+        }
+        let pooled = Pooled {
+            applied: self.shared.config.default_limits,
+            id: p.name,
+            lifecycle: p.lifecycle,
+            cgroup: p.cgroup,
+            pidfd: p.pidfd,
+            channel: p.channel,
+            stdout: p.stdout,
+            stderr: p.stderr,
             frozen_at: Instant::now(),
         };
         self.shared.stats.lock().unwrap().forked += 1;

@@ -240,6 +240,29 @@ impl SandboxChannel {
         self.reader.decoder().next_frame()
     }
 
+    /// Whether the sandbox's `ready` has arrived, without waiting: what the channel holds
+    /// now is read. Its setup error, any other frame or a closed channel is an error.
+    pub fn try_ready(&mut self) -> Result<bool, FrameError> {
+        let unexpected = |received: String| FrameError::Unexpected {
+            expected: "ready",
+            received,
+        };
+        loop {
+            match self.next_frame() {
+                Ok(Some(FromSandbox::Ready)) => return Ok(true),
+                Ok(Some(other)) => return Err(unexpected(format!("{other:?}"))),
+                Ok(None) => {}
+                Err(v) => return Err(unexpected(v.to_string())),
+            }
+            match self.read() {
+                Ok(ReadOutcome::Data(_)) => {}
+                Ok(ReadOutcome::WouldBlock) => return Ok(false),
+                Ok(ReadOutcome::Closed) => return Err(FrameError::Closed),
+                Err(v) => return Err(unexpected(v.to_string())),
+            }
+        }
+    }
+
     /// Waits (up to `timeout`) for the sandbox's `ready`; its setup error, anything else
     /// or nothing is an error.
     pub fn wait_for_ready(&mut self, timeout: Duration) -> Result<(), FrameError> {
