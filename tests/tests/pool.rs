@@ -418,6 +418,56 @@ fn a_refill_has_several_sandboxes_on_their_way_at_once() {
     tp.finish();
 }
 
+/// `sandbox eval` is a one-off: one sandbox from a zygote that prepared nothing for
+/// further forks, R's JIT on for the user's code as in any R session, the result and
+/// the documented exit codes, and nothing left behind.
+#[test]
+fn sandbox_eval_runs_a_one_off_and_leaves_nothing() {
+    require_root();
+    let cgroups = CgroupParent::new();
+    let eval = |code: &str| {
+        Command::new(hatchery_tests::sandbox_bin())
+            .args(["eval", "--packages", "stats", "--cgroup-parent"])
+            .arg(&cgroups.rel)
+            .arg("--rootfs")
+            .arg(rootfs())
+            .args(["--json", "-e", code])
+            .output()
+            .expect("run sandbox eval")
+    };
+    let out = eval("f <- function(n) { s <- 0; for (i in seq_len(n)) s <- s + i; s }; cat(f(10)); compiler::enableJIT(-1)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "stdout" && e["data"] == "55"),
+        "{stdout}"
+    );
+    let finished = events.last().expect("events");
+    assert_eq!(finished["event"], "finished", "{stdout}");
+    // R's default JIT level (3) while user code runs.
+    assert_eq!(finished["outcome"]["value_json"], "3", "{stdout}");
+
+    let out = eval("stop('boom')");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    cgroups.assert_empty("after sandbox eval");
+}
+
 /// With the pool full, a claim takes a sandbox forked before it: no fork happens on the
 /// claim path, the wait is negligible.
 #[test]

@@ -46,6 +46,9 @@ struct Args {
     message_queues: u64,
     #[arg(long, default_value_t = 1024)]
     pending_signals: u64,
+    /// Fork one sandbox, once: prepare nothing for many forks.
+    #[arg(long)]
+    one_off: bool,
 }
 
 fn main() {
@@ -91,5 +94,6 @@ fn main() {
             },
         },
         ctl_fd: args.ctl_fd,
+        one_off: args.one_off,
     })
 }

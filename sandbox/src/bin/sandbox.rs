@@ -40,7 +40,8 @@ enum Command {
     /// its output passed --output-limit; 127 when the command was not found, 126 when it
     /// could not be executed; 125 when the sandbox could not be set up.
     Run(Box<RunArgs>),
-    /// Run code through a warm pool (a zygote forks a contained sandbox; R by default).
+    /// Run code once (R by default): a zygote that prepares nothing for further forks
+    /// forks one contained sandbox (--pool-size does not apply).
     ///
     /// Exit code: 0 succeeded; 1 the code failed (error, non-zero exit); 137 killed at
     /// the memory limit; 124 timed out; 122 output limit; 125 the pool could not start.
@@ -494,11 +495,12 @@ fn cmd_eval(args: EvalArgs) -> Result<i32> {
     } else {
         args.code.clone()
     };
+    // A one-off: no sandbox kept ready, none forked after the claim, and a zygote that
+    // prepares nothing for forks it will not make.
     let mut cfg = pool_config(&args.pool)?;
-    cfg.size = 1;
+    cfg.size = 0;
+    cfg.one_off = true;
     let pool = Pool::start(cfg).context("cannot start the pool")?;
-    pool.wait_ready(1, Duration::from_secs(120))
-        .context("the pool did not become ready")?;
     let mut req = ExecRequest::new(code);
     req.limits = Limits {
         memory_bytes: args.memory,

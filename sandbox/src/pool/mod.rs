@@ -118,6 +118,9 @@ pub struct PoolConfig {
     pub default_limits: Option<Limits>,
     /// Sandboxes a refill has on their way at once, at most (1: one after the other).
     pub forks_in_flight: usize,
+    /// The pool serves one claim, once (`sandbox eval`): its zygote prepares nothing for
+    /// many forks (see `ZygoteConfig::one_off`). Use it with `size` 0.
+    pub one_off: bool,
 }
 
 impl PoolConfig {
@@ -147,6 +150,7 @@ impl PoolConfig {
             binds: Vec::new(),
             default_limits: None,
             forks_in_flight: FORKS_IN_FLIGHT,
+            one_off: false,
             inotify_instances: 8,
             inotify_watches: 8192,
         }
@@ -1430,6 +1434,9 @@ impl Maintainer {
             .arg(cfg.rlimits.pending_signals.to_string());
         for b in &cfg.binds {
             cmd.arg("--rebind").arg(&b.target);
+        }
+        if cfg.one_off {
+            cmd.arg("--one-off");
         }
         match &cfg.language {
             Language::R { packages } => {

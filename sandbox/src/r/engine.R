@@ -17,24 +17,38 @@ have_jsonlite <- FALSE
 # The .Call routines registered by Rust, filled in by init().
 native <- NULL
 
-init <- function(native_routines) {
+# A one-off's JIT level for user code (init() sets it; NULL in a zygote): there the
+# engine's own functions run uncompiled — compiling them would cost more than running
+# them once — and R's JIT is switched on only while user code runs.
+user_jit <- NULL
+
+# `for_forks`: this R will fork many children (a zygote), so everything they share is
+# prepared once here; FALSE for a one-off, which prepares nothing it would use once.
+init <- function(native_routines, for_forks = TRUE) {
   native <<- native_routines
   have_jsonlite <<- isTRUE(suppressWarnings(suppressPackageStartupMessages(
     requireNamespace("jsonlite", quietly = TRUE))))
-  # Byte-compile everything here now, in the zygote: otherwise R's JIT compiles
-  # evaluate() during the first evaluation of every forked child (~30-60 ms each).
   env <- parent.env(environment())
-  for (name in ls(env, all.names = TRUE)) {
-    f <- get(name, envir = env, inherits = FALSE)
-    if (is.function(f)) assign(name, compiler::cmpfun(f), envir = env)
+  if (for_forks) {
+    # Byte-compile everything here now, in the zygote: otherwise R's JIT compiles
+    # evaluate() during the first evaluation of every forked child (~30-60 ms each).
+    # A one-off leaves it to the JIT, which compiles only what the execution calls.
+    for (name in ls(env, all.names = TRUE)) {
+      f <- get(name, envir = env, inherits = FALSE)
+      if (is.function(f)) assign(name, compiler::cmpfun(f), envir = env)
+    }
+  } else {
+    user_jit <<- compiler::enableJIT(0)
   }
   hatchery <- attach(NULL, name = "hatchery")
   assign("progress", get("progress", envir = env), envir = hatchery)
   lockEnvironment(hatchery, bindings = TRUE)
-  # Run the evaluator once so whatever it touches on first use is loaded before fork.
-  evaluate <- get("evaluate", envir = env)
-  evaluate("invisible(NULL)")
-  evaluate("stop('warm-up')")
+  if (for_forks) {
+    # Run the evaluator once so whatever it touches on first use is loaded before fork.
+    evaluate <- get("evaluate", envir = env)
+    evaluate("invisible(NULL)")
+    evaluate("stop('warm-up')")
+  }
   invisible(NULL)
 }
 
@@ -235,6 +249,7 @@ evaluate <- function(code) {
     fun <- if (isS4(value)) methods::show else base::print
     eval(as.call(list(fun, quote(.hatchery_value))), penv)
   }
+  if (!is.null(user_jit)) compiler::enableJIT(user_jit)
   for (i in seq_along(exprs)) {
     if (i == 1L) .Call(native$mark_started)
     expr <- exprs[[i]]
@@ -245,6 +260,7 @@ evaluate <- function(code) {
     }, warning = on_warning), error = function(e) failure <<- e)
     if (!is.null(failure)) break
   }
+  if (!is.null(user_jit)) compiler::enableJIT(0)
   out$warnings <- warnings
   if (!is.null(failure)) {
     out$error_kind <- "runtime"

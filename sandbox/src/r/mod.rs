@@ -34,9 +34,9 @@ use std::time::Instant;
 
 use libR_sys::{
     R_BaseEnv, R_CStackLimit, R_CallMethodDef, R_FlushConsole, R_GlobalEnv, R_NilValue,
-    R_PreserveObject, R_ReleaseObject, R_getEmbeddingDllInfo, R_registerRoutines, Rf_allocVector,
-    Rf_asLogical, Rf_findVarInFrame, Rf_initialize_R, Rf_isFunction, Rf_lang1, Rf_lang2,
-    Rf_mkString, Rf_xlength, DL_FUNC, INTEGER, REAL, SEXP, SEXPTYPE,
+    R_PreserveObject, R_ReleaseObject, R_getEmbeddingDllInfo, R_registerRoutines, Rf_ScalarLogical,
+    Rf_allocVector, Rf_asLogical, Rf_findVarInFrame, Rf_initialize_R, Rf_isFunction, Rf_lang1,
+    Rf_lang2, Rf_lang3, Rf_mkString, Rf_xlength, DL_FUNC, INTEGER, REAL, SEXP, SEXPTYPE,
 };
 
 pub use console::{
@@ -140,6 +140,10 @@ pub struct REngineOptions {
     pub packages: Vec<String>,
     /// The floor of R's GC triggers; `None` keeps R's defaults (350k cells, 6 MiB).
     pub gc_trigger_floor: Option<GcTriggerFloor>,
+    /// This R will fork many children (a zygote): the evaluator is byte-compiled and
+    /// warmed up once, for all of them. `false` for a one-off, which would pay for that
+    /// preparation and use it once.
+    pub for_forks: bool,
 }
 
 impl Default for REngineOptions {
@@ -148,6 +152,7 @@ impl Default for REngineOptions {
             r_home: default_r_home(),
             packages: Vec::new(),
             gc_trigger_floor: Some(GcTriggerFloor::default()),
+            for_forks: true,
         }
     }
 }
@@ -314,8 +319,10 @@ impl REngine {
             )
             .map_err(RError::Startup)?,
         );
+        // SAFETY: R is initialised; the new vector is protected at once.
+        let for_forks = scope.protect(unsafe { Rf_ScalarLogical(c_int::from(opts.for_forks)) });
         engine
-            .call_private(c"init", Some(native))
+            .call_private(c"init", &[native, for_forks])
             .map_err(RError::Startup)?;
         Ok(engine)
     }
@@ -336,12 +343,12 @@ impl REngine {
         for package in packages {
             let mut scope = ProtectScope::new();
             let name = scope.protect(ffi::mk_string(package));
-            let failure = self
-                .call_private(c"preload", Some(name))
-                .map_err(|message| RError::Package {
-                    package: package.clone(),
-                    message,
-                })?;
+            let failure =
+                self.call_private(c"preload", &[name])
+                    .map_err(|message| RError::Package {
+                        package: package.clone(),
+                        message,
+                    })?;
             if let Some(message) = ffi::first_string(failure) {
                 return Err(RError::Package {
                     package: package.clone(),
@@ -425,7 +432,7 @@ impl REngine {
             }
             v
         };
-        self.call_private(c"reseed", Some(ints))
+        self.call_private(c"reseed", &[ints])
             .map_err(RError::Eval)?;
         // A zygote may let the kernel reap its children (SIGCHLD ignored); the child must
         // not inherit that, or R's system() and parallel's forks lose their children's
@@ -441,7 +448,7 @@ impl REngine {
         // Run the evaluator once on nothing, so the copy-on-write faults of its first
         // pass through R's heap happen now, before the claim, not after it.
         let nothing = scope.protect(ffi::mk_string("invisible(NULL)"));
-        self.call_private(c"evaluate", Some(nothing))
+        self.call_private(c"evaluate", &[nothing])
             .map_err(RError::Eval)?;
         Ok(())
     }
@@ -454,7 +461,7 @@ impl REngine {
         FIRST_STATEMENT.with(|c| c.set(None));
         let mut scope = ProtectScope::new();
         let code = scope.protect(ffi::mk_string(code));
-        let result = self.call_private(c"evaluate", Some(code));
+        let result = self.call_private(c"evaluate", &[code]);
         let first_statement_at = FIRST_STATEMENT.with(|c| c.get());
         let result = match result {
             Ok(r) => scope.protect(r),
@@ -523,7 +530,7 @@ impl REngine {
 
     /// Calls the function `name` of the private environment with zero or one argument.
     /// The result is unprotected.
-    fn call_private(&self, name: &std::ffi::CStr, arg: Option<SEXP>) -> Result<SEXP, String> {
+    fn call_private(&self, name: &std::ffi::CStr, args: &[SEXP]) -> Result<SEXP, String> {
         let mut scope = ProtectScope::new();
         // SAFETY: the private environment is preserved; the looked-up function is
         // reachable from it; the call is protected while evaluated.
@@ -532,9 +539,11 @@ impl REngine {
             if Rf_isFunction(fun) == libR_sys::Rboolean::FALSE {
                 return Err(format!("internal R function {name:?} is missing"));
             }
-            let call = match arg {
-                Some(arg) => scope.protect(Rf_lang2(fun, arg)),
-                None => scope.protect(Rf_lang1(fun)),
+            let call = match *args {
+                [] => scope.protect(Rf_lang1(fun)),
+                [a] => scope.protect(Rf_lang2(fun, a)),
+                [a, b] => scope.protect(Rf_lang3(fun, a, b)),
+                _ => return Err(format!("internal R function {name:?}: too many arguments")),
             };
             ffi::try_eval(call, self.private_env)
         }

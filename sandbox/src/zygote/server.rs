@@ -75,6 +75,10 @@ pub struct ZygoteConfig {
     pub shape: SandboxShape,
     /// Control socket inherited from the agent.
     pub ctl_fd: RawFd,
+    /// It forks one sandbox, once (`sandbox eval`): nothing is prepared for many forks
+    /// (the evaluator is not byte-compiled ahead or warmed up, the heap not collected or
+    /// settled), since that costs more than it saves once.
+    pub one_off: bool,
 }
 
 /// This sandbox's end of its channel (the hooks of the R runtime write to it); -1 in the
@@ -177,6 +181,7 @@ pub fn serve(config: ZygoteConfig) -> ! {
         Language::R { packages } => {
             let opts = crate::r::REngineOptions {
                 packages: Vec::new(),
+                for_forks: !config.one_off,
                 ..Default::default()
             };
             let engine = match crate::r::REngine::init(&opts) {
@@ -188,8 +193,10 @@ pub fn serve(config: ZygoteConfig) -> ! {
             if let Err(e) = engine.preload(packages) {
                 fatal(&ctl, format!("preload: {e}"));
             }
-            warm_up(&engine);
-            engine.full_gc();
+            if !config.one_off {
+                warm_up(&engine);
+                engine.full_gc();
+            }
             let preload_ms = t.elapsed().as_secs_f64() * 1000.0;
             crate::r::set_progress_hook(Some(send_progress));
             crate::r::set_output_hook(Some(send_output));
