@@ -276,6 +276,9 @@ pub struct PoolStats {
     pub most_in_flight: usize,
 }
 
+/// How long a reaped sandbox's init may take to die before its cgroup is killed.
+const REAP_WAIT: Duration = Duration::from_millis(500);
+
 /// Sandboxes a refill has on their way at once by default (see `Maintainer::refill`).
 pub const FORKS_IN_FLIGHT: usize = 4;
 
@@ -326,9 +329,23 @@ impl Pooled {
     }
 
     /// Kills whatever is left and removes the cgroup.
+    ///
+    /// The sandbox's process is the init of its pid namespace: its death takes every
+    /// other process of the sandbox (all of them in that namespace) with it, and it has
+    /// exited only once they are gone. So once it has, the cgroup is empty and is removed
+    /// without the freeze–kill–thaw round of [`SandboxCgroup::kill_all`] (two freezer
+    /// transitions per sandbox, on the CPUs the next executions want); that round is
+    /// for an init that does not die in time. A frozen sandbox is thawed first (on cgroup
+    /// v1 a frozen process cannot die).
     fn reap(mut self) {
         crate::run::kill_pidfd(self.pidfd.as_fd());
-        let _ = self.cgroup.kill_all();
+        if self.lifecycle.state() != state::SandboxState::Exited {
+            // Pooled (frozen) until now; an execution's sandbox was thawed at its claim.
+            let _ = self.cgroup.thaw();
+        }
+        if !wait_readable(self.pidfd.as_fd(), REAP_WAIT) || !self.cgroup.is_empty() {
+            let _ = self.cgroup.kill_all();
+        }
         let _ = self.lifecycle.advance(SandboxEvent::Reaped);
         let _ = self.cgroup.destroy();
     }
