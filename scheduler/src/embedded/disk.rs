@@ -14,7 +14,9 @@
 //! change, a batch of events — is one line appended to its log, holding the new version
 //! of its record (if the change made one) and the events it added, in one `write`. So a
 //! change costs one append and, when it must be durable before the caller goes on, one
-//! `fdatasync`: no temporary file, no rename, no second file. An admission, which
+//! `fdatasync`: no temporary file, no rename, no second file. The logs of executions not
+//! yet finished stay open (at most [`OPEN_LOGS_MAX`]), so a change does not look up and
+//! open its file again. An admission, which
 //! creates a log, is made durable by appending its line to `admissions.log` as well
 //! (one `fdatasync` of a file that exists, instead of syncing a new file and its
 //! folder); the logs it lists are synced in batches (see [`Disk::append_change`]). A crash loses at most a tail of a log, whole changes only,
@@ -154,7 +156,13 @@ pub struct Disk {
     dir: PathBuf,
     keyring: Keyring,
     creations: Arc<Mutex<Creations>>,
+    /// Logs of executions that are not finished, kept open: a change is then one append
+    /// (and maybe one `fdatasync`) without a path lookup and an open each time.
+    open: Arc<Mutex<HashMap<String, Arc<File>>>>,
 }
+
+/// Logs kept open at most (each is a descriptor of this process).
+const OPEN_LOGS_MAX: usize = 256;
 
 /// Logs created since the last checkpoint (see [`Disk::append_change`]).
 #[derive(Debug, Default)]
@@ -178,6 +186,7 @@ impl Disk {
             dir: dir.to_path_buf(),
             keyring,
             creations: Arc::default(),
+            open: Arc::default(),
         };
         for d in [
             disk.dir.clone(),
@@ -267,12 +276,23 @@ impl Disk {
         check_name("execution id", id)?;
         let path = self.log_path(id);
         let line = self.seal_change(id, n, record, events)?;
-        let mut f = OpenOptions::new()
-            .create(n == 1)
-            .append(true)
-            .mode(FILE_MODE)
-            .open(&path)
-            .map_err(|e| io_err("opening", &path, e))?;
+        let kept = if n == 1 {
+            None
+        } else {
+            self.open.lock().unwrap().get(id).cloned()
+        };
+        let file = match kept {
+            Some(f) => f,
+            None => Arc::new(
+                OpenOptions::new()
+                    .create(n == 1)
+                    .append(true)
+                    .mode(FILE_MODE)
+                    .open(&path)
+                    .map_err(|e| io_err("opening", &path, e))?,
+            ),
+        };
+        let mut f: &File = &file;
         let before = f
             .metadata()
             .map_err(|e| io_err("reading the size of", &path, e))?
@@ -287,6 +307,7 @@ impl Disk {
                 Sync::Later => Ok(()),
             });
         if let Err(e) = written {
+            self.open.lock().unwrap().remove(id);
             // The change failed and the caller hears so: take back whatever of it
             // reached the file, so the next change is line `n` again (best effort; a
             // torn tail is cut when the log is loaded anyway).
@@ -304,6 +325,17 @@ impl Disk {
                 sync_dir(&self.logs_dir())?;
                 c.pending.swap_remove(i);
             }
+        }
+        // A finished execution's log gets no more changes: it is closed.
+        let finished = record.is_some_and(|r| r.state.is_terminal());
+        let mut open = self.open.lock().unwrap();
+        if finished {
+            open.remove(id);
+        } else if !open.contains_key(id) {
+            if open.len() >= OPEN_LOGS_MAX {
+                open.clear();
+            }
+            open.insert(id.to_string(), file);
         }
         Ok(())
     }
@@ -430,6 +462,7 @@ impl Disk {
                 self.checkpoint(&mut c)?;
             }
         }
+        self.open.lock().unwrap().remove(id);
         remove_if_exists(&self.log_path(id))
     }
 
@@ -909,6 +942,7 @@ mod tests {
             dir: PathBuf::new(),
             keyring: keyring(),
             creations: Arc::default(),
+            open: Arc::default(),
         };
         String::from_utf8(disk.seal_events("x", &[event(seq)]).unwrap()).unwrap()
     }
@@ -992,6 +1026,7 @@ mod tests {
             dir: PathBuf::new(),
             keyring: keyring(),
             creations: Arc::default(),
+            open: Arc::default(),
         };
         let mut other = event(2);
         other.execution_id = "y".into();
@@ -1024,6 +1059,7 @@ mod tests {
             dir: PathBuf::new(),
             keyring: keyring(),
             creations: Arc::default(),
+            open: Arc::default(),
         };
         let events: Vec<ExecEvent> = seqs.iter().map(|&s| event(s)).collect();
         String::from_utf8(disk.seal_change("x", n, rec, &events).unwrap()).unwrap()
