@@ -1251,13 +1251,32 @@ struct Throughput {
 /// (claim → result, claim → first statement, queued, when the result arrived)
 type TpSample = (f64, f64, f64, Instant);
 
-fn throughput(cfg: &Config, threads: usize, in_flight: usize) -> Result<Throughput, String> {
-    let mut pc = pool_config(cfg, &SUM, cfg.tp_pool);
-    pc.claim_timeout = Duration::from_secs(60);
+/// A full pool of `size` for `sum(1:10)` with `in_flight` forks in flight, claims waiting
+/// up to `claim_timeout` (`what` names it in errors).
+fn loaded_pool(
+    cfg: &Config,
+    what: &str,
+    size: usize,
+    in_flight: usize,
+    claim_timeout: Duration,
+) -> Result<Pool, String> {
+    let mut pc = pool_config(cfg, &SUM, size);
+    pc.claim_timeout = claim_timeout;
     pc.forks_in_flight = in_flight;
-    let pool = Pool::start(pc).map_err(|e| format!("throughput pool: {e}"))?;
-    pool.wait_ready(cfg.tp_pool, Duration::from_secs(180))
-        .map_err(|e| format!("throughput pool: {e}"))?;
+    let pool = Pool::start(pc).map_err(|e| format!("{what} pool: {e}"))?;
+    pool.wait_ready(size, Duration::from_secs(180))
+        .map_err(|e| format!("{what} pool: {e}"))?;
+    Ok(pool)
+}
+
+fn throughput(cfg: &Config, threads: usize, in_flight: usize) -> Result<Throughput, String> {
+    let pool = loaded_pool(
+        cfg,
+        "throughput",
+        cfg.tp_pool,
+        in_flight,
+        Duration::from_secs(60),
+    )?;
     let forked_before = pool.stats().forked;
     let results: Mutex<Vec<TpSample>> = Mutex::new(Vec::new());
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -1335,12 +1354,13 @@ struct Burst {
 /// `cfg.burst` claims of `sum(1:10)` at the same moment on a full pool of
 /// `cfg.burst_pool`: all but the pool's first sandboxes wait for refills.
 fn burst(cfg: &Config, in_flight: usize) -> Result<Burst, String> {
-    let mut pc = pool_config(cfg, &SUM, cfg.burst_pool);
-    pc.claim_timeout = Duration::from_secs(120);
-    pc.forks_in_flight = in_flight;
-    let pool = Pool::start(pc).map_err(|e| format!("burst pool: {e}"))?;
-    pool.wait_ready(cfg.burst_pool, Duration::from_secs(180))
-        .map_err(|e| format!("burst pool: {e}"))?;
+    let pool = loaded_pool(
+        cfg,
+        "burst",
+        cfg.burst_pool,
+        in_flight,
+        Duration::from_secs(120),
+    )?;
     // As a request reaching an idle pool: its background work is over.
     std::thread::sleep(cfg.settle.max(Duration::from_millis(100)));
     let barrier = std::sync::Barrier::new(cfg.burst);

@@ -1582,44 +1582,39 @@ impl Maintainer {
             if asked.is_empty() && placing.is_empty() {
                 break Ok(());
             }
-            // Every sandbox that is ready goes to the pool now.
-            let mut i = 0;
-            while i < placing.len() {
-                match placing[i].0.channel.try_ready() {
-                    Ok(false) => i += 1,
-                    Ok(true) => {
-                        let (p, _) = placing.swap_remove(i);
-                        if let Err(e) = self.pool_it(p) {
-                            failed = true;
-                            self.sandbox_failed(&e);
-                        }
-                    }
-                    Err(e) => {
-                        let (p, _) = placing.swap_remove(i);
-                        p.abandon();
-                        failed = true;
-                        self.sandbox_failed(&e.into());
-                    }
-                }
-            }
-            // Those past their deadline are abandoned; a zygote past its own stops it all.
+            // Every sandbox that is ready goes to the pool now; one past its deadline, or
+            // that said anything but ready, is abandoned. A zygote past its own deadline
+            // stops it all.
             let now = Instant::now();
-            if asked.front().is_some_and(|(_, due)| now >= *due) {
-                break Err(PoolError::Zygote("no answer to a fork request".into()));
-            }
             let mut i = 0;
             while i < placing.len() {
-                if now >= placing[i].1 {
-                    let (p, _) = placing.swap_remove(i);
-                    p.abandon();
-                    failed = true;
-                    self.sandbox_failed(&PoolError::Channel(FrameError::Unexpected {
+                let outcome = match placing[i].0.channel.try_ready() {
+                    Ok(false) if now < placing[i].1 => {
+                        i += 1;
+                        continue;
+                    }
+                    Ok(false) => Err(PoolError::Channel(FrameError::Unexpected {
                         expected: "ready",
                         received: format!("nothing within {timeout:?}"),
-                    }));
-                } else {
-                    i += 1;
+                    })),
+                    Ok(true) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                let (p, _) = placing.swap_remove(i);
+                let pooled = match outcome {
+                    Ok(()) => self.pool_it(p),
+                    Err(e) => {
+                        p.abandon();
+                        Err(e)
+                    }
+                };
+                if let Err(e) = pooled {
+                    failed = true;
+                    self.sandbox_failed(&e);
                 }
+            }
+            if asked.front().is_some_and(|(_, due)| now >= *due) {
+                break Err(PoolError::Zygote("no answer to a fork request".into()));
             }
             if asked.is_empty() && placing.is_empty() {
                 continue;

@@ -528,7 +528,7 @@ impl REngine {
         }
     }
 
-    /// Calls the function `name` of the private environment with zero or one argument.
+    /// Calls the function `name` of the private environment with up to two arguments.
     /// The result is unprotected.
     fn call_private(&self, name: &std::ffi::CStr, args: &[SEXP]) -> Result<SEXP, String> {
         let mut scope = ProtectScope::new();

@@ -378,6 +378,12 @@ impl Disk {
     fn checkpoint(&self, c: &mut Creations) -> StoreResult<()> {
         for id in &c.pending {
             let path = self.log_path(id);
+            // Most of them are still open (unfinished executions).
+            let kept = self.open.lock().unwrap().get(id).cloned();
+            if let Some(f) = kept {
+                f.sync_data().map_err(|e| io_err("syncing", &path, e))?;
+                continue;
+            }
             match File::open(&path) {
                 Ok(f) => f.sync_data().map_err(|e| io_err("syncing", &path, e))?,
                 // Removed meanwhile (its admission failed).
