@@ -50,6 +50,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Attempts of a transaction PostgreSQL aborted for a deadlock or a serialization failure.
 const ATTEMPTS: usize = 5;
+/// A pooled connection idle for this long is pinged before it is used again.
+const PING_IDLE: Duration = Duration::from_secs(2);
+
+/// The columns [`PgStore::record_of`] reads, in its order.
+macro_rules! rec_cols {
+    () => {
+        "record, last_seq, admitted, state, agent, started_at"
+    };
+}
 
 /// Where and how to reach PostgreSQL.
 #[derive(Debug, Clone)]
@@ -201,9 +210,22 @@ impl PgStore {
             .url
             .parse()
             .map_err(|e| StoreError::Io(format!("the PostgreSQL URL: {e}")))?;
+        // A connection is checked with a ping only after it sat idle for a while (a
+        // server restarted meanwhile would have closed it), not on every acquire: that
+        // would double the round trips of every statement. A connection that broke in
+        // between fails its statement as unavailable, and is dropped.
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| db_err("connecting to PostgreSQL", e))?;
@@ -315,7 +337,9 @@ impl PgStore {
         crate::store::seal_record(&self.keyring, rec)
     }
 
-    /// The record in row `row` (columns record, last_seq, admitted from `at`).
+    /// The record in row `row` (the columns of [`rec_cols!`] from `at`). A record still
+    /// sealed as queued whose row says it runs was started by [`Self::start_simple`]:
+    /// the start is laid over it from the columns.
     fn record_of(
         &self,
         id: &str,
@@ -324,6 +348,11 @@ impl PgStore {
     ) -> StoreResult<ExecutionRecord> {
         let mut rec = self.open_record(id, row.get::<&[u8], _>(at), row.get::<i64, _>(at + 1))?;
         rec.admitted = row.get::<i64, _>(at + 2) as u64;
+        if rec.state == ExecState::Queued && row.get::<&str, _>(at + 3) == "running" {
+            rec.state = ExecState::Running;
+            rec.agent = row.get::<Option<String>, _>(at + 4);
+            rec.started_at = row.get::<Option<i64>, _>(at + 5).map(|t| t.max(0) as u64);
+        }
         Ok(rec)
     }
 
@@ -373,9 +402,11 @@ impl PgStore {
 
     /// The record of `id`, its row locked for the rest of the transaction.
     async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<ExecutionRecord>, Failed> {
-        let row = sqlx::query(
-            "SELECT record, last_seq, admitted FROM executions WHERE id = $1 FOR UPDATE",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            rec_cols!(),
+            " FROM executions WHERE id = $1 FOR UPDATE"
+        ))
         .bind(id)
         .fetch_optional(&mut **tx)
         .await
@@ -478,11 +509,13 @@ impl PgStore {
             .ctx("locking the user")?;
         // The user's active executions, oldest first by admission, rows locked; and the
         // new id's row if it exists (a duplicate, refused).
-        let rows = sqlx::query(
-            "SELECT id, record, last_seq, admitted, state FROM executions \
+        let rows = sqlx::query(concat!(
+            "SELECT id, ",
+            rec_cols!(),
+            " FROM executions \
              WHERE id = $3 OR (org = $1 AND usr = $2 AND state IN ('queued', 'running') \
-             AND cancel IS NULL) ORDER BY admitted FOR UPDATE",
-        )
+             AND cancel IS NULL) ORDER BY admitted FOR UPDATE"
+        ))
         .bind(&new.org)
         .bind(&new.user)
         .bind(&new.id)
@@ -598,6 +631,108 @@ impl PgStore {
         })
     }
 
+    /// `mark_running` in one round trip: the row goes from queued to running (the start
+    /// in its columns, see [`Self::record_of`]) and the counters move, in one statement;
+    /// the counters are locked in name order (`queued` before `running`), as every other
+    /// writer locks them. `None` when the row is not queued without a cancel (nothing was
+    /// written): the full transaction finds out why.
+    async fn start_simple(
+        &self,
+        id: &str,
+        agent: &str,
+        at: Millis,
+    ) -> StoreResult<Option<ExecutionRecord>> {
+        let me = self.clone();
+        let (id, agent) = (id.to_string(), agent.to_string());
+        let row = tokio::spawn(async move {
+            sqlx::query(concat!(
+                "WITH ex AS (UPDATE executions SET state = 'running', agent = $2, started_at = $3 \
+                     WHERE id = $1 AND state = 'queued' AND cancel IS NULL \
+                     RETURNING ", rec_cols!(), "), \
+                 lk AS (SELECT name FROM counters \
+                     WHERE name IN ('queued', 'running') AND EXISTS (SELECT 1 FROM ex) \
+                     ORDER BY name FOR UPDATE), \
+                 c AS (UPDATE counters SET value = value + CASE name WHEN 'queued' THEN -1 ELSE 1 END \
+                     WHERE name IN (SELECT name FROM lk)) \
+                 SELECT ", rec_cols!(), " FROM ex"
+            ))
+            .bind(&id)
+            .bind(&agent)
+            .bind(i64_of(at))
+            .fetch_optional(&me.pool)
+            .await
+            .ctx("marking an execution running")
+            .map(|row| (me, id, row))
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?;
+        match row {
+            Ok((me, id, Some(row))) => Ok(Some(me.record_of(&id, &row, 0)?)),
+            Ok((_, _, None)) => Ok(None),
+            Err(f) if is_retryable(&f.error, &f.sqlstate) => Ok(None),
+            Err(f) => Err(f.error),
+        }
+    }
+
+    /// Admission in one round trip when it cancels nothing (the common case): the new
+    /// record and its `queued` event, sealed here, go to `hatchery_admit_simple`, which
+    /// stores them under the user's lock unless the id exists, the tab has an active
+    /// execution or the user is at the cap. `None` then (nothing was stored): the full
+    /// admission decides.
+    async fn admit_simple(
+        &self,
+        new: &ExecutionRecord,
+        rules: AdmissionRules,
+    ) -> StoreResult<Option<Admission>> {
+        let now = now_ms();
+        let mut rec = new.clone();
+        rec.cancel = None;
+        rec.last_seq = 1;
+        rec.displaces = Vec::new();
+        let event = ExecEvent {
+            execution_id: rec.id.clone(),
+            seq: 1,
+            at: now,
+            body: EventBody::Queued,
+        };
+        let row = sqlx::query(
+            "SELECT outcome, value FROM hatchery_admit_simple($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&rec.id)
+        .bind(&rec.org)
+        .bind(&rec.user)
+        .bind(&rec.tab_id)
+        .bind(i64_of(rec.created_at))
+        .bind(self.seal_record(&rec)?)
+        .bind(self.seal_event(&event)?)
+        .bind(i64::from(rules.max_parallel))
+        .bind(i64_of(rules.max_queued as u64))
+        .fetch_one(&self.pool)
+        .await
+        .ctx("admitting an execution");
+        let row = match row {
+            Ok(row) => row,
+            // A deadlock or serialization failure: the full admission retries.
+            Err(f) if is_retryable(&f.error, &f.sqlstate) => return Ok(None),
+            Err(f) => return Err(f.error),
+        };
+        let value: Option<i64> = row.get(1);
+        match row.get::<&str, _>(0) {
+            "admitted" => {
+                rec.admitted = value.unwrap_or(0).max(0) as u64;
+                Ok(Some(Admission::Admitted {
+                    cancelled: Vec::new(),
+                    record: Box::new(rec),
+                    events: vec![event],
+                }))
+            }
+            "queue_full" => Ok(Some(Admission::QueueFull {
+                queued: value.unwrap_or(0).max(0) as usize,
+            })),
+            _ => Ok(None),
+        }
+    }
+
     /// Marks every running execution of `agent` lost (its host row locked by the caller);
     /// returns their `finished` events.
     async fn lose_host(&self, tx: &mut Tx, agent: &str) -> Result<Vec<ExecEvent>, Failed> {
@@ -606,10 +741,12 @@ impl PgStore {
             .execute(&mut **tx)
             .await
             .ctx("marking a host lapsed")?;
-        let rows = sqlx::query(
-            "SELECT id, record, last_seq, admitted FROM executions \
-             WHERE state = 'running' AND agent = $1 ORDER BY id FOR UPDATE",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT id, ",
+            rec_cols!(),
+            " FROM executions \
+             WHERE state = 'running' AND agent = $1 ORDER BY id FOR UPDATE"
+        ))
         .bind(agent)
         .fetch_all(&mut **tx)
         .await
@@ -735,22 +872,36 @@ impl Store for PgStore {
                 to: ExecState::Queued,
             });
         }
-        self.change(move |me, mut tx| {
-            let record = record.clone();
-            async move {
-                let out = me.admit_tx(&mut tx, &record, rules).await?;
-                Ok((out, tx))
+        // On a task of its own, the full admission included: it completes even if the
+        // caller stops waiting.
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(done) = me.admit_simple(&record, rules).await? {
+                return Ok(done);
             }
+            me.change(move |me, mut tx| {
+                let record = record.clone();
+                async move {
+                    let out = me.admit_tx(&mut tx, &record, rules).await?;
+                    Ok((out, tx))
+                }
+            })
+            .await
         })
         .await
+        .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>> {
-        let row = sqlx::query("SELECT record, last_seq, admitted FROM executions WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_err("reading an execution", e))?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            rec_cols!(),
+            " FROM executions WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_err("reading an execution", e))?;
         row.map(|r| self.record_of(id, &r, 0)).transpose()
     }
 
@@ -772,8 +923,11 @@ impl Store for PgStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<ExecutionRecord>> {
-        let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new("SELECT id, record, last_seq, admitted FROM executions WHERE TRUE");
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(concat!(
+            "SELECT id, ",
+            rec_cols!(),
+            " FROM executions WHERE TRUE"
+        ));
         if let Some(org) = &filter.org {
             q.push(" AND org = ").push_bind(org);
         }
@@ -834,6 +988,10 @@ impl Store for PgStore {
         agent: &str,
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
+        if let Some(rec) = self.start_simple(id, agent, at).await? {
+            self.guess_last_seq(&rec.id, Some(rec.last_seq));
+            return Ok(rec);
+        }
         let (id, agent) = (id.to_string(), agent.to_string());
         let rec = self
             .change(move |me, mut tx| {
@@ -1075,11 +1233,13 @@ impl Store for PgStore {
     }
 
     async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, record, last_seq, admitted FROM executions \
+        let rows = sqlx::query(concat!(
+            "SELECT id, ",
+            rec_cols!(),
+            " FROM executions \
              WHERE state NOT IN ('queued', 'running') AND COALESCE(finished_at, created_at) < $1 \
-             ORDER BY COALESCE(finished_at, created_at), id LIMIT $2",
-        )
+             ORDER BY COALESCE(finished_at, created_at), id LIMIT $2"
+        ))
         .bind(i64_of(before))
         .bind(i64_of(limit as u64))
         .fetch_all(&self.pool)

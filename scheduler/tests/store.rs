@@ -780,6 +780,13 @@ store_test!(state_transitions_are_checked, |b| {
         (a.state, a.agent.as_deref(), a.started_at),
         (ExecState::Running, Some("h1"), Some(100))
     );
+    // Read back, the start is the same (the PostgreSQL store keeps it in columns).
+    let read = get(&store, "a").await;
+    assert_eq!(
+        (read.state, read.agent.as_deref(), read.started_at),
+        (ExecState::Running, Some("h1"), Some(100))
+    );
+    assert_eq!(read, a);
     // Twice: the second runner must not run it.
     assert!(matches!(
         store.mark_running("a", "h2", 101).await,
