@@ -48,6 +48,23 @@ impl BusEvent {
     }
 }
 
+/// A submission on the bus: the execution's id and, after a space, the language it runs,
+/// so that the scheduler can place it without reading the store. The language is a
+/// placement hint only: the agent runs what the store's record says, and runs nothing
+/// that is no longer queued.
+pub fn submission(execution_id: &str, language: &str) -> String {
+    format!("{execution_id} {language}")
+}
+
+/// The execution id and the language hint (if any) of a submission (see [`submission`]).
+pub fn parse_submission(item: &str) -> (&str, Option<&str>) {
+    match item.split_once(' ') {
+        Some((id, language)) if !language.is_empty() => (id, Some(language)),
+        Some((id, _)) => (id, None),
+        None => (item, None),
+    }
+}
+
 /// A message to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -248,8 +265,10 @@ pub trait Bus: Send + Sync + 'static {
     /// Events published from now on (see [`Subscription`]).
     fn subscribe_events(&self) -> Subscription<BusEvent>;
 
-    /// api → scheduler: an execution was admitted.
-    async fn submit(&self, execution_id: &str) -> Result<(), BusError>;
+    /// api → scheduler: an execution was admitted. `item` is its id, or the id and the
+    /// language it runs as [`submission`] writes them (the scheduler then places it
+    /// without reading the store).
+    async fn submit(&self, item: &str) -> Result<(), BusError>;
     /// [`Bus::publish_events`] of an admission's events, then [`Bus::submit`] of the
     /// execution (`None`: nothing to submit), in that order (a remote bus sends both in
     /// one round trip). An error may leave the submission unsent: the store is the
@@ -290,4 +309,17 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish_status(&self, status: HostStatus) -> Result<(), BusError>;
     /// Host statuses published from now on (see [`Subscription`]).
     fn subscribe_status(&self) -> Subscription<HostStatus>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_submission_carries_the_id_and_a_language_hint() {
+        let item = submission("abc123", "r");
+        assert_eq!(parse_submission(&item), ("abc123", Some("r")));
+        assert_eq!(parse_submission("abc123"), ("abc123", None));
+        assert_eq!(parse_submission("abc123 "), ("abc123", None));
+    }
 }

@@ -241,7 +241,9 @@ impl Platform {
         }
         check_tag("tab_id", &req.tab_id)?;
         check_tag("model_id", &req.model_id)?;
+        let began = std::time::Instant::now();
         let policy = self.effective_policy(&who.org, &who.user).await?;
+        tracing::trace!(ms = began.elapsed().as_secs_f64() * 1e3, "policy");
         let limits =
             crate::policy::limits_for(&policy, req.limits.as_ref()).map_err(invalid_limits)?;
 
@@ -272,7 +274,10 @@ impl Platform {
             max_parallel: policy.max_parallel,
             max_queued: self.config.max_queued,
         };
-        match self.store.admit(record, rules).await? {
+        let began = std::time::Instant::now();
+        let admission = self.store.admit(record, rules).await?;
+        tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "admission");
+        match admission {
             Admission::QueueFull { .. } => {
                 if !code_key.is_empty() {
                     let _ = self.objects.delete(&code_key).await;
@@ -297,10 +302,13 @@ impl Platform {
                 // Admitted is admitted: the store is the outbox. If the bus cannot take
                 // the submission now, the scheduler finds the execution in the store on
                 // its next reconciliation.
-                let submit = (!self_cancelled).then_some(id.as_str());
+                let item = crate::bus::submission(&id, &admitted.language);
+                let submit = (!self_cancelled).then_some(item.as_str());
+                let began = std::time::Instant::now();
                 if let Err(e) = self.bus.publish_and_submit(events, submit).await {
                     tracing::warn!(execution = %id, error = %e, "cannot publish or submit on the bus; the scheduler's reconciliation will place it");
                 }
+                tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "submitted on the bus");
                 Ok(admitted)
             }
         }

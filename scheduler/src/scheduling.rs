@@ -137,13 +137,24 @@ pub async fn run_scheduler(
         place_waiting(store.as_ref(), bus.as_ref(), &mut cluster, &mut queue).await?;
         tokio::select! {
             next = submissions.recv() => match next {
-                Some(Ok((id, tag))) => {
+                Some(Ok((item, tag))) => {
+                    let (id, language) = crate::bus::parse_submission(&item);
+                    let id = id.to_string();
                     // Already waiting or sent (the reconciliation found it first).
                     if queue.iter().any(|w| w.id == id) || cluster.is_in_flight(&id) {
                         let _ = bus.ack_submitted(&tag).await;
                         continue;
                     }
-                    match store.get(&id).await {
+                    // Placed on the submission's word: the agent's `mark_running` runs
+                    // it only if it is still queued.
+                    if let Some(language) = language {
+                        queue.push_back(Waiting { id, language: language.to_string(), tag: Some(tag), fresh: true });
+                        continue;
+                    }
+                    let began = std::time::Instant::now();
+                    let read = store.get(&id).await;
+                    tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "read a submission");
+                    match read {
                         Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
                             queue.push_back(Waiting { id, language: r.language, tag: Some(tag), fresh: true });
                         }
@@ -163,10 +174,13 @@ pub async fn run_scheduler(
                 Received::Item(s) => {
                     let agent = s.agent.clone();
                     cluster.observe(s);
-                    // Runs that started or ended since they were sent free their slot.
+                    // Runs that ended since they were sent free their slot (those that
+                    // run are in the status; one the store says runs but the status
+                    // does not list started after the status was made: it still takes
+                    // its slot).
                     for id in cluster.in_flight_on(&agent) {
                         match store.get(&id).await {
-                            Ok(Some(r)) if r.state == ExecState::Queued => {}
+                            Ok(Some(r)) if matches!(r.state, ExecState::Queued | ExecState::Running) => {}
                             Ok(_) => cluster.landed(&id),
                             Err(e) => tracing::debug!(execution = %id, error = %e, "cannot read a sent execution"),
                         }
@@ -287,9 +301,10 @@ async fn place_waiting(
         let cmd = AgentCommand::Run {
             execution_id: w.id.clone(),
         };
+        let began = std::time::Instant::now();
         match bus.send_to_agent(&agent, cmd).await {
             Ok(()) => {
-                tracing::debug!(execution = %w.id, agent = %agent, "placed");
+                tracing::debug!(execution = %w.id, agent = %agent, ms = began.elapsed().as_secs_f64() * 1e3, "placed");
                 cluster.sent(&w.id, &agent, now);
                 // Acted on: the agent's queue holds it now.
                 if let Some(tag) = w.tag {
@@ -415,6 +430,52 @@ mod tests {
         assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e5"));
         assert_eq!(next_run(&bus, "b").await, None);
         assert_eq!(next_run(&bus, "a").await, None);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_status_made_before_a_run_started_does_not_free_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
+        );
+        let bus = Arc::new(EmbeddedBus::new());
+        let task = tokio::spawn(run_scheduler(
+            store.clone(),
+            bus.clone(),
+            bus.subscribe_status(),
+            None,
+        ));
+        bus.publish_status(status("a", 1, 0, now_ms()))
+            .await
+            .unwrap();
+        let rules = AdmissionRules {
+            max_parallel: 10,
+            max_queued: 10,
+        };
+        for n in 1..=2 {
+            store.admit(record(n), rules).await.unwrap();
+            bus.submit(&crate::bus::submission(&format!("e{n}"), "r"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
+        // e1 runs (the store says so), but a's status was made before it started: it
+        // lists nothing. e1 still takes a's only slot: e2 waits.
+        store.mark_running("e1", "a", now_ms()).await.unwrap();
+        bus.publish_status(status("a", 1, 0, now_ms()))
+            .await
+            .unwrap();
+        assert_eq!(next_run(&bus, "a").await, None);
+        // It ended: the slot is free.
+        store
+            .mark_finished("e1", ExecState::Succeeded, None, None, now_ms())
+            .await
+            .unwrap();
+        bus.publish_status(status("a", 1, 0, now_ms()))
+            .await
+            .unwrap();
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e2"));
         task.abort();
     }
 

@@ -87,7 +87,10 @@ async fn submit_stores_encrypted_code_and_queues_with_policy_limits() {
         .unwrap();
     assert!(listed.iter().all(|r| r.code.is_none()), "{listed:?}");
     // The scheduler was told.
-    assert_eq!(f.platform.bus.next_submitted().await.unwrap(), rec.id);
+    assert_eq!(
+        f.platform.bus.next_submitted().await.unwrap(),
+        hatchery_scheduler::bus::submission(&rec.id, &rec.language)
+    );
 
     // Larger code is an object of its own, sealed.
     let large = format!("x <- '{}'", "a".repeat(INLINE_CODE_MAX));
