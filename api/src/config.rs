@@ -72,6 +72,10 @@ pub struct Config {
     /// (`HATCHERY_SCHEDULER_LEASE`): a leader that does not renew it in time stops
     /// placing, and another scheduler takes over.
     pub scheduler_lease: String,
+    /// Threads of the process's async runtime (`HATCHERY_WORKER_THREADS`); 0 (the
+    /// default) = one per CPU. The sandboxes and the claims run on threads of their own
+    /// whatever this is.
+    pub worker_threads: usize,
     pub agent: AgentSection,
     pub platform: PlatformSection,
     pub store: StoreSection,
@@ -171,6 +175,7 @@ impl Default for Config {
             body_limit_bytes: 2 << 20,
             token_ttl: "30d".into(),
             scheduler_lease: "5s".into(),
+            worker_threads: 0,
             agent: AgentSection::default(),
             platform: PlatformSection::default(),
             store: StoreSection::default(),
@@ -221,6 +226,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_BODY_LIMIT", "body_limit_bytes"),
     ("HATCHERY_TOKEN_TTL", "token_ttl"),
     ("HATCHERY_SCHEDULER_LEASE", "scheduler_lease"),
+    ("HATCHERY_WORKER_THREADS", "worker_threads"),
     ("HATCHERY_AGENT_NAME", "agent.name"),
     ("HATCHERY_POOL_SIZE", "agent.pool_size"),
     ("HATCHERY_MAX_POOL_SIZE", "agent.max_pool_size"),
@@ -315,6 +321,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "scheduler_lease must be at least 300ms".into(),
             ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "worker_threads must be at most 1024 (0 = one per CPU), got {}",
+                self.worker_threads
+            )));
         }
         let lease = parse_duration(&self.agent.lease)
             .map_err(|e| ConfigError::Invalid(format!("agent.lease: {e}")))?;
@@ -521,6 +533,15 @@ impl Config {
     }
 
     /// The scheduler's leadership lease (validated at load).
+    /// The process's async runtime, with [`Config::worker_threads`] threads.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if self.worker_threads > 0 {
+            b.worker_threads(self.worker_threads);
+        }
+        b.enable_all().build()
+    }
+
     pub fn scheduler_lease(&self) -> std::time::Duration {
         parse_duration(&self.scheduler_lease).unwrap_or(std::time::Duration::from_secs(5))
     }
@@ -546,6 +567,7 @@ fn setting(key: &str) -> String {
 /// Types an environment value the way the config key expects it.
 fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
     const NUMERIC: &[&str] = &[
+        "worker_threads",
         "body_limit_bytes",
         "agent.pool_size",
         "agent.max_pool_size",
@@ -1046,6 +1068,20 @@ mod tests {
         )
         .unwrap();
         Config::load_from(Some(&file), &BTreeMap::new()).unwrap();
+    }
+
+    #[test]
+    fn worker_threads_are_bounded_and_zero_means_one_per_cpu() {
+        let e = invalid("", &[("HATCHERY_WORKER_THREADS", "5000")]);
+        assert!(e.contains("worker_threads") && e.contains("5000"), "{e}");
+        let env: BTreeMap<String, String> = [("HATCHERY_WORKER_THREADS".into(), "1".into())]
+            .into_iter()
+            .collect();
+        let cfg = Config::load_from(None, &env).unwrap();
+        assert_eq!(cfg.worker_threads, 1);
+        cfg.runtime().unwrap();
+        Config::default().runtime().unwrap();
+        assert_eq!(Config::default().worker_threads, 0);
     }
 
     #[test]

@@ -326,10 +326,7 @@ fn up(config: Option<&Path>) -> anyhow::Result<()> {
         keys = keys.encryption_keys.len(),
         "encryption keys loaded"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = cfg.runtime().context("starting the async runtime")?;
     runtime.block_on(run_up(cfg, agent, keys))
 }
 
@@ -520,10 +517,7 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
     if role == ClusterRole::Agent {
         preflight(&cfg, &agent)?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = cfg.runtime().context("starting the async runtime")?;
     runtime.block_on(async move {
         let keyring = keys
             .keyring()
