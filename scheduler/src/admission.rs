@@ -42,6 +42,9 @@ pub enum Admission {
     },
     /// The platform's queue is full: nothing was stored.
     QueueFull { queued: usize },
+    /// The policies changed since the version the admission was given (see
+    /// [`crate::store::Store::admit_at`]): nothing was stored; read them again.
+    StalePolicy,
 }
 
 /// Queued or running, and not cancel-requested: what counts against the parallelism cap.

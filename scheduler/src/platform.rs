@@ -202,6 +202,9 @@ fn check_tag(name: &str, value: &Option<String>) -> Result<(), PlatformError> {
 /// Executions retention handles per store round trip.
 const EXPIRE_BATCH: usize = 500;
 
+/// Admissions tried with policies read again after the store found them stale.
+const ADMISSION_ATTEMPTS: u32 = 3;
+
 /// Default and largest page of `list`.
 pub const DEFAULT_LIST_LIMIT: usize = 50;
 pub const MAX_LIST_LIMIT: usize = 500;
@@ -220,6 +223,24 @@ impl Platform {
             o.as_ref(),
             u.as_ref(),
         ))
+    }
+
+    /// The effective policy an admission applies, and the version of the policies it
+    /// comes from when the store versions them (`fresh`: read now, and no version).
+    async fn admission_policy(
+        &self,
+        org: &str,
+        user: &str,
+        fresh: bool,
+    ) -> Result<(EffectivePolicy, Option<u64>), PlatformError> {
+        let (o, u, version) = if fresh {
+            let (o, u) = self.store.get_policies(org, user).await?;
+            (o, u, None)
+        } else {
+            self.store.policies_for_admission(org, user).await?
+        };
+        let policy = crate::policy::resolve(&self.config.default_policy, o.as_ref(), u.as_ref());
+        Ok((policy, version))
     }
 
     /// Validates, stores the code (encrypted), and runs admission: the new execution is
@@ -242,10 +263,10 @@ impl Platform {
         check_tag("tab_id", &req.tab_id)?;
         check_tag("model_id", &req.model_id)?;
         let began = std::time::Instant::now();
-        let policy = self.effective_policy(&who.org, &who.user).await?;
+        let (mut policy, mut version) = self.admission_policy(&who.org, &who.user, false).await?;
         tracing::trace!(ms = began.elapsed().as_secs_f64() * 1e3, "policy");
-        let limits =
-            crate::policy::limits_for(&policy, req.limits.as_ref()).map_err(invalid_limits)?;
+        let asked = req.limits;
+        let limits = crate::policy::limits_for(&policy, asked.as_ref()).map_err(invalid_limits)?;
 
         let id = uuid::Uuid::new_v4().simple().to_string();
         // Small code travels in the record; larger code is an object.
@@ -256,7 +277,7 @@ impl Platform {
             self.objects.put(&key, req.code.into_bytes()).await?;
             (key, None)
         };
-        let record = ExecutionRecord {
+        let mut record = ExecutionRecord {
             tab_id: req.tab_id,
             model_id: req.model_id,
             code_key: code_key.clone(),
@@ -270,19 +291,68 @@ impl Platform {
                 now_ms(),
             )
         };
-        let rules = AdmissionRules {
-            max_parallel: policy.max_parallel,
-            max_queued: self.config.max_queued,
+        // The policies may have changed since they were read (another node's write):
+        // then the store refuses, and they are read again; the last attempt reads them
+        // in full and is not checked (as a policy written just after it).
+        let mut attempt = 1;
+        let admission = loop {
+            let rules = AdmissionRules {
+                max_parallel: policy.max_parallel,
+                max_queued: self.config.max_queued,
+            };
+            let began = std::time::Instant::now();
+            let admission = self.store.admit_at(record.clone(), rules, version).await;
+            tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "admission");
+            match admission {
+                Ok(Admission::StalePolicy) if attempt < ADMISSION_ATTEMPTS => {
+                    attempt += 1;
+                    let fresh = attempt == ADMISSION_ATTEMPTS;
+                    let limits = match self.admission_policy(&who.org, &who.user, fresh).await {
+                        Ok((p, v)) => {
+                            (policy, version) = (p, v);
+                            crate::policy::limits_for(&policy, asked.as_ref())
+                                .map_err(invalid_limits)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match limits {
+                        Ok(l) => record.limits = l,
+                        Err(e) => {
+                            if !code_key.is_empty() {
+                                let _ = self.objects.delete(&code_key).await;
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(other) => break Ok(other),
+                Err(e) => break Err(e.into()),
+            }
         };
-        let began = std::time::Instant::now();
-        let admission = self.store.admit(record, rules).await?;
-        tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "admission");
+        let admission = match admission {
+            Ok(a) => a,
+            Err(e) => {
+                if !code_key.is_empty() {
+                    let _ = self.objects.delete(&code_key).await;
+                }
+                return Err(e);
+            }
+        };
         match admission {
             Admission::QueueFull { .. } => {
                 if !code_key.is_empty() {
                     let _ = self.objects.delete(&code_key).await;
                 }
                 Err(PlatformError::QueueFull)
+            }
+            // Only when a store versions policies and ignores `None` (none does).
+            Admission::StalePolicy => {
+                if !code_key.is_empty() {
+                    let _ = self.objects.delete(&code_key).await;
+                }
+                Err(PlatformError::Internal(
+                    "the policies kept changing during the admission".into(),
+                ))
             }
             Admission::Admitted {
                 cancelled,

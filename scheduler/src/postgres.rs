@@ -91,7 +91,18 @@ pub struct PgStore {
     /// append one statement instead of a transaction (see `append_events`). Never trusted:
     /// the database checks it.
     last_seqs: Arc<Mutex<HashMap<String, u64>>>,
+    /// Policies read for admissions, per (org, user), with the version of all policies
+    /// they were read at: an admission applies them without reading them again, and
+    /// the database refuses it if they changed since (see `hatchery_admit_simple`).
+    policies: Arc<Mutex<HashMap<(String, String), CachedPolicies>>>,
 }
+
+/// The org's and the user's policy, and the policies' version they were read at.
+type CachedPolicies = (Option<Policy>, Option<Policy>, u64);
+
+/// (org, user) pairs whose policies a store keeps for admissions at most (forgetting
+/// costs one read).
+const POLICIES_MAX: usize = 4096;
 
 /// Executions whose last seq a store remembers at most (a guess: forgetting costs a
 /// transaction, nothing else).
@@ -237,6 +248,7 @@ impl PgStore {
             pool,
             keyring,
             last_seqs: Arc::default(),
+            policies: Arc::default(),
         })
     }
 
@@ -499,14 +511,23 @@ impl PgStore {
         tx: &mut Tx,
         new: &ExecutionRecord,
         rules: AdmissionRules,
+        policy_version: Option<u64>,
     ) -> Result<Admission, Failed> {
-        // Two 32-bit keys, org and user (a collision only serialises two users).
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
-            .bind(&new.org)
-            .bind(&new.user)
-            .execute(&mut **tx)
-            .await
-            .ctx("locking the user")?;
+        // Two 32-bit keys, org and user (a collision only serialises two users); and
+        // whether the policies are still those of `policy_version`.
+        let policies: i64 = sqlx::query_scalar(
+            "SELECT v FROM (SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))) AS l, \
+             LATERAL (SELECT value AS v FROM counters WHERE name = 'policies') AS c",
+        )
+        .bind(&new.org)
+        .bind(&new.user)
+        .fetch_one(&mut **tx)
+        .await
+        .ctx("locking the user")?;
+        if policy_version.is_some_and(|v| i64_of(v) != policies) {
+            self.policies.lock().unwrap().clear();
+            return Ok(Admission::StalePolicy);
+        }
         // The user's active executions, oldest first by admission, rows locked; and the
         // new id's row if it exists (a duplicate, refused).
         let rows = sqlx::query(concat!(
@@ -683,6 +704,7 @@ impl PgStore {
         &self,
         new: &ExecutionRecord,
         rules: AdmissionRules,
+        policy_version: Option<u64>,
     ) -> StoreResult<Option<Admission>> {
         let now = now_ms();
         let mut rec = new.clone();
@@ -696,7 +718,7 @@ impl PgStore {
             body: EventBody::Queued,
         };
         let row = sqlx::query(
-            "SELECT outcome, value FROM hatchery_admit_simple($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "SELECT outcome, value FROM hatchery_admit_simple($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&rec.id)
         .bind(&rec.org)
@@ -707,6 +729,7 @@ impl PgStore {
         .bind(self.seal_event(&event)?)
         .bind(i64::from(rules.max_parallel))
         .bind(i64_of(rules.max_queued as u64))
+        .bind(policy_version.map(i64_of))
         .fetch_one(&self.pool)
         .await
         .ctx("admitting an execution");
@@ -729,6 +752,10 @@ impl PgStore {
             "queue_full" => Ok(Some(Admission::QueueFull {
                 queued: value.unwrap_or(0).max(0) as usize,
             })),
+            "stale_policy" => {
+                self.policies.lock().unwrap().clear();
+                Ok(Some(Admission::StalePolicy))
+            }
             _ => Ok(None),
         }
     }
@@ -819,9 +846,11 @@ impl Store for PgStore {
 
     async fn put_org_policy(&self, org: &str, policy: Policy) -> StoreResult<()> {
         check_name("org", org)?;
+        self.policies.lock().unwrap().clear();
         sqlx::query(
-            "INSERT INTO org_policies (org, policy) VALUES ($1, $2) \
-             ON CONFLICT (org) DO UPDATE SET policy = EXCLUDED.policy",
+            "WITH p AS (INSERT INTO org_policies (org, policy) VALUES ($1, $2) \
+                 ON CONFLICT (org) DO UPDATE SET policy = EXCLUDED.policy) \
+             UPDATE counters SET value = value + 1 WHERE name = 'policies'",
         )
         .bind(org)
         .bind(sqlx::types::Json(policy))
@@ -844,9 +873,11 @@ impl Store for PgStore {
     async fn put_user_policy(&self, org: &str, user: &str, policy: Policy) -> StoreResult<()> {
         check_name("org", org)?;
         check_name("user", user)?;
+        self.policies.lock().unwrap().clear();
         sqlx::query(
-            "INSERT INTO user_policies (org, usr, policy) VALUES ($1, $2, $3) \
-             ON CONFLICT (org, usr) DO UPDATE SET policy = EXCLUDED.policy",
+            "WITH p AS (INSERT INTO user_policies (org, usr, policy) VALUES ($1, $2, $3) \
+                 ON CONFLICT (org, usr) DO UPDATE SET policy = EXCLUDED.policy) \
+             UPDATE counters SET value = value + 1 WHERE name = 'policies'",
         )
         .bind(org)
         .bind(user)
@@ -862,6 +893,50 @@ impl Store for PgStore {
         record: ExecutionRecord,
         rules: AdmissionRules,
     ) -> StoreResult<Admission> {
+        self.admit_at(record, rules, None).await
+    }
+
+    async fn policies_for_admission(
+        &self,
+        org: &str,
+        user: &str,
+    ) -> StoreResult<(Option<Policy>, Option<Policy>, Option<u64>)> {
+        let key = (org.to_string(), user.to_string());
+        if let Some((o, u, v)) = self.policies.lock().unwrap().get(&key).cloned() {
+            return Ok((o, u, Some(v)));
+        }
+        check_name("org", org)?;
+        check_name("user", user)?;
+        type Row = (
+            Option<sqlx::types::Json<Policy>>,
+            Option<sqlx::types::Json<Policy>>,
+            i64,
+        );
+        let (o, u, v): Row = sqlx::query_as(
+            "SELECT (SELECT policy FROM org_policies WHERE org = $1), \
+                    (SELECT policy FROM user_policies WHERE org = $1 AND usr = $2), \
+                    (SELECT value FROM counters WHERE name = 'policies')",
+        )
+        .bind(org)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_err("reading policies", e))?;
+        let (o, u, v) = (o.map(|j| j.0), u.map(|j| j.0), v.max(0) as u64);
+        let mut cache = self.policies.lock().unwrap();
+        if cache.len() >= POLICIES_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (o.clone(), u.clone(), v));
+        Ok((o, u, Some(v)))
+    }
+
+    async fn admit_at(
+        &self,
+        record: ExecutionRecord,
+        rules: AdmissionRules,
+        policy_version: Option<u64>,
+    ) -> StoreResult<Admission> {
         check_name("execution id", &record.id)?;
         check_name("org", &record.org)?;
         check_name("user", &record.user)?;
@@ -876,13 +951,13 @@ impl Store for PgStore {
         // caller stops waiting.
         let me = self.clone();
         tokio::spawn(async move {
-            if let Some(done) = me.admit_simple(&record, rules).await? {
+            if let Some(done) = me.admit_simple(&record, rules, policy_version).await? {
                 return Ok(done);
             }
             me.change(move |me, mut tx| {
                 let record = record.clone();
                 async move {
-                    let out = me.admit_tx(&mut tx, &record, rules).await?;
+                    let out = me.admit_tx(&mut tx, &record, rules, policy_version).await?;
                     Ok((out, tx))
                 }
             })

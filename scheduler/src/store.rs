@@ -130,6 +130,32 @@ pub trait Store: Send + Sync + 'static {
     async fn admit(&self, record: ExecutionRecord, rules: AdmissionRules)
         -> StoreResult<Admission>;
 
+    /// The policies an admission applies (as [`Store::get_policies`]), and the version
+    /// of all policies they belong to when the store versions them: a remote store may
+    /// answer from what it read earlier, and [`Store::admit_at`] then checks that
+    /// nothing changed since.
+    async fn policies_for_admission(
+        &self,
+        org: &str,
+        user: &str,
+    ) -> StoreResult<(Option<Policy>, Option<Policy>, Option<u64>)> {
+        let (o, u) = self.get_policies(org, user).await?;
+        Ok((o, u, None))
+    }
+
+    /// [`Store::admit`] with limits from policies of `policy_version` (from
+    /// [`Store::policies_for_admission`]): [`Admission::StalePolicy`], with nothing
+    /// stored, when the policies changed since. `None`: no check.
+    async fn admit_at(
+        &self,
+        record: ExecutionRecord,
+        rules: AdmissionRules,
+        policy_version: Option<u64>,
+    ) -> StoreResult<Admission> {
+        let _ = policy_version;
+        self.admit(record, rules).await
+    }
+
     async fn get(&self, id: &str) -> StoreResult<Option<ExecutionRecord>>;
 
     /// How many executions are queued and running now. Cheap whatever the number of

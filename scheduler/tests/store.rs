@@ -1784,3 +1784,54 @@ async fn the_admissions_journal_stays_short() {
     let store = open(dir.path());
     assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 201);
 }
+
+store_test!(
+    an_admission_with_policies_changed_since_stores_nothing,
+    |b| {
+        // Two nodes on one store: the first reads the policies, the second changes one.
+        let one = b.open().await;
+        let two = b.open().await;
+        let (_, _, version) = one.policies_for_admission("o", "u").await.unwrap();
+        let Some(version) = version else {
+            // The embedded store reads its policies under the admission's lock: no version.
+            let a = one
+                .admit_at(record("plain", "o", "u", None, 1), rules(2), None)
+                .await
+                .unwrap();
+            assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+            return;
+        };
+        admitted(&one, record("t1", "o", "u", Some("tab"), 1), rules(2)).await;
+        let user = Policy {
+            max_parallel: Some(1),
+            ..Policy::default()
+        };
+        two.put_user_policy("o", "u", user.clone()).await.unwrap();
+        // Stale, on the one-statement path and on the full one (the tab's execution would
+        // be superseded): refused, nothing stored, nothing cancelled.
+        for (id, tab) in [("s1", None), ("s2", Some("tab"))] {
+            let a = one
+                .admit_at(record(id, "o", "u", tab, 2), rules(2), Some(version))
+                .await
+                .unwrap();
+            assert!(matches!(a, Admission::StalePolicy), "{id}: {a:?}");
+            assert!(one.get(id).await.unwrap().is_none(), "{id}");
+        }
+        assert_eq!(get(&one, "t1").await.state, ExecState::Queued);
+        // Read again (not from what the node kept): the new policy and a new version.
+        let (_, u, again) = one.policies_for_admission("o", "u").await.unwrap();
+        assert_eq!(u, Some(user));
+        let again = again.unwrap();
+        assert!(again > version, "{again} after {version}");
+        let a = one
+            .admit_at(record("s3", "o", "u", None, 3), rules(1), Some(again))
+            .await
+            .unwrap();
+        assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+        // A node's own write is seen at once.
+        one.put_org_policy("o", Policy::default()).await.unwrap();
+        let (o, _, latest) = one.policies_for_admission("o", "u").await.unwrap();
+        assert_eq!(o, Some(Policy::default()));
+        assert!(latest.unwrap() > again);
+    }
+);
