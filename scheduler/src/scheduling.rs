@@ -377,8 +377,13 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn places_by_free_slots_and_waits_for_capacity() {
+    /// A scheduler on an embedded store and bus, and host `a` (1 slot, idle) in view.
+    async fn scheduler_with_host_a() -> (
+        tempfile::TempDir,
+        Arc<EmbeddedStore>,
+        Arc<EmbeddedBus>,
+        tokio::task::JoinHandle<Result<(), SchedulerError>>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(
             EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
@@ -393,6 +398,12 @@ mod tests {
         bus.publish_status(status("a", 1, 0, now_ms()))
             .await
             .unwrap();
+        (dir, store, bus, task)
+    }
+
+    #[tokio::test]
+    async fn places_by_free_slots_and_waits_for_capacity() {
+        let (_dir, store, bus, task) = scheduler_with_host_a().await;
         bus.publish_status(status("b", 2, 0, now_ms()))
             .await
             .unwrap();
@@ -435,20 +446,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_status_made_before_a_run_started_does_not_free_its_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
-        );
-        let bus = Arc::new(EmbeddedBus::new());
-        let task = tokio::spawn(run_scheduler(
-            store.clone(),
-            bus.clone(),
-            bus.subscribe_status(),
-            None,
-        ));
-        bus.publish_status(status("a", 1, 0, now_ms()))
-            .await
-            .unwrap();
+        let (_dir, store, bus, task) = scheduler_with_host_a().await;
         let rules = AdmissionRules {
             max_parallel: 10,
             max_queued: 10,
