@@ -163,7 +163,9 @@ pub fn config(language: Language, size: usize, cgroups: &CgroupParent) -> PoolCo
     }
     cfg.size = size;
     cfg.cgroup_parent = cgroups.rel.clone();
-    cfg.start_timeout = Duration::from_secs(60);
+    // Generous: under software emulation (the cgroup v2 VM) a starved guest CPU can
+    // stall a zygote's start for tens of seconds; these suites are not about start time.
+    cfg.start_timeout = Duration::from_secs(180);
     cfg.claim_timeout = Duration::from_secs(60);
     cfg
 }
@@ -172,7 +174,7 @@ pub fn start_pool(language: Language, size: usize) -> TestPool {
     require_root();
     let cgroups = CgroupParent::new();
     let pool = Pool::start(config(language, size, &cgroups)).expect("start the pool");
-    if let Err(e) = pool.wait_ready(size, Duration::from_secs(90)) {
+    if let Err(e) = pool.wait_ready(size, Duration::from_secs(240)) {
         panic!(
             "the pool did not get {size} sandboxes ready: {e}\nstats: {:?}",
             pool.stats()
