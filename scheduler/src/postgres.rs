@@ -695,6 +695,29 @@ impl PgStore {
         }
     }
 
+    /// The org's policy, the user's override and the version of all policies, in one
+    /// round trip.
+    async fn read_policies(&self, org: &str, user: &str) -> StoreResult<CachedPolicies> {
+        check_name("org", org)?;
+        check_name("user", user)?;
+        type Row = (
+            Option<sqlx::types::Json<Policy>>,
+            Option<sqlx::types::Json<Policy>>,
+            i64,
+        );
+        let (o, u, v): Row = sqlx::query_as(
+            "SELECT (SELECT policy FROM org_policies WHERE org = $1), \
+                    (SELECT policy FROM user_policies WHERE org = $1 AND usr = $2), \
+                    (SELECT value FROM counters WHERE name = 'policies')",
+        )
+        .bind(org)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_err("reading policies", e))?;
+        Ok((o.map(|j| j.0), u.map(|j| j.0), v.max(0) as u64))
+    }
+
     /// Admission in one round trip when it cancels nothing (the common case): the new
     /// record and its `queued` event, sealed here, go to `hatchery_admit_simple`, which
     /// stores them under the user's lock unless the id exists, the tab has an active
@@ -820,22 +843,8 @@ impl Store for PgStore {
         org: &str,
         user: &str,
     ) -> StoreResult<(Option<Policy>, Option<Policy>)> {
-        check_name("org", org)?;
-        check_name("user", user)?;
-        type Pair = (
-            Option<sqlx::types::Json<Policy>>,
-            Option<sqlx::types::Json<Policy>>,
-        );
-        let (o, u): Pair = sqlx::query_as(
-            "SELECT (SELECT policy FROM org_policies WHERE org = $1), \
-                    (SELECT policy FROM user_policies WHERE org = $1 AND usr = $2)",
-        )
-        .bind(org)
-        .bind(user)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| db_err("reading policies", e))?;
-        Ok((o.map(|j| j.0), u.map(|j| j.0)))
+        let (o, u, _) = self.read_policies(org, user).await?;
+        Ok((o, u))
     }
 
     async fn get_org_policy(&self, org: &str) -> StoreResult<Option<Policy>> {
@@ -905,24 +914,7 @@ impl Store for PgStore {
         if let Some((o, u, v)) = self.policies.lock().unwrap().get(&key).cloned() {
             return Ok((o, u, Some(v)));
         }
-        check_name("org", org)?;
-        check_name("user", user)?;
-        type Row = (
-            Option<sqlx::types::Json<Policy>>,
-            Option<sqlx::types::Json<Policy>>,
-            i64,
-        );
-        let (o, u, v): Row = sqlx::query_as(
-            "SELECT (SELECT policy FROM org_policies WHERE org = $1), \
-                    (SELECT policy FROM user_policies WHERE org = $1 AND usr = $2), \
-                    (SELECT value FROM counters WHERE name = 'policies')",
-        )
-        .bind(org)
-        .bind(user)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| db_err("reading policies", e))?;
-        let (o, u, v) = (o.map(|j| j.0), u.map(|j| j.0), v.max(0) as u64);
+        let (o, u, v) = self.read_policies(org, user).await?;
         let mut cache = self.policies.lock().unwrap();
         if cache.len() >= POLICIES_MAX {
             cache.clear();
