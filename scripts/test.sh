@@ -4,10 +4,10 @@
 # (cached), then:
 #   1. cargo test --workspace — unit tests, the sandbox behaviour and escape suites and
 #      the cgroup backend on this host (v1/hybrid on our machines),
-#   2. scripts/vm-test.sh — every suite that touches cgroups (the pool, the escape and
-#      hostile-channel suites, the agent, the API end to end, ...) on the cgroup v2
-#      backend, inside a VM booted with a pure-v2 kernel (skip with HATCHERY_SKIP_VM=1
-#      when iterating locally).
+#   2. scripts/vm-test.sh — every suite whose code reads or writes cgroups (the pool, the
+#      escape and hostile-channel suites, the agent, the API tests that watch cgroups,
+#      ...) on the cgroup v2 backend, inside a VM booted with a pure-v2 kernel (skip with
+#      HATCHERY_SKIP_VM=1 when iterating locally).
 #
 # A test that cannot run on this host (a v2-only check on a v1 host, a check that needs a
 # privilege the host withholds) records a line in $HATCHERY_SKIP_LOG; the last lines of the
