@@ -17,8 +17,9 @@ PACKAGES=(
     # sandbox: libseccomp (linked by the libseccomp crate), user-namespace id
     # maps, network namespaces, bubblewrap as a reference sandbox in tests
     libseccomp-dev pkg-config uidmap iproute2 bubblewrap
-    # the R interpreter on the host (the zygote embeds libR)
-    r-base-core
+    # the R interpreter on the host (the zygote embeds libR), and CPython's shared
+    # library and headers (the zygote embeds libpython3.11 through pyo3)
+    r-base-core libpython3-dev python3
     # VM test harness: a cgroup-v2-only guest booted with qemu from Debian's
     # kernel and a busybox initramfs
     qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils jq

@@ -26,6 +26,7 @@ pub mod gc;
 pub mod limits;
 pub mod mounts;
 pub mod pool;
+pub mod py;
 pub mod r;
 pub mod report;
 pub mod run;

@@ -891,6 +891,22 @@ impl Drop for HostShm {
 /// owner — the target of the attempts on "pid 1").
 #[test]
 fn the_escape_suite_passes_through_the_pool() {
+    escape_suite_through_a_pool(Lang::R);
+}
+
+/// The same attacks from Python code (`subprocess` instead of R's `system()`).
+#[test]
+fn the_escape_suite_passes_through_the_python_pool() {
+    escape_suite_through_a_pool(Lang::Python);
+}
+
+#[derive(Clone, Copy)]
+enum Lang {
+    R,
+    Python,
+}
+
+fn escape_suite_through_a_pool(lang: Lang) {
     let mut canary = Canary::start();
     let host_marker = HostMarker::create();
     let marker = host_marker.path().to_str().expect("utf-8 path").to_string();
@@ -1108,8 +1124,9 @@ fn the_escape_suite_passes_through_the_pool() {
         .iter()
         .map(|(cmd, _)| format!("\"{cmd}\""))
         .collect();
-    let code = format!(
-        r#"writeLines("{probe}", "/tmp/probe.b64")
+    let code = match lang {
+        Lang::R => format!(
+            r#"writeLines("{probe}", "/tmp/probe.b64")
 stopifnot(system("base64 -d /tmp/probe.b64 > /tmp/probe && chmod 755 /tmp/probe && rm /tmp/probe.b64") == 0)
 cmds <- c({cmds})
 for (i in seq_along(cmds)) {{
@@ -1118,11 +1135,29 @@ for (i in seq_along(cmds)) {{
   cat(sprintf("%d\t%s\n", i, paste(out, collapse = " | ")))
 }}
 invisible(NULL)"#,
-        probe = base64(&probe_bytes()),
-        cmds = cmds.join(", ")
-    );
+            probe = base64(&probe_bytes()),
+            cmds = cmds.join(", ")
+        ),
+        Lang::Python => format!(
+            r#"import base64, os, subprocess
+with open("/tmp/probe", "wb") as f:
+    f.write(base64.b64decode("{probe}"))
+os.chmod("/tmp/probe", 0o755)
+cmds = [{cmds}]
+for i, cmd in enumerate(cmds, 1):
+    subprocess.run("exec /tmp/probe " + cmd + " > /tmp/probe.out 2> /dev/null", shell=True)
+    with open("/tmp/probe.out") as f:
+        out = f.read().splitlines()
+    print(f"{{i}}\t{{' | '.join(out)}}")"#,
+            probe = base64(&probe_bytes()),
+            cmds = cmds.join(", ")
+        ),
+    };
 
-    let tp = r_pool(1);
+    let tp = match lang {
+        Lang::R => r_pool(1),
+        Lang::Python => python_pool(1),
+    };
     let mut req = request(&code);
     req.limits = Limits {
         memory_bytes: Some(512 * MIB),

@@ -16,10 +16,10 @@ struct Args {
     /// Control socket inherited from the pool owner.
     #[arg(long, default_value_t = 3)]
     ctl_fd: i32,
-    /// `r`, or the name of a fork-exec language (with --exec-arg).
+    /// `r`, `python`, or the name of a fork-exec language (with --exec-arg).
     #[arg(long, default_value = "r")]
     language: String,
-    /// R packages to preload, comma-separated.
+    /// Packages to preload, comma-separated (R packages, or Python modules).
     #[arg(long, value_delimiter = ',')]
     packages: Vec<String>,
     /// Interpreter argv for fork-exec languages; the code is appended (repeatable).
@@ -55,6 +55,10 @@ fn main() {
     let args = Args::parse();
     let language = if args.language == "r" {
         Language::R {
+            packages: args.packages,
+        }
+    } else if args.language == "python" {
+        Language::Python {
             packages: args.packages,
         }
     } else {

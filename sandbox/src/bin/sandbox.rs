@@ -163,12 +163,14 @@ struct PoolArgs {
     /// Root filesystem image. Default: the image built by rootfs-builder.
     #[arg(long, env = "HATCHERY_ROOTFS", default_value = DEFAULT_ROOTFS)]
     rootfs: PathBuf,
-    /// `r` (zygote with embedded R), or a fork-exec language: `bash`, `sh`, `python3`.
+    /// `r` (zygote with embedded R), `python` (zygote with embedded CPython), or a
+    /// fork-exec language: `bash`, `sh`, `python3`.
     #[arg(long, default_value = "r")]
     language: String,
-    /// R packages the zygote preloads (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "stats,MASS,Matrix")]
-    packages: Vec<String>,
+    /// Packages the zygote preloads, comma-separated: R packages (default
+    /// `stats,MASS,Matrix`) or Python modules (default `numpy,pandas`).
+    #[arg(long, value_delimiter = ',')]
+    packages: Option<Vec<String>>,
     /// Frozen sandboxes kept ready.
     #[arg(long, default_value_t = 2)]
     pool_size: usize,
@@ -451,20 +453,24 @@ fn pool_config(args: &PoolArgs) -> Result<PoolConfig> {
             args.rootfs.display()
         );
     }
+    let packages = |default: &str| -> Vec<String> {
+        match &args.packages {
+            Some(p) => p.iter().filter(|p| !p.is_empty()).cloned().collect(),
+            None => default.split(',').map(String::from).collect(),
+        }
+    };
     let language = match args.language.as_str() {
         "r" => Language::R {
-            packages: args
-                .packages
-                .iter()
-                .filter(|p| !p.is_empty())
-                .cloned()
-                .collect(),
+            packages: packages("stats,MASS,Matrix"),
+        },
+        "python" => Language::Python {
+            packages: packages("numpy,pandas"),
         },
         "bash" | "sh" | "python3" => Language::Exec {
             name: args.language.clone(),
             argv: vec![args.language.clone(), "-c".into()],
         },
-        other => bail!("unknown language {other:?}: expected r, bash, sh or python3"),
+        other => bail!("unknown language {other:?}: expected r, python, bash, sh or python3"),
     };
     let mut cfg = PoolConfig::new(language, args.rootfs.clone());
     cfg.size = args.pool_size.max(1);

@@ -1415,8 +1415,13 @@ impl Maintainer {
             .arg("--userns-base")
             .arg(cfg.userns_base.to_string())
             .arg("--ro-bind")
-            .arg(format!("{}:{ZYGOTE_PATH_INSIDE}", cfg.zygote_bin.display()))
-            .args(["--hostname", "zygote", "--output-limit", "1G"])
+            .arg(format!("{}:{ZYGOTE_PATH_INSIDE}", cfg.zygote_bin.display()));
+        // Set before the zygote's libraries load: a BLAS that reads its thread count in
+        // a library constructor (OpenBLAS) would otherwise start its pool before main.
+        for (k, v) in crate::zygote::server::SINGLE_THREAD_ENV {
+            cmd.arg(format!("--env={k}={v}"));
+        }
+        cmd.args(["--hostname", "zygote", "--output-limit", "1G"])
             // The zygote lives as long as the pool; it is single-threaded and bounded by
             // its memory limit.
             .args(["--timeout", "none", "--cpus", "unlimited", "--pids", "64"])
@@ -1456,8 +1461,8 @@ impl Maintainer {
             cmd.arg("--one-off");
         }
         match &cfg.language {
-            Language::R { packages } => {
-                cmd.args(["--language", "r"]);
+            Language::R { packages } | Language::Python { packages } => {
+                cmd.args(["--language", cfg.language.name()]);
                 if !packages.is_empty() {
                     cmd.arg("--packages").arg(packages.join(","));
                 }

@@ -654,7 +654,7 @@ fn set_startup_env(r_home: &Path) {
     }
 }
 
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: writes at most `buf.len() - filled` bytes into the live buffer.

@@ -39,6 +39,8 @@ use crate::zygote::protocol::{ErrorInfo, FromZygote, Outcome, SandboxEnd, ToZygo
 pub enum Language {
     /// Embedded R with these packages preloaded.
     R { packages: Vec<String> },
+    /// Embedded CPython with these packages imported (`numpy`, `pandas`, ...).
+    Python { packages: Vec<String> },
     /// No zygote runtime: each sandbox execs `argv + [code]` when claimed (e.g.
     /// `["python3", "-c"]`, `["bash", "-c"]`).
     Exec { name: String, argv: Vec<String> },
@@ -48,10 +50,23 @@ impl Language {
     pub fn name(&self) -> &str {
         match self {
             Language::R { .. } => "r",
+            Language::Python { .. } => "python",
             Language::Exec { name, .. } => name,
         }
     }
 }
+
+/// Thread counts pinned to one in the zygote's environment, from its start: a zygote
+/// forks with no thread but its own (a child would inherit the other threads' locks
+/// without the threads), and numeric libraries (OpenBLAS reads its count in a library
+/// constructor, before `main`) must not start pools.
+pub const SINGLE_THREAD_ENV: [(&str, &str); 5] = [
+    ("OMP_NUM_THREADS", "1"),
+    ("OPENBLAS_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+    ("GOTO_NUM_THREADS", "1"),
+    ("NUMEXPR_NUM_THREADS", "1"),
+];
 
 /// Where a pooled sandbox stages its root (an empty directory of the image).
 const POOLED_STAGE: &str = "/run/mount";
@@ -107,6 +122,20 @@ fn send_output(stream: crate::r::OutputStream, data: &[u8]) {
     }
 }
 
+/// Python's `sys.stdout` / `sys.stderr`: on the channel once a sandbox has one.
+fn send_py_output(stream: u8, data: &[u8]) {
+    let (fd, stream) = match stream {
+        2 => (2, Stream::Stderr),
+        _ => (1, Stream::Stdout),
+    };
+    match channel_writer() {
+        Some(w) => {
+            let _ = w.output(stream, data);
+        }
+        None => crate::r::write_fd(fd, data),
+    }
+}
+
 fn send_progress(fraction: f64, message: &str) {
     if let Some(w) = channel_writer() {
         let _ = w.progress(fraction, message);
@@ -150,6 +179,7 @@ fn warm_up(engine: &crate::r::REngine) {
 
 enum Runtime {
     R(crate::r::REngine),
+    Python(crate::py::PyEngine),
     Exec(Vec<String>),
 }
 
@@ -201,6 +231,31 @@ pub fn serve(config: ZygoteConfig) -> ! {
             crate::r::set_progress_hook(Some(send_progress));
             crate::r::set_output_hook(Some(send_output));
             (Runtime::R(engine), packages.clone(), init_ms, preload_ms)
+        }
+        Language::Python { packages } => {
+            let engine = match crate::py::PyEngine::init() {
+                Ok(e) => e,
+                Err(e) => fatal(&ctl, format!("Python start-up: {e}")),
+            };
+            let init_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let t = Instant::now();
+            if let Err(e) = engine.preload(packages) {
+                fatal(&ctl, format!("preload: {e}"));
+            }
+            if !config.one_off {
+                if let Err(e) = engine.settle() {
+                    fatal(&ctl, format!("Python warm-up: {e}"));
+                }
+            }
+            let preload_ms = t.elapsed().as_secs_f64() * 1000.0;
+            crate::py::set_output_hook(Some(send_py_output));
+            crate::py::set_progress_hook(Some(send_progress));
+            (
+                Runtime::Python(engine),
+                packages.clone(),
+                init_ms,
+                preload_ms,
+            )
         }
         Language::Exec { argv, .. } => (Runtime::Exec(argv.clone()), Vec::new(), 0.0, 0.0),
     };
@@ -259,6 +314,15 @@ fn reap_children() {
     }
 }
 
+/// Why the zygote could not fork a sandbox.
+#[derive(Debug, thiserror::Error)]
+enum ForkError {
+    #[error(transparent)]
+    Os(#[from] Errno),
+    #[error("the zygote runs {0} threads: it forks only with one")]
+    Threads(usize),
+}
+
 /// Forks one sandbox that runs user code as `uid`. Returns the descriptors for the
 /// agent: pidfd, channel, stdout and stderr read ends.
 fn fork_sandbox(
@@ -267,7 +331,13 @@ fn fork_sandbox(
     filter: &BpfProgram,
     runtime: &Runtime,
     uid: u32,
-) -> Result<[OwnedFd; 4], Errno> {
+) -> Result<[OwnedFd; 4], ForkError> {
+    // A fork keeps only the forking thread: any other thread's locks (malloc's, a BLAS
+    // pool's) would be inherited held, with nobody to release them.
+    let threads = crate::r::thread_count();
+    if threads > 1 {
+        return Err(ForkError::Threads(threads));
+    }
     let (agent_sock, child_sock) = crate::frame::socketpair()?;
     let (out_r, out_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
@@ -278,6 +348,9 @@ fn fork_sandbox(
         | libc::CLONE_NEWUTS
         | libc::CLONE_PIDFD) as u64;
     let mut pidfd: RawFd = -1;
+    if let Runtime::Python(engine) = runtime {
+        engine.before_fork();
+    }
     let mut args = crate::run::CloneArgs {
         flags,
         pidfd: &mut pidfd as *mut RawFd as u64,
@@ -292,6 +365,13 @@ fn fork_sandbox(
             std::mem::size_of::<crate::run::CloneArgs>(),
         )
     };
+    if let Runtime::Python(engine) = runtime {
+        if ret == 0 {
+            engine.after_fork_child();
+        } else {
+            engine.after_fork_parent();
+        }
+    }
     let pid = Errno::result(ret)?;
     if pid == 0 {
         drop((agent_sock, out_r, err_r));
@@ -330,6 +410,12 @@ fn sandbox_main(
             crate::container::exit(125);
         }
     }
+    if let Runtime::Python(engine) = runtime {
+        if let Err(e) = engine.prepare_child() {
+            let _ = up.setup_error("prepare the Python runtime", &e.to_string());
+            crate::container::exit(125);
+        }
+    }
     if up.ready().is_err() {
         crate::container::exit(0);
     }
@@ -360,11 +446,13 @@ fn sandbox_main(
                 signal: None,
             }
         }
+        Runtime::Python(engine) => engine.eval(&code),
         Runtime::Exec(argv) => exec_code(argv, &code),
     };
     let _ = up.finished(outcome);
     match runtime {
         Runtime::R(_) => crate::r::exit_child(0),
+        Runtime::Python(_) => crate::py::exit_child(0),
         Runtime::Exec(_) => crate::container::exit(0),
     }
 }

@@ -193,6 +193,16 @@ pub fn r_pool(size: usize) -> TestPool {
     )
 }
 
+/// A Python pool preloading numpy and pandas.
+pub fn python_pool(size: usize) -> TestPool {
+    start_pool(
+        Language::Python {
+            packages: vec!["numpy".into(), "pandas".into()],
+        },
+        size,
+    )
+}
+
 pub fn bash_pool(size: usize) -> TestPool {
     start_pool(
         Language::Exec {
