@@ -77,6 +77,8 @@ pub struct ClusterSpec {
     pub log_filter: String,
     /// API replicas listen on consecutive ports from this one (0: any free port).
     pub first_port: u16,
+    /// The languages the platform serves (`platform.languages`).
+    pub languages: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -95,6 +97,7 @@ impl ClusterSpec {
             dir: None,
             log_filter: "info".into(),
             first_port: 0,
+            languages: vec!["r".into()],
         }
     }
 }
@@ -178,6 +181,10 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+fn toml_list(items: &[String]) -> String {
+    toml::Value::Array(items.iter().cloned().map(toml::Value::String).collect()).to_string()
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -240,7 +247,7 @@ impl LocalCluster {
              capacity = {capacity}\n\
              shutdown_grace = \"0s\"\n\
              [platform]\n\
-             languages = [\"r\"]\n\
+             languages = {languages}\n\
              max_queued = {max_queued}\n\
              [store]\n\
              postgres_url = {url}\n\
@@ -254,6 +261,7 @@ impl LocalCluster {
             pool = spec.pool_size,
             capacity = spec.agent_capacity,
             max_queued = spec.max_queued,
+            languages = toml_list(&spec.languages),
             redis = toml_str(&redis.url()),
             s3 = toml_str(&moto.endpoint()),
         );

@@ -262,10 +262,10 @@ fn agent_config(cfg: &Config) -> AgentConfig {
         .iter()
         .map(|name| LanguageConfig {
             name: name.clone(),
-            packages: if name == "r" {
-                cfg.agent.r_packages.clone()
-            } else {
-                Vec::new()
+            packages: match name.as_str() {
+                "r" => cfg.agent.r_packages.clone(),
+                "python" => cfg.agent.python_packages.clone(),
+                _ => Vec::new(),
             },
             pool_size: cfg.agent.pool_size,
         })

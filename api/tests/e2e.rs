@@ -77,6 +77,83 @@ fn two_tabs_of_one_user_run_the_same_model_concurrently() {
     });
 }
 
+/// Python runs through the API with the same guarantees and events as R: output and
+/// progress in order on the log, the value as JSON, an exception as data, and a re-run
+/// from the same tab cancelling the previous one.
+#[test]
+fn python_runs_with_the_same_events_and_guarantees_as_r() {
+    e2e(async {
+        let h = Hatchery::started(Setup {
+            languages: vec!["r".into(), "python".into()],
+            ..Setup::default()
+        })
+        .await;
+        let t = h.token("acme", "pia", "user");
+        let code = "import hatchery, pandas as pd\n\
+                    print('fitting')\n\
+                    hatchery.progress(0.5, 'half')\n\
+                    df = pd.DataFrame({'g': ['a', 'a', 'b'], 'v': [1, 2, 3]})\n\
+                    df.groupby('g', as_index=False)['v'].sum()";
+        let id = submit(&h, &t, json!({"language": "python", "code": code})).await;
+        let v = wait_terminal(&h, &t, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        let value: Value =
+            serde_json::from_str(v["result"]["value_json"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            value,
+            json!([{"g": "a", "v": 3}, {"g": "b", "v": 3}]),
+            "{v}"
+        );
+        let events = logged(&all_events(&h, &t, &id).await);
+        assert_eq!(stdout_of(&events), "fitting\n");
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let progress = kinds
+            .iter()
+            .position(|k| *k == "progress")
+            .expect("a progress event");
+        let output = kinds
+            .iter()
+            .position(|k| *k == "stdout")
+            .expect("an output event");
+        assert!(output < progress, "{kinds:?}");
+        assert_eq!(seqs(&events), (1..=events.len() as u64).collect::<Vec<_>>());
+
+        let id = submit(
+            &h,
+            &t,
+            json!({"language": "python", "code": "{}['missing']"}),
+        )
+        .await;
+        let v = wait_terminal(&h, &t, &id).await;
+        assert_eq!(state(&v), "failed", "{v}");
+        // As Python shows it: the traceback of the user's code, then the exception.
+        let error = v["result"]["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("Traceback (most recent call last):\n  File \"<code>\", line 1")
+                && error.ends_with("\nKeyError: 'missing'"),
+            "{v}"
+        );
+
+        // A re-run from the same tab cancels the previous one, as for R.
+        let first = submit(
+            &h,
+            &t,
+            json!({"language": "python", "code": "import time; time.sleep(60)", "tab_id": "py"}),
+        )
+        .await;
+        wait_running(&h, &t, &first).await;
+        let second = submit(
+            &h,
+            &t,
+            json!({"language": "python", "code": "6 * 7", "tab_id": "py"}),
+        )
+        .await;
+        let v = wait_terminal(&h, &t, &second).await;
+        assert_eq!(v["result"]["value_json"], "42", "{v}");
+        assert_eq!(state(&wait_terminal(&h, &t, &first).await), "cancelled");
+    });
+}
+
 #[test]
 fn a_rerun_from_one_tab_cancels_only_that_tabs_run() {
     e2e(async {

@@ -37,7 +37,7 @@ impl Default for PlatformConfig {
     fn default() -> Self {
         PlatformConfig {
             default_policy: EffectivePolicy::default(),
-            languages: vec!["r".into(), "bash".into()],
+            languages: vec!["r".into(), "python".into(), "bash".into()],
             max_code_bytes: 1 << 20,
             max_queued: 256,
             retention_ms: 7 * 24 * 3600 * 1000,

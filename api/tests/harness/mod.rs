@@ -79,6 +79,8 @@ pub struct Setup {
     pub postgres_url: Option<String>,
     /// Carry work and live events over this Redis instead of in-process channels.
     pub redis_url: Option<String>,
+    /// The languages the platform serves.
+    pub languages: Vec<String>,
 }
 
 impl Default for Setup {
@@ -88,6 +90,7 @@ impl Default for Setup {
             max_queued: 256,
             postgres_url: None,
             redis_url: None,
+            languages: vec!["r".into()],
         }
     }
 }
@@ -136,13 +139,14 @@ impl Hatchery {
                  shutdown_grace = \"0s\"\n\
                  cgroup_parent = \"{cgroup_parent}\"\n\
                  [platform]\n\
-                 languages = [\"r\"]\n\
+                 languages = {languages:?}\n\
                  max_queued = {max_queued}\n\
                  {store}",
                 data = dir.join("data").display(),
                 rootfs = rootfs().display(),
                 capacity = setup.capacity,
                 max_queued = setup.max_queued,
+                languages = setup.languages,
                 store = {
                     let mut t = String::from("[store]\n");
                     if let Some(url) = &setup.postgres_url {
@@ -186,6 +190,7 @@ impl Hatchery {
         spec.agents = if setup.capacity < 2 { 1 } else { 2 };
         spec.agent_capacity = setup.capacity / spec.agents as u32;
         spec.max_queued = setup.max_queued;
+        spec.languages = setup.languages.clone();
         spec.cgroup_prefix = format!(
             "e2e-{}-{}",
             std::process::id(),

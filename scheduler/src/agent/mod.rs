@@ -65,9 +65,10 @@ pub const LOST_ON_SHUTDOWN: &str = "the agent shut down while it ran";
 /// One language this agent serves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LanguageConfig {
-    /// `r`, or a fork-exec language: `bash`, `sh`, `python3`.
+    /// `r`, `python`, or a fork-exec language: `bash`, `sh`, `python3`.
     pub name: String,
-    /// R packages preloaded in the zygote (ignored for other languages).
+    /// Packages preloaded in the zygote: R packages for `r`, modules for `python`
+    /// (ignored for fork-exec languages).
     pub packages: Vec<String>,
     /// Frozen sandboxes kept ready at the least (0 is allowed: then an idle platform
     /// keeps none, and the first execution waits for one fork).
@@ -78,6 +79,14 @@ impl LanguageConfig {
     fn runtime(&self) -> Result<Language, AgentError> {
         match self.name.as_str() {
             "r" => Ok(Language::R {
+                packages: self
+                    .packages
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .cloned()
+                    .collect(),
+            }),
+            "python" => Ok(Language::Python {
                 packages: self
                     .packages
                     .iter()
@@ -204,7 +213,7 @@ pub enum AgentError {
     NoLanguages,
     #[error("the agent's capacity must be at least 1")]
     NoCapacity,
-    #[error("unknown language {0:?}: expected r, bash, sh or python3")]
+    #[error("unknown language {0:?}: expected r, python, bash, sh or python3")]
     UnknownLanguage(String),
     #[error("language {0:?} is configured twice")]
     DuplicateLanguage(String),

@@ -83,7 +83,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
             } else {
                 None
             };
-            let summary = summarise(&result, shutdown_kill, reason);
+            let summary = summarise(&result, &record.language, shutdown_kill, reason);
             (summary.state, summary)
         }
         Err(error) => {
@@ -423,6 +423,7 @@ fn cancel_note(reason: Option<CancelReason>) -> String {
 /// The result summary of a finished execution.
 fn summarise(
     result: &ExecResult,
+    language: &str,
     shutdown_kill: bool,
     reason: Option<CancelReason>,
 ) -> ResultSummary {
@@ -434,7 +435,12 @@ fn summarise(
             Some(LOST_ON_SHUTDOWN.to_string()),
         )
     } else {
+        // As the language's own tools show it: R's `Error in f(): boom`; Python's
+        // traceback (of the user's code) followed by `KeyError: 'missing'`.
         let user_error = outcome.error.as_ref().map(|e| match &e.call {
+            Some(call) if !call.is_empty() && language == "python" => {
+                format!("{call}\n{}", e.message)
+            }
             Some(call) if !call.is_empty() => format!("Error in {call}: {}", e.message),
             _ => e.message.clone(),
         });
@@ -527,7 +533,7 @@ mod tests {
                 Some(LOST_ON_SHUTDOWN)
             )
         );
-        let after_claim = summarise(&result(ExecStatus::Cancelled), true, None);
+        let after_claim = summarise(&result(ExecStatus::Cancelled), "r", true, None);
         assert_eq!(
             (after_claim.state, after_claim.error_code),
             (s.state, s.error_code)
@@ -536,7 +542,7 @@ mod tests {
 
     #[test]
     fn summaries_say_why() {
-        let s = summarise(&result(ExecStatus::OutputLimit), false, None);
+        let s = summarise(&result(ExecStatus::OutputLimit), "r", false, None);
         assert_eq!(
             (s.state, s.error_code.as_deref(), s.error.as_deref()),
             (
@@ -545,21 +551,22 @@ mod tests {
                 Some("runtime note")
             )
         );
-        let s = summarise(&result(ExecStatus::ProtocolViolation), false, None);
+        let s = summarise(&result(ExecStatus::ProtocolViolation), "r", false, None);
         assert_eq!(
             (s.state, s.error_code.as_deref()),
             (ExecState::Failed, Some("protocol_violation"))
         );
-        let s = summarise(&result(ExecStatus::TimedOut), false, None);
+        let s = summarise(&result(ExecStatus::TimedOut), "r", false, None);
         assert_eq!(s.error_code.as_deref(), Some("time_limit"));
         let s = summarise(
             &result(ExecStatus::Cancelled),
+            "r",
             false,
             Some(CancelReason::SupersededByTab),
         );
         assert_eq!(s.state, ExecState::Cancelled);
         assert!(s.error.unwrap().contains("same tab"));
-        let s = summarise(&result(ExecStatus::Cancelled), true, None);
+        let s = summarise(&result(ExecStatus::Cancelled), "r", true, None);
         assert_eq!(
             (s.state, s.error.as_deref()),
             (ExecState::Lost, Some(LOST_ON_SHUTDOWN))
@@ -570,9 +577,19 @@ mod tests {
             call: Some("f()".into()),
             kind: "runtime".into(),
         });
-        let s = summarise(&failed, false, None);
+        let s = summarise(&failed, "r", false, None);
         assert_eq!(s.error.as_deref(), Some("Error in f(): boom"));
-        let s = summarise(&result(ExecStatus::Succeeded), false, None);
+        failed.outcome.error = Some(hatchery_sandbox::zygote::protocol::ErrorInfo {
+            message: "ZeroDivisionError: division by zero".into(),
+            call: Some("Traceback (most recent call last):\n  File \"<code>\", line 1".into()),
+            kind: "runtime".into(),
+        });
+        let s = summarise(&failed, "python", false, None);
+        assert_eq!(
+            s.error.as_deref(),
+            Some("Traceback (most recent call last):\n  File \"<code>\", line 1\nZeroDivisionError: division by zero")
+        );
+        let s = summarise(&result(ExecStatus::Succeeded), "r", false, None);
         assert_eq!(s.error, None);
     }
 }
