@@ -122,7 +122,8 @@ pub struct AgentSection {
     pub capacity: u32,
     /// R packages preloaded in the R zygote (e.g. `["MASS", "Matrix"]`).
     pub r_packages: Vec<String>,
-    /// Python modules imported in the Python zygote (default `["numpy", "pandas"]`).
+    /// Python modules imported in the Python zygote (default `["numpy", "pandas",
+    /// "matplotlib.pyplot"]`: plotting then costs a sandbox no font-cache build).
     pub python_packages: Vec<String>,
     /// On shutdown, how long running executions may still finish before they are
     /// killed and recorded `lost`, e.g. `5s` (`0s`: at once).
@@ -193,7 +194,11 @@ impl Default for AgentSection {
             max_pool_size: 8,
             capacity: 4,
             r_packages: Vec::new(),
-            python_packages: vec!["numpy".into(), "pandas".into()],
+            python_packages: vec![
+                "numpy".into(),
+                "pandas".into(),
+                "matplotlib.pyplot".into(),
+            ],
             shutdown_grace: "5s".into(),
             sandbox_bin: None,
             zygote_bin: None,
