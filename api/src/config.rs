@@ -194,11 +194,7 @@ impl Default for AgentSection {
             max_pool_size: 8,
             capacity: 4,
             r_packages: Vec::new(),
-            python_packages: vec![
-                "numpy".into(),
-                "pandas".into(),
-                "matplotlib.pyplot".into(),
-            ],
+            python_packages: vec!["numpy".into(), "pandas".into(), "matplotlib.pyplot".into()],
             shutdown_grace: "5s".into(),
             sandbox_bin: None,
             zygote_bin: None,

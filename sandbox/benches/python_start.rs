@@ -102,7 +102,10 @@ fn warm(pool: &Pool, code: &str) -> Result<(f64, f64), String> {
     }
     let r = result.ok_or("no result")?;
     if r.status != ExecStatus::Succeeded {
-        return Err(format!("{code:?} did not succeed: {:?} {:?}", r.status, r.outcome));
+        return Err(format!(
+            "{code:?} did not succeed: {:?} {:?}",
+            r.status, r.outcome
+        ));
     }
     Ok((r.timings.start_ms.unwrap_or(f64::NAN), result_ms))
 }
@@ -127,8 +130,18 @@ fn cold(cmd: &mut Command) -> Result<f64, String> {
 fn bare(code: &str) -> Command {
     let mut c = Command::new("chroot");
     c.arg(rootfs())
-        .args(["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"])
-        .args(["OPENBLAS_NUM_THREADS=1", "MPLBACKEND=Agg", "/usr/bin/python3", "-c"])
+        .args([
+            "/usr/bin/env",
+            "-i",
+            "PATH=/usr/bin:/bin",
+            "PYTHONDONTWRITEBYTECODE=1",
+        ])
+        .args([
+            "OPENBLAS_NUM_THREADS=1",
+            "MPLBACKEND=Agg",
+            "/usr/bin/python3",
+            "-c",
+        ])
         .arg(format!("{PY_IMPORTS}\n{code}"));
     c
 }
@@ -139,25 +152,42 @@ fn sandboxed(code: &str) -> Command {
         .arg("--rootfs")
         .arg(rootfs())
         .args(["--memory", "512M", "--cpus", "1", "--timeout", "60s"])
-        .args(["--env", "PYTHONDONTWRITEBYTECODE=1", "--env", "OPENBLAS_NUM_THREADS=1"])
+        .args([
+            "--env",
+            "PYTHONDONTWRITEBYTECODE=1",
+            "--env",
+            "OPENBLAS_NUM_THREADS=1",
+        ])
         .args(["--", "/usr/bin/python3", "-c"])
         .arg(format!("{PY_IMPORTS}\n{code}"));
     c
 }
 
 fn run(a: &Arg) -> Result<(), String> {
-    println!("python_start: rounds {}, cold {}; loadavg {}", a.rounds, a.cold, loadavg());
+    println!(
+        "python_start: rounds {}, cold {}; loadavg {}",
+        a.rounds,
+        a.cold,
+        loadavg()
+    );
     let py = pool(Language::Python {
         packages: vec!["numpy".into(), "pandas".into(), "statsmodels.api".into()],
     })?;
     let r = pool(Language::R { packages: vec![] })?;
-    let names = ["python sum(range(10))", "python groupby + OLS", "R sum(1:10)"];
+    let names = [
+        "python sum(range(10))",
+        "python groupby + OLS",
+        "R sum(1:10)",
+    ];
     let mut start: [Vec<f64>; 3] = Default::default();
     let mut result: [Vec<f64>; 3] = Default::default();
     let mut cold_bare: [Vec<f64>; 2] = Default::default();
     let mut cold_sandbox: [Vec<f64>; 2] = Default::default();
     for round in 0..a.rounds {
-        for (i, (p, code)) in [(&py, PY_SUM), (&py, PY_MODEL), (&r, R_SUM)].iter().enumerate() {
+        for (i, (p, code)) in [(&py, PY_SUM), (&py, PY_MODEL), (&r, R_SUM)]
+            .iter()
+            .enumerate()
+        {
             // Let the last claim's refill finish, as when a request reaches an idle pool.
             std::thread::sleep(Duration::from_millis(60));
             let (s, t) = warm(p, code)?;
@@ -172,13 +202,19 @@ fn run(a: &Arg) -> Result<(), String> {
         }
     }
     println!("\nwarm (median of {} claims each)", a.rounds);
-    println!("  {:<24} {:>22} {:>18}", "workload", "claim → 1st statement", "claim → result");
+    println!(
+        "  {:<24} {:>22} {:>18}",
+        "workload", "claim → 1st statement", "claim → result"
+    );
     let mut starts = [0.0; 3];
     let mut results = [0.0; 3];
     for i in 0..3 {
         starts[i] = median(&mut start[i]);
         results[i] = median(&mut result[i]);
-        println!("  {:<24} {:>19.2} ms {:>15.2} ms", names[i], starts[i], results[i]);
+        println!(
+            "  {:<24} {:>19.2} ms {:>15.2} ms",
+            names[i], starts[i], results[i]
+        );
     }
     if a.cold > 0 {
         println!("\ncold, same imports (median of {})", a.cold);
@@ -194,7 +230,9 @@ fn run(a: &Arg) -> Result<(), String> {
                 s / results[i]
             );
         }
-        println!("  target: warm ≥ 50× faster than cold (claim → result against the whole cold run)");
+        println!(
+            "  target: warm ≥ 50× faster than cold (claim → result against the whole cold run)"
+        );
     }
     println!(
         "\nPython / R claim → first statement: {:.2}× (target ≤ 2×)",
