@@ -31,6 +31,26 @@ MAX_VALUE_BYTES = 1 << 20
 MAX_DEPTH = 64
 
 
+class _Binary(io.RawIOBase):
+    """sys.stdout.buffer / sys.stderr.buffer: bytes go to the channel exactly."""
+
+    def __init__(self, stream, fd):
+        self._stream = stream
+        self._fd = fd
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        return self._fd
+
+    def write(self, b):
+        data = bytes(b)
+        if data:
+            _hatchery.write(self._stream, data)
+        return len(data)
+
+
 class _Output(io.TextIOBase):
     """sys.stdout / sys.stderr of a sandbox: every write goes to the channel at once."""
 
@@ -38,6 +58,11 @@ class _Output(io.TextIOBase):
         self._stream = stream
         self._fd = fd
         self._name = name
+        self._buffer = _Binary(stream, fd)
+
+    @property
+    def buffer(self):
+        return self._buffer
 
     @property
     def name(self):
@@ -64,7 +89,11 @@ class _Output(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if s:
-            _hatchery.write(self._stream, s)
+            try:
+                data = s.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                data = s.encode("utf-8", "backslashreplace")
+            _hatchery.write(self._stream, data)
         return len(s)
 
     def flush(self):

@@ -80,13 +80,14 @@ pub fn set_progress_hook(hook: Option<ProgressHook>) {
 mod _hatchery {
     use pyo3::prelude::*;
 
-    /// Writes `text` to stream 1 (stdout) or 2 (stderr).
+    /// Writes `data` to stream 1 (stdout) or 2 (stderr), as bytes: text that is not
+    /// UTF-8 is carried exactly.
     #[pyfunction]
-    fn write(stream: u8, text: &str) {
+    fn write(stream: u8, data: &[u8]) {
         let hook = *super::OUTPUT_HOOK.lock().unwrap_or_else(|e| e.into_inner());
         match hook {
-            Some(h) => h(stream, text.as_bytes()),
-            None => crate::r::write_fd(if stream == 2 { 2 } else { 1 }, text.as_bytes()),
+            Some(h) => h(stream, data),
+            None => crate::r::write_fd(if stream == 2 { 2 } else { 1 }, data),
         }
     }
 
