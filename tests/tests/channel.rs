@@ -398,16 +398,12 @@ fn output_bytes_are_carried_exactly() {
          system('printf \"\\\\376\\\\n\"'); invisible(NULL)",
     );
     ran.assert_status(ExecStatus::Succeeded);
-    let bytes: Vec<u8> = ran
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Stdout { data } => Some(data.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    assert_eq!(bytes, b"a\xffb\xc3\xa9\n\xfe\n", "{}", ran.describe());
+    assert_eq!(
+        ran.stdout_bytes(),
+        b"a\xffb\xc3\xa9\n\xfe\n",
+        "{}",
+        ran.describe()
+    );
     tp.finish();
 }
 

@@ -40,16 +40,12 @@ fn code_runs_and_streams_output_progress_and_warnings_in_order() {
     let ran2 =
         tp.run_code("import sys\nsys.stdout.buffer.write(b'\\xff\\xfeok\\n')\nprint('caf\\u00e9')");
     ran2.assert_status(ExecStatus::Succeeded);
-    let bytes: Vec<u8> = ran2
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Stdout { data } => Some(data.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    assert_eq!(bytes, b"\xff\xfeok\ncaf\xc3\xa9\n", "{}", ran2.describe());
+    assert_eq!(
+        ran2.stdout_bytes(),
+        b"\xff\xfeok\ncaf\xc3\xa9\n",
+        "{}",
+        ran2.describe()
+    );
     // Order: started, stdout "one", the progress, stderr "two".
     let order: Vec<&str> = ran
         .events

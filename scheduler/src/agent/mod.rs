@@ -77,22 +77,19 @@ pub struct LanguageConfig {
 
 impl LanguageConfig {
     fn runtime(&self) -> Result<Language, AgentError> {
+        let packages = || -> Vec<String> {
+            self.packages
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect()
+        };
         match self.name.as_str() {
             "r" => Ok(Language::R {
-                packages: self
-                    .packages
-                    .iter()
-                    .filter(|p| !p.is_empty())
-                    .cloned()
-                    .collect(),
+                packages: packages(),
             }),
             "python" => Ok(Language::Python {
-                packages: self
-                    .packages
-                    .iter()
-                    .filter(|p| !p.is_empty())
-                    .cloned()
-                    .collect(),
+                packages: packages(),
             }),
             "bash" | "sh" | "python3" => Ok(Language::Exec {
                 name: self.name.clone(),

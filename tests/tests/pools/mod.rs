@@ -235,7 +235,16 @@ impl Ran {
         self.stream(false)
     }
 
+    /// Every byte of stdout, exactly.
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        self.stream_bytes(true)
+    }
+
     pub fn stream(&self, stdout: bool) -> String {
+        String::from_utf8_lossy(&self.stream_bytes(stdout)).into_owned()
+    }
+
+    fn stream_bytes(&self, stdout: bool) -> Vec<u8> {
         let mut bytes = Vec::new();
         for e in &self.events {
             match e {
@@ -244,7 +253,7 @@ impl Ran {
                 _ => {}
             }
         }
-        String::from_utf8_lossy(&bytes).into_owned()
+        bytes
     }
 
     pub fn value(&self) -> serde_json::Value {
