@@ -36,6 +36,46 @@ fn code_runs_and_streams_output_progress_and_warnings_in_order() {
         Some(vec!["numpy.int64".to_string()])
     );
     assert_eq!(ran.result.outcome.warnings, vec!["UserWarning: careful"]);
+    // Output is line-buffered, like a terminal: a line written in pieces over time is one
+    // event, and a partial line goes out before anything written after it to the other
+    // stream.
+    let pieces = tp.run_code("import time\nprint('a', end='')\ntime.sleep(0.2)\nprint('b')");
+    let stdout_events: Vec<String> = pieces
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Stdout { data } => Some(String::from_utf8_lossy(data).into_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stdout_events, ["ab\n"], "{}", pieces.describe());
+    let mixed = tp.run_code(
+        "import sys\nsys.stdout.write('a')\nsys.stderr.write('b\\n')\nsys.stdout.write('c\\n')\nsys.stdout.write('tail')",
+    );
+    // Adjacent pieces of one stream joined (the pool may or may not merge them).
+    let mut pieces: Vec<(bool, String)> = Vec::new();
+    for e in &mixed.events {
+        let (out, data) = match e {
+            Event::Stdout { data } => (true, data),
+            Event::Stderr { data } => (false, data),
+            _ => continue,
+        };
+        let text = String::from_utf8_lossy(data);
+        match pieces.last_mut() {
+            Some((last, joined)) if *last == out => joined.push_str(&text),
+            _ => pieces.push((out, text.into_owned())),
+        }
+    }
+    assert_eq!(
+        pieces,
+        [
+            (true, "a".to_string()),
+            (false, "b\n".to_string()),
+            (true, "c\ntail".to_string())
+        ],
+        "{}",
+        mixed.describe()
+    );
     // Bytes that are not UTF-8 are carried exactly, through sys.stdout.buffer too.
     let ran2 =
         tp.run_code("import sys\nsys.stdout.buffer.write(b'\\xff\\xfeok\\n')\nprint('caf\\u00e9')");

@@ -31,6 +31,36 @@ MAX_VALUE_BYTES = 1 << 20
 MAX_DEPTH = 64
 
 
+# Text written but not yet sent: (stream, [bytes, ...]). One buffer for both streams, so
+# that what goes out keeps the order it was written in across stdout and stderr.
+_pending_stream = 0
+_pending = []
+_pending_size = 0
+# A buffer this large is sent even without a newline.
+_MAX_PENDING = 64 * 1024
+
+
+def _flush_pending():
+    global _pending, _pending_size
+    if _pending:
+        _hatchery.write(_pending_stream, b"".join(_pending))
+        _pending = []
+        _pending_size = 0
+
+
+def _write_text(stream, data, line_end):
+    """Line-buffered, like a terminal: sent at a newline, a flush, a progress report,
+    a write to the other stream, a full buffer, or the end of the run."""
+    global _pending_stream, _pending_size
+    if _pending and _pending_stream != stream:
+        _flush_pending()
+    _pending_stream = stream
+    _pending.append(data)
+    _pending_size += len(data)
+    if line_end or _pending_size >= _MAX_PENDING:
+        _flush_pending()
+
+
 class _Binary(io.RawIOBase):
     """sys.stdout.buffer / sys.stderr.buffer: bytes go to the channel exactly."""
 
@@ -47,6 +77,7 @@ class _Binary(io.RawIOBase):
     def write(self, b):
         data = bytes(b)
         if data:
+            _flush_pending()
             _hatchery.write(self._stream, data)
         return len(data)
 
@@ -93,11 +124,11 @@ class _Output(io.TextIOBase):
                 data = s.encode("utf-8", "surrogateescape")
             except UnicodeEncodeError:
                 data = s.encode("utf-8", "backslashreplace")
-            _hatchery.write(self._stream, data)
+            _write_text(self._stream, data, "\n" in s)
         return len(s)
 
     def flush(self):
-        pass
+        _flush_pending()
 
 
 def progress(fraction, message=""):
@@ -112,6 +143,7 @@ def progress(fraction, message=""):
         raise ValueError("progress fraction must be a number between 0 and 1")
     if not isinstance(message, str):
         raise TypeError("progress message must be a string")
+    _flush_pending()
     _hatchery.progress(fraction, message)
 
 
@@ -331,6 +363,7 @@ def run(code):
             out["ok"] = False
             out["error"] = _error("runtime", e)
         finally:
+            _flush_pending()
             if saved_main is not None:
                 sys.modules["__main__"] = saved_main
     return out
