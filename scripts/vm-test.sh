@@ -10,7 +10,7 @@
 #   "lib" stands for the package's library target.
 #   Default: every suite whose code path reads or writes cgroups, i.e. what differs between
 #   a v1 and a v2 host: the cgroup backend, the runtime's behaviour and escape suites, the
-#   warm pool and the hostile-channel suite, the agent (limits written at claim, usage
+#   warm pool, the hostile-channel and Python suites, the agent (limits written at claim, usage
 #   read while running), and the API tests that watch sandboxes through their cgroups
 #   (a displaced run dead before its successor, the storm cap, the monitor's usage).
 #   Suites that never reach a cgroup (the R engine, the API's routing, policy, storage and
@@ -92,7 +92,7 @@ artifacts=$(jq -r --slurpfile meta "$out_dir/metadata.json" '
 if (($# == 0)); then
     set -- 'hatchery-tests:cgroups' 'hatchery-sandbox:lib' 'hatchery-tests:behaviour' \
         'hatchery-tests:escape' 'hatchery-tests:pool' 'hatchery-tests:channel' \
-        'hatchery-scheduler:agent' \
+        'hatchery-tests:python' 'hatchery-scheduler:agent' \
         'hatchery-api:e2e a_displaced_execution_is_dead_before_its_successor_runs a_storm_of_simultaneous_submissions_never_runs_more_than_two all_events_monitor_and_admin_views'
 fi
 extra_args=${VM_TEST_ARGS:-}
