@@ -227,6 +227,7 @@ fn forked_children_are_independent_and_single_threaded() {
             "one child's modules never reach the next"
         );
         assert_eq!(v["tmp"], "/tmp", "{v}");
+        assert_eq!(v["tmp_entries"], 0, "a temp dir of its own, empty: {v}");
     }
     let (va, vb) = (a.value(), b.value());
     assert_ne!(
