@@ -295,6 +295,53 @@ fn the_channel_is_as_hostile_from_python_as_from_r() {
         "the result came {took:?} after the claim for a {limit:?} limit"
     );
 
+    // A result forged on the channel ends the run: what the code does after it never
+    // arrives, and the status, timings and usage stay the owner's.
+    let frame = "import json, struct\n\
+                 def frame(kind, body):\n\
+                 \x20   return struct.pack('<IB', len(body) + 1, kind) + body\n";
+    let ran = tp.run(with_limit(
+        &format!(
+            "{CHANNEL_FD}{frame}print('before', flush=True)\n\
+             os.write(fd, frame(7, b'\"forged\"') + frame(8, json.dumps({{'ok': True}}).encode()))\n\
+             print('after', flush=True)\n'real'"
+        ),
+        Duration::from_secs(60),
+    ));
+    ran.assert_status(ExecStatus::Succeeded);
+    assert_eq!(
+        ran.value(),
+        serde_json::json!("forged"),
+        "{}",
+        ran.describe()
+    );
+    assert!(ran.stdout().contains("before"), "{}", ran.describe());
+    assert!(!ran.stdout().contains("after"), "{}", ran.describe());
+    assert!(
+        ran.result.usage.memory_peak_bytes > 1 << 20,
+        "usage from the cgroup: {:?}",
+        ran.result.usage
+    );
+
+    // A frame carrying a descriptor (SCM_RIGHTS through Python's socket module, no native
+    // code needed) is a protocol violation.
+    let ran = tp.run(with_limit(
+        &format!(
+            "{CHANNEL_FD}{frame}import socket, time\n\
+             s = socket.socket(fileno=os.dup(fd))\n\
+             r, w = os.pipe()\n\
+             s.sendmsg([frame(4, b'x')], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack('i', r))])\n\
+             time.sleep(30)"
+        ),
+        Duration::from_secs(60),
+    ));
+    ran.assert_status(ExecStatus::ProtocolViolation);
+    assert!(
+        ran.result.timings.total_ms < 20_000.0,
+        "the violation ended the run before its sleep: {}",
+        ran.describe()
+    );
+
     // A run after the attacks is untouched by them.
     let ran = tp.run_code("sum(range(10))");
     ran.assert_status(ExecStatus::Succeeded);

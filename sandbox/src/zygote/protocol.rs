@@ -86,7 +86,7 @@ pub const MAX_CODE: usize = 64 << 20;
 pub struct Outcome {
     /// No error (and for fork-exec languages: exit code 0).
     pub ok: bool,
-    /// The last value, as JSON (R only).
+    /// The last value, as JSON (the zygote languages: R, Python).
     #[serde(default)]
     pub value_json: Option<String>,
     #[serde(default)]
