@@ -8,9 +8,11 @@
 //! private mounts: fresh `/proc` (masked again), tmpfs `/tmp`, `/work`, `/dev/shm` →
 //! stdio → rlimits → drop to the unprivileged uid with no capabilities → every other
 //! descriptor closed → `no_new_privs` → seccomp → language fork-safety (R: fresh RNG state
-//! and temp dir) → `Ready`. The agent freezes it there.
+//! and temp dir; Python: `random` and numpy reseeded, temp dir forgotten — its
+//! `PyOS_AfterFork_Child` ran right after the fork) → `Ready`. The agent freezes it there.
 //!
-//! The zygote itself is single-threaded (BLAS/OpenMP pinned to one thread) and never runs
+//! The zygote itself is single-threaded (BLAS/OpenMP pinned to one thread from its start,
+//! [`SINGLE_THREAD_ENV`]), refuses to fork with a second thread alive, and never runs
 //! user code. The agent follows the forked children through pidfds; the zygote reaps
 //! them only when the agent's next message says it is done placing them, so a pid the
 //! agent writes into a cgroup can never have been recycled. Each sandbox runs user code
