@@ -139,6 +139,19 @@ impl SandboxSpec {
 }
 
 /// The environment every command starts from: nothing of the host's.
+/// Thread counts pinned to one for every zygote, in its environment from its start and
+/// again by an embedded interpreter's init: a zygote forks with no thread but its own (a
+/// child would inherit the other threads' locks without the threads), and numeric
+/// libraries (OpenBLAS reads its count in a library constructor, before `main`) must not
+/// start pools.
+pub const SINGLE_THREAD_ENV: [(&str, &str); 5] = [
+    ("OMP_NUM_THREADS", "1"),
+    ("OPENBLAS_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+    ("GOTO_NUM_THREADS", "1"),
+    ("NUMEXPR_NUM_THREADS", "1"),
+];
+
 pub fn default_env() -> Vec<(String, String)> {
     [
         ("PATH", DEFAULT_PATH),

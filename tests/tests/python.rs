@@ -265,6 +265,16 @@ const CHANNEL_FD: &str = "import os\n\
     \x20           pass\n\
     fd = channel()\n";
 
+/// The run ended `protocol_violation`, long before the 30 s sleep that follows its attack.
+fn assert_violation_before_its_sleep(ran: &Ran) {
+    ran.assert_status(ExecStatus::ProtocolViolation);
+    assert!(
+        ran.result.timings.total_ms < 20_000.0,
+        "the violation ended the run before its sleep: {}",
+        ran.describe()
+    );
+}
+
 #[test]
 fn the_channel_is_as_hostile_from_python_as_from_r() {
     let tp = python_pool(2);
@@ -273,12 +283,7 @@ fn the_channel_is_as_hostile_from_python_as_from_r() {
         &format!("{CHANNEL_FD}os.write(fd, b'\\xff\\xff\\xff\\x7fnot a frame')\nimport time\ntime.sleep(30)"),
         Duration::from_secs(60),
     ));
-    ran.assert_status(ExecStatus::ProtocolViolation);
-    assert!(
-        ran.result.timings.total_ms < 20_000.0,
-        "the violation ended the run before its sleep: {}",
-        ran.describe()
-    );
+    assert_violation_before_its_sleep(&ran);
 
     // Half a frame header, then a spin: the time limit still holds.
     let limit = Duration::from_secs(4);
@@ -335,12 +340,7 @@ fn the_channel_is_as_hostile_from_python_as_from_r() {
         ),
         Duration::from_secs(60),
     ));
-    ran.assert_status(ExecStatus::ProtocolViolation);
-    assert!(
-        ran.result.timings.total_ms < 20_000.0,
-        "the violation ended the run before its sleep: {}",
-        ran.describe()
-    );
+    assert_violation_before_its_sleep(&ran);
 
     // A run after the attacks is untouched by them.
     let ran = tp.run_code("sum(range(10))");

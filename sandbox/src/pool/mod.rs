@@ -1418,7 +1418,7 @@ impl Maintainer {
             .arg(format!("{}:{ZYGOTE_PATH_INSIDE}", cfg.zygote_bin.display()));
         // Set before the zygote's libraries load: a BLAS that reads its thread count in
         // a library constructor (OpenBLAS) would otherwise start its pool before main.
-        for (k, v) in crate::zygote::server::SINGLE_THREAD_ENV {
+        for (k, v) in crate::spec::SINGLE_THREAD_ENV {
             cmd.arg(format!("--env={k}={v}"));
         }
         cmd.args(["--hostname", "zygote", "--output-limit", "1G"])

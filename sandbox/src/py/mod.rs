@@ -5,9 +5,10 @@
 //! ([`engine.py`](engine.py)) over common values, collects and freezes its heap
 //! (`gc.freeze()`: children's collections never write to the pages they share with the
 //! zygote), and then forks. Fork safety is enforced, not assumed:
-//! - no thread is alive at a fork: BLAS/OpenMP pools are pinned to one thread before
-//!   any import, a preload that leaves a thread behind is refused, and the thread count
-//!   is checked again before every fork ([`PyEngine::before_fork`]);
+//! - no thread is alive at a fork: BLAS/OpenMP pools are pinned to one thread from the
+//!   zygote's start, a preload that leaves a thread behind is refused (naming the
+//!   threads), and the zygote checks the thread count again before every fork, whatever
+//!   its language;
 //! - the fork goes through `PyOS_BeforeFork` / `PyOS_AfterFork_Parent` /
 //!   `PyOS_AfterFork_Child`, so interpreter locks are reinitialised and
 //!   `os.register_at_fork` hooks run as they would for `os.fork()`;
@@ -29,7 +30,7 @@ const ENGINE: &str = include_str!("engine.py");
 
 /// Environment that keeps Python off the disk and the display. (Numeric libraries are
 /// pinned to one thread by the zygote's environment from its start:
-/// [`SINGLE_THREAD_ENV`](crate::zygote::server::SINGLE_THREAD_ENV).)
+/// [`SINGLE_THREAD_ENV`](crate::spec::SINGLE_THREAD_ENV).)
 const STARTUP_ENV: [(&str, &str); 5] = [
     ("PYTHONDONTWRITEBYTECODE", "1"),
     ("PYTHONNOUSERSITE", "1"),
@@ -57,8 +58,8 @@ pub enum PyError {
     Python(String),
 }
 
-/// Receives a sandbox's output (`1` stdout, `2` stderr), in the order it was written.
-pub type OutputHook = fn(u8, &[u8]);
+/// Receives a sandbox's output, in the order it was written (the same hook type as R's).
+pub type OutputHook = crate::r::OutputHook;
 /// Receives `hatchery.progress(fraction, message)` calls, with `0 <= fraction <= 1`.
 pub type ProgressHook = fn(f64, &str);
 
@@ -84,10 +85,14 @@ mod _hatchery {
     /// UTF-8 is carried exactly.
     #[pyfunction]
     fn write(stream: u8, data: &[u8]) {
+        let stream = match stream {
+            2 => crate::r::OutputStream::Stderr,
+            _ => crate::r::OutputStream::Stdout,
+        };
         let hook = *super::OUTPUT_HOOK.lock().unwrap_or_else(|e| e.into_inner());
         match hook {
             Some(h) => h(stream, data),
-            None => crate::r::write_fd(if stream == 2 { 2 } else { 1 }, data),
+            None => crate::r::write_fd(stream.fd(), data),
         }
     }
 
@@ -113,10 +118,6 @@ pub struct PyEngine {
 
 static INITIALISED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn text_of(e: PyErr) -> String {
-    e.to_string()
-}
-
 impl PyEngine {
     /// Starts CPython in this process, once, with numeric libraries pinned to one thread,
     /// and loads the evaluator (`sys.stdout`/`sys.stderr` through the output hook,
@@ -127,7 +128,7 @@ impl PyEngine {
         if INITIALISED.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err(PyError::AlreadyInitialised);
         }
-        for (k, v) in crate::zygote::server::SINGLE_THREAD_ENV
+        for (k, v) in crate::spec::SINGLE_THREAD_ENV
             .iter()
             .chain(STARTUP_ENV.iter())
         {
@@ -138,10 +139,10 @@ impl PyEngine {
         let engine = Python::attach(|py| -> Result<Py<PyModule>, PyError> {
             let code = CString::new(ENGINE).map_err(|e| PyError::Engine(e.to_string()))?;
             let module = PyModule::from_code(py, &code, c"<hatchery engine>", c"_hatchery_engine")
-                .map_err(|e| PyError::Engine(text_of(e)))?;
+                .map_err(|e| PyError::Engine(e.to_string()))?;
             module
                 .call_method0("setup")
-                .map_err(|e| PyError::Engine(text_of(e)))?;
+                .map_err(|e| PyError::Engine(e.to_string()))?;
             Ok(module.unbind())
         })?;
         Ok(PyEngine {
@@ -160,7 +161,7 @@ impl PyEngine {
             for package in packages.iter().filter(|p| !p.is_empty()) {
                 let failure = engine
                     .call_method1("preload", (package.as_str(),))
-                    .map_err(|e| PyError::Python(text_of(e)))?;
+                    .map_err(|e| PyError::Python(e.to_string()))?;
                 if !failure.is_none() {
                     return Err(PyError::Preload {
                         package: package.clone(),
@@ -182,7 +183,7 @@ impl PyEngine {
                 .call_method0("warm_up")
                 .and_then(|_| engine.call_method0("collect"))
                 .map(|_| ())
-                .map_err(|e| PyError::Python(text_of(e)))
+                .map_err(|e| PyError::Python(e.to_string()))
         })
     }
 
@@ -216,13 +217,12 @@ impl PyEngine {
         }
         let mut random = [0u8; 64];
         crate::r::fill_random(&mut random).map_err(PyError::Random)?;
-        std::env::set_var("TMPDIR", "/tmp");
         Python::attach(|py| {
             self.engine
                 .bind(py)
                 .call_method1("prepare_child", (PyBytes::new(py, &random),))
                 .map(|_| ())
-                .map_err(|e| PyError::Python(text_of(e)))
+                .map_err(|e| PyError::Python(e.to_string()))
         })
     }
 
@@ -231,8 +231,8 @@ impl PyEngine {
         Python::attach(|py| {
             let result = self.engine.bind(py).call_method1("run", (code,));
             match result {
-                Ok(r) => outcome_of(&r).unwrap_or_else(|e| internal(text_of(e))),
-                Err(e) => internal(text_of(e)),
+                Ok(r) => outcome_of(&r).unwrap_or_else(|e| internal(e.to_string())),
+                Err(e) => internal(e.to_string()),
             }
         })
     }
@@ -307,11 +307,4 @@ fn outcome_of(r: &Bound<'_, PyAny>) -> PyResult<Outcome> {
         exit_code: get("exit_code")?.map(|v| v.extract()).transpose()?,
         signal: None,
     })
-}
-
-/// Ends a forked sandbox: flushes nothing of the zygote's and `_exit`s (no atexit
-/// handlers, no interpreter finalisation).
-pub fn exit_child(code: i32) -> ! {
-    // SAFETY: _exit ends the process without running any clean-up.
-    unsafe { libc::_exit(code) }
 }

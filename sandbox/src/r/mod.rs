@@ -49,16 +49,6 @@ use ffi::ProtectScope;
 /// Hatchery's R code: the evaluator, `progress()`, the child's reseeding, JSON.
 const ENGINE_R: &str = include_str!("engine.R");
 
-/// Threading variables pinned to 1 before R starts, so BLAS and OpenMP never start
-/// worker threads in the zygote (a fork keeps only the forking thread; a child would
-/// inherit their locks without the threads).
-const SINGLE_THREAD_ENV: [&str; 4] = [
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "GOTO_NUM_THREADS",
-];
-
 /// Set once the first `init` starts: R cannot be initialised twice in one process.
 static INITIALISED: AtomicBool = AtomicBool::new(false);
 
@@ -642,8 +632,9 @@ fn set_startup_env(r_home: &Path) {
             std::env::set_var(var, value.trim_matches(|c| c == '"' || c == '\''));
         }
     }
-    for var in SINGLE_THREAD_ENV {
-        std::env::set_var(var, "1");
+    // Also set in a zygote's environment from its start; here for R embedded elsewhere.
+    for (var, value) in crate::spec::SINGLE_THREAD_ENV {
+        std::env::set_var(var, value);
     }
     let has_locale = ["LC_ALL", "LC_CTYPE", "LANG"]
         .iter()

@@ -12,7 +12,7 @@
 //! `PyOS_AfterFork_Child` ran right after the fork) → `Ready`. The agent freezes it there.
 //!
 //! The zygote itself is single-threaded (BLAS/OpenMP pinned to one thread from its start,
-//! [`SINGLE_THREAD_ENV`]), refuses to fork with a second thread alive, and never runs
+//! [`SINGLE_THREAD_ENV`](crate::spec::SINGLE_THREAD_ENV)), refuses to fork with a second thread alive, and never runs
 //! user code. The agent follows the forked children through pidfds; the zygote reaps
 //! them only when the agent's next message says it is done placing them, so a pid the
 //! agent writes into a cgroup can never have been recycled. Each sandbox runs user code
@@ -58,18 +58,6 @@ impl Language {
     }
 }
 
-/// Thread counts pinned to one in the zygote's environment, from its start: a zygote
-/// forks with no thread but its own (a child would inherit the other threads' locks
-/// without the threads), and numeric libraries (OpenBLAS reads its count in a library
-/// constructor, before `main`) must not start pools.
-pub const SINGLE_THREAD_ENV: [(&str, &str); 5] = [
-    ("OMP_NUM_THREADS", "1"),
-    ("OPENBLAS_NUM_THREADS", "1"),
-    ("MKL_NUM_THREADS", "1"),
-    ("GOTO_NUM_THREADS", "1"),
-    ("NUMEXPR_NUM_THREADS", "1"),
-];
-
 /// Where a pooled sandbox stages its root (an empty directory of the image).
 const POOLED_STAGE: &str = "/run/mount";
 
@@ -108,27 +96,13 @@ fn channel_writer() -> Option<SandboxWriter> {
     (fd >= 0).then(|| unsafe { SandboxWriter::from_raw(fd) })
 }
 
-/// R's console output: on the channel once a sandbox has one (in order with progress and
+/// R's console output and Python's `sys.stdout`/`sys.stderr`: on the channel once a sandbox has one (in order with progress and
 /// the result, in frames of at most 64 KiB), on fd 1/2 before (the zygote's own start-up
 /// messages).
 fn send_output(stream: crate::r::OutputStream, data: &[u8]) {
     let (fd, stream) = match stream {
         crate::r::OutputStream::Stdout => (1, Stream::Stdout),
         crate::r::OutputStream::Stderr => (2, Stream::Stderr),
-    };
-    match channel_writer() {
-        Some(w) => {
-            let _ = w.output(stream, data);
-        }
-        None => crate::r::write_fd(fd, data),
-    }
-}
-
-/// Python's `sys.stdout` / `sys.stderr`: on the channel once a sandbox has one.
-fn send_py_output(stream: u8, data: &[u8]) {
-    let (fd, stream) = match stream {
-        2 => (2, Stream::Stderr),
-        _ => (1, Stream::Stdout),
     };
     match channel_writer() {
         Some(w) => {
@@ -250,7 +224,7 @@ pub fn serve(config: ZygoteConfig) -> ! {
                 }
             }
             let preload_ms = t.elapsed().as_secs_f64() * 1000.0;
-            crate::py::set_output_hook(Some(send_py_output));
+            crate::py::set_output_hook(Some(send_output));
             crate::py::set_progress_hook(Some(send_progress));
             (
                 Runtime::Python(engine),
@@ -454,8 +428,7 @@ fn sandbox_main(
     let _ = up.finished(outcome);
     match runtime {
         Runtime::R(_) => crate::r::exit_child(0),
-        Runtime::Python(_) => crate::py::exit_child(0),
-        Runtime::Exec(_) => crate::container::exit(0),
+        Runtime::Python(_) | Runtime::Exec(_) => crate::container::exit(0),
     }
 }
 
