@@ -34,6 +34,11 @@
 //!    concurrent clients, each its own user (the per-user parallelism cap of 2 never
 //!    cancels one), submitting back to back and waiting for `finished`; for (c) the
 //!    clients are spread over both replicas; for (a) K threads claiming back to back.
+//! 4. during those slices, the CPU each process spent (from `/proc/<pid>/stat`, its
+//!    reaped children included: a zygote's sandboxes count to it), grouped by what this
+//!    bench started, and the machine's busy time (`/proc/stat`), per counted execution:
+//!    on a machine whose CPUs are all busy, executions/s is the inverse of that sum, so
+//!    the table says which process the API path's executions/s went to.
 //!
 //! Only executions that succeeded with the right output count; every other outcome is
 //! counted by kind and printed. The targets are printed next to the figures: the API path
@@ -290,6 +295,165 @@ impl Drop for RemoveParents {
         for parent in [UP_CGROUP, POOL_CGROUP] {
             hatchery_api::local_cluster::remove_cgroup_parent(parent);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Where the CPU of each variant goes
+
+/// Who spends CPU on this machine during a throughput slice, as the rows of the table
+/// "CPU per execution". Processes are told apart by what this bench started: each direct
+/// child by its command, with everything below it (its own children's time, reaped or
+/// alive, counts to it).
+const CPU_GROUPS: [&str; 12] = [
+    "this bench (pool (a) + clients)",
+    "  pool (a) zygote + sandboxes",
+    "hatchery up",
+    "  up's zygote + sandboxes",
+    "API replicas",
+    "schedulers",
+    "agents",
+    "  agents' zygotes + sandboxes",
+    "PostgreSQL",
+    "Redis",
+    "moto (S3)",
+    "rest of the machine",
+];
+const G_BENCH: usize = 0;
+const G_REST: usize = 11;
+
+/// CPU time spent so far, in clock ticks: per group, and the whole machine's busy time.
+#[derive(Clone, Copy, Default)]
+struct CpuSnapshot {
+    groups: [u64; CPU_GROUPS.len()],
+    machine_busy: u64,
+}
+
+/// (ppid, utime + stime + cutime + cstime) of a process.
+fn cpu_ticks(pid: i32) -> Option<(i32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3: ppid is field 4, utime..cstime fields 14..17.
+    let ticks = f
+        .get(11..15)?
+        .iter()
+        .map(|v| v.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some((f.get(1)?.parse().ok()?, ticks))
+}
+
+/// The groups of a direct child of this bench: (its own, what runs below it).
+fn classify(pid: i32) -> (usize, usize) {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmd
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // A server may rewrite its command line into one string (redis-server does).
+    let program = args
+        .first()
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap_or("");
+    let role = args.get(1).map(String::as_str).unwrap_or("");
+    let name = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    };
+    match (name(program).as_deref(), role) {
+        (Some("hatchery"), "up") => (2, 3),
+        (Some("hatchery"), "api") => (4, 4),
+        (Some("hatchery"), "scheduler") => (5, 5),
+        (Some("hatchery"), "agent") => (6, 7),
+        (Some("postgres"), _) => (8, 8),
+        (Some("redis-server"), _) => (9, 9),
+        (Some(p), _) if p.starts_with("moto") || args.iter().any(|a| a.contains("moto")) => {
+            (10, 10)
+        }
+        // The pool's zygote runs inside a `sandbox run` container.
+        (Some("sandbox"), "run") => (1, 1),
+        _ => (G_BENCH, G_BENCH),
+    }
+}
+
+fn cpu_snapshot() -> CpuSnapshot {
+    let me = std::process::id() as i32;
+    let mut procs: BTreeMap<i32, (i32, u64)> = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            {
+                if let Some(t) = cpu_ticks(pid) {
+                    procs.insert(pid, t);
+                }
+            }
+        }
+    }
+    let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for (&pid, &(ppid, _)) in &procs {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut snap = CpuSnapshot::default();
+    snap.groups[G_BENCH] += procs.get(&me).map_or(0, |&(_, t)| t);
+    for &child in children.get(&me).map(Vec::as_slice).unwrap_or(&[]) {
+        let (own, below) = classify(child);
+        snap.groups[own] += procs[&child].1;
+        let mut todo = children.get(&child).cloned().unwrap_or_default();
+        while let Some(p) = todo.pop() {
+            snap.groups[below] += procs[&p].1;
+            todo.extend(children.get(&p).map(Vec::as_slice).unwrap_or(&[]));
+        }
+    }
+    // /proc/stat: cpu user nice system idle iowait irq softirq steal ...
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    snap.machine_busy = [0, 1, 2, 5, 6].iter().filter_map(|&i| cpu.get(i)).sum();
+    snap
+}
+
+/// CPU spent per variant (ticks, by group) over its throughput slices.
+#[derive(Default)]
+struct CpuUse {
+    groups: [u64; CPU_GROUPS.len()],
+    machine_busy: u64,
+}
+
+impl CpuUse {
+    fn add(&mut self, before: &CpuSnapshot, after: &CpuSnapshot) {
+        for (g, (b, a)) in self
+            .groups
+            .iter_mut()
+            .zip(before.groups.iter().zip(&after.groups))
+        {
+            *g += a.saturating_sub(*b);
+        }
+        self.machine_busy += after.machine_busy.saturating_sub(before.machine_busy);
+    }
+
+    /// Milliseconds of CPU per counted execution, by group; the last row is the machine's
+    /// busy time that no group accounts for (kernel threads, other work on the machine).
+    fn per_execution(&self, done: usize) -> [f64; CPU_GROUPS.len()] {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ms = |ticks: u64| ticks as f64 * 1e3 / hz / done.max(1) as f64;
+        let mut out = [0.0; CPU_GROUPS.len()];
+        let known: u64 = self.groups[..G_REST].iter().sum();
+        for (g, o) in out.iter_mut().enumerate().take(G_REST) {
+            *o = ms(self.groups[g]);
+        }
+        out[G_REST] = ms(self.machine_busy.saturating_sub(known));
+        out
     }
 }
 
@@ -904,6 +1068,14 @@ fn sequential(
     Ok(seq)
 }
 
+/// What the throughput slices measured: per variant, its executions and its CPU; per
+/// round, the ratios (b)/(a) and (c)/(a).
+struct Sustained {
+    tp: [Throughput; 3],
+    ratios: Vec<[f64; 2]>,
+    cpu: [CpuUse; 3],
+}
+
 /// Sustained throughput of the three variants (pool, embedded, cluster), in slices whose
 /// order rotates round by round; and per round, the ratios (b)/(a) and (c)/(a).
 fn throughput(
@@ -911,10 +1083,11 @@ fn throughput(
     rt: &tokio::runtime::Runtime,
     sides: &Sides,
     procs: &mut Processes,
-) -> Result<([Throughput; 3], Vec<[f64; 2]>), String> {
+) -> Result<Sustained, String> {
     let rounds = (o.seconds / o.slice).ceil().max(1.0) as usize;
     let slice_s = o.seconds / rounds as f64;
     let mut tp: [Throughput; 3] = Default::default();
+    let mut cpu: [CpuUse; 3] = Default::default();
     let mut ratios = Vec::new();
     eprint!("throughput: {rounds} rounds of 3 slices of {slice_s:.2} s ");
     for r in 0..rounds {
@@ -932,17 +1105,26 @@ fn throughput(
                         .wait_ready(sides.view.pool_size, PATIENCE)
                         .map_err(|e| format!("pool: {e}"))?;
                     std::thread::sleep(Duration::from_millis(500));
-                    pool_throughput(sides.pool, sides.view, o.clients, slice_s)
+                    let before = cpu_snapshot();
+                    let slice = pool_throughput(sides.pool, sides.view, o.clients, slice_s);
+                    cpu[side].add(&before, &cpu_snapshot());
+                    slice
                 }
                 1 => {
                     rt.block_on(wait_readyz(sides.up))?;
                     std::thread::sleep(Duration::from_millis(500));
-                    rt.block_on(api_throughput(&sides.up_clients, slice_s))
+                    let before = cpu_snapshot();
+                    let slice = rt.block_on(api_throughput(&sides.up_clients, slice_s));
+                    cpu[side].add(&before, &cpu_snapshot());
+                    slice
                 }
                 _ => {
                     rt.block_on(cluster_ready(&sides.replicas, POOL_SIZE as u64))?;
                     std::thread::sleep(Duration::from_millis(500));
-                    rt.block_on(api_throughput(&sides.cluster_clients, slice_s))
+                    let before = cpu_snapshot();
+                    let slice = rt.block_on(api_throughput(&sides.cluster_clients, slice_s));
+                    cpu[side].add(&before, &cpu_snapshot());
+                    slice
                 }
             };
             procs.note();
@@ -953,7 +1135,7 @@ fn throughput(
         eprint!(".");
     }
     eprintln!();
-    Ok((tp, ratios))
+    Ok(Sustained { tp, ratios, cpu })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1148,7 +1330,7 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime, procs: &mut Processes) -> Result<
 
     // ---- 1 + 2: sequential rounds; 3: throughput
     let seq = sequential(o, rt, &sides, &floor, procs)?;
-    let (tp, ratios) = throughput(o, rt, &sides, procs)?;
+    let Sustained { tp, ratios, cpu } = throughput(o, rt, &sides, procs)?;
     let floor_cpus = floor.describe();
     drop(floor);
 
@@ -1173,6 +1355,7 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime, procs: &mut Processes) -> Result<
     let load_end = loadavg();
 
     report(o, &seq, &tp, &ratios, (&floor_cpus, &busy_tcp, &busy_wake));
+    report_cpu(&tp, &cpu);
     println!();
     println!(
         "in-process pool: forked {}, claimed {}",
@@ -1219,6 +1402,41 @@ fn verdict_line(label: &str, value: f64, target: &str, met: bool) -> String {
             "NOT met"
         }
     )
+}
+
+/// CPU per counted execution of each variant, by who spent it, over its throughput
+/// slices: where the executions per second of each path go on this machine.
+fn report_cpu(tp: &[Throughput; 3], cpu: &[CpuUse; 3]) {
+    let per: Vec<[f64; CPU_GROUPS.len()]> =
+        (0..3).map(|k| cpu[k].per_execution(tp[k].done)).collect();
+    println!();
+    println!(
+        "CPU per counted execution during each variant's throughput slices (ms; from \
+         /proc/<pid>/stat of what this bench started, children included; the machine's busy \
+         time from /proc/stat):"
+    );
+    println!(
+        "  {:<36} {:>9} {:>13} {:>12}",
+        "", "(a) pool", "(b) embedded", "(c) cluster"
+    );
+    for (g, name) in CPU_GROUPS.iter().enumerate() {
+        println!(
+            "  {name:<36} {:>9.2} {:>13.2} {:>12.2}",
+            per[0][g], per[1][g], per[2][g]
+        );
+    }
+    let total = |k: usize| per[k].iter().sum::<f64>();
+    println!(
+        "  {:<36} {:>9.2} {:>13.2} {:>12.2}",
+        "machine busy (sum)",
+        total(0),
+        total(1),
+        total(2)
+    );
+    println!(
+        "  (rows in other variants' columns are what that part spends while idle: \
+         heartbeats, pool refills)"
+    );
 }
 
 fn report(

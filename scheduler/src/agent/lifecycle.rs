@@ -186,17 +186,29 @@ pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<boo
     }
 }
 
-/// Publishes the host status periodically and on every change.
+/// The least time between two host statuses published because something changed: under
+/// load, the starts and ends of many executions go out together in one status rather
+/// than one status each (every status wakes every scheduler and API replica).
+pub const STATUS_MIN_GAP: Duration = Duration::from_millis(20);
+
+/// Publishes the host status periodically and on change, at most once per
+/// [`STATUS_MIN_GAP`] when changes come quicker than that.
 pub(super) async fn status_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     loop {
         let status = inner.status();
+        let published = tokio::time::Instant::now();
         if let Err(e) = inner.bus.publish_status(status).await {
             tracing::warn!(agent = %inner.cfg.id, error = %e, "cannot publish the host status");
         }
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(inner.cfg.status_interval) => {}
-            _ = inner.status_changed.notified() => {}
+            _ = inner.status_changed.notified() => {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep_until(published + STATUS_MIN_GAP) => {}
+                }
+            }
         }
     }
 }

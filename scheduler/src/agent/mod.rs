@@ -383,6 +383,15 @@ impl AgentHandle {
             .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for pool in pools {
+                let s = pool.stats();
+                tracing::info!(
+                    forked = s.forked,
+                    claimed = s.claimed,
+                    failed_forks = s.failed_forks,
+                    died_frozen = s.died_frozen,
+                    zygote_starts = s.zygote_starts,
+                    "pool at shutdown"
+                );
                 match Arc::try_unwrap(pool) {
                     Ok(mut pool) => pool.shutdown(),
                     // A claim still holds it: the pool shuts down when that claim returns.
