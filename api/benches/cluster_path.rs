@@ -1433,9 +1433,18 @@ fn report_cpu(tp: &[Throughput; 3], cpu: &[CpuUse; 3]) {
         total(1),
         total(2)
     );
+    let cg = |k: usize| median(&tp[k].sandbox_cpu_ms);
+    println!(
+        "  {:<36} {:>9.2} {:>13.2} {:>12.2}",
+        "of which a sandbox's cgroup (p50)",
+        cg(0),
+        cg(1),
+        cg(2)
+    );
     println!(
         "  (rows in other variants' columns are what that part spends while idle: \
-         heartbeats, pool refills)"
+         heartbeats, pool refills; a sandbox's cgroup counts from its attach after the \
+         fork to its end)"
     );
 }
 

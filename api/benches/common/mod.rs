@@ -432,6 +432,8 @@ pub struct ApiSample {
     pub finished: f64,
     /// The sandbox's claim → first user statement (from the `finished` event).
     pub start_ms: f64,
+    /// CPU time charged to the sandbox's cgroup (from the `finished` event's usage).
+    pub cpu_ms: f64,
     /// Where the time went, for a closer look.
     #[allow(dead_code)] // only api_latency reads it
     pub trace: ApiTrace,
@@ -599,6 +601,7 @@ pub async fn api_once_on(
     s.state = finished["state"].as_str().unwrap_or("?").to_string();
     s.stdout = stdout;
     s.start_ms = finished["start_ms"].as_f64().unwrap_or(f64::NAN);
+    s.cpu_ms = finished["usage"]["cpu_ms"].as_f64().unwrap_or(f64::NAN);
     Ok(s)
 }
 
@@ -723,6 +726,8 @@ pub struct PoolSample {
     pub first_out: f64,
     pub finished: f64,
     pub start_ms: f64,
+    /// CPU time charged to the sandbox's cgroup (the result's usage).
+    pub cpu_ms: f64,
     /// The pool's own figure: limits + send code + thaw.
     #[allow(dead_code)] // only api_latency reads it
     pub claim_ms: f64,
@@ -779,6 +784,7 @@ pub fn pool_once(pool: &Pool, view: &AgentView) -> Result<(PoolSample, Execution
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| format!("{:?}", result.status));
     s.start_ms = result.timings.start_ms.unwrap_or(f64::NAN);
+    s.cpu_ms = (result.usage.user_cpu_ns + result.usage.system_cpu_ns) as f64 / 1e6;
     s.claim_ms = result.timings.claim_ms;
     s.queued_ms = result.timings.queued_ms;
     Ok((s, exec))
@@ -797,6 +803,8 @@ pub struct Throughput {
     /// API: POST → `started` event; pool: queued_ms (waiting for a frozen sandbox).
     pub to_started: Vec<f64>,
     pub start_ms: Vec<f64>,
+    /// CPU charged to each counted execution's sandbox cgroup.
+    pub sandbox_cpu_ms: Vec<f64>,
     /// Completed executions that do not count, by state (or `wrong output`).
     pub bad: BTreeMap<String, usize>,
     pub overload: BTreeMap<u16, usize>,
@@ -837,6 +845,7 @@ impl Throughput {
         self.to_finished.extend(s.to_finished);
         self.to_started.extend(s.to_started);
         self.start_ms.extend(s.start_ms);
+        self.sandbox_cpu_ms.extend(s.sandbox_cpu_ms);
         for (k, n) in s.bad {
             *self.bad.entry(k).or_default() += n;
         }
@@ -878,6 +887,7 @@ pub async fn api_throughput(clients: &[(SocketAddr, String)], seconds: f64) -> T
                                     tp.to_finished.push(s.finished);
                                     tp.to_started.push(s.started);
                                     tp.start_ms.push(s.start_ms);
+                                    tp.sandbox_cpu_ms.push(s.cpu_ms);
                                 }
                                 Err(why) => *tp.bad.entry(why).or_default() += 1,
                             }
@@ -933,6 +943,7 @@ pub fn pool_throughput(pool: &Pool, view: &AgentView, threads: usize, seconds: f
                                     tp.to_finished.push(s.finished);
                                     tp.to_started.push(s.queued_ms);
                                     tp.start_ms.push(s.start_ms);
+                                    tp.sandbox_cpu_ms.push(s.cpu_ms);
                                 }
                                 Err(why) => *tp.bad.entry(why).or_default() += 1,
                             }
