@@ -86,9 +86,14 @@ impl CgroupParent {
         found
     }
 
-    /// Host processes whose command line names the parent (the zygote's launcher).
+    /// Host processes whose command line names the parent (the zygote's launcher) as a
+    /// whole argument: `pooltest-<pid>-1` must not match the launchers of
+    /// `pooltest-<pid>-10`, a pool another test of this binary runs meanwhile.
     pub fn launchers(&self) -> Vec<(u32, String)> {
         host_processes_with(&self.rel)
+            .into_iter()
+            .filter(|(_, cmdline)| cmdline.split(' ').any(|arg| arg == self.rel))
+            .collect()
     }
 
     /// Asserts that nothing of the pool is left: no cgroup under the parent, no process in
