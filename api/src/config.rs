@@ -483,6 +483,8 @@ impl Config {
                 time_limit_ms: p.time_limit_ms.unwrap_or(d.time_limit_ms),
                 max_parallel: p.max_parallel.unwrap_or(d.max_parallel),
                 warm_pool_size: p.warm_pool_size.unwrap_or(d.warm_pool_size),
+                max_artifacts: p.max_artifacts.unwrap_or(d.max_artifacts),
+                max_artifact_bytes: p.max_artifact_bytes.unwrap_or(d.max_artifact_bytes),
             },
             languages: self.platform.languages.clone(),
             max_code_bytes: self.platform.max_code_bytes,

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hatchery_scheduler::model::{ExecState, ExecutionRecord, Policy, Principal, Usage};
+use hatchery_scheduler::model::{
+    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, Policy, Principal, Usage,
+};
 use hatchery_scheduler::platform::{ListQuery, SubmitRequest};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -51,6 +53,22 @@ pub async fn dispatch(
             no_query(&query)?;
             let view = st.platform.get(&caller()?, &param("id")).await?;
             Ok(json(StatusCode::OK, &view))
+        }
+        RouteId::ListArtifacts => {
+            no_query(&query)?;
+            let artifacts = st.platform.artifacts(&caller()?, &param("id")).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "artifacts": artifacts }),
+            ))
+        }
+        RouteId::GetArtifact => {
+            no_query(&query)?;
+            let (info, bytes) = st
+                .platform
+                .artifact(&caller()?, &param("id"), &param("name"))
+                .await?;
+            Ok(artifact_response(&info, bytes))
         }
         RouteId::CancelExecution => {
             no_query(&query)?;
@@ -111,6 +129,41 @@ pub async fn dispatch(
 }
 
 /// A JSON response.
+/// An artifact's bytes with the content type decided from its name. Never sniffed; shown
+/// inline only when it is a raster image, PDF or plain data, otherwise a download; and
+/// sandboxed (no script, no same-origin access) if a browser renders it anyway.
+fn artifact_response(info: &ArtifactInfo, bytes: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&info.content_type) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'",
+        ),
+    );
+    h.insert(
+        "cache-control",
+        HeaderValue::from_static("private, max-age=3600"),
+    );
+    // The name is letters, digits, '.', '-' and '_' only: safe inside the quotes.
+    let disposition = if artifact_inline(&info.content_type) {
+        "inline"
+    } else {
+        "attachment"
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("{disposition}; filename=\"{}\"", info.name)) {
+        h.insert("content-disposition", v);
+    }
+    r
+}
+
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(bytes) => {

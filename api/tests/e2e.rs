@@ -629,6 +629,133 @@ fn users_cannot_see_or_cancel_other_users_or_orgs_executions() {
     });
 }
 
+/// A plot and a file in /work/out come back as artifacts: `artifact` events before
+/// `finished`, listed in the result, the record and `GET .../artifacts`, downloadable
+/// with the content type of their names and safe headers; an SVG is a download, never
+/// rendered; other users get 404 (the owner's org admin may read them); a policy of
+/// `max_artifacts = 0` returns none.
+#[test]
+fn plots_and_files_come_back_as_artifacts_for_their_owner_only() {
+    e2e(async {
+        let h = Hatchery::started(Setup::default()).await;
+        let ann = h.token("acme", "ann", "user");
+        let bob = h.token("acme", "bob", "user");
+        let boss = h.token("acme", "boss", "org_admin");
+        let code = "plot(1:10); writeLines('a,b', '/work/out/t.csv'); \
+                    writeLines('<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>', \
+                    '/work/out/x.svg'); cat('ok')";
+        let id = run_r(&h, &ann, code).await;
+        let v = wait_terminal(&h, &ann, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        let events = all_events(&h, &ann, &id).await;
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        let first_artifact = kinds
+            .iter()
+            .position(|k| *k == "artifact")
+            .expect("artifact events");
+        assert_eq!(kinds.last(), Some(&"finished"), "{kinds:?}");
+        assert!(first_artifact < kinds.len() - 1);
+        let announced: Vec<(&str, &str)> = events
+            .iter()
+            .filter(|e| e["type"] == "artifact")
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap(),
+                    e["content_type"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            announced,
+            [
+                ("plot-001.png", "image/png"),
+                ("t.csv", "text/csv; charset=utf-8"),
+                ("x.svg", "image/svg+xml")
+            ]
+        );
+        let listed = get(&h, &format!("/v1/executions/{id}/artifacts"), &ann).await;
+        assert_eq!(listed.status, 200);
+        let listed = listed.json();
+        assert_eq!(
+            listed["artifacts"], v["result"]["artifacts"],
+            "{listed} / {v}"
+        );
+        assert_eq!(listed["artifacts"], v["artifacts"], "{listed} / {v}");
+        assert_eq!(listed["artifacts"].as_array().unwrap().len(), 3);
+
+        let png = get(
+            &h,
+            &format!("/v1/executions/{id}/artifacts/plot-001.png"),
+            &ann,
+        )
+        .await;
+        assert_eq!(png.status, 200);
+        assert!(png.body.starts_with(b"\x89PNG\r\n\x1a\n"));
+        assert_eq!(
+            png.body.len() as u64,
+            listed["artifacts"][0]["bytes"].as_u64().unwrap()
+        );
+        assert_eq!(png.header("content-type"), Some("image/png"));
+        assert_eq!(png.header("x-content-type-options"), Some("nosniff"));
+        assert!(png
+            .header("content-disposition")
+            .unwrap()
+            .starts_with("inline"));
+        let csv = get(&h, &format!("/v1/executions/{id}/artifacts/t.csv"), &ann).await;
+        assert_eq!((csv.status, csv.body.as_slice()), (200, &b"a,b\n"[..]));
+        let svg = get(&h, &format!("/v1/executions/{id}/artifacts/x.svg"), &ann).await;
+        assert_eq!(svg.status, 200);
+        assert!(
+            svg.header("content-disposition")
+                .unwrap()
+                .starts_with("attachment"),
+            "an SVG can carry scripts: a download only"
+        );
+        assert!(svg
+            .header("content-security-policy")
+            .unwrap()
+            .contains("sandbox"));
+
+        // Nobody else; unknown names and path tricks are 404 too.
+        for (who, name) in [
+            (&bob, "plot-001.png"),
+            (&ann, "nope.png"),
+            (&ann, "..%2Fresults"),
+        ] {
+            let r = get(&h, &format!("/v1/executions/{id}/artifacts/{name}"), who).await;
+            assert_eq!((r.status, r.code().as_str()), (404, "not_found"), "{name}");
+        }
+        let r = get(&h, &format!("/v1/executions/{id}/artifacts"), &bob).await;
+        assert_eq!(r.status, 404);
+        let r = get(
+            &h,
+            &format!("/v1/executions/{id}/artifacts/plot-001.png"),
+            &boss,
+        )
+        .await;
+        assert_eq!(r.status, 200, "the owner's org admin may read it");
+
+        // A policy without artifacts: the same code returns none.
+        let r = http(
+            &h,
+            "PUT",
+            "/v1/admin/orgs/acme/users/ann/policy",
+            Some(&boss),
+            Some(json!({"max_artifacts": 0})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let id = run_r(&h, &ann, code).await;
+        let v = wait_terminal(&h, &ann, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert!(v["result"].get("artifacts").is_none(), "{v}");
+        let listed = get(&h, &format!("/v1/executions/{id}/artifacts"), &ann)
+            .await
+            .json();
+        assert_eq!(listed["artifacts"], json!([]));
+    });
+}
+
 #[test]
 fn a_restart_keeps_finished_results_and_marks_running_ones_lost() {
     e2e(async {

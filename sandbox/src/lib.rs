@@ -18,6 +18,7 @@
 //! | [`pool`], [`zygote`] | the warm pool of frozen sandboxes forked from a zygote, and the claim |
 //! | [`upstream`] | the frames a sandbox sends its owner, read as hostile input |
 
+pub mod artifacts;
 pub mod cgroup;
 pub mod channel;
 pub mod container;

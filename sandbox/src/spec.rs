@@ -18,6 +18,12 @@ pub const SANDBOX_UID_COUNT: u32 = 50_000;
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 pub const WORK_DIR: &str = "/work";
+/// Where code leaves files to be returned as artifacts (made empty in every sandbox,
+/// writable by its code).
+pub const OUTPUT_DIR: &str = "/work/out";
+/// Where graphics go: one PNG file per page, returned as artifacts (`plot-001.png`, ...);
+/// made by the first plot.
+pub const PLOT_DIR: &str = "/tmp/.hatchery-plots";
 
 /// A host path mounted read-only (and nosuid, nodev) inside the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

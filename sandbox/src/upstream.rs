@@ -22,6 +22,7 @@
 //! | 6 progress | `f64 LE` fraction in 0..=1, then a UTF-8 message | [`MAX_PROGRESS_MESSAGE`] |
 //! | 7 value | a piece of the value's JSON text | 1..=[`MAX_DATA`] |
 //! | 8 finished | JSON [`Outcome`] (its `value_json` travels in value frames) | [`MAX_DATA`] |
+//! | 9 artifact | `u16 LE` name length, the name, then a piece of the file's bytes | a name [`valid_artifact_name`]; pieces of one name are appended in order |
 //!
 //! The sender ([`SandboxWriter`]) cuts output and values into pieces within these limits
 //! and trims the texts of an outcome, so that honest code never produces a violation.
@@ -54,6 +55,22 @@ const STDERR: u8 = 5;
 const PROGRESS: u8 = 6;
 const VALUE: u8 = 7;
 const FINISHED: u8 = 8;
+const ARTIFACT: u8 = 9;
+
+/// The longest artifact name (bytes).
+pub const MAX_ARTIFACT_NAME: usize = 128;
+
+/// A name an artifact may have: 1 to [`MAX_ARTIFACT_NAME`] letters, digits, `.`, `-` and
+/// `_`, not starting with a dot (no paths, no hidden files, nothing a browser or a shell
+/// reads as more than a name).
+pub fn valid_artifact_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ARTIFACT_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
 
 /// Which output stream a piece of output belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +96,9 @@ pub enum FromSandbox {
     Value(Vec<u8>),
     /// How the code ended, as the runtime saw it.
     Finished(Outcome),
+    /// A piece of a file the code produced (a plot page, a file in the output folder),
+    /// appended to what came before under the same name.
+    Artifact { name: String, data: Vec<u8> },
 }
 
 impl FromSandbox {
@@ -99,6 +119,7 @@ impl FromSandbox {
             FromSandbox::Progress { .. } => "progress",
             FromSandbox::Value(_) => "value",
             FromSandbox::Finished(_) => "finished",
+            FromSandbox::Artifact { .. } => "artifact",
         }
     }
 }
@@ -257,6 +278,24 @@ fn decode(kind: u8, body: &[u8]) -> Result<FromSandbox, Violation> {
                 .map_err(|e| Violation::malformed("finished", e.to_string()))?;
             check_outcome(&o)?;
             Ok(FromSandbox::Finished(o))
+        }
+        ARTIFACT => {
+            let bad = |why: &str| Err(Violation::malformed("artifact", why));
+            if body.len() < 2 {
+                return bad("no name length");
+            }
+            let len = u16::from_le_bytes([body[0], body[1]]) as usize;
+            let Some(name) = body.get(2..2 + len) else {
+                return bad("the name is longer than the frame");
+            };
+            let name = match std::str::from_utf8(name) {
+                Ok(n) if valid_artifact_name(n) => n.to_string(),
+                _ => return bad("not a valid artifact name"),
+            };
+            Ok(FromSandbox::Artifact {
+                name,
+                data: body[2 + len..].to_vec(),
+            })
         }
         other => Err(Violation::UnknownKind(other)),
     }
@@ -451,6 +490,23 @@ impl SandboxWriter {
         };
         for piece in data.chunks(MAX_DATA) {
             self.frame(kind, &[piece])?;
+        }
+        Ok(())
+    }
+
+    /// A whole artifact: its bytes in pieces that fit a frame under its name (one empty
+    /// piece for an empty file). `name` must be [`valid_artifact_name`].
+    pub fn artifact(&self, name: &str, data: &[u8]) -> Result<(), Errno> {
+        if !valid_artifact_name(name) {
+            return Err(Errno::EINVAL);
+        }
+        let header = (name.len() as u16).to_le_bytes();
+        let room = MAX_DATA - 2 - name.len();
+        if data.is_empty() {
+            return self.frame(ARTIFACT, &[&header, name.as_bytes()]);
+        }
+        for piece in data.chunks(room) {
+            self.frame(ARTIFACT, &[&header, name.as_bytes(), piece])?;
         }
         Ok(())
     }
@@ -736,5 +792,103 @@ mod tests {
                 matches!(frames.last(), Some(FromSandbox::Finished(o)) if o.warnings.len() == MAX_WARNINGS)
             );
         });
+    }
+
+    fn artifact_frame(name: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut body = (name.len() as u16).to_le_bytes().to_vec();
+        body.extend_from_slice(name);
+        body.extend_from_slice(data);
+        frame(ARTIFACT, &body)
+    }
+
+    #[test]
+    fn artifact_names_are_plain_file_names() {
+        for ok in [
+            "plot-001.png",
+            "a",
+            "results_2.csv",
+            "x.tar.gz",
+            &"n".repeat(128),
+        ] {
+            assert!(valid_artifact_name(ok), "{ok}");
+        }
+        let long = "n".repeat(129);
+        for bad in [
+            "", ".", "..", ".hidden", "a/b", "../etc", "a b", "é.png", "a\\b", "a\0", "a:b", &long,
+        ] {
+            assert!(!valid_artifact_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn artifact_frames_decode_and_bad_ones_are_violations() {
+        assert_eq!(
+            all(&artifact_frame(b"plot-001.png", b"\x89PNG")),
+            Ok(vec![FromSandbox::Artifact {
+                name: "plot-001.png".into(),
+                data: b"\x89PNG".to_vec()
+            }])
+        );
+        // An empty piece (an empty file) is fine.
+        assert!(all(&artifact_frame(b"empty.txt", b"")).is_ok());
+        for bad in [
+            frame(ARTIFACT, b""),
+            frame(ARTIFACT, &[1]),
+            // A name longer than the frame.
+            frame(ARTIFACT, &[200, 0, b'a']),
+            artifact_frame(b"../../etc/passwd", b"x"),
+            artifact_frame(b"", b"x"),
+            artifact_frame(&[0xff, 0xfe], b"x"),
+        ] {
+            assert!(
+                matches!(
+                    all(&bad),
+                    Err(Violation::Malformed {
+                        kind: "artifact",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_writer_sends_an_artifact_in_pieces_that_reassemble() {
+        let (a, b) = socketpair().unwrap();
+        let data: Vec<u8> = (0..3 * MAX_DATA + 17).map(|i| (i * 7) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            // SAFETY: `a` is owned by this thread until it returns.
+            let w = unsafe { SandboxWriter::from_raw(a.as_raw_fd()) };
+            w.artifact("big.bin", &sent).unwrap();
+            w.artifact("empty.txt", b"").unwrap();
+            assert_eq!(w.artifact("../x", b"y"), Err(Errno::EINVAL));
+            drop(a);
+        });
+        let mut r = ChannelReader::new();
+        let mut got: Vec<(String, Vec<u8>)> = Vec::new();
+        loop {
+            match r.read(b.as_fd()).unwrap() {
+                ReadOutcome::Data(_) => {
+                    while let Some(f) = r.decoder().next_frame().unwrap() {
+                        let FromSandbox::Artifact { name, data } = f else {
+                            panic!("not an artifact: {f:?}");
+                        };
+                        match got.last_mut() {
+                            Some((n, d)) if *n == name => d.extend(data),
+                            _ => got.push((name, data)),
+                        }
+                    }
+                }
+                ReadOutcome::Closed => break,
+                ReadOutcome::WouldBlock => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, "big.bin");
+        assert!(got[0].1 == data, "the pieces reassemble to the file");
+        assert_eq!(got[1], ("empty.txt".to_string(), Vec::new()));
     }
 }

@@ -83,8 +83,10 @@ impl EncryptedObjects {
         private_files::create_dir(dir)
             .and_then(|()| private_files::restrict_tree(dir))
             .map_err(|e| ObjectError::Io(format!("preparing {}: {e}", dir.display())))?;
+        // A folder left empty by a deletion (an execution's artifacts) goes with it.
         let fs = LocalFileSystem::new_with_prefix(dir)
-            .map_err(|e| ObjectError::Io(format!("opening {}: {e}", dir.display())))?;
+            .map_err(|e| ObjectError::Io(format!("opening {}: {e}", dir.display())))?
+            .with_automatic_cleanup(true);
         Ok(EncryptedObjects {
             local_root: Some(dir.to_path_buf()),
             ..Self::new(Arc::new(fs), keyring)
@@ -200,6 +202,22 @@ impl Objects for EncryptedObjects {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error(key, e)),
         }
+    }
+
+    async fn delete_folder(&self, prefix: &str) -> Result<usize, ObjectError> {
+        let path = object_path(prefix)?;
+        let listed = match self.store.list_with_delimiter(Some(&path)).await {
+            Ok(l) => l.objects,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(store_error(prefix, e)),
+        };
+        for meta in &listed {
+            match self.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(meta.location.as_ref(), e)),
+            }
+        }
+        Ok(listed.len())
     }
 }
 

@@ -72,6 +72,10 @@ pub struct Policy {
     pub max_parallel: Option<u32>,
     /// Frozen sandboxes kept warm for this org / user.
     pub warm_pool_size: Option<u32>,
+    /// Artifacts (plot pages, files left in `/work/out`) one execution may return (0:
+    /// none), and their total size.
+    pub max_artifacts: Option<u32>,
+    pub max_artifact_bytes: Option<u64>,
 }
 
 /// A policy with every field resolved.
@@ -83,6 +87,22 @@ pub struct EffectivePolicy {
     pub time_limit_ms: u64,
     pub max_parallel: u32,
     pub warm_pool_size: u32,
+    #[serde(default = "default_max_artifacts")]
+    pub max_artifacts: u32,
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_artifact_bytes: u64,
+}
+
+/// The platform default's artifact count and total size.
+pub const DEFAULT_MAX_ARTIFACTS: u32 = 20;
+pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 16 << 20;
+
+fn default_max_artifacts() -> u32 {
+    DEFAULT_MAX_ARTIFACTS
+}
+
+fn default_max_artifact_bytes() -> u64 {
+    DEFAULT_MAX_ARTIFACT_BYTES
 }
 
 impl Default for EffectivePolicy {
@@ -95,6 +115,8 @@ impl Default for EffectivePolicy {
             time_limit_ms: 60_000,
             max_parallel: 2,
             warm_pool_size: 2,
+            max_artifacts: DEFAULT_MAX_ARTIFACTS,
+            max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
         }
     }
 }
@@ -116,6 +138,12 @@ pub struct Limits {
     pub cpus: f64,
     pub pids: u64,
     pub time_limit_ms: u64,
+    /// Artifacts it may return, and their total size (from its policy; absent in
+    /// records made before artifacts existed: none).
+    #[serde(default)]
+    pub max_artifacts: u32,
+    #[serde(default)]
+    pub max_artifact_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -228,6 +256,10 @@ pub struct ExecutionRecord {
     /// the cap running, not even for the milliseconds a kill takes (R11).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub displaces: Vec<String>,
+    /// Its artifacts, once finished (from its result; see [`ArtifactInfo::key`] for where
+    /// each is stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactInfo>,
 }
 
 impl ExecutionRecord {
@@ -262,6 +294,7 @@ impl ExecutionRecord {
             last_seq: 0,
             admitted: 0,
             displaces: Vec::new(),
+            artifacts: Vec::new(),
         }
     }
 
@@ -323,7 +356,59 @@ pub enum EventBody {
     /// A usage sample, in logs written before samples became live-only ([`LiveEvent`]):
     /// kept so those logs still read; nothing appends it any more.
     Usage(Usage),
+    /// An artifact (a plot page, a file left in `/work/out`) is stored and can be
+    /// downloaded (`GET /v1/executions/{id}/artifacts/{name}`).
+    Artifact(ArtifactInfo),
     Finished(ResultSummary),
+}
+
+/// One artifact of an execution: its name (letters, digits, `.`, `-`, `_`), size, and
+/// the content type it is served with (decided from the name's extension, never by the
+/// sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    pub name: String,
+    pub bytes: u64,
+    pub content_type: String,
+}
+
+impl ArtifactInfo {
+    /// The object-store key of artifact `name` of execution `id`.
+    pub fn key(id: &str, name: &str) -> String {
+        format!("artifacts/{id}/{name}")
+    }
+}
+
+/// The content type an artifact named `name` is served with: images and plain data
+/// types by extension, anything else `application/octet-stream`. SVG (which can carry
+/// scripts) and HTML are served as downloads, never rendered from our origin.
+pub fn artifact_content_type(name: &str) -> &'static str {
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("svg") => "image/svg+xml",
+        Some("pdf") => "application/pdf",
+        Some("csv") => "text/csv; charset=utf-8",
+        Some("tsv") => "text/tab-separated-values; charset=utf-8",
+        Some("txt" | "log" | "md") => "text/plain; charset=utf-8",
+        Some("json") => "application/json",
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Whether an artifact of this content type may be shown inline by a browser (raster
+/// images, PDF, plain text and data); everything else is served as an attachment.
+pub fn artifact_inline(content_type: &str) -> bool {
+    matches!(
+        content_type,
+        "image/png" | "image/jpeg" | "image/gif" | "image/webp" | "application/pdf"
+    ) || content_type.starts_with("text/plain")
+        || content_type.starts_with("text/csv")
+        || content_type == "application/json"
 }
 
 /// A live-only event: published on the bus while the execution runs, never stored, so it
@@ -423,6 +508,9 @@ pub struct ResultSummary {
     pub duration_ms: f64,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// The artifacts stored for it, in the order they came.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactInfo>,
 }
 
 impl ResultSummary {
@@ -442,6 +530,7 @@ impl ResultSummary {
             duration_ms: 0.0,
             stdout_truncated: false,
             stderr_truncated: false,
+            artifacts: Vec::new(),
         }
     }
 }

@@ -24,4 +24,7 @@ pub trait Objects: Send + Sync + 'static {
     async fn put(&self, key: &str, plaintext: Vec<u8>) -> Result<(), ObjectError>;
     async fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError>;
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+    /// Deletes every object directly under the folder `prefix` (`artifacts/<id>`);
+    /// returns how many there were.
+    async fn delete_folder(&self, prefix: &str) -> Result<usize, ObjectError>;
 }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::admission::{Admission, AdmissionRules};
 use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
-    now_ms, CancelReason, EffectivePolicy, EventBody, ExecEvent, ExecState, ExecutionRecord,
-    Policy, Principal, RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
+    now_ms, ArtifactInfo, CancelReason, EffectivePolicy, EventBody, ExecEvent, ExecState,
+    ExecutionRecord, Policy, Principal, RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
@@ -62,6 +62,9 @@ pub enum PlatformError {
     /// 404 `not_found` — also for executions the caller may not see.
     #[error("no such execution")]
     NotFound,
+    /// 404 `not_found` — an execution the caller may see has no artifact of this name.
+    #[error("no artifact named {0:?}")]
+    NoArtifact(String),
     /// 403 `forbidden` — admin endpoints only (never for executions).
     #[error("{0}")]
     Forbidden(String),
@@ -97,7 +100,7 @@ impl PlatformError {
     /// The stable error code of the API's JSON errors.
     pub fn code(&self) -> &'static str {
         match self {
-            PlatformError::NotFound => "not_found",
+            PlatformError::NotFound | PlatformError::NoArtifact(_) => "not_found",
             PlatformError::Forbidden(_) => "forbidden",
             PlatformError::UnknownLanguage(_) => "unknown_language",
             PlatformError::CodeTooLarge { .. } => "code_too_large",
@@ -447,6 +450,49 @@ impl Platform {
         })
     }
 
+    /// The artifacts of an execution the caller may see, in the order they came: from
+    /// its record once finished, else from the `artifact` events stored so far (they
+    /// come just before the end).
+    pub async fn artifacts(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Vec<ArtifactInfo>, PlatformError> {
+        let record = self.visible(who, id).await?;
+        if record.state.is_terminal() {
+            return Ok(record.artifacts);
+        }
+        let events = self.store.events_after(id, 0).await?;
+        Ok(events
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Artifact(a) => Some(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// One artifact of an execution the caller may see: what it is and its bytes.
+    pub async fn artifact(
+        &self,
+        who: &Principal,
+        id: &str,
+        name: &str,
+    ) -> Result<(ArtifactInfo, Vec<u8>), PlatformError> {
+        let info = self
+            .artifacts(who, id)
+            .await?
+            .into_iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| PlatformError::NoArtifact(name.to_string()))?;
+        match self.objects.get(&ArtifactInfo::key(id, name)).await {
+            Ok(bytes) => Ok((info, bytes)),
+            // Listed but gone: retention is deleting the execution.
+            Err(ObjectError::NotFound(_)) => Err(PlatformError::NoArtifact(name.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The result a terminal execution's `finished` event carries.
     async fn finished_summary(
         &self,
@@ -738,14 +784,29 @@ impl Platform {
         }
     }
 
-    /// Deletes the objects an execution names (one already gone counts as deleted).
+    /// Deletes the objects an execution names (one already gone counts as deleted): its
+    /// code, result and artifacts. An execution lost with its host may have stored
+    /// artifacts its record does not list: its whole artifact folder goes.
     async fn delete_objects(&self, r: &ExecutionRecord) -> Result<(), ObjectError> {
-        let code = Some(&r.code_key).filter(|k| !k.is_empty());
-        for key in code.into_iter().chain(r.result_key.as_ref()) {
-            match self.objects.delete(key).await {
+        let code = Some(&r.code_key).filter(|k| !k.is_empty()).cloned();
+        let artifacts = r
+            .artifacts
+            .iter()
+            .map(|a| ArtifactInfo::key(&r.id, &a.name));
+        for key in code
+            .into_iter()
+            .chain(r.result_key.clone())
+            .chain(artifacts)
+        {
+            match self.objects.delete(&key).await {
                 Ok(()) | Err(ObjectError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+        }
+        if r.state == ExecState::Lost && r.started_at.is_some() {
+            self.objects
+                .delete_folder(&format!("artifacts/{}", r.id))
+                .await?;
         }
         Ok(())
     }

@@ -30,6 +30,9 @@ pub const MIN_TIME_LIMIT_MS: u64 = 100;
 pub const MAX_TIME_LIMIT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_PARALLEL: u32 = 1000;
 pub const MAX_WARM_POOL_SIZE: u32 = 1000;
+pub const MAX_ARTIFACTS: u32 = 1000;
+/// Largest total size of one execution's artifacts a policy may name (1 GiB).
+pub const MAX_ARTIFACT_BYTES: u64 = 1 << 30;
 
 /// A field of a policy (and, for the first four, of a request's limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,6 +43,8 @@ pub enum Field {
     TimeLimitMs,
     MaxParallel,
     WarmPoolSize,
+    MaxArtifacts,
+    MaxArtifactBytes,
 }
 
 /// A value of a field: whole numbers for all but `cpus`.
@@ -71,13 +76,15 @@ impl Amount {
 }
 
 impl Field {
-    pub const ALL: [Field; 6] = [
+    pub const ALL: [Field; 8] = [
         Field::MemoryBytes,
         Field::Cpus,
         Field::Pids,
         Field::TimeLimitMs,
         Field::MaxParallel,
         Field::WarmPoolSize,
+        Field::MaxArtifacts,
+        Field::MaxArtifactBytes,
     ];
 
     /// The field's name in policies, requests and configuration.
@@ -89,6 +96,8 @@ impl Field {
             Field::TimeLimitMs => "time_limit_ms",
             Field::MaxParallel => "max_parallel",
             Field::WarmPoolSize => "warm_pool_size",
+            Field::MaxArtifacts => "max_artifacts",
+            Field::MaxArtifactBytes => "max_artifact_bytes",
         }
     }
 
@@ -100,6 +109,8 @@ impl Field {
             Field::TimeLimitMs => (MIN_TIME_LIMIT_MS, MAX_TIME_LIMIT_MS),
             Field::MaxParallel => (1, u64::from(MAX_PARALLEL)),
             Field::WarmPoolSize => (0, u64::from(MAX_WARM_POOL_SIZE)),
+            Field::MaxArtifacts => (0, u64::from(MAX_ARTIFACTS)),
+            Field::MaxArtifactBytes => (0, MAX_ARTIFACT_BYTES),
             Field::Cpus => (0, 0),
         }
     }
@@ -116,7 +127,8 @@ impl Field {
     }
 
     /// The one sanity rule of a value of this field, wherever it appears: no zero (but
-    /// for `warm_pool_size`), negative, NaN, infinite or absurd value.
+    /// for `warm_pool_size` and the artifact limits), negative, NaN, infinite or absurd
+    /// value.
     pub fn check(self, value: Amount) -> Result<(), PolicyError> {
         let ok = match value {
             Amount::Cpus(c) => self == Field::Cpus && c.is_finite() && c > 0.0 && c <= MAX_CPUS,
@@ -141,6 +153,8 @@ impl Field {
             Field::TimeLimitMs => p.time_limit_ms.map(Amount::Whole),
             Field::MaxParallel => p.max_parallel.map(|n| Amount::Whole(n.into())),
             Field::WarmPoolSize => p.warm_pool_size.map(|n| Amount::Whole(n.into())),
+            Field::MaxArtifacts => p.max_artifacts.map(|n| Amount::Whole(n.into())),
+            Field::MaxArtifactBytes => p.max_artifact_bytes.map(Amount::Whole),
         }
     }
 
@@ -153,6 +167,8 @@ impl Field {
             Field::TimeLimitMs => Amount::Whole(p.time_limit_ms),
             Field::MaxParallel => Amount::Whole(p.max_parallel.into()),
             Field::WarmPoolSize => Amount::Whole(p.warm_pool_size.into()),
+            Field::MaxArtifacts => Amount::Whole(p.max_artifacts.into()),
+            Field::MaxArtifactBytes => Amount::Whole(p.max_artifact_bytes),
         }
     }
 }
@@ -233,6 +249,8 @@ pub fn org_allowance(default: &EffectivePolicy, org: Option<&Policy>) -> Effecti
         time_limit_ms: o.time_limit_ms.unwrap_or(default.time_limit_ms),
         max_parallel: o.max_parallel.unwrap_or(default.max_parallel),
         warm_pool_size: o.warm_pool_size.unwrap_or(default.warm_pool_size),
+        max_artifacts: o.max_artifacts.unwrap_or(default.max_artifacts),
+        max_artifact_bytes: o.max_artifact_bytes.unwrap_or(default.max_artifact_bytes),
     }
 }
 
@@ -261,6 +279,8 @@ pub fn resolve(
         time_limit_ms: capped(u.time_limit_ms, allow.time_limit_ms),
         max_parallel: capped(u.max_parallel, allow.max_parallel),
         warm_pool_size: capped(u.warm_pool_size, allow.warm_pool_size),
+        max_artifacts: capped(u.max_artifacts, allow.max_artifacts),
+        max_artifact_bytes: capped(u.max_artifact_bytes, allow.max_artifact_bytes),
     }
 }
 
@@ -335,6 +355,8 @@ pub fn limits_for(
         time_limit_ms: r.time_limit_ms,
         max_parallel: None,
         warm_pool_size: None,
+        max_artifacts: None,
+        max_artifact_bytes: None,
     };
     let mut errors = Vec::new();
     for f in Field::ALL {
@@ -358,6 +380,8 @@ pub fn limits_for(
         cpus: r.cpus.unwrap_or(effective.cpus),
         pids: r.pids.unwrap_or(effective.pids),
         time_limit_ms: r.time_limit_ms.unwrap_or(effective.time_limit_ms),
+        max_artifacts: effective.max_artifacts,
+        max_artifact_bytes: effective.max_artifact_bytes,
     })
 }
 
@@ -412,6 +436,8 @@ mod tests {
             time_limit_ms: Some(3_600_000),
             max_parallel: Some(1),
             warm_pool_size: Some(0),
+            max_artifacts: Some(0),
+            max_artifact_bytes: Some(0),
         };
         assert!(validate_policy(&p).is_ok());
         let edges = Policy {
@@ -421,6 +447,8 @@ mod tests {
             time_limit_ms: Some(MAX_TIME_LIMIT_MS),
             max_parallel: Some(MAX_PARALLEL),
             warm_pool_size: Some(MAX_WARM_POOL_SIZE),
+            max_artifacts: Some(MAX_ARTIFACTS),
+            max_artifact_bytes: Some(MAX_ARTIFACT_BYTES),
         };
         assert!(validate_policy(&edges).is_ok());
     }
@@ -519,6 +547,8 @@ mod tests {
             cpus: p.cpus,
             pids: p.pids,
             time_limit_ms: p.time_limit_ms,
+            max_artifacts: p.max_artifacts,
+            max_artifact_bytes: p.max_artifact_bytes,
         };
         assert_eq!(limits_for(&p, None).unwrap(), want);
         assert_eq!(

@@ -362,6 +362,8 @@ mod tests {
             cpus: 1.0,
             pids: 64,
             time_limit_ms: 1_000,
+            max_artifacts: 0,
+            max_artifact_bytes: 0,
         };
         ExecutionRecord {
             code_key: format!("code/e{n}"),

@@ -362,6 +362,7 @@ pub(crate) fn finished_with_event(
     summary: ResultSummary,
 ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
     let mut rec = finished(rec, state, result_key, summary.error.clone(), at)?;
+    rec.artifacts = summary.artifacts.clone();
     rec.last_seq += 1;
     let event = ExecEvent {
         execution_id: rec.id.clone(),

@@ -496,6 +496,8 @@ fn limits(memory_bytes: u64, time_limit_ms: u64) -> Limits {
         cpus: 1.0,
         pids: 128,
         time_limit_ms,
+        max_artifacts: 0,
+        max_artifact_bytes: 0,
     }
 }
 
@@ -509,6 +511,7 @@ fn kinds(events: &[ExecEvent]) -> Vec<&'static str> {
             EventBody::Stderr { .. } => "stderr",
             EventBody::Progress { .. } => "progress",
             EventBody::Usage(_) => "usage",
+            EventBody::Artifact(_) => "artifact",
             EventBody::Finished(_) => "finished",
         })
         .collect()

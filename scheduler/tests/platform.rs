@@ -10,8 +10,8 @@ use hatchery_scheduler::bus::{BusEvent, Received};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::{generate_key, EncryptedObjects};
 use hatchery_scheduler::model::{
-    CancelReason, EventBody, ExecState, Policy, Principal, RequestedLimits, ResultSummary, Role,
-    INLINE_CODE_MAX,
+    artifact_content_type, ArtifactInfo, CancelReason, EventBody, ExecState, Policy, Principal,
+    RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
 };
 use hatchery_scheduler::objects::{ObjectError, Objects};
 use hatchery_scheduler::platform::{
@@ -735,6 +735,9 @@ impl Objects for FlakyObjects {
         self.deleted.lock().unwrap().push((key.to_string(), row));
         self.inner.delete(key).await
     }
+    async fn delete_folder(&self, prefix: &str) -> Result<usize, ObjectError> {
+        self.inner.delete_folder(prefix).await
+    }
 }
 
 #[tokio::test]
@@ -837,4 +840,78 @@ async fn retention_deletes_objects_before_records_and_keeps_a_record_whose_objec
     assert!(store.get(&ids[3]).await.unwrap().is_some());
     assert!(has_object(format!("code/{}", ids[3])).await);
     assert_eq!(platform.expire_old().await.unwrap(), 0);
+}
+
+/// Retention deletes an execution's artifacts with it: the ones its record lists, and
+/// for an execution lost while it ran (its agent died after storing some, before its
+/// result listed them) its whole artifact folder.
+#[tokio::test]
+async fn retention_deletes_artifacts_listed_and_those_of_lost_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = Keyring::single(generate_key());
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("store"), keyring.clone()).unwrap());
+    let objects = Arc::new(EncryptedObjects::local(&dir.path().join("objects"), keyring).unwrap());
+    let platform = Platform {
+        config: Arc::new(PlatformConfig {
+            retention_ms: 60_000,
+            ..PlatformConfig::default()
+        }),
+        store: Arc::clone(&store),
+        bus: Arc::new(EmbeddedBus::new()),
+        objects: objects.clone(),
+    };
+    let u = who("acme", "a", Role::User);
+    let done = platform.submit(&u, req("1", None)).await.unwrap().id;
+    let lost = platform.submit(&u, req("2", None)).await.unwrap().id;
+    let info = |name: &str| ArtifactInfo {
+        name: name.into(),
+        bytes: 1,
+        content_type: artifact_content_type(name).into(),
+    };
+    for (id, name) in [
+        (&done, "plot-001.png"),
+        (&done, "t.csv"),
+        (&lost, "plot-001.png"),
+    ] {
+        objects
+            .put(&ArtifactInfo::key(id, name), b"x".to_vec())
+            .await
+            .unwrap();
+    }
+    for id in [&done, &lost] {
+        store.mark_running(id, "agent-a", 1).await.unwrap();
+    }
+    let mut summary = ResultSummary::bare(ExecState::Succeeded, "test", None);
+    summary.artifacts = vec![info("plot-001.png"), info("t.csv")];
+    store
+        .finish(&done, ExecState::Succeeded, None, 1, summary)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&done).await.unwrap().unwrap().artifacts,
+        vec![info("plot-001.png"), info("t.csv")],
+        "the record lists its artifacts"
+    );
+    let bare = ResultSummary::bare(ExecState::Lost, "agent_restarted", None);
+    store
+        .finish(&lost, ExecState::Lost, None, 1, bare)
+        .await
+        .unwrap();
+
+    assert_eq!(platform.expire_old().await.unwrap(), 2);
+    for (id, name) in [
+        (&done, "plot-001.png"),
+        (&done, "t.csv"),
+        (&lost, "plot-001.png"),
+    ] {
+        let key = ArtifactInfo::key(id, name);
+        assert!(
+            matches!(objects.get(&key).await, Err(ObjectError::NotFound(_))),
+            "{key} is still stored"
+        );
+    }
+    // The folders went with their last files.
+    assert!(!dir.path().join("objects/artifacts").join(&done).exists());
+    assert!(!dir.path().join("objects/artifacts").join(&lost).exists());
 }

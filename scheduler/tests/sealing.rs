@@ -38,6 +38,8 @@ fn record(id: &str, created_at: u64) -> ExecutionRecord {
         cpus: 1.0,
         pids: 64,
         time_limit_ms: 10_000,
+        max_artifacts: 0,
+        max_artifact_bytes: 0,
     };
     ExecutionRecord {
         tab_id: Some(format!("tab {id} {MARKER}")),
@@ -60,6 +62,11 @@ fn finished() -> ResultSummary {
         duration_ms: 3.0,
         stdout_truncated: false,
         stderr_truncated: false,
+        artifacts: vec![hatchery_scheduler::model::ArtifactInfo {
+            name: format!("{MARKER}.png"),
+            bytes: 1,
+            content_type: "image/png".into(),
+        }],
     }
 }
 

@@ -27,6 +27,8 @@ fn record(id: &str, org: &str, user: &str, tab: Option<&str>, created_at: u64) -
         cpus: 1.0,
         pids: 64,
         time_limit_ms: 10_000,
+        max_artifacts: 0,
+        max_artifact_bytes: 0,
     };
     ExecutionRecord {
         tab_id: tab.map(String::from),
@@ -55,6 +57,7 @@ fn summary(state: ExecState) -> ResultSummary {
         duration_ms: 12.0,
         stdout_truncated: false,
         stderr_truncated: false,
+        artifacts: vec![],
     }
 }
 

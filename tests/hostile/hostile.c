@@ -22,6 +22,7 @@
 #include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <stdio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -211,6 +212,33 @@ void hostile_output_flood(int *n, int *len) {
     memset(body, 'o', (size_t)l);
     for (int i = 0; i < *n; i++)
         frame(fd, 4, body, (uint32_t)l);
+}
+
+/* n artifact frames (kind 9) of `len` bytes each: under `name` when `distinct` is 0,
+   else each under a name of its own (name0, name1, ...). */
+void hostile_artifacts(char **name, int *n, int *len, int *distinct) {
+    int fd = channel();
+    static unsigned char body[65536];
+    char nm[256];
+    int l = *len > 60000 ? 60000 : *len;
+    for (int i = 0; i < *n; i++) {
+        if (*distinct)
+            snprintf(nm, sizeof nm, "%s%d", *name, i);
+        else
+            snprintf(nm, sizeof nm, "%s", *name);
+        uint16_t nl = (uint16_t)strlen(nm);
+        memcpy(body, &nl, 2);
+        memcpy(body + 2, nm, nl);
+        memset(body + 2 + nl, 'z', (size_t)l);
+        frame(fd, 9, body, (uint32_t)(2 + nl + l));
+    }
+}
+
+/* An artifact frame whose name length runs past the end of the frame. */
+void hostile_artifact_long_name(void) {
+    int fd = channel();
+    unsigned char body[4] = {0xff, 0x7f, 'a', 'b'};
+    frame(fd, 9, body, 4);
 }
 
 /* ---- one sandbox against another ---------------------------------------------------- */

@@ -183,6 +183,116 @@ fn protocol_violations_end_the_run_at_once() {
     tp.finish();
 }
 
+/// Artifact frames written by the code itself: the pool holds at most what the run asked
+/// for (count and bytes) and ends the run `protocol_violation` at the first frame beyond
+/// it, or at any artifact when none was asked for, or at a name that is not a plain file
+/// name. Nothing past the limits is kept in memory; the pool serves on.
+#[test]
+fn forged_artifacts_beyond_what_was_asked_end_the_run() {
+    let tp = r_pool(2);
+    let limits = hatchery_sandbox::pool::ArtifactLimits {
+        max_count: 3,
+        max_bytes: 200_000,
+    };
+    let forge = |name: &str, n: u32, len: u32, distinct: bool| {
+        format!(
+            ".C('hostile_artifacts', name = '{name}', n = {n}L, len = {len}L, distinct = {}L)",
+            distinct as i32
+        )
+    };
+    let cases: Vec<(String, bool, &str)> = vec![
+        (
+            forge("a.png", 1, 10, false),
+            false,
+            "no artifacts were asked for",
+        ),
+        (
+            forge("x", 4, 10, true),
+            true,
+            "more artifacts than the limit",
+        ),
+        (
+            forge("big.bin", 5, 60_000, false),
+            true,
+            "more artifact bytes than the limit",
+        ),
+        (
+            forge("../../etc/passwd", 1, 10, false),
+            true,
+            "not a valid artifact name",
+        ),
+        (
+            forge(".hidden", 1, 10, false),
+            true,
+            "not a valid artifact name",
+        ),
+        (
+            ".C('hostile_artifact_long_name')".to_string(),
+            true,
+            "the name is longer than the frame",
+        ),
+    ];
+    for (code, asked, why) in &cases {
+        let mut req = hostile(code, Duration::from_secs(60));
+        if *asked {
+            req.artifacts = Some(limits);
+        }
+        let (ran, took) = timed(&tp, req);
+        ran.assert_status(ExecStatus::ProtocolViolation);
+        let error = ran.result.error.clone().unwrap_or_default();
+        assert!(
+            error.contains("protocol violation") && error.contains(why),
+            "{code}: error {error:?} does not say {why:?}\n{}",
+            ran.describe()
+        );
+        assert!(
+            !ran.events
+                .iter()
+                .any(|e| matches!(e, Event::Artifact { .. })),
+            "{code}: an artifact of a violating run was passed on\n{}",
+            ran.describe()
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "{code}: took {took:?}: ended by something else than the violation"
+        );
+    }
+    // Within the limits, forged pieces are just artifacts (the code may write what it
+    // likes to its own channel): appended under their names, in order, and no more.
+    let mut req = hostile(
+        &format!(
+            "{}; {}",
+            forge("x", 3, 1000, true),
+            forge("x0", 2, 50, false)
+        ),
+        Duration::from_secs(60),
+    );
+    req.artifacts = Some(limits);
+    let (ran, _) = timed(&tp, req);
+    ran.assert_status(ExecStatus::Succeeded);
+    let got: Vec<(String, usize)> = ran
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Artifact { name, data } => Some((name.clone(), data.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("x0".into(), 1100),
+            ("x1".into(), 1000),
+            ("x2".into(), 1000)
+        ],
+        "{}",
+        ran.describe()
+    );
+    let next = tp.run_code("sum(1:10)");
+    next.assert_status(ExecStatus::Succeeded);
+    tp.finish();
+}
+
 /// A violation in one sandbox has no effect on another running at the same time.
 #[test]
 fn a_violation_does_not_touch_a_concurrent_execution() {

@@ -609,6 +609,7 @@ fn events_arrive_in_order_before_the_result() {
         let text = |d: &[u8]| String::from_utf8_lossy(d).into_owned();
         match (e, seen.last_mut()) {
             (Event::Usage(_), _) => {}
+            (Event::Artifact { name, .. }, _) => panic!("an artifact nobody asked for: {name}"),
             (Event::Stdout { data }, Some(Seen::Stdout(s))) => s.push_str(&text(data)),
             (Event::Stderr { data }, Some(Seen::Stderr(s))) => s.push_str(&text(data)),
             (Event::Stdout { data }, _) => seen.push(Seen::Stdout(text(data))),

@@ -210,6 +210,15 @@ struct EvalArgs {
     /// Write the result (status, value, error, warnings, timings, usage) as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write the code's artifacts here: its plot pages (plot-001.png, ...) and the files
+    /// it leaves in /work/out. The folder is created if needed.
+    #[arg(long, value_name = "DIR")]
+    artifacts: Option<PathBuf>,
+    /// Most artifacts returned, and their total size.
+    #[arg(long, default_value_t = 50)]
+    max_artifacts: u32,
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    max_artifact_bytes: u64,
 }
 
 #[derive(Args)]
@@ -515,6 +524,13 @@ fn cmd_eval(args: EvalArgs) -> Result<i32> {
     };
     req.timeout = args.timeout;
     req.output_limit = args.output_limit;
+    if let Some(dir) = &args.artifacts {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        req.artifacts = Some(hatchery_sandbox::pool::ArtifactLimits {
+            max_count: args.max_artifacts,
+            max_bytes: args.max_artifact_bytes,
+        });
+    }
     let exec = pool.claim(req).context("cannot claim a sandbox")?;
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
@@ -537,6 +553,12 @@ fn cmd_eval(args: EvalArgs) -> Result<i32> {
                 }
                 _ => {}
             }
+        }
+        if let (Event::Artifact { name, data }, Some(dir)) = (&event, &args.artifacts) {
+            // The pool let through only plain file names (no path, no leading dot).
+            let path = dir.join(name);
+            std::fs::write(&path, data)
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
         if let Event::Finished(r) = event {
             result = Some(*r);

@@ -37,6 +37,7 @@ use crate::frame::FrameError;
 use crate::limits::Limits;
 use crate::spec::Rlimits;
 use crate::upstream::{FromSandbox, ReadOutcome, Stream, Violation, MAX_DATA};
+pub use crate::zygote::protocol::ArtifactLimits;
 use crate::zygote::protocol::{ControlChannel, FromZygote, Outcome, SandboxChannel};
 use crate::zygote::server::Language;
 use state::{Lifecycle, SandboxEvent};
@@ -173,6 +174,9 @@ pub struct ExecRequest {
     /// Events (output chunks, progress, usage) an execution may produce before it is
     /// stopped ([`ExecStatus::OutputLimit`]).
     pub max_events: u64,
+    /// With limits: the plot pages and the files the code leaves in
+    /// [`crate::spec::OUTPUT_DIR`] come back as [`Event::Artifact`]s, within them.
+    pub artifacts: Option<ArtifactLimits>,
 }
 
 impl ExecRequest {
@@ -184,6 +188,7 @@ impl ExecRequest {
             usage_interval: Duration::from_millis(500),
             output_limit: 16 << 20,
             max_events: DEFAULT_MAX_EVENTS,
+            artifacts: None,
         }
     }
 }
@@ -209,7 +214,17 @@ pub enum Event {
         message: String,
     },
     Usage(Usage),
+    /// A whole artifact (sent before `Finished`, in the order the sandbox sent them).
+    Artifact {
+        name: String,
+        #[serde(rename = "bytes", serialize_with = "length")]
+        data: Vec<u8>,
+    },
     Finished(Box<ExecResult>),
+}
+
+fn length<S: serde::Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(data.len() as u64)
 }
 
 fn lossy<S: serde::Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -255,6 +270,8 @@ pub struct ExecResult {
     pub usage: Usage,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// The artifacts sent before this result: name and size.
+    pub artifacts: Vec<(String, u64)>,
 }
 
 /// Counters of a pool.
@@ -536,7 +553,12 @@ impl Pool {
         } else {
             sandbox.cgroup.apply(&req.limits).map_err(PoolError::from)
         })
-        .and_then(|_| sandbox.channel.run(&req.code).map_err(PoolError::from))
+        .and_then(|_| {
+            sandbox
+                .channel
+                .run(&req.code, req.artifacts)
+                .map_err(PoolError::from)
+        })
         .and_then(|_| sandbox.cgroup.thaw().map_err(PoolError::from));
         if let Err(e) = handed_over {
             let _ = sandbox.lifecycle.advance(SandboxEvent::Ended);
@@ -743,6 +765,11 @@ struct Flow {
     pipes_closed: [bool; 2],
     stop: Option<Stop>,
     ended_at: Option<Instant>,
+    /// Artifacts received so far (name, bytes), in the order of their first pieces.
+    artifacts: Vec<(String, Vec<u8>)>,
+    artifact_bytes: u64,
+    /// Artifacts already sent as events: name and size, for the result.
+    sent_artifacts: Vec<(String, u64)>,
 }
 
 /// Where the sandbox is in its protocol after the claim.
@@ -962,6 +989,7 @@ impl Watcher {
             usage,
             stdout_truncated: self.flow.truncated[0],
             stderr_truncated: self.flow.truncated[1],
+            artifacts: std::mem::take(&mut self.flow.sent_artifacts),
         };
         if self.flow.stop.is_some() {
             // Stopped mid-run (cancel, time or output limit): the result says the code is
@@ -1023,6 +1051,10 @@ impl Watcher {
                 }
                 Ok(None)
             }
+            (Phase::Running, FromSandbox::Artifact { name, data }) => {
+                self.accept_artifact(name, data)?;
+                Ok(None)
+            }
             (Phase::Running | Phase::Value, FromSandbox::Value(piece)) => {
                 *phase = Phase::Value;
                 if self.charge(piece.len()) {
@@ -1049,6 +1081,12 @@ impl Watcher {
                 let texts: usize = outcome.warnings.iter().map(|w| w.len()).sum::<usize>()
                     + outcome.error.as_ref().map_or(0, |e| e.message.len());
                 self.charge(texts);
+                for (name, data) in std::mem::take(&mut self.flow.artifacts) {
+                    self.flow
+                        .sent_artifacts
+                        .push((name.clone(), data.len() as u64));
+                    self.emit(Event::Artifact { name, data });
+                }
                 // The result is in: the sandbox is killed now, whatever it does next (its
                 // init's death takes its whole pid namespace; the cgroup is emptied and
                 // removed after the result is out).
@@ -1059,6 +1097,32 @@ impl Watcher {
             (Phase::Running, other) => out_of_order("output, progress, value or finished", &other),
             (Phase::Value, other) => out_of_order("value or finished", &other),
         }
+    }
+
+    /// A piece of an artifact: appended under its name, within the limits the run asked
+    /// for. The sandbox's sender keeps within them, so anything beyond is a violation,
+    /// as is an artifact nobody asked for.
+    fn accept_artifact(&mut self, name: String, data: Vec<u8>) -> Result<(), Violation> {
+        let bad = |reason: &str| Violation::Malformed {
+            kind: "artifact",
+            reason: reason.into(),
+        };
+        let Some(limits) = self.req.artifacts else {
+            return Err(bad("no artifacts were asked for"));
+        };
+        self.flow.artifact_bytes = self.flow.artifact_bytes.saturating_add(data.len() as u64);
+        if self.flow.artifact_bytes > limits.max_bytes {
+            return Err(bad("more artifact bytes than the limit"));
+        }
+        let count = self.flow.artifacts.len();
+        match self.flow.artifacts.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, bytes)) => bytes.extend_from_slice(&data),
+            None if count >= limits.max_count as usize => {
+                return Err(bad("more artifacts than the limit"));
+            }
+            None => self.flow.artifacts.push((name, data)),
+        }
+        Ok(())
     }
 
     /// Ends the execution for `why` (the first reason wins) and kills the sandbox.

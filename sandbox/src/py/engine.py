@@ -203,6 +203,27 @@ def warm_up():
         sys.stdout, sys.stderr = saved
 
 
+def save_figures(directory):
+    """After the code ran: every figure still open becomes a PNG page (at the figure's own
+    size, 96 dpi), returned as an artifact."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    try:
+        numbers = plt.get_fignums()
+    except Exception:  # noqa: BLE001 - the user's code may have broken pyplot
+        return
+    if numbers:
+        os.makedirs(directory, exist_ok=True)
+    for i, number in enumerate(numbers, start=1):
+        try:
+            plt.figure(number).savefig(
+                "%s/plot-%03d.png" % (directory, i), format="png", dpi=96
+            )
+        except Exception:  # noqa: BLE001 - a figure that cannot be drawn is left out
+            pass
+
+
 def prepare_child(random_bytes):
     """In each forked sandbox, before it is frozen: a random state of its own (Python's
     `random` reseeds itself after a fork; numpy's global state does not), a fresh temp

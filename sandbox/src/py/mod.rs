@@ -18,6 +18,7 @@
 //! Everything here runs on the zygote's (or the sandbox's) only thread.
 
 use std::ffi::CString;
+use std::path::Path;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
@@ -223,6 +224,17 @@ impl PyEngine {
                 .call_method1("prepare_child", (PyBytes::new(py, &random),))
                 .map(|_| ())
                 .map_err(|e| PyError::Python(e.to_string()))
+        })
+    }
+
+    /// Saves every open matplotlib figure as a PNG page in `dir` (`plot-001.png`, ...),
+    /// in figure-number order; nothing when matplotlib was not used.
+    pub fn save_figures(&self, dir: &Path) {
+        Python::attach(|py| {
+            let _ = self
+                .engine
+                .bind(py)
+                .call_method1("save_figures", (dir.to_string_lossy().as_ref(),));
         })
     }
 

@@ -40,6 +40,9 @@ init <- function(native_routines, for_forks = TRUE) {
   } else {
     user_jit <<- compiler::enableJIT(0)
   }
+  # Graphics: when code draws without opening a device, pages go to PNG files that come
+  # back as artifacts (plot_device()).
+  options(device = plot_device)
   hatchery <- attach(NULL, name = "hatchery")
   assign("progress", get("progress", envir = env), envir = hatchery)
   lockEnvironment(hatchery, bindings = TRUE)
@@ -48,7 +51,37 @@ init <- function(native_routines, for_forks = TRUE) {
     evaluate <- get("evaluate", envir = env)
     evaluate("invisible(NULL)")
     evaluate("stop('warm-up')")
+    # Draw one page, so cairo and fontconfig (fonts found, caches read) are ready before
+    # fork: a child's first plot costs the drawing only.
+    warm_up_graphics()
   }
+  invisible(NULL)
+}
+
+# Where plot pages go (crate::spec::PLOT_DIR in Rust), one PNG file per page.
+plot_dir <- "/tmp/.hatchery-plots"
+
+# The device a plot opens when none is open: PNG pages of 800 x 600 pixels at 96 dpi.
+plot_device <- function(...) {
+  dir.create(plot_dir, showWarnings = FALSE)
+  grDevices::png(file.path(plot_dir, "plot-%03d.png"), width = 800, height = 600,
+                 res = 96, type = "cairo")
+}
+
+# Closes every device (writes the last page of each); returns NULL.
+close_plots <- function() {
+  tryCatch(grDevices::graphics.off(), error = function(e) NULL)
+  invisible(NULL)
+}
+
+warm_up_graphics <- function() {
+  file <- tempfile(fileext = ".png")
+  tryCatch({
+    grDevices::png(file, width = 800, height = 600, res = 96, type = "cairo")
+    graphics::plot(1:10, main = "warm-up")
+    grDevices::dev.off()
+  }, error = function(e) NULL)
+  unlink(file)
   invisible(NULL)
 }
 

@@ -443,6 +443,12 @@ impl REngine {
         Ok(())
     }
 
+    /// Closes every graphics device, so the last page of a plot is written out (see
+    /// `plot_device` in engine.R: pages go to [`crate::spec::PLOT_DIR`]).
+    pub fn close_graphics(&self) {
+        let _ = self.call_private(c"close_plots", &[]);
+    }
+
     /// Evaluates user code in a fresh environment (child of the global environment),
     /// top-level expression by expression like Rscript: visible values are printed,
     /// warnings are collected (not printed), the first error stops it. Output goes to the

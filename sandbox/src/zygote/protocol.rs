@@ -68,8 +68,30 @@ pub enum ToSandbox {
     Placed,
     /// Run this code (the limits are already in the cgroup). `code` is absent when the
     /// code is larger than [`INLINE_CODE_MAX`]: then it comes as a sealed memfd attached
-    /// to the frame.
-    Run { code: Option<String> },
+    /// to the frame. With `artifacts`, the plots and the files the code leaves in
+    /// [`crate::spec::OUTPUT_DIR`] are sent back, within those limits.
+    Run {
+        code: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        artifacts: Option<ArtifactLimits>,
+    },
+}
+
+/// What an execution may send back as artifacts (plot pages and output files): how many,
+/// and how many bytes in all. The pool refuses anything beyond them as a violation, so
+/// the sandbox's sender keeps within them (and says what it left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactLimits {
+    pub max_count: u32,
+    pub max_bytes: u64,
+}
+
+/// What a claimed sandbox is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    pub code: String,
+    pub artifacts: Option<ArtifactLimits>,
 }
 
 /// Code up to this size (and up to twice that escaped) travels inside the `run` frame;
@@ -207,7 +229,7 @@ impl SandboxChannel {
     /// Hands over the code: inline when small, else in a sealed memfd. Either way the
     /// frame is small enough for the empty socket buffer, so this never waits for the
     /// (frozen) sandbox.
-    pub fn run(&self, code: &str) -> Result<(), FrameError> {
+    pub fn run(&self, code: &str, artifacts: Option<ArtifactLimits>) -> Result<(), FrameError> {
         // On the claim path: serialized once, without copying the code first. JSON
         // escaping can multiply the size of control characters by six: the decision is
         // on the escaped size.
@@ -215,9 +237,11 @@ impl SandboxChannel {
         #[serde(tag = "kind", rename = "run")]
         struct Run<'a> {
             code: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            artifacts: Option<ArtifactLimits>,
         }
         if code.len() <= INLINE_CODE_MAX {
-            let body = serde_json::to_vec(&Run { code })?;
+            let body = serde_json::to_vec(&Run { code, artifacts })?;
             if body.len() <= 2 * INLINE_CODE_MAX {
                 return frame::send_json(self.sock.as_fd(), &body, &[]);
             }
@@ -225,7 +249,10 @@ impl SandboxChannel {
         let memfd = sealed_memfd(code.as_bytes()).map_err(FrameError::Io)?;
         frame::send(
             self.sock.as_fd(),
-            &ToSandbox::Run { code: None },
+            &ToSandbox::Run {
+                code: None,
+                artifacts,
+            },
             &[memfd.as_raw_fd()],
         )
     }
@@ -356,16 +383,25 @@ impl SandboxEnd {
     }
 
     /// The code, inline or read from the attached memfd.
-    pub fn wait_for_code(&self) -> Result<String, FrameError> {
+    pub fn wait_for_code(&self) -> Result<RunRequest, FrameError> {
         let (msg, fds) = frame::recv(self.sock.as_fd())?;
         match msg {
-            ToSandbox::Run { code: Some(code) } => Ok(code),
-            ToSandbox::Run { code: None } => {
+            ToSandbox::Run {
+                code: Some(code),
+                artifacts,
+            } => Ok(RunRequest { code, artifacts }),
+            ToSandbox::Run {
+                code: None,
+                artifacts,
+            } => {
                 let fd = fds.first().ok_or(FrameError::Unexpected {
                     expected: "code",
                     received: "a run frame without code".into(),
                 })?;
-                read_code(fd.as_fd())
+                Ok(RunRequest {
+                    code: read_code(fd.as_fd())?,
+                    artifacts,
+                })
             }
             other => Err(FrameError::Unexpected {
                 expected: "run",
@@ -407,7 +443,7 @@ mod tests {
         let (a, b) = frame::socketpair().unwrap();
         let agent = SandboxChannel::new(a);
         let sandbox = SandboxEnd { sock: b };
-        agent.run("1+1").unwrap();
+        agent.run("1+1", None).unwrap();
         match sandbox.wait_for_placement() {
             Err(FrameError::Unexpected { expected, received }) => {
                 assert_eq!(expected, "placed");
@@ -425,10 +461,22 @@ mod tests {
         let mut agent = SandboxChannel::new(a);
         let sandbox = SandboxEnd { sock: b };
         let code = format!("x <- \"{}\"", "é".repeat(INLINE_CODE_MAX));
-        agent.run(&code).unwrap();
-        assert_eq!(sandbox.wait_for_code().unwrap(), code);
-        agent.run("small").unwrap();
-        assert_eq!(sandbox.wait_for_code().unwrap(), "small");
+        let limits = Some(ArtifactLimits {
+            max_count: 3,
+            max_bytes: 1 << 20,
+        });
+        agent.run(&code, limits).unwrap();
+        assert_eq!(
+            sandbox.wait_for_code().unwrap(),
+            RunRequest {
+                code,
+                artifacts: limits
+            }
+        );
+        agent.run("small", None).unwrap();
+        assert_eq!(sandbox.wait_for_code().unwrap().code, "small");
+        agent.run("small", limits).unwrap();
+        assert_eq!(sandbox.wait_for_code().unwrap().artifacts, limits);
         sandbox.writer().output(Stream::Stdout, b"out").unwrap();
         sandbox.writer().ready().unwrap();
         agent.wait_for_ready(Duration::from_secs(5)).unwrap_err();

@@ -380,6 +380,10 @@ fn sandbox_main(
         let _ = up.setup_error(e.stage, &e.message);
         crate::container::exit(125);
     }
+    if let Err(e) = crate::artifacts::prepare() {
+        let _ = up.setup_error("create the output folders", &e.to_string());
+        crate::container::exit(125);
+    }
     if let Runtime::R(engine) = runtime {
         if let Err(e) = engine.prepare_child(Path::new("/tmp/R")) {
             let _ = up.setup_error("prepare the R runtime", &e.to_string());
@@ -396,10 +400,11 @@ fn sandbox_main(
         crate::container::exit(0);
     }
     // Frozen here until claimed.
-    let code = match end.wait_for_code() {
-        Ok(c) => c,
+    let run = match end.wait_for_code() {
+        Ok(r) => r,
         Err(_) => crate::container::exit(0),
     };
+    let code = run.code;
     // Sent before any user code runs: the first `started` on the channel is this one.
     let _ = up.started(monotonic_ns());
     let outcome = match runtime {
@@ -425,6 +430,15 @@ fn sandbox_main(
         Runtime::Python(engine) => engine.eval(&code),
         Runtime::Exec(argv) => exec_code(argv, &code),
     };
+    if let Some(limits) = run.artifacts {
+        // The last plot page is written when its device closes.
+        match runtime {
+            Runtime::R(engine) => engine.close_graphics(),
+            Runtime::Python(engine) => engine.save_figures(Path::new(crate::spec::PLOT_DIR)),
+            Runtime::Exec(_) => {}
+        }
+        crate::artifacts::send(&up, limits);
+    }
     let _ = up.finished(outcome);
     match runtime {
         Runtime::R(_) => crate::r::exit_child(0),

@@ -30,7 +30,10 @@ use hatchery_sandbox::pool::Event;
 
 use super::run::usage_of;
 use super::Inner;
-use crate::model::{now_ms, EventBody, ExecEvent, LiveBody, LiveEvent, OutputData};
+use crate::model::{
+    artifact_content_type, now_ms, ArtifactInfo, EventBody, ExecEvent, LiveBody, LiveEvent,
+    OutputData,
+};
 
 /// How long output may wait for the sandbox's `started` report before it is forwarded
 /// anyway.
@@ -59,6 +62,8 @@ pub(super) struct Forwarder {
     last_flush: Option<Instant>,
     /// Until when a batch holding only `started` waits for the run's next event.
     started_due: Option<Instant>,
+    /// The artifacts stored so far, for the result.
+    pub(super) artifacts: Vec<ArtifactInfo>,
 }
 
 /// Publishes stored events on the bus, in order, in one round trip. In place: a task of
@@ -88,6 +93,7 @@ impl Forwarder {
             batch_bytes: 0,
             last_flush: None,
             started_due: None,
+            artifacts: Vec::new(),
             inner,
             id,
         }
@@ -155,9 +161,38 @@ impl Forwarder {
                 self.publish_live(LiveBody::Usage(usage)).await;
                 return;
             }
+            Event::Artifact { name, data } => match self.store_artifact(name, data).await {
+                Some(info) => EventBody::Artifact(info),
+                None => return,
+            },
             Event::Started { .. } | Event::Finished(_) => return,
         };
         self.queue(body).await;
+    }
+
+    /// Stores an artifact (sealed, like every object) under [`ArtifactInfo::key`]; its
+    /// event is queued only once it is stored, so a client never sees one it cannot
+    /// download. One that cannot be stored is left out and said so on stderr.
+    async fn store_artifact(&mut self, name: String, data: Vec<u8>) -> Option<ArtifactInfo> {
+        let info = ArtifactInfo {
+            bytes: data.len() as u64,
+            content_type: artifact_content_type(&name).to_string(),
+            name,
+        };
+        let key = ArtifactInfo::key(&self.id, &info.name);
+        match self.inner.objects.put(&key, data).await {
+            Ok(()) => {
+                self.artifacts.push(info.clone());
+                Some(info)
+            }
+            Err(e) => {
+                tracing::warn!(execution = %self.id, artifact = %info.name, error = %e, "cannot store an artifact");
+                let note = format!("hatchery: the artifact {} could not be stored\n", info.name);
+                self.queue(EventBody::Stderr(OutputData::from_bytes(note.into_bytes())))
+                    .await;
+                None
+            }
+        }
     }
 
     /// Emits what is left of incomplete UTF-8 sequences (exactly, see [`OutputData`]).

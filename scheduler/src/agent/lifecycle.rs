@@ -252,6 +252,8 @@ mod tests {
             cpus: 1.0,
             pids: 64,
             time_limit_ms: 1000,
+            max_artifacts: 0,
+            max_artifact_bytes: 0,
         };
         let id = format!("{org}-{user}-{created_at}");
         ExecutionRecord {

@@ -11,13 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hatchery_sandbox::pool::{Canceller, Event, ExecRequest, ExecResult, ExecStatus};
+use hatchery_sandbox::pool::{
+    ArtifactLimits, Canceller, Event, ExecRequest, ExecResult, ExecStatus,
+};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::forward::{Forwarder, STARTED_WAIT};
 use super::{Inner, Running, LOST_ON_SHUTDOWN};
 use crate::model::{
-    now_ms, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage, INLINE_RESULT_MAX,
+    now_ms, ArtifactInfo, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage,
+    INLINE_RESULT_MAX,
 };
 
 pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermit) {
@@ -73,7 +76,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
 
     let outcome = drive(&inner, &record).await;
     let (state, summary) = match outcome {
-        Ok(result) => {
+        Ok((result, artifacts)) => {
             let shutdown_kill = killed_by_shutdown(&inner, &id);
             let reason = if result.status == ExecStatus::Cancelled && !shutdown_kill {
                 match inner.store.get(&id).await {
@@ -83,7 +86,8 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
             } else {
                 None
             };
-            let summary = summarise(&result, &record.language, shutdown_kill, reason);
+            let mut summary = summarise(&result, &record.language, shutdown_kill, reason);
+            summary.artifacts = artifacts;
             (summary.state, summary)
         }
         Err(error) => {
@@ -248,9 +252,12 @@ async fn finish(inner: &Inner, id: &str, state: ExecState, mut summary: ResultSu
     }
 }
 
-/// Claims a sandbox, runs the code and forwards its events; returns the pool's result,
-/// or why the execution could not run.
-async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResult, String> {
+/// Claims a sandbox, runs the code and forwards its events; returns the pool's result
+/// and the artifacts stored, or why the execution could not run.
+async fn drive(
+    inner: &Arc<Inner>,
+    record: &ExecutionRecord,
+) -> Result<(ExecResult, Vec<ArtifactInfo>), String> {
     let id = record.id.as_str();
     let code = match &record.code {
         Some(code) => code.clone(),
@@ -278,6 +285,13 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
         usage_interval: inner.cfg.usage_interval,
         output_limit: inner.cfg.output_limit,
         max_events: inner.cfg.max_events,
+        // Plot pages and files left in /work/out, within the execution's policy.
+        artifacts: (limits.max_artifacts > 0 && limits.max_artifact_bytes > 0).then_some(
+            ArtifactLimits {
+                max_count: limits.max_artifacts,
+                max_bytes: limits.max_artifact_bytes,
+            },
+        ),
     };
 
     // The claim may block (cgroup writes; a wait when the pool is empty), in place.
@@ -370,7 +384,7 @@ async fn drive(inner: &Arc<Inner>, record: &ExecutionRecord) -> Result<ExecResul
     // Whatever waits is stored and published before the caller finishes the execution:
     // `finished` stays the last event.
     forwarder.flush().await;
-    outcome
+    outcome.map(|result| (result, forwarder.artifacts))
 }
 
 /// Cancels an execution when dropped while it holds one.
@@ -484,6 +498,8 @@ fn summarise(
         duration_ms: result.timings.total_ms,
         stdout_truncated: result.stdout_truncated,
         stderr_truncated: result.stderr_truncated,
+        // The artifacts the agent stored (see `drive`).
+        artifacts: Vec::new(),
     }
 }
 
@@ -512,6 +528,7 @@ mod tests {
             usage: Default::default(),
             stdout_truncated: false,
             stderr_truncated: false,
+            artifacts: Vec::new(),
         }
     }
 

@@ -1052,6 +1052,8 @@ mod tests {
                 cpus: 1.0,
                 pids: 10,
                 time_limit_ms: 1000,
+                max_artifacts: 0,
+                max_artifact_bytes: 0,
             },
             1,
         );
