@@ -740,6 +740,19 @@ impl Objects for FlakyObjects {
     }
 }
 
+/// A platform on `store` and `objects` that keeps finished executions for a minute.
+fn retaining_for_a_minute(store: &Arc<dyn Store>, objects: Arc<dyn Objects>) -> Platform {
+    Platform {
+        config: Arc::new(PlatformConfig {
+            retention_ms: 60_000,
+            ..PlatformConfig::default()
+        }),
+        store: Arc::clone(store),
+        bus: Arc::new(EmbeddedBus::new()),
+        objects,
+    }
+}
+
 #[tokio::test]
 async fn retention_deletes_objects_before_records_and_keeps_a_record_whose_objects_stay() {
     let dir = tempfile::tempdir().unwrap();
@@ -752,15 +765,7 @@ async fn retention_deletes_objects_before_records_and_keeps_a_record_whose_objec
         failures: AtomicUsize::new(0),
         deleted: Mutex::new(Vec::new()),
     });
-    let platform = Platform {
-        config: Arc::new(PlatformConfig {
-            retention_ms: 60_000,
-            ..PlatformConfig::default()
-        }),
-        store: Arc::clone(&store),
-        bus: Arc::new(EmbeddedBus::new()),
-        objects: objects.clone(),
-    };
+    let platform = retaining_for_a_minute(&store, objects.clone());
     let users = ["a", "b", "c", "d"].map(|u| who("acme", u, Role::User));
     // Code too large to travel in the record: each execution names a code object.
     let large = format!("x <- '{}'", "a".repeat(INLINE_CODE_MAX));
@@ -852,15 +857,7 @@ async fn retention_deletes_artifacts_listed_and_those_of_lost_runs() {
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&dir.path().join("store"), keyring.clone()).unwrap());
     let objects = Arc::new(EncryptedObjects::local(&dir.path().join("objects"), keyring).unwrap());
-    let platform = Platform {
-        config: Arc::new(PlatformConfig {
-            retention_ms: 60_000,
-            ..PlatformConfig::default()
-        }),
-        store: Arc::clone(&store),
-        bus: Arc::new(EmbeddedBus::new()),
-        objects: objects.clone(),
-    };
+    let platform = retaining_for_a_minute(&store, objects.clone());
     let u = who("acme", "a", Role::User);
     let done = platform.submit(&u, req("1", None)).await.unwrap().id;
     let lost = platform.submit(&u, req("2", None)).await.unwrap().id;
