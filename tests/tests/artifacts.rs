@@ -166,3 +166,73 @@ fn python_figures_and_shell_files_come_back_too() {
     );
     tp.finish();
 }
+
+/// `sandbox serve` (JSON lines) returns artifacts when a request asks for them, with
+/// their bytes in base64.
+#[test]
+fn sandbox_serve_returns_artifacts_in_base64() {
+    use base64::Engine as _;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    hatchery_tests::require_root();
+    let cgroups = CgroupParent::new();
+    let mut serve = Command::new(hatchery_tests::target_profile_dir().join("sandbox"))
+        .arg("serve")
+        .arg("--rootfs")
+        .arg(hatchery_tests::rootfs())
+        .args(["--packages", "", "--pool-size", "1", "--cgroup-parent"])
+        .arg(&cgroups.rel)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sandbox serve");
+    let mut stdin = serve.stdin.take().unwrap();
+    let stdout = serve.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a line of sandbox serve");
+        serde_json::from_str(&line).expect("a JSON line")
+    };
+    assert_eq!(next()["ok"], true, "the pool is ready");
+    writeln!(
+        stdin,
+        "{}",
+        serde_json::json!({"id": "a", "code": "writeLines('hi', '/work/out/x.txt')",
+                           "artifacts": {"max_count": 5, "max_bytes": 1000}})
+    )
+    .unwrap();
+    let mut artifacts = Vec::new();
+    loop {
+        let e = next();
+        match e["event"].as_str() {
+            Some("artifact") => artifacts.push(e),
+            Some("finished") => {
+                assert_eq!(e["status"], "succeeded", "{e}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert_eq!(artifacts[0]["name"], "x.txt");
+    assert_eq!(artifacts[0]["bytes"], 3);
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(artifacts[0]["data_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(data, b"hi\n");
+    drop(stdin);
+    let _ = serve.wait();
+    cgroups.assert_empty("after sandbox serve ended");
+}

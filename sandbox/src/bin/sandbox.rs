@@ -50,9 +50,11 @@ enum Command {
     /// Serve a warm pool: one JSON request per line on stdin, JSON events on stdout.
     ///
     /// Request: {"id": "a", "code": "sum(1:10)", "memory": "256M", "cpus": 0.5,
-    /// "pids": 64, "timeout_ms": 10000}; cancel: {"cancel": "a"}. Each event is a line
-    /// {"id": "a", "event": "stdout" | "stderr" | "progress" | "usage" | "started" |
-    /// "finished", ...}.
+    /// "pids": 64, "timeout_ms": 10000, "artifacts": {"max_count": 20, "max_bytes":
+    /// 16777216}}; cancel: {"cancel": "a"}. Each event is a line {"id": "a", "event":
+    /// "stdout" | "stderr" | "progress" | "usage" | "started" | "artifact" | "finished",
+    /// ...}; an artifact (a plot page, a file left in /work/out) carries its name, bytes
+    /// and data_base64.
     Serve(Box<ServeArgs>),
     /// Remove sandbox cgroups (and any process still in them) whose supervisor is gone,
     /// and the parent cgroup itself once nothing is left in it.
@@ -593,6 +595,9 @@ struct ServeRequest {
     pids: Option<u64>,
     timeout_ms: Option<u64>,
     output_limit: Option<String>,
+    /// Return plot pages and the files left in /work/out, within these limits, as
+    /// `artifact` events carrying `data_base64`.
+    artifacts: Option<hatchery_sandbox::pool::ArtifactLimits>,
 }
 
 fn cmd_serve(args: ServeArgs) -> Result<i32> {
@@ -664,6 +669,7 @@ fn cmd_serve(args: ServeArgs) -> Result<i32> {
             if let Some(o) = &req.output_limit {
                 r.output_limit = parse_size(o)?;
             }
+            r.artifacts = req.artifacts;
             Ok(r)
         })();
         let exec_req = match parsed {
@@ -694,6 +700,11 @@ fn cmd_serve(args: ServeArgs) -> Result<i32> {
                 let mut v = serde_json::to_value(&event).unwrap_or_default();
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("id".into(), serde_json::Value::String(id.clone()));
+                    if let Event::Artifact { data, .. } = &event {
+                        use base64::Engine as _;
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+                        obj.insert("data_base64".into(), serde_json::Value::String(b64));
+                    }
                 }
                 emit(v);
             }
