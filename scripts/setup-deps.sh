@@ -32,6 +32,9 @@ PACKAGES=(
     postgresql redis-server
     # tests: moto (an AWS emulator for S3) goes into a virtualenv made below
     python3-venv
+    # the web console's browser suite: Debian's Chromium, headless, driven over
+    # WebDriver by its chromedriver
+    chromium chromium-driver
 )
 MIN_RUST=1.80
 

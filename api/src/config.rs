@@ -66,8 +66,14 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Largest request body the API reads (`HATCHERY_BODY_LIMIT`).
     pub body_limit_bytes: usize,
-    /// Lifetime of the tokens `hatchery up` prints.
+    /// Lifetime of the tokens `hatchery up` prints (and its console's one-click sign-in
+    /// hands out).
     pub token_ttl: String,
+    /// `hatchery up` on a loopback address: the console offers a one-click sign-in as
+    /// the printed demo user or superadmin, to a browser on this machine only
+    /// (`HATCHERY_LOCAL_SIGN_IN`, `true` or `false`). Never on another address, never in
+    /// a cluster.
+    pub local_sign_in: bool,
     /// The scheduler's leadership lease in a cluster, e.g. `5s`
     /// (`HATCHERY_SCHEDULER_LEASE`): a leader that does not renew it in time stops
     /// placing, and another scheduler takes over.
@@ -177,6 +183,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             body_limit_bytes: 2 << 20,
             token_ttl: "30d".into(),
+            local_sign_in: true,
             scheduler_lease: "5s".into(),
             worker_threads: 0,
             agent: AgentSection::default(),
@@ -229,6 +236,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_LOG_FORMAT", "log_format"),
     ("HATCHERY_BODY_LIMIT", "body_limit_bytes"),
     ("HATCHERY_TOKEN_TTL", "token_ttl"),
+    ("HATCHERY_LOCAL_SIGN_IN", "local_sign_in"),
     ("HATCHERY_SCHEDULER_LEASE", "scheduler_lease"),
     ("HATCHERY_WORKER_THREADS", "worker_threads"),
     ("HATCHERY_AGENT_NAME", "agent.name"),
@@ -584,7 +592,13 @@ fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
         "agent.host_pids_max",
         "agent.max_events",
     ];
-    if NUMERIC.contains(&key) {
+    if key == "local_sign_in" {
+        match value.trim() {
+            "true" | "1" | "yes" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" | "no" => Ok(toml::Value::Boolean(false)),
+            _ => Err("expected true or false".into()),
+        }
+    } else if NUMERIC.contains(&key) {
         match value.trim().parse::<i64>() {
             Ok(n) if n < 0 => Err("must not be negative".into()),
             Ok(n) => Ok(toml::Value::Integer(n)),

@@ -18,6 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::console;
 use crate::error::{from_json_error, ApiError};
 use crate::metrics::Gauges;
 use crate::routes::{Route, RouteId};
@@ -34,6 +35,7 @@ pub async fn dispatch(
     query: Query,
     who: Option<Principal>,
     req: Request<Incoming>,
+    peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let param = |name: &str| {
         params
@@ -116,6 +118,46 @@ pub async fn dispatch(
             no_query(&query)?;
             admin_executions(&st, &caller()?).await
         }
+        RouteId::Me => {
+            no_query(&query)?;
+            let who = caller()?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "org": who.org,
+                    "user": who.user,
+                    "role": who.role,
+                    "languages": st.platform.config.languages,
+                }),
+            ))
+        }
+        RouteId::LocalSignInInfo => {
+            no_query(&query)?;
+            let who: Vec<Value> = if st.options.local_sign_in.is_some() {
+                [console::SignInAs::User, console::SignInAs::Superadmin]
+                    .into_iter()
+                    .map(|a| {
+                        let (org, user, role) = a.identity();
+                        serde_json::json!({ "as": a, "org": org, "user": user, "role": role })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "available": !who.is_empty(), "identities": who }),
+            ))
+        }
+        RouteId::LocalSignIn => {
+            no_query(&query)?;
+            local_sign_in(&st, req, peer).await
+        }
+        RouteId::ConsolePage => {
+            no_query(&query)?;
+            console::asset("index.html", req.headers())
+        }
+        RouteId::ConsoleAsset => console::asset(&param("file"), req.headers()),
         RouteId::Metrics => Ok(metrics(&st).await),
         RouteId::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         RouteId::Readyz => readyz(&st),
@@ -128,7 +170,35 @@ pub async fn dispatch(
     }
 }
 
-/// A JSON response.
+/// `POST /v1/console/sign-in`: a token for one of `hatchery up`'s two local identities,
+/// for a browser on this machine only.
+async fn local_sign_in(
+    st: &ApiState,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let Some(local) = &st.options.local_sign_in else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this platform has no one-click sign-in: sign in with a token",
+        ));
+    };
+    console::local_request(peer, req.headers())?;
+    let body = read_json(st, req).await?;
+    let asked: console::SignInRequest = serde_json::from_value(body).map_err(from_json_error)?;
+    let (org, user, role) = asked.who.identity();
+    let token = local
+        .auth
+        .mint(org, user, role, local.ttl)
+        .map_err(|_| ApiError::internal())?;
+    tracing::info!(%peer, org, user, "local sign-in");
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "token": token, "org": org, "user": user, "role": role }),
+    ))
+}
+
 /// An artifact's bytes with the content type decided from its name. Never sniffed; shown
 /// inline only when it is a raster image, PDF or plain data, otherwise a download; and
 /// sandboxed (no script, no same-origin access) if a browser renders it anyway.
@@ -164,6 +234,7 @@ fn artifact_response(info: &ArtifactInfo, bytes: Vec<u8>) -> Response<Body> {
     r
 }
 
+/// A JSON response.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(bytes) => {

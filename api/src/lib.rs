@@ -7,6 +7,7 @@
 //! | [`routes`] | the route table, as data (router, metrics labels and the OpenAPI test read it) |
 //! | [`server`] | the hyper server: connections, routing, auth, panics, logs, graceful shutdown |
 //! | [`handlers`] | the HTTP handlers over the platform front door |
+//! | [`console`] | the web console (playground and monitor), its assets embedded in the binary, and the local one-click sign-in |
 //! | [`ws`] | the WebSocket streams: events of one execution, of a caller, the admin monitor |
 //! | [`error`] | JSON errors with stable codes |
 //! | [`metrics`] | the Prometheus registry |
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod handlers;
 pub mod local_cluster;

@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hatchery_api::auth::{parse_role, Auth};
 use hatchery_api::config::{parse_duration, Config, Keys, LogFormat};
+use hatchery_api::console::LocalSignIn;
 use hatchery_api::local_cluster::{ClusterSpec, LocalCluster};
 use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
@@ -352,13 +353,19 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
     .await
     .context("starting the platform")?;
     let auth = Auth::new(&keys.signing_key);
-    print_banner(&cfg, addr, &auth)?;
+    // The console's one-click sign-in, for a browser on this machine only.
+    let local_sign_in = (cfg.local_sign_in && addr.ip().is_loopback()).then(|| LocalSignIn {
+        auth: auth.clone(),
+        ttl: cfg.token_ttl(),
+    });
+    print_banner(&cfg, addr, &auth, local_sign_in.is_some())?;
 
     let server = ApiServer::new(
         node.platform(),
         auth,
         ServerOptions {
             body_limit: cfg.body_limit_bytes,
+            local_sign_in,
             ..ServerOptions::default()
         },
     );
@@ -574,7 +581,12 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
     })
 }
 
-fn print_banner(cfg: &Config, addr: std::net::SocketAddr, auth: &Auth) -> anyhow::Result<()> {
+fn print_banner(
+    cfg: &Config,
+    addr: std::net::SocketAddr,
+    auth: &Auth,
+    local_sign_in: bool,
+) -> anyhow::Result<()> {
     let ttl = cfg.token_ttl();
     let admin = auth
         .mint("hatchery", "admin", Role::Superadmin, ttl)
@@ -584,11 +596,19 @@ fn print_banner(cfg: &Config, addr: std::net::SocketAddr, auth: &Auth) -> anyhow
         .map_err(anyhow::Error::msg)?;
     let url = format!("http://{addr}");
     let ws = format!("ws://{addr}");
+    let console = if local_sign_in {
+        "open it in a browser on this machine and sign in with one click, or paste a token below"
+    } else {
+        "open it in a browser and paste a token below"
+    };
     println!(
         "hatchery: listening on {url}\n\
          \n\
          Hatchery is up (data in {data}; the warm pools fill in the background:\n\
          GET {url}/readyz answers 200 once they are ready).\n\
+         \n\
+         Web console: {url}/\n\
+         \x20 ({console})\n\
          \n\
          superadmin token (org hatchery, user admin, valid {ttl_s}):\n  {admin}\n\
          user token (org demo, user demo, valid {ttl_s}):\n  {user}\n\

@@ -19,6 +19,11 @@ pub enum RouteId {
     PutUserPolicy,
     AdminExecutions,
     AdminMonitor,
+    Me,
+    LocalSignInInfo,
+    LocalSignIn,
+    ConsolePage,
+    ConsoleAsset,
     Metrics,
     Healthz,
     Readyz,
@@ -57,8 +62,12 @@ const fn ws(path: &'static str, id: RouteId) -> Route {
 }
 
 const fn public(path: &'static str, id: RouteId) -> Route {
+    public_with("GET", path, id)
+}
+
+const fn public_with(method: &'static str, path: &'static str, id: RouteId) -> Route {
     Route {
-        method: "GET",
+        method,
         path,
         id,
         websocket: false,
@@ -101,6 +110,11 @@ pub const ROUTES: &[Route] = &[
     ),
     r("GET", "/v1/admin/executions", RouteId::AdminExecutions),
     ws("/v1/admin/monitor", RouteId::AdminMonitor),
+    r("GET", "/v1/me", RouteId::Me),
+    public("/v1/console/sign-in", RouteId::LocalSignInInfo),
+    public_with("POST", "/v1/console/sign-in", RouteId::LocalSignIn),
+    public("/", RouteId::ConsolePage),
+    public("/console/{file}", RouteId::ConsoleAsset),
     public("/metrics", RouteId::Metrics),
     public("/healthz", RouteId::Healthz),
     public("/readyz", RouteId::Readyz),

@@ -52,6 +52,9 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// Interval of WebSocket pings (and of the idle checks of event streams).
     pub ws_ping: Duration,
+    /// The console's one-click sign-in (`hatchery up` on a loopback address): `None`
+    /// answers `POST /v1/console/sign-in` with 404.
+    pub local_sign_in: Option<crate::console::LocalSignIn>,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +63,7 @@ impl Default for ServerOptions {
             body_limit: 2 << 20,
             header_timeout: Duration::from_secs(30),
             ws_ping: Duration::from_secs(5),
+            local_sign_in: None,
         }
     }
 }
@@ -259,7 +263,7 @@ pub async fn handle(st: Arc<ApiState>, req: Request<Incoming>, peer: SocketAddr)
     let label = routes::label(&matched);
     let result = match matched {
         Match::Found(route, params) => {
-            let fut = dispatch(Arc::clone(&st), route, params, req);
+            let fut = dispatch(Arc::clone(&st), route, params, req, peer);
             match AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(r) => r,
                 Err(panic) => {
@@ -310,6 +314,7 @@ async fn dispatch(
     route: &'static Route,
     params: Vec<(&'static str, String)>,
     req: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let query: Query = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -319,7 +324,7 @@ async fn dispatch(
     } else {
         None
     };
-    handlers::dispatch(st, route, params, query, who, req).await
+    handlers::dispatch(st, route, params, query, who, req, peer).await
 }
 
 /// The caller: `Authorization: Bearer <token>`, or for WebSockets also `?token=`.

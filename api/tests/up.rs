@@ -100,7 +100,8 @@ fn the_openapi_document_matches_the_routes() {
                 .path
                 .replace("{id}", "x")
                 .replace("{org}", "acme")
-                .replace("{user}", "ann");
+                .replace("{user}", "ann")
+                .replace("{file}", "app.js");
             let r = http(&h, route.method, &path, Some(&root), None).await;
             let code = if r.status >= 400 {
                 r.code()
