@@ -4,10 +4,13 @@
 //! The playground: the one-click sign-in, code typed into the editor and run with
 //! Ctrl+Enter, output streaming while it runs, the progress bar advancing, a data frame
 //! shown as a table, a plot shown inline, a re-run in the same tab cancelling the tab's
-//! previous run, two tabs running side by side, and the history after a reload. The
-//! monitor: a superadmin sees a running sandbox's CPU climb, cancels it, and edits a
-//! user's policy (a bad value refused inline, a good one applied to the user's next run).
-//! Every test ends by reading the browser's console log: no JavaScript error may appear.
+//! previous run, two tabs running side by side, the history after a reload, a stream
+//! resumed after its connection is cut, and sandbox output shown as text, never markup.
+//! The monitor: a superadmin sees a running sandbox's CPU climb, cancels it, and edits a
+//! user's policy (a bad value refused inline, a good one applied to the user's next run);
+//! an org admin signing in with a pasted token sees the host but not another org's
+//! sandbox; a bad token is refused with the API's reason. Every test ends by reading the
+//! browser's console log: no JavaScript error may appear.
 //!
 //! Screenshots of the main screens are written to `target/console-screenshots/`.
 //!
@@ -546,6 +549,70 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
         )
         .await;
         screenshot(&c, "monitor.png").await;
+
+        // An org admin signs in with a pasted token and sees only its org: the host, but
+        // not the demo org's sandbox.
+        let other = driver.browser().await;
+        open_console(&other, &h).await;
+        until(
+            &other,
+            "!document.getElementById('view-signin').hidden",
+            "the sign-in",
+        )
+        .await;
+        other
+            .find(Locator::Css("#token-input"))
+            .await
+            .unwrap()
+            .send_keys(&h.token("acme", "olga", "org_admin"))
+            .await
+            .unwrap();
+        click(&other, "#sign-in").await;
+        until(
+            &other,
+            "!document.getElementById('nav-monitor').hidden",
+            "the monitor link for an org admin",
+        )
+        .await;
+        click(&other, "#nav-monitor").await;
+        until(
+            &other,
+            "document.querySelector('#hosts tr[data-agent=\"e2e\"]') && \
+             !document.getElementById('sandboxes-empty').hidden",
+            "the host, and no sandbox of another org",
+        )
+        .await;
+        assert_eq!(
+            js(
+                &other,
+                "document.querySelectorAll('#sandboxes tbody tr').length"
+            )
+            .await,
+            0
+        );
+        // A token that is not one is refused with the API's reason.
+        click(&other, "#sign-out").await;
+        other
+            .find(Locator::Css("#token-input"))
+            .await
+            .unwrap()
+            .send_keys("not-a-token")
+            .await
+            .unwrap();
+        click(&other, "#sign-in").await;
+        let refused = until(
+            &other,
+            "(e => !e.hidden && e.textContent)(document.getElementById('signin-error'))",
+            "the refusal",
+        )
+        .await;
+        assert!(
+            refused.as_str().unwrap().contains("unauthorized"),
+            "{refused}"
+        );
+        no_console_errors(&other, &["401"]).await;
+        other.close().await.unwrap();
+
         click(&c, &format!("{row} button.cancel")).await;
         let v = wait_terminal(&h, &user, &busy).await;
         assert_eq!(state(&v), "cancelled", "{v}");
