@@ -296,7 +296,7 @@ fn the_playground_runs_code_live_with_progress_plots_tabs_and_history() {
 
         // Output streams while it runs, the progress bar advances, a data frame comes
         // back as a table and the plot inline.
-        let code = "for (i in 1:4) { progress(i / 4, paste(\"step\", i)); cat(\"line\", i, \"\\n\"); Sys.sleep(0.7) }; plot(1:10, main = \"ten\"); data.frame(a = 1:3, b = c(\"x\", \"y\", \"z\"))";
+        let code = "for (i in 1:4) { progress(i / 4, paste(\"step\", i)); cat(\"line\", i, \"\\n\"); Sys.sleep(0.7) }; plot(1:10, main = \"ten\"); write.csv(head(cars, 2), \"/work/out/cars.csv\", row.names = FALSE); data.frame(a = 1:3, b = c(\"x\", \"y\", \"z\"))";
         let first = run_code(&c, code).await;
         // While it runs: a progress fraction below 1 and the first line already shown.
         let during = until(
@@ -357,6 +357,22 @@ fn the_playground_runs_code_live_with_progress_plots_tabs_and_history() {
         )
         .await;
         assert_eq!(width, 800);
+        // A file left in /work/out: plain data is previewed as text, with a download.
+        let csv = until(
+            &c,
+            "(p => p && p.textContent)(document.querySelector('.artifact[data-name=\"cars.csv\"] pre'))",
+            "the CSV file's preview",
+        )
+        .await;
+        assert_eq!(csv, "\"speed\",\"dist\"\n4,2\n4,10\n");
+        assert_eq!(
+            js(
+                &c,
+                "document.querySelectorAll('.artifact[data-name=\"cars.csv\"] button').length"
+            )
+            .await,
+            1
+        );
         let timeline = js(&c, "document.getElementById('timeline').textContent").await;
         let timeline = timeline.as_str().unwrap();
         assert!(
@@ -400,6 +416,33 @@ fn the_playground_runs_code_live_with_progress_plots_tabs_and_history() {
             "the new run's output",
         )
         .await;
+
+        // Limits above the user's policy are refused, and the page says why.
+        click(&c, "details.limits summary").await;
+        c.find(Locator::Css("#limit-memory"))
+            .await
+            .unwrap()
+            .send_keys("999999")
+            .await
+            .unwrap();
+        click(&c, "#run").await;
+        let refusal = until(
+            &c,
+            "(b => !b.hidden && b.textContent)(document.getElementById('banner'))",
+            "the refusal of limits above the policy",
+        )
+        .await;
+        assert!(
+            refusal.as_str().unwrap().contains("invalid_limits"),
+            "{refusal}"
+        );
+        c.find(Locator::Css("#limit-memory"))
+            .await
+            .unwrap()
+            .clear()
+            .await
+            .unwrap();
+        click(&c, "#banner-close").await;
 
         // Two tabs of one browser run side by side: each its own tab_id, neither cancels
         // the other.
@@ -478,7 +521,7 @@ fn the_playground_runs_code_live_with_progress_plots_tabs_and_history() {
         assert_eq!(out.as_str().unwrap(), PRINTED);
         screenshot(&c, "history.png").await;
 
-        no_console_errors(&c, &[]).await;
+        no_console_errors(&c, &["422"]).await;
         c.close().await.unwrap();
     });
 }

@@ -16,6 +16,7 @@
   const MAX_OUTPUT_CHARS = 2 << 20; // what the page keeps of one run's output
   const MAX_TABLE_ROWS = 200;
   const QUEUE_RETRIES = 5;
+  const MAX_PREVIEW_BYTES = 64 << 10; // text artifacts shown in the page up to this size
 
   const $ = (id) => document.getElementById(id);
 
@@ -154,6 +155,7 @@
     session.token = null;
     session.me = null;
     localStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(CURRENT_KEY);
     playground.detach();
     monitor.stop();
     $('whoami').textContent = '';
@@ -288,7 +290,9 @@
       const params = this.lastSeq ? { after: String(this.lastSeq) } : {};
       const ws = new WebSocket(wsUrl('/v1/executions/' + encodeURIComponent(this.id) + '/events', params));
       this.ws = ws;
+      let opened = false;
       ws.onopen = () => {
+        opened = true;
         this.retries = 0;
         this.connection = 'live';
         this.changed();
@@ -310,6 +314,18 @@
           this.connection = 'gone';
           this.changed();
           return;
+        }
+        if (!opened) {
+          // Refused before it opened: an execution that is not there (any more, or for
+          // this user) is not retried.
+          api('GET', '/v1/executions/' + encodeURIComponent(this.id)).catch((e) => {
+            if (e.status === 404) {
+              this.closed = true;
+              clearTimeout(this.timer);
+              this.connection = 'gone';
+              this.changed();
+            }
+          });
         }
         // Lost (network, server restart, another replica): resume after the last seq.
         const delay = Math.min(10000, 500 * Math.pow(2, this.retries++));
@@ -548,7 +564,8 @@
       $('run-panel').hidden = false;
       $('output').replaceChildren();
       $('artifacts').replaceChildren();
-      this.shownOutput = 0;
+      this.shown = { pieces: 0, chars: 0 };
+      this.lastSpan = null;
       this.shownArtifacts = 0;
       this.render(run);
       this.markSelected();
@@ -619,24 +636,25 @@
         ? 'CPU ' + fmtMs(usage.cpu_ms) + ' · memory ' + fmtBytes(usage.memory_bytes) + (usage.memory_peak_bytes ? ' (peak ' + fmtBytes(usage.memory_peak_bytes) + ')' : '')
         : '';
 
-      // Output: only what is new is appended.
+      // Output: only what is new is appended (a piece of one stream grows until the
+      // other stream writes).
       const out = $('output');
       const stick = out.scrollTop + out.clientHeight >= out.scrollHeight - 4;
-      let shown = this.shownOutput || 0;
-      const total = run.output.length;
-      if (total && shown === total) {
-        // The last piece grew.
-        const last = out.lastElementChild;
-        if (last && !last.classList.contains('note')) last.textContent = run.output[total - 1].text;
-      } else {
-        if (shown > 0 && out.lastElementChild && !out.lastElementChild.classList.contains('note')) {
-          out.lastElementChild.textContent = run.output[shown - 1].text;
+      const shown = this.shown || (this.shown = { pieces: 0, chars: 0 });
+      for (let i = Math.max(0, shown.pieces - 1); i < run.output.length; i++) {
+        const piece = run.output[i];
+        let span = i < shown.pieces ? this.lastSpan : null;
+        if (!span) {
+          span = h('span', { class: piece.stream });
+          out.append(span);
+          this.lastSpan = span;
+          shown.pieces = i + 1;
+          shown.chars = 0;
         }
-        for (; shown < total; shown++) {
-          const piece = run.output[shown];
-          out.append(h('span', { class: piece.stream, text: piece.text }));
+        if (piece.text.length > shown.chars) {
+          span.append(piece.text.slice(shown.chars));
+          shown.chars = piece.text.length;
         }
-        this.shownOutput = shown;
       }
       if (run.outputCut && !out.querySelector('.note')) {
         out.append(h('span', { class: 'note', text: '\n[the page shows the first ' + fmtBytes(MAX_OUTPUT_CHARS) + ' of the output]' }));
@@ -752,6 +770,15 @@
       }).catch((e) => {
         img.replaceWith(h('span', { class: 'error', text: 'cannot load: ' + (e.describe ? e.describe() : e) }));
       });
+    } else if (/^(text\/plain|text\/csv|application\/json)/.test(a.content_type) && a.bytes <= MAX_PREVIEW_BYTES) {
+      // Plain data is previewed as text.
+      const pre = h('pre', { class: 'a-text' });
+      box.append(pre, label);
+      fetchBlob().then((blob) => blob.text()).then((text) => {
+        pre.textContent = text;
+      }).catch((e) => {
+        pre.replaceWith(h('span', { class: 'error', text: 'cannot load: ' + (e.describe ? e.describe() : e) }));
+      });
     } else {
       box.append(label);
     }
@@ -832,6 +859,13 @@
       clearTimeout(this.timer);
       if (this.ws) this.ws.close(1000);
       this.ws = null;
+      // What another sign-in must not see.
+      this.hosts.clear();
+      this.samples.clear();
+      this.records = [];
+      for (const row of (this.rows || new Map()).values()) row.tr.remove();
+      this.rows = new Map();
+      $('hosts').tBodies[0].replaceChildren();
     },
 
     nudge() {
@@ -913,7 +947,21 @@
       const running = this.records.filter((r) => r.state === 'running');
       $('queue-length').textContent = String(queued);
       $('running-count').textContent = String(running.length);
-      const rows = this.records.map((r) => {
+      // Rows are kept by execution and updated in place, so a click on Cancel is never
+      // lost to a refresh between the press and the release.
+      const body = $('sandboxes').tBodies[0];
+      const rows = this.rows || (this.rows = new Map());
+      const live = new Set();
+      this.records.forEach((r, index) => {
+        live.add(r.id);
+        let row = rows.get(r.id);
+        if (!row) {
+          const cells = Array.from({ length: 8 }, () => h('td'));
+          const cancel = h('button', { type: 'button', class: 'danger cancel', text: 'Cancel' });
+          cancel.addEventListener('click', () => this.cancel(r.id, cancel));
+          row = { tr: h('tr', { 'data-id': r.id }, cells, h('td', {}, cancel)), cells };
+          rows.set(r.id, row);
+        }
         const series = this.cpuSeries(r.id);
         const cpuNow = series.length ? series[series.length - 1] : null;
         const samples = this.samples.get(r.id) || [];
@@ -921,21 +969,29 @@
         const limitMem = r.limits.memory_bytes;
         const elapsed = r.started_at ? now - r.started_at : null;
         const limitMs = r.limits.time_limit_ms;
-        return h('tr', { 'data-id': r.id, 'data-state': r.state },
-          h('td', {}, h('code', { text: r.id.slice(0, 8) }), ' ', h('span', { class: 'hint', text: r.language })),
-          h('td', { text: r.user }),
-          h('td', { text: r.org }),
-          h('td', { text: r.agent || '–' }),
-          h('td', {}, h('span', { class: 'pill ' + r.state, text: r.state })),
-          h('td', {}, elapsed !== null ? meter(elapsed / limitMs, elapsed > 0.8 * limitMs) : '', elapsed !== null ? fmtMs(elapsed) + ' / ' + fmtMs(limitMs) : 'waiting'),
-          h('td', { class: 'cpu', 'data-cpu': cpuNow === null ? '' : cpuNow.toFixed(3) },
-            cpuNow === null ? '–' : Math.round(cpuNow * 100) + '%', sparkline(series)),
-          h('td', { class: 'mem', 'data-mem': mem === null ? '' : String(mem) },
-            mem !== null ? meter(mem / limitMem, mem > 0.8 * limitMem) : '', mem !== null ? fmtBytes(mem) + ' / ' + fmtBytes(limitMem) : '–'),
-          h('td', {}, h('button', { type: 'button', class: 'danger cancel', onclick: (e) => this.cancel(r.id, e.target), text: 'Cancel' })));
+        const c = row.cells;
+        row.tr.dataset.state = r.state;
+        c[0].replaceChildren(h('code', { text: r.id.slice(0, 8) }), ' ', h('span', { class: 'hint', text: r.language }));
+        c[1].textContent = r.user;
+        c[2].textContent = r.org;
+        c[3].textContent = r.agent || '–';
+        c[4].replaceChildren(h('span', { class: 'pill ' + r.state, text: r.state }));
+        c[5].replaceChildren(elapsed !== null ? meter(elapsed / limitMs, elapsed > 0.8 * limitMs) : '', elapsed !== null ? fmtMs(elapsed) + ' / ' + fmtMs(limitMs) : 'waiting');
+        c[6].className = 'cpu';
+        c[6].dataset.cpu = cpuNow === null ? '' : cpuNow.toFixed(3);
+        c[6].replaceChildren(cpuNow === null ? '–' : Math.round(cpuNow * 100) + '%', sparkline(series));
+        c[7].className = 'mem';
+        c[7].dataset.mem = mem === null ? '' : String(mem);
+        c[7].replaceChildren(mem !== null ? meter(mem / limitMem, mem > 0.8 * limitMem) : '', mem !== null ? fmtBytes(mem) + ' / ' + fmtBytes(limitMem) : '–');
+        if (body.children[index] !== row.tr) body.insertBefore(row.tr, body.children[index] || null);
       });
-      $('sandboxes').tBodies[0].replaceChildren(...rows);
-      $('sandboxes-empty').hidden = rows.length > 0;
+      for (const [id, row] of rows) {
+        if (!live.has(id)) {
+          row.tr.remove();
+          rows.delete(id);
+        }
+      }
+      $('sandboxes-empty').hidden = this.records.length > 0;
 
       const hostRows = [...this.hosts.values()].sort((a, b) => a.status.agent.localeCompare(b.status.agent)).map(({ status: s, at }) => {
         const age = now - at;
