@@ -244,6 +244,23 @@ async fn open_console(c: &Client, h: &Hatchery) {
     c.goto(&format!("http://{}/", h.addr)).await.unwrap();
 }
 
+/// Opens the console at `url`, waits for the one-click sign-in and clicks `button`
+/// (`#sign-in-user` or `#sign-in-admin`), with a screenshot of the sign-in first when
+/// `shot` names one.
+async fn one_click_sign_in(c: &Client, url: &str, button: &str, shot: Option<&str>) {
+    c.goto(url).await.unwrap();
+    until(
+        c,
+        "!document.getElementById('local-sign-in').hidden",
+        "the one-click sign-in",
+    )
+    .await;
+    if let Some(name) = shot {
+        screenshot(c, name).await;
+    }
+    click(c, button).await;
+}
+
 /// What the playground's first run prints.
 const PRINTED: &str = "line 1 \nline 2 \nline 3 \nline 4 \n  a b\n1 1 x\n2 2 y\n3 3 z\n";
 
@@ -257,17 +274,10 @@ fn the_playground_runs_code_live_with_progress_plots_tabs_and_history() {
         let h = Hatchery::started(Setup::default()).await;
         let api_token = h.token("demo", "demo", "user");
         let c = driver.browser().await;
-        open_console(&c, &h).await;
 
         // Sign in with one click.
-        until(
-            &c,
-            "!document.getElementById('local-sign-in').hidden",
-            "the one-click sign-in",
-        )
-        .await;
-        screenshot(&c, "sign-in.png").await;
-        click(&c, "#sign-in-user").await;
+        let url = format!("http://{}/", h.addr);
+        one_click_sign_in(&c, &url, "#sign-in-user", Some("sign-in.png")).await;
         until(
             &c,
             "!document.getElementById('view-playground').hidden && document.querySelector('.cm-content')",
@@ -538,14 +548,7 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
         let h = Hatchery::started(Setup::default()).await;
         let user = h.token("demo", "demo", "user");
         let c = driver.browser().await;
-        open_console(&c, &h).await;
-        until(
-            &c,
-            "!document.getElementById('local-sign-in').hidden",
-            "the one-click sign-in",
-        )
-        .await;
-        click(&c, "#sign-in-admin").await;
+        one_click_sign_in(&c, &format!("http://{}/", h.addr), "#sign-in-admin", None).await;
         until(
             &c,
             "!document.getElementById('nav-monitor').hidden",
@@ -791,14 +794,13 @@ fn the_playground_resumes_its_stream_after_the_connection_drops() {
         let h = Hatchery::started(Setup::default()).await;
         let relay = Relay::start(h.addr).await;
         let c = driver.browser().await;
-        c.goto(&format!("http://{}/", relay.addr)).await.unwrap();
-        until(
+        one_click_sign_in(
             &c,
-            "!document.getElementById('local-sign-in').hidden",
-            "the one-click sign-in",
+            &format!("http://{}/", relay.addr),
+            "#sign-in-user",
+            None,
         )
         .await;
-        click(&c, "#sign-in-user").await;
         until(
             &c,
             "document.querySelector('.cm-content')",
@@ -849,14 +851,7 @@ fn sandbox_output_is_shown_as_text_never_as_markup() {
     e2e(async {
         let h = Hatchery::started(Setup::default()).await;
         let c = driver.browser().await;
-        open_console(&c, &h).await;
-        until(
-            &c,
-            "!document.getElementById('local-sign-in').hidden",
-            "the one-click sign-in",
-        )
-        .await;
-        click(&c, "#sign-in-user").await;
+        one_click_sign_in(&c, &format!("http://{}/", h.addr), "#sign-in-user", None).await;
         until(
             &c,
             "document.querySelector('.cm-content')",
