@@ -63,7 +63,8 @@ pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
      'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-fn etag(asset: &Asset) -> &'static str {
+/// The `ETag` of `ASSETS[i]`: a hash of its bytes, computed once per process.
+fn etag(i: usize) -> &'static str {
     static TAGS: OnceLock<Vec<String>> = OnceLock::new();
     let tags = TAGS.get_or_init(|| {
         ASSETS
@@ -75,24 +76,20 @@ fn etag(asset: &Asset) -> &'static str {
             })
             .collect()
     });
-    let i = ASSETS
-        .iter()
-        .position(|a| a.name == asset.name)
-        .unwrap_or(0);
     &tags[i]
 }
 
 /// `GET /` (the page) and `GET /console/{file}` (its assets). Revalidated on every load
 /// (`no-cache` with an `ETag`), so a new binary's page is never mixed with old scripts.
 pub fn asset(name: &str, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
-    let asset = ASSETS.iter().find(|a| a.name == name).ok_or_else(|| {
+    let i = ASSETS.iter().position(|a| a.name == name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("the console has no file {name:?}"),
         )
     })?;
-    let tag = etag(asset);
+    let (asset, tag) = (&ASSETS[i], etag(i));
     let fresh = headers
         .get(IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -149,6 +146,8 @@ pub enum SignInAs {
 }
 
 impl SignInAs {
+    pub const ALL: [SignInAs; 2] = [SignInAs::User, SignInAs::Superadmin];
+
     pub fn identity(self) -> (&'static str, &'static str, Role) {
         match self {
             SignInAs::User => ("demo", "demo", Role::User),

@@ -134,7 +134,7 @@ pub async fn dispatch(
         RouteId::LocalSignInInfo => {
             no_query(&query)?;
             let who: Vec<Value> = if st.options.local_sign_in.is_some() {
-                [console::SignInAs::User, console::SignInAs::Superadmin]
+                console::SignInAs::ALL
                     .into_iter()
                     .map(|a| {
                         let (org, user, role) = a.identity();

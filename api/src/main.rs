@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hatchery_api::auth::{parse_role, Auth};
 use hatchery_api::config::{parse_duration, Config, Keys, LogFormat};
-use hatchery_api::console::LocalSignIn;
+use hatchery_api::console::{LocalSignIn, SignInAs};
 use hatchery_api::local_cluster::{ClusterSpec, LocalCluster};
 use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
@@ -588,12 +588,13 @@ fn print_banner(
     local_sign_in: bool,
 ) -> anyhow::Result<()> {
     let ttl = cfg.token_ttl();
-    let admin = auth
-        .mint("hatchery", "admin", Role::Superadmin, ttl)
-        .map_err(anyhow::Error::msg)?;
-    let user = auth
-        .mint("demo", "demo", Role::User, ttl)
-        .map_err(anyhow::Error::msg)?;
+    // The same two identities as the console's one-click sign-in.
+    let mint = |who: SignInAs| {
+        let (org, user, role) = who.identity();
+        auth.mint(org, user, role, ttl).map_err(anyhow::Error::msg)
+    };
+    let admin = mint(SignInAs::Superadmin)?;
+    let user = mint(SignInAs::User)?;
     let url = format!("http://{addr}");
     let ws = format!("ws://{addr}");
     let console = if local_sign_in {

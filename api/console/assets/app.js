@@ -70,6 +70,25 @@
     return d.toDateString() === today.toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
   };
 
+  // ------------------------------------------------------------------ WebSockets
+
+  // Reconnection delay after `retries` failed attempts: 0.5 s doubling up to 10 s.
+  const backoff = (retries) => Math.min(10000, 500 * Math.pow(2, retries));
+  const reconnecting = (delay) => 'reconnecting in ' + Math.round(delay / 100) / 10 + ' s';
+
+  // Hands every JSON message of `ws` to `handle` (anything else is ignored).
+  function onJson(ws, handle) {
+    ws.onmessage = (m) => {
+      let value;
+      try {
+        value = JSON.parse(m.data);
+      } catch (_) {
+        return;
+      }
+      handle(value);
+    };
+  }
+
   // ------------------------------------------------------------------ API
 
   class ApiError extends Error {
@@ -297,15 +316,7 @@
         this.connection = 'live';
         this.changed();
       };
-      ws.onmessage = (m) => {
-        let e;
-        try {
-          e = JSON.parse(m.data);
-        } catch (_) {
-          return;
-        }
-        this.apply(e);
-      };
+      onJson(ws, (e) => this.apply(e));
       ws.onclose = (c) => {
         if (this.ws !== ws) return;
         this.ws = null;
@@ -328,8 +339,8 @@
           });
         }
         // Lost (network, server restart, another replica): resume after the last seq.
-        const delay = Math.min(10000, 500 * Math.pow(2, this.retries++));
-        this.connection = 'reconnecting in ' + Math.round(delay / 100) / 10 + ' s';
+        const delay = backoff(this.retries++);
+        this.connection = reconnecting(delay);
         this.changed();
         this.timer = setTimeout(() => this.connect(), delay);
       };
@@ -883,21 +894,13 @@
         $('monitor-conn').textContent = '● live';
         $('monitor-conn').className = 'conn live';
       };
-      ws.onmessage = (m) => {
-        let s;
-        try {
-          s = JSON.parse(m.data);
-        } catch (_) {
-          return;
-        }
-        this.status(s);
-      };
+      onJson(ws, (s) => this.status(s));
       ws.onclose = () => {
         if (this.ws !== ws) return;
         this.ws = null;
         if (!this.running) return;
-        const delay = Math.min(10000, 500 * Math.pow(2, this.retries++));
-        $('monitor-conn').textContent = '○ reconnecting in ' + Math.round(delay / 100) / 10 + ' s';
+        const delay = backoff(this.retries++);
+        $('monitor-conn').textContent = '○ ' + reconnecting(delay);
         $('monitor-conn').className = 'conn';
         this.timer = setTimeout(() => this.connect(), delay);
       };
