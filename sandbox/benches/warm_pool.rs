@@ -41,12 +41,14 @@
 //!    the writes that follow it, in a cgroup parent of the bench's own, removed after. On
 //!    a cgroup v2 host it is not measured, and the output says so.
 //! 6. throughput: a pool of the default size, no package preloaded (the platform's
-//!    default), K threads claiming `sum(1:10)` back to back; once with the pool's refill
-//!    as it is (several sandboxes on their way at once, `PoolConfig::forks_in_flight`)
-//!    and once with one fork at a time (the refill before), one after the other.
+//!    default), K threads claiming `sum(1:10)` back to back; once with the pool as it
+//!    makes sandboxes now (several on their way at once, `PoolConfig::forks_in_flight`,
+//!    the zygote's heap in huge pages, `PoolConfig::huge_pages`), once the same in 4 KiB
+//!    pages, and once as before both (one fork at a time, 4 KiB pages), one after the
+//!    other.
 //! 7. burst: N claims (default 100) at the same moment on a full pool of P (default 8):
 //!    the distribution of claim asked → first user statement, whose tail is the refill
-//!    rate; with several forks in flight and with one at a time.
+//!    rate; in the same three configurations.
 //!
 //! Must run as root. Exits 0 unless something errors; a missed target is printed, not
 //! failed. Nothing is left behind: the floor's cgroup and process, the attach cgroups and
@@ -1062,6 +1064,7 @@ struct Mem {
     pss_kb: u64,
     private_kb: u64,
     pte_kb: u64,
+    huge_kb: u64,
 }
 
 impl std::ops::AddAssign for Mem {
@@ -1070,6 +1073,7 @@ impl std::ops::AddAssign for Mem {
         self.pss_kb += o.pss_kb;
         self.private_kb += o.private_kb;
         self.pte_kb += o.pte_kb;
+        self.huge_kb += o.huge_kb;
     }
 }
 
@@ -1089,6 +1093,7 @@ fn mem_of(pid: i32) -> Option<Mem> {
         pss_kb: kb_field(&rollup, "Pss:"),
         private_kb: kb_field(&rollup, "Private_Clean:") + kb_field(&rollup, "Private_Dirty:"),
         pte_kb: kb_field(&status, "VmPTE:"),
+        huge_kb: kb_field(&rollup, "AnonHugePages:"),
     })
 }
 
@@ -1236,7 +1241,7 @@ fn attach_once(parent: &mut AttachParent, gap: Duration) -> Result<AttachSample,
 
 struct Throughput {
     threads: usize,
-    in_flight: usize,
+    refill: Refill,
     pool_size: usize,
     elapsed_s: f64,
     done: usize,
@@ -1251,30 +1256,74 @@ struct Throughput {
 /// (claim → result, claim → first statement, queued, when the result arrived)
 type TpSample = (f64, f64, f64, Instant);
 
-/// A full pool of `size` for `sum(1:10)` with `in_flight` forks in flight, claims waiting
-/// up to `claim_timeout` (`what` names it in errors).
+/// How a pool makes its sandboxes: the throughput and burst phases run each of
+/// [`REFILLS`] side by side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Refill {
+    /// `PoolConfig::forks_in_flight`.
+    in_flight: usize,
+    /// `PoolConfig::huge_pages`.
+    huge_pages: bool,
+}
+
+/// The pool as it makes sandboxes now, the same with the zygote's heap in 4 KiB pages, and
+/// as it did before either (one fork at a time, 4 KiB pages).
+const REFILLS: [Refill; 3] = [
+    Refill {
+        in_flight: FORKS_IN_FLIGHT,
+        huge_pages: true,
+    },
+    Refill {
+        in_flight: FORKS_IN_FLIGHT,
+        huge_pages: false,
+    },
+    Refill {
+        in_flight: 1,
+        huge_pages: false,
+    },
+];
+
+impl std::fmt::Display for Refill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let forks = match self.in_flight {
+            1 => "one fork at a time".to_string(),
+            n => format!("{n} forks in flight"),
+        };
+        let pages = if self.huge_pages {
+            "huge pages"
+        } else {
+            "4 KiB pages"
+        };
+        let before = if *self == REFILLS[2] { " (before)" } else { "" };
+        write!(f, "{forks}, {pages}{before}")
+    }
+}
+
+/// A full pool of `size` for `sum(1:10)` made as `refill` says, claims waiting up to
+/// `claim_timeout` (`what` names it in errors).
 fn loaded_pool(
     cfg: &Config,
     what: &str,
     size: usize,
-    in_flight: usize,
+    refill: Refill,
     claim_timeout: Duration,
 ) -> Result<Pool, String> {
     let mut pc = pool_config(cfg, &SUM, size);
     pc.claim_timeout = claim_timeout;
-    pc.forks_in_flight = in_flight;
+    pc.forks_in_flight = refill.in_flight;
+    pc.huge_pages = refill.huge_pages;
     let pool = Pool::start(pc).map_err(|e| format!("{what} pool: {e}"))?;
     pool.wait_ready(size, Duration::from_secs(180))
         .map_err(|e| format!("{what} pool: {e}"))?;
     Ok(pool)
 }
 
-fn throughput(cfg: &Config, threads: usize, in_flight: usize) -> Result<Throughput, String> {
+fn throughput(cfg: &Config, threads: usize, refill: Refill) -> Result<Throughput, String> {
     let pool = loaded_pool(
         cfg,
         "throughput",
         cfg.tp_pool,
-        in_flight,
+        refill,
         Duration::from_secs(60),
     )?;
     let forked_before = pool.stats().forked;
@@ -1323,7 +1372,7 @@ fn throughput(cfg: &Config, threads: usize, in_flight: usize) -> Result<Throughp
     drop(pool);
     Ok(Throughput {
         threads,
-        in_flight,
+        refill,
         pool_size: cfg.tp_pool,
         elapsed_s,
         done: results.len(),
@@ -1340,7 +1389,7 @@ fn throughput(cfg: &Config, threads: usize, in_flight: usize) -> Result<Throughp
 // 7. Burst.
 
 struct Burst {
-    in_flight: usize,
+    refill: Refill,
     pool_size: usize,
     /// Each claim: asked → its first user statement (`queued_ms` + `start_ms`).
     first_statement_ms: Vec<f64>,
@@ -1353,12 +1402,12 @@ struct Burst {
 
 /// `cfg.burst` claims of `sum(1:10)` at the same moment on a full pool of
 /// `cfg.burst_pool`: all but the pool's first sandboxes wait for refills.
-fn burst(cfg: &Config, in_flight: usize) -> Result<Burst, String> {
+fn burst(cfg: &Config, refill: Refill) -> Result<Burst, String> {
     let pool = loaded_pool(
         cfg,
         "burst",
         cfg.burst_pool,
-        in_flight,
+        refill,
         Duration::from_secs(120),
     )?;
     // As a request reaching an idle pool: its background work is over.
@@ -1388,7 +1437,7 @@ fn burst(cfg: &Config, in_flight: usize) -> Result<Burst, String> {
     drop(pool);
     let samples = samples.into_inner().unwrap();
     Ok(Burst {
-        in_flight,
+        refill,
         pool_size: cfg.burst_pool,
         all_started_ms: samples.iter().map(|s| s.0).fold(0.0, f64::max),
         first_statement_ms: samples.iter().map(|s| s.0).collect(),
@@ -1656,26 +1705,25 @@ fn run(cfg: &Config) -> Result<(), String> {
         if stopped() {
             break;
         }
-        // The pool as it refills now (several sandboxes on their way at once), next to
-        // the one-at-a-time refill it had before.
-        for in_flight in [FORKS_IN_FLIGHT, 1] {
+        // The pool as it refills now, next to the configurations it had before.
+        for refill in REFILLS {
             eprintln!(
-                "throughput: {k} threads, pool of {}, {in_flight} fork(s) in flight, {} s",
+                "throughput: {k} threads, pool of {}, {refill}, {} s",
                 cfg.tp_pool, cfg.seconds
             );
-            tps.push(throughput(cfg, k, in_flight)?);
+            tps.push(throughput(cfg, k, refill)?);
         }
     }
     let mut bursts = Vec::new();
-    for in_flight in [FORKS_IN_FLIGHT, 1] {
+    for refill in REFILLS {
         if stopped() {
             break;
         }
         eprintln!(
-            "burst: {} claims at once on a pool of {}, {in_flight} fork(s) in flight",
+            "burst: {} claims at once on a pool of {}, {refill}",
             cfg.burst, cfg.burst_pool
         );
-        bursts.push(burst(cfg, in_flight)?);
+        bursts.push(burst(cfg, refill)?);
     }
     let load_end = loadavg();
 
@@ -1841,9 +1889,8 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
     for tp in &tps {
         t.section(format!(
-            "6. throughput: {} threads, pool of {} (no package preloaded), {} fork(s) in \
-             flight, no refill wait",
-            tp.threads, tp.pool_size, tp.in_flight
+            "6. throughput: {} threads, pool of {} (no package preloaded), {}, no refill wait",
+            tp.threads, tp.pool_size, tp.refill
         ));
         t.row("claim → result under load", &tp.result_ms);
         t.row("claim → first user statement under load", &tp.start_ms);
@@ -1851,11 +1898,10 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
     for b in &bursts {
         t.section(format!(
-            "7. burst: {} claims of sum(1:10) at once on a full pool of {}, {} fork(s) in \
-             flight",
+            "7. burst: {} claims of sum(1:10) at once on a full pool of {}, {}",
             b.first_statement_ms.len() + b.failures.len(),
             b.pool_size,
-            b.in_flight
+            b.refill
         ));
         t.row("claim asked → first user statement", &b.first_statement_ms);
         t.row("claim asked → result", &b.result_ms);
@@ -1883,11 +1929,12 @@ fn run(cfg: &Config) -> Result<(), String> {
         match mem.zygote {
             Some((pid, m)) => println!(
                 "zygote (pid {pid}): RSS {:.1} MiB, USS {:.1} MiB, PSS {:.1} MiB, page tables \
-                 {:.2} MiB",
+                 {:.2} MiB, in huge pages {:.1} MiB",
                 mib(m.rss_kb),
                 mib(m.private_kb),
                 mib(m.pss_kb),
-                mib(m.pte_kb)
+                mib(m.pte_kb),
+                mib(m.huge_kb)
             ),
             None => println!("zygote: not found"),
         }
@@ -1903,12 +1950,11 @@ fn run(cfg: &Config) -> Result<(), String> {
     for tp in &tps {
         println!();
         println!(
-            "-- 6. throughput, {} threads, pool of {}, {} fork(s) in flight: {} executions in \
-             {:.2} s = {:.1} execs/s; {} waited for a sandbox (queued_ms > 1); {} forks; {} \
-             failures",
+            "-- 6. throughput, {} threads, pool of {}, {}: {} executions in {:.2} s = {:.1} \
+             execs/s; {} waited for a sandbox (queued_ms > 1); {} forks; {} failures",
             tp.threads,
             tp.pool_size,
-            tp.in_flight,
+            tp.refill,
             tp.done,
             tp.elapsed_s,
             tp.done as f64 / tp.elapsed_s.max(1e-9),
@@ -1923,10 +1969,10 @@ fn run(cfg: &Config) -> Result<(), String> {
     for b in &bursts {
         println!();
         println!(
-            "-- 7. burst on a pool of {}, {} fork(s) in flight: {} claims, the last one's \
-             first statement {:.1} ms after they were asked ({:.1} sandboxes/s); {} failures",
+            "-- 7. burst on a pool of {}, {}: {} claims, the last one's first statement {:.1} \
+             ms after they were asked ({:.1} sandboxes/s); {} failures",
             b.pool_size,
-            b.in_flight,
+            b.refill,
             b.first_statement_ms.len(),
             b.all_started_ms,
             b.first_statement_ms.len() as f64 / (b.all_started_ms / 1e3).max(1e-9),
@@ -2026,21 +2072,31 @@ fn run(cfg: &Config) -> Result<(), String> {
             );
         }
     }
-    for pair in tps.chunks(2) {
+    for group in tps.chunks(REFILLS.len()) {
         let rate = |tp: &Throughput| tp.done as f64 / tp.elapsed_s.max(1e-9);
-        let [now, before] = pair else { continue };
+        let [now, others @ ..] = group else { continue };
+        let others: Vec<String> = others
+            .iter()
+            .map(|o| {
+                format!(
+                    "{:.1} with {} ({:.2}×)",
+                    rate(o),
+                    o.refill,
+                    rate(now) / rate(o).max(1e-9)
+                )
+            })
+            .collect();
         println!(
-            "sustained: {:.1} execs/s of sum(1:10) with {} forks in flight vs {:.1} one at a \
-             time: {:.2}×; {} threads, pool of {} (no package preloaded)",
+            "sustained: {:.1} execs/s of sum(1:10) with {} vs {}; {} threads, pool of {} (no \
+             package preloaded)",
             rate(now),
-            now.in_flight,
-            rate(before),
-            rate(now) / rate(before).max(1e-9),
+            now.refill,
+            others.join(" vs "),
             now.threads,
             now.pool_size
         );
     }
-    if let [now, before] = &bursts[..] {
+    if let [now, others @ ..] = &bursts[..] {
         let p = |b: &Burst, q: f64| {
             let mut v = b.first_statement_ms.clone();
             v.sort_by(f64::total_cmp);
@@ -2050,18 +2106,28 @@ fn run(cfg: &Config) -> Result<(), String> {
                 percentile(&v, q)
             }
         };
+        let rate =
+            |b: &Burst| b.first_statement_ms.len() as f64 / (b.all_started_ms / 1e3).max(1e-9);
+        let figures = |b: &Burst| {
+            format!(
+                "{:.1} / {:.1} / {:.1} ms ({:.0} sandboxes/s) with {}",
+                p(b, 0.5),
+                p(b, 0.9),
+                b.all_started_ms,
+                rate(b),
+                b.refill
+            )
+        };
+        let others: Vec<String> = others
+            .iter()
+            .map(|o| format!("{} ({:.2}×)", figures(o), rate(now) / rate(o).max(1e-9)))
+            .collect();
         println!(
-            "burst of {} on a pool of {}: asked → first statement p50 / p90 / last {:.1} / \
-             {:.1} / {:.1} ms with {} forks in flight vs {:.1} / {:.1} / {:.1} ms one at a time",
+            "burst of {} on a pool of {}: asked → first statement p50 / p90 / last {} vs {}",
             now.first_statement_ms.len(),
             now.pool_size,
-            p(now, 0.5),
-            p(now, 0.9),
-            now.all_started_ms,
-            now.in_flight,
-            p(before, 0.5),
-            p(before, 0.9),
-            before.all_started_ms
+            figures(now),
+            others.join(" vs ")
         );
     }
     for (w, mem) in WORKLOADS.iter().zip(&mems) {

@@ -49,6 +49,10 @@ struct Args {
     /// Fork one sandbox, once: prepare nothing for many forks.
     #[arg(long)]
     one_off: bool,
+    /// Keep the heap in 4 KiB pages (by default it is collapsed into transparent huge
+    /// pages before the first fork, so forks and exits copy and unmap fewer entries).
+    #[arg(long)]
+    no_huge_pages: bool,
 }
 
 fn main() {
@@ -99,5 +103,6 @@ fn main() {
         },
         ctl_fd: args.ctl_fd,
         one_off: args.one_off,
+        huge_pages: !args.no_huge_pages,
     })
 }

@@ -49,6 +49,12 @@ pub enum FromZygote {
         packages: Vec<String>,
         init_ms: f64,
         preload_ms: f64,
+        /// Of the heap's 2 MiB extents (`huge_eligible_bytes`), the bytes mapped by
+        /// transparent huge pages when the zygote became ready.
+        #[serde(default)]
+        huge_bytes: u64,
+        #[serde(default)]
+        huge_eligible_bytes: u64,
     },
     /// A sandbox was forked. Descriptors attached, in order: pidfd of the sandbox, the
     /// agent's end of its channel, the read ends of its stdout and stderr.

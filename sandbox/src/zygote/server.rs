@@ -84,6 +84,9 @@ pub struct ZygoteConfig {
     /// (the evaluator is not byte-compiled ahead or warmed up, the heap not collected or
     /// settled), since that costs more than it saves once.
     pub one_off: bool,
+    /// Keep the interpreter's heap in transparent huge pages ([`super::huge`]), so forks
+    /// and exits handle far fewer page-table entries. Not for a one-off.
+    pub huge_pages: bool,
 }
 
 /// This sandbox's end of its channel (the hooks of the R runtime write to it); -1 in the
@@ -235,11 +238,19 @@ pub fn serve(config: ZygoteConfig) -> ! {
         }
         Language::Exec { argv, .. } => (Runtime::Exec(argv.clone()), Vec::new(), 0.0, 0.0),
     };
+    // Last, once nothing more is loaded: the heap as every sandbox will share it.
+    let huge = (config.huge_pages && !config.one_off && !matches!(runtime, Runtime::Exec(_)))
+        .then(|| crate::zygote::huge::HugeHeap::scan().ok())
+        .flatten()
+        .map(|heap| heap.collapse())
+        .unwrap_or_default();
     let ready = FromZygote::Ready {
         language: config.language.name().to_string(),
         packages,
         init_ms,
         preload_ms,
+        huge_bytes: huge.huge as u64,
+        huge_eligible_bytes: huge.eligible as u64,
     };
     if ctl.send(&ready, &[]).is_err() {
         std::process::exit(0);
