@@ -44,11 +44,12 @@
 //!    default), K threads claiming `sum(1:10)` back to back; once with the pool as it
 //!    makes sandboxes now (several on their way at once, `PoolConfig::forks_in_flight`,
 //!    the zygote's heap in huge pages, `PoolConfig::huge_pages`), once the same in 4 KiB
-//!    pages, and once as before both (one fork at a time, 4 KiB pages), one after the
-//!    other.
+//!    pages, and once as before both (one fork at a time, 4 KiB pages): all three pools
+//!    are up at once and take turns in slices of a few seconds, so that the machine's
+//!    load changes fall on all of them alike.
 //! 7. burst: N claims (default 100) at the same moment on a full pool of P (default 8):
 //!    the distribution of claim asked → first user statement, whose tail is the refill
-//!    rate; in the same three configurations.
+//!    rate; in the same three configurations, taking turns, R rounds each (default 3).
 //!
 //! Must run as root. Exits 0 unless something errors; a missed target is printed, not
 //! failed. Nothing is left behind: the floor's cgroup and process, the attach cgroups and
@@ -164,10 +165,12 @@ struct Config {
     warm: usize,
     cold: usize,
     seconds: f64,
+    slice: f64,
     threads: Vec<usize>,
     tp_pool: usize,
     burst: usize,
     burst_pool: usize,
+    burst_rounds: usize,
     wake: usize,
     wake_gap: Duration,
     rcu: usize,
@@ -185,13 +188,18 @@ options (each also read from the environment variable named in brackets; a flag 
   --warm N          warm rounds (default 30): each claims both workloads, with 2 floor
                     samples and one timed refill fork per claim  [HATCHERY_BENCH_WARM]
   --cold M          measured cold rounds (default 8, +1 warm-up)  [HATCHERY_BENCH_COLD]
-  --seconds S       length of each throughput run (default 10)  [HATCHERY_BENCH_SECONDS]
+  --seconds S       how long each pool configuration is measured in the throughput
+                    phase (default 10)  [HATCHERY_BENCH_SECONDS]
+  --slice S         the configurations take turns in slices of S seconds (default 2)
+                    [HATCHERY_BENCH_SLICE]
   --threads K[,K]   claiming threads of the throughput run(s) (default 4)
                     [HATCHERY_BENCH_THREADS]
   --tp-pool P       pool size of the throughput run (default: PoolConfig's, 2)
                     [HATCHERY_BENCH_TP_POOL]
   --burst N         simultaneous claims of the burst (default 100)  [HATCHERY_BENCH_BURST]
   --burst-pool P    pool size of the burst (default 8)  [HATCHERY_BENCH_BURST_POOL]
+  --burst-rounds R  bursts per pool configuration, taking turns (default 3)
+                    [HATCHERY_BENCH_BURST_ROUNDS]
   --wake N          vCPU wake-up samples per variant per warm round (default 2)
                     [HATCHERY_BENCH_WAKE]
   --wake-gap-ms G   idle time before each wake-up sample (default 20)
@@ -211,10 +219,12 @@ environment:
   HATCHERY_ZYGOTE   the hatchery-zygote binary (default: the one cargo built)";
 
 /// The flags, and the environment variable each one may also come from.
-const FLAGS: [(&str, &str); 12] = [
+const FLAGS: [(&str, &str); 14] = [
     ("--warm", "HATCHERY_BENCH_WARM"),
     ("--cold", "HATCHERY_BENCH_COLD"),
     ("--seconds", "HATCHERY_BENCH_SECONDS"),
+    ("--slice", "HATCHERY_BENCH_SLICE"),
+    ("--burst-rounds", "HATCHERY_BENCH_BURST_ROUNDS"),
     ("--threads", "HATCHERY_BENCH_THREADS"),
     ("--tp-pool", "HATCHERY_BENCH_TP_POOL"),
     ("--burst", "HATCHERY_BENCH_BURST"),
@@ -231,9 +241,11 @@ fn parse_args() -> Result<Config, String> {
         warm: 30,
         cold: 8,
         seconds: 10.0,
+        slice: 2.0,
         threads: vec![4],
         burst: 100,
         burst_pool: 8,
+        burst_rounds: 3,
         tp_pool: PoolConfig::new(Language::R { packages: vec![] }, PathBuf::new()).size,
         wake: 2,
         wake_gap: Duration::from_millis(20),
@@ -291,6 +303,7 @@ fn parse_args() -> Result<Config, String> {
             "--tp-pool" => cfg.tp_pool = int(&flag, &v)?,
             "--burst" => cfg.burst = int(&flag, &v)?,
             "--burst-pool" => cfg.burst_pool = int(&flag, &v)?,
+            "--burst-rounds" => cfg.burst_rounds = int(&flag, &v)?,
             "--wake" => cfg.wake = int(&flag, &v)?,
             "--rcu" => cfg.rcu = int(&flag, &v)?,
             "--wake-gap-ms" => cfg.wake_gap = Duration::from_millis(int(&flag, &v)? as u64),
@@ -301,6 +314,14 @@ fn parse_args() -> Result<Config, String> {
                         .parse::<u64>()
                         .map_err(|_| format!("--settle-ms expects milliseconds, got {v:?}"))?,
                 )
+            }
+            "--slice" => {
+                cfg.slice = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0)
+                    .ok_or_else(|| format!("--slice expects a positive number, got {v:?}"))?;
             }
             "--seconds" => {
                 cfg.seconds = v
@@ -1318,25 +1339,67 @@ fn loaded_pool(
     Ok(pool)
 }
 
-fn throughput(cfg: &Config, threads: usize, refill: Refill) -> Result<Throughput, String> {
-    let pool = loaded_pool(
-        cfg,
-        "throughput",
-        cfg.tp_pool,
-        refill,
-        Duration::from_secs(60),
-    )?;
+/// Every configuration of [`REFILLS`] with `threads` claiming threads, each for
+/// `cfg.seconds` in all, in turns of `cfg.slice` seconds (the order rotating every
+/// round), so that a change in the machine's load falls on all of them alike.
+fn throughput(cfg: &Config, threads: usize) -> Result<Vec<Throughput>, String> {
+    let pools = REFILLS
+        .iter()
+        .map(|&refill| {
+            loaded_pool(
+                cfg,
+                "throughput",
+                cfg.tp_pool,
+                refill,
+                Duration::from_secs(60),
+            )
+        })
+        .collect::<Result<Vec<Pool>, String>>()?;
+    let mut out: Vec<Throughput> = REFILLS
+        .iter()
+        .map(|&refill| Throughput {
+            threads,
+            refill,
+            pool_size: cfg.tp_pool,
+            elapsed_s: 0.0,
+            done: 0,
+            result_ms: Vec::new(),
+            start_ms: Vec::new(),
+            queued_ms: Vec::new(),
+            waited: 0,
+            failures: Vec::new(),
+            forked: 0,
+        })
+        .collect();
+    let rounds = (cfg.seconds / cfg.slice).ceil().max(1.0) as usize;
+    let slice = cfg.seconds / rounds as f64;
+    for round in 0..rounds {
+        for k in 0..REFILLS.len() {
+            if stopped() {
+                break;
+            }
+            let i = (round + k) % REFILLS.len();
+            throughput_slice(&pools[i], threads, slice, &mut out[i]);
+        }
+    }
+    drop(pools);
+    Ok(out)
+}
+
+/// `threads` threads claiming `sum(1:10)` back to back on `pool` for `seconds`; adds what
+/// they did to `into`.
+fn throughput_slice(pool: &Pool, threads: usize, seconds: f64, into: &mut Throughput) {
     let forked_before = pool.stats().forked;
     let results: Mutex<Vec<TpSample>> = Mutex::new(Vec::new());
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(cfg.seconds);
+    let deadline = start + Duration::from_secs_f64(seconds);
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
                 let mut pending = Vec::new();
                 while Instant::now() < deadline && !stopped() {
-                    match warm_run(&pool, SUM.code, SUM.expect, false) {
+                    match warm_run(pool, SUM.code, SUM.expect, false) {
                         Ok((s, _, exec)) => {
                             results.lock().unwrap().push((
                                 s.result_ms,
@@ -1355,7 +1418,7 @@ fn throughput(cfg: &Config, threads: usize, refill: Refill) -> Result<Throughput
                         }
                     }
                 }
-                // Every sandbox torn down before the pool goes.
+                // Every sandbox torn down before the next slice.
                 for exec in pending {
                     drain(&exec);
                 }
@@ -1364,25 +1427,17 @@ fn throughput(cfg: &Config, threads: usize, refill: Refill) -> Result<Throughput
     });
     let results = results.into_inner().unwrap();
     // Until the last result (the teardown of the last sandboxes is not counted).
-    let elapsed_s = results
+    into.elapsed_s += results
         .iter()
         .map(|r| (r.3 - start).as_secs_f64())
         .fold(0.0, f64::max);
-    let forked = pool.stats().forked - forked_before;
-    drop(pool);
-    Ok(Throughput {
-        threads,
-        refill,
-        pool_size: cfg.tp_pool,
-        elapsed_s,
-        done: results.len(),
-        result_ms: results.iter().map(|r| r.0).collect(),
-        start_ms: results.iter().map(|r| r.1).collect(),
-        queued_ms: results.iter().map(|r| r.2).collect(),
-        waited: results.iter().filter(|r| r.2 > 1.0).count(),
-        failures: failures.into_inner().unwrap(),
-        forked,
-    })
+    into.forked += pool.stats().forked - forked_before;
+    into.done += results.len();
+    into.result_ms.extend(results.iter().map(|r| r.0));
+    into.start_ms.extend(results.iter().map(|r| r.1));
+    into.queued_ms.extend(results.iter().map(|r| r.2));
+    into.waited += results.iter().filter(|r| r.2 > 1.0).count();
+    into.failures.extend(failures.into_inner().unwrap());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1395,9 +1450,29 @@ struct Burst {
     first_statement_ms: Vec<f64>,
     /// Asked → the result.
     result_ms: Vec<f64>,
-    /// Asked → the last of the claims' first statements.
-    all_started_ms: f64,
+    /// Per round: asked → the last of the claims' first statements.
+    all_started_ms: Vec<f64>,
     failures: Vec<String>,
+}
+
+impl Burst {
+    /// The median over rounds of asked → the last first statement.
+    fn last_ms(&self) -> f64 {
+        let mut v = self.all_started_ms.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            percentile(&v, 0.5)
+        }
+    }
+
+    /// Sandboxes per second of the median round.
+    fn rate(&self) -> f64 {
+        let per_round =
+            self.first_statement_ms.len() as f64 / self.all_started_ms.len().max(1) as f64;
+        per_round / (self.last_ms() / 1e3).max(1e-9)
+    }
 }
 
 /// `cfg.burst` claims of `sum(1:10)` at the same moment on a full pool of
@@ -1439,7 +1514,7 @@ fn burst(cfg: &Config, refill: Refill) -> Result<Burst, String> {
     Ok(Burst {
         refill,
         pool_size: cfg.burst_pool,
-        all_started_ms: samples.iter().map(|s| s.0).fold(0.0, f64::max),
+        all_started_ms: vec![samples.iter().map(|s| s.0).fold(0.0, f64::max)],
         first_statement_ms: samples.iter().map(|s| s.0).collect(),
         result_ms: samples.iter().map(|s| s.1).collect(),
         failures: failures.into_inner().unwrap(),
@@ -1526,8 +1601,8 @@ fn run(cfg: &Config) -> Result<(), String> {
     println!(
         "  warm {} rounds (per claim: {} ms settle, 2 floor samples, the claim, 1 refill fork, \
          {} ms settle, 1 refill fork; per round: {} wake-up samples per variant after {} ms idle); cold {} \
-         rounds (+1 warm-up); attach {} samples after {} ms idle; throughput {} s with \
-         threads {:?} on a pool of {}",
+         rounds (+1 warm-up); attach {} samples after {} ms idle; throughput {} s per \
+         configuration in slices of about {} s with threads {:?} on pools of {}; bursts {} rounds",
         cfg.warm,
         cfg.settle.as_millis(),
         cfg.settle.as_millis(),
@@ -1537,8 +1612,10 @@ fn run(cfg: &Config) -> Result<(), String> {
         cfg.rcu,
         cfg.rcu_gap.as_millis(),
         cfg.seconds,
+        cfg.slice,
         cfg.threads,
-        cfg.tp_pool
+        cfg.tp_pool,
+        cfg.burst_rounds
     );
     println!(
         "  limits per claim: the platform default policy, memory {} MiB, cpus {DEFAULT_CPUS}, \
@@ -1706,25 +1783,45 @@ fn run(cfg: &Config) -> Result<(), String> {
             break;
         }
         // The pool as it refills now, next to the configurations it had before.
-        for refill in REFILLS {
-            eprintln!(
-                "throughput: {k} threads, pool of {}, {refill}, {} s",
-                cfg.tp_pool, cfg.seconds
-            );
-            tps.push(throughput(cfg, k, refill)?);
-        }
-    }
-    let mut bursts = Vec::new();
-    for refill in REFILLS {
-        if stopped() {
-            break;
-        }
         eprintln!(
-            "burst: {} claims at once on a pool of {}, {refill}",
-            cfg.burst, cfg.burst_pool
+            "throughput: {k} threads, pools of {}, {} configurations taking turns, {} s each in \
+             slices of about {} s",
+            cfg.tp_pool,
+            REFILLS.len(),
+            cfg.seconds,
+            cfg.slice
         );
-        bursts.push(burst(cfg, refill)?);
+        tps.extend(throughput(cfg, k)?);
     }
+    let mut bursts: Vec<Option<Burst>> = REFILLS.iter().map(|_| None).collect();
+    eprint!(
+        "burst: {} claims at once on a pool of {}, {} rounds of {} configurations ",
+        cfg.burst,
+        cfg.burst_pool,
+        cfg.burst_rounds,
+        REFILLS.len()
+    );
+    for round in 0..cfg.burst_rounds {
+        for k in 0..REFILLS.len() {
+            if stopped() {
+                break;
+            }
+            let i = (round + k) % REFILLS.len();
+            let b = burst(cfg, REFILLS[i])?;
+            eprint!(".");
+            match &mut bursts[i] {
+                Some(all) => {
+                    all.first_statement_ms.extend(b.first_statement_ms);
+                    all.result_ms.extend(b.result_ms);
+                    all.all_started_ms.extend(b.all_started_ms);
+                    all.failures.extend(b.failures);
+                }
+                none => *none = Some(b),
+            }
+        }
+    }
+    eprintln!();
+    let bursts: Vec<Burst> = bursts.into_iter().flatten().collect();
     let load_end = loadavg();
 
     // ---- report
@@ -1968,14 +2065,16 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
     for b in &bursts {
         println!();
+        let lasts: Vec<String> = b.all_started_ms.iter().map(|l| format!("{l:.1}")).collect();
         println!(
-            "-- 7. burst on a pool of {}, {}: {} claims, the last one's first statement {:.1} \
-             ms after they were asked ({:.1} sandboxes/s); {} failures",
+            "-- 7. burst on a pool of {}, {}: {} claims in {} round(s), the last one's first \
+             statement {} ms after they were asked (median {:.1} sandboxes/s); {} failures",
             b.pool_size,
             b.refill,
             b.first_statement_ms.len(),
-            b.all_started_ms,
-            b.first_statement_ms.len() as f64 / (b.all_started_ms / 1e3).max(1e-9),
+            b.all_started_ms.len(),
+            lasts.join(" / "),
+            b.rate(),
             b.failures.len()
         );
         for f in b.failures.iter().take(3) {
@@ -2106,26 +2205,26 @@ fn run(cfg: &Config) -> Result<(), String> {
                 percentile(&v, q)
             }
         };
-        let rate =
-            |b: &Burst| b.first_statement_ms.len() as f64 / (b.all_started_ms / 1e3).max(1e-9);
         let figures = |b: &Burst| {
             format!(
                 "{:.1} / {:.1} / {:.1} ms ({:.0} sandboxes/s) with {}",
                 p(b, 0.5),
                 p(b, 0.9),
-                b.all_started_ms,
-                rate(b),
+                b.last_ms(),
+                b.rate(),
                 b.refill
             )
         };
         let others: Vec<String> = others
             .iter()
-            .map(|o| format!("{} ({:.2}×)", figures(o), rate(now) / rate(o).max(1e-9)))
+            .map(|o| format!("{} ({:.2}×)", figures(o), now.rate() / o.rate().max(1e-9)))
             .collect();
         println!(
-            "burst of {} on a pool of {}: asked → first statement p50 / p90 / last {} vs {}",
-            now.first_statement_ms.len(),
+            "burst of {} on a pool of {} ({} rounds each, configurations taking turns): asked → \
+             first statement p50 / p90 / median last {} vs {}",
+            cfg.burst,
             now.pool_size,
+            now.all_started_ms.len(),
             figures(now),
             others.join(" vs ")
         );

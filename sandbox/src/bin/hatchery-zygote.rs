@@ -5,7 +5,13 @@
 use clap::Parser;
 use hatchery_sandbox::limits::parse_size;
 use hatchery_sandbox::spec::Rlimits;
+use hatchery_sandbox::zygote::alloc::LoopAlloc;
 use hatchery_sandbox::zygote::server::{serve, Language, SandboxShape, ZygoteConfig};
+
+/// The system allocator, except for the zygote's control loop between forks (see
+/// `hatchery_sandbox::zygote::alloc`).
+#[global_allocator]
+static ALLOC: LoopAlloc = LoopAlloc;
 
 #[derive(Parser)]
 #[command(

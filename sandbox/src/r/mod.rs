@@ -600,10 +600,16 @@ pub fn exit_child(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// The number of threads of this process (entries of `/proc/self/task`).
+/// The number of threads of this process (`num_threads` of `/proc/self/stat`; 0 if it
+/// cannot be read). Not a directory listing: `opendir` allocates with C's malloc, in the
+/// heap a zygote shares with its sandboxes, between every two forks.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may contain anything.
+    stat.rfind(')')
+        .and_then(|i| stat.get(i + 1..))
+        .and_then(|rest| rest.split_whitespace().nth(17))
+        .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
 
@@ -754,4 +760,24 @@ unsafe extern "C" fn hatchery_mark_started() -> SEXP {
     FIRST_STATEMENT.with(|c| c.set(Some(Instant::now())));
     // SAFETY: R_NilValue is a constant of the initialised R.
     unsafe { R_NilValue }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thread_count_counts_this_process_threads() {
+        // Other tests start and end threads meanwhile: compare with a listing of
+        // /proc/self/task taken just before and just after, when the two agree.
+        let listed = || std::fs::read_dir("/proc/self/task").unwrap().count();
+        let _parked = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(2)));
+        for _ in 0..100 {
+            let (before, counted, after) = (listed(), super::thread_count(), listed());
+            if before == after {
+                assert!(counted >= 2);
+                assert_eq!(counted, before);
+                return;
+            }
+        }
+        panic!("the thread count never held still");
+    }
 }

@@ -3,6 +3,7 @@
 //! single-use sandboxes on request. [`server`] is the zygote's side; [`protocol`] the
 //! messages between the agent (see [`crate::pool`]), the zygote and each sandbox.
 
+pub mod alloc;
 pub mod huge;
 pub mod protocol;
 pub mod server;

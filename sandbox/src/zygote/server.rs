@@ -255,6 +255,11 @@ pub fn serve(config: ZygoteConfig) -> ! {
     if ctl.send(&ready, &[]).is_err() {
         std::process::exit(0);
     }
+    // From here on the loop's own allocations stay out of the heap sandboxes share, where
+    // they would split its huge pages again.
+    if config.huge_pages && !config.one_off {
+        crate::zygote::alloc::enter_loop();
+    }
     loop {
         let msg = ctl.recv();
         // Any message means the agent is done with every sandbox forked before it: the
@@ -352,6 +357,9 @@ fn fork_sandbox(
             std::mem::size_of::<crate::run::CloneArgs>(),
         )
     };
+    if ret == 0 {
+        crate::zygote::alloc::leave_loop();
+    }
     if let Runtime::Python(engine) = runtime {
         if ret == 0 {
             engine.after_fork_child();
