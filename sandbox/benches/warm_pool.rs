@@ -28,7 +28,9 @@
 //!    `Started` received by the claiming thread, next to the floor's round trip. One refill
 //!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen), twice:
 //!    right after the claim's own refill, and after a pause without forks (`--settle-ms`),
-//!    when on cgroup v1 its cgroup attach waits for an RCU grace period (phase 5). Before
+//!    when on cgroup v1 its cgroup attach waits for an RCU grace period (phase 5). In the
+//!    same rounds a third pool for `sum(1:10)`, with its refill at a sandbox's CPU weight
+//!    (as before `PoolConfig::refill_cpu_weight`), is claimed as well (2b). Before
 //!    each claim (and its floor samples) the bench pauses as long, so that the pool's
 //!    background work (the last refill, reaping) is over, as when a request reaches an
 //!    idle warm pool.
@@ -41,15 +43,16 @@
 //!    the writes that follow it, in a cgroup parent of the bench's own, removed after. On
 //!    a cgroup v2 host it is not measured, and the output says so.
 //! 6. throughput: a pool of the default size, no package preloaded (the platform's
-//!    default), K threads claiming `sum(1:10)` back to back; once with the pool as it
-//!    makes sandboxes now (several on their way at once, `PoolConfig::forks_in_flight`,
-//!    the zygote's heap in huge pages, `PoolConfig::huge_pages`), once the same in 4 KiB
-//!    pages, and once as before both (one fork at a time, 4 KiB pages): all three pools
-//!    are up at once and take turns in slices of a few seconds, so that the machine's
-//!    load changes fall on all of them alike.
+//!    default), K threads claiming `sum(1:10)` back to back; with the pool as it makes
+//!    sandboxes now (several on their way at once, `PoolConfig::forks_in_flight`; the
+//!    zygote's heap in huge pages, `PoolConfig::huge_pages`; the refill at a low CPU
+//!    weight, `PoolConfig::refill_cpu_weight`), with each of the last two undone, and as
+//!    before all three (one fork at a time, 4 KiB pages, the default weight): all four
+//!    pools are up at once and take turns in slices of a few seconds, so that the
+//!    machine's load changes fall on all of them alike.
 //! 7. burst: N claims (default 100) at the same moment on a full pool of P (default 8):
 //!    the distribution of claim asked → first user statement, whose tail is the refill
-//!    rate; in the same three configurations, taking turns, R rounds each (default 3).
+//!    rate; in the same four configurations, taking turns, R rounds each (default 3).
 //!
 //! Must run as root. Exits 0 unless something errors; a missed target is printed, not
 //! failed. Nothing is left behind: the floor's cgroup and process, the attach cgroups and
@@ -1285,22 +1288,34 @@ struct Refill {
     in_flight: usize,
     /// `PoolConfig::huge_pages`.
     huge_pages: bool,
+    /// `PoolConfig::refill_cpu_weight` as it is by default (the refill in the
+    /// background); `false`: at a sandbox's weight.
+    background: bool,
 }
 
-/// The pool as it makes sandboxes now, the same with the zygote's heap in 4 KiB pages, and
-/// as it did before either (one fork at a time, 4 KiB pages).
-const REFILLS: [Refill; 3] = [
+/// The pool as it makes sandboxes now; the same with the refill at a sandbox's CPU weight;
+/// the same in 4 KiB pages; and as it did before all three (one fork at a time, 4 KiB
+/// pages, the refill at a sandbox's weight).
+const REFILLS: [Refill; 4] = [
     Refill {
         in_flight: FORKS_IN_FLIGHT,
         huge_pages: true,
+        background: true,
+    },
+    Refill {
+        in_flight: FORKS_IN_FLIGHT,
+        huge_pages: true,
+        background: false,
     },
     Refill {
         in_flight: FORKS_IN_FLIGHT,
         huge_pages: false,
+        background: true,
     },
     Refill {
         in_flight: 1,
         huge_pages: false,
+        background: false,
     },
 ];
 
@@ -1315,8 +1330,17 @@ impl std::fmt::Display for Refill {
         } else {
             "4 KiB pages"
         };
-        let before = if *self == REFILLS[2] { " (before)" } else { "" };
-        write!(f, "{forks}, {pages}{before}")
+        let weight = if self.background {
+            "refill in the background"
+        } else {
+            "refill at a sandbox's weight"
+        };
+        let before = if *self == REFILLS[REFILLS.len() - 1] {
+            " (before)"
+        } else {
+            ""
+        };
+        write!(f, "{forks}, {pages}, {weight}{before}")
     }
 }
 
@@ -1333,6 +1357,9 @@ fn loaded_pool(
     pc.claim_timeout = claim_timeout;
     pc.forks_in_flight = refill.in_flight;
     pc.huge_pages = refill.huge_pages;
+    if !refill.background {
+        pc.refill_cpu_weight = None;
+    }
     let pool = Pool::start(pc).map_err(|e| format!("{what} pool: {e}"))?;
     pool.wait_ready(size, Duration::from_secs(180))
         .map_err(|e| format!("{what} pool: {e}"))?;
@@ -1635,6 +1662,16 @@ fn run(cfg: &Config) -> Result<(), String> {
         Pool::start(pool_config(cfg, &SUM, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
         Pool::start(pool_config(cfg, &FIT, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
     ];
+    // The same pool for sum(1:10) with its refill at a sandbox's CPU weight (as before
+    // PoolConfig::refill_cpu_weight): claimed in the same rounds, side by side.
+    let level_pool = {
+        let mut pc = pool_config(cfg, &SUM, POOL_SIZE);
+        pc.refill_cpu_weight = None;
+        Pool::start(pc).map_err(|e| format!("pool: {e}"))?
+    };
+    level_pool
+        .wait_ready(POOL_SIZE, Duration::from_secs(180))
+        .map_err(|e| format!("pool: {e}"))?;
     for (w, pool) in WORKLOADS.iter().zip(&pools) {
         pool.wait_ready(POOL_SIZE, Duration::from_secs(180))
             .map_err(|e| format!("pool: {e}"))?;
@@ -1679,6 +1716,7 @@ fn run(cfg: &Config) -> Result<(), String> {
     eprint!("warm + floor + wake-up: {} rounds ", cfg.warm);
     let mut floor_s: Vec<FloorSample> = Vec::new();
     let mut series = [WarmSeries::default(), WarmSeries::default()];
+    let mut level_series = WarmSeries::default();
     let mut wake_s: Vec<Vec<f64>> = vec![Vec::new(); Wake::ALL.len()];
     let mut wake_skipped = Vec::new();
     for i in 0..cfg.warm {
@@ -1698,6 +1736,12 @@ fn run(cfg: &Config) -> Result<(), String> {
             std::thread::sleep(cfg.settle);
             series[k].refill_idle_ms.push(refill_fork(pool)?);
         }
+        level_pool
+            .wait_ready(POOL_SIZE, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(cfg.settle);
+        level_series.samples.push(warm_once(&level_pool, &SUM)?);
+        level_series.refill_busy_ms.push(refill_fork(&level_pool)?);
         for j in 0..Wake::ALL.len() {
             let j = (j + i) % Wake::ALL.len();
             match wake_samples(Wake::ALL[j], cfg.wake, cfg.wake_gap, &cpus) {
@@ -1921,6 +1965,26 @@ fn run(cfg: &Config) -> Result<(), String> {
             ),
         ));
     }
+    t.section(
+        "2b. the same for sum(1:10) with the refill at a sandbox's CPU weight (before), \
+         claimed in the same rounds",
+    );
+    let level_first_out = t.row(
+        "claim → first output (Stdout event)",
+        &level_series.col(|s| s.first_out_ms),
+    );
+    let level_result = t.row(
+        "claim → result (Finished event)",
+        &level_series.col(|s| s.result_ms),
+    );
+    t.row(
+        "one-way: claim → first user statement (sandbox clock)",
+        &level_series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
+    );
+    t.row(
+        "one refill fork right after the claim's (n → n+1 frozen)",
+        &level_series.refill_busy_ms,
+    );
     let mut cold_median = std::collections::HashMap::new();
     for (k, w) in WORKLOADS.iter().enumerate() {
         t.section(format!(
@@ -2123,6 +2187,28 @@ fn run(cfg: &Config) -> Result<(), String> {
             );
         }
     }
+    {
+        let now_out = stats(&series[0].col(|s| s.first_out_ms)).0;
+        let now_result = stats(&series[0].col(|s| s.result_ms)).0;
+        if let (Some(no), Some(nr), Some(lo), Some(lr)) =
+            (now_out, now_result, level_first_out, level_result)
+        {
+            println!(
+                "sum(1:10), idle pool: claim → first output / result {:.2} / {:.2} ms with the \
+                 refill in the background (CPU weight {}) vs {:.2} / {:.2} ms with the refill at \
+                 a sandbox's weight (before), same rounds: {:.2}× / {:.2}× (target: result ≤ 1.5 \
+                 ms  {})",
+                no.median,
+                nr.median,
+                hatchery_sandbox::pool::REFILL_CPU_WEIGHT,
+                lo.median,
+                lr.median,
+                lo.median / no.median,
+                lr.median / nr.median,
+                verdict(nr.median <= 1.5)
+            );
+        }
+    }
     for (k, w) in WORKLOADS.iter().enumerate() {
         let warm = cold_median.get(&(None, k)).copied().flatten();
         let cold = cold_median
@@ -2158,7 +2244,7 @@ fn run(cfg: &Config) -> Result<(), String> {
             println!(
                 "one refill fork, pool for {} (preloaded: {}), the pool otherwise idle: {:.1} \
                  ms ({} {:.1}) right after the claim's own refill; {:.1} ms ({} {:.1}) after \
-                 {} ms without a fork (a cgroup v1 attach then waits for an RCU grace period)",
+                 {} ms without a fork{}",
                 w.name,
                 packages_of(w),
                 busy.median,
@@ -2167,7 +2253,12 @@ fn run(cfg: &Config) -> Result<(), String> {
                 idle.median,
                 idle.tail_label,
                 idle.tail,
-                cfg.settle.as_millis()
+                cfg.settle.as_millis(),
+                if root.version() == CgroupVersion::V1 {
+                    " (a cgroup v1 attach then waits for an RCU grace period)"
+                } else {
+                    ""
+                }
             );
         }
     }

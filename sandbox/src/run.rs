@@ -45,6 +45,10 @@ pub struct RunOptions {
     pub output_limit: u64,
     /// Parent cgroup (relative to each hierarchy's root).
     pub cgroup_parent: String,
+    /// CPU weight of the run's cgroup against its siblings (cgroup v2's scale, see
+    /// [`SandboxCgroup::set_cpu_weight`](crate::cgroup::SandboxCgroup::set_cpu_weight));
+    /// `None` leaves the default.
+    pub cpu_weight: Option<u32>,
 }
 
 impl Default for RunOptions {
@@ -54,6 +58,7 @@ impl Default for RunOptions {
             timeout: Some(crate::limits::DEFAULT_TIMEOUT),
             output_limit: 16 << 20,
             cgroup_parent: DEFAULT_CGROUP_PARENT.to_string(),
+            cpu_weight: None,
         }
     }
 }
@@ -247,6 +252,9 @@ impl<'a> Supervisor<'a> {
             .map_err(|e| RunError::Seccomp(e.to_string()))?;
         let cgroup = CgroupGuard(Some(root.create(&id)?));
         cgroup.get().apply(&opts.limits)?;
+        if let Some(weight) = opts.cpu_weight {
+            cgroup.get().set_cpu_weight(weight)?;
+        }
 
         let (sync_read, sync_write) = pipe()?;
         let (status_read, status_write) = pipe()?;

@@ -1628,6 +1628,87 @@ fn pooled_limit(cpu_dir: &Path, v1: (&str, &str), v2: &str) -> String {
         .to_string()
 }
 
+/// The CPU weight of process `pid`'s cgroup, as the kernel has it: `cpu.shares` on cgroup
+/// v1 (default 1024), `cpu.weight` on v2 (default 100); and which of the two it is.
+fn cpu_weight_of(pid: u32) -> (u64, &'static str) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/PID/cgroup");
+    let v1 = text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_string())
+    });
+    let (file, kind) = match v1 {
+        Some(path) => (format!("/sys/fs/cgroup/cpu{path}/cpu.shares"), "cpu.shares"),
+        None => {
+            let path = text
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .expect("a cgroup v2 line");
+            (format!("/sys/fs/cgroup{path}/cpu.weight"), "cpu.weight")
+        }
+    };
+    let value = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    (value, kind)
+}
+
+/// Refilling is background work: the zygote's cgroup, where forks happen, has a tenth of
+/// a sandbox's CPU weight, so the fork a claim starts does not take the CPU from that
+/// claim's own execution; a pooled sandbox, which a claim takes as it is, has a sandbox's
+/// weight. A pool configured without it leaves every weight at the default.
+#[test]
+fn the_refill_runs_at_a_low_cpu_weight_and_a_pooled_sandbox_at_a_sandboxs() {
+    require_root();
+    for background in [true, false] {
+        let cgroups = CgroupParent::new();
+        let mut cfg = config(Language::R { packages: vec![] }, 2, &cgroups);
+        if !background {
+            cfg.refill_cpu_weight = None;
+        }
+        let pool = Pool::start(cfg).expect("start the pool");
+        if let Err(e) = pool.wait_ready(2, Duration::from_secs(240)) {
+            panic!(
+                "the pool did not get 2 sandboxes ready: {e}\nstats: {:?}",
+                pool.stats()
+            );
+        }
+        let tp = TestPool { pool, cgroups };
+        let zygote = zygote_of(&tp);
+        let (weight, kind) = cpu_weight_of(zygote);
+        let default = if kind == "cpu.shares" { 1024 } else { 100 };
+        let low = if kind == "cpu.shares" { 102 } else { 10 };
+        assert_eq!(
+            weight,
+            if background { low } else { default },
+            "the zygote's {kind} (refill in the background: {background})"
+        );
+        for d in tp.pool.frozen_cgroups() {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).expect("cgroup.procs");
+            let pid: u32 = procs
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .expect("a pid");
+            assert_eq!(
+                cpu_weight_of(pid),
+                (default, kind),
+                "a pooled sandbox's {kind} ({})",
+                d.display()
+            );
+        }
+        let ran = tp.run_code("sum(1:10)");
+        ran.assert_status(ExecStatus::Succeeded);
+        assert_eq!(ran.value(), serde_json::json!(55), "{}", ran.describe());
+        tp.finish();
+    }
+}
+
 /// The pool writes its default limits while a sandbox is pooled (a claim at those limits
 /// writes nothing on its path); a claim with other limits still gets its own (R8).
 #[test]

@@ -109,6 +109,10 @@ struct RunArgs {
     /// CPU bandwidth in cores (e.g. 0.5, 2, or `unlimited`).
     #[arg(long, value_parser = parse_cpus_or_unlimited, default_value = "unlimited")]
     cpus: MaybeF64,
+    /// CPU weight against the other sandboxes when CPUs are contended, 1–10000 (cgroup v2's
+    /// scale: 100 is the default; on cgroup v1 the same proportion of cpu.shares).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    cpu_weight: Option<u32>,
     /// Maximum number of processes and threads (or `unlimited`).
     #[arg(long, value_parser = parse_count_or_unlimited, default_value = "128")]
     pids: MaybeU64,
@@ -366,6 +370,7 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
         timeout: args.timeout,
         output_limit: args.output_limit,
         cgroup_parent: args.cgroup_parent.clone(),
+        cpu_weight: args.cpu_weight,
     };
 
     let stdout = std::io::stdout();

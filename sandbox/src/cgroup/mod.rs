@@ -331,6 +331,10 @@ fn check_name_path(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// A cgroup's CPU weight when nothing else is said (cgroup v2's `cpu.weight` default;
+/// `cpu.shares` 1024 on v1).
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+
 /// One sandbox's cgroup (a directory per controller on v1, one directory on v2).
 #[derive(Debug)]
 pub struct SandboxCgroup {
@@ -410,6 +414,25 @@ impl SandboxCgroup {
             })?;
         }
         Ok(())
+    }
+
+    /// Sets this cgroup's share of CPU time against its siblings when CPUs are contended:
+    /// `weight` on cgroup v2's scale (1–10000, default [`DEFAULT_CPU_WEIGHT`]); on v1 the
+    /// same proportion of `cpu.shares` (default 1024). It limits nothing while CPUs are idle.
+    pub fn set_cpu_weight(&self, weight: u32) -> Result<()> {
+        let weight = weight.clamp(1, 10_000) as u64;
+        let value = match self.version {
+            CgroupVersion::V2 => weight,
+            CgroupVersion::V1 => (weight * 1024 / DEFAULT_CPU_WEIGHT as u64).max(2),
+        };
+        match self.cg.controller_of::<CpuController>() {
+            Some(cpu) => cpu.set_shares(value).map_err(|source| CgroupError::Limit {
+                what: "cpu weight",
+                path: self.cg.path().to_string(),
+                source,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Moves process `pid` (all its threads) into this cgroup.
