@@ -456,23 +456,13 @@ fn the_zygote_heap_is_in_huge_pages_and_sandboxes_still_share_it() {
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     let available = !thp.is_empty() && !thp.contains("[never]");
     for huge in [true, false] {
-        let cgroups = CgroupParent::new();
-        let mut cfg = config(
+        let tp = start_pool_with(
             Language::R {
                 packages: vec!["stats".into()],
             },
             2,
-            &cgroups,
+            |cfg| cfg.huge_pages = huge,
         );
-        cfg.huge_pages = huge;
-        let pool = Pool::start(cfg).expect("start the pool");
-        if let Err(e) = pool.wait_ready(2, Duration::from_secs(240)) {
-            panic!(
-                "the pool did not get 2 sandboxes ready: {e}\nstats: {:?}",
-                pool.stats()
-            );
-        }
-        let tp = TestPool { pool, cgroups };
         let st = tp.pool.stats();
         eprintln!(
             "huge pages {huge}: {:.1} of {:.1} MiB of the zygote's heap extents (THP: {})",
@@ -1666,19 +1656,11 @@ fn cpu_weight_of(pid: u32) -> (u64, &'static str) {
 fn the_refill_runs_at_a_low_cpu_weight_and_a_pooled_sandbox_at_a_sandboxs() {
     require_root();
     for background in [true, false] {
-        let cgroups = CgroupParent::new();
-        let mut cfg = config(Language::R { packages: vec![] }, 2, &cgroups);
-        if !background {
-            cfg.refill_cpu_weight = None;
-        }
-        let pool = Pool::start(cfg).expect("start the pool");
-        if let Err(e) = pool.wait_ready(2, Duration::from_secs(240)) {
-            panic!(
-                "the pool did not get 2 sandboxes ready: {e}\nstats: {:?}",
-                pool.stats()
-            );
-        }
-        let tp = TestPool { pool, cgroups };
+        let tp = start_pool_with(Language::R { packages: vec![] }, 2, |cfg| {
+            if !background {
+                cfg.refill_cpu_weight = None;
+            }
+        });
         let zygote = zygote_of(&tp);
         let (weight, kind) = cpu_weight_of(zygote);
         let default = if kind == "cpu.shares" { 1024 } else { 100 };

@@ -176,9 +176,20 @@ pub fn config(language: Language, size: usize, cgroups: &CgroupParent) -> PoolCo
 }
 
 pub fn start_pool(language: Language, size: usize) -> TestPool {
+    start_pool_with(language, size, |_| {})
+}
+
+/// A pool like [`start_pool`]'s, its configuration changed by `tweak` first.
+pub fn start_pool_with(
+    language: Language,
+    size: usize,
+    tweak: impl FnOnce(&mut PoolConfig),
+) -> TestPool {
     require_root();
     let cgroups = CgroupParent::new();
-    let pool = Pool::start(config(language, size, &cgroups)).expect("start the pool");
+    let mut cfg = config(language, size, &cgroups);
+    tweak(&mut cfg);
+    let pool = Pool::start(cfg).expect("start the pool");
     if let Err(e) = pool.wait_ready(size, Duration::from_secs(240)) {
         panic!(
             "the pool did not get {size} sandboxes ready: {e}\nstats: {:?}",
