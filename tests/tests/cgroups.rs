@@ -390,6 +390,30 @@ fn pids_limit_refuses_forks_beyond_it() {
     assert!(refused >= 1, "no fork was refused: {events}");
 }
 
+/// Usage files opened once are read afresh every time (a watcher opens them when the
+/// execution starts and reads them at every sample and at the end).
+#[test]
+fn usage_files_opened_once_read_fresh_figures() {
+    let root = root();
+    let cg = TestCgroup::new(&root);
+    let files = cg.usage_files();
+    let empty = files.read();
+    assert_eq!((empty.pids_current, empty.oom_kills), (0, 0), "{empty:?}");
+    let _busy = spawn_in(&cg, "while :; do :; done");
+    wait_until(
+        "the loop's CPU in the open files",
+        Duration::from_secs(5),
+        || files.read().user_cpu_ns > 10_000_000,
+    );
+    let busy = files.read();
+    assert!(busy.pids_current >= 1, "{busy:?}");
+    assert!(busy.memory_current_bytes > 0, "{busy:?}");
+    // The same figures as a reading that opens the files.
+    let fresh = cg.usage();
+    assert_eq!(busy.pids_current, fresh.pids_current);
+    assert!(fresh.user_cpu_ns + fresh.system_cpu_ns >= busy.user_cpu_ns + busy.system_cpu_ns);
+}
+
 #[test]
 fn freeze_and_thaw_are_confirmed_and_stop_cpu_use() {
     let root = root();

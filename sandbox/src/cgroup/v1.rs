@@ -1,12 +1,13 @@
 //! The cgroup v1 half of [`SandboxCgroup`](super::SandboxCgroup): the memory + memsw pair,
 //! `freezer.state`, and counters spread over `cpuacct`, `memory` and `pids`.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cgroups_rs::fs::memory::MemController;
 
 use super::{
-    read_keyed, read_trimmed, read_u64, write_file, CgroupError, Result, SandboxCgroup, Usage,
+    keyed, parse_u64, read_trimmed, write_file, CgroupError, Result, SandboxCgroup, Usage,
 };
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,15 +108,29 @@ pub(super) fn kill_all(cg: &SandboxCgroup) -> Result<()> {
     }
 }
 
-pub(super) fn usage(cg: &SandboxCgroup) -> Usage {
+/// The files of [`parse_usage`], in its order.
+pub(super) fn usage_paths(cg: &SandboxCgroup) -> Vec<PathBuf> {
     let acct = cg.dir("cpuacct");
     let mem = cg.dir("memory");
+    vec![
+        acct.join("cpuacct.usage_user"),
+        acct.join("cpuacct.usage_sys"),
+        mem.join("memory.usage_in_bytes"),
+        mem.join("memory.max_usage_in_bytes"),
+        mem.join("memory.oom_control"),
+        cg.dir("pids").join("pids.current"),
+    ]
+}
+
+/// Usage from the texts of [`usage_paths`]' files.
+pub(super) fn parse_usage(texts: &[String]) -> Usage {
+    let text = |i: usize| texts.get(i).map(String::as_str).unwrap_or("");
     Usage {
-        user_cpu_ns: read_u64(&acct.join("cpuacct.usage_user")).unwrap_or(0),
-        system_cpu_ns: read_u64(&acct.join("cpuacct.usage_sys")).unwrap_or(0),
-        memory_current_bytes: read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0),
-        memory_peak_bytes: read_u64(&mem.join("memory.max_usage_in_bytes")).unwrap_or(0),
-        oom_kills: read_keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-        pids_current: read_u64(&cg.dir("pids").join("pids.current")).unwrap_or(0),
+        user_cpu_ns: parse_u64(text(0)).unwrap_or(0),
+        system_cpu_ns: parse_u64(text(1)).unwrap_or(0),
+        memory_current_bytes: parse_u64(text(2)).unwrap_or(0),
+        memory_peak_bytes: parse_u64(text(3)).unwrap_or(0),
+        oom_kills: keyed(text(4), "oom_kill").unwrap_or(0),
+        pids_current: parse_u64(text(5)).unwrap_or(0),
     }
 }

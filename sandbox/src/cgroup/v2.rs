@@ -3,12 +3,15 @@
 //! used by `clone3(CLONE_INTO_CGROUP)`.
 
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
-use super::{io_err, read_keyed, read_u64, write_file, CgroupError, Result, SandboxCgroup, Usage};
+use super::{
+    io_err, keyed, parse_u64, read_keyed, write_file, CgroupError, Result, SandboxCgroup, Usage,
+};
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -95,17 +98,33 @@ pub(super) fn kill_all(cg: &SandboxCgroup) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn usage(cg: &SandboxCgroup) -> Usage {
+/// The files of [`parse_usage`], in its order.
+pub(super) fn usage_paths(cg: &SandboxCgroup) -> Vec<PathBuf> {
     let dir = cg.dir("memory");
-    let current = read_u64(&dir.join("memory.current")).unwrap_or(0);
+    [
+        "cpu.stat",
+        "memory.current",
+        "memory.peak",
+        "memory.events",
+        "pids.current",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect()
+}
+
+/// Usage from the texts of [`usage_paths`]' files.
+pub(super) fn parse_usage(texts: &[String]) -> Usage {
+    let text = |i: usize| texts.get(i).map(String::as_str).unwrap_or("");
+    let current = parse_u64(text(1)).unwrap_or(0);
     Usage {
-        user_cpu_ns: read_keyed(&dir.join("cpu.stat"), "user_usec").unwrap_or(0) * 1000,
-        system_cpu_ns: read_keyed(&dir.join("cpu.stat"), "system_usec").unwrap_or(0) * 1000,
+        user_cpu_ns: keyed(text(0), "user_usec").unwrap_or(0) * 1000,
+        system_cpu_ns: keyed(text(0), "system_usec").unwrap_or(0) * 1000,
         memory_current_bytes: current,
         // memory.peak exists from Linux 5.19.
-        memory_peak_bytes: read_u64(&dir.join("memory.peak")).unwrap_or(current),
-        oom_kills: read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
-        pids_current: read_u64(&dir.join("pids.current")).unwrap_or(0),
+        memory_peak_bytes: parse_u64(text(2)).unwrap_or(current),
+        oom_kills: keyed(text(3), "oom_kill").unwrap_or(0),
+        pids_current: parse_u64(text(4)).unwrap_or(0),
     }
 }
 

@@ -809,6 +809,8 @@ impl Watcher {
     /// make this wait: every read is non-blocking, and the deadline, a cancel and the
     /// usage samples are checked on every turn.
     fn run(mut self) {
+        // Opened while the sandbox starts: the final reading then costs no open.
+        let usage_files = self.sandbox.cgroup.usage_files();
         let deadline = self.req.timeout.map(|t| self.claimed_at + t);
         let mut next_sample = Instant::now() + self.req.usage_interval;
         let mut phase = Phase::AwaitingStart;
@@ -887,7 +889,7 @@ impl Watcher {
                 }
             }
             if now >= next_sample {
-                let usage = self.sandbox.cgroup.usage();
+                let usage = usage_files.read();
                 self.emit(Event::Usage(usage));
                 next_sample = now + self.req.usage_interval;
             }
@@ -960,7 +962,7 @@ impl Watcher {
         self.drain_pipes();
         self.flush_output();
         self.flush_progress();
-        let usage = self.sandbox.cgroup.usage();
+        let usage = usage_files.read();
         self.timings.total_ms =
             ms(self.flow.ended_at.unwrap_or_else(Instant::now) - self.claimed_at);
         let (status, error) = match (&self.flow.stop, &outcome) {
