@@ -1651,17 +1651,17 @@ fn cpu_weight_of(pid: u32) -> (u64, &'static str) {
     (value, kind)
 }
 
-/// Refilling is background work: the zygote's cgroup, where forks happen, has a tenth of
-/// a sandbox's CPU weight, so the fork a claim starts does not take the CPU from that
-/// claim's own execution; a pooled sandbox, which a claim takes as it is, has a sandbox's
-/// weight. A pool configured without it leaves every weight at the default.
+/// A pool may refill in the background (`refill_cpu_weight`): the zygote's cgroup, where
+/// forks happen, then has a tenth of a sandbox's CPU weight, so the fork a claim starts
+/// takes less CPU from that claim's own execution; a pooled sandbox, which a claim takes
+/// as it is, has a sandbox's weight. By default every weight is the default.
 #[test]
-fn the_refill_runs_at_a_low_cpu_weight_and_a_pooled_sandbox_at_a_sandboxs() {
+fn a_background_refill_runs_at_a_low_cpu_weight_and_a_pooled_sandbox_at_a_sandboxs() {
     require_root();
     for background in [true, false] {
         let tp = start_pool_with(Language::R { packages: vec![] }, 2, |cfg| {
-            if !background {
-                cfg.refill_cpu_weight = None;
+            if background {
+                cfg.refill_cpu_weight = Some(hatchery_sandbox::pool::REFILL_CPU_WEIGHT);
             }
         });
         let zygote = zygote_of(&tp);

@@ -128,8 +128,9 @@ pub struct PoolConfig {
     /// CPU weight (cgroup v2's scale, 100 = a sandbox's) of the pool's background work:
     /// the zygote's cgroup, and each new sandbox's until it is frozen ready. A refill then
     /// takes the CPU that running executions leave instead of sharing it equally with
-    /// them: the fork a claim starts no longer delays that claim's own result. `None`:
-    /// the default weight.
+    /// them, so the fork a claim starts delays that claim's result less, and refills
+    /// (bursts) go slower while executions run. `None` (the default): a sandbox's weight;
+    /// see [`REFILL_CPU_WEIGHT`] for what was measured.
     pub refill_cpu_weight: Option<u32>,
 }
 
@@ -162,7 +163,7 @@ impl PoolConfig {
             forks_in_flight: FORKS_IN_FLIGHT,
             one_off: false,
             huge_pages: true,
-            refill_cpu_weight: Some(REFILL_CPU_WEIGHT),
+            refill_cpu_weight: None,
             inotify_instances: 8,
             inotify_watches: 8192,
         }
@@ -314,10 +315,12 @@ const REAP_WAIT: Duration = Duration::from_millis(500);
 /// Sandboxes a refill has on their way at once by default (see `Maintainer::refill`).
 pub const FORKS_IN_FLIGHT: usize = 4;
 
-/// The default [`PoolConfig::refill_cpu_weight`]: a tenth of a running sandbox's. Measured
-/// on the 2-vCPU development machine (cgroup v1), an idle pool's claim → result for
-/// `sum(1:10)` went from 3.0–3.3 to 1.9–2.0 ms median with the zygote's weight lowered:
-/// the refill fork that a claim starts had shared the CPUs with the claimed sandbox.
+/// A background weight for [`PoolConfig::refill_cpu_weight`]: a tenth of a running
+/// sandbox's. Measured side by side on the 2-vCPU development machine (cgroup v1,
+/// `warm_pool` bench): an idle pool's claim → result for `sum(1:10)` 1.22× faster in one
+/// run and 0.98× in another; sustained executions/s 0.96×; a burst of 100 claims
+/// 0.83–0.98× (the refill yields to the executions it is making room for). Not the
+/// default for that reason.
 pub const REFILL_CPU_WEIGHT: u32 = 10;
 
 /// A forked sandbox on its way into the pool: in its cgroup, finishing its containment.
