@@ -505,6 +505,11 @@
       if (limits) body.limits = limits;
       $('run').disabled = true;
       banner('');
+      // The tab's run still going when Run is pressed is the one the platform cancels
+      // (the same tab_id). Decided now: its end may reach this page before the answer to
+      // the POST does.
+      const previous = this.display;
+      const replacing = previous && !previous.finished ? previous : null;
       let accepted = null;
       for (let attempt = 1; ; attempt++) {
         try {
@@ -527,16 +532,19 @@
       try {
         localStorage.setItem(CODE_KEY + accepted.id, code.slice(0, 2000));
       } catch (_) { /* storage full: the history shows no code */ }
-      // The previous run of this tab is cancelled by the platform (the same tab_id):
-      // keep following it in the background to show how it ended.
-      const previous = this.display;
-      if (previous && !previous.finished) {
-        previous.onChange = (r) => this.backgroundChanged(r);
-        this.tabRuns.set(previous.id, previous);
-        this.supersededId = previous.id;
+      // The replaced run: followed in the background until it has ended, to show how.
+      const current = this.display;
+      if (replacing && replacing === current) {
+        this.supersededId = replacing.id;
+        if (replacing.finished) {
+          replacing.close();
+        } else {
+          replacing.onChange = (r) => this.backgroundChanged(r);
+          this.tabRuns.set(replacing.id, replacing);
+        }
       } else {
         this.supersededId = null;
-        if (previous) previous.close();
+        if (current) current.close();
       }
       sessionStorage.setItem(CURRENT_KEY, accepted.id);
       this.show(new Run(accepted.id, (r) => this.render(r)));
