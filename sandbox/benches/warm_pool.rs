@@ -299,6 +299,13 @@ fn parse_args() -> Result<Config, String> {
             .filter(|n| *n > 0)
             .ok_or_else(|| format!("{name} expects a positive integer, got {v:?}"))
     };
+    let positive = |name: &str, v: &str| -> Result<f64, String> {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s > 0.0)
+            .ok_or_else(|| format!("{name} expects a positive number, got {v:?}"))
+    };
     for (flag, v) in settings {
         match flag.as_str() {
             "--warm" => cfg.warm = int(&flag, &v)?,
@@ -318,22 +325,8 @@ fn parse_args() -> Result<Config, String> {
                         .map_err(|_| format!("--settle-ms expects milliseconds, got {v:?}"))?,
                 )
             }
-            "--slice" => {
-                cfg.slice = v
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0)
-                    .ok_or_else(|| format!("--slice expects a positive number, got {v:?}"))?;
-            }
-            "--seconds" => {
-                cfg.seconds = v
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0)
-                    .ok_or_else(|| format!("--seconds expects a positive number, got {v:?}"))?;
-            }
+            "--slice" => cfg.slice = positive(&flag, &v)?,
+            "--seconds" => cfg.seconds = positive(&flag, &v)?,
             "--threads" => {
                 cfg.threads = v
                     .split(',')

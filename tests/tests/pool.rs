@@ -411,6 +411,16 @@ fn an_idle_pooled_sandbox_holds_under_1_5_mib_of_its_own() {
     tp.finish();
 }
 
+/// The first process listed in a cgroup directory's `cgroup.procs`.
+fn first_pid_in(dir: &Path) -> u32 {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("cgroup.procs");
+    procs
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a pid")
+}
+
 /// The zygote of a pool: the parent of its pooled sandboxes.
 fn zygote_of(tp: &TestPool) -> u32 {
     let dir = tp
@@ -419,12 +429,7 @@ fn zygote_of(tp: &TestPool) -> u32 {
         .into_iter()
         .next()
         .expect("a pooled sandbox");
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("cgroup.procs");
-    let pid: u32 = procs
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("a pid");
+    let pid = first_pid_in(&dir);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let after = &stat[stat.rfind(')').expect("comm") + 2..];
     after
@@ -1674,12 +1679,7 @@ fn a_background_refill_runs_at_a_low_cpu_weight_and_a_pooled_sandbox_at_a_sandbo
             "the zygote's {kind} (refill in the background: {background})"
         );
         for d in tp.pool.frozen_cgroups() {
-            let procs = std::fs::read_to_string(d.join("cgroup.procs")).expect("cgroup.procs");
-            let pid: u32 = procs
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse().ok())
-                .expect("a pid");
+            let pid = first_pid_in(&d);
             assert_eq!(
                 cpu_weight_of(pid),
                 (default, kind),
