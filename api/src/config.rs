@@ -128,6 +128,11 @@ pub struct AgentSection {
     pub capacity: u32,
     /// R packages preloaded in the R zygote (e.g. `["MASS", "Matrix"]`).
     pub r_packages: Vec<String>,
+    /// Each warm R sandbox faults in ahead the pages a first evaluation touches
+    /// (`HATCHERY_PREFAULT`, default true): claim → result of a trivial statement is ~1.7×
+    /// faster, and each warm sandbox holds 0.4 MiB more of its own (1.3 MiB with
+    /// stats, MASS and Matrix preloaded). `false` for the densest pools.
+    pub prefault: bool,
     /// Python modules imported in the Python zygote (default `["numpy", "pandas",
     /// "matplotlib.pyplot"]`: plotting then costs a sandbox no font-cache build).
     pub python_packages: Vec<String>,
@@ -201,6 +206,7 @@ impl Default for AgentSection {
             max_pool_size: 8,
             capacity: 4,
             r_packages: Vec::new(),
+            prefault: true,
             python_packages: vec!["numpy".into(), "pandas".into(), "matplotlib.pyplot".into()],
             shutdown_grace: "5s".into(),
             sandbox_bin: None,
@@ -243,6 +249,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_POOL_SIZE", "agent.pool_size"),
     ("HATCHERY_MAX_POOL_SIZE", "agent.max_pool_size"),
     ("HATCHERY_CAPACITY", "agent.capacity"),
+    ("HATCHERY_PREFAULT", "agent.prefault"),
     ("HATCHERY_SHUTDOWN_GRACE", "agent.shutdown_grace"),
     ("HATCHERY_SANDBOX_BIN", "agent.sandbox_bin"),
     ("HATCHERY_ZYGOTE_BIN", "agent.zygote_bin"),
@@ -592,7 +599,7 @@ fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
         "agent.host_pids_max",
         "agent.max_events",
     ];
-    if key == "local_sign_in" {
+    if key == "local_sign_in" || key == "agent.prefault" {
         match value.trim() {
             "true" | "1" | "yes" => Ok(toml::Value::Boolean(true)),
             "false" | "0" | "no" => Ok(toml::Value::Boolean(false)),
@@ -1102,6 +1109,20 @@ mod tests {
         cfg.runtime().unwrap();
         Config::default().runtime().unwrap();
         assert_eq!(Config::default().worker_threads, 0);
+    }
+
+    #[test]
+    fn prefault_is_on_by_default_and_the_environment_turns_it_off() {
+        assert!(Config::default().agent.prefault);
+        let env: BTreeMap<String, String> = [("HATCHERY_PREFAULT".into(), "false".into())]
+            .into_iter()
+            .collect();
+        assert!(!Config::load_from(None, &env).unwrap().agent.prefault);
+        let e = invalid("", &[("HATCHERY_PREFAULT", "sometimes")]);
+        assert!(
+            e.contains("HATCHERY_PREFAULT") && e.contains("true or false"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -282,6 +282,7 @@ fn agent_config(cfg: &Config) -> AgentConfig {
     }
     a.shutdown_grace = cfg.shutdown_grace();
     a.max_pool_size = cfg.agent.max_pool_size.max(cfg.agent.pool_size);
+    a.prefault = cfg.agent.prefault;
     a.output_limit = cfg.output_limit();
     a.max_events = cfg.agent.max_events;
     a.lease = cfg.lease();

@@ -29,8 +29,9 @@
 //!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen), twice:
 //!    right after the claim's own refill, and after a pause without forks (`--settle-ms`),
 //!    when on cgroup v1 its cgroup attach waits for an RCU grace period (phase 5). In the
-//!    same rounds a third pool for `sum(1:10)`, with its refill in the background
-//!    (`PoolConfig::refill_cpu_weight`), is claimed as well (2b). Before
+//!    same rounds a third pool for `sum(1:10)`, whose sandboxes do not fault in ahead the
+//!    pages a first evaluation touches (`PoolConfig::prefault` off, as before), is claimed
+//!    as well (2b), and its idle sandboxes' memory is reported next to the default's. Before
 //!    each claim (and its floor samples) the bench pauses as long, so that the pool's
 //!    background work (the last refill, reaping) is over, as when a request reaches an
 //!    idle warm pool.
@@ -1655,14 +1656,15 @@ fn run(cfg: &Config) -> Result<(), String> {
         Pool::start(pool_config(cfg, &SUM, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
         Pool::start(pool_config(cfg, &FIT, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
     ];
-    // The same pool for sum(1:10) with its refill in the background
-    // (PoolConfig::refill_cpu_weight): claimed in the same rounds, side by side.
-    let level_pool = {
+    // The same pool for sum(1:10) whose sandboxes do not fault in ahead the pages a
+    // first evaluation touches (PoolConfig::prefault off, as before): claimed in the same
+    // rounds, side by side.
+    let cold_pages_pool = {
         let mut pc = pool_config(cfg, &SUM, POOL_SIZE);
-        pc.refill_cpu_weight = Some(hatchery_sandbox::pool::REFILL_CPU_WEIGHT);
+        pc.prefault = false;
         Pool::start(pc).map_err(|e| format!("pool: {e}"))?
     };
-    level_pool
+    cold_pages_pool
         .wait_ready(POOL_SIZE, Duration::from_secs(180))
         .map_err(|e| format!("pool: {e}"))?;
     for (w, pool) in WORKLOADS.iter().zip(&pools) {
@@ -1709,7 +1711,7 @@ fn run(cfg: &Config) -> Result<(), String> {
     eprint!("warm + floor + wake-up: {} rounds ", cfg.warm);
     let mut floor_s: Vec<FloorSample> = Vec::new();
     let mut series = [WarmSeries::default(), WarmSeries::default()];
-    let mut level_series = WarmSeries::default();
+    let mut cold_pages_series = WarmSeries::default();
     let mut wake_s: Vec<Vec<f64>> = vec![Vec::new(); Wake::ALL.len()];
     let mut wake_skipped = Vec::new();
     for i in 0..cfg.warm {
@@ -1729,12 +1731,16 @@ fn run(cfg: &Config) -> Result<(), String> {
             std::thread::sleep(cfg.settle);
             series[k].refill_idle_ms.push(refill_fork(pool)?);
         }
-        level_pool
+        cold_pages_pool
             .wait_ready(POOL_SIZE, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
         std::thread::sleep(cfg.settle);
-        level_series.samples.push(warm_once(&level_pool, &SUM)?);
-        level_series.refill_busy_ms.push(refill_fork(&level_pool)?);
+        cold_pages_series
+            .samples
+            .push(warm_once(&cold_pages_pool, &SUM)?);
+        cold_pages_series
+            .refill_busy_ms
+            .push(refill_fork(&cold_pages_pool)?);
         for j in 0..Wake::ALL.len() {
             let j = (j + i) % Wake::ALL.len();
             match wake_samples(Wake::ALL[j], cfg.wake, cfg.wake_gap, &cpus) {
@@ -1794,6 +1800,12 @@ fn run(cfg: &Config) -> Result<(), String> {
     for pool in &pools {
         mems.push(pool_memory(pool));
     }
+    cold_pages_pool
+        .wait_ready(POOL_SIZE, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    let cold_pages_mem = pool_memory(&cold_pages_pool);
+    let prefault = [pools[0].stats(), pools[1].stats()];
+    drop(cold_pages_pool);
     drop(pools);
     drop(floor);
 
@@ -1959,24 +1971,24 @@ fn run(cfg: &Config) -> Result<(), String> {
         ));
     }
     t.section(
-        "2b. the same for sum(1:10) with the refill in the background (refill_cpu_weight), \
-         claimed in the same rounds",
+        "2b. the same for sum(1:10) without faulting in ahead the pages a first evaluation \
+         touches (prefault off, as before), claimed in the same rounds",
     );
-    let level_first_out = t.row(
+    let cold_pages_first_out = t.row(
         "claim → first output (Stdout event)",
-        &level_series.col(|s| s.first_out_ms),
+        &cold_pages_series.col(|s| s.first_out_ms),
     );
-    let level_result = t.row(
+    let cold_pages_result = t.row(
         "claim → result (Finished event)",
-        &level_series.col(|s| s.result_ms),
+        &cold_pages_series.col(|s| s.result_ms),
     );
     t.row(
         "one-way: claim → first user statement (sandbox clock)",
-        &level_series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
+        &cold_pages_series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
     );
     t.row(
         "one refill fork right after the claim's (n → n+1 frozen)",
-        &level_series.refill_busy_ms,
+        &cold_pages_series.refill_busy_ms,
     );
     let mut cold_median = std::collections::HashMap::new();
     for (k, w) in WORKLOADS.iter().enumerate() {
@@ -2183,21 +2195,20 @@ fn run(cfg: &Config) -> Result<(), String> {
     {
         let now_out = stats(&series[0].col(|s| s.first_out_ms)).0;
         let now_result = stats(&series[0].col(|s| s.result_ms)).0;
-        if let (Some(no), Some(nr), Some(lo), Some(lr)) =
-            (now_out, now_result, level_first_out, level_result)
+        if let (Some(no), Some(nr), Some(co), Some(cr)) =
+            (now_out, now_result, cold_pages_first_out, cold_pages_result)
         {
             println!(
                 "sum(1:10), idle pool: claim → first output / result {:.2} / {:.2} ms (target: \
-                 result ≤ 1.5 ms  {}); with the refill in the background (CPU weight {}) {:.2} / \
-                 {:.2} ms, same rounds: {:.2}× / {:.2}× the default's speed",
+                 result ≤ 1.5 ms  {}); without prefault (as before) {:.2} / {:.2} ms, same \
+                 rounds: {:.2}× / {:.2}× faster with it",
                 no.median,
                 nr.median,
                 verdict(nr.median <= 1.5),
-                hatchery_sandbox::pool::REFILL_CPU_WEIGHT,
-                lo.median,
-                lr.median,
-                no.median / lo.median,
-                nr.median / lr.median
+                co.median,
+                cr.median,
+                co.median / no.median,
+                cr.median / nr.median
             );
         }
     }
@@ -2335,6 +2346,38 @@ fn run(cfg: &Config) -> Result<(), String> {
             mib(uss),
             mib(pss),
             n + 1
+        );
+    }
+    for (w, st) in WORKLOADS.iter().zip(&prefault) {
+        println!(
+            "prefault, pool for {}: each sandbox populates {} pages it will write ({:.2} MiB, \
+             its own) and {} it will only map (shared) before it is frozen",
+            w.name,
+            st.prefault_written_pages,
+            st.prefault_written_pages as f64 * 4096.0 / (1 << 20) as f64,
+            st.prefault_mapped_pages
+        );
+    }
+    if !cold_pages_mem.sandboxes.is_empty() {
+        let n = cold_pages_mem.sandboxes.len() as u64;
+        let uss = cold_pages_mem
+            .sandboxes
+            .iter()
+            .map(|s| s.1.private_kb)
+            .sum::<u64>()
+            / n;
+        let pss = cold_pages_mem
+            .sandboxes
+            .iter()
+            .map(|s| s.1.pss_kb)
+            .sum::<u64>()
+            / n;
+        println!(
+            "idle pooled sandbox for sum(1:10) without prefault (as before): USS {:.2} MiB \
+             (target ≤ 1 MiB  {}), PSS {:.2} MiB",
+            mib(uss),
+            verdict(uss <= 1024),
+            mib(pss)
         );
     }
     if !attach.is_empty() {

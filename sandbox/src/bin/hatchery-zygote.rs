@@ -59,6 +59,11 @@ struct Args {
     /// pages before the first fork, so forks and exits copy and unmap fewer entries).
     #[arg(long)]
     no_huge_pages: bool,
+    /// Do not populate, in each sandbox before it is frozen, the pages a first evaluation
+    /// touches (by default they are learnt once from a probe and faulted in during the
+    /// refill).
+    #[arg(long)]
+    no_prefault: bool,
 }
 
 fn main() {
@@ -110,5 +115,6 @@ fn main() {
         ctl_fd: args.ctl_fd,
         one_off: args.one_off,
         huge_pages: !args.no_huge_pages,
+        prefault: !args.no_prefault,
     })
 }

@@ -239,6 +239,13 @@ struct ServeArgs {
     /// costs the zygote 20–40 MiB more resident memory, shared by its sandboxes.
     #[arg(long)]
     no_huge_pages: bool,
+    /// Do not fault in, in each sandbox before it is frozen, the pages a first
+    /// evaluation touches. By default they are learnt once by the zygote and populated
+    /// during the refill: a claimed sandbox's first statement takes ~1.7× less time, and
+    /// each warm sandbox holds them privately (0.4 MiB more with no package preloaded,
+    /// 1.3 MiB with stats,MASS,Matrix).
+    #[arg(long)]
+    no_prefault: bool,
 }
 
 #[derive(Args)]
@@ -617,6 +624,7 @@ fn cmd_serve(args: ServeArgs) -> Result<i32> {
     require_root()?;
     let mut cfg = pool_config(&args.pool)?;
     cfg.huge_pages = !args.no_huge_pages;
+    cfg.prefault = !args.no_prefault;
     let size = cfg.size;
     let pool = Arc::new(Pool::start(cfg).context("cannot start the pool")?);
     let out = Arc::new(Mutex::new(std::io::stdout()));

@@ -125,6 +125,13 @@ pub struct PoolConfig {
     /// The zygote keeps its heap in transparent huge pages (`ZygoteConfig::huge_pages`):
     /// forks and sandbox exits cost a fraction of the CPU. `false` keeps 4 KiB pages.
     pub huge_pages: bool,
+    /// Each sandbox faults in, before it is frozen, the pages a first evaluation touches
+    /// (learnt by the zygote from a probe; `ZygoteConfig::prefault`, R only), so that a
+    /// claimed sandbox's first statement takes few page faults: measured, claim → result
+    /// of `sum(1:10)` 1.0 ms instead of 1.7. The pages it writes become each warm
+    /// sandbox's own (reported in [`PoolStats`]): 0.4 MiB more with no package preloaded,
+    /// 1.3 MiB with stats, MASS and Matrix. `false` keeps the smallest warm sandbox.
+    pub prefault: bool,
     /// CPU weight (cgroup v2's scale, 100 = a sandbox's) of the pool's background work:
     /// the zygote's cgroup, and each new sandbox's until it is frozen ready. A refill then
     /// takes the CPU that running executions leave instead of sharing it equally with
@@ -163,6 +170,7 @@ impl PoolConfig {
             forks_in_flight: FORKS_IN_FLIGHT,
             one_off: false,
             huge_pages: true,
+            prefault: true,
             refill_cpu_weight: None,
             inotify_instances: 8,
             inotify_watches: 8192,
@@ -301,6 +309,10 @@ pub struct PoolStats {
     /// bytes they did map when it became ready ([`PoolConfig::huge_pages`]).
     pub zygote_huge_bytes: u64,
     pub zygote_huge_eligible_bytes: u64,
+    /// Pages each sandbox populates before it is frozen ([`PoolConfig::prefault`]):
+    /// written (a private copy each, in its USS) and only mapped (shared).
+    pub prefault_written_pages: u64,
+    pub prefault_mapped_pages: u64,
     /// Zygote starts that failed since the last one that worked.
     pub zygote_failures: u32,
     pub last_error: Option<String>,
@@ -1556,6 +1568,9 @@ impl Maintainer {
         if !cfg.huge_pages {
             cmd.arg("--no-huge-pages");
         }
+        if !cfg.prefault {
+            cmd.arg("--no-prefault");
+        }
         match &cfg.language {
             Language::R { packages } | Language::Python { packages } => {
                 cmd.args(["--language", cfg.language.name()]);
@@ -1617,6 +1632,8 @@ impl Maintainer {
                 preload_ms,
                 huge_bytes,
                 huge_eligible_bytes,
+                prefault_written_pages,
+                prefault_mapped_pages,
                 ..
             }) => {
                 let mut st = self.shared.stats.lock().unwrap();
@@ -1625,6 +1642,8 @@ impl Maintainer {
                 st.zygote_preload_ms = preload_ms;
                 st.zygote_huge_bytes = huge_bytes;
                 st.zygote_huge_eligible_bytes = huge_eligible_bytes;
+                st.prefault_written_pages = prefault_written_pages;
+                st.prefault_mapped_pages = prefault_mapped_pages;
                 Ok(zygote)
             }
             Ok(_) => unreachable!("wait_for_ready returns only Ready"),

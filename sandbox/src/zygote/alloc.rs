@@ -14,9 +14,11 @@
 //! allocations from an arena of its own, a private anonymous mapping made for it (and
 //! never collapsed into huge pages), by bumping a pointer; when nothing allocated from
 //! the arena is still alive, the next allocation starts again at its beginning, so the
-//! loop keeps writing the same few pages. A forked sandbox calls [`leave_loop`] at once
-//! and allocates from the system allocator again; freeing what it inherited from the
-//! arena only counts down. An allocation that does not fit what is left of the arena
+//! loop keeps writing the same few pages. A forked sandbox keeps allocating from (its copy
+//! of) the arena while it sets itself up, for the same reason (its writes then land on a
+//! few contiguous pages of its own instead of free chunks across the shared heap), and
+//! calls [`leave_loop`] before it reports ready: user code allocates from the system
+//! allocator; freeing what came from the arena only counts down. An allocation that does not fit what is left of the arena
 //! goes to the system allocator, so the arena can run out without anything failing.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -62,8 +64,8 @@ pub fn enter_loop() {
     IN_LOOP.with(|l| l.set(true));
 }
 
-/// The calling thread allocates from the system allocator again (a forked sandbox, first
-/// thing after the fork).
+/// The calling thread allocates from the system allocator again (a forked sandbox, once
+/// it is set up, before any user code).
 pub fn leave_loop() {
     IN_LOOP.with(|l| l.set(false));
 }

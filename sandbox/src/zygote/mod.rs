@@ -5,5 +5,6 @@
 
 pub mod alloc;
 pub mod huge;
+pub mod prefault;
 pub mod protocol;
 pub mod server;

@@ -55,6 +55,12 @@ pub enum FromZygote {
         huge_bytes: u64,
         #[serde(default)]
         huge_eligible_bytes: u64,
+        /// Pages each sandbox populates before it is frozen ([`super::prefault`]):
+        /// written (private copies, in its USS) and only mapped.
+        #[serde(default)]
+        prefault_written_pages: u64,
+        #[serde(default)]
+        prefault_mapped_pages: u64,
     },
     /// A sandbox was forked. Descriptors attached, in order: pidfd of the sandbox, the
     /// agent's end of its channel, the read ends of its stdout and stderr.

@@ -87,6 +87,10 @@ pub struct ZygoteConfig {
     /// Keep the interpreter's heap in transparent huge pages ([`super::huge`]), so forks
     /// and exits handle far fewer page-table entries. Not for a one-off.
     pub huge_pages: bool,
+    /// Each sandbox populates, before it is frozen, the pages a first evaluation touches
+    /// ([`super::prefault`]), so the claim path does not fault them in one by one. R
+    /// only; not for a one-off.
+    pub prefault: bool,
 }
 
 /// This sandbox's end of its channel (the hooks of the R runtime write to it); -1 in the
@@ -154,6 +158,15 @@ fn warm_up(engine: &crate::r::REngine) {
         let _ = engine.eval(code);
     }
     crate::r::set_output_hook(None);
+}
+
+/// What the zygote prepared once for all its sandboxes.
+struct Warm {
+    /// The seccomp filter, compiled: each sandbox loads it with one system call.
+    filter: BpfProgram,
+    runtime: Runtime,
+    /// The pages each sandbox faults in before it reports ready.
+    prefault: crate::zygote::prefault::Prefault,
 }
 
 enum Runtime {
@@ -238,6 +251,14 @@ pub fn serve(config: ZygoteConfig) -> ! {
         }
         Language::Exec { argv, .. } => (Runtime::Exec(argv.clone()), Vec::new(), 0.0, 0.0),
     };
+    // The pages a claimed sandbox's first evaluation touches, learnt from a probe child
+    // (before the collapse: the probe's buffers come and go in the heap).
+    let prefault = match &runtime {
+        Runtime::R(_) if config.prefault && !config.one_off => {
+            crate::zygote::prefault::learn(|| probe(&runtime)).unwrap_or_default()
+        }
+        _ => crate::zygote::prefault::Prefault::default(),
+    };
     // Last, once nothing more is loaded: the heap as every sandbox will share it.
     let huge = (config.huge_pages && !config.one_off && !matches!(runtime, Runtime::Exec(_)))
         .then(|| crate::zygote::huge::HugeHeap::scan().ok())
@@ -251,6 +272,8 @@ pub fn serve(config: ZygoteConfig) -> ! {
         preload_ms,
         huge_bytes: huge.huge as u64,
         huge_eligible_bytes: huge.eligible as u64,
+        prefault_written_pages: prefault.written_pages() as u64,
+        prefault_mapped_pages: prefault.mapped_pages() as u64,
     };
     if ctl.send(&ready, &[]).is_err() {
         std::process::exit(0);
@@ -260,6 +283,11 @@ pub fn serve(config: ZygoteConfig) -> ! {
     if config.huge_pages && !config.one_off {
         crate::zygote::alloc::enter_loop();
     }
+    let warm = Warm {
+        filter,
+        runtime,
+        prefault,
+    };
     loop {
         let msg = ctl.recv();
         // Any message means the agent is done with every sandbox forked before it: the
@@ -268,7 +296,7 @@ pub fn serve(config: ZygoteConfig) -> ! {
         match msg {
             Ok(ToZygote::Reap) => {}
             Ok(ToZygote::Fork { slot, uid }) => {
-                let reply = fork_sandbox(&config, &ctl, &filter, &runtime, uid);
+                let reply = fork_sandbox(&config, &ctl, &warm, uid);
                 let sent = match reply {
                     Ok(fds) => {
                         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -320,10 +348,10 @@ enum ForkError {
 fn fork_sandbox(
     config: &ZygoteConfig,
     ctl: &ZygoteEnd,
-    filter: &BpfProgram,
-    runtime: &Runtime,
+    warm: &Warm,
     uid: u32,
 ) -> Result<[OwnedFd; 4], ForkError> {
+    let runtime = &warm.runtime;
     // A fork keeps only the forking thread: any other thread's locks (malloc's, a BLAS
     // pool's) would be inherited held, with nobody to release them.
     let threads = crate::r::thread_count();
@@ -357,9 +385,6 @@ fn fork_sandbox(
             std::mem::size_of::<crate::run::CloneArgs>(),
         )
     };
-    if ret == 0 {
-        crate::zygote::alloc::leave_loop();
-    }
     if let Runtime::Python(engine) = runtime {
         if ret == 0 {
             engine.after_fork_child();
@@ -372,7 +397,7 @@ fn fork_sandbox(
         drop((agent_sock, out_r, err_r));
         let _ = unistd::close(ctl.sock.as_raw_fd());
         let end = SandboxEnd { sock: child_sock };
-        sandbox_main(config, end, out_w, err_w, filter, runtime, uid);
+        sandbox_main(config, end, out_w, err_w, warm, uid);
     }
     // SAFETY: CLONE_PIDFD stored a fresh descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
@@ -385,17 +410,17 @@ fn sandbox_main(
     end: SandboxEnd,
     out_w: OwnedFd,
     err_w: OwnedFd,
-    filter: &BpfProgram,
-    runtime: &Runtime,
+    warm: &Warm,
     uid: u32,
 ) -> ! {
+    let runtime = &warm.runtime;
     let _ = crate::container::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     if end.wait_for_placement().is_err() {
         crate::container::exit(0);
     }
     CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
     let up = end.writer();
-    if let Err(e) = contain(config, &end, out_w, err_w, filter, uid) {
+    if let Err(e) = contain(config, &end, out_w, err_w, &warm.filter, uid) {
         let _ = up.setup_error(e.stage, &e.message);
         crate::container::exit(125);
     }
@@ -415,6 +440,13 @@ fn sandbox_main(
             crate::container::exit(125);
         }
     }
+    // The pages the first evaluation will touch, faulted in now rather than after the
+    // claim (in this sandbox's cgroup, charged to it).
+    warm.prefault.apply();
+    // The set-up above allocated from the zygote's arena (contiguous pages of its own,
+    // rather than free chunks all over the heap it shares with the zygote: ~0.1 MiB less
+    // private memory per sandbox); user code allocates from the system allocator.
+    crate::zygote::alloc::leave_loop();
     if up.ready().is_err() {
         crate::container::exit(0);
     }
@@ -426,9 +458,28 @@ fn sandbox_main(
     let code = run.code;
     // Sent before any user code runs: the first `started` on the channel is this one.
     let _ = up.started(monotonic_ns());
-    let outcome = match runtime {
+    let outcome = evaluate(runtime, &code);
+    if let Some(limits) = run.artifacts {
+        // The last plot page is written when its device closes.
+        match runtime {
+            Runtime::R(engine) => engine.close_graphics(),
+            Runtime::Python(engine) => engine.save_figures(Path::new(crate::spec::PLOT_DIR)),
+            Runtime::Exec(_) => {}
+        }
+        crate::artifacts::send(&up, limits);
+    }
+    let _ = up.finished(outcome);
+    match runtime {
+        Runtime::R(_) => crate::r::exit_child(0),
+        Runtime::Python(_) | Runtime::Exec(_) => crate::container::exit(0),
+    }
+}
+
+/// Runs `code` once and describes how it ended.
+fn evaluate(runtime: &Runtime, code: &str) -> Outcome {
+    match runtime {
         Runtime::R(engine) => {
-            let o = engine.eval(&code);
+            let o = engine.eval(code);
             Outcome {
                 ok: o.ok,
                 value_json: o.value_json,
@@ -446,23 +497,28 @@ fn sandbox_main(
                 signal: None,
             }
         }
-        Runtime::Python(engine) => engine.eval(&code),
-        Runtime::Exec(argv) => exec_code(argv, &code),
+        Runtime::Python(engine) => engine.eval(code),
+        Runtime::Exec(argv) => exec_code(argv, code),
+    }
+}
+
+/// What the page probe ([`crate::zygote::prefault::learn`]) runs in its child: a small
+/// evaluation through the path a claimed sandbox takes (`started`, the evaluation with
+/// its printed output, the value's encoding, `finished`, all as frames on a channel).
+const PROBE_CODE: &str = "x <- sum(1:10)\nprint(x)\nx";
+
+fn probe(runtime: &Runtime) {
+    let Ok((ours, _theirs)) = crate::frame::socketpair() else {
+        return;
     };
-    if let Some(limits) = run.artifacts {
-        // The last plot page is written when its device closes.
-        match runtime {
-            Runtime::R(engine) => engine.close_graphics(),
-            Runtime::Python(engine) => engine.save_figures(Path::new(crate::spec::PLOT_DIR)),
-            Runtime::Exec(_) => {}
-        }
-        crate::artifacts::send(&up, limits);
-    }
+    CHANNEL_FD.store(ours.as_raw_fd(), Ordering::Relaxed);
+    let Some(up) = channel_writer() else {
+        return;
+    };
+    let _ = up.started(monotonic_ns());
+    let outcome = evaluate(runtime, PROBE_CODE);
     let _ = up.finished(outcome);
-    match runtime {
-        Runtime::R(_) => crate::r::exit_child(0),
-        Runtime::Python(_) | Runtime::Exec(_) => crate::container::exit(0),
-    }
+    CHANNEL_FD.store(-1, Ordering::Relaxed);
 }
 
 /// Fork-exec languages: this process (pid 1 of the sandbox) forks the interpreter, waits

@@ -149,6 +149,9 @@ pub struct AgentConfig {
     pub demand_window: Duration,
     /// No pool grows beyond this many frozen sandboxes.
     pub max_pool_size: usize,
+    /// Warm sandboxes fault in ahead the pages a first evaluation touches
+    /// (`PoolConfig::prefault`).
+    pub prefault: bool,
 }
 
 impl AgentConfig {
@@ -183,6 +186,7 @@ impl AgentConfig {
             default_policy: EffectivePolicy::default(),
             demand_window: Duration::from_secs(600),
             max_pool_size: 8,
+            prefault: true,
         }
     }
 
@@ -200,6 +204,7 @@ impl AgentConfig {
         pc.zygote_bin = self.zygote_bin.clone();
         pc.cgroup_parent = self.cgroup_parent.clone();
         pc.claim_timeout = self.claim_timeout;
+        pc.prefault = self.prefault;
         Ok(pc)
     }
 }
