@@ -503,22 +503,30 @@ fn evaluate(runtime: &Runtime, code: &str) -> Outcome {
 }
 
 /// What the page probe ([`crate::zygote::prefault::learn`]) runs in its child: a small
-/// evaluation through the path a claimed sandbox takes (`started`, the evaluation with
-/// its printed output, the value's encoding, `finished`, all as frames on a channel).
+/// evaluation through the path a claimed sandbox takes (the code read from its channel as
+/// the pool sends it, `started`, the evaluation with its printed output, the value's
+/// encoding, `finished`, all as frames on the channel).
 const PROBE_CODE: &str = "x <- sum(1:10)\nprint(x)\nx";
 
 fn probe(runtime: &Runtime) {
-    let Ok((ours, _theirs)) = crate::frame::socketpair() else {
+    let Ok((agent, child)) = crate::frame::socketpair() else {
         return;
     };
-    CHANNEL_FD.store(ours.as_raw_fd(), Ordering::Relaxed);
-    let Some(up) = channel_writer() else {
+    let channel = crate::zygote::protocol::SandboxChannel::new(agent);
+    if channel.run(PROBE_CODE, None).is_err() {
+        return;
+    }
+    let end = SandboxEnd { sock: child };
+    CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
+    let up = end.writer();
+    let Ok(run) = end.wait_for_code() else {
         return;
     };
     let _ = up.started(monotonic_ns());
-    let outcome = evaluate(runtime, PROBE_CODE);
+    let outcome = evaluate(runtime, &run.code);
     let _ = up.finished(outcome);
     CHANNEL_FD.store(-1, Ordering::Relaxed);
+    drop(channel);
 }
 
 /// Fork-exec languages: this process (pid 1 of the sandbox) forks the interpreter, waits
