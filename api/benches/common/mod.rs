@@ -613,6 +613,10 @@ pub async fn api_once_on(
 #[derive(Debug, Clone)]
 pub struct AgentView {
     limits: Limits,
+    /// Plots and files sent back, as the policy allows (the agent asks for them whenever
+    /// it allows any).
+    artifacts: Option<hatchery_sandbox::pool::ArtifactLimits>,
+    prefault: bool,
     timeout: Option<Duration>,
     usage_interval: Duration,
     output_limit: u64,
@@ -633,6 +637,13 @@ impl AgentView {
         // What the config does not set, the agent takes from its own defaults.
         let agent = hatchery_scheduler::agent::AgentConfig::new("bench");
         Ok(AgentView {
+            artifacts: (policy.max_artifacts > 0 && policy.max_artifact_bytes > 0).then_some(
+                hatchery_sandbox::pool::ArtifactLimits {
+                    max_count: policy.max_artifacts,
+                    max_bytes: policy.max_artifact_bytes,
+                },
+            ),
+            prefault: cfg.agent.prefault,
             limits: Limits {
                 memory_bytes: Some(policy.memory_bytes),
                 cpus: Some(policy.cpus),
@@ -656,7 +667,7 @@ impl AgentView {
     pub fn describe_policy(&self) -> String {
         format!(
             "memory {} MiB, cpus {}, pids {}, time {}, usage every {} ms, output limit {} \
-             MiB, max events {}",
+             MiB, max events {}, artifacts {}, prefault {}",
             self.limits.memory_bytes.unwrap_or(0) >> 20,
             self.limits.cpus.unwrap_or(f64::NAN),
             self.limits.pids.unwrap_or(0),
@@ -665,6 +676,12 @@ impl AgentView {
             self.usage_interval.as_millis(),
             self.output_limit >> 20,
             self.max_events,
+            self.artifacts.map_or("none".to_string(), |a| format!(
+                "{} / {} MiB",
+                a.max_count,
+                a.max_bytes >> 20
+            )),
+            self.prefault,
         )
     }
 
@@ -701,6 +718,7 @@ impl AgentView {
         pc.zygote_bin = zygote_bin.to_path_buf();
         pc.cgroup_parent = cgroup_parent.into();
         pc.claim_timeout = self.claim_timeout;
+        pc.prefault = self.prefault;
         pc
     }
 
@@ -712,6 +730,7 @@ impl AgentView {
         req.usage_interval = self.usage_interval;
         req.output_limit = self.output_limit;
         req.max_events = self.max_events;
+        req.artifacts = self.artifacts;
         req
     }
 }

@@ -459,20 +459,30 @@ fn sandbox_main(
     // Sent before any user code runs: the first `started` on the channel is this one.
     let _ = up.started(monotonic_ns());
     let outcome = evaluate(runtime, &code);
-    if let Some(limits) = run.artifacts {
+    report(runtime, &up, run.artifacts, outcome);
+    match runtime {
+        Runtime::R(_) => crate::r::exit_child(0),
+        Runtime::Python(_) | Runtime::Exec(_) => crate::container::exit(0),
+    }
+}
+
+/// Sends the artifacts asked for, then the result.
+fn report(
+    runtime: &Runtime,
+    up: &SandboxWriter,
+    artifacts: Option<crate::zygote::protocol::ArtifactLimits>,
+    outcome: Outcome,
+) {
+    if let Some(limits) = artifacts {
         // The last plot page is written when its device closes.
         match runtime {
             Runtime::R(engine) => engine.close_graphics(),
             Runtime::Python(engine) => engine.save_figures(Path::new(crate::spec::PLOT_DIR)),
             Runtime::Exec(_) => {}
         }
-        crate::artifacts::send(&up, limits);
+        crate::artifacts::send(up, limits);
     }
     let _ = up.finished(outcome);
-    match runtime {
-        Runtime::R(_) => crate::r::exit_child(0),
-        Runtime::Python(_) | Runtime::Exec(_) => crate::container::exit(0),
-    }
 }
 
 /// Runs `code` once and describes how it ended.
@@ -505,7 +515,7 @@ fn evaluate(runtime: &Runtime, code: &str) -> Outcome {
 /// What the page probe ([`crate::zygote::prefault::learn`]) runs in its child: a small
 /// evaluation through the path a claimed sandbox takes (the code read from its channel as
 /// the pool sends it, `started`, the evaluation with its printed output, the value's
-/// encoding, `finished`, all as frames on the channel).
+/// encoding, the artifacts (none here), `finished`, all as frames on the channel).
 const PROBE_CODE: &str = "x <- sum(1:10)\nprint(x)\nx";
 
 fn probe(runtime: &Runtime) {
@@ -513,7 +523,11 @@ fn probe(runtime: &Runtime) {
         return;
     };
     let channel = crate::zygote::protocol::SandboxChannel::new(agent);
-    if channel.run(PROBE_CODE, None).is_err() {
+    let artifacts = crate::zygote::protocol::ArtifactLimits {
+        max_count: 1,
+        max_bytes: 1,
+    };
+    if channel.run(PROBE_CODE, Some(artifacts)).is_err() {
         return;
     }
     let end = SandboxEnd { sock: child };
@@ -524,7 +538,7 @@ fn probe(runtime: &Runtime) {
     };
     let _ = up.started(monotonic_ns());
     let outcome = evaluate(runtime, &run.code);
-    let _ = up.finished(outcome);
+    report(runtime, &up, run.artifacts, outcome);
     CHANNEL_FD.store(-1, Ordering::Relaxed);
     drop(channel);
 }
