@@ -1142,6 +1142,17 @@ struct PoolMemory {
     zygote: Option<(i32, Mem)>,
 }
 
+impl PoolMemory {
+    /// The mean USS and PSS of its sandboxes, in KiB (`None` without any).
+    fn mean_uss_pss_kb(&self) -> Option<(u64, u64)> {
+        let n = self.sandboxes.len() as u64;
+        (n > 0).then(|| {
+            let sum = |f: fn(&Mem) -> u64| self.sandboxes.iter().map(|s| f(&s.1)).sum::<u64>();
+            (sum(|m| m.private_kb) / n, sum(|m| m.pss_kb) / n)
+        })
+    }
+}
+
 fn pool_memory(pool: &Pool) -> PoolMemory {
     let mut sandboxes = Vec::new();
     let mut zygote = None;
@@ -2324,12 +2335,10 @@ fn run(cfg: &Config) -> Result<(), String> {
         );
     }
     for (w, mem) in WORKLOADS.iter().zip(&mems) {
-        if mem.sandboxes.is_empty() {
+        let Some((uss, pss)) = mem.mean_uss_pss_kb() else {
             continue;
-        }
+        };
         let n = mem.sandboxes.len() as u64;
-        let pss = mem.sandboxes.iter().map(|s| s.1.pss_kb).sum::<u64>() / n;
-        let uss = mem.sandboxes.iter().map(|s| s.1.private_kb).sum::<u64>() / n;
         let zygote = mem.zygote.map_or("zygote not found".to_string(), |(_, z)| {
             format!(
                 "zygote RSS {:.1} MiB, USS {:.1} MiB",
@@ -2358,20 +2367,7 @@ fn run(cfg: &Config) -> Result<(), String> {
             st.prefault_mapped_pages
         );
     }
-    if !cold_pages_mem.sandboxes.is_empty() {
-        let n = cold_pages_mem.sandboxes.len() as u64;
-        let uss = cold_pages_mem
-            .sandboxes
-            .iter()
-            .map(|s| s.1.private_kb)
-            .sum::<u64>()
-            / n;
-        let pss = cold_pages_mem
-            .sandboxes
-            .iter()
-            .map(|s| s.1.pss_kb)
-            .sum::<u64>()
-            / n;
+    if let Some((uss, pss)) = cold_pages_mem.mean_uss_pss_kb() {
         println!(
             "idle pooled sandbox for sum(1:10) without prefault (as before): USS {:.2} MiB \
              (target ≤ 1 MiB  {}), PSS {:.2} MiB",

@@ -145,36 +145,15 @@ mod tests {
     #[test]
     fn a_collapse_leaves_memory_as_it_was() {
         // Whether the kernel has THP or not, the contents survive a collapse.
-        let len = 3 * HUGE;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: within the mapping just made.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) };
-        for (i, b) in bytes.iter_mut().enumerate().step_by(4096) {
-            *b = (i / 4096) as u8;
-        }
+        let mapping = crate::zygote::PagedMapping::new(3 * HUGE);
         let heap = HugeHeap::scan().unwrap();
-        let start = (p as usize).div_ceil(HUGE) * HUGE;
+        let start = mapping.addr().div_ceil(HUGE) * HUGE;
         assert!(
             heap.extents.contains(&start),
             "the mapping's aligned extent is found"
         );
         let done = heap.collapse();
         assert!(done.huge <= done.eligible);
-        for (i, b) in bytes.iter().enumerate().step_by(4096) {
-            assert_eq!(*b, (i / 4096) as u8);
-        }
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(p, len) };
+        assert!(mapping.intact());
     }
 }

@@ -428,24 +428,8 @@ mod tests {
         // A fresh mapping of 16 pages, each holding its index; the probe writes pages
         // 3 and 4 only (as a forked child: the parent's copy is untouched).
         let len = 16 * PAGE;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = p as usize;
-        // SAFETY: within the mapping just made.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) };
-        for (i, b) in bytes.iter_mut().enumerate().step_by(PAGE) {
-            *b = (i / PAGE) as u8;
-        }
+        let mapping = crate::zygote::PagedMapping::new(len);
+        let base = mapping.addr();
         // The test harness runs tests on threads: fork only this thread's copy, as the
         // zygote does (the child touches nothing that another thread could hold locked).
         let learnt = learn(|| {
@@ -474,10 +458,6 @@ mod tests {
         assert!(learnt.written_pages() >= 2);
         // Populating here writes nothing: the parent's contents are as they were.
         learnt.apply();
-        for (i, b) in bytes.iter().enumerate().step_by(PAGE) {
-            assert_eq!(*b, (i / PAGE) as u8);
-        }
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(p, len) };
+        assert!(mapping.intact());
     }
 }
