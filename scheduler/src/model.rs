@@ -146,6 +146,18 @@ pub struct Limits {
     pub max_artifact_bytes: u64,
 }
 
+impl Limits {
+    /// What the sandbox may send back as artifacts: `None` when its policy allows none.
+    pub fn artifacts(&self) -> Option<hatchery_sandbox::pool::ArtifactLimits> {
+        (self.max_artifacts > 0 && self.max_artifact_bytes > 0).then_some(
+            hatchery_sandbox::pool::ArtifactLimits {
+                max_count: self.max_artifacts,
+                max_bytes: self.max_artifact_bytes,
+            },
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecState {

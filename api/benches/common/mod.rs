@@ -637,12 +637,9 @@ impl AgentView {
         // What the config does not set, the agent takes from its own defaults.
         let agent = hatchery_scheduler::agent::AgentConfig::new("bench");
         Ok(AgentView {
-            artifacts: (policy.max_artifacts > 0 && policy.max_artifact_bytes > 0).then_some(
-                hatchery_sandbox::pool::ArtifactLimits {
-                    max_count: policy.max_artifacts,
-                    max_bytes: policy.max_artifact_bytes,
-                },
-            ),
+            artifacts: hatchery_scheduler::policy::limits_for(&policy, None)
+                .map_err(|e| format!("the default policy's limits: {e}"))?
+                .artifacts(),
             prefault: cfg.agent.prefault,
             limits: Limits {
                 memory_bytes: Some(policy.memory_bytes),

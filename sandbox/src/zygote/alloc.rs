@@ -18,8 +18,9 @@
 //! of) the arena while it sets itself up, for the same reason (its writes then land on a
 //! few contiguous pages of its own instead of free chunks across the shared heap), and
 //! calls [`leave_loop`] before it reports ready: user code allocates from the system
-//! allocator; freeing what came from the arena only counts down. An allocation that does not fit what is left of the arena
-//! goes to the system allocator, so the arena can run out without anything failing.
+//! allocator; freeing what came from the arena only counts down. An allocation that does
+//! not fit what is left of the arena goes to the system allocator, so the arena can run
+//! out without anything failing.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -25,7 +25,7 @@
 //! use, as before. Nothing here reads or writes contents: populating a page that is
 //! already present is a no-op.
 
-use std::io;
+use std::io::{self, Read, Write};
 
 /// At most this many pages are learnt (the probe's evaluation touches ~100–300).
 pub const MAX_PAGES: usize = 4096;
@@ -97,63 +97,37 @@ pub fn learn(probe: impl FnOnce()) -> io::Result<Prefault> {
     let mut maps = vec![0u8; 1 << 20];
     let mut out: Vec<u64> = vec![0; 3 * MAX_PAGES];
     let skip = [range_of(&maps), range_of(&out)];
-    let mut fds = [0; 2];
-    // SAFETY: a fresh pipe; both descriptors are owned below.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (rd, wr) = (fds[0], fds[1]);
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: the zygote is single-threaded (it checks before every fork); the child
-    // only runs the probe, writes to the pipe and _exits.
+    // only runs the probe, writes to the pipe (no allocation) and _exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        let e = io::Error::last_os_error();
-        // SAFETY: closing the pipe made above.
-        unsafe {
-            libc::close(rd);
-            libc::close(wr);
-        }
-        return Err(e);
+        return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        // SAFETY: the read end is not ours in the child.
-        unsafe { libc::close(rd) };
+        drop(rd);
         probe();
         let n = touched(&mut maps, &mut out, &skip).unwrap_or(0);
-        let bytes = &out[..n * 3];
-        // SAFETY: writing the words just filled to the pipe, then leaving without any
-        // of the zygote's exit handlers.
-        unsafe {
-            let _ = write_all(wr, bytemuck_u64(bytes));
-            libc::_exit(0);
-        }
+        let _ = std::fs::File::from(wr).write_all(bytemuck_u64(&out[..n * 3]));
+        // SAFETY: leaving without any of the zygote's exit handlers.
+        unsafe { libc::_exit(0) };
     }
-    // SAFETY: the write end is the child's.
-    unsafe { libc::close(wr) };
+    drop(wr);
     let mut bytes = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        // SAFETY: reading into a local buffer from the pipe's read end.
-        let n = unsafe { libc::read(rd, chunk.as_mut_ptr().cast(), chunk.len()) };
-        match n {
-            0 => break,
-            n if n > 0 => bytes.extend_from_slice(&chunk[..n as usize]),
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-            _ => break,
+    let read = std::fs::File::from(rd).read_to_end(&mut bytes);
+    let status = loop {
+        match nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::__WALL),
+        ) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other?,
         }
-    }
-    // SAFETY: closing our end; reaping our own child.
-    let status = unsafe {
-        libc::close(rd);
-        let mut status = 0;
-        while libc::waitpid(pid, &mut status, libc::__WALL) < 0
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
-        status
     };
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    read?;
+    if status != nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0) {
         return Err(io::Error::other(format!(
-            "the page probe ended with status {status:#x}"
+            "the page probe ended with {status:?}"
         )));
     }
     Ok(Prefault {
@@ -193,24 +167,6 @@ fn range_of<T>(v: &[T]) -> (usize, usize) {
 fn bytemuck_u64(words: &[u64]) -> &[u8] {
     // SAFETY: u64 has no padding; the byte view covers exactly the same memory.
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), std::mem::size_of_val(words)) }
-}
-
-/// # Safety
-/// `fd` must be an open descriptor.
-unsafe fn write_all(fd: libc::c_int, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        // SAFETY: writing from a live slice to the caller's descriptor.
-        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        bytes = &bytes[n as usize..];
-    }
-    Ok(())
 }
 
 /// In the probe child: the pages this process touched, as (start, pages, write) triples in

@@ -34,7 +34,9 @@ use crate::frame::FrameError;
 use crate::seccomp::BpfProgram;
 use crate::spec::Rlimits;
 use crate::upstream::{SandboxWriter, Stream};
-use crate::zygote::protocol::{ErrorInfo, FromZygote, Outcome, SandboxEnd, ToZygote, ZygoteEnd};
+use crate::zygote::protocol::{
+    ErrorInfo, FromZygote, Outcome, RunRequest, SandboxEnd, ToZygote, ZygoteEnd,
+};
 
 /// What the zygote runs.
 #[derive(Debug, Clone)]
@@ -455,25 +457,20 @@ fn sandbox_main(
         Ok(r) => r,
         Err(_) => crate::container::exit(0),
     };
-    let code = run.code;
-    // Sent before any user code runs: the first `started` on the channel is this one.
-    let _ = up.started(monotonic_ns());
-    let outcome = evaluate(runtime, &code);
-    report(runtime, &up, run.artifacts, outcome);
+    run_once(runtime, &up, run);
     match runtime {
         Runtime::R(_) => crate::r::exit_child(0),
         Runtime::Python(_) | Runtime::Exec(_) => crate::container::exit(0),
     }
 }
 
-/// Sends the artifacts asked for, then the result.
-fn report(
-    runtime: &Runtime,
-    up: &SandboxWriter,
-    artifacts: Option<crate::zygote::protocol::ArtifactLimits>,
-    outcome: Outcome,
-) {
-    if let Some(limits) = artifacts {
+/// A claimed sandbox's run: `started`, the evaluation (its output on the way), the
+/// artifacts asked for, the result.
+fn run_once(runtime: &Runtime, up: &SandboxWriter, run: RunRequest) {
+    // Sent before any user code runs: the first `started` on the channel is this one.
+    let _ = up.started(monotonic_ns());
+    let outcome = evaluate(runtime, &run.code);
+    if let Some(limits) = run.artifacts {
         // The last plot page is written when its device closes.
         match runtime {
             Runtime::R(engine) => engine.close_graphics(),
@@ -515,7 +512,8 @@ fn evaluate(runtime: &Runtime, code: &str) -> Outcome {
 /// What the page probe ([`crate::zygote::prefault::learn`]) runs in its child: a small
 /// evaluation through the path a claimed sandbox takes (the code read from its channel as
 /// the pool sends it, `started`, the evaluation with its printed output, the value's
-/// encoding, the artifacts (none here), `finished`, all as frames on the channel).
+/// encoding, the artifacts (none here), `finished`, all as frames on the channel): the
+/// same [`run_once`].
 const PROBE_CODE: &str = "x <- sum(1:10)\nprint(x)\nx";
 
 fn probe(runtime: &Runtime) {
@@ -533,13 +531,10 @@ fn probe(runtime: &Runtime) {
     let end = SandboxEnd { sock: child };
     CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
     let up = end.writer();
-    let Ok(run) = end.wait_for_code() else {
-        return;
-    };
-    let _ = up.started(monotonic_ns());
-    let outcome = evaluate(runtime, &run.code);
-    report(runtime, &up, run.artifacts, outcome);
-    CHANNEL_FD.store(-1, Ordering::Relaxed);
+    if let Ok(run) = end.wait_for_code() {
+        run_once(runtime, &up, run);
+    }
+    // The agent's end stays open until the run is over.
     drop(channel);
 }
 

@@ -11,9 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hatchery_sandbox::pool::{
-    ArtifactLimits, Canceller, Event, ExecRequest, ExecResult, ExecStatus,
-};
+use hatchery_sandbox::pool::{Canceller, Event, ExecRequest, ExecResult, ExecStatus};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::forward::{Forwarder, STARTED_WAIT};
@@ -286,12 +284,7 @@ async fn drive(
         output_limit: inner.cfg.output_limit,
         max_events: inner.cfg.max_events,
         // Plot pages and files left in /work/out, within the execution's policy.
-        artifacts: (limits.max_artifacts > 0 && limits.max_artifact_bytes > 0).then_some(
-            ArtifactLimits {
-                max_count: limits.max_artifacts,
-                max_bytes: limits.max_artifact_bytes,
-            },
-        ),
+        artifacts: limits.artifacts(),
     };
 
     // The claim may block (cgroup writes; a wait when the pool is empty), in place.
