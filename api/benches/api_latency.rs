@@ -276,7 +276,7 @@ impl Platform {
                  max_pool_size = {POOL_SIZE}\n\
                  capacity = {CAPACITY}\n\
                  r_packages = []\n\
-                 shutdown_grace = \"0s\"\n\
+                 drain_deadline = \"0s\"\n\
                  cgroup_parent = \"{API_CGROUP}\"\n\
                  [platform]\n\
                  languages = [\"r\"]\n",

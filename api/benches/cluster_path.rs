@@ -490,7 +490,7 @@ impl Embedded {
                  max_pool_size = {POOL_SIZE}\n\
                  capacity = {CAPACITY}\n\
                  r_packages = []\n\
-                 shutdown_grace = \"0s\"\n\
+                 drain_deadline = \"0s\"\n\
                  cgroup_parent = \"{UP_CGROUP}\"\n\
                  [platform]\n\
                  languages = [\"r\"]\n",

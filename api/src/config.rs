@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
-use hatchery_scheduler::model::{EffectivePolicy, Policy};
+use hatchery_scheduler::agent::{machine_allocatable, DEFAULT_CPU_OVERCOMMIT};
+use hatchery_scheduler::model::{EffectivePolicy, Policy, Resources};
 use hatchery_scheduler::platform::PlatformConfig;
 use hatchery_scheduler::seal::{generate_key, KeyId, Keyring, KeyringError};
 use rand::RngCore;
@@ -136,9 +137,11 @@ pub struct AgentSection {
     /// Python modules imported in the Python zygote (default `["numpy", "pandas",
     /// "matplotlib.pyplot"]`: plotting then costs a sandbox no font-cache build).
     pub python_packages: Vec<String>,
-    /// On shutdown, how long running executions may still finish before they are
-    /// killed and recorded `lost`, e.g. `5s` (`0s`: at once).
-    pub shutdown_grace: String,
+    /// On SIGTERM or Ctrl-C the host drains: it takes no new work and its running
+    /// executions finish, each within its own time limit. A deadline, e.g. `10m`, kills
+    /// what still runs when it passes (recorded `lost`, saying why; `0s`: at once);
+    /// `none` (the default): no deadline. A second signal always stops them at once.
+    pub drain_deadline: String,
     /// The `sandbox` and `hatchery-zygote` binaries; default: next to `hatchery`.
     pub sandbox_bin: Option<PathBuf>,
     pub zygote_bin: Option<PathBuf>,
@@ -148,6 +151,16 @@ pub struct AgentSection {
     /// A ceiling on the memory of all sandboxes of this host together, written into the
     /// parent cgroup, e.g. `48G` (`HATCHERY_HOST_MEMORY_MAX`); unset: none.
     pub host_memory_max: Option<String>,
+    /// The memory this host has for executions: placement counts each execution's
+    /// memory limit against it, e.g. `60G` (`HATCHERY_MEMORY`). `auto` (the default):
+    /// `host_memory_max` when set, else the machine's memory less 1 GiB (at most a
+    /// quarter of it) for the agent, its warm pools and the system.
+    pub memory: String,
+    /// The CPUs this host has for executions: placement counts each execution's CPU
+    /// limit against them, e.g. `16` or `7.5` (`HATCHERY_CPUS`). `auto` (the default):
+    /// twice the online CPUs — a CPU limit is a ceiling (`cpu.max`), not a reservation;
+    /// give the CPU count to overcommit nothing.
+    pub cpus: String,
     /// A ceiling on the processes of all sandboxes of this host together
     /// (`HATCHERY_HOST_PIDS_MAX`); unset: none.
     pub host_pids_max: Option<u64>,
@@ -208,11 +221,13 @@ impl Default for AgentSection {
             r_packages: Vec::new(),
             prefault: true,
             python_packages: vec!["numpy".into(), "pandas".into(), "matplotlib.pyplot".into()],
-            shutdown_grace: "5s".into(),
+            drain_deadline: "none".into(),
             sandbox_bin: None,
             zygote_bin: None,
             cgroup_parent: None,
             host_memory_max: None,
+            memory: "auto".into(),
+            cpus: "auto".into(),
             host_pids_max: None,
             output_limit: "16M".into(),
             max_events: 100_000,
@@ -250,11 +265,13 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_MAX_POOL_SIZE", "agent.max_pool_size"),
     ("HATCHERY_CAPACITY", "agent.capacity"),
     ("HATCHERY_PREFAULT", "agent.prefault"),
-    ("HATCHERY_SHUTDOWN_GRACE", "agent.shutdown_grace"),
+    ("HATCHERY_DRAIN_DEADLINE", "agent.drain_deadline"),
     ("HATCHERY_SANDBOX_BIN", "agent.sandbox_bin"),
     ("HATCHERY_ZYGOTE_BIN", "agent.zygote_bin"),
     ("HATCHERY_CGROUP_PARENT", "agent.cgroup_parent"),
     ("HATCHERY_HOST_MEMORY_MAX", "agent.host_memory_max"),
+    ("HATCHERY_MEMORY", "agent.memory"),
+    ("HATCHERY_CPUS", "agent.cpus"),
     ("HATCHERY_HOST_PIDS_MAX", "agent.host_pids_max"),
     ("HATCHERY_OUTPUT_LIMIT", "agent.output_limit"),
     ("HATCHERY_MAX_EVENTS", "agent.max_events"),
@@ -354,8 +371,8 @@ impl Config {
                 "agent.lease must be at least 300ms".into(),
             ));
         }
-        parse_duration_or_zero(&self.agent.shutdown_grace)
-            .map_err(|e| ConfigError::Invalid(format!("agent.shutdown_grace: {e}")))?;
+        parse_deadline(&self.agent.drain_deadline)
+            .map_err(|e| ConfigError::Invalid(format!("agent.drain_deadline: {e}")))?;
         parse_duration(&self.platform.retention)
             .map_err(|e| ConfigError::Invalid(format!("platform.retention: {e}")))?;
         if self.body_limit_bytes < 1024 {
@@ -416,6 +433,7 @@ impl Config {
                 ));
             }
         }
+        self.allocatable()?;
         if self.agent.host_pids_max == Some(0) {
             return Err(ConfigError::Invalid(
                 "agent.host_pids_max must be at least 1".into(),
@@ -464,6 +482,36 @@ impl Config {
         hatchery_sandbox::limits::parse_size(&self.agent.output_limit).unwrap_or(16 << 20)
     }
 
+    /// The memory and CPUs this host has for executions (`agent.memory`, `agent.cpus`).
+    pub fn allocatable(&self) -> Result<Resources, ConfigError> {
+        let auto = machine_allocatable(self.host_memory_max(), DEFAULT_CPU_OVERCOMMIT);
+        let memory = match self.agent.memory.trim() {
+            "auto" => auto.memory_bytes,
+            m => {
+                let bytes = hatchery_sandbox::limits::parse_size(m)
+                    .map_err(|e| ConfigError::Invalid(format!("agent.memory: {e}")))?;
+                if bytes < 64 << 20 {
+                    return Err(ConfigError::Invalid(
+                        "agent.memory must be at least 64M".into(),
+                    ));
+                }
+                bytes
+            }
+        };
+        let cpus = match self.agent.cpus.trim() {
+            "auto" => auto.cpus,
+            c => match c.parse::<f64>() {
+                Ok(n) if (0.01..=100_000.0).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "agent.cpus: {c:?} is not auto or a number of CPUs like 16 or 7.5"
+                    )))
+                }
+            },
+        };
+        Ok(Resources::new(memory, cpus))
+    }
+
     /// The host-wide memory ceiling, if one is set (validated at load).
     pub fn host_memory_max(&self) -> Option<u64> {
         self.agent
@@ -478,8 +526,9 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("listen {:?}: {e}", self.listen)))
     }
 
-    pub fn shutdown_grace(&self) -> Duration {
-        parse_duration_or_zero(&self.agent.shutdown_grace).unwrap_or_default()
+    /// `agent.drain_deadline`; `None`: no deadline.
+    pub fn drain_deadline(&self) -> Option<Duration> {
+        parse_deadline(&self.agent.drain_deadline).unwrap_or_default()
     }
 
     pub fn token_ttl(&self) -> Duration {
@@ -639,6 +688,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be longer than zero"));
     }
     Ok(d)
+}
+
+/// A deadline: `none` (or empty) for none, else a duration (zero allowed).
+pub fn parse_deadline(s: &str) -> Result<Option<Duration>, String> {
+    match s.trim() {
+        "" | "none" => Ok(None),
+        d => parse_duration_or_zero(d)
+            .map(Some)
+            .map_err(|e| format!("{e}, or none")),
+    }
 }
 
 /// [`parse_duration`], zero allowed.
@@ -1123,6 +1182,22 @@ mod tests {
             e.contains("HATCHERY_PREFAULT") && e.contains("true or false"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_drain_has_no_deadline_by_default_and_takes_one_from_the_environment() {
+        assert_eq!(Config::default().drain_deadline(), None);
+        let load = |v: &str| {
+            let env: BTreeMap<String, String> = [("HATCHERY_DRAIN_DEADLINE".into(), v.into())]
+                .into_iter()
+                .collect();
+            Config::load_from(None, &env).map(|c| c.drain_deadline())
+        };
+        assert_eq!(load("10m").unwrap(), Some(Duration::from_secs(600)));
+        assert_eq!(load("0s").unwrap(), Some(Duration::ZERO));
+        assert_eq!(load("none").unwrap(), None);
+        let e = invalid("", &[("HATCHERY_DRAIN_DEADLINE", "soon")]);
+        assert!(e.contains("drain_deadline") && e.contains("none"), "{e}");
     }
 
     #[test]

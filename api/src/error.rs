@@ -16,6 +16,7 @@ pub const ERROR_CODES: &[&str] = &[
     "invalid_request",
     "invalid_limits",
     "policy_exceeds_org",
+    "exceeds_largest_host",
     "unknown_language",
     "payload_too_large",
     "code_too_large",
@@ -148,6 +149,7 @@ impl From<PlatformError> for ApiError {
             PlatformError::UnknownLanguage(_)
             | PlatformError::InvalidLimits(_)
             | PlatformError::PolicyExceedsOrg(_)
+            | PlatformError::ExceedsLargestHost { .. }
             | PlatformError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             PlatformError::CodeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PlatformError::QueueFull | PlatformError::StoreUnavailable => {

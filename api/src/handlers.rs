@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hatchery_scheduler::model::{
-    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, Policy, Principal, Usage,
+    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, Policy, Principal, Resources, Usage,
 };
 use hatchery_scheduler::platform::{ListQuery, SubmitRequest};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -387,7 +387,20 @@ async fn submit(
 ) -> Result<Response<Body>, ApiError> {
     let body = read_json(st, req).await?;
     let request = parse_submit(body)?;
-    let record = st.platform.submit(who, request).await?;
+    // What the hosts that report now have: a request none of them could hold is refused
+    // instead of waiting for ever.
+    let hosts: Vec<(String, Resources)> = st
+        .hosts
+        .current()
+        .into_iter()
+        .flat_map(|s| {
+            let allocatable = s.allocatable;
+            s.warm
+                .into_iter()
+                .map(move |(language, _)| (language, allocatable))
+        })
+        .collect();
+    let record = st.platform.submit_within(who, request, &hosts).await?;
     st.metrics.submitted();
     tracing::info!(execution = %record.id, org = %who.org, user = %who.user, "submitted");
     let mut r = json(
@@ -502,6 +515,7 @@ pub async fn metrics(st: &ApiState) -> Response<Body> {
             })
             .collect(),
         agents: statuses.len() as u64,
+        hosts: statuses,
     };
     let mut r = Response::new(Full::new(Bytes::from(st.metrics.render(&gauges))));
     r.headers_mut().insert(
@@ -519,7 +533,7 @@ fn readyz(st: &ApiState) -> Result<Response<Body>, ApiError> {
         .map(|s| {
             serde_json::json!({
                 "agent": s.agent, "draining": s.draining, "capacity": s.capacity,
-                "running": s.running, "warm": s.warm,
+                "running": s.running, "warm": s.warm, "allocatable": s.allocatable,
             })
         })
         .collect();

@@ -144,6 +144,26 @@ impl RoleProcess {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Sends `signal` without waiting (`false` when the process is gone).
+    pub fn signal(&mut self, signal: i32) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        // SAFETY: kill(2) on a child this cluster started and has not reaped yet (the
+        // pid cannot have been reused).
+        unsafe { libc::kill(child.id() as i32, signal) == 0 }
+    }
+
+    /// How it exited, once it has (reaped then: [`Self::is_running`] is false after).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// Sends `signal` and waits (bounded, then SIGKILL) for the process to exit.
     pub fn stop(&mut self, signal: i32) {
         let Some(mut child) = self.child.take() else {
@@ -245,7 +265,7 @@ impl LocalCluster {
              [agent]\n\
              pool_size = {pool}\n\
              capacity = {capacity}\n\
-             shutdown_grace = \"0s\"\n\
+             drain_deadline = \"0s\"\n\
              [platform]\n\
              languages = {languages}\n\
              max_queued = {max_queued}\n\

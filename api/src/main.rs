@@ -280,13 +280,14 @@ fn agent_config(cfg: &Config) -> AgentConfig {
     if let Some(p) = &cfg.agent.zygote_bin {
         a.zygote_bin = p.clone();
     }
-    a.shutdown_grace = cfg.shutdown_grace();
+    a.drain_deadline = cfg.drain_deadline();
     a.max_pool_size = cfg.agent.max_pool_size.max(cfg.agent.pool_size);
     a.prefault = cfg.agent.prefault;
     a.output_limit = cfg.output_limit();
     a.max_events = cfg.agent.max_events;
     a.lease = cfg.lease();
     a.host_memory_max = cfg.host_memory_max();
+    a.allocatable = cfg.allocatable().unwrap_or(a.allocatable);
     a.host_pids_max = cfg.agent.host_pids_max;
     a.default_policy = cfg.platform_config().default_policy;
     a
@@ -370,27 +371,100 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
             ..ServerOptions::default()
         },
     );
-    let serve = server.run(listener, shutdown_signal());
+    // The API serves on while the host drains (clients follow their executions to the
+    // end), and stops after it.
+    let mut signals = StopSignals::new()?;
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve = server.run(listener, async {
+        let _ = api_stopped.await;
+    });
     tokio::pin!(serve);
     let ready = node.wait_ready(Duration::from_secs(300));
-    let served = tokio::select! {
-        r = &mut serve => r,
-        r = ready => {
-            match r {
-                Ok(()) => tracing::info!("ready: every warm pool has a frozen sandbox"),
-                Err(e) => {
-                    tracing::error!(error = %e, "the warm pools could not start; shutting down");
-                    node.shutdown().await;
-                    bail!("the warm pools could not start: {e}");
-                }
+    let mut signalled = false;
+    tokio::select! {
+        r = &mut serve => {
+            tracing::error!("the API stopped; shutting down");
+            node.shutdown().await;
+            return r.context("serving the API");
+        }
+        r = ready => match r {
+            Ok(()) => tracing::info!("ready: every warm pool has a frozen sandbox"),
+            Err(e) => {
+                tracing::error!(error = %e, "the warm pools could not start; shutting down");
+                node.shutdown().await;
+                bail!("the warm pools could not start: {e}");
             }
+        },
+        first = signals.next() => {
+            tracing::info!("{first} before the pools were ready: stopping the platform");
+            signalled = true;
+        }
+    }
+    let early = if signalled {
+        None
+    } else {
+        tokio::select! {
+            r = &mut serve => Some(r),
+            first = signals.next() => {
+                tracing::info!("{first}: draining, then stopping the platform");
+                None
+            }
+        }
+    };
+    let forcer = node.agent().forcer();
+    drain_then(forcer, node.shutdown(), &mut signals).await;
+    let served = match early {
+        Some(r) => r,
+        None => {
+            let _ = stop_api.send(());
             serve.await
         }
     };
-    tracing::info!("stopping the platform");
-    node.shutdown().await;
     tracing::info!("stopped");
     served.context("serving the API")
+}
+
+/// SIGTERM and SIGINT, as many as come.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Runs `shutdown` (a drain, then the stop); a signal meanwhile forces the drain: what
+/// still runs is killed and ends `lost`, saying so.
+async fn drain_then(
+    forcer: hatchery_scheduler::agent::Forcer,
+    shutdown: impl std::future::Future<Output = ()>,
+    signals: &mut StopSignals,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            again = signals.next() => {
+                tracing::warn!("{again} again: forcing the drain; running executions are killed and end lost");
+                forcer.force();
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -569,13 +643,15 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
                     .context("running the scheduler")
             }
             ClusterRole::Agent => {
+                let mut signals = StopSignals::new()?;
                 let handle = engines
                     .start_agent(agent)
                     .await
                     .context("starting the agent")?;
                 tracing::info!(agent = %cfg.agent.name, "agent started");
-                shutdown_signal().await;
-                handle.shutdown().await;
+                let first = signals.next().await;
+                tracing::info!("{first}: draining this host, then stopping");
+                drain_then(handle.forcer(), handle.shutdown(), &mut signals).await;
                 Ok(())
             }
         }

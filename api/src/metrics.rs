@@ -4,6 +4,7 @@
 //! counts (maintained on every state change, O(1) to read: a scrape never scans the
 //! executions) and the host statuses, and are passed to [`Metrics::render`].
 
+use hatchery_scheduler::bus::HostStatus;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -25,6 +26,8 @@ pub struct Gauges {
     /// (agent, language, frozen sandboxes).
     pub warm: Vec<(String, String, u32)>,
     pub agents: u64,
+    /// The statuses of the hosts that report (per-host gauges).
+    pub hosts: Vec<HostStatus>,
 }
 
 impl Metrics {
@@ -139,7 +142,33 @@ impl Metrics {
                 n
             );
         }
+        render_hosts(&mut out, &g.hosts);
         out
+    }
+}
+
+/// Per-host gauges (R13): what the machine does, what the host has for executions and
+/// what the limits of its running executions take of it.
+fn render_hosts(out: &mut String, hosts: &[HostStatus]) {
+    type Value = fn(&HostStatus) -> f64;
+    let families: [(&str, &str, Value); 11] = [
+        ("hatchery_host_cpu_busy_ratio", "Share of the host machine's CPUs busy since its previous status (0 to 1).", |s| s.load.cpu_busy),
+        ("hatchery_host_memory_used_bytes", "Memory in use on the host machine (not available).", |s| s.load.memory_used_bytes as f64),
+        ("hatchery_host_memory_total_bytes", "Memory of the host machine.", |s| s.load.memory_total_bytes as f64),
+        ("hatchery_host_cpu_pressure", "Percentage of the last 10 s some task waited for CPU on the host machine (PSI some avg10).", |s| s.load.cpu_pressure),
+        ("hatchery_host_memory_pressure", "Percentage of the last 10 s some task waited for memory on the host machine (PSI some avg10).", |s| s.load.memory_pressure),
+        ("hatchery_host_allocatable_memory_bytes", "Memory the host has for executions.", |s| s.allocatable.memory_bytes as f64),
+        ("hatchery_host_allocatable_cpus", "CPUs the host has for executions.", |s| s.allocatable.cpus),
+        ("hatchery_host_limits_memory_bytes", "Memory limits of the executions running on the host, summed.", |s| s.sandboxes.iter().map(|x| x.limits.memory_bytes as f64).sum()),
+        ("hatchery_host_limits_cpus", "CPU limits of the executions running on the host, summed.", |s| s.sandboxes.iter().map(|x| x.limits.cpus).sum()),
+        ("hatchery_host_running", "Executions running on the host.", |s| f64::from(s.running)),
+        ("hatchery_host_draining", "1 while the host drains.", |s| if s.draining { 1.0 } else { 0.0 }),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for s in hosts {
+            let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", escape(&s.agent), value(s));
+        }
     }
 }
 
@@ -165,6 +194,29 @@ mod tests {
             running: 1,
             warm: vec![("local".into(), "r".into(), 2)],
             agents: 1,
+            hosts: vec![HostStatus {
+                agent: "host-\"a\"".into(),
+                at: 1,
+                capacity: 4,
+                running: 1,
+                allocatable: hatchery_scheduler::model::Resources::new(8 << 30, 4.0),
+                draining: true,
+                load: hatchery_scheduler::bus::HostLoad {
+                    cpu_busy: 0.25,
+                    memory_total_bytes: 16 << 30,
+                    memory_used_bytes: 3 << 30,
+                    cpu_pressure: 7.5,
+                    memory_pressure: 0.0,
+                },
+                warm: vec![("r".into(), 2)],
+                sandboxes: vec![hatchery_scheduler::bus::SandboxUsage {
+                    execution_id: "e1".into(),
+                    org: "o".into(),
+                    user: "u".into(),
+                    usage: Default::default(),
+                    limits: hatchery_scheduler::model::Resources::new(1 << 30, 1.5),
+                }],
+            }],
         });
         assert!(text.contains(
             "hatchery_http_requests_total{route=\"/v1/executions\",method=\"POST\",status=\"202\"} 2"
@@ -172,5 +224,16 @@ mod tests {
         assert!(text.contains("hatchery_executions_finished_total{state=\"succeeded\"} 1"));
         assert!(text.contains("hatchery_queue_length 3"));
         assert!(text.contains("hatchery_warm_sandboxes{agent=\"local\",language=\"r\"} 2"));
+        for line in [
+            "hatchery_host_cpu_busy_ratio{agent=\"host-\\\"a\\\"\"} 0.25",
+            "hatchery_host_memory_used_bytes{agent=\"host-\\\"a\\\"\"} 3221225472",
+            "hatchery_host_cpu_pressure{agent=\"host-\\\"a\\\"\"} 7.5",
+            "hatchery_host_allocatable_cpus{agent=\"host-\\\"a\\\"\"} 4",
+            "hatchery_host_limits_memory_bytes{agent=\"host-\\\"a\\\"\"} 1073741824",
+            "hatchery_host_limits_cpus{agent=\"host-\\\"a\\\"\"} 1.5",
+            "hatchery_host_draining{agent=\"host-\\\"a\\\"\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 }

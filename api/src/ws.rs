@@ -100,12 +100,78 @@ pub async fn monitor(
     query: &Query,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    allow_params(query, &["token"])?;
+    allow_params(query, &["token", "agent", "org"])?;
+    let filter = MonitorFilter::parse(query, &who)?;
     let accept = handshake(&req)?;
     let statuses = st.platform.monitor(&who).await?;
     Ok(upgrade(st, req, accept, move |st, ws| {
-        stream_monitor(st, who, statuses, ws)
+        stream_monitor(st, who, filter, statuses, ws)
     }))
+}
+
+/// What a monitor client asked to see, applied here rather than by the client: `agent`
+/// (names, comma-separated) keeps those hosts' statuses only; `org` keeps that org's
+/// sandboxes only, and a host's status is sent while it runs any of them (and once more
+/// when its last one ended, so the client sees it go).
+#[derive(Debug, Default, Clone)]
+pub struct MonitorFilter {
+    agents: Option<std::collections::HashSet<String>>,
+    org: Option<String>,
+    /// Hosts whose last status sent showed some of `org`'s sandboxes.
+    shown: std::collections::HashSet<String>,
+}
+
+impl MonitorFilter {
+    pub fn parse(query: &Query, who: &Principal) -> Result<MonitorFilter, ApiError> {
+        let mut f = MonitorFilter::default();
+        for (k, v) in query {
+            match k.as_str() {
+                "agent" => {
+                    let names: std::collections::HashSet<String> = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    if names.is_empty() {
+                        return Err(ApiError::invalid("agent: name at least one host"));
+                    }
+                    f.agents.get_or_insert_with(Default::default).extend(names);
+                }
+                "org" => {
+                    if who.role != hatchery_scheduler::model::Role::Superadmin && *v != who.org {
+                        return Err(ApiError::new(
+                            StatusCode::FORBIDDEN,
+                            "forbidden",
+                            format!("an org admin of {:?} monitors its own org only", who.org),
+                        ));
+                    }
+                    f.org = Some(v.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+
+    /// The status to send, if any (already narrowed to what the caller may see).
+    pub fn apply(&mut self, mut status: HostStatus) -> Option<HostStatus> {
+        if let Some(agents) = &self.agents {
+            if !agents.contains(&status.agent) {
+                return None;
+            }
+        }
+        let Some(org) = &self.org else {
+            return Some(status);
+        };
+        status.sandboxes.retain(|s| s.org == *org);
+        if status.sandboxes.is_empty() {
+            self.shown.remove(&status.agent).then_some(status)
+        } else {
+            self.shown.insert(status.agent.clone());
+            Some(status)
+        }
+    }
 }
 
 /// `id:seq,id:seq,...`
@@ -519,6 +585,7 @@ async fn all_loop(
 async fn stream_monitor(
     st: Arc<ApiState>,
     who: Principal,
+    mut filter: MonitorFilter,
     mut statuses: Subscription<HostStatus>,
     ws: Ws,
 ) {
@@ -528,7 +595,10 @@ async fn stream_monitor(
     tick.reset();
     let stop = 'run: {
         for s in st.hosts.current() {
-            if let Err(stop) = peer.send(&st.platform.visible_status(&who, s)).await {
+            let Some(s) = filter.apply(st.platform.visible_status(&who, s)) else {
+                continue;
+            };
+            if let Err(stop) = peer.send(&s).await {
                 break 'run stop;
             }
         }
@@ -536,7 +606,10 @@ async fn stream_monitor(
             tokio::select! {
                 s = statuses.recv() => match s {
                     Received::Item(s) => {
-                        if let Err(stop) = peer.send(&st.platform.visible_status(&who, s)).await {
+                        let Some(s) = filter.apply(st.platform.visible_status(&who, s)) else {
+                            continue;
+                        };
+                        if let Err(stop) = peer.send(&s).await {
                             break 'run stop;
                         }
                     }
@@ -571,5 +644,67 @@ mod tests {
         assert!(parse_after_pairs("a").is_err());
         assert!(parse_after_pairs(":3").is_err());
         assert!(parse_after_pairs("a:x").is_err());
+    }
+
+    #[test]
+    fn the_monitor_filter_keeps_the_hosts_and_the_org_asked_for() {
+        use hatchery_scheduler::bus::SandboxUsage;
+        use hatchery_scheduler::model::Role as R;
+        let who = |role: R| Principal {
+            org: "acme".into(),
+            user: "root".into(),
+            role,
+        };
+        let q = |pairs: &[(&str, &str)]| -> Query {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let status = |agent: &str, orgs: &[&str]| HostStatus {
+            agent: agent.into(),
+            at: 1,
+            capacity: 4,
+            running: orgs.len() as u32,
+            allocatable: Default::default(),
+            draining: false,
+            load: Default::default(),
+            warm: vec![],
+            sandboxes: orgs
+                .iter()
+                .enumerate()
+                .map(|(i, o)| SandboxUsage {
+                    execution_id: format!("{agent}-{i}"),
+                    org: o.to_string(),
+                    user: "u".into(),
+                    usage: Default::default(),
+                    limits: Default::default(),
+                })
+                .collect(),
+        };
+        // No filter: everything.
+        let mut f = MonitorFilter::parse(&q(&[]), &who(R::Superadmin)).unwrap();
+        assert!(f.apply(status("a", &[])).is_some());
+        // By host.
+        let mut f = MonitorFilter::parse(&q(&[("agent", "a, c")]), &who(R::Superadmin)).unwrap();
+        assert!(f.apply(status("a", &[])).is_some());
+        assert!(f.apply(status("b", &["x"])).is_none());
+        assert!(f.apply(status("c", &[])).is_some());
+        assert!(MonitorFilter::parse(&q(&[("agent", ",")]), &who(R::Superadmin)).is_err());
+        // By org: only its sandboxes, only hosts that run some, and once more after.
+        let mut f = MonitorFilter::parse(&q(&[("org", "globex")]), &who(R::Superadmin)).unwrap();
+        assert!(f.apply(status("a", &["acme"])).is_none());
+        let s = f.apply(status("a", &["acme", "globex"])).unwrap();
+        assert_eq!(s.sandboxes.len(), 1);
+        assert_eq!(s.sandboxes[0].org, "globex");
+        assert!(
+            f.apply(status("a", &["acme"])).is_some(),
+            "its last one ended"
+        );
+        assert!(f.apply(status("a", &["acme"])).is_none());
+        // An org admin monitors its own org only.
+        assert!(MonitorFilter::parse(&q(&[("org", "acme")]), &who(R::OrgAdmin)).is_ok());
+        let e = MonitorFilter::parse(&q(&[("org", "globex")]), &who(R::OrgAdmin)).unwrap_err();
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
     }
 }

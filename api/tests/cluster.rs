@@ -381,6 +381,280 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
     );
 }
 
+/// The host status of `agent` as `/readyz` shows it.
+async fn host_of(addr: SocketAddr, agent: &str) -> Option<Value> {
+    let r = try_http(addr, "GET", "/readyz", None, None).await.ok()?;
+    r.json()["agents"]
+        .as_array()?
+        .iter()
+        .find(|a| a["agent"] == agent)
+        .cloned()
+}
+
+#[test]
+fn an_agent_given_sigterm_drains_without_killing_and_a_second_signal_forces_it() {
+    let Some(mut c) =
+        cluster("an_agent_given_sigterm_drains_without_killing_and_a_second_signal_forces_it")
+    else {
+        return;
+    };
+    let api = c.api_proc("api-1");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    // No deadline: the drain waits for the executions' own time limits.
+    let no_deadline = ("HATCHERY_DRAIN_DEADLINE", "none".to_string());
+    let agent_a = c.agent_named("agent-a", std::slice::from_ref(&no_deadline));
+    let agent_b = c.agent_named("agent-b", std::slice::from_ref(&no_deadline));
+    let addr = c.addr_of(api);
+    let tokens: Vec<String> = (0..3)
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
+        .collect();
+    e2e(async {
+        wait_ready(addr, 2).await;
+        // A run of a few seconds, on agent-a (both idle: the tie goes to the first name).
+        let long = submit_on(
+            addr,
+            &tokens[0],
+            r#"Sys.sleep(4); cat("finished in peace\n")"#,
+        )
+        .await;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let v = req(
+                addr,
+                "GET",
+                &format!("/v1/executions/{long}"),
+                &tokens[0],
+                None,
+            )
+            .await
+            .json();
+            if state(&v) == "running" {
+                assert_eq!(v["agent"], "agent-a", "{v}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{long} never ran: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // SIGTERM: agent-a drains. It says so, keeps running its execution, and new
+        // work goes to agent-b.
+        let signalled = Instant::now();
+        assert!(c.procs[agent_a].signal(libc::SIGTERM));
+        let deadline = Instant::now() + PATIENCE;
+        while !host_of(addr, "agent-a")
+            .await
+            .is_some_and(|h| h["draining"] == true)
+        {
+            assert!(Instant::now() < deadline, "agent-a never reported draining");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let h = host_of(addr, "agent-a").await.unwrap();
+        assert_eq!(h["running"], 1, "{h}");
+        let short = submit_on(addr, &tokens[1], "cat(6 * 7)").await;
+        let v = finished_on(addr, &tokens[1], &short).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["agent"], "agent-b", "{v}");
+        assert!(
+            c.procs[agent_a].is_running(),
+            "agent-a exited while its execution ran"
+        );
+
+        // The running execution ends on its own, untouched; then the agent exits.
+        let v = finished_on(addr, &tokens[0], &long).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["agent"], "agent-a", "{v}");
+        let events = log_of(addr, &tokens[0], &long).await;
+        assert_eq!(stdout_of(&events), "finished in peace\n");
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(s) = c.procs[agent_a].exited() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent-a never exited after its drain"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "agent-a: {status}");
+        eprintln!(
+            "agent-a: SIGTERM → exit {:?} (its execution slept 4 s)",
+            signalled.elapsed()
+        );
+        assert!(
+            signalled.elapsed() > Duration::from_secs(2),
+            "agent-a exited before its execution could have ended"
+        );
+
+        // agent-b drains too, with a run of a minute: a second SIGTERM forces the drain.
+        // The run ends `lost`, saying why, and the agent exits.
+        let minute = submit_on(addr, &tokens[2], "Sys.sleep(60)").await;
+        let deadline = Instant::now() + PATIENCE;
+        while state(
+            &req(
+                addr,
+                "GET",
+                &format!("/v1/executions/{minute}"),
+                &tokens[2],
+                None,
+            )
+            .await
+            .json(),
+        ) != "running"
+        {
+            assert!(Instant::now() < deadline, "{minute} never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(c.procs[agent_b].signal(libc::SIGTERM));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v = req(
+            addr,
+            "GET",
+            &format!("/v1/executions/{minute}"),
+            &tokens[2],
+            None,
+        )
+        .await
+        .json();
+        assert_eq!(
+            state(&v),
+            "running",
+            "a drain killed a running execution: {v}"
+        );
+        assert!(c.procs[agent_b].is_running());
+        let forced = Instant::now();
+        assert!(c.procs[agent_b].signal(libc::SIGTERM));
+        let v = finished_on(addr, &tokens[2], &minute).await;
+        assert_eq!(state(&v), "lost", "{v}");
+        assert_eq!(v["result"]["error_code"], "agent_shutdown", "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("drain was forced by a second signal")),
+            "{v}"
+        );
+        let deadline = Instant::now() + PATIENCE;
+        while c.procs[agent_b].exited().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "agent-b never exited when forced"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("agent-b: second SIGTERM → exit {:?}", forced.elapsed());
+        assert!(
+            forced.elapsed() < Duration::from_secs(20),
+            "the forced drain took {:?}",
+            forced.elapsed()
+        );
+    });
+    let log = std::fs::read_to_string(&c.procs[agent_b].log).unwrap_or_default();
+    assert!(
+        log.contains("drain forced"),
+        "agent-b's log does not say the drain was forced"
+    );
+}
+
+#[test]
+fn placement_counts_memory_and_a_request_no_host_can_hold_is_refused() {
+    let Some(mut c) = cluster("placement_counts_memory_and_a_request_no_host_can_hold_is_refused")
+    else {
+        return;
+    };
+    let api = c.api_proc("api-1");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    // Two hosts of 2 GiB and 2 cpus for executions, two slots each.
+    let shape = [
+        ("HATCHERY_MEMORY", "2G".to_string()),
+        ("HATCHERY_CPUS", "2".to_string()),
+    ];
+    c.agent_named("agent-a", &shape);
+    c.agent_named("agent-b", &shape);
+    let addr = c.addr_of(api);
+    let root = c.tok("hatchery", "root", "superadmin");
+    let tokens: Vec<String> = (0..3)
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
+        .collect();
+    e2e(async {
+        wait_ready(addr, 2).await;
+        // The hosts say what they have.
+        let h = host_of(addr, "agent-a").await.unwrap();
+        assert_eq!(h["allocatable"]["memory_bytes"], 2u64 << 30, "{h}");
+        assert_eq!(h["allocatable"]["cpus"], 2.0, "{h}");
+        let r = req(
+            addr,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            &root,
+            Some(json!({"memory_bytes": 64u64 << 30, "cpus": 8.0})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+        // Two runs of 1.5 GiB: by slots both would fit on one host (best fit packs);
+        // by memory they cannot, so each gets a host of its own.
+        let big = |code: &str| json!({"language": "r", "code": code, "limits": {"memory_bytes": 1536u64 << 20, "cpus": 1.0}});
+        let mut ids = Vec::new();
+        for t in &tokens[..2] {
+            let r = req(
+                addr,
+                "POST",
+                "/v1/executions",
+                t,
+                Some(big("Sys.sleep(1.5); 1")),
+            )
+            .await;
+            assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+            ids.push((t.clone(), r.json()["id"].as_str().unwrap().to_string()));
+        }
+        let mut agents = BTreeSet::new();
+        for (t, id) in &ids {
+            let v = finished_on(addr, t, id).await;
+            assert_eq!(state(&v), "succeeded", "{v}");
+            agents.insert(v["agent"].as_str().unwrap_or("?").to_string());
+        }
+        assert_eq!(
+            agents.len(),
+            2,
+            "two 1.5 GiB runs shared a 2 GiB host: {agents:?}"
+        );
+
+        // 3 GiB fits on no host: refused at once, naming the largest.
+        let r = req(
+            addr,
+            "POST",
+            "/v1/executions",
+            &tokens[2],
+            Some(json!({"language": "r", "code": "1", "limits": {"memory_bytes": 3u64 << 30}})),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (422, "exceeds_largest_host"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.contains("3 GiB") && message.contains("2 GiB and 2 cpus"),
+            "{message}"
+        );
+        // So do more CPUs than a host has.
+        let r = req(
+            addr,
+            "POST",
+            "/v1/executions",
+            &tokens[2],
+            Some(json!({"language": "r", "code": "1", "limits": {"memory_bytes": 1u64 << 30, "cpus": 3.0}})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "exceeds_largest_host"));
+    });
+}
+
 #[test]
 fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs_once() {
     let Some(mut c) = cluster(

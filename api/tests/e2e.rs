@@ -20,7 +20,7 @@ use harness::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -1263,6 +1263,14 @@ fn all_events_monitor_and_admin_views() {
         let mut monitor = ws_connect(&h, &format!("/v1/admin/monitor?token={root}"))
             .await
             .unwrap();
+        // Filtered by the server: another org's view shows none of acme's sandboxes (nor
+        // hosts that run only those); a host that does not exist sends nothing.
+        let mut globex = ws_connect(&h, &format!("/v1/admin/monitor?token={root}&org=globex"))
+            .await
+            .unwrap();
+        let mut nowhere = ws_connect(&h, &format!("/v1/admin/monitor?token={root}&agent=nowhere"))
+            .await
+            .unwrap();
         let busy = run_r(
             &h,
             &t,
@@ -1313,7 +1321,59 @@ fn all_events_monitor_and_admin_views() {
             !closed,
             "the monitor closed before it showed the busy sandbox: {statuses:?}"
         );
+        // Each status says what the host has for executions, what the busy one's limits
+        // take of it, and what the machine does.
+        let shown = statuses
+            .iter()
+            .find(|s| {
+                s["sandboxes"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().any(|x| x["execution_id"] == busy.as_str()))
+            })
+            .unwrap();
+        assert!(
+            shown["allocatable"]["memory_bytes"].as_u64().unwrap() > 0,
+            "{shown}"
+        );
+        assert!(
+            shown["allocatable"]["cpus"].as_f64().unwrap() > 0.0,
+            "{shown}"
+        );
+        let mine = shown["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["execution_id"] == busy.as_str())
+            .unwrap();
+        assert!(
+            mine["limits"]["memory_bytes"].as_u64().unwrap() > 0,
+            "{mine}"
+        );
+        let load = &shown["load"];
+        assert!(load["memory_total_bytes"].as_u64().unwrap() > 0, "{shown}");
+        assert!(
+            load["memory_used_bytes"].as_u64().unwrap()
+                <= load["memory_total_bytes"].as_u64().unwrap(),
+            "{shown}"
+        );
+        assert!(
+            (0.0..=1.0).contains(&load["cpu_busy"].as_f64().unwrap()),
+            "{shown}"
+        );
         let _ = monitor.close(None).await;
+        // Open through the whole busy run (statuses come every second): nothing for them.
+        for (name, ws) in [("org=globex", &mut globex), ("agent=nowhere", &mut nowhere)] {
+            let mut got = Vec::new();
+            while let Ok(Some(Ok(msg))) =
+                tokio::time::timeout(Duration::from_millis(300), ws.next()).await
+            {
+                if let Message::Text(t) = msg {
+                    got.push(t.to_string());
+                }
+            }
+            assert!(got.is_empty(), "{name}: {got:?}");
+            let _ = ws.close(None).await;
+        }
         // The admin list and metrics.
         let long = run_r(&h, &t, LONG).await;
         wait_running(&h, &t, &long).await;
@@ -1376,6 +1436,26 @@ fn all_events_monitor_and_admin_views() {
                 m.contains(&format!(
                     "hatchery_warm_sandboxes{{agent=\"{agent}\",language=\"r\"}}"
                 )),
+                "{m}"
+            );
+            // Per host: the machine's figures and what the host has for executions.
+            for family in [
+                "hatchery_host_cpu_busy_ratio",
+                "hatchery_host_memory_used_bytes",
+                "hatchery_host_cpu_pressure",
+                "hatchery_host_allocatable_memory_bytes",
+                "hatchery_host_limits_memory_bytes",
+            ] {
+                assert!(
+                    m.contains(&format!("{family}{{agent=\"{agent}\"}} ")),
+                    "{family}: {m}"
+                );
+            }
+            assert!(
+                sample_sum(
+                    std::slice::from_ref(m),
+                    &format!("hatchery_host_memory_total_bytes{{agent=\"{agent}\"}}")
+                ) > 0.0,
                 "{m}"
             );
         }

@@ -118,7 +118,7 @@ fn a_half_written_frame_holds_neither_the_time_limit_nor_a_cancel_nor_a_shutdown
         assert_eq!(state(&v), "cancelled", "{v}");
         assert!(asked.elapsed() < Duration::from_secs(5));
 
-        // A shutdown while one spins: SIGTERM is not held up (the grace period is 0 s).
+        // A shutdown while one spins: SIGTERM is not held up (the drain deadline is 0 s).
         let id = submit_with(&h, &t, &attack, 60_000).await;
         wait_output(&h, &t, &id, "attacking").await;
         let asked = Instant::now();

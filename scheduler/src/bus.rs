@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use crate::model::{ExecEvent, LiveEvent, Millis, Usage};
+use crate::model::{ExecEvent, LiveEvent, Millis, Resources, Usage};
 
 /// What the bus carries to event subscribers: an event of an execution's log (stored
 /// first, with its `seq`), or a live-only one (never stored, no `seq`). Serialised as
@@ -48,21 +48,37 @@ impl BusEvent {
     }
 }
 
-/// A submission on the bus: the execution's id and, after a space, the language it runs,
-/// so that the scheduler can place it without reading the store. The language is a
-/// placement hint only: the agent runs what the store's record says, and runs nothing
-/// that is no longer queued.
-pub fn submission(execution_id: &str, language: &str) -> String {
-    format!("{execution_id} {language}")
+/// A submission on the bus: the execution's id and, after spaces, the language it runs
+/// and what its limits take (memory in bytes, cpus), so that the scheduler can place it
+/// without reading the store. They are placement hints only: the agent runs what the
+/// store's record says, and runs nothing that is no longer queued.
+pub fn submission(execution_id: &str, language: &str, need: Resources) -> String {
+    format!(
+        "{execution_id} {language} {} {}",
+        need.memory_bytes, need.cpus
+    )
 }
 
-/// The execution id and the language hint (if any) of a submission (see [`submission`]).
-pub fn parse_submission(item: &str) -> (&str, Option<&str>) {
-    match item.split_once(' ') {
-        Some((id, language)) if !language.is_empty() => (id, Some(language)),
-        Some((id, _)) => (id, None),
-        None => (item, None),
-    }
+/// A submission read back (see [`submission`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission<'a> {
+    pub id: &'a str,
+    /// The hints, when the submission has them all: without them the scheduler reads
+    /// the record.
+    pub hint: Option<(&'a str, Resources)>,
+}
+
+pub fn parse_submission(item: &str) -> Submission<'_> {
+    let mut parts = item.split(' ');
+    let id = parts.next().unwrap_or_default();
+    let hint = (|| {
+        let language = parts.next().filter(|l| !l.is_empty())?;
+        let memory_bytes = parts.next()?.parse().ok()?;
+        let cpus: f64 = parts.next()?.parse().ok()?;
+        (cpus.is_finite() && cpus >= 0.0 && parts.next().is_none())
+            .then_some((language, Resources::new(memory_bytes, cpus)))
+    })();
+    Submission { id, hint }
 }
 
 /// A message to an agent.
@@ -70,7 +86,13 @@ pub fn parse_submission(item: &str) -> (&str, Option<&str>) {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AgentCommand {
     /// Run this (queued) execution.
-    Run { execution_id: String },
+    Run {
+        execution_id: String,
+        /// What its limits take from the host (the agent counts it from the moment it
+        /// takes the run; its record is the truth once read). Absent: not known yet.
+        #[serde(default, skip_serializing_if = "Resources::is_zero")]
+        need: Resources,
+    },
     /// Cancel this execution if it runs here.
     Cancel { execution_id: String },
 }
@@ -83,11 +105,33 @@ pub struct HostStatus {
     /// Executions it can run at once, and runs now.
     pub capacity: u32,
     pub running: u32,
+    /// Memory and CPUs it has for executions; what runs takes its limits from them (the
+    /// `limits` of each of [`Self::sandboxes`]). Zero from an agent that does not say:
+    /// placed by slots only.
+    #[serde(default)]
+    pub allocatable: Resources,
     pub draining: bool,
+    /// What the host's machine is doing (R13).
+    #[serde(default)]
+    pub load: HostLoad,
     /// Frozen sandboxes per language.
     pub warm: Vec<(String, u32)>,
     /// Live usage of every running sandbox (R13).
     pub sandboxes: Vec<SandboxUsage>,
+}
+
+/// What a host's machine is doing: CPUs busy since the previous status (a share of all
+/// of them, 0 to 1), memory in use (not available) of its total, and the kernel's
+/// pressure stall figures (`some avg10` of `/proc/pressure/{cpu,memory}`: the percentage
+/// of the last 10 s in which some task waited for CPU or memory; 0 where the kernel does
+/// not report them).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HostLoad {
+    pub cpu_busy: f64,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub cpu_pressure: f64,
+    pub memory_pressure: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +140,9 @@ pub struct SandboxUsage {
     pub org: String,
     pub user: String,
     pub usage: Usage,
+    /// What its limits take from the host.
+    #[serde(default)]
+    pub limits: Resources,
 }
 
 /// A work item taken from a queue. It stays the consumer's until acknowledged; a
@@ -317,9 +364,34 @@ mod tests {
 
     #[test]
     fn a_submission_carries_the_id_and_a_language_hint() {
-        let item = submission("abc123", "r");
-        assert_eq!(parse_submission(&item), ("abc123", Some("r")));
-        assert_eq!(parse_submission("abc123"), ("abc123", None));
-        assert_eq!(parse_submission("abc123 "), ("abc123", None));
+        let need = Resources::new(3 << 30, 1.5);
+        let item = submission("abc123", "r", need);
+        assert_eq!(
+            parse_submission(&item),
+            Submission {
+                id: "abc123",
+                hint: Some(("r", need))
+            }
+        );
+        // Anything less than the whole hint: the record is read instead.
+        for partial in [
+            "abc123",
+            "abc123 ",
+            "abc123 r",
+            "abc123 r 5",
+            "abc123 r x 1",
+            "abc123 r 5 NaN",
+            "abc123 r 5 -1",
+            "abc123 r 5 1 more",
+        ] {
+            assert_eq!(
+                parse_submission(partial),
+                Submission {
+                    id: "abc123",
+                    hint: None
+                },
+                "{partial:?}"
+            );
+        }
     }
 }

@@ -158,6 +158,71 @@ impl Limits {
     }
 }
 
+/// Memory and CPUs: what an execution's limits take from a host while it runs, or
+/// what a host has for executions (placement counts one against the other: R4).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+}
+
+impl Resources {
+    pub fn new(memory_bytes: u64, cpus: f64) -> Resources {
+        Resources { memory_bytes, cpus }
+    }
+
+    /// Whether `self` fits in `room`.
+    pub fn fits_in(&self, room: &Resources) -> bool {
+        // A millicpu of slack for sums of fractions (0.1 + 0.2 > 0.3 in binary).
+        self.memory_bytes <= room.memory_bytes && self.cpus <= room.cpus + 1e-3
+    }
+
+    pub fn plus(&self, other: &Resources) -> Resources {
+        Resources {
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            cpus: self.cpus + other.cpus,
+        }
+    }
+
+    /// What is left of `self` after `other` (never below zero).
+    pub fn minus(&self, other: &Resources) -> Resources {
+        Resources {
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+            cpus: (self.cpus - other.cpus).max(0.0),
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.memory_bytes == 0 && self.cpus <= 0.0
+    }
+}
+
+impl std::fmt::Display for Resources {
+    /// `2 GiB and 1.5 cpus`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = self.memory_bytes as f64 / (1u64 << 30) as f64;
+        let mem = if self.memory_bytes.is_multiple_of(1 << 30) {
+            format!("{} GiB", self.memory_bytes >> 30)
+        } else if gib >= 1.0 {
+            format!("{gib:.2} GiB")
+        } else {
+            format!("{} MiB", self.memory_bytes >> 20)
+        };
+        write!(
+            f,
+            "{mem} and {} cpus",
+            (self.cpus * 1000.0).round() / 1000.0
+        )
+    }
+}
+
+impl Limits {
+    /// What these limits take from a host while the execution runs.
+    pub fn resources(&self) -> Resources {
+        Resources::new(self.memory_bytes, self.cpus)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecState {

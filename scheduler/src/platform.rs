@@ -14,7 +14,8 @@ use crate::admission::{Admission, AdmissionRules};
 use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
     now_ms, ArtifactInfo, CancelReason, EffectivePolicy, EventBody, ExecEvent, ExecState,
-    ExecutionRecord, Policy, Principal, RequestedLimits, ResultSummary, Role, INLINE_CODE_MAX,
+    ExecutionRecord, Policy, Principal, RequestedLimits, Resources, ResultSummary, Role,
+    INLINE_CODE_MAX,
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
@@ -85,6 +86,15 @@ pub enum PlatformError {
     /// 422 `invalid_request`
     #[error("{0}")]
     Invalid(String),
+    /// 422 `exceeds_largest_host` — the execution's memory and CPUs fit on no host that
+    /// serves its language (R4: a request waits for room, but never for a host that
+    /// cannot exist).
+    #[error("the execution asks for {asked}; the largest host for {language} has {largest}")]
+    ExceedsLargestHost {
+        language: String,
+        asked: Resources,
+        largest: Resources,
+    },
     /// 503 `queue_full` (with Retry-After)
     #[error("the platform's queue is full; retry later")]
     QueueFull,
@@ -107,11 +117,44 @@ impl PlatformError {
             PlatformError::InvalidLimits(_) => "invalid_limits",
             PlatformError::PolicyExceedsOrg(_) => "policy_exceeds_org",
             PlatformError::Invalid(_) => "invalid_request",
+            PlatformError::ExceedsLargestHost { .. } => "exceeds_largest_host",
             PlatformError::QueueFull => "queue_full",
             PlatformError::StoreUnavailable => "store_unavailable",
             PlatformError::Internal(_) => "internal",
         }
     }
+}
+
+/// Whether an execution of `language` needing `need` fits on one of `hosts` (language,
+/// allocatable); true when none of them serves the language.
+fn fits_a_host(
+    language: &str,
+    need: &Resources,
+    hosts: &[(String, Resources)],
+) -> Result<(), PlatformError> {
+    let shapes: Vec<&Resources> = hosts
+        .iter()
+        .filter(|(l, r)| l == language && !r.is_zero())
+        .map(|(_, r)| r)
+        .collect();
+    if shapes.is_empty() || shapes.iter().any(|r| need.fits_in(r)) {
+        return Ok(());
+    }
+    let largest = shapes
+        .iter()
+        .max_by(|a, b| {
+            a.memory_bytes
+                .cmp(&b.memory_bytes)
+                .then(a.cpus.total_cmp(&b.cpus))
+        })
+        .copied()
+        .copied()
+        .unwrap_or_default();
+    Err(PlatformError::ExceedsLargestHost {
+        language: language.to_string(),
+        asked: *need,
+        largest,
+    })
 }
 
 /// An execution as the API shows it.
@@ -254,6 +297,18 @@ impl Platform {
         who: &Principal,
         req: SubmitRequest,
     ) -> Result<ExecutionRecord, PlatformError> {
+        self.submit_within(who, req, &[]).await
+    }
+
+    /// [`Self::submit`], refused with [`PlatformError::ExceedsLargestHost`] when the
+    /// execution's limits fit on none of `hosts` (the hosts that report what they have,
+    /// by language; none: not checked).
+    pub async fn submit_within(
+        &self,
+        who: &Principal,
+        req: SubmitRequest,
+        hosts: &[(String, Resources)],
+    ) -> Result<ExecutionRecord, PlatformError> {
         if !self.config.languages.contains(&req.language) {
             return Err(PlatformError::UnknownLanguage(req.language));
         }
@@ -270,6 +325,7 @@ impl Platform {
         tracing::trace!(ms = began.elapsed().as_secs_f64() * 1e3, "policy");
         let asked = req.limits;
         let limits = crate::policy::limits_for(&policy, asked.as_ref()).map_err(invalid_limits)?;
+        fits_a_host(&req.language, &limits.resources(), hosts)?;
 
         let id = uuid::Uuid::new_v4().simple().to_string();
         // Small code travels in the record; larger code is an object.
@@ -375,7 +431,8 @@ impl Platform {
                 // Admitted is admitted: the store is the outbox. If the bus cannot take
                 // the submission now, the scheduler finds the execution in the store on
                 // its next reconciliation.
-                let item = crate::bus::submission(&id, &admitted.language);
+                let item =
+                    crate::bus::submission(&id, &admitted.language, admitted.limits.resources());
                 let submit = (!self_cancelled).then_some(item.as_str());
                 let began = std::time::Instant::now();
                 if let Err(e) = self.bus.publish_and_submit(events, submit).await {

@@ -14,14 +14,14 @@
 //!
 //! Leadership (one scheduler of a cluster places at a time) is [`crate::node::Engines::run_scheduler`].
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus, Received, Subscription};
-use crate::model::{now_ms, ExecState};
+use crate::model::{now_ms, ExecState, Resources};
 use crate::placement::Cluster;
 use crate::store::{ListFilter, Store, StoreError};
 
@@ -50,6 +50,8 @@ pub enum SchedulerError {
 struct Waiting {
     id: String,
     language: String,
+    /// What its limits take from a host.
+    need: Resources,
     /// The bus delivery it came with, acknowledged once it is placed (or dropped);
     /// `None` for executions recovered from the store.
     tag: Option<DeliveryTag>,
@@ -117,6 +119,7 @@ pub async fn run_scheduler(
         if r.cancel.is_none() {
             queue.push_back(Waiting {
                 id: r.id,
+                need: r.limits.resources(),
                 language: r.language,
                 tag: None,
                 fresh: false,
@@ -138,8 +141,8 @@ pub async fn run_scheduler(
         tokio::select! {
             next = submissions.recv() => match next {
                 Some(Ok((item, tag))) => {
-                    let (id, language) = crate::bus::parse_submission(&item);
-                    let id = id.to_string();
+                    let submission = crate::bus::parse_submission(&item);
+                    let id = submission.id.to_string();
                     // Already waiting or sent (the reconciliation found it first).
                     if queue.iter().any(|w| w.id == id) || cluster.is_in_flight(&id) {
                         let _ = bus.ack_submitted(&tag).await;
@@ -147,8 +150,8 @@ pub async fn run_scheduler(
                     }
                     // Placed on the submission's word: the agent's `mark_running` runs
                     // it only if it is still queued.
-                    if let Some(language) = language {
-                        queue.push_back(Waiting { id, language: language.to_string(), tag: Some(tag), fresh: true });
+                    if let Some((language, need)) = submission.hint {
+                        queue.push_back(Waiting { id, language: language.to_string(), need, tag: Some(tag), fresh: true });
                         continue;
                     }
                     let began = std::time::Instant::now();
@@ -156,7 +159,7 @@ pub async fn run_scheduler(
                     tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "read a submission");
                     match read {
                         Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
-                            queue.push_back(Waiting { id, language: r.language, tag: Some(tag), fresh: true });
+                            queue.push_back(Waiting { id, need: r.limits.resources(), language: r.language, tag: Some(tag), fresh: true });
                         }
                         Ok(_) => {
                             let _ = bus.ack_submitted(&tag).await;
@@ -173,13 +176,24 @@ pub async fn run_scheduler(
             status = statuses.recv(), if statuses_open => match status {
                 Received::Item(s) => {
                     let agent = s.agent.clone();
+                    let draining = s.draining;
                     cluster.observe(s);
                     // Runs that ended since they were sent free their slot (those that
                     // run are in the status; one the store says runs but the status
                     // does not list started after the status was made: it still takes
-                    // its slot).
+                    // its slot). A draining host starts none of the runs it was sent and
+                    // hands them back: those still queued are placed again at once (if
+                    // it did start one meanwhile, `mark_running` lets only one host run
+                    // it).
                     for id in cluster.in_flight_on(&agent) {
                         match store.get(&id).await {
+                            Ok(Some(r)) if draining && r.state == ExecState::Queued => {
+                                cluster.landed(&id);
+                                if r.cancel.is_none() && !queue.iter().any(|w| w.id == id) {
+                                    tracing::info!(execution = %id, agent = %agent, "its host drains: placing it again");
+                                    queue.push_back(Waiting { id, need: r.limits.resources(), language: r.language, tag: None, fresh: false });
+                                }
+                            }
                             Ok(Some(r)) if matches!(r.state, ExecState::Queued | ExecState::Running) => {}
                             Ok(_) => cluster.landed(&id),
                             Err(e) => tracing::debug!(execution = %id, error = %e, "cannot read a sent execution"),
@@ -231,7 +245,7 @@ pub async fn run_scheduler(
                                 && !queue.iter().any(|w| w.id == r.id)
                             {
                                 tracing::info!(execution = %r.id, "queued in the store but never submitted to this scheduler: placing it");
-                                queue.push_back(Waiting { id: r.id, language: r.language, tag: None, fresh: false });
+                                queue.push_back(Waiting { id: r.id, need: r.limits.resources(), language: r.language, tag: None, fresh: false });
                             }
                         }
                     }
@@ -245,7 +259,7 @@ pub async fn run_scheduler(
                             && !queue.iter().any(|w| w.id == id)
                         {
                             tracing::warn!(execution = %id, "its host vanished before running it; placing it again");
-                            queue.push_back(Waiting { id, language: r.language, tag: None, fresh: false });
+                            queue.push_back(Waiting { id, need: r.limits.resources(), language: r.language, tag: None, fresh: false });
                         }
                     }
                 }
@@ -262,17 +276,23 @@ async fn place_waiting(
     cluster: &mut Cluster,
     queue: &mut VecDeque<Waiting>,
 ) -> Result<(), SchedulerError> {
-    let mut blocked: HashSet<String> = HashSet::new();
+    // What found no host in this pass, per language: a later execution that needs at
+    // least as much in both memory and CPUs finds none either. One that needs less is
+    // still tried, so a large request waiting for room does not hold up small ones.
+    let mut blocked: Vec<(String, Resources)> = Vec::new();
     let mut kept = VecDeque::with_capacity(queue.len());
     while let Some(mut w) = queue.pop_front() {
-        if blocked.contains(&w.language) {
+        let hopeless = blocked
+            .iter()
+            .any(|(language, need)| *language == w.language && need.fits_in(&w.need));
+        if hopeless {
             w.fresh = false;
             kept.push_back(w);
             continue;
         }
         let now = now_ms();
-        let Some(agent) = cluster.place(&w.language, now) else {
-            blocked.insert(w.language.clone());
+        let Some(agent) = cluster.place(&w.language, &w.need, now) else {
+            blocked.push((w.language.clone(), w.need));
             w.fresh = false;
             kept.push_back(w);
             continue;
@@ -300,12 +320,13 @@ async fn place_waiting(
         }
         let cmd = AgentCommand::Run {
             execution_id: w.id.clone(),
+            need: w.need,
         };
         let began = std::time::Instant::now();
         match bus.send_to_agent(&agent, cmd).await {
             Ok(()) => {
                 tracing::debug!(execution = %w.id, agent = %agent, ms = began.elapsed().as_secs_f64() * 1e3, "placed");
-                cluster.sent(&w.id, &agent, now);
+                cluster.sent(&w.id, &agent, w.need, now);
                 // Acted on: the agent's queue holds it now.
                 if let Some(tag) = w.tag {
                     let _ = bus.ack_submitted(&tag).await;
@@ -317,7 +338,7 @@ async fn place_waiting(
             }
             Err(e) => {
                 tracing::warn!(execution = %w.id, agent = %agent, error = %e, "cannot send a run");
-                blocked.insert(w.language.clone());
+                blocked.push((w.language.clone(), Resources::default()));
                 w.fresh = false;
                 kept.push_back(w);
             }
@@ -346,7 +367,9 @@ mod tests {
             at,
             capacity,
             running,
+            allocatable: Resources::default(),
             draining: false,
+            load: Default::default(),
             warm: vec![("r".into(), 1)],
             sandboxes: Vec::new(),
         }
@@ -373,7 +396,7 @@ mod tests {
 
     async fn next_run(bus: &EmbeddedBus, agent: &str) -> Option<String> {
         match tokio::time::timeout(Duration::from_millis(300), bus.next_for_agent(agent)).await {
-            Ok(Ok(AgentCommand::Run { execution_id })) => Some(execution_id),
+            Ok(Ok(AgentCommand::Run { execution_id, .. })) => Some(execution_id),
             Ok(other) => panic!("{other:?}"),
             Err(_) => None,
         }
@@ -404,7 +427,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn places_by_free_slots_and_waits_for_capacity() {
+    async fn places_best_fit_and_waits_for_capacity() {
         let (_dir, store, bus, task) = scheduler_with_host_a().await;
         bus.publish_status(status("b", 2, 0, now_ms()))
             .await
@@ -420,9 +443,9 @@ mod tests {
         for n in 1..=5 {
             bus.submit(&format!("e{n}")).await.unwrap();
         }
-        // Most free first (b: 2), then the tie a/b by name, then b.
-        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e1"));
-        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e2"));
+        // Best fit packs: the host with the least room first (a: 1 slot), then b.
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
+        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e2"));
         assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e3"));
         // Full: e4 and e5 wait.
         assert_eq!(next_run(&bus, "a").await, None);
@@ -431,10 +454,10 @@ mod tests {
             .request_cancel("e4", CancelReason::Requested)
             .await
             .unwrap();
-        // b ran e1 to the end; its status says so: one slot frees (e3 still counts).
-        store.mark_running("e1", "b", now_ms()).await.unwrap();
+        // b ran e2 to the end; its status says so: one slot frees (e3 still counts).
+        store.mark_running("e2", "b", now_ms()).await.unwrap();
         store
-            .mark_finished("e1", ExecState::Succeeded, None, None, now_ms())
+            .mark_finished("e2", ExecState::Succeeded, None, None, now_ms())
             .await
             .unwrap();
         bus.publish_status(status("b", 2, 0, now_ms()))
@@ -447,6 +470,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_request_waits_for_room_without_holding_up_small_ones() {
+        // One host, c: 4 GiB and 2 cpus for executions, 4 slots. (Whatever the scheduler
+        // reads first, a status or a submission, nothing can go elsewhere.)
+        let dir = tempfile::tempdir().unwrap();
+        let _dir = &dir;
+        let store = Arc::new(
+            EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
+        );
+        let bus = Arc::new(EmbeddedBus::new());
+        let task = tokio::spawn(run_scheduler(
+            store.clone(),
+            bus.clone(),
+            bus.subscribe_status(),
+            None,
+        ));
+        let mut c = status("c", 4, 0, now_ms());
+        c.allocatable = Resources::new(4 << 30, 2.0);
+        bus.publish_status(c.clone()).await.unwrap();
+        let rules = AdmissionRules {
+            max_parallel: 10,
+            max_queued: 10,
+        };
+        let sized = |n: u32, gib: u64| {
+            let mut r = record(n);
+            r.limits.memory_bytes = gib << 30;
+            r
+        };
+        let submit = |r: ExecutionRecord| {
+            let (store, bus) = (store.clone(), bus.clone());
+            async move {
+                let item = crate::bus::submission(&r.id, "r", r.limits.resources());
+                store.admit(r, rules).await.unwrap();
+                bus.submit(&item).await.unwrap();
+            }
+        };
+        submit(sized(0, 1)).await;
+        assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e0"));
+        // e0 runs on c: 3 GiB left there.
+        store.mark_running("e0", "c", now_ms()).await.unwrap();
+        // e1 wants 4 GiB: it fits on c only once e0 is over. e2 (1 GiB), behind it, is
+        // not held up: it goes now.
+        submit(sized(1, 4)).await;
+        submit(sized(2, 1)).await;
+        assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e2"));
+        assert_eq!(next_run(&bus, "a").await, None);
+        assert_eq!(next_run(&bus, "c").await, None);
+        // e0 and e2 end; c says so: e1 goes there.
+        for id in ["e0", "e2"] {
+            if id == "e2" {
+                store.mark_running(id, "c", now_ms()).await.unwrap();
+            }
+            store
+                .mark_finished(id, ExecState::Succeeded, None, None, now_ms())
+                .await
+                .unwrap();
+        }
+        c.at = now_ms();
+        bus.publish_status(c).await.unwrap();
+        assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e1"));
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn a_status_made_before_a_run_started_does_not_free_its_slot() {
         let (_dir, store, bus, task) = scheduler_with_host_a().await;
         let rules = AdmissionRules {
@@ -455,9 +541,13 @@ mod tests {
         };
         for n in 1..=2 {
             store.admit(record(n), rules).await.unwrap();
-            bus.submit(&crate::bus::submission(&format!("e{n}"), "r"))
-                .await
-                .unwrap();
+            bus.submit(&crate::bus::submission(
+                &format!("e{n}"),
+                "r",
+                record(0).limits.resources(),
+            ))
+            .await
+            .unwrap();
         }
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
         // e1 runs (the store says so), but a's status was made before it started: it
@@ -476,6 +566,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e2"));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn runs_sent_to_a_host_that_starts_draining_are_placed_again_elsewhere() {
+        let (_dir, store, bus, task) = scheduler_with_host_a().await;
+        let rules = AdmissionRules {
+            max_parallel: 10,
+            max_queued: 10,
+        };
+        for n in 1..=2 {
+            store.admit(record(n), rules).await.unwrap();
+            bus.submit(&crate::bus::submission(
+                &format!("e{n}"),
+                "r",
+                record(0).limits.resources(),
+            ))
+            .await
+            .unwrap();
+        }
+        // a takes e1 and starts it; e2 waits (a has one slot, b is not up yet).
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
+        store.mark_running("e1", "a", now_ms()).await.unwrap();
+        assert_eq!(next_run(&bus, "a").await, None);
+        // b comes up with two slots: e2 goes there.
+        bus.publish_status(status("b", 2, 0, now_ms()))
+            .await
+            .unwrap();
+        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e2"));
+        // e3 is sent to b too (one slot left), then b starts draining before it ran it:
+        // e3 is placed again, on a once a's e1 is over; e2, which b runs, is not.
+        store.mark_running("e2", "b", now_ms()).await.unwrap();
+        store.admit(record(3), rules).await.unwrap();
+        bus.submit(&crate::bus::submission(
+            "e3",
+            "r",
+            record(0).limits.resources(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e3"));
+        let mut drains = status("b", 2, 1, now_ms());
+        drains.draining = true;
+        bus.publish_status(drains).await.unwrap();
+        assert_eq!(next_run(&bus, "a").await, None, "a is still full");
+        store
+            .mark_finished("e1", ExecState::Succeeded, None, None, now_ms())
+            .await
+            .unwrap();
+        bus.publish_status(status("a", 1, 0, now_ms()))
+            .await
+            .unwrap();
+        assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e3"));
+        assert_eq!(next_run(&bus, "a").await, None);
+        assert_eq!(next_run(&bus, "b").await, None);
         task.abort();
     }
 

@@ -103,6 +103,7 @@ fn usage(id: &str, memory_bytes: u64) -> LiveEvent {
 fn run_cmd(id: &str) -> AgentCommand {
     AgentCommand::Run {
         execution_id: id.into(),
+        need: hatchery_scheduler::model::Resources::new(3 << 30, 1.5),
     }
 }
 
@@ -197,7 +198,15 @@ bus_test!(status_reaches_every_process, |b| {
         at: 1,
         capacity: 4,
         running: 1,
+        allocatable: hatchery_scheduler::model::Resources::new(60 << 30, 15.5),
         draining: false,
+        load: hatchery_scheduler::bus::HostLoad {
+            cpu_busy: 0.5,
+            memory_total_bytes: 16 << 30,
+            memory_used_bytes: 1 << 30,
+            cpu_pressure: 2.25,
+            memory_pressure: 0.5,
+        },
         warm: vec![("r".into(), 2)],
         sandboxes: vec![],
     };
@@ -387,7 +396,9 @@ fn status(agent: &str, at: u64) -> HostStatus {
         at,
         capacity: 4,
         running: 0,
+        allocatable: Default::default(),
         draining: false,
+        load: Default::default(),
         warm: vec![("r".into(), 1)],
         sandboxes: vec![],
     }

@@ -89,7 +89,7 @@ async fn submit_stores_encrypted_code_and_queues_with_policy_limits() {
     // The scheduler was told.
     assert_eq!(
         f.platform.bus.next_submitted().await.unwrap(),
-        hatchery_scheduler::bus::submission(&rec.id, &rec.language)
+        hatchery_scheduler::bus::submission(&rec.id, &rec.language, rec.limits.resources())
     );
 
     // Larger code is an object of its own, sealed.

@@ -136,7 +136,7 @@ impl Hatchery {
                  name = \"e2e\"\n\
                  pool_size = 1\n\
                  capacity = {capacity}\n\
-                 shutdown_grace = \"0s\"\n\
+                 drain_deadline = \"0s\"\n\
                  cgroup_parent = \"{cgroup_parent}\"\n\
                  [platform]\n\
                  languages = {languages:?}\n\

@@ -1,8 +1,12 @@
 //! The agent's command loop: it reads this host's commands from the bus (on a task of
 //! its own, so a pending read is never dropped half-way), acts on `Cancel`s at once, and
 //! starts `Run`s in arrival order whenever a slot is free. A `Run` is acknowledged on the
-//! bus once it started (one that never started is redelivered after a restart). At
-//! shutdown it lets running executions finish for the grace period, then kills them.
+//! bus once it started (one that never started is redelivered after a restart).
+//!
+//! While the host drains it starts nothing: `Run`s waiting for a slot, and any that
+//! arrive, are handed back — acknowledged here and left `queued` in the store, where the
+//! scheduler places them again (it does so as soon as the host's status says it drains).
+//! Cancels still act. Once nothing runs, it says so ([`super::Inner::drained`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use tokio::task::JoinSet;
 use super::run::run_execution;
 use super::Inner;
 use crate::bus::{AgentCommand, BusError, DeliveryTag};
+use crate::model::Resources;
 
 /// Reads commands; `Cancel`s act at once, `Run`s wait in order for a free slot.
 pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
@@ -52,27 +57,41 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
     };
     // Runs waiting for a slot, with their delivery tags (acknowledged once started: a
     // run that never started is redelivered after a restart).
-    let mut waiting: VecDeque<(String, DeliveryTag)> = VecDeque::new();
+    let mut waiting: VecDeque<(String, Resources, DeliveryTag)> = VecDeque::new();
     let mut executions = JoinSet::new();
     loop {
+        let draining = inner.draining.load(std::sync::atomic::Ordering::SeqCst);
+        if draining {
+            // Handed back: the scheduler places them on another host.
+            for (id, _, tag) in waiting.drain(..) {
+                hand_back(&inner, &id, &tag).await;
+            }
+            if executions.is_empty() {
+                inner.drained.send_replace(true);
+            }
+        }
         // Start waiting runs while there are free slots.
-        while let Some((id, tag)) = waiting.front() {
+        while !waiting.is_empty() {
             let Ok(permit) = Arc::clone(&inner.slots).try_acquire_owned() else {
                 break;
             };
-            let (id, tag) = (id.clone(), tag.clone());
-            waiting.pop_front();
-            executions.spawn(run_execution(Arc::clone(&inner), id, permit));
+            let Some((id, need, tag)) = waiting.pop_front() else {
+                break;
+            };
+            executions.spawn(run_execution(Arc::clone(&inner), id, need, permit));
             let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
         }
         tokio::select! {
             _ = stop.changed() => break,
+            _ = inner.drain_started.notified(), if !draining => {}
             cmd = cmd_rx.recv() => match cmd {
-                Some((AgentCommand::Run { execution_id }, tag)) => {
-                    if waiting.iter().any(|(w, _)| *w == execution_id) {
+                Some((AgentCommand::Run { execution_id, need }, tag)) => {
+                    if waiting.iter().any(|(w, _, _)| *w == execution_id) {
                         let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
+                    } else if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                        hand_back(&inner, &execution_id, &tag).await;
                     } else {
-                        waiting.push_back((execution_id, tag));
+                        waiting.push_back((execution_id, need, tag));
                     }
                 }
                 Some((AgentCommand::Cancel { execution_id }, tag)) => {
@@ -94,15 +113,18 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
     if !waiting.is_empty() {
         tracing::info!(agent = %inner.cfg.id, left = waiting.len(), "runs left queued at shutdown");
     }
-    // Shutdown: let running executions finish for the grace period, then kill them.
-    let grace = tokio::time::sleep(inner.cfg.shutdown_grace);
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            next = executions.join_next() => if next.is_none() { return },
-            _ = &mut grace => break,
-        }
+    // Stopped before its executions ended (the bus closed, or the agent stops without
+    // having drained): they are killed, and end `lost`.
+    if !executions.is_empty() {
+        inner.kill_all(super::LOST_ON_SHUTDOWN);
+        while executions.join_next().await.is_some() {}
     }
-    inner.kill_all();
-    while executions.join_next().await.is_some() {}
+    inner.drained.send_replace(true);
+}
+
+/// Hands a `Run` back while the host drains: acknowledged here (it is not redelivered to
+/// this host), left `queued` in the store for the scheduler to place elsewhere.
+async fn hand_back(inner: &Inner, id: &str, tag: &DeliveryTag) {
+    tracing::info!(agent = %inner.cfg.id, execution = %id, "draining: handing a run back to the scheduler");
+    let _ = inner.bus.ack_for_agent(&inner.cfg.id, tag).await;
 }

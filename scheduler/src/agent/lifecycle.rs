@@ -130,6 +130,10 @@ pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<boo
             _ = stop.changed() => return,
             _ = tokio::time::sleep(SIZING_INTERVAL) => {}
         }
+        // A draining host refills no pool.
+        if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
         let recent = match inner
             .store
             .list(&ListFilter {
@@ -175,6 +179,10 @@ pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<boo
             },
         );
         let pools = inner.pools.lock().unwrap();
+        // The drain empties the pools under this lock: once it has, they stay empty.
+        if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
         for (lang, size) in sizes {
             if let Some(pool) = pools.get(&lang) {
                 if pool.size() != size {
@@ -227,7 +235,7 @@ pub(super) async fn lease_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool
         match inner.store.heartbeat(&inner.cfg.id, lease_ms).await {
             Ok(Lease::Held) => {}
             Ok(Lease::Lapsed) => {
-                let killed = inner.kill_all();
+                let killed = inner.kill_all(super::LOST_ON_SHUTDOWN);
                 tracing::error!(
                     agent = %inner.cfg.id,
                     killed,

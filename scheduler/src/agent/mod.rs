@@ -26,16 +26,23 @@
 //! |---|---|
 //! | `mod.rs` | the configuration ([`AgentConfig`], [`LanguageConfig`]), [`Agent::start`], the [`AgentHandle`] (readiness, drain, shutdown) and the state the tasks share (`Inner`: pools, what runs here, free slots) |
 //! | `lifecycle.rs` | start-up (reconcile with the store, reap orphaned sandboxes), the lease/heartbeat loop, the status loop, pool sizing by demand ([`desired_pool_sizes`]) |
-//! | `commands.rs` | the command loop: reads the bus, starts `Run`s in order as slots free up, acts on `Cancel`s, and the shutdown grace |
+//! | `commands.rs` | the command loop: reads the bus, starts `Run`s in order as slots free up, acts on `Cancel`s; while draining it starts nothing and hands back what waits |
 //! | `run.rs` | one execution end to end: `mark_running`, the wait for displaced runs, the pre-start cancel check, claim and drive, `finish`, and the result summary ([`state_of`]) |
 //! | `forward.rs` | the forwarder: the pool's events of one execution become stored and published events (held until `started`, UTF-8 kept whole across chunks) |
 //!
-//! Not yet: the per-org warm-pool size of policies (R5) — pools are sized per language
-//! from the agent's configuration.
+//! **Drain** (R7): [`AgentHandle::shutdown`] first drains the host. Its status says
+//! `draining` (placement sends it nothing new, and the scheduler places again what it sent
+//! here that has not started), `Run`s that wait for a slot or arrive later are handed back
+//! (acknowledged and left `queued` in the store), the pools shrink to nothing and refill
+//! no more, and the running executions go on to their end — each bounded by its own time
+//! limit. Only a [`Forcer`] (a second signal) or the configured
+//! [`AgentConfig::drain_deadline`] kills what still runs; those executions end `lost`
+//! with the reason in their result, and the logs say so.
 
 mod commands;
 mod forward;
 mod lifecycle;
+mod load;
 mod run;
 
 use std::collections::HashMap;
@@ -49,7 +56,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::bus::{Bus, HostStatus, SandboxUsage};
-use crate::model::{now_ms, EffectivePolicy, Usage};
+use crate::model::{now_ms, EffectivePolicy, Resources, Usage};
 use crate::objects::Objects;
 use crate::store::{Store, StoreError, StoreResult};
 
@@ -59,8 +66,73 @@ pub use run::state_of;
 
 /// The error a reconciled execution carries.
 pub const LOST_ON_RESTART: &str = "the agent restarted while it ran";
-/// The error of an execution killed because its agent shut down.
+/// The error of an execution killed because its agent shut down (a lapsed lease; a
+/// forced drain says why in [`DrainForced::note`]).
 pub const LOST_ON_SHUTDOWN: &str = "the agent shut down while it ran";
+
+/// Placement counts CPU limits against this many times the host's CPUs by default: a
+/// CPU limit is a ceiling (`cpu.max`), not a reservation, and most executions use a
+/// fraction of theirs. Memory limits are never overcommitted.
+pub const DEFAULT_CPU_OVERCOMMIT: f64 = 2.0;
+
+/// Memory held back from executions on a host whose memory is not given: the agent,
+/// its zygotes and warm sandboxes, the system.
+pub const MACHINE_MEMORY_RESERVE: u64 = 1 << 30;
+
+/// What this machine has for executions: `memory_max` (the ceiling written into the
+/// parent cgroup for all sandboxes together) when set, else the machine's memory less
+/// [`MACHINE_MEMORY_RESERVE`] (at most a quarter of it); its online CPUs times
+/// `cpu_overcommit`.
+pub fn machine_allocatable(memory_max: Option<u64>, cpu_overcommit: f64) -> Resources {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let memory = memory_max.unwrap_or_else(|| total - MACHINE_MEMORY_RESERVE.min(total / 4));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Resources::new(memory, cpus * cpu_overcommit)
+}
+
+/// Why a drain stopped waiting for running executions and killed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainForced {
+    /// Asked for again (a second SIGTERM or Ctrl-C).
+    Signal,
+    /// [`AgentConfig::drain_deadline`] passed.
+    Deadline(Duration),
+}
+
+impl DrainForced {
+    /// The error the killed executions carry.
+    pub fn note(self) -> String {
+        match self {
+            DrainForced::Signal => {
+                "the host shut down before it finished: its drain was forced by a second signal"
+                    .into()
+            }
+            DrainForced::Deadline(d) => format!(
+                "the host shut down before it finished: its drain deadline ({}) passed",
+                humane(d)
+            ),
+        }
+    }
+}
+
+/// `5s`, `1500ms`, `2m`: how a duration reads in a message.
+fn humane(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
 
 /// One language this agent serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +180,10 @@ pub struct AgentConfig {
     pub id: String,
     /// Executions run at once; further `Run`s wait here, in order.
     pub capacity: u32,
+    /// Memory and CPUs this host has for executions: placement counts each execution's
+    /// limits against them (R4). Default: [`Resources`] of the machine
+    /// ([`machine_allocatable`]).
+    pub allocatable: Resources,
     pub languages: Vec<LanguageConfig>,
     /// The sandboxes' read-only root filesystem.
     pub rootfs: PathBuf,
@@ -138,9 +214,10 @@ pub struct AgentConfig {
     pub lease: Duration,
     /// How long a claim waits for a frozen sandbox when the pool is empty.
     pub claim_timeout: Duration,
-    /// On shutdown: how long running executions may finish before they are killed (and
-    /// recorded as `lost`).
-    pub shutdown_grace: Duration,
+    /// On shutdown the host drains: running executions finish, each within its own time
+    /// limit. With a deadline, what still runs when it passes is killed (and recorded as
+    /// `lost`, saying so); `None`: no deadline beyond the executions' own.
+    pub drain_deadline: Option<Duration>,
     /// Pool sizing by demand (R5): the platform default policy the org and user
     /// `warm_pool_size` overrides apply to.
     pub default_policy: EffectivePolicy,
@@ -165,6 +242,7 @@ impl AgentConfig {
         AgentConfig {
             id: id.into(),
             capacity: 2,
+            allocatable: machine_allocatable(None, DEFAULT_CPU_OVERCOMMIT),
             languages: vec![LanguageConfig {
                 name: "r".into(),
                 packages: Vec::new(),
@@ -182,7 +260,7 @@ impl AgentConfig {
             status_interval: Duration::from_secs(1),
             lease: Duration::from_secs(10),
             claim_timeout: Duration::from_secs(120),
-            shutdown_grace: Duration::ZERO,
+            drain_deadline: None,
             default_policy: EffectivePolicy::default(),
             demand_window: Duration::from_secs(600),
             max_pool_size: 8,
@@ -294,6 +372,9 @@ impl Agent {
             draining: std::sync::atomic::AtomicBool::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
             status_changed: Notify::new(),
+            drain_started: Notify::new(),
+            drained: watch::channel(false).0,
+            load: Mutex::default(),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(commands::command_loop(Arc::clone(&inner), stop_rx.clone()));
@@ -355,29 +436,60 @@ impl AgentHandle {
         self.inner.status()
     }
 
-    /// Marks the host draining: its status says so, so placement sends it no new work.
-    /// Work already sent to it still runs.
+    /// Drains the host: its status says `draining` (placement sends it nothing new and
+    /// the scheduler places again what it sent here that has not started), `Run`s are
+    /// handed back instead of started, and the pools shrink to nothing and refill no
+    /// more. Running executions go on; cancels still reach them. Idempotent.
     pub fn drain(&self) {
-        self.inner
-            .draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.inner.status_changed.notify_one();
+        self.inner.drain();
     }
 
-    /// Stops taking work, lets running executions finish for the configured grace
-    /// period, kills the rest (recorded as `lost`) and shuts the pools down. `Run`s that
-    /// were waiting for a slot here stay `queued` in the store (the scheduler re-places
-    /// queued executions when it starts).
+    /// Kills what still runs during a drain or a shutdown (a second signal): see
+    /// [`Forcer`].
+    pub fn forcer(&self) -> Forcer {
+        Forcer(Arc::clone(&self.inner))
+    }
+
+    /// Drains the host (see [`Self::drain`]) and waits until nothing runs here — every
+    /// execution ends on its own, within its own time limit — or until the configured
+    /// [`AgentConfig::drain_deadline`] passes or a [`Forcer`] is used, which kill what
+    /// still runs (`lost`, saying why). Then stops the agent's tasks and shuts the pools
+    /// down. `Run`s handed back stay `queued` in the store for another host (or for this
+    /// one's next start).
     pub async fn shutdown(mut self) {
         let inner = Arc::clone(&self.inner);
-        inner
-            .draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let running = inner.running.lock().unwrap().len();
+        inner.drain();
+        let mut drained = inner.drained.subscribe();
+        if running > 0 {
+            match inner.cfg.drain_deadline {
+                Some(d) => {
+                    tracing::info!(agent = %inner.cfg.id, running, deadline = %humane(d), "draining: running executions may finish until the deadline; a second signal stops them now")
+                }
+                None => {
+                    tracing::info!(agent = %inner.cfg.id, running, "draining: running executions finish first, each within its own time limit; a second signal stops them now")
+                }
+            }
+        }
+        let deadline = async {
+            match inner.cfg.drain_deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let in_time = tokio::select! {
+            _ = drained.wait_for(|d| *d) => true,
+            _ = deadline => false,
+        };
+        if !in_time {
+            let d = inner.cfg.drain_deadline.unwrap_or_default();
+            inner.force(DrainForced::Deadline(d));
+            let _ = drained.wait_for(|d| *d).await;
+        }
         inner
             .stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.stop.send(true);
-        // The command loop waits for its executions only for the grace period.
         while self.tasks.join_next().await.is_some() {}
         let pools: Vec<Arc<Pool>> = inner
             .pools
@@ -411,17 +523,30 @@ impl AgentHandle {
     }
 }
 
+/// Stops a drain's wait: what still runs on the host is killed and ends `lost`, its
+/// result saying the drain was forced. For a second SIGTERM or Ctrl-C.
+#[derive(Clone)]
+pub struct Forcer(Arc<Inner>);
+
+impl Forcer {
+    pub fn force(&self) {
+        self.0.force(DrainForced::Signal);
+    }
+}
+
 /// One execution running here.
 struct Running {
     org: String,
     user: String,
     usage: Usage,
+    /// What its limits take from the host.
+    limits: Resources,
     /// Set once the sandbox is claimed.
     canceller: Option<Canceller>,
     /// A cancel arrived (before or after the claim).
     cancel_requested: bool,
-    /// Killed because the agent shuts down.
-    shutdown_kill: bool,
+    /// Killed because the agent shuts down: the error its result carries.
+    shutdown_kill: Option<String>,
 }
 
 struct Inner {
@@ -437,6 +562,12 @@ struct Inner {
     /// retried.
     stopping: std::sync::atomic::AtomicBool,
     status_changed: Notify,
+    /// Wakes the command loop when the drain starts.
+    drain_started: Notify,
+    /// True once the host drains and nothing runs here any more.
+    drained: watch::Sender<bool>,
+    /// Samples the machine for the status.
+    load: Mutex<load::LoadSampler>,
 }
 
 /// The longest pause between two attempts of a store write that found the store
@@ -506,6 +637,7 @@ impl Inner {
                 org: r.org.clone(),
                 user: r.user.clone(),
                 usage: r.usage.clone(),
+                limits: r.limits,
             })
             .collect();
         sandboxes.sort_by(|a, b| a.execution_id.cmp(&b.execution_id));
@@ -514,7 +646,9 @@ impl Inner {
             at: now_ms(),
             capacity: self.cfg.capacity,
             running: running.len() as u32,
+            allocatable: self.cfg.allocatable,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+            load: self.load.lock().unwrap().sample(),
             warm,
             sandboxes,
         }
@@ -523,12 +657,40 @@ impl Inner {
     fn pool(&self, language: &str) -> Option<Arc<Pool>> {
         self.pools.lock().unwrap().get(language).cloned()
     }
+    /// Starts draining: see [`AgentHandle::drain`].
+    fn drain(&self) {
+        if self
+            .draining
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        tracing::info!(agent = %self.cfg.id, "draining: no new work; the warm pools are emptied");
+        for pool in self.pools.lock().unwrap().values() {
+            pool.set_size(0);
+        }
+        self.drain_started.notify_one();
+        self.status_changed.notify_one();
+    }
+
+    /// Ends a drain's wait: kills what still runs (`lost`, with `why` in the result).
+    /// Store writes are no longer retried while the store is unavailable.
+    fn force(&self, why: DrainForced) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let killed = self.kill_all(&why.note());
+        if killed > 0 {
+            tracing::warn!(agent = %self.cfg.id, killed, reason = %why.note(), "drain forced: killing the executions still running; they end lost");
+        }
+        self.drain();
+    }
+
     /// Kills every execution of this host (shutdown, or a lapsed lease): they end as
-    /// `lost`, not as cancelled by their user. Returns how many.
-    fn kill_all(&self) -> usize {
+    /// `lost` with `note`, not as cancelled by their user. Returns how many.
+    fn kill_all(&self, note: &str) -> usize {
         let mut running = self.running.lock().unwrap();
         for r in running.values_mut() {
-            r.shutdown_kill = true;
+            r.shutdown_kill = Some(note.to_string());
             r.cancel_requested = true;
             if let Some(c) = &r.canceller {
                 c.cancel();

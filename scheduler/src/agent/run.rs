@@ -15,13 +15,20 @@ use hatchery_sandbox::pool::{Canceller, Event, ExecRequest, ExecResult, ExecStat
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::forward::{Forwarder, STARTED_WAIT};
-use super::{Inner, Running, LOST_ON_SHUTDOWN};
+use super::{Inner, Running};
 use crate::model::{
-    now_ms, ArtifactInfo, CancelReason, ExecState, ExecutionRecord, ResultSummary, Usage,
-    INLINE_RESULT_MAX,
+    now_ms, ArtifactInfo, CancelReason, ExecState, ExecutionRecord, Resources, ResultSummary,
+    Usage, INLINE_RESULT_MAX,
 };
 
-pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSemaphorePermit) {
+/// Runs `id`, which the scheduler said needs `need` (counted in the host status until its
+/// record says what it takes).
+pub(super) async fn run_execution(
+    inner: Arc<Inner>,
+    id: String,
+    need: Resources,
+    _slot: OwnedSemaphorePermit,
+) {
     {
         let mut running = inner.running.lock().unwrap();
         if running.contains_key(&id) {
@@ -36,9 +43,10 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
                 org: String::new(),
                 user: String::new(),
                 usage: Usage::default(),
+                limits: need,
                 canceller: None,
                 cancel_requested: false,
-                shutdown_kill: false,
+                shutdown_kill: None,
             },
         );
     }
@@ -57,6 +65,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     if let Some(r) = inner.running.lock().unwrap().get_mut(&id) {
         r.org = record.org.clone();
         r.user = record.user.clone();
+        r.limits = record.limits.resources();
     }
     inner.status_changed.notify_one();
     tracing::info!(execution = %id, org = %record.org, user = %record.user, language = %record.language, "running");
@@ -65,7 +74,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     // and not at all if this one was cancelled meanwhile.
     let waited = wait_displaced(&inner, &record).await;
     if let Some(reason) = cancelled_before_start(&inner, &id, waited).await {
-        let summary = stopped_before_start(reason, killed_by_shutdown(&inner, &id));
+        let summary = stopped_before_start(reason, killed_by_shutdown(&inner, &id).as_deref());
         finish(&inner, &id, summary.state, summary).await;
         inner.running.lock().unwrap().remove(&id);
         inner.status_changed.notify_one();
@@ -76,7 +85,7 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     let (state, summary) = match outcome {
         Ok((result, artifacts)) => {
             let shutdown_kill = killed_by_shutdown(&inner, &id);
-            let reason = if result.status == ExecStatus::Cancelled && !shutdown_kill {
+            let reason = if result.status == ExecStatus::Cancelled && shutdown_kill.is_none() {
                 match inner.store.get(&id).await {
                     Ok(Some(r)) => r.cancel,
                     _ => None,
@@ -84,7 +93,8 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
             } else {
                 None
             };
-            let mut summary = summarise(&result, &record.language, shutdown_kill, reason);
+            let mut summary =
+                summarise(&result, &record.language, shutdown_kill.as_deref(), reason);
             summary.artifacts = artifacts;
             (summary.state, summary)
         }
@@ -103,14 +113,15 @@ pub(super) async fn run_execution(inner: Arc<Inner>, id: String, _slot: OwnedSem
     inner.status_changed.notify_one();
 }
 
-/// Whether the agent killed this execution because it shuts down (or its lease lapsed).
-fn killed_by_shutdown(inner: &Inner, id: &str) -> bool {
+/// Why the agent killed this execution, if it did because it shuts down (or its lease
+/// lapsed).
+fn killed_by_shutdown(inner: &Inner, id: &str) -> Option<String> {
     inner
         .running
         .lock()
         .unwrap()
         .get(id)
-        .is_some_and(|r| r.shutdown_kill)
+        .and_then(|r| r.shutdown_kill.clone())
 }
 
 /// How long a new execution waits for the ones it displaced to die before it starts
@@ -187,13 +198,9 @@ async fn cancelled_before_start(inner: &Inner, id: &str, waited: bool) -> Option
 /// The summary of an execution stopped before its sandbox was claimed: cancelled for
 /// `reason`, or `lost` when the agent killed it because it shuts down or its lease
 /// lapsed (as it would be a moment later, after the claim: see [`summarise`]).
-fn stopped_before_start(reason: CancelReason, shutdown_kill: bool) -> ResultSummary {
-    if shutdown_kill {
-        ResultSummary::bare(
-            ExecState::Lost,
-            "agent_shutdown",
-            Some(LOST_ON_SHUTDOWN.to_string()),
-        )
+fn stopped_before_start(reason: CancelReason, shutdown_kill: Option<&str>) -> ResultSummary {
+    if let Some(note) = shutdown_kill {
+        ResultSummary::bare(ExecState::Lost, "agent_shutdown", Some(note.to_string()))
     } else {
         ResultSummary::bare(
             ExecState::Cancelled,
@@ -431,53 +438,54 @@ fn cancel_note(reason: Option<CancelReason>) -> String {
 fn summarise(
     result: &ExecResult,
     language: &str,
-    shutdown_kill: bool,
+    shutdown_kill: Option<&str>,
     reason: Option<CancelReason>,
 ) -> ResultSummary {
     let outcome = &result.outcome;
-    let (state, code, error) = if shutdown_kill && result.status == ExecStatus::Cancelled {
-        (
+    let (state, code, error) = match shutdown_kill {
+        Some(note) if result.status == ExecStatus::Cancelled => (
             ExecState::Lost,
             Some("agent_shutdown"),
-            Some(LOST_ON_SHUTDOWN.to_string()),
-        )
-    } else {
-        // As the language's own tools show it: R's `Error in f(): boom`; Python's
-        // traceback (of the user's code) followed by `KeyError: 'missing'`.
-        let user_error = outcome.error.as_ref().map(|e| match &e.call {
-            Some(call) if !call.is_empty() && language == "python" => {
-                format!("{call}\n{}", e.message)
-            }
-            Some(call) if !call.is_empty() => format!("Error in {call}: {}", e.message),
-            _ => e.message.clone(),
-        });
-        let (code, error) = match result.status {
-            ExecStatus::Succeeded => (None, None),
-            ExecStatus::Failed => match user_error {
-                Some(e) => (None, Some(e)),
-                // No error of the code's own: the sandbox died without a result.
-                None => (Some("sandbox_died"), result.error.clone()),
-            },
-            ExecStatus::OutputLimit => {
-                let events = result
-                    .error
-                    .as_deref()
-                    .is_some_and(|e| e.contains("events"));
-                (
-                    Some(if events {
-                        "event_limit"
-                    } else {
-                        "output_limit"
-                    }),
-                    result.error.clone(),
-                )
-            }
-            ExecStatus::ProtocolViolation => (Some("protocol_violation"), result.error.clone()),
-            ExecStatus::Cancelled => (Some(cancel_code(reason)), Some(cancel_note(reason))),
-            ExecStatus::OomKilled => (Some("memory_limit"), result.error.clone()),
-            ExecStatus::TimedOut => (Some("time_limit"), result.error.clone()),
-        };
-        (state_of(result.status), code, error)
+            Some(note.to_string()),
+        ),
+        _ => {
+            // As the language's own tools show it: R's `Error in f(): boom`; Python's
+            // traceback (of the user's code) followed by `KeyError: 'missing'`.
+            let user_error = outcome.error.as_ref().map(|e| match &e.call {
+                Some(call) if !call.is_empty() && language == "python" => {
+                    format!("{call}\n{}", e.message)
+                }
+                Some(call) if !call.is_empty() => format!("Error in {call}: {}", e.message),
+                _ => e.message.clone(),
+            });
+            let (code, error) = match result.status {
+                ExecStatus::Succeeded => (None, None),
+                ExecStatus::Failed => match user_error {
+                    Some(e) => (None, Some(e)),
+                    // No error of the code's own: the sandbox died without a result.
+                    None => (Some("sandbox_died"), result.error.clone()),
+                },
+                ExecStatus::OutputLimit => {
+                    let events = result
+                        .error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("events"));
+                    (
+                        Some(if events {
+                            "event_limit"
+                        } else {
+                            "output_limit"
+                        }),
+                        result.error.clone(),
+                    )
+                }
+                ExecStatus::ProtocolViolation => (Some("protocol_violation"), result.error.clone()),
+                ExecStatus::Cancelled => (Some(cancel_code(reason)), Some(cancel_note(reason))),
+                ExecStatus::OomKilled => (Some("memory_limit"), result.error.clone()),
+                ExecStatus::TimedOut => (Some("time_limit"), result.error.clone()),
+            };
+            (state_of(result.status), code, error)
+        }
     };
     ResultSummary {
         state,
@@ -499,6 +507,7 @@ fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::LOST_ON_SHUTDOWN;
 
     #[test]
     fn states_follow_the_pool() {
@@ -527,14 +536,14 @@ mod tests {
 
     #[test]
     fn stopped_before_the_claim_is_cancelled_or_lost_with_the_agent() {
-        let s = stopped_before_start(CancelReason::SupersededByTab, false);
+        let s = stopped_before_start(CancelReason::SupersededByTab, None);
         assert_eq!(
             (s.state, s.error_code.as_deref()),
             (ExecState::Cancelled, Some("superseded_by_tab"))
         );
         // Killed because the agent shuts down (it asks for a cancel too): lost, as after
         // the claim, not cancelled by its user.
-        let s = stopped_before_start(CancelReason::Requested, true);
+        let s = stopped_before_start(CancelReason::Requested, Some(LOST_ON_SHUTDOWN));
         assert_eq!(
             (s.state, s.error_code.as_deref(), s.error.as_deref()),
             (
@@ -543,7 +552,12 @@ mod tests {
                 Some(LOST_ON_SHUTDOWN)
             )
         );
-        let after_claim = summarise(&result(ExecStatus::Cancelled), "r", true, None);
+        let after_claim = summarise(
+            &result(ExecStatus::Cancelled),
+            "r",
+            Some(LOST_ON_SHUTDOWN),
+            None,
+        );
         assert_eq!(
             (after_claim.state, after_claim.error_code),
             (s.state, s.error_code)
@@ -552,7 +566,7 @@ mod tests {
 
     #[test]
     fn summaries_say_why() {
-        let s = summarise(&result(ExecStatus::OutputLimit), "r", false, None);
+        let s = summarise(&result(ExecStatus::OutputLimit), "r", None, None);
         assert_eq!(
             (s.state, s.error_code.as_deref(), s.error.as_deref()),
             (
@@ -561,25 +575,31 @@ mod tests {
                 Some("runtime note")
             )
         );
-        let s = summarise(&result(ExecStatus::ProtocolViolation), "r", false, None);
+        let s = summarise(&result(ExecStatus::ProtocolViolation), "r", None, None);
         assert_eq!(
             (s.state, s.error_code.as_deref()),
             (ExecState::Failed, Some("protocol_violation"))
         );
-        let s = summarise(&result(ExecStatus::TimedOut), "r", false, None);
+        let s = summarise(&result(ExecStatus::TimedOut), "r", None, None);
         assert_eq!(s.error_code.as_deref(), Some("time_limit"));
         let s = summarise(
             &result(ExecStatus::Cancelled),
             "r",
-            false,
+            None,
             Some(CancelReason::SupersededByTab),
         );
         assert_eq!(s.state, ExecState::Cancelled);
         assert!(s.error.unwrap().contains("same tab"));
-        let s = summarise(&result(ExecStatus::Cancelled), "r", true, None);
+        // A forced drain says why in the result.
+        let forced = crate::agent::DrainForced::Deadline(Duration::from_secs(90)).note();
+        let s = summarise(&result(ExecStatus::Cancelled), "r", Some(&forced), None);
         assert_eq!(
-            (s.state, s.error.as_deref()),
-            (ExecState::Lost, Some(LOST_ON_SHUTDOWN))
+            (s.state, s.error_code.as_deref(), s.error.as_deref()),
+            (
+                ExecState::Lost,
+                Some("agent_shutdown"),
+                Some("the host shut down before it finished: its drain deadline (90s) passed")
+            )
         );
         let mut failed = result(ExecStatus::Failed);
         failed.outcome.error = Some(hatchery_sandbox::zygote::protocol::ErrorInfo {
@@ -587,19 +607,19 @@ mod tests {
             call: Some("f()".into()),
             kind: "runtime".into(),
         });
-        let s = summarise(&failed, "r", false, None);
+        let s = summarise(&failed, "r", None, None);
         assert_eq!(s.error.as_deref(), Some("Error in f(): boom"));
         failed.outcome.error = Some(hatchery_sandbox::zygote::protocol::ErrorInfo {
             message: "ZeroDivisionError: division by zero".into(),
             call: Some("Traceback (most recent call last):\n  File \"<code>\", line 1".into()),
             kind: "runtime".into(),
         });
-        let s = summarise(&failed, "python", false, None);
+        let s = summarise(&failed, "python", None, None);
         assert_eq!(
             s.error.as_deref(),
             Some("Traceback (most recent call last):\n  File \"<code>\", line 1\nZeroDivisionError: division by zero")
         );
-        let s = summarise(&result(ExecStatus::Succeeded), "r", false, None);
+        let s = summarise(&result(ExecStatus::Succeeded), "r", None, None);
         assert_eq!(s.error, None);
     }
 }

@@ -339,7 +339,9 @@ mod tests {
             at: 1,
             capacity: 4,
             running: 1,
+            allocatable: Default::default(),
             draining: false,
+            load: Default::default(),
             warm: vec![("r".into(), 2)],
             sandboxes: vec![],
         };
@@ -433,6 +435,7 @@ mod tests {
     async fn agents_have_their_own_queues() {
         let bus = EmbeddedBus::new();
         let run = |id: &str| AgentCommand::Run {
+            need: Default::default(),
             execution_id: id.into(),
         };
         // Sent before the agent ever asked: kept.
@@ -471,6 +474,7 @@ mod tests {
     async fn unacknowledged_work_is_redelivered_acknowledged_work_is_not() {
         let bus = EmbeddedBus::new();
         let run = |id: &str| AgentCommand::Run {
+            need: Default::default(),
             execution_id: id.into(),
         };
         for id in ["a", "b", "c"] {
