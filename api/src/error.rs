@@ -144,7 +144,9 @@ impl ApiError {
 impl From<PlatformError> for ApiError {
     fn from(e: PlatformError) -> ApiError {
         let status = match &e {
-            PlatformError::NotFound | PlatformError::NoArtifact(_) => StatusCode::NOT_FOUND,
+            PlatformError::NotFound | PlatformError::NoArtifact(_) | PlatformError::NoHost(_) => {
+                StatusCode::NOT_FOUND
+            }
             PlatformError::Forbidden(_) => StatusCode::FORBIDDEN,
             PlatformError::UnknownLanguage(_)
             | PlatformError::InvalidLimits(_)

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hatchery_scheduler::model::{
-    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, Policy, Principal, Resources, Usage,
+    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, HostRecord, HostState, Policy,
+    Principal, Resources, Usage,
 };
 use hatchery_scheduler::platform::{ListQuery, SubmitRequest};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -117,6 +118,35 @@ pub async fn dispatch(
         RouteId::AdminExecutions => {
             no_query(&query)?;
             admin_executions(&st, &caller()?).await
+        }
+        RouteId::AdminHosts => {
+            no_query(&query)?;
+            let hosts = st.platform.hosts(&caller()?).await?;
+            Ok(json(StatusCode::OK, &hosts_view(&st, hosts)))
+        }
+        RouteId::AdminHostState => {
+            no_query(&query)?;
+            let who = caller()?;
+            let body = read_json(&st, req).await?;
+            let state = match body.get("state").and_then(Value::as_str) {
+                Some(s) if body.as_object().is_some_and(|o| o.len() == 1) => HostState::parse(s)
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "state {s:?}: expected ready, cordoned or draining"
+                        ))
+                    })?,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "the body must be {\"state\": \"ready\" | \"cordoned\" | \"draining\"}",
+                    ))
+                }
+            };
+            let host = st
+                .platform
+                .set_host_state(&who, &param("agent"), state)
+                .await?;
+            let view = hosts_view(&st, vec![host]);
+            Ok(json(StatusCode::OK, &view["hosts"][0]))
         }
         RouteId::Me => {
             no_query(&query)?;
@@ -492,6 +522,26 @@ async fn admin_executions(st: &ApiState, who: &Principal) -> Result<Response<Bod
     ))
 }
 
+/// Hosts as the store has them, each with its latest status (`null` when it reports
+/// no longer).
+fn hosts_view(st: &ApiState, hosts: Vec<HostRecord>) -> Value {
+    let statuses = st.hosts.current();
+    let hosts: Vec<Value> = hosts
+        .into_iter()
+        .map(|h| {
+            let status = statuses.iter().find(|s| s.agent == h.agent);
+            serde_json::json!({
+                "agent": h.agent,
+                "state": h.state,
+                "alive": h.alive,
+                "lease_expires_at": h.lease_expires_at,
+                "status": status,
+            })
+        })
+        .collect();
+    serde_json::json!({ "hosts": hosts })
+}
+
 /// `/metrics`: counters of this node, the store's active counts (kept by the store on
 /// every state change: a scrape never scans the executions) and the host statuses.
 pub async fn metrics(st: &ApiState) -> Response<Body> {
@@ -534,6 +584,7 @@ fn readyz(st: &ApiState) -> Result<Response<Body>, ApiError> {
             serde_json::json!({
                 "agent": s.agent, "draining": s.draining, "capacity": s.capacity,
                 "running": s.running, "warm": s.warm, "allocatable": s.allocatable,
+                "state": s.state,
             })
         })
         .collect();

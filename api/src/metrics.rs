@@ -201,6 +201,7 @@ mod tests {
                 running: 1,
                 allocatable: hatchery_scheduler::model::Resources::new(8 << 30, 4.0),
                 draining: true,
+                state: Default::default(),
                 load: hatchery_scheduler::bus::HostLoad {
                     cpu_busy: 0.25,
                     memory_total_bytes: 16 << 30,

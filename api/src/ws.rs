@@ -668,6 +668,7 @@ mod tests {
             running: orgs.len() as u32,
             allocatable: Default::default(),
             draining: false,
+            state: Default::default(),
             load: Default::default(),
             warm: vec![],
             sandboxes: orgs

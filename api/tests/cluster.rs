@@ -655,6 +655,200 @@ fn placement_counts_memory_and_a_request_no_host_can_hold_is_refused() {
     });
 }
 
+/// Waits until `/readyz` shows `agent` as `pred` says.
+async fn host_until(
+    addr: SocketAddr,
+    agent: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(h) = host_of(addr, agent).await {
+            if pred(&h) {
+                return h;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{agent} never {what}: {:?}",
+            host_of(addr, agent).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn an_admin_cordons_drains_and_resumes_a_host_and_a_drain_outlives_its_agents_restart() {
+    let Some(mut c) = cluster(
+        "an_admin_cordons_drains_and_resumes_a_host_and_a_drain_outlives_its_agents_restart",
+    ) else {
+        return;
+    };
+    let api = c.api_proc("api-1");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    let lease = ("HATCHERY_AGENT_LEASE", "2s".to_string());
+    let agent_a = c.agent_named("agent-a", std::slice::from_ref(&lease));
+    c.agent_named("agent-b", std::slice::from_ref(&lease));
+    let addr = c.addr_of(api);
+    let root = c.tok("hatchery", "root", "superadmin");
+    let admin = c.tok("acme", "boss", "org_admin");
+    let tokens: Vec<String> = (0..4)
+        .map(|i| c.tok("acme", &format!("user{i}"), "user"))
+        .collect();
+    let set = |state: &'static str| {
+        let root = root.clone();
+        async move {
+            req(
+                addr,
+                "PUT",
+                "/v1/admin/hosts/agent-a/state",
+                &root,
+                Some(json!({ "state": state })),
+            )
+            .await
+        }
+    };
+    e2e(async {
+        wait_ready(addr, 2).await;
+        let r = req(addr, "GET", "/v1/admin/hosts", &root, None).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let hosts = r.json()["hosts"].as_array().unwrap().clone();
+        let names: Vec<&str> = hosts.iter().map(|h| h["agent"].as_str().unwrap()).collect();
+        assert_eq!(names, ["agent-a", "agent-b"]);
+        assert!(
+            hosts.iter().all(|h| h["state"] == "ready"
+                && h["alive"] == true
+                && h["status"]["agent"] == h["agent"]),
+            "{hosts:?}"
+        );
+        // Only a superadmin lists or changes hosts; bad bodies and unknown hosts are refused.
+        assert_eq!(
+            req(addr, "GET", "/v1/admin/hosts", &admin, None)
+                .await
+                .status,
+            403
+        );
+        let r = req(
+            addr,
+            "PUT",
+            "/v1/admin/hosts/agent-a/state",
+            &admin,
+            Some(json!({"state": "draining"})),
+        )
+        .await;
+        assert_eq!(r.status, 403);
+        let r = req(
+            addr,
+            "PUT",
+            "/v1/admin/hosts/agent-a/state",
+            &root,
+            Some(json!({"state": "asleep"})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"));
+        let r = req(
+            addr,
+            "PUT",
+            "/v1/admin/hosts/nowhere/state",
+            &root,
+            Some(json!({"state": "draining"})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+
+        // Cordoned: no new work, its warm pool stays warm.
+        let r = set("cordoned").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["state"], "cordoned");
+        let h = host_until(addr, "agent-a", "reported cordoned", |h| {
+            h["state"] == "cordoned"
+        })
+        .await;
+        assert_eq!(h["draining"], true, "{h}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let h = host_of(addr, "agent-a").await.unwrap();
+        assert!(
+            h["warm"][0][1].as_u64().unwrap() > 0,
+            "a cordoned host emptied its pool: {h}"
+        );
+        for t in &tokens[..2] {
+            let id = submit_on(addr, t, "1 + 1").await;
+            let v = finished_on(addr, t, &id).await;
+            assert_eq!(
+                (state(&v), v["agent"].as_str()),
+                ("succeeded", Some("agent-b")),
+                "{v}"
+            );
+        }
+
+        // Ready again, then a run of a few seconds on agent-a (best fit: the tie goes to
+        // the first name), then drained: the run goes on; the pool empties.
+        assert_eq!(set("ready").await.status, 200);
+        host_until(addr, "agent-a", "came back", |h| {
+            h["state"] == "ready" && h["draining"] == false
+        })
+        .await;
+        let long = submit_on(addr, &tokens[2], r#"Sys.sleep(3); cat("kept running\n")"#).await;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let v = req(
+                addr,
+                "GET",
+                &format!("/v1/executions/{long}"),
+                &tokens[2],
+                None,
+            )
+            .await
+            .json();
+            if state(&v) == "running" {
+                assert_eq!(v["agent"], "agent-a", "{v}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{long} never ran: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(set("draining").await.status, 200);
+        let h = host_until(addr, "agent-a", "emptied its pool while draining", |h| {
+            h["state"] == "draining" && h["warm"][0][1] == 0
+        })
+        .await;
+        assert_eq!(h["running"], 1, "{h}");
+        let v = finished_on(addr, &tokens[2], &long).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(
+            stdout_of(&log_of(addr, &tokens[2], &long).await),
+            "kept running\n"
+        );
+        assert!(
+            c.procs[agent_a].is_running(),
+            "a drained host's agent stays up for its provider to stop"
+        );
+    });
+
+    // Its agent restarts mid-drain: the drain stays (the store's word, not the agent's).
+    c.procs[agent_a].stop(libc::SIGKILL);
+    c.restart(agent_a).unwrap_or_else(|e| panic!("{e}"));
+    e2e(async {
+        let h = host_until(addr, "agent-a", "came back draining", |h| {
+            h["state"] == "draining" && h["running"] == 0
+        })
+        .await;
+        assert_eq!(
+            h["warm"][0][1], 0,
+            "a draining host refilled its pool after a restart: {h}"
+        );
+        let id = submit_on(addr, &tokens[3], "2 + 2").await;
+        assert_eq!(finished_on(addr, &tokens[3], &id).await["agent"], "agent-b");
+        // Resumed: it takes work and its pool warms again.
+        assert_eq!(set("ready").await.status, 200);
+        host_until(addr, "agent-a", "warmed up again", |h| {
+            h["state"] == "ready" && h["draining"] == false && h["warm"][0][1].as_u64() > Some(0)
+        })
+        .await;
+    });
+}
+
 #[test]
 fn the_leading_scheduler_killed_mid_burst_another_takes_over_and_everything_runs_once() {
     let Some(mut c) = cluster(

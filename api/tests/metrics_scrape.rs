@@ -107,6 +107,16 @@ impl Store for CountingStore {
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
         self.inner.heartbeat(agent, lease_ms).await
     }
+    async fn set_host_state(
+        &self,
+        agent: &str,
+        state: hatchery_scheduler::model::HostState,
+    ) -> StoreResult<hatchery_scheduler::model::HostRecord> {
+        self.inner.set_host_state(agent, state).await
+    }
+    async fn hosts(&self) -> StoreResult<Vec<hatchery_scheduler::model::HostRecord>> {
+        self.inner.hosts().await
+    }
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
         self.inner.reap_lapsed_hosts().await
     }

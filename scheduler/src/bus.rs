@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use crate::model::{ExecEvent, LiveEvent, Millis, Resources, Usage};
+use crate::model::{ExecEvent, HostState, LiveEvent, Millis, Resources, Usage};
 
 /// What the bus carries to event subscribers: an event of an execution's log (stored
 /// first, with its `seq`), or a live-only one (never stored, no `seq`). Serialised as
@@ -111,6 +111,10 @@ pub struct HostStatus {
     #[serde(default)]
     pub allocatable: Resources,
     pub draining: bool,
+    /// What it is asked to be (`draining` is true unless `ready`); draining as well when
+    /// it stops.
+    #[serde(default)]
+    pub state: HostState,
     /// What the host's machine is doing (R13).
     #[serde(default)]
     pub load: HostLoad,

@@ -158,6 +158,51 @@ impl Limits {
     }
 }
 
+/// What a host is asked to do, kept in the store (an admin's or the autoscaler's word;
+/// the host's agent reads it at every heartbeat and keeps it across its restarts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Takes work.
+    #[default]
+    Ready,
+    /// Takes no new work; what runs goes on, its warm pools stay warm.
+    Cordoned,
+    /// Takes no new work and empties its warm pools; what runs goes on to its end (R7).
+    Draining,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Ready => "ready",
+            HostState::Cordoned => "cordoned",
+            HostState::Draining => "draining",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HostState> {
+        match s {
+            "ready" => Some(HostState::Ready),
+            "cordoned" => Some(HostState::Cordoned),
+            "draining" => Some(HostState::Draining),
+            _ => None,
+        }
+    }
+}
+
+/// A host as the store knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub agent: String,
+    pub state: HostState,
+    /// Its lease runs (false once it lapsed and its runs were declared lost, until it
+    /// registers again).
+    pub alive: bool,
+    /// When its lease ends unless renewed (ms since the epoch, the store's clock).
+    pub lease_expires_at: Millis,
+}
+
 /// Memory and CPUs: what an execution's limits take from a host while it runs, or
 /// what a host has for executions (placement counts one against the other: R4).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]

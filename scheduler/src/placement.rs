@@ -263,6 +263,7 @@ mod tests {
             running,
             allocatable: Resources::default(),
             draining: false,
+            state: Default::default(),
             load: Default::default(),
             warm: vec![("r".into(), 1)],
             sandboxes: Vec::new(),

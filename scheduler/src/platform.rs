@@ -14,8 +14,8 @@ use crate::admission::{Admission, AdmissionRules};
 use crate::bus::{AgentCommand, Bus, BusEvent, HostStatus, Subscription};
 use crate::model::{
     now_ms, ArtifactInfo, CancelReason, EffectivePolicy, EventBody, ExecEvent, ExecState,
-    ExecutionRecord, Policy, Principal, RequestedLimits, Resources, ResultSummary, Role,
-    INLINE_CODE_MAX,
+    ExecutionRecord, HostRecord, HostState, Policy, Principal, RequestedLimits, Resources,
+    ResultSummary, Role, INLINE_CODE_MAX,
 };
 use crate::objects::{ObjectError, Objects};
 use crate::policy::PolicyErrors;
@@ -66,6 +66,9 @@ pub enum PlatformError {
     /// 404 `not_found` — an execution the caller may see has no artifact of this name.
     #[error("no artifact named {0:?}")]
     NoArtifact(String),
+    /// 404 `not_found` — no host of this name has registered.
+    #[error("no host named {0:?} has registered")]
+    NoHost(String),
     /// 403 `forbidden` — admin endpoints only (never for executions).
     #[error("{0}")]
     Forbidden(String),
@@ -110,7 +113,9 @@ impl PlatformError {
     /// The stable error code of the API's JSON errors.
     pub fn code(&self) -> &'static str {
         match self {
-            PlatformError::NotFound | PlatformError::NoArtifact(_) => "not_found",
+            PlatformError::NotFound | PlatformError::NoArtifact(_) | PlatformError::NoHost(_) => {
+                "not_found"
+            }
             PlatformError::Forbidden(_) => "forbidden",
             PlatformError::UnknownLanguage(_) => "unknown_language",
             PlatformError::CodeTooLarge { .. } => "code_too_large",
@@ -215,6 +220,7 @@ impl From<StoreError> for PlatformError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(_) => PlatformError::NotFound,
+            StoreError::UnknownHost(h) => PlatformError::NoHost(h),
             StoreError::InvalidName(n) => PlatformError::Invalid(format!("invalid name: {n}")),
             StoreError::Unavailable(e) => {
                 tracing::warn!("store unavailable: {e}");
@@ -670,6 +676,38 @@ impl Platform {
                 "administering org {org:?} needs the org_admin role in it, or superadmin"
             )))
         }
+    }
+
+    fn require_superadmin(&self, who: &Principal, what: &str) -> Result<(), PlatformError> {
+        if who.role == Role::Superadmin {
+            Ok(())
+        } else {
+            Err(PlatformError::Forbidden(format!(
+                "{what} needs the superadmin role"
+            )))
+        }
+    }
+
+    /// Every host that registered, with the state the store asks of it (superadmins).
+    pub async fn hosts(&self, who: &Principal) -> Result<Vec<HostRecord>, PlatformError> {
+        self.require_superadmin(who, "listing hosts")?;
+        Ok(self.store.hosts().await?)
+    }
+
+    /// Asks a host to be `ready`, `cordoned` (no new work) or `draining` (no new work,
+    /// warm pools emptied; what runs goes on to its end): superadmins. Its agent acts on
+    /// it at its next heartbeat (within a third of its lease) and keeps it across
+    /// restarts.
+    pub async fn set_host_state(
+        &self,
+        who: &Principal,
+        agent: &str,
+        state: HostState,
+    ) -> Result<HostRecord, PlatformError> {
+        self.require_superadmin(who, "changing a host's state")?;
+        let host = self.store.set_host_state(agent, state).await?;
+        tracing::info!(agent, state = state.as_str(), by = %who.user, "host state set");
+        Ok(host)
     }
 
     /// The org's policy: superadmins, and the org's admins (read only).

@@ -37,8 +37,8 @@ use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::embedded::check_name;
 use crate::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
-    ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostRecord, HostState,
+    Millis, Policy, ResultSummary,
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
@@ -1139,14 +1139,15 @@ impl Store for PgStore {
         self.change(move |_me, mut tx| {
             let agent = agent.clone();
             async move {
-                let row = sqlx::query("SELECT alive FROM hosts WHERE agent = $1 FOR UPDATE")
+                let row = sqlx::query("SELECT alive, state FROM hosts WHERE agent = $1 FOR UPDATE")
                     .bind(&agent)
                     .fetch_optional(&mut *tx)
                     .await
                     .ctx("reading a host")?;
                 // Late but not declared lost by anyone yet: the host keeps its runs.
-                let lease = match row.map(|r| r.get::<bool, _>(0)) {
-                    Some(true) => {
+                let row = row.map(|r| (r.get::<bool, _>(0), r.get::<String, _>(1)));
+                let lease = match row {
+                    Some((true, state)) => {
                         sqlx::query(
                             "UPDATE hosts SET expires_at = now() + $2 * interval '1 millisecond' \
                              WHERE agent = $1",
@@ -1156,7 +1157,7 @@ impl Store for PgStore {
                         .execute(&mut *tx)
                         .await
                         .ctx("renewing a lease")?;
-                        Lease::Held
+                        Lease::Held(HostState::parse(&state).unwrap_or_default())
                     }
                     _ => Lease::Lapsed,
                 };
@@ -1164,6 +1165,44 @@ impl Store for PgStore {
             }
         })
         .await
+    }
+
+    async fn set_host_state(&self, agent: &str, state: HostState) -> StoreResult<HostRecord> {
+        let row = sqlx::query(
+            "UPDATE hosts SET state = $2 WHERE agent = $1 \
+             RETURNING alive, (extract(epoch FROM expires_at) * 1000)::bigint",
+        )
+        .bind(agent)
+        .bind(state.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_err("setting a host's state", e))?
+        .ok_or_else(|| StoreError::UnknownHost(agent.to_string()))?;
+        Ok(HostRecord {
+            agent: agent.to_string(),
+            state,
+            alive: row.get(0),
+            lease_expires_at: row.get::<i64, _>(1).max(0) as u64,
+        })
+    }
+
+    async fn hosts(&self) -> StoreResult<Vec<HostRecord>> {
+        let rows = sqlx::query(
+            "SELECT agent, state, alive, (extract(epoch FROM expires_at) * 1000)::bigint \
+             FROM hosts ORDER BY agent",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_err("listing hosts", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| HostRecord {
+                agent: r.get(0),
+                state: HostState::parse(r.get::<&str, _>(1)).unwrap_or_default(),
+                alive: r.get(2),
+                lease_expires_at: r.get::<i64, _>(3).max(0) as u64,
+            })
+            .collect())
     }
 
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {

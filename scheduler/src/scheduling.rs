@@ -369,6 +369,7 @@ mod tests {
             running,
             allocatable: Resources::default(),
             draining: false,
+            state: Default::default(),
             load: Default::default(),
             warm: vec![("r".into(), 1)],
             sandboxes: Vec::new(),

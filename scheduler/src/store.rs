@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy, ResultSummary,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostRecord, HostState, Millis,
+    Policy, ResultSummary,
 };
 
 /// Admission's types live in [`crate::admission`]; these paths stay for existing callers.
@@ -24,6 +25,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("execution {0} does not exist")]
     NotFound(String),
+    #[error("no host named {0:?} has registered")]
+    UnknownHost(String),
     /// An org, user or id outside the naming rule (`[A-Za-z0-9._@+-]`, not starting with
     /// a dot, at most 200 characters).
     #[error("invalid name: {0}")]
@@ -87,8 +90,8 @@ impl ActiveCounts {
 /// What a host's heartbeat found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Lease {
-    /// Renewed.
-    Held,
+    /// Renewed; the host is asked to be in this state.
+    Held(HostState),
     /// Not renewed in time: the host's runs were declared lost.
     Lapsed,
 }
@@ -211,6 +214,14 @@ pub trait Store: Send + Sync + 'static {
     /// and the agent must kill what it still runs and register again (fencing). A host
     /// that is late but was not declared lost yet keeps its lease and its runs.
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease>;
+
+    /// Asks `agent` to be in `state` (its agent acts on it at its next heartbeat; the
+    /// state outlives the agent's restarts). [`StoreError::UnknownHost`] for a host that
+    /// never registered.
+    async fn set_host_state(&self, agent: &str, state: HostState) -> StoreResult<HostRecord>;
+
+    /// Every host that registered, by name.
+    async fn hosts(&self) -> StoreResult<Vec<HostRecord>>;
 
     /// Every host whose lease lapsed: its running executions become `lost` (each with
     /// its `finished` event, returned for the bus) and the host is no longer alive.

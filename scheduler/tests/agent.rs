@@ -16,9 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hatchery_scheduler::agent::{
-    Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART, LOST_ON_SHUTDOWN,
-};
+use hatchery_scheduler::agent::{Agent, AgentConfig, AgentHandle, LanguageConfig, LOST_ON_RESTART};
 use hatchery_scheduler::bus::{AgentCommand, Bus, BusEvent, HostStatus};
 use hatchery_scheduler::embedded::{EmbeddedBus, EmbeddedStore};
 use hatchery_scheduler::encrypted::EncryptedObjects;
@@ -254,6 +252,16 @@ impl Store for CountingStore {
     async fn heartbeat(&self, agent: &str, lease_ms: u64) -> StoreResult<Lease> {
         self.inner.heartbeat(agent, lease_ms).await
     }
+    async fn set_host_state(
+        &self,
+        agent: &str,
+        state: hatchery_scheduler::model::HostState,
+    ) -> StoreResult<hatchery_scheduler::model::HostRecord> {
+        self.inner.set_host_state(agent, state).await
+    }
+    async fn hosts(&self) -> StoreResult<Vec<hatchery_scheduler::model::HostRecord>> {
+        self.inner.hosts().await
+    }
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
         self.inner.reap_lapsed_hosts().await
     }
@@ -312,7 +320,15 @@ fn agent_config(id: &str, cgroup: &CgroupParent, capacity: u32) -> AgentConfig {
     cfg.cgroup_parent = cgroup.rel.clone();
     cfg.usage_interval = Duration::from_millis(100);
     cfg.status_interval = Duration::from_millis(200);
+    // These hosts stop at once when shut down: what runs is killed (the drain that waits
+    // is in the cluster tests).
+    cfg.drain_deadline = Some(Duration::ZERO);
     cfg
+}
+
+/// The error of an execution its agent killed when it shut down (deadline 0).
+fn killed_at_shutdown() -> String {
+    hatchery_scheduler::agent::DrainForced::Deadline(Duration::ZERO).note()
 }
 
 impl Env {
@@ -1011,7 +1027,7 @@ async fn a_run_killed_by_shutdown_before_its_claim_is_lost_not_cancelled() {
 
     let record = env.finished(&b_id, Duration::from_secs(30)).await;
     assert_eq!(record.state, ExecState::Lost, "{record:?}");
-    assert_eq!(record.error.as_deref(), Some(LOST_ON_SHUTDOWN));
+    assert_eq!(record.error, Some(killed_at_shutdown()));
     let events = env.events(&b_id).await;
     let EventBody::Finished(summary) = &events.last().unwrap().body else {
         unreachable!()
@@ -1167,7 +1183,7 @@ mod node {
         assert_eq!(v.result.unwrap().value_json.as_deref(), Some("2"));
         let v = p.get(&ada(), &left.id).await.expect("get after restart");
         assert_eq!(v.record.state, ExecState::Lost);
-        assert_eq!(v.record.error.as_deref(), Some(LOST_ON_SHUTDOWN));
+        assert_eq!(v.record.error, Some(killed_at_shutdown()));
         // And it still runs new work.
         let again = p
             .submit(&ada(), request("40 + 2", None))

@@ -200,6 +200,7 @@ bus_test!(status_reaches_every_process, |b| {
         running: 1,
         allocatable: hatchery_scheduler::model::Resources::new(60 << 30, 15.5),
         draining: false,
+        state: Default::default(),
         load: hatchery_scheduler::bus::HostLoad {
             cpu_busy: 0.5,
             memory_total_bytes: 16 << 30,
@@ -398,6 +399,7 @@ fn status(agent: &str, at: u64) -> HostStatus {
         running: 0,
         allocatable: Default::default(),
         draining: false,
+        state: Default::default(),
         load: Default::default(),
         warm: vec![("r".into(), 1)],
         sandboxes: vec![],

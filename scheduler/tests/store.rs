@@ -12,8 +12,8 @@ use std::sync::Arc;
 use hatchery_scheduler::embedded::EmbeddedStore;
 use hatchery_scheduler::engines::{EngineError, PostgresServer};
 use hatchery_scheduler::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Limits, OutputData, Policy,
-    ResultSummary, Usage,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostState, Limits, OutputData,
+    Policy, ResultSummary, Usage,
 };
 use hatchery_scheduler::postgres::{PgConfig, PgStore};
 use hatchery_scheduler::seal::Keyring;
@@ -1567,6 +1567,55 @@ store_test!(
 );
 
 store_test!(
+    a_host_keeps_the_state_it_is_asked_for_across_its_restarts,
+    |b| {
+        let store = b.open().await;
+        assert!(matches!(
+            store.set_host_state("h1", HostState::Draining).await,
+            Err(StoreError::UnknownHost(h)) if h == "h1"
+        ));
+        store.register_host("h1", 60_000).await.unwrap();
+        store.register_host("h2", 60_000).await.unwrap();
+        let hosts = store.hosts().await.unwrap();
+        let states: Vec<(&str, HostState, bool)> = hosts
+            .iter()
+            .map(|h| (h.agent.as_str(), h.state, h.alive))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("h1", HostState::Ready, true),
+                ("h2", HostState::Ready, true)
+            ]
+        );
+        assert!(hosts[0].lease_expires_at > hatchery_scheduler::model::now_ms());
+        for state in [HostState::Cordoned, HostState::Draining] {
+            let h = store.set_host_state("h1", state).await.unwrap();
+            assert_eq!((h.agent.as_str(), h.state, h.alive), ("h1", state, true));
+            assert_eq!(
+                store.heartbeat("h1", 60_000).await.unwrap(),
+                Lease::Held(state)
+            );
+        }
+        // The agent restarts (registers again): the drain stays.
+        store.register_host("h1", 60_000).await.unwrap();
+        assert_eq!(
+            store.heartbeat("h1", 60_000).await.unwrap(),
+            Lease::Held(HostState::Draining)
+        );
+        assert_eq!(
+            store.heartbeat("h2", 60_000).await.unwrap(),
+            Lease::Held(HostState::Ready)
+        );
+        store.set_host_state("h1", HostState::Ready).await.unwrap();
+        assert_eq!(
+            store.heartbeat("h1", 60_000).await.unwrap(),
+            Lease::Held(HostState::Ready)
+        );
+    }
+);
+
+store_test!(
     a_host_that_stops_renewing_its_lease_loses_its_runs_and_is_fenced,
     |b| {
         let store = b.open().await;
@@ -1577,7 +1626,10 @@ store_test!(
             store.mark_running(id, host, 2).await.unwrap();
         }
         admitted(&store, record("q1", "o", "h1", None, 3), rules(2)).await;
-        assert_eq!(store.heartbeat("h1", 300).await.unwrap(), Lease::Held);
+        assert_eq!(
+            store.heartbeat("h1", 300).await.unwrap(),
+            Lease::Held(HostState::Ready)
+        );
         assert!(store.reap_lapsed_hosts().await.unwrap().is_empty());
 
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
@@ -1605,7 +1657,10 @@ store_test!(
         assert_eq!(store.heartbeat("h1", 300).await.unwrap(), Lease::Lapsed);
         assert_eq!(store.heartbeat("h1", 300).await.unwrap(), Lease::Lapsed);
         store.register_host("h1", 60_000).await.unwrap();
-        assert_eq!(store.heartbeat("h1", 60_000).await.unwrap(), Lease::Held);
+        assert_eq!(
+            store.heartbeat("h1", 60_000).await.unwrap(),
+            Lease::Held(HostState::Ready)
+        );
         assert_eq!(
             store.heartbeat("never-registered", 1000).await.unwrap(),
             Lease::Lapsed
@@ -1617,7 +1672,10 @@ store_test!(
         admitted(&store, record("l4", "o", "h3", None, 4), rules(2)).await;
         store.mark_running("l4", "h3", 5).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-        assert_eq!(store.heartbeat("h3", 300).await.unwrap(), Lease::Held);
+        assert_eq!(
+            store.heartbeat("h3", 300).await.unwrap(),
+            Lease::Held(HostState::Ready)
+        );
         assert!(store.reap_lapsed_hosts().await.unwrap().is_empty());
         assert_eq!(get(&store, "l4").await.state, ExecState::Running);
     }

@@ -66,10 +66,10 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
             for (id, _, tag) in waiting.drain(..) {
                 hand_back(&inner, &id, &tag).await;
             }
-            if executions.is_empty() {
-                inner.drained.send_replace(true);
-            }
         }
+        inner
+            .drained
+            .send_replace(draining && executions.is_empty());
         // Start waiting runs while there are free slots.
         while !waiting.is_empty() {
             let Ok(permit) = Arc::clone(&inner.slots).try_acquire_owned() else {
@@ -83,7 +83,7 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
         }
         tokio::select! {
             _ = stop.changed() => break,
-            _ = inner.drain_started.notified(), if !draining => {}
+            _ = inner.commands_wake.notified() => {}
             cmd = cmd_rx.recv() => match cmd {
                 Some((AgentCommand::Run { execution_id, need }, tag)) => {
                     if waiting.iter().any(|(w, _, _)| *w == execution_id) {

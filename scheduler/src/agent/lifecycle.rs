@@ -131,7 +131,10 @@ pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<boo
             _ = tokio::time::sleep(SIZING_INTERVAL) => {}
         }
         // A draining host refills no pool.
-        if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        if inner
+            .pools_emptied
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             continue;
         }
         let recent = match inner
@@ -179,8 +182,11 @@ pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<boo
             },
         );
         let pools = inner.pools.lock().unwrap();
-        // The drain empties the pools under this lock: once it has, they stay empty.
-        if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        // A drain empties the pools under this lock: once it has, they stay empty.
+        if inner
+            .pools_emptied
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             continue;
         }
         for (lang, size) in sizes {
@@ -233,7 +239,7 @@ pub(super) async fn lease_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool
             _ = tokio::time::sleep(every) => {}
         }
         match inner.store.heartbeat(&inner.cfg.id, lease_ms).await {
-            Ok(Lease::Held) => {}
+            Ok(Lease::Held(state)) => inner.set_state(state),
             Ok(Lease::Lapsed) => {
                 let killed = inner.kill_all(super::LOST_ON_SHUTDOWN);
                 tracing::error!(

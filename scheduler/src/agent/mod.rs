@@ -38,6 +38,11 @@
 //! limit. Only a [`Forcer`] (a second signal) or the configured
 //! [`AgentConfig::drain_deadline`] kills what still runs; those executions end `lost`
 //! with the reason in their result, and the logs say so.
+//!
+//! **Host states**: the store may ask the host to be `cordoned` (no new work; pools stay
+//! warm) or `draining` (no new work; pools emptied) — an admin's or the autoscaler's word,
+//! read at every heartbeat and at start, so it outlives the agent's restarts; `ready`
+//! undoes both and refills the pools. Unlike a shutdown's drain, the agent stays up.
 
 mod commands;
 mod forward;
@@ -56,9 +61,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::bus::{Bus, HostStatus, SandboxUsage};
-use crate::model::{now_ms, EffectivePolicy, Resources, Usage};
+use crate::model::{now_ms, EffectivePolicy, HostState, Resources, Usage};
 use crate::objects::Objects;
-use crate::store::{Store, StoreError, StoreResult};
+use crate::store::{Lease, Store, StoreError, StoreResult};
 
 pub use forward::BATCH_INTERVAL as OUTPUT_BATCH_INTERVAL;
 pub use lifecycle::desired_pool_sizes;
@@ -344,6 +349,14 @@ impl Agent {
             tracing::warn!(agent = %cfg.id, lost, "executions of a previous run of this agent marked lost");
         }
         lifecycle::reap_orphans(&cfg).await?;
+        // What the store asks of this host (a drain outlives the agent's restarts).
+        let initial_state = match store
+            .heartbeat(&cfg.id, cfg.lease.as_millis() as u64)
+            .await?
+        {
+            Lease::Held(state) => state,
+            Lease::Lapsed => HostState::Ready,
+        };
 
         let pools = tokio::task::spawn_blocking(move || {
             let mut pools = HashMap::new();
@@ -370,12 +383,19 @@ impl Agent {
             pools: Mutex::new(pools),
             running: Mutex::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            exiting: std::sync::atomic::AtomicBool::new(false),
+            state: Mutex::new(initial_state),
+            pools_emptied: std::sync::atomic::AtomicBool::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
             status_changed: Notify::new(),
-            drain_started: Notify::new(),
+            commands_wake: Notify::new(),
             drained: watch::channel(false).0,
             load: Mutex::default(),
         });
+        if initial_state != HostState::Ready {
+            tracing::info!(agent = %inner.cfg.id, state = initial_state.as_str(), "the store asks this host to stay out of service");
+        }
+        inner.apply_state();
         let mut tasks = JoinSet::new();
         tasks.spawn(commands::command_loop(Arc::clone(&inner), stop_rx.clone()));
         tasks.spawn(lifecycle::sizing_loop(Arc::clone(&inner), stop_rx.clone()));
@@ -557,13 +577,20 @@ struct Inner {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     running: Mutex<HashMap<String, Running>>,
     slots: Arc<Semaphore>,
+    /// Takes no new work (a shutdown's drain, or the store's word: cordoned, draining).
     draining: std::sync::atomic::AtomicBool,
+    /// Draining to stop (SIGTERM): final.
+    exiting: std::sync::atomic::AtomicBool,
+    /// What the store asks of this host.
+    state: Mutex<HostState>,
+    /// The warm pools were emptied for a drain (pool sizing leaves them alone).
+    pools_emptied: std::sync::atomic::AtomicBool,
     /// Set by shutdown: writes the store refused for being unavailable are no longer
     /// retried.
     stopping: std::sync::atomic::AtomicBool,
     status_changed: Notify,
-    /// Wakes the command loop when the drain starts.
-    drain_started: Notify,
+    /// Wakes the command loop when the host starts or stops taking work.
+    commands_wake: Notify,
     /// True once the host drains and nothing runs here any more.
     drained: watch::Sender<bool>,
     /// Samples the machine for the status.
@@ -648,6 +675,7 @@ impl Inner {
             running: running.len() as u32,
             allocatable: self.cfg.allocatable,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+            state: self.host_state(),
             load: self.load.lock().unwrap().sample(),
             warm,
             sandboxes,
@@ -657,19 +685,59 @@ impl Inner {
     fn pool(&self, language: &str) -> Option<Arc<Pool>> {
         self.pools.lock().unwrap().get(language).cloned()
     }
-    /// Starts draining: see [`AgentHandle::drain`].
+    /// Starts the drain of a shutdown: see [`AgentHandle::drain`]. Final: the store's
+    /// word does not undo it.
     fn drain(&self) {
-        if self
-            .draining
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
+        if !self.exiting.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(agent = %self.cfg.id, "draining to stop: no new work; the warm pools are emptied");
         }
-        tracing::info!(agent = %self.cfg.id, "draining: no new work; the warm pools are emptied");
-        for pool in self.pools.lock().unwrap().values() {
-            pool.set_size(0);
+        self.apply_state();
+    }
+
+    /// Takes the store's word on this host's state (read at each heartbeat).
+    fn set_state(&self, state: HostState) {
+        let was = std::mem::replace(&mut *self.state.lock().unwrap(), state);
+        if was != state {
+            tracing::info!(agent = %self.cfg.id, from = was.as_str(), to = state.as_str(), "the store asks this host to change state");
+            self.apply_state();
         }
-        self.drain_started.notify_one();
+    }
+
+    /// The state this host is in: draining when it stops, else the store's word.
+    fn host_state(&self) -> HostState {
+        if self.exiting.load(std::sync::atomic::Ordering::SeqCst) {
+            HostState::Draining
+        } else {
+            *self.state.lock().unwrap()
+        }
+    }
+
+    /// Acts on [`Self::host_state`]: takes new work only when ready; empties the warm
+    /// pools while draining (and refills them when it no longer is).
+    fn apply_state(&self) {
+        let state = self.host_state();
+        let no_work = state != HostState::Ready;
+        let empty = state == HostState::Draining;
+        self.draining
+            .store(no_work, std::sync::atomic::Ordering::SeqCst);
+        let pools = self.pools.lock().unwrap();
+        let was_empty = self
+            .pools_emptied
+            .swap(empty, std::sync::atomic::Ordering::SeqCst);
+        if empty && !was_empty {
+            for pool in pools.values() {
+                pool.set_size(0);
+            }
+        } else if !empty && was_empty {
+            // Back to the configured sizes; pool sizing by demand takes it from there.
+            for lang in &self.cfg.languages {
+                if let Some(pool) = pools.get(&lang.name) {
+                    pool.set_size(lang.pool_size);
+                }
+            }
+        }
+        drop(pools);
+        self.commands_wake.notify_one();
         self.status_changed.notify_one();
     }
 

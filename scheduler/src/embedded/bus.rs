@@ -341,6 +341,7 @@ mod tests {
             running: 1,
             allocatable: Default::default(),
             draining: false,
+            state: Default::default(),
             load: Default::default(),
             warm: vec![("r".into(), 2)],
             sandboxes: vec![],

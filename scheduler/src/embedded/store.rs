@@ -28,8 +28,8 @@ use tokio::sync::Mutex;
 use super::disk::{check_name, name_ok, Disk, Sync};
 use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, Millis, Policy,
-    ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostRecord, HostState,
+    Millis, Policy, ResultSummary,
 };
 use crate::seal::Keyring;
 use crate::store::{
@@ -53,7 +53,8 @@ struct State {
     admitted: u64,
     /// Host leases: agent → (expires at, alive). In memory only: after a restart every
     /// agent registers again (and reconciles what it ran).
-    hosts: HashMap<String, (Millis, bool)>,
+    /// agent → (lease expiry, alive, state).
+    hosts: HashMap<String, (Millis, bool, HostState)>,
     /// Leaderships: role → (holder, term, expires at). In memory only.
     leaders: HashMap<String, (String, u64, Millis)>,
 }
@@ -610,7 +611,8 @@ impl Store for EmbeddedStore {
     async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
         let agent = agent.to_string();
         self.change(Sync::Later, move |st, _disk| {
-            st.hosts.insert(agent, (now_ms() + lease_ms, true));
+            let state = st.hosts.get(&agent).map_or(HostState::Ready, |h| h.2);
+            st.hosts.insert(agent, (now_ms() + lease_ms, true, state));
             Ok(())
         })
         .await
@@ -622,12 +624,48 @@ impl Store for EmbeddedStore {
             let now = now_ms();
             // Late but not declared lost by anyone yet: the host keeps its runs.
             match st.hosts.get(&agent).copied() {
-                Some((_, true)) => {
-                    st.hosts.insert(agent, (now + lease_ms, true));
-                    Ok(Lease::Held)
+                Some((_, true, state)) => {
+                    st.hosts.insert(agent, (now + lease_ms, true, state));
+                    Ok(Lease::Held(state))
                 }
                 _ => Ok(Lease::Lapsed),
             }
+        })
+        .await
+    }
+
+    async fn set_host_state(&self, agent: &str, state: HostState) -> StoreResult<HostRecord> {
+        let agent = agent.to_string();
+        self.change(Sync::Later, move |st, _disk| {
+            let h = st
+                .hosts
+                .get_mut(&agent)
+                .ok_or_else(|| StoreError::UnknownHost(agent.clone()))?;
+            h.2 = state;
+            Ok(HostRecord {
+                agent,
+                state,
+                alive: h.1,
+                lease_expires_at: h.0,
+            })
+        })
+        .await
+    }
+
+    async fn hosts(&self) -> StoreResult<Vec<HostRecord>> {
+        self.change(Sync::Later, move |st, _disk| {
+            let mut hosts: Vec<HostRecord> = st
+                .hosts
+                .iter()
+                .map(|(agent, (expires, alive, state))| HostRecord {
+                    agent: agent.clone(),
+                    state: *state,
+                    alive: *alive,
+                    lease_expires_at: *expires,
+                })
+                .collect();
+            hosts.sort_by(|a, b| a.agent.cmp(&b.agent));
+            Ok(hosts)
         })
         .await
     }
@@ -638,7 +676,7 @@ impl Store for EmbeddedStore {
             let mut lapsed: Vec<String> = st
                 .hosts
                 .iter()
-                .filter(|(_, (expires, alive))| *alive && now > *expires)
+                .filter(|(_, (expires, alive, _))| *alive && now > *expires)
                 .map(|(a, _)| a.clone())
                 .collect();
             lapsed.sort();
