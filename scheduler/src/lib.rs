@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod autoscale;
 mod blocking;
 pub mod bus;
 pub mod embedded;
