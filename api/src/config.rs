@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use hatchery_scheduler::agent::{machine_allocatable, DEFAULT_CPU_OVERCOMMIT};
+use hatchery_scheduler::autoscale::GroupConfig;
 use hatchery_scheduler::model::{EffectivePolicy, Policy, Resources};
 use hatchery_scheduler::platform::PlatformConfig;
 use hatchery_scheduler::seal::{generate_key, KeyId, Keyring, KeyringError};
@@ -86,6 +87,105 @@ pub struct Config {
     pub agent: AgentSection,
     pub platform: PlatformSection,
     pub store: StoreSection,
+    /// Host groups (`[[groups]]`): hosts of one shape, scaled together. With groups, a
+    /// request whose limits fit no group's shape is refused (422
+    /// `exceeds_largest_group`); without, one that fits no reporting host (422
+    /// `exceeds_largest_host`).
+    pub groups: Vec<GroupSection>,
+}
+
+/// One host group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupSection {
+    pub name: String,
+    /// What each host has for executions: memory (`8G`) and CPUs.
+    pub memory: String,
+    pub cpus: f64,
+    /// The languages its hosts serve.
+    pub languages: Vec<String>,
+    /// Hosts kept at the least and at the most.
+    pub min: u32,
+    pub max: u32,
+    /// How long a host must be empty before it is drained.
+    pub scale_down_after: String,
+    /// The least time between two launches, and between two drains, of the group.
+    pub cooldown_up: String,
+    pub cooldown_down: String,
+    /// Who makes its hosts: `static` (hosts started by hand, as `hatchery agent` with
+    /// `agent.group`).
+    pub provider: String,
+}
+
+impl Default for GroupSection {
+    fn default() -> Self {
+        GroupSection {
+            name: String::new(),
+            memory: "1G".into(),
+            cpus: 1.0,
+            languages: vec!["r".into()],
+            min: 0,
+            max: 10,
+            scale_down_after: "10m".into(),
+            cooldown_up: "30s".into(),
+            cooldown_down: "1m".into(),
+            provider: "static".into(),
+        }
+    }
+}
+
+impl GroupSection {
+    fn to_group(&self) -> Result<GroupConfig, String> {
+        let name = &self.name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "group name {name:?}: 1 to 64 letters, digits, - and _"
+            ));
+        }
+        let memory = hatchery_sandbox::limits::parse_size(&self.memory)
+            .map_err(|e| format!("group {name}: memory: {e}"))?;
+        if memory < 64 << 20 {
+            return Err(format!("group {name}: memory must be at least 64M"));
+        }
+        if !(0.01..=100_000.0).contains(&self.cpus) {
+            return Err(format!(
+                "group {name}: cpus must be a number of CPUs like 2 or 0.5"
+            ));
+        }
+        if self.languages.is_empty() {
+            return Err(format!("group {name}: languages: name at least one"));
+        }
+        if self.min > self.max || self.max == 0 {
+            return Err(format!(
+                "group {name}: min ({}) must be at most max ({}), and max at least 1",
+                self.min, self.max
+            ));
+        }
+        if self.provider != "static" {
+            return Err(format!(
+                "group {name}: provider {:?}: expected static",
+                self.provider
+            ));
+        }
+        let duration = |what: &str, v: &str| {
+            parse_duration_or_zero(v).map_err(|e| format!("group {name}: {what}: {e}"))
+        };
+        Ok(GroupConfig {
+            name: name.clone(),
+            shape: Resources::new(memory, self.cpus),
+            languages: self.languages.clone(),
+            min: self.min,
+            max: self.max,
+            scale_down_after: duration("scale_down_after", &self.scale_down_after)?,
+            cooldown_up: duration("cooldown_up", &self.cooldown_up)?,
+            cooldown_down: duration("cooldown_down", &self.cooldown_down)?,
+        })
+    }
 }
 
 /// Where executions, events and policies are kept — the embedded store under `data_dir`
@@ -119,6 +219,8 @@ pub struct StoreSection {
 pub struct AgentSection {
     /// Name of this host in statuses and records (`HATCHERY_AGENT_NAME`).
     pub name: String,
+    /// The host group this host belongs to (`HATCHERY_GROUP`), one of `[[groups]]`.
+    pub group: Option<String>,
     /// Frozen sandboxes kept warm per language at the least (`HATCHERY_POOL_SIZE`); the
     /// pools grow with demand: every user active in the last 10 minutes adds the
     /// `warm_pool_size` of their policy, up to `max_pool_size`.
@@ -207,6 +309,7 @@ impl Default for Config {
             agent: AgentSection::default(),
             platform: PlatformSection::default(),
             store: StoreSection::default(),
+            groups: Vec::new(),
         }
     }
 }
@@ -215,6 +318,7 @@ impl Default for AgentSection {
     fn default() -> Self {
         AgentSection {
             name: "local".into(),
+            group: None,
             pool_size: 2,
             max_pool_size: 8,
             capacity: 4,
@@ -271,6 +375,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_CGROUP_PARENT", "agent.cgroup_parent"),
     ("HATCHERY_HOST_MEMORY_MAX", "agent.host_memory_max"),
     ("HATCHERY_MEMORY", "agent.memory"),
+    ("HATCHERY_GROUP", "agent.group"),
     ("HATCHERY_CPUS", "agent.cpus"),
     ("HATCHERY_HOST_PIDS_MAX", "agent.host_pids_max"),
     ("HATCHERY_OUTPUT_LIMIT", "agent.output_limit"),
@@ -348,6 +453,14 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        let groups = self.groups()?;
+        if let Some(g) = &self.agent.group {
+            if !groups.iter().any(|x| x.name == *g) {
+                return Err(ConfigError::Invalid(format!(
+                    "agent.group {g:?} is not one of the [[groups]]"
+                )));
+            }
+        }
         parse_duration(&self.token_ttl)
             .map_err(|e| ConfigError::Invalid(format!("token_ttl: {e}")))?;
         if parse_duration(&self.scheduler_lease)
@@ -482,9 +595,31 @@ impl Config {
         hatchery_sandbox::limits::parse_size(&self.agent.output_limit).unwrap_or(16 << 20)
     }
 
-    /// The memory and CPUs this host has for executions (`agent.memory`, `agent.cpus`).
+    /// The host groups (`[[groups]]`), checked: valid shapes and limits, unique names.
+    pub fn groups(&self) -> Result<Vec<GroupConfig>, ConfigError> {
+        let mut out: Vec<GroupConfig> = Vec::new();
+        for g in &self.groups {
+            let g = g.to_group().map_err(ConfigError::Invalid)?;
+            if out.iter().any(|x| x.name == g.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "group {:?} is defined twice",
+                    g.name
+                )));
+            }
+            out.push(g);
+        }
+        Ok(out)
+    }
+
+    /// The memory and CPUs this host has for executions (`agent.memory`, `agent.cpus`;
+    /// `auto` on a host of a group: the group's shape).
     pub fn allocatable(&self) -> Result<Resources, ConfigError> {
-        let auto = machine_allocatable(self.host_memory_max(), DEFAULT_CPU_OVERCOMMIT);
+        let mut auto = machine_allocatable(self.host_memory_max(), DEFAULT_CPU_OVERCOMMIT);
+        if let Some(name) = &self.agent.group {
+            if let Some(g) = self.groups()?.into_iter().find(|g| g.name == *name) {
+                auto = g.shape;
+            }
+        }
         let memory = match self.agent.memory.trim() {
             "auto" => auto.memory_bytes,
             m => {
@@ -556,6 +691,7 @@ impl Config {
             retention_ms: parse_duration(&self.platform.retention)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(7 * 86_400_000),
+            groups: self.groups().unwrap_or_default(),
         }
     }
 
@@ -1198,6 +1334,70 @@ mod tests {
         assert_eq!(load("none").unwrap(), None);
         let e = invalid("", &[("HATCHERY_DRAIN_DEADLINE", "soon")]);
         assert!(e.contains("drain_deadline") && e.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn host_groups_are_read_and_checked_and_a_host_of_a_group_has_its_shape() {
+        let text = r#"
+[agent]
+group = "big"
+[[groups]]
+name = "small"
+memory = "1G"
+cpus = 1
+[[groups]]
+name = "big"
+memory = "8G"
+cpus = 2.5
+min = 1
+max = 3
+scale_down_after = "30s"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load_from(Some(&path), &BTreeMap::new()).unwrap();
+        let groups = cfg.groups().unwrap();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[1].shape, Resources::new(8 << 30, 2.5));
+        assert_eq!((groups[1].min, groups[1].max), (1, 3));
+        assert_eq!(groups[1].scale_down_after, Duration::from_secs(30));
+        assert_eq!(groups[0].languages, ["r"]);
+        assert_eq!(cfg.platform_config().groups, groups);
+        // A host of the group has the group's shape unless told otherwise.
+        assert_eq!(cfg.allocatable().unwrap(), Resources::new(8 << 30, 2.5));
+        let env: BTreeMap<String, String> =
+            [("HATCHERY_CPUS".into(), "2".into())].into_iter().collect();
+        let told = Config::load_from(Some(&path), &env).unwrap();
+        assert_eq!(told.allocatable().unwrap(), Resources::new(8 << 30, 2.0));
+        for (bad, why) in [
+            ("[agent]\ngroup = \"nope\"\n", "not one of the [[groups]]"),
+            (
+                "[[groups]]\nname = \"a\"\n[[groups]]\nname = \"a\"\n",
+                "defined twice",
+            ),
+            ("[[groups]]\nname = \"a b\"\n", "letters, digits"),
+            (
+                "[[groups]]\nname = \"a\"\nmin = 3\nmax = 2\n",
+                "at most max",
+            ),
+            (
+                "[[groups]]\nname = \"a\"\nmemory = \"1M\"\n",
+                "at least 64M",
+            ),
+            ("[[groups]]\nname = \"a\"\ncpus = 0\n", "cpus"),
+            (
+                "[[groups]]\nname = \"a\"\nprovider = \"ec2\"\n",
+                "expected static",
+            ),
+            (
+                "[[groups]]\nname = \"a\"\ncooldown_up = \"soon\"\n",
+                "cooldown_up",
+            ),
+        ] {
+            let e = invalid(bad, &[]);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub const ERROR_CODES: &[&str] = &[
     "invalid_limits",
     "policy_exceeds_org",
     "exceeds_largest_host",
+    "exceeds_largest_group",
     "unknown_language",
     "payload_too_large",
     "code_too_large",
@@ -152,6 +153,7 @@ impl From<PlatformError> for ApiError {
             | PlatformError::InvalidLimits(_)
             | PlatformError::PolicyExceedsOrg(_)
             | PlatformError::ExceedsLargestHost { .. }
+            | PlatformError::ExceedsLargestGroup { .. }
             | PlatformError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             PlatformError::CodeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PlatformError::QueueFull | PlatformError::StoreUnavailable => {

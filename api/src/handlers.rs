@@ -7,6 +7,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hatchery_scheduler::autoscale::GroupConfig;
+use hatchery_scheduler::bus::HostStatus;
 use hatchery_scheduler::model::{
     artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, HostRecord, HostState, Policy,
     Principal, Resources, Usage,
@@ -123,6 +125,11 @@ pub async fn dispatch(
             no_query(&query)?;
             let hosts = st.platform.hosts(&caller()?).await?;
             Ok(json(StatusCode::OK, &hosts_view(&st, hosts)))
+        }
+        RouteId::AdminGroups => {
+            no_query(&query)?;
+            let groups = st.platform.groups(&caller()?).await?;
+            Ok(json(StatusCode::OK, &groups_view(&st, groups)))
         }
         RouteId::AdminHostState => {
             no_query(&query)?;
@@ -542,6 +549,47 @@ fn hosts_view(st: &ApiState, hosts: Vec<HostRecord>) -> Value {
     serde_json::json!({ "hosts": hosts })
 }
 
+/// Each host group: its configuration, its reporting hosts by state, what they have for
+/// executions and what the limits of what runs take of it, and the queued demand.
+fn groups_view(st: &ApiState, groups: Vec<(GroupConfig, u32, Resources)>) -> Value {
+    let statuses = st.hosts.current();
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(g, queued, need)| {
+            let mine: Vec<&HostStatus> = statuses
+                .iter()
+                .filter(|s| s.group.as_deref() == Some(g.name.as_str()))
+                .collect();
+            let count = |state: HostState| mine.iter().filter(|s| s.state == state).count();
+            let capacity = mine
+                .iter()
+                .fold(Resources::default(), |sum, s| sum.plus(&s.allocatable));
+            let used = mine
+                .iter()
+                .flat_map(|s| s.sandboxes.iter())
+                .fold(Resources::default(), |sum, x| sum.plus(&x.limits));
+            serde_json::json!({
+                "name": g.name,
+                "shape": g.shape,
+                "languages": g.languages,
+                "min": g.min,
+                "max": g.max,
+                "scale_down_after_ms": g.scale_down_after.as_millis() as u64,
+                "hosts": {
+                    "ready": count(HostState::Ready),
+                    "cordoned": count(HostState::Cordoned),
+                    "draining": count(HostState::Draining),
+                },
+                "capacity": capacity,
+                "used": used,
+                "running": mine.iter().map(|s| s.running).sum::<u32>(),
+                "queued": { "executions": queued, "need": need },
+            })
+        })
+        .collect();
+    serde_json::json!({ "groups": groups })
+}
+
 /// `/metrics`: counters of this node, the store's active counts (kept by the store on
 /// every state change: a scrape never scans the executions) and the host statuses.
 pub async fn metrics(st: &ApiState) -> Response<Body> {
@@ -582,7 +630,7 @@ fn readyz(st: &ApiState) -> Result<Response<Body>, ApiError> {
         .into_iter()
         .map(|s| {
             serde_json::json!({
-                "agent": s.agent, "draining": s.draining, "capacity": s.capacity,
+                "agent": s.agent, "group": s.group, "draining": s.draining, "capacity": s.capacity,
                 "running": s.running, "warm": s.warm, "allocatable": s.allocatable,
                 "state": s.state,
             })

@@ -79,6 +79,8 @@ pub struct ClusterSpec {
     pub first_port: u16,
     /// The languages the platform serves (`platform.languages`).
     pub languages: Vec<String>,
+    /// TOML appended to the cluster's config (e.g. `[[groups]]` tables).
+    pub extra_config: String,
 }
 
 impl ClusterSpec {
@@ -98,6 +100,7 @@ impl ClusterSpec {
             log_filter: "info".into(),
             first_port: 0,
             languages: vec!["r".into()],
+            extra_config: String::new(),
         }
     }
 }
@@ -273,7 +276,8 @@ impl LocalCluster {
              postgres_url = {url}\n\
              redis_url = {redis}\n\
              s3_bucket = {bucket}\n\
-             s3_endpoint = {s3}\n",
+             s3_endpoint = {s3}\n\
+             {extra}",
             data = toml_str(&dir.join("data").display().to_string()),
             rootfs = toml_str(&spec.rootfs.display().to_string()),
             url = toml_str(&url),
@@ -284,6 +288,7 @@ impl LocalCluster {
             languages = toml_list(&spec.languages),
             redis = toml_str(&redis.url()),
             s3 = toml_str(&moto.endpoint()),
+            extra = spec.extra_config,
         );
         std::fs::write(&config, text).map_err(|source| ClusterError::Io {
             what: format!("writing {}", config.display()),

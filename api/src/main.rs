@@ -288,6 +288,7 @@ fn agent_config(cfg: &Config) -> AgentConfig {
     a.lease = cfg.lease();
     a.host_memory_max = cfg.host_memory_max();
     a.allocatable = cfg.allocatable().unwrap_or(a.allocatable);
+    a.group = cfg.agent.group.clone();
     a.host_pids_max = cfg.agent.host_pids_max;
     a.default_policy = cfg.platform_config().default_policy;
     a

@@ -196,6 +196,7 @@ mod tests {
             agents: 1,
             hosts: vec![HostStatus {
                 agent: "host-\"a\"".into(),
+                group: None,
                 at: 1,
                 capacity: 4,
                 running: 1,

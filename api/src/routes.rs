@@ -21,6 +21,7 @@ pub enum RouteId {
     AdminMonitor,
     AdminHosts,
     AdminHostState,
+    AdminGroups,
     Me,
     LocalSignInInfo,
     LocalSignIn,
@@ -113,6 +114,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/admin/executions", RouteId::AdminExecutions),
     ws("/v1/admin/monitor", RouteId::AdminMonitor),
     r("GET", "/v1/admin/hosts", RouteId::AdminHosts),
+    r("GET", "/v1/admin/groups", RouteId::AdminGroups),
     r(
         "PUT",
         "/v1/admin/hosts/{agent}/state",

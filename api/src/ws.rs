@@ -663,6 +663,7 @@ mod tests {
         };
         let status = |agent: &str, orgs: &[&str]| HostStatus {
             agent: agent.into(),
+            group: None,
             at: 1,
             capacity: 4,
             running: orgs.len() as u32,

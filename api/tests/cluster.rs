@@ -20,7 +20,13 @@ use serde_json::{json, Value};
 /// A local cluster whose processes are started by each test; `None` (skip recorded) when
 /// an engine is not installed.
 fn cluster(test: &str) -> Option<LocalCluster> {
+    cluster_with(test, "")
+}
+
+/// [`cluster`] with `extra` appended to its config.
+fn cluster_with(test: &str, extra: &str) -> Option<LocalCluster> {
     let mut spec = ClusterSpec::new(HATCHERY, rootfs());
+    spec.extra_config = extra.to_string();
     spec.cgroup_prefix = format!("cluster-{}", std::process::id());
     // Keep the config and the processes' logs for a look after the run.
     if let Some(dir) = std::env::var_os("HATCHERY_CLUSTER_LOGS") {
@@ -846,6 +852,97 @@ fn an_admin_cordons_drains_and_resumes_a_host_and_a_drain_outlives_its_agents_re
             h["state"] == "ready" && h["draining"] == false && h["warm"][0][1].as_u64() > Some(0)
         })
         .await;
+    });
+}
+
+#[test]
+fn host_groups_refuse_what_no_group_holds_and_show_hosts_capacity_and_demand() {
+    let groups = "[[groups]]\nname = \"small\"\nmemory = \"2G\"\ncpus = 2\n\
+                  [[groups]]\nname = \"big\"\nmemory = \"8G\"\ncpus = 4\n";
+    let Some(mut c) = cluster_with(
+        "host_groups_refuse_what_no_group_holds_and_show_hosts_capacity_and_demand",
+        groups,
+    ) else {
+        return;
+    };
+    let api = c.api_proc("api-1");
+    c.role(RoleKind::Scheduler, "scheduler-1", &[]);
+    let small = [("HATCHERY_GROUP", "small".to_string())];
+    c.agent_named("agent-a", &small);
+    c.agent_named("agent-b", &small);
+    let addr = c.addr_of(api);
+    let root = c.tok("hatchery", "root", "superadmin");
+    let t = c.tok("acme", "ann", "user");
+    e2e(async {
+        wait_ready(addr, 2).await;
+        let h = host_of(addr, "agent-a").await.unwrap();
+        assert_eq!(h["group"], "small", "{h}");
+        assert_eq!(
+            h["allocatable"]["memory_bytes"],
+            2u64 << 30,
+            "a host has its group's shape: {h}"
+        );
+        let r = req(
+            addr,
+            "PUT",
+            "/v1/admin/orgs/acme/policy",
+            &root,
+            Some(json!({"memory_bytes": 64u64 << 30, "cpus": 16.0, "max_parallel": 10})),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let sized = |gib: u64, code: &str| json!({"language": "r", "code": code, "limits": {"memory_bytes": gib << 30, "cpus": 1.0}});
+        // 16 GiB fits no group: refused, naming the largest.
+        let r = req(addr, "POST", "/v1/executions", &t, Some(sized(16, "1"))).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (422, "exceeds_largest_group")
+        );
+        let m = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(m.contains("big") && m.contains("8 GiB and 4 cpus"), "{m}");
+        // 4 GiB fits the big group, which has no host yet: admitted, it waits (the
+        // autoscaler's demand for big).
+        let r = req(addr, "POST", "/v1/executions", &t, Some(sized(4, "1"))).await;
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let waiting = r.json()["id"].as_str().unwrap().to_string();
+        // 1 GiB runs on a small host.
+        let r = req(addr, "POST", "/v1/executions", &t, Some(sized(1, "6 * 7"))).await;
+        let quick = r.json()["id"].as_str().unwrap().to_string();
+        let v = finished_on(addr, &t, &quick).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        let v = req(addr, "GET", &format!("/v1/executions/{waiting}"), &t, None)
+            .await
+            .json();
+        assert_eq!(state(&v), "queued", "{v}");
+
+        let r = req(addr, "GET", "/v1/admin/groups", &root, None).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let g = r.json()["groups"].clone();
+        assert_eq!(g[0]["name"], "small", "{g}");
+        assert_eq!(g[0]["hosts"]["ready"], 2, "{g}");
+        assert_eq!(g[0]["capacity"]["memory_bytes"], 4u64 << 30, "{g}");
+        assert_eq!(g[0]["queued"]["executions"], 0, "{g}");
+        assert_eq!(g[1]["name"], "big", "{g}");
+        assert_eq!(g[1]["hosts"]["ready"], 0, "{g}");
+        assert_eq!(g[1]["queued"]["executions"], 1, "{g}");
+        assert_eq!(g[1]["queued"]["need"]["memory_bytes"], 4u64 << 30, "{g}");
+        assert_eq!(
+            req(addr, "GET", "/v1/admin/groups", &t, None).await.status,
+            403
+        );
+        let r = req(
+            addr,
+            "POST",
+            &format!("/v1/executions/{waiting}/cancel"),
+            &t,
+            None,
+        )
+        .await;
+        assert!(r.status < 300);
+        finished_on(addr, &t, &waiting).await;
     });
 }
 

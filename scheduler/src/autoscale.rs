@@ -30,7 +30,7 @@ use std::time::Duration;
 use crate::model::{HostState, Millis, Resources};
 
 /// A host group: hosts of one shape, scaled together.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GroupConfig {
     pub name: String,
     /// What each of its hosts has for executions.

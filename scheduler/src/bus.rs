@@ -101,6 +101,9 @@ pub enum AgentCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostStatus {
     pub agent: String,
+    /// Its host group, if it belongs to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub at: Millis,
     /// Executions it can run at once, and runs now.
     pub capacity: u32,

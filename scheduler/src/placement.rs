@@ -258,6 +258,7 @@ mod tests {
     fn status(agent: &str, capacity: u32, running: u32, at: Millis) -> HostStatus {
         HostStatus {
             agent: agent.into(),
+            group: None,
             at,
             capacity,
             running,

@@ -32,6 +32,8 @@ pub struct PlatformConfig {
     pub max_queued: usize,
     /// Finished executions are deleted (records, events, objects) after this long.
     pub retention_ms: u64,
+    /// The host groups: a request whose limits fit none of their shapes is refused.
+    pub groups: Vec<crate::autoscale::GroupConfig>,
 }
 
 impl Default for PlatformConfig {
@@ -42,6 +44,7 @@ impl Default for PlatformConfig {
             max_code_bytes: 1 << 20,
             max_queued: 256,
             retention_ms: 7 * 24 * 3600 * 1000,
+            groups: Vec::new(),
         }
     }
 }
@@ -89,6 +92,16 @@ pub enum PlatformError {
     /// 422 `invalid_request`
     #[error("{0}")]
     Invalid(String),
+    /// 422 `exceeds_largest_group` — the execution's memory and CPUs fit no host group's
+    /// shape (R4: a large request scales a group that can hold it; none can).
+    #[error(
+        "the execution asks for {asked}; the largest host group, {group}, has {shape} per host"
+    )]
+    ExceedsLargestGroup {
+        asked: Resources,
+        group: String,
+        shape: Resources,
+    },
     /// 422 `exceeds_largest_host` — the execution's memory and CPUs fit on no host that
     /// serves its language (R4: a request waits for room, but never for a host that
     /// cannot exist).
@@ -123,6 +136,7 @@ impl PlatformError {
             PlatformError::PolicyExceedsOrg(_) => "policy_exceeds_org",
             PlatformError::Invalid(_) => "invalid_request",
             PlatformError::ExceedsLargestHost { .. } => "exceeds_largest_host",
+            PlatformError::ExceedsLargestGroup { .. } => "exceeds_largest_group",
             PlatformError::QueueFull => "queue_full",
             PlatformError::StoreUnavailable => "store_unavailable",
             PlatformError::Internal(_) => "internal",
@@ -159,6 +173,34 @@ fn fits_a_host(
         language: language.to_string(),
         asked: *need,
         largest,
+    })
+}
+
+/// Whether an execution of `language` needing `need` fits a group's shape.
+fn fits_a_group(
+    language: &str,
+    need: &Resources,
+    groups: &[crate::autoscale::GroupConfig],
+) -> Result<(), PlatformError> {
+    if crate::autoscale::smallest_fit(groups, language, need).is_some() {
+        return Ok(());
+    }
+    let largest = groups
+        .iter()
+        .filter(|g| g.languages.iter().any(|l| l == language))
+        .max_by(|a, b| {
+            a.shape
+                .memory_bytes
+                .cmp(&b.shape.memory_bytes)
+                .then(a.shape.cpus.total_cmp(&b.shape.cpus))
+        });
+    Err(match largest {
+        Some(g) => PlatformError::ExceedsLargestGroup {
+            asked: *need,
+            group: g.name.clone(),
+            shape: g.shape,
+        },
+        None => PlatformError::Invalid(format!("no host group serves {language}")),
     })
 }
 
@@ -331,7 +373,11 @@ impl Platform {
         tracing::trace!(ms = began.elapsed().as_secs_f64() * 1e3, "policy");
         let asked = req.limits;
         let limits = crate::policy::limits_for(&policy, asked.as_ref()).map_err(invalid_limits)?;
-        fits_a_host(&req.language, &limits.resources(), hosts)?;
+        if self.config.groups.is_empty() {
+            fits_a_host(&req.language, &limits.resources(), hosts)?;
+        } else {
+            fits_a_group(&req.language, &limits.resources(), &self.config.groups)?;
+        }
 
         let id = uuid::Uuid::new_v4().simple().to_string();
         // Small code travels in the record; larger code is an object.
@@ -692,6 +738,43 @@ impl Platform {
     pub async fn hosts(&self, who: &Principal) -> Result<Vec<HostRecord>, PlatformError> {
         self.require_superadmin(who, "listing hosts")?;
         Ok(self.store.hosts().await?)
+    }
+
+    /// The host groups with the queued executions whose limits call for each (counted
+    /// against the smallest group that holds them: what the autoscaler counts as its
+    /// demand): superadmins. Reads at most the oldest 1,000 queued executions.
+    pub async fn groups(
+        &self,
+        who: &Principal,
+    ) -> Result<Vec<(crate::autoscale::GroupConfig, u32, Resources)>, PlatformError> {
+        self.require_superadmin(who, "listing host groups")?;
+        let groups = &self.config.groups;
+        let mut demand: Vec<(u32, Resources)> = vec![(0, Resources::default()); groups.len()];
+        if !groups.is_empty() {
+            let queued = self
+                .store
+                .list(&ListFilter {
+                    state: Some(ExecState::Queued),
+                    limit: Some(1000),
+                    ..Default::default()
+                })
+                .await?;
+            for r in &queued {
+                let need = r.limits.resources();
+                if let Some(g) = crate::autoscale::smallest_fit(groups, &r.language, &need) {
+                    if let Some(i) = groups.iter().position(|x| x.name == g.name) {
+                        demand[i].0 += 1;
+                        demand[i].1 = demand[i].1.plus(&need);
+                    }
+                }
+            }
+        }
+        Ok(groups
+            .iter()
+            .cloned()
+            .zip(demand)
+            .map(|(g, (n, need))| (g, n, need))
+            .collect())
     }
 
     /// Asks a host to be `ready`, `cordoned` (no new work) or `draining` (no new work,

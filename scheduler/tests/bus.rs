@@ -195,6 +195,7 @@ bus_test!(status_reaches_every_process, |b| {
     let mut s = scheduler.subscribe_status();
     let st = HostStatus {
         agent: "h1".into(),
+        group: None,
         at: 1,
         capacity: 4,
         running: 1,
@@ -394,6 +395,7 @@ bus_test!(
 fn status(agent: &str, at: u64) -> HostStatus {
     HostStatus {
         agent: agent.into(),
+        group: None,
         at,
         capacity: 4,
         running: 0,

@@ -912,3 +912,81 @@ async fn retention_deletes_artifacts_listed_and_those_of_lost_runs() {
     assert!(!dir.path().join("objects/artifacts").join(&done).exists());
     assert!(!dir.path().join("objects/artifacts").join(&lost).exists());
 }
+
+#[tokio::test]
+async fn with_host_groups_a_request_no_group_can_hold_is_refused_and_the_demand_is_counted_per_group(
+) {
+    use hatchery_scheduler::autoscale::GroupConfig;
+    use hatchery_scheduler::model::{RequestedLimits, Resources};
+    let mut f = fixture();
+    let group = |name: &str, gib: u64, cpus: f64| GroupConfig {
+        name: name.into(),
+        shape: Resources::new(gib << 30, cpus),
+        languages: vec!["r".into()],
+        min: 0,
+        max: 4,
+        scale_down_after: std::time::Duration::from_secs(600),
+        cooldown_up: std::time::Duration::ZERO,
+        cooldown_down: std::time::Duration::ZERO,
+    };
+    f.platform.config = Arc::new(PlatformConfig {
+        groups: vec![group("small", 1, 1.0), group("big", 8, 4.0)],
+        ..PlatformConfig::default()
+    });
+    let root = who("hatchery", "root", Role::Superadmin);
+    f.platform
+        .put_org_policy(
+            &root,
+            "acme",
+            Policy {
+                memory_bytes: Some(64 << 30),
+                cpus: Some(16.0),
+                max_parallel: Some(10),
+                ..Policy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let alice = who("acme", "alice", Role::User);
+    let sized = |gib: u64, cpus: f64| SubmitRequest {
+        limits: Some(RequestedLimits {
+            memory_bytes: Some(gib << 30),
+            cpus: Some(cpus),
+            pids: None,
+            time_limit_ms: None,
+        }),
+        ..req("1", None)
+    };
+    // 16 GiB, or 6 cpus, fits no group: refused, naming the largest.
+    for (gib, cpus) in [(16, 1.0), (2, 6.0)] {
+        match f.platform.submit(&alice, sized(gib, cpus)).await {
+            Err(e @ PlatformError::ExceedsLargestGroup { .. }) => {
+                assert_eq!(e.code(), "exceeds_largest_group");
+                let m = e.to_string();
+                assert!(m.contains("big") && m.contains("8 GiB and 4 cpus"), "{m}");
+            }
+            other => panic!("{gib} GiB / {cpus} cpus: {other:?}"),
+        }
+    }
+    // What fits a group is admitted (no host need be up: the group scales), and counted
+    // against the smallest group that holds it.
+    for (gib, cpus) in [(1, 1.0), (1, 0.5), (4, 2.0)] {
+        f.platform.submit(&alice, sized(gib, cpus)).await.unwrap();
+    }
+    let groups = f.platform.groups(&root).await.unwrap();
+    let demand: Vec<(&str, u32, Resources)> = groups
+        .iter()
+        .map(|(g, n, need)| (g.name.as_str(), *n, *need))
+        .collect();
+    assert_eq!(
+        demand,
+        [
+            ("small", 2, Resources::new(2 << 30, 1.5)),
+            ("big", 1, Resources::new(4 << 30, 2.0)),
+        ]
+    );
+    assert!(matches!(
+        f.platform.groups(&alice).await,
+        Err(PlatformError::Forbidden(_))
+    ));
+}

@@ -185,6 +185,8 @@ pub struct AgentConfig {
     pub id: String,
     /// Executions run at once; further `Run`s wait here, in order.
     pub capacity: u32,
+    /// The host group this host belongs to, if any (in its status).
+    pub group: Option<String>,
     /// Memory and CPUs this host has for executions: placement counts each execution's
     /// limits against them (R4). Default: [`Resources`] of the machine
     /// ([`machine_allocatable`]).
@@ -247,6 +249,7 @@ impl AgentConfig {
         AgentConfig {
             id: id.into(),
             capacity: 2,
+            group: None,
             allocatable: machine_allocatable(None, DEFAULT_CPU_OVERCOMMIT),
             languages: vec![LanguageConfig {
                 name: "r".into(),
@@ -670,6 +673,7 @@ impl Inner {
         sandboxes.sort_by(|a, b| a.execution_id.cmp(&b.execution_id));
         HostStatus {
             agent: self.cfg.id.clone(),
+            group: self.cfg.group.clone(),
             at: now_ms(),
             capacity: self.cfg.capacity,
             running: running.len() as u32,

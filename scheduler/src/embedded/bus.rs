@@ -336,6 +336,7 @@ mod tests {
         let mut s = bus.subscribe_status();
         let st = HostStatus {
             agent: "h1".into(),
+            group: None,
             at: 1,
             capacity: 4,
             running: 1,
