@@ -387,6 +387,21 @@ fn an_agent_killed_loses_its_runs_within_its_lease_and_leaves_no_orphan_when_res
     );
 }
 
+/// Waits until `id` runs; its record then.
+async fn running_on(addr: SocketAddr, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let v = req(addr, "GET", &format!("/v1/executions/{id}"), token, None)
+            .await
+            .json();
+        if state(&v) == "running" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{id} never ran: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The host status of `agent` as `/readyz` shows it.
 async fn host_of(addr: SocketAddr, agent: &str) -> Option<Value> {
     let r = try_http(addr, "GET", "/readyz", None, None).await.ok()?;
@@ -423,24 +438,8 @@ fn an_agent_given_sigterm_drains_without_killing_and_a_second_signal_forces_it()
             r#"Sys.sleep(4); cat("finished in peace\n")"#,
         )
         .await;
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let v = req(
-                addr,
-                "GET",
-                &format!("/v1/executions/{long}"),
-                &tokens[0],
-                None,
-            )
-            .await
-            .json();
-            if state(&v) == "running" {
-                assert_eq!(v["agent"], "agent-a", "{v}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "{long} never ran: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let v = running_on(addr, &tokens[0], &long).await;
+        assert_eq!(v["agent"], "agent-a", "{v}");
 
         // SIGTERM: agent-a drains. It says so, keeps running its execution, and new
         // work goes to agent-b.
@@ -495,22 +494,7 @@ fn an_agent_given_sigterm_drains_without_killing_and_a_second_signal_forces_it()
         // agent-b drains too, with a run of a minute: a second SIGTERM forces the drain.
         // The run ends `lost`, saying why, and the agent exits.
         let minute = submit_on(addr, &tokens[2], "Sys.sleep(60)").await;
-        let deadline = Instant::now() + PATIENCE;
-        while state(
-            &req(
-                addr,
-                "GET",
-                &format!("/v1/executions/{minute}"),
-                &tokens[2],
-                None,
-            )
-            .await
-            .json(),
-        ) != "running"
-        {
-            assert!(Instant::now() < deadline, "{minute} never ran");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        running_on(addr, &tokens[2], &minute).await;
         assert!(c.procs[agent_b].signal(libc::SIGTERM));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let v = req(
@@ -796,24 +780,8 @@ fn an_admin_cordons_drains_and_resumes_a_host_and_a_drain_outlives_its_agents_re
         })
         .await;
         let long = submit_on(addr, &tokens[2], r#"Sys.sleep(3); cat("kept running\n")"#).await;
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let v = req(
-                addr,
-                "GET",
-                &format!("/v1/executions/{long}"),
-                &tokens[2],
-                None,
-            )
-            .await
-            .json();
-            if state(&v) == "running" {
-                assert_eq!(v["agent"], "agent-a", "{v}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "{long} never ran: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let v = running_on(addr, &tokens[2], &long).await;
+        assert_eq!(v["agent"], "agent-a", "{v}");
         assert_eq!(set("draining").await.status, 200);
         let h = host_until(addr, "agent-a", "emptied its pool while draining", |h| {
             h["state"] == "draining" && h["warm"][0][1] == 0

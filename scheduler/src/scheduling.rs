@@ -396,6 +396,18 @@ mod tests {
         }
     }
 
+    /// Admits `r` and submits it with its placement hints.
+    async fn admit_and_submit(
+        store: &EmbeddedStore,
+        bus: &EmbeddedBus,
+        r: ExecutionRecord,
+        rules: AdmissionRules,
+    ) {
+        let item = crate::bus::submission(&r.id, &r.language, r.limits.resources());
+        store.admit(r, rules).await.unwrap();
+        bus.submit(&item).await.unwrap();
+    }
+
     async fn next_run(bus: &EmbeddedBus, agent: &str) -> Option<String> {
         match tokio::time::timeout(Duration::from_millis(300), bus.next_for_agent(agent)).await {
             Ok(Ok(AgentCommand::Run { execution_id, .. })) => Some(execution_id),
@@ -499,22 +511,14 @@ mod tests {
             r.limits.memory_bytes = gib << 30;
             r
         };
-        let submit = |r: ExecutionRecord| {
-            let (store, bus) = (store.clone(), bus.clone());
-            async move {
-                let item = crate::bus::submission(&r.id, "r", r.limits.resources());
-                store.admit(r, rules).await.unwrap();
-                bus.submit(&item).await.unwrap();
-            }
-        };
-        submit(sized(0, 1)).await;
+        admit_and_submit(&store, &bus, sized(0, 1), rules).await;
         assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e0"));
         // e0 runs on c: 3 GiB left there.
         store.mark_running("e0", "c", now_ms()).await.unwrap();
         // e1 wants 4 GiB: it fits on c only once e0 is over. e2 (1 GiB), behind it, is
         // not held up: it goes now.
-        submit(sized(1, 4)).await;
-        submit(sized(2, 1)).await;
+        admit_and_submit(&store, &bus, sized(1, 4), rules).await;
+        admit_and_submit(&store, &bus, sized(2, 1), rules).await;
         assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e2"));
         assert_eq!(next_run(&bus, "a").await, None);
         assert_eq!(next_run(&bus, "c").await, None);
@@ -542,14 +546,7 @@ mod tests {
             max_queued: 10,
         };
         for n in 1..=2 {
-            store.admit(record(n), rules).await.unwrap();
-            bus.submit(&crate::bus::submission(
-                &format!("e{n}"),
-                "r",
-                record(0).limits.resources(),
-            ))
-            .await
-            .unwrap();
+            admit_and_submit(&store, &bus, record(n), rules).await;
         }
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
         // e1 runs (the store says so), but a's status was made before it started: it
@@ -579,14 +576,7 @@ mod tests {
             max_queued: 10,
         };
         for n in 1..=2 {
-            store.admit(record(n), rules).await.unwrap();
-            bus.submit(&crate::bus::submission(
-                &format!("e{n}"),
-                "r",
-                record(0).limits.resources(),
-            ))
-            .await
-            .unwrap();
+            admit_and_submit(&store, &bus, record(n), rules).await;
         }
         // a takes e1 and starts it; e2 waits (a has one slot, b is not up yet).
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
@@ -600,14 +590,7 @@ mod tests {
         // e3 is sent to b too (one slot left), then b starts draining before it ran it:
         // e3 is placed again, on a once a's e1 is over; e2, which b runs, is not.
         store.mark_running("e2", "b", now_ms()).await.unwrap();
-        store.admit(record(3), rules).await.unwrap();
-        bus.submit(&crate::bus::submission(
-            "e3",
-            "r",
-            record(0).limits.resources(),
-        ))
-        .await
-        .unwrap();
+        admit_and_submit(&store, &bus, record(3), rules).await;
         assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e3"));
         let mut drains = status("b", 2, 1, now_ms());
         drains.draining = true;
