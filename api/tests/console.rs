@@ -562,6 +562,30 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
             "the host in the monitor",
         )
         .await;
+        // The host's machine and what it has for executions are shown; a superadmin
+        // cordons it and resumes it from here (it acts at its next heartbeat).
+        let host = "#hosts tr[data-agent=\"e2e\"]";
+        let machine = until(
+            &c,
+            &format!("(r => r && r.querySelector('td.machine').textContent.startsWith('CPU ') ? r.querySelector('td.machine').textContent : null)(document.querySelector('{host}'))"),
+            "the host's machine figures",
+        )
+        .await;
+        assert!(machine.as_str().unwrap().contains("memory"), "{machine}");
+        click(&c, &format!("{host} button.host-cordoned")).await;
+        until(
+            &c,
+            &format!("document.querySelector('{host}[data-state=\"cordoned\"] button.host-ready')"),
+            "the host cordoned, with a resume button",
+        )
+        .await;
+        click(&c, &format!("{host} button.host-ready")).await;
+        until(
+            &c,
+            &format!("document.querySelector('{host}[data-state=\"ready\"]')"),
+            "the host ready again",
+        )
+        .await;
 
         // A user's CPU-bound run: its row appears and its CPU climbs.
         let busy = run_r(&h, &user, "x <- 0; repeat { x <- x + 1 }").await;

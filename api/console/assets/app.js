@@ -1006,23 +1006,59 @@
 
       const hostRows = [...this.hosts.values()].sort((a, b) => a.status.agent.localeCompare(b.status.agent)).map(({ status: s, at }) => {
         const age = now - at;
-        const state = age > 30000 ? 'not reporting' : s.draining ? 'draining' : 'ready';
+        const state = age > 30000 ? 'not reporting' : (s.state || (s.draining ? 'draining' : 'ready'));
         let cpu = 0, mem = 0;
         for (const sb of s.sandboxes || []) {
           const series = this.cpuSeries(sb.execution_id);
           if (series.length) cpu += series[series.length - 1];
           mem += sb.usage.memory_bytes;
         }
-        return h('tr', { 'data-agent': s.agent },
+        // What the limits of what runs take of what the host has for executions.
+        const alloc = s.allocatable || { memory_bytes: 0, cpus: 0 };
+        let limMem = 0, limCpu = 0;
+        for (const sb of s.sandboxes || []) {
+          limMem += (sb.limits || {}).memory_bytes || 0;
+          limCpu += (sb.limits || {}).cpus || 0;
+        }
+        const load = s.load || {};
+        const machine = load.memory_total_bytes
+          ? 'CPU ' + Math.round((load.cpu_busy || 0) * 100) + '% · memory ' + fmtBytes(load.memory_used_bytes) + ' / ' + fmtBytes(load.memory_total_bytes) +
+            ' · stalls ' + (load.cpu_pressure || 0).toFixed(1) + '% CPU, ' + (load.memory_pressure || 0).toFixed(1) + '% memory'
+          : '–';
+        // Superadmins cordon, drain and resume hosts.
+        const actions = h('td', { class: 'actions' });
+        if (session.me.role === 'superadmin' && state !== 'not reporting') {
+          for (const [label, to] of [['Cordon', 'cordoned'], ['Drain', 'draining'], ['Resume', 'ready']]) {
+            if (to === state) continue;
+            actions.append(h('button', { type: 'button', class: 'small host-' + to, text: label, onclick: (ev) => this.setHostState(s.agent, to, ev.target) }));
+          }
+        }
+        return h('tr', { 'data-agent': s.agent, 'data-state': state },
           h('td', { text: s.agent }),
+          h('td', { text: s.group || '–' }),
           h('td', {}, h('span', { class: 'pill ' + (state === 'ready' ? 'succeeded' : 'cancelled'), text: state })),
           h('td', {}, meter(s.running / Math.max(1, s.capacity), s.running >= s.capacity), s.running + ' / ' + s.capacity),
+          h('td', {}, alloc.memory_bytes ? meter(limMem / alloc.memory_bytes, limMem > 0.8 * alloc.memory_bytes) : '',
+            alloc.memory_bytes ? fmtBytes(limMem) + ' / ' + fmtBytes(alloc.memory_bytes) + ', ' + (Math.round(limCpu * 100) / 100) + ' / ' + alloc.cpus + ' cpus' : '–'),
           h('td', { text: (s.warm || []).map(([l, n]) => l + ' ' + n).join(', ') || '–' }),
+          h('td', { class: 'machine', text: machine }),
           h('td', { text: Math.round(cpu * 100) + '%' }),
           h('td', { text: fmtBytes(mem) }),
-          h('td', { text: Math.round(age / 1000) + ' s ago' }));
+          h('td', { text: Math.round(age / 1000) + ' s ago' }),
+          actions);
       });
       $('hosts').tBodies[0].replaceChildren(...hostRows);
+    },
+
+    async setHostState(agent, state, button) {
+      button.disabled = true;
+      try {
+        await api('PUT', '/v1/admin/hosts/' + encodeURIComponent(agent) + '/state', { state });
+        banner(agent + ' asked to be ' + state + '; it acts on it at its next heartbeat', 'info');
+      } catch (e) {
+        banner('Changing ' + agent + ' failed: ' + e.describe());
+        button.disabled = false;
+      }
     },
 
     async cancel(id, button) {
