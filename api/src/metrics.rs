@@ -143,6 +143,7 @@ impl Metrics {
             );
         }
         render_hosts(&mut out, &g.hosts);
+        render_groups(&mut out, &g.hosts);
         out
     }
 }
@@ -172,6 +173,59 @@ fn render_hosts(out: &mut String, hosts: &[HostStatus]) {
     }
 }
 
+/// Per-group gauges from the statuses of the hosts that report a group: hosts, what they
+/// have for executions, and what the limits of what runs take of it.
+fn render_groups(out: &mut String, hosts: &[HostStatus]) {
+    let mut groups: BTreeMap<&str, (u32, f64, f64, f64, f64)> = BTreeMap::new();
+    for s in hosts {
+        let Some(g) = s.group.as_deref() else {
+            continue;
+        };
+        let e = groups.entry(g).or_default();
+        e.0 += 1;
+        e.1 += s.allocatable.memory_bytes as f64;
+        e.2 += s.allocatable.cpus;
+        for x in &s.sandboxes {
+            e.3 += x.limits.memory_bytes as f64;
+            e.4 += x.limits.cpus;
+        }
+    }
+    type Value = fn(&(u32, f64, f64, f64, f64)) -> f64;
+    let families: [(&str, &str, Value); 5] = [
+        (
+            "hatchery_group_hosts",
+            "Hosts of the group that report.",
+            |v| f64::from(v.0),
+        ),
+        (
+            "hatchery_group_capacity_memory_bytes",
+            "Memory the group's hosts have for executions.",
+            |v| v.1,
+        ),
+        (
+            "hatchery_group_capacity_cpus",
+            "CPUs the group's hosts have for executions.",
+            |v| v.2,
+        ),
+        (
+            "hatchery_group_used_memory_bytes",
+            "Memory limits of what runs on the group's hosts.",
+            |v| v.3,
+        ),
+        (
+            "hatchery_group_used_cpus",
+            "CPU limits of what runs on the group's hosts.",
+            |v| v.4,
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (g, v) in &groups {
+            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", escape(g), value(v));
+        }
+    }
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -196,7 +250,7 @@ mod tests {
             agents: 1,
             hosts: vec![HostStatus {
                 agent: "host-\"a\"".into(),
-                group: None,
+                group: Some("big".into()),
                 at: 1,
                 capacity: 4,
                 running: 1,
@@ -234,6 +288,9 @@ mod tests {
             "hatchery_host_limits_memory_bytes{agent=\"host-\\\"a\\\"\"} 1073741824",
             "hatchery_host_limits_cpus{agent=\"host-\\\"a\\\"\"} 1.5",
             "hatchery_host_draining{agent=\"host-\\\"a\\\"\"} 1",
+            "hatchery_group_hosts{group=\"big\"} 1",
+            "hatchery_group_capacity_memory_bytes{group=\"big\"} 8589934592",
+            "hatchery_group_used_cpus{group=\"big\"} 1.5",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }

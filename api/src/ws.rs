@@ -100,7 +100,7 @@ pub async fn monitor(
     query: &Query,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    allow_params(query, &["token", "agent", "org"])?;
+    allow_params(query, &["token", "agent", "group", "org"])?;
     let filter = MonitorFilter::parse(query, &who)?;
     let accept = handshake(&req)?;
     let statuses = st.platform.monitor(&who).await?;
@@ -110,12 +110,14 @@ pub async fn monitor(
 }
 
 /// What a monitor client asked to see, applied here rather than by the client: `agent`
-/// (names, comma-separated) keeps those hosts' statuses only; `org` keeps that org's
+/// (names, comma-separated) keeps those hosts' statuses only, `group` (names,
+/// comma-separated) those of hosts of those groups; `org` keeps that org's
 /// sandboxes only, and a host's status is sent while it runs any of them (and once more
 /// when its last one ended, so the client sees it go).
 #[derive(Debug, Default, Clone)]
 pub struct MonitorFilter {
     agents: Option<std::collections::HashSet<String>>,
+    groups: Option<std::collections::HashSet<String>>,
     org: Option<String>,
     /// Hosts whose last status sent showed some of `org`'s sandboxes.
     shown: std::collections::HashSet<String>,
@@ -125,19 +127,27 @@ impl MonitorFilter {
     pub fn parse(query: &Query, who: &Principal) -> Result<MonitorFilter, ApiError> {
         let mut f = MonitorFilter::default();
         for (k, v) in query {
-            match k.as_str() {
-                "agent" => {
-                    let names: std::collections::HashSet<String> = v
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|n| !n.is_empty())
-                        .map(str::to_string)
-                        .collect();
-                    if names.is_empty() {
-                        return Err(ApiError::invalid("agent: name at least one host"));
-                    }
-                    f.agents.get_or_insert_with(Default::default).extend(names);
+            let names = || -> Result<std::collections::HashSet<String>, ApiError> {
+                let names: std::collections::HashSet<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if names.is_empty() {
+                    return Err(ApiError::invalid(format!("{k}: name at least one")));
                 }
+                Ok(names)
+            };
+            match k.as_str() {
+                "agent" => f
+                    .agents
+                    .get_or_insert_with(Default::default)
+                    .extend(names()?),
+                "group" => f
+                    .groups
+                    .get_or_insert_with(Default::default)
+                    .extend(names()?),
                 "org" => {
                     if who.role != hatchery_scheduler::model::Role::Superadmin && *v != who.org {
                         return Err(ApiError::new(
@@ -158,6 +168,11 @@ impl MonitorFilter {
     pub fn apply(&mut self, mut status: HostStatus) -> Option<HostStatus> {
         if let Some(agents) = &self.agents {
             if !agents.contains(&status.agent) {
+                return None;
+            }
+        }
+        if let Some(groups) = &self.groups {
+            if !status.group.as_ref().is_some_and(|g| groups.contains(g)) {
                 return None;
             }
         }
@@ -693,6 +708,13 @@ mod tests {
         assert!(f.apply(status("b", &["x"])).is_none());
         assert!(f.apply(status("c", &[])).is_some());
         assert!(MonitorFilter::parse(&q(&[("agent", ",")]), &who(R::Superadmin)).is_err());
+        // By group.
+        let mut f = MonitorFilter::parse(&q(&[("group", "big")]), &who(R::Superadmin)).unwrap();
+        let mut in_big = status("d", &[]);
+        in_big.group = Some("big".into());
+        assert!(f.apply(in_big).is_some());
+        assert!(f.apply(status("a", &[])).is_none(), "a host of no group");
+        assert!(MonitorFilter::parse(&q(&[("group", "")]), &who(R::Superadmin)).is_err());
         // By org: only its sandboxes, only hosts that run some, and once more after.
         let mut f = MonitorFilter::parse(&q(&[("org", "globex")]), &who(R::Superadmin)).unwrap();
         assert!(f.apply(status("a", &["acme"])).is_none());
