@@ -2,9 +2,10 @@
 //! have (ready, cordoned, draining, on their way), the executions that wait because no
 //! live host can take them, and the clock, [`plan`] says which groups launch how many
 //! hosts, which drains are cancelled, which hosts start draining and which drained hosts
-//! are terminated. Nothing here does I/O: the scheduler acts on the plan through the
+//! are terminated. Nothing here does I/O: whoever runs it acts on the plan through the
 //! store (host states) and a provider (launch, terminate), and feeds the next pass what
-//! came of it; the same code runs in the large-scale simulation.
+//! came of it. The platform's admission and `GET /v1/admin/groups` use
+//! [`smallest_fit`]; no loop runs `plan` yet, since no provider launches hosts yet.
 //!
 //! The rules, in order:
 //!
