@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hatchery_scheduler::autoscale::GroupConfig;
-use hatchery_scheduler::bus::HostStatus;
+use hatchery_scheduler::bus::group_totals;
 use hatchery_scheduler::model::{
     artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, HostRecord, HostState, Policy,
     Principal, Resources, Usage,
@@ -426,17 +426,7 @@ async fn submit(
     let request = parse_submit(body)?;
     // What the hosts that report now have: a request none of them could hold is refused
     // instead of waiting for ever.
-    let hosts: Vec<(String, Resources)> = st
-        .hosts
-        .current()
-        .into_iter()
-        .flat_map(|s| {
-            let allocatable = s.allocatable;
-            s.warm
-                .into_iter()
-                .map(move |(language, _)| (language, allocatable))
-        })
-        .collect();
+    let hosts = st.hosts.shapes();
     let record = st.platform.submit_within(who, request, &hosts).await?;
     st.metrics.submitted();
     tracing::info!(execution = %record.id, org = %who.org, user = %who.user, "submitted");
@@ -552,22 +542,11 @@ fn hosts_view(st: &ApiState, hosts: Vec<HostRecord>) -> Value {
 /// Each host group: its configuration, its reporting hosts by state, what they have for
 /// executions and what the limits of what runs take of it, and the queued demand.
 fn groups_view(st: &ApiState, groups: Vec<(GroupConfig, u32, Resources)>) -> Value {
-    let statuses = st.hosts.current();
+    let totals = group_totals(&st.hosts.current());
     let groups: Vec<Value> = groups
         .into_iter()
         .map(|(g, queued, need)| {
-            let mine: Vec<&HostStatus> = statuses
-                .iter()
-                .filter(|s| s.group.as_deref() == Some(g.name.as_str()))
-                .collect();
-            let count = |state: HostState| mine.iter().filter(|s| s.state == state).count();
-            let capacity = mine
-                .iter()
-                .fold(Resources::default(), |sum, s| sum.plus(&s.allocatable));
-            let used = mine
-                .iter()
-                .flat_map(|s| s.sandboxes.iter())
-                .fold(Resources::default(), |sum, x| sum.plus(&x.limits));
+            let t = totals.get(&g.name).cloned().unwrap_or_default();
             serde_json::json!({
                 "name": g.name,
                 "shape": g.shape,
@@ -576,13 +555,13 @@ fn groups_view(st: &ApiState, groups: Vec<(GroupConfig, u32, Resources)>) -> Val
                 "max": g.max,
                 "scale_down_after_ms": g.scale_down_after.as_millis() as u64,
                 "hosts": {
-                    "ready": count(HostState::Ready),
-                    "cordoned": count(HostState::Cordoned),
-                    "draining": count(HostState::Draining),
+                    "ready": t.ready,
+                    "cordoned": t.cordoned,
+                    "draining": t.draining,
                 },
-                "capacity": capacity,
-                "used": used,
-                "running": mine.iter().map(|s| s.running).sum::<u32>(),
+                "capacity": t.capacity,
+                "used": t.used,
+                "running": t.running,
                 "queued": { "executions": queued, "need": need },
             })
         })

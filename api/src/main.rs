@@ -380,36 +380,29 @@ async fn run_up(cfg: Config, agent: AgentConfig, keys: Keys) -> anyhow::Result<(
         let _ = api_stopped.await;
     });
     tokio::pin!(serve);
-    let ready = node.wait_ready(Duration::from_secs(300));
-    let mut signalled = false;
-    tokio::select! {
+    // Resolves only if the warm pools cannot start.
+    let failed = async {
+        match node.wait_ready(Duration::from_secs(300)).await {
+            Ok(()) => {
+                tracing::info!("ready: every warm pool has a frozen sandbox");
+                std::future::pending().await
+            }
+            Err(e) => e,
+        }
+    };
+    let early = tokio::select! {
         r = &mut serve => {
             tracing::error!("the API stopped; shutting down");
+            Some(r)
+        }
+        e = failed => {
+            tracing::error!(error = %e, "the warm pools could not start; shutting down");
             node.shutdown().await;
-            return r.context("serving the API");
+            bail!("the warm pools could not start: {e}");
         }
-        r = ready => match r {
-            Ok(()) => tracing::info!("ready: every warm pool has a frozen sandbox"),
-            Err(e) => {
-                tracing::error!(error = %e, "the warm pools could not start; shutting down");
-                node.shutdown().await;
-                bail!("the warm pools could not start: {e}");
-            }
-        },
         first = signals.next() => {
-            tracing::info!("{first} before the pools were ready: stopping the platform");
-            signalled = true;
-        }
-    }
-    let early = if signalled {
-        None
-    } else {
-        tokio::select! {
-            r = &mut serve => Some(r),
-            first = signals.next() => {
-                tracing::info!("{first}: draining, then stopping the platform");
-                None
-            }
+            tracing::info!("{first}: draining, then stopping the platform");
+            None
         }
     };
     let forcer = node.agent().forcer();

@@ -4,7 +4,7 @@
 //! counts (maintained on every state change, O(1) to read: a scrape never scans the
 //! executions) and the host statuses, and are passed to [`Metrics::render`].
 
-use hatchery_scheduler::bus::HostStatus;
+use hatchery_scheduler::bus::{group_totals, GroupTotals, HostStatus};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -160,8 +160,8 @@ fn render_hosts(out: &mut String, hosts: &[HostStatus]) {
         ("hatchery_host_memory_pressure", "Percentage of the last 10 s some task waited for memory on the host machine (PSI some avg10).", |s| s.load.memory_pressure),
         ("hatchery_host_allocatable_memory_bytes", "Memory the host has for executions.", |s| s.allocatable.memory_bytes as f64),
         ("hatchery_host_allocatable_cpus", "CPUs the host has for executions.", |s| s.allocatable.cpus),
-        ("hatchery_host_limits_memory_bytes", "Memory limits of the executions running on the host, summed.", |s| s.sandboxes.iter().map(|x| x.limits.memory_bytes as f64).sum()),
-        ("hatchery_host_limits_cpus", "CPU limits of the executions running on the host, summed.", |s| s.sandboxes.iter().map(|x| x.limits.cpus).sum()),
+        ("hatchery_host_limits_memory_bytes", "Memory limits of the executions running on the host, summed.", |s| s.used().memory_bytes as f64),
+        ("hatchery_host_limits_cpus", "CPU limits of the executions running on the host, summed.", |s| s.used().cpus),
         ("hatchery_host_running", "Executions running on the host.", |s| f64::from(s.running)),
         ("hatchery_host_draining", "1 while the host drains.", |s| if s.draining { 1.0 } else { 0.0 }),
     ];
@@ -176,46 +176,33 @@ fn render_hosts(out: &mut String, hosts: &[HostStatus]) {
 /// Per-group gauges from the statuses of the hosts that report a group: hosts, what they
 /// have for executions, and what the limits of what runs take of it.
 fn render_groups(out: &mut String, hosts: &[HostStatus]) {
-    let mut groups: BTreeMap<&str, (u32, f64, f64, f64, f64)> = BTreeMap::new();
-    for s in hosts {
-        let Some(g) = s.group.as_deref() else {
-            continue;
-        };
-        let e = groups.entry(g).or_default();
-        e.0 += 1;
-        e.1 += s.allocatable.memory_bytes as f64;
-        e.2 += s.allocatable.cpus;
-        for x in &s.sandboxes {
-            e.3 += x.limits.memory_bytes as f64;
-            e.4 += x.limits.cpus;
-        }
-    }
-    type Value = fn(&(u32, f64, f64, f64, f64)) -> f64;
+    let groups = group_totals(hosts);
+    type Value = fn(&GroupTotals) -> f64;
     let families: [(&str, &str, Value); 5] = [
         (
             "hatchery_group_hosts",
             "Hosts of the group that report.",
-            |v| f64::from(v.0),
+            |v| f64::from(v.hosts()),
         ),
         (
             "hatchery_group_capacity_memory_bytes",
             "Memory the group's hosts have for executions.",
-            |v| v.1,
+            |v| v.capacity.memory_bytes as f64,
         ),
         (
             "hatchery_group_capacity_cpus",
             "CPUs the group's hosts have for executions.",
-            |v| v.2,
+            |v| v.capacity.cpus,
         ),
         (
             "hatchery_group_used_memory_bytes",
             "Memory limits of what runs on the group's hosts.",
-            |v| v.3,
+            |v| v.used.memory_bytes as f64,
         ),
         (
             "hatchery_group_used_cpus",
             "CPU limits of what runs on the group's hosts.",
-            |v| v.4,
+            |v| v.used.cpus,
         ),
     ];
     for (name, help, value) in families {

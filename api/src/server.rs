@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use hatchery_scheduler::bus::{BusEvent, HostStatus, Received};
-use hatchery_scheduler::model::{EventBody, Principal};
+use hatchery_scheduler::model::{EventBody, Principal, Resources};
 use hatchery_scheduler::platform::Platform;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -93,6 +93,17 @@ impl HostBoard {
             .collect();
         v.sort_by(|a, b| a.agent.cmp(&b.agent));
         v
+    }
+
+    /// (language, what the host has for executions) of every host that reports
+    /// currently, for admission: what a request is checked against, without copying the
+    /// statuses.
+    pub fn shapes(&self) -> Vec<(String, Resources)> {
+        let m = self.latest.read().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|(at, _, _)| at.elapsed() < STATUS_FRESH)
+            .flat_map(|(_, s, _)| s.warm.iter().map(|(l, _)| (l.clone(), s.allocatable)))
+            .collect()
     }
 
     /// Ready: some agent reports currently, takes work, and has had a frozen sandbox in

@@ -149,13 +149,7 @@ pub fn smallest_fit<'a>(
     groups
         .iter()
         .filter(|g| g.serves(language) && g.holds(need))
-        .min_by(|a, b| {
-            a.shape
-                .memory_bytes
-                .cmp(&b.shape.memory_bytes)
-                .then(a.shape.cpus.total_cmp(&b.shape.cpus))
-                .then(a.name.cmp(&b.name))
-        })
+        .min_by(|a, b| a.shape.cmp_size(&b.shape).then(a.name.cmp(&b.name)))
 }
 
 /// Bins of room, filled first fit.
@@ -189,13 +183,7 @@ pub fn plan(
     }
     for g in groups {
         let mut needs = by_group.remove(g.name.as_str()).unwrap_or_default();
-        needs.sort_by(|a, b| {
-            b.need
-                .memory_bytes
-                .cmp(&a.need.memory_bytes)
-                .then(b.need.cpus.total_cmp(&a.need.cpus))
-                .then(a.id.cmp(&b.id))
-        });
+        needs.sort_by(|a, b| b.need.cmp_size(&a.need).then(a.id.cmp(&b.id)));
         let total = needs
             .iter()
             .fold(Resources::default(), |sum, p| sum.plus(&p.need));

@@ -127,6 +127,54 @@ pub struct HostStatus {
     pub sandboxes: Vec<SandboxUsage>,
 }
 
+impl HostStatus {
+    /// What the limits of its running executions take of what it has.
+    pub fn used(&self) -> Resources {
+        self.sandboxes
+            .iter()
+            .fold(Resources::default(), |sum, s| sum.plus(&s.limits))
+    }
+}
+
+/// One host group's reporting hosts, summed from their statuses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupTotals {
+    /// Hosts, by state.
+    pub ready: u32,
+    pub cordoned: u32,
+    pub draining: u32,
+    /// What they have for executions, and what the limits of what runs take of it.
+    pub capacity: Resources,
+    pub used: Resources,
+    pub running: u32,
+}
+
+impl GroupTotals {
+    pub fn hosts(&self) -> u32 {
+        self.ready + self.cordoned + self.draining
+    }
+}
+
+/// The statuses of hosts that report a group, summed per group.
+pub fn group_totals(statuses: &[HostStatus]) -> std::collections::BTreeMap<String, GroupTotals> {
+    let mut out: std::collections::BTreeMap<String, GroupTotals> = Default::default();
+    for s in statuses {
+        let Some(g) = &s.group else {
+            continue;
+        };
+        let t = out.entry(g.clone()).or_default();
+        match s.state {
+            HostState::Ready => t.ready += 1,
+            HostState::Cordoned => t.cordoned += 1,
+            HostState::Draining => t.draining += 1,
+        }
+        t.capacity = t.capacity.plus(&s.allocatable);
+        t.used = t.used.plus(&s.used());
+        t.running += s.running;
+    }
+    out
+}
+
 /// What a host's machine is doing: CPUs busy since the previous status (a share of all
 /// of them, 0 to 1), memory in use (not available) of its total, and the kernel's
 /// pressure stall figures (`some avg10` of `/proc/pressure/{cpu,memory}`: the percentage

@@ -240,6 +240,13 @@ impl Resources {
     pub fn is_zero(&self) -> bool {
         self.memory_bytes == 0 && self.cpus <= 0.0
     }
+
+    /// Orders by size: memory first, then CPUs.
+    pub fn cmp_size(&self, other: &Resources) -> std::cmp::Ordering {
+        self.memory_bytes
+            .cmp(&other.memory_bytes)
+            .then(self.cpus.total_cmp(&other.cpus))
+    }
 }
 
 impl std::fmt::Display for Resources {

@@ -55,11 +55,7 @@ impl HostView {
         if self.status.allocatable.is_zero() {
             return None;
         }
-        let used = self
-            .status
-            .sandboxes
-            .iter()
-            .fold(self.sent_need, |sum, s| sum.plus(&s.limits));
+        let used = self.status.used().plus(&self.sent_need);
         Some(self.status.allocatable.minus(&used))
     }
 
@@ -98,19 +94,16 @@ pub fn feasible<'a>(
 /// the fewest free slots (hosts that do not report resources come after those that do);
 /// ties by agent id, stable.
 pub fn rank(mut hosts: Vec<&HostView>) -> Vec<&HostView> {
-    let key = |h: &HostView| {
+    // Each host's room is summed once, not at every comparison.
+    hosts.sort_by_cached_key(|h| {
         let room = h.room();
         (
             room.is_none(),
             room.map_or(0, |r| r.memory_bytes),
             room.map_or(0, |r| (r.cpus * 1000.0).round() as u64),
             h.free(),
+            h.status.agent.as_str(),
         )
-    };
-    hosts.sort_by(|a, b| {
-        key(a)
-            .cmp(&key(b))
-            .then_with(|| a.status.agent.cmp(&b.status.agent))
     });
     hosts
 }

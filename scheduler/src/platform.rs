@@ -160,13 +160,8 @@ fn fits_a_host(
         return Ok(());
     }
     let largest = shapes
-        .iter()
-        .max_by(|a, b| {
-            a.memory_bytes
-                .cmp(&b.memory_bytes)
-                .then(a.cpus.total_cmp(&b.cpus))
-        })
-        .copied()
+        .into_iter()
+        .max_by(|a, b| a.cmp_size(b))
         .copied()
         .unwrap_or_default();
     Err(PlatformError::ExceedsLargestHost {
@@ -188,12 +183,7 @@ fn fits_a_group(
     let largest = groups
         .iter()
         .filter(|g| g.languages.iter().any(|l| l == language))
-        .max_by(|a, b| {
-            a.shape
-                .memory_bytes
-                .cmp(&b.shape.memory_bytes)
-                .then(a.shape.cpus.total_cmp(&b.shape.cpus))
-        });
+        .max_by(|a, b| a.shape.cmp_size(&b.shape));
     Err(match largest {
         Some(g) => PlatformError::ExceedsLargestGroup {
             asked: *need,

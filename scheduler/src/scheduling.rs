@@ -397,16 +397,17 @@ mod tests {
     }
 
     /// Admits `r` and submits it with its placement hints.
-    async fn admit_and_submit(
-        store: &EmbeddedStore,
-        bus: &EmbeddedBus,
-        r: ExecutionRecord,
-        rules: AdmissionRules,
-    ) {
+    async fn admit_and_submit(store: &EmbeddedStore, bus: &EmbeddedBus, r: ExecutionRecord) {
         let item = crate::bus::submission(&r.id, &r.language, r.limits.resources());
-        store.admit(r, rules).await.unwrap();
+        store.admit(r, RULES).await.unwrap();
         bus.submit(&item).await.unwrap();
     }
+
+    /// Admission that refuses nothing these tests submit.
+    const RULES: AdmissionRules = AdmissionRules {
+        max_parallel: 10,
+        max_queued: 10,
+    };
 
     async fn next_run(bus: &EmbeddedBus, agent: &str) -> Option<String> {
         match tokio::time::timeout(Duration::from_millis(300), bus.next_for_agent(agent)).await {
@@ -446,12 +447,8 @@ mod tests {
         bus.publish_status(status("b", 2, 0, now_ms()))
             .await
             .unwrap();
-        let rules = AdmissionRules {
-            max_parallel: 10,
-            max_queued: 10,
-        };
         for n in 1..=5 {
-            store.admit(record(n), rules).await.unwrap();
+            store.admit(record(n), RULES).await.unwrap();
         }
         // e4 is cancelled while it waits: it is never sent.
         for n in 1..=5 {
@@ -502,23 +499,19 @@ mod tests {
         let mut c = status("c", 4, 0, now_ms());
         c.allocatable = Resources::new(4 << 30, 2.0);
         bus.publish_status(c.clone()).await.unwrap();
-        let rules = AdmissionRules {
-            max_parallel: 10,
-            max_queued: 10,
-        };
         let sized = |n: u32, gib: u64| {
             let mut r = record(n);
             r.limits.memory_bytes = gib << 30;
             r
         };
-        admit_and_submit(&store, &bus, sized(0, 1), rules).await;
+        admit_and_submit(&store, &bus, sized(0, 1)).await;
         assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e0"));
         // e0 runs on c: 3 GiB left there.
         store.mark_running("e0", "c", now_ms()).await.unwrap();
         // e1 wants 4 GiB: it fits on c only once e0 is over. e2 (1 GiB), behind it, is
         // not held up: it goes now.
-        admit_and_submit(&store, &bus, sized(1, 4), rules).await;
-        admit_and_submit(&store, &bus, sized(2, 1), rules).await;
+        admit_and_submit(&store, &bus, sized(1, 4)).await;
+        admit_and_submit(&store, &bus, sized(2, 1)).await;
         assert_eq!(next_run(&bus, "c").await.as_deref(), Some("e2"));
         assert_eq!(next_run(&bus, "a").await, None);
         assert_eq!(next_run(&bus, "c").await, None);
@@ -541,12 +534,8 @@ mod tests {
     #[tokio::test]
     async fn a_status_made_before_a_run_started_does_not_free_its_slot() {
         let (_dir, store, bus, task) = scheduler_with_host_a().await;
-        let rules = AdmissionRules {
-            max_parallel: 10,
-            max_queued: 10,
-        };
         for n in 1..=2 {
-            admit_and_submit(&store, &bus, record(n), rules).await;
+            admit_and_submit(&store, &bus, record(n)).await;
         }
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
         // e1 runs (the store says so), but a's status was made before it started: it
@@ -571,12 +560,8 @@ mod tests {
     #[tokio::test]
     async fn runs_sent_to_a_host_that_starts_draining_are_placed_again_elsewhere() {
         let (_dir, store, bus, task) = scheduler_with_host_a().await;
-        let rules = AdmissionRules {
-            max_parallel: 10,
-            max_queued: 10,
-        };
         for n in 1..=2 {
-            admit_and_submit(&store, &bus, record(n), rules).await;
+            admit_and_submit(&store, &bus, record(n)).await;
         }
         // a takes e1 and starts it; e2 waits (a has one slot, b is not up yet).
         assert_eq!(next_run(&bus, "a").await.as_deref(), Some("e1"));
@@ -590,7 +575,7 @@ mod tests {
         // e3 is sent to b too (one slot left), then b starts draining before it ran it:
         // e3 is placed again, on a once a's e1 is over; e2, which b runs, is not.
         store.mark_running("e2", "b", now_ms()).await.unwrap();
-        admit_and_submit(&store, &bus, record(3), rules).await;
+        admit_and_submit(&store, &bus, record(3)).await;
         assert_eq!(next_run(&bus, "b").await.as_deref(), Some("e3"));
         let mut drains = status("b", 2, 1, now_ms());
         drains.draining = true;
@@ -615,11 +600,7 @@ mod tests {
         let store = Arc::new(
             EmbeddedStore::open(dir.path(), crate::seal::Keyring::single([1u8; 32])).unwrap(),
         );
-        let rules = AdmissionRules {
-            max_parallel: 10,
-            max_queued: 10,
-        };
-        store.admit(record(1), rules).await.unwrap();
+        store.admit(record(1), RULES).await.unwrap();
         // Submitted to a bus that is gone: a new scheduler finds it in the store.
         let bus = Arc::new(EmbeddedBus::new());
         let statuses = bus.subscribe_status();

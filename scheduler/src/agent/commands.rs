@@ -60,7 +60,7 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
     let mut waiting: VecDeque<(String, Resources, DeliveryTag)> = VecDeque::new();
     let mut executions = JoinSet::new();
     loop {
-        let draining = inner.draining.load(std::sync::atomic::Ordering::SeqCst);
+        let draining = !inner.takes_work();
         if draining {
             // Handed back: the scheduler places them on another host.
             for (id, _, tag) in waiting.drain(..) {
@@ -88,7 +88,7 @@ pub(super) async fn command_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bo
                 Some((AgentCommand::Run { execution_id, need }, tag)) => {
                     if waiting.iter().any(|(w, _, _)| *w == execution_id) {
                         let _ = inner.bus.ack_for_agent(&inner.cfg.id, &tag).await;
-                    } else if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    } else if !inner.takes_work() {
                         hand_back(&inner, &execution_id, &tag).await;
                     } else {
                         waiting.push_back((execution_id, need, tag));

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::bus::HostLoad;
 
-/// CPU busy shares over spans shorter than this are too noisy: the last one is kept.
+/// The machine is read at most this often: statuses in between (they go out on every
+/// start and end of an execution) carry the last figures, and a CPU busy share over a
+/// shorter span would be noise.
 const MIN_SPAN: Duration = Duration::from_millis(500);
 
 /// CPU time counters of `/proc/stat`'s first line: (busy, total) in clock ticks.
@@ -54,39 +56,36 @@ pub(super) fn pressure_avg10(text: &str) -> Option<f64> {
     v.is_finite().then_some(v.clamp(0.0, 100.0))
 }
 
-/// Samples the machine; keeps the previous CPU counters to turn them into a busy share.
+/// Samples the machine at most every [`MIN_SPAN`]; keeps the previous CPU counters to
+/// turn them into a busy share.
 #[derive(Debug, Default)]
 pub(super) struct LoadSampler {
+    /// When the machine was last read, and the CPU counters then.
     last: Option<(Instant, u64, u64)>,
-    cpu_busy: f64,
+    load: HostLoad,
 }
 
 impl LoadSampler {
     pub(super) fn sample(&mut self) -> HostLoad {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let now = Instant::now();
+        if self.last.is_some_and(|(at, _, _)| now - at < MIN_SPAN) {
+            return self.load.clone();
+        }
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         if let Some((busy, total)) = cpu_ticks(&read("/proc/stat")) {
-            match self.last {
-                Some((at, b0, t0)) if now - at >= MIN_SPAN => {
-                    if total > t0 {
-                        self.cpu_busy =
-                            (busy.saturating_sub(b0) as f64 / (total - t0) as f64).clamp(0.0, 1.0);
-                    }
-                    self.last = Some((now, busy, total));
+            if let Some((_, b0, t0)) = self.last {
+                if total > t0 {
+                    self.load.cpu_busy =
+                        (busy.saturating_sub(b0) as f64 / (total - t0) as f64).clamp(0.0, 1.0);
                 }
-                Some(_) => {}
-                None => self.last = Some((now, busy, total)),
             }
+            self.last = Some((now, busy, total));
         }
-        let (memory_total_bytes, memory_used_bytes) =
+        (self.load.memory_total_bytes, self.load.memory_used_bytes) =
             memory(&read("/proc/meminfo")).unwrap_or_default();
-        HostLoad {
-            cpu_busy: self.cpu_busy,
-            memory_total_bytes,
-            memory_used_bytes,
-            cpu_pressure: pressure_avg10(&read("/proc/pressure/cpu")).unwrap_or(0.0),
-            memory_pressure: pressure_avg10(&read("/proc/pressure/memory")).unwrap_or(0.0),
-        }
+        self.load.cpu_pressure = pressure_avg10(&read("/proc/pressure/cpu")).unwrap_or(0.0);
+        self.load.memory_pressure = pressure_avg10(&read("/proc/pressure/memory")).unwrap_or(0.0);
+        self.load.clone()
     }
 }
 

@@ -91,12 +91,8 @@ pub const MACHINE_MEMORY_RESERVE: u64 = 1 << 30;
 pub fn machine_allocatable(memory_max: Option<u64>, cpu_overcommit: f64) -> Resources {
     let total = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024);
+        .and_then(|m| load::memory(&m))
+        .map_or(0, |(total, _)| total);
     let memory = memory_max.unwrap_or_else(|| total - MACHINE_MEMORY_RESERVE.min(total / 4));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     Resources::new(memory, cpus * cpu_overcommit)
@@ -385,7 +381,6 @@ impl Agent {
             objects,
             pools: Mutex::new(pools),
             running: Mutex::new(HashMap::new()),
-            draining: std::sync::atomic::AtomicBool::new(false),
             exiting: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(initial_state),
             pools_emptied: std::sync::atomic::AtomicBool::new(false),
@@ -580,8 +575,6 @@ struct Inner {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     running: Mutex<HashMap<String, Running>>,
     slots: Arc<Semaphore>,
-    /// Takes no new work (a shutdown's drain, or the store's word: cordoned, draining).
-    draining: std::sync::atomic::AtomicBool,
     /// Draining to stop (SIGTERM): final.
     exiting: std::sync::atomic::AtomicBool,
     /// What the store asks of this host.
@@ -678,7 +671,7 @@ impl Inner {
             capacity: self.cfg.capacity,
             running: running.len() as u32,
             allocatable: self.cfg.allocatable,
-            draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+            draining: !self.takes_work(),
             state: self.host_state(),
             load: self.load.lock().unwrap().sample(),
             warm,
@@ -716,14 +709,17 @@ impl Inner {
         }
     }
 
-    /// Acts on [`Self::host_state`]: takes new work only when ready; empties the warm
-    /// pools while draining (and refills them when it no longer is).
+    /// Takes new work: only when ready (a shutdown's drain, a cordon or a drain asked by
+    /// the store stop it).
+    fn takes_work(&self) -> bool {
+        self.host_state() == HostState::Ready
+    }
+
+    /// Acts on [`Self::host_state`]: wakes the command loop (which starts runs only
+    /// while the host takes work); empties the warm pools while draining (and refills
+    /// them when it no longer is).
     fn apply_state(&self) {
-        let state = self.host_state();
-        let no_work = state != HostState::Ready;
-        let empty = state == HostState::Draining;
-        self.draining
-            .store(no_work, std::sync::atomic::Ordering::SeqCst);
+        let empty = self.host_state() == HostState::Draining;
         let pools = self.pools.lock().unwrap();
         let was_empty = self
             .pools_emptied
