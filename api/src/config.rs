@@ -92,6 +92,43 @@ pub struct Config {
     /// `exceeds_largest_group`); without, one that fits no reporting host (422
     /// `exceeds_largest_host`).
     pub groups: Vec<GroupSection>,
+    /// The `netns` provider: how groups with `provider = "netns"` get their hosts.
+    pub netns: NetnsSection,
+}
+
+/// The `netns` provider's settings: each host it makes is a network namespace on this
+/// machine, with a veth on `bridge`, a cgroup of its group's shape, and a `hatchery agent`
+/// process of its own that reaches the engines over the bridge (so their URLs in
+/// `[store]` must name the bridge's address, the network's `.1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetnsSection {
+    /// The bridge (at most 10 characters), created if missing.
+    pub bridge: String,
+    /// The hosts' /24, e.g. `10.213.0.0`: the bridge has `.1`, hosts `.2` to `.254`.
+    pub network: String,
+    /// The cgroup under which each host gets `<name>/` (its agent and its sandboxes).
+    pub cgroup_parent: String,
+    /// Where the hosts' records and their agents' logs go (default `<data_dir>/netns`).
+    pub state_dir: Option<PathBuf>,
+    /// How long making a host takes before its agent starts, e.g. `5s` (a machine's
+    /// boot; 0 by default).
+    pub launch_delay: String,
+    /// Memory each host's cgroup has beyond its group's shape, for its agent and zygotes.
+    pub overhead_memory: String,
+}
+
+impl Default for NetnsSection {
+    fn default() -> Self {
+        NetnsSection {
+            bridge: "hatchery0".into(),
+            network: "10.213.0.0".into(),
+            cgroup_parent: "hatchery-hosts".into(),
+            state_dir: None,
+            launch_delay: "0s".into(),
+            overhead_memory: "768M".into(),
+        }
+    }
 }
 
 /// One host group.
@@ -112,8 +149,12 @@ pub struct GroupSection {
     /// The least time between two launches, and between two drains, of the group.
     pub cooldown_up: String,
     pub cooldown_down: String,
+    /// Warm sandboxes each of its hosts keeps per language (unset: `agent.pool_size`).
+    pub pool_size: Option<u32>,
     /// Who makes its hosts: `static` (hosts started by hand, as `hatchery agent` with
-    /// `agent.group`).
+    /// `agent.group`; never launched or terminated by the autoscaler) or `netns` (hosts
+    /// the scheduler makes on this machine, each a network namespace with a cgroup of the
+    /// group's shape: see `[netns]`).
     pub provider: String,
 }
 
@@ -129,6 +170,7 @@ impl Default for GroupSection {
             scale_down_after: "10m".into(),
             cooldown_up: "30s".into(),
             cooldown_down: "1m".into(),
+            pool_size: None,
             provider: "static".into(),
         }
     }
@@ -137,12 +179,7 @@ impl Default for GroupSection {
 impl GroupSection {
     fn to_group(&self) -> Result<GroupConfig, String> {
         let name = &self.name;
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !hatchery_scheduler::autoscale::valid_group_name(name) {
             return Err(format!(
                 "group name {name:?}: 1 to 64 letters, digits, - and _"
             ));
@@ -166,9 +203,9 @@ impl GroupSection {
                 self.min, self.max
             ));
         }
-        if self.provider != "static" {
+        if !matches!(self.provider.as_str(), "static" | "netns") {
             return Err(format!(
-                "group {name}: provider {:?}: expected static",
+                "group {name}: provider {:?}: expected static or netns",
                 self.provider
             ));
         }
@@ -184,6 +221,8 @@ impl GroupSection {
             scale_down_after: duration("scale_down_after", &self.scale_down_after)?,
             cooldown_up: duration("cooldown_up", &self.cooldown_up)?,
             cooldown_down: duration("cooldown_down", &self.cooldown_down)?,
+            pool_size: self.pool_size,
+            provider: self.provider.clone(),
         })
     }
 }
@@ -222,8 +261,9 @@ pub struct AgentSection {
     /// The host group this host belongs to (`HATCHERY_GROUP`), one of `[[groups]]`.
     pub group: Option<String>,
     /// Frozen sandboxes kept warm per language at the least (`HATCHERY_POOL_SIZE`); the
-    /// pools grow with demand: every user active in the last 10 minutes adds the
-    /// `warm_pool_size` of their policy, up to `max_pool_size`.
+    /// pools grow with demand: every user active (`platform.active_for`) whose policy
+    /// lets it use this host's group adds the `warm_pool_size` of their policy (shared
+    /// between the ready hosts of a scaled group), up to `max_pool_size`.
     pub pool_size: usize,
     /// The most frozen sandboxes one language's pool keeps (`HATCHERY_MAX_POOL_SIZE`).
     pub max_pool_size: usize,
@@ -292,6 +332,10 @@ pub struct PlatformSection {
     /// The platform default policy; unset fields keep the built-in defaults
     /// (`HATCHERY_MAX_PARALLEL` sets `max_parallel`).
     pub default_policy: Policy,
+    /// How long after its last submission a user counts as active
+    /// (`HATCHERY_ACTIVE_FOR`): while active, its `warm_pool_size` sandboxes are kept
+    /// warm and, with host groups, room for as many runs is kept on hosts it may use.
+    pub active_for: String,
 }
 
 impl Default for Config {
@@ -310,6 +354,7 @@ impl Default for Config {
             platform: PlatformSection::default(),
             store: StoreSection::default(),
             groups: Vec::new(),
+            netns: NetnsSection::default(),
         }
     }
 }
@@ -349,6 +394,7 @@ impl Default for PlatformSection {
             max_queued: p.max_queued,
             retention: "7d".into(),
             default_policy: Policy::default(),
+            active_for: "10m".into(),
         }
     }
 }
@@ -384,6 +430,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_MAX_CODE_BYTES", "platform.max_code_bytes"),
     ("HATCHERY_MAX_QUEUED", "platform.max_queued"),
     ("HATCHERY_RETENTION", "platform.retention"),
+    ("HATCHERY_ACTIVE_FOR", "platform.active_for"),
     ("HATCHERY_POSTGRES_URL", "store.postgres_url"),
     ("HATCHERY_REDIS_URL", "store.redis_url"),
     ("HATCHERY_S3_BUCKET", "store.s3_bucket"),
@@ -452,6 +499,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.netns(Vec::new())?;
         self.listen_addr()?;
         let groups = self.groups()?;
         if let Some(g) = &self.agent.group {
@@ -488,6 +536,8 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("agent.drain_deadline: {e}")))?;
         parse_duration(&self.platform.retention)
             .map_err(|e| ConfigError::Invalid(format!("platform.retention: {e}")))?;
+        parse_duration(&self.platform.active_for)
+            .map_err(|e| ConfigError::Invalid(format!("platform.active_for: {e}")))?;
         if self.body_limit_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "body_limit_bytes must be at least 1024".into(),
@@ -576,6 +626,18 @@ impl Config {
                 .collect();
             return Err(ConfigError::Invalid(each.join("; ")));
         }
+        if let Some(groups) = &default.groups {
+            hatchery_scheduler::policy::check_groups(groups)
+                .map_err(|e| ConfigError::Invalid(format!("platform.default_policy.{e}")))?;
+            let known = self.groups().unwrap_or_default();
+            if let Some(unknown) =
+                hatchery_scheduler::autoscale::unknown_groups(&known, groups).first()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "platform.default_policy.groups: {unknown:?} is not one of [[groups]]"
+                )));
+            }
+        }
         for (key, value) in [
             ("platform.max_queued", self.platform.max_queued),
             ("platform.max_code_bytes", self.platform.max_code_bytes),
@@ -593,6 +655,67 @@ impl Config {
     /// Bytes one execution may emit (validated at load).
     pub fn output_limit(&self) -> u64 {
         hatchery_sandbox::limits::parse_size(&self.agent.output_limit).unwrap_or(16 << 20)
+    }
+
+    /// The `netns` provider's settings, checked; its hosts run `agent_command`.
+    pub fn netns(
+        &self,
+        agent_command: Vec<std::ffi::OsString>,
+    ) -> Result<hatchery_scheduler::provider::netns::NetnsConfig, ConfigError> {
+        let n = &self.netns;
+        let bad = |what: &str, msg: String| ConfigError::Invalid(format!("netns.{what}: {msg}"));
+        if n.bridge.is_empty()
+            || n.bridge.len() > 10
+            || !n.bridge.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(bad(
+                "bridge",
+                format!("{:?}: 1 to 10 letters and digits", n.bridge),
+            ));
+        }
+        let network: std::net::Ipv4Addr = n
+            .network
+            .parse()
+            .ok()
+            .filter(|a: &std::net::Ipv4Addr| a.octets()[3] == 0)
+            .ok_or_else(|| {
+                bad(
+                    "network",
+                    format!("{:?}: a /24 such as 10.213.0.0", n.network),
+                )
+            })?;
+        if n.cgroup_parent.is_empty()
+            || n.cgroup_parent.split('/').any(|p| {
+                p.is_empty()
+                    || p == "."
+                    || p == ".."
+                    || !p
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        {
+            return Err(bad(
+                "cgroup_parent",
+                format!("{:?}: names of letters, digits, - and _", n.cgroup_parent),
+            ));
+        }
+        let launch_delay =
+            parse_duration_or_zero(&n.launch_delay).map_err(|e| bad("launch_delay", e))?;
+        let overhead_memory = hatchery_sandbox::limits::parse_size(&n.overhead_memory)
+            .map_err(|e| bad("overhead_memory", e.to_string()))?;
+        Ok(hatchery_scheduler::provider::netns::NetnsConfig {
+            state_dir: n
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("netns")),
+            bridge: n.bridge.clone(),
+            network,
+            cgroup_parent: n.cgroup_parent.clone(),
+            agent_command,
+            agent_env: Vec::new(),
+            launch_delay,
+            overhead_memory,
+        })
     }
 
     /// The host groups (`[[groups]]`), checked: valid shapes and limits, unique names.
@@ -684,6 +807,7 @@ impl Config {
                 warm_pool_size: p.warm_pool_size.unwrap_or(d.warm_pool_size),
                 max_artifacts: p.max_artifacts.unwrap_or(d.max_artifacts),
                 max_artifact_bytes: p.max_artifact_bytes.unwrap_or(d.max_artifact_bytes),
+                groups: p.groups.clone(),
             },
             languages: self.platform.languages.clone(),
             max_code_bytes: self.platform.max_code_bytes,
@@ -692,7 +816,13 @@ impl Config {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(7 * 86_400_000),
             groups: self.groups().unwrap_or_default(),
+            active_for: self.active_for(),
         }
+    }
+
+    /// `platform.active_for` (10 minutes when it does not parse: validation refuses it).
+    pub fn active_for(&self) -> std::time::Duration {
+        parse_duration(&self.platform.active_for).unwrap_or(std::time::Duration::from_secs(600))
     }
 
     /// The PostgreSQL store's settings, when one is configured.

@@ -7,13 +7,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hatchery_scheduler::autoscale::GroupConfig;
-use hatchery_scheduler::bus::group_totals;
+use hatchery_scheduler::bus::{group_totals, GroupTotals};
 use hatchery_scheduler::model::{
-    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, HostRecord, HostState, Policy,
-    Principal, Resources, Usage,
+    artifact_inline, ArtifactInfo, ExecState, ExecutionRecord, GroupStatus, HostRecord, HostState,
+    Policy, Principal, Usage,
 };
-use hatchery_scheduler::platform::{ListQuery, SubmitRequest};
+use hatchery_scheduler::platform::{GroupDemand, ListQuery, PlatformError, SubmitRequest};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
@@ -129,7 +128,13 @@ pub async fn dispatch(
         RouteId::AdminGroups => {
             no_query(&query)?;
             let groups = st.platform.groups(&caller()?).await?;
-            Ok(json(StatusCode::OK, &groups_view(&st, groups)))
+            let scaled = st
+                .platform
+                .store
+                .group_statuses()
+                .await
+                .map_err(PlatformError::from)?;
+            Ok(json(StatusCode::OK, &groups_view(&st, groups, &scaled)))
         }
         RouteId::AdminHostState => {
             no_query(&query)?;
@@ -137,6 +142,7 @@ pub async fn dispatch(
             let body = read_json(&st, req).await?;
             let state = match body.get("state").and_then(Value::as_str) {
                 Some(s) if body.as_object().is_some_and(|o| o.len() == 1) => HostState::parse(s)
+                    .filter(|s| s.is_admin_settable())
                     .ok_or_else(|| {
                         ApiError::invalid(format!(
                             "state {s:?}: expected ready, cordoned or draining"
@@ -541,32 +547,65 @@ fn hosts_view(st: &ApiState, hosts: Vec<HostRecord>) -> Value {
 
 /// Each host group: its configuration, its reporting hosts by state, what they have for
 /// executions and what the limits of what runs take of it, and the queued demand.
-fn groups_view(st: &ApiState, groups: Vec<(GroupConfig, u32, Resources)>) -> Value {
+fn groups_view(st: &ApiState, groups: Vec<GroupDemand>, scaled: &[GroupStatus]) -> Value {
     let totals = group_totals(&st.hosts.current());
     let groups: Vec<Value> = groups
         .into_iter()
-        .map(|(g, queued, need)| {
-            let t = totals.get(&g.name).cloned().unwrap_or_default();
-            serde_json::json!({
-                "name": g.name,
-                "shape": g.shape,
-                "languages": g.languages,
-                "min": g.min,
-                "max": g.max,
-                "scale_down_after_ms": g.scale_down_after.as_millis() as u64,
-                "hosts": {
-                    "ready": t.ready,
-                    "cordoned": t.cordoned,
-                    "draining": t.draining,
-                },
-                "capacity": t.capacity,
-                "used": t.used,
-                "running": t.running,
-                "queued": { "executions": queued, "need": need },
-            })
+        .map(|d| {
+            let g = d.group;
+            let mut v = group_figures(&g.name, &totals, scaled);
+            v.extend([
+                ("shape".to_string(), serde_json::json!(g.shape)),
+                ("languages".to_string(), serde_json::json!(g.languages)),
+                ("min".to_string(), serde_json::json!(g.min)),
+                ("max".to_string(), serde_json::json!(g.max)),
+                ("provider".to_string(), serde_json::json!(g.provider)),
+                (
+                    "scale_down_after_ms".to_string(),
+                    serde_json::json!(g.scale_down_after.as_millis() as u64),
+                ),
+                (
+                    "queued".to_string(),
+                    serde_json::json!({ "executions": d.queued, "need": d.queued_need }),
+                ),
+                (
+                    "reserved".to_string(),
+                    serde_json::json!({
+                        "executions": d.reserved,
+                        "need": d.reserved_need,
+                        "active_users": d.active_users,
+                    }),
+                ),
+            ]);
+            Value::Object(v)
         })
         .collect();
     serde_json::json!({ "groups": groups })
+}
+
+/// What a group has now, for the groups view and the monitor: its reporting hosts by
+/// state, their capacity, what the limits of what runs take of it, and what the
+/// autoscaler last published about it (`null` for a group none scales).
+pub fn group_figures(
+    name: &str,
+    totals: &std::collections::BTreeMap<String, GroupTotals>,
+    scaled: &[GroupStatus],
+) -> serde_json::Map<String, Value> {
+    let t = totals.get(name).cloned().unwrap_or_default();
+    serde_json::Map::from_iter([
+        ("name".to_string(), serde_json::json!(name)),
+        (
+            "hosts".to_string(),
+            serde_json::json!({ "ready": t.ready, "cordoned": t.cordoned, "draining": t.draining }),
+        ),
+        ("capacity".to_string(), serde_json::json!(t.capacity)),
+        ("used".to_string(), serde_json::json!(t.used)),
+        ("running".to_string(), serde_json::json!(t.running)),
+        (
+            "autoscaler".to_string(),
+            serde_json::json!(scaled.iter().find(|s| s.group == name)),
+        ),
+    ])
 }
 
 /// `/metrics`: counters of this node, the store's active counts (kept by the store on
@@ -593,6 +632,13 @@ pub async fn metrics(st: &ApiState) -> Response<Body> {
             .collect(),
         agents: statuses.len() as u64,
         hosts: statuses,
+        groups: match st.platform.store.group_statuses().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot read the groups' status");
+                Vec::new()
+            }
+        },
     };
     let mut r = Response::new(Full::new(Bytes::from(st.metrics.render(&gauges))));
     r.headers_mut().insert(

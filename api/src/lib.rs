@@ -12,6 +12,7 @@
 //! | [`error`] | JSON errors with stable codes |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`local_cluster`] | a whole cluster on this machine, every role its own process (`hatchery cluster`, the cluster tests, the bench) |
+//! | [`sim`] | the whole architecture on this machine with hosts made by the autoscaler as network namespaces (`hatchery sim`, the autoscaling tests) |
 //!
 //! The API holds no platform state: everything goes through
 //! [`hatchery_scheduler::platform::Platform`], so several API nodes can serve one
@@ -26,6 +27,7 @@ pub mod local_cluster;
 pub mod metrics;
 pub mod routes;
 pub mod server;
+pub mod sim;
 pub mod ws;
 
 pub use server::{ApiServer, ServerOptions};

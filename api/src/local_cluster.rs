@@ -6,10 +6,12 @@
 //!
 //! Every agent gets a cgroup parent of its own under `hatchery/` (removed when the
 //! cluster stops, once its sandboxes are reaped). The engines live in temporary
-//! directories and go with the cluster.
+//! directories and go with the cluster; they listen on 127.0.0.1, or also on
+//! [`ClusterSpec::bind`] (a bridge's address, for hosts in network namespaces), by which
+//! the config then names them.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,6 +83,12 @@ pub struct ClusterSpec {
     pub languages: Vec<String>,
     /// TOML appended to the cluster's config (e.g. `[[groups]]` tables).
     pub extra_config: String,
+    /// An address the engines listen on besides 127.0.0.1 (moto: instead of it), by which
+    /// the shared config names them: a bridge's, so that hosts in network namespaces
+    /// reach them (`None`: loopback only).
+    pub bind: Option<Ipv4Addr>,
+    /// `platform.active_for` (e.g. `30s`; `None`: the default).
+    pub active_for: Option<String>,
 }
 
 impl ClusterSpec {
@@ -101,6 +109,8 @@ impl ClusterSpec {
             first_port: 0,
             languages: vec!["r".into()],
             extra_config: String::new(),
+            bind: None,
+            active_for: None,
         }
     }
 }
@@ -233,9 +243,21 @@ impl LocalCluster {
     /// [`LocalCluster::start`] for the whole thing).
     pub fn engines(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
         let engine = |what| move |source| ClusterError::Engine { what, source };
-        let postgres = PostgresServer::start().map_err(engine("PostgreSQL"))?;
-        let redis = RedisServer::start().map_err(engine("Redis"))?;
-        let moto = MotoServer::start().map_err(engine("moto (S3)"))?;
+        let postgres = match spec.bind {
+            Some(addr) => PostgresServer::start_on(addr),
+            None => PostgresServer::start(),
+        }
+        .map_err(engine("PostgreSQL"))?;
+        let redis = match spec.bind {
+            Some(addr) => RedisServer::start_on(addr),
+            None => RedisServer::start(),
+        }
+        .map_err(engine("Redis"))?;
+        let moto = match spec.bind {
+            Some(addr) => MotoServer::start_on(addr),
+            None => MotoServer::start(),
+        }
+        .map_err(engine("moto (S3)"))?;
         moto.create_bucket(BUCKET).map_err(engine("moto (S3)"))?;
         let url = postgres
             .create_database("hatchery")
@@ -272,6 +294,7 @@ impl LocalCluster {
              [platform]\n\
              languages = {languages}\n\
              max_queued = {max_queued}\n\
+             {active_for}\
              [store]\n\
              postgres_url = {url}\n\
              redis_url = {redis}\n\
@@ -289,6 +312,11 @@ impl LocalCluster {
             redis = toml_str(&redis.url()),
             s3 = toml_str(&moto.endpoint()),
             extra = spec.extra_config,
+            active_for = spec
+                .active_for
+                .as_ref()
+                .map(|d| format!("active_for = {}\n", toml_str(d)))
+                .unwrap_or_default(),
         );
         std::fs::write(&config, text).map_err(|source| ClusterError::Io {
             what: format!("writing {}", config.display()),

@@ -9,8 +9,10 @@
 //! * `hatchery api | scheduler | agent` — the roles as separate processes, sharing
 //!   PostgreSQL, Redis and the objects folder (see the README's cluster section).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -19,10 +21,14 @@ use hatchery_api::auth::{parse_role, Auth};
 use hatchery_api::config::{parse_duration, Config, Keys, LogFormat};
 use hatchery_api::console::{LocalSignIn, SignInAs};
 use hatchery_api::local_cluster::{ClusterSpec, LocalCluster};
+use hatchery_api::sim::{default_groups, Sim, SimError, SimSpec};
 use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
 use hatchery_scheduler::model::Role;
 use hatchery_scheduler::node::{EmbeddedNode, Engines, NodeConfig};
+use hatchery_scheduler::provider::netns::NetnsProvider;
+use hatchery_scheduler::provider::{Provider, ProviderError};
+use hatchery_scheduler::scaler::{ProviderSource, Scaling};
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +106,33 @@ enum Command {
         /// removed on exit).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+    /// Start the whole architecture on this machine, hosts included: a private
+    /// PostgreSQL, Redis and S3 (moto), an API replica and a scheduler whose autoscaler
+    /// makes hosts as demand comes (each a network namespace on a bridge with a cgroup
+    /// of its group's shape and its own agent) and removes them when they are not
+    /// needed. Two groups: small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), from zero
+    /// hosts. As root. Prints where the API listens and tokens, then hosts joining,
+    /// draining and leaving; Ctrl-C stops everything and removes what it made.
+    Sim {
+        /// The API's port (0: any free port).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// How long a host must be empty before it is drained and removed.
+        #[arg(long, default_value = "30s")]
+        scale_down_after: String,
+        /// How long making a host takes before its agent starts.
+        #[arg(long, default_value = "2s")]
+        launch_delay: String,
+        /// How long after its last submission a user keeps room (and warm sandboxes)
+        /// for its next runs; then its hosts may drain.
+        #[arg(long, default_value = "1m")]
+        active_for: String,
+        /// The bridge hosts are attached to, and its /24 (the bridge is .1).
+        #[arg(long, default_value = "hatchery0")]
+        bridge: String,
+        #[arg(long, default_value = "10.213.0.0")]
+        network: std::net::Ipv4Addr,
     },
     /// Run only the HTTP + WebSocket API role (stateless: run several). Needs
     /// store.postgres_url, store.redis_url and the cluster's keys file.
@@ -190,6 +223,22 @@ fn main() -> ExitCode {
             spec.dir = dir;
             local_cluster(cli.config.as_deref(), spec)
         }
+        Command::Sim {
+            port,
+            scale_down_after,
+            launch_delay,
+            active_for,
+            bridge,
+            network,
+        } => sim(
+            cli.config.as_deref(),
+            port,
+            &scale_down_after,
+            &launch_delay,
+            &active_for,
+            bridge,
+            network,
+        ),
         Command::Api => cluster_role(cli.config.as_deref(), ClusterRole::Api),
         Command::Scheduler => cluster_role(cli.config.as_deref(), ClusterRole::Scheduler),
         Command::Agent => cluster_role(cli.config.as_deref(), ClusterRole::Agent),
@@ -291,6 +340,7 @@ fn agent_config(cfg: &Config) -> AgentConfig {
     a.group = cfg.agent.group.clone();
     a.host_pids_max = cfg.agent.host_pids_max;
     a.default_policy = cfg.platform_config().default_policy;
+    a.demand_window = cfg.active_for();
     a
 }
 
@@ -525,16 +575,7 @@ fn local_cluster(config: Option<&Path>, mut spec: ClusterSpec) -> anyhow::Result
         if stop_signal_pending() {
             break;
         }
-        for p in cluster.procs.iter_mut() {
-            if !p.is_running() && reported.insert(p.name.clone()) {
-                eprintln!(
-                    "hatchery: {} stopped; its log ({}) ends with:\n{}",
-                    p.name,
-                    p.log.display(),
-                    p.log_tail(10)
-                );
-            }
-        }
+        report_stopped(&mut cluster, &mut reported);
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("hatchery: stopping the cluster ...");
@@ -542,6 +583,119 @@ fn local_cluster(config: Option<&Path>, mut spec: ClusterSpec) -> anyhow::Result
     drop(cluster);
     eprintln!("hatchery: stopped");
     Ok(())
+}
+
+fn sim(
+    config: Option<&Path>,
+    port: u16,
+    scale_down_after: &str,
+    launch_delay: &str,
+    active_for: &str,
+    bridge: String,
+    network: std::net::Ipv4Addr,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    init_logs(cfg.log_format);
+    let agent = agent_config(&cfg);
+    preflight(&cfg, &agent)?;
+    parse_duration(scale_down_after).map_err(|e| anyhow::anyhow!("--scale-down-after: {e}"))?;
+    let mut spec = SimSpec::new(
+        std::env::current_exe().context("finding the hatchery binary")?,
+        cfg.rootfs.clone(),
+    );
+    spec.port = port;
+    spec.groups = default_groups(scale_down_after);
+    spec.launch_delay = hatchery_api::config::parse_duration_or_zero(launch_delay)
+        .map_err(|e| anyhow::anyhow!("--launch-delay: {e}"))?;
+    spec.active_for =
+        parse_duration(active_for).map_err(|e| anyhow::anyhow!("--active-for: {e}"))?;
+    spec.bridge = bridge;
+    spec.network = network;
+    // Caught before anything starts: no signal can leave the engines or hosts behind.
+    catch_stop_signals()?;
+    eprintln!("hatchery: starting PostgreSQL, Redis, moto (S3), the scheduler and the API ...");
+    let mut sim = Sim::start(spec).map_err(|e| match e {
+        SimError::Cluster(e) if e.is_missing_engine() => {
+            anyhow::anyhow!("{e}\n(scripts/setup-deps.sh installs the engines)")
+        }
+        e => anyhow::Error::new(e),
+    })?;
+    let user = sim.cluster.token("demo", "alice", "user")?;
+    let admin = sim.cluster.token("hatchery", "root", "superadmin")?;
+    let addr = sim.api_addr();
+    println!("hatchery: listening on http://{addr}");
+    println!(
+        "\nThe whole architecture on this machine: PostgreSQL, Redis and S3 (moto) on bridge \
+         {bridge} ({net}/24), an API replica and a scheduler. Hosts are made as demand comes: \
+         groups small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), none at first; empty hosts are \
+         drained and removed after {after}, except those keeping room for the warm runs of a \
+         user who submitted in the last {active_for}.\n\
+         Config, keys and each process's log: {dir}\n\n\
+         A user's token:        {user}\n\
+         A superadmin's token:  {admin}\n\n\
+         Try it (the first execution waits for a host to be made):\n  \
+         curl -s -H \"Authorization: Bearer {user}\" -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"language\":\"r\",\"code\":\"sum(1:10)\"}}' http://{addr}/v1/executions\n\
+         Hosts: curl -s -H \"Authorization: Bearer {admin}\" http://{addr}/v1/admin/hosts\n\n\
+         Ctrl-C stops everything and removes what it made.\n",
+        bridge = sim.spec().bridge,
+        net = sim.spec().network,
+        after = scale_down_after,
+        active_for = active_for,
+        dir = sim.cluster.dir().display(),
+    );
+    // Tell what the autoscaler does as it does it, until a signal.
+    let log = sim.scheduler_log();
+    let mut read = 0usize;
+    let mut reported = std::collections::BTreeSet::new();
+    while !stop_signal_pending() {
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            if text.len() >= read {
+                for line in text[read..].lines() {
+                    if let Some((_, said)) = line.split_once("autoscaler: ") {
+                        println!("{} {said}", chrono_now());
+                    }
+                }
+                read = text.len();
+            }
+        }
+        report_stopped(&mut sim.cluster, &mut reported);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("hatchery: stopping: the API, the scheduler, then every host ...");
+    sim.stop(Duration::from_secs(5));
+    let left = sim.leftovers();
+    drop(sim);
+    if left.is_empty() {
+        eprintln!("hatchery: stopped; nothing is left behind");
+        Ok(())
+    } else {
+        bail!("stopped, but these are left behind: {}", left.join(", "))
+    }
+}
+
+/// The wall clock's time of day (UTC), for what `hatchery sim` reports.
+fn chrono_now() -> String {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Says once of each process of `cluster` that stopped on its own, with its log's end.
+fn report_stopped(cluster: &mut LocalCluster, reported: &mut std::collections::BTreeSet<String>) {
+    for p in cluster.procs.iter_mut() {
+        if !p.is_running() && reported.insert(p.name.clone()) {
+            eprintln!(
+                "hatchery: {} stopped; its log ({}) ends with:\n{}",
+                p.name,
+                p.log.display(),
+                p.log_tail(10)
+            );
+        }
+    }
 }
 
 /// Set by SIGINT or SIGTERM once [`catch_stop_signals`] ran.
@@ -625,12 +779,14 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
                     .context("serving the API")
             }
             ClusterRole::Scheduler => {
-                tracing::info!("scheduler started");
+                let scaling = scaling(&cfg, config)?;
+                tracing::info!(autoscaling = scaling.is_some(), "scheduler started");
                 engines
                     .run_scheduler(
                         cfg.platform_config(),
                         &cfg.agent.name,
                         cfg.scheduler_lease(),
+                        scaling,
                         shutdown_signal(),
                     )
                     .await
@@ -650,6 +806,57 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
             }
         }
     })
+}
+
+/// The `netns` provider, made once (at the first leadership): it holds its state
+/// directory for the rest of the process's life.
+struct NetnsSource {
+    config: hatchery_scheduler::provider::netns::NetnsConfig,
+    made: tokio::sync::OnceCell<Arc<NetnsProvider>>,
+}
+
+#[async_trait::async_trait]
+impl ProviderSource for NetnsSource {
+    async fn providers(&self) -> Result<BTreeMap<String, Arc<dyn Provider>>, ProviderError> {
+        let provider = self
+            .made
+            .get_or_try_init(|| async {
+                NetnsProvider::new(self.config.clone()).await.map(Arc::new)
+            })
+            .await?;
+        Ok(BTreeMap::from([(
+            "netns".to_string(),
+            Arc::clone(provider) as Arc<dyn Provider>,
+        )]))
+    }
+}
+
+/// The autoscaler's groups and providers, when a group's hosts are made by a provider
+/// (`netns`: its hosts run this binary's `agent` with the same config and environment).
+/// The provider is made when this scheduler starts to lead, not before.
+fn scaling(cfg: &Config, config: Option<&Path>) -> anyhow::Result<Option<Scaling>> {
+    let groups = cfg.groups()?;
+    if !groups.iter().any(|g| g.provider == "netns") {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().context("finding the hatchery binary")?;
+    let mut command = vec![exe.into_os_string(), "agent".into()];
+    if let Some(path) = config {
+        let path =
+            std::path::absolute(path).with_context(|| format!("config file {}", path.display()))?;
+        command.extend(["--config".into(), path.into_os_string()]);
+    }
+    let providers = Arc::new(NetnsSource {
+        config: cfg.netns(command)?,
+        made: tokio::sync::OnceCell::new(),
+    });
+    let platform = cfg.platform_config();
+    Ok(Some(Scaling {
+        groups,
+        providers,
+        default_policy: platform.default_policy,
+        active_for: platform.active_for,
+    }))
 }
 
 fn print_banner(

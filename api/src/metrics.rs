@@ -5,6 +5,7 @@
 //! executions) and the host statuses, and are passed to [`Metrics::render`].
 
 use hatchery_scheduler::bus::{group_totals, GroupTotals, HostStatus};
+use hatchery_scheduler::model::GroupStatus;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -28,6 +29,8 @@ pub struct Gauges {
     pub agents: u64,
     /// The statuses of the hosts that report (per-host gauges).
     pub hosts: Vec<HostStatus>,
+    /// What the autoscaler last published about the groups it scales.
+    pub groups: Vec<GroupStatus>,
 }
 
 impl Metrics {
@@ -144,6 +147,7 @@ impl Metrics {
         }
         render_hosts(&mut out, &g.hosts);
         render_groups(&mut out, &g.hosts);
+        render_scaled_groups(&mut out, &g.groups);
         out
     }
 }
@@ -169,6 +173,50 @@ fn render_hosts(out: &mut String, hosts: &[HostStatus]) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for s in hosts {
             let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", escape(&s.agent), value(s));
+        }
+    }
+}
+
+/// Per-group gauges the autoscaler publishes: pending demand, hosts on their way and
+/// being removed, room kept for active users.
+fn render_scaled_groups(out: &mut String, groups: &[GroupStatus]) {
+    type Value = fn(&GroupStatus) -> f64;
+    let families: [(&str, &str, Value); 6] = [
+        (
+            "hatchery_group_pending",
+            "Executions waiting because no live host can take them, counted against the group.",
+            |g| f64::from(g.pending),
+        ),
+        (
+            "hatchery_group_pending_memory_bytes",
+            "Memory limits of the executions pending for the group.",
+            |g| g.pending_need.memory_bytes as f64,
+        ),
+        (
+            "hatchery_group_provisioning",
+            "Hosts of the group launched and not reporting yet.",
+            |g| f64::from(g.provisioning),
+        ),
+        (
+            "hatchery_group_terminating",
+            "Hosts of the group being removed.",
+            |g| f64::from(g.terminating),
+        ),
+        (
+            "hatchery_group_reserved",
+            "Runs' worth of room kept in the group for active users.",
+            |g| f64::from(g.reserved),
+        ),
+        (
+            "hatchery_group_reserved_memory_bytes",
+            "Memory of the room kept in the group for active users.",
+            |g| g.reserved_need.memory_bytes as f64,
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for g in groups {
+            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", escape(&g.group), value(g));
         }
     }
 }
@@ -260,6 +308,14 @@ mod tests {
                     limits: hatchery_scheduler::model::Resources::new(1 << 30, 1.5),
                 }],
             }],
+            groups: vec![GroupStatus {
+                group: "big".into(),
+                pending: 3,
+                pending_need: hatchery_scheduler::model::Resources::new(12 << 30, 3.0),
+                provisioning: 1,
+                reserved: 2,
+                ..GroupStatus::default()
+            }],
         });
         assert!(text.contains(
             "hatchery_http_requests_total{route=\"/v1/executions\",method=\"POST\",status=\"202\"} 2"
@@ -278,6 +334,10 @@ mod tests {
             "hatchery_group_hosts{group=\"big\"} 1",
             "hatchery_group_capacity_memory_bytes{group=\"big\"} 8589934592",
             "hatchery_group_used_cpus{group=\"big\"} 1.5",
+            "hatchery_group_pending{group=\"big\"} 3",
+            "hatchery_group_pending_memory_bytes{group=\"big\"} 12884901888",
+            "hatchery_group_provisioning{group=\"big\"} 1",
+            "hatchery_group_reserved{group=\"big\"} 2",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }

@@ -608,6 +608,13 @@ async fn stream_monitor(
     let mut shutdown = st.shutdown.clone();
     let mut tick = tokio::time::interval(st.options.ws_ping);
     tick.reset();
+    // Superadmins watching the fleet (no host or org filter) also get each group's
+    // figures, every few seconds.
+    let groups_wanted = who.role == hatchery_scheduler::model::Role::Superadmin
+        && !st.platform.config.groups.is_empty()
+        && filter.agents.is_none()
+        && filter.org.is_none();
+    let mut groups_tick = tokio::time::interval(GROUPS_EVERY);
     let stop = 'run: {
         for s in st.hosts.current() {
             let Some(s) = filter.apply(st.platform.visible_status(&who, s)) else {
@@ -639,10 +646,46 @@ async fn stream_monitor(
                         break 'run stop;
                     }
                 }
+                _ = groups_tick.tick(), if groups_wanted => {
+                    if let Some(groups) = groups_message(&st, &filter).await {
+                        if let Err(stop) = peer.send(&groups).await {
+                            break 'run stop;
+                        }
+                    }
+                }
             }
         }
     };
     peer.finish(stop).await;
+}
+
+/// How often a monitor gets the groups' figures.
+const GROUPS_EVERY: Duration = Duration::from_secs(2);
+
+/// The monitor's groups message: `{"kind": "groups", "groups": [...]}`, each group with
+/// its reporting hosts by state, their capacity, what the limits of what runs take of it,
+/// and what the autoscaler last published (pending demand, hosts on their way and being
+/// removed, room kept for active users); `None` when the store cannot be read.
+async fn groups_message(st: &ApiState, filter: &MonitorFilter) -> Option<serde_json::Value> {
+    let scaled = match st.platform.store.group_statuses().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "monitor: cannot read the groups' status");
+            return None;
+        }
+    };
+    let totals = hatchery_scheduler::bus::group_totals(&st.hosts.current());
+    let groups: Vec<serde_json::Value> = st
+        .platform
+        .config
+        .groups
+        .iter()
+        .filter(|g| filter.groups.as_ref().is_none_or(|f| f.contains(&g.name)))
+        .map(|g| {
+            serde_json::Value::Object(crate::handlers::group_figures(&g.name, &totals, &scaled))
+        })
+        .collect();
+    Some(serde_json::json!({ "kind": "groups", "groups": groups }))
 }
 
 #[cfg(test)]

@@ -862,14 +862,7 @@ fn host_groups_refuse_what_no_group_holds_and_show_hosts_capacity_and_demand() {
         let sized = |gib: u64, code: &str| json!({"language": "r", "code": code, "limits": {"memory_bytes": gib << 30, "cpus": 1.0}});
         // 16 GiB fits no group: refused, naming the largest.
         let r = req(addr, "POST", "/v1/executions", &t, Some(sized(16, "1"))).await;
-        assert_eq!(
-            (r.status, r.code().as_str()),
-            (422, "exceeds_largest_group")
-        );
-        let m = r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let m = r.refused(422, "exceeds_largest_group");
         assert!(m.contains("big") && m.contains("8 GiB and 4 cpus"), "{m}");
         // 4 GiB fits the big group, which has no host yet: admitted, it waits (the
         // autoscaler's demand for big).
@@ -911,6 +904,116 @@ fn host_groups_refuse_what_no_group_holds_and_show_hosts_capacity_and_demand() {
         .await;
         assert!(r.status < 300);
         finished_on(addr, &t, &waiting).await;
+
+        // A policy's groups must exist.
+        let put = |org: &'static str, body: Value| {
+            let root = root.clone();
+            async move {
+                req(
+                    addr,
+                    "PUT",
+                    &format!("/v1/admin/orgs/{org}/policy"),
+                    &root,
+                    Some(body),
+                )
+                .await
+            }
+        };
+        let r = put("globex", json!({"groups": ["big", "gpu"]})).await;
+        let m = r.refused(422, "invalid_limits");
+        assert!(m.contains("gpu") && m.contains("small, big"), "{m}");
+        let m = put("globex", json!({"groups": []}))
+            .await
+            .refused(422, "invalid_limits");
+        assert!(m.contains("name at least one group"), "{m}");
+        // globex may use the big group only: a 1 GiB run does not land on the idle
+        // small hosts; it waits for big, and is counted there.
+        let r = put(
+            "globex",
+            json!({"groups": ["big"], "memory_bytes": 1u64 << 30}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let gil = c.tok("globex", "gil", "user");
+        let r = req(addr, "POST", "/v1/executions", &gil, Some(sized(1, "1"))).await;
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let kept_off = r.json()["id"].as_str().unwrap().to_string();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let v = req(
+            addr,
+            "GET",
+            &format!("/v1/executions/{kept_off}"),
+            &gil,
+            None,
+        )
+        .await
+        .json();
+        assert_eq!(state(&v), "queued", "{v}");
+        assert_eq!(v["groups"], json!(["big"]), "{v}");
+        // Room is kept for active users: gil (default limits 1 GiB and 1 CPU, 2 warm) in
+        // big, the only group it may use; ann's default limits (64 GiB) fit no group, so
+        // nothing is kept for ann.
+        let g = req(addr, "GET", "/v1/admin/groups", &root, None)
+            .await
+            .json()["groups"]
+            .clone();
+        assert_eq!(g[1]["queued"]["executions"], 1, "{g}");
+        assert_eq!(g[1]["reserved"]["executions"], 2, "{g}");
+        assert_eq!(g[1]["reserved"]["need"]["memory_bytes"], 2u64 << 30, "{g}");
+        assert_eq!(
+            g[1]["reserved"]["active_users"],
+            json!(["globex/gil"]),
+            "{g}"
+        );
+        assert_eq!(g[0]["reserved"]["executions"], 0, "{g}");
+        assert_eq!(g[0]["provider"], "static", "{g}");
+        let r = req(
+            addr,
+            "POST",
+            &format!("/v1/executions/{kept_off}/cancel"),
+            &gil,
+            None,
+        )
+        .await;
+        assert!(r.status < 300);
+        finished_on(addr, &gil, &kept_off).await;
+        // initech may use small only: 4 GiB is refused, naming small as its largest.
+        assert_eq!(
+            put(
+                "initech",
+                json!({"groups": ["small"], "memory_bytes": 8u64 << 30})
+            )
+            .await
+            .status,
+            200
+        );
+        let ida = c.tok("initech", "ida", "user");
+        let r = req(addr, "POST", "/v1/executions", &ida, Some(sized(4, "1"))).await;
+        let m = r.refused(422, "exceeds_largest_group");
+        assert!(m.contains("small") && m.contains("2 GiB"), "{m}");
+        // ... and 1 GiB runs there.
+        let r = req(
+            addr,
+            "POST",
+            "/v1/executions",
+            &ida,
+            Some(sized(1, "2 + 2")),
+        )
+        .await;
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let v = finished_on(addr, &ida, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        // An org admin may narrow the org's groups for a user, never widen them.
+        let boss = c.tok("initech", "boss", "org_admin");
+        let r = req(
+            addr,
+            "PUT",
+            "/v1/admin/orgs/initech/users/ida/policy",
+            &boss,
+            Some(json!({"groups": ["big"]})),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (422, "policy_exceeds_org"));
     });
 }
 

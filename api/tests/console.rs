@@ -202,6 +202,43 @@ async fn click(c: &Client, css: &str) {
         .unwrap_or_else(|e| panic!("click {css}: {e}"));
 }
 
+/// Replaces what policy field `field` holds with `text`, and saves the policy.
+async fn set_policy_field(c: &Client, field: &str, text: &str) {
+    let input = c
+        .find(Locator::Css(&format!("#policy-{field}")))
+        .await
+        .unwrap();
+    input.clear().await.unwrap();
+    input.send_keys(text).await.unwrap();
+    click(c, "#policy-save").await;
+}
+
+/// The API's error, shown under policy field `field`.
+async fn policy_field_error(c: &Client, field: &str) -> String {
+    let error = until(
+        c,
+        &format!(
+            "(e => e && e.textContent)(document.querySelector('#policy-{field} + .field-error'))"
+        ),
+        &format!("the API's error under {field}"),
+    )
+    .await;
+    error.as_str().unwrap_or_default().to_string()
+}
+
+/// Waits for the policy saved, the effective policy shown including `shown`.
+async fn policy_saved(c: &Client, shown: &str) {
+    until(
+        c,
+        &format!(
+            "document.getElementById('policy-status').textContent.startsWith('Saved') && \
+             document.getElementById('policy-effective').textContent.includes({shown:?})"
+        ),
+        &format!("the saved policy ({shown})"),
+    )
+    .await;
+}
+
 /// WebDriver key codes.
 const CONTROL: char = '\u{E009}';
 const ENTER: char = '\u{E007}';
@@ -545,7 +582,12 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
         return;
     };
     e2e(async {
-        let h = Hatchery::started(Setup::default()).await;
+        // One static host group, which the host joins.
+        let h = Hatchery::started(Setup {
+            group: Some("std".into()),
+            ..Setup::default()
+        })
+        .await;
         let user = h.token("demo", "demo", "user");
         let c = driver.browser().await;
         one_click_sign_in(&c, &format!("http://{}/", h.addr), "#sign-in-admin", None).await;
@@ -572,13 +614,33 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
         )
         .await;
         assert!(machine.as_str().unwrap().contains("memory"), "{machine}");
-        click(&c, &format!("{host} button.host-cordoned")).await;
+        // The button found now is the one pressed after the page has refreshed the
+        // host at least once: rows are updated in place, so a press is never lost.
+        let cordon = c
+            .find(Locator::Css(&format!("{host} button.host-cordoned")))
+            .await
+            .expect("the cordon button");
+        // The page re-renders every second and at each heartbeat.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        cordon
+            .click()
+            .await
+            .expect("the cordon button, still on the page after a refresh");
         until(
             &c,
             &format!("document.querySelector('{host}[data-state=\"cordoned\"] button.host-ready')"),
             "the host cordoned, with a resume button",
         )
         .await;
+        assert_eq!(
+            js(
+                &c,
+                &format!("document.querySelector('{host} button.host-cordoned').hidden")
+            )
+            .await,
+            Value::Bool(true),
+            "a cordoned host offers no second cordon"
+        );
         click(&c, &format!("{host} button.host-ready")).await;
         until(
             &c,
@@ -618,6 +680,21 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
             "the CPU sparkline",
         )
         .await;
+        // The group: its host, what runs, and the room kept for the active user (the
+        // default 2 warm runs at 512 MiB and 1 CPU each).
+        let group = "#groups tr[data-group=\"std\"]";
+        let kept = until(
+            &c,
+            &format!("(r => r && r.querySelector('td.reserved').textContent.includes('demo/demo') ? r.textContent : null)(document.querySelector('{group}'))"),
+            "the group with the room kept for the active user",
+        )
+        .await;
+        let kept = kept.as_str().unwrap();
+        assert!(kept.contains("1 (1 ready)"), "{kept}");
+        assert!(
+            kept.contains("2 runs (1.00 GiB, 2 cpus) for demo/demo"),
+            "{kept}"
+        );
         screenshot(&c, "monitor.png").await;
 
         // An org admin signs in with a pasted token and sees only its org: the host, but
@@ -652,6 +729,11 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
             "the host, and no sandbox of another org",
         )
         .await;
+        assert_eq!(
+            js(&other, "document.getElementById('groups-box').hidden").await,
+            Value::Bool(true),
+            "the groups are a superadmin's"
+        );
         assert_eq!(
             js(
                 &other,
@@ -712,20 +794,9 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
             "the policy fields",
         )
         .await;
-        let field = c.find(Locator::Css("#policy-time_limit_ms")).await.unwrap();
-        field.clear().await.unwrap();
-        field.send_keys("-5").await.unwrap();
-        click(&c, "#policy-save").await;
-        let error = until(
-            &c,
-            "(e => e && e.textContent)(document.querySelector('#policy-time_limit_ms + .field-error'))",
-            "the API's error under the field",
-        )
-        .await;
-        assert!(
-            error.as_str().unwrap().contains("must not be negative"),
-            "{error}"
-        );
+        set_policy_field(&c, "time_limit_ms", "-5").await;
+        let error = policy_field_error(&c, "time_limit_ms").await;
+        assert!(error.contains("must not be negative"), "{error}");
         let unchanged = get(
             &h,
             "/v1/admin/orgs/demo/users/demo/policy",
@@ -737,23 +808,22 @@ fn the_monitor_shows_live_cpu_cancels_and_edits_policies() {
             unchanged["policy"]["time_limit_ms"].is_null(),
             "{unchanged}"
         );
-        let field = c.find(Locator::Css("#policy-time_limit_ms")).await.unwrap();
-        field.clear().await.unwrap();
-        field.send_keys("1500").await.unwrap();
-        click(&c, "#policy-save").await;
-        until(
-            &c,
-            "document.getElementById('policy-status').textContent.startsWith('Saved') && \
-             document.getElementById('policy-effective').textContent.includes('time_limit_ms 1500')",
-            "the saved policy",
-        )
-        .await;
+        set_policy_field(&c, "time_limit_ms", "1500").await;
+        policy_saved(&c, "time_limit_ms 1500").await;
+        // The groups the user may use: one that does not exist is refused under the
+        // field; the group that does is saved.
+        set_policy_field(&c, "groups", "std, gpu").await;
+        let error = policy_field_error(&c, "groups").await;
+        assert!(error.contains("gpu is not a host group"), "{error}");
+        set_policy_field(&c, "groups", "std").await;
+        policy_saved(&c, "groups std").await;
         screenshot(&c, "policy.png").await;
         // The user's next run gets it.
         let next = run_r(&h, &user, "Sys.sleep(20)").await;
         let v = wait_terminal(&h, &user, &next).await;
         assert_eq!(state(&v), "timed_out", "{v}");
         assert_eq!(v["limits"]["time_limit_ms"], 1500, "{v}");
+        assert_eq!(v["groups"], json!(["std"]), "{v}");
 
         no_console_errors(&c, &["422"]).await;
         c.close().await.unwrap();

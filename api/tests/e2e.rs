@@ -979,32 +979,10 @@ const STORM_MEMORY: u64 = 300 << 20;
 /// Sandboxes under any of `parents` (every agent's) that run (or are being killed with)
 /// storm code: claimed with [`STORM_MEMORY`], thawed, with processes left.
 fn live_storm_sandboxes(parents: &[String]) -> usize {
-    parents.iter().map(|p| live_storm_sandboxes_of(p)).sum()
-}
-
-fn live_storm_sandboxes_of(parent: &str) -> usize {
-    use hatchery_sandbox::cgroup::{CgroupRoot, CgroupVersion};
-    let Ok(root) = CgroupRoot::detect(parent) else {
-        return 0;
-    };
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-    root.children()
+    parents
         .iter()
-        .filter_map(|name| root.open(name).ok())
-        .filter(|cg| {
-            let (memory, thawed) = match cg.version() {
-                CgroupVersion::V1 => (
-                    read(cg.dir("memory").join("memory.limit_in_bytes")),
-                    read(cg.dir("freezer").join("freezer.state")).trim() == "THAWED",
-                ),
-                CgroupVersion::V2 => (
-                    read(cg.dir("memory").join("memory.max")),
-                    read(cg.dir("memory").join("cgroup.freeze")).trim() == "0",
-                ),
-            };
-            memory.trim() == STORM_MEMORY.to_string() && thawed && !cg.is_empty()
-        })
-        .count()
+        .map(|p| hatchery_tests::live_sandboxes(p, STORM_MEMORY))
+        .sum()
 }
 
 /// R11 at the sandbox level: with two executions running under a cap of 2, a third

@@ -117,6 +117,15 @@ impl Store for CountingStore {
     async fn hosts(&self) -> StoreResult<Vec<hatchery_scheduler::model::HostRecord>> {
         self.inner.hosts().await
     }
+    async fn put_group_statuses(
+        &self,
+        groups: &[hatchery_scheduler::model::GroupStatus],
+    ) -> StoreResult<()> {
+        self.inner.put_group_statuses(groups).await
+    }
+    async fn group_statuses(&self) -> StoreResult<Vec<hatchery_scheduler::model::GroupStatus>> {
+        self.inner.group_statuses().await
+    }
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
         self.inner.reap_lapsed_hosts().await
     }

@@ -59,6 +59,16 @@ pub fn submission(execution_id: &str, language: &str, need: Resources) -> String
     )
 }
 
+/// The submission of an admitted execution: with the hints, unless its policy limits
+/// the groups it may run on (then the scheduler reads the record, which says which).
+pub fn submission_for(r: &crate::model::ExecutionRecord) -> String {
+    if r.groups.is_some() {
+        r.id.clone()
+    } else {
+        submission(&r.id, &r.language, r.limits.resources())
+    }
+}
+
 /// A submission read back (see [`submission`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Submission<'a> {
@@ -166,7 +176,8 @@ pub fn group_totals(statuses: &[HostStatus]) -> std::collections::BTreeMap<Strin
         match s.state {
             HostState::Ready => t.ready += 1,
             HostState::Cordoned => t.cordoned += 1,
-            HostState::Draining => t.draining += 1,
+            // On its way out.
+            HostState::Draining | HostState::Terminating | HostState::Gone => t.draining += 1,
         }
         t.capacity = t.capacity.plus(&s.allocatable);
         t.used = t.used.plus(&s.used());

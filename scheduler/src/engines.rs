@@ -3,6 +3,12 @@
 //! (moto, for S3), each on a loopback port, owned by whoever started it and gone when
 //! dropped.
 //!
+//! `start()` listens on 127.0.0.1 only. `start_on(addr)` also listens on `addr` — the
+//! bridge address of a local cluster whose hosts live in network namespaces
+//! ([`crate::provider::netns`]) and cannot reach this machine's loopback — and its URLs
+//! name `addr`, so one config serves the hosts and this machine alike. moto binds a
+//! single address: `addr` only.
+//!
 //! Nothing here touches a system-wide instance: the server has its own data directory,
 //! socket directory and port.
 
@@ -101,14 +107,16 @@ fn ephemeral_low() -> u32 {
         .unwrap_or(32_768)
 }
 
-/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (from
+/// Whether process `pid` holds the socket listening on `addr`:`port` (from
 /// `/proc/net/tcp` and the process's descriptors): a server that answers on its port
 /// may be someone else's that got there first.
-pub fn listens_on(pid: u32, port: u16) -> bool {
+pub fn listens_on(pid: u32, addr: Ipv4Addr, port: u16) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return false;
     };
-    let local = format!("0100007F:{port:04X}");
+    // The kernel prints the address as the u32 it holds in network order, in hex: the
+    // octets reversed on a little-endian machine (127.0.0.1 is 0100007F).
+    let local = format!("{:08X}:{port:04X}", u32::from_ne_bytes(addr.octets()));
     let inodes: Vec<String> = table
         .lines()
         .skip(1)
@@ -155,12 +163,16 @@ fn on_a_free_port<T>(
 }
 
 /// A private PostgreSQL server: `initdb` in a temporary directory, listening on
-/// 127.0.0.1 only, trust authentication for the `hatchery` role, `fsync=off` (a test
-/// server: a crash of PostgreSQL loses nothing committed, a crash of the machine could). Stopped (immediate shutdown) and removed on drop.
+/// 127.0.0.1 (and the address given to [`PostgresServer::start_on`]), trust
+/// authentication for the `hatchery` role, `fsync=off` (a test server: a crash of
+/// PostgreSQL loses nothing committed, a crash of the machine could). Stopped
+/// (immediate shutdown) and removed on drop.
 pub struct PostgresServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
+    /// The address it listens on besides 127.0.0.1, which its URLs name.
+    bind: Option<Ipv4Addr>,
     /// The account the server runs as when we are root (PostgreSQL refuses root).
     owner: Option<(u32, u32)>,
     child: Option<Child>,
@@ -176,13 +188,19 @@ impl std::fmt::Debug for PostgresServer {
 }
 
 impl PostgresServer {
-    /// Creates and starts a server (about a second).
+    /// Creates and starts a server on 127.0.0.1 (about a second).
     pub fn start() -> Result<PostgresServer, EngineError> {
-        PostgresServer::start_from(free_port()?)
+        PostgresServer::start_from(None, free_port()?)
     }
 
-    /// [`PostgresServer::start`], trying `port` first.
-    fn start_from(port: u16) -> Result<PostgresServer, EngineError> {
+    /// Creates and starts a server listening on 127.0.0.1 and on `addr`, trusting the
+    /// `hatchery` role from `addr`'s /24 (the hosts on a bridge); its URLs name `addr`.
+    pub fn start_on(addr: Ipv4Addr) -> Result<PostgresServer, EngineError> {
+        PostgresServer::start_from(Some(addr), free_port()?)
+    }
+
+    /// Starts a server also listening on `bind`, trying `port` first.
+    fn start_from(bind: Option<Ipv4Addr>, port: u16) -> Result<PostgresServer, EngineError> {
         let bin = postgres_bin_dir().ok_or(EngineError::PostgresMissing)?;
         let dir = tempfile::Builder::new()
             .prefix("hatchery-pg.")
@@ -203,6 +221,7 @@ impl PostgresServer {
             bin,
             dir,
             port,
+            bind,
             owner,
             child: None,
         };
@@ -221,6 +240,9 @@ impl PostgresServer {
                 log: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
+        if let Some(addr) = bind {
+            server.trust_network_of(addr)?;
+        }
         on_a_free_port("postgres", port, |port| {
             server.port = port;
             server.run()
@@ -230,6 +252,37 @@ impl PostgresServer {
 
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// Lets the `hatchery` role in without a password from `addr`'s /24, as initdb's
+    /// `--auth=trust` does from loopback.
+    fn trust_network_of(&self, addr: Ipv4Addr) -> Result<(), EngineError> {
+        use std::io::Write;
+        let network = Ipv4Addr::from(u32::from(addr) & 0xffff_ff00);
+        let hba = self.data_dir().join("pg_hba.conf");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .and_then(|mut f| writeln!(f, "host all hatchery {network}/24 trust"))
+            .map_err(io(format!("adding {network}/24 to {}", hba.display())))
+    }
+
+    /// The addresses it listens on.
+    fn addresses(&self) -> Vec<Ipv4Addr> {
+        std::iter::once(Ipv4Addr::LOCALHOST)
+            .chain(self.bind)
+            .collect()
+    }
+
+    /// `listen_addresses`: every address, comma-separated.
+    fn listen_addresses(&self) -> String {
+        let all: Vec<String> = self.addresses().iter().map(Ipv4Addr::to_string).collect();
+        all.join(",")
+    }
+
+    /// The address its URLs name.
+    fn host(&self) -> Ipv4Addr {
+        self.bind.unwrap_or(Ipv4Addr::LOCALHOST)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -264,7 +317,8 @@ impl PostgresServer {
             .arg(self.data_dir())
             .arg("-p")
             .arg(self.port.to_string())
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("listen_addresses={}", self.listen_addresses()))
             .arg("-c")
             .arg(format!(
                 "unix_socket_directories={}",
@@ -308,19 +362,24 @@ impl PostgresServer {
         }
     }
 
-    /// Whether the listener on the port is this server's postmaster.
+    /// Whether the listeners on the port, on every address, are this server's
+    /// postmaster (PostgreSQL starts when it can bind at least one of them).
     fn owns_port(&self) -> bool {
-        self.child
-            .as_ref()
-            .is_some_and(|c| listens_on(c.id(), self.port))
+        self.child.as_ref().is_some_and(|c| {
+            self.addresses()
+                .into_iter()
+                .all(|addr| listens_on(c.id(), addr, self.port))
+        })
     }
 
     /// Whether the server answers (`pg_isready`).
     fn accepts(&self) -> bool {
-        TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok()
+        TcpStream::connect((self.host(), self.port)).is_ok()
             && self
                 .command("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-U", "hatchery", "-d", "postgres"])
+                .args(["-q", "-U", "hatchery", "-d", "postgres"])
+                .arg("-h")
+                .arg(self.host().to_string())
                 .arg("-p")
                 .arg(self.port.to_string())
                 .stdin(Stdio::null())
@@ -334,7 +393,7 @@ impl PostgresServer {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// The server's port on 127.0.0.1.
+    /// The server's port (on 127.0.0.1, and on the address it was started on).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -344,16 +403,19 @@ impl PostgresServer {
         self.dir.path()
     }
 
-    /// The URL of database `db` as the `hatchery` role.
+    /// The URL of database `db` as the `hatchery` role (at the address it was started
+    /// on, else 127.0.0.1).
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://hatchery@127.0.0.1:{}/{db}", self.port)
+        format!("postgres://hatchery@{}:{}/{db}", self.host(), self.port)
     }
 
     /// Creates a fresh database and returns its URL.
     pub fn create_database(&self, db: &str) -> Result<String, EngineError> {
         let out = self
             .command("createdb")
-            .args(["-h", "127.0.0.1", "-U", "hatchery"])
+            .args(["-U", "hatchery"])
+            .arg("-h")
+            .arg(self.host().to_string())
             .arg("-p")
             .arg(self.port.to_string())
             .arg(db)
@@ -399,11 +461,14 @@ impl Drop for PostgresServer {
     }
 }
 
-/// A private Redis server: no persistence (a test server), listening on 127.0.0.1 only,
-/// its files in a temporary directory. Stopped and removed on drop.
+/// A private Redis server: no persistence (a test server), listening on 127.0.0.1 (and
+/// the address given to [`RedisServer::start_on`]), its files in a temporary directory.
+/// Stopped and removed on drop.
 pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
+    /// The address it listens on besides 127.0.0.1, which its URL names.
+    bind: Option<Ipv4Addr>,
     child: Option<Child>,
 }
 
@@ -424,12 +489,18 @@ pub fn redis_server_bin() -> Option<PathBuf> {
 }
 
 impl RedisServer {
+    /// Starts a server on 127.0.0.1.
     pub fn start() -> Result<RedisServer, EngineError> {
-        RedisServer::start_from(free_port()?)
+        RedisServer::start_from(None, free_port()?)
     }
 
-    /// [`RedisServer::start`], trying `port` first.
-    fn start_from(port: u16) -> Result<RedisServer, EngineError> {
+    /// Starts a server listening on 127.0.0.1 and on `addr`; its URL names `addr`.
+    pub fn start_on(addr: Ipv4Addr) -> Result<RedisServer, EngineError> {
+        RedisServer::start_from(Some(addr), free_port()?)
+    }
+
+    /// Starts a server also listening on `bind`, trying `port` first.
+    fn start_from(bind: Option<Ipv4Addr>, port: u16) -> Result<RedisServer, EngineError> {
         if redis_server_bin().is_none() {
             return Err(EngineError::RedisMissing);
         }
@@ -440,6 +511,7 @@ impl RedisServer {
         let mut server = RedisServer {
             dir,
             port,
+            bind,
             child: None,
         };
         on_a_free_port("redis-server", port, |port| {
@@ -454,7 +526,12 @@ impl RedisServer {
         let log = self.dir.path().join("server.log");
         let child = Command::new(bin)
             .env_clear()
-            .args(["--bind", "127.0.0.1", "--protected-mode", "yes"])
+            .arg("--bind")
+            .args(self.addresses().iter().map(Ipv4Addr::to_string))
+            // Protected mode refuses every client off loopback whatever `--bind` says; the
+            // clients on a bind address (the hosts on a private bridge) are the point.
+            .arg("--protected-mode")
+            .arg(if self.bind.is_some() { "no" } else { "yes" })
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -481,12 +558,7 @@ impl RedisServer {
                     log: std::fs::read_to_string(&log).unwrap_or_default(),
                 });
             }
-            if self.pings()
-                && self
-                    .child
-                    .as_ref()
-                    .is_some_and(|c| listens_on(c.id(), self.port))
-            {
+            if self.pings() && self.owns_port() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -500,10 +572,31 @@ impl RedisServer {
         }
     }
 
+    /// The addresses it listens on.
+    fn addresses(&self) -> Vec<Ipv4Addr> {
+        std::iter::once(Ipv4Addr::LOCALHOST)
+            .chain(self.bind)
+            .collect()
+    }
+
+    /// The address its URL names.
+    fn host(&self) -> Ipv4Addr {
+        self.bind.unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Whether the listeners on the port, on every address, are this server's.
+    fn owns_port(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| {
+            self.addresses()
+                .into_iter()
+                .all(|addr| listens_on(c.id(), addr, self.port))
+        })
+    }
+
     /// Whether the server answers PING (a raw RESP exchange: no client needed).
     fn pings(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
+        let Ok(mut s) = TcpStream::connect((self.host(), self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
@@ -518,9 +611,9 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:<port>/`.
+    /// `redis://<address>:<port>/` (the address it was started on, else 127.0.0.1).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}:{}/", self.host(), self.port)
     }
 
     /// Stops the server at once (SIGKILL: what a crash looks like to clients).
@@ -555,9 +648,12 @@ pub fn moto_server_bin() -> Option<PathBuf> {
         .filter(|p| p.exists())
 }
 
-/// A private AWS emulator (moto's server: S3, EC2 Auto Scaling, ...) on a loopback port.
-/// It accepts any credentials. Stopped on drop.
+/// A private AWS emulator (moto's server: S3, EC2 Auto Scaling, ...) on a loopback port,
+/// or on the one address given to [`MotoServer::start_on`]. It accepts any credentials.
+/// Stopped on drop.
 pub struct MotoServer {
+    /// The one address it listens on.
+    host: Ipv4Addr,
     port: u16,
     child: Option<Child>,
     log: tempfile::NamedTempFile,
@@ -572,17 +668,26 @@ impl std::fmt::Debug for MotoServer {
 }
 
 impl MotoServer {
+    /// Starts a server on 127.0.0.1.
     pub fn start() -> Result<MotoServer, EngineError> {
+        MotoServer::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts a server on `addr` only (moto binds a single address); its endpoint names
+    /// `addr`.
+    pub fn start_on(addr: Ipv4Addr) -> Result<MotoServer, EngineError> {
         let bin = moto_server_bin().ok_or(EngineError::MotoMissing)?;
         on_a_free_port("moto_server", free_port()?, |port| {
-            MotoServer::start_on(&bin, port)
+            MotoServer::run(&bin, addr, port)
         })
     }
 
-    fn start_on(bin: &Path, port: u16) -> Result<MotoServer, EngineError> {
+    fn run(bin: &Path, host: Ipv4Addr, port: u16) -> Result<MotoServer, EngineError> {
         let log = tempfile::NamedTempFile::new().map_err(io("creating moto's log"))?;
         let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p"])
+            .arg("-H")
+            .arg(host.to_string())
+            .arg("-p")
             .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(log.reopen().map_err(io("opening moto's log"))?)
@@ -590,6 +695,7 @@ impl MotoServer {
             .spawn()
             .map_err(io("starting moto_server"))?;
         let mut server = MotoServer {
+            host,
             port,
             child: Some(child),
             log,
@@ -611,7 +717,7 @@ impl MotoServer {
                 && server
                     .child
                     .as_ref()
-                    .is_some_and(|c| listens_on(c.id(), port))
+                    .is_some_and(|c| listens_on(c.id(), host, port))
             {
                 return Ok(server);
             }
@@ -628,12 +734,12 @@ impl MotoServer {
     /// One bare HTTP/1.1 request; the response's status.
     fn request(&self, method: &str, path: &str) -> std::io::Result<u16> {
         use std::io::{Read, Write};
-        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
+        let mut s = TcpStream::connect((self.host, self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
+            "{method} {path} HTTP/1.1\r\nHost: {}:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.host, self.port
         )?;
         let mut head = [0u8; 12];
         s.read_exact(&mut head)?;
@@ -643,9 +749,9 @@ impl MotoServer {
             .ok_or_else(|| std::io::Error::other("not an HTTP response"))
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<address>:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// Creates an S3 bucket.
@@ -688,17 +794,28 @@ mod tests {
         assert!(ports.iter().all(|&p| u32::from(p) < low), "{ports:?}");
     }
 
+    /// Another loopback address: on this machine like a bridge's, but no device to make.
+    const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
     #[test]
     fn listens_on_tells_the_owner_of_a_listener() {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = l.local_addr().unwrap().port();
-        assert!(listens_on(std::process::id(), port));
+        assert!(listens_on(std::process::id(), Ipv4Addr::LOCALHOST, port));
         assert!(
-            !listens_on(1, port),
+            !listens_on(1, Ipv4Addr::LOCALHOST, port),
             "pid 1 does not hold this test's socket"
         );
         drop(l);
-        assert!(!listens_on(std::process::id(), port));
+        assert!(!listens_on(std::process::id(), Ipv4Addr::LOCALHOST, port));
+    }
+
+    #[test]
+    fn listens_on_tells_the_address_of_a_listener() {
+        let l = TcpListener::bind((OTHER, 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listens_on(std::process::id(), OTHER, port));
+        assert!(!listens_on(std::process::id(), Ipv4Addr::LOCALHOST, port));
     }
 
     /// A server whose port another server already answers on must not take that
@@ -709,12 +826,9 @@ mod tests {
             Err(e) if e.is_missing() => return,
             r => r.unwrap(),
         };
-        let second = RedisServer::start_from(first.port()).unwrap();
+        let second = RedisServer::start_from(None, first.port()).unwrap();
         assert_ne!(second.port(), first.port());
-        assert!(listens_on(
-            second.child.as_ref().unwrap().id(),
-            second.port()
-        ));
+        assert!(second.owns_port());
         assert!(first.pings() && second.pings());
     }
 
@@ -724,10 +838,63 @@ mod tests {
             Err(e) if e.is_missing() => return,
             r => r.unwrap(),
         };
-        let second = PostgresServer::start_from(first.port()).unwrap();
+        let second = PostgresServer::start_from(None, first.port()).unwrap();
         assert_ne!(second.port(), first.port());
         // Each has a fresh cluster: the same database name can be created in both.
         first.create_database("hatchery").unwrap();
         second.create_database("hatchery").unwrap();
+    }
+
+    #[test]
+    fn a_postgres_server_started_on_an_address_listens_there_and_names_it() {
+        let server = match PostgresServer::start_on(OTHER) {
+            Err(e) if e.is_missing() => return,
+            r => r.unwrap(),
+        };
+        let pid = server.child.as_ref().unwrap().id();
+        assert!(listens_on(pid, Ipv4Addr::LOCALHOST, server.port()));
+        assert!(listens_on(pid, OTHER, server.port()));
+        let url = server.create_database("hatchery").unwrap();
+        assert_eq!(
+            url,
+            format!("postgres://hatchery@127.0.0.2:{}/hatchery", server.port())
+        );
+        let hba = std::fs::read_to_string(server.data_dir().join("pg_hba.conf")).unwrap();
+        assert!(
+            hba.contains("host all hatchery 127.0.0.0/24 trust"),
+            "{hba}"
+        );
+    }
+
+    #[test]
+    fn a_redis_server_started_on_an_address_listens_there_and_names_it() {
+        let server = match RedisServer::start_on(OTHER) {
+            Err(e) if e.is_missing() => return,
+            r => r.unwrap(),
+        };
+        let pid = server.child.as_ref().unwrap().id();
+        assert!(listens_on(pid, Ipv4Addr::LOCALHOST, server.port()));
+        assert!(listens_on(pid, OTHER, server.port()));
+        assert!(server.pings());
+        assert_eq!(
+            server.url(),
+            format!("redis://127.0.0.2:{}/", server.port())
+        );
+    }
+
+    #[test]
+    fn a_moto_server_started_on_an_address_listens_there_only_and_names_it() {
+        let server = match MotoServer::start_on(OTHER) {
+            Err(e) if e.is_missing() => return,
+            r => r.unwrap(),
+        };
+        let pid = server.child.as_ref().unwrap().id();
+        assert!(listens_on(pid, OTHER, server.port));
+        assert!(!listens_on(pid, Ipv4Addr::LOCALHOST, server.port));
+        assert_eq!(
+            server.endpoint(),
+            format!("http://127.0.0.2:{}", server.port)
+        );
+        server.create_bucket("hatchery").unwrap();
     }
 }

@@ -76,6 +76,10 @@ pub struct Policy {
     /// none), and their total size.
     pub max_artifacts: Option<u32>,
     pub max_artifact_bytes: Option<u64>,
+    /// The host groups this org's (or user's) executions may run on (R5); unset: any. A
+    /// user override may only narrow its org's list.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
 }
 
 /// A policy with every field resolved.
@@ -91,6 +95,9 @@ pub struct EffectivePolicy {
     pub max_artifacts: u32,
     #[serde(default = "default_max_artifact_bytes")]
     pub max_artifact_bytes: u64,
+    /// The host groups its executions may run on; `None`: any.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
 }
 
 /// The platform default's artifact count and total size.
@@ -117,6 +124,7 @@ impl Default for EffectivePolicy {
             warm_pool_size: 2,
             max_artifacts: DEFAULT_MAX_ARTIFACTS,
             max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
+            groups: None,
         }
     }
 }
@@ -158,6 +166,28 @@ impl Limits {
     }
 }
 
+/// What the autoscaler last saw of a host group (R13), published in the store at each
+/// pass so that every API replica, `/metrics` and the monitor show it without scanning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: String,
+    /// Executions waiting because no live host can take them, counted against it (the
+    /// smallest group their policy allows that holds them), and what their limits take.
+    pub pending: u32,
+    pub pending_need: Resources,
+    /// Runs' worth of room kept in it for active users, and what that takes.
+    pub reserved: u32,
+    pub reserved_need: Resources,
+    /// Its hosts taking work (`ready`): its agents split the group's warm demand.
+    #[serde(default)]
+    pub ready: u32,
+    /// Its hosts launched and not reporting yet, and those being removed.
+    pub provisioning: u32,
+    pub terminating: u32,
+    /// When the pass ran (the leading scheduler's clock).
+    pub at: Millis,
+}
+
 /// What a host is asked to do, kept in the store (an admin's or the autoscaler's word;
 /// the host's agent reads it at every heartbeat and keeps it across its restarts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -170,6 +200,10 @@ pub enum HostState {
     Cordoned,
     /// Takes no new work and empties its warm pools; what runs goes on to its end (R7).
     Draining,
+    /// Drained and empty, being removed by its provider (the autoscaler's word only).
+    Terminating,
+    /// Removed by its provider (the autoscaler's word only).
+    Gone,
 }
 
 impl HostState {
@@ -178,7 +212,25 @@ impl HostState {
             HostState::Ready => "ready",
             HostState::Cordoned => "cordoned",
             HostState::Draining => "draining",
+            HostState::Terminating => "terminating",
+            HostState::Gone => "gone",
         }
+    }
+
+    /// Whether the host is on its way out: it takes no new work and keeps no warm pools.
+    pub fn is_leaving(self) -> bool {
+        matches!(
+            self,
+            HostState::Draining | HostState::Terminating | HostState::Gone
+        )
+    }
+
+    /// Whether an admin may ask for it (the others are the autoscaler's).
+    pub fn is_admin_settable(self) -> bool {
+        matches!(
+            self,
+            HostState::Ready | HostState::Cordoned | HostState::Draining
+        )
     }
 
     pub fn parse(s: &str) -> Option<HostState> {
@@ -186,6 +238,8 @@ impl HostState {
             "ready" => Some(HostState::Ready),
             "cordoned" => Some(HostState::Cordoned),
             "draining" => Some(HostState::Draining),
+            "terminating" => Some(HostState::Terminating),
+            "gone" => Some(HostState::Gone),
             _ => None,
         }
     }
@@ -389,6 +443,9 @@ pub struct ExecutionRecord {
     /// each is stored).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<ArtifactInfo>,
+    /// The host groups it may run on (its policy's, at admission); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
 }
 
 impl ExecutionRecord {
@@ -424,6 +481,7 @@ impl ExecutionRecord {
             admitted: 0,
             displaces: Vec::new(),
             artifacts: Vec::new(),
+            groups: None,
         }
     }
 

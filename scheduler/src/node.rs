@@ -24,7 +24,8 @@ use crate::policy::PolicyErrors;
 use crate::postgres::{PgConfig, PgStore};
 use crate::private_files;
 use crate::redis_bus::{RedisBus, RedisConfig};
-use crate::scheduling::run_scheduler;
+use crate::scaler::Scaling;
+use crate::scheduling::{run_scheduler, run_scheduler_scaling};
 use crate::seal::Keyring;
 use crate::store::{Store, StoreError};
 
@@ -267,7 +268,8 @@ impl Engines {
         })
     }
 
-    /// The scheduler role, until `stop`: waits for the leadership (one scheduler of the
+    /// The scheduler role, until `stop` (with the autoscaler when `scaling` is given):
+    /// waits for the leadership (one scheduler of the
     /// cluster leads, under a lease of `lease` in the store), then places what is
     /// admitted and runs retention while it keeps renewing the lease; a scheduler that
     /// cannot renew in time stops placing at once and waits for the leadership again. A
@@ -278,6 +280,7 @@ impl Engines {
         config: PlatformConfig,
         name: &str,
         lease: Duration,
+        scaling: Option<Scaling>,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), NodeError> {
         let platform = self.platform(config)?;
@@ -305,11 +308,12 @@ impl Engines {
             tracing::info!(scheduler = name, term, "leading the scheduling");
             let mut last_renewed = std::time::Instant::now();
             let statuses = self.bus.subscribe_status();
-            let scheduler = tokio::spawn(run_scheduler(
+            let scheduler = tokio::spawn(run_scheduler_scaling(
                 Arc::clone(&self.store),
                 Arc::clone(&self.bus),
                 statuses,
                 store_trouble,
+                scaling.clone(),
             ));
             let retention = tokio::spawn(run_retention(platform.clone()));
             let _guards = (AbortOnDrop(scheduler), AbortOnDrop(retention));

@@ -34,6 +34,8 @@ pub struct PlatformConfig {
     pub retention_ms: u64,
     /// The host groups: a request whose limits fit none of their shapes is refused.
     pub groups: Vec<crate::autoscale::GroupConfig>,
+    /// How long after its last submission a user counts as active (warm room kept).
+    pub active_for: std::time::Duration,
 }
 
 impl Default for PlatformConfig {
@@ -45,6 +47,7 @@ impl Default for PlatformConfig {
             max_queued: 256,
             retention_ms: 7 * 24 * 3600 * 1000,
             groups: Vec::new(),
+            active_for: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -81,7 +84,8 @@ pub enum PlatformError {
     /// 413 `code_too_large`
     #[error("code is {size} bytes; the limit is {limit}")]
     CodeTooLarge { size: usize, limit: usize },
-    /// 422 `invalid_limits` — negative, zero, absurd, or above the caller's policy.
+    /// 422 `invalid_limits` — negative, zero, absurd, or above the caller's policy; a
+    /// policy's `groups` empty, malformed, or naming a group this platform does not have.
     #[error("{0}")]
     InvalidLimits(String),
     /// 422 `policy_exceeds_org` — an org admin's user override above what the org
@@ -171,27 +175,46 @@ fn fits_a_host(
     })
 }
 
-/// Whether an execution of `language` needing `need` fits a group's shape.
+/// Whether an execution of `language` needing `need` fits the shape of a group its
+/// policy lets it use (`allowed`; `None`: any).
 fn fits_a_group(
     language: &str,
     need: &Resources,
     groups: &[crate::autoscale::GroupConfig],
+    allowed: Option<&[String]>,
 ) -> Result<(), PlatformError> {
-    if crate::autoscale::smallest_fit(groups, language, need).is_some() {
+    if crate::autoscale::smallest_fit(groups, allowed, language, need).is_some() {
         return Ok(());
     }
     let largest = groups
         .iter()
-        .filter(|g| g.languages.iter().any(|l| l == language))
+        .filter(|g| crate::autoscale::allows(allowed, &g.name) && g.serves(language))
         .max_by(|a, b| a.shape.cmp_size(&b.shape));
-    Err(match largest {
-        Some(g) => PlatformError::ExceedsLargestGroup {
+    Err(match (largest, allowed) {
+        (Some(g), _) => PlatformError::ExceedsLargestGroup {
             asked: *need,
             group: g.name.clone(),
             shape: g.shape,
         },
-        None => PlatformError::Invalid(format!("no host group serves {language}")),
+        (None, Some(allowed)) => PlatformError::Invalid(format!(
+            "none of the host groups this org may use ({}) serves {language}",
+            allowed.join(", ")
+        )),
+        (None, None) => PlatformError::Invalid(format!("no host group serves {language}")),
     })
+}
+
+/// A host group with what the platform asks of it (`GET /v1/admin/groups`).
+#[derive(Debug, Clone)]
+pub struct GroupDemand {
+    pub group: crate::autoscale::GroupConfig,
+    /// Queued executions counted against it, and what their limits take.
+    pub queued: u32,
+    pub queued_need: Resources,
+    /// Runs' worth of room kept in it for active users, what that takes, and who.
+    pub reserved: u32,
+    pub reserved_need: Resources,
+    pub active_users: Vec<String>,
 }
 
 /// An execution as the API shows it.
@@ -366,7 +389,12 @@ impl Platform {
         if self.config.groups.is_empty() {
             fits_a_host(&req.language, &limits.resources(), hosts)?;
         } else {
-            fits_a_group(&req.language, &limits.resources(), &self.config.groups)?;
+            fits_a_group(
+                &req.language,
+                &limits.resources(),
+                &self.config.groups,
+                policy.groups.as_deref(),
+            )?;
         }
 
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -383,6 +411,7 @@ impl Platform {
             model_id: req.model_id,
             code_key: code_key.clone(),
             code,
+            groups: self.groups_of(&policy),
             ..ExecutionRecord::queued(
                 id.clone(),
                 who.org.clone(),
@@ -417,7 +446,10 @@ impl Platform {
                         Err(e) => Err(e),
                     };
                     match limits {
-                        Ok(l) => record.limits = l,
+                        Ok(l) => {
+                            record.limits = l;
+                            record.groups = self.groups_of(&policy);
+                        }
                         Err(e) => {
                             if !code_key.is_empty() {
                                 let _ = self.objects.delete(&code_key).await;
@@ -473,8 +505,7 @@ impl Platform {
                 // Admitted is admitted: the store is the outbox. If the bus cannot take
                 // the submission now, the scheduler finds the execution in the store on
                 // its next reconciliation.
-                let item =
-                    crate::bus::submission(&id, &admitted.language, admitted.limits.resources());
+                let item = crate::bus::submission_for(&admitted);
                 let submit = (!self_cancelled).then_some(item.as_str());
                 let began = std::time::Instant::now();
                 if let Err(e) = self.bus.publish_and_submit(events, submit).await {
@@ -730,41 +761,67 @@ impl Platform {
         Ok(self.store.hosts().await?)
     }
 
-    /// The host groups with the queued executions whose limits call for each (counted
-    /// against the smallest group that holds them: what the autoscaler counts as its
-    /// demand): superadmins. Reads at most the oldest 1,000 queued executions.
-    pub async fn groups(
-        &self,
-        who: &Principal,
-    ) -> Result<Vec<(crate::autoscale::GroupConfig, u32, Resources)>, PlatformError> {
+    /// The host groups with the demand counted against each (queued executions whose
+    /// smallest allowed fit it is: what the autoscaler counts; at most the oldest 1,000
+    /// queued are read) and the room kept in each for active users (R5): superadmins.
+    pub async fn groups(&self, who: &Principal) -> Result<Vec<GroupDemand>, PlatformError> {
         self.require_superadmin(who, "listing host groups")?;
         let groups = &self.config.groups;
-        let mut demand: Vec<(u32, Resources)> = vec![(0, Resources::default()); groups.len()];
-        if !groups.is_empty() {
-            let queued = self
-                .store
-                .list(&ListFilter {
-                    state: Some(ExecState::Queued),
-                    limit: Some(1000),
-                    ..Default::default()
-                })
-                .await?;
-            for r in &queued {
-                let need = r.limits.resources();
-                if let Some(g) = crate::autoscale::smallest_fit(groups, &r.language, &need) {
-                    if let Some(i) = groups.iter().position(|x| x.name == g.name) {
-                        demand[i].0 += 1;
-                        demand[i].1 = demand[i].1.plus(&need);
-                    }
-                }
+        let mut out: Vec<GroupDemand> = groups
+            .iter()
+            .map(|g| GroupDemand {
+                group: g.clone(),
+                queued: 0,
+                queued_need: Resources::default(),
+                reserved: 0,
+                reserved_need: Resources::default(),
+                active_users: Vec::new(),
+            })
+            .collect();
+        if groups.is_empty() {
+            return Ok(out);
+        }
+        let queued = self
+            .store
+            .list(&ListFilter {
+                state: Some(ExecState::Queued),
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await?;
+        let index = |name: &str| groups.iter().position(|x| x.name == name);
+        for r in &queued {
+            let need = r.limits.resources();
+            let allowed = r.groups.as_deref();
+            if let Some(i) = crate::autoscale::smallest_fit(groups, allowed, &r.language, &need)
+                .and_then(|g| index(&g.name))
+            {
+                out[i].queued += 1;
+                out[i].queued_need = out[i].queued_need.plus(&need);
             }
         }
-        Ok(groups
-            .iter()
-            .cloned()
-            .zip(demand)
-            .map(|(g, (n, need))| (g, n, need))
-            .collect())
+        let reserve = crate::scaler::active_reserve(
+            self.store.as_ref(),
+            &self.config.default_policy,
+            self.config.active_for,
+            now_ms(),
+        )
+        .await?;
+        for r in &reserve {
+            if let Some(i) = r.group(groups).and_then(|g| index(&g.name)) {
+                let d = &mut out[i];
+                d.reserved += r.count;
+                for _ in 0..r.count {
+                    d.reserved_need = d.reserved_need.plus(&r.need);
+                }
+                d.active_users.push(r.who.clone());
+            }
+        }
+        for d in &mut out {
+            d.active_users.sort();
+            d.active_users.dedup();
+        }
+        Ok(out)
     }
 
     /// Asks a host to be `ready`, `cordoned` (no new work) or `draining` (no new work,
@@ -809,8 +866,44 @@ impl Platform {
             )));
         }
         crate::policy::validate_policy(&policy).map_err(invalid_limits)?;
+        self.check_groups_exist(&policy)?;
         self.store.put_org_policy(org, policy.clone()).await?;
         Ok(policy)
+    }
+
+    /// The groups an execution under `policy` may run on, as its record keeps them
+    /// (`None` without host groups, or when any will do).
+    fn groups_of(&self, policy: &EffectivePolicy) -> Option<Vec<String>> {
+        if self.config.groups.is_empty() {
+            None
+        } else {
+            policy.groups.clone()
+        }
+    }
+
+    /// A policy's `groups` must name groups this platform has: a typo would otherwise
+    /// leave an org's executions with nowhere to run.
+    fn check_groups_exist(&self, policy: &Policy) -> Result<(), PlatformError> {
+        let Some(groups) = &policy.groups else {
+            return Ok(());
+        };
+        let known = &self.config.groups;
+        if known.is_empty() {
+            return Err(PlatformError::InvalidLimits(
+                "groups: this platform has no host groups; leave the field out".into(),
+            ));
+        }
+        let unknown = crate::autoscale::unknown_groups(known, groups);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = known.iter().map(|g| g.name.as_str()).collect();
+        Err(PlatformError::InvalidLimits(format!(
+            "groups: {} {} not a host group of this platform (its groups: {})",
+            unknown.join(", "),
+            if unknown.len() == 1 { "is" } else { "are" },
+            names.join(", ")
+        )))
     }
 
     async fn user_policy_view(
@@ -824,7 +917,7 @@ impl Platform {
         let effective = crate::policy::resolve(d, org_policy.as_ref(), Some(&policy));
         let capped_by_org = crate::policy::capped_fields(d, org_policy.as_ref(), &policy)
             .into_iter()
-            .map(|f| f.name().to_string())
+            .map(str::to_string)
             .collect();
         Ok(UserPolicyView {
             org: org.to_string(),
@@ -864,6 +957,7 @@ impl Platform {
     ) -> Result<UserPolicyView, PlatformError> {
         self.require_admin(who, org)?;
         crate::policy::validate_policy(&policy).map_err(invalid_limits)?;
+        self.check_groups_exist(&policy)?;
         if who.role != Role::Superadmin {
             let org_policy = self.store.get_org_policy(org).await?;
             let allowance =

@@ -200,14 +200,25 @@ pub enum PolicyError {
         value: Amount,
         allowed: Amount,
     },
+    /// A `groups` list that is empty, repeats a name or has a malformed one.
+    #[error("groups: {0}")]
+    Groups(String),
+    /// A user override's `groups` naming groups its org may not use.
+    #[error("groups: {} not among the org's groups ({})", .outside.join(", "), .allowed.join(", "))]
+    GroupsAboveOrg {
+        outside: Vec<String>,
+        allowed: Vec<String>,
+    },
 }
 
 impl PolicyError {
-    pub fn field(&self) -> Field {
+    /// The numeric field the error is about (`None` for `groups`).
+    pub fn field(&self) -> Option<Field> {
         match self {
             PolicyError::OutOfRange { field, .. }
             | PolicyError::AboveAllowance { field, .. }
-            | PolicyError::AboveOrg { field, .. } => *field,
+            | PolicyError::AboveOrg { field, .. } => Some(*field),
+            PolicyError::Groups(_) | PolicyError::GroupsAboveOrg { .. } => None,
         }
     }
 }
@@ -251,6 +262,21 @@ pub fn org_allowance(default: &EffectivePolicy, org: Option<&Policy>) -> Effecti
         warm_pool_size: o.warm_pool_size.unwrap_or(default.warm_pool_size),
         max_artifacts: o.max_artifacts.unwrap_or(default.max_artifacts),
         max_artifact_bytes: o.max_artifact_bytes.unwrap_or(default.max_artifact_bytes),
+        groups: narrowed(default.groups.as_deref(), o.groups.as_deref()),
+    }
+}
+
+/// The groups of `wanted` that `allowed` lets through (`None`: any), in `wanted`'s
+/// order. A list that keeps nothing of `wanted` counts as `allowed`, as every field
+/// set above its allowance does.
+fn narrowed(allowed: Option<&[String]>, wanted: Option<&[String]>) -> Option<Vec<String>> {
+    match (allowed, wanted) {
+        (allowed, None) => allowed.map(<[String]>::to_vec),
+        (None, Some(w)) => Some(w.to_vec()),
+        (Some(a), Some(w)) => {
+            let kept: Vec<String> = w.iter().filter(|g| a.contains(g)).cloned().collect();
+            Some(if kept.is_empty() { a.to_vec() } else { kept })
+        }
     }
 }
 
@@ -281,31 +307,70 @@ pub fn resolve(
         warm_pool_size: capped(u.warm_pool_size, allow.warm_pool_size),
         max_artifacts: capped(u.max_artifacts, allow.max_artifacts),
         max_artifact_bytes: capped(u.max_artifact_bytes, allow.max_artifact_bytes),
+        groups: narrowed(allow.groups.as_deref(), u.groups.as_deref()),
     }
 }
 
-/// The fields of a user override that the org's allowance caps (set above it), for
-/// showing admins what [`resolve`] does with them.
-pub fn capped_fields(default: &EffectivePolicy, org: Option<&Policy>, user: &Policy) -> Vec<Field> {
+/// The fields of a user override that the org's allowance caps (set above it; `groups`
+/// when it names groups the org may not use), for showing admins what [`resolve`] does
+/// with them.
+pub fn capped_fields(
+    default: &EffectivePolicy,
+    org: Option<&Policy>,
+    user: &Policy,
+) -> Vec<&'static str> {
     let allow = org_allowance(default, org);
-    Field::ALL
+    let mut capped: Vec<&'static str> = Field::ALL
         .into_iter()
         .filter(|f| {
             f.of_policy(user)
                 .is_some_and(|v| v.exceeds(f.of_effective(&allow)))
         })
-        .collect()
+        .map(Field::name)
+        .collect();
+    if groups_outside(user, &allow).is_some() {
+        capped.push("groups");
+    }
+    capped
 }
 
-/// Checks a policy an admin sets: every field that is set must pass [`Field::check`].
-/// Every bad field is reported.
+/// Checks a policy an admin sets: every field that is set must pass [`Field::check`],
+/// and `groups`, if set, must name at least one group, each well formed and once (that
+/// the groups exist is the platform's check: it knows the configuration). Every bad
+/// field is reported.
 pub fn validate_policy(p: &Policy) -> Result<(), PolicyErrors> {
-    collect(
-        Field::ALL
-            .into_iter()
-            .filter_map(|f| f.of_policy(p).and_then(|v| f.check(v).err()))
-            .collect(),
-    )
+    let mut errors: Vec<PolicyError> = Field::ALL
+        .into_iter()
+        .filter_map(|f| f.of_policy(p).and_then(|v| f.check(v).err()))
+        .collect();
+    if let Some(groups) = &p.groups {
+        if let Err(e) = check_groups(groups) {
+            errors.push(e);
+        }
+    }
+    collect(errors)
+}
+
+/// The rule of a `groups` list: at least one name, each a valid group name, none twice.
+pub fn check_groups(groups: &[String]) -> Result<(), PolicyError> {
+    if groups.is_empty() {
+        return Err(PolicyError::Groups(
+            "name at least one group (leave the field out for any group)".into(),
+        ));
+    }
+    if let Some(bad) = groups
+        .iter()
+        .find(|g| !crate::autoscale::valid_group_name(g))
+    {
+        return Err(PolicyError::Groups(format!(
+            "{bad:?} is not a group name (1 to 64 letters, digits, - and _)"
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = groups.iter().find(|g| !seen.insert(g.as_str())) {
+        return Err(PolicyError::Groups(format!("{twice:?} is named twice")));
+    }
+    Ok(())
 }
 
 /// Checks a platform default policy (every field is set): the same rule as
@@ -323,20 +388,38 @@ pub fn validate_default(p: &EffectivePolicy) -> Result<(), PolicyErrors> {
 /// ([`org_allowance`]): every set field must be at most the allowance. Every field above
 /// it is reported ([`PolicyError::AboveOrg`]). Run [`validate_policy`] first.
 pub fn check_within_org(user: &Policy, allowance: &EffectivePolicy) -> Result<(), PolicyErrors> {
-    collect(
-        Field::ALL
-            .into_iter()
-            .filter_map(|f| {
-                let value = f.of_policy(user)?;
-                let allowed = f.of_effective(allowance);
-                value.exceeds(allowed).then_some(PolicyError::AboveOrg {
-                    field: f,
-                    value,
-                    allowed,
-                })
+    let mut errors: Vec<PolicyError> = Field::ALL
+        .into_iter()
+        .filter_map(|f| {
+            let value = f.of_policy(user)?;
+            let allowed = f.of_effective(allowance);
+            value.exceeds(allowed).then_some(PolicyError::AboveOrg {
+                field: f,
+                value,
+                allowed,
             })
-            .collect(),
-    )
+        })
+        .collect();
+    if let Some(e) = groups_outside(user, allowance) {
+        errors.push(e);
+    }
+    collect(errors)
+}
+
+/// The groups of a user override its org's allowance does not let through.
+pub fn groups_outside(user: &Policy, allowance: &EffectivePolicy) -> Option<PolicyError> {
+    let (Some(wanted), Some(allowed)) = (&user.groups, &allowance.groups) else {
+        return None;
+    };
+    let outside: Vec<String> = wanted
+        .iter()
+        .filter(|g| !allowed.contains(g))
+        .cloned()
+        .collect();
+    (!outside.is_empty()).then(|| PolicyError::GroupsAboveOrg {
+        outside,
+        allowed: allowed.clone(),
+    })
 }
 
 /// The limits an execution runs with: each requested field must pass [`Field::check`]
@@ -357,6 +440,7 @@ pub fn limits_for(
         warm_pool_size: None,
         max_artifacts: None,
         max_artifact_bytes: None,
+        groups: None,
     };
     let mut errors = Vec::new();
     for f in Field::ALL {
@@ -438,6 +522,7 @@ mod tests {
             warm_pool_size: Some(0),
             max_artifacts: Some(0),
             max_artifact_bytes: Some(0),
+            groups: Some(vec!["small".into()]),
         };
         assert!(validate_policy(&p).is_ok());
         let edges = Policy {
@@ -449,6 +534,7 @@ mod tests {
             warm_pool_size: Some(MAX_WARM_POOL_SIZE),
             max_artifacts: Some(MAX_ARTIFACTS),
             max_artifact_bytes: Some(MAX_ARTIFACT_BYTES),
+            groups: Some(vec!["g".repeat(64)]),
         };
         assert!(validate_policy(&edges).is_ok());
     }
@@ -530,7 +616,7 @@ mod tests {
             ..Default::default()
         };
         let e = validate_policy(&p).unwrap_err();
-        let fields: Vec<Field> = e.0.iter().map(PolicyError::field).collect();
+        let fields: Vec<Field> = e.0.iter().filter_map(PolicyError::field).collect();
         assert_eq!(fields, vec![Field::MemoryBytes, Field::Pids]);
         let e = e.to_string();
         assert!(
@@ -696,7 +782,7 @@ mod tests {
         assert_eq!(e.max_parallel, 3, "below the org: the override applies");
         assert_eq!(
             capped_fields(&default(), Some(&org), &user),
-            vec![Field::MemoryBytes, Field::Cpus]
+            vec!["memory_bytes", "cpus"]
         );
         // Without an org policy the platform default is the allowance.
         let e = resolve(&default(), None, Some(&user));
@@ -919,5 +1005,92 @@ mod tests {
             same(e(validate_default(&d)));
             same(limits_for(&default(), Some(&r)).unwrap_err().0);
         }
+    }
+
+    fn names(g: &[&str]) -> Option<Vec<String>> {
+        Some(g.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn groups_narrow_from_default_to_org_to_user_and_never_widen() {
+        let org = Policy {
+            groups: names(&["small", "big"]),
+            ..Default::default()
+        };
+        // No list anywhere: any group.
+        assert_eq!(resolve(&default(), None, None).groups, None);
+        // The org's list; a user's narrower list; a user naming only groups outside the
+        // org's gets the org's; one naming some outside keeps those inside.
+        assert_eq!(
+            resolve(&default(), Some(&org), None).groups,
+            names(&["small", "big"])
+        );
+        let user = |g: &[&str]| Policy {
+            groups: names(g),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&default(), Some(&org), Some(&user(&["big"]))).groups,
+            names(&["big"])
+        );
+        assert_eq!(
+            resolve(&default(), Some(&org), Some(&user(&["huge"]))).groups,
+            names(&["small", "big"])
+        );
+        assert_eq!(
+            resolve(&default(), Some(&org), Some(&user(&["huge", "big"]))).groups,
+            names(&["big"])
+        );
+        // Without an org list a user's list applies; a platform default list bounds both.
+        assert_eq!(
+            resolve(&default(), None, Some(&user(&["huge"]))).groups,
+            names(&["huge"])
+        );
+        let platform = EffectivePolicy {
+            groups: names(&["small"]),
+            ..default()
+        };
+        assert_eq!(resolve(&platform, None, None).groups, names(&["small"]));
+        assert_eq!(
+            resolve(&platform, Some(&org), None).groups,
+            names(&["small"]),
+            "an org list cannot widen the platform's"
+        );
+        // What admins are shown, and what an org admin may set.
+        assert_eq!(
+            capped_fields(&default(), Some(&org), &user(&["huge", "big"])),
+            vec!["groups"]
+        );
+        assert!(capped_fields(&default(), Some(&org), &user(&["big"])).is_empty());
+        let allowance = org_allowance(&default(), Some(&org));
+        assert!(check_within_org(&user(&["small"]), &allowance).is_ok());
+        let e = check_within_org(&user(&["huge", "big"]), &allowance).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "groups: huge not among the org's groups (small, big)"
+        );
+        // An org without a list allows any.
+        assert!(check_within_org(&user(&["huge"]), &org_allowance(&default(), None)).is_ok());
+    }
+
+    #[test]
+    fn a_groups_list_names_at_least_one_well_formed_group_once() {
+        let with = |g: Vec<&str>| Policy {
+            groups: Some(g.into_iter().map(String::from).collect()),
+            ..Default::default()
+        };
+        assert!(validate_policy(&with(vec!["small", "big-2", "gpu_a"])).is_ok());
+        for (bad, says) in [
+            (vec![], "name at least one group"),
+            (vec!["small", "small"], "\"small\" is named twice"),
+            (vec!["a b"], "\"a b\" is not a group name"),
+            (vec![""], "\"\" is not a group name"),
+        ] {
+            let e = validate_policy(&with(bad.clone())).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad:?}: {e}");
+            assert_eq!(e.0[0].field(), None);
+        }
+        let long = "x".repeat(65);
+        assert!(validate_policy(&with(vec![long.as_str()])).is_err());
     }
 }

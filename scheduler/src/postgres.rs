@@ -37,8 +37,8 @@ use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::embedded::check_name;
 use crate::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostRecord, HostState,
-    Millis, Policy, ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, GroupStatus,
+    HostRecord, HostState, Millis, Policy, ResultSummary,
 };
 use crate::seal::{Binding, Keyring};
 use crate::store::{
@@ -1203,6 +1203,39 @@ impl Store for PgStore {
                 lease_expires_at: r.get::<i64, _>(3).max(0) as u64,
             })
             .collect())
+    }
+
+    async fn put_group_statuses(&self, groups: &[GroupStatus]) -> StoreResult<()> {
+        let names: Vec<String> = groups.iter().map(|g| g.group.clone()).collect();
+        let bodies = groups
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Io(format!("encoding a group status: {e}")))?;
+        // One statement: the groups named are upserted, the others dropped.
+        sqlx::query(
+            "WITH new AS (SELECT * FROM unnest($1::text[], $2::jsonb[]) AS n(grp, status)),              gone AS (DELETE FROM group_status WHERE grp <> ALL($1::text[]))              INSERT INTO group_status (grp, status) SELECT grp, status FROM new              ON CONFLICT (grp) DO UPDATE SET status = excluded.status",
+        )
+        .bind(&names)
+        .bind(&bodies)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_err("publishing group statuses", e))?;
+        Ok(())
+    }
+
+    async fn group_statuses(&self) -> StoreResult<Vec<GroupStatus>> {
+        let rows: Vec<serde_json::Value> =
+            sqlx::query_scalar("SELECT status FROM group_status ORDER BY grp")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| db_err("reading group statuses", e))?;
+        rows.into_iter()
+            .map(|v| {
+                serde_json::from_value(v)
+                    .map_err(|e| StoreError::Corrupt(format!("a group status: {e}")))
+            })
+            .collect()
     }
 
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {

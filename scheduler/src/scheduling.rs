@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::bus::{AgentCommand, Bus, BusError, DeliveryTag, HostStatus, Received, Subscription};
 use crate::model::{now_ms, ExecState, Resources};
-use crate::placement::Cluster;
+use crate::placement::{Cluster, Misses};
 use crate::store::{ListFilter, Store, StoreError};
 
 /// How often the scheduler re-checks without being woken (stale hosts, lost runs).
@@ -60,6 +60,22 @@ struct Waiting {
     /// first (it may have been cancelled meanwhile); either way the agent's
     /// `mark_running` is the guard that refuses a cancelled one.
     fresh: bool,
+    /// The host groups it may run on (its record's; `None`: any).
+    groups: Option<Vec<String>>,
+}
+
+impl Waiting {
+    /// A queued record, waiting.
+    fn of(r: crate::model::ExecutionRecord, tag: Option<DeliveryTag>, fresh: bool) -> Waiting {
+        Waiting {
+            need: r.limits.resources(),
+            id: r.id,
+            language: r.language,
+            tag,
+            fresh,
+            groups: r.groups,
+        }
+    }
 }
 
 /// Runs the scheduler role until the bus closes. `statuses` should be subscribed before
@@ -67,9 +83,25 @@ struct Waiting {
 pub async fn run_scheduler(
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
-    mut statuses: Subscription<HostStatus>,
+    statuses: Subscription<HostStatus>,
     store_trouble: Option<std::time::Instant>,
 ) -> Result<(), SchedulerError> {
+    run_scheduler_scaling(store, bus, statuses, store_trouble, None).await
+}
+
+/// [`run_scheduler`], with the autoscaler ([`crate::scaler`]) running a pass every
+/// [`crate::scaler::SCALE_EVERY`] when `scaling` is given: what waits for a host is its
+/// demand.
+pub async fn run_scheduler_scaling(
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    mut statuses: Subscription<HostStatus>,
+    store_trouble: Option<std::time::Instant>,
+    scaling: Option<crate::scaler::Scaling>,
+) -> Result<(), SchedulerError> {
+    let mut scaler = scaling.map(crate::scaler::Scaler::new);
+    let mut scale = tokio::time::interval(crate::scaler::SCALE_EVERY);
+    scale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Submissions are read by their own task, so a pending read is never dropped
     // half-way by the `select!` below.
     // Submissions a previous scheduler took but never acknowledged come back first.
@@ -117,13 +149,7 @@ pub async fn run_scheduler(
     }
     for r in recovered {
         if r.cancel.is_none() {
-            queue.push_back(Waiting {
-                id: r.id,
-                need: r.limits.resources(),
-                language: r.language,
-                tag: None,
-                fresh: false,
-            });
+            queue.push_back(Waiting::of(r, None, false));
         }
     }
     let mut statuses_open = true;
@@ -151,7 +177,7 @@ pub async fn run_scheduler(
                     // Placed on the submission's word: the agent's `mark_running` runs
                     // it only if it is still queued.
                     if let Some((language, need)) = submission.hint {
-                        queue.push_back(Waiting { id, language: language.to_string(), need, tag: Some(tag), fresh: true });
+                        queue.push_back(Waiting { id, language: language.to_string(), need, tag: Some(tag), fresh: true, groups: None });
                         continue;
                     }
                     let began = std::time::Instant::now();
@@ -159,7 +185,7 @@ pub async fn run_scheduler(
                     tracing::trace!(execution = %id, ms = began.elapsed().as_secs_f64() * 1e3, "read a submission");
                     match read {
                         Ok(Some(r)) if r.state == ExecState::Queued && r.cancel.is_none() => {
-                            queue.push_back(Waiting { id, need: r.limits.resources(), language: r.language, tag: Some(tag), fresh: true });
+                            queue.push_back(Waiting::of(r, Some(tag), true));
                         }
                         Ok(_) => {
                             let _ = bus.ack_submitted(&tag).await;
@@ -191,7 +217,7 @@ pub async fn run_scheduler(
                                 cluster.landed(&id);
                                 if r.cancel.is_none() && !queue.iter().any(|w| w.id == id) {
                                     tracing::info!(execution = %id, agent = %agent, "its host drains: placing it again");
-                                    queue.push_back(Waiting { id, need: r.limits.resources(), language: r.language, tag: None, fresh: false });
+                                    queue.push_back(Waiting::of(r, None, false));
                                 }
                             }
                             Ok(Some(r)) if matches!(r.state, ExecState::Queued | ExecState::Running) => {}
@@ -245,11 +271,25 @@ pub async fn run_scheduler(
                                 && !queue.iter().any(|w| w.id == r.id)
                             {
                                 tracing::info!(execution = %r.id, "queued in the store but never submitted to this scheduler: placing it");
-                                queue.push_back(Waiting { id: r.id, need: r.limits.resources(), language: r.language, tag: None, fresh: false });
+                                queue.push_back(Waiting::of(r, None, false));
                             }
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read queued executions"),
+                }
+            }
+            _ = scale.tick(), if scaler.is_some() => {
+                if let Some(scaler) = scaler.as_mut() {
+                    let waiting: Vec<crate::autoscale::Pending> = queue
+                        .iter()
+                        .map(|w| crate::autoscale::Pending {
+                            id: w.id.clone(),
+                            language: w.language.clone(),
+                            need: w.need,
+                            groups: w.groups.clone(),
+                        })
+                        .collect();
+                    scaler.pass(store.as_ref(), &mut cluster, &waiting, now_ms()).await;
                 }
             }
             _ = tokio::time::sleep(TICK) => {
@@ -259,7 +299,7 @@ pub async fn run_scheduler(
                             && !queue.iter().any(|w| w.id == id)
                         {
                             tracing::warn!(execution = %id, "its host vanished before running it; placing it again");
-                            queue.push_back(Waiting { id, need: r.limits.resources(), language: r.language, tag: None, fresh: false });
+                            queue.push_back(Waiting::of(r, None, false));
                         }
                     }
                 }
@@ -276,23 +316,19 @@ async fn place_waiting(
     cluster: &mut Cluster,
     queue: &mut VecDeque<Waiting>,
 ) -> Result<(), SchedulerError> {
-    // What found no host in this pass, per language: a later execution that needs at
-    // least as much in both memory and CPUs finds none either. One that needs less is
-    // still tried, so a large request waiting for room does not hold up small ones.
-    let mut blocked: Vec<(String, Resources)> = Vec::new();
+    // What found no host in this pass: a later execution that needs no less finds none
+    // either (see [`Misses`]).
+    let mut misses = Misses::default();
     let mut kept = VecDeque::with_capacity(queue.len());
     while let Some(mut w) = queue.pop_front() {
-        let hopeless = blocked
-            .iter()
-            .any(|(language, need)| *language == w.language && need.fits_in(&w.need));
-        if hopeless {
+        if misses.covers(&w.language, w.groups.as_deref(), &w.need) {
             w.fresh = false;
             kept.push_back(w);
             continue;
         }
         let now = now_ms();
-        let Some(agent) = cluster.place(&w.language, &w.need, now) else {
-            blocked.push((w.language.clone(), w.need));
+        let Some(agent) = cluster.place(&w.language, &w.need, w.groups.as_deref(), now) else {
+            misses.missed(&w.language, w.groups.as_deref(), &w.need);
             w.fresh = false;
             kept.push_back(w);
             continue;
@@ -338,7 +374,7 @@ async fn place_waiting(
             }
             Err(e) => {
                 tracing::warn!(execution = %w.id, agent = %agent, error = %e, "cannot send a run");
-                blocked.push((w.language.clone(), Resources::default()));
+                misses.unreachable(&w.language);
                 w.fresh = false;
                 kept.push_back(w);
             }
@@ -398,7 +434,7 @@ mod tests {
 
     /// Admits `r` and submits it with its placement hints.
     async fn admit_and_submit(store: &EmbeddedStore, bus: &EmbeddedBus, r: ExecutionRecord) {
-        let item = crate::bus::submission(&r.id, &r.language, r.limits.resources());
+        let item = crate::bus::submission_for(&r);
         store.admit(r, RULES).await.unwrap();
         bus.submit(&item).await.unwrap();
     }

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostRecord, HostState, Millis,
-    Policy, ResultSummary,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, GroupStatus, HostRecord,
+    HostState, Millis, Policy, ResultSummary,
 };
 
 /// Admission's types live in [`crate::admission`]; these paths stay for existing callers.
@@ -222,6 +222,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every host that registered, by name.
     async fn hosts(&self) -> StoreResult<Vec<HostRecord>>;
+
+    /// Replaces what the autoscaler publishes about the host groups (groups not in
+    /// `groups` are dropped). Kept in memory by the embedded store.
+    async fn put_group_statuses(&self, groups: &[GroupStatus]) -> StoreResult<()>;
+
+    /// What the autoscaler last published about the host groups, by name.
+    async fn group_statuses(&self) -> StoreResult<Vec<GroupStatus>>;
 
     /// Every host whose lease lapsed: its running executions become `lost` (each with
     /// its `finished` event, returned for the bus) and the host is no longer alive.

@@ -145,6 +145,11 @@ struct CountingStore {
     /// Set: the store records a cancel of every execution the moment after
     /// `mark_running` answered (a cancel decided in between whose bus message is lost).
     cancel_after_mark: std::sync::atomic::AtomicBool,
+    /// Set to a cgroup parent and a memory limit: when an execution is made terminal,
+    /// the store counts the sandboxes under it that still run with that limit (see
+    /// [`hatchery_tests::live_sandboxes`]).
+    watch: std::sync::Mutex<Option<(String, u64)>>,
+    live_at_end: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl CountingStore {
@@ -155,6 +160,17 @@ impl CountingStore {
             .entry(id.to_string())
             .or_default()
             .push(what);
+    }
+
+    fn note_live(&self, id: &str) {
+        let Some((parent, memory)) = self.watch.lock().unwrap().clone() else {
+            return;
+        };
+        let live = hatchery_tests::live_sandboxes(&parent, memory);
+        self.live_at_end
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), live);
     }
 
     /// The store transactions that changed `id`, by kind.
@@ -231,6 +247,7 @@ impl Store for CountingStore {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         self.count(id, "mark_finished");
+        self.note_live(id);
         self.inner
             .mark_finished(id, state, result_key, error, at)
             .await
@@ -244,6 +261,7 @@ impl Store for CountingStore {
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
         self.count(id, "finish");
+        self.note_live(id);
         self.inner.finish(id, state, result_key, at, summary).await
     }
     async fn register_host(&self, agent: &str, lease_ms: u64) -> StoreResult<()> {
@@ -261,6 +279,15 @@ impl Store for CountingStore {
     }
     async fn hosts(&self) -> StoreResult<Vec<hatchery_scheduler::model::HostRecord>> {
         self.inner.hosts().await
+    }
+    async fn put_group_statuses(
+        &self,
+        groups: &[hatchery_scheduler::model::GroupStatus],
+    ) -> StoreResult<()> {
+        self.inner.put_group_statuses(groups).await
+    }
+    async fn group_statuses(&self) -> StoreResult<Vec<hatchery_scheduler::model::GroupStatus>> {
+        self.inner.group_statuses().await
     }
     async fn reap_lapsed_hosts(&self) -> StoreResult<Vec<ExecEvent>> {
         self.inner.reap_lapsed_hosts().await
@@ -340,6 +367,8 @@ impl Env {
             inner: EmbeddedStore::open(&dir.path().join("store"), keyring()).expect("open store"),
             writes: Default::default(),
             cancel_after_mark: Default::default(),
+            watch: Default::default(),
+            live_at_end: Default::default(),
         });
         let store: Arc<dyn Store> = counting.clone();
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new());
@@ -794,6 +823,33 @@ async fn limits_are_applied_at_claim_and_change_per_execution() {
     let stats = env.agent().pool_stats("r").expect("an r pool");
     assert_eq!(stats.zygote_starts, 1, "{stats:?}");
     assert!(stats.claimed >= 2, "{stats:?}");
+    env.close().await;
+}
+
+/// R11 across hosts rests on this: an execution turns terminal in the store (and stops
+/// counting against its user's cap, so the user's next one may start at once) only once
+/// every process of its sandbox is gone. The result comes back while they still die: a
+/// process that touched 1.6 GB takes the kernel a while to tear down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_execution_is_terminal_only_once_its_sandbox_is_gone() {
+    let env = Env::new("gone", 1).await;
+    // Within what the agent has even in the cgroup v2 VM (3 GiB of guest memory).
+    let memory = 1536 * MIB;
+    *env.counting.watch.lock().unwrap() = Some((env.cgroup.rel.clone(), memory));
+    let big = "x <- numeric(1e8); length(x)";
+    let id = env.submit(big, limits(memory, 60_000)).await;
+    let record = env.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(record.state, ExecState::Succeeded, "{record:?}");
+    assert_eq!(
+        env.result(&record).await.value_json.as_deref(),
+        Some("100000000")
+    );
+    let live = env.counting.live_at_end.lock().unwrap().get(&id).copied();
+    assert_eq!(
+        live,
+        Some(0),
+        "sandboxes still running when the execution was made terminal"
+    );
     env.close().await;
 }
 

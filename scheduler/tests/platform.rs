@@ -363,7 +363,11 @@ async fn org_admin_overrides_stay_within_the_org_and_a_superadmin_may_set_any() 
     let PlatformError::PolicyExceedsOrg(errors) = &e else {
         panic!("{e:?}")
     };
-    let fields: Vec<&str> = errors.0.iter().map(|e| e.field().name()).collect();
+    let fields: Vec<&str> = errors
+        .0
+        .iter()
+        .filter_map(|e| e.field().map(|f| f.name()))
+        .collect();
     assert_eq!(fields, vec!["memory_bytes", "max_parallel"], "{e}");
     let text = e.to_string();
     assert!(
@@ -928,6 +932,8 @@ async fn with_host_groups_a_request_no_group_can_hold_is_refused_and_the_demand_
         scale_down_after: std::time::Duration::from_secs(600),
         cooldown_up: std::time::Duration::ZERO,
         cooldown_down: std::time::Duration::ZERO,
+        pool_size: None,
+        provider: "static".into(),
     };
     f.platform.config = Arc::new(PlatformConfig {
         groups: vec![group("small", 1, 1.0), group("big", 8, 4.0)],
@@ -976,7 +982,7 @@ async fn with_host_groups_a_request_no_group_can_hold_is_refused_and_the_demand_
     let groups = f.platform.groups(&root).await.unwrap();
     let demand: Vec<(&str, u32, Resources)> = groups
         .iter()
-        .map(|(g, n, need)| (g.name.as_str(), *n, *need))
+        .map(|d| (d.group.name.as_str(), d.queued, d.queued_need))
         .collect();
     assert_eq!(
         demand,
@@ -989,4 +995,48 @@ async fn with_host_groups_a_request_no_group_can_hold_is_refused_and_the_demand_
         f.platform.groups(&alice).await,
         Err(PlatformError::Forbidden(_))
     ));
+    // alice's default limits (64 GiB) fit no group: no room is kept for her.
+    assert!(groups.iter().all(|d| d.reserved == 0), "{groups:?}");
+
+    // globex may use big only (a policy naming a group that does not exist is
+    // refused): its 1 GiB run is counted against big, and its active user keeps room
+    // for 2 runs (the default warm_pool_size) at its default limits (4 GiB, 1 CPU)
+    // there.
+    let only = |g: &[&str]| Policy {
+        groups: Some(g.iter().map(|s| s.to_string()).collect()),
+        memory_bytes: Some(4 << 30),
+        ..Policy::default()
+    };
+    let e = f
+        .platform
+        .put_org_policy(&root, "globex", only(&["big", "gpu"]))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gpu is not a host group"), "{e}");
+    f.platform
+        .put_org_policy(&root, "globex", only(&["big"]))
+        .await
+        .unwrap();
+    let gil = who("globex", "gil", Role::User);
+    let r = f.platform.submit(&gil, sized(1, 0.5)).await.unwrap();
+    assert_eq!(r.groups, Some(vec!["big".to_string()]));
+    let groups = f.platform.groups(&root).await.unwrap();
+    let big = &groups[1];
+    assert_eq!((big.group.name.as_str(), big.queued), ("big", 2));
+    assert_eq!(big.reserved, 2);
+    assert_eq!(big.reserved_need, Resources::new(8 << 30, 2.0));
+    assert_eq!(big.active_users, ["globex/gil"]);
+    assert_eq!(groups[0].reserved, 0);
+    // initech may use small only: 2 GiB is refused, naming small as its largest.
+    f.platform
+        .put_org_policy(&root, "initech", only(&["small"]))
+        .await
+        .unwrap();
+    let ida = who("initech", "ida", Role::User);
+    match f.platform.submit(&ida, sized(2, 1.0)).await {
+        Err(e @ PlatformError::ExceedsLargestGroup { .. }) => {
+            assert!(e.to_string().contains("small"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }

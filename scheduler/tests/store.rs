@@ -12,8 +12,8 @@ use std::sync::Arc;
 use hatchery_scheduler::embedded::EmbeddedStore;
 use hatchery_scheduler::engines::{EngineError, PostgresServer};
 use hatchery_scheduler::model::{
-    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostState, Limits, OutputData,
-    Policy, ResultSummary, Usage,
+    CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, GroupStatus, HostState, Limits,
+    OutputData, Policy, Resources, ResultSummary, Usage,
 };
 use hatchery_scheduler::postgres::{PgConfig, PgStore};
 use hatchery_scheduler::seal::Keyring;
@@ -1894,5 +1894,42 @@ store_test!(
         let (o, _, latest) = one.policies_for_admission("o", "u").await.unwrap();
         assert_eq!(o, Some(Policy::default()));
         assert!(latest.unwrap() > again);
+    }
+);
+
+store_test!(
+    group_statuses_are_replaced_whole_and_read_back_by_name,
+    |b| {
+        let store = b.open().await;
+        assert!(store.group_statuses().await.unwrap().is_empty());
+        let status = |group: &str, pending: u32, at: u64| GroupStatus {
+            group: group.into(),
+            pending,
+            pending_need: Resources::new(u64::from(pending) << 30, f64::from(pending) / 2.0),
+            reserved: 2,
+            reserved_need: Resources::new(1 << 30, 2.0),
+            ready: 2,
+            provisioning: 1,
+            terminating: 0,
+            at,
+        };
+        let (small, big) = (status("small", 3, 10), status("big", 0, 10));
+        store
+            .put_group_statuses(&[small.clone(), big.clone()])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.group_statuses().await.unwrap(),
+            vec![big.clone(), small.clone()]
+        );
+        // The next pass: small changed, big is no longer scaled.
+        let small2 = status("small", 1, 20);
+        store
+            .put_group_statuses(std::slice::from_ref(&small2))
+            .await
+            .unwrap();
+        assert_eq!(store.group_statuses().await.unwrap(), vec![small2]);
+        store.put_group_statuses(&[]).await.unwrap();
+        assert!(store.group_statuses().await.unwrap().is_empty());
     }
 );

@@ -23,6 +23,21 @@ fn children_of_this_process() -> Vec<String> {
     children
 }
 
+/// A guest of 300 s at most, on the accelerator `HATCHERY_VM_ACCEL` asks for.
+fn options(network: bool) -> GuestOptions {
+    let mut options = GuestOptions {
+        timeout: Duration::from_secs(300),
+        network,
+        ..GuestOptions::default()
+    };
+    if let Ok(accel) = std::env::var("HATCHERY_VM_ACCEL") {
+        options.accel = accel
+            .parse()
+            .expect("HATCHERY_VM_ACCEL is auto, kvm or tcg");
+    }
+    options
+}
+
 #[test]
 fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
     let cwd = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -34,15 +49,7 @@ fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
         cwd: cwd.clone(),
         env: vec![("HATCHERY_VM_TEST".into(), "it's here".into())],
     };
-    let mut options = GuestOptions {
-        timeout: Duration::from_secs(300),
-        ..GuestOptions::default()
-    };
-    if let Ok(accel) = std::env::var("HATCHERY_VM_ACCEL") {
-        options.accel = accel
-            .parse()
-            .expect("HATCHERY_VM_ACCEL is auto, kvm or tcg");
-    }
+    let options = options(false);
 
     let outcome = run_in_guest(&command, &options, &AtomicBool::new(false), &mut |_| {})
         .unwrap_or_else(|e| {
@@ -80,4 +87,49 @@ fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
         Vec::<String>::new(),
         "qemu was reaped"
     );
+}
+
+/// With a network, the guest reaches a service on the host's loopback at
+/// `USER_NET_HOST` (how a VM host reaches the cluster's PostgreSQL, Redis and S3): a
+/// line sent from the guest arrives, and the guest reads the host's answer.
+#[test]
+fn a_guest_with_a_network_reaches_a_host_loopback_service() {
+    use hatchery_scheduler::vm::qemu::USER_NET_HOST;
+    use std::io::{BufRead, BufReader, Write};
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (stream, peer) = listener.accept().expect("the guest connects");
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        (&stream).write_all(b"hello guest\n").unwrap();
+        (line, peer)
+    });
+    // bash's /dev/tcp: a host binary, no nc needed.
+    let script = format!(
+        "exec 3<>/dev/tcp/{USER_NET_HOST}/{port} && echo \"hello host\" >&3 && read -r answer <&3 && echo \"got: $answer\""
+    );
+    let command = GuestCommand {
+        argv: vec!["/bin/bash".into(), "-c".into(), script],
+        cwd: PathBuf::from("/"),
+        env: Vec::new(),
+    };
+    let options = options(true);
+    let outcome = run_in_guest(&command, &options, &AtomicBool::new(false), &mut |_| {})
+        .unwrap_or_else(|e| panic!("the vm did not run: {e}"));
+    let output = String::from_utf8_lossy(&outcome.output);
+    assert_eq!(
+        outcome.exit,
+        GuestExit::Exited(0),
+        "guest output:\n{output}\nconsole tail:\n{}",
+        outcome.log_tail
+    );
+    assert!(
+        output.contains("got: hello guest"),
+        "guest output:\n{output}"
+    );
+    let (line, peer) = server.join().expect("the server thread");
+    assert_eq!(line, "hello host\n");
+    assert!(peer.ip().is_loopback(), "{peer}");
 }

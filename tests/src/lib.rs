@@ -201,6 +201,34 @@ impl Run {
     }
 }
 
+/// Sandboxes under the cgroup parent `parent` (relative to the cgroup roots) that run
+/// code claimed with a memory limit of `memory` bytes: thawed, with processes in them.
+/// Pooled sandboxes wait frozen, and one warming up for the pool has the pool's limits.
+pub fn live_sandboxes(parent: &str, memory: u64) -> usize {
+    use hatchery_sandbox::cgroup::{CgroupRoot, CgroupVersion};
+    let Ok(root) = CgroupRoot::detect(parent) else {
+        return 0;
+    };
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    root.children()
+        .iter()
+        .filter_map(|name| root.open(name).ok())
+        .filter(|cg| {
+            let (limit, thawed) = match cg.version() {
+                CgroupVersion::V1 => (
+                    read(cg.dir("memory").join("memory.limit_in_bytes")),
+                    read(cg.dir("freezer").join("freezer.state")).trim() == "THAWED",
+                ),
+                CgroupVersion::V2 => (
+                    read(cg.dir("memory").join("memory.max")),
+                    read(cg.dir("memory").join("cgroup.freeze")).trim() == "0",
+                ),
+            };
+            limit.trim() == memory.to_string() && thawed && !cg.is_empty()
+        })
+        .count()
+}
+
 /// Every `hatchery/` parent cgroup directory on this host (v2 root, v2 under
 /// `unified/`, and one per v1 hierarchy).
 pub fn cgroup_parents() -> Vec<PathBuf> {

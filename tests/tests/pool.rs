@@ -149,6 +149,42 @@ fn memory_limit_is_per_claim_from_the_same_pool() {
     tp.finish();
 }
 
+/// The result comes back while the sandbox's processes may still be dying; its
+/// `SandboxGone` says when none is left (what the agent waits for before an execution
+/// turns terminal), and from then on nothing of the sandbox runs.
+#[test]
+fn the_sandbox_is_gone_only_once_its_processes_are() {
+    let tp = r_pool(1);
+    let memory = 1536 * MIB;
+    let mut req = request("x <- numeric(1e8); length(x)");
+    req.limits = Limits {
+        memory_bytes: Some(memory),
+        ..Limits::UNLIMITED
+    };
+    let execution = tp.pool.claim(req).expect("claim");
+    let gone = execution.gone();
+    let result = loop {
+        match execution
+            .events()
+            .recv()
+            .expect("the events end with Finished")
+        {
+            Event::Finished(r) => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(result.status, ExecStatus::Succeeded, "{result:?}");
+    assert!(gone.wait(Duration::from_secs(10)), "the sandbox never went");
+    assert!(gone.is_gone());
+    assert_eq!(
+        hatchery_tests::live_sandboxes(&tp.cgroups.rel, memory),
+        0,
+        "processes of the sandbox left once it said it was gone"
+    );
+    drop(execution);
+    tp.finish();
+}
+
 /// The CPU limit is the claim's too: a busy loop under `cpus = 0.25` gets about a quarter
 /// of a core; the next claim from the same pool without a limit gets far more.
 #[test]

@@ -849,7 +849,10 @@
     ['warm_pool_size', 'Warm sandboxes'],
     ['max_artifacts', 'Artifacts per run'],
     ['max_artifact_bytes', 'Artifact bytes per run'],
+    ['groups', 'Host groups (comma-separated)', 'list'],
   ];
+  const isList = (k) => POLICY_FIELDS.some(([f, , kind]) => f === k && kind === 'list');
+  const policyText = (k, v) => (v === null || v === undefined ? '' : isList(k) ? v.join(', ') : String(v));
 
   const monitor = {
     running: false,
@@ -884,7 +887,11 @@
       this.records = [];
       for (const row of (this.rows || new Map()).values()) row.tr.remove();
       this.rows = new Map();
+      this.hostRows = new Map();
       $('hosts').tBodies[0].replaceChildren();
+      $('groups').tBodies[0].replaceChildren();
+      $('groups-box').hidden = true;
+      this.groupsAt = 0;
     },
 
     nudge() {
@@ -915,6 +922,8 @@
     },
 
     status(s) {
+      // The groups' figures come in their own messages; the table reads the groups view.
+      if (s.kind === 'groups') return;
       const now = Date.now();
       this.hosts.set(s.agent, { status: s, at: now });
       for (const sb of s.sandboxes || []) {
@@ -930,6 +939,7 @@
     },
 
     async refresh() {
+      if (session.me.role === 'superadmin') this.refreshGroups();
       try {
         this.records = (await api('GET', '/v1/admin/executions')).executions;
       } catch (e) {
@@ -1004,7 +1014,31 @@
       }
       $('sandboxes-empty').hidden = this.records.length > 0;
 
-      const hostRows = [...this.hosts.values()].sort((a, b) => a.status.agent.localeCompare(b.status.agent)).map(({ status: s, at }) => {
+      // Host rows are kept by agent and updated in place too: their buttons stay the
+      // same elements across refreshes, so a press is never lost to a re-render.
+      const hostBody = $('hosts').tBodies[0];
+      const hostRows = this.hostRows || (this.hostRows = new Map());
+      const agents = [...this.hosts.keys()].sort((a, b) => a.localeCompare(b));
+      agents.forEach((agent, index) => {
+        const { status: s, at } = this.hosts.get(agent);
+        let row = hostRows.get(agent);
+        if (!row) {
+          const cells = Array.from({ length: 10 }, () => h('td'));
+          cells[6].className = 'machine';
+          const actions = h('td', { class: 'actions' });
+          const buttons = new Map();
+          // Superadmins cordon, drain and resume hosts.
+          if (session.me.role === 'superadmin') {
+            for (const [label, to] of [['Cordon', 'cordoned'], ['Drain', 'draining'], ['Resume', 'ready']]) {
+              const button = h('button', { type: 'button', class: 'small host-' + to, text: label });
+              button.addEventListener('click', () => this.setHostState(agent, to, button));
+              buttons.set(to, button);
+              actions.append(button);
+            }
+          }
+          row = { tr: h('tr', { 'data-agent': agent }, cells, actions), cells, buttons, state: null };
+          hostRows.set(agent, row);
+        }
         const age = now - at;
         const state = age > 30000 ? 'not reporting' : (s.state || (s.draining ? 'draining' : 'ready'));
         let cpu = 0, mem = 0;
@@ -1025,29 +1059,73 @@
           ? 'CPU ' + Math.round((load.cpu_busy || 0) * 100) + '% · memory ' + fmtBytes(load.memory_used_bytes) + ' / ' + fmtBytes(load.memory_total_bytes) +
             ' · stalls ' + (load.cpu_pressure || 0).toFixed(1) + '% CPU, ' + (load.memory_pressure || 0).toFixed(1) + '% memory'
           : '–';
-        // Superadmins cordon, drain and resume hosts.
-        const actions = h('td', { class: 'actions' });
-        if (session.me.role === 'superadmin' && state !== 'not reporting') {
-          for (const [label, to] of [['Cordon', 'cordoned'], ['Drain', 'draining'], ['Resume', 'ready']]) {
-            if (to === state) continue;
-            actions.append(h('button', { type: 'button', class: 'small host-' + to, text: label, onclick: (ev) => this.setHostState(s.agent, to, ev.target) }));
+        const c = row.cells;
+        row.tr.dataset.state = state;
+        c[0].textContent = s.agent;
+        c[1].textContent = s.group || '–';
+        c[2].replaceChildren(h('span', { class: 'pill ' + (state === 'ready' ? 'succeeded' : 'cancelled'), text: state }));
+        c[3].replaceChildren(meter(s.running / Math.max(1, s.capacity), s.running >= s.capacity), s.running + ' / ' + s.capacity);
+        c[4].replaceChildren(alloc.memory_bytes ? meter(limMem / alloc.memory_bytes, limMem > 0.8 * alloc.memory_bytes) : '',
+          alloc.memory_bytes ? fmtBytes(limMem) + ' / ' + fmtBytes(alloc.memory_bytes) + ', ' + (Math.round(limCpu * 100) / 100) + ' / ' + alloc.cpus + ' cpus' : '–');
+        c[5].textContent = (s.warm || []).map(([l, n]) => l + ' ' + n).join(', ') || '–';
+        c[6].textContent = machine;
+        c[7].textContent = Math.round(cpu * 100) + '%';
+        c[8].textContent = fmtBytes(mem);
+        c[9].textContent = Math.round(age / 1000) + ' s ago';
+        // A state change re-enables the buttons a press disabled.
+        if (row.state !== state) {
+          row.state = state;
+          for (const [to, button] of row.buttons) {
+            button.hidden = to === state || state === 'not reporting';
+            button.disabled = false;
           }
         }
-        return h('tr', { 'data-agent': s.agent, 'data-state': state },
-          h('td', { text: s.agent }),
-          h('td', { text: s.group || '–' }),
-          h('td', {}, h('span', { class: 'pill ' + (state === 'ready' ? 'succeeded' : 'cancelled'), text: state })),
-          h('td', {}, meter(s.running / Math.max(1, s.capacity), s.running >= s.capacity), s.running + ' / ' + s.capacity),
-          h('td', {}, alloc.memory_bytes ? meter(limMem / alloc.memory_bytes, limMem > 0.8 * alloc.memory_bytes) : '',
-            alloc.memory_bytes ? fmtBytes(limMem) + ' / ' + fmtBytes(alloc.memory_bytes) + ', ' + (Math.round(limCpu * 100) / 100) + ' / ' + alloc.cpus + ' cpus' : '–'),
-          h('td', { text: (s.warm || []).map(([l, n]) => l + ' ' + n).join(', ') || '–' }),
-          h('td', { class: 'machine', text: machine }),
-          h('td', { text: Math.round(cpu * 100) + '%' }),
-          h('td', { text: fmtBytes(mem) }),
-          h('td', { text: Math.round(age / 1000) + ' s ago' }),
-          actions);
+        if (hostBody.children[index] !== row.tr) hostBody.insertBefore(row.tr, hostBody.children[index] || null);
       });
-      $('hosts').tBodies[0].replaceChildren(...hostRows);
+      for (const [agent, row] of hostRows) {
+        if (!this.hosts.has(agent)) {
+          row.tr.remove();
+          hostRows.delete(agent);
+        }
+      }
+    },
+
+    // The host groups (superadmins): what each has, what runs, what waits for it and
+    // the room kept in it for active users, every few seconds (the view reads the
+    // queue). Rows are replaced whole: they have no buttons to keep.
+    async refreshGroups() {
+      const now = Date.now();
+      if (now - (this.groupsAt || 0) < 4000) return;
+      this.groupsAt = now;
+      let groups;
+      try {
+        groups = (await api('GET', '/v1/admin/groups')).groups;
+      } catch (e) {
+        return;
+      }
+      if (!this.running) return;
+      $('groups-box').hidden = groups.length === 0;
+      const res = (r) => fmtBytes(r.memory_bytes) + ', ' + (Math.round(r.cpus * 100) / 100) + ' cpus';
+      $('groups').tBodies[0].replaceChildren(...groups.map((g) => {
+        const hosts = g.hosts.ready + g.hosts.cordoned + g.hosts.draining;
+        const a = g.autoscaler || { provisioning: 0, terminating: 0, pending: 0 };
+        const states = [['ready', g.hosts.ready], ['cordoned', g.hosts.cordoned], ['draining', g.hosts.draining],
+          ['on the way', a.provisioning], ['leaving', a.terminating]]
+          .filter(([, n]) => n > 0).map(([s, n]) => n + ' ' + s).join(', ');
+        const kept = g.reserved.executions
+          ? g.reserved.executions + ' runs (' + res(g.reserved.need) + ') for ' + g.reserved.active_users.join(', ')
+          : '–';
+        return h('tr', { 'data-group': g.name },
+          h('td', {}, h('strong', { text: g.name }), ' ', h('span', { class: 'hint', text: g.provider })),
+          h('td', { text: res(g.shape) }),
+          h('td', { class: 'hosts', text: hosts + (states ? ' (' + states + ')' : '') + ' · ' + g.min + '–' + g.max }),
+          h('td', {}, g.capacity.memory_bytes ? meter(g.used.memory_bytes / g.capacity.memory_bytes, g.used.memory_bytes > 0.8 * g.capacity.memory_bytes) : '',
+            g.capacity.memory_bytes ? res(g.used) + ' / ' + res(g.capacity) : '–'),
+          h('td', { text: String(g.running) }),
+          h('td', { class: 'queued', text: (g.queued.executions ? g.queued.executions + ' (' + res(g.queued.need) + ')' : '0') +
+            (a.pending ? ' · ' + a.pending + ' waiting for a host' : '') }),
+          h('td', { class: 'reserved', text: kept }));
+      }));
     },
 
     async setHostState(agent, state, button) {
@@ -1113,7 +1191,7 @@
       const msg = e.describe ? e.describe() : String(e);
       // The API names the field (`policy.memory_bytes must not be negative`): show the
       // message under it.
-      const m = /policy\.([a-z_]+)/.exec(e.message || '') || /`([a-z_]+)`/.exec(e.message || '');
+      const m = /policy\.([a-z_]+)/.exec(e.message || '') || /`([a-z_]+)`/.exec(e.message || '') || /^(groups):/.exec(e.message || '');
       const input = m ? $('policy-' + m[1]) : null;
       if (input) {
         input.classList.add('invalid');
@@ -1128,12 +1206,12 @@
     render(view) {
       const policy = view.policy || {};
       $('policy-fields').replaceChildren(...POLICY_FIELDS.map(([k, label]) =>
-        h('label', {}, label, h('input', { id: 'policy-' + k, name: k, value: policy[k] === null || policy[k] === undefined ? '' : String(policy[k]), placeholder: 'inherit', autocomplete: 'off' }))));
+        h('label', {}, label, h('input', { id: 'policy-' + k, name: k, value: policyText(k, policy[k]), placeholder: isList(k) ? 'inherit (any)' : 'inherit', autocomplete: 'off' }))));
       const eff = $('policy-effective');
       if (view.effective) {
         eff.hidden = false;
         eff.replaceChildren(h('strong', { text: 'Effective for the user\'s next run: ' }),
-          POLICY_FIELDS.map(([k]) => k + ' ' + view.effective[k]).join(' · '),
+          POLICY_FIELDS.map(([k]) => k + ' ' + (isList(k) ? policyText(k, view.effective[k]) || 'any' : view.effective[k])).join(' · '),
           view.capped_by_org && view.capped_by_org.length ? h('div', { text: 'Capped by the org: ' + view.capped_by_org.join(', ') }) : '');
       } else {
         eff.hidden = true;
@@ -1162,6 +1240,10 @@
       for (const [k] of POLICY_FIELDS) {
         const v = $('policy-' + k).value.trim();
         if (!v) continue;
+        if (isList(k)) {
+          body[k] = v.split(',').map((x) => x.trim()).filter(Boolean);
+          continue;
+        }
         const n = Number(v);
         // Anything that is not a number goes as typed: the API says what is wrong.
         body[k] = Number.isFinite(n) ? n : v;

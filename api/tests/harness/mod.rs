@@ -81,6 +81,9 @@ pub struct Setup {
     pub redis_url: Option<String>,
     /// The languages the platform serves.
     pub languages: Vec<String>,
+    /// A static host group (8 GiB, 4 CPUs) of this name, which the agent joins (not on a
+    /// cluster).
+    pub group: Option<String>,
 }
 
 impl Default for Setup {
@@ -91,6 +94,7 @@ impl Default for Setup {
             postgres_url: None,
             redis_url: None,
             languages: vec!["r".into()],
+            group: None,
         }
     }
 }
@@ -98,6 +102,7 @@ impl Default for Setup {
 impl Hatchery {
     pub fn start(setup: Setup) -> Hatchery {
         if on_cluster() {
+            assert!(setup.group.is_none(), "host groups: not on a test cluster");
             return Hatchery::start_cluster(setup);
         }
         let bin_dir = std::path::Path::new(HATCHERY).parent().unwrap();
@@ -138,15 +143,26 @@ impl Hatchery {
                  capacity = {capacity}\n\
                  drain_deadline = \"0s\"\n\
                  cgroup_parent = \"{cgroup_parent}\"\n\
+                 {agent_group}\
                  [platform]\n\
                  languages = {languages:?}\n\
                  max_queued = {max_queued}\n\
-                 {store}",
+                 {store}{groups}",
                 data = dir.join("data").display(),
                 rootfs = rootfs().display(),
                 capacity = setup.capacity,
                 max_queued = setup.max_queued,
                 languages = setup.languages,
+                agent_group = setup
+                    .group
+                    .as_ref()
+                    .map(|g| format!("group = {g:?}\n"))
+                    .unwrap_or_default(),
+                groups = setup
+                    .group
+                    .as_ref()
+                    .map(|g| format!("[[groups]]\nname = {g:?}\nmemory = \"8G\"\ncpus = 4\n"))
+                    .unwrap_or_default(),
                 store = {
                     let mut t = String::from("[store]\n");
                     if let Some(url) = &setup.postgres_url {
@@ -440,6 +456,20 @@ impl Resp {
         self.json()["error"]["code"]
             .as_str()
             .unwrap_or_else(|| panic!("no error code in {}", String::from_utf8_lossy(&self.body)))
+            .to_string()
+    }
+
+    /// Asserts a refusal with `status` and `code`; its message.
+    pub fn refused(&self, status: u16, code: &str) -> String {
+        assert_eq!(
+            (self.status, self.code().as_str()),
+            (status, code),
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
             .to_string()
     }
 }

@@ -391,6 +391,13 @@ impl Pooled {
     /// for an init that does not die in time. A frozen sandbox is thawed first (on cgroup
     /// v1 a frozen process cannot die).
     fn reap(mut self) {
+        self.end_processes();
+        let _ = self.cgroup.destroy();
+    }
+
+    /// The first half of [`reap`](Self::reap): every process of the sandbox is gone when
+    /// it returns; the cgroup is still there.
+    fn end_processes(&mut self) {
         crate::run::kill_pidfd(self.pidfd.as_fd());
         if self.lifecycle.state() != state::SandboxState::Exited {
             // Pooled (frozen) until now; an execution's sandbox was thawed at its claim.
@@ -400,7 +407,6 @@ impl Pooled {
             let _ = self.cgroup.kill_all();
         }
         let _ = self.lifecycle.advance(SandboxEvent::Reaped);
-        let _ = self.cgroup.destroy();
     }
 }
 
@@ -613,12 +619,14 @@ impl Pool {
         // SAFETY: a fresh descriptor nobody else owns.
         let cancel = Arc::new(unsafe { OwnedFd::from_raw_fd(cancel) });
         let (tx, rx) = flume::unbounded();
+        let (gone_tx, gone_rx) = flume::bounded(1);
         let watcher = Watcher {
             ended_counter: Arc::clone(&self.shared.ended),
             id: id.clone(),
             sandbox,
             req,
             tx,
+            gone: gone_tx,
             cancel: Arc::clone(&cancel),
             claimed_at,
             claimed_mono,
@@ -639,6 +647,7 @@ impl Pool {
             id,
             events: rx,
             cancel: Canceller(cancel),
+            gone: SandboxGone(gone_rx),
             thread: Some(thread),
         })
     }
@@ -710,11 +719,43 @@ impl Canceller {
     }
 }
 
+/// Tells when every process of an execution's sandbox is gone.
+///
+/// [`Event::Finished`] is sent as soon as the result is in, while the sandbox's processes
+/// may still be dying (its init was killed a moment before): the result's path does not
+/// wait for the kernel to tear them down. Whoever must not overlap with them — a store
+/// that lets a user's next execution start once this one is over — waits for this too.
+#[derive(Clone)]
+pub struct SandboxGone(flume::Receiver<()>);
+
+impl SandboxGone {
+    /// True once every process of the sandbox is gone.
+    pub fn is_gone(&self) -> bool {
+        self.0.is_disconnected()
+    }
+
+    /// Waits until every process of the sandbox is gone, at most `timeout`; true if they
+    /// are.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        matches!(
+            self.0.recv_timeout(timeout),
+            Err(flume::RecvTimeoutError::Disconnected)
+        )
+    }
+
+    /// Waits, from an async task, until every process of the sandbox is gone.
+    pub async fn wait_async(&self) {
+        // Nothing is ever sent: the watcher drops the sender once the processes are gone.
+        let _ = self.0.recv_async().await;
+    }
+}
+
 /// A running execution: its events, in order, end with [`Event::Finished`].
 pub struct Execution {
     pub id: String,
     events: flume::Receiver<Event>,
     cancel: Canceller,
+    gone: SandboxGone,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -731,6 +772,11 @@ impl Execution {
 
     pub fn cancel(&self) {
         self.cancel.cancel();
+    }
+
+    /// Tells when every process of the sandbox is gone (see [`SandboxGone`]).
+    pub fn gone(&self) -> SandboxGone {
+        self.gone.clone()
     }
 
     /// Collects every event until the end; returns them (the last is `Finished`) and the
@@ -775,6 +821,8 @@ struct Watcher {
     sandbox: Pooled,
     req: ExecRequest,
     tx: flume::Sender<Event>,
+    /// Dropped once every process of the sandbox is gone (see [`SandboxGone`]).
+    gone: flume::Sender<()>,
     cancel: Arc<OwnedFd>,
     claimed_at: Instant,
     claimed_mono: u64,
@@ -1038,7 +1086,10 @@ impl Watcher {
         let _ = self.tx.send(Event::Finished(Box::new(result)));
         let _ = self.sandbox.lifecycle.advance(SandboxEvent::Ended);
         // Teardown after the result: off the claim path and off the result's path.
-        self.sandbox.reap();
+        let mut sandbox = self.sandbox;
+        sandbox.end_processes();
+        drop(self.gone);
+        let _ = sandbox.cgroup.destroy();
         self.ended_counter.fetch_add(1, Ordering::SeqCst);
     }
 

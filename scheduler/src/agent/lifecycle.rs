@@ -88,15 +88,19 @@ pub(super) async fn reap_orphans(cfg: &AgentConfig) -> Result<(), AgentError> {
 const SIZING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Frozen sandboxes wanted per language (R5): each user who submitted within `window`
-/// adds the `warm_pool_size` of their effective policy (`policy_of(org, user)`) to the
-/// pool of the language they used; the result is clamped to `[floor, max]` of that
-/// language. Idle orgs and users keep nothing warm beyond the floor.
+/// adds the `warm_pool_size` of their effective policy (`policy_of(org, user)`: 0 for a
+/// user whose policy keeps its runs off this host's group) to the pool of the language
+/// they used; that demand is split between the `share` hosts that take work in this
+/// host's group (rounded up, so that together they keep at least all of it); the result
+/// is clamped to `[floor, max]` of that language. Idle orgs and users keep nothing warm
+/// beyond the floor.
 pub fn desired_pool_sizes(
     recent: &[ExecutionRecord],
     now: u64,
     window: Duration,
     floors: &HashMap<String, usize>,
     max: usize,
+    share: usize,
     policy_of: impl Fn(&str, &str) -> u32,
 ) -> HashMap<String, usize> {
     let since = now.saturating_sub(window.as_millis() as u64);
@@ -111,7 +115,7 @@ pub fn desired_pool_sizes(
     floors
         .iter()
         .map(|(lang, floor)| {
-            let demand = want.get(lang).copied().unwrap_or(0);
+            let demand = want.get(lang).copied().unwrap_or(0).div_ceil(share.max(1));
             (lang.clone(), demand.clamp(*floor, max.max(*floor)))
         })
         .collect()
@@ -166,14 +170,33 @@ pub(super) async fn sizing_loop(inner: Arc<Inner>, mut stop: watch::Receiver<boo
                 .flatten();
             let eff =
                 crate::policy::resolve(&inner.cfg.default_policy, org.as_ref(), user.as_ref());
-            policies.insert(key, eff.warm_pool_size);
+            // A user whose runs may not land on this host's group keeps nothing warm here.
+            let here = match (&eff.groups, &inner.cfg.group) {
+                (None, _) => true,
+                (Some(allowed), Some(group)) => allowed.contains(group),
+                (Some(_), None) => false,
+            };
+            policies.insert(key, if here { eff.warm_pool_size } else { 0 });
         }
+        // In a group the autoscaler scales, its ready hosts share the group's demand;
+        // elsewhere (no group, a static group) this host keeps all of it.
+        let share = match &inner.cfg.group {
+            Some(group) => inner
+                .store
+                .group_statuses()
+                .await
+                .ok()
+                .and_then(|g| g.into_iter().find(|s| s.group == *group))
+                .map_or(1, |s| s.ready.max(1) as usize),
+            None => 1,
+        };
         let sizes = desired_pool_sizes(
             &recent,
             crate::model::now_ms(),
             inner.cfg.demand_window,
             &floors,
             inner.cfg.max_pool_size,
+            share,
             |org, user| {
                 policies
                     .get(&(org.to_string(), user.to_string()))
@@ -295,18 +318,21 @@ mod tests {
             rec("bash", "globex", "eve", now - 4_000),
             rec("r", "initech", "old", now - 700_000), // outside the window
         ];
-        let sizes = desired_pool_sizes(&recent, now, window, &floors, 8, policy);
+        let sizes = desired_pool_sizes(&recent, now, window, &floors, 8, 1, policy);
         assert_eq!(sizes["r"], 3 + 1);
         assert_eq!(sizes["bash"], 2);
+        // Three hosts taking work in the group share it, rounded up.
+        let shared = desired_pool_sizes(&recent, now, window, &floors, 8, 3, policy);
+        assert_eq!((shared["r"], shared["bash"]), (2, 1));
         // Nobody active: back to the floors; no idle capacity kept just in case.
-        let idle = desired_pool_sizes(&[], now, window, &floors, 8, policy);
+        let idle = desired_pool_sizes(&[], now, window, &floors, 8, 1, policy);
         assert_eq!((idle["r"], idle["bash"]), (1, 0));
         // Demand above the maximum is capped.
         let many: Vec<_> = (0..10)
             .map(|i| rec("r", "acme", &format!("u{i}"), now))
             .collect();
         assert_eq!(
-            desired_pool_sizes(&many, now, window, &floors, 8, policy)["r"],
+            desired_pool_sizes(&many, now, window, &floors, 8, 1, policy)["r"],
             8
         );
     }

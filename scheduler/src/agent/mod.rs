@@ -719,7 +719,7 @@ impl Inner {
     /// while the host takes work); empties the warm pools while draining (and refills
     /// them when it no longer is).
     fn apply_state(&self) {
-        let empty = self.host_state() == HostState::Draining;
+        let empty = self.host_state().is_leaving();
         let pools = self.pools.lock().unwrap();
         let was_empty = self
             .pools_emptied

@@ -305,6 +305,7 @@ async fn drive(
     // sandbox never runs on unobserved.
     let mut unobserved = CancelOnDrop(Some(execution.canceller()));
     let events = execution.events().clone();
+    let gone = execution.gone();
     let cancel_now = {
         let mut running = inner.running.lock().unwrap();
         match running.get_mut(id) {
@@ -384,8 +385,28 @@ async fn drive(
     // Whatever waits is stored and published before the caller finishes the execution:
     // `finished` stays the last event.
     forwarder.flush().await;
+    // R11: the caller makes the execution terminal, and a terminal execution no longer
+    // counts against its user's cap (its successor starts at once, on any host): so not
+    // before every process of its sandbox is gone. The result arrives while they die;
+    // the writes above usually outlast that.
+    if outcome.is_err() {
+        // The runtime stopped reporting: make sure nothing of it runs on.
+        execution.cancel();
+    }
+    let waited = std::time::Instant::now();
+    if tokio::time::timeout(SANDBOX_GONE_WAIT, gone.wait_async())
+        .await
+        .is_err()
+    {
+        tracing::warn!(execution = %id, "the sandbox's processes are not gone after {SANDBOX_GONE_WAIT:?}: finishing anyway");
+    }
+    tracing::trace!(execution = %id, ms = waited.elapsed().as_secs_f64() * 1e3, "sandbox gone");
     outcome.map(|result| (result, forwarder.artifacts))
 }
+
+/// How long an execution's end waits for its sandbox's processes to be gone (the runtime
+/// kills what is left well before: this bounds a runtime that stopped working).
+const SANDBOX_GONE_WAIT: Duration = Duration::from_secs(10);
 
 /// Cancels an execution when dropped while it holds one.
 struct CancelOnDrop(Option<Canceller>);

@@ -79,6 +79,10 @@ struct VmArgs {
     /// there then stacks one level less deep (the kernel allows two).
     #[arg(long = "share", value_name = "HOST_DIR")]
     shares: Vec<PathBuf>,
+    /// Give the guest a network: qemu's user-mode network, on which the host's loopback
+    /// services are at 10.0.2.2 (a server on 127.0.0.1:5432 here is 10.0.2.2:5432 there)
+    #[arg(long)]
+    network: bool,
 }
 
 #[derive(Args)]
@@ -172,6 +176,7 @@ fn options(vm: &VmArgs) -> GuestOptions {
         kernel_cmdline_extra: vm.kernel_args.clone(),
         busybox: vm.busybox.clone(),
         extract_vmlinux: !vm.no_extract,
+        network: vm.network,
         shares: vm
             .shares
             .iter()

@@ -28,8 +28,8 @@ use tokio::sync::Mutex;
 use super::disk::{check_name, name_ok, Disk, Sync};
 use crate::admission::{decide, is_active, Admission, AdmissionRules};
 use crate::model::{
-    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, HostRecord, HostState,
-    Millis, Policy, ResultSummary,
+    now_ms, CancelReason, EventBody, ExecEvent, ExecState, ExecutionRecord, GroupStatus,
+    HostRecord, HostState, Millis, Policy, ResultSummary,
 };
 use crate::seal::Keyring;
 use crate::store::{
@@ -57,6 +57,8 @@ struct State {
     hosts: HashMap<String, (Millis, bool, HostState)>,
     /// Leaderships: role → (holder, term, expires at). In memory only.
     leaders: HashMap<String, (String, u64, Millis)>,
+    /// What the autoscaler published about the host groups, by name. In memory only.
+    groups: Vec<GroupStatus>,
 }
 
 struct Inner {
@@ -400,6 +402,7 @@ impl EmbeddedStore {
             admitted: 0,
             hosts: HashMap::new(),
             leaders: HashMap::new(),
+            groups: Vec::new(),
         };
         state.admitted = state
             .records
@@ -687,6 +690,21 @@ impl Store for EmbeddedStore {
             Ok(events)
         })
         .await
+    }
+
+    async fn put_group_statuses(&self, groups: &[GroupStatus]) -> StoreResult<()> {
+        let mut groups = groups.to_vec();
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        self.change(Sync::Later, move |st, _disk| {
+            st.groups = groups;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn group_statuses(&self) -> StoreResult<Vec<GroupStatus>> {
+        self.change(Sync::Later, move |st, _disk| Ok(st.groups.clone()))
+            .await
     }
 
     async fn lead(&self, role: &str, holder: &str, lease_ms: u64) -> StoreResult<Option<u64>> {

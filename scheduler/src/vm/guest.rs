@@ -14,7 +14,7 @@ use super::initramfs::{
     GUEST_BUSYBOX,
 };
 use super::kernel::{Kernel, KernelError, MODULES_ROOT};
-use super::modules::{ModuleIndex, ModulesError, GUEST_MODULES};
+use super::modules::{ModuleIndex, ModulesError, GUEST_MODULES, NET_MODULES};
 use super::qemu::{Accel, AccelChoice, Share, Vm, VmError, VmSpec, POLL_INTERVAL};
 use super::serial::{ConsoleItem, ConsoleScanner, GuestEvent, Markers};
 
@@ -76,6 +76,9 @@ pub struct GuestOptions {
     pub extract_vmlinux: bool,
     /// Kernel console log level while the command runs (4: errors and worse).
     pub console_loglevel: u8,
+    /// A network: the guest reaches the host's loopback services at
+    /// [`USER_NET_HOST`](super::qemu::USER_NET_HOST) (qemu's user-mode network).
+    pub network: bool,
 }
 
 impl Default for GuestOptions {
@@ -92,6 +95,7 @@ impl Default for GuestOptions {
             busybox: PathBuf::from(DEFAULT_BUSYBOX),
             extract_vmlinux: true,
             console_loglevel: 4,
+            network: false,
         }
     }
 }
@@ -211,7 +215,13 @@ pub fn run_in_guest(
         None => Kernel::discover()?,
     };
     let modules = match &kernel.modules_dir {
-        Some(dir) => ModuleIndex::load(dir)?.resolve(GUEST_MODULES)?,
+        Some(dir) => {
+            let mut wanted = GUEST_MODULES.to_vec();
+            if options.network {
+                wanted.extend_from_slice(NET_MODULES);
+            }
+            ModuleIndex::load(dir)?.resolve(&wanted)?
+        }
         None => Vec::new(),
     };
     let module_names: Vec<String> = modules.iter().map(|m| m.name.clone()).collect();
@@ -255,6 +265,7 @@ pub fn run_in_guest(
             command,
             markers: &markers,
             console_loglevel: options.console_loglevel,
+            network: options.network,
         },
         &initramfs,
     )?;
@@ -281,6 +292,7 @@ pub fn run_in_guest(
     spec.timeout = options.timeout;
     spec.accel = options.accel;
     spec.kernel_cmdline_extra = options.kernel_cmdline_extra.clone();
+    spec.user_net = options.network;
     spec.shares.push(Share {
         host_path: PathBuf::from("/"),
         tag: ROOT_TAG.to_owned(),

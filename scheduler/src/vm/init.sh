@@ -32,6 +32,14 @@ while read -r ko; do
     insmod "/hatchery/modules/$ko" || die "insmod $ko"
 done < /hatchery/modules.list
 
+ip link set lo up || die "bring up lo"
+if [ "$NETWORK" = 1 ]; then
+    # qemu's user-mode network: the host's loopback is 10.0.2.2.
+    ip link set eth0 up || die "bring up eth0"
+    ip addr add 10.0.2.15/24 dev eth0 || die "address eth0"
+    ip route add default via 10.0.2.2 || die "route via 10.0.2.2"
+fi
+
 p9=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o "$p9,cache=loose,ro" "$ROOT_TAG" /mnt/lower || die "mount 9p $ROOT_TAG"
 mount -t tmpfs -o mode=0755 tmpfs /mnt/rw || die "mount the overlay's tmpfs"

@@ -97,6 +97,8 @@ pub struct InitramfsSpec<'a> {
     pub markers: &'a Markers,
     /// The kernel console log level while the command runs (4: errors and worse only).
     pub console_loglevel: u8,
+    /// Bring up the user-mode network's NIC (`eth0`, 10.0.2.15/24 via 10.0.2.2).
+    pub network: bool,
 }
 
 /// Quotes `s` for a POSIX shell.
@@ -221,10 +223,11 @@ pub fn write_initramfs(spec: &InitramfsSpec<'_>, out: &Path) -> Result<u64, Init
     let job = job_script(spec.command)?;
     let mounts = mounts_list(spec.mounts)?;
     let config = format!(
-        "NONCE={}\nROOT_TAG={}\nCONSOLE_LOGLEVEL={}\n",
+        "NONCE={}\nROOT_TAG={}\nCONSOLE_LOGLEVEL={}\nNETWORK={}\n",
         shell_quote(spec.markers.nonce()),
         shell_quote(spec.root_tag),
-        spec.console_loglevel
+        spec.console_loglevel,
+        u8::from(spec.network)
     );
 
     let mut modules = Vec::with_capacity(spec.modules.len());
@@ -417,6 +420,7 @@ mod tests {
             command: &command(),
             markers: &markers,
             console_loglevel: 4,
+            network: false,
         };
         let out = dir.path().join("initramfs.cpio");
         let size = write_initramfs(&spec, &out).unwrap();

@@ -14,6 +14,9 @@ use std::process::{Command, Stdio};
 /// resolved from `modules.dep`. Built-in ones are skipped.
 pub const GUEST_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
+/// The modules a guest with a network needs besides: the virtio NIC.
+pub const NET_MODULES: &[&str] = &["virtio_net"];
+
 /// Errors while resolving or reading modules.
 #[derive(Debug, thiserror::Error)]
 pub enum ModulesError {

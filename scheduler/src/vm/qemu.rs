@@ -129,7 +129,15 @@ pub struct VmSpec {
     /// Let qemu receive SIGKILL when the thread that called [`Vm::boot`] exits
     /// (`PR_SET_PDEATHSIG`). Boot from a thread that lives as long as the VM should.
     pub die_with_booting_thread: bool,
+    /// A virtio NIC on qemu's user-mode network (see [`USER_NET_HOST`]).
+    pub user_net: bool,
 }
+
+/// On qemu's user-mode network the guest is `10.0.2.15/24` and this address is the
+/// host: a connection to it reaches the host's loopback (a service listening on
+/// `127.0.0.1:port` on the host is `10.0.2.2:port` in the guest). Nothing outside
+/// reaches the guest.
+pub const USER_NET_HOST: &str = "10.0.2.2";
 
 impl VmSpec {
     /// A spec with the defaults: 1024 MiB, 2 CPUs, 600 s, KVM-or-TCG.
@@ -147,6 +155,7 @@ impl VmSpec {
             kvm_probe_timeout: Duration::from_secs(5),
             qemu: PathBuf::from("qemu-system-x86_64"),
             die_with_booting_thread: true,
+            user_net: false,
         }
     }
 
@@ -182,6 +191,14 @@ impl VmSpec {
         push(&["-smp", &self.cpus.to_string()]);
         // No default devices (no NIC, no VGA, no monitor); the console is the only output.
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        if self.user_net {
+            push(&[
+                "-netdev",
+                "user,id=net0",
+                "-device",
+                "virtio-net-pci,netdev=net0",
+            ]);
+        }
         push(&["-monitor", "none"]);
         push(&[
             "-chardev",

@@ -1,0 +1,317 @@
+//! The whole architecture on this machine, hosts included (`hatchery sim`, and the
+//! autoscaling tests): a private PostgreSQL, Redis and S3 (moto) listening on a bridge,
+//! an API replica and a scheduler as processes of the `hatchery` binary, and no host at
+//! first: the scheduler's autoscaler makes hosts through the `netns` provider as demand
+//! comes (each a network namespace on the bridge, a cgroup of its group's shape, and a
+//! `hatchery agent` of its own), drains them and removes them when they are not needed.
+//!
+//! [`Sim::stop`] (also on drop) removes everything it made: processes, hosts (their
+//! namespaces, veths and cgroups), the bridge, the engines and the data;
+//! [`Sim::leftovers`] says what, if anything, remains.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hatchery_scheduler::provider::netns::{self, NetnsConfig, NetnsProvider};
+
+use crate::local_cluster::{ClusterError, ClusterSpec, LocalCluster, RoleKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("the bridge {bridge}: {reason}")]
+    Bridge { bridge: String, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The shape of a simulated cluster.
+#[derive(Debug, Clone)]
+pub struct SimSpec {
+    /// The `hatchery` binary every process runs.
+    pub bin: PathBuf,
+    /// The root filesystem of the hosts' sandboxes.
+    pub rootfs: PathBuf,
+    /// The bridge the hosts and the engines meet on, and its /24 (the bridge is `.1`).
+    pub bridge: String,
+    pub network: Ipv4Addr,
+    /// The cgroup under which every host gets its own.
+    pub cgroup_parent: String,
+    /// The host groups, as `[[groups]]` TOML tables.
+    pub groups: String,
+    /// How long making a host takes before its agent starts.
+    pub launch_delay: Duration,
+    /// Executions each host runs at once, and warm sandboxes it keeps per language.
+    pub capacity: u32,
+    pub pool_size: u32,
+    /// The API replica's port (0: any free port).
+    pub port: u16,
+    /// `RUST_LOG` of the processes.
+    pub log_filter: String,
+    /// Environment of the scheduler, and so of the hosts' agents (e.g.
+    /// `HATCHERY_AGENT_LEASE`).
+    pub agent_env: Vec<(String, String)>,
+    /// How long after its last submission a user keeps room for its warm runs
+    /// (`platform.active_for`).
+    pub active_for: Duration,
+}
+
+impl SimSpec {
+    /// The default simulation: groups `small` (1 GiB, 1 CPU) and `big` (8 GiB, 2 CPUs),
+    /// both from zero hosts, on bridge `hatchery0` (10.213.0.0/24).
+    pub fn new(bin: impl Into<PathBuf>, rootfs: impl Into<PathBuf>) -> SimSpec {
+        SimSpec {
+            bin: bin.into(),
+            rootfs: rootfs.into(),
+            bridge: "hatchery0".into(),
+            network: Ipv4Addr::new(10, 213, 0, 0),
+            cgroup_parent: format!("hatchery-sim-{}", std::process::id()),
+            groups: default_groups("30s"),
+            launch_delay: Duration::from_secs(2),
+            capacity: 4,
+            pool_size: 1,
+            port: 8080,
+            log_filter: "info".into(),
+            // Hosts drain on SIGTERM without a deadline (the cluster's config says 0s
+            // for its own agents).
+            agent_env: vec![("HATCHERY_DRAIN_DEADLINE".into(), "none".into())],
+            active_for: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The default groups, empty hosts drained after `scale_down_after`.
+pub fn default_groups(scale_down_after: &str) -> String {
+    group_toml("small", "1G", 1.0, 0, 4, scale_down_after)
+        + &group_toml("big", "8G", 2.0, 0, 2, scale_down_after)
+}
+
+/// One `[[groups]]` table of netns hosts (no cooldowns).
+pub fn group_toml(
+    name: &str,
+    memory: &str,
+    cpus: f64,
+    min: u32,
+    max: u32,
+    scale_down_after: &str,
+) -> String {
+    format!(
+        "[[groups]]\nname = {name:?}\nmemory = {memory:?}\ncpus = {cpus:?}\nmin = {min}\n\
+         max = {max}\nscale_down_after = {scale_down_after:?}\ncooldown_up = \"0s\"\n\
+         cooldown_down = \"0s\"\nprovider = \"netns\"\n"
+    )
+}
+
+/// A running simulation.
+pub struct Sim {
+    pub cluster: LocalCluster,
+    spec: SimSpec,
+    netns: NetnsConfig,
+    stopped: bool,
+}
+
+impl Sim {
+    /// Makes the bridge, starts the engines on it, then the scheduler and the API
+    /// replica; returns once the API listens. No host runs yet.
+    pub fn start(spec: SimSpec) -> Result<Sim, SimError> {
+        let tmp = tempfile::Builder::new()
+            .prefix("hatchery-sim-")
+            .tempdir()
+            .map_err(|source| SimError::Io {
+                what: "creating the simulation's directory".into(),
+                source,
+            })?;
+        let dir = tmp.keep();
+        let bridge_ip = host_address(spec.network, 1);
+        netns::ensure_bridge(&spec.bridge, bridge_ip).map_err(|e| SimError::Bridge {
+            bridge: spec.bridge.clone(),
+            reason: e.to_string(),
+        })?;
+        let netns = NetnsConfig {
+            state_dir: dir.join("hosts"),
+            bridge: spec.bridge.clone(),
+            network: spec.network,
+            cgroup_parent: spec.cgroup_parent.clone(),
+            // Only the scheduler launches hosts; this copy stops them.
+            agent_command: vec![spec.bin.clone().into_os_string(), "agent".into()],
+            agent_env: Vec::new(),
+            launch_delay: spec.launch_delay,
+            overhead_memory: 768 << 20,
+        };
+        let mut cluster = ClusterSpec::new(&spec.bin, &spec.rootfs);
+        cluster.apis = 0;
+        cluster.schedulers = 0;
+        cluster.agents = 0;
+        cluster.agent_capacity = spec.capacity;
+        cluster.pool_size = spec.pool_size;
+        cluster.first_port = spec.port;
+        cluster.log_filter = spec.log_filter.clone();
+        cluster.dir = Some(dir.clone());
+        cluster.bind = Some(bridge_ip);
+        cluster.active_for = Some(format!("{}ms", spec.active_for.as_millis()));
+        cluster.extra_config = format!(
+            "{groups}[netns]\nbridge = {bridge:?}\nnetwork = \"{network}\"\n\
+             cgroup_parent = {cgroup:?}\nstate_dir = {state:?}\nlaunch_delay = \"{delay}ms\"\n",
+            groups = spec.groups,
+            bridge = spec.bridge,
+            network = spec.network,
+            cgroup = spec.cgroup_parent,
+            state = netns.state_dir.display().to_string(),
+            delay = spec.launch_delay.as_millis(),
+        );
+        let mut sim = Sim {
+            cluster: LocalCluster::engines(cluster).inspect_err(|_| {
+                netns::remove_bridge(&spec.bridge);
+                let _ = std::fs::remove_dir_all(&dir);
+            })?,
+            spec,
+            netns,
+            stopped: false,
+        };
+        let env: Vec<(&str, String)> = sim
+            .spec
+            .agent_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        sim.cluster
+            .spawn(RoleKind::Scheduler, "scheduler-1", &env)?;
+        sim.cluster.api("api-1")?;
+        Ok(sim)
+    }
+
+    pub fn spec(&self) -> &SimSpec {
+        &self.spec
+    }
+
+    /// Where the API listens.
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        self.cluster.api_addrs()[0]
+    }
+
+    /// The scheduler's log (the autoscaler says there what it does).
+    pub fn scheduler_log(&self) -> PathBuf {
+        let i = self.cluster.find("scheduler-1").expect("the scheduler");
+        self.cluster.procs[i].log.clone()
+    }
+
+    /// Where the hosts' records and their agents' logs are.
+    pub fn hosts_dir(&self) -> &Path {
+        &self.netns.state_dir
+    }
+
+    /// Stops the API and the scheduler, then every host (their agents drain: a second
+    /// signal after `grace` forces them), and removes the hosts, the bridge, the engines
+    /// and the data.
+    pub fn stop(&mut self, grace: Duration) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
+        self.cluster.stop();
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(async {
+                match NetnsProvider::new(self.netns.clone()).await {
+                    Ok(p) => p.stop_all(grace).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot stop the simulation's hosts"),
+                }
+            }),
+            Err(e) => tracing::warn!(error = %e, "cannot stop the simulation's hosts"),
+        }
+        crate::local_cluster::remove_cgroup_parent(&self.spec.cgroup_parent);
+        netns::remove_bridge(&self.spec.bridge);
+    }
+
+    /// What the simulation left on this machine: network namespaces and links named
+    /// after its bridge, its cgroups, and processes in them. Empty after [`Sim::stop`].
+    pub fn leftovers(&self) -> Vec<String> {
+        leftovers(&self.spec.bridge, &self.spec.cgroup_parent)
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+        let _ = std::fs::remove_dir_all(self.cluster.dir());
+    }
+}
+
+/// Address `.n` of a /24.
+pub fn host_address(network: Ipv4Addr, n: u8) -> Ipv4Addr {
+    let [a, b, c, _] = network.octets();
+    Ipv4Addr::new(a, b, c, n)
+}
+
+/// Network namespaces and links named after `bridge`, cgroups under `cgroup_parent` in
+/// any hierarchy, and processes in them.
+pub fn leftovers(bridge: &str, cgroup_parent: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let run = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in run(&["netns", "list"]).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&format!("{bridge}-")) {
+            left.push(format!("network namespace {name}"));
+        }
+    }
+    for line in run(&["-o", "link", "show"]).lines() {
+        // "12: name@peer: <...>"
+        let name = line
+            .split(": ")
+            .nth(1)
+            .unwrap_or_default()
+            .split('@')
+            .next()
+            .unwrap_or_default();
+        if name == bridge || name.starts_with(&format!("{bridge}-")) {
+            left.push(format!("link {name}"));
+        }
+    }
+    if let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") {
+        for m in mounts.flatten() {
+            let dir = m.path().join(cgroup_parent);
+            if dir.is_dir() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+    }
+    let root_dir = Path::new("/sys/fs/cgroup").join(cgroup_parent);
+    if root_dir.is_dir()
+        && !left
+            .iter()
+            .any(|l| l.ends_with(&root_dir.display().to_string()))
+    {
+        left.push(format!("cgroup {}", root_dir.display()));
+    }
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        let needle = format!("/{cgroup_parent}/");
+        for p in procs.flatten() {
+            let name = p.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if let Ok(cg) = std::fs::read_to_string(p.path().join("cgroup")) {
+                if cg.lines().any(|l| l.contains(&needle)) {
+                    left.push(format!("process {pid}"));
+                }
+            }
+        }
+    }
+    left
+}
