@@ -5,10 +5,21 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hatchery_scheduler::vm::guest::CGROUP_CHECK_SCRIPT;
 use hatchery_scheduler::vm::{run_in_guest, CgroupCheck, GuestCommand, GuestExit, GuestOptions};
+
+/// The VMs of this file boot one at a time: the check that qemu was reaped looks at every
+/// child of this process, so another test's qemu must not be running then.
+static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_VM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Whether this process still has children (qemu must have been reaped).
 fn children_of_this_process() -> Vec<String> {
@@ -40,6 +51,7 @@ fn options(network: bool) -> GuestOptions {
 
 #[test]
 fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
+    let _alone = one_vm_at_a_time();
     let cwd = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     // The host's dash and coreutils run the probe: dynamically linked host binaries work.
     let script =
@@ -94,6 +106,7 @@ fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
 /// line sent from the guest arrives, and the guest reads the host's answer.
 #[test]
 fn a_guest_with_a_network_reaches_a_host_loopback_service() {
+    let _alone = one_vm_at_a_time();
     use hatchery_scheduler::vm::qemu::USER_NET_HOST;
     use std::io::{BufRead, BufReader, Write};
 
