@@ -94,6 +94,48 @@ pub struct Config {
     pub groups: Vec<GroupSection>,
     /// The `netns` provider: how groups with `provider = "netns"` get their hosts.
     pub netns: NetnsSection,
+    /// The `qemu` provider: how groups with `provider = "qemu"` get their hosts.
+    pub qemu: QemuSection,
+}
+
+/// The `qemu` provider's settings: each host it makes is a Linux VM on this machine
+/// (Debian's kernel, pure cgroup v2, this machine's root read-only) running `hatchery
+/// agent` with this process's configuration file and environment. qemu's user-mode
+/// network opens the guest's connections from this machine, so the engines' URLs in
+/// `[store]` work unchanged in the guest (`127.0.0.1` excepted: the guest's own loopback
+/// is its own; this machine's loopback is `10.0.2.2` there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuSection {
+    /// Where the hosts' logs and control directories go (default `<data_dir>/qemu`).
+    pub state_dir: Option<PathBuf>,
+    /// How long making a host takes before its VM boots (0 by default; the boot itself
+    /// takes seconds under KVM, tens of seconds under software emulation).
+    pub launch_delay: String,
+    /// Memory each VM has beyond its group's shape, for the guest's kernel, the agent and
+    /// its zygotes.
+    pub overhead_memory: String,
+    /// `auto` (KVM when it works, else software emulation), `kvm` or `tcg`.
+    pub accel: String,
+    /// The guest's kernel (a bzImage; default: the newest in /boot with its modules).
+    pub kernel: Option<PathBuf>,
+    /// More directories shared read-only with the guests at their own paths. The
+    /// directory holding `rootfs` always is: a sandbox's overlay cannot stack on the
+    /// guest's own overlay root.
+    pub shares: Vec<PathBuf>,
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        QemuSection {
+            state_dir: None,
+            launch_delay: "0s".into(),
+            overhead_memory: "768M".into(),
+            accel: "auto".into(),
+            kernel: None,
+            shares: Vec::new(),
+        }
+    }
 }
 
 /// The `netns` provider's settings: each host it makes is a network namespace on this
@@ -154,7 +196,8 @@ pub struct GroupSection {
     /// Who makes its hosts: `static` (hosts started by hand, as `hatchery agent` with
     /// `agent.group`; never launched or terminated by the autoscaler) or `netns` (hosts
     /// the scheduler makes on this machine, each a network namespace with a cgroup of the
-    /// group's shape: see `[netns]`).
+    /// group's shape: see `[netns]`) or `qemu` (hosts the scheduler makes as Linux VMs on
+    /// this machine: see `[qemu]`).
     pub provider: String,
 }
 
@@ -203,9 +246,9 @@ impl GroupSection {
                 self.min, self.max
             ));
         }
-        if !matches!(self.provider.as_str(), "static" | "netns") {
+        if !matches!(self.provider.as_str(), "static" | "netns" | "qemu") {
             return Err(format!(
-                "group {name}: provider {:?}: expected static or netns",
+                "group {name}: provider {:?}: expected static, netns or qemu",
                 self.provider
             ));
         }
@@ -355,6 +398,7 @@ impl Default for Config {
             store: StoreSection::default(),
             groups: Vec::new(),
             netns: NetnsSection::default(),
+            qemu: QemuSection::default(),
         }
     }
 }
@@ -500,6 +544,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.netns(Vec::new())?;
+        self.qemu(Vec::new(), Vec::new())?;
         self.listen_addr()?;
         let groups = self.groups()?;
         if let Some(g) = &self.agent.group {
@@ -716,6 +761,47 @@ impl Config {
             launch_delay,
             overhead_memory,
         })
+    }
+
+    /// The `qemu` provider's settings, checked; its hosts run `agent_command` with
+    /// `agent_env`.
+    pub fn qemu(
+        &self,
+        agent_command: Vec<std::ffi::OsString>,
+        agent_env: Vec<(String, String)>,
+    ) -> Result<hatchery_scheduler::provider::qemu::QemuConfig, ConfigError> {
+        let q = &self.qemu;
+        let bad = |what: &str, msg: String| ConfigError::Invalid(format!("qemu.{what}: {msg}"));
+        let mut cfg = hatchery_scheduler::provider::qemu::QemuConfig::new(
+            q.state_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("qemu")),
+            agent_command,
+            agent_env,
+        );
+        cfg.launch_delay =
+            parse_duration_or_zero(&q.launch_delay).map_err(|e| bad("launch_delay", e))?;
+        cfg.overhead_memory = hatchery_sandbox::limits::parse_size(&q.overhead_memory)
+            .map_err(|e| bad("overhead_memory", e.to_string()))?;
+        cfg.accel = q.accel.parse().map_err(|e: String| bad("accel", e))?;
+        cfg.kernel = q.kernel.clone();
+        // The rootfs is a link into its store (rootfs-builder): share the store.
+        for dir in &q.shares {
+            if !dir.is_absolute() {
+                return Err(bad(
+                    "shares",
+                    format!("{}: not an absolute path", dir.display()),
+                ));
+            }
+        }
+        let rootfs = std::fs::canonicalize(&self.rootfs)
+            .or_else(|_| std::path::absolute(&self.rootfs))
+            .unwrap_or_else(|_| self.rootfs.clone());
+        let store = rootfs.parent().unwrap_or(&rootfs).to_path_buf();
+        cfg.shares = std::iter::once(store)
+            .chain(q.shares.iter().cloned())
+            .collect();
+        Ok(cfg)
     }
 
     /// The host groups (`[[groups]]`), checked: valid shapes and limits, unique names.

@@ -27,6 +27,7 @@ use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
 use hatchery_scheduler::model::Role;
 use hatchery_scheduler::node::{EmbeddedNode, Engines, NodeConfig};
 use hatchery_scheduler::provider::netns::NetnsProvider;
+use hatchery_scheduler::provider::qemu::QemuProvider;
 use hatchery_scheduler::provider::{Provider, ProviderError};
 use hatchery_scheduler::scaler::{ProviderSource, Scaling};
 
@@ -110,8 +111,8 @@ enum Command {
     /// Start the whole architecture on this machine, hosts included: a private
     /// PostgreSQL, Redis and S3 (moto), an API replica and a scheduler whose autoscaler
     /// makes hosts as demand comes (each a network namespace on a bridge with a cgroup
-    /// of its group's shape and its own agent) and removes them when they are not
-    /// needed. Two groups: small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), from zero
+    /// of its group's shape and its own agent, or with --provider qemu a Linux VM) and
+    /// removes them when they are not needed. Two groups: small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), from zero
     /// hosts. As root. Prints where the API listens and tokens, then hosts joining,
     /// draining and leaving; Ctrl-C stops everything and removes what it made.
     Sim {
@@ -133,6 +134,11 @@ enum Command {
         bridge: String,
         #[arg(long, default_value = "10.213.0.0")]
         network: std::net::Ipv4Addr,
+        /// Who makes the hosts: `netns` (a network namespace and a cgroup each) or `qemu`
+        /// (a Linux VM each, pure cgroup v2: KVM when it works, else software emulation,
+        /// where a host takes tens of seconds to join).
+        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
+        provider: String,
     },
     /// Run only the HTTP + WebSocket API role (stateless: run several). Needs
     /// store.postgres_url, store.redis_url and the cluster's keys file.
@@ -230,14 +236,18 @@ fn main() -> ExitCode {
             active_for,
             bridge,
             network,
+            provider,
         } => sim(
             cli.config.as_deref(),
-            port,
-            &scale_down_after,
-            &launch_delay,
-            &active_for,
-            bridge,
-            network,
+            SimArgs {
+                port,
+                scale_down_after,
+                launch_delay,
+                active_for,
+                bridge,
+                network,
+                provider,
+            },
         ),
         Command::Api => cluster_role(cli.config.as_deref(), ClusterRole::Api),
         Command::Scheduler => cluster_role(cli.config.as_deref(), ClusterRole::Scheduler),
@@ -585,15 +595,29 @@ fn local_cluster(config: Option<&Path>, mut spec: ClusterSpec) -> anyhow::Result
     Ok(())
 }
 
-fn sim(
-    config: Option<&Path>,
+/// `hatchery sim`'s options.
+struct SimArgs {
     port: u16,
-    scale_down_after: &str,
-    launch_delay: &str,
-    active_for: &str,
+    scale_down_after: String,
+    launch_delay: String,
+    active_for: String,
     bridge: String,
     network: std::net::Ipv4Addr,
-) -> anyhow::Result<()> {
+    provider: String,
+}
+
+fn sim(config: Option<&Path>, args: SimArgs) -> anyhow::Result<()> {
+    let SimArgs {
+        port,
+        scale_down_after,
+        launch_delay,
+        active_for,
+        bridge,
+        network,
+        provider,
+    } = args;
+    let (scale_down_after, launch_delay, active_for) =
+        (&*scale_down_after, &*launch_delay, &*active_for);
     let cfg = Config::load(config)?;
     init_logs(cfg.log_format);
     let agent = agent_config(&cfg);
@@ -604,7 +628,8 @@ fn sim(
         cfg.rootfs.clone(),
     );
     spec.port = port;
-    spec.groups = default_groups(scale_down_after);
+    spec.groups = default_groups(&provider, scale_down_after);
+    spec.provider = provider;
     spec.launch_delay = hatchery_api::config::parse_duration_or_zero(launch_delay)
         .map_err(|e| anyhow::anyhow!("--launch-delay: {e}"))?;
     spec.active_for =
@@ -626,8 +651,8 @@ fn sim(
     println!("hatchery: listening on http://{addr}");
     println!(
         "\nThe whole architecture on this machine: PostgreSQL, Redis and S3 (moto) on bridge \
-         {bridge} ({net}/24), an API replica and a scheduler. Hosts are made as demand comes: \
-         groups small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), none at first; empty hosts are \
+         {bridge} ({net}/24), an API replica and a scheduler. Hosts ({hosts}) are made as demand \
+         comes: groups small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), none at first; empty hosts are \
          drained and removed after {after}, except those keeping room for the warm runs of a \
          user who submitted in the last {active_for}.\n\
          Config, keys and each process's log: {dir}\n\n\
@@ -640,6 +665,11 @@ fn sim(
          Ctrl-C stops everything and removes what it made.\n",
         bridge = sim.spec().bridge,
         net = sim.spec().network,
+        hosts = if sim.spec().provider == "qemu" {
+            "Linux VMs with a pure cgroup v2 kernel, under qemu"
+        } else {
+            "network namespaces, each with a cgroup of its group's shape"
+        },
         after = scale_down_after,
         active_for = active_for,
         dir = sim.cluster.dir().display(),
@@ -779,9 +809,9 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
                     .context("serving the API")
             }
             ClusterRole::Scheduler => {
-                let scaling = scaling(&cfg, config)?;
+                let (scaling, providers) = scaling(&cfg, config)?.unzip();
                 tracing::info!(autoscaling = scaling.is_some(), "scheduler started");
-                engines
+                let ran = engines
                     .run_scheduler(
                         cfg.platform_config(),
                         &cfg.agent.name,
@@ -790,7 +820,11 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
                         shutdown_signal(),
                     )
                     .await
-                    .context("running the scheduler")
+                    .context("running the scheduler");
+                if let Some(providers) = providers {
+                    providers.stop_vms(VM_HOSTS_GRACE).await;
+                }
+                ran
             }
             ClusterRole::Agent => {
                 let mut signals = StopSignals::new()?;
@@ -808,35 +842,70 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
     })
 }
 
-/// The `netns` provider, made once (at the first leadership): it holds its state
-/// directory for the rest of the process's life.
-struct NetnsSource {
-    config: hatchery_scheduler::provider::netns::NetnsConfig,
-    made: tokio::sync::OnceCell<Arc<NetnsProvider>>,
+/// How long the VM hosts of a scheduler that stops get to drain (then as long again
+/// after a second SIGTERM): within the 30 s a local cluster gives a process to stop.
+const VM_HOSTS_GRACE: Duration = Duration::from_secs(12);
+
+/// The providers the groups name, made once (at the first leadership): the `netns`
+/// provider holds its state directory for the rest of the process's life, the `qemu`
+/// provider its VMs.
+struct ProvidersSource {
+    netns: Option<hatchery_scheduler::provider::netns::NetnsConfig>,
+    qemu: Option<hatchery_scheduler::provider::qemu::QemuConfig>,
+    made: tokio::sync::OnceCell<Made>,
+}
+
+struct Made {
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    qemu: Option<Arc<QemuProvider>>,
+}
+
+impl ProvidersSource {
+    /// Stops the VMs the `qemu` provider made, if it made any: they would die with this
+    /// process; this way their agents drain first (a second SIGTERM after `grace`, then
+    /// qemu is killed after another).
+    async fn stop_vms(&self, grace: Duration) {
+        if let Some(qemu) = self.made.get().and_then(|m| m.qemu.as_ref()) {
+            tracing::info!("stopping the VM hosts this scheduler made");
+            qemu.stop_all(grace).await;
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl ProviderSource for NetnsSource {
+impl ProviderSource for ProvidersSource {
     async fn providers(&self) -> Result<BTreeMap<String, Arc<dyn Provider>>, ProviderError> {
-        let provider = self
+        let made = self
             .made
             .get_or_try_init(|| async {
-                NetnsProvider::new(self.config.clone()).await.map(Arc::new)
+                let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+                if let Some(cfg) = &self.netns {
+                    let p = NetnsProvider::new(cfg.clone()).await?;
+                    providers.insert("netns".into(), Arc::new(p));
+                }
+                let mut qemu = None;
+                if let Some(cfg) = &self.qemu {
+                    let p = Arc::new(QemuProvider::new(cfg.clone())?);
+                    providers.insert("qemu".into(), p.clone());
+                    qemu = Some(p);
+                }
+                Ok::<_, ProviderError>(Made { providers, qemu })
             })
             .await?;
-        Ok(BTreeMap::from([(
-            "netns".to_string(),
-            Arc::clone(provider) as Arc<dyn Provider>,
-        )]))
+        Ok(made.providers.clone())
     }
 }
 
 /// The autoscaler's groups and providers, when a group's hosts are made by a provider
-/// (`netns`: its hosts run this binary's `agent` with the same config and environment).
-/// The provider is made when this scheduler starts to lead, not before.
-fn scaling(cfg: &Config, config: Option<&Path>) -> anyhow::Result<Option<Scaling>> {
+/// (`netns` or `qemu`: their hosts run this binary's `agent` with the same config and
+/// environment). The providers are made when this scheduler starts to lead, not before.
+fn scaling(
+    cfg: &Config,
+    config: Option<&Path>,
+) -> anyhow::Result<Option<(Scaling, Arc<ProvidersSource>)>> {
     let groups = cfg.groups()?;
-    if !groups.iter().any(|g| g.provider == "netns") {
+    let uses = |kind: &str| groups.iter().any(|g| g.provider == kind);
+    if !uses("netns") && !uses("qemu") {
         return Ok(None);
     }
     let exe = std::env::current_exe().context("finding the hatchery binary")?;
@@ -846,17 +915,28 @@ fn scaling(cfg: &Config, config: Option<&Path>) -> anyhow::Result<Option<Scaling
             std::path::absolute(path).with_context(|| format!("config file {}", path.display()))?;
         command.extend(["--config".into(), path.into_os_string()]);
     }
-    let providers = Arc::new(NetnsSource {
-        config: cfg.netns(command)?,
+    let providers = Arc::new(ProvidersSource {
+        netns: uses("netns")
+            .then(|| cfg.netns(command.clone()))
+            .transpose()?,
+        qemu: uses("qemu")
+            .then(|| {
+                cfg.qemu(
+                    command.clone(),
+                    hatchery_scheduler::provider::qemu::inherited_env(),
+                )
+            })
+            .transpose()?,
         made: tokio::sync::OnceCell::new(),
     });
     let platform = cfg.platform_config();
-    Ok(Some(Scaling {
+    let scaling = Scaling {
         groups,
-        providers,
+        providers: providers.clone(),
         default_policy: platform.default_policy,
         active_for: platform.active_for,
-    }))
+    };
+    Ok(Some((scaling, providers)))
 }
 
 fn print_banner(

@@ -1,9 +1,12 @@
 //! The whole architecture on this machine, hosts included (`hatchery sim`, and the
 //! autoscaling tests): a private PostgreSQL, Redis and S3 (moto) listening on a bridge,
 //! an API replica and a scheduler as processes of the `hatchery` binary, and no host at
-//! first: the scheduler's autoscaler makes hosts through the `netns` provider as demand
-//! comes (each a network namespace on the bridge, a cgroup of its group's shape, and a
-//! `hatchery agent` of its own), drains them and removes them when they are not needed.
+//! first: the scheduler's autoscaler makes hosts as demand comes, drains them and removes
+//! them when they are not needed. Hosts come from the `netns` provider (each a network
+//! namespace on the bridge, a cgroup of its group's shape, and a `hatchery agent` of its
+//! own) or from the `qemu` provider (each a Linux VM with a pure cgroup v2 kernel running
+//! its own `hatchery agent`, reaching the engines on the bridge through qemu's user-mode
+//! network).
 //!
 //! [`Sim::stop`] (also on drop) removes everything it made: processes, hosts (their
 //! namespaces, veths and cgroups), the bridge, the engines and the data;
@@ -60,6 +63,8 @@ pub struct SimSpec {
     /// How long after its last submission a user keeps room for its warm runs
     /// (`platform.active_for`).
     pub active_for: Duration,
+    /// Who makes the hosts: `netns` or `qemu` (the groups must name it too).
+    pub provider: String,
 }
 
 impl SimSpec {
@@ -72,7 +77,7 @@ impl SimSpec {
             bridge: "hatchery0".into(),
             network: Ipv4Addr::new(10, 213, 0, 0),
             cgroup_parent: format!("hatchery-sim-{}", std::process::id()),
-            groups: default_groups("30s"),
+            groups: default_groups("netns", "30s"),
             launch_delay: Duration::from_secs(2),
             capacity: 4,
             pool_size: 1,
@@ -82,18 +87,22 @@ impl SimSpec {
             // for its own agents).
             agent_env: vec![("HATCHERY_DRAIN_DEADLINE".into(), "none".into())],
             active_for: Duration::from_secs(60),
+            provider: "netns".into(),
         }
     }
 }
 
-/// The default groups, empty hosts drained after `scale_down_after`.
-pub fn default_groups(scale_down_after: &str) -> String {
-    group_toml("small", "1G", 1.0, 0, 4, scale_down_after)
-        + &group_toml("big", "8G", 2.0, 0, 2, scale_down_after)
+/// The default groups of hosts made by `provider`, empty hosts drained after
+/// `scale_down_after`. VMs are heavier than namespaces: fewer of them.
+pub fn default_groups(provider: &str, scale_down_after: &str) -> String {
+    let (small, big) = if provider == "qemu" { (2, 1) } else { (4, 2) };
+    group_toml(provider, "small", "1G", 1.0, 0, small, scale_down_after)
+        + &group_toml(provider, "big", "8G", 2.0, 0, big, scale_down_after)
 }
 
-/// One `[[groups]]` table of netns hosts (no cooldowns).
+/// One `[[groups]]` table of hosts made by `provider` (no cooldowns).
 pub fn group_toml(
+    provider: &str,
     name: &str,
     memory: &str,
     cpus: f64,
@@ -104,7 +113,7 @@ pub fn group_toml(
     format!(
         "[[groups]]\nname = {name:?}\nmemory = {memory:?}\ncpus = {cpus:?}\nmin = {min}\n\
          max = {max}\nscale_down_after = {scale_down_after:?}\ncooldown_up = \"0s\"\n\
-         cooldown_down = \"0s\"\nprovider = \"netns\"\n"
+         cooldown_down = \"0s\"\nprovider = {provider:?}\n"
     )
 }
 
@@ -155,14 +164,17 @@ impl Sim {
         cluster.dir = Some(dir.clone());
         cluster.bind = Some(bridge_ip);
         cluster.active_for = Some(format!("{}ms", spec.active_for.as_millis()));
+        let qemu_dir = dir.join("qemu");
         cluster.extra_config = format!(
             "{groups}[netns]\nbridge = {bridge:?}\nnetwork = \"{network}\"\n\
-             cgroup_parent = {cgroup:?}\nstate_dir = {state:?}\nlaunch_delay = \"{delay}ms\"\n",
+             cgroup_parent = {cgroup:?}\nstate_dir = {state:?}\nlaunch_delay = \"{delay}ms\"\n\
+             [qemu]\nstate_dir = {qemu_state:?}\nlaunch_delay = \"{delay}ms\"\n",
             groups = spec.groups,
             bridge = spec.bridge,
             network = spec.network,
             cgroup = spec.cgroup_parent,
             state = netns.state_dir.display().to_string(),
+            qemu_state = qemu_dir.display().to_string(),
             delay = spec.launch_delay.as_millis(),
         );
         let mut sim = Sim {
@@ -201,14 +213,20 @@ impl Sim {
         self.cluster.procs[i].log.clone()
     }
 
-    /// Where the hosts' records and their agents' logs are.
-    pub fn hosts_dir(&self) -> &Path {
-        &self.netns.state_dir
+    /// Where the hosts' agents' logs are (`logs/<host>.log`), and the `netns` hosts'
+    /// records.
+    pub fn hosts_dir(&self) -> PathBuf {
+        if self.spec.provider == "qemu" {
+            self.cluster.dir().join("qemu")
+        } else {
+            self.netns.state_dir.clone()
+        }
     }
 
     /// Stops the API and the scheduler, then every host (their agents drain: a second
     /// signal after `grace` forces them), and removes the hosts, the bridge, the engines
-    /// and the data.
+    /// and the data. (VM hosts are stopped by the scheduler as it stops: they are its
+    /// children.)
     pub fn stop(&mut self, grace: Duration) {
         if std::mem::replace(&mut self.stopped, true) {
             return;
@@ -231,9 +249,12 @@ impl Sim {
     }
 
     /// What the simulation left on this machine: network namespaces and links named
-    /// after its bridge, its cgroups, and processes in them. Empty after [`Sim::stop`].
+    /// after its bridge, its cgroups, processes in them, and VMs of its hosts. Empty
+    /// after [`Sim::stop`].
     pub fn leftovers(&self) -> Vec<String> {
-        leftovers(&self.spec.bridge, &self.spec.cgroup_parent)
+        let mut left = leftovers(&self.spec.bridge, &self.spec.cgroup_parent);
+        left.extend(processes_naming(&self.cluster.dir().join("qemu")));
+        left
     }
 }
 
@@ -242,6 +263,31 @@ impl Drop for Sim {
         self.stop(Duration::from_secs(2));
         let _ = std::fs::remove_dir_all(self.cluster.dir());
     }
+}
+
+/// Processes whose command line names something under `dir` (a VM host's qemu shares
+/// its control directory from there).
+pub fn processes_naming(dir: &Path) -> Vec<String> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut left = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return left;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) {
+            if cmdline.windows(needle.len()).any(|w| w == needle) {
+                left.push(format!("process {pid} (naming {})", dir.display()));
+            }
+        }
+    }
+    left
 }
 
 /// Address `.n` of a /24.

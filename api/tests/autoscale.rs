@@ -30,6 +30,18 @@ fn sim(
     launch_delay: Duration,
     active_for: Duration,
 ) -> Option<Sim> {
+    sim_of(test, k, groups, launch_delay, active_for, "netns")
+}
+
+/// [`sim`] with hosts made by `provider`.
+fn sim_of(
+    test: &str,
+    k: u8,
+    groups: String,
+    launch_delay: Duration,
+    active_for: Duration,
+    provider: &str,
+) -> Option<Sim> {
     if !std::path::Path::new("/usr/sbin/ip").exists() && !std::path::Path::new("/sbin/ip").exists()
     {
         hatchery_tests::skip(test, "no `ip` (iproute2)", "HATCHERY_REQUIRE_ENGINES");
@@ -45,6 +57,7 @@ fn sim(
     spec.capacity = 2;
     spec.pool_size = 1;
     spec.port = 0;
+    spec.provider = provider.into();
     // Hosts heartbeat every second: they take in a drain quickly.
     spec.agent_env
         .push(("HATCHERY_AGENT_LEASE".into(), "3s".into()));
@@ -199,8 +212,8 @@ fn demand_scales_groups_from_zero_and_idle_hosts_drain_and_go_while_a_long_run_f
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let test =
         "demand_scales_groups_from_zero_and_idle_hosts_drain_and_go_while_a_long_run_finishes";
-    let groups =
-        group_toml("small", "1G", 1.0, 0, 3, "3s") + &group_toml("big", "8G", 2.0, 0, 1, "3s");
+    let groups = group_toml("netns", "small", "1G", 1.0, 0, 3, "3s")
+        + &group_toml("netns", "big", "8G", 2.0, 0, 1, "3s");
     let Some(mut s) = sim(test, 1, groups, Duration::from_secs(1), MINUTE) else {
         return;
     };
@@ -312,7 +325,7 @@ fn no_host_goes_while_it_runs_something_returning_demand_cancels_a_drain_and_dra
     let Some(mut s) = sim(
         test,
         2,
-        group_toml("small", "1G", 1.0, 0, 2, "2s"),
+        group_toml("netns", "small", "1G", 1.0, 0, 2, "2s"),
         Duration::from_secs(3),
         MINUTE,
     ) else {
@@ -418,8 +431,8 @@ fn an_active_user_keeps_room_on_a_group_it_may_use_and_an_idle_one_keeps_nothing
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let test = "an_active_user_keeps_room_on_a_group_it_may_use_and_an_idle_one_keeps_nothing";
     let active_for = Duration::from_secs(30);
-    let groups =
-        group_toml("small", "1G", 1.0, 0, 2, "1s") + &group_toml("big", "4G", 2.0, 0, 1, "1s");
+    let groups = group_toml("netns", "small", "1G", 1.0, 0, 2, "1s")
+        + &group_toml("netns", "big", "4G", 2.0, 0, 1, "1s");
     let Some(mut s) = sim(test, 4, groups, Duration::from_secs(1), active_for) else {
         return;
     };
@@ -653,4 +666,87 @@ fn hatchery_sim_runs_work_on_hosts_it_makes_and_ctrl_c_leaves_nothing_behind() {
         hatchery_api::sim::leftovers(&bridge, &cgroup_parent),
         Vec::<String>::new()
     );
+}
+
+/// A VM host (the `qemu` provider, the local Linux VM simulation): demand scales the
+/// group from zero to one VM (Debian's kernel, pure cgroup v2) whose agent reaches
+/// PostgreSQL, Redis and S3 on the bridge through qemu's user-mode network, registers and
+/// runs an R execution in a sandbox on the guest's cgroup v2 hierarchy; once idle, the
+/// host drains, its VM powers off, and nothing is left behind. Slow under software
+/// emulation (a minute or two): one small VM, one short execution.
+#[test]
+fn a_vm_host_joins_the_cluster_and_runs_r_on_cgroup_v2() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "a_vm_host_joins_the_cluster_and_runs_r_on_cgroup_v2";
+    if !std::path::Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        hatchery_tests::skip(test, "no qemu-system-x86", "HATCHERY_REQUIRE_ENGINES");
+        return;
+    }
+    let groups = group_toml("qemu", "small", "1G", 1.0, 0, 1, "2s");
+    let Some(mut s) = sim_of(
+        test,
+        5,
+        groups,
+        Duration::ZERO,
+        Duration::from_secs(1),
+        "qemu",
+    ) else {
+        return;
+    };
+    let (addr, root, user) = callers(&s);
+    let vms = s.cluster.dir().join("qemu");
+    e2e(async {
+        // Where the sandbox runs: its cgroups (one unified line on v2; one per
+        // controller on v1) and the kernel's command line (the VM's).
+        let code = r#"cat(readLines("/proc/self/cgroup"), sep = "\n")
+cat("\nv1 off:", grepl("cgroup_no_v1=all", readLines("/proc/cmdline")), "\n")"#;
+        let id = submit(addr, &user, code, 256, 1.0).await;
+        let v = finished(addr, &user, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        let host = v["agent"].as_str().unwrap().to_string();
+        assert!(host.starts_with("small-vm"), "{v}");
+        assert_eq!(launches(&s, "small"), 1, "{:?}", said(&s, ""));
+
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+            "ws://{addr}/v1/executions/{id}/events?token={user}"
+        ))
+        .await
+        .unwrap();
+        let (events, closed) = read_events(&mut ws, |_| false).await;
+        assert!(closed);
+        let out = stdout_of(&events);
+        let cgroups: Vec<&str> = out.lines().take_while(|l| !l.is_empty()).collect();
+        assert_eq!(cgroups.len(), 1, "one unified hierarchy:\n{out}");
+        assert!(cgroups[0].starts_with("0::/"), "cgroup v2:\n{out}");
+        assert!(out.contains("v1 off: TRUE"), "{out}");
+        let log = std::fs::read_to_string(s.hosts_dir().join("logs").join(format!("{host}.log")))
+            .unwrap();
+        assert!(log.contains("hatchery-host: the agent starts"), "{log}");
+
+        // Idle (the user is no longer active after 1 s, the host empty for 2 s): the host
+        // drains and goes, and its VM with it.
+        let deadline = Instant::now() + PATIENCE;
+        while state_of(addr, &root, &host).await.as_deref() != Some("gone") {
+            assert!(Instant::now() < deadline, "{host} never went");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !hatchery_api::sim::processes_naming(&vms).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the VM of a gone host still runs: {:?}",
+                hatchery_api::sim::processes_naming(&vms)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let log = std::fs::read_to_string(s.hosts_dir().join("logs").join(format!("{host}.log")))
+            .unwrap();
+        assert!(
+            log.contains("hatchery-host: SIGTERM 1 to the agent"),
+            "drained by a SIGTERM:\n{log}"
+        );
+        assert!(!log.contains("SIGTERM 2"), "one signal, no forcing:\n{log}");
+    });
+    s.stop(Duration::from_secs(2));
+    assert_eq!(s.leftovers(), Vec::<String>::new());
 }

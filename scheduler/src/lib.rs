@@ -5,9 +5,10 @@
 //! placement (pure decisions: [`placement`]; the scheduler role's loop: [`scheduling`]),
 //! and the per-host agent that drives the `sandbox` runtime's warm pools ([`agent`]).
 //!
-//! [`vm`] boots Linux VMs under qemu (pure cgroup v2 guests running host binaries); the
-//! `hatchery-vm` binary uses it to test the v2 cgroup backend, and the local cluster
-//! simulation will use it for its hosts.
+//! [`provider`] makes and removes the hosts of groups: network namespaces on this machine
+//! ([`provider::netns`]) or Linux VMs ([`provider::qemu`]), which [`provider::vm`] boots
+//! under qemu (pure cgroup v2 guests running this machine's binaries; the `hatchery-vm`
+//! binary uses it too, to test the v2 cgroup backend).
 
 pub mod admission;
 pub mod agent;
@@ -32,4 +33,3 @@ pub mod scheduling;
 pub mod seal;
 pub mod simulation;
 pub mod store;
-pub mod vm;

@@ -8,8 +8,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use hatchery_scheduler::vm::guest::CGROUP_CHECK_SCRIPT;
-use hatchery_scheduler::vm::{run_in_guest, CgroupCheck, GuestCommand, GuestExit, GuestOptions};
+use hatchery_scheduler::provider::vm::guest::CGROUP_CHECK_SCRIPT;
+use hatchery_scheduler::provider::vm::{
+    run_in_guest, CgroupCheck, GuestCommand, GuestExit, GuestOptions,
+};
 
 /// The VMs of this file boot one at a time: the check that qemu was reaped looks at every
 /// child of this process, so another test's qemu must not be running then.
@@ -107,7 +109,7 @@ fn guest_is_pure_cgroup_v2_and_returns_exit_status_and_output() {
 #[test]
 fn a_guest_with_a_network_reaches_a_host_loopback_service() {
     let _alone = one_vm_at_a_time();
-    use hatchery_scheduler::vm::qemu::USER_NET_HOST;
+    use hatchery_scheduler::provider::vm::qemu::USER_NET_HOST;
     use std::io::{BufRead, BufReader, Write};
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");

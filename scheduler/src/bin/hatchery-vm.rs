@@ -1,5 +1,5 @@
 //! `hatchery-vm`: run a host command inside a throw-away qemu VM with a pure cgroup v2
-//! hierarchy, or check that such a VM works. A thin layer over `hatchery_scheduler::vm`.
+//! hierarchy, or check that such a VM works. A thin layer over `hatchery_scheduler::provider::vm`.
 //!
 //! Exit status: the command's own under `run`; 124 when the VM hit its time limit; 125
 //! when the VM could not run the command (setup failure, kernel panic, missing qemu or
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use hatchery_scheduler::vm::{
+use hatchery_scheduler::provider::vm::{
     cgroup_check_command, run_in_guest, AccelChoice, BootImage, CgroupCheck, GuestCommand,
     GuestError, GuestExit, GuestOptions, GuestOutcome, GuestProgress,
 };
@@ -180,7 +180,7 @@ fn options(vm: &VmArgs) -> GuestOptions {
         shares: vm
             .shares
             .iter()
-            .map(|p| hatchery_scheduler::vm::guest::GuestShare {
+            .map(|p| hatchery_scheduler::provider::vm::guest::GuestShare {
                 host_path: p.clone(),
                 guest_path: p.clone(),
                 readonly: true,

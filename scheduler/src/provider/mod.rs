@@ -2,7 +2,8 @@
 //! ([`crate::autoscale`]) decides; a provider acts: it launches a host of a group's shape
 //! (which then runs `hatchery agent` and registers like any host), terminates a named
 //! host, and lists the hosts it made with where each is in its life. One trait, so that
-//! the same autoscaler drives local hosts ([`netns`]), VMs and cloud auto-scaling groups.
+//! the same autoscaler drives local hosts ([`netns`]), VMs ([`qemu`], launched by
+//! [`vm`]) and cloud auto-scaling groups.
 //!
 //! A provider never decides that a host may go: [`Provider::terminate`] is called only
 //! for a host the autoscaler drained and saw empty, and what it does to the host's agent
@@ -10,6 +11,8 @@
 //! kills nothing) and then exits.
 
 pub mod netns;
+pub mod qemu;
+pub mod vm;
 
 use async_trait::async_trait;
 

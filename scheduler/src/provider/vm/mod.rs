@@ -1,12 +1,14 @@
-//! Linux VMs under qemu for tests and local clusters: boot Debian's kernel with a pure
-//! cgroup v2 hierarchy, run a host command inside, get its exit status and output back.
+//! Linux VMs under qemu for tests and for the `qemu` provider's hosts
+//! ([`super::qemu`]): boot Debian's kernel with a pure cgroup v2 hierarchy, run a host
+//! command inside, get its exit status and output back.
 //!
 //! The guest needs no disk image. Its initramfs (generated per run) holds a static
 //! busybox, the modules for virtio-9p and overlayfs, and an `/init` that mounts the host's
 //! `/` read-only over virtio-9p, puts a tmpfs overlay on top, mounts cgroup2 at
 //! `/sys/fs/cgroup` and `chroot`s into the result, so the binaries under test run unchanged,
 //! at their host paths, as root. Results travel back over the serial console between
-//! per-boot markers; the guest has no network.
+//! per-boot markers; the guest has no network unless asked for qemu's user-mode one
+//! ([`GuestOptions::network`]).
 //!
 //! Why all of `/` rather than a list of directories: the binaries under test, their shared
 //! libraries, the sandbox root filesystems in `/var/lib/hatchery` and the working
