@@ -96,6 +96,37 @@ pub struct Config {
     pub netns: NetnsSection,
     /// The `qemu` provider: how groups with `provider = "qemu"` get their hosts.
     pub qemu: QemuSection,
+    /// The `ec2-asg` provider: how groups with `provider = "ec2-asg"` get their hosts.
+    pub ec2_asg: Ec2AsgSection,
+}
+
+/// The `ec2-asg` provider's settings: each group with `provider = "ec2-asg"` is an EC2
+/// Auto Scaling group whose instances run `hatchery agent` named after their instance
+/// id. Credentials come from the environment as the AWS CLI finds them
+/// (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, an instance role).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ec2AsgSection {
+    /// The region (`HATCHERY_EC2_REGION`; unset: `AWS_REGION` or the profile's).
+    pub region: Option<String>,
+    /// Another endpoint for the Auto Scaling API, e.g. an emulator's
+    /// (`HATCHERY_EC2_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// The Auto Scaling group of each host group, by group name (default:
+    /// `<asg_prefix><group>`).
+    pub asg_names: std::collections::BTreeMap<String, String>,
+    pub asg_prefix: String,
+}
+
+impl Default for Ec2AsgSection {
+    fn default() -> Self {
+        Ec2AsgSection {
+            region: None,
+            endpoint: None,
+            asg_names: Default::default(),
+            asg_prefix: "hatchery-".into(),
+        }
+    }
 }
 
 /// The `qemu` provider's settings: each host it makes is a Linux VM on this machine
@@ -173,6 +204,19 @@ impl Default for NetnsSection {
     }
 }
 
+/// The host groups of a TOML text of `[[groups]]` tables, checked.
+pub fn groups_from_toml(text: &str) -> Result<Vec<GroupConfig>, ConfigError> {
+    #[derive(Deserialize)]
+    struct Groups {
+        groups: Vec<GroupSection>,
+    }
+    let doc: Groups = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    doc.groups
+        .iter()
+        .map(|g| g.to_group().map_err(ConfigError::Invalid))
+        .collect()
+}
+
 /// One host group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,8 +240,9 @@ pub struct GroupSection {
     /// Who makes its hosts: `static` (hosts started by hand, as `hatchery agent` with
     /// `agent.group`; never launched or terminated by the autoscaler) or `netns` (hosts
     /// the scheduler makes on this machine, each a network namespace with a cgroup of the
-    /// group's shape: see `[netns]`) or `qemu` (hosts the scheduler makes as Linux VMs on
-    /// this machine: see `[qemu]`).
+    /// group's shape: see `[netns]`), `qemu` (hosts the scheduler makes as Linux VMs on
+    /// this machine: see `[qemu]`) or `ec2-asg` (instances of an EC2 Auto Scaling group:
+    /// see `[ec2_asg]`).
     pub provider: String,
 }
 
@@ -246,9 +291,12 @@ impl GroupSection {
                 self.min, self.max
             ));
         }
-        if !matches!(self.provider.as_str(), "static" | "netns" | "qemu") {
+        if !matches!(
+            self.provider.as_str(),
+            "static" | "netns" | "qemu" | "ec2-asg"
+        ) {
             return Err(format!(
-                "group {name}: provider {:?}: expected static, netns or qemu",
+                "group {name}: provider {:?}: expected static, netns, qemu or ec2-asg",
                 self.provider
             ));
         }
@@ -399,6 +447,7 @@ impl Default for Config {
             groups: Vec::new(),
             netns: NetnsSection::default(),
             qemu: QemuSection::default(),
+            ec2_asg: Ec2AsgSection::default(),
         }
     }
 }
@@ -479,6 +528,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_REDIS_URL", "store.redis_url"),
     ("HATCHERY_S3_BUCKET", "store.s3_bucket"),
     ("HATCHERY_S3_ENDPOINT", "store.s3_endpoint"),
+    ("HATCHERY_EC2_ENDPOINT", "ec2_asg.endpoint"),
+    ("HATCHERY_EC2_REGION", "ec2_asg.region"),
     (
         "HATCHERY_MAX_PARALLEL",
         "platform.default_policy.max_parallel",
@@ -545,6 +596,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.netns(Vec::new())?;
         self.qemu(Vec::new(), Vec::new())?;
+        self.ec2_asg()?;
         self.listen_addr()?;
         let groups = self.groups()?;
         if let Some(g) = &self.agent.group {
@@ -802,6 +854,37 @@ impl Config {
             .chain(q.shares.iter().cloned())
             .collect();
         Ok(cfg)
+    }
+
+    /// The `ec2-asg` provider's settings for the groups that use it.
+    pub fn ec2_asg(
+        &self,
+    ) -> Result<hatchery_scheduler::provider::ec2_asg::Ec2AsgConfig, ConfigError> {
+        let e = &self.ec2_asg;
+        let groups = self.groups()?;
+        for name in e.asg_names.keys() {
+            if !groups.iter().any(|g| &g.name == name) {
+                return Err(ConfigError::Invalid(format!(
+                    "ec2_asg.asg_names: no group {name:?}"
+                )));
+            }
+        }
+        Ok(hatchery_scheduler::provider::ec2_asg::Ec2AsgConfig {
+            region: e.region.clone(),
+            endpoint: e.endpoint.clone(),
+            groups: groups
+                .into_iter()
+                .filter(|g| g.provider == "ec2-asg")
+                .map(|g| {
+                    let asg = e
+                        .asg_names
+                        .get(&g.name)
+                        .cloned()
+                        .unwrap_or_else(|| format!("{}{}", e.asg_prefix, g.name));
+                    (g, asg)
+                })
+                .collect(),
+        })
     }
 
     /// The host groups (`[[groups]]`), checked: valid shapes and limits, unique names.

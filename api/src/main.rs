@@ -26,6 +26,7 @@ use hatchery_api::{ApiServer, ServerOptions};
 use hatchery_scheduler::agent::{AgentConfig, LanguageConfig};
 use hatchery_scheduler::model::Role;
 use hatchery_scheduler::node::{EmbeddedNode, Engines, NodeConfig};
+use hatchery_scheduler::provider::ec2_asg::Ec2AsgProvider;
 use hatchery_scheduler::provider::netns::NetnsProvider;
 use hatchery_scheduler::provider::qemu::QemuProvider;
 use hatchery_scheduler::provider::{Provider, ProviderError};
@@ -134,10 +135,12 @@ enum Command {
         bridge: String,
         #[arg(long, default_value = "10.213.0.0")]
         network: std::net::Ipv4Addr,
-        /// Who makes the hosts: `netns` (a network namespace and a cgroup each) or `qemu`
+        /// Who makes the hosts: `netns` (a network namespace and a cgroup each), `qemu`
         /// (a Linux VM each, pure cgroup v2: KVM when it works, else software emulation,
-        /// where a host takes tens of seconds to join).
-        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
+        /// where a host takes tens of seconds to join) or `ec2-asg` (the production
+        /// provider, driving EC2 Auto Scaling groups emulated by moto, whose instances
+        /// become network-namespace hosts).
+        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu", "ec2-asg"])]
         provider: String,
     },
     /// Run only the HTTP + WebSocket API role (stateless: run several). Needs
@@ -665,10 +668,14 @@ fn sim(config: Option<&Path>, args: SimArgs) -> anyhow::Result<()> {
          Ctrl-C stops everything and removes what it made.\n",
         bridge = sim.spec().bridge,
         net = sim.spec().network,
-        hosts = if sim.spec().provider == "qemu" {
-            "Linux VMs with a pure cgroup v2 kernel, under qemu"
-        } else {
-            "network namespaces, each with a cgroup of its group's shape"
+        hosts = match sim.spec().provider.as_str() {
+            "qemu" => "Linux VMs with a pure cgroup v2 kernel, under qemu",
+            "ec2-asg" => {
+                "instances of EC2 Auto Scaling groups hatchery-small and hatchery-big, \
+                 emulated by moto, each run as a network namespace with a cgroup of its \
+                 group's shape"
+            }
+            _ => "network namespaces, each with a cgroup of its group's shape",
         },
         after = scale_down_after,
         active_for = active_for,
@@ -852,6 +859,7 @@ const VM_HOSTS_GRACE: Duration = Duration::from_secs(12);
 struct ProvidersSource {
     netns: Option<hatchery_scheduler::provider::netns::NetnsConfig>,
     qemu: Option<hatchery_scheduler::provider::qemu::QemuConfig>,
+    ec2_asg: Option<hatchery_scheduler::provider::ec2_asg::Ec2AsgConfig>,
     made: tokio::sync::OnceCell<Made>,
 }
 
@@ -889,6 +897,10 @@ impl ProviderSource for ProvidersSource {
                     providers.insert("qemu".into(), p.clone());
                     qemu = Some(p);
                 }
+                if let Some(cfg) = &self.ec2_asg {
+                    let p = Ec2AsgProvider::new(cfg.clone()).await?;
+                    providers.insert("ec2-asg".into(), Arc::new(p));
+                }
                 Ok::<_, ProviderError>(Made { providers, qemu })
             })
             .await?;
@@ -898,14 +910,14 @@ impl ProviderSource for ProvidersSource {
 
 /// The autoscaler's groups and providers, when a group's hosts are made by a provider
 /// (`netns` or `qemu`: their hosts run this binary's `agent` with the same config and
-/// environment). The providers are made when this scheduler starts to lead, not before.
+/// environment; `ec2-asg`: instances of Auto Scaling groups). The providers are made when this scheduler starts to lead, not before.
 fn scaling(
     cfg: &Config,
     config: Option<&Path>,
 ) -> anyhow::Result<Option<(Scaling, Arc<ProvidersSource>)>> {
     let groups = cfg.groups()?;
     let uses = |kind: &str| groups.iter().any(|g| g.provider == kind);
-    if !uses("netns") && !uses("qemu") {
+    if !uses("netns") && !uses("qemu") && !uses("ec2-asg") {
         return Ok(None);
     }
     let exe = std::env::current_exe().context("finding the hatchery binary")?;
@@ -927,6 +939,7 @@ fn scaling(
                 )
             })
             .transpose()?,
+        ec2_asg: uses("ec2-asg").then(|| cfg.ec2_asg()).transpose()?,
         made: tokio::sync::OnceCell::new(),
     });
     let platform = cfg.platform_config();

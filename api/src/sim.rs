@@ -6,17 +6,25 @@
 //! namespace on the bridge, a cgroup of its group's shape, and a `hatchery agent` of its
 //! own) or from the `qemu` provider (each a Linux VM with a pure cgroup v2 kernel running
 //! its own `hatchery agent`, reaching the engines on the bridge through qemu's user-mode
-//! network).
+//! network), or — to run the production `ec2-asg` provider end to end — from EC2 Auto
+//! Scaling groups emulated by moto, whose instances a [`Launcher`] turns into `netns`
+//! hosts named after them (moto makes instances, but runs nothing).
 //!
 //! [`Sim::stop`] (also on drop) removes everything it made: processes, hosts (their
 //! namespaces, veths and cgroups), the bridge, the engines and the data;
 //! [`Sim::leftovers`] says what, if anything, remains.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use hatchery_scheduler::autoscale::GroupConfig;
+use hatchery_scheduler::provider::ec2_asg::{aws_error, emulator_sdk_config, sdk};
 use hatchery_scheduler::provider::netns::{self, NetnsConfig, NetnsProvider};
+use hatchery_scheduler::provider::{HostPhase, Provider};
 
 use crate::local_cluster::{ClusterError, ClusterSpec, LocalCluster, RoleKind};
 
@@ -26,6 +34,8 @@ pub enum SimError {
     Cluster(#[from] ClusterError),
     #[error("the bridge {bridge}: {reason}")]
     Bridge { bridge: String, reason: String },
+    #[error("the emulated Auto Scaling groups: {0}")]
+    Asg(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -63,7 +73,8 @@ pub struct SimSpec {
     /// How long after its last submission a user keeps room for its warm runs
     /// (`platform.active_for`).
     pub active_for: Duration,
-    /// Who makes the hosts: `netns` or `qemu` (the groups must name it too).
+    /// Who makes the hosts: `netns`, `qemu` or `ec2-asg` (the groups must name it
+    /// too).
     pub provider: String,
 }
 
@@ -96,6 +107,7 @@ impl SimSpec {
 /// `scale_down_after`. VMs are heavier than namespaces: fewer of them.
 pub fn default_groups(provider: &str, scale_down_after: &str) -> String {
     let (small, big) = if provider == "qemu" { (2, 1) } else { (4, 2) };
+    // An Auto Scaling group's name is `hatchery-<group>` (the default prefix).
     group_toml(provider, "small", "1G", 1.0, 0, small, scale_down_after)
         + &group_toml(provider, "big", "8G", 2.0, 0, big, scale_down_after)
 }
@@ -122,8 +134,12 @@ pub struct Sim {
     pub cluster: LocalCluster,
     spec: SimSpec,
     netns: NetnsConfig,
+    launcher: Option<Launcher>,
     stopped: bool,
 }
+
+/// The region of the emulated Auto Scaling groups.
+pub const SIM_REGION: &str = "us-east-1";
 
 impl Sim {
     /// Makes the bridge, starts the engines on it, then the scheduler and the API
@@ -184,14 +200,37 @@ impl Sim {
             })?,
             spec,
             netns,
+            launcher: None,
             stopped: false,
         };
-        let env: Vec<(&str, String)> = sim
+        let mut env: Vec<(&str, String)> = sim
             .spec
             .agent_env
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
+        if sim.spec.provider == "ec2-asg" {
+            let endpoint = sim.cluster.moto.endpoint();
+            env.push(("HATCHERY_EC2_ENDPOINT", endpoint.clone()));
+            env.push(("HATCHERY_EC2_REGION", SIM_REGION.into()));
+            let groups = hatchery_api_groups(&sim.spec.groups)?;
+            create_asgs(&endpoint, &groups)?;
+            let mut agents = sim.netns.clone();
+            agents.agent_command = vec![
+                sim.spec.bin.clone().into_os_string(),
+                "agent".into(),
+                "--config".into(),
+                sim.cluster.config().as_os_str().to_owned(),
+            ];
+            // What a role of the cluster gets (see local_cluster's launch).
+            agents.agent_env = sim.spec.agent_env.clone();
+            agents.agent_env.extend([
+                ("RUST_LOG".to_string(), sim.spec.log_filter.clone()),
+                ("AWS_ACCESS_KEY_ID".into(), "hatchery-local".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "hatchery-local".into()),
+            ]);
+            sim.launcher = Some(Launcher::start(agents, groups, endpoint)?);
+        }
         sim.cluster
             .spawn(RoleKind::Scheduler, "scheduler-1", &env)?;
         sim.cluster.api("api-1")?;
@@ -232,6 +271,9 @@ impl Sim {
             return;
         }
         self.cluster.stop();
+        if let Some(launcher) = self.launcher.take() {
+            launcher.stop();
+        }
         match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -262,6 +304,150 @@ impl Drop for Sim {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(2));
         let _ = std::fs::remove_dir_all(self.cluster.dir());
+    }
+}
+
+fn hatchery_api_groups(toml: &str) -> Result<Vec<GroupConfig>, SimError> {
+    crate::config::groups_from_toml(toml).map_err(|e| SimError::Asg(e.to_string()))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, SimError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| SimError::Io {
+            what: "starting a runtime".into(),
+            source,
+        })
+}
+
+/// Makes the emulator's Auto Scaling group of each group (`hatchery-<group>`, its min
+/// and max, as many instances as its min) from one launch configuration.
+fn create_asgs(endpoint: &str, groups: &[GroupConfig]) -> Result<(), SimError> {
+    let fail = |e: &dyn std::error::Error| SimError::Asg(aws_error(e));
+    runtime()?.block_on(async {
+        let client = sdk::Client::new(&emulator_sdk_config(SIM_REGION, endpoint).await);
+        client
+            .create_launch_configuration()
+            .launch_configuration_name("hatchery-sim")
+            // moto's stock image id: its instances run nothing.
+            .image_id("ami-12c6146b")
+            .instance_type("t3.micro")
+            .send()
+            .await
+            .map_err(|e| fail(&e))?;
+        for g in groups {
+            client
+                .create_auto_scaling_group()
+                .auto_scaling_group_name(format!("hatchery-{}", g.name))
+                .launch_configuration_name("hatchery-sim")
+                .min_size(g.min as i32)
+                .max_size(g.max as i32)
+                .desired_capacity(g.min as i32)
+                .availability_zones(format!("{SIM_REGION}a"))
+                .send()
+                .await
+                .map_err(|e| fail(&e))?;
+        }
+        Ok(())
+    })
+}
+
+/// Turns the emulator's instances into hosts: every in-service instance of a group's
+/// Auto Scaling group gets a `netns` host named after its instance id (whose agent
+/// registers under that name, as a real instance's would); a host whose instance is
+/// terminating or gone is terminated (its agent drains and exits, as an instance's does
+/// when EC2 shuts it down). Runs on a thread of its own, looking twice a second.
+pub struct Launcher {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Launcher {
+    fn start(
+        netns: NetnsConfig,
+        groups: Vec<GroupConfig>,
+        endpoint: String,
+    ) -> Result<Launcher, SimError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let rt = runtime()?;
+        let provider = rt
+            .block_on(NetnsProvider::new(netns))
+            .map_err(|e| SimError::Asg(e.to_string()))?;
+        let thread = std::thread::Builder::new()
+            .name("ec2 launcher".into())
+            .spawn(move || rt.block_on(launch_instances(provider, groups, endpoint, flag)))
+            .map_err(|source| SimError::Io {
+                what: "starting the launcher".into(),
+                source,
+            })?;
+        Ok(Launcher { stop, thread })
+    }
+
+    /// Stops looking (the hosts stay: [`Sim::stop`] stops them).
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+async fn launch_instances(
+    netns: NetnsProvider,
+    groups: Vec<GroupConfig>,
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+) {
+    let client = sdk::Client::new(&emulator_sdk_config(SIM_REGION, &endpoint).await);
+    let by_asg: BTreeMap<String, GroupConfig> = groups
+        .into_iter()
+        .map(|g| (format!("hatchery-{}", g.name), g))
+        .collect();
+    while !stop.load(Ordering::SeqCst) {
+        let described = client
+            .describe_auto_scaling_groups()
+            .set_auto_scaling_group_names(Some(by_asg.keys().cloned().collect()))
+            .send()
+            .await;
+        let (Ok(described), Ok(hosts)) = (described, netns.list().await) else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let mut in_service = BTreeSet::new();
+        for asg in described.auto_scaling_groups() {
+            let Some(group) = asg.auto_scaling_group_name().and_then(|n| by_asg.get(n)) else {
+                continue;
+            };
+            for i in asg.instances() {
+                let (Some(id), Some(state)) = (i.instance_id(), i.lifecycle_state()) else {
+                    continue;
+                };
+                if state.as_str() != "InService" {
+                    continue;
+                }
+                in_service.insert(id.to_string());
+                if !hosts.iter().any(|h| h.name == id) {
+                    match netns.launch_as(group, Some(id)).await {
+                        Ok(_) => {
+                            tracing::info!(instance = id, group = %group.name, "launcher: the instance is up; its host starts")
+                        }
+                        Err(e) => {
+                            tracing::warn!(instance = id, error = %e, "launcher: cannot start the instance's host")
+                        }
+                    }
+                }
+            }
+        }
+        for h in &hosts {
+            let leaving = matches!(h.phase, HostPhase::Stopping);
+            if !leaving && !in_service.contains(&h.name) {
+                tracing::info!(instance = %h.name, "launcher: the instance is terminating; its host stops");
+                if let Err(e) = netns.terminate(&h.name).await {
+                    tracing::warn!(instance = %h.name, error = %e, "launcher: cannot stop the host");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -750,3 +750,87 @@ cat("\nv1 off:", grepl("cgroup_no_v1=all", readLines("/proc/cmdline")), "\n")"#;
     s.stop(Duration::from_secs(2));
     assert_eq!(s.leftovers(), Vec::<String>::new());
 }
+
+/// The production provider end to end: the group is an EC2 Auto Scaling group (moto's),
+/// the scheduler scales it with `SetDesiredCapacity`, the simulation's launcher turns the
+/// instance moto makes into a `netns` host named after its instance id, whose agent
+/// registers under that name and runs the execution; once idle, the host drains and the
+/// scheduler terminates the instance with `TerminateInstanceInAutoScalingGroup`, the
+/// launcher stops the host, and the group's desired capacity is back to zero.
+#[test]
+fn an_ec2_auto_scaling_group_emulated_by_moto_scales_up_runs_work_and_scales_down() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "an_ec2_auto_scaling_group_emulated_by_moto_scales_up_runs_work_and_scales_down";
+    let groups = group_toml("ec2-asg", "small", "1G", 1.0, 0, 1, "2s");
+    let Some(mut s) = sim_of(
+        test,
+        6,
+        groups,
+        Duration::ZERO,
+        Duration::from_secs(1),
+        "ec2-asg",
+    ) else {
+        return;
+    };
+    let (addr, root, user) = callers(&s);
+    let endpoint = s.cluster.moto.endpoint();
+    e2e(async {
+        use hatchery_scheduler::provider::ec2_asg::{emulator_sdk_config, sdk};
+        let asg =
+            sdk::Client::new(&emulator_sdk_config(hatchery_api::sim::SIM_REGION, &endpoint).await);
+        let describe = || async {
+            let out = asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names("hatchery-small")
+                .send()
+                .await
+                .unwrap();
+            let g = out.auto_scaling_groups()[0].clone();
+            let instances: Vec<(String, bool)> = g
+                .instances()
+                .iter()
+                .map(|i| {
+                    (
+                        i.instance_id().unwrap().to_string(),
+                        i.protected_from_scale_in().unwrap_or(false),
+                    )
+                })
+                .collect();
+            (g.desired_capacity().unwrap(), instances)
+        };
+        assert_eq!(describe().await, (0, Vec::new()));
+
+        let id = submit(addr, &user, "Sys.sleep(1); 6 * 7", 256, 0.5).await;
+        let v = finished(addr, &user, &id).await;
+        assert_eq!(state(&v), "succeeded", "{v}");
+        assert_eq!(v["result"]["value_json"], "42", "{v}");
+        let host = v["agent"].as_str().unwrap().to_string();
+        let (desired, instances) = describe().await;
+        assert_eq!(desired, 1);
+        assert_eq!(instances, vec![(host.clone(), true)], "the instance ran it");
+        assert_eq!(launches(&s, "small"), 1, "{:?}", said(&s, ""));
+
+        // Idle: drained, then its instance terminated with its capacity, then its host.
+        let deadline = Instant::now() + PATIENCE;
+        while state_of(addr, &root, &host).await.as_deref() != Some("gone") {
+            assert!(Instant::now() < deadline, "{host} never went");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(describe().await, (0, Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_dir(s.hosts_dir().join("hosts"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            > 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the host of a terminated instance stays"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(said(&s, "draining it").len() == 1, "{:?}", said(&s, ""));
+    });
+    s.stop(Duration::from_secs(2));
+    assert_eq!(s.leftovers(), Vec::<String>::new());
+}

@@ -3,13 +3,15 @@
 //! (which then runs `hatchery agent` and registers like any host), terminates a named
 //! host, and lists the hosts it made with where each is in its life. One trait, so that
 //! the same autoscaler drives local hosts ([`netns`]), VMs ([`qemu`], launched by
-//! [`vm`]) and cloud auto-scaling groups.
+//! [`vm`]) and EC2 Auto Scaling groups (`ec2_asg`, with the `ec2-asg` feature).
 //!
 //! A provider never decides that a host may go: [`Provider::terminate`] is called only
 //! for a host the autoscaler drained and saw empty, and what it does to the host's agent
 //! is what an operator's SIGTERM does: the agent drains (it finishes whatever still runs,
 //! kills nothing) and then exits.
 
+#[cfg(feature = "ec2-asg")]
+pub mod ec2_asg;
 pub mod netns;
 pub mod qemu;
 pub mod vm;

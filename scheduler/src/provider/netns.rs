@@ -134,6 +134,38 @@ impl NetnsProvider {
         address_in(self.inner.cfg.network, 1)
     }
 
+    /// Launches a host of `group` named `name` (an instance id, when something else
+    /// decides which hosts exist, as the `ec2-asg` simulation's launcher does), or under
+    /// a fresh name.
+    pub async fn launch_as(
+        &self,
+        group: &GroupConfig,
+        name: Option<&str>,
+    ) -> Result<String, ProviderError> {
+        let failed = |e: NetnsError| ProviderError::Launch {
+            group: group.name.clone(),
+            reason: e.to_string(),
+        };
+        check_name("group name", &group.name, 64).map_err(failed)?;
+        if let Some(name) = name {
+            check_name("host name", name, 64).map_err(failed)?;
+        }
+        let (record, cancelled) = self.inner.begin_launch(group, name).map_err(failed)?;
+        tracing::info!(
+            host = %record.name,
+            group = %group.name,
+            address = %record.address,
+            "launching host"
+        );
+        let name = record.name.clone();
+        tokio::spawn(
+            self.inner
+                .clone()
+                .drive_launch(record, group.clone(), cancelled),
+        );
+        Ok(name)
+    }
+
     /// Resumes what the records say was under way when the previous provider stopped.
     fn resume(&self) -> Result<(), NetnsError> {
         let mut locked = self.inner.lock()?;
@@ -221,25 +253,7 @@ impl Provider for NetnsProvider {
     }
 
     async fn launch(&self, group: &GroupConfig) -> Result<String, ProviderError> {
-        let failed = |e: NetnsError| ProviderError::Launch {
-            group: group.name.clone(),
-            reason: e.to_string(),
-        };
-        check_name("group name", &group.name, 64).map_err(failed)?;
-        let (record, cancelled) = self.inner.begin_launch(group).map_err(failed)?;
-        tracing::info!(
-            host = %record.name,
-            group = %group.name,
-            address = %record.address,
-            "launching host"
-        );
-        let name = record.name.clone();
-        tokio::spawn(
-            self.inner
-                .clone()
-                .drive_launch(record, group.clone(), cancelled),
-        );
-        Ok(name)
+        self.launch_as(group, None).await
     }
 
     async fn terminate(&self, host: &str) -> Result<(), ProviderError> {
@@ -337,6 +351,7 @@ impl Inner {
     fn begin_launch(
         &self,
         group: &GroupConfig,
+        name: Option<&str>,
     ) -> Result<(HostRecord, watch::Receiver<bool>), NetnsError> {
         let mut locked = self.lock()?;
         let taken: Vec<Ipv4Addr> = self.state.records()?.iter().map(|r| r.address).collect();
@@ -344,7 +359,13 @@ impl Inner {
             .map(|octet| address_in(self.cfg.network, octet))
             .find(|a| !taken.contains(a))
             .ok_or(NetnsError::NoAddress(self.cfg.network))?;
-        let name = locked.fresh_name(&group.name, taken.len() + 1)?;
+        let name = match name {
+            Some(name) if locked.record(name)?.is_some() => {
+                return Err(NetnsError::Taken(name.to_string()))
+            }
+            Some(name) => name.to_string(),
+            None => locked.fresh_name(&group.name, taken.len() + 1)?,
+        };
         let record = HostRecord {
             netns: format!("{}-{name}", self.cfg.bridge),
             veth: format!("{}-{}", self.cfg.bridge, address.octets()[3]),
@@ -694,6 +715,8 @@ enum NetnsError {
     NoName(String),
     #[error("no host {0} is recorded")]
     UnknownHost(String),
+    #[error("a host named {0} is recorded already")]
+    Taken(String),
     #[error("no agent command is configured")]
     NoCommand,
     #[error("a {phase:?} host cannot take {event:?}")]
