@@ -125,11 +125,13 @@ fn the_ec2_asg_provider_scales_protected_groups_and_removes_only_the_host_it_is_
         }
 
         // Scale-up: one more desired each time, instances protected, never above max.
-        provider.launch(&small).await.unwrap();
-        provider.launch(&small).await.unwrap();
+        // moto makes instances at once: a launch names the instance it made.
+        let first = provider.launch(&small).await.unwrap();
+        let second = provider.launch(&small).await.unwrap();
         let (desired, instances, _, _) = asg(&client, "hatchery-small").await;
         assert_eq!(desired, 2);
         assert_eq!(instances.len(), 2);
+        assert_eq!([&instances[0].0, &instances[1].0], [&first, &second]);
         assert!(instances.iter().all(|(_, p)| *p), "{instances:?}");
         match provider.launch(&small).await {
             Err(ProviderError::Launch { reason, .. }) => {

@@ -358,13 +358,27 @@ impl Provider for Ec2AsgProvider {
             .send()
             .await
             .map_err(|e| failed(aws_error(e)))?;
-        let name = placeholder(&group.name, current + 1 - snapshot.staying());
-        self.state().first_seen.insert(name.clone(), now_ms());
         tracing::info!(
             asg,
             desired = current + 1,
             "ec2-asg: desired capacity raised"
         );
+        // The new instance's id when AWS lists it already, else its placeholder's name.
+        let before: std::collections::HashSet<&str> = snapshot
+            .instances
+            .iter()
+            .map(|(id, _, _)| id.as_str())
+            .collect();
+        let name = match self.describe_one(asg).await {
+            Ok(after) => after
+                .instances
+                .iter()
+                .map(|(id, _, _)| id.clone())
+                .find(|id| !before.contains(id.as_str())),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| placeholder(&group.name, current + 1 - snapshot.staying()));
+        self.state().first_seen.insert(name.clone(), now_ms());
         Ok(name)
     }
 
