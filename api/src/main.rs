@@ -112,37 +112,12 @@ enum Command {
     /// Start the whole architecture on this machine, hosts included: a private
     /// PostgreSQL, Redis and S3 (moto), an API replica and a scheduler whose autoscaler
     /// makes hosts as demand comes (each a network namespace on a bridge with a cgroup
-    /// of its group's shape and its own agent, or with --provider qemu a Linux VM) and
+    /// of its group's shape and its own agent; with --provider qemu a Linux VM; with
+    /// --provider ec2-asg an instance of an EC2 Auto Scaling group emulated by moto) and
     /// removes them when they are not needed. Two groups: small (1 GiB, 1 CPU) and big (8 GiB, 2 CPUs), from zero
     /// hosts. As root. Prints where the API listens and tokens, then hosts joining,
     /// draining and leaving; Ctrl-C stops everything and removes what it made.
-    Sim {
-        /// The API's port (0: any free port).
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// How long a host must be empty before it is drained and removed.
-        #[arg(long, default_value = "30s")]
-        scale_down_after: String,
-        /// How long making a host takes before its agent starts.
-        #[arg(long, default_value = "2s")]
-        launch_delay: String,
-        /// How long after its last submission a user keeps room (and warm sandboxes)
-        /// for its next runs; then its hosts may drain.
-        #[arg(long, default_value = "1m")]
-        active_for: String,
-        /// The bridge hosts are attached to, and its /24 (the bridge is .1).
-        #[arg(long, default_value = "hatchery0")]
-        bridge: String,
-        #[arg(long, default_value = "10.213.0.0")]
-        network: std::net::Ipv4Addr,
-        /// Who makes the hosts: `netns` (a network namespace and a cgroup each), `qemu`
-        /// (a Linux VM each, pure cgroup v2: KVM when it works, else software emulation,
-        /// where a host takes tens of seconds to join) or `ec2-asg` (the production
-        /// provider, driving EC2 Auto Scaling groups emulated by moto, whose instances
-        /// become network-namespace hosts).
-        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu", "ec2-asg"])]
-        provider: String,
-    },
+    Sim(SimArgs),
     /// Run only the HTTP + WebSocket API role (stateless: run several). Needs
     /// store.postgres_url, store.redis_url and the cluster's keys file.
     Api,
@@ -232,26 +207,7 @@ fn main() -> ExitCode {
             spec.dir = dir;
             local_cluster(cli.config.as_deref(), spec)
         }
-        Command::Sim {
-            port,
-            scale_down_after,
-            launch_delay,
-            active_for,
-            bridge,
-            network,
-            provider,
-        } => sim(
-            cli.config.as_deref(),
-            SimArgs {
-                port,
-                scale_down_after,
-                launch_delay,
-                active_for,
-                bridge,
-                network,
-                provider,
-            },
-        ),
+        Command::Sim(args) => sim(cli.config.as_deref(), args),
         Command::Api => cluster_role(cli.config.as_deref(), ClusterRole::Api),
         Command::Scheduler => cluster_role(cli.config.as_deref(), ClusterRole::Scheduler),
         Command::Agent => cluster_role(cli.config.as_deref(), ClusterRole::Agent),
@@ -599,13 +555,32 @@ fn local_cluster(config: Option<&Path>, mut spec: ClusterSpec) -> anyhow::Result
 }
 
 /// `hatchery sim`'s options.
+#[derive(clap::Args)]
 struct SimArgs {
+    /// The API's port (0: any free port).
+    #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// How long a host must be empty before it is drained and removed.
+    #[arg(long, default_value = "30s")]
     scale_down_after: String,
+    /// How long making a host takes before its agent starts.
+    #[arg(long, default_value = "2s")]
     launch_delay: String,
+    /// How long after its last submission a user keeps room (and warm sandboxes)
+    /// for its next runs; then its hosts may drain.
+    #[arg(long, default_value = "1m")]
     active_for: String,
+    /// The bridge hosts are attached to, and its /24 (the bridge is .1).
+    #[arg(long, default_value = "hatchery0")]
     bridge: String,
+    #[arg(long, default_value = "10.213.0.0")]
     network: std::net::Ipv4Addr,
+    /// Who makes the hosts: `netns` (a network namespace and a cgroup each), `qemu`
+    /// (a Linux VM each, pure cgroup v2: KVM when it works, else software emulation,
+    /// where a host takes tens of seconds to join) or `ec2-asg` (the production
+    /// provider, driving EC2 Auto Scaling groups emulated by moto, whose instances
+    /// become network-namespace hosts).
+    #[arg(long, default_value = "netns", value_parser = ["netns", "qemu", "ec2-asg"])]
     provider: String,
 }
 

@@ -456,24 +456,27 @@ async fn launch_instances(
 pub fn processes_naming(dir: &Path) -> Vec<String> {
     let needle = dir.as_os_str().as_encoded_bytes();
     let mut left = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return left;
-    };
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) {
+    for (pid, proc_dir) in processes() {
+        if let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) {
             if cmdline.windows(needle.len()).any(|w| w == needle) {
                 left.push(format!("process {pid} (naming {})", dir.display()));
             }
         }
     }
     left
+}
+
+/// Every process: its pid and its `/proc` directory.
+fn processes() -> impl Iterator<Item = (String, PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|procs| procs.flatten())
+        .filter_map(|p| {
+            let pid = p.file_name().into_string().ok()?;
+            pid.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| (pid, p.path()))
+        })
 }
 
 /// Address `.n` of a /24.
@@ -528,20 +531,11 @@ pub fn leftovers(bridge: &str, cgroup_parent: &str) -> Vec<String> {
     {
         left.push(format!("cgroup {}", root_dir.display()));
     }
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        let needle = format!("/{cgroup_parent}/");
-        for p in procs.flatten() {
-            let name = p.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            if let Ok(cg) = std::fs::read_to_string(p.path().join("cgroup")) {
-                if cg.lines().any(|l| l.contains(&needle)) {
-                    left.push(format!("process {pid}"));
-                }
+    let needle = format!("/{cgroup_parent}/");
+    for (pid, proc_dir) in processes() {
+        if let Ok(cg) = std::fs::read_to_string(proc_dir.join("cgroup")) {
+            if cg.lines().any(|l| l.contains(&needle)) {
+                left.push(format!("process {pid}"));
             }
         }
     }
