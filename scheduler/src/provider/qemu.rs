@@ -336,7 +336,17 @@ impl Inner {
             env.retain(|(k, _)| k != "HATCHERY_POOL_SIZE");
             env.push(("HATCHERY_POOL_SIZE".into(), n.to_string()));
         }
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        // This process's working directory, which relative paths of the config are
+        // read against, when the guest sees it (its /run, /dev, /proc and /sys are its
+        // own).
+        let cwd = std::env::current_dir()
+            .ok()
+            .filter(|d| {
+                !["/run", "/dev", "/proc", "/sys"]
+                    .iter()
+                    .any(|own| d.starts_with(own))
+            })
+            .unwrap_or_else(|| PathBuf::from("/"));
         let command = GuestCommand { argv, cwd, env };
         let options = GuestOptions {
             kernel: self.cfg.kernel.clone(),
