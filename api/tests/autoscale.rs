@@ -754,9 +754,10 @@ cat("\nv1 off:", grepl("cgroup_no_v1=all", readLines("/proc/cmdline")), "\n")"#;
 /// The production provider end to end: the group is an EC2 Auto Scaling group (moto's),
 /// the scheduler scales it with `SetDesiredCapacity`, the simulation's launcher turns the
 /// instance moto makes into a `netns` host named after its instance id, whose agent
-/// registers under that name and runs the execution; once idle, the host drains and the
-/// scheduler terminates the instance with `TerminateInstanceInAutoScalingGroup`, the
-/// launcher stops the host, and the group's desired capacity is back to zero.
+/// registers under that name and runs the execution — through a restart of the scheduler,
+/// which launches nothing more; once idle, the host drains and the scheduler terminates
+/// the instance with `TerminateInstanceInAutoScalingGroup`, the launcher stops the host,
+/// and the group's desired capacity is back to zero.
 #[test]
 fn an_ec2_auto_scaling_group_emulated_by_moto_scales_up_runs_work_and_scales_down() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -800,7 +801,13 @@ fn an_ec2_auto_scaling_group_emulated_by_moto_scales_up_runs_work_and_scales_dow
         };
         assert_eq!(describe().await, (0, Vec::new()));
 
-        let id = submit(addr, &user, "Sys.sleep(1); 6 * 7", 256, 0.5).await;
+        let id = submit(addr, &user, "Sys.sleep(4); 6 * 7", 256, 0.5).await;
+        exec_until(addr, &user, &id, "running", |v| state(v) == "running").await;
+        // The scheduler killed and started again while it runs: the group's state is in
+        // AWS, so the new scheduler sees the same host and launches nothing more.
+        let sched = s.cluster.find("scheduler-1").unwrap();
+        s.cluster.procs[sched].stop(libc::SIGKILL);
+        s.cluster.restart(sched).unwrap();
         let v = finished(addr, &user, &id).await;
         assert_eq!(state(&v), "succeeded", "{v}");
         assert_eq!(v["result"]["value_json"], "42", "{v}");
