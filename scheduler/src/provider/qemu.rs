@@ -560,6 +560,79 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "term 1\nterm 2\n");
     }
 
+    fn provider(dir: &std::path::Path, delay: Duration, kernel: &str) -> QemuProvider {
+        let mut cfg = QemuConfig::new(dir, vec!["/bin/true".into()], Vec::new());
+        cfg.launch_delay = delay;
+        cfg.kernel = Some(kernel.into());
+        QemuProvider::new(cfg).unwrap()
+    }
+
+    async fn phases(p: &QemuProvider) -> Vec<(String, HostPhase)> {
+        p.list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.name, h.phase))
+            .collect()
+    }
+
+    async fn wait_for(p: &QemuProvider, what: &str, pred: impl Fn(&[(String, HostPhase)]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = phases(p).await;
+            if pred(&now) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {what}: {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A host terminated during its launch delay never boots, and goes with its
+    /// control directory; names are never reused.
+    #[tokio::test]
+    async fn a_host_terminated_before_it_boots_goes_without_booting() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(dir.path(), Duration::from_secs(30), "/nonexistent/vmlinuz");
+        let g = group(1 << 30, 1.0);
+        let a = p.launch(&g).await.unwrap();
+        let b = p.launch(&g).await.unwrap();
+        assert_ne!(a, b);
+        assert!(dir.path().join("control").join(&a).is_dir());
+        assert_eq!(
+            phases(&p).await,
+            vec![
+                (a.clone(), HostPhase::Starting),
+                (b.clone(), HostPhase::Starting)
+            ]
+        );
+        p.terminate(&a).await.unwrap();
+        assert_eq!(phases(&p).await[0], (a.clone(), HostPhase::Stopping));
+        wait_for(&p, "gone", |h| h.len() == 1).await;
+        assert!(!dir.path().join("control").join(&a).exists());
+        let log = fs::read_to_string(p.log_path(&a)).unwrap_or_default();
+        assert!(!log.contains("VM booted"), "{log}");
+        assert!(matches!(
+            p.terminate(&a).await,
+            Err(ProviderError::UnknownHost(_))
+        ));
+        p.stop_all(Duration::from_millis(100)).await;
+        assert!(phases(&p).await.is_empty());
+    }
+
+    /// A VM that cannot boot leaves its host exited (its agent never ran), for the
+    /// autoscaler to terminate, which releases it at once.
+    #[tokio::test]
+    async fn a_host_whose_vm_cannot_boot_is_exited_then_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(dir.path(), Duration::ZERO, "/nonexistent/vmlinuz");
+        let a = p.launch(&group(1 << 30, 1.0)).await.unwrap();
+        wait_for(&p, "exited", |h| h == [(a.clone(), HostPhase::Exited)]).await;
+        p.terminate(&a).await.unwrap();
+        assert!(phases(&p).await.is_empty());
+        assert!(!dir.path().join("control").join(&a).exists());
+    }
+
     #[test]
     fn inherited_env_leaves_out_names_a_shell_cannot_export() {
         for (name, _) in inherited_env() {
