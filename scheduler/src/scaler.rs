@@ -102,7 +102,8 @@ const RETRY_PROVIDERS_MS: Millis = 10_000;
 /// The group statuses are published at least this often, changed or not.
 pub const PUBLISH_EVERY_MS: Millis = 5_000;
 
-/// How often the room kept for active users is read again from the store.
+/// How often the room kept for active users is read again from the store (and at once
+/// before a drain).
 const RESERVE_EVERY_MS: Millis = 5_000;
 
 /// The most recent executions read to find who is active.
@@ -259,12 +260,13 @@ impl Scaler {
             .collect()
     }
 
-    /// The room kept for active users, read again every [`RESERVE_EVERY_MS`] (on a
-    /// store error the last one read is kept).
-    async fn refresh_reserve(&mut self, store: &dyn Store, now: Millis) {
-        if self
-            .reserve_at
-            .is_some_and(|at| now.saturating_sub(at) < RESERVE_EVERY_MS)
+    /// The room kept for active users, read again every [`RESERVE_EVERY_MS`], or now
+    /// when `fresh` (on a store error the last one read is kept).
+    async fn refresh_reserve(&mut self, store: &dyn Store, now: Millis, fresh: bool) {
+        if !fresh
+            && self
+                .reserve_at
+                .is_some_and(|at| now.saturating_sub(at) < RESERVE_EVERY_MS)
         {
             return;
         }
@@ -337,9 +339,16 @@ impl Scaler {
             hosts.push(view);
         }
         let waiting = still_waiting(cluster, waiting, now);
-        self.refresh_reserve(store, now).await;
+        self.refresh_reserve(store, now, false).await;
         let groups = self.managed();
-        let plan = autoscale::plan(&groups, &hosts, &waiting, &self.reserve, &self.history, now);
+        let mut plan =
+            autoscale::plan(&groups, &hosts, &waiting, &self.reserve, &self.history, now);
+        if !plan.drain.is_empty() && self.reserve_at != Some(now) {
+            // A drain is decided on who is active now, not seconds ago: a user who has
+            // just submitted keeps the room for its next runs.
+            self.refresh_reserve(store, now, true).await;
+            plan = autoscale::plan(&groups, &hosts, &waiting, &self.reserve, &self.history, now);
+        }
         self.history.record(&plan, &hosts, now);
         self.publish(store, &groups, &plan, &hosts, now).await;
         let kind_of: HashMap<&str, &str> = provided
