@@ -764,6 +764,12 @@ fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> 
         let keyring = keys
             .keyring()
             .with_context(|| format!("keys file {}", keys_path.display()))?;
+        // Only an API replica streams events and shows host statuses from its start; a
+        // scheduler reads statuses once it leads, an agent reads neither.
+        let redis = hatchery_scheduler::redis_bus::RedisConfig {
+            read_at_connect: role == ClusterRole::Api,
+            ..redis
+        };
         let engines = Engines::connect(&postgres, redis, &cfg.objects(), keyring)
             .await
             .context("connecting to the cluster's engines")?;

@@ -7,9 +7,14 @@
 //!   ([`Bus::requeue_unacked`]); submissions a dead scheduler left pending for a minute
 //!   are claimed by the next one that requeues (`XAUTOCLAIM`). The execution id is the
 //!   idempotency key: the store's transitions make a repeat harmless.
-//! - **Events and host status** are capped streams (`MAXLEN ~`) that every process
-//!   reads from its own position (`XREAD BLOCK`) into a local broadcast, so any API
-//!   replica streams any execution. An event's payload is sealed with the platform's
+//! - **Events and host status** are capped streams (`MAXLEN ~`) that a process reads
+//!   from its own position (`XREAD BLOCK`, one reader per stream) into a local broadcast,
+//!   so any API replica streams any execution. A process reads a stream only once
+//!   something in it subscribes: from the connection on with
+//!   [`RedisConfig::read_at_connect`] (an API replica), else from the first subscription,
+//!   whose subscribers are first told they may have missed items (a scheduler reads host
+//!   statuses only while it leads; an agent reads neither stream). Every entry added
+//!   wakes every reader, so a reader nobody needs is not free. An event's payload is sealed with the platform's
 //!   keyring (bound to the execution and seq; a live-only event, which has no seq, to
 //!   its execution as a live event), like the store's copy: Redis may persist what it
 //!   holds. The store keeps the durable copy: a subscriber that lags, and every
@@ -68,6 +73,11 @@ pub struct RedisConfig {
     pub events_maxlen: usize,
     /// Capacity of the local broadcasts (a subscriber further behind lags).
     pub capacity: usize,
+    /// Read the event and status streams from the connection on (`true`), or each from
+    /// its first subscription (`false`): then the first subscribers get
+    /// [`crate::bus::Received::Missed`] before any item, as what was added before the
+    /// reader took its position is not read.
+    pub read_at_connect: bool,
 }
 
 impl RedisConfig {
@@ -78,6 +88,7 @@ impl RedisConfig {
             consumer: consumer.into(),
             events_maxlen: 100_000,
             capacity: 8192,
+            read_at_connect: true,
         }
     }
 }
@@ -93,18 +104,53 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     keyring: Keyring,
-    events: Feed<BusEvent>,
-    status: Feed<HostStatus>,
+    events: StreamFeed<BusEvent>,
+    status: StreamFeed<HostStatus>,
     /// Consumer groups known to exist.
     groups: Mutex<HashSet<String>>,
     /// One blocking reader per work stream.
     readers: Mutex<std::collections::HashMap<String, Arc<Mutex<Reader>>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Drop for Inner {
+/// Turns a stream entry's fields into an item (`None`: dropped).
+type Parse<T> = Arc<dyn Fn(&[(String, Vec<u8>)]) -> Option<T> + Send + Sync>;
+
+/// A capped stream read into a local broadcast by one task of this process, started at
+/// most once: at connect, or by the first subscription.
+struct StreamFeed<T> {
+    key: String,
+    client: redis::Client,
+    feed: Feed<T>,
+    parse: Parse<T>,
+    runtime: tokio::runtime::Handle,
+    task: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+}
+
+impl<T: Clone + Send + 'static> StreamFeed<T> {
+    /// Starts the reader (once): from `start`, or when `None` from the newest entry at
+    /// its first connection, after telling the subscribers they may have missed items.
+    fn start(&self, start: Option<String>) {
+        self.task.get_or_init(|| {
+            self.runtime.spawn(fan_out(
+                self.client.clone(),
+                self.key.clone(),
+                start,
+                self.feed.clone(),
+                Arc::clone(&self.parse),
+            ))
+        });
+    }
+
+    fn subscribe(&self) -> Subscription<T> {
+        let sub = self.feed.subscribe();
+        self.start(None);
+        sub
+    }
+}
+
+impl<T> Drop for StreamFeed<T> {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        if let Some(t) = self.task.get() {
             t.abort();
         }
     }
@@ -159,28 +205,31 @@ impl RedisBus {
         let conn = ConnectionManager::new_with_config(client.clone(), manager)
             .await
             .map_err(io)?;
-        let events = Feed::new(cfg.capacity);
-        let status = Feed::new(cfg.capacity);
-        let mut tasks = Vec::new();
-        {
-            let key = format!("{}:events", cfg.prefix);
-            let (client, feed, keyring) = (client.clone(), events.clone(), keyring.clone());
-            let start = last_id(&conn, &key).await?;
-            tasks.push(tokio::spawn(fan_out(
-                client,
-                key,
-                start,
-                feed,
-                move |fields| open_event(&keyring, fields),
-            )));
-        }
-        {
-            let key = format!("{}:status", cfg.prefix);
-            let (client, feed) = (client.clone(), status.clone());
-            let start = last_id(&conn, &key).await?;
-            tasks.push(tokio::spawn(fan_out(client, key, start, feed, |fields| {
+        let runtime = tokio::runtime::Handle::current();
+        let events = StreamFeed {
+            key: format!("{}:events", cfg.prefix),
+            client: client.clone(),
+            feed: Feed::new(cfg.capacity),
+            parse: {
+                let keyring = keyring.clone();
+                Arc::new(move |fields: &[(String, Vec<u8>)]| open_event(&keyring, fields))
+            },
+            runtime: runtime.clone(),
+            task: std::sync::OnceLock::new(),
+        };
+        let status = StreamFeed {
+            key: format!("{}:status", cfg.prefix),
+            client: client.clone(),
+            feed: Feed::new(cfg.capacity),
+            parse: Arc::new(|fields: &[(String, Vec<u8>)]| {
                 serde_json::from_slice(&field(fields, "s")?).ok()
-            })));
+            }),
+            runtime,
+            task: std::sync::OnceLock::new(),
+        };
+        if cfg.read_at_connect {
+            events.start(Some(last_id(&conn, &events.key).await?));
+            status.start(Some(last_id(&conn, &status.key).await?));
         }
         Ok(RedisBus {
             inner: Arc::new(Inner {
@@ -192,7 +241,6 @@ impl RedisBus {
                 status,
                 groups: Mutex::new(HashSet::new()),
                 readers: Mutex::new(std::collections::HashMap::new()),
-                tasks,
             }),
         })
     }
@@ -538,13 +586,15 @@ fn id_key(id: &str) -> (u64, u64) {
 async fn fan_out<T: Clone + Send + 'static>(
     client: redis::Client,
     key: String,
-    mut last: String,
+    start: Option<String>,
     feed: Feed<T>,
-    parse: impl Fn(&[(String, Vec<u8>)]) -> Option<T> + Send + 'static,
+    parse: Parse<T>,
 ) {
     let mut conn: Option<MultiplexedConnection> = None;
-    // The connection was lost and subscribers were told; they are told again on reconnect.
-    let mut lost = false;
+    // Without a start, the position is the newest entry at the first connection, and the
+    // subscribers are told (as after a lost connection) once it is taken.
+    let mut lost = start.is_none();
+    let mut last = start.unwrap_or_else(|| "+".into());
     loop {
         if conn.is_none() {
             match client
@@ -554,14 +604,27 @@ async fn fan_out<T: Clone + Send + 'static>(
                 Ok(mut c) => {
                     // Entries added while we were away are read; a stream that went back
                     // (Redis restarted empty) is read from its start.
-                    let newest = newest_id(&mut c, &key).await.ok().flatten();
-                    if newest.is_none_or(|n| id_key(&n) < id_key(&last)) {
+                    let newest = match newest_id(&mut c, &key).await {
+                        Ok(newest) => newest,
+                        Err(e) => {
+                            tracing::debug!(key, error = %e, "bus reader: cannot read the stream's end");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    };
+                    let first = last == "+";
+                    if first {
+                        tracing::debug!(key, "bus reader: started by a subscription");
+                        last = newest.unwrap_or_else(|| "0-0".into());
+                    } else if newest.is_none_or(|n| id_key(&n) < id_key(&last)) {
                         last = "0-0".into();
                     }
                     conn = Some(c);
                     if lost {
                         lost = false;
-                        tracing::info!(key, "bus reader: reconnected; subscribers catch up");
+                        if !first {
+                            tracing::info!(key, "bus reader: reconnected; subscribers catch up");
+                        }
                         feed.missed();
                     }
                 }

@@ -548,3 +548,75 @@ async fn event_payloads_are_sealed_in_redis() {
         "plaintext on the bus: {text}"
     );
 }
+
+/// Connections to the test's Redis other than the one asking.
+fn redis_clients(b: &Backend) -> usize {
+    let Backend::Redis(server) = b else {
+        unreachable!()
+    };
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(server.port().to_string())
+        .args(["CLIENT", "LIST"])
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).lines().count() - 1
+}
+
+/// A process that reads the event and status streams only once something in it
+/// subscribes (an agent, a scheduler): it holds no reader connection before; its first
+/// subscribers are told they may have missed items (what was added before is not
+/// replayed), then get what comes; later subscribers share the one reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bus_read_from_its_first_subscription_reads_nothing_before_it() {
+    let Some(b) = Backend::redis("a_bus_read_from_its_first_subscription") else {
+        return;
+    };
+    let Backend::Redis(server) = &b else {
+        unreachable!()
+    };
+    let lazy = |name: &str| RedisConfig {
+        read_at_connect: false,
+        ..RedisConfig::new(server.url(), name)
+    };
+    let agent = RedisBus::connect(lazy("agent-1"), keyring()).await.unwrap();
+    let scheduler = RedisBus::connect(lazy("scheduler-1"), keyring())
+        .await
+        .unwrap();
+    agent.publish_status(status("agent-1", 1)).await.unwrap();
+    agent.publish_event(event("x", 1, "early\n")).await.unwrap();
+    assert_eq!(
+        redis_clients(&b),
+        2,
+        "one shared connection per process, no reader"
+    );
+
+    let mut first = scheduler.subscribe_status();
+    assert_eq!(
+        within("the first note", first.recv()).await,
+        Received::Missed
+    );
+    agent.publish_status(status("agent-1", 2)).await.unwrap();
+    assert_eq!(next("a status", &mut first).await.at, 2, "nothing replayed");
+    assert_eq!(redis_clients(&b), 3, "one reader: the status stream's");
+
+    let mut second = scheduler.subscribe_status();
+    agent.publish_status(status("agent-1", 3)).await.unwrap();
+    assert_eq!(next("the second's status", &mut second).await.at, 3);
+    assert_eq!(next("the first's status", &mut first).await.at, 3);
+    assert!(first.try_recv().is_none() && second.try_recv().is_none());
+
+    let mut events = agent.subscribe_events();
+    assert_eq!(
+        within("the events' note", events.recv()).await,
+        Received::Missed
+    );
+    agent.publish_event(event("x", 2, "late\n")).await.unwrap();
+    assert_eq!(
+        next("an event", &mut events).await,
+        BusEvent::Stored(event("x", 2, "late\n")),
+        "the early event is not replayed"
+    );
+    assert_eq!(redis_clients(&b), 4, "and one for the event stream");
+}
