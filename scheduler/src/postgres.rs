@@ -16,6 +16,10 @@
 //! - **Sealed at rest (R15):** the record and every event are sealed with the platform's
 //!   keyring before they are written, bound to the execution id (and the event's seq), as
 //!   in the embedded store; only owner, tab, state and order are plain columns.
+//! - **The hot path of a run** takes one round trip per step: `mark_running`, each batch
+//!   of output and the finish are single statements that check what they assume (the
+//!   row still queued; the remembered last seq; the row exactly as this store started
+//!   it) and fall back to a locking transaction when the check fails.
 //! - Every change runs to completion even if the caller's future is dropped (it runs on
 //!   its own task), and locks rows in one order — the execution rows, then the counters —
 //!   so two transactions never wait on each other; a deadlock or serialization failure
@@ -91,6 +95,10 @@ pub struct PgStore {
     /// append one statement instead of a transaction (see `append_events`). Never trusted:
     /// the database checks it.
     last_seqs: Arc<Mutex<HashMap<String, u64>>>,
+    /// The record of each execution this store started in one statement, with its row's
+    /// sealed record as read then: the finish is one statement while the row is still
+    /// that one (see `finish_simple`). Dropped at the execution's end.
+    started: Arc<Mutex<HashMap<String, Started>>>,
     /// Policies read for admissions, per (org, user), with the version of all policies
     /// they were read at: an admission applies them without reading them again, and
     /// the database refuses it if they changed since (see `hatchery_admit_simple`).
@@ -107,6 +115,17 @@ const POLICIES_MAX: usize = 4096;
 /// Executions whose last seq a store remembers at most (a guess: forgetting costs a
 /// transaction, nothing else).
 const LAST_SEQS_MAX: usize = 4096;
+
+/// Started executions whose record a store remembers at most (a record holds up to
+/// [`crate::model::INLINE_CODE_MAX`] of code; forgetting costs a transaction).
+const STARTED_MAX: usize = 1024;
+
+/// An execution as `start_simple` left its row: the record, and the sealed record
+/// column, which nothing but a change of the record rewrites.
+struct Started {
+    record: ExecutionRecord,
+    sealed: Vec<u8>,
+}
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -248,6 +267,7 @@ impl PgStore {
             pool,
             keyring,
             last_seqs: Arc::default(),
+            started: Arc::default(),
             policies: Arc::default(),
         })
     }
@@ -662,7 +682,7 @@ impl PgStore {
         id: &str,
         agent: &str,
         at: Millis,
-    ) -> StoreResult<Option<ExecutionRecord>> {
+    ) -> StoreResult<Option<(ExecutionRecord, Vec<u8>)>> {
         let me = self.clone();
         let (id, agent) = (id.to_string(), agent.to_string());
         let row = tokio::spawn(async move {
@@ -688,8 +708,75 @@ impl PgStore {
         .await
         .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?;
         match row {
-            Ok((me, id, Some(row))) => Ok(Some(me.record_of(&id, &row, 0)?)),
+            Ok((me, id, Some(row))) => Ok(Some((
+                me.record_of(&id, &row, 0)?,
+                row.get::<Vec<u8>, _>(0),
+            ))),
             Ok((_, _, None)) => Ok(None),
+            Err(f) if is_retryable(&f.error, &f.sqlstate) => Ok(None),
+            Err(f) => Err(f.error),
+        }
+    }
+
+    /// `finish` in one round trip: the terminal record (over the record `start_simple`
+    /// left, with `last` its last seq), its `finished` event and the `running` counter,
+    /// in one statement that changes nothing unless the row is still exactly as that
+    /// start left it — running, its sealed record unchanged (a cancel or any other change
+    /// of the record rewrites it) and `last` its last seq (no other writer appended). The
+    /// row is locked before the counter, as every writer locks them. `None` when nothing
+    /// was written: the full transaction takes over.
+    async fn finish_simple(
+        &self,
+        started: Started,
+        last: u64,
+        state: ExecState,
+        result_key: Option<String>,
+        at: Millis,
+        summary: ResultSummary,
+    ) -> StoreResult<Option<(ExecutionRecord, ExecEvent)>> {
+        let old = ExecutionRecord {
+            last_seq: last,
+            ..started.record
+        };
+        if old.state != ExecState::Running {
+            return Ok(None);
+        }
+        let (rec, event) = finished_with_event(&old, state, result_key, at, summary)?;
+        let sealed_event = self.seal_event(&event)?;
+        let sealed_record = self.seal_record(&rec)?;
+        debug_assert_eq!(counter_moves(old.state, rec.state), [("running", -1)]);
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            sqlx::query_scalar::<_, i64>(
+                "WITH ex AS (UPDATE executions SET state = $2, cancel = $3, finished_at = $4, \
+                     last_seq = $5, record = $6 \
+                     WHERE id = $1 AND state = 'running' AND last_seq = $7 AND record = $8 \
+                     RETURNING id), \
+                 ev AS (INSERT INTO events (execution_id, seq, body) \
+                     SELECT ex.id, $5, $9 FROM ex), \
+                 c AS (UPDATE counters SET value = value - 1 \
+                     WHERE name = 'running' AND EXISTS (SELECT 1 FROM ex)) \
+                 SELECT count(*) FROM ex",
+            )
+            .bind(&rec.id)
+            .bind(state_name(rec.state))
+            .bind(cancel_name(rec.cancel))
+            .bind(rec.finished_at.map(i64_of))
+            .bind(i64_of(rec.last_seq))
+            .bind(&sealed_record)
+            .bind(i64_of(last))
+            .bind(&started.sealed)
+            .bind(&sealed_event)
+            .fetch_one(&me.pool)
+            .await
+            .ctx("finishing an execution")
+            .map(|n| (n, rec, event))
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?;
+        match task {
+            Ok((1, rec, event)) => Ok(Some((rec, event))),
+            Ok(_) => Ok(None),
             Err(f) if is_retryable(&f.error, &f.sqlstate) => Ok(None),
             Err(f) => Err(f.error),
         }
@@ -1055,8 +1142,19 @@ impl Store for PgStore {
         agent: &str,
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
-        if let Some(rec) = self.start_simple(id, agent, at).await? {
+        if let Some((rec, sealed)) = self.start_simple(id, agent, at).await? {
             self.guess_last_seq(&rec.id, Some(rec.last_seq));
+            let mut started = self.started.lock().unwrap();
+            if started.len() >= STARTED_MAX {
+                started.clear();
+            }
+            started.insert(
+                rec.id.clone(),
+                Started {
+                    record: rec.clone(),
+                    sealed,
+                },
+            );
             return Ok(rec);
         }
         let (id, agent) = (id.to_string(), agent.to_string());
@@ -1084,6 +1182,7 @@ impl Store for PgStore {
         at: Millis,
     ) -> StoreResult<ExecutionRecord> {
         self.guess_last_seq(id, None);
+        self.started.lock().unwrap().remove(id);
         let id = id.to_string();
         self.change(move |me, mut tx| {
             let (id, result_key, error) = (id.clone(), result_key.clone(), error.clone());
@@ -1105,7 +1204,24 @@ impl Store for PgStore {
         at: Millis,
         summary: ResultSummary,
     ) -> StoreResult<(ExecutionRecord, ExecEvent)> {
+        let last = self.last_seqs.lock().unwrap().get(id).copied();
+        let started = self.started.lock().unwrap().remove(id);
         self.guess_last_seq(id, None);
+        if let (Some(last), Some(started)) = (last, started) {
+            let simple = self
+                .finish_simple(
+                    started,
+                    last,
+                    state,
+                    result_key.clone(),
+                    at,
+                    summary.clone(),
+                )
+                .await?;
+            if let Some(done) = simple {
+                return Ok(done);
+            }
+        }
         let id = id.to_string();
         self.change(move |me, mut tx| {
             let (id, result_key, summary) = (id.clone(), result_key.clone(), summary.clone());

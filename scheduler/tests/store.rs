@@ -1517,6 +1517,61 @@ store_test!(a_dropped_admission_future_still_completes, |b| {
     assert_eq!(get(&store, "p1").await.state, ExecState::Cancelled);
 });
 
+/// The agent's handle finishes an execution in one statement over the row as it started
+/// it; what another process changed meanwhile (a cancel, an event of its own) must not be
+/// written over: the finish sees it, and the counters and the event log stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finish_keeps_what_another_handle_changed_while_it_ran() {
+    let Some(b) = Backend::postgres("a_finish_keeps_what_another_handle_changed") else {
+        return;
+    };
+    let (agent, api) = (b.open().await, b.open().await);
+    for id in ["plain", "cancelled", "appended"] {
+        admitted(&agent, record(id, "o", id, None, 1), rules(2)).await;
+        agent.mark_running(id, "h1", 2).await.unwrap();
+        agent
+            .append_event(id, EventBody::Stdout(OutputData::text("out\n")))
+            .await
+            .unwrap();
+    }
+    api.request_cancel("cancelled", CancelReason::Requested)
+        .await
+        .unwrap();
+    api.append_event("appended", EventBody::Stderr(OutputData::text("api\n")))
+        .await
+        .unwrap();
+    for (id, state) in [
+        ("plain", ExecState::Succeeded),
+        ("cancelled", ExecState::Cancelled),
+        ("appended", ExecState::Succeeded),
+    ] {
+        let (rec, event) = agent
+            .finish(id, state, None, 3, summary(state))
+            .await
+            .unwrap();
+        assert_eq!(rec.state, state, "{id}");
+        let cancel = (id == "cancelled").then_some(CancelReason::Requested);
+        assert_eq!(rec.cancel, cancel, "{id}: the cancel is kept");
+        for reader in [&agent, &api] {
+            assert_eq!(get(reader, id).await, rec, "{id}");
+            let events = reader.events_after(id, 0).await.unwrap();
+            assert_eq!(
+                events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                (1..=rec.last_seq).collect::<Vec<_>>(),
+                "{id}: gapless"
+            );
+            assert_eq!(events.last(), Some(&event), "{id}");
+        }
+        let bodies = agent.events_after(id, 0).await.unwrap();
+        assert_eq!(
+            bodies.len(),
+            if id == "appended" { 4 } else { 3 },
+            "{id}: queued, the output, (the other handle's,) finished"
+        );
+    }
+    counts_are(&api, 0, 0).await;
+}
+
 store_test!(
     finishing_stores_the_state_and_its_finished_event_together,
     |b| {
