@@ -688,10 +688,14 @@ impl Platform {
         id: &str,
         after_seq: u64,
     ) -> Result<EventFollow, PlatformError> {
-        self.visible(who, id).await?;
         let live = self.bus.subscribe_events();
-        let backlog = self.store.events_after(id, after_seq).await?;
-        Ok(EventFollow { backlog, live })
+        // The record (for who may see it) and the backlog in one read.
+        match self.store.get_with_events_after(id, after_seq).await? {
+            Some((r, backlog)) if who.may_access(&r.org, &r.user) => {
+                Ok(EventFollow { backlog, live })
+            }
+            _ => Err(PlatformError::NotFound),
+        }
     }
 
     /// Events of all of the caller's executions: for each `(id, seq)` in `after`, the

@@ -1487,6 +1487,47 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn get_with_events_after(
+        &self,
+        id: &str,
+        after: u64,
+    ) -> StoreResult<Option<(ExecutionRecord, Vec<ExecEvent>)>> {
+        // One statement, one snapshot: the events are those of the record read.
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            rec_cols!(),
+            ", (SELECT array_agg(seq ORDER BY seq) FROM events \
+                 WHERE execution_id = $1 AND seq > $2), \
+               (SELECT array_agg(body ORDER BY seq) FROM events \
+                 WHERE execution_id = $1 AND seq > $2) \
+             FROM executions WHERE id = $1"
+        ))
+        .bind(id)
+        .bind(i64_of(after))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_err("reading an execution and its events", e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record = self.record_of(id, &row, 0)?;
+        let seqs: Vec<i64> = row.get::<Option<Vec<i64>>, _>(6).unwrap_or_default();
+        let bodies: Vec<Vec<u8>> = row.get::<Option<Vec<Vec<u8>>>, _>(7).unwrap_or_default();
+        if seqs.len() != bodies.len() {
+            return Err(StoreError::Corrupt(format!(
+                "events of {id}: {} seqs for {} bodies",
+                seqs.len(),
+                bodies.len()
+            )));
+        }
+        let events = seqs
+            .iter()
+            .zip(&bodies)
+            .map(|(seq, body)| self.open_event(id, *seq as u64, body))
+            .collect::<StoreResult<Vec<ExecEvent>>>()?;
+        Ok(Some((record, events)))
+    }
+
     async fn expired(&self, before: Millis, limit: usize) -> StoreResult<Vec<ExecutionRecord>> {
         let rows = sqlx::query(concat!(
             "SELECT id, ",

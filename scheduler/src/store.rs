@@ -250,6 +250,20 @@ pub trait Store: Send + Sync + 'static {
     /// Events of `id` with `seq > after`, in order.
     async fn events_after(&self, id: &str, after: u64) -> StoreResult<Vec<ExecEvent>>;
 
+    /// The record of `id` and its events with `seq > after`, in order, as of one moment
+    /// (`None`: no such execution). A remote store reads both in one round trip.
+    async fn get_with_events_after(
+        &self,
+        id: &str,
+        after: u64,
+    ) -> StoreResult<Option<(ExecutionRecord, Vec<ExecEvent>)>> {
+        let Some(record) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let events = self.events_after(id, after).await?;
+        Ok(Some((record, events)))
+    }
+
     /// Finished executions that finished before `before`, oldest first, at most `limit`:
     /// what retention removes. Nothing is deleted: the caller deletes their objects
     /// first, then the records ([`Store::delete_expired`]), so a crash in between never

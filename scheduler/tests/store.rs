@@ -1572,6 +1572,41 @@ async fn a_finish_keeps_what_another_handle_changed_while_it_ran() {
     counts_are(&api, 0, 0).await;
 }
 
+store_test!(a_record_and_its_events_after_a_seq_are_read_together, |b| {
+    let store = b.open().await;
+    assert_eq!(store.get_with_events_after("none", 0).await.unwrap(), None);
+    admitted(&store, record("g1", "o", "u", None, 1), rules(2)).await;
+    let (rec, events) = store.get_with_events_after("g1", 0).await.unwrap().unwrap();
+    assert_eq!(rec, get(&store, "g1").await);
+    assert_eq!(events, store.events_after("g1", 0).await.unwrap());
+    assert_eq!(events.len(), 1, "queued");
+    store.mark_running("g1", "h1", 2).await.unwrap();
+    for text in ["a\n", "b\n", "c\n"] {
+        store
+            .append_event("g1", EventBody::Stdout(OutputData::text(text)))
+            .await
+            .unwrap();
+    }
+    for after in [0, 1, 2, 4, 9] {
+        let (rec, events) = store
+            .get_with_events_after("g1", after)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec, get(&store, "g1").await, "after {after}");
+        assert_eq!(rec.state, ExecState::Running);
+        assert_eq!(
+            events,
+            store.events_after("g1", after).await.unwrap(),
+            "after {after}"
+        );
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (after + 1..=4).collect::<Vec<_>>()
+        );
+    }
+});
+
 store_test!(
     finishing_stores_the_state_and_its_finished_event_together,
     |b| {
