@@ -267,46 +267,124 @@ enum Signal<T> {
     Missed,
 }
 
+/// What a [`Feed`] can hand to the subscribers of one key only: an event's execution, a
+/// status's host.
+pub trait Routed {
+    fn route(&self) -> &str;
+}
+
+impl Routed for BusEvent {
+    fn route(&self) -> &str {
+        self.execution_id()
+    }
+}
+
+impl Routed for HostStatus {
+    fn route(&self) -> &str {
+        &self.agent
+    }
+}
+
 /// The sending side of a fan-out: a bus hands every item (and every interruption) to
-/// all current subscribers through it. Cheap to clone (clones feed the same
+/// all current subscribers through it, and each item also to the subscribers of its key
+/// ([`Feed::subscribe_to`]: a stream of one execution wakes for that execution's events
+/// only, not for every event of the cluster). Cheap to clone (clones feed the same
 /// subscribers); subscribers see [`Received::Closed`] once every clone is dropped.
 #[derive(Debug)]
 pub struct Feed<T> {
     tx: broadcast::Sender<Signal<T>>,
+    keyed: std::sync::Arc<std::sync::Mutex<Keyed<T>>>,
 }
+
+/// The subscribers of single keys: a channel per key that has (or recently had) one.
+#[derive(Debug)]
+struct Keyed<T> {
+    channels: std::collections::HashMap<String, broadcast::Sender<Signal<T>>>,
+    /// Channels nobody listens to are dropped when their key's next item comes, and all
+    /// at once when the map reaches this size.
+    sweep_at: usize,
+}
+
+/// Items a subscriber of one key may fall behind by before it gets
+/// [`Received::Missed`] (each key's channel holds this many from the start).
+const KEYED_CAPACITY: usize = 256;
+const KEYED_SWEEP_MIN: usize = 64;
 
 impl<T> Clone for Feed<T> {
     fn clone(&self) -> Self {
         Feed {
             tx: self.tx.clone(),
+            keyed: std::sync::Arc::clone(&self.keyed),
         }
     }
 }
 
-impl<T: Clone + Send + 'static> Feed<T> {
+impl<T: Clone + Send + Routed + 'static> Feed<T> {
     /// A feed holding up to `capacity` items for a slow subscriber (at least 1); one
     /// further behind gets [`Received::Missed`].
     pub fn new(capacity: usize) -> Feed<T> {
         Feed {
             tx: broadcast::channel(capacity.max(1)).0,
+            keyed: std::sync::Arc::new(std::sync::Mutex::new(Keyed {
+                channels: std::collections::HashMap::new(),
+                sweep_at: KEYED_SWEEP_MIN,
+            })),
         }
     }
 
-    /// Hands `item` to every subscriber (none is not an error).
+    /// Hands `item` to every subscriber, and to its key's (none is not an error).
     pub fn send(&self, item: T) {
+        {
+            let mut keyed = self.keyed.lock().unwrap();
+            if let Some(tx) = keyed.channels.get(item.route()) {
+                if tx.send(Signal::Item(item.clone())).is_err() {
+                    // Nobody listens to this key any more.
+                    keyed.channels.remove(item.route());
+                }
+            }
+        }
         let _ = self.tx.send(Signal::Item(item));
     }
 
-    /// Tells every subscriber that items may have been missed.
+    /// Tells every subscriber, of every key too, that items may have been missed.
     pub fn missed(&self) {
+        self.keyed
+            .lock()
+            .unwrap()
+            .channels
+            .retain(|_, tx| tx.send(Signal::Missed).is_ok());
         let _ = self.tx.send(Signal::Missed);
     }
 
-    /// A subscriber of what is sent from now on.
+    /// A subscriber of everything sent from now on.
     pub fn subscribe(&self) -> Subscription<T> {
         Subscription {
             rx: self.tx.subscribe(),
         }
+    }
+
+    /// A subscriber of the items of key `key` sent from now on (and of every
+    /// [`Feed::missed`]).
+    pub fn subscribe_to(&self, key: &str) -> Subscription<T> {
+        let mut keyed = self.keyed.lock().unwrap();
+        if keyed.channels.len() >= keyed.sweep_at {
+            keyed.channels.retain(|_, tx| tx.receiver_count() > 0);
+            keyed.sweep_at = (keyed.channels.len() * 2).max(KEYED_SWEEP_MIN);
+        }
+        let rx = match keyed.channels.get(key) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(KEYED_CAPACITY);
+                keyed.channels.insert(key.to_string(), tx);
+                rx
+            }
+        };
+        Subscription { rx }
+    }
+
+    /// Keys with a channel now (for tests: channels nobody listens to go).
+    pub fn keyed_channels(&self) -> usize {
+        self.keyed.lock().unwrap().channels.len()
     }
 }
 
@@ -377,6 +455,9 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish_live(&self, event: LiveEvent) -> Result<(), BusError>;
     /// Events published from now on (see [`Subscription`]).
     fn subscribe_events(&self) -> Subscription<BusEvent>;
+    /// Events of execution `id` published from now on: [`Bus::subscribe_events`] for one
+    /// execution, woken by its events only.
+    fn subscribe_execution(&self, id: &str) -> Subscription<BusEvent>;
 
     /// api → scheduler: an execution was admitted. `item` is its id, or the id and the
     /// language it runs as [`submission`] writes them (the scheduler then places it
@@ -427,6 +508,61 @@ pub trait Bus: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{EventBody, OutputData};
+
+    fn stored(id: &str, seq: u64) -> BusEvent {
+        BusEvent::Stored(ExecEvent {
+            execution_id: id.into(),
+            seq,
+            at: 0,
+            body: EventBody::Stdout(OutputData::text("x")),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_of_one_key_gets_that_keys_items_and_every_missed_note() {
+        let feed: Feed<BusEvent> = Feed::new(16);
+        let mut all = feed.subscribe();
+        let mut a = feed.subscribe_to("a");
+        let mut a2 = feed.subscribe_to("a");
+        let mut b = feed.subscribe_to("b");
+        feed.send(stored("a", 1));
+        feed.send(stored("c", 1));
+        feed.send(stored("b", 1));
+        feed.missed();
+        for (n, s) in [(3, &mut all), (1, &mut a), (1, &mut a2), (1, &mut b)] {
+            for _ in 0..n {
+                assert!(matches!(s.try_recv(), Some(Received::Item(_))));
+            }
+            assert_eq!(s.try_recv(), Some(Received::Missed));
+            assert_eq!(s.try_recv(), None);
+        }
+        // A key nobody listens to any more loses its channel with its next item.
+        drop((a, a2));
+        assert_eq!(feed.keyed_channels(), 2);
+        feed.send(stored("a", 2));
+        assert_eq!(feed.keyed_channels(), 1);
+        // A slow subscriber of one key is told it fell behind.
+        for seq in 2..=(KEYED_CAPACITY as u64 + 10) {
+            feed.send(stored("b", seq));
+        }
+        assert_eq!(b.recv().await, Received::Missed);
+    }
+
+    #[test]
+    fn channels_of_keys_nobody_listens_to_are_swept() {
+        let feed: Feed<BusEvent> = Feed::new(16);
+        let kept = feed.subscribe_to("kept");
+        for i in 0..10 * KEYED_SWEEP_MIN {
+            drop(feed.subscribe_to(&format!("gone-{i}")));
+        }
+        assert!(
+            feed.keyed_channels() <= KEYED_SWEEP_MIN,
+            "{} channels left",
+            feed.keyed_channels()
+        );
+        drop(kept);
+    }
 
     #[test]
     fn a_submission_carries_the_id_and_a_language_hint() {

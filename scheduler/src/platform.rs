@@ -688,7 +688,7 @@ impl Platform {
         id: &str,
         after_seq: u64,
     ) -> Result<EventFollow, PlatformError> {
-        let live = self.bus.subscribe_events();
+        let live = self.bus.subscribe_execution(id);
         // The record (for who may see it) and the backlog in one read.
         match self.store.get_with_events_after(id, after_seq).await? {
             Some((r, backlog)) if who.may_access(&r.org, &r.user) => {

@@ -126,7 +126,7 @@ struct StreamFeed<T> {
     task: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
 }
 
-impl<T: Clone + Send + 'static> StreamFeed<T> {
+impl<T: Clone + Send + crate::bus::Routed + 'static> StreamFeed<T> {
     /// Starts the reader (once): from `start`, or when `None` from the newest entry at
     /// its first connection, after telling the subscribers they may have missed items.
     fn start(&self, start: Option<String>) {
@@ -143,6 +143,12 @@ impl<T: Clone + Send + 'static> StreamFeed<T> {
 
     fn subscribe(&self) -> Subscription<T> {
         let sub = self.feed.subscribe();
+        self.start(None);
+        sub
+    }
+
+    fn subscribe_to(&self, key: &str) -> Subscription<T> {
+        let sub = self.feed.subscribe_to(key);
         self.start(None);
         sub
     }
@@ -583,7 +589,7 @@ fn id_key(id: &str) -> (u64, u64) {
 /// ([`Feed::missed`]), reconnects, tells them again once it reads again (what was
 /// published meanwhile may be lost with a Redis that restarted empty), and reads on:
 /// from the start of the stream when it went back (its ids restarted).
-async fn fan_out<T: Clone + Send + 'static>(
+async fn fan_out<T: Clone + Send + crate::bus::Routed + 'static>(
     client: redis::Client,
     key: String,
     start: Option<String>,
@@ -745,6 +751,10 @@ impl Bus for RedisBus {
 
     fn subscribe_events(&self) -> Subscription<BusEvent> {
         self.inner.events.subscribe()
+    }
+
+    fn subscribe_execution(&self, id: &str) -> Subscription<BusEvent> {
+        self.inner.events.subscribe_to(id)
     }
 
     async fn submit(&self, execution_id: &str) -> Result<(), BusError> {

@@ -392,6 +392,30 @@ bus_test!(
     }
 );
 
+bus_test!(a_subscriber_of_one_execution_gets_its_events_only, |b| {
+    let agent = b.open("agent-1").await;
+    let api = b.open("api-1").await;
+    let mut all = api.subscribe_events();
+    let mut one = api.subscribe_execution("x");
+    agent.publish_event(event("y", 1, "other\n")).await.unwrap();
+    agent.publish_event(event("x", 1, "mine\n")).await.unwrap();
+    agent.publish_live(usage("y", 1)).await.unwrap();
+    agent.publish_live(usage("x", 2)).await.unwrap();
+    agent.publish_event(event("y", 2, "other\n")).await.unwrap();
+    for _ in 0..5 {
+        next("every event", &mut all).await;
+    }
+    assert_eq!(
+        next("x's event", &mut one).await,
+        BusEvent::Stored(event("x", 1, "mine\n"))
+    );
+    assert_eq!(
+        next("x's live event", &mut one).await,
+        BusEvent::Live(usage("x", 2))
+    );
+    assert!(one.try_recv().is_none(), "nothing of another execution");
+});
+
 fn status(agent: &str, at: u64) -> HostStatus {
     HostStatus {
         agent: agent.into(),
@@ -437,12 +461,14 @@ async fn the_redis_bus_carries_on_after_redis_restarts() {
     let scheduler = b.open("scheduler-1").await;
     let agent = b.open("h1").await;
     let mut events = api.subscribe_events();
+    let mut of_x = api.subscribe_execution("x");
     let mut statuses = api.subscribe_status();
     scheduler
         .publish_event(event("x", 1, "before\n"))
         .await
         .unwrap();
     assert_eq!(next("before", &mut events).await.seq(), Some(1));
+    assert_eq!(next("x's before", &mut of_x).await.seq(), Some(1));
     agent.publish_status(status("h1", 1)).await.unwrap();
     assert_eq!(next("a status before", &mut statuses).await.at, 1);
     api.submit("s1").await.unwrap();
@@ -472,6 +498,8 @@ async fn the_redis_bus_carries_on_after_redis_restarts() {
     })
     .await;
     let e = missed_then("an event after the restart", &mut events).await;
+    assert_eq!(e, BusEvent::Stored(event("x", 2, "after\n")));
+    let e = missed_then("x's event after the restart", &mut of_x).await;
     assert_eq!(e, BusEvent::Stored(event("x", 2, "after\n")));
     until_ok("publishing a status", || {
         agent.publish_status(status("h1", 2))

@@ -225,6 +225,10 @@ impl Bus for EmbeddedBus {
         self.inner.events.subscribe()
     }
 
+    fn subscribe_execution(&self, id: &str) -> Subscription<BusEvent> {
+        self.inner.events.subscribe_to(id)
+    }
+
     async fn submit(&self, execution_id: &str) -> Result<(), BusError> {
         self.inner.submitted.push(execution_id.to_string());
         Ok(())
