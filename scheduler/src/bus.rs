@@ -306,8 +306,11 @@ struct Keyed<T> {
 }
 
 /// Items a subscriber of one key may fall behind by before it gets
-/// [`Received::Missed`] (each key's channel holds this many from the start).
-const KEYED_CAPACITY: usize = 256;
+/// [`Received::Missed`] and catches up from the store. Each watched key's channel
+/// allocates this many slots up front (an event takes about 250 bytes: 16 KiB per
+/// watched execution); output is stored and published in batches at most every 5 ms,
+/// so this is a third of a second of a chatty run.
+const KEYED_CAPACITY: usize = 64;
 const KEYED_SWEEP_MIN: usize = 64;
 
 impl<T> Clone for Feed<T> {
@@ -547,6 +550,15 @@ mod tests {
             feed.send(stored("b", seq));
         }
         assert_eq!(b.recv().await, Received::Missed);
+    }
+
+    #[test]
+    fn a_watched_keys_channel_stays_small() {
+        let slot = std::mem::size_of::<Signal<BusEvent>>() + 2 * std::mem::size_of::<u64>();
+        assert!(
+            KEYED_CAPACITY * slot <= 24 << 10,
+            "{KEYED_CAPACITY} slots of about {slot} bytes per watched execution"
+        );
     }
 
     #[test]
