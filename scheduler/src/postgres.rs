@@ -120,6 +120,20 @@ const LAST_SEQS_MAX: usize = 4096;
 /// [`crate::model::INLINE_CODE_MAX`] of code; forgetting costs a transaction).
 const STARTED_MAX: usize = 1024;
 
+/// Inserts into a cache of at most `max` entries: a new key in a full cache empties it
+/// first (forgetting costs a read or a transaction, never a wrong answer).
+fn insert_bounded<K: std::hash::Hash + Eq, V>(
+    map: &mut HashMap<K, V>,
+    max: usize,
+    key: K,
+    value: V,
+) {
+    if map.len() >= max && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.insert(key, value);
+}
+
 /// An execution as `start_simple` left its row: the record, and the sealed record
 /// column, which nothing but a change of the record rewrites.
 struct Started {
@@ -302,16 +316,30 @@ impl PgStore {
             .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?
     }
 
+    /// Runs one statement of a single-statement fast path on a task of its own (so it
+    /// completes even if the caller stops waiting). `Ok(None)` when it wrote nothing or
+    /// failed in a way the full transaction retries: the caller falls back to that.
+    async fn simple<T, F, Fut>(&self, f: F) -> StoreResult<Option<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(PgStore) -> Fut,
+        Fut: Future<Output = Result<Option<T>, Failed>> + Send + 'static,
+    {
+        let done = tokio::spawn(f(self.clone()))
+            .await
+            .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?;
+        match done {
+            Ok(value) => Ok(value),
+            Err(f) if is_retryable(&f.error, &f.sqlstate) => Ok(None),
+            Err(f) => Err(f.error),
+        }
+    }
+
     /// Remembers (`Some`) or forgets the last seq of `id`.
     fn guess_last_seq(&self, id: &str, last: Option<u64>) {
         let mut seqs = self.last_seqs.lock().unwrap();
         match last {
-            Some(last) => {
-                if seqs.len() >= LAST_SEQS_MAX && !seqs.contains_key(id) {
-                    seqs.clear();
-                }
-                seqs.insert(id.to_string(), last);
-            }
+            Some(last) => insert_bounded(&mut seqs, LAST_SEQS_MAX, id.to_string(), last),
             None => {
                 seqs.remove(id);
             }
@@ -683,10 +711,9 @@ impl PgStore {
         agent: &str,
         at: Millis,
     ) -> StoreResult<Option<(ExecutionRecord, Vec<u8>)>> {
-        let me = self.clone();
         let (id, agent) = (id.to_string(), agent.to_string());
-        let row = tokio::spawn(async move {
-            sqlx::query(concat!(
+        self.simple(|me| async move {
+            let row = sqlx::query(concat!(
                 "WITH ex AS (UPDATE executions SET state = 'running', agent = $2, started_at = $3 \
                      WHERE id = $1 AND state = 'queued' AND cancel IS NULL \
                      RETURNING ", rec_cols!(), "), \
@@ -702,20 +729,13 @@ impl PgStore {
             .bind(i64_of(at))
             .fetch_optional(&me.pool)
             .await
-            .ctx("marking an execution running")
-            .map(|row| (me, id, row))
+            .ctx("marking an execution running")?;
+            match row {
+                Some(row) => Ok(Some((me.record_of(&id, &row, 0)?, row.get::<Vec<u8>, _>(0)))),
+                None => Ok(None),
+            }
         })
         .await
-        .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?;
-        match row {
-            Ok((me, id, Some(row))) => Ok(Some((
-                me.record_of(&id, &row, 0)?,
-                row.get::<Vec<u8>, _>(0),
-            ))),
-            Ok((_, _, None)) => Ok(None),
-            Err(f) if is_retryable(&f.error, &f.sqlstate) => Ok(None),
-            Err(f) => Err(f.error),
-        }
     }
 
     /// `finish` in one round trip: the terminal record (over the record `start_simple`
@@ -745,9 +765,8 @@ impl PgStore {
         let sealed_event = self.seal_event(&event)?;
         let sealed_record = self.seal_record(&rec)?;
         debug_assert_eq!(counter_moves(old.state, rec.state), [("running", -1)]);
-        let me = self.clone();
-        let task = tokio::spawn(async move {
-            sqlx::query_scalar::<_, i64>(
+        self.simple(|me| async move {
+            let written = sqlx::query_scalar::<_, i64>(
                 "WITH ex AS (UPDATE executions SET state = $2, cancel = $3, finished_at = $4, \
                      last_seq = $5, record = $6 \
                      WHERE id = $1 AND state = 'running' AND last_seq = $7 AND record = $8 \
@@ -769,17 +788,10 @@ impl PgStore {
             .bind(&sealed_event)
             .fetch_one(&me.pool)
             .await
-            .ctx("finishing an execution")
-            .map(|n| (n, rec, event))
+            .ctx("finishing an execution")?;
+            Ok((written == 1).then_some((rec, event)))
         })
         .await
-        .map_err(|e| StoreError::Io(format!("a store task failed: {e}")))?;
-        match task {
-            Ok((1, rec, event)) => Ok(Some((rec, event))),
-            Ok(_) => Ok(None),
-            Err(f) if is_retryable(&f.error, &f.sqlstate) => Ok(None),
-            Err(f) => Err(f.error),
-        }
     }
 
     /// The org's policy, the user's override and the version of all policies, in one
@@ -1002,11 +1014,12 @@ impl Store for PgStore {
             return Ok((o, u, Some(v)));
         }
         let (o, u, v) = self.read_policies(org, user).await?;
-        let mut cache = self.policies.lock().unwrap();
-        if cache.len() >= POLICIES_MAX {
-            cache.clear();
-        }
-        cache.insert(key, (o.clone(), u.clone(), v));
+        insert_bounded(
+            &mut self.policies.lock().unwrap(),
+            POLICIES_MAX,
+            key,
+            (o.clone(), u.clone(), v),
+        );
         Ok((o, u, Some(v)))
     }
 
@@ -1144,16 +1157,15 @@ impl Store for PgStore {
     ) -> StoreResult<ExecutionRecord> {
         if let Some((rec, sealed)) = self.start_simple(id, agent, at).await? {
             self.guess_last_seq(&rec.id, Some(rec.last_seq));
-            let mut started = self.started.lock().unwrap();
-            if started.len() >= STARTED_MAX {
-                started.clear();
-            }
-            started.insert(
+            let started = Started {
+                record: rec.clone(),
+                sealed,
+            };
+            insert_bounded(
+                &mut self.started.lock().unwrap(),
+                STARTED_MAX,
                 rec.id.clone(),
-                Started {
-                    record: rec.clone(),
-                    sealed,
-                },
+                started,
             );
             return Ok(rec);
         }

@@ -14,10 +14,10 @@
 //!   [`RedisConfig::read_at_connect`] (an API replica), else from the first subscription,
 //!   whose subscribers are first told they may have missed items (a scheduler reads host
 //!   statuses only while it leads; an agent reads neither stream). Every entry added
-//!   wakes every reader, so a reader nobody needs is not free. An event's payload is sealed with the platform's
-//!   keyring (bound to the execution and seq; a live-only event, which has no seq, to
-//!   its execution as a live event), like the store's copy: Redis may persist what it
-//!   holds. The store keeps the durable copy: a subscriber that lags, and every
+//!   wakes every reader, so a reader nobody needs is not free. An event's payload is
+//!   sealed with the platform's keyring (bound to the execution and seq; a live-only
+//!   event, which has no seq, to its execution as a live event), like the store's copy:
+//!   Redis may persist what it holds. The store keeps the durable copy: a subscriber that lags, and every
 //!   subscriber when a reader's connection drops and again when it is back, gets
 //!   [`crate::bus::Received::Missed`] and catches up from the store.
 //! - Blocking reads use connections of their own; everything else shares one
