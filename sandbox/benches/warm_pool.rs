@@ -1296,31 +1296,57 @@ struct Refill {
     /// `PoolConfig::refill_cpu_weight` = `REFILL_CPU_WEIGHT` (the refill in the
     /// background); `false`: the default, a sandbox's weight.
     background: bool,
+    /// `PoolConfig::clone_into_cgroup`: on cgroup v2 each sandbox is born in its cgroup
+    /// (the default); `false`, it is moved there after its fork, as before.
+    into_cgroup: bool,
+}
+
+/// The configurations the throughput and burst phases compare: [`REFILLS`], and on
+/// cgroup v2 also the default with each sandbox moved into its cgroup after its fork
+/// (on v1 that is what every configuration does).
+fn refills() -> Vec<Refill> {
+    let mut all = REFILLS.to_vec();
+    let v2 = CgroupRoot::detect("hatchery").is_ok_and(|root| root.version() == CgroupVersion::V2);
+    if v2 {
+        all.insert(
+            1,
+            Refill {
+                into_cgroup: false,
+                ..REFILLS[0]
+            },
+        );
+    }
+    all
 }
 
 /// The pool as it makes sandboxes now (the default configuration); the same with its
 /// refill in the background (`refill_cpu_weight`, not the default); the same in 4 KiB
-/// pages; and as it did before (one fork at a time, 4 KiB pages).
+/// pages; and as it did before (one fork at a time, 4 KiB pages, on cgroup v2 each
+/// sandbox moved into its cgroup after its fork).
 const REFILLS: [Refill; 4] = [
     Refill {
         in_flight: FORKS_IN_FLIGHT,
         huge_pages: true,
         background: false,
+        into_cgroup: true,
     },
     Refill {
         in_flight: FORKS_IN_FLIGHT,
         huge_pages: true,
         background: true,
+        into_cgroup: true,
     },
     Refill {
         in_flight: FORKS_IN_FLIGHT,
         huge_pages: false,
         background: false,
+        into_cgroup: true,
     },
     Refill {
         in_flight: 1,
         huge_pages: false,
         background: false,
+        into_cgroup: false,
     },
 ];
 
@@ -1340,12 +1366,17 @@ impl std::fmt::Display for Refill {
         } else {
             ""
         };
+        let moved = if self.into_cgroup {
+            ""
+        } else {
+            ", moved into its cgroup"
+        };
         let before = if *self == REFILLS[REFILLS.len() - 1] {
             " (before)"
         } else {
             ""
         };
-        write!(f, "{forks}, {pages}{weight}{before}")
+        write!(f, "{forks}, {pages}{weight}{moved}{before}")
     }
 }
 
@@ -1362,6 +1393,7 @@ fn loaded_pool(
     pc.claim_timeout = claim_timeout;
     pc.forks_in_flight = refill.in_flight;
     pc.huge_pages = refill.huge_pages;
+    pc.clone_into_cgroup = refill.into_cgroup;
     if refill.background {
         pc.refill_cpu_weight = Some(hatchery_sandbox::pool::REFILL_CPU_WEIGHT);
     }
@@ -1375,7 +1407,8 @@ fn loaded_pool(
 /// `cfg.seconds` in all, in turns of `cfg.slice` seconds (the order rotating every
 /// round), so that a change in the machine's load falls on all of them alike.
 fn throughput(cfg: &Config, threads: usize) -> Result<Vec<Throughput>, String> {
-    let pools = REFILLS
+    let refills = refills();
+    let pools = refills
         .iter()
         .map(|&refill| {
             loaded_pool(
@@ -1387,7 +1420,7 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Vec<Throughput>, String> {
             )
         })
         .collect::<Result<Vec<Pool>, String>>()?;
-    let mut out: Vec<Throughput> = REFILLS
+    let mut out: Vec<Throughput> = refills
         .iter()
         .map(|&refill| Throughput {
             threads,
@@ -1406,11 +1439,11 @@ fn throughput(cfg: &Config, threads: usize) -> Result<Vec<Throughput>, String> {
     let rounds = (cfg.seconds / cfg.slice).ceil().max(1.0) as usize;
     let slice = cfg.seconds / rounds as f64;
     for round in 0..rounds {
-        for k in 0..REFILLS.len() {
+        for k in 0..refills.len() {
             if stopped() {
                 break;
             }
-            let i = (round + k) % REFILLS.len();
+            let i = (round + k) % refills.len();
             throughput_slice(&pools[i], threads, slice, &mut out[i]);
         }
     }
@@ -1837,6 +1870,7 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
 
     // ---- throughput
+    let refills = refills();
     let mut tps = Vec::new();
     for &k in &cfg.threads {
         if stopped() {
@@ -1847,27 +1881,27 @@ fn run(cfg: &Config) -> Result<(), String> {
             "throughput: {k} threads, pools of {}, {} configurations taking turns, {} s each in \
              slices of about {} s",
             cfg.tp_pool,
-            REFILLS.len(),
+            refills.len(),
             cfg.seconds,
             cfg.slice
         );
         tps.extend(throughput(cfg, k)?);
     }
-    let mut bursts: Vec<Option<Burst>> = REFILLS.iter().map(|_| None).collect();
+    let mut bursts: Vec<Option<Burst>> = refills.iter().map(|_| None).collect();
     eprint!(
         "burst: {} claims at once on a pool of {}, {} rounds of {} configurations ",
         cfg.burst,
         cfg.burst_pool,
         cfg.burst_rounds,
-        REFILLS.len()
+        refills.len()
     );
     for round in 0..cfg.burst_rounds {
-        for k in 0..REFILLS.len() {
+        for k in 0..refills.len() {
             if stopped() {
                 break;
             }
-            let i = (round + k) % REFILLS.len();
-            let b = burst(cfg, REFILLS[i])?;
+            let i = (round + k) % refills.len();
+            let b = burst(cfg, refills[i])?;
             eprint!(".");
             match &mut bursts[i] {
                 Some(all) => {
@@ -2276,7 +2310,7 @@ fn run(cfg: &Config) -> Result<(), String> {
             );
         }
     }
-    for group in tps.chunks(REFILLS.len()) {
+    for group in tps.chunks(refills.len()) {
         let rate = |tp: &Throughput| tp.done as f64 / tp.elapsed_s.max(1e-9);
         let [now, others @ ..] = group else { continue };
         let others: Vec<String> = others

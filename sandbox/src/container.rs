@@ -3,7 +3,8 @@
 //! The child of `clone3` becomes the sandbox's init (pid 1 of its pid namespace). It
 //! waits for the supervisor to place it in its cgroup (and write its uid/gid maps), then:
 //!
-//! 1. enters a fresh cgroup namespace rooted at its own cgroup;
+//! 1. enters a fresh cgroup namespace rooted at its own cgroup (a trusted helper that
+//!    asked to keep its caller's does not: the zygote on cgroup v2);
 //! 2. sets the hostname and brings up `lo` (the only interface of its network namespace);
 //! 3. builds the root filesystem ([`crate::mounts`]) and pivots into it;
 //! 4. forks the worker, drops every privilege it holds itself and reaps zombies until the
@@ -105,7 +106,9 @@ fn init_setup(ctx: &ChildContext<'_>) -> Result<Option<Pid>, StepError> {
         }
     }
     // After the cgroup move, so that the namespace's root is the sandbox's own cgroup.
-    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare the cgroup namespace"))?;
+    if !spec.keep_cgroup_namespace {
+        unshare(CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare the cgroup namespace"))?;
+    }
     unistd::sethostname(&spec.hostname).map_err(step("set hostname"))?;
     loopback_up().map_err(step("bring up loopback"))?;
     mounts::enter_root(spec)?;

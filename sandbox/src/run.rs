@@ -190,7 +190,7 @@ pub(crate) struct CloneArgs {
     pub cgroup: u64,
 }
 
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
     unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe2"))

@@ -115,6 +115,12 @@ pub struct SandboxSpec {
     /// new namespace (e.g. `max_inotify_instances`, which then caps each uid of the
     /// namespace on its own), as `(name, value)` without the `user.` prefix.
     pub userns_sysctls: Vec<(String, u64)>,
+    /// Stay in the caller's cgroup namespace instead of one rooted at the sandbox's own
+    /// cgroup. For the zygote on cgroup v2 only, so that the sandboxes it forks can be
+    /// born in their cgroups (siblings of its own, which a namespace rooted at its own
+    /// would hide); never for user code, and each forked sandbox enters a namespace of
+    /// its own.
+    pub keep_cgroup_namespace: bool,
 }
 
 impl SandboxSpec {
@@ -134,6 +140,7 @@ impl SandboxSpec {
             userns_root: false,
             pass_fds: Vec::new(),
             userns_sysctls: Vec::new(),
+            keep_cgroup_namespace: false,
         }
     }
 

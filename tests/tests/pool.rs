@@ -674,6 +674,83 @@ fn a_refill_has_several_sandboxes_on_their_way_at_once() {
     tp.finish();
 }
 
+/// The owner of `path` (uid, gid).
+fn owner_of(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.uid(), meta.gid())
+}
+
+/// On cgroup v2 a pooled sandbox is born in its own cgroup (`clone3(CLONE_INTO_CGROUP)`
+/// with the descriptor the pool passed the zygote for that one fork): no attach after
+/// the fork. The zygote's host uid may write the parent's `cgroup.procs` (which can hold
+/// no process) and a new sandbox's only until its fork is answered: every pooled
+/// sandbox's is root's again. Each sandbox still sees its own cgroup as its namespace's
+/// root, and its limits hold. Asked not to, or on cgroup v1, the pool moves each
+/// sandbox into its cgroup as before.
+#[test]
+fn on_cgroup_v2_sandboxes_are_born_in_their_cgroups() {
+    let v2 = hatchery_sandbox::cgroup::CgroupRoot::detect("hatchery")
+        .expect("cgroups")
+        .version()
+        == hatchery_sandbox::cgroup::CgroupVersion::V2;
+    for into in [true, false] {
+        let tp = start_pool_with(
+            Language::R {
+                packages: vec!["stats".into()],
+            },
+            3,
+            |cfg| cfg.clone_into_cgroup = into,
+        );
+        let stats = tp.pool.stats();
+        assert_eq!(stats.failed_forks, 0, "{stats:?}");
+        assert!(stats.forked >= 3, "{stats:?}");
+        let born = if into && v2 { stats.forked } else { 0 };
+        assert_eq!(
+            stats.born_in_cgroup, born,
+            "into_cgroup {into}, v2 {v2}: {stats:?}"
+        );
+        let dirs = tp.pool.frozen_cgroups();
+        assert_eq!(dirs.len(), 3, "{dirs:?}");
+        for d in &dirs {
+            assert!(cgroup_frozen(d), "{} is not frozen", d.display());
+            first_pid_in(d);
+            if v2 {
+                assert_eq!(
+                    owner_of(&d.join("cgroup.procs")),
+                    (0, 0),
+                    "the zygote may still move processes into {}",
+                    d.display()
+                );
+            }
+        }
+        if v2 && into {
+            let parent = &tp.cgroups.dirs()[0];
+            let base = hatchery_sandbox::spec::DEFAULT_USERNS_BASE;
+            assert_eq!(owner_of(&parent.join("cgroup.procs")), (base, base));
+            // A cgroup with controllers for its children holds no process: the right
+            // to write the parent's cgroup.procs moves nothing into it.
+            let controllers =
+                std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap();
+            assert!(controllers.contains("memory"), "{controllers:?}");
+        }
+        // Its limits are its cgroup's: 64 MiB, against a 200 MiB vector.
+        let mut small = request("x <- numeric(25e6); sum(x)");
+        small.limits = Limits {
+            memory_bytes: Some(64 * MIB),
+            ..Limits::UNLIMITED
+        };
+        tp.run(small).assert_status(ExecStatus::OomKilled);
+        let ran = tp.run_code("readLines('/proc/self/cgroup')");
+        ran.assert_status(ExecStatus::Succeeded);
+        let seen = ran.value();
+        if v2 {
+            assert_eq!(seen, serde_json::json!("0::/"), "{}", ran.describe());
+        }
+        tp.finish();
+    }
+}
+
 /// `sandbox eval` is a one-off: one sandbox from a zygote that prepared nothing for
 /// further forks, R's JIT on for the user's code as in any R session, the result and
 /// the documented exit codes, and nothing left behind.

@@ -91,6 +91,10 @@ struct RunArgs {
     /// untrusted code.
     #[arg(long, requires = "userns")]
     userns_root: bool,
+    /// Stay in this process's cgroup namespace (the zygote's, on cgroup v2, so that the
+    /// sandboxes it forks are born in their own cgroups). For trusted helpers only.
+    #[arg(long, requires = "userns_root")]
+    keep_cgroup_namespace: bool,
     /// Keep this inherited file descriptor open for the command, at the same number
     /// (repeatable). Every other descriptor above 2 is closed.
     #[arg(long = "pass-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
@@ -246,6 +250,11 @@ struct ServeArgs {
     /// 1.3 MiB with stats,MASS,Matrix).
     #[arg(long)]
     no_prefault: bool,
+    /// On cgroup v2, move each sandbox into its cgroup after its fork instead of having it
+    /// born there (`clone3(CLONE_INTO_CGROUP)`, the default). Without effect on cgroup v1,
+    /// where the pool always moves it.
+    #[arg(long)]
+    no_clone_into_cgroup: bool,
 }
 
 #[derive(Args)]
@@ -359,6 +368,7 @@ fn cmd_run(args: RunArgs) -> Result<i32> {
     spec.gid = args.gid;
     spec.userns_base = args.userns.then_some(args.userns_base);
     spec.userns_root = args.userns_root;
+    spec.keep_cgroup_namespace = args.keep_cgroup_namespace;
     spec.pass_fds = args.pass_fds.clone();
     spec.userns_sysctls = args.userns_sysctls.clone();
     spec.tmp_size = args.tmp_size;
@@ -625,6 +635,7 @@ fn cmd_serve(args: ServeArgs) -> Result<i32> {
     let mut cfg = pool_config(&args.pool)?;
     cfg.huge_pages = !args.no_huge_pages;
     cfg.prefault = !args.no_prefault;
+    cfg.clone_into_cgroup = !args.no_clone_into_cgroup;
     let size = cfg.size;
     let pool = Arc::new(Pool::start(cfg).context("cannot start the pool")?);
     let out = Arc::new(Mutex::new(std::io::stdout()));

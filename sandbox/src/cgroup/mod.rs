@@ -155,6 +155,9 @@ pub struct CgroupRoot {
     parent: String,
     /// v1: controller name → absolute directory of the parent. v2: the single directory.
     dirs: Vec<(String, PathBuf)>,
+    /// v1: the mounts read once at detection (`cgroups-rs` would otherwise parse
+    /// `/proc/self/mountinfo` again for every sandbox cgroup it creates or opens).
+    v1: Option<V1>,
 }
 
 impl CgroupRoot {
@@ -169,6 +172,7 @@ impl CgroupRoot {
                 version: CgroupVersion::V2,
                 parent: parent.to_string(),
                 dirs,
+                v1: None,
             })
         } else {
             let v1 = V1::new();
@@ -187,6 +191,7 @@ impl CgroupRoot {
                 version: CgroupVersion::V1,
                 parent: parent.to_string(),
                 dirs,
+                v1: Some(v1),
             })
         }
     }
@@ -205,9 +210,10 @@ impl CgroupRoot {
     }
 
     fn hierarchy(&self) -> Box<dyn Hierarchy> {
-        match self.version {
-            CgroupVersion::V1 => Box::new(V1::new()),
-            CgroupVersion::V2 => Box::new(V2::new()),
+        match (&self.v1, self.version) {
+            (Some(v1), _) => Box::new(v1.clone()),
+            (None, CgroupVersion::V1) => Box::new(V1::new()),
+            (None, CgroupVersion::V2) => Box::new(V2::new()),
         }
     }
 
@@ -252,15 +258,7 @@ impl CgroupRoot {
     /// limits that hold for all of Hatchery's sandboxes on this host together, whatever
     /// each sandbox's own limits say (`None` lifts that ceiling). CPU is not capped here.
     pub fn set_ceiling(&self, memory_bytes: Option<u64>, pids: Option<u64>) -> Result<()> {
-        let cg = Cgroup::new_with_specified_controllers(
-            self.hierarchy(),
-            self.parent.clone(),
-            Some(self.controllers()),
-        )
-        .map_err(|source| CgroupError::Create {
-            path: self.parent.clone(),
-            source,
-        })?;
+        let cg = self.create_parent()?;
         let parent = SandboxCgroup {
             version: self.version,
             name: self.parent.clone(),
@@ -272,6 +270,34 @@ impl CgroupRoot {
             cpus: None,
             pids,
         })
+    }
+
+    /// The parent itself, created if missing (with its controllers).
+    fn create_parent(&self) -> Result<Cgroup> {
+        Cgroup::new_with_specified_controllers(
+            self.hierarchy(),
+            self.parent.clone(),
+            Some(self.controllers()),
+        )
+        .map_err(|source| CgroupError::Create {
+            path: self.parent.clone(),
+            source,
+        })
+    }
+
+    /// cgroup v2: lets `owner` (host uid, gid) write the parent's `cgroup.procs` (the
+    /// parent created if missing), or root alone again with `None`. A parent with controllers enabled for its children can
+    /// hold no process itself, so this moves nothing into it: it is the common-ancestor
+    /// permission that a zygote needs to fork sandboxes into their cgroups (see
+    /// [`SandboxCgroup::let_procs_be_written_by`]). v1: nothing to do.
+    pub fn let_procs_be_written_by(&self, owner: Option<(u32, u32)>) -> Result<()> {
+        match self.version {
+            CgroupVersion::V2 => {
+                self.create_parent()?;
+                v2::set_procs_owner(self.parent_dir(), owner)
+            }
+            CgroupVersion::V1 => Ok(()),
+        }
     }
 
     /// Opens an existing sandbox cgroup (for cleanup of orphans).
@@ -399,6 +425,15 @@ impl SandboxCgroup {
     /// Every directory of this cgroup, one per hierarchy.
     pub fn dirs(&self) -> impl Iterator<Item = &Path> {
         self.dirs.iter().map(|(_, d)| d.as_path())
+    }
+
+    /// cgroup v2: lets `owner` (host uid, gid) write this cgroup's `cgroup.procs` — for as
+    /// long as one fork into it takes — or root alone again with `None`. v1: nothing to do.
+    pub fn let_procs_be_written_by(&self, owner: Option<(u32, u32)>) -> Result<()> {
+        match self.version {
+            CgroupVersion::V2 => v2::set_procs_owner(&self.dirs[0].1, owner),
+            CgroupVersion::V1 => Ok(()),
+        }
     }
 
     /// Writes memory (without swap), CPU quota and pids limits. Limits left `None` are

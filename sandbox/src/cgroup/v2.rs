@@ -1,9 +1,10 @@
 //! The cgroup v2 half of [`SandboxCgroup`](super::SandboxCgroup): `memory.swap.max`,
-//! `cgroup.freeze` confirmed through `cgroup.events`, `cgroup.kill`, and the directory fd
-//! used by `clone3(CLONE_INTO_CGROUP)`.
+//! `cgroup.freeze` confirmed through `cgroup.events`, `cgroup.kill`, and what
+//! `clone3(CLONE_INTO_CGROUP)` needs: the directory fd, and `cgroup.procs` writable by the
+//! caller.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{open, OFlag};
@@ -137,4 +138,19 @@ pub fn dir_fd(cg: &SandboxCgroup) -> Result<OwnedFd> {
         Mode::empty(),
     )
     .map_err(|e| io_err("open", dir, e.into()))
+}
+
+/// Makes `cgroup.procs` in `dir` writable by `owner` (host uid, gid) alone, or by root
+/// alone again with `None`. A caller without root's privileges may be born in a cgroup
+/// (`clone3(CLONE_INTO_CGROUP)`) only if it may write that file in the target cgroup and
+/// in the closest common ancestor of its own cgroup and the target.
+pub(super) fn set_procs_owner(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    let path = dir.join("cgroup.procs");
+    nix::unistd::chown(
+        &path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| io_err("chown", &path, e.into()))
 }

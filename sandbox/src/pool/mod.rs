@@ -3,8 +3,9 @@
 //!
 //! A [`Pool`] owns one zygote (started through `sandbox run --userns --userns-root`, so it
 //! is itself confined) and a maintainer thread that keeps `size` sandboxes frozen: it
-//! asks the zygote for a fork, creates the sandbox's cgroup, moves the sandbox into it,
-//! lets it finish its containment and freezes it. [`Pool::claim`] takes a frozen sandbox,
+//! creates the sandbox's cgroup and asks the zygote for a fork born in it (cgroup v2,
+//! [`PoolConfig::clone_into_cgroup`]), or asks for the fork and moves the sandbox into
+//! its cgroup (cgroup v1), lets it finish its containment and freezes it. [`Pool::claim`] takes a frozen sandbox,
 //! writes the execution's limits into its cgroup, thaws it, hands it the code and starts
 //! the clock — nothing else happens on the claim path. A watcher thread per execution
 //! streams its output, progress and usage as [`Event`]s, enforces the time limit and
@@ -139,6 +140,14 @@ pub struct PoolConfig {
     /// (bursts) go slower while executions run. `None` (the default): a sandbox's weight;
     /// see [`REFILL_CPU_WEIGHT`] for what was measured.
     pub refill_cpu_weight: Option<u32>,
+    /// On cgroup v2, each sandbox is born in its own cgroup (`clone3(CLONE_INTO_CGROUP)`
+    /// with a descriptor the pool passes the zygote for that one fork), instead of being
+    /// moved there after its fork: no attach, and no round trip before it finishes its
+    /// containment. The zygote then stays in the pool owner's cgroup namespace, and may
+    /// write the `cgroup.procs` of the cgroup parent (which can hold no process) and of
+    /// each new sandbox's cgroup until its fork is answered. `false`, or cgroup v1: the
+    /// pool moves each sandbox into its cgroup.
+    pub clone_into_cgroup: bool,
 }
 
 impl PoolConfig {
@@ -172,6 +181,7 @@ impl PoolConfig {
             huge_pages: true,
             prefault: true,
             refill_cpu_weight: None,
+            clone_into_cgroup: true,
             inotify_instances: 8,
             inotify_watches: 8192,
         }
@@ -319,6 +329,27 @@ pub struct PoolStats {
     /// The most sandboxes a refill has had on their way at once (forked or asked of the
     /// zygote, not yet in the pool).
     pub most_in_flight: usize,
+    /// Sandboxes born in their cgroup ([`PoolConfig::clone_into_cgroup`]); the other
+    /// forks were moved into theirs by the pool.
+    pub born_in_cgroup: u64,
+}
+
+/// Whether a fork into a cgroup failed for a reason that the next one would meet too:
+/// the kernel's permission checks (the zygote's uid may not write the target's or the
+/// common ancestor's `cgroup.procs`, or the target is outside its cgroup namespace) or
+/// its support (`CLONE_INTO_CGROUP` is Linux 5.7; a threaded or dying target).
+fn into_cgroup_refused(errno: i32) -> bool {
+    [
+        libc::EACCES,
+        libc::EPERM,
+        libc::ENOENT,
+        libc::EINVAL,
+        libc::E2BIG,
+        libc::ENOSYS,
+        libc::EOPNOTSUPP,
+        libc::EBUSY,
+    ]
+    .contains(&errno)
 }
 
 /// How long a reaped sandbox's init may take to die before its cgroup is killed.
@@ -354,10 +385,29 @@ impl Placing {
     }
 }
 
+/// A fork asked of the zygote and not answered yet.
+struct Asked {
+    slot: u64,
+    due: Instant,
+    /// The cgroup it is to be born in (cgroup v2), with its name.
+    born_in: Option<(String, SandboxCgroup)>,
+}
+
+impl Asked {
+    /// Gives up on it: whatever was born in its cgroup dies with the cgroup.
+    fn abandon(self) {
+        if let Some((_, cgroup)) = self.born_in {
+            let _ = cgroup.destroy();
+        }
+    }
+}
+
 /// Why the zygote's answer to a fork request did not become a placed sandbox.
 enum Received {
     /// That one sandbox failed (the zygote could not fork it, or it could not be placed).
     Sandbox(PoolError),
+    /// The zygote could not fork it: its message and the system call's error.
+    Refused(String, Option<i32>),
     /// The zygote did not answer as it should.
     Zygote(PoolError),
 }
@@ -1400,12 +1450,17 @@ struct Maintainer {
     /// The `ended` count when the zygote was last told to reap.
     reaped_at: u64,
     backoff: Duration,
+    /// A fork into a cgroup failed for a reason that will not go away (the kernel's
+    /// permission or support): this pool moves its sandboxes into their cgroups from now.
+    into_cgroup_refused: bool,
 }
 
 struct Zygote {
     launcher: Child,
     ctl: ControlChannel,
     root: CgroupRoot,
+    /// Its sandboxes are born in their cgroups ([`PoolConfig::clone_into_cgroup`]).
+    into_cgroup: bool,
 }
 
 impl Drop for Zygote {
@@ -1435,6 +1490,53 @@ impl Maintainer {
             slot: 0,
             reaped_at: 0,
             backoff: Duration::from_millis(200),
+            into_cgroup_refused: false,
+        }
+    }
+
+    /// Whether the next zygote's sandboxes are born in their cgroups: asked for, cgroup
+    /// v2, not refused before, and the zygote's host uid may write the parent's
+    /// `cgroup.procs` (the common ancestor of its cgroup and theirs).
+    fn may_fork_into_cgroups(&self) -> bool {
+        let cfg = &self.shared.config;
+        let root = &self.shared.root;
+        if !cfg.clone_into_cgroup
+            || self.into_cgroup_refused
+            || root.version() != crate::cgroup::CgroupVersion::V2
+        {
+            return false;
+        }
+        match root.let_procs_be_written_by(Some((cfg.userns_base, cfg.userns_base))) {
+            Ok(()) => true,
+            Err(e) => {
+                self.shared.note_error(format!(
+                    "sandboxes are moved into their cgroups after their fork: {e}"
+                ));
+                false
+            }
+        }
+    }
+
+    /// A new sandbox's cgroup, with the pool's default limits and refill weight.
+    fn new_cgroup(&self) -> Result<(String, SandboxCgroup), PoolError> {
+        let cfg = &self.shared.config;
+        let name = crate::gc::unique_name("sb");
+        let cgroup = self.shared.root.create(&name)?;
+        let prepared = cfg
+            .default_limits
+            .as_ref()
+            .map_or(Ok(()), |limits| cgroup.apply(limits))
+            // Its containment is background work too, until it is frozen ready (pool_it).
+            .and_then(|()| {
+                cfg.refill_cpu_weight
+                    .map_or(Ok(()), |weight| cgroup.set_cpu_weight(weight))
+            });
+        match prepared {
+            Ok(()) => Ok((name, cgroup)),
+            Err(e) => {
+                let _ = cgroup.destroy();
+                Err(e.into())
+            }
         }
     }
 
@@ -1549,6 +1651,7 @@ impl Maintainer {
         let cfg = &self.shared.config;
         let (agent_end, zygote_end) =
             crate::frame::socketpair().map_err(|e| PoolError::Io(format!("socketpair: {e}")))?;
+        let into_cgroup = self.may_fork_into_cgroups();
         let mut cmd = Command::new(&cfg.sandbox_bin);
         cmd.arg("run")
             .arg("--rootfs")
@@ -1584,6 +1687,11 @@ impl Maintainer {
             .arg(&cfg.cgroup_parent);
         if let Some(weight) = cfg.refill_cpu_weight {
             cmd.arg("--cpu-weight").arg(weight.to_string());
+        }
+        if into_cgroup {
+            // The sandboxes' cgroups are its siblings: a namespace rooted at its own
+            // cgroup would hide them (each sandbox enters a namespace of its own).
+            cmd.arg("--keep-cgroup-namespace");
         }
         for b in &cfg.binds {
             cmd.arg("--ro-bind")
@@ -1670,6 +1778,7 @@ impl Maintainer {
             launcher,
             ctl: ControlChannel::new(agent_end),
             root: self.shared.root.clone(),
+            into_cgroup,
         };
         if !wait_readable(zygote.ctl.fd(), cfg.start_timeout) {
             return Err(PoolError::Zygote(format!(
@@ -1728,7 +1837,7 @@ impl Maintainer {
     fn refill(&mut self) -> Result<(), PoolError> {
         let timeout = self.shared.config.start_timeout;
         // Asked of the zygote, in order (it answers in order), with their deadlines.
-        let mut asked: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut asked: VecDeque<Asked> = VecDeque::new();
         let mut placing: Vec<(Placing, Instant)> = Vec::new();
         let mut failed = false;
         let result = loop {
@@ -1742,9 +1851,9 @@ impl Maintainer {
                         .max(1)
                         .min(self.missing())
             {
-                match self.ask_fork() {
-                    Ok(slot) => {
-                        asked.push_back((slot, Instant::now() + timeout));
+                match self.ask_fork(Instant::now() + timeout) {
+                    Ok(a) => {
+                        asked.push_back(a);
                         let mut st = self.shared.stats.lock().unwrap();
                         st.most_in_flight = st.most_in_flight.max(asked.len() + placing.len());
                     }
@@ -1788,7 +1897,7 @@ impl Maintainer {
                     self.sandbox_failed(&e);
                 }
             }
-            if asked.front().is_some_and(|(_, due)| now >= *due) {
+            if asked.front().is_some_and(|a| now >= a.due) {
                 break Err(PoolError::Zygote("no answer to a fork request".into()));
             }
             if asked.is_empty() && placing.is_empty() {
@@ -1797,7 +1906,7 @@ impl Maintainer {
             // Wait for the zygote's next answer or a sandbox's ready.
             let due = asked
                 .iter()
-                .map(|(_, d)| *d)
+                .map(|a| a.due)
                 .chain(placing.iter().map(|(_, d)| *d))
                 .min()
                 .unwrap_or(now);
@@ -1825,12 +1934,17 @@ impl Maintainer {
                 !asked.is_empty() && fds[0].revents().is_some_and(|r| !r.is_empty())
             };
             if zygote_ready {
-                let (slot, due) = asked.pop_front().expect("a fork was asked");
-                match self.receive_fork(slot) {
+                let a = asked.pop_front().expect("a fork was asked");
+                let due = a.due;
+                match self.receive_fork(a) {
                     Ok(p) => placing.push((p, due)),
                     Err(Received::Sandbox(e)) => {
                         failed = true;
                         self.sandbox_failed(&e);
+                    }
+                    Err(Received::Refused(error, _)) => {
+                        failed = true;
+                        self.sandbox_failed(&PoolError::Zygote(error));
                     }
                     Err(Received::Zygote(e)) => break Err(e),
                 }
@@ -1840,6 +1954,10 @@ impl Maintainer {
             for (p, _) in placing {
                 p.abandon();
             }
+        }
+        // Forks still unanswered (the zygote failed): their cgroups go.
+        for a in asked {
+            a.abandon();
         }
         result
     }
@@ -1851,8 +1969,9 @@ impl Maintainer {
             .note_error(format!("fork of a sandbox failed: {e}"));
     }
 
-    /// Asks the zygote for one more sandbox; returns its slot.
-    fn ask_fork(&mut self) -> Result<u64, PoolError> {
+    /// Asks the zygote for one more sandbox, born in a cgroup made ready for it when the
+    /// zygote's sandboxes are.
+    fn ask_fork(&mut self, due: Instant) -> Result<Asked, PoolError> {
         let cfg = &self.shared.config;
         let z = self
             .zygote
@@ -1861,27 +1980,64 @@ impl Maintainer {
         self.slot += 1;
         // Each sandbox its own uid, in turn: no two live sandboxes share one.
         let uid = cfg.uid_first + (self.slot % cfg.uid_count.max(1) as u64) as u32;
-        z.ctl.request_fork(self.slot, uid)?;
-        Ok(self.slot)
+        let mut asked = Asked {
+            slot: self.slot,
+            due,
+            born_in: None,
+        };
+        if !z.into_cgroup {
+            z.ctl.request_fork(self.slot, uid, None)?;
+            return Ok(asked);
+        }
+        let (name, cgroup) = self.new_cgroup()?;
+        // The zygote may write its cgroup.procs (the kernel's condition for a fork into
+        // it) until its answer comes (place).
+        let dir = cgroup
+            .let_procs_be_written_by(Some((cfg.userns_base, cfg.userns_base)))
+            .and_then(|()| crate::cgroup::v2::dir_fd(&cgroup));
+        asked.born_in = Some((name, cgroup));
+        let sent = match dir {
+            Ok(dir) => z
+                .ctl
+                .request_fork(self.slot, uid, Some(dir.as_fd()))
+                .map_err(PoolError::from),
+            Err(e) => Err(e.into()),
+        };
+        match sent {
+            Ok(()) => Ok(asked),
+            Err(e) => {
+                asked.abandon();
+                Err(e)
+            }
+        }
     }
 
-    /// Reads the zygote's answer for `slot` (an answer for an earlier slot, left over
+    /// Reads the zygote's answer for `asked` (an answer for an earlier slot, left over
     /// from a refill that gave up on it, is dropped: its sandbox dies with its
-    /// descriptors), then places the sandbox in a cgroup of its own and lets it finish
-    /// its containment.
-    fn receive_fork(&mut self, slot: u64) -> Result<Placing, Received> {
+    /// descriptors), then places the sandbox in a cgroup of its own, unless it was born
+    /// in one, and lets it finish its containment.
+    fn receive_fork(&mut self, asked: Asked) -> Result<Placing, Received> {
         let timeout = self.shared.config.start_timeout;
-        let z = self
-            .zygote
-            .as_ref()
-            .ok_or_else(|| Received::Zygote(PoolError::Zygote("not running".into())))?;
-        let fds = loop {
-            let (msg, fds) = z.ctl.recv().map_err(|e| Received::Zygote(e.into()))?;
+        let slot = asked.slot;
+        let z = match self.zygote.as_ref() {
+            Some(z) => z,
+            None => {
+                asked.abandon();
+                return Err(Received::Zygote(PoolError::Zygote("not running".into())));
+            }
+        };
+        let answer = loop {
+            let (msg, fds) = match z.ctl.recv() {
+                Ok(m) => m,
+                Err(e) => break Err(Received::Zygote(e.into())),
+            };
             match msg {
-                FromZygote::Forked { slot: s } if s == slot => break fds,
-                FromZygote::ForkFailed { slot: s, error } if s == slot => {
-                    return Err(Received::Sandbox(PoolError::Zygote(error)))
-                }
+                FromZygote::Forked { slot: s } if s == slot => break Ok(fds),
+                FromZygote::ForkFailed {
+                    slot: s,
+                    error,
+                    errno,
+                } if s == slot => break Err(Received::Refused(error, errno)),
                 FromZygote::Forked { slot: s } | FromZygote::ForkFailed { slot: s, .. }
                     if s < slot =>
                 {
@@ -1889,13 +2045,13 @@ impl Maintainer {
                         crate::run::kill_pidfd(pidfd.as_fd());
                     }
                     if !wait_readable(z.ctl.fd(), timeout) {
-                        return Err(Received::Zygote(PoolError::Zygote(
+                        break Err(Received::Zygote(PoolError::Zygote(
                             "no answer to a fork request".into(),
                         )));
                     }
                 }
                 other => {
-                    return Err(Received::Zygote(PoolError::Channel(
+                    break Err(Received::Zygote(PoolError::Channel(
                         FrameError::Unexpected {
                             expected: "forked",
                             received: format!("{other:?}"),
@@ -1904,25 +2060,53 @@ impl Maintainer {
                 }
             }
         };
-        let [pidfd, chan, stdout, stderr]: [OwnedFd; 4] = fds.try_into().map_err(|_| {
-            Received::Zygote(PoolError::Zygote(
-                "a fork arrived without its descriptors".into(),
-            ))
-        })?;
-        self.place(pidfd, chan, stdout, stderr)
+        let fds = match answer {
+            Ok(fds) => fds,
+            Err(Received::Refused(error, errno)) => {
+                let into_cgroup = asked.born_in.is_some();
+                asked.abandon();
+                if into_cgroup && errno.is_some_and(into_cgroup_refused) {
+                    self.into_cgroup_refused = true;
+                    if let Some(z) = self.zygote.as_mut() {
+                        z.into_cgroup = false;
+                    }
+                    self.shared.note_error(format!(
+                        "a fork into its cgroup failed ({error}): sandboxes are moved into \
+                         their cgroups after their fork from now on"
+                    ));
+                }
+                return Err(Received::Sandbox(PoolError::Zygote(error)));
+            }
+            Err(e) => {
+                asked.abandon();
+                return Err(e);
+            }
+        };
+        let [pidfd, chan, stdout, stderr]: [OwnedFd; 4] = match fds.try_into() {
+            Ok(fds) => fds,
+            Err(_) => {
+                asked.abandon();
+                return Err(Received::Zygote(PoolError::Zygote(
+                    "a fork arrived without its descriptors".into(),
+                )));
+            }
+        };
+        self.place(pidfd, chan, stdout, stderr, asked.born_in)
             .map_err(Received::Sandbox)
     }
 
     /// Puts a forked sandbox in a cgroup of its own (with the pool's default limits) and
-    /// tells it so: it then finishes its containment and reports ready.
+    /// tells it so: it then finishes its containment and reports ready. One `born_in` its
+    /// cgroup is there already and has gone on without waiting: the zygote's right to
+    /// write that cgroup's `cgroup.procs` ends here.
     fn place(
         &self,
         pidfd: OwnedFd,
         chan: OwnedFd,
         stdout: OwnedFd,
         stderr: OwnedFd,
+        born_in: Option<(String, SandboxCgroup)>,
     ) -> Result<Placing, PoolError> {
-        let cfg = &self.shared.config;
         let mut lifecycle = Lifecycle::default();
         lifecycle
             .advance(SandboxEvent::Forked)
@@ -1934,35 +2118,33 @@ impl Maintainer {
             }
             Err(e)
         };
-        let host_pid = match pid_of_pidfd(pidfd.as_fd()) {
-            Some(p) => p,
+        let born = born_in.is_some();
+        let (name, cgroup) = match born_in {
+            Some((name, cgroup)) => {
+                if let Err(e) = cgroup.let_procs_be_written_by(None) {
+                    return fail(&pidfd, Some(cgroup), e.into());
+                }
+                self.shared.stats.lock().unwrap().born_in_cgroup += 1;
+                (name, cgroup)
+            }
             None => {
-                return fail(
-                    &pidfd,
-                    None,
-                    PoolError::Io("cannot read the sandbox's pid".into()),
-                )
+                let Some(host_pid) = pid_of_pidfd(pidfd.as_fd()) else {
+                    return fail(
+                        &pidfd,
+                        None,
+                        PoolError::Io("cannot read the sandbox's pid".into()),
+                    );
+                };
+                let (name, cgroup) = match self.new_cgroup() {
+                    Ok(c) => c,
+                    Err(e) => return fail(&pidfd, None, e),
+                };
+                if let Err(e) = cgroup.add_process(host_pid) {
+                    return fail(&pidfd, Some(cgroup), e.into());
+                }
+                (name, cgroup)
             }
         };
-        let name = crate::gc::unique_name("sb");
-        let cgroup = match self.shared.root.create(&name) {
-            Ok(c) => c,
-            Err(e) => return fail(&pidfd, None, e.into()),
-        };
-        if let Some(limits) = &cfg.default_limits {
-            if let Err(e) = cgroup.apply(limits) {
-                return fail(&pidfd, Some(cgroup), e.into());
-            }
-        }
-        // Its containment is background work too, until it is frozen ready (pool_it).
-        if let Some(weight) = cfg.refill_cpu_weight {
-            if let Err(e) = cgroup.set_cpu_weight(weight) {
-                return fail(&pidfd, Some(cgroup), e.into());
-            }
-        }
-        if let Err(e) = cgroup.add_process(host_pid) {
-            return fail(&pidfd, Some(cgroup), e.into());
-        }
         lifecycle
             .advance(SandboxEvent::Placed)
             .map_err(|e| PoolError::Io(e.to_string()))?;
@@ -1974,8 +2156,10 @@ impl Maintainer {
                 nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
             );
         }
-        if let Err(e) = channel.placed() {
-            return fail(&pidfd, Some(cgroup), e.into());
+        if !born {
+            if let Err(e) = channel.placed() {
+                return fail(&pidfd, Some(cgroup), e.into());
+            }
         }
         Ok(Placing {
             name,

@@ -31,8 +31,15 @@ use crate::upstream::{ChannelReader, FromSandbox, ReadOutcome, SandboxWriter, Vi
 pub enum ToZygote {
     /// Fork one sandbox, tagged `slot` so the answer can be matched, that runs user code
     /// as `uid` (its own identity: per-uid kernel quotas are not shared between
-    /// sandboxes).
-    Fork { slot: u64, uid: u32 },
+    /// sandboxes). With `into_cgroup` the message carries the directory descriptor of
+    /// the sandbox's cgroup, made ready by the agent: the sandbox is born in it
+    /// (`clone3(CLONE_INTO_CGROUP)`, cgroup v2) and does not wait to be placed.
+    Fork {
+        slot: u64,
+        uid: u32,
+        #[serde(default)]
+        into_cgroup: bool,
+    },
     /// Reap the sandboxes that died (sent when the agent has nothing else to say).
     Reap,
     /// Exit (sandboxes already forked die with the zygote).
@@ -65,8 +72,14 @@ pub enum FromZygote {
     /// A sandbox was forked. Descriptors attached, in order: pidfd of the sandbox, the
     /// agent's end of its channel, the read ends of its stdout and stderr.
     Forked { slot: u64 },
-    /// The fork failed; the zygote lives on.
-    ForkFailed { slot: u64, error: String },
+    /// The fork failed; the zygote lives on. `errno` is the system call's error, when
+    /// that is what failed.
+    ForkFailed {
+        slot: u64,
+        error: String,
+        #[serde(default)]
+        errno: Option<i32>,
+    },
     /// The zygote cannot go on (it exits after sending this).
     Fatal { error: String },
 }
@@ -161,8 +174,23 @@ impl ControlChannel {
         self.sock.as_fd()
     }
 
-    pub fn request_fork(&self, slot: u64, uid: u32) -> Result<(), FrameError> {
-        frame::send(self.sock.as_fd(), &ToZygote::Fork { slot, uid }, &[])
+    /// Asks for a fork; with `cgroup` (a directory descriptor of a cgroup v2 cgroup),
+    /// the sandbox is born in that cgroup.
+    pub fn request_fork(
+        &self,
+        slot: u64,
+        uid: u32,
+        cgroup: Option<BorrowedFd<'_>>,
+    ) -> Result<(), FrameError> {
+        let msg = ToZygote::Fork {
+            slot,
+            uid,
+            into_cgroup: cgroup.is_some(),
+        };
+        match cgroup {
+            Some(fd) => frame::send(self.sock.as_fd(), &msg, &[fd.as_raw_fd()]),
+            None => frame::send(self.sock.as_fd(), &msg, &[]),
+        }
     }
 
     /// Lets the zygote reap the sandboxes that died.
@@ -204,8 +232,9 @@ impl ZygoteEnd {
         frame::send(self.sock.as_fd(), msg, fds)
     }
 
-    pub fn recv(&self) -> Result<ToZygote, FrameError> {
-        Ok(frame::recv(self.sock.as_fd())?.0)
+    /// The next message, with the descriptors it carries.
+    pub fn recv(&self) -> Result<(ToZygote, Vec<OwnedFd>), FrameError> {
+        frame::recv(self.sock.as_fd())
     }
 }
 

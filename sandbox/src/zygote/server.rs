@@ -4,7 +4,9 @@
 //!
 //! Each fork gets fresh pid, mount, network, ipc and uts namespaces and then, in
 //! [`sandbox_main`], finishes its containment in a fixed order before it may receive code:
-//! wait for the agent to place it in its cgroup → cgroup namespace, hostname, `lo` →
+//! born in its cgroup (cgroup v2: the agent passes that cgroup's directory with the fork
+//! request, for that one `clone3(CLONE_INTO_CGROUP)`), or wait for the agent to place it
+//! there (v1) → cgroup namespace, hostname, `lo` →
 //! private mounts: fresh `/proc` (masked again), tmpfs `/tmp`, `/work`, `/dev/shm` →
 //! stdio → rlimits → drop to the unprivileged uid with no capabilities → every other
 //! descriptor closed → `no_new_privs` → seccomp → language fork-safety (R: fresh RNG state
@@ -296,9 +298,23 @@ pub fn serve(config: ZygoteConfig) -> ! {
         // dead ones may go now, and their pids be reused.
         reap_children();
         match msg {
-            Ok(ToZygote::Reap) => {}
-            Ok(ToZygote::Fork { slot, uid }) => {
-                let reply = fork_sandbox(&config, &ctl, &warm, uid);
+            Ok((ToZygote::Reap, _)) => {}
+            Ok((
+                ToZygote::Fork {
+                    slot,
+                    uid,
+                    into_cgroup,
+                },
+                mut fds,
+            )) => {
+                // The cgroup to be born in: exactly one descriptor when asked, none else.
+                let cgroup = match (into_cgroup, fds.len()) {
+                    (false, _) => Ok(None),
+                    (true, 1) => Ok(fds.pop()),
+                    (true, n) => Err(ForkError::CgroupFd(n)),
+                };
+                drop(fds);
+                let reply = cgroup.and_then(|cg| fork_sandbox(&config, &ctl, &warm, uid, cg));
                 let sent = match reply {
                     Ok(fds) => {
                         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -308,6 +324,10 @@ pub fn serve(config: ZygoteConfig) -> ! {
                         &FromZygote::ForkFailed {
                             slot,
                             error: e.to_string(),
+                            errno: match e {
+                                ForkError::Os(errno) => Some(errno as i32),
+                                _ => None,
+                            },
                         },
                         &[],
                     ),
@@ -316,7 +336,7 @@ pub fn serve(config: ZygoteConfig) -> ! {
                     std::process::exit(0);
                 }
             }
-            Ok(ToZygote::Shutdown) | Err(FrameError::Closed) => std::process::exit(0),
+            Ok((ToZygote::Shutdown, _)) | Err(FrameError::Closed) => std::process::exit(0),
             Err(e) => fatal(&ctl, format!("control channel: {e}")),
         }
     }
@@ -343,15 +363,19 @@ enum ForkError {
     Os(#[from] Errno),
     #[error("the zygote runs {0} threads: it forks only with one")]
     Threads(usize),
+    #[error("a fork into a cgroup came with {0} descriptors instead of one")]
+    CgroupFd(usize),
 }
 
-/// Forks one sandbox that runs user code as `uid`. Returns the descriptors for the
-/// agent: pidfd, channel, stdout and stderr read ends.
+/// Forks one sandbox that runs user code as `uid`, born in `cgroup` when the agent
+/// passed one (cgroup v2), else to be placed by the agent before it goes on. Returns the
+/// descriptors for the agent: pidfd, channel, stdout and stderr read ends.
 fn fork_sandbox(
     config: &ZygoteConfig,
     ctl: &ZygoteEnd,
     warm: &Warm,
     uid: u32,
+    cgroup: Option<OwnedFd>,
 ) -> Result<[OwnedFd; 4], ForkError> {
     let runtime = &warm.runtime;
     // A fork keeps only the forking thread: any other thread's locks (malloc's, a BLAS
@@ -363,12 +387,15 @@ fn fork_sandbox(
     let (agent_sock, child_sock) = crate::frame::socketpair()?;
     let (out_r, out_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let flags = (libc::CLONE_NEWPID
+    let mut flags = (libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_PIDFD) as u64;
+    if cgroup.is_some() {
+        flags |= crate::run::CLONE_INTO_CGROUP;
+    }
     let mut pidfd: RawFd = -1;
     if let Runtime::Python(engine) = runtime {
         engine.before_fork();
@@ -377,6 +404,7 @@ fn fork_sandbox(
         flags,
         pidfd: &mut pidfd as *mut RawFd as u64,
         exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_ref().map(|f| f.as_raw_fd() as u64).unwrap_or(0),
         ..Default::default()
     };
     // SAFETY: fork-like clone3 (no CLONE_VM, no stack) of this single-threaded process.
@@ -394,12 +422,16 @@ fn fork_sandbox(
             engine.after_fork_parent();
         }
     }
+    // The cgroup's descriptor is needed for the clone only: neither the sandbox nor the
+    // zygote keeps it (it reaches the cgroup's parent through `..`).
+    let born_in_cgroup = cgroup.is_some();
+    drop(cgroup);
     let pid = Errno::result(ret)?;
     if pid == 0 {
         drop((agent_sock, out_r, err_r));
         let _ = unistd::close(ctl.sock.as_raw_fd());
         let end = SandboxEnd { sock: child_sock };
-        sandbox_main(config, end, out_w, err_w, warm, uid);
+        sandbox_main(config, end, out_w, err_w, warm, uid, born_in_cgroup);
     }
     // SAFETY: CLONE_PIDFD stored a fresh descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
@@ -414,10 +446,12 @@ fn sandbox_main(
     err_w: OwnedFd,
     warm: &Warm,
     uid: u32,
+    born_in_cgroup: bool,
 ) -> ! {
     let runtime = &warm.runtime;
     let _ = crate::container::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-    if end.wait_for_placement().is_err() {
+    // Born in its cgroup, it is placed already; else it waits until the agent has moved it.
+    if !born_in_cgroup && end.wait_for_placement().is_err() {
         crate::container::exit(0);
     }
     CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
