@@ -751,6 +751,49 @@ fn on_cgroup_v2_sandboxes_are_born_in_their_cgroups() {
     }
 }
 
+/// A fork into its cgroup that the kernel refuses — here the parent's `cgroup.procs`
+/// given back to root after the zygote started, so the zygote's uid may no longer write
+/// the common ancestor's — fails that one sandbox, and the pool moves every sandbox after
+/// it into its cgroup instead: claims go on, nothing is left behind.
+#[test]
+fn a_fork_refused_into_its_cgroup_turns_the_pool_to_moving_sandboxes() {
+    let root = hatchery_sandbox::cgroup::CgroupRoot::detect("hatchery").expect("cgroups");
+    if root.version() != hatchery_sandbox::cgroup::CgroupVersion::V2 {
+        hatchery_tests::skip(
+            "a_fork_refused_into_its_cgroup_turns_the_pool_to_moving_sandboxes",
+            "cgroup v1 has no fork into a cgroup",
+            "HATCHERY_REQUIRE_CGROUP_V2",
+        );
+        return;
+    }
+    let tp = r_pool(1);
+    let before = tp.pool.stats();
+    assert_eq!(before.born_in_cgroup, before.forked, "{before:?}");
+    let parent = tp.cgroups.dirs()[0].join("cgroup.procs");
+    std::os::unix::fs::chown(&parent, Some(0), Some(0)).expect("chown");
+    for i in 0..3 {
+        let ran = tp.run_code(&format!("{i} * 2"));
+        ran.assert_status(ExecStatus::Succeeded);
+        assert_eq!(ran.value(), serde_json::json!(i * 2), "{}", ran.describe());
+    }
+    tp.pool
+        .wait_ready(1, Duration::from_secs(120))
+        .expect("the pool refills");
+    let after = tp.pool.stats();
+    assert_eq!(after.born_in_cgroup, before.born_in_cgroup, "{after:?}");
+    assert_eq!(after.failed_forks, 1, "exactly the refused fork: {after:?}");
+    assert!(after.forked >= before.forked + 3, "{after:?}");
+    let note = after.last_error.clone().unwrap_or_default();
+    assert!(
+        note.contains("moved into") && note.contains("after their fork"),
+        "{note:?}"
+    );
+    for d in tp.pool.frozen_cgroups() {
+        assert_eq!(owner_of(&d.join("cgroup.procs")), (0, 0), "{}", d.display());
+    }
+    tp.finish();
+}
+
 /// `sandbox eval` is a one-off: one sandbox from a zygote that prepared nothing for
 /// further forks, R's JIT on for the user's code as in any R session, the result and
 /// the documented exit codes, and nothing left behind.

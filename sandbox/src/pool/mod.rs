@@ -5,9 +5,9 @@
 //! is itself confined) and a maintainer thread that keeps `size` sandboxes frozen: it
 //! creates the sandbox's cgroup and asks the zygote for a fork born in it (cgroup v2,
 //! [`PoolConfig::clone_into_cgroup`]), or asks for the fork and moves the sandbox into
-//! its cgroup (cgroup v1), lets it finish its containment and freezes it. [`Pool::claim`] takes a frozen sandbox,
-//! writes the execution's limits into its cgroup, thaws it, hands it the code and starts
-//! the clock — nothing else happens on the claim path. A watcher thread per execution
+//! its cgroup (cgroup v1), lets it finish its containment and freezes it.
+//! [`Pool::claim`] takes a frozen sandbox, writes the execution's limits into its
+//! cgroup, thaws it, hands it the code and starts the clock — nothing else happens on the claim path. A watcher thread per execution
 //! streams its output, progress and usage as [`Event`]s, enforces the time limit and
 //! cancellation, reports the [`ExecResult`] and then tears the sandbox down (off the claim
 //! path). A sandbox is never reused.
@@ -2065,17 +2065,17 @@ impl Maintainer {
             Err(Received::Refused(error, errno)) => {
                 let into_cgroup = asked.born_in.is_some();
                 asked.abandon();
-                if into_cgroup && errno.is_some_and(into_cgroup_refused) {
-                    self.into_cgroup_refused = true;
-                    if let Some(z) = self.zygote.as_mut() {
-                        z.into_cgroup = false;
-                    }
-                    self.shared.note_error(format!(
-                        "a fork into its cgroup failed ({error}): sandboxes are moved into \
-                         their cgroups after their fork from now on"
-                    ));
+                if !(into_cgroup && errno.is_some_and(into_cgroup_refused)) {
+                    return Err(Received::Sandbox(PoolError::Zygote(error)));
                 }
-                return Err(Received::Sandbox(PoolError::Zygote(error)));
+                self.into_cgroup_refused = true;
+                if let Some(z) = self.zygote.as_mut() {
+                    z.into_cgroup = false;
+                }
+                return Err(Received::Sandbox(PoolError::Zygote(format!(
+                    "the kernel refused a fork into its cgroup ({error}): sandboxes are \
+                     moved into their cgroups after their fork from now on"
+                ))));
             }
             Err(e) => {
                 asked.abandon();
