@@ -155,9 +155,6 @@ pub struct CgroupRoot {
     parent: String,
     /// v1: controller name → absolute directory of the parent. v2: the single directory.
     dirs: Vec<(String, PathBuf)>,
-    /// v1: the mounts read once at detection (`cgroups-rs` would otherwise parse
-    /// `/proc/self/mountinfo` again for every sandbox cgroup it creates or opens).
-    v1: Option<V1>,
 }
 
 impl CgroupRoot {
@@ -172,7 +169,6 @@ impl CgroupRoot {
                 version: CgroupVersion::V2,
                 parent: parent.to_string(),
                 dirs,
-                v1: None,
             })
         } else {
             let v1 = V1::new();
@@ -191,7 +187,6 @@ impl CgroupRoot {
                 version: CgroupVersion::V1,
                 parent: parent.to_string(),
                 dirs,
-                v1: Some(v1),
             })
         }
     }
@@ -210,10 +205,9 @@ impl CgroupRoot {
     }
 
     fn hierarchy(&self) -> Box<dyn Hierarchy> {
-        match (&self.v1, self.version) {
-            (Some(v1), _) => Box::new(v1.clone()),
-            (None, CgroupVersion::V1) => Box::new(V1::new()),
-            (None, CgroupVersion::V2) => Box::new(V2::new()),
+        match self.version {
+            CgroupVersion::V1 => Box::new(V1::new()),
+            CgroupVersion::V2 => Box::new(V2::new()),
         }
     }
 
@@ -286,10 +280,11 @@ impl CgroupRoot {
     }
 
     /// cgroup v2: lets `owner` (host uid, gid) write the parent's `cgroup.procs` (the
-    /// parent created if missing), or root alone again with `None`. A parent with controllers enabled for its children can
-    /// hold no process itself, so this moves nothing into it: it is the common-ancestor
-    /// permission that a zygote needs to fork sandboxes into their cgroups (see
-    /// [`SandboxCgroup::let_procs_be_written_by`]). v1: nothing to do.
+    /// parent created if missing), or root alone again with `None`. A parent with
+    /// controllers enabled for its children can hold no process itself, so this moves
+    /// nothing into it: it is the common-ancestor permission that a zygote needs to fork
+    /// sandboxes into their cgroups (see [`SandboxCgroup::let_procs_be_written_by`]).
+    /// v1: nothing to do.
     pub fn let_procs_be_written_by(&self, owner: Option<(u32, u32)>) -> Result<()> {
         match self.version {
             CgroupVersion::V2 => {
