@@ -29,9 +29,13 @@
 //!    fork is timed with the pool otherwise idle (`set_size(n + 1)` → n + 1 frozen), twice:
 //!    right after the claim's own refill, and after a pause without forks (`--settle-ms`),
 //!    when on cgroup v1 its cgroup attach waits for an RCU grace period (phase 5). In the
-//!    same rounds a third pool for `sum(1:10)`, whose sandboxes do not fault in ahead the
-//!    pages a first evaluation touches (`PoolConfig::prefault` off, as before), is claimed
-//!    as well (2b), and its idle sandboxes' memory is reported next to the default's. Before
+//!    same rounds one more pool for `sum(1:10)` is claimed as well, whose sandboxes do not
+//!    fault in ahead the pages a first evaluation touches (`PoolConfig::prefault` off, as
+//!    before: 2b), one that refills at the claim instead of after the claimed execution's
+//!    result (`PoolConfig::refill_defer` off, as before: 2c), and on cgroup v2 one whose
+//!    sandboxes are moved into their cgroups after their fork instead of born there
+//!    (`PoolConfig::clone_into_cgroup` off: 2d); their idle sandboxes' memory is reported
+//!    next to the default's. Before
 //!    each claim (and its floor samples) the bench pauses as long, so that the pool's
 //!    background work (the last refill, reaping) is over, as when a request reaches an
 //!    idle warm pool.
@@ -1285,6 +1289,47 @@ struct Throughput {
 /// (claim → result, claim → first statement, queued, when the result arrived)
 type TpSample = (f64, f64, f64, Instant);
 
+/// A `sum(1:10)` pool claimed in the same rounds as the default one (phase 2), made
+/// differently.
+struct AltPool {
+    section: &'static str,
+    what: &'static str,
+    /// `PoolConfig::prefault`.
+    prefault: bool,
+    /// `PoolConfig::clone_into_cgroup`; `false` is measured on cgroup v2 only (on v1 the
+    /// pool always moves its sandboxes).
+    into_cgroup: bool,
+    /// `PoolConfig::refill_defer` at its default; `false`: `None`.
+    defer: bool,
+}
+
+const ALT_POOLS: [AltPool; 3] = [
+    AltPool {
+        section: "2b",
+        what: "without faulting in ahead the pages a first evaluation touches (prefault \
+               off, as before)",
+        prefault: false,
+        into_cgroup: true,
+        defer: true,
+    },
+    AltPool {
+        section: "2c",
+        what: "refilling at the claim instead of after the claimed execution's result \
+               (refill_defer off, as before)",
+        prefault: true,
+        into_cgroup: true,
+        defer: false,
+    },
+    AltPool {
+        section: "2d",
+        what: "with each sandbox moved into its cgroup after its fork (cgroup v2; not born \
+               in it)",
+        prefault: true,
+        into_cgroup: false,
+        defer: true,
+    },
+];
+
 /// How a pool makes its sandboxes: the throughput and burst phases run each of
 /// [`REFILLS`] side by side.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1701,16 +1746,29 @@ fn run(cfg: &Config) -> Result<(), String> {
         Pool::start(pool_config(cfg, &FIT, POOL_SIZE)).map_err(|e| format!("pool: {e}"))?,
     ];
     // The same pool for sum(1:10) whose sandboxes do not fault in ahead the pages a
-    // first evaluation touches (PoolConfig::prefault off, as before): claimed in the same
-    // rounds, side by side.
-    let cold_pages_pool = {
-        let mut pc = pool_config(cfg, &SUM, POOL_SIZE);
-        pc.prefault = false;
-        Pool::start(pc).map_err(|e| format!("pool: {e}"))?
-    };
-    cold_pages_pool
-        .wait_ready(POOL_SIZE, Duration::from_secs(180))
-        .map_err(|e| format!("pool: {e}"))?;
+    // first evaluation touches (PoolConfig::prefault off, as before), and on cgroup v2
+    // one whose sandboxes are moved into their cgroups after their fork: claimed in the
+    // same rounds, side by side.
+    let alts: Vec<&AltPool> = ALT_POOLS
+        .iter()
+        .filter(|a| a.into_cgroup || root.version() == CgroupVersion::V2)
+        .collect();
+    let alt_pools = alts
+        .iter()
+        .map(|alt| {
+            let mut pc = pool_config(cfg, &SUM, POOL_SIZE);
+            pc.prefault = alt.prefault;
+            pc.clone_into_cgroup = alt.into_cgroup;
+            if !alt.defer {
+                pc.refill_defer = None;
+            }
+            Pool::start(pc).map_err(|e| format!("pool: {e}"))
+        })
+        .collect::<Result<Vec<Pool>, String>>()?;
+    for pool in &alt_pools {
+        pool.wait_ready(POOL_SIZE, Duration::from_secs(180))
+            .map_err(|e| format!("pool: {e}"))?;
+    }
     for (w, pool) in WORKLOADS.iter().zip(&pools) {
         pool.wait_ready(POOL_SIZE, Duration::from_secs(180))
             .map_err(|e| format!("pool: {e}"))?;
@@ -1755,7 +1813,7 @@ fn run(cfg: &Config) -> Result<(), String> {
     eprint!("warm + floor + wake-up: {} rounds ", cfg.warm);
     let mut floor_s: Vec<FloorSample> = Vec::new();
     let mut series = [WarmSeries::default(), WarmSeries::default()];
-    let mut cold_pages_series = WarmSeries::default();
+    let mut alt_series: Vec<WarmSeries> = alts.iter().map(|_| WarmSeries::default()).collect();
     let mut wake_s: Vec<Vec<f64>> = vec![Vec::new(); Wake::ALL.len()];
     let mut wake_skipped = Vec::new();
     for i in 0..cfg.warm {
@@ -1775,16 +1833,15 @@ fn run(cfg: &Config) -> Result<(), String> {
             std::thread::sleep(cfg.settle);
             series[k].refill_idle_ms.push(refill_fork(pool)?);
         }
-        cold_pages_pool
-            .wait_ready(POOL_SIZE, Duration::from_secs(60))
-            .map_err(|e| e.to_string())?;
-        std::thread::sleep(cfg.settle);
-        cold_pages_series
-            .samples
-            .push(warm_once(&cold_pages_pool, &SUM)?);
-        cold_pages_series
-            .refill_busy_ms
-            .push(refill_fork(&cold_pages_pool)?);
+        for (pool, series) in alt_pools.iter().zip(&mut alt_series) {
+            pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(cfg.settle);
+            series.samples.push(warm_once(pool, &SUM)?);
+            series.refill_busy_ms.push(refill_fork(pool)?);
+            std::thread::sleep(cfg.settle);
+            series.refill_idle_ms.push(refill_fork(pool)?);
+        }
         for j in 0..Wake::ALL.len() {
             let j = (j + i) % Wake::ALL.len();
             match wake_samples(Wake::ALL[j], cfg.wake, cfg.wake_gap, &cpus) {
@@ -1844,12 +1901,14 @@ fn run(cfg: &Config) -> Result<(), String> {
     for pool in &pools {
         mems.push(pool_memory(pool));
     }
-    cold_pages_pool
-        .wait_ready(POOL_SIZE, Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
-    let cold_pages_mem = pool_memory(&cold_pages_pool);
+    let mut alt_mems = Vec::new();
+    for pool in &alt_pools {
+        pool.wait_ready(POOL_SIZE, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        alt_mems.push(pool_memory(pool));
+    }
     let prefault = [pools[0].stats(), pools[1].stats()];
-    drop(cold_pages_pool);
+    drop(alt_pools);
     drop(pools);
     drop(floor);
 
@@ -2015,26 +2074,37 @@ fn run(cfg: &Config) -> Result<(), String> {
             ),
         ));
     }
-    t.section(
-        "2b. the same for sum(1:10) without faulting in ahead the pages a first evaluation \
-         touches (prefault off, as before), claimed in the same rounds",
-    );
-    let cold_pages_first_out = t.row(
-        "claim → first output (Stdout event)",
-        &cold_pages_series.col(|s| s.first_out_ms),
-    );
-    let cold_pages_result = t.row(
-        "claim → result (Finished event)",
-        &cold_pages_series.col(|s| s.result_ms),
-    );
-    t.row(
-        "one-way: claim → first user statement (sandbox clock)",
-        &cold_pages_series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
-    );
-    t.row(
-        "one refill fork right after the claim's (n → n+1 frozen)",
-        &cold_pages_series.refill_busy_ms,
-    );
+    let mut alt_medians = Vec::new();
+    for (alt, series) in alts.iter().zip(&alt_series) {
+        t.section(format!(
+            "{}. the same for sum(1:10) {}, claimed in the same rounds",
+            alt.section, alt.what
+        ));
+        let first_out = t.row(
+            "claim → first output (Stdout event)",
+            &series.col(|s| s.first_out_ms),
+        );
+        let result = t.row(
+            "claim → result (Finished event)",
+            &series.col(|s| s.result_ms),
+        );
+        t.row(
+            "one-way: claim → first user statement (sandbox clock)",
+            &series.col(|s| s.timings.start_ms.unwrap_or(f64::NAN)),
+        );
+        t.row(
+            "one refill fork right after the claim's (n → n+1 frozen)",
+            &series.refill_busy_ms,
+        );
+        t.row(
+            format!(
+                "one refill fork after {} ms without any (n → n+1)",
+                cfg.settle.as_millis()
+            ),
+            &series.refill_idle_ms,
+        );
+        alt_medians.push((first_out, result));
+    }
     let mut cold_median = std::collections::HashMap::new();
     for (k, w) in WORKLOADS.iter().enumerate() {
         t.section(format!(
@@ -2240,21 +2310,26 @@ fn run(cfg: &Config) -> Result<(), String> {
     {
         let now_out = stats(&series[0].col(|s| s.first_out_ms)).0;
         let now_result = stats(&series[0].col(|s| s.result_ms)).0;
-        if let (Some(no), Some(nr), Some(co), Some(cr)) =
-            (now_out, now_result, cold_pages_first_out, cold_pages_result)
-        {
+        if let (Some(no), Some(nr)) = (now_out, now_result) {
             println!(
                 "sum(1:10), idle pool: claim → first output / result {:.2} / {:.2} ms (target: \
-                 result ≤ 1.5 ms  {}); without prefault (as before) {:.2} / {:.2} ms, same \
-                 rounds: {:.2}× / {:.2}× faster with it",
+                 result ≤ 1.5 ms  {})",
                 no.median,
                 nr.median,
                 verdict(nr.median <= 1.5),
-                co.median,
-                cr.median,
-                co.median / no.median,
-                cr.median / nr.median
             );
+        }
+        for (alt, (out, result)) in alts.iter().zip(&alt_medians) {
+            if let (Some(no), Some(nr), Some(ao), Some(ar)) = (now_out, now_result, out, result) {
+                println!(
+                    "  {}: {:.2} / {:.2} ms, same rounds: {:.2}× / {:.2}× faster by default",
+                    alt.what,
+                    ao.median,
+                    ar.median,
+                    ao.median / no.median,
+                    ar.median / nr.median
+                );
+            }
         }
     }
     for (k, w) in WORKLOADS.iter().enumerate() {
@@ -2401,14 +2476,17 @@ fn run(cfg: &Config) -> Result<(), String> {
             st.prefault_mapped_pages
         );
     }
-    if let Some((uss, pss)) = cold_pages_mem.mean_uss_pss_kb() {
-        println!(
-            "idle pooled sandbox for sum(1:10) without prefault (as before): USS {:.2} MiB \
-             (target ≤ 1 MiB  {}), PSS {:.2} MiB",
-            mib(uss),
-            verdict(uss <= 1024),
-            mib(pss)
-        );
+    for (alt, mem) in alts.iter().zip(&alt_mems) {
+        if let Some((uss, pss)) = mem.mean_uss_pss_kb() {
+            println!(
+                "idle pooled sandbox for sum(1:10) {}: USS {:.2} MiB (target ≤ 1 MiB  {}), \
+                 PSS {:.2} MiB",
+                alt.what,
+                mib(uss),
+                verdict(uss <= 1024),
+                mib(pss)
+            );
+        }
     }
     if !attach.is_empty() {
         let first = summary(&attach.iter().map(|a| a.first[0]).collect::<Vec<_>>());

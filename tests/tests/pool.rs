@@ -794,6 +794,65 @@ fn a_fork_refused_into_its_cgroup_turns_the_pool_to_moving_sandboxes() {
     tp.finish();
 }
 
+/// A claim that leaves sandboxes ready, with no claim waiting, lets its execution run
+/// without the refill's fork and set-up beside it: the refill waits for its result (or
+/// `refill_defer` at most). A claim that empties the pool refills at once, and lifts
+/// the wait of the claim before it.
+#[test]
+fn a_refill_waits_for_the_claimed_execution_while_sandboxes_are_ready() {
+    let tp = start_pool_with(
+        Language::R {
+            packages: vec!["stats".into()],
+        },
+        2,
+        |cfg| cfg.refill_defer = Some(Duration::from_secs(30)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tp.pool.stats();
+    // One of two claimed: the refill waits for this execution's result.
+    let a = tp.pool.claim(request("Sys.sleep(1); 1")).expect("claim");
+    std::thread::sleep(Duration::from_millis(500));
+    let during = tp.pool.stats();
+    assert_eq!(
+        during.forked, before.forked,
+        "refilled beside it: {during:?}"
+    );
+    assert_eq!(
+        during.refills_deferred,
+        before.refills_deferred + 1,
+        "{during:?}"
+    );
+    let ran = tp.finish_execution(a.wait());
+    ran.assert_status(ExecStatus::Succeeded);
+    // Its result let the refill go, long before the 30 s bound.
+    tp.pool
+        .wait_ready(2, Duration::from_secs(20))
+        .expect("refilled after the result");
+    let after = tp.pool.stats();
+    assert_eq!(after.forked, before.forked + 1, "{after:?}");
+
+    // Two claimed: the second empties the pool, and both are replaced while they run.
+    let claimed = Instant::now();
+    let b = tp.pool.claim(request("Sys.sleep(5); 2")).expect("claim");
+    let c = tp.pool.claim(request("Sys.sleep(5); 3")).expect("claim");
+    tp.pool
+        .wait_ready(2, Duration::from_secs(20))
+        .expect("refilled");
+    let refilled_after = claimed.elapsed();
+    let refilled = tp.pool.stats();
+    assert_eq!(refilled.forked, after.forked + 2, "{refilled:?}");
+    assert!(
+        refilled_after < Duration::from_secs(4),
+        "not refilled while both ran: {refilled_after:?}"
+    );
+    for (exec, value) in [(b, 2), (c, 3)] {
+        let ran = tp.finish_execution(exec.wait());
+        ran.assert_status(ExecStatus::Succeeded);
+        assert_eq!(ran.value(), serde_json::json!(value), "{}", ran.describe());
+    }
+    tp.finish();
+}
+
 /// `sandbox eval` is a one-off: one sandbox from a zygote that prepared nothing for
 /// further forks, R's JIT on for the user's code as in any R session, the result and
 /// the documented exit codes, and nothing left behind.

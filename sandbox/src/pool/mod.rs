@@ -148,6 +148,12 @@ pub struct PoolConfig {
     /// each new sandbox's cgroup until its fork is answered. `false`, or cgroup v1: the
     /// pool moves each sandbox into its cgroup.
     pub clone_into_cgroup: bool,
+    /// After a claim that leaves sandboxes ready and no claim waiting, the refill waits
+    /// until that execution has its result, or this long at most: the fork and the new
+    /// sandbox's set-up then do not take the CPU the claimed execution starts on. `None`:
+    /// the refill starts at the claim. A claim that empties the pool, or finds one
+    /// waiting, always refills at once. See [`REFILL_DEFER`].
+    pub refill_defer: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -182,6 +188,7 @@ impl PoolConfig {
             prefault: true,
             refill_cpu_weight: None,
             clone_into_cgroup: true,
+            refill_defer: Some(REFILL_DEFER),
             inotify_instances: 8,
             inotify_watches: 8192,
         }
@@ -332,6 +339,9 @@ pub struct PoolStats {
     /// Sandboxes born in their cgroup ([`PoolConfig::clone_into_cgroup`]); the other
     /// forks were moved into theirs by the pool.
     pub born_in_cgroup: u64,
+    /// Refills that waited for the execution whose claim started them
+    /// ([`PoolConfig::refill_defer`]).
+    pub refills_deferred: u64,
 }
 
 /// Whether a fork into a cgroup failed for a reason that the next one would meet too:
@@ -354,6 +364,10 @@ fn into_cgroup_refused(errno: i32) -> bool {
 
 /// How long a reaped sandbox's init may take to die before its cgroup is killed.
 const REAP_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a refill that is not needed at once waits, at most, for the execution whose
+/// claim started it ([`PoolConfig::refill_defer`]).
+pub const REFILL_DEFER: Duration = Duration::from_millis(20);
 
 /// Sandboxes a refill has on their way at once by default (see `Maintainer::refill`).
 pub const FORKS_IN_FLIGHT: usize = 4;
@@ -478,12 +492,53 @@ struct Shared {
     /// Executions that ended (their sandbox's process is a zombie of the zygote until the
     /// maintainer tells the zygote to reap).
     ended: Arc<AtomicU64>,
+    /// Until when the refill waits for the execution claimed last (see
+    /// [`PoolConfig::refill_defer`]).
+    refill_deferred: Mutex<Option<Instant>>,
 }
 
 impl Shared {
     fn wake_maintainer(&self) {
         let one = 1u64.to_ne_bytes();
         let _ = nix::unistd::write(&self.wake, &one);
+    }
+
+    /// After a claim: refill at once, or, when the claim left sandboxes ready and nobody
+    /// waits, once its execution has its result (or `refill_defer` has passed). True
+    /// when deferred: the execution's watcher then calls [`Shared::refill_now`].
+    fn after_claim(&self) -> bool {
+        let urgent =
+            self.queue.lock().unwrap().is_empty() || self.waiting.load(Ordering::SeqCst) > 0;
+        match self.config.refill_defer {
+            Some(d) if !urgent => {
+                *self.refill_deferred.lock().unwrap() = Some(Instant::now() + d);
+                self.stats.lock().unwrap().refills_deferred += 1;
+                self.wake_maintainer();
+                true
+            }
+            _ => {
+                self.refill_now();
+                false
+            }
+        }
+    }
+
+    /// Lets the refill go (a deferring execution has its result, or a claim needs it).
+    fn refill_now(&self) {
+        *self.refill_deferred.lock().unwrap() = None;
+        self.wake_maintainer();
+    }
+
+    /// How long the refill still waits, if it does.
+    fn refill_wait(&self) -> Option<Duration> {
+        let mut until = self.refill_deferred.lock().unwrap();
+        match *until {
+            Some(t) if t > Instant::now() => Some(t - Instant::now()),
+            _ => {
+                *until = None;
+                None
+            }
+        }
     }
 
     fn note_error(&self, e: String) {
@@ -534,6 +589,7 @@ impl Pool {
             target: std::sync::atomic::AtomicUsize::new(config_size),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             ended: Arc::new(AtomicU64::new(0)),
+            refill_deferred: Mutex::new(None),
         });
         let watchdog = Command::new(&shared.config.sandbox_bin)
             .arg("reap-after")
@@ -617,16 +673,16 @@ impl Pool {
     /// limits into its cgroup, thaws it and hands it the code. The time limit starts now.
     pub fn claim(&self, req: ExecRequest) -> Result<Execution, PoolError> {
         let asked = Instant::now();
-        let mut sandbox = loop {
+        let (mut sandbox, deferred) = loop {
             let next = self.take_frozen(asked)?;
-            self.shared.wake_maintainer();
+            let deferred = self.shared.after_claim();
             if next.is_dead() {
                 // Died while frozen (the maintainer had not noticed yet): take another.
                 self.shared.stats.lock().unwrap().died_frozen += 1;
                 next.reap();
                 continue;
             }
-            break next;
+            break (next, deferred);
         };
         let claimed_at = Instant::now();
         let claimed_mono = monotonic_ns();
@@ -672,6 +728,7 @@ impl Pool {
         let (gone_tx, gone_rx) = flume::bounded(1);
         let watcher = Watcher {
             ended_counter: Arc::clone(&self.shared.ended),
+            refill_on_result: deferred.then(|| Arc::clone(&self.shared)),
             id: id.clone(),
             sandbox,
             req,
@@ -867,6 +924,8 @@ enum Stop {
 
 struct Watcher {
     ended_counter: Arc<AtomicU64>,
+    /// The pool whose refill waits for this execution's result.
+    refill_on_result: Option<Arc<Shared>>,
     id: String,
     sandbox: Pooled,
     req: ExecRequest,
@@ -1134,6 +1193,9 @@ impl Watcher {
             let _ = self.sandbox.cgroup.kill_all();
         }
         let _ = self.tx.send(Event::Finished(Box::new(result)));
+        if let Some(pool) = self.refill_on_result.take() {
+            pool.refill_now();
+        }
         let _ = self.sandbox.lifecycle.advance(SandboxEvent::Ended);
         // Teardown after the result: off the claim path and off the result's path.
         let mut sandbox = self.sandbox;
@@ -1562,6 +1624,14 @@ impl Maintainer {
             self.prune_dead();
             let want = self.shared.target.load(Ordering::SeqCst);
             self.trim_to(want);
+            // A refill waiting for the execution claimed last (its watcher, or the
+            // deadline, ends the wait).
+            if let Some(wait) = self.shared.refill_wait() {
+                self.sleep(wait.max(Duration::from_millis(1)));
+                let mut counter = [0u8; 8];
+                let _ = nix::unistd::read(&self.shared.wake, &mut counter);
+                continue;
+            }
             if let Err(e) = self.refill() {
                 self.sandbox_failed(&e);
                 if self.zygote_dead() {
