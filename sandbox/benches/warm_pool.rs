@@ -1349,10 +1349,9 @@ struct Refill {
 /// The configurations the throughput and burst phases compare: [`REFILLS`], and on
 /// cgroup v2 also the default with each sandbox moved into its cgroup after its fork
 /// (on v1 that is what every configuration does).
-fn refills() -> Vec<Refill> {
+fn refills(version: CgroupVersion) -> Vec<Refill> {
     let mut all = REFILLS.to_vec();
-    let v2 = CgroupRoot::detect("hatchery").is_ok_and(|root| root.version() == CgroupVersion::V2);
-    if v2 {
+    if version == CgroupVersion::V2 {
         all.insert(
             1,
             Refill {
@@ -1451,8 +1450,7 @@ fn loaded_pool(
 /// Every configuration of [`REFILLS`] with `threads` claiming threads, each for
 /// `cfg.seconds` in all, in turns of `cfg.slice` seconds (the order rotating every
 /// round), so that a change in the machine's load falls on all of them alike.
-fn throughput(cfg: &Config, threads: usize) -> Result<Vec<Throughput>, String> {
-    let refills = refills();
+fn throughput(cfg: &Config, refills: &[Refill], threads: usize) -> Result<Vec<Throughput>, String> {
     let pools = refills
         .iter()
         .map(|&refill| {
@@ -1929,7 +1927,7 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
 
     // ---- throughput
-    let refills = refills();
+    let refills = refills(root.version());
     let mut tps = Vec::new();
     for &k in &cfg.threads {
         if stopped() {
@@ -1944,7 +1942,7 @@ fn run(cfg: &Config) -> Result<(), String> {
             cfg.seconds,
             cfg.slice
         );
-        tps.extend(throughput(cfg, k)?);
+        tps.extend(throughput(cfg, &refills, k)?);
     }
     let mut bursts: Vec<Option<Burst>> = refills.iter().map(|_| None).collect();
     eprint!(

@@ -674,6 +674,14 @@ fn a_refill_has_several_sandboxes_on_their_way_at_once() {
     tp.finish();
 }
 
+/// The host's cgroups are v2 (the VM), not v1/hybrid.
+fn on_cgroup_v2() -> bool {
+    hatchery_sandbox::cgroup::CgroupRoot::detect("hatchery")
+        .expect("cgroups")
+        .version()
+        == hatchery_sandbox::cgroup::CgroupVersion::V2
+}
+
 /// The owner of `path` (uid, gid).
 fn owner_of(path: &Path) -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
@@ -690,10 +698,7 @@ fn owner_of(path: &Path) -> (u32, u32) {
 /// sandbox into its cgroup as before.
 #[test]
 fn on_cgroup_v2_sandboxes_are_born_in_their_cgroups() {
-    let v2 = hatchery_sandbox::cgroup::CgroupRoot::detect("hatchery")
-        .expect("cgroups")
-        .version()
-        == hatchery_sandbox::cgroup::CgroupVersion::V2;
+    let v2 = on_cgroup_v2();
     for into in [true, false] {
         let tp = start_pool_with(
             Language::R {
@@ -757,8 +762,7 @@ fn on_cgroup_v2_sandboxes_are_born_in_their_cgroups() {
 /// it into its cgroup instead: claims go on, nothing is left behind.
 #[test]
 fn a_fork_refused_into_its_cgroup_turns_the_pool_to_moving_sandboxes() {
-    let root = hatchery_sandbox::cgroup::CgroupRoot::detect("hatchery").expect("cgroups");
-    if root.version() != hatchery_sandbox::cgroup::CgroupVersion::V2 {
+    if !on_cgroup_v2() {
         hatchery_tests::skip(
             "a_fork_refused_into_its_cgroup_turns_the_pool_to_moving_sandboxes",
             "cgroup v1 has no fork into a cgroup",

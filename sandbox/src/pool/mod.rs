@@ -7,8 +7,8 @@
 //! [`PoolConfig::clone_into_cgroup`]), or asks for the fork and moves the sandbox into
 //! its cgroup (cgroup v1), lets it finish its containment and freezes it.
 //! [`Pool::claim`] takes a frozen sandbox, writes the execution's limits into its
-//! cgroup, thaws it, hands it the code and starts the clock — nothing else happens on the claim path. A watcher thread per execution
-//! streams its output, progress and usage as [`Event`]s, enforces the time limit and
+//! cgroup, thaws it, hands it the code and starts the clock — nothing else happens on
+//! the claim path. A watcher thread per execution streams its output, progress and usage as [`Event`]s, enforces the time limit and
 //! cancellation, reports the [`ExecResult`] and then tears the sandbox down (off the claim
 //! path). A sandbox is never reused.
 //!
@@ -420,8 +420,6 @@ impl Asked {
 enum Received {
     /// That one sandbox failed (the zygote could not fork it, or it could not be placed).
     Sandbox(PoolError),
-    /// The zygote could not fork it: its message and the system call's error.
-    Refused(String, Option<i32>),
     /// The zygote did not answer as it should.
     Zygote(PoolError),
 }
@@ -503,16 +501,14 @@ impl Shared {
         let _ = nix::unistd::write(&self.wake, &one);
     }
 
-    /// After a claim: refill at once, or, when the claim left sandboxes ready and nobody
+    /// After a claim: refill at once, or, when the claim `left_ready` sandboxes and nobody
     /// waits, once its execution has its result (or `refill_defer` has passed). True
     /// when deferred: the execution's watcher then calls [`Shared::refill_now`].
-    fn after_claim(&self) -> bool {
-        let urgent =
-            self.queue.lock().unwrap().is_empty() || self.waiting.load(Ordering::SeqCst) > 0;
+    fn after_claim(&self, left_ready: bool) -> bool {
+        let urgent = !left_ready || self.waiting.load(Ordering::SeqCst) > 0;
         match self.config.refill_defer {
             Some(d) if !urgent => {
                 *self.refill_deferred.lock().unwrap() = Some(Instant::now() + d);
-                self.stats.lock().unwrap().refills_deferred += 1;
                 self.wake_maintainer();
                 true
             }
@@ -674,8 +670,8 @@ impl Pool {
     pub fn claim(&self, req: ExecRequest) -> Result<Execution, PoolError> {
         let asked = Instant::now();
         let (mut sandbox, deferred) = loop {
-            let next = self.take_frozen(asked)?;
-            let deferred = self.shared.after_claim();
+            let (next, left_ready) = self.take_frozen(asked)?;
+            let deferred = self.shared.after_claim(left_ready);
             if next.is_dead() {
                 // Died while frozen (the maintainer had not noticed yet): take another.
                 self.shared.stats.lock().unwrap().died_frozen += 1;
@@ -714,7 +710,11 @@ impl Pool {
             return Err(e);
         }
         let claim_ms = ms(claimed_at.elapsed());
-        self.shared.stats.lock().unwrap().claimed += 1;
+        {
+            let mut st = self.shared.stats.lock().unwrap();
+            st.claimed += 1;
+            st.refills_deferred += u64::from(deferred);
+        }
 
         let n = self.shared.next_exec.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", sandbox.id);
@@ -759,11 +759,12 @@ impl Pool {
         })
     }
 
-    fn take_frozen(&self, asked: Instant) -> Result<Pooled, PoolError> {
+    /// The oldest frozen sandbox, and whether others are still ready after it.
+    fn take_frozen(&self, asked: Instant) -> Result<(Pooled, bool), PoolError> {
         let limit = self.shared.config.claim_timeout;
         let mut q = self.shared.queue.lock().unwrap();
         if let Some(s) = q.pop_front() {
-            return Ok(s);
+            return Ok((s, !q.is_empty()));
         }
         // Count this claim as waiting (the maintainer forks for it) until it leaves.
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -780,7 +781,7 @@ impl Pool {
                 return Err(PoolError::ShutDown);
             }
             if let Some(s) = q.pop_front() {
-                return Ok(s);
+                return Ok((s, !q.is_empty()));
             }
             let waited = asked.elapsed();
             if waited >= limit {
@@ -2012,10 +2013,6 @@ impl Maintainer {
                         failed = true;
                         self.sandbox_failed(&e);
                     }
-                    Err(Received::Refused(error, _)) => {
-                        failed = true;
-                        self.sandbox_failed(&PoolError::Zygote(error));
-                    }
                     Err(Received::Zygote(e)) => break Err(e),
                 }
             }
@@ -2062,17 +2059,12 @@ impl Maintainer {
         let (name, cgroup) = self.new_cgroup()?;
         // The zygote may write its cgroup.procs (the kernel's condition for a fork into
         // it) until its answer comes (place).
-        let dir = cgroup
+        let sent = cgroup
             .let_procs_be_written_by(Some((cfg.userns_base, cfg.userns_base)))
-            .and_then(|()| crate::cgroup::v2::dir_fd(&cgroup));
+            .and_then(|()| crate::cgroup::v2::dir_fd(&cgroup))
+            .map_err(PoolError::from)
+            .and_then(|dir| Ok(z.ctl.request_fork(self.slot, uid, Some(dir.as_fd()))?));
         asked.born_in = Some((name, cgroup));
-        let sent = match dir {
-            Ok(dir) => z
-                .ctl
-                .request_fork(self.slot, uid, Some(dir.as_fd()))
-                .map_err(PoolError::from),
-            Err(e) => Err(e.into()),
-        };
         match sent {
             Ok(()) => Ok(asked),
             Err(e) => {
@@ -2096,6 +2088,8 @@ impl Maintainer {
                 return Err(Received::Zygote(PoolError::Zygote("not running".into())));
             }
         };
+        // A fork into its cgroup that the kernel will refuse every time.
+        let mut refused_for_good = false;
         let answer = loop {
             let (msg, fds) = match z.ctl.recv() {
                 Ok(m) => m,
@@ -2107,7 +2101,18 @@ impl Maintainer {
                     slot: s,
                     error,
                     errno,
-                } if s == slot => break Err(Received::Refused(error, errno)),
+                } if s == slot => {
+                    refused_for_good =
+                        asked.born_in.is_some() && errno.is_some_and(into_cgroup_refused);
+                    break Err(Received::Sandbox(PoolError::Zygote(if refused_for_good {
+                        format!(
+                            "the kernel refused a fork into its cgroup ({error}): sandboxes \
+                             are moved into their cgroups after their fork from now on"
+                        )
+                    } else {
+                        error
+                    })));
+                }
                 FromZygote::Forked { slot: s } | FromZygote::ForkFailed { slot: s, .. }
                     if s < slot =>
                 {
@@ -2130,35 +2135,24 @@ impl Maintainer {
                 }
             }
         };
-        let fds = match answer {
-            Ok(fds) => fds,
-            Err(Received::Refused(error, errno)) => {
-                let into_cgroup = asked.born_in.is_some();
-                asked.abandon();
-                if !(into_cgroup && errno.is_some_and(into_cgroup_refused)) {
-                    return Err(Received::Sandbox(PoolError::Zygote(error)));
-                }
-                self.into_cgroup_refused = true;
-                if let Some(z) = self.zygote.as_mut() {
-                    z.into_cgroup = false;
-                }
-                return Err(Received::Sandbox(PoolError::Zygote(format!(
-                    "the kernel refused a fork into its cgroup ({error}): sandboxes are \
-                     moved into their cgroups after their fork from now on"
-                ))));
+        if refused_for_good {
+            self.into_cgroup_refused = true;
+            if let Some(z) = self.zygote.as_mut() {
+                z.into_cgroup = false;
             }
+        }
+        let fds = answer.and_then(|fds| {
+            <[OwnedFd; 4]>::try_from(fds).map_err(|_| {
+                Received::Zygote(PoolError::Zygote(
+                    "a fork arrived without its descriptors".into(),
+                ))
+            })
+        });
+        let [pidfd, chan, stdout, stderr] = match fds {
+            Ok(fds) => fds,
             Err(e) => {
                 asked.abandon();
                 return Err(e);
-            }
-        };
-        let [pidfd, chan, stdout, stderr]: [OwnedFd; 4] = match fds.try_into() {
-            Ok(fds) => fds,
-            Err(_) => {
-                asked.abandon();
-                return Err(Received::Zygote(PoolError::Zygote(
-                    "a fork arrived without its descriptors".into(),
-                )));
             }
         };
         self.place(pidfd, chan, stdout, stderr, asked.born_in)
