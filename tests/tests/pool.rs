@@ -857,6 +857,41 @@ fn a_refill_waits_for_the_claimed_execution_while_sandboxes_are_ready() {
     tp.finish();
 }
 
+/// An execution that withholds its result (hostile, or just long) holds the refill no
+/// longer than `refill_defer`: the pool's clock, not the sandbox, ends the wait.
+#[test]
+fn a_withheld_result_holds_the_refill_no_longer_than_its_bound() {
+    let tp = start_pool_with(
+        Language::R {
+            packages: vec!["stats".into()],
+        },
+        2,
+        |cfg| cfg.refill_defer = Some(Duration::from_millis(300)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tp.pool.stats();
+    let claimed = Instant::now();
+    let exec = tp.pool.claim(request("Sys.sleep(6); 1")).expect("claim");
+    tp.pool
+        .wait_ready(2, Duration::from_secs(20))
+        .expect("refilled");
+    let refilled_after = claimed.elapsed();
+    let during = tp.pool.stats();
+    assert_eq!(
+        during.refills_deferred,
+        before.refills_deferred + 1,
+        "{during:?}"
+    );
+    assert_eq!(during.forked, before.forked + 1, "{during:?}");
+    assert!(
+        refilled_after >= Duration::from_millis(300) && refilled_after < Duration::from_secs(5),
+        "refilled {refilled_after:?} after the claim, with its result 6 s away"
+    );
+    let ran = tp.finish_execution(exec.wait());
+    ran.assert_status(ExecStatus::Succeeded);
+    tp.finish();
+}
+
 /// `sandbox eval` is a one-off: one sandbox from a zygote that prepared nothing for
 /// further forks, R's JIT on for the user's code as in any R session, the result and
 /// the documented exit codes, and nothing left behind.
