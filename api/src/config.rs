@@ -364,9 +364,14 @@ pub struct AgentSection {
     pub r_packages: Vec<String>,
     /// Each warm R sandbox faults in ahead the pages a first evaluation touches
     /// (`HATCHERY_PREFAULT`, default true): claim → result of a trivial statement is ~1.7×
-    /// faster, and each warm sandbox holds 0.4 MiB more of its own (1.3 MiB with
-    /// stats, MASS and Matrix preloaded). `false` for the densest pools.
+    /// faster, and each populated sandbox holds 0.7 MiB more of its own (1.6 MiB with
+    /// stats, MASS and Matrix preloaded); see `prefault_ready`. `false`: none does.
     pub prefault: bool,
+    /// How many frozen sandboxes of each pool keep those pages populated
+    /// (`HATCHERY_PREFAULT_READY`, default 1); the rest of a larger pool stays at its
+    /// smallest. Claims take a populated sandbox first, and a sandbox forked for a
+    /// waiting claim populates them too.
+    pub prefault_ready: usize,
     /// Python modules imported in the Python zygote (default `["numpy", "pandas",
     /// "matplotlib.pyplot"]`: plotting then costs a sandbox no font-cache build).
     pub python_packages: Vec<String>,
@@ -462,6 +467,7 @@ impl Default for AgentSection {
             capacity: 4,
             r_packages: Vec::new(),
             prefault: true,
+            prefault_ready: hatchery_sandbox::pool::PREFAULT_READY,
             python_packages: vec!["numpy".into(), "pandas".into(), "matplotlib.pyplot".into()],
             drain_deadline: "none".into(),
             sandbox_bin: None,
@@ -508,6 +514,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HATCHERY_MAX_POOL_SIZE", "agent.max_pool_size"),
     ("HATCHERY_CAPACITY", "agent.capacity"),
     ("HATCHERY_PREFAULT", "agent.prefault"),
+    ("HATCHERY_PREFAULT_READY", "agent.prefault_ready"),
     ("HATCHERY_DRAIN_DEADLINE", "agent.drain_deadline"),
     ("HATCHERY_SANDBOX_BIN", "agent.sandbox_bin"),
     ("HATCHERY_ZYGOTE_BIN", "agent.zygote_bin"),
@@ -1077,6 +1084,7 @@ fn env_value(key: &str, value: &str) -> Result<toml::Value, String> {
         "agent.pool_size",
         "agent.max_pool_size",
         "agent.capacity",
+        "agent.prefault_ready",
         "platform.max_code_bytes",
         "platform.max_queued",
         "platform.default_policy.max_parallel",
@@ -1617,6 +1625,16 @@ mod tests {
             e.contains("HATCHERY_PREFAULT") && e.contains("true or false"),
             "{e}"
         );
+        assert_eq!(Config::default().agent.prefault_ready, 1);
+        let env: BTreeMap<String, String> = [("HATCHERY_PREFAULT_READY".into(), "6".into())]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            Config::load_from(None, &env).unwrap().agent.prefault_ready,
+            6
+        );
+        let e = invalid("", &[("HATCHERY_PREFAULT_READY", "-2")]);
+        assert!(e.contains("HATCHERY_PREFAULT_READY"), "{e}");
     }
 
     #[test]

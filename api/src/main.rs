@@ -301,6 +301,7 @@ fn agent_config(cfg: &Config) -> AgentConfig {
     a.drain_deadline = cfg.drain_deadline();
     a.max_pool_size = cfg.agent.max_pool_size.max(cfg.agent.pool_size);
     a.prefault = cfg.agent.prefault;
+    a.prefault_ready = cfg.agent.prefault_ready;
     a.output_limit = cfg.output_limit();
     a.max_events = cfg.agent.max_events;
     a.lease = cfg.lease();

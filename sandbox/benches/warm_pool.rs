@@ -43,6 +43,8 @@
 //!    loading what the workload's zygote preloaded, round-robin with warm executions of
 //!    the same workloads: the warm/cold ratios come from this phase alone.
 //! 4. memory of the idle pooled sandboxes (USS, PSS) and of each zygote (RSS, USS, PSS).
+//!    A pool keeps `PoolConfig::prefault_ready` sandboxes (one by default) with their
+//!    first pages populated; the others are reported apart: what one more costs.
 //! 5. cgroup v1 attach: the first write of a fresh process's pid into a fresh cgroup's
 //!    `cgroup.procs` after an idle gap (the kernel waits for an RCU grace period) next to
 //!    the writes that follow it, in a cgroup parent of the bench's own, removed after. On
@@ -1140,18 +1142,26 @@ fn cgroup_memory(dir: &Path) -> Option<u64> {
 }
 
 struct PoolMemory {
-    /// Per frozen sandbox: processes, their memory, what its cgroup is charged.
-    sandboxes: Vec<(usize, Mem, Option<u64>)>,
+    /// Per frozen sandbox: processes, their memory, what its cgroup is charged, whether
+    /// it populated the pages a first statement touches (`PoolConfig::prefault_ready`).
+    sandboxes: Vec<(usize, Mem, Option<u64>, bool)>,
     /// The zygote: the parent of the sandboxes' processes.
     zygote: Option<(i32, Mem)>,
 }
 
 impl PoolMemory {
-    /// The mean USS and PSS of its sandboxes, in KiB (`None` without any).
-    fn mean_uss_pss_kb(&self) -> Option<(u64, u64)> {
-        let n = self.sandboxes.len() as u64;
+    /// The mean USS and PSS of its sandboxes that populated their first pages
+    /// (`populated`) or not, in KiB (`None` without any).
+    fn mean_uss_pss_kb(&self, populated: bool) -> Option<(u64, u64)> {
+        let of: Vec<&Mem> = self
+            .sandboxes
+            .iter()
+            .filter(|s| s.3 == populated)
+            .map(|s| &s.1)
+            .collect();
+        let n = of.len() as u64;
         (n > 0).then(|| {
-            let sum = |f: fn(&Mem) -> u64| self.sandboxes.iter().map(|s| f(&s.1)).sum::<u64>();
+            let sum = |f: fn(&Mem) -> u64| of.iter().map(|m| f(m)).sum::<u64>();
             (sum(|m| m.private_kb) / n, sum(|m| m.pss_kb) / n)
         })
     }
@@ -1160,7 +1170,7 @@ impl PoolMemory {
 fn pool_memory(pool: &Pool) -> PoolMemory {
     let mut sandboxes = Vec::new();
     let mut zygote = None;
-    for dir in pool.frozen_cgroups() {
+    for (dir, populated) in pool.frozen_sandboxes() {
         let pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
@@ -1177,7 +1187,7 @@ fn pool_memory(pool: &Pool) -> PoolMemory {
                 }
             }
         }
-        sandboxes.push((pids.len(), m, cgroup_memory(&dir)));
+        sandboxes.push((pids.len(), m, cgroup_memory(&dir), populated));
     }
     PoolMemory { sandboxes, zygote }
 }
@@ -2194,10 +2204,15 @@ fn run(cfg: &Config) -> Result<(), String> {
             w.name,
             packages_of(w)
         );
-        for (i, (n, m, charged)) in mem.sandboxes.iter().enumerate() {
+        for (i, (n, m, charged, populated)) in mem.sandboxes.iter().enumerate() {
             println!(
-                "sandbox {i}: {n} process(es): USS (private) {:.2} MiB, PSS {:.2} MiB, RSS \
+                "sandbox {i}{}: {n} process(es): USS (private) {:.2} MiB, PSS {:.2} MiB, RSS \
                  {:.1} MiB, page tables {:.2} MiB, charged to its cgroup {}",
+                if *populated {
+                    " (first pages populated)"
+                } else {
+                    ""
+                },
                 mib(m.private_kb),
                 mib(m.pss_kb),
                 mib(m.rss_kb),
@@ -2442,9 +2457,6 @@ fn run(cfg: &Config) -> Result<(), String> {
         );
     }
     for (w, mem) in WORKLOADS.iter().zip(&mems) {
-        let Some((uss, pss)) = mem.mean_uss_pss_kb() else {
-            continue;
-        };
         let n = mem.sandboxes.len() as u64;
         let zygote = mem.zygote.map_or("zygote not found".to_string(), |(_, z)| {
             format!(
@@ -2453,16 +2465,34 @@ fn run(cfg: &Config) -> Result<(), String> {
                 mib(z.private_kb)
             )
         });
-        println!(
-            "idle pooled sandbox, pool for {} (preloaded: {}): USS {:.2} MiB (what one more \
-             sandbox costs), PSS {:.2} MiB (with its 1/{} share of the heap shared \
-             copy-on-write with the zygote and the other sandboxes); {zygote}",
-            w.name,
-            packages_of(w),
-            mib(uss),
-            mib(pss),
-            n + 1
-        );
+        // The pool keeps `prefault_ready` sandboxes populated; a larger pool adds
+        // sandboxes that are not: what one more sandbox costs is the latter's USS.
+        for (populated, which) in [
+            (
+                false,
+                "beyond the first (not populated: what one more sandbox costs)",
+            ),
+            (true, "next to be claimed (its first pages populated)"),
+        ] {
+            let Some((uss, pss)) = mem.mean_uss_pss_kb(populated) else {
+                continue;
+            };
+            println!(
+                "idle pooled sandbox {which}, pool for {} (preloaded: {}): USS {:.2} MiB{}, \
+                 PSS {:.2} MiB (with its 1/{} share of the heap shared copy-on-write with \
+                 the zygote and the other sandboxes); {zygote}",
+                w.name,
+                packages_of(w),
+                mib(uss),
+                if populated {
+                    String::new()
+                } else {
+                    format!(" (target ≤ 1 MiB  {})", verdict(uss <= 1024))
+                },
+                mib(pss),
+                n + 1
+            );
+        }
     }
     for (w, st) in WORKLOADS.iter().zip(&prefault) {
         println!(
@@ -2475,7 +2505,7 @@ fn run(cfg: &Config) -> Result<(), String> {
         );
     }
     for (alt, mem) in alts.iter().zip(&alt_mems) {
-        if let Some((uss, pss)) = mem.mean_uss_pss_kb() {
+        if let Some((uss, pss)) = mem.mean_uss_pss_kb(false) {
             println!(
                 "idle pooled sandbox for sum(1:10) {}: USS {:.2} MiB (target ≤ 1 MiB  {}), \
                  PSS {:.2} MiB",

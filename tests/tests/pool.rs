@@ -248,7 +248,16 @@ n"#;
 /// for 1.5 s of work; an infinite loop with 1 s ends timed_out within a small margin.
 #[test]
 fn time_limit_starts_at_the_claim() {
-    let tp = r_pool(2);
+    // Every sandbox populated: claims take the oldest, so the second claim too finds one
+    // pooled since the start (by default it would take the one the first claim's refill
+    // populated).
+    let tp = start_pool_with(
+        Language::R {
+            packages: vec!["stats".into()],
+        },
+        2,
+        |cfg| cfg.prefault_ready = usize::MAX,
+    );
     std::thread::sleep(Duration::from_secs(3));
 
     let mut req = ExecRequest::new(r#"Sys.sleep(1.5); cat("done")"#);
@@ -407,26 +416,31 @@ fn private_bytes(pid: u32) -> u64 {
         * 1024
 }
 
+/// Private memory (USS) of the processes of a sandbox's cgroup `dir`, in bytes.
+fn sandbox_private_bytes(dir: &Path) -> u64 {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let pids: Vec<u32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(!pids.is_empty(), "{} holds no process", dir.display());
+    pids.iter().map(|&p| private_bytes(p)).sum()
+}
+
 /// Asserts that each frozen sandbox of `tp` holds under 1.5 MiB of its own (USS) besides
-/// the pages its prefault wrote (`PoolConfig::prefault`: copies made on purpose, as many
-/// as the pool reports).
+/// the pages its prefault wrote, if it populated them (`PoolConfig::prefault`: copies
+/// made on purpose, as many as the pool reports).
 fn assert_idle_sandboxes_hold_little(tp: &TestPool, expected: usize) {
-    let prefaulted = tp.pool.stats().prefault_written_pages * 4096;
-    let dirs = tp.pool.frozen_cgroups();
-    assert_eq!(dirs.len(), expected, "frozen cgroups: {dirs:?}");
-    for d in &dirs {
-        let procs = std::fs::read_to_string(d.join("cgroup.procs"))
-            .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
-        let pids: Vec<u32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        assert!(!pids.is_empty(), "{} holds no process", d.display());
-        let private: u64 = pids.iter().map(|&p| private_bytes(p)).sum();
+    let written = tp.pool.stats().prefault_written_pages * 4096;
+    let frozen = tp.pool.frozen_sandboxes();
+    assert_eq!(frozen.len(), expected, "frozen cgroups: {frozen:?}");
+    for (d, populated) in &frozen {
+        let private = sandbox_private_bytes(d);
+        let prefaulted = if *populated { written } else { 0 };
         eprintln!(
-            "{}: {} process(es), USS {:.2} MiB ({:.2} MiB of prefaulted pages allowed on top)",
+            "{}: USS {:.2} MiB ({:.2} MiB of prefaulted pages allowed on top)",
             d.display(),
-            pids.len(),
             private as f64 / MIB as f64,
             prefaulted as f64 / MIB as f64
         );
@@ -647,6 +661,89 @@ fn a_warm_sandbox_has_faulted_in_what_its_first_statement_touches() {
         taken[0],
         taken[1]
     );
+}
+
+/// Density with prefault: only the first sandbox of a pool (`PoolConfig::prefault_ready`)
+/// holds the pages a first statement writes; the others stay at their smallest. A claim
+/// takes the populated one, and its refill populates them again; a sandbox forked for a
+/// claim that waits populates them whatever the pool holds.
+#[test]
+fn only_the_next_sandbox_to_be_claimed_holds_the_prefaulted_pages() {
+    let tp = start_pool_with(Language::R { packages: vec![] }, 3, |cfg| {
+        cfg.prefault_ready = 1
+    });
+    let st = tp.pool.stats();
+    let written = st.prefault_written_pages * 4096;
+    assert!(written >= 8 * 4096, "nothing to populate: {st:?}");
+    assert_eq!((st.ready, st.ready_prefaulted), (3, 1), "{st:?}");
+    let frozen = tp.pool.frozen_sandboxes();
+    let (hot, lean): (Vec<_>, Vec<_>) = frozen.iter().partition(|(_, p)| *p);
+    let (hot, lean): (Vec<&Path>, Vec<&Path>) = (
+        hot.iter().map(|(d, _)| d.as_path()).collect(),
+        lean.iter().map(|(d, _)| d.as_path()).collect(),
+    );
+    assert_eq!((hot.len(), lean.len()), (1, 2), "{frozen:?}");
+    // The populated sandbox holds the written pages on top of what the others hold.
+    let hot_uss = sandbox_private_bytes(hot[0]);
+    let lean_uss: Vec<u64> = lean.iter().map(|d| sandbox_private_bytes(d)).collect();
+    eprintln!(
+        "USS: populated {:.2} MiB, the others {:?} KiB; {:.2} MiB written by the prefault",
+        hot_uss as f64 / MIB as f64,
+        lean_uss.iter().map(|b| b / 1024).collect::<Vec<_>>(),
+        written as f64 / MIB as f64
+    );
+    for l in &lean_uss {
+        assert!(
+            *l + written / 2 <= hot_uss,
+            "a sandbox without prefault holds {l} bytes, the populated one {hot_uss}, the \
+             prefault writes {written}"
+        );
+    }
+    assert_idle_sandboxes_hold_little(&tp, 3);
+
+    // The claim takes the populated sandbox, though it is the newest; the refill waits
+    // for its result, then populates the next.
+    let name = |d: &Path| d.file_name().unwrap().to_string_lossy().into_owned();
+    let exec = tp.pool.claim(request("sum(1:10)")).expect("claim");
+    let ran = tp.finish_execution(exec.wait());
+    ran.assert_status(ExecStatus::Succeeded);
+    assert_eq!(sandbox_cgroup_name(&ran.result), name(hot[0]));
+    tp.pool
+        .wait_ready(3, Duration::from_secs(60))
+        .expect("refilled");
+    wait_for("the refill", Duration::from_secs(60), || {
+        tp.pool.stats().ready_prefaulted == 1
+    });
+    let after = tp.pool.frozen_sandboxes();
+    for l in &lean {
+        assert!(
+            after.iter().any(|(d, p)| d == l && !p),
+            "{} was claimed or changed: {after:?}",
+            l.display()
+        );
+    }
+    tp.finish();
+
+    // No sandbox populated while the pool only waits; one forked for a waiting claim
+    // does, and the pool grown after it does not.
+    let tp = start_pool_with(Language::R { packages: vec![] }, 0, |cfg| {
+        cfg.prefault_ready = 0
+    });
+    let ran = tp.run_code("sum(1:10)");
+    ran.assert_status(ExecStatus::Succeeded);
+    let st = tp.pool.stats();
+    assert_eq!((st.forked, st.forked_prefaulted), (1, 1), "{st:?}");
+    tp.pool.set_size(2);
+    tp.pool
+        .wait_ready(2, Duration::from_secs(60))
+        .expect("grown");
+    let st = tp.pool.stats();
+    assert_eq!(
+        (st.forked, st.forked_prefaulted, st.ready_prefaulted),
+        (3, 1, 0),
+        "{st:?}"
+    );
+    tp.finish();
 }
 
 /// Throughput of the refill: a pool filling up has several sandboxes on their way at

@@ -243,13 +243,18 @@ struct ServeArgs {
     /// costs the zygote 20–40 MiB more resident memory, shared by its sandboxes.
     #[arg(long)]
     no_huge_pages: bool,
-    /// Do not fault in, in each sandbox before it is frozen, the pages a first
+    /// Do not fault in, in any sandbox before it is frozen, the pages a first
     /// evaluation touches. By default they are learnt once by the zygote and populated
-    /// during the refill: a claimed sandbox's first statement takes ~1.7× less time, and
-    /// each warm sandbox holds them privately (0.4 MiB more with no package preloaded,
-    /// 1.3 MiB with stats,MASS,Matrix).
+    /// during the refill (see --prefault-ready): a claimed sandbox's first statement
+    /// takes ~1.7× less time, and a populated sandbox holds them privately (0.7 MiB more
+    /// with no package preloaded, 1.6 MiB with stats,MASS,Matrix).
     #[arg(long)]
     no_prefault: bool,
+    /// How many frozen sandboxes keep those pages populated; the others (and there are
+    /// others only in a pool larger than this) stay at their smallest. Claims take a
+    /// populated one first, and a sandbox forked for a waiting claim populates them too.
+    #[arg(long, value_name = "N", default_value_t = hatchery_sandbox::pool::PREFAULT_READY)]
+    prefault_ready: usize,
     /// On cgroup v2, move each sandbox into its cgroup after its fork instead of having it
     /// born there (`clone3(CLONE_INTO_CGROUP)`, the default). Without effect on cgroup v1,
     /// where the pool always moves it.
@@ -635,6 +640,7 @@ fn cmd_serve(args: ServeArgs) -> Result<i32> {
     let mut cfg = pool_config(&args.pool)?;
     cfg.huge_pages = !args.no_huge_pages;
     cfg.prefault = !args.no_prefault;
+    cfg.prefault_ready = args.prefault_ready;
     cfg.clone_into_cgroup = !args.no_clone_into_cgroup;
     let size = cfg.size;
     let pool = Arc::new(Pool::start(cfg).context("cannot start the pool")?);

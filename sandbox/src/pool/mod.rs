@@ -126,13 +126,22 @@ pub struct PoolConfig {
     /// The zygote keeps its heap in transparent huge pages (`ZygoteConfig::huge_pages`):
     /// forks and sandbox exits cost a fraction of the CPU. `false` keeps 4 KiB pages.
     pub huge_pages: bool,
-    /// Each sandbox faults in, before it is frozen, the pages a first evaluation touches
+    /// Sandboxes fault in, before they are frozen, the pages a first evaluation touches
     /// (learnt by the zygote from a probe; `ZygoteConfig::prefault`, R only), so that a
     /// claimed sandbox's first statement takes few page faults: measured, claim → result
-    /// of `sum(1:10)` 1.0 ms instead of 1.7. The pages it writes become each warm
-    /// sandbox's own (reported in [`PoolStats`]): 0.4 MiB more with no package preloaded,
-    /// 1.3 MiB with stats, MASS and Matrix. `false` keeps the smallest warm sandbox.
+    /// of `sum(1:10)` 1.0 ms instead of 1.7. The pages it writes become such a sandbox's
+    /// own (reported in [`PoolStats`]): 0.7 MiB more with no package preloaded, 1.6 MiB
+    /// with stats, MASS and Matrix. Only some sandboxes do it: see
+    /// [`prefault_ready`](Self::prefault_ready). `false`: none.
     pub prefault: bool,
+    /// With [`prefault`](Self::prefault): how many frozen sandboxes the pool keeps with
+    /// their first pages populated. A sandbox forked while fewer are ready or on their
+    /// way, or for a claim that waits, populates them; the rest of the pool stays at its
+    /// smallest (without the prefault's private pages). Claims take a populated sandbox
+    /// first. A pool of many warm sandboxes then costs little more per sandbox than one
+    /// without prefault, and a claim that finds one populated is as fast as with it.
+    /// `usize::MAX`: every sandbox. See [`PREFAULT_READY`].
+    pub prefault_ready: usize,
     /// CPU weight (cgroup v2's scale, 100 = a sandbox's) of the pool's background work:
     /// the zygote's cgroup, and each new sandbox's until it is frozen ready. A refill then
     /// takes the CPU that running executions leave instead of sharing it equally with
@@ -186,6 +195,7 @@ impl PoolConfig {
             one_off: false,
             huge_pages: true,
             prefault: true,
+            prefault_ready: PREFAULT_READY,
             refill_cpu_weight: None,
             clone_into_cgroup: true,
             refill_defer: Some(REFILL_DEFER),
@@ -330,6 +340,11 @@ pub struct PoolStats {
     /// written (a private copy each, in its USS) and only mapped (shared).
     pub prefault_written_pages: u64,
     pub prefault_mapped_pages: u64,
+    /// Of the `ready` sandboxes, those that populated those pages
+    /// ([`PoolConfig::prefault_ready`]).
+    pub ready_prefaulted: usize,
+    /// Sandboxes that populated them, of the `forked`.
+    pub forked_prefaulted: u64,
     /// Zygote starts that failed since the last one that worked.
     pub zygote_failures: u32,
     pub last_error: Option<String>,
@@ -369,8 +384,20 @@ const REAP_WAIT: Duration = Duration::from_millis(500);
 /// claim started it ([`PoolConfig::refill_defer`]).
 pub const REFILL_DEFER: Duration = Duration::from_millis(20);
 
+/// Frozen sandboxes kept with their first pages populated by default
+/// ([`PoolConfig::prefault_ready`]): one, for the next claim. Sandboxes forked for claims
+/// that wait populate theirs too, so a pool under load serves every claim populated.
+pub const PREFAULT_READY: usize = 1;
+
 /// Sandboxes a refill has on their way at once by default (see `Maintainer::refill`).
 pub const FORKS_IN_FLIGHT: usize = 4;
+
+/// The next sandbox a claim takes from the queue (oldest first): one with its first pages
+/// populated if there is one.
+fn take_next(q: &mut VecDeque<Pooled>) -> Option<Pooled> {
+    let i = q.iter().position(|p| p.prefaulted).unwrap_or(0);
+    q.remove(i)
+}
 
 /// A background weight for [`PoolConfig::refill_cpu_weight`]: a tenth of a running
 /// sandbox's. Measured side by side on the 2-vCPU development machine (cgroup v1,
@@ -383,6 +410,8 @@ pub const REFILL_CPU_WEIGHT: u32 = 10;
 /// A forked sandbox on its way into the pool: in its cgroup, finishing its containment.
 struct Placing {
     name: String,
+    /// It populates the pages a first evaluation touches before it says ready.
+    prefaulted: bool,
     lifecycle: Lifecycle,
     cgroup: SandboxCgroup,
     pidfd: OwnedFd,
@@ -403,6 +432,8 @@ impl Placing {
 struct Asked {
     slot: u64,
     due: Instant,
+    /// Asked to populate the pages a first evaluation touches.
+    prefault: bool,
     /// The cgroup it is to be born in (cgroup v2), with its name.
     born_in: Option<(String, SandboxCgroup)>,
 }
@@ -428,6 +459,8 @@ enum Received {
 struct Pooled {
     /// The limits now in its cgroup, if written while pooled.
     applied: Option<Limits>,
+    /// Its first pages are populated ([`PoolConfig::prefault_ready`]).
+    prefaulted: bool,
     id: String,
     lifecycle: Lifecycle,
     cgroup: SandboxCgroup,
@@ -650,8 +683,22 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let mut s = self.shared.stats.lock().unwrap().clone();
-        s.ready = self.shared.queue.lock().unwrap().len();
+        let q = self.shared.queue.lock().unwrap();
+        s.ready = q.len();
+        s.ready_prefaulted = q.iter().filter(|p| p.prefaulted).count();
         s
+    }
+
+    /// The frozen sandboxes' cgroup directories (as [`Pool::frozen_cgroups`]), each with
+    /// whether its first pages are populated ([`PoolConfig::prefault_ready`]).
+    pub fn frozen_sandboxes(&self) -> Vec<(PathBuf, bool)> {
+        self.shared
+            .queue
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| (p.cgroup.dir("cpuacct").to_path_buf(), p.prefaulted))
+            .collect()
     }
 
     /// Cgroup directories of the frozen sandboxes (for monitoring and tests).
@@ -759,11 +806,12 @@ impl Pool {
         })
     }
 
-    /// The oldest frozen sandbox, and whether others are still ready after it.
+    /// The oldest frozen sandbox with its first pages populated, else the oldest, and
+    /// whether others are still ready after it.
     fn take_frozen(&self, asked: Instant) -> Result<(Pooled, bool), PoolError> {
         let limit = self.shared.config.claim_timeout;
         let mut q = self.shared.queue.lock().unwrap();
-        if let Some(s) = q.pop_front() {
+        if let Some(s) = take_next(&mut q) {
             return Ok((s, !q.is_empty()));
         }
         // Count this claim as waiting (the maintainer forks for it) until it leaves.
@@ -780,7 +828,7 @@ impl Pool {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return Err(PoolError::ShutDown);
             }
-            if let Some(s) = q.pop_front() {
+            if let Some(s) = take_next(&mut q) {
                 return Ok((s, !q.is_empty()));
             }
             let waited = asked.elapsed();
@@ -1623,8 +1671,7 @@ impl Maintainer {
                 }
             }
             self.prune_dead();
-            let want = self.shared.target.load(Ordering::SeqCst);
-            self.trim_to(want);
+            self.trim();
             // A refill waiting for the execution claimed last (its watcher, or the
             // deadline, ends the wait).
             if let Some(wait) = self.shared.refill_wait() {
@@ -1682,13 +1729,31 @@ impl Maintainer {
         self.zygote = None;
     }
 
-    /// Reaps frozen sandboxes beyond `want` (the newest first: the oldest have waited
-    /// longest and are claimed next).
-    fn trim_to(&self, want: usize) {
+    /// Reaps frozen sandboxes beyond the pool's size and the claims waiting (a sandbox
+    /// forked for a claim is not reaped before the claim takes it): the newest first
+    /// (the oldest have waited longest and are claimed next), those without populated
+    /// pages before those with.
+    fn trim(&self) {
         let extra: Vec<Pooled> = {
             let mut q = self.shared.queue.lock().unwrap();
-            let n = q.len().saturating_sub(want);
-            (0..n).filter_map(|_| q.pop_back()).collect()
+            let want = self
+                .shared
+                .target
+                .load(Ordering::SeqCst)
+                .max(self.shared.waiting.load(Ordering::SeqCst));
+            let mut n = q.len().saturating_sub(want);
+            let mut extra = Vec::with_capacity(n);
+            for populated in [false, true] {
+                let mut i = q.len();
+                while n > 0 && i > 0 {
+                    i -= 1;
+                    if q[i].prefaulted == populated {
+                        extra.extend(q.remove(i));
+                        n -= 1;
+                    }
+                }
+            }
+            extra
         };
         for mut p in extra {
             let _ = p.lifecycle.advance(SandboxEvent::Failed);
@@ -1890,12 +1955,15 @@ impl Maintainer {
 
     /// How many more sandboxes the pool wants now (its size, or the claims waiting).
     fn missing(&self) -> usize {
+        // Under the queue's lock: a claim takes its sandbox and stops waiting under it,
+        // so a sandbox just taken is not counted as missing for the claim that took it.
+        let q = self.shared.queue.lock().unwrap();
         let want = self
             .shared
             .target
             .load(Ordering::SeqCst)
             .max(self.shared.waiting.load(Ordering::SeqCst));
-        want.saturating_sub(self.shared.queue.lock().unwrap().len())
+        want.saturating_sub(q.len())
     }
 
     /// Refills the pool, with up to `forks_in_flight` sandboxes on their way at once:
@@ -1922,7 +1990,8 @@ impl Maintainer {
                         .max(1)
                         .min(self.missing())
             {
-                match self.ask_fork(Instant::now() + timeout) {
+                let prefault = self.wants_prefault(&asked, &placing);
+                match self.ask_fork(Instant::now() + timeout, prefault) {
                     Ok(a) => {
                         asked.push_back(a);
                         let mut st = self.shared.stats.lock().unwrap();
@@ -2029,6 +2098,25 @@ impl Maintainer {
         result
     }
 
+    /// Whether the next fork is to populate its first pages: while fewer sandboxes than
+    /// [`PoolConfig::prefault_ready`] and the claims waiting are populated, ready or on
+    /// their way (`asked`, `placing`).
+    fn wants_prefault(&self, asked: &VecDeque<Asked>, placing: &[(Placing, Instant)]) -> bool {
+        let cfg = &self.shared.config;
+        if !cfg.prefault {
+            return false;
+        }
+        let q = self.shared.queue.lock().unwrap();
+        let wanted = cfg
+            .prefault_ready
+            .saturating_add(self.shared.waiting.load(Ordering::SeqCst));
+        let ready = q.iter().filter(|p| p.prefaulted).count();
+        drop(q);
+        let on_their_way = asked.iter().filter(|a| a.prefault).count()
+            + placing.iter().filter(|(p, _)| p.prefaulted).count();
+        ready + on_their_way < wanted
+    }
+
     /// Counts and reports a sandbox that could not be added to the pool.
     fn sandbox_failed(&self, e: &PoolError) {
         self.shared.stats.lock().unwrap().failed_forks += 1;
@@ -2037,8 +2125,8 @@ impl Maintainer {
     }
 
     /// Asks the zygote for one more sandbox, born in a cgroup made ready for it when the
-    /// zygote's sandboxes are.
-    fn ask_fork(&mut self, due: Instant) -> Result<Asked, PoolError> {
+    /// zygote's sandboxes are; with `prefault`, one that populates its first pages.
+    fn ask_fork(&mut self, due: Instant, prefault: bool) -> Result<Asked, PoolError> {
         let cfg = &self.shared.config;
         let z = self
             .zygote
@@ -2050,10 +2138,11 @@ impl Maintainer {
         let mut asked = Asked {
             slot: self.slot,
             due,
+            prefault,
             born_in: None,
         };
         if !z.into_cgroup {
-            z.ctl.request_fork(self.slot, uid, None)?;
+            z.ctl.request_fork(self.slot, uid, None, prefault)?;
             return Ok(asked);
         }
         let (name, cgroup) = self.new_cgroup()?;
@@ -2063,7 +2152,10 @@ impl Maintainer {
             .let_procs_be_written_by(Some((cfg.userns_base, cfg.userns_base)))
             .and_then(|()| crate::cgroup::v2::dir_fd(&cgroup))
             .map_err(PoolError::from)
-            .and_then(|dir| Ok(z.ctl.request_fork(self.slot, uid, Some(dir.as_fd()))?));
+            .and_then(|dir| {
+                Ok(z.ctl
+                    .request_fork(self.slot, uid, Some(dir.as_fd()), prefault)?)
+            });
         asked.born_in = Some((name, cgroup));
         match sent {
             Ok(()) => Ok(asked),
@@ -2155,7 +2247,9 @@ impl Maintainer {
                 return Err(e);
             }
         };
+        let prefaulted = asked.prefault;
         self.place(pidfd, chan, stdout, stderr, asked.born_in)
+            .map(|p| Placing { prefaulted, ..p })
             .map_err(Received::Sandbox)
     }
 
@@ -2227,6 +2321,7 @@ impl Maintainer {
         }
         Ok(Placing {
             name,
+            prefaulted: false,
             lifecycle,
             cgroup,
             pidfd,
@@ -2255,6 +2350,7 @@ impl Maintainer {
         }
         let pooled = Pooled {
             applied: self.shared.config.default_limits,
+            prefaulted: p.prefaulted,
             id: p.name,
             lifecycle: p.lifecycle,
             cgroup: p.cgroup,
@@ -2264,7 +2360,11 @@ impl Maintainer {
             stderr: p.stderr,
             frozen_at: Instant::now(),
         };
-        self.shared.stats.lock().unwrap().forked += 1;
+        {
+            let mut st = self.shared.stats.lock().unwrap();
+            st.forked += 1;
+            st.forked_prefaulted += u64::from(pooled.prefaulted);
+        }
         self.shared.queue.lock().unwrap().push_back(pooled);
         self.shared.ready.notify_all();
         Ok(())

@@ -33,17 +33,25 @@ pub enum ToZygote {
     /// as `uid` (its own identity: per-uid kernel quotas are not shared between
     /// sandboxes). With `into_cgroup` the message carries the directory descriptor of
     /// the sandbox's cgroup, made ready by the agent: the sandbox is born in it
-    /// (`clone3(CLONE_INTO_CGROUP)`, cgroup v2) and does not wait to be placed.
+    /// (`clone3(CLONE_INTO_CGROUP)`, cgroup v2) and does not wait to be placed. With
+    /// `prefault` it faults in the pages a first evaluation touches before it reports
+    /// ready ([`super::prefault`]); without, it stays at its smallest.
     Fork {
         slot: u64,
         uid: u32,
         #[serde(default)]
         into_cgroup: bool,
+        #[serde(default = "yes")]
+        prefault: bool,
     },
     /// Reap the sandboxes that died (sent when the agent has nothing else to say).
     Reap,
     /// Exit (sandboxes already forked die with the zygote).
     Shutdown,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Zygote → agent.
@@ -175,17 +183,20 @@ impl ControlChannel {
     }
 
     /// Asks for a fork; with `cgroup` (a directory descriptor of a cgroup v2 cgroup),
-    /// the sandbox is born in that cgroup.
+    /// the sandbox is born in that cgroup; with `prefault` it populates the pages a first
+    /// evaluation touches before it is frozen.
     pub fn request_fork(
         &self,
         slot: u64,
         uid: u32,
         cgroup: Option<BorrowedFd<'_>>,
+        prefault: bool,
     ) -> Result<(), FrameError> {
         let msg = ToZygote::Fork {
             slot,
             uid,
             into_cgroup: cgroup.is_some(),
+            prefault,
         };
         match cgroup {
             Some(fd) => frame::send(self.sock.as_fd(), &msg, &[fd.as_raw_fd()]),

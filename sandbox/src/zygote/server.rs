@@ -304,6 +304,7 @@ pub fn serve(config: ZygoteConfig) -> ! {
                     slot,
                     uid,
                     into_cgroup,
+                    prefault,
                 },
                 mut fds,
             )) => {
@@ -314,7 +315,8 @@ pub fn serve(config: ZygoteConfig) -> ! {
                     (true, n) => Err(ForkError::CgroupFd(n)),
                 };
                 drop(fds);
-                let reply = cgroup.and_then(|cg| fork_sandbox(&config, &ctl, &warm, uid, cg));
+                let reply =
+                    cgroup.and_then(|cg| fork_sandbox(&config, &ctl, &warm, uid, cg, prefault));
                 let sent = match reply {
                     Ok(fds) => {
                         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -368,7 +370,8 @@ enum ForkError {
 }
 
 /// Forks one sandbox that runs user code as `uid`, born in `cgroup` when the agent
-/// passed one (cgroup v2), else to be placed by the agent before it goes on. Returns the
+/// passed one (cgroup v2), else to be placed by the agent before it goes on; with
+/// `prefault`, it populates the learnt pages before it reports ready. Returns the
 /// descriptors for the agent: pidfd, channel, stdout and stderr read ends.
 fn fork_sandbox(
     config: &ZygoteConfig,
@@ -376,6 +379,7 @@ fn fork_sandbox(
     warm: &Warm,
     uid: u32,
     cgroup: Option<OwnedFd>,
+    prefault: bool,
 ) -> Result<[OwnedFd; 4], ForkError> {
     let runtime = &warm.runtime;
     // A fork keeps only the forking thread: any other thread's locks (malloc's, a BLAS
@@ -431,11 +435,26 @@ fn fork_sandbox(
         drop((agent_sock, out_r, err_r));
         let _ = unistd::close(ctl.sock.as_raw_fd());
         let end = SandboxEnd { sock: child_sock };
-        sandbox_main(config, end, out_w, err_w, warm, uid, born_in_cgroup);
+        let how = Birth {
+            uid,
+            born_in_cgroup,
+            prefault,
+        };
+        sandbox_main(config, end, out_w, err_w, warm, how);
     }
     // SAFETY: CLONE_PIDFD stored a fresh descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok([pidfd, agent_sock, out_r, err_r])
+}
+
+/// What the agent asked of one fork.
+struct Birth {
+    /// The uid it runs user code as.
+    uid: u32,
+    /// Born in its cgroup: placed already.
+    born_in_cgroup: bool,
+    /// Populate the learnt pages before it is frozen.
+    prefault: bool,
 }
 
 /// The forked sandbox: finish containment, wait for code, run it once, exit.
@@ -445,18 +464,17 @@ fn sandbox_main(
     out_w: OwnedFd,
     err_w: OwnedFd,
     warm: &Warm,
-    uid: u32,
-    born_in_cgroup: bool,
+    how: Birth,
 ) -> ! {
     let runtime = &warm.runtime;
     let _ = crate::container::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     // Born in its cgroup, it is placed already; else it waits until the agent has moved it.
-    if !born_in_cgroup && end.wait_for_placement().is_err() {
+    if !how.born_in_cgroup && end.wait_for_placement().is_err() {
         crate::container::exit(0);
     }
     CHANNEL_FD.store(end.sock.as_raw_fd(), Ordering::Relaxed);
     let up = end.writer();
-    if let Err(e) = contain(config, &end, out_w, err_w, &warm.filter, uid) {
+    if let Err(e) = contain(config, &end, out_w, err_w, &warm.filter, how.uid) {
         let _ = up.setup_error(e.stage, &e.message);
         crate::container::exit(125);
     }
@@ -477,8 +495,10 @@ fn sandbox_main(
         }
     }
     // The pages the first evaluation will touch, faulted in now rather than after the
-    // claim (in this sandbox's cgroup, charged to it).
-    warm.prefault.apply();
+    // claim (in this sandbox's cgroup, charged to it), when the agent asks for them.
+    if how.prefault {
+        warm.prefault.apply();
+    }
     // The set-up above allocated from the zygote's arena (contiguous pages of its own,
     // rather than free chunks all over the heap it shares with the zygote: ~0.1 MiB less
     // private memory per sandbox); user code allocates from the system allocator.

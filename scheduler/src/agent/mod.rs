@@ -232,6 +232,9 @@ pub struct AgentConfig {
     /// Warm sandboxes fault in ahead the pages a first evaluation touches
     /// (`PoolConfig::prefault`).
     pub prefault: bool,
+    /// How many frozen sandboxes of each pool keep those pages populated
+    /// (`PoolConfig::prefault_ready`).
+    pub prefault_ready: usize,
 }
 
 impl AgentConfig {
@@ -269,6 +272,7 @@ impl AgentConfig {
             demand_window: Duration::from_secs(600),
             max_pool_size: 8,
             prefault: true,
+            prefault_ready: hatchery_sandbox::pool::PREFAULT_READY,
         }
     }
 
@@ -287,6 +291,7 @@ impl AgentConfig {
         pc.cgroup_parent = self.cgroup_parent.clone();
         pc.claim_timeout = self.claim_timeout;
         pc.prefault = self.prefault;
+        pc.prefault_ready = self.prefault_ready;
         Ok(pc)
     }
 }
