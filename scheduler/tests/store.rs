@@ -343,6 +343,53 @@ store_test!(
     }
 );
 
+store_test!(
+    the_cap_weighs_a_users_executions_across_a_restart_and_their_ends,
+    |b| {
+        let store = b.open().await;
+        admitted(&store, record("u1", "o", "u", None, 10), rules(2)).await;
+        admitted(&store, record("u2", "o", "u", None, 20), rules(2)).await;
+        store.mark_running("u1", "h1", 11).await.unwrap();
+        // Another user of the same org and the same user of another org count apart.
+        admitted(&store, record("v1", "o", "v", None, 12), rules(2)).await;
+        admitted(&store, record("w1", "p", "u", None, 13), rules(2)).await;
+        drop(store);
+        // After a restart the store knows which of the user's executions are still active.
+        let store = b.open().await;
+        let c = admitted(&store, record("u3", "o", "u", None, 30), rules(2)).await;
+        assert_eq!(c, vec![("u1".to_string(), CancelReason::ParallelismCap)]);
+        // An execution that ended no longer counts: u2 ends, u4 cancels nothing.
+        store.mark_running("u2", "h1", 31).await.unwrap();
+        store
+            .finish(
+                "u2",
+                ExecState::Succeeded,
+                None,
+                32,
+                summary(ExecState::Succeeded),
+            )
+            .await
+            .unwrap();
+        let c = admitted(&store, record("u4", "o", "u", None, 40), rules(2)).await;
+        assert_eq!(c, vec![]);
+        assert_eq!(active_count(&store, "o", "u").await, 2);
+        // Nor does one that ended before a restart.
+        store
+            .mark_finished("u3", ExecState::Failed, None, None, 41)
+            .await
+            .unwrap();
+        drop(store);
+        let store = b.open().await;
+        let c = admitted(&store, record("u5", "o", "u", None, 50), rules(2)).await;
+        assert_eq!(c, vec![]);
+        let c = admitted(&store, record("u6", "o", "u", None, 60), rules(2)).await;
+        assert_eq!(c, vec![("u4".to_string(), CancelReason::ParallelismCap)]);
+        for (org, user) in [("o", "v"), ("p", "u")] {
+            assert_eq!(active_count(&store, org, user).await, 1, "{org}/{user}");
+        }
+    }
+);
+
 store_test!(the_cap_cancels_the_oldest_running_one_by_marking_it, |b| {
     let store = b.open().await;
     admitted(&store, record("a1", "o", "u", None, 10), rules(2)).await;

@@ -18,7 +18,7 @@
 //! The store decides states; it never runs anything, and never marks a running
 //! execution `lost` on its own (the agent's reconciliation does that).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -49,6 +49,10 @@ struct State {
     /// Queued and running records, kept by [`State::commit`] (and counted once at
     /// open), so gauges and the queue limit never scan the records.
     counts: crate::store::ActiveCounts,
+    /// The queued and running executions of each (org, user), kept by
+    /// [`State::commit`] (and found once at open): an admission weighs the user's
+    /// executions without a scan of every record the store keeps.
+    unended: HashMap<(String, String), HashSet<String>>,
     /// The last admission order given ([`ExecutionRecord::admitted`]).
     admitted: u64,
     /// Host leases: agent → (expires at, alive). In memory only: after a restart every
@@ -121,10 +125,27 @@ impl State {
             .or_default()
             .extend(new_events);
         self.counts.add(rec.state, 1);
+        self.index_unended(&rec);
         if let Some(old) = self.records.insert(rec.id.clone(), rec) {
             self.counts.add(old.state, -1);
         }
         Ok(())
+    }
+
+    /// Keeps `rec` in its user's [`State::unended`] set while it is queued or running.
+    /// A record never changes its org or user.
+    fn index_unended(&mut self, rec: &ExecutionRecord) {
+        let key = (rec.org.clone(), rec.user.clone());
+        if rec.state.is_terminal() {
+            if let Some(set) = self.unended.get_mut(&key) {
+                set.remove(&rec.id);
+                if set.is_empty() {
+                    self.unended.remove(&key);
+                }
+            }
+        } else {
+            self.unended.entry(key).or_default().insert(rec.id.clone());
+        }
     }
 
     /// Appends the next line of `id`'s log (see [`Disk::append_change`]) and counts it.
@@ -190,9 +211,12 @@ impl State {
         // R10, then R11 (see [`decide`]), over the user's active executions in the order
         // the store admitted them (the new one is the newest).
         let mut active: Vec<&ExecutionRecord> = self
-            .records
-            .values()
-            .filter(|r| r.org == new.org && r.user == new.user && is_active(r))
+            .unended
+            .get(&(new.org.clone(), new.user.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.records.get(id))
+            .filter(|r| is_active(r))
             .collect();
         active.sort_by_key(|r| admission_order(r));
         let decision = decide(&active, new.tab_id.as_deref(), rules.max_parallel);
@@ -399,6 +423,7 @@ impl EmbeddedStore {
             org_policies: loaded.org_policies,
             user_policies: loaded.user_policies,
             counts: Default::default(),
+            unended: HashMap::new(),
             admitted: 0,
             hosts: HashMap::new(),
             leaders: HashMap::new(),
@@ -434,6 +459,15 @@ impl EmbeddedStore {
             state.append_line(&disk, &rec.id, Some(rec), &[], Sync::Now)?;
         }
         state.counts = crate::store::ActiveCounts::of(state.records.values());
+        let unended: Vec<ExecutionRecord> = state
+            .records
+            .values()
+            .filter(|r| !r.state.is_terminal())
+            .cloned()
+            .collect();
+        for rec in &unended {
+            state.index_unended(rec);
+        }
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 disk,
