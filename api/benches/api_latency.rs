@@ -28,11 +28,14 @@
 //!    claims of `cat(1)` (each with a full pool: `wait_ready` first), alternating with (1):
 //!    claim → `Started`, → first `Stdout`, → `Finished`, and `start_ms`. The API's own
 //!    overhead is the difference to (1), paired by round.
-//! 3. sustained executions per second, in slices that alternate (API, pool, pool, API,
-//!    ...) so that drift hits both alike: through the API, K concurrent clients, each its
-//!    own user (so the per-user parallelism cap of 2 never cancels one), submitting
-//!    `cat(1)` back to back and waiting for `finished` on the WebSocket; in process, K
-//!    threads claiming back to back. On both sides only executions that succeeded with the
+//! 3. sustained executions per second, in slices that rotate (API, pool, API kept; API
+//!    kept, pool, API; ...) so that drift hits every side alike: through the API, K
+//!    concurrent clients, each its own user (so the per-user parallelism cap of 2 never
+//!    cancels one), submitting `cat(1)` back to back and waiting for `finished` on a
+//!    WebSocket, either opening two connections per execution (its POST, then its own
+//!    event stream) or, "kept", each keeping one HTTP connection for its POSTs and its
+//!    event stream (`GET /v1/events`) open, as a client library and a console do; in
+//!    process, K threads claiming back to back. On both sides only executions that succeeded with the
 //!    right output count; the others are counted by state and printed. The platform's pool
 //!    is pinned at the in-process pool's size (`max_pool_size = pool_size`): otherwise
 //!    demand sizing (every active user adds its `warm_pool_size`) grows it to 8.
@@ -853,38 +856,43 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
     }
     eprintln!();
 
-    // ---- 3: throughput, API and pool in alternating slices
-    eprint!("throughput: {slices} rounds of API + pool slices ");
+    // ---- 3: throughput, API (two ways) and pool in rotating slices
+    eprint!("throughput: {slices} rounds of API + pool + API (kept connections) slices ");
     let mut api_tp = Throughput::default();
     let mut pool_tp = Throughput::default();
+    let mut kept_tp = Throughput::default();
     let mut round_ratios = Vec::new();
+    let mut kept_ratios = Vec::new();
     for r in 0..slices {
         if stopped() {
             break;
         }
-        let mut rates = [f64::NAN; 2];
-        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut rates = [f64::NAN; 3];
+        let order = if r % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
         for side in order {
-            // Both sides start a slice the same way: the previous slice's sandboxes gone,
+            // Every side starts a slice the same way: the previous slice's sandboxes gone,
             // their own pool refilled.
             std::thread::sleep(Duration::from_millis(500));
-            let tp = if side == 0 {
-                rt.block_on(wait_readyz(addr))?;
-                rt.block_on(api_throughput(&clients, slice_s))
-            } else {
+            let tp = if side == 1 {
                 pool.wait_ready(view.pool_size, PATIENCE)
                     .map_err(|e| format!("pool: {e}"))?;
                 pool_throughput(&pool, &view, o.clients, slice_s)
+            } else {
+                rt.block_on(wait_readyz(addr))?;
+                rt.block_on(api_throughput(&clients, slice_s, side == 2))
             };
             rates[side] = tp.rate();
-            if side == 0 {
-                api_tp.absorb(tp);
+            match side {
+                0 => api_tp.absorb(tp),
+                1 => pool_tp.absorb(tp),
+                _ => kept_tp.absorb(tp),
+            }
+            if side != 1 {
                 platform.note_processes();
-            } else {
-                pool_tp.absorb(tp);
             }
         }
         round_ratios.push(rates[0] / rates[1]);
+        kept_ratios.push(rates[2] / rates[1]);
         eprint!(".");
     }
     eprintln!();
@@ -1021,13 +1029,16 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         &paired(&|s| s.start_ms, &|s| s.start_ms),
     );
     t.section(format!(
-        "3. throughput, {} s each in alternating slices: API with {} clients (one user each) | \
-         in-process pool, {} threads; counted executions only",
+        "3. throughput, {} s each in rotating slices: API with {} clients (one user each), \
+         two connections per execution | in-process pool, {} threads | API, each client \
+         keeping one connection and its event stream; counted executions only",
         o.seconds, o.clients, o.clients
     ));
     t.row("API: POST → `finished`", &api_tp.to_finished);
     t.row("API: POST → `started` event", &api_tp.to_started);
     t.row("API: sandbox start_ms", &api_tp.start_ms);
+    t.row("API kept: POST → `finished`", &kept_tp.to_finished);
+    t.row("API kept: POST → `started` event", &kept_tp.to_started);
     t.row("pool: claim → Finished", &pool_tp.to_finished);
     t.row(
         "pool: queued_ms (waiting for a frozen sandbox)",
@@ -1068,7 +1079,11 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         "in-process claims that waited for a sandbox (queued_ms > 1): {waited} of {}",
         local_ok.len()
     );
-    for (label, tp) in [("API", &api_tp), ("pool", &pool_tp)] {
+    for (label, tp) in [
+        ("API", &api_tp),
+        ("pool", &pool_tp),
+        ("API, kept connections", &kept_tp),
+    ] {
         let per_slice: Vec<f64> = tp
             .slices
             .iter()
@@ -1093,16 +1108,30 @@ fn run(o: &Opts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
             println!("    error: {e}");
         }
     }
-    let ratio_stats = stats(&round_ratios);
-    println!(
-        "throughput API / pool: {:.2} over all slices; per round (one API and one pool slice, \
-         side by side) median {:.2} (min {:.2}, max {:.2}, {} rounds)",
-        api_tp.rate() / pool_tp.rate(),
-        ratio_stats.map_or(f64::NAN, |s| s.p50),
-        ratio_stats.map_or(f64::NAN, |s| s.min),
-        ratio_stats.map_or(f64::NAN, |s| s.max),
-        round_ratios.len()
-    );
+    for (label, tp, ratios) in [
+        (
+            "API (two connections per execution)",
+            &api_tp,
+            &round_ratios,
+        ),
+        (
+            "API (kept connection and event stream)",
+            &kept_tp,
+            &kept_ratios,
+        ),
+    ] {
+        let ratio_stats = stats(ratios);
+        println!(
+            "throughput {label} / pool: {:.2} over all slices (target ≥ 0.8); per round (one \
+             API and one pool slice, side by side) median {:.2} (min {:.2}, max {:.2}, {} \
+             rounds)",
+            tp.rate() / pool_tp.rate(),
+            ratio_stats.map_or(f64::NAN, |s| s.p50),
+            ratio_stats.map_or(f64::NAN, |s| s.min),
+            ratio_stats.map_or(f64::NAN, |s| s.max),
+            ratios.len()
+        );
+    }
     println!(
         "in-process pool: forked {}, claimed {}",
         pool_stats.forked, pool_stats.claimed

@@ -34,6 +34,8 @@
 //!    concurrent clients, each its own user (the per-user parallelism cap of 2 never
 //!    cancels one), submitting back to back and waiting for `finished`; for (c) the
 //!    clients are spread over both replicas; for (a) K threads claiming back to back.
+//!    Each execution opens two connections (its POST, its events' WebSocket); with
+//!    `--stream` each client keeps one HTTP connection and its event stream instead.
 //! 4. during those slices, the CPU each process spent (from `/proc/<pid>/stat`, its
 //!    reaped children included: a zygote's sandboxes count to it), grouped by what this
 //!    bench started, and the machine's busy time (`/proc/stat`), per counted execution:
@@ -108,7 +110,8 @@ struct Opts {
     /// `RUST_LOG` of every platform process.
     log_filter: String,
     /// (b) and (c) follow each execution on the caller's event stream, open before the
-    /// POST, instead of on its own stream opened after the 202.
+    /// POST, instead of on its own stream opened after the 202; their throughput clients
+    /// also keep one HTTP connection each for their POSTs.
     stream: bool,
     rootfs: PathBuf,
     sandbox_bin: PathBuf,
@@ -134,7 +137,9 @@ options:
                    caller's event stream (GET /v1/events), opened once before the
                    rounds, as a console keeps it; by default each execution's own
                    stream (GET /v1/executions/{id}/events?after=0) is opened after
-                   its 202
+                   its 202; the throughput clients of (b) and (c) then also keep
+                   one HTTP connection and one event stream each, instead of two
+                   new connections per execution
   --help           this text
 
 environment:
@@ -1114,7 +1119,7 @@ fn throughput(
                     rt.block_on(wait_readyz(sides.up))?;
                     std::thread::sleep(Duration::from_millis(500));
                     let before = cpu_snapshot();
-                    let slice = rt.block_on(api_throughput(&sides.up_clients, slice_s));
+                    let slice = rt.block_on(api_throughput(&sides.up_clients, slice_s, o.stream));
                     cpu[side].add(&before, &cpu_snapshot());
                     slice
                 }
@@ -1122,7 +1127,8 @@ fn throughput(
                     rt.block_on(cluster_ready(&sides.replicas, POOL_SIZE as u64))?;
                     std::thread::sleep(Duration::from_millis(500));
                     let before = cpu_snapshot();
-                    let slice = rt.block_on(api_throughput(&sides.cluster_clients, slice_s));
+                    let slice =
+                        rt.block_on(api_throughput(&sides.cluster_clients, slice_s, o.stream));
                     cpu[side].add(&before, &cpu_snapshot());
                     slice
                 }

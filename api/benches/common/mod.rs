@@ -292,6 +292,7 @@ impl Resp {
     }
 }
 
+/// One request on a connection of its own (`Connection: close`).
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -301,7 +302,55 @@ pub async fn http(
 ) -> std::io::Result<Resp> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let bytes = request_bytes(addr, method, path, token, body, true);
+    stream.write_all(&bytes).await?;
+    read_response(&mut stream, &mut Vec::new()).await
+}
+
+/// A kept HTTP/1.1 connection (keep-alive), as a client library keeps one: requests one
+/// after the other on the same socket.
+pub struct Conn {
+    stream: TcpStream,
+    /// Bytes read past the last response (none, with one request at a time).
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub async fn request(
+        &mut self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> std::io::Result<Resp> {
+        let bytes = request_bytes(addr, method, path, token, body, false);
+        self.stream.write_all(&bytes).await?;
+        read_response(&mut self.stream, &mut self.buf).await
+    }
+}
+
+fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    close: bool,
+) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if close {
+        req.push_str("Connection: close\r\n");
+    }
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
@@ -319,16 +368,21 @@ pub async fn http(
     if let Some(b) = payload {
         bytes.extend_from_slice(&b);
     }
-    stream.write_all(&bytes).await?;
-    let mut buf = Vec::new();
+    bytes
+}
+
+/// Reads one response from `stream`, after what `buf` holds already; leaves in `buf`
+/// what follows it.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Resp> {
     let mut chunk = [0u8; 16 << 10];
     loop {
-        if let Some(r) = parse_response(&buf) {
+        if let Some((r, used)) = parse_response(buf) {
+            buf.drain(..used);
             return Ok(r);
         }
         match stream.read(&mut chunk).await? {
             0 => {
-                return parse_response(&buf).ok_or_else(|| {
+                return parse_response(buf).map(|(r, _)| r).ok_or_else(|| {
                     std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "truncated response")
                 })
             }
@@ -337,8 +391,8 @@ pub async fn http(
     }
 }
 
-/// A complete response in `buf`, if there is one.
-fn parse_response(buf: &[u8]) -> Option<Resp> {
+/// A complete response at the start of `buf`, if there is one, and its length.
+fn parse_response(buf: &[u8]) -> Option<(Resp, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&buf[..end]).ok()?;
     let mut lines = head.split("\r\n");
@@ -349,12 +403,12 @@ fn parse_response(buf: &[u8]) -> Option<Resp> {
         .collect();
     let rest = &buf[end + 4..];
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let body = if let Some(len) = get("content-length") {
+    let (body, used) = if let Some(len) = get("content-length") {
         let len: usize = len.parse().ok()?;
         if rest.len() < len {
             return None;
         }
-        rest[..len].to_vec()
+        (rest[..len].to_vec(), len)
     } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
         let mut out = Vec::new();
         let mut at = 0;
@@ -365,7 +419,11 @@ fn parse_response(buf: &[u8]) -> Option<Resp> {
                     .ok()?;
             at = line_end + 2;
             if size == 0 {
-                break out;
+                // The last chunk's empty line.
+                if rest.len() < at + 2 {
+                    return None;
+                }
+                break (out, at + 2);
             }
             if rest.len() < at + size + 2 {
                 return None;
@@ -374,15 +432,18 @@ fn parse_response(buf: &[u8]) -> Option<Resp> {
             at += size + 2;
         }
     } else if status == 101 || status == 204 || status == 304 {
-        Vec::new()
+        (Vec::new(), 0)
     } else {
         return None; // read to the end
     };
-    Some(Resp {
-        status,
-        headers,
-        body,
-    })
+    Some((
+        Resp {
+            status,
+            headers,
+            body,
+        },
+        end + 4 + used,
+    ))
 }
 
 pub type WsStream =
@@ -507,13 +568,29 @@ pub async fn api_once_on(
     token: &str,
     stream: Option<&mut WsStream>,
 ) -> Result<ApiSample, SubmitError> {
+    api_once_via(addr, token, None, stream).await
+}
+
+/// [`api_once_on`], posting on `conn` (a kept connection) when given, else on a
+/// connection of its own.
+pub async fn api_once_via(
+    addr: SocketAddr,
+    token: &str,
+    conn: Option<&mut Conn>,
+    stream: Option<&mut WsStream>,
+) -> Result<ApiSample, SubmitError> {
     let mut s = ApiSample::default();
     let body = json!({"language": "r", "code": CODE});
     let t0_epoch = epoch_ms();
     let t0 = Instant::now();
-    let r = http(addr, "POST", "/v1/executions", Some(token), Some(&body))
-        .await
-        .map_err(|e| SubmitError::Other(format!("POST: {e}")))?;
+    let posted = match conn {
+        Some(c) => {
+            c.request(addr, "POST", "/v1/executions", Some(token), Some(&body))
+                .await
+        }
+        None => http(addr, "POST", "/v1/executions", Some(token), Some(&body)).await,
+    };
+    let r = posted.map_err(|e| SubmitError::Other(format!("POST: {e}")))?;
     s.accepted = ms(t0.elapsed());
     if r.status == 429 || r.status == 503 {
         let after = r
@@ -880,7 +957,16 @@ impl Throughput {
 
 /// One slice of `seconds` through the API: one client per `(address, token)`, each
 /// submitting back to back; what was submitted before the end is waited for.
-pub async fn api_throughput(clients: &[(SocketAddr, String)], seconds: f64) -> Throughput {
+///
+/// `kept`: each client keeps one HTTP connection for its POSTs and follows its executions
+/// on its event stream (`GET /v1/events`, opened once), as a client library and a
+/// console do; both are opened again after any failure. Otherwise every execution
+/// opens two connections: one for its POST, one for its events' WebSocket.
+pub async fn api_throughput(
+    clients: &[(SocketAddr, String)],
+    seconds: f64,
+    kept: bool,
+) -> Throughput {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
     let shared: Arc<Mutex<(Throughput, Option<Instant>)>> = Arc::default();
@@ -889,8 +975,29 @@ pub async fn api_throughput(clients: &[(SocketAddr, String)], seconds: f64) -> T
         let (addr, token) = (*addr, token.clone());
         let shared = Arc::clone(&shared);
         tasks.push(tokio::spawn(async move {
+            let mut held: Option<(Conn, WsStream)> = None;
             while Instant::now() < deadline && !stopped() {
-                let r = api_once(addr, &token).await;
+                let r = if kept {
+                    let opened = match held.take() {
+                        Some(h) => Ok(h),
+                        None => match Conn::open(addr).await {
+                            Ok(c) => caller_stream(addr, &token).await.map(|ws| (c, ws)),
+                            Err(e) => Err(format!("connect: {e}")),
+                        },
+                    };
+                    match opened {
+                        Ok((mut c, mut ws)) => {
+                            let r = api_once_via(addr, &token, Some(&mut c), Some(&mut ws)).await;
+                            if r.is_ok() {
+                                held = Some((c, ws));
+                            }
+                            r
+                        }
+                        Err(e) => Err(SubmitError::Other(e)),
+                    }
+                } else {
+                    api_once(addr, &token).await
+                };
                 let backoff = {
                     let mut g = shared.lock().unwrap();
                     let (tp, last) = &mut *g;
