@@ -300,11 +300,8 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> std::io::Result<Resp> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let bytes = request_bytes(addr, method, path, token, body, true);
-    stream.write_all(&bytes).await?;
-    read_response(&mut stream, &mut Vec::new()).await
+    let mut conn = Conn::open(addr).await?;
+    conn.request(addr, method, path, token, body, true).await
 }
 
 /// A kept HTTP/1.1 connection (keep-alive), as a client library keeps one: requests one
@@ -325,6 +322,7 @@ impl Conn {
         })
     }
 
+    /// One request and its response; with `close`, the last on this connection.
     pub async fn request(
         &mut self,
         addr: SocketAddr,
@@ -332,43 +330,32 @@ impl Conn {
         path: &str,
         token: Option<&str>,
         body: Option<&Value>,
+        close: bool,
     ) -> std::io::Result<Resp> {
-        let bytes = request_bytes(addr, method, path, token, body, false);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+        if close {
+            req.push_str("Connection: close\r\n");
+        }
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        let payload = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        match &payload {
+            Some(b) => req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )),
+            None if method != "GET" => req.push_str("Content-Length: 0\r\n"),
+            None => {}
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        if let Some(b) = payload {
+            bytes.extend_from_slice(&b);
+        }
         self.stream.write_all(&bytes).await?;
         read_response(&mut self.stream, &mut self.buf).await
     }
-}
-
-fn request_bytes(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-    close: bool,
-) -> Vec<u8> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    if close {
-        req.push_str("Connection: close\r\n");
-    }
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let payload = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-    match &payload {
-        Some(b) => req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        )),
-        None if method != "GET" => req.push_str("Content-Length: 0\r\n"),
-        None => {}
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    if let Some(b) = payload {
-        bytes.extend_from_slice(&b);
-    }
-    bytes
 }
 
 /// Reads one response from `stream`, after what `buf` holds already; leaves in `buf`
@@ -585,8 +572,15 @@ pub async fn api_once_via(
     let t0 = Instant::now();
     let posted = match conn {
         Some(c) => {
-            c.request(addr, "POST", "/v1/executions", Some(token), Some(&body))
-                .await
+            c.request(
+                addr,
+                "POST",
+                "/v1/executions",
+                Some(token),
+                Some(&body),
+                false,
+            )
+            .await
         }
         None => http(addr, "POST", "/v1/executions", Some(token), Some(&body)).await,
     };
