@@ -251,13 +251,7 @@ fn time_limit_starts_at_the_claim() {
     // Every sandbox populated: claims take the oldest, so the second claim too finds one
     // pooled since the start (by default it would take the one the first claim's refill
     // populated).
-    let tp = start_pool_with(
-        Language::R {
-            packages: vec!["stats".into()],
-        },
-        2,
-        |cfg| cfg.prefault_ready = usize::MAX,
-    );
+    let tp = r_pool_with(2, |cfg| cfg.prefault_ready = usize::MAX);
     std::thread::sleep(Duration::from_secs(3));
 
     let mut req = ExecRequest::new(r#"Sys.sleep(1.5); cat("done")"#);
@@ -463,13 +457,7 @@ fn assert_idle_sandboxes_hold_little(tp: &TestPool, expected: usize) {
 #[test]
 fn an_idle_pooled_sandbox_holds_under_1_5_mib_of_its_own() {
     for prefault in [false, true] {
-        let tp = start_pool_with(
-            Language::R {
-                packages: vec!["stats".into()],
-            },
-            2,
-            |cfg| cfg.prefault = prefault,
-        );
+        let tp = r_pool_with(2, |cfg| cfg.prefault = prefault);
         std::thread::sleep(Duration::from_millis(200));
         assert_idle_sandboxes_hold_little(&tp, 2);
         tp.finish();
@@ -526,13 +514,7 @@ fn the_zygote_heap_is_in_huge_pages_and_sandboxes_still_share_it() {
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     let available = !thp.is_empty() && !thp.contains("[never]");
     for huge in [true, false] {
-        let tp = start_pool_with(
-            Language::R {
-                packages: vec!["stats".into()],
-            },
-            2,
-            |cfg| cfg.huge_pages = huge,
-        );
+        let tp = r_pool_with(2, |cfg| cfg.huge_pages = huge);
         let st = tp.pool.stats();
         eprintln!(
             "huge pages {huge}: {:.1} of {:.1} MiB of the zygote's heap extents (THP: {})",
@@ -797,13 +779,7 @@ fn owner_of(path: &Path) -> (u32, u32) {
 fn on_cgroup_v2_sandboxes_are_born_in_their_cgroups() {
     let v2 = on_cgroup_v2();
     for into in [true, false] {
-        let tp = start_pool_with(
-            Language::R {
-                packages: vec!["stats".into()],
-            },
-            3,
-            |cfg| cfg.clone_into_cgroup = into,
-        );
+        let tp = r_pool_with(3, |cfg| cfg.clone_into_cgroup = into);
         let stats = tp.pool.stats();
         assert_eq!(stats.failed_forks, 0, "{stats:?}");
         assert!(stats.forked >= 3, "{stats:?}");
@@ -901,13 +877,7 @@ fn a_fork_refused_into_its_cgroup_turns_the_pool_to_moving_sandboxes() {
 /// the wait of the claim before it.
 #[test]
 fn a_refill_waits_for_the_claimed_execution_while_sandboxes_are_ready() {
-    let tp = start_pool_with(
-        Language::R {
-            packages: vec!["stats".into()],
-        },
-        2,
-        |cfg| cfg.refill_defer = Some(Duration::from_secs(30)),
-    );
+    let tp = r_pool_with(2, |cfg| cfg.refill_defer = Some(Duration::from_secs(30)));
     std::thread::sleep(Duration::from_millis(300));
     let before = tp.pool.stats();
     // One of two claimed: the refill waits for this execution's result.
@@ -958,13 +928,7 @@ fn a_refill_waits_for_the_claimed_execution_while_sandboxes_are_ready() {
 /// longer than `refill_defer`: the pool's clock, not the sandbox, ends the wait.
 #[test]
 fn a_withheld_result_holds_the_refill_no_longer_than_its_bound() {
-    let tp = start_pool_with(
-        Language::R {
-            packages: vec!["stats".into()],
-        },
-        2,
-        |cfg| cfg.refill_defer = Some(Duration::from_millis(300)),
-    );
+    let tp = r_pool_with(2, |cfg| cfg.refill_defer = Some(Duration::from_millis(300)));
     std::thread::sleep(Duration::from_millis(300));
     let before = tp.pool.stats();
     let claimed = Instant::now();

@@ -8,9 +8,10 @@
 //! its cgroup (cgroup v1), lets it finish its containment and freezes it.
 //! [`Pool::claim`] takes a frozen sandbox, writes the execution's limits into its
 //! cgroup, thaws it, hands it the code and starts the clock — nothing else happens on
-//! the claim path. A watcher thread per execution streams its output, progress and usage as [`Event`]s, enforces the time limit and
-//! cancellation, reports the [`ExecResult`] and then tears the sandbox down (off the claim
-//! path). A sandbox is never reused.
+//! the claim path. A watcher thread per execution streams its output, progress and
+//! usage as [`Event`]s, enforces the time limit and cancellation, reports the
+//! [`ExecResult`] and then tears the sandbox down (off the claim path). A sandbox is
+//! never reused.
 //!
 //! The maintainer replaces sandboxes that die while frozen and restarts a zygote that
 //! dies. The pool owner may be multi-threaded: it never forks itself (the zygote is a
@@ -703,12 +704,9 @@ impl Pool {
 
     /// Cgroup directories of the frozen sandboxes (for monitoring and tests).
     pub fn frozen_cgroups(&self) -> Vec<PathBuf> {
-        self.shared
-            .queue
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|p| p.cgroup.dir("cpuacct").to_path_buf())
+        self.frozen_sandboxes()
+            .into_iter()
+            .map(|(d, _)| d)
             .collect()
     }
 
@@ -2240,31 +2238,29 @@ impl Maintainer {
                 ))
             })
         });
-        let [pidfd, chan, stdout, stderr] = match fds {
+        let fds = match fds {
             Ok(fds) => fds,
             Err(e) => {
                 asked.abandon();
                 return Err(e);
             }
         };
-        let prefaulted = asked.prefault;
-        self.place(pidfd, chan, stdout, stderr, asked.born_in)
-            .map(|p| Placing { prefaulted, ..p })
-            .map_err(Received::Sandbox)
+        self.place(fds, asked).map_err(Received::Sandbox)
     }
 
-    /// Puts a forked sandbox in a cgroup of its own (with the pool's default limits) and
-    /// tells it so: it then finishes its containment and reports ready. One `born_in` its
-    /// cgroup is there already and has gone on without waiting: the zygote's right to
-    /// write that cgroup's `cgroup.procs` ends here.
+    /// Puts the sandbox forked for `asked` (its descriptors: pidfd, channel, stdout,
+    /// stderr) in a cgroup of its own (with the pool's default limits) and tells it so:
+    /// it then finishes its containment and reports ready. One born in its cgroup is
+    /// there already and has gone on without waiting: the zygote's right to write that
+    /// cgroup's `cgroup.procs` ends here.
     fn place(
         &self,
-        pidfd: OwnedFd,
-        chan: OwnedFd,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
-        born_in: Option<(String, SandboxCgroup)>,
+        [pidfd, chan, stdout, stderr]: [OwnedFd; 4],
+        asked: Asked,
     ) -> Result<Placing, PoolError> {
+        let Asked {
+            born_in, prefault, ..
+        } = asked;
         let mut lifecycle = Lifecycle::default();
         lifecycle
             .advance(SandboxEvent::Forked)
@@ -2321,7 +2317,7 @@ impl Maintainer {
         }
         Ok(Placing {
             name,
-            prefaulted: false,
+            prefaulted: prefault,
             lifecycle,
             cgroup,
             pidfd,

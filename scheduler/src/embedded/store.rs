@@ -103,6 +103,22 @@ fn sync_for<'a>(bodies: impl IntoIterator<Item = &'a EventBody>) -> Sync {
     }
 }
 
+/// Keeps `rec` in its user's set of [`State::unended`] while it is queued or running. A
+/// record never changes its org or user.
+fn index_unended(unended: &mut HashMap<(String, String), HashSet<String>>, rec: &ExecutionRecord) {
+    let key = (rec.org.clone(), rec.user.clone());
+    if rec.state.is_terminal() {
+        if let Some(set) = unended.get_mut(&key) {
+            set.remove(&rec.id);
+            if set.is_empty() {
+                unended.remove(&key);
+            }
+        }
+    } else {
+        unended.entry(key).or_default().insert(rec.id.clone());
+    }
+}
+
 /// The order of the parallelism cap: admission order; records admitted before the
 /// store kept one (0) are older than all others, among themselves by creation.
 fn admission_order(r: &ExecutionRecord) -> (u64, Millis, &str) {
@@ -125,27 +141,11 @@ impl State {
             .or_default()
             .extend(new_events);
         self.counts.add(rec.state, 1);
-        self.index_unended(&rec);
+        index_unended(&mut self.unended, &rec);
         if let Some(old) = self.records.insert(rec.id.clone(), rec) {
             self.counts.add(old.state, -1);
         }
         Ok(())
-    }
-
-    /// Keeps `rec` in its user's [`State::unended`] set while it is queued or running.
-    /// A record never changes its org or user.
-    fn index_unended(&mut self, rec: &ExecutionRecord) {
-        let key = (rec.org.clone(), rec.user.clone());
-        if rec.state.is_terminal() {
-            if let Some(set) = self.unended.get_mut(&key) {
-                set.remove(&rec.id);
-                if set.is_empty() {
-                    self.unended.remove(&key);
-                }
-            }
-        } else {
-            self.unended.entry(key).or_default().insert(rec.id.clone());
-        }
     }
 
     /// Appends the next line of `id`'s log (see [`Disk::append_change`]) and counts it.
@@ -459,14 +459,8 @@ impl EmbeddedStore {
             state.append_line(&disk, &rec.id, Some(rec), &[], Sync::Now)?;
         }
         state.counts = crate::store::ActiveCounts::of(state.records.values());
-        let unended: Vec<ExecutionRecord> = state
-            .records
-            .values()
-            .filter(|r| !r.state.is_terminal())
-            .cloned()
-            .collect();
-        for rec in &unended {
-            state.index_unended(rec);
+        for rec in state.records.values() {
+            index_unended(&mut state.unended, rec);
         }
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {

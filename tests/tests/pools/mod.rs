@@ -201,11 +201,17 @@ pub fn start_pool_with(
 
 /// An R pool preloading `stats` only.
 pub fn r_pool(size: usize) -> TestPool {
-    start_pool(
+    r_pool_with(size, |_| {})
+}
+
+/// An R pool like [`r_pool`]'s, its configuration changed by `tweak` first.
+pub fn r_pool_with(size: usize, tweak: impl FnOnce(&mut PoolConfig)) -> TestPool {
+    start_pool_with(
         Language::R {
             packages: vec!["stats".into()],
         },
         size,
+        tweak,
     )
 }
 
