@@ -173,6 +173,23 @@ struct Creations {
     entries: usize,
     /// Executions whose log's folder entry may not be on disk yet.
     pending: Vec<String>,
+    /// Whether a log was created since the folder of logs was last synced: a later
+    /// change that must be durable syncs the folder only then (one folder sync makes
+    /// every entry created before it durable, so the others need none).
+    folder_dirty: bool,
+    /// Syncs of the folder of logs so far (what the tests count).
+    folder_syncs: u64,
+}
+
+impl Creations {
+    /// Syncs the folder of logs `dir`: every entry created before the call is then
+    /// durable. The flag is cleared first, under the same lock that a creation takes to
+    /// set it, so a log created meanwhile keeps it set.
+    fn sync_folder(&mut self, dir: &Path) -> StoreResult<()> {
+        self.folder_dirty = false;
+        self.folder_syncs += 1;
+        sync_dir(dir).inspect_err(|_| self.folder_dirty = true)
+    }
 }
 
 /// A checkpoint runs once `admissions.log` holds this many lines.
@@ -292,6 +309,9 @@ impl Disk {
                     .map_err(|e| io_err("opening", &path, e))?,
             ),
         };
+        if n == 1 {
+            self.creations.lock().unwrap().folder_dirty = true;
+        }
         let mut f: &File = &file;
         let before = f
             .metadata()
@@ -319,10 +339,13 @@ impl Disk {
             return Err(e);
         }
         if sync == Sync::Now && !created {
-            // Durable data in a log whose folder entry is not: make the entry durable.
+            // Durable data in a log whose folder entry may not be: make the entry
+            // durable, unless the folder was synced since a log was last created.
             let mut c = self.creations.lock().unwrap();
             if let Some(i) = c.pending.iter().position(|p| p == id) {
-                sync_dir(&self.logs_dir())?;
+                if c.folder_dirty {
+                    c.sync_folder(&self.logs_dir())?;
+                }
                 c.pending.swap_remove(i);
             }
         }
@@ -391,7 +414,7 @@ impl Disk {
                 Err(e) => return Err(io_err("opening", &path, e)),
             }
         }
-        sync_dir(&self.logs_dir())?;
+        c.sync_folder(&self.logs_dir())?;
         c.pending.clear();
         let path = self.admissions_path();
         if let Some(f) = c.file.as_ref() {
@@ -1162,6 +1185,51 @@ mod tests {
             read_plaintext_events(&path),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn the_folder_of_logs_is_synced_once_for_the_logs_created_before_it() {
+        use crate::model::ExecState;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::create(dir.path(), keyring()).unwrap();
+        let syncs = |disk: &Disk| disk.creations.lock().unwrap().folder_syncs;
+        let admit = |id: &str| {
+            let mut rec = record(ExecState::Queued);
+            rec.id = id.into();
+            disk.append_change(id, 1, Some(&rec), &[], Sync::Now)
+                .unwrap();
+        };
+        let finish = |id: &str| {
+            let mut rec = record(ExecState::Succeeded);
+            rec.id = id.into();
+            disk.append_change(id, 2, Some(&rec), &[], Sync::Now)
+                .unwrap();
+        };
+        for id in ["a", "b", "c"] {
+            admit(id);
+        }
+        assert_eq!(
+            syncs(&disk),
+            0,
+            "an admission is durable through admissions.log"
+        );
+        // The first finish syncs the folder; it holds the entries of all three logs.
+        finish("a");
+        finish("b");
+        assert_eq!(syncs(&disk), 1);
+        // A log created since then needs the folder synced again, once.
+        admit("d");
+        finish("c");
+        finish("d");
+        assert_eq!(syncs(&disk), 2);
+        // A checkpoint empties admissions.log only once every pending log's data and
+        // entry are durable: no log is left pending, and all four read back.
+        disk.remove_execution("zz").unwrap();
+        assert!(disk.creations.lock().unwrap().pending.is_empty());
+        let loaded = disk.load().unwrap();
+        for id in ["a", "b", "c", "d"] {
+            assert_eq!(loaded.records[id].state, ExecState::Succeeded, "{id}");
+        }
     }
 
     #[test]
