@@ -173,9 +173,9 @@ struct Creations {
     entries: usize,
     /// Executions whose log's folder entry may not be on disk yet.
     pending: Vec<String>,
-    /// Whether a log was created since the folder of logs was last synced: a later
-    /// change that must be durable syncs the folder only then (one folder sync makes
-    /// every entry created before it durable, so the others need none).
+    /// Whether a pending log was created since the folder of logs was last synced: a
+    /// later durable change of a pending log syncs the folder only then (one folder
+    /// sync makes every entry created before it durable, so the others need none).
     folder_dirty: bool,
     /// Syncs of the folder of logs so far (what the tests count).
     folder_syncs: u64,
@@ -183,8 +183,8 @@ struct Creations {
 
 impl Creations {
     /// Syncs the folder of logs `dir`: every entry created before the call is then
-    /// durable. The flag is cleared first, under the same lock that a creation takes to
-    /// set it, so a log created meanwhile keeps it set.
+    /// durable. The flag is cleared first, under the same lock that an admission takes
+    /// to set it, so a log created meanwhile keeps it set.
     fn sync_folder(&mut self, dir: &Path) -> StoreResult<()> {
         self.folder_dirty = false;
         self.folder_syncs += 1;
@@ -309,9 +309,6 @@ impl Disk {
                     .map_err(|e| io_err("opening", &path, e))?,
             ),
         };
-        if n == 1 {
-            self.creations.lock().unwrap().folder_dirty = true;
-        }
         let mut f: &File = &file;
         let before = f
             .metadata()
@@ -390,6 +387,7 @@ impl Disk {
         }
         c.entries += 1;
         c.pending.push(id.to_string());
+        c.folder_dirty = true;
         if c.entries >= CHECKPOINT_EVERY {
             self.checkpoint(&mut c)?;
         }
