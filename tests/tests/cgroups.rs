@@ -419,6 +419,7 @@ fn freeze_and_thaw_are_confirmed_and_stop_cpu_use() {
     let root = root();
     let cg = TestCgroup::new(&root);
     let _busy = spawn_in(&cg, "while :; do :; done");
+    let _thaw = ThawOnDrop(root.open(cg.name()).unwrap());
     wait_until("the loop to burn cpu", Duration::from_secs(5), || {
         cg.usage().user_cpu_ns > 10_000_000
     });
@@ -441,6 +442,79 @@ fn freeze_and_thaw_are_confirmed_and_stop_cpu_use() {
         c.user_cpu_ns + c.system_cpu_ns > b.user_cpu_ns + b.system_cpu_ns + 20_000_000,
         "the thawed loop did not run again"
     );
+}
+
+/// Thaws a cgroup when dropped (if it still exists): a process frozen in it can then be
+/// killed and reaped.
+struct ThawOnDrop(SandboxCgroup);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        if self.0.dirs().all(|d| d.exists()) {
+            let _ = self.0.thaw();
+        }
+    }
+}
+
+/// This process's descriptors open on files of `cg`.
+fn fds_into(cg: &SandboxCgroup) -> usize {
+    let dirs: Vec<_> = cg.dirs().map(|d| d.to_path_buf()).collect();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| dirs.iter().any(|d| target.starts_with(d)))
+        .count()
+}
+
+#[test]
+fn freezing_again_and_again_opens_the_freezer_once_and_destroy_closes_it() {
+    let root = root();
+    let mut cg = TestCgroup::new(&root);
+    let _busy = spawn_in(&cg, "while :; do :; done");
+    // Dropped before `_busy`, so a failed assertion while frozen does not leave `_busy`
+    // waiting for a frozen process forever.
+    let _thaw = ThawOnDrop(root.open(cg.name()).unwrap());
+    assert_eq!(fds_into(&cg), 0, "nothing is open before the first freeze");
+    cg.freeze().unwrap();
+    // v1: freezer.state; v2: cgroup.freeze and cgroup.events.
+    let kept = fds_into(&cg);
+    let want = match root.version() {
+        CgroupVersion::V1 => 1,
+        CgroupVersion::V2 => 2,
+    };
+    assert_eq!(kept, want, "the freezer's files are kept open");
+    for round in 0..20 {
+        cg.thaw().unwrap();
+        let running = match root.version() {
+            CgroupVersion::V1 => read(cg.dir("freezer").join("freezer.state")) == "THAWED",
+            CgroupVersion::V2 => read(cg.dir("freezer").join("cgroup.events"))
+                .lines()
+                .any(|l| l == "frozen 0"),
+        };
+        assert!(running, "round {round}: not thawed");
+        cg.freeze().unwrap();
+        let frozen = match root.version() {
+            CgroupVersion::V1 => read(cg.dir("freezer").join("freezer.state")) == "FROZEN",
+            CgroupVersion::V2 => read(cg.dir("freezer").join("cgroup.events"))
+                .lines()
+                .any(|l| l == "frozen 1"),
+        };
+        assert!(frozen, "round {round}: not frozen");
+        assert_eq!(fds_into(&cg), kept, "round {round}: a file opened again");
+    }
+    // Still frozen: no CPU used.
+    let a = cg.usage();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = cg.usage();
+    let burnt = (b.user_cpu_ns + b.system_cpu_ns) - (a.user_cpu_ns + a.system_cpu_ns);
+    assert!(burnt < 5_000_000, "a frozen cgroup used {burnt} ns of cpu");
+    let cg = cg.0.take().unwrap();
+    let dirs: Vec<_> = cg.dirs().map(|d| d.to_path_buf()).collect();
+    cg.destroy().unwrap();
+    for d in &dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    assert_eq!(fds_into(&_thaw.0), 0, "a descriptor outlived the cgroup");
 }
 
 #[test]

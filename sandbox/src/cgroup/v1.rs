@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use cgroups_rs::fs::memory::MemController;
 
 use super::{
-    keyed, parse_u64, read_trimmed, write_file, CgroupError, Result, SandboxCgroup, Usage,
+    io_err, keyed, parse_u64, write_file, CgroupError, FreezerFiles, Result, SandboxCgroup, Usage,
 };
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,20 +56,38 @@ pub(super) fn thaw(cg: &SandboxCgroup) -> Result<()> {
     set_freezer_state(cg, "THAWED")
 }
 
+/// `freezer.state`, opened to be written and read again and again.
+pub(super) fn open_freezer(cg: &SandboxCgroup) -> Result<FreezerFiles> {
+    let path = cg.dir("freezer").join("freezer.state");
+    let control = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err("open", &path, e))?;
+    Ok(FreezerFiles {
+        control,
+        events: None,
+    })
+}
+
 /// Writes `state` and waits until `freezer.state` reads it back. While the kernel reports
 /// `FREEZING` (a task could not be frozen yet) the write is repeated, as youki does.
 fn set_freezer_state(cg: &SandboxCgroup, state: &'static str) -> Result<()> {
-    let file = cg.dir("freezer").join("freezer.state");
+    let files = cg.freezer_files()?;
+    let path = || cg.dir("freezer").join("freezer.state");
     let deadline = Instant::now() + STATE_TIMEOUT;
     let mut pause = Duration::from_micros(20);
     loop {
-        write_file(&file, state)?;
-        if read_trimmed(&file)? == state {
+        files
+            .write(state)
+            .map_err(|e| io_err("write", &path(), e))?;
+        let now = FreezerFiles::read(&files.control).map_err(|e| io_err("read", &path(), e))?;
+        if now.trim() == state {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(CgroupError::Timeout {
-                path: file,
+                path: path(),
                 state,
                 timeout: STATE_TIMEOUT,
             });

@@ -11,7 +11,8 @@ use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
 use super::{
-    io_err, keyed, parse_u64, read_keyed, write_file, CgroupError, Result, SandboxCgroup, Usage,
+    io_err, keyed, parse_u64, read_keyed, write_file, CgroupError, FreezerFiles, Result,
+    SandboxCgroup, Usage,
 };
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,30 +36,52 @@ pub(super) fn thaw(cg: &SandboxCgroup) -> Result<()> {
     set_frozen(cg, false)
 }
 
+/// `cgroup.freeze` to be written and `cgroup.events` to be read, again and again.
+pub(super) fn open_freezer(cg: &SandboxCgroup) -> Result<FreezerFiles> {
+    let dir = cg.dir("freezer");
+    let control = dir.join("cgroup.freeze");
+    let events = dir.join("cgroup.events");
+    Ok(FreezerFiles {
+        control: std::fs::OpenOptions::new()
+            .write(true)
+            .open(&control)
+            .map_err(|e| io_err("open", &control, e))?,
+        events: Some(std::fs::File::open(&events).map_err(|e| io_err("open", &events, e))?),
+    })
+}
+
 /// Writes `cgroup.freeze` and waits for `cgroup.events` to report `frozen 1` (or `0`): the
 /// write only requests the change; the kernel confirms it once every task has stopped.
 fn set_frozen(cg: &SandboxCgroup, frozen: bool) -> Result<()> {
+    let files = cg.freezer_files()?;
     let dir = cg.dir("freezer");
-    write_file(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
-    let events = dir.join("cgroup.events");
+    files
+        .write(if frozen { "1" } else { "0" })
+        .map_err(|e| io_err("write", &dir.join("cgroup.freeze"), e))?;
+    let events = files
+        .events
+        .as_ref()
+        .expect("a cgroup v2 freezer keeps cgroup.events open");
     let want = u64::from(frozen);
     let deadline = Instant::now() + STATE_TIMEOUT;
     let mut pause = Duration::from_micros(20);
     loop {
-        match read_keyed(&events, "frozen") {
+        let text = FreezerFiles::read(events)
+            .map_err(|e| io_err("read", &dir.join("cgroup.events"), e))?;
+        match keyed(&text, "frozen") {
             Some(v) if v == want => return Ok(()),
             Some(_) => {}
             None => {
                 return Err(io_err(
                     "read frozen from",
-                    &events,
+                    &dir.join("cgroup.events"),
                     std::io::Error::other("no frozen key"),
                 ))
             }
         }
         if Instant::now() >= deadline {
             return Err(CgroupError::Timeout {
-                path: events,
+                path: dir.join("cgroup.events"),
                 state: if frozen { "frozen" } else { "thawed" },
                 timeout: STATE_TIMEOUT,
             });

@@ -503,6 +503,9 @@ fn sandbox_main(
     // rather than free chunks all over the heap it shares with the zygote: ~0.1 MiB less
     // private memory per sandbox); user code allocates from the system allocator.
     crate::zygote::alloc::leave_loop();
+    if how.prefault {
+        let _ = crate::zygote::protocol::rehearse_code_frame();
+    }
     if up.ready().is_err() {
         crate::container::exit(0);
     }
