@@ -688,6 +688,7 @@ pub struct AgentView {
     /// it allows any).
     artifacts: Option<hatchery_sandbox::pool::ArtifactLimits>,
     prefault: bool,
+    prefault_ready: usize,
     timeout: Option<Duration>,
     usage_interval: Duration,
     output_limit: u64,
@@ -712,6 +713,7 @@ impl AgentView {
                 .map_err(|e| format!("the default policy's limits: {e}"))?
                 .artifacts(),
             prefault: cfg.agent.prefault,
+            prefault_ready: cfg.agent.prefault_ready,
             limits: Limits {
                 memory_bytes: Some(policy.memory_bytes),
                 cpus: Some(policy.cpus),
@@ -735,7 +737,7 @@ impl AgentView {
     pub fn describe_policy(&self) -> String {
         format!(
             "memory {} MiB, cpus {}, pids {}, time {}, usage every {} ms, output limit {} \
-             MiB, max events {}, artifacts {}, prefault {}",
+             MiB, max events {}, artifacts {}, prefault {} (populated ahead {})",
             self.limits.memory_bytes.unwrap_or(0) >> 20,
             self.limits.cpus.unwrap_or(f64::NAN),
             self.limits.pids.unwrap_or(0),
@@ -750,6 +752,7 @@ impl AgentView {
                 a.max_bytes >> 20
             )),
             self.prefault,
+            self.prefault_ready,
         )
     }
 
@@ -787,6 +790,7 @@ impl AgentView {
         pc.cgroup_parent = cgroup_parent.into();
         pc.claim_timeout = self.claim_timeout;
         pc.prefault = self.prefault;
+        pc.prefault_ready = self.prefault_ready;
         pc
     }
 
