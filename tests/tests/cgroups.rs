@@ -424,12 +424,10 @@ fn freeze_and_thaw_are_confirmed_and_stop_cpu_use() {
         cg.usage().user_cpu_ns > 10_000_000
     });
     cg.freeze().unwrap();
-    match root.version() {
-        CgroupVersion::V1 => assert_eq!(read(cg.dir("freezer").join("freezer.state")), "FROZEN"),
-        CgroupVersion::V2 => assert!(read(cg.dir("freezer").join("cgroup.events"))
-            .lines()
-            .any(|l| l == "frozen 1")),
-    }
+    assert!(
+        reads_frozen(&cg),
+        "the kernel does not report the cgroup frozen"
+    );
     let a = cg.usage();
     std::thread::sleep(Duration::from_millis(300));
     let b = cg.usage();
@@ -453,6 +451,17 @@ impl Drop for ThawOnDrop {
         if self.0.dirs().all(|d| d.exists()) {
             let _ = self.0.thaw();
         }
+    }
+}
+
+/// Whether the kernel reports `cg` frozen (v1 `freezer.state` FROZEN, v2 `cgroup.events`
+/// `frozen 1`), read through a fresh open of the file.
+fn reads_frozen(cg: &SandboxCgroup) -> bool {
+    match cg.version() {
+        CgroupVersion::V1 => read(cg.dir("freezer").join("freezer.state")) == "FROZEN",
+        CgroupVersion::V2 => read(cg.dir("freezer").join("cgroup.events"))
+            .lines()
+            .any(|l| l == "frozen 1"),
     }
 }
 
@@ -485,21 +494,9 @@ fn freezing_again_and_again_opens_the_freezer_once_and_destroy_closes_it() {
     assert_eq!(kept, want, "the freezer's files are kept open");
     for round in 0..20 {
         cg.thaw().unwrap();
-        let running = match root.version() {
-            CgroupVersion::V1 => read(cg.dir("freezer").join("freezer.state")) == "THAWED",
-            CgroupVersion::V2 => read(cg.dir("freezer").join("cgroup.events"))
-                .lines()
-                .any(|l| l == "frozen 0"),
-        };
-        assert!(running, "round {round}: not thawed");
+        assert!(!reads_frozen(&cg), "round {round}: not thawed");
         cg.freeze().unwrap();
-        let frozen = match root.version() {
-            CgroupVersion::V1 => read(cg.dir("freezer").join("freezer.state")) == "FROZEN",
-            CgroupVersion::V2 => read(cg.dir("freezer").join("cgroup.events"))
-                .lines()
-                .any(|l| l == "frozen 1"),
-        };
-        assert!(frozen, "round {round}: not frozen");
+        assert!(reads_frozen(&cg), "round {round}: not frozen");
         assert_eq!(fds_into(&cg), kept, "round {round}: a file opened again");
     }
     // Still frozen: no CPU used.
