@@ -23,6 +23,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 pub mod local_cluster;
 pub mod metrics;
 pub mod routes;

@@ -339,9 +339,23 @@ fn preflight(cfg: &Config, agent: &AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit of open files to the hard one (see
+/// [`hatchery_api::limits::raise_open_files_limit`]) and logs it; a refusal is logged and
+/// the process goes on with the limit it has.
+fn open_files_limit() {
+    match hatchery_api::limits::raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(before, after, "open files limit raised")
+        }
+        Ok((_, limit)) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
+}
+
 fn up(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     init_logs(cfg.log_format);
+    open_files_limit();
     let agent = agent_config(&cfg);
     preflight(&cfg, &agent)?;
     let keys = Keys::load_or_create(&cfg.keys_path())?;
@@ -741,6 +755,7 @@ fn stop_signal_pending() -> bool {
 fn cluster_role(config: Option<&Path>, role: ClusterRole) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     init_logs(cfg.log_format);
+    open_files_limit();
     let (Some(postgres), Some(redis)) = (cfg.postgres(), cfg.redis()) else {
         bail!(
             "a role on its own needs the cluster's engines: set store.postgres_url \
