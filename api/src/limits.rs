@@ -16,7 +16,7 @@ pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    Ok((soft, getrlimit(Resource::RLIMIT_NOFILE)?.0))
+    Ok((soft, hard))
 }
 
 #[cfg(test)]

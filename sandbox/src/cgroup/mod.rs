@@ -407,16 +407,17 @@ pub struct SandboxCgroup {
 /// walks its path (~8 µs each on v1, more under load), and a claim's thaw would otherwise
 /// open two. The first freeze of a pooled sandbox opens them, off any claim's path.
 #[derive(Debug)]
-pub(crate) struct FreezerFiles {
-    /// v1: `freezer.state` (read and written); v2: `cgroup.freeze`.
-    pub(crate) control: fs::File,
-    /// v2: `cgroup.events`, where the kernel confirms the change; v1: none.
-    pub(crate) events: Option<fs::File>,
+struct FreezerFiles {
+    /// v1: `freezer.state`; v2: `cgroup.freeze`.
+    control: fs::File,
+    /// Where the kernel confirms a change, when that is another file: v2's
+    /// `cgroup.events`. v1 confirms in `freezer.state` itself.
+    events: Option<fs::File>,
 }
 
 impl FreezerFiles {
     /// Writes `value` at the start of the control file, as one write.
-    pub(crate) fn write(&self, value: &str) -> std::io::Result<()> {
+    fn write(&self, value: &str) -> std::io::Result<()> {
         let n = self.control.write_at(value.as_bytes(), 0)?;
         if n == value.len() {
             Ok(())
@@ -428,8 +429,10 @@ impl FreezerFiles {
         }
     }
 
-    /// Reads `file` whole from its start (`pread`, so the descriptor can be read again).
-    pub(crate) fn read(file: &fs::File) -> std::io::Result<String> {
+    /// Reads the file that confirms a change whole from its start (`pread` into a buffer
+    /// on the stack, so nothing is allocated on a claim's thaw) and hands its text to `f`.
+    fn read_state<T>(&self, f: impl FnOnce(&str) -> T) -> std::io::Result<T> {
+        let file = self.events.as_ref().unwrap_or(&self.control);
         let mut buf = [0u8; 512];
         let mut len = 0;
         while len < buf.len() {
@@ -438,7 +441,9 @@ impl FreezerFiles {
                 n => len += n,
             }
         }
-        Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+        std::str::from_utf8(&buf[..len])
+            .map(f)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -465,7 +470,7 @@ impl SandboxCgroup {
     }
 
     /// The freezer's files, opened by the first call and kept (see [`FreezerFiles`]).
-    pub(crate) fn freezer_files(&self) -> Result<&FreezerFiles> {
+    fn freezer_files(&self) -> Result<&FreezerFiles> {
         if let Some(files) = self.freezer.get() {
             return Ok(files);
         }

@@ -81,8 +81,10 @@ fn set_freezer_state(cg: &SandboxCgroup, state: &'static str) -> Result<()> {
         files
             .write(state)
             .map_err(|e| io_err("write", &path(), e))?;
-        let now = FreezerFiles::read(&files.control).map_err(|e| io_err("read", &path(), e))?;
-        if now.trim() == state {
+        let reached = files
+            .read_state(|now| now.trim() == state)
+            .map_err(|e| io_err("read", &path(), e))?;
+        if reached {
             return Ok(());
         }
         if Instant::now() >= deadline {

@@ -55,33 +55,31 @@ pub(super) fn open_freezer(cg: &SandboxCgroup) -> Result<FreezerFiles> {
 fn set_frozen(cg: &SandboxCgroup, frozen: bool) -> Result<()> {
     let files = cg.freezer_files()?;
     let dir = cg.dir("freezer");
+    let events = || dir.join("cgroup.events");
     files
         .write(if frozen { "1" } else { "0" })
         .map_err(|e| io_err("write", &dir.join("cgroup.freeze"), e))?;
-    let events = files
-        .events
-        .as_ref()
-        .expect("a cgroup v2 freezer keeps cgroup.events open");
     let want = u64::from(frozen);
     let deadline = Instant::now() + STATE_TIMEOUT;
     let mut pause = Duration::from_micros(20);
     loop {
-        let text = FreezerFiles::read(events)
-            .map_err(|e| io_err("read", &dir.join("cgroup.events"), e))?;
-        match keyed(&text, "frozen") {
+        let now = files
+            .read_state(|text| keyed(text, "frozen"))
+            .map_err(|e| io_err("read", &events(), e))?;
+        match now {
             Some(v) if v == want => return Ok(()),
             Some(_) => {}
             None => {
                 return Err(io_err(
                     "read frozen from",
-                    &dir.join("cgroup.events"),
+                    &events(),
                     std::io::Error::other("no frozen key"),
                 ))
             }
         }
         if Instant::now() >= deadline {
             return Err(CgroupError::Timeout {
-                path: dir.join("cgroup.events"),
+                path: events(),
                 state: if frozen { "frozen" } else { "thawed" },
                 timeout: STATE_TIMEOUT,
             });
