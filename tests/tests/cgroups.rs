@@ -18,8 +18,6 @@ use hatchery_sandbox::cgroup::{CgroupRoot, CgroupVersion, SandboxCgroup};
 use hatchery_sandbox::gc::unique_name;
 use hatchery_sandbox::Limits;
 
-const PARENT: &str = "hatchery";
-
 fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -27,9 +25,9 @@ fn require_root() {
     );
 }
 
-fn root() -> CgroupRoot {
-    require_root();
-    CgroupRoot::detect(PARENT).expect("detect cgroups")
+/// The parent of one test's cgroups (see [`TestParent`]).
+fn root() -> TestParent {
+    TestParent::new("cgroups")
 }
 
 /// True when the test can run; on a v1 host a v2-only test says why it is skipped, and
@@ -266,14 +264,23 @@ fn memory_limit_oom_kills_and_is_counted() {
     );
 }
 
-/// A parent of this test's own under `hatchery/`, removed (after its children) on drop.
+/// A parent cgroup of one test's own, at the top of each hierarchy (`hatchery-test-…`,
+/// not the platform's shared `hatchery/`), removed (after its children) on drop, also
+/// when the test fails: a test leaves no cgroup behind, not even an empty parent.
 struct TestParent(CgroupRoot);
 
 impl TestParent {
     fn new(tag: &str) -> TestParent {
         require_root();
-        let parent = format!("{PARENT}/{tag}-{}", std::process::id());
+        let parent = unique_name(&format!("hatchery-test-{tag}"));
         TestParent(CgroupRoot::detect(&parent).expect("detect cgroups"))
+    }
+}
+
+impl std::ops::Deref for TestParent {
+    type Target = CgroupRoot;
+    fn deref(&self) -> &CgroupRoot {
+        &self.0
     }
 }
 
@@ -293,10 +300,9 @@ impl Drop for TestParent {
 fn the_parent_ceiling_caps_every_sandbox_below_it() {
     let parent = TestParent::new("ceiling");
     parent
-        .0
         .set_ceiling(Some(48 << 20), Some(8))
         .expect("write the ceiling");
-    let cg = TestCgroup::new(&parent.0);
+    let cg = TestCgroup::new(&parent);
     cg.apply(&Limits {
         memory_bytes: Some(512 << 20),
         cpus: None,
@@ -332,7 +338,7 @@ fn the_parent_ceiling_caps_every_sandbox_below_it() {
         "{alive} processes in a sandbox under a parent ceiling of 8 tasks"
     );
     drop(cg);
-    parent.0.set_ceiling(None, None).expect("lift the ceiling");
+    parent.set_ceiling(None, None).expect("lift the ceiling");
 }
 
 #[test]
